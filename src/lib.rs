@@ -16,6 +16,7 @@
 
 pub mod cpu;
 pub mod error;
+pub mod fastmath;
 pub mod geometry;
 pub mod layout;
 pub mod real;

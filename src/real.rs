@@ -16,6 +16,9 @@ pub trait Real:
     fn of(v: f64) -> Self;
     /// Converts to f64 exactly.
     fn to_f64(self) -> f64;
+    /// `e^x` for hot loops: the vectorisable [`crate::fastmath::exp_f32`] (≤ 2 ulp)
+    /// for f32, libm's correctly-rounded-ish `exp` for f64 (the reference).
+    fn exp_fast(self) -> Self;
 }
 
 impl Real for f32 {
@@ -27,6 +30,10 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        crate::fastmath::exp_f32(self)
+    }
 }
 
 impl Real for f64 {
@@ -37,5 +44,9 @@ impl Real for f64 {
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        self.exp()
     }
 }

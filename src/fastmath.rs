@@ -31,7 +31,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // 2^n = 2^a · 2^b with a = n/2, b = n − a, both in the normal exponent range
     // for n ∈ [−150, 128].

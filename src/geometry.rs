@@ -86,7 +86,7 @@ impl Conv2dGeometry {
             .and_then(|v| v.checked_add(1))
             .ok_or_else(|| Error::Geometry(format!("{what}: dilated kernel extent overflows")))?;
         let padded = input
-            .checked_add(p.checked_mul(2).unwrap_or(usize::MAX))
+            .checked_add(p.saturating_mul(2))
             .ok_or_else(|| Error::Geometry(format!("{what}: padded size overflows")))?;
         if padded < span {
             return Err(Error::Geometry(format!(

@@ -15,6 +15,8 @@
 #![deny(missing_docs)]
 
 pub mod cpu;
+#[cfg(feature = "emulate")]
+pub mod emu;
 pub mod error;
 pub mod fastmath;
 pub mod geometry;

@@ -1,0 +1,63 @@
+// selftest.cu — kernels that exist only in the emulated device, to prove the
+// emulator catches what it claims (missing barrier, out-of-bounds write) and
+// implements warp collectives correctly for full and partial warps.
+#include "../common.cuh"
+
+// Sum of x[0..n) per block of blockDim.x threads using only warp shuffles; the
+// active-lane mask of the last (partial) warp is computed with __ballot_sync, so
+// blockDim.x need not be a multiple of 32. out[blockIdx.x*32 + warp] = warp sum.
+extern "C" __global__ void emu_selftest_warp_sum(const float* x, float* out, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int warp_lanes = min(32, (int)blockDim.x - warp * 32);
+  unsigned mask = warp_lanes == 32 ? 0xffffffffu : ((1u << warp_lanes) - 1u);
+  float v = i < n ? x[i] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) {
+    float other = __shfl_down_sync(mask, v, o);
+    if (lane + o < warp_lanes) v += other;
+  }
+  unsigned ball = __ballot_sync(mask, 1);
+  if (lane == 0) out[blockIdx.x * 32 + warp] = (ball == mask) ? v : -1.0f;
+}
+EMU_REGISTER(emu_selftest_warp_sum)
+
+// Reverses each block's chunk through shared memory. With `sync` = 0 the
+// __syncthreads between the write and the read is skipped: a race whose outcome
+// depends on thread order.
+extern "C" __global__ void emu_selftest_reverse(const float* x, float* y, int sync) {
+  __shared__ float buf[256];
+  int t = threadIdx.x, base = blockIdx.x * blockDim.x;
+  buf[t] = x[base + t];
+  if (sync) __syncthreads();
+  y[base + t] = buf[blockDim.x - 1 - t];
+}
+EMU_REGISTER(emu_selftest_reverse)
+
+// Writes y[i] = i for i < n + extra: with extra > 0 an out-of-bounds write.
+extern "C" __global__ void emu_selftest_fill(float* y, int n, int extra) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n + extra) y[i] = (float)i;
+}
+EMU_REGISTER(emu_selftest_fill)
+
+// The odd lanes exit while the even lanes then call a full-mask warp shuffle: a
+// collective waiting for exited lanes must be reported as a launch failure, not
+// hang. (The __syncthreads reached only by the even lanes before it is legal on
+// Volta and newer — exited threads count as arrived — and is accepted.)
+extern "C" __global__ void emu_selftest_divergent_barrier(float* y) {
+  y[threadIdx.x] = 1.0f;
+  if (threadIdx.x & 1) return;
+  __syncthreads();
+  y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 2.0f, 1);
+}
+EMU_REGISTER(emu_selftest_divergent_barrier)
+
+// Block sum with ak::block_sum (the helper every family uses).
+extern "C" __global__ void emu_selftest_block_sum(const float* x, float* out, int n) {
+  __shared__ float scratch[32];
+  float acc = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
+  float s = ak::block_sum(acc, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+EMU_REGISTER(emu_selftest_block_sum)

@@ -1,0 +1,109 @@
+//! The emulated CUDA device (feature `emulate`): `kernels/*.cu` compiled as host
+//! C++ behind a fake `libcuda`, so the crate's CUDA path (validation, cudarc
+//! allocation, argument packing, launch geometry) and the kernels' logic run on a
+//! machine with no GPU and no toolkit.
+//!
+//! Opt-in only: nothing happens until [`install`] is called, and [`install`]
+//! refuses when a real CUDA driver can be loaded, so it can never shadow a GPU.
+//! Emulation proves logic, never speed.
+
+use std::ffi::c_char;
+use std::sync::OnceLock;
+
+/// Why the emulated device could not be installed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmuError {
+    /// A real CUDA driver is present: use it instead.
+    #[error("a real CUDA driver is present; the emulated device is not installed")]
+    RealDriverPresent,
+    /// cudarc had already loaded a driver before `install` was called.
+    #[error("the emulated driver could not be loaded: {0}")]
+    Load(String),
+}
+
+/// Order in which the threads of a block are run between barriers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Thread 0 first.
+    Identity,
+    /// Last thread first (blocks also claimed last-first).
+    Reversed,
+    /// A seeded random permutation per block.
+    Shuffled(u64),
+}
+
+struct Emu {
+    lib: libloading::Library,
+}
+
+static EMU: OnceLock<std::result::Result<Emu, EmuError>> = OnceLock::new();
+
+fn load() -> std::result::Result<Emu, EmuError> {
+    // SAFETY: is_culib_present only dlopen()s the driver's candidate names and
+    // drops the handles; it runs no driver code.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(EmuError::RealDriverPresent);
+    }
+    let path = env!("AK_EMU_LIB");
+    // SAFETY: the library is ours (built by build.rs from kernels/emu/runtime.cpp);
+    // its initialisers only register kernels in a map. RTLD_GLOBAL | RTLD_NOW makes
+    // its soname (libcuda.so) satisfy cudarc's later dlopen("libcuda.so").
+    let lib = unsafe {
+        libloading::os::unix::Library::open(
+            Some(path),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+        )
+    }
+    .map_err(|e| EmuError::Load(format!("{path}: {e}")))?;
+    Ok(Emu { lib: lib.into() })
+}
+
+/// Loads the emulated driver into this process (idempotent). After it returns
+/// `Ok`, `cudarc::driver::CudaContext::new(0)` opens the emulated device.
+pub fn install() -> std::result::Result<(), EmuError> {
+    EMU.get_or_init(load)
+        .as_ref()
+        .map(|_| ())
+        .map_err(Clone::clone)
+}
+
+fn sym<T: Copy>(name: &[u8]) -> Option<T> {
+    let emu = EMU.get()?.as_ref().ok()?;
+    // SAFETY: each caller names an exported symbol of runtime.cpp with the exact C
+    // signature T it is declared with there.
+    unsafe { emu.lib.get::<T>(name).ok().map(|s| *s) }
+}
+
+/// Sets the thread order of subsequent launches (no-op if not installed).
+pub fn set_schedule(s: Schedule) {
+    let (mode, seed) = match s {
+        Schedule::Identity => (0, 0),
+        Schedule::Reversed => (1, 0),
+        Schedule::Shuffled(seed) => (2, seed),
+    };
+    if let Some(f) = sym::<unsafe extern "C" fn(i32, u64)>(b"emu_set_schedule\0") {
+        // SAFETY: plain store of two integers in the emulator.
+        unsafe { f(mode, seed) }
+    }
+}
+
+/// Number of device allocations currently alive (for leak checks).
+pub fn live_allocations() -> Option<i64> {
+    let f = sym::<unsafe extern "C" fn() -> i64>(b"emu_live_allocations\0")?;
+    // SAFETY: reads an atomic counter.
+    Some(unsafe { f() })
+}
+
+/// Takes (and clears) the message of the last kernel contract violation (deadlock,
+/// warp collective on an exited lane, ...), if any.
+pub fn take_fault() -> Option<String> {
+    let f = sym::<unsafe extern "C" fn(*mut c_char, usize) -> usize>(b"emu_take_fault\0")?;
+    let mut buf = vec![0u8; 1024];
+    // SAFETY: the emulator writes at most len−1 bytes plus a NUL into buf.
+    let n = unsafe { f(buf.as_mut_ptr().cast(), buf.len()) };
+    if n == 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}

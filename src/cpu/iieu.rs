@@ -57,6 +57,9 @@ pub enum PatchNorm {
     /// outside the image (avg-pool with `count_include_pad`). For dilation 1 this is
     /// exactly the authors' window; for dilation > 1 their avg-pool grid would not even
     /// match the conv output size, so this (documented) choice keeps the op defined.
+    /// Caveat for dilation > 1: the undilated window covers different pixels than the
+    /// conv's, and can even lie entirely in the padding while the conv window does not
+    /// (then `r_x = 1/EPS` and `s = x·r_w/EPS` is huge); prefer `PerGroup` there.
     /// `r_x` has a single plane per sample: `(N, 1, H', W')`. The authors' eps scaling
     /// (`eps` multiplied by `KH·KW`, SPEC §1.1) is not copied: `r_x = 1/(‖P‖ + EPS)`.
     AllChannels,

@@ -154,7 +154,10 @@ fn stride2_padding1() {
 
 #[test]
 fn padding1() {
-    run(Conv2dGeometry::new(1, 2, 5, 7, 3, 3, 3).with_padding(1, 1), 4);
+    run(
+        Conv2dGeometry::new(1, 2, 5, 7, 3, 3, 3).with_padding(1, 1),
+        4,
+    );
 }
 
 #[test]
@@ -194,7 +197,10 @@ fn kernel_1x1() {
 
 #[test]
 fn kernel_3x1() {
-    run(Conv2dGeometry::new(2, 3, 5, 7, 3, 3, 1).with_padding(1, 0), 9);
+    run(
+        Conv2dGeometry::new(2, 3, 5, 7, 3, 3, 1).with_padding(1, 0),
+        9,
+    );
 }
 
 #[test]

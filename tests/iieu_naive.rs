@@ -121,7 +121,12 @@ pub fn rho(
     let mut out = vec![0.0; x.len()];
     for n in 0..no {
         let m: Vec<f64> = (0..nc)
-            .map(|o| x[(n * nc + o) * p..(n * nc + o + 1) * p].iter().sum::<f64>() / p as f64)
+            .map(|o| {
+                x[(n * nc + o) * p..(n * nc + o + 1) * p]
+                    .iter()
+                    .sum::<f64>()
+                    / p as f64
+            })
             .collect();
         let mu = m.iter().sum::<f64>() / nc as f64;
         let var = m.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / nc as f64;

@@ -110,7 +110,13 @@ fn patch_norm_hand_example() {
     // AllChannels: both channels even with groups = 2, undilated taps, one plane.
     let cfg = IieuConfig::new(geo_g).with_patch_norm(PatchNorm::AllChannels);
     let rx = patch_inv_norm(&cfg, &x_pre).unwrap();
-    assert_close("all channels", &rx, &inv(&[5.0, 10.0, 10.0, 20.0]), 0.0, 1e-15);
+    assert_close(
+        "all channels",
+        &rx,
+        &inv(&[5.0, 10.0, 10.0, 20.0]),
+        0.0,
+        1e-15,
+    );
 }
 
 #[test]
@@ -133,7 +139,14 @@ fn forward_matches_naive_on_random_geometries() {
             // Backward runs on every geometry and gives finite values.
             let dy = randn(&mut r, y.len());
             let g = backward(&cfg, &dy, &x, &x_pre, &w, &p, &saved).unwrap();
-            for v in [&g.dx, &g.dx_pre, &g.dw, &g.d_ln_weight, &g.d_ln_bias, &g.d_eta] {
+            for v in [
+                &g.dx,
+                &g.dx_pre,
+                &g.dw,
+                &g.d_ln_weight,
+                &g.d_ln_bias,
+                &g.d_eta,
+            ] {
                 assert!(v.iter().all(|a| a.is_finite()));
             }
         }
@@ -235,7 +248,10 @@ fn min_norms(cfg: &IieuConfig, x_pre: &[f64], w: &[f64]) -> Vec<f64> {
 fn check_invariant(name: &str, scaled: &[f64], s: &[f64], nmin: &[f64]) {
     for ((a, b), &nm) in scaled.iter().zip(s).zip(nmin) {
         if nm == 0.0 {
-            assert!(*a == 0.0 && *b == 0.0, "{name}: {a} vs {b} on an empty window");
+            assert!(
+                *a == 0.0 && *b == 0.0,
+                "{name}: {a} vs {b} on an empty window"
+            );
         } else {
             let tol = 10.0 * EPS / nm * b.abs() + 1e-13;
             assert!((a - b).abs() <= tol, "{name}: {a} vs {b} (norm {nm})");

@@ -372,7 +372,12 @@ fn rho<T: Real>(x: T, rw: T, rx: T, nu: T) -> T {
 fn filter_norms<T: Real>(d: &Dims, w: &[T]) -> (Vec<T>, Vec<f64>) {
     let norms: Vec<f64> = w
         .par_chunks(d.w_per)
-        .map(|f| f.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>().sqrt())
+        .map(|f| {
+            f.iter()
+                .map(|&v| v.to_f64() * v.to_f64())
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect();
     let r = norms.iter().map(|&nm| T::of(inv_norm(nm))).collect();
     (r, norms)
@@ -600,12 +605,8 @@ pub fn backward<T: Real>(
                 let rw64 = rw.to_f64();
                 let one_m_eta = T::one() - eta;
                 let (mut sg, mut srw, mut seta) = (0.0f64, 0.0f64, 0.0f64);
-                for ((((dxv, &xv), &dyv), &rxv), dr) in dxp
-                    .iter_mut()
-                    .zip(xp)
-                    .zip(dyp)
-                    .zip(rx)
-                    .zip(drx.iter_mut())
+                for ((((dxv, &xv), &dyv), &rxv), dr) in
+                    dxp.iter_mut().zip(xp).zip(dyp).zip(rx).zip(drx.iter_mut())
                 {
                     let r = rho(xv, rw, rxv, nu_t);
                     let (sc, dydr) = if r >= eta {

@@ -1,1 +1,705 @@
-//! placeholder: filled in by the iieu work.
+//! IIEU — Instantaneous Importance Estimation Unit, variant IIEU-B (SPEC §1.1–1.4):
+//! term-S (norm-decoupled similarity), term-B (adaptive shift) and the adjuster.
+//!
+//! An IIEU follows a convolution `x = ψ(conv(x_pre, W))`. With `P(n, grp, h', w')`
+//! the input patch that filter `o` (of group `grp`) sees at output position
+//! `(h', w')`:
+//!
+//! * term-S: `s = x · r_w[o] · r_x[n, grp(o), h', w']`, with
+//!   `r_w[o] = 1/(‖W[o]‖₂ + EPS)` and `r_x = 1/(‖P‖₂ + EPS)`;
+//! * term-B: `m[n,o] = GAP(x[n,o])`, `m̂ = LayerNorm_o(m)` (biased variance,
+//!   `EPS_LN`), `ν[n,o] = σ(γ̇[o]·m̂[n,o] + β̇[o])`;
+//! * adjuster: `ρ̂ = s + ν`; `y = ρ̂·x` if `ρ̂ ≥ η[o]` (ties take this upper branch),
+//!   else `y = η[o]·exp(ρ̂ − η[o])·x`.
+//!
+//! The patch norm is computed the cheap way: `q = Σ_c x_pre²` over the channels of the
+//! patch, then a separable KH×KW (dilated, strided, zero-padded) window sum of `q`
+//! (row pass then column pass): `O(C·H·W + (KH+KW)·H·W')` per sample, never a full
+//! convolution. Its adjoint in [`backward`] is a gather over the windows that contain
+//! a tap (no scatter, no atomics).
+//!
+//! Shapes (NCHW, row-major): `x`, `y`, `dy`: `(N, O, H', W')` with
+//! `(H', W') = geometry.validate()?`; `x_pre`: `(N, C, H, W)`; `W`: `(O, C/g, KH, KW)`;
+//! `r_x`: `(N, G', H', W')` with `G' = g` for [`PatchNorm::PerGroup`] and `G' = 1`
+//! for [`PatchNorm::AllChannels`]; parameters: `(O,)`.
+//!
+//! Numerics: norms, GAP, LayerNorm statistics and every reduction (dr_x, dr_w, dγ̇,
+//! dβ̇, dη, the dx_pre gather) are accumulated in f64; the elementwise adjuster runs in
+//! `T`. Parallel work is split over (sample, patch group) and (sample, channel)
+//! planes; parameter gradients are per-task partials summed in task order, so every
+//! result has the same bits on every run and for every thread count.
+
+use rayon::prelude::*;
+
+use crate::cpu::common::{layer_norm_bwd, layer_norm_fwd, sigmoid};
+use crate::error::{check_len, Error, Result};
+use crate::geometry::Conv2dGeometry;
+use crate::real::Real;
+
+/// `eps` of the inverse norms: `r = 1/(‖v‖₂ + EPS)` (SPEC §1).
+pub const EPS: f64 = 1e-8;
+/// `eps` of the term-B LayerNorm: `m̂ = (m − μ)/sqrt(var + EPS_LN)` (SPEC §1.2).
+pub const EPS_LN: f64 = 1e-6;
+
+/// Which input channels and taps the patch norm `‖P‖` of term-S covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PatchNorm {
+    /// The definition (default): the patch filter `o` really sees — the `C/g` channels
+    /// of `o`'s group, taps `(h'·sh − ph + i·dh, w'·sw − pw + j·dw)`, zeros outside the
+    /// image. `r_x` has one plane per group: `(N, g, H', W')`. With `x = conv(x_pre, W)`
+    /// this makes `s` the exact cosine between `W[o]` and the patch, so `|s| ≤ 1`.
+    #[default]
+    PerGroup,
+    /// Reference-code compatible: the authors' code (avg-pool of `Σ_c x_pre²`) takes the
+    /// norm over ALL `C` input channels even for grouped/depthwise convs, and ignores
+    /// dilation. We evaluate it on the conv's own output grid `(H', W')` with the conv's
+    /// stride and padding but undilated taps `(h'·sh − ph + i, w'·sw − pw + j)`, zeros
+    /// outside the image (avg-pool with `count_include_pad`). For dilation 1 this is
+    /// exactly the authors' window; for dilation > 1 their avg-pool grid would not even
+    /// match the conv output size, so this (documented) choice keeps the op defined.
+    /// Caveat for dilation > 1: the undilated window covers different pixels than the
+    /// conv's, and can even lie entirely in the padding while the conv window does not
+    /// (then `r_x = 1/EPS` and `s = x·r_w/EPS` is huge); prefer `PerGroup` there.
+    /// `r_x` has a single plane per sample: `(N, 1, H', W')`. The authors' eps scaling
+    /// (`eps` multiplied by `KH·KW`, SPEC §1.1) is not copied: `r_x = 1/(‖P‖ + EPS)`.
+    AllChannels,
+}
+
+/// Configuration of one IIEU: the geometry of the convolution it follows and the
+/// patch-norm convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IieuConfig {
+    /// The conv `x = conv(x_pre, W)` (stride, padding, dilation, groups, shapes).
+    pub geometry: Conv2dGeometry,
+    /// Patch-norm convention (default [`PatchNorm::PerGroup`]).
+    pub patch_norm: PatchNorm,
+}
+
+impl IieuConfig {
+    /// Config with the default [`PatchNorm::PerGroup`].
+    pub fn new(geometry: Conv2dGeometry) -> Self {
+        Self {
+            geometry,
+            patch_norm: PatchNorm::PerGroup,
+        }
+    }
+
+    /// Builder: patch-norm convention.
+    pub fn with_patch_norm(mut self, patch_norm: PatchNorm) -> Self {
+        self.patch_norm = patch_norm;
+        self
+    }
+
+    /// Number `G'` of patch-norm planes per sample: `groups` for
+    /// [`PatchNorm::PerGroup`], 1 for [`PatchNorm::AllChannels`].
+    pub fn patch_groups(&self) -> usize {
+        match self.patch_norm {
+            PatchNorm::PerGroup => self.geometry.groups,
+            PatchNorm::AllChannels => 1,
+        }
+    }
+
+    /// Validates the geometry and returns the output size `(H', W')`.
+    pub fn validate(&self) -> Result<(usize, usize)> {
+        self.geometry.validate()
+    }
+}
+
+/// Learnable per-channel parameters of an IIEU, each of length `O`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IieuParams<T> {
+    /// term-B LayerNorm weight `γ̇[o]` (init 0.01).
+    pub ln_weight: Vec<T>,
+    /// term-B LayerNorm bias `β̇[o]` (init 0).
+    pub ln_bias: Vec<T>,
+    /// Adjuster threshold `η[o]` (init 0.05).
+    pub eta: Vec<T>,
+}
+
+impl<T: Real> IieuParams<T> {
+    /// The SPEC initialisation for `c_out` channels: `γ̇ = 0.01`, `β̇ = 0`, `η = 0.05`.
+    pub fn init(c_out: usize) -> Self {
+        Self {
+            ln_weight: vec![T::of(0.01); c_out],
+            ln_bias: vec![T::zero(); c_out],
+            eta: vec![T::of(0.05); c_out],
+        }
+    }
+
+    fn check(&self, c_out: usize) -> Result<()> {
+        check_len("ln_weight", c_out, self.ln_weight.len())?;
+        check_len("ln_bias", c_out, self.ln_bias.len())?;
+        check_len("eta", c_out, self.eta.len())
+    }
+}
+
+/// What [`forward`] saves for [`backward`]: the inverse norms (and the norms, in f64)
+/// and the term-B statistics. Tied to the config it was produced with.
+#[derive(Debug, Clone)]
+pub struct IieuSaved<T> {
+    cfg: IieuConfig,
+    r_w: Vec<T>,
+    w_norm: Vec<f64>,
+    r_x: Vec<T>,
+    x_norm: Vec<f64>,
+    nu: Vec<f64>,
+    m_hat: Vec<f64>,
+    rstd: Vec<f64>,
+}
+
+impl<T: Real> IieuSaved<T> {
+    /// The config the state was computed for.
+    pub fn config(&self) -> &IieuConfig {
+        &self.cfg
+    }
+    /// Filter inverse norms `r_w`, `(O,)`.
+    pub fn r_w(&self) -> &[T] {
+        &self.r_w
+    }
+    /// Patch inverse norms `r_x`, `(N, G', H', W')` (see [`IieuConfig::patch_groups`]).
+    pub fn r_x(&self) -> &[T] {
+        &self.r_x
+    }
+    /// term-B shift `ν[n, o] = σ(γ̇·m̂ + β̇)`, `(N, O)`, in f64.
+    pub fn nu(&self) -> &[f64] {
+        &self.nu
+    }
+    /// LayerNorm-ed GAP `m̂[n, o]`, `(N, O)`, in f64.
+    pub fn m_hat(&self) -> &[f64] {
+        &self.m_hat
+    }
+}
+
+/// Gradients of every input and parameter of an IIEU, each with its input's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IieuGrads<T> {
+    /// `∂L/∂x`, `(N, O, H', W')`.
+    pub dx: Vec<T>,
+    /// `∂L/∂x_pre`, `(N, C, H, W)` (through `r_x`).
+    pub dx_pre: Vec<T>,
+    /// `∂L/∂W`, `(O, C/g, KH, KW)` (through `r_w`).
+    pub dw: Vec<T>,
+    /// `∂L/∂γ̇`, `(O,)`.
+    pub d_ln_weight: Vec<T>,
+    /// `∂L/∂β̇`, `(O,)`.
+    pub d_ln_bias: Vec<T>,
+    /// `∂L/∂η`, `(O,)`.
+    pub d_eta: Vec<T>,
+}
+
+// ------------------------------------------------------------------------------------
+// Internal geometry
+
+/// Tap tables of one spatial axis of the patch window.
+struct Axis {
+    /// Window size K (taps).
+    k: usize,
+    /// `fwd[o·k + i]`: input index of tap `i` of output `o`, or `NONE` (padding).
+    fwd: Vec<usize>,
+    /// `adj[h·k + i]`: output index whose tap `i` lands on input `h`, or `NONE`.
+    adj: Vec<usize>,
+}
+
+const NONE: usize = usize::MAX;
+
+impl Axis {
+    fn new(inp: usize, out: usize, k: usize, s: usize, p: usize, d: usize) -> Self {
+        let mut fwd = vec![NONE; out * k];
+        for o in 0..out {
+            for i in 0..k {
+                // o·s + i·d ≤ (in + 2p − span) + span − 1: fits (validated geometry).
+                let t = o * s + i * d;
+                if t >= p && t - p < inp {
+                    fwd[o * k + i] = t - p;
+                }
+            }
+        }
+        let mut adj = vec![NONE; inp * k];
+        for h in 0..inp {
+            for i in 0..k {
+                let t = h + p;
+                if t >= i * d {
+                    let u = t - i * d;
+                    if u % s == 0 && u / s < out {
+                        adj[h * k + i] = u / s;
+                    }
+                }
+            }
+        }
+        Self { k, fwd, adj }
+    }
+}
+
+/// Everything derived from a validated config.
+struct Dims {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    oh: usize,
+    ow: usize,
+    /// Patch-norm planes per sample G'.
+    gp: usize,
+    /// Input channels per patch plane, C/G'.
+    c_per: usize,
+    /// Output channels per patch plane, O/G'.
+    o_per: usize,
+    /// Weight entries per filter, C/g·KH·KW.
+    w_per: usize,
+    ax_h: Axis,
+    ax_w: Axis,
+}
+
+impl Dims {
+    fn new(cfg: &IieuConfig) -> Result<Self> {
+        let (oh, ow) = cfg.validate()?;
+        let g = &cfg.geometry;
+        let gp = cfg.patch_groups();
+        let (dh, dw) = match cfg.patch_norm {
+            PatchNorm::PerGroup => g.dilation,
+            PatchNorm::AllChannels => (1, 1),
+        };
+        Ok(Self {
+            n: g.n,
+            c: g.c_in,
+            h: g.h,
+            w: g.w,
+            o: g.c_out,
+            oh,
+            ow,
+            gp,
+            c_per: g.c_in / gp,
+            o_per: g.c_out / gp,
+            w_per: g.cin_per_group() * g.kh * g.kw,
+            ax_h: Axis::new(g.h, oh, g.kh, g.stride.0, g.padding.0, dh),
+            ax_w: Axis::new(g.w, ow, g.kw, g.stride.1, g.padding.1, dw),
+        })
+    }
+    fn plane_out(&self) -> usize {
+        self.oh * self.ow
+    }
+    fn plane_in(&self) -> usize {
+        self.h * self.w
+    }
+    fn x_len(&self) -> usize {
+        self.n * self.o * self.plane_out()
+    }
+    fn x_pre_len(&self) -> usize {
+        self.n * self.c * self.plane_in()
+    }
+    fn w_len(&self) -> usize {
+        self.o * self.w_per
+    }
+    fn rx_len(&self) -> usize {
+        self.n * self.gp * self.plane_out()
+    }
+
+    /// Window sum of the `(H, W)` plane `q` into the `(H', W')` plane `out`
+    /// (separable: row pass into `tmp` `(H, W')`, then column pass).
+    fn window_sum(&self, q: &[f64], tmp: &mut [f64], out: &mut [f64]) {
+        let (kh, kw, ow) = (self.ax_h.k, self.ax_w.k, self.ow);
+        for (qrow, trow) in q.chunks_exact(self.w).zip(tmp.chunks_exact_mut(ow)) {
+            for (wo, t) in trow.iter_mut().enumerate() {
+                *t = self.ax_w.fwd[wo * kw..(wo + 1) * kw]
+                    .iter()
+                    .filter(|&&wi| wi != NONE)
+                    .map(|&wi| qrow[wi])
+                    .sum();
+            }
+        }
+        for (ho, orow) in out.chunks_exact_mut(ow).enumerate() {
+            orow.fill(0.0);
+            for &hi in &self.ax_h.fwd[ho * kh..(ho + 1) * kh] {
+                if hi != NONE {
+                    for (o, t) in orow.iter_mut().zip(&tmp[hi * ow..(hi + 1) * ow]) {
+                        *o += t;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adjoint of [`Dims::window_sum`] as a gather: `out[h, w] = Σ a[h', w']` over the
+    /// windows `(h', w')` one of whose taps is `(h, w)`; `tmp` is `(H, W')`.
+    fn window_gather(&self, a: &[f64], tmp: &mut [f64], out: &mut [f64]) {
+        let (kh, kw, ow) = (self.ax_h.k, self.ax_w.k, self.ow);
+        for (hi, trow) in tmp.chunks_exact_mut(ow).enumerate() {
+            trow.fill(0.0);
+            for &ho in &self.ax_h.adj[hi * kh..(hi + 1) * kh] {
+                if ho != NONE {
+                    for (t, v) in trow.iter_mut().zip(&a[ho * ow..(ho + 1) * ow]) {
+                        *t += v;
+                    }
+                }
+            }
+        }
+        for (trow, orow) in tmp.chunks_exact(ow).zip(out.chunks_exact_mut(self.w)) {
+            for (wi, o) in orow.iter_mut().enumerate() {
+                *o = self.ax_w.adj[wi * kw..(wi + 1) * kw]
+                    .iter()
+                    .filter(|&&wo| wo != NONE)
+                    .map(|&wo| trow[wo])
+                    .sum();
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn inv_norm(norm: f64) -> f64 {
+    1.0 / (norm + EPS)
+}
+
+/// `∂r/∂(‖v‖²)·2 = −r²/‖v‖` (the factor multiplying `v` in `∂r/∂v`), 0 where `‖v‖ = 0`.
+#[inline(always)]
+fn inv_norm_slope(norm: f64) -> f64 {
+    if norm > 0.0 {
+        let r = inv_norm(norm);
+        -r * r / norm
+    } else {
+        0.0
+    }
+}
+
+/// The adjuster input `ρ̂ = x·r_w·r_x + ν`, evaluated identically in forward and backward.
+#[inline(always)]
+fn rho<T: Real>(x: T, rw: T, rx: T, nu: T) -> T {
+    x * rw * rx + nu
+}
+
+/// `(r_w, ‖W[o]‖)` per filter.
+fn filter_norms<T: Real>(d: &Dims, w: &[T]) -> (Vec<T>, Vec<f64>) {
+    let norms: Vec<f64> = w
+        .par_chunks(d.w_per)
+        .map(|f| {
+            f.iter()
+                .map(|&v| v.to_f64() * v.to_f64())
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let r = norms.iter().map(|&nm| T::of(inv_norm(nm))).collect();
+    (r, norms)
+}
+
+/// `(r_x, ‖P‖)` per (sample, patch group, output position).
+fn patch_norms<T: Real>(d: &Dims, x_pre: &[T]) -> (Vec<T>, Vec<f64>) {
+    let (pi, po) = (d.plane_in(), d.plane_out());
+    let mut norms = vec![0.0f64; d.rx_len()];
+    norms
+        .par_chunks_mut(po)
+        .zip(x_pre.par_chunks(d.c_per * pi))
+        .for_each(|(out, xs)| {
+            let mut q = vec![0.0f64; pi];
+            for ch in xs.chunks_exact(pi) {
+                for (a, &v) in q.iter_mut().zip(ch) {
+                    let v = v.to_f64();
+                    *a += v * v;
+                }
+            }
+            let mut tmp = vec![0.0f64; d.h * d.ow];
+            d.window_sum(&q, &mut tmp, out);
+            for v in out.iter_mut() {
+                *v = v.max(0.0).sqrt();
+            }
+        });
+    let r = norms.iter().map(|&nm| T::of(inv_norm(nm))).collect();
+    (r, norms)
+}
+
+// ------------------------------------------------------------------------------------
+// Public API
+
+/// Filter inverse norms `r_w[o] = 1/(‖W[o]‖₂ + EPS)` over the `C/g·KH·KW` entries of
+/// each filter, `(O,)`. The norm is accumulated in f64.
+///
+/// Errors: invalid geometry ([`Error::Geometry`] / [`Error::Empty`]), wrong `w` length
+/// ([`Error::LengthMismatch`]).
+pub fn filter_inv_norm<T: Real>(cfg: &IieuConfig, w: &[T]) -> Result<Vec<T>> {
+    let d = Dims::new(cfg)?;
+    check_len("w", d.w_len(), w.len())?;
+    Ok(filter_norms(&d, w).0)
+}
+
+/// Patch inverse norms `r_x[n, grp, h', w'] = 1/(‖P‖₂ + EPS)`, `(N, G', H', W')` with
+/// `G'` = [`IieuConfig::patch_groups`]; see [`PatchNorm`] for which channels and taps
+/// `P` covers. Computed as `q = Σ_c x_pre²` (f64) followed by a KH×KW window sum of
+/// `q` — never a convolution.
+///
+/// Errors: invalid geometry, wrong `x_pre` length.
+pub fn patch_inv_norm<T: Real>(cfg: &IieuConfig, x_pre: &[T]) -> Result<Vec<T>> {
+    let d = Dims::new(cfg)?;
+    check_len("x_pre", d.x_pre_len(), x_pre.len())?;
+    Ok(patch_norms(&d, x_pre).0)
+}
+
+/// IIEU-B forward: `y = ς(ρ̂)·x` with `ρ̂ = x·r_w[o]·r_x[n,grp(o),h',w'] + ν[n,o]`,
+/// `ν = σ(γ̇·LayerNorm_o(GAP(x)) + β̇)`, and the adjuster
+/// `ς(ρ̂) = ρ̂` if `ρ̂ ≥ η[o]` (the upper branch wins the tie), else `η·exp(ρ̂ − η)`.
+/// The adjuster is continuous at `ρ̂ = η` (both branches give `η·x`).
+///
+/// `x`: `(N, O, H', W')`, `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`; returns
+/// `y` `(N, O, H', W')` and the state [`backward`] needs. Parameters may take any
+/// value (no domain restriction in the SPEC); NaN/Inf propagate as IEEE arithmetic.
+///
+/// Errors: invalid geometry ([`Error::Geometry`], [`Error::Empty`]); any buffer or
+/// parameter of the wrong length ([`Error::LengthMismatch`]).
+pub fn forward<T: Real>(
+    cfg: &IieuConfig,
+    x: &[T],
+    x_pre: &[T],
+    w: &[T],
+    params: &IieuParams<T>,
+) -> Result<(Vec<T>, IieuSaved<T>)> {
+    let d = Dims::new(cfg)?;
+    check_len("x", d.x_len(), x.len())?;
+    check_len("x_pre", d.x_pre_len(), x_pre.len())?;
+    check_len("w", d.w_len(), w.len())?;
+    params.check(d.o)?;
+
+    let (r_w, w_norm) = filter_norms(&d, w);
+    let (r_x, x_norm) = patch_norms(&d, x_pre);
+    let po = d.plane_out();
+
+    // term-B: GAP, LayerNorm over the O channels of each sample, sigmoid.
+    let m: Vec<f64> = x
+        .par_chunks(po)
+        .map(|pl| pl.iter().map(|&v| v.to_f64()).sum::<f64>() / po as f64)
+        .collect();
+    let mut m_hat = vec![0.0f64; d.n * d.o];
+    let mut rstd = vec![0.0f64; d.n];
+    let mut nu = vec![0.0f64; d.n * d.o];
+    for (((mn, mh), rs), nun) in m
+        .chunks_exact(d.o)
+        .zip(m_hat.chunks_exact_mut(d.o))
+        .zip(rstd.iter_mut())
+        .zip(nu.chunks_exact_mut(d.o))
+    {
+        *rs = layer_norm_fwd(mn, EPS_LN, mh);
+        for (o, (v, &mhv)) in nun.iter_mut().zip(mh.iter()).enumerate() {
+            *v = sigmoid(params.ln_weight[o].to_f64() * mhv + params.ln_bias[o].to_f64());
+        }
+    }
+
+    // Adjuster, per (n, o) plane.
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(po)
+        .zip(x.par_chunks(po))
+        .enumerate()
+        .for_each(|(no, (yp, xp))| {
+            let (n, o) = (no / d.o, no % d.o);
+            let t = n * d.gp + o / d.o_per;
+            let rx = &r_x[t * po..(t + 1) * po];
+            let (rw, nu_t, eta) = (r_w[o], T::of(nu[no]), params.eta[o]);
+            for ((yv, &xv), &rxv) in yp.iter_mut().zip(xp).zip(rx) {
+                let r = rho(xv, rw, rxv, nu_t);
+                *yv = if r >= eta {
+                    r * xv
+                } else {
+                    eta * (r - eta).exp() * xv
+                };
+            }
+        });
+
+    Ok((
+        y,
+        IieuSaved {
+            cfg: *cfg,
+            r_w,
+            w_norm,
+            r_x,
+            x_norm,
+            nu,
+            m_hat,
+            rstd,
+        },
+    ))
+}
+
+/// IIEU-B backward (SPEC §1.4), back-propagating through `r_x` and `r_w` (not detached).
+///
+/// With `g = dy·∂y/∂ρ̂`, `∂y/∂ρ̂ = x` (upper branch, `ρ̂ ≥ η`) or `η·exp(ρ̂−η)·x` (lower):
+/// * `dx = dy·ς(ρ̂) + g·r_w·r_x + dm[n,o]/(H'·W')`;
+/// * term-B: `dz[n,o] = ν(1−ν)·Σ_{h',w'} g`, `dm̂ = γ̇·dz`, `dm` = LayerNorm backward
+///   of `dm̂`, `dγ̇[o] = Σ_n dz·m̂`, `dβ̇[o] = Σ_n dz`;
+/// * `dη[o] = Σ dy·x·exp(ρ̂−η)·(1−η)` over lower-branch elements;
+/// * `dr_x[n,grp,h',w'] = Σ_{o∈grp} g·x·r_w[o]`, `dr_w[o] = Σ_{n,h',w'} g·x·r_x`;
+/// * with `∂r/∂v = −r²·v/‖v‖` (0 where `‖v‖ = 0`):
+///   `dx_pre[n,c,h,w] = x_pre[n,c,h,w]·Σ_{windows ∋ (c,h,w)} dr_x·(−r_x²/‖P‖)` — a gather
+///   over the output windows whose patch contains the tap, one task per
+///   (sample, patch group); `dW[o,·] = dr_w[o]·(−r_w[o]²/‖W[o]‖)·W[o,·]`.
+///
+/// `ρ̂` is recomputed from the saved `r_w`, `r_x`, `ν` with the same expression as in
+/// [`forward`], so the branch taken is bit-identical. All reductions are in f64 and
+/// in a fixed order (deterministic).
+///
+/// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and
+/// `saved` produced for a different config ([`Error::Shape`]).
+pub fn backward<T: Real>(
+    cfg: &IieuConfig,
+    dy: &[T],
+    x: &[T],
+    x_pre: &[T],
+    w: &[T],
+    params: &IieuParams<T>,
+    saved: &IieuSaved<T>,
+) -> Result<IieuGrads<T>> {
+    let d = Dims::new(cfg)?;
+    check_len("dy", d.x_len(), dy.len())?;
+    check_len("x", d.x_len(), x.len())?;
+    check_len("x_pre", d.x_pre_len(), x_pre.len())?;
+    check_len("w", d.w_len(), w.len())?;
+    params.check(d.o)?;
+    if saved.cfg != *cfg {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: format!(
+                "state was computed for {:?}, backward called with {:?}",
+                saved.cfg, cfg
+            ),
+        });
+    }
+    let consistent = saved.r_w.len() == d.o
+        && saved.w_norm.len() == d.o
+        && saved.r_x.len() == d.rx_len()
+        && saved.x_norm.len() == d.rx_len()
+        && saved.nu.len() == d.n * d.o
+        && saved.m_hat.len() == d.n * d.o
+        && saved.rstd.len() == d.n;
+    if !consistent {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: "saved state buffers do not match the config".into(),
+        });
+    }
+
+    let (po, pi) = (d.plane_out(), d.plane_in());
+    let mut dx = vec![T::zero(); x.len()];
+    let mut dx_pre = vec![T::zero(); x_pre.len()];
+
+    // One task per (sample n, patch group gp): the adjuster backward of the O/G' channel
+    // planes that share r_x[n, gp], the dr_x reduction over them, and the dx_pre gather
+    // for the C/G' input channels of the plane. Returns per-channel partials
+    // [Σg, Σ g·x·r_x, Σ dη-terms] for the ordered reduction below.
+    let partials: Vec<Vec<f64>> = dx
+        .par_chunks_mut(d.o_per * po)
+        .zip(dx_pre.par_chunks_mut(d.c_per * pi))
+        .enumerate()
+        .map(|(t, (dxc, dxpc))| {
+            let n = t / d.gp;
+            let gp = t % d.gp;
+            let rx = &saved.r_x[t * po..(t + 1) * po];
+            let mut drx = vec![0.0f64; po];
+            let mut part = vec![0.0f64; 3 * d.o_per];
+            for (ol, (dxp, pa)) in dxc
+                .chunks_exact_mut(po)
+                .zip(part.chunks_exact_mut(3))
+                .enumerate()
+            {
+                let o = gp * d.o_per + ol;
+                let no = n * d.o + o;
+                let xp = &x[no * po..(no + 1) * po];
+                let dyp = &dy[no * po..(no + 1) * po];
+                let (rw, nu_t, eta) = (saved.r_w[o], T::of(saved.nu[no]), params.eta[o]);
+                let rw64 = rw.to_f64();
+                let one_m_eta = T::one() - eta;
+                let (mut sg, mut srw, mut seta) = (0.0f64, 0.0f64, 0.0f64);
+                for ((((dxv, &xv), &dyv), &rxv), dr) in
+                    dxp.iter_mut().zip(xp).zip(dyp).zip(rx).zip(drx.iter_mut())
+                {
+                    let r = rho(xv, rw, rxv, nu_t);
+                    let (sc, dydr) = if r >= eta {
+                        (r, xv)
+                    } else {
+                        let ex = (r - eta).exp();
+                        let e = eta * ex;
+                        seta += (dyv * xv * ex * one_m_eta).to_f64();
+                        (e, e * xv)
+                    };
+                    let g = dyv * dydr;
+                    *dxv = dyv * sc + g * rw * rxv;
+                    let gx = g.to_f64() * xv.to_f64();
+                    sg += g.to_f64();
+                    srw += gx * rxv.to_f64();
+                    *dr += gx * rw64;
+                }
+                pa.copy_from_slice(&[sg, srw, seta]);
+            }
+            // dr_x → coefficient per window, then gather over windows per input pixel.
+            let xn = &saved.x_norm[t * po..(t + 1) * po];
+            for (a, &nm) in drx.iter_mut().zip(xn) {
+                *a *= inv_norm_slope(nm);
+            }
+            let mut tmp = vec![0.0f64; d.h * d.ow];
+            let mut acc = vec![0.0f64; pi];
+            d.window_gather(&drx, &mut tmp, &mut acc);
+            let xpc = &x_pre[(n * d.c + gp * d.c_per) * pi..(n * d.c + (gp + 1) * d.c_per) * pi];
+            for (dch, xch) in dxpc.chunks_exact_mut(pi).zip(xpc.chunks_exact(pi)) {
+                for ((g, &xv), &a) in dch.iter_mut().zip(xch).zip(&acc) {
+                    *g = T::of(xv.to_f64() * a);
+                }
+            }
+            part
+        })
+        .collect();
+
+    // Ordered reductions over samples (deterministic).
+    let mut dr_w = vec![0.0f64; d.o];
+    let mut d_eta = vec![0.0f64; d.o];
+    let mut d_gamma = vec![0.0f64; d.o];
+    let mut d_beta = vec![0.0f64; d.o];
+    let mut dm = vec![0.0f64; d.n * d.o];
+    let mut dz = vec![0.0f64; d.o];
+    let mut dmh = vec![0.0f64; d.o];
+    for n in 0..d.n {
+        for o in 0..d.o {
+            let t = n * d.gp + o / d.o_per;
+            let pa = &partials[t][3 * (o % d.o_per)..3 * (o % d.o_per) + 3];
+            let nu = saved.nu[n * d.o + o];
+            dz[o] = nu * (1.0 - nu) * pa[0];
+            dr_w[o] += pa[1];
+            d_eta[o] += pa[2];
+            let mh = saved.m_hat[n * d.o + o];
+            d_gamma[o] += dz[o] * mh;
+            d_beta[o] += dz[o];
+            dmh[o] = dz[o] * params.ln_weight[o].to_f64();
+        }
+        layer_norm_bwd(
+            &dmh,
+            &saved.m_hat[n * d.o..(n + 1) * d.o],
+            saved.rstd[n],
+            &mut dm[n * d.o..(n + 1) * d.o],
+        );
+    }
+
+    // term-B path into dx: dm/(H'·W'), broadcast over the plane.
+    dx.par_chunks_mut(po).enumerate().for_each(|(no, p)| {
+        let add = T::of(dm[no] / po as f64);
+        for v in p.iter_mut() {
+            *v = *v + add;
+        }
+    });
+
+    // dW through r_w.
+    let mut dw = vec![T::zero(); w.len()];
+    dw.par_chunks_mut(d.w_per)
+        .zip(w.par_chunks(d.w_per))
+        .enumerate()
+        .for_each(|(o, (dwf, wf))| {
+            let k = dr_w[o] * inv_norm_slope(saved.w_norm[o]);
+            for (g, &v) in dwf.iter_mut().zip(wf) {
+                *g = T::of(k * v.to_f64());
+            }
+        });
+
+    let cast = |v: Vec<f64>| v.into_iter().map(T::of).collect::<Vec<T>>();
+    Ok(IieuGrads {
+        dx,
+        dx_pre,
+        dw,
+        d_ln_weight: cast(d_gamma),
+        d_ln_bias: cast(d_beta),
+        d_eta: cast(d_eta),
+    })
+}

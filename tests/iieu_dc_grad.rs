@@ -332,9 +332,10 @@ fn adjuster_continuous_at_threshold() {
 /// f32 vs f64 on 2×64×7×9 (r = 16, hidden 4). The f32 path differs from the f64 one
 /// only by rounding the inputs/parameters/λ to f32 (relative 6e-8) and by f32
 /// arithmetic in the mix (one multiply-add per element); the coupler runs in f64 in
-/// both. Propagation through two LayerNorms and the normalisations amplifies that by
-/// at most O(10²) for this well-conditioned data, so we require agreement to 2e-5
-/// relative to each tensor's largest magnitude (plus that much absolute).
+/// both. Propagation through two LayerNorms and the normalisations amplifies that by a
+/// small factor for this well-conditioned data (observed worst: 2.5e-7 ≈ 4 ε_f32), so
+/// we require agreement to 5e-6 (≈ 80 ε_f32) relative to each tensor's largest
+/// magnitude.
 /// The data keeps |ρ̂ − η| > 1e-3 so both precisions take the same adjuster branch
 /// (the adjuster's derivative is discontinuous there).
 #[test]
@@ -365,7 +366,7 @@ fn f32_matches_f64() {
 
     let cmp = |name: &str, a: &[f32], b: &[f64]| {
         let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-        let tol = 2e-5 * scale;
+        let tol = 5e-6 * scale;
         for (i, (u, v)) in a.iter().zip(b).enumerate() {
             assert!(
                 (*u as f64 - v).abs() <= tol,
@@ -386,4 +387,3 @@ fn f32_matches_f64() {
     cmp("d_ln2_weight", &g32.d_ln2_weight, &g64.d_ln2_weight);
     cmp("d_ln2_bias", &g32.d_ln2_bias, &g64.d_ln2_bias);
 }
-

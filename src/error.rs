@@ -42,6 +42,9 @@ pub enum Error {
         /// Number of classes K.
         classes: usize,
     },
+    /// The CUDA driver reported an error (allocation, copy, launch).
+    #[error("CUDA driver error: {0}")]
+    Driver(String),
     /// A scalar hyper-parameter outside its domain (e.g. a negative TAU threshold).
     #[error("invalid parameter {what}: {msg}")]
     InvalidParam {

@@ -15,6 +15,8 @@
 #![deny(missing_docs)]
 
 pub mod cpu;
+#[cfg(any(feature = "cuda", feature = "emulate"))]
+pub mod cuda;
 #[cfg(feature = "emulate")]
 pub mod emu;
 pub mod error;

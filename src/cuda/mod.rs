@@ -1,0 +1,65 @@
+//! CUDA backend: safe wrappers over the hand-written kernels in `kernels/*.cu`.
+//!
+//! Layering follows cudarc: `kernels/*.cu` are the raw layer (one `extern "C"`
+//! kernel per op and storage dtype); this module loads them once per
+//! [`CudaContext`] ([`Kernels`]), and each family module (`acon`, ...) validates
+//! every length, shape and parameter on the host, then launches. Outputs and
+//! gradients come back as [`CudaSlice`]s on the caller's stream. Bad input is an
+//! [`crate::Error`], never a panic and never a launch.
+//!
+//! Available with feature `cuda` (kernels compiled by nvcc into one fatbin) and
+//! with feature `emulate` (the same kernels compiled for the host; see
+//! [`crate::emu`]).
+
+pub mod dtype;
+mod module;
+
+pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView};
+pub use dtype::DType;
+pub use module::Kernels;
+
+use cudarc::driver::DriverError;
+
+impl From<DriverError> for crate::Error {
+    fn from(e: DriverError) -> Self {
+        crate::Error::Driver(e.to_string())
+    }
+}
+
+/// Something the ops accept as a read-only device input: a [`CudaSlice`] or a
+/// [`CudaView`] of one.
+pub trait DeviceInput<T> {
+    /// A view of the whole input.
+    fn view(&self) -> CudaView<'_, T>;
+}
+impl<T> DeviceInput<T> for CudaSlice<T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.as_view()
+    }
+}
+impl<T> DeviceInput<T> for CudaView<'_, T> {
+    fn view(&self) -> CudaView<'_, T> {
+        self.slice(..)
+    }
+}
+
+#[allow(dead_code)] // used by the family modules as they land
+/// Threads per block of the elementwise and reduction kernels (a multiple of 32).
+pub(crate) const BLOCK: u32 = 256;
+
+#[allow(dead_code)]
+/// Grid size for a grid-stride loop over `work` items of which each block
+/// handles `per_block` per iteration, capped so that launches stay cheap.
+pub(crate) fn grid_for(work: usize, per_block: usize) -> u32 {
+    let blocks = work.div_ceil(per_block.max(1)).max(1);
+    blocks.min(65_535) as u32
+}
+
+#[allow(dead_code)]
+/// `i32` view of a size, or an error if a kernel's 32-bit index could overflow.
+pub(crate) fn to_i32(what: &'static str, v: usize) -> crate::Result<i32> {
+    i32::try_from(v).map_err(|_| crate::Error::Shape {
+        what,
+        msg: format!("{v} exceeds the kernels' 32-bit index range"),
+    })
+}

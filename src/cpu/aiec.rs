@@ -175,7 +175,7 @@ fn feature_pass<T: Real>(
     x: &[T],
     pool: Pool,
     tau: Option<T>,
-    mut out: Option<&mut [T]>,
+    out: Option<&mut [T]>,
 ) -> Vec<T> {
     let (c, s) = (shape.c, shape.s);
     let inv_s = 1.0 / s as f64;
@@ -204,7 +204,7 @@ fn feature_pass<T: Real>(
                 }
                 T::of(acc * inv_s)
             };
-            match out.as_deref_mut() {
+            match out {
                 Some(o) => o
                     .par_chunks_mut(s)
                     .zip(x.par_chunks(s))
@@ -252,7 +252,7 @@ fn feature_pass<T: Real>(
                     }
                 }
             };
-            match out.as_deref_mut() {
+            match out {
                 Some(o) => o
                     .par_chunks_mut(s * c)
                     .zip(x.par_chunks(s * c))
@@ -466,10 +466,10 @@ impl Counters {
         check_len("theta", z.theta.len(), theta.len())?;
         check_len("eta", z.eta.len(), eta.len())?;
         check_len("phi", k, phi.len())?;
-        for kk in 0..k {
+        for (kk, &ph) in phi.iter().enumerate() {
             for cc in 0..c {
                 let j = kk * c + cc;
-                let ok = matches!(theta[j].checked_add(eta[j]), Some(s) if s <= phi[kk]);
+                let ok = matches!(theta[j].checked_add(eta[j]), Some(s) if s <= ph);
                 if !ok {
                     return Err(Error::InvalidParam {
                         what: "counters",

@@ -62,7 +62,11 @@ fn pool_bad_inputs() {
         &[1.0f64; 2],
         Pool::ClassToken(7)
     )));
-    assert!(is_len(global_feature_backward(&nlc, &[1.0f64; 3], Pool::Mean)));
+    assert!(is_len(global_feature_backward(
+        &nlc,
+        &[1.0f64; 3],
+        Pool::Mean
+    )));
     assert!(is_empty(global_feature_backward(
         &ActShape::nchw(1, 0, 2, 2),
         &[] as &[f64],
@@ -102,9 +106,27 @@ fn counters_bad_inputs() {
     assert!(is_empty(Counters::new(0, 3)));
     assert!(is_empty(Counters::new(3, 0)));
     assert!(is_shape(Counters::new(usize::MAX, 2)));
-    assert!(is_len(Counters::from_parts(1, 2, vec![0], vec![0, 0], vec![0])));
-    assert!(is_len(Counters::from_parts(1, 2, vec![0, 0], vec![0], vec![0])));
-    assert!(is_len(Counters::from_parts(1, 2, vec![0, 0], vec![0, 0], vec![])));
+    assert!(is_len(Counters::from_parts(
+        1,
+        2,
+        vec![0],
+        vec![0, 0],
+        vec![0]
+    )));
+    assert!(is_len(Counters::from_parts(
+        1,
+        2,
+        vec![0, 0],
+        vec![0],
+        vec![0]
+    )));
+    assert!(is_len(Counters::from_parts(
+        1,
+        2,
+        vec![0, 0],
+        vec![0, 0],
+        vec![]
+    )));
     assert!(is_empty(Counters::from_parts(0, 2, vec![], vec![], vec![])));
 
     let mut c = Counters::new(2, 3).unwrap();
@@ -137,24 +159,57 @@ fn dmu_and_gate_bad_inputs() {
         AiecDims::new(2, 3, 0),
     ] {
         assert!(is_empty(dmu_forward(&a, &wd, &[0, 1], bad)));
-        assert!(is_empty(dmu_backward(&a, &wd, &probs, &[0, 1], &[1.0; 2], bad)));
+        assert!(is_empty(dmu_backward(
+            &a,
+            &wd,
+            &probs,
+            &[0, 1],
+            &[1.0; 2],
+            bad
+        )));
         assert!(is_empty(gate_loss(&a, &masks, &[0, 1], bad)));
-        assert!(is_empty(gate_loss_backward(&a, &masks, &[0, 1], &[1.0; 2], bad)));
+        assert!(is_empty(gate_loss_backward(
+            &a,
+            &masks,
+            &[0, 1],
+            &[1.0; 2],
+            bad
+        )));
     }
     assert!(is_shape(AiecDims::new(usize::MAX, 2, 1).validate()));
     assert!(is_len(dmu_forward(&a[..5], &wd, &[0, 1], d)));
     assert!(is_len(dmu_forward(&a, &wd[..4], &[0, 1], d)));
     assert!(is_len(dmu_forward(&a, &wd, &[0], d)));
     assert!(is_label(dmu_forward(&a, &wd, &[0, 2], d)));
-    assert!(is_len(dmu_backward(&a, &wd, &probs[..3], &[0, 1], &[1.0; 2], d)));
+    assert!(is_len(dmu_backward(
+        &a,
+        &wd,
+        &probs[..3],
+        &[0, 1],
+        &[1.0; 2],
+        d
+    )));
     assert!(is_len(dmu_backward(&a, &wd, &probs, &[0, 1], &[1.0; 3], d)));
-    assert!(is_label(dmu_backward(&a, &wd, &probs, &[5, 1], &[1.0; 2], d)));
+    assert!(is_label(dmu_backward(
+        &a,
+        &wd,
+        &probs,
+        &[5, 1],
+        &[1.0; 2],
+        d
+    )));
     assert!(is_len(gate_loss(&a, &masks[..5], &[0, 1], d)));
     assert!(is_len(gate_loss(&a[..4], &masks, &[0, 1], d)));
     assert!(is_label(gate_loss(&a, &masks, &[0, 9], d)));
     assert!(is_len(gate_loss(&a, &masks, &[0, 1, 1], d)));
     assert!(is_len(gate_loss_backward(&a, &masks, &[0, 1], &[1.0], d)));
-    assert!(is_label(gate_loss_backward(&a, &masks, &[2, 1], &[1.0; 2], d)));
+    assert!(is_label(gate_loss_backward(
+        &a,
+        &masks,
+        &[2, 1],
+        &[1.0; 2],
+        d
+    )));
     assert!(is_len(gate_masks(&[0.0f64; 6], &[0.0; 5])));
     assert!(is_empty(gate_masks::<f64>(&[], &[])));
 }
@@ -168,11 +223,39 @@ fn train_bad_inputs() {
     let fresh = Counters::new(3, 4).unwrap();
     let mut cnt = fresh.clone();
 
-    assert!(is_label(train_forward(&cfg, &shape, &f, &wd, &[0, 3], &mut cnt)));
+    assert!(is_label(train_forward(
+        &cfg,
+        &shape,
+        &f,
+        &wd,
+        &[0, 3],
+        &mut cnt
+    )));
     assert!(is_len(train_forward(&cfg, &shape, &f, &wd, &[0], &mut cnt)));
-    assert!(is_len(train_forward(&cfg, &shape, &f, &wd, &[0, 1, 2], &mut cnt)));
-    assert!(is_len(train_forward(&cfg, &shape, &f, &wd[..8], &[0, 1], &mut cnt)));
-    assert!(is_len(train_forward(&cfg, &shape, &f[..23], &wd, &[0, 1], &mut cnt)));
+    assert!(is_len(train_forward(
+        &cfg,
+        &shape,
+        &f,
+        &wd,
+        &[0, 1, 2],
+        &mut cnt
+    )));
+    assert!(is_len(train_forward(
+        &cfg,
+        &shape,
+        &f,
+        &wd[..8],
+        &[0, 1],
+        &mut cnt
+    )));
+    assert!(is_len(train_forward(
+        &cfg,
+        &shape,
+        &f[..23],
+        &wd,
+        &[0, 1],
+        &mut cnt
+    )));
     assert!(is_empty(train_forward(
         &cfg,
         &ActShape::nlc(2, 0, 4),
@@ -182,10 +265,7 @@ fn train_bad_inputs() {
         &mut cnt
     )));
     for bad in [
-        AiecConfig {
-            tau: -0.5,
-            ..cfg
-        },
+        AiecConfig { tau: -0.5, ..cfg },
         AiecConfig {
             tau: f64::NAN,
             ..cfg
@@ -199,33 +279,110 @@ fn train_bad_inputs() {
             ..cfg
         },
     ] {
-        assert!(is_param(train_forward(&bad, &shape, &f, &wd, &[0, 1], &mut cnt)));
+        assert!(is_param(train_forward(
+            &bad,
+            &shape,
+            &f,
+            &wd,
+            &[0, 1],
+            &mut cnt
+        )));
     }
     // Counters of the wrong channel count.
     let mut wrong = Counters::new(3, 5).unwrap();
-    assert!(is_shape(train_forward(&cfg, &shape, &f, &wd, &[0, 1], &mut wrong)));
+    assert!(is_shape(train_forward(
+        &cfg,
+        &shape,
+        &f,
+        &wd,
+        &[0, 1],
+        &mut wrong
+    )));
     assert_eq!(wrong, Counters::new(3, 5).unwrap());
     // Counters with a different class count than Wd: Wd length check.
     let mut two = Counters::new(2, 4).unwrap();
-    assert!(is_len(train_forward(&cfg, &shape, &f, &wd, &[0, 1], &mut two)));
+    assert!(is_len(train_forward(
+        &cfg,
+        &shape,
+        &f,
+        &wd,
+        &[0, 1],
+        &mut two
+    )));
     assert_eq!(cnt, fresh, "no failed call may touch the counters");
 
     // train_forward_with_masks.
     let m = vec![true; 12];
-    assert!(is_shape(train_forward_with_masks(&cfg, &shape, &f, &wd[..7], &[0, 1], &m)));
-    assert!(is_shape(train_forward_with_masks(&cfg, &shape, &f, &[], &[0, 1], &m)));
-    assert!(is_len(train_forward_with_masks(&cfg, &shape, &f, &wd, &[0, 1], &m[..8])));
-    assert!(is_label(train_forward_with_masks(&cfg, &shape, &f, &wd, &[3, 1], &m)));
+    assert!(is_shape(train_forward_with_masks(
+        &cfg,
+        &shape,
+        &f,
+        &wd[..7],
+        &[0, 1],
+        &m
+    )));
+    assert!(is_shape(train_forward_with_masks(
+        &cfg,
+        &shape,
+        &f,
+        &[],
+        &[0, 1],
+        &m
+    )));
+    assert!(is_len(train_forward_with_masks(
+        &cfg,
+        &shape,
+        &f,
+        &wd,
+        &[0, 1],
+        &m[..8]
+    )));
+    assert!(is_label(train_forward_with_masks(
+        &cfg,
+        &shape,
+        &f,
+        &wd,
+        &[3, 1],
+        &m
+    )));
 
     // Backward.
     let o = train_forward(&cfg, &shape, &f, &wd, &[0, 1], &mut cnt).unwrap();
     let d = vec![1.0f64; 24];
     assert!(train_backward(&cfg, &shape, &d, 1.0, &f, &wd, &o.saved).is_ok());
-    assert!(is_len(train_backward(&cfg, &shape, &d[..20], 1.0, &f, &wd, &o.saved)));
-    assert!(is_len(train_backward(&cfg, &shape, &d, 1.0, &f[..20], &wd, &o.saved)));
-    assert!(is_len(train_backward(&cfg, &shape, &d, 1.0, &f, &wd[..4], &o.saved)));
+    assert!(is_len(train_backward(
+        &cfg,
+        &shape,
+        &d[..20],
+        1.0,
+        &f,
+        &wd,
+        &o.saved
+    )));
+    assert!(is_len(train_backward(
+        &cfg,
+        &shape,
+        &d,
+        1.0,
+        &f[..20],
+        &wd,
+        &o.saved
+    )));
+    assert!(is_len(train_backward(
+        &cfg,
+        &shape,
+        &d,
+        1.0,
+        &f,
+        &wd[..4],
+        &o.saved
+    )));
     let other = AiecConfig { tau: 0.1, ..cfg };
-    assert!(is_param(train_backward(&other, &shape, &d, 1.0, &f, &wd, &o.saved)));
+    assert!(is_param(train_backward(
+        &other, &shape, &d, 1.0, &f, &wd, &o.saved
+    )));
     let s3 = ActShape::nlc(3, 2, 4);
-    assert!(is_shape(train_backward(&cfg, &s3, &d, 1.0, &f, &wd, &o.saved)));
+    assert!(is_shape(train_backward(
+        &cfg, &s3, &d, 1.0, &f, &wd, &o.saved
+    )));
 }

@@ -39,7 +39,12 @@ fn counters_hand_example() {
     assert_eq!(g, vec![true, true, false, false, false, true]);
 
     cnt.reset();
-    assert!(cnt.theta().iter().chain(cnt.eta()).chain(cnt.phi()).all(|&x| x == 0));
+    assert!(cnt
+        .theta()
+        .iter()
+        .chain(cnt.eta())
+        .chain(cnt.phi())
+        .all(|&x| x == 0));
     assert_eq!(cnt.relative_rate::<f32>(), vec![0.0f32; 6]);
     assert_eq!(cnt, Counters::new(2, 3).unwrap());
 }
@@ -74,10 +79,7 @@ fn train_forward_hand_example() {
     assert_eq!(cnt.eta(), &[0, 1, 0, 0, 0, 0]);
     assert_eq!(cnt.phi(), &[1, 0]);
     // v row 0 = [1, −1, 1]; class 1 has φ = 0 → v = 0 → G_intr all 1, G = [Wd ≤ 0].
-    assert_eq!(
-        o.saved.masks(),
-        &[false, true, false, true, false, true]
-    );
+    assert_eq!(o.saved.masks(), &[false, true, false, true, false, true]);
     // L_gate: sample 0 (y=0): |a01|/1 = 0; sample 1 (y=0): |a11|/1 = 2.
     assert_eq!(o.losses.gate, vec![0.0, 2.0]);
     assert_eq!(o.losses.gate_mean, 1.0);
@@ -124,7 +126,9 @@ fn class_without_correct_samples_gates_on_wd_only() {
     let cnt = Counters::new(3, 4).unwrap();
     let v = cnt.relative_rate::<f64>();
     assert!(v.iter().all(|&x| x == 0.0));
-    let wd = [0.5, -0.5, 0.0, -1e-9, 1.0, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0];
+    let wd = [
+        0.5, -0.5, 0.0, -1e-9, 1.0, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0,
+    ];
     let g = gate_masks(&v, &wd).unwrap();
     let expect: Vec<bool> = wd.iter().map(|&w| w <= 0.0).collect();
     assert_eq!(g, expect);
@@ -193,7 +197,10 @@ fn counters_match_naive_count() {
             }
         }
     }
-    assert_eq!((cnt.theta(), cnt.eta(), cnt.phi()), (&th[..], &et[..], &ph[..]));
+    assert_eq!(
+        (cnt.theta(), cnt.eta(), cnt.phi()),
+        (&th[..], &et[..], &ph[..])
+    );
 }
 
 proptest! {

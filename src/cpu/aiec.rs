@@ -1185,8 +1185,8 @@ pub fn train_forward_with_masks<T: Real>(
 /// `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)`: 1, or `1/#layers` when averaging over
 /// AIEC layers) and `d_out = ∂L_task/∂A`:
 ///
-/// * `∂/∂a[n,c] = s·(λ_aux/N)·Σ_k (p[n,k] − [k = y_n])·Wd[k,c]
-///   + s·(λ_gate/N)·G[y_n,c]·sign(a[n,c]) / Σ_c G[y_n,c]` (`sign(0) = 0`; the gate
+/// * `∂/∂a[n,c] = s·(λ_aux/N)·Σ_k (p[n,k] − [k = y_n])·Wd[k,c]`
+///   `+ s·(λ_gate/N)·G[y_n,c]·sign(a[n,c]) / Σ_c G[y_n,c]` (`sign(0) = 0`; the gate
 ///   term is 0 when `Σ_c G[y_n,c] = 0`);
 /// * `∂L/∂A = d_out + (∂a/∂A)ᵀ·∂/∂a` (`da/S` everywhere for [`Pool::Mean`], `da` at
 ///   the class token only for [`Pool::ClassToken`]);

@@ -83,3 +83,6 @@ pub fn assert_close(name: &str, analytic: &[f64], numeric: &[f64], atol: f64, rt
 pub fn check_grad(name: &str, analytic: &[f64], numeric: &[f64]) {
     assert_close(name, analytic, numeric, 1e-8, 1e-6);
 }
+
+#[cfg(any(feature = "cuda", feature = "emulate"))]
+pub mod device;

@@ -11,6 +11,7 @@
 //! with feature `emulate` (the same kernels compiled for the host; see
 //! [`crate::emu`]).
 
+pub mod abi;
 pub mod dtype;
 mod module;
 

@@ -150,7 +150,11 @@ fn gen(c: usize, r: usize, bias: bool, seed: u64) -> ChannelGen<f64> {
 
 #[test]
 fn channel_gen_gradcheck_with_and_without_bias() {
-    for sh in [ActShape::nchw(3, 5, 3, 7), ActShape::nlc(3, 7, 5), ActShape::nchw(1, 5, 3, 7)] {
+    for sh in [
+        ActShape::nchw(3, 5, 3, 7),
+        ActShape::nlc(3, 7, 5),
+        ActShape::nchw(1, 5, 3, 7),
+    ] {
         for bias in [true, false] {
             let g0 = gen(5, 3, bias, 7);
             assert_eq!(g0.width, 3); // max(3, 5/3)
@@ -220,7 +224,11 @@ fn channel_gen_forward_matches_naive_formula() {
 
 #[test]
 fn layer_gen_gradcheck_and_formula() {
-    for sh in [ActShape::nchw(3, 5, 3, 7), ActShape::nlc(3, 7, 5), ActShape::nlc(1, 7, 5)] {
+    for sh in [
+        ActShape::nchw(3, 5, 3, 7),
+        ActShape::nlc(3, 7, 5),
+        ActShape::nlc(1, 7, 5),
+    ] {
         let mut r = rng(21);
         let x = randn(&mut r, sh.n * sh.c * sh.s);
         let w = randn(&mut r, sh.n);
@@ -251,7 +259,11 @@ fn meta_gen(mode: usize, g: &ChannelGen<f64>) -> MetaGen<'_, f64> {
 
 #[test]
 fn meta_acon_c_full_chain_gradcheck() {
-    for sh in [ActShape::nchw(3, 5, 3, 7), ActShape::nlc(3, 7, 5), ActShape::nchw(1, 5, 3, 7)] {
+    for sh in [
+        ActShape::nchw(3, 5, 3, 7),
+        ActShape::nlc(3, 7, 5),
+        ActShape::nchw(1, 5, 3, 7),
+    ] {
         for mode in 0..4 {
             let g0 = gen(5, 3, mode == 0, 17);
             let mut r = rng(31 + mode as u64);
@@ -261,10 +273,16 @@ fn meta_acon_c_full_chain_gradcheck() {
             let p1 = randn(&mut r, sh.c);
             let p2 = randn(&mut r, sh.c);
             let loss = |g: &ChannelGen<f64>, x: &[f64], p1: &[f64], p2: &[f64]| {
-                dot(&w, &meta_acon_c_forward(&sh, x, p1, p2, meta_gen(mode, g)).unwrap().0)
+                dot(
+                    &w,
+                    &meta_acon_c_forward(&sh, x, p1, p2, meta_gen(mode, g))
+                        .unwrap()
+                        .0,
+                )
             };
             let (_, saved) = meta_acon_c_forward(&sh, &x, &p1, &p2, meta_gen(mode, &g0)).unwrap();
-            let gr = meta_acon_c_backward(&sh, &w, &x, &p1, &p2, meta_gen(mode, &g0), &saved).unwrap();
+            let gr =
+                meta_acon_c_backward(&sh, &w, &x, &p1, &p2, meta_gen(mode, &g0), &saved).unwrap();
             let t = |s: &str| format!("meta {s} {:?} n={} mode={mode}", sh.layout, sh.n);
             let nx = numeric_grad(&x, |v| loss(&g0, v, &p1, &p2));
             check_grad(&t("dx"), &gr.dx, &nx);

@@ -31,6 +31,8 @@ use crate::real::Real;
 const GRAIN: usize = 32_768;
 /// Minimum rows per NLC block (bounds the partial-buffer size for huge `C`).
 const MIN_BLOCK_ROWS: usize = 8;
+/// Above this |β·d| the sigmoid is exactly 0 or 1 in both f32 and f64.
+const SAT_LIM: f64 = 1e3;
 
 /// `Real::to_f64` (named to avoid the ambiguity with `ToPrimitive::to_f64`).
 #[inline(always)]
@@ -202,15 +204,21 @@ fn bwd_loop<T: Real, const PIX: bool>(
     beta: impl Fn(usize, T) -> T,
     mut acc: impl FnMut(usize, T, T, T),
 ) {
-    let one = T::one();
+    let (zero, one, lim) = (T::zero(), T::one(), T::of(SAT_LIM));
     for (i, ((dxo, &g), &xv)) in dx.iter_mut().zip(dy).zip(x).enumerate() {
         let (a, b) = (p1(i), p2(i));
         let bt = beta(i, xv);
         let d = (a - b) * xv;
-        let s = sigmoid(bt * d);
-        let t = s * (one - s);
-        let gd = s + bt * d * t; // ∂y/∂d
-        let gb = g * d * d * t; // dy·∂y/∂β
+        let u = bt * d;
+        let s = sigmoid(u);
+        // |β·d| > SAT_LIM: σ is exactly 0 or 1 in f32 and f64, so s(1 − s) = 0 and
+        // the terms u·s(1 − s), d²·s(1 − s) are 0 — set them so explicitly, since
+        // u or d² may have overflowed to ±∞ (∞·0 = NaN) for finite inputs.
+        // (A NaN u is not > SAT_LIM and propagates.)
+        let sat = u.abs() > lim;
+        let t = if sat { zero } else { s * (one - s) };
+        let gd = if sat { s } else { s + u * t }; // ∂y/∂d
+        let gb = if sat { zero } else { g * d * d * t }; // dy·∂y/∂β
         let mut v = g * ((a - b) * gd + b);
         if PIX {
             v = v + gb * bt * (one - bt);
@@ -398,38 +406,16 @@ fn core_backward<T: Real>(
                                 };
                                 let (f1, f2) = (|j: usize| p1[j], |j: usize| p2[j]);
                                 match beta {
-                                    Beta::PerChannel(v) => bwd_loop::<T, false>(
-                                        gr,
-                                        xr,
-                                        dxr,
-                                        f1,
-                                        f2,
-                                        |j, _| v[j],
-                                        acc,
-                                    ),
+                                    Beta::PerChannel(v) => {
+                                        bwd_loop::<T, false>(gr, xr, dxr, f1, f2, |j, _| v[j], acc)
+                                    }
                                     Beta::PerSampleChannel(v) => {
                                         let v = &v[n * cc..(n + 1) * cc];
-                                        bwd_loop::<T, false>(
-                                            gr,
-                                            xr,
-                                            dxr,
-                                            f1,
-                                            f2,
-                                            |j, _| v[j],
-                                            acc,
-                                        )
+                                        bwd_loop::<T, false>(gr, xr, dxr, f1, f2, |j, _| v[j], acc)
                                     }
                                     Beta::PerSample(v) => {
                                         let bt = v[n];
-                                        bwd_loop::<T, false>(
-                                            gr,
-                                            xr,
-                                            dxr,
-                                            f1,
-                                            f2,
-                                            |_, _| bt,
-                                            acc,
-                                        )
+                                        bwd_loop::<T, false>(gr, xr, dxr, f1, f2, |_, _| bt, acc)
                                     }
                                     Beta::PixelWise => bwd_loop::<T, true>(
                                         gr,
@@ -1128,7 +1114,12 @@ pub fn meta_acon_c_backward<T: Real>(
     let mut out = MetaAconCGrads {
         dx: Vec::new(),
         dp1: core.a.iter().map(|&v| T::of(v)).collect(),
-        dp2: core.b.iter().zip(&core.a).map(|(&b, &a)| T::of(b - a)).collect(),
+        dp2: core
+            .b
+            .iter()
+            .zip(&core.a)
+            .map(|(&b, &a)| T::of(b - a))
+            .collect(),
         dbeta: Vec::new(),
         dw1: Vec::new(),
         db1: None,

@@ -62,7 +62,10 @@ pub fn assert_close(name: &str, analytic: &[f64], numeric: &[f64], atol: f64, rt
     for (i, (a, n)) in analytic.iter().zip(numeric).enumerate() {
         let err = (a - n).abs();
         let bound = atol + rtol * a.abs().max(n.abs());
-        assert!(a.is_finite() == n.is_finite(), "{name}[{i}]: analytic {a} vs numeric {n}");
+        assert!(
+            a.is_finite() == n.is_finite(),
+            "{name}[{i}]: analytic {a} vs numeric {n}"
+        );
         if err > bound && err - bound > worst.1 {
             worst = (i, err - bound);
         }

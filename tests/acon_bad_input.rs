@@ -47,7 +47,7 @@ fn acon_c_length_mismatches() {
         // Each β variant with the wrong length (including another variant's length).
         let b_nc = vec![1.0f64; N * C];
         let b_n = vec![1.0f64; N];
-        let b_cp = vec![1.0f64; C + 1];
+        let b_cp = [1.0f64; C + 1];
         for (src, what) in [
             (Beta::PerChannel(&b_nc[..]), "beta (per channel"),
             (Beta::PerChannel(&b_cp[..]), "beta (per channel"),

@@ -276,8 +276,8 @@ fn f32_matches_f64() {
                     }
                 }
             }
-            for c in 0..sh.c {
-                let tol = 1e-5 * 2.1 * sx[c];
+            for (c, &sxc) in sx.iter().enumerate() {
+                let tol = 1e-5 * 2.1 * sxc;
                 assert!((g32.dp1[c] as f64 - g64.dp1[c]).abs() <= tol, "dp1[{c}]");
                 assert!((g32.dp2[c] as f64 - g64.dp2[c]).abs() <= tol, "dp2[{c}]");
             }

@@ -17,8 +17,10 @@
 //!   then summed sequentially in a fixed order (samples, then blocks), so every
 //!   parameter gradient has identical bits on every run and for every thread
 //!   count. Element products are formed in `T` and accumulated in f64.
-//! * The sigmoid is [`crate::cpu::common::sigmoid`], `1/(1+e^{−x})`: for very
-//!   negative arguments `e^{−x}` overflows to +∞ and σ is exactly 0, never NaN.
+//! * The sigmoid is `1/(1+e^{−x})`: [`crate::cpu::common::sigmoid`] in f64 (for
+//!   very negative arguments `e^{−x}` overflows to +∞ and σ is exactly 0, never
+//!   NaN), and for f32 an inlined Cephes-style `expf` (≤ 2 ulp, see
+//!   `sigmoid_f32`) that saturates the same way (σ = 0 exactly below −88).
 
 use rayon::prelude::*;
 
@@ -169,6 +171,61 @@ impl SplitMix64 {
     }
 }
 
+/// σ used by the element loops: [`crate::cpu::common::sigmoid`] for f64; for
+/// f32 (detected by size, resolved at compile time) the inlinable
+/// [`sigmoid_f32`], which avoids a libm call per element.
+#[inline(always)]
+fn sig<T: Real>(x: T) -> T {
+    if std::mem::size_of::<T>() == 4 {
+        // f32 → f64 → f32 round trips are exact and fold away.
+        T::of(sigmoid_f32(r64(x) as f32) as f64)
+    } else {
+        sigmoid(x)
+    }
+}
+
+/// f32 logistic sigmoid `1/(1 + e^{−x})` with an inline `exp` (Cephes `expf`:
+/// Cody–Waite reduction by ln 2, degree-6 polynomial, scaling by 2^k through the
+/// exponent bits; ≤ 2 ulp). `e^{−x}` is evaluated with `−x` clamped to
+/// `[−87, 88]`; for `x > 87` this gives σ = 1 exactly, as the exact formula does.
+/// For `x < −88` the result is flushed to exactly 0 (the true value is below
+/// 6.1e-39, under the f32 normal range). NaN propagates.
+#[inline(always)]
+fn sigmoid_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let mut v = -x;
+    // Comparisons (not f32::max/min) so that a NaN stays NaN.
+    if v < -87.0 {
+        v = -87.0;
+    }
+    if v > 88.0 {
+        v = 88.0;
+    }
+    let kf = (v * LOG2E + MAGIC) - MAGIC;
+    let r = v - kf * C1 - kf * C2;
+    let z = r * r;
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r
+        + 4.166_579_6e-2)
+        * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1)
+        * z
+        + r
+        + 1.0;
+    // kf ∈ [−126, 127] here (NaN → 0), so the biased exponent is in [1, 254].
+    let scale = f32::from_bits((((kf as i32) + 127) as u32) << 23);
+    let s = 1.0 / (1.0 + p * scale);
+    if x < -88.0 {
+        0.0
+    } else {
+        s
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Fused element loops.
 
@@ -186,7 +243,7 @@ fn fwd_loop<T: Real>(
     for (i, (yo, &xv)) in y.iter_mut().zip(x).enumerate() {
         let (a, b) = (p1(i), p2(i));
         let d = (a - b) * xv;
-        *yo = d * sigmoid(beta(i, xv) * d) + b * xv;
+        *yo = d * sig(beta(i, xv) * d) + b * xv;
     }
 }
 
@@ -210,7 +267,7 @@ fn bwd_loop<T: Real, const PIX: bool>(
         let bt = beta(i, xv);
         let d = (a - b) * xv;
         let u = bt * d;
-        let s = sigmoid(u);
+        let s = sig(u);
         // |β·d| > SAT_LIM: σ is exactly 0 or 1 in f32 and f64, so s(1 − s) = 0 and
         // the terms u·s(1 − s), d²·s(1 − s) are 0 — set them so explicitly, since
         // u or d² may have overflowed to ±∞ (∞·0 = NaN) for finite inputs.
@@ -261,7 +318,7 @@ fn core_forward<T: Real>(
                         Beta::PerSampleChannel(v) => v[i],
                         Beta::PerSample(v) => v[n],
                         Beta::PixelWise => {
-                            fwd_loop(xp, yp, |_| a, |_| b, |_, xv| sigmoid(xv));
+                            fwd_loop(xp, yp, |_| a, |_| b, |_, xv| sig(xv));
                             return;
                         }
                     };
@@ -290,7 +347,7 @@ fn core_forward<T: Real>(
                                         fwd_loop(xr, yr, pa, pb, |_, _| bt)
                                     }
                                     Beta::PixelWise => {
-                                        fwd_loop(xr, yr, pa, pb, |_, xv| sigmoid(xv))
+                                        fwd_loop(xr, yr, pa, pb, |_, xv| sig(xv))
                                     }
                                 }
                             }
@@ -355,7 +412,7 @@ fn core_backward<T: Real>(
                                 dxp,
                                 |_| pa,
                                 |_| pb,
-                                |_, xv| sigmoid(xv),
+                                |_, xv| sig(xv),
                                 acc,
                             );
                             pp.copy_from_slice(&[s0, s1, s2]);
@@ -423,7 +480,7 @@ fn core_backward<T: Real>(
                                         dxr,
                                         f1,
                                         f2,
-                                        |_, xv| sigmoid(xv),
+                                        |_, xv| sig(xv),
                                         acc,
                                     ),
                                 }

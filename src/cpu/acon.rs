@@ -196,28 +196,25 @@ fn sigmoid_f32(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
-    let mut v = -x;
-    // Comparisons (not f32::max/min) so that a NaN stays NaN.
-    if v < -87.0 {
-        v = -87.0;
-    }
-    if v > 88.0 {
-        v = 88.0;
-    }
-    let kf = (v * LOG2E + MAGIC) - MAGIC;
+    // `clamp` (unlike f32::max/min) keeps a NaN a NaN.
+    let v = (-x).clamp(-87.0, 88.0);
+    let t = v * LOG2E + MAGIC; // low mantissa bits of t hold k = round(v·log2 e)
+    let kf = t - MAGIC;
     let r = v - kf * C1 - kf * C2;
     let z = r * r;
-    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r
-        + 4.166_579_6e-2)
+    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
         * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1)
+        + 0.5) // Cephes: 5.0000001201e-1, which is 0.5 in f32
         * z
         + r
         + 1.0;
-    // kf ∈ [−126, 127] here (NaN → 0), so the biased exponent is in [1, 254].
-    let scale = f32::from_bits((((kf as i32) + 127) as u32) << 23);
+    // k ∈ [−126, 127] here, so the biased exponent k + 127 is in [1, 254]; it is
+    // read from t's bits (no float→int conversion, which would not vectorise).
+    // For NaN input the scale is garbage but p is NaN, so the result is NaN.
+    let k_biased = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127);
+    let scale = f32::from_bits(k_biased << 23);
     let s = 1.0 / (1.0 + p * scale);
     if x < -88.0 {
         0.0
@@ -228,61 +225,226 @@ fn sigmoid_f32(x: f32) -> f32 {
 
 // ---------------------------------------------------------------------------
 // Fused element loops.
+//
+// The loops run in blocks of `LANES` elements with per-lane f64 accumulators
+// (fixed lane assignment, so the sums stay deterministic); the per-element
+// parameter sources below hand out a whole block at once. With the inline f32
+// sigmoid this lets LLVM vectorise the loops; a short tail runs element-wise.
 
-/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, over one plane or row. The closures
-/// give p1, p2 and β for element `i` (β may depend on `x`); they are inlined, so
-/// constant closures (NCHW planes) cost nothing per element.
-#[inline(always)]
-fn fwd_loop<T: Real>(
-    x: &[T],
-    y: &mut [T],
-    p1: impl Fn(usize) -> T,
-    p2: impl Fn(usize) -> T,
-    beta: impl Fn(usize, T) -> T,
-) {
-    for (i, (yo, &xv)) in y.iter_mut().zip(x).enumerate() {
-        let (a, b) = (p1(i), p2(i));
-        let d = (a - b) * xv;
-        *yo = d * sig(beta(i, xv) * d) + b * xv;
+/// Block width of the element loops.
+const LANES: usize = 8;
+
+/// A per-element source of a parameter (p1, p2 or β) along one plane or row.
+trait Src<T: Real>: Copy {
+    /// Values for elements `i0 .. i0 + LANES` (with their inputs `x`).
+    fn block(&self, i0: usize, x: &[T; LANES]) -> [T; LANES];
+    /// Value for element `i` (input `x`).
+    fn at(&self, i: usize, x: T) -> T;
+}
+
+/// The same value for every element (an NCHW plane's channel parameter).
+#[derive(Clone, Copy)]
+struct Same<T>(T);
+impl<T: Real> Src<T> for Same<T> {
+    #[inline(always)]
+    fn block(&self, _: usize, _: &[T; LANES]) -> [T; LANES] {
+        [self.0; LANES]
+    }
+    #[inline(always)]
+    fn at(&self, _: usize, _: T) -> T {
+        self.0
     }
 }
 
-/// Backward of [`fwd_loop`] for one plane or row. Writes `dx` and calls
-/// `acc(i, dy·x·∂y/∂d, dy·x, dy·∂y/∂β)` for every element, from which
-/// `dp1 = Σ dy·x·∂y/∂d`, `dp2 = Σ dy·x − dp1` and `dβ` are reduced.
+/// One value per element index (an NLC row's per-channel parameter); the
+/// slice is as long as the row.
+#[derive(Clone, Copy)]
+struct Per<'a, T>(&'a [T]);
+impl<T: Real> Src<T> for Per<'_, T> {
+    #[inline(always)]
+    fn block(&self, i0: usize, _: &[T; LANES]) -> [T; LANES] {
+        let s = &self.0[i0..i0 + LANES];
+        std::array::from_fn(|j| s[j])
+    }
+    #[inline(always)]
+    fn at(&self, i: usize, _: T) -> T {
+        self.0[i]
+    }
+}
+
+/// Pixel-wise β = σ(x).
+#[derive(Clone, Copy)]
+struct Pix;
+impl<T: Real> Src<T> for Pix {
+    #[inline(always)]
+    fn block(&self, _: usize, x: &[T; LANES]) -> [T; LANES] {
+        std::array::from_fn(|j| sig(x[j]))
+    }
+    #[inline(always)]
+    fn at(&self, _: usize, x: T) -> T {
+        sig(x)
+    }
+}
+
+#[inline(always)]
+fn arr<T: Copy>(s: &[T]) -> [T; LANES] {
+    std::array::from_fn(|j| s[j])
+}
+
+/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, over one plane or row.
+#[inline(always)]
+fn fwd_loop<T: Real>(x: &[T], y: &mut [T], p1: impl Src<T>, p2: impl Src<T>, beta: impl Src<T>) {
+    let n = x.len().min(y.len());
+    let (x, y) = (&x[..n], &mut y[..n]);
+    let mut yc = y.chunks_exact_mut(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    let mut i0 = 0;
+    for (yb, xb) in (&mut yc).zip(&mut xc) {
+        let xa = arr(xb);
+        let (a, b, bt) = (p1.block(i0, &xa), p2.block(i0, &xa), beta.block(i0, &xa));
+        for j in 0..LANES {
+            let d = (a[j] - b[j]) * xa[j];
+            yb[j] = d * sig(bt[j] * d) + b[j] * xa[j];
+        }
+        i0 += LANES;
+    }
+    for (k, (yo, &xv)) in yc
+        .into_remainder()
+        .iter_mut()
+        .zip(xc.remainder())
+        .enumerate()
+    {
+        let i = i0 + k;
+        let (a, b) = (p1.at(i, xv), p2.at(i, xv));
+        let d = (a - b) * xv;
+        *yo = d * sig(beta.at(i, xv) * d) + b * xv;
+    }
+}
+
+/// One element of the backward: returns `(dx, dy·x·∂y/∂d, dy·x, dy·∂y/∂β)`.
 /// With `PIX`, `β = σ(x)` and `dx` also gets `dy·∂y/∂β·β(1 − β)`.
 #[inline(always)]
+fn bwd_elem<T: Real, const PIX: bool>(g: T, xv: T, a: T, b: T, bt: T) -> (T, T, T, T) {
+    let (zero, one, lim) = (T::zero(), T::one(), T::of(SAT_LIM));
+    let d = (a - b) * xv;
+    let u = bt * d;
+    let s = sig(u);
+    // |β·d| > SAT_LIM: σ is exactly 0 or 1 in f32 and f64, so s(1 − s) = 0 and
+    // the terms u·s(1 − s), d²·s(1 − s) are 0 — set them so explicitly, since
+    // u or d² may have overflowed to ±∞ (∞·0 = NaN) for finite inputs.
+    // (A NaN u is not > SAT_LIM and propagates.)
+    let sat = u.abs() > lim;
+    let t = if sat { zero } else { s * (one - s) };
+    let gd = if sat { s } else { s + u * t }; // ∂y/∂d
+    let gb = if sat { zero } else { g * d * d * t }; // dy·∂y/∂β
+    let mut v = g * ((a - b) * gd + b);
+    if PIX {
+        v = v + gb * bt * (one - bt);
+    }
+    let gx = g * xv;
+    (v, gx * gd, gx, gb)
+}
+
+/// Where the backward's per-element partials `(dy·x·∂y/∂d, dy·x, dy·∂y/∂β)` go.
+trait Acc<T> {
+    /// Partials of elements `i0 .. i0 + LANES`.
+    fn block(&mut self, i0: usize, u: &[T; LANES], v: &[T; LANES], w: &[T; LANES]);
+    /// Partials of element `i`.
+    fn one(&mut self, i: usize, u: T, v: T, w: T);
+}
+
+/// NCHW plane: three sums, kept in `LANES` f64 lanes each (lane = position
+/// within the block; the tail goes to lane 0), combined in lane order.
+struct Lanes([[f64; LANES]; 3]);
+impl<T: Real> Acc<T> for Lanes {
+    #[inline(always)]
+    fn block(&mut self, _: usize, u: &[T; LANES], v: &[T; LANES], w: &[T; LANES]) {
+        for j in 0..LANES {
+            self.0[0][j] += r64(u[j]);
+            self.0[1][j] += r64(v[j]);
+            self.0[2][j] += r64(w[j]);
+        }
+    }
+    #[inline(always)]
+    fn one(&mut self, _: usize, u: T, v: T, w: T) {
+        self.0[0][0] += r64(u);
+        self.0[1][0] += r64(v);
+        self.0[2][0] += r64(w);
+    }
+}
+impl Lanes {
+    fn sums(&self) -> [f64; 3] {
+        std::array::from_fn(|k| self.0[k].iter().sum())
+    }
+}
+
+/// NLC row: per-channel sums (each slice as long as the row).
+struct PerChan<'a>(&'a mut [f64], &'a mut [f64], &'a mut [f64]);
+impl<T: Real> Acc<T> for PerChan<'_> {
+    #[inline(always)]
+    fn block(&mut self, i0: usize, u: &[T; LANES], v: &[T; LANES], w: &[T; LANES]) {
+        let a = &mut self.0[i0..i0 + LANES];
+        let b = &mut self.1[i0..i0 + LANES];
+        let e = &mut self.2[i0..i0 + LANES];
+        for j in 0..LANES {
+            a[j] += r64(u[j]);
+            b[j] += r64(v[j]);
+            e[j] += r64(w[j]);
+        }
+    }
+    #[inline(always)]
+    fn one(&mut self, i: usize, u: T, v: T, w: T) {
+        self.0[i] += r64(u);
+        self.1[i] += r64(v);
+        self.2[i] += r64(w);
+    }
+}
+
+/// Backward of [`fwd_loop`] for one plane or row: writes `dx` and hands the
+/// partials to `acc` (`dp1 = Σ dy·x·∂y/∂d`, `dp2 = Σ dy·x − dp1`, `dβ = Σ dy·∂y/∂β`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn bwd_loop<T: Real, const PIX: bool>(
     dy: &[T],
     x: &[T],
     dx: &mut [T],
-    p1: impl Fn(usize) -> T,
-    p2: impl Fn(usize) -> T,
-    beta: impl Fn(usize, T) -> T,
-    mut acc: impl FnMut(usize, T, T, T),
+    p1: impl Src<T>,
+    p2: impl Src<T>,
+    beta: impl Src<T>,
+    acc: &mut impl Acc<T>,
 ) {
-    let (zero, one, lim) = (T::zero(), T::one(), T::of(SAT_LIM));
-    for (i, ((dxo, &g), &xv)) in dx.iter_mut().zip(dy).zip(x).enumerate() {
-        let (a, b) = (p1(i), p2(i));
-        let bt = beta(i, xv);
-        let d = (a - b) * xv;
-        let u = bt * d;
-        let s = sig(u);
-        // |β·d| > SAT_LIM: σ is exactly 0 or 1 in f32 and f64, so s(1 − s) = 0 and
-        // the terms u·s(1 − s), d²·s(1 − s) are 0 — set them so explicitly, since
-        // u or d² may have overflowed to ±∞ (∞·0 = NaN) for finite inputs.
-        // (A NaN u is not > SAT_LIM and propagates.)
-        let sat = u.abs() > lim;
-        let t = if sat { zero } else { s * (one - s) };
-        let gd = if sat { s } else { s + u * t }; // ∂y/∂d
-        let gb = if sat { zero } else { g * d * d * t }; // dy·∂y/∂β
-        let mut v = g * ((a - b) * gd + b);
-        if PIX {
-            v = v + gb * bt * (one - bt);
+    let n = x.len().min(dx.len()).min(dy.len());
+    let (dy, x, dx) = (&dy[..n], &x[..n], &mut dx[..n]);
+    let mut oc = dx.chunks_exact_mut(LANES);
+    let mut gc = dy.chunks_exact(LANES);
+    let mut xc = x.chunks_exact(LANES);
+    let mut i0 = 0;
+    for ((ob, gb), xb) in (&mut oc).zip(&mut gc).zip(&mut xc) {
+        let (xa, ga) = (arr(xb), arr(gb));
+        let (a, b, bt) = (p1.block(i0, &xa), p2.block(i0, &xa), beta.block(i0, &xa));
+        let mut u = [T::zero(); LANES];
+        let mut v = [T::zero(); LANES];
+        let mut w = [T::zero(); LANES];
+        for j in 0..LANES {
+            let r = bwd_elem::<T, PIX>(ga[j], xa[j], a[j], b[j], bt[j]);
+            ob[j] = r.0;
+            u[j] = r.1;
+            v[j] = r.2;
+            w[j] = r.3;
         }
-        *dxo = v;
-        let gx = g * xv;
-        acc(i, gx * gd, gx, gb);
+        acc.block(i0, &u, &v, &w);
+        i0 += LANES;
+    }
+    let tail = oc
+        .into_remainder()
+        .iter_mut()
+        .zip(gc.remainder())
+        .zip(xc.remainder());
+    for (k, ((o, &g), &xv)) in tail.enumerate() {
+        let i = i0 + k;
+        let r = bwd_elem::<T, PIX>(g, xv, p1.at(i, xv), p2.at(i, xv), beta.at(i, xv));
+        *o = r.0;
+        acc.one(i, r.1, r.2, r.3);
     }
 }
 
@@ -312,21 +474,18 @@ fn core_forward<T: Real>(
                 .with_min_len(nchw_min_len(ss))
                 .for_each(|(i, (yp, xp))| {
                     let (n, c) = (i / cc, i % cc);
-                    let (a, b) = (p1[c], p2[c]);
-                    let bt = match beta {
-                        Beta::PerChannel(v) => v[c],
-                        Beta::PerSampleChannel(v) => v[i],
-                        Beta::PerSample(v) => v[n],
-                        Beta::PixelWise => {
-                            fwd_loop(xp, yp, |_| a, |_| b, |_, xv| sig(xv));
-                            return;
-                        }
-                    };
-                    fwd_loop(xp, yp, |_| a, |_| b, |_, _| bt);
+                    let (a, b) = (Same(p1[c]), Same(p2[c]));
+                    match beta {
+                        Beta::PerChannel(v) => fwd_loop(xp, yp, a, b, Same(v[c])),
+                        Beta::PerSampleChannel(v) => fwd_loop(xp, yp, a, b, Same(v[i])),
+                        Beta::PerSample(v) => fwd_loop(xp, yp, a, b, Same(v[n])),
+                        Beta::PixelWise => fwd_loop(xp, yp, a, b, Pix),
+                    }
                 });
         }
         Layout::Nlc => {
             let blk = nlc_block_rows(cc) * cc;
+            let (a, b) = (Per(&p1[..cc]), Per(&p2[..cc]));
             y.par_chunks_mut(ss * cc)
                 .zip(x.par_chunks(ss * cc))
                 .enumerate()
@@ -335,20 +494,13 @@ fn core_forward<T: Real>(
                         .zip(xs.par_chunks(blk))
                         .for_each(|(yb, xb)| {
                             for (yr, xr) in yb.chunks_exact_mut(cc).zip(xb.chunks_exact(cc)) {
-                                let (pa, pb) = (|j: usize| p1[j], |j: usize| p2[j]);
                                 match beta {
-                                    Beta::PerChannel(v) => fwd_loop(xr, yr, pa, pb, |j, _| v[j]),
+                                    Beta::PerChannel(v) => fwd_loop(xr, yr, a, b, Per(&v[..cc])),
                                     Beta::PerSampleChannel(v) => {
-                                        let v = &v[n * cc..(n + 1) * cc];
-                                        fwd_loop(xr, yr, pa, pb, |j, _| v[j])
+                                        fwd_loop(xr, yr, a, b, Per(&v[n * cc..(n + 1) * cc]))
                                     }
-                                    Beta::PerSample(v) => {
-                                        let bt = v[n];
-                                        fwd_loop(xr, yr, pa, pb, |_, _| bt)
-                                    }
-                                    Beta::PixelWise => {
-                                        fwd_loop(xr, yr, pa, pb, |_, xv| sig(xv))
-                                    }
+                                    Beta::PerSample(v) => fwd_loop(xr, yr, a, b, Same(v[n])),
+                                    Beta::PixelWise => fwd_loop(xr, yr, a, b, Pix),
                                 }
                             }
                         });
@@ -394,33 +546,21 @@ fn core_backward<T: Real>(
                     let (n, c) = (i / cc, i % cc);
                     let xp = &x[i * ss..(i + 1) * ss];
                     let gp = &dy[i * ss..(i + 1) * ss];
-                    let (pa, pb) = (p1[c], p2[c]);
-                    let (mut s0, mut s1, mut s2) = (0.0f64, 0.0f64, 0.0f64);
-                    let acc = |_: usize, u: T, v: T, w: T| {
-                        s0 += r64(u);
-                        s1 += r64(v);
-                        s2 += r64(w);
-                    };
-                    let bt = match beta {
-                        Beta::PerChannel(v) => v[c],
-                        Beta::PerSampleChannel(v) => v[i],
-                        Beta::PerSample(v) => v[n],
-                        Beta::PixelWise => {
-                            bwd_loop::<T, true>(
-                                gp,
-                                xp,
-                                dxp,
-                                |_| pa,
-                                |_| pb,
-                                |_, xv| sig(xv),
-                                acc,
-                            );
-                            pp.copy_from_slice(&[s0, s1, s2]);
-                            return;
+                    let (pa, pb) = (Same(p1[c]), Same(p2[c]));
+                    let mut acc = Lanes([[0.0; LANES]; 3]);
+                    match beta {
+                        Beta::PerChannel(v) => {
+                            bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[c]), &mut acc)
                         }
-                    };
-                    bwd_loop::<T, false>(gp, xp, dxp, |_| pa, |_| pb, |_, _| bt, acc);
-                    pp.copy_from_slice(&[s0, s1, s2]);
+                        Beta::PerSampleChannel(v) => {
+                            bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[i]), &mut acc)
+                        }
+                        Beta::PerSample(v) => {
+                            bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[n]), &mut acc)
+                        }
+                        Beta::PixelWise => bwd_loop::<T, true>(gp, xp, dxp, pa, pb, Pix, &mut acc),
+                    }
+                    pp.copy_from_slice(&acc.sums());
                 });
             for n in 0..nn {
                 for c in 0..cc {
@@ -435,6 +575,7 @@ fn core_backward<T: Real>(
             let rows = nlc_block_rows(cc);
             let blk = rows * cc;
             let nb = ss.div_ceil(rows);
+            let (f1, f2) = (Per(&p1[..cc]), Per(&p2[..cc]));
             // Per (sample, block): [a (C), b (C), e (C)].
             let mut part = vec![0.0f64; nn * nb * 3 * cc];
             dx.par_chunks_mut(ss * cc)
@@ -449,40 +590,45 @@ fn core_backward<T: Real>(
                             let start = off + k * blk;
                             let xb = &x[start..start + dxb.len()];
                             let gb = &dy[start..start + dxb.len()];
-                            let (pa_, pe_) = pb.split_at_mut(cc);
-                            let (pb_, pe_) = pe_.split_at_mut(cc);
+                            let (pa_, rest) = pb.split_at_mut(cc);
+                            let (pb_, pe_) = rest.split_at_mut(cc);
+                            let mut acc = PerChan(pa_, pb_, pe_);
                             for ((dxr, xr), gr) in dxb
                                 .chunks_exact_mut(cc)
                                 .zip(xb.chunks_exact(cc))
                                 .zip(gb.chunks_exact(cc))
                             {
-                                let acc = |j: usize, u: T, v: T, w: T| {
-                                    pa_[j] += r64(u);
-                                    pb_[j] += r64(v);
-                                    pe_[j] += r64(w);
-                                };
-                                let (f1, f2) = (|j: usize| p1[j], |j: usize| p2[j]);
                                 match beta {
-                                    Beta::PerChannel(v) => {
-                                        bwd_loop::<T, false>(gr, xr, dxr, f1, f2, |j, _| v[j], acc)
-                                    }
-                                    Beta::PerSampleChannel(v) => {
-                                        let v = &v[n * cc..(n + 1) * cc];
-                                        bwd_loop::<T, false>(gr, xr, dxr, f1, f2, |j, _| v[j], acc)
-                                    }
-                                    Beta::PerSample(v) => {
-                                        let bt = v[n];
-                                        bwd_loop::<T, false>(gr, xr, dxr, f1, f2, |_, _| bt, acc)
-                                    }
-                                    Beta::PixelWise => bwd_loop::<T, true>(
+                                    Beta::PerChannel(v) => bwd_loop::<T, false>(
                                         gr,
                                         xr,
                                         dxr,
                                         f1,
                                         f2,
-                                        |_, xv| sig(xv),
-                                        acc,
+                                        Per(&v[..cc]),
+                                        &mut acc,
                                     ),
+                                    Beta::PerSampleChannel(v) => bwd_loop::<T, false>(
+                                        gr,
+                                        xr,
+                                        dxr,
+                                        f1,
+                                        f2,
+                                        Per(&v[n * cc..(n + 1) * cc]),
+                                        &mut acc,
+                                    ),
+                                    Beta::PerSample(v) => bwd_loop::<T, false>(
+                                        gr,
+                                        xr,
+                                        dxr,
+                                        f1,
+                                        f2,
+                                        Same(v[n]),
+                                        &mut acc,
+                                    ),
+                                    Beta::PixelWise => {
+                                        bwd_loop::<T, true>(gr, xr, dxr, f1, f2, Pix, &mut acc)
+                                    }
                                 }
                             }
                         });

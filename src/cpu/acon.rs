@@ -16,7 +16,11 @@
 //!   only), each producing three C-length f64 partial vectors. The partials are
 //!   then summed sequentially in a fixed order (samples, then blocks), so every
 //!   parameter gradient has identical bits on every run and for every thread
-//!   count. Element products are formed in `T` and accumulated in f64.
+//!   count. Element products are formed in `T` and accumulated in f64 (within a
+//!   plane in 8 fixed lanes, combined in lane order, so the loops vectorise).
+//! * Timings (1 thread, f32, this 2-core dev box, test profile): ReLU copy
+//!   ≈ 1.7 ns/elem; ACON-C forward ≈ 1.8–3.2, backward ≈ 4.3–6.2, pixel-wise
+//!   backward ≈ 11–13 ns/elem.
 //! * The sigmoid is `1/(1+e^{−x})`: [`crate::cpu::common::sigmoid`] in f64 (for
 //!   very negative arguments `e^{−x}` overflows to +∞ and σ is exactly 0, never
 //!   NaN), and for f32 an inlined Cephes-style `expf` (≤ 2 ulp, see

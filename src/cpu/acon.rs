@@ -23,8 +23,8 @@
 //!   backward ≈ 11–13 ns/elem.
 //! * The sigmoid is `1/(1+e^{−x})`: [`crate::cpu::common::sigmoid`] in f64 (for
 //!   very negative arguments `e^{−x}` overflows to +∞ and σ is exactly 0, never
-//!   NaN), and for f32 an inlined Cephes-style `expf` (≤ 2 ulp, see
-//!   `sigmoid_f32`) that saturates the same way (σ = 0 exactly below −88).
+//!   NaN), and for f32 [`crate::fastmath::sigmoid_f32`] (vectorisable Cephes
+//!   `expf`, ≤ 2 ulp) that saturates the same way.
 
 use rayon::prelude::*;
 
@@ -188,44 +188,7 @@ fn sig<T: Real>(x: T) -> T {
     }
 }
 
-/// f32 logistic sigmoid `1/(1 + e^{−x})` with an inline `exp` (Cephes `expf`:
-/// Cody–Waite reduction by ln 2, degree-6 polynomial, scaling by 2^k through the
-/// exponent bits; ≤ 2 ulp). `e^{−x}` is evaluated with `−x` clamped to
-/// `[−87, 88]`; for `x > 87` this gives σ = 1 exactly, as the exact formula does.
-/// For `x < −88` the result is flushed to exactly 0 (the true value is below
-/// 6.1e-39, under the f32 normal range). NaN propagates.
-#[inline(always)]
-fn sigmoid_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    // `clamp` (unlike f32::max/min) keeps a NaN a NaN.
-    let v = (-x).clamp(-87.0, 88.0);
-    let t = v * LOG2E + MAGIC; // low mantissa bits of t hold k = round(v·log2 e)
-    let kf = t - MAGIC;
-    let r = v - kf * C1 - kf * C2;
-    let z = r * r;
-    let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
-        * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5) // Cephes: 5.0000001201e-1, which is 0.5 in f32
-        * z
-        + r
-        + 1.0;
-    // k ∈ [−126, 127] here, so the biased exponent k + 127 is in [1, 254]; it is
-    // read from t's bits (no float→int conversion, which would not vectorise).
-    // For NaN input the scale is garbage but p is NaN, so the result is NaN.
-    let k_biased = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127);
-    let scale = f32::from_bits(k_biased << 23);
-    let s = 1.0 / (1.0 + p * scale);
-    if x < -88.0 {
-        0.0
-    } else {
-        s
-    }
-}
+use crate::fastmath::sigmoid_f32;
 
 // ---------------------------------------------------------------------------
 // Fused element loops.

@@ -21,7 +21,13 @@
 //             bwd_dxpre    -> dx_pre              (gather over the windows containing a tap)
 // No float atomics anywhere; every reduction has a fixed order, so results are
 // bitwise reproducible.
+#include <stddef.h>
+
 #include "common.cuh"
+
+// The Rust mirror (src/cuda/abi.rs) pins the same size and offsets.
+static_assert(sizeof(IieuGeom) == 80, "IieuGeom layout drifted from src/cuda/abi.rs");
+static_assert(offsetof(IieuGeom, mode) == 76, "IieuGeom layout drifted from src/cuda/abi.rs");
 
 namespace ak_iieu {
 

@@ -273,12 +273,7 @@ fn parity_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64, offs
     let got = vals.into_inner();
 
     // Reference: f64 on the same rounded inputs and parameters.
-    let (x, xp, w, dy) = (
-        to_f64(&c.x),
-        to_f64(&c.x_pre),
-        to_f64(&c.w),
-        to_f64(&c.dy),
-    );
+    let (x, xp, w, dy) = (to_f64(&c.x), to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
     let (y, saved) = cpu::forward(&c.cfg, &x, &xp, &w, &c.p64).unwrap();
     let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
     let tag = |s: &str| format!("{} {mode:?} {geo:?} offset {offset}: {s}", T::NAME);
@@ -434,13 +429,13 @@ fn bad_input() {
     let (oh, ow) = geo.validate().unwrap();
     let xl = geo.n * geo.c_out * oh * ow;
     let f = |n: usize| s.clone_htod(&vec![0.5f32; n]).unwrap();
-    let (x, xp, w, dy) = (
-        f(xl),
-        f(geo.input_len()),
-        f(geo.weight_len()),
-        f(xl),
+    let (x, xp, w, dy) = (f(xl), f(geo.input_len()), f(geo.weight_len()), f(xl));
+    let (xs, xps, ws, dys) = (
+        f(xl - 1),
+        f(geo.input_len() + 1),
+        f(geo.weight_len() - 1),
+        f(xl + 3),
     );
-    let (xs, xps, ws, dys) = (f(xl - 1), f(geo.input_len() + 1), f(geo.weight_len() - 1), f(xl + 3));
     let p = IieuDeviceParams::init(&s, geo.c_out).unwrap();
     let (_, saved) = gpu::forward(&s, &cfg, &x, &xp, &w, &p).unwrap();
     let geo1 = Conv2dGeometry::new(1, 4, 5, 6, 6, 3, 3)
@@ -458,22 +453,13 @@ fn bad_input() {
     len_err(gpu::forward(&s, &cfg, &xs, &xp, &w, &p), "x");
     len_err(gpu::forward(&s, &cfg, &x, &xps, &w, &p), "x_pre");
     len_err(gpu::forward(&s, &cfg, &x, &xp, &ws, &p), "w");
-    len_err(
-        gpu::backward(&s, &cfg, &dys, &x, &xp, &w, &p, &saved),
-        "dy",
-    );
-    len_err(
-        gpu::backward(&s, &cfg, &dy, &xs, &xp, &w, &p, &saved),
-        "x",
-    );
+    len_err(gpu::backward(&s, &cfg, &dys, &x, &xp, &w, &p, &saved), "dy");
+    len_err(gpu::backward(&s, &cfg, &dy, &xs, &xp, &w, &p, &saved), "x");
     len_err(
         gpu::backward(&s, &cfg, &dy, &x, &xps, &w, &p, &saved),
         "x_pre",
     );
-    len_err(
-        gpu::backward(&s, &cfg, &dy, &x, &xp, &ws, &p, &saved),
-        "w",
-    );
+    len_err(gpu::backward(&s, &cfg, &dy, &x, &xp, &ws, &p, &saved), "w");
     // A view is checked by its own length.
     len_err(gpu::forward(&s, &cfg, &x.slice(1..), &xp, &w, &p), "x");
 

@@ -23,7 +23,7 @@ tmp="$(mktemp)"
   --no-doc-comments \
   --raw-line '//! Generated from kernels/abi.h by scripts/gen-abi.sh (bindgen '"$BINDGEN_VERSION"'). Do not edit.' \
   --raw-line '#![allow(non_camel_case_types, missing_docs)]' \
-  -o "$tmp" -- -x c -std=c11
+  -o "$tmp" -- -x c -std=c11 -Wno-pragma-once-outside-header
 rustfmt --edition 2021 "$tmp"
 if [ "${1:-}" = "--check" ]; then
   if ! diff -u "$out" "$tmp"; then

@@ -1,0 +1,631 @@
+//! IIEU-B on the GPU (SPEC §1.1–1.4): term-S, term-B and the adjuster, forward and
+//! backward — the device mirror of [`crate::cpu::iieu`] (same names, same argument
+//! order, `stream` first). Kernels: `kernels/iieu.cu`.
+//!
+//! Dtypes: the large tensors (`x`, `x_pre`, `W`, `y`, `dy`, and the gradients `dx`,
+//! `dx_pre`, `dW`) are device buffers of the storage dtype `T` ([`DType`]: `f32`,
+//! `f16`, `bf16`); the per-channel parameters `γ̇`, `β̇`, `η` and their gradients are
+//! `f32` device buffers ([`IieuDeviceParams`]). Every intermediate — the inverse norms
+//! `r_w`, `r_x` and the norms, the GAP `m`, `m̂`, `rstd`, `ν`, and all partial sums — is
+//! kept in `f32`, and all arithmetic and accumulation is `f32` (the CPU reference
+//! accumulates in f64; see the parity tests for the tolerances this implies). The only
+//! roundings to `T` are the final stores of `y`, `dx`, `dx_pre`, `dW`.
+//!
+//! Shapes are those of the CPU side: `x`, `y`, `dy`: `(N, O, H', W')`; `x_pre`:
+//! `(N, C, H, W)`; `W`: `(O, C/g, KH, KW)`; `r_x`: `(N, G', H', W')` with `G'` =
+//! [`IieuConfig::patch_groups`]; parameters `(O,)`. Both [`PatchNorm`] modes and every
+//! geometry [`crate::Conv2dGeometry::validate`] accepts are supported, with one extra
+//! limit: every dimension, `H + 2·pad_h`, `W + 2·pad_w`, the dilated kernel extents,
+//! `H·W`, `H'·W'` and `C/g·KH·KW` must fit in `i32` (the kernels' per-axis index type;
+//! flat tensor offsets are 64-bit). Violations are [`Error::Shape`].
+//!
+//! Every argument is validated on the host before any allocation or launch, with the
+//! same [`Error`] variants as the CPU functions. Results are bitwise deterministic: no
+//! float atomics, every reduction (block reductions, two-stage parameter gradients)
+//! has a fixed order.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
+use crate::cuda::abi::IieuGeom;
+use crate::cuda::{grid_for, to_i32, DType, DeviceInput, Kernels, BLOCK};
+use crate::error::{check_len, Error, Result};
+
+// ------------------------------------------------------------------------------------
+// Public types
+
+/// Learnable per-channel parameters of an IIEU on the device, each `f32` of length `O`.
+#[derive(Debug, Clone)]
+pub struct IieuDeviceParams {
+    /// term-B LayerNorm weight `γ̇[o]` (init 0.01).
+    pub ln_weight: CudaSlice<f32>,
+    /// term-B LayerNorm bias `β̇[o]` (init 0).
+    pub ln_bias: CudaSlice<f32>,
+    /// Adjuster threshold `η[o]` (init 0.05).
+    pub eta: CudaSlice<f32>,
+}
+
+impl IieuDeviceParams {
+    /// Uploads host parameters (any lengths; they are checked against the config by
+    /// [`forward`] / [`backward`]).
+    pub fn from_host(stream: &Arc<CudaStream>, p: &IieuParams<f32>) -> Result<Self> {
+        Ok(Self {
+            ln_weight: stream.clone_htod(&p.ln_weight)?,
+            ln_bias: stream.clone_htod(&p.ln_bias)?,
+            eta: stream.clone_htod(&p.eta)?,
+        })
+    }
+
+    /// The SPEC initialisation for `c_out` channels: `γ̇ = 0.01`, `β̇ = 0`, `η = 0.05`.
+    pub fn init(stream: &Arc<CudaStream>, c_out: usize) -> Result<Self> {
+        Self::from_host(stream, &IieuParams::<f32>::init(c_out))
+    }
+
+    fn check(&self, c_out: usize) -> Result<()> {
+        check_len("ln_weight", c_out, self.ln_weight.len())?;
+        check_len("ln_bias", c_out, self.ln_bias.len())?;
+        check_len("eta", c_out, self.eta.len())
+    }
+}
+
+/// What [`forward`] saves for [`backward`], all `f32` on the device, tied to the config
+/// it was computed for: the inverse norms `r_w` `(O,)` and `r_x` `(N, G', H', W')`, the
+/// norms `‖W[o]‖` and `‖P‖` (for `∂r/∂v = −r²·v/‖v‖`), and the term-B statistics
+/// `ν`, `m̂` `(N, O)` and `rstd` `(N,)`.
+#[derive(Debug, Clone)]
+pub struct IieuDeviceSaved {
+    cfg: IieuConfig,
+    r_w: CudaSlice<f32>,
+    w_norm: CudaSlice<f32>,
+    r_x: CudaSlice<f32>,
+    x_norm: CudaSlice<f32>,
+    nu: CudaSlice<f32>,
+    m_hat: CudaSlice<f32>,
+    rstd: CudaSlice<f32>,
+}
+
+impl IieuDeviceSaved {
+    /// The config the state was computed for.
+    pub fn config(&self) -> &IieuConfig {
+        &self.cfg
+    }
+    /// Filter inverse norms `r_w`, `(O,)`.
+    pub fn r_w(&self) -> &CudaSlice<f32> {
+        &self.r_w
+    }
+    /// Patch inverse norms `r_x`, `(N, G', H', W')`.
+    pub fn r_x(&self) -> &CudaSlice<f32> {
+        &self.r_x
+    }
+    /// term-B shift `ν[n, o] = σ(γ̇·m̂ + β̇)`, `(N, O)`.
+    pub fn nu(&self) -> &CudaSlice<f32> {
+        &self.nu
+    }
+    /// LayerNorm-ed GAP `m̂[n, o]`, `(N, O)`.
+    pub fn m_hat(&self) -> &CudaSlice<f32> {
+        &self.m_hat
+    }
+}
+
+/// Gradients of every input and parameter of an IIEU on the device.
+#[derive(Debug)]
+pub struct IieuDeviceGrads<T> {
+    /// `∂L/∂x`, `(N, O, H', W')`, dtype `T`.
+    pub dx: CudaSlice<T>,
+    /// `∂L/∂x_pre`, `(N, C, H, W)` (through `r_x`), dtype `T`.
+    pub dx_pre: CudaSlice<T>,
+    /// `∂L/∂W`, `(O, C/g, KH, KW)` (through `r_w`), dtype `T`.
+    pub dw: CudaSlice<T>,
+    /// `∂L/∂γ̇`, `(O,)`, f32.
+    pub d_ln_weight: CudaSlice<f32>,
+    /// `∂L/∂β̇`, `(O,)`, f32.
+    pub d_ln_bias: CudaSlice<f32>,
+    /// `∂L/∂η`, `(O,)`, f32.
+    pub d_eta: CudaSlice<f32>,
+}
+
+// ------------------------------------------------------------------------------------
+// Internal: validated dimensions
+
+struct Dims {
+    g: IieuGeom,
+    n: usize,
+    o: usize,
+    plane_out: usize,
+    x_len: usize,
+    x_pre_len: usize,
+    w_len: usize,
+    rx_len: usize,
+    q_len: usize,
+}
+
+fn fits_i32(what: &'static str, v: Option<usize>) -> Result<i32> {
+    match v {
+        Some(v) => to_i32(what, v),
+        None => Err(Error::Shape {
+            what,
+            msg: "size overflows usize".into(),
+        }),
+    }
+}
+
+impl Dims {
+    fn new(cfg: &IieuConfig) -> Result<Self> {
+        let (oh, ow) = cfg.validate()?;
+        let geo = &cfg.geometry;
+        let gp = cfg.patch_groups();
+        let (dh, dw) = match cfg.patch_norm {
+            PatchNorm::PerGroup => geo.dilation,
+            PatchNorm::AllChannels => (1, 1),
+        };
+        let w_per = geo
+            .cin_per_group()
+            .checked_mul(geo.kh)
+            .and_then(|v| v.checked_mul(geo.kw));
+        let g = IieuGeom {
+            n: to_i32("batch N", geo.n)?,
+            c: to_i32("input channels C", geo.c_in)?,
+            h: to_i32("input height H", geo.h)?,
+            w: to_i32("input width W", geo.w)?,
+            o: to_i32("output channels O", geo.c_out)?,
+            oh: to_i32("output height H'", oh)?,
+            ow: to_i32("output width W'", ow)?,
+            kh: to_i32("kernel height KH", geo.kh)?,
+            kw: to_i32("kernel width KW", geo.kw)?,
+            sh: to_i32("stride", geo.stride.0)?,
+            sw: to_i32("stride", geo.stride.1)?,
+            ph: to_i32("padding", geo.padding.0)?,
+            pw: to_i32("padding", geo.padding.1)?,
+            dh: to_i32("dilation", dh)?,
+            dw: to_i32("dilation", dw)?,
+            gp: to_i32("groups", gp)?,
+            c_per: to_i32("channels per group", geo.c_in / gp)?,
+            o_per: to_i32("channels per group", geo.c_out / gp)?,
+            w_per: fits_i32("filter size C/g·KH·KW", w_per)?,
+            mode: match cfg.patch_norm {
+                PatchNorm::PerGroup => 0,
+                PatchNorm::AllChannels => 1,
+            },
+        };
+        // Per-axis kernel index arithmetic stays within i32.
+        let pad = |v: usize| v.checked_mul(2);
+        fits_i32(
+            "padded height",
+            pad(geo.padding.0).and_then(|p| p.checked_add(geo.h)),
+        )?;
+        fits_i32(
+            "padded width",
+            pad(geo.padding.1).and_then(|p| p.checked_add(geo.w)),
+        )?;
+        fits_i32(
+            "dilated kernel height",
+            geo.dilation.0.checked_mul(geo.kh - 1),
+        )?;
+        fits_i32(
+            "dilated kernel width",
+            geo.dilation.1.checked_mul(geo.kw - 1),
+        )?;
+        fits_i32("input plane H·W", geo.h.checked_mul(geo.w))?;
+        fits_i32("output plane H'·W'", oh.checked_mul(ow))?;
+        // Every length below is bounded by a tensor size validate() proved finite.
+        let plane_out = oh * ow;
+        let plane_in = geo.h * geo.w;
+        Ok(Self {
+            g,
+            n: geo.n,
+            o: geo.c_out,
+            plane_out,
+            x_len: geo.n * geo.c_out * plane_out,
+            x_pre_len: geo.n * geo.c_in * plane_in,
+            w_len: geo.c_out * geo.cin_per_group() * geo.kh * geo.kw,
+            rx_len: geo.n * gp * plane_out,
+            q_len: geo.n * gp * plane_in,
+        })
+    }
+}
+
+/// Values per 128-bit access of `T` (the kernels' vector width).
+fn vec_width<T>() -> usize {
+    16 / std::mem::size_of::<T>()
+}
+
+/// Grid-stride elementwise launch over `work` items (vectorised by `vec`).
+fn elementwise(work: usize, vec: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid_for(work, BLOCK as usize * vec), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per item (grid-stride over `items`), `per_item` elements reduced by each
+/// block: the block is sized to the work (a multiple of 32, at most [`BLOCK`]).
+fn per_block(items: usize, per_item: usize) -> LaunchConfig {
+    let threads = (per_item.div_ceil(32) * 32).clamp(32, BLOCK as usize) as u32;
+    LaunchConfig {
+        grid_dim: (items.clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A device buffer every element of which the next kernel writes before any read.
+fn scratch<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: callers pass it only as a kernel output that writes all `len` elements
+    // (documented at each launch) before anything reads it.
+    Ok(unsafe { stream.alloc::<T>(len) }?)
+}
+
+fn check_saved(d: &Dims, cfg: &IieuConfig, saved: &IieuDeviceSaved) -> Result<()> {
+    if saved.cfg != *cfg {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: format!(
+                "state was computed for {:?}, backward called with {:?}",
+                saved.cfg, cfg
+            ),
+        });
+    }
+    let consistent = saved.r_w.len() == d.o
+        && saved.w_norm.len() == d.o
+        && saved.r_x.len() == d.rx_len
+        && saved.x_norm.len() == d.rx_len
+        && saved.nu.len() == d.n * d.o
+        && saved.m_hat.len() == d.n * d.o
+        && saved.rstd.len() == d.n;
+    if consistent {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            what: "saved",
+            msg: "saved state buffers do not match the config".into(),
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Launch helpers (validated dims only)
+
+/// `(r_w, ‖W‖)`.
+fn launch_filter_norm<T: DType>(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    d: &Dims,
+    w: &impl DeviceInput<T>,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let f = k.function(&format!("iieu_filter_norm_{}", T::NAME))?;
+    let mut r_w = scratch::<f32>(stream, d.o)?;
+    let mut w_norm = scratch::<f32>(stream, d.o)?;
+    let wv = w.view();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&wv).arg(&mut r_w).arg(&mut w_norm).arg(&d.g);
+    // SAFETY: blocks grid-stride over o < O; each reads w[o·w_per .. (o+1)·w_per)
+    // (w.len() = O·w_per was validated) and writes r_w[o], w_norm[o] (length O).
+    unsafe { b.launch(per_block(d.o, d.g.w_per as usize)) }?;
+    Ok((r_w, w_norm))
+}
+
+/// `(r_x, ‖P‖)`: q = Σ_c x_pre² per patch plane, then the window sum.
+fn launch_patch_norm<T: DType>(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    d: &Dims,
+    x_pre: &impl DeviceInput<T>,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    let f_sq = k.function(&format!("iieu_patch_sq_{}", T::NAME))?;
+    let f_win = k.function("iieu_patch_window")?;
+    let mut q = scratch::<f32>(stream, d.q_len)?;
+    let xv = x_pre.view();
+    let mut b = stream.launch_builder(&f_sq);
+    b.arg(&xv).arg(&mut q).arg(&d.g);
+    // SAFETY: threads cover e < N·G'·H·W (= q.len(), every element written); they read
+    // x_pre[(t·c_per + c)·HW + pix] < N·C·H·W = x_pre.len() (validated).
+    unsafe { b.launch(elementwise(d.q_len, vec_width::<T>())) }?;
+    let mut r_x = scratch::<f32>(stream, d.rx_len)?;
+    let mut x_norm = scratch::<f32>(stream, d.rx_len)?;
+    let mut b = stream.launch_builder(&f_win);
+    b.arg(&q).arg(&mut x_norm).arg(&mut r_x).arg(&d.g);
+    // SAFETY: threads cover e < N·G'·H'·W' (= r_x.len() = x_norm.len()); q is read at
+    // t·HW + hi·W + wi with 0 ≤ hi < H, 0 ≤ wi < W checked in the kernel.
+    unsafe { b.launch(elementwise(d.rx_len, 1)) }?;
+    Ok((r_x, x_norm))
+}
+
+// ------------------------------------------------------------------------------------
+// Public API
+
+/// Filter inverse norms `r_w[o] = 1/(‖W[o]‖₂ + EPS)` over the `C/g·KH·KW` entries of
+/// each filter, `(O,)`, as f32 (see [`crate::cpu::iieu::filter_inv_norm`]). One block
+/// per filter, f32 accumulation.
+///
+/// Errors: invalid geometry ([`Error::Geometry`] / [`Error::Empty`] / [`Error::Shape`]
+/// for i32 overflow), wrong `w` length ([`Error::LengthMismatch`]), driver errors
+/// ([`Error::Driver`]).
+pub fn filter_inv_norm<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &IieuConfig,
+    w: &impl DeviceInput<T>,
+) -> Result<CudaSlice<f32>> {
+    let d = Dims::new(cfg)?;
+    check_len("w", d.w_len, w.view().len())?;
+    let k = Kernels::get(stream.context())?;
+    Ok(launch_filter_norm(stream, &k, &d, w)?.0)
+}
+
+/// Patch inverse norms `r_x[n, grp, h', w'] = 1/(‖P‖₂ + EPS)`, `(N, G', H', W')`, as
+/// f32 (see [`crate::cpu::iieu::patch_inv_norm`] and [`PatchNorm`] for which channels
+/// and taps `P` covers). Two kernels: `q = Σ_{c∈grp} x_pre²` per pixel, then a KH×KW
+/// strided/dilated window sum of `q` with zero padding — never a convolution.
+///
+/// Errors: as [`filter_inv_norm`], for `x_pre`.
+pub fn patch_inv_norm<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &IieuConfig,
+    x_pre: &impl DeviceInput<T>,
+) -> Result<CudaSlice<f32>> {
+    let d = Dims::new(cfg)?;
+    check_len("x_pre", d.x_pre_len, x_pre.view().len())?;
+    let k = Kernels::get(stream.context())?;
+    Ok(launch_patch_norm(stream, &k, &d, x_pre)?.0)
+}
+
+/// IIEU-B forward (see [`crate::cpu::iieu::forward`] for the full definition):
+/// `y = ς(ρ̂)·x`, `ρ̂ = x·r_w[o]·r_x[n,grp(o),h',w'] + ν[n,o]`,
+/// `ν = σ(γ̇·LayerNorm_o(GAP(x)) + β̇)`, `ς(ρ̂) = ρ̂` if `ρ̂ ≥ η[o]` (ties: upper
+/// branch), else `η·exp(ρ̂ − η)`.
+///
+/// `x`: `(N, O, H', W')`, `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`, all `T`;
+/// `params`: f32 `(O,)` each. Returns `y` (`T`, `(N, O, H', W')`) and the f32 state
+/// [`backward`] needs ([`IieuDeviceSaved`]: `r_w`, `‖W‖`, `r_x`, `‖P‖`, `ν`, `m̂`,
+/// `rstd`). Six launches: filter norms, patch squares, patch window sums, GAP,
+/// LayerNorm + sigmoid, and the elementwise adjuster (128-bit when `H'·W'` allows).
+///
+/// Errors: invalid geometry; any buffer or parameter of the wrong length
+/// ([`Error::LengthMismatch`]); driver errors.
+pub fn forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &IieuConfig,
+    x: &impl DeviceInput<T>,
+    x_pre: &impl DeviceInput<T>,
+    w: &impl DeviceInput<T>,
+    params: &IieuDeviceParams,
+) -> Result<(CudaSlice<T>, IieuDeviceSaved)> {
+    let d = Dims::new(cfg)?;
+    check_len("x", d.x_len, x.view().len())?;
+    check_len("x_pre", d.x_pre_len, x_pre.view().len())?;
+    check_len("w", d.w_len, w.view().len())?;
+    params.check(d.o)?;
+
+    let k = Kernels::get(stream.context())?;
+    let (r_w, w_norm) = launch_filter_norm(stream, &k, &d, w)?;
+    let (r_x, x_norm) = launch_patch_norm(stream, &k, &d, x_pre)?;
+    let xv = x.view();
+    let no = d.n * d.o;
+
+    // term-B: GAP per (n,o) plane.
+    let mut m = scratch::<f32>(stream, no)?;
+    let f = k.function(&format!("iieu_gap_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xv).arg(&mut m).arg(&d.g);
+    // SAFETY: blocks grid-stride over planes pl < N·O, reading x[pl·P .. (pl+1)·P)
+    // (x.len() = N·O·P validated) and writing m[pl] (m.len() = N·O).
+    unsafe { b.launch(per_block(no, d.plane_out / vec_width::<T>())) }?;
+
+    // LayerNorm over O per sample, then ν.
+    let mut m_hat = scratch::<f32>(stream, no)?;
+    let mut rstd = scratch::<f32>(stream, d.n)?;
+    let mut nu = scratch::<f32>(stream, no)?;
+    let f = k.function("iieu_ln_fwd")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&m)
+        .arg(&params.ln_weight)
+        .arg(&params.ln_bias)
+        .arg(&mut m_hat)
+        .arg(&mut rstd)
+        .arg(&mut nu)
+        .arg(&d.g);
+    // SAFETY: blocks grid-stride over n < N; index n·O + o < N·O (m, m_hat, nu), o < O
+    // (params, lengths validated), n < N (rstd). Every m_hat, nu, rstd entry is written.
+    unsafe { b.launch(per_block(d.n, d.o)) }?;
+
+    // Adjuster.
+    let mut y = scratch::<T>(stream, d.x_len)?;
+    let f = k.function(&format!("iieu_fwd_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xv)
+        .arg(&r_w)
+        .arg(&r_x)
+        .arg(&nu)
+        .arg(&params.eta)
+        .arg(&mut y)
+        .arg(&d.g);
+    // SAFETY: threads cover e < N·O·P = x.len() = y.len() (every y written); r_x is
+    // read at (n·G' + o/o_per)·P + p < N·G'·P, r_w/eta at o < O, nu at n·O + o < N·O.
+    unsafe { b.launch(elementwise(d.x_len, vec_width::<T>())) }?;
+
+    Ok((
+        y,
+        IieuDeviceSaved {
+            cfg: *cfg,
+            r_w,
+            w_norm,
+            r_x,
+            x_norm,
+            nu,
+            m_hat,
+            rstd,
+        },
+    ))
+}
+
+/// IIEU-B backward (SPEC §1.4; see [`crate::cpu::iieu::backward`]), back-propagating
+/// through `r_x` and `r_w`. With `g = dy·∂y/∂ρ̂` (`x` on the upper branch,
+/// `η·exp(ρ̂−η)·x` on the lower):
+/// * `dx = dy·ς(ρ̂) + g·r_w·r_x + dm[n,o]/(H'·W')`;
+/// * `dz = ν(1−ν)·Σ_{h',w'} g`, `dm` = LayerNorm backward of `γ̇·dz`,
+///   `dγ̇ = Σ_n dz·m̂`, `dβ̇ = Σ_n dz`, `dη = Σ dy·x·exp(ρ̂−η)·(1−η)` (lower branch);
+/// * `dr_x = Σ_{o∈grp} g·x·r_w[o]`, `dx_pre = x_pre·Σ_{windows ∋ tap} dr_x·(−r_x²/‖P‖)`
+///   (a gather over the windows, no atomics); `dr_w = Σ g·x·r_x`,
+///   `dW = dr_w·(−r_w²/‖W‖)·W`.
+///
+/// `ρ̂` is recomputed from the saved f32 `r_w`, `r_x`, `ν` by the same expression as in
+/// [`forward`], so every element takes the forward's branch. Parameter gradients are
+/// two-stage (per-(n,o) partials, then a fixed-order reduction over `n` per channel).
+/// Five launches: per-plane sums, LayerNorm backward, parameter gradients + `dW`,
+/// `dx` + patch coefficients, `dx_pre`.
+///
+/// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and a
+/// `saved` from a different config ([`Error::Shape`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &IieuConfig,
+    dy: &impl DeviceInput<T>,
+    x: &impl DeviceInput<T>,
+    x_pre: &impl DeviceInput<T>,
+    w: &impl DeviceInput<T>,
+    params: &IieuDeviceParams,
+    saved: &IieuDeviceSaved,
+) -> Result<IieuDeviceGrads<T>> {
+    let d = Dims::new(cfg)?;
+    check_len("dy", d.x_len, dy.view().len())?;
+    check_len("x", d.x_len, x.view().len())?;
+    check_len("x_pre", d.x_pre_len, x_pre.view().len())?;
+    check_len("w", d.w_len, w.view().len())?;
+    params.check(d.o)?;
+    check_saved(&d, cfg, saved)?;
+
+    let k = Kernels::get(stream.context())?;
+    let (dyv, xv, xpv, wv) = (dy.view(), x.view(), x_pre.view(), w.view());
+    let no = d.n * d.o;
+    let s = saved;
+
+    // Stage 1: per-(n,o) [Σg, Σ g·x·r_x, Σ dη-term].
+    let mut part = scratch::<f32>(stream, 3 * no)?;
+    let f = k.function(&format!("iieu_bwd_sums_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&dyv)
+        .arg(&xv)
+        .arg(&s.r_w)
+        .arg(&s.r_x)
+        .arg(&s.nu)
+        .arg(&params.eta)
+        .arg(&mut part)
+        .arg(&d.g);
+    // SAFETY: blocks grid-stride over planes no < N·O, reading dy/x[no·P .. (no+1)·P)
+    // (lengths N·O·P validated), r_x[(n·G'+grp)·P + p] (saved length N·G'·P checked),
+    // r_w/eta at o < O, nu at no; writing part[3·no .. 3·no+3) (length 3·N·O).
+    unsafe { b.launch(per_block(no, d.plane_out / vec_width::<T>())) }?;
+
+    // term-B backward per sample.
+    let mut dz = scratch::<f32>(stream, no)?;
+    let mut dm = scratch::<f32>(stream, no)?;
+    let f = k.function("iieu_ln_bwd")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&part)
+        .arg(&s.nu)
+        .arg(&params.ln_weight)
+        .arg(&s.m_hat)
+        .arg(&s.rstd)
+        .arg(&mut dz)
+        .arg(&mut dm)
+        .arg(&d.g);
+    // SAFETY: blocks grid-stride over n < N; indices n·O + o < N·O (part ×3, nu, m_hat,
+    // dz, dm — every dz/dm entry written), o < O (ln_weight), n < N (rstd).
+    unsafe { b.launch(per_block(d.n, d.o)) }?;
+
+    // Stage 2: parameter gradients and dW, one block per filter.
+    let mut d_gamma = scratch::<f32>(stream, d.o)?;
+    let mut d_beta = scratch::<f32>(stream, d.o)?;
+    let mut d_eta = scratch::<f32>(stream, d.o)?;
+    let mut dw = scratch::<T>(stream, d.w_len)?;
+    let f = k.function(&format!("iieu_bwd_params_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&wv)
+        .arg(&part)
+        .arg(&dz)
+        .arg(&s.m_hat)
+        .arg(&s.r_w)
+        .arg(&s.w_norm)
+        .arg(&mut d_gamma)
+        .arg(&mut d_beta)
+        .arg(&mut d_eta)
+        .arg(&mut dw)
+        .arg(&d.g);
+    // SAFETY: blocks grid-stride over o < O; they read n·O + o < N·O (dz, m_hat, part
+    // ×3), o < O (r_w, w_norm), w[o·w_per + i] < O·w_per = w.len(); they write
+    // d_*[o] (length O) and all of dw[o·w_per .. (o+1)·w_per) (length O·w_per).
+    unsafe { b.launch(per_block(d.o, d.n.max(d.g.w_per as usize))) }?;
+
+    // dx and the patch-norm coefficients.
+    let mut dx = scratch::<T>(stream, d.x_len)?;
+    let mut coef = scratch::<f32>(stream, d.rx_len)?;
+    let f = k.function(&format!("iieu_bwd_dx_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&dyv)
+        .arg(&xv)
+        .arg(&s.r_w)
+        .arg(&s.r_x)
+        .arg(&s.x_norm)
+        .arg(&s.nu)
+        .arg(&params.eta)
+        .arg(&dm)
+        .arg(&mut dx)
+        .arg(&mut coef)
+        .arg(&d.g);
+    // SAFETY: threads cover e = (n·G' + grp)·P + p < N·G'·P (r_x, x_norm, coef — every
+    // coef written); for each o in the group's O/G' channels they read/write
+    // (n·O + o)·P + p < N·O·P (dy, x, dx — together every dx element) and o < O, n·O + o.
+    unsafe { b.launch(elementwise(d.rx_len, vec_width::<T>())) }?;
+
+    // dx_pre: gather over windows.
+    let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
+    let f = k.function(&format!("iieu_bwd_dxpre_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xpv).arg(&coef).arg(&mut dx_pre).arg(&d.g);
+    // SAFETY: threads cover e = (n·G' + grp)·HW + pix < N·G'·HW; for each of the C/G'
+    // channels they read/write (t·c_per + c)·HW + pix < N·C·HW (x_pre, dx_pre — every
+    // element written); coef is read at t·P + ho·W' + wo with ho < H', wo < W' checked.
+    unsafe { b.launch(elementwise(d.q_len, vec_width::<T>())) }?;
+
+    Ok(IieuDeviceGrads {
+        dx,
+        dx_pre,
+        dw,
+        d_ln_weight: d_gamma,
+        d_ln_bias: d_beta,
+        d_eta,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Conv2dGeometry;
+
+    #[test]
+    fn dims_of_grouped_and_all_channels() {
+        let geo = Conv2dGeometry::new(2, 4, 5, 7, 6, 3, 3)
+            .with_groups(2)
+            .with_padding(1, 1)
+            .with_dilation(2, 1);
+        let d = Dims::new(&IieuConfig::new(geo)).unwrap();
+        assert_eq!((d.g.gp, d.g.c_per, d.g.o_per, d.g.w_per), (2, 2, 3, 18));
+        assert_eq!((d.g.dh, d.g.dw, d.g.mode), (2, 1, 0));
+        let d = Dims::new(&IieuConfig::new(geo).with_patch_norm(PatchNorm::AllChannels)).unwrap();
+        assert_eq!((d.g.gp, d.g.c_per, d.g.o_per), (1, 4, 6));
+        assert_eq!((d.g.dh, d.g.dw, d.g.mode), (1, 1, 1));
+        assert_eq!((d.rx_len, d.q_len), (2 * d.plane_out, 2 * 35));
+    }
+
+    #[test]
+    fn i32_overflow_is_a_shape_error() {
+        let geo = Conv2dGeometry::new(1, 1, 1, 1, 1, 1, 1).with_padding(1 << 31, 0);
+        assert!(matches!(
+            Dims::new(&IieuConfig::new(geo)),
+            Err(Error::Shape { .. })
+        ));
+    }
+}

@@ -1,0 +1,537 @@
+//! GPU parity of IIEU-B (src/cuda/iieu.rs, kernels/iieu.cu) against the CPU reference
+//! (`cpu::iieu` evaluated in f64 on the SAME dtype-rounded inputs and f32-rounded
+//! parameters): forward output, all six gradients, and the two inverse-norm helpers,
+//! for f32 / f16 / bf16, both patch-norm modes, over nine geometries (batch 1 and 3,
+//! odd spatial sizes, stride 2 + padding, dilation 2, groups 2, depthwise, 1×1, 3×1,
+//! a combined grouped/strided/dilated/asymmetric one). The geometries mix plane sizes
+//! that allow the kernels' 128-bit paths (H'·W' and H·W multiples of 4 or 8) and
+//! ragged ones (15, 35) that force the scalar paths; one case also passes offset
+//! (misaligned) views so the scalar path runs on vector-friendly shapes.
+//!
+//! Every GPU computation runs under `Gpu::check_schedules` (bitwise identical under
+//! four thread orders, no leaked allocation), and backward is run twice inside it and
+//! required to give identical bits.
+//!
+//! Kink: the adjuster switches branch at ρ̂ = η. η[o] is put in a gap of channel o's
+//! reference ρ̂ values so every element is at least `margin = 2·u_T·max(1, max|ρ̂|)`
+//! away from η (asserted; u_T = unit roundoff of the storage dtype, with 2^-13 as the
+//! floor for f32), far more than the f32-vs-f64 difference of the device's ρ̂ — so
+//! device and reference take the same branch everywhere, by construction.
+//!
+//! Tolerances, |gpu − ref| ≤ u_T·|ref_i| + r·max|ref| per element:
+//! * u_T: storage rounding of the dtype's outputs (y, dx, dx_pre, dW are computed in
+//!   f32 and rounded once to T: at most half an ulp = u_T·|v|): 2^-11 f16, 2^-8 bf16,
+//!   0 for f32 (its rounding is inside the f32 term).
+//! * r = 1e-5 for the tensors: f32 arithmetic and accumulation (norms over ≤ 36
+//!   squares, window sums, GAP over ≤ 60 elements, group gathers) vs f64 — a few
+//!   hundred f32 ulps of the tensor's largest entry at most.
+//! * r = 1e-4 for the f32 parameter gradients (dγ̇, dβ̇, dη): reductions over N·H'·W'
+//!   elements followed by the LayerNorm backward, whose mean subtractions cancel.
+#![cfg(any(feature = "cuda", feature = "emulate"))]
+
+mod common;
+#[path = "iieu_naive.rs"]
+mod naive;
+
+use std::sync::Arc;
+
+use activation_kernels::cpu::iieu::{self as cpu, IieuConfig, IieuParams, PatchNorm};
+use activation_kernels::cuda::iieu::{self as gpu, IieuDeviceParams};
+use activation_kernels::cuda::{CudaStream, DType};
+use activation_kernels::{Conv2dGeometry, Error};
+use common::device::gpu as open_gpu;
+use common::{randn, rng, uniform};
+use rand::Rng;
+
+/// Storage rounding and unit roundoff of each dtype.
+trait Storage: DType {
+    /// Unit roundoff of the storage format (0 for f32: covered by the f32 term).
+    const U: f64;
+    /// Unit roundoff used for the η margin.
+    const MARGIN_U: f64;
+}
+impl Storage for f32 {
+    const U: f64 = 0.0;
+    const MARGIN_U: f64 = 1.0 / 8192.0; // 2^-13
+}
+impl Storage for half::f16 {
+    const U: f64 = 1.0 / 2048.0; // 2^-11
+    const MARGIN_U: f64 = 1.0 / 2048.0;
+}
+impl Storage for half::bf16 {
+    const U: f64 = 1.0 / 256.0; // 2^-8
+    const MARGIN_U: f64 = 1.0 / 256.0;
+}
+
+fn to_t<T: DType>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|&a| T::from_f32(a as f32)).collect()
+}
+fn to_f64<T: DType>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|a| a.to_f32() as f64).collect()
+}
+fn bits<T: DType>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|a| a.to_f32().to_bits()).collect()
+}
+fn f32_round(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&a| a as f32 as f64).collect()
+}
+
+/// A case in storage dtype T, with the f64 values of exactly what the device sees.
+struct Case<T> {
+    cfg: IieuConfig,
+    x: Vec<T>,
+    x_pre: Vec<T>,
+    w: Vec<T>,
+    dy: Vec<T>,
+    /// f32 parameters (what the device gets).
+    p32: IieuParams<f32>,
+    /// The same values in f64 for the reference.
+    p64: IieuParams<f64>,
+}
+
+impl<T: Storage> Case<T> {
+    fn new(geo: Conv2dGeometry, mode: PatchNorm, seed: u64) -> Self {
+        let cfg = IieuConfig::new(geo).with_patch_norm(mode);
+        let (oh, ow) = geo.validate().unwrap();
+        let plane = oh * ow;
+        let mut r = rng(seed);
+        let x_pre = to_t::<T>(&randn(&mut r, geo.input_len()));
+        let w = to_t::<T>(&randn(&mut r, geo.weight_len()));
+        let noise = randn(&mut r, geo.n * geo.c_out * plane);
+        // x = conv(x_pre, W) + noise (in the rounded inputs): s is O(1).
+        let x64: Vec<f64> = naive::conv(&geo, &to_f64(&x_pre), &to_f64(&w))
+            .iter()
+            .zip(&noise)
+            .map(|(a, b)| a + 0.5 * b)
+            .collect();
+        let x = to_t::<T>(&x64);
+        let gamma: Vec<f64> = (0..geo.c_out)
+            .map(|_| {
+                let m: f64 = r.gen_range(0.5..2.0);
+                if r.gen_bool(0.5) {
+                    m
+                } else {
+                    -m
+                }
+            })
+            .collect();
+        let gamma = f32_round(&gamma);
+        let beta = f32_round(&uniform(&mut r, geo.c_out, -0.5, 0.5));
+        let (x64, xp64, w64) = (to_f64(&x), to_f64(&x_pre), to_f64(&w));
+        let rho = naive::rho(&cfg, &x64, &xp64, &w64, &gamma, &beta);
+        let rmax = rho.iter().fold(1.0f64, |a, v| a.max(v.abs()));
+        let margin = 2.0 * T::MARGIN_U * rmax;
+        let eta = f32_round(&naive::choose_eta(&rho, geo.n, geo.c_out, plane, margin));
+        let (lower, gap) = naive::branch_stats(&rho, &eta, plane);
+        assert!(
+            gap > margin,
+            "an element is within {gap} (< {margin}) of η: branch not robust"
+        );
+        assert!(
+            (0.1..=0.9).contains(&lower),
+            "lower-branch share {lower} not balanced"
+        );
+        let dy = to_t::<T>(&randn(&mut r, x.len()));
+        let p64 = IieuParams {
+            ln_weight: gamma,
+            ln_bias: beta,
+            eta,
+        };
+        let p32 = IieuParams {
+            ln_weight: p64.ln_weight.iter().map(|&v| v as f32).collect(),
+            ln_bias: p64.ln_bias.iter().map(|&v| v as f32).collect(),
+            eta: p64.eta.iter().map(|&v| v as f32).collect(),
+        };
+        Self {
+            cfg,
+            x,
+            x_pre,
+            w,
+            dy,
+            p32,
+            p64,
+        }
+    }
+}
+
+/// Per-element check |got − want| ≤ u·|want_i| + r·max|want|.
+fn assert_parity(name: &str, got: &[f64], want: &[f64], u: f64, r: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let max = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    assert!(max > 0.0, "{name}: reference is identically zero");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = u * w.abs() + r * max;
+        let err = (g - w).abs();
+        assert!(
+            err <= tol,
+            "{name}[{i}]: gpu {g} vs ref {w} (err {err:.3e} > tol {tol:.3e}, max|ref| {max:.3e})"
+        );
+    }
+}
+
+/// Device outputs, as f64 plus the bit patterns used for the determinism checks.
+#[derive(Debug, PartialEq)]
+struct Out {
+    bits: Vec<Vec<u32>>,
+}
+
+fn upload<T: DType>(s: &Arc<CudaStream>, v: &[T], offset: usize) -> cudarc::driver::CudaSlice<T> {
+    // With an offset, the data starts `offset` elements into the buffer (a view of it
+    // is then not 16-byte aligned for offset not a multiple of 16/sizeof(T)).
+    let mut buf = vec![T::default(); offset];
+    buf.extend_from_slice(v);
+    s.clone_htod(&buf).unwrap()
+}
+
+/// Runs forward + backward (twice) on the device; returns [y, r_x, r_w, dx, dx_pre,
+/// dw, dγ̇, dβ̇, dη] as f64 and the bit patterns.
+fn run_device<T: Storage>(
+    stream: &Arc<CudaStream>,
+    c: &Case<T>,
+    offset: usize,
+) -> (Vec<Vec<f64>>, Out) {
+    let x = upload(stream, &c.x, offset);
+    let xp = upload(stream, &c.x_pre, offset);
+    let w = upload(stream, &c.w, offset);
+    let dy = upload(stream, &c.dy, offset);
+    let (xv, xpv, wv, dyv) = (
+        x.slice(offset..),
+        xp.slice(offset..),
+        w.slice(offset..),
+        dy.slice(offset..),
+    );
+    let params = IieuDeviceParams::from_host(stream, &c.p32).unwrap();
+    let (y, saved) = gpu::forward(stream, &c.cfg, &xv, &xpv, &wv, &params).unwrap();
+    let rx = gpu::patch_inv_norm(stream, &c.cfg, &xpv).unwrap();
+    let rw = gpu::filter_inv_norm(stream, &c.cfg, &wv).unwrap();
+    let g1 = gpu::backward(stream, &c.cfg, &dyv, &xv, &xpv, &wv, &params, &saved).unwrap();
+    let g2 = gpu::backward(stream, &c.cfg, &dyv, &xv, &xpv, &wv, &params, &saved).unwrap();
+    let h = |s: &cudarc::driver::CudaSlice<T>| stream.clone_dtoh(s).unwrap();
+    let hf = |s: &cudarc::driver::CudaSlice<f32>| stream.clone_dtoh(s).unwrap();
+    let grads = |g: &gpu::IieuDeviceGrads<T>| {
+        (
+            h(&g.dx),
+            h(&g.dx_pre),
+            h(&g.dw),
+            hf(&g.d_ln_weight),
+            hf(&g.d_ln_bias),
+            hf(&g.d_eta),
+        )
+    };
+    let (a, b) = (grads(&g1), grads(&g2));
+    assert!(
+        bits(&a.0) == bits(&b.0)
+            && bits(&a.1) == bits(&b.1)
+            && bits(&a.2) == bits(&b.2)
+            && bits(&a.3) == bits(&b.3)
+            && bits(&a.4) == bits(&b.4)
+            && bits(&a.5) == bits(&b.5),
+        "backward twice gave different bits"
+    );
+    // Saved r_x / r_w equal the standalone helpers bit for bit.
+    assert_eq!(bits(&hf(saved.r_x())), bits(&hf(&rx)));
+    assert_eq!(bits(&hf(saved.r_w())), bits(&hf(&rw)));
+    let y = h(&y);
+    let (rx, rw) = (hf(&rx), hf(&rw));
+    let vals = vec![
+        to_f64(&y),
+        to_f64(&rx),
+        to_f64(&rw),
+        to_f64(&a.0),
+        to_f64(&a.1),
+        to_f64(&a.2),
+        to_f64(&a.3),
+        to_f64(&a.4),
+        to_f64(&a.5),
+    ];
+    let out = Out {
+        bits: vec![
+            bits(&y),
+            bits(&rx),
+            bits(&rw),
+            bits(&a.0),
+            bits(&a.1),
+            bits(&a.2),
+            bits(&a.3),
+            bits(&a.4),
+            bits(&a.5),
+        ],
+    };
+    (vals, out)
+}
+
+fn parity_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64, offset: usize) {
+    let Some(dev) = open_gpu() else { return };
+    let c = Case::<T>::new(geo, mode, seed);
+    let stream = dev.ctx.default_stream();
+    let vals = std::cell::RefCell::new(Vec::new());
+    dev.check_schedules(|| {
+        let (v, out) = run_device(&stream, &c, offset);
+        *vals.borrow_mut() = v;
+        out
+    });
+    let got = vals.into_inner();
+
+    // Reference: f64 on the same rounded inputs and parameters.
+    let (x, xp, w, dy) = (to_f64(&c.x), to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let (y, saved) = cpu::forward(&c.cfg, &x, &xp, &w, &c.p64).unwrap();
+    let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
+    let tag = |s: &str| format!("{} {mode:?} {geo:?} offset {offset}: {s}", T::NAME);
+    let u = T::U;
+    assert_parity(&tag("y"), &got[0], &y, u, 1e-5);
+    // r_x, r_w are f32 on the device whatever T is.
+    assert_parity(&tag("r_x"), &got[1], saved.r_x(), 0.0, 1e-5);
+    assert_parity(&tag("r_w"), &got[2], saved.r_w(), 0.0, 1e-5);
+    assert_parity(&tag("dx"), &got[3], &g.dx, u, 1e-5);
+    assert_parity(&tag("dx_pre"), &got[4], &g.dx_pre, u, 1e-5);
+    assert_parity(&tag("dw"), &got[5], &g.dw, u, 1e-5);
+    assert_parity(&tag("d_ln_weight"), &got[6], &g.d_ln_weight, 0.0, 1e-4);
+    assert_parity(&tag("d_ln_bias"), &got[7], &g.d_ln_bias, 0.0, 1e-4);
+    assert_parity(&tag("d_eta"), &got[8], &g.d_eta, 0.0, 1e-4);
+}
+
+/// Every dtype × both patch-norm modes.
+fn all(geo: Conv2dGeometry, seed: u64) {
+    for mode in [PatchNorm::PerGroup, PatchNorm::AllChannels] {
+        parity_case::<f32>(geo, mode, seed, 0);
+        parity_case::<half::f16>(geo, mode, seed, 0);
+        parity_case::<half::bf16>(geo, mode, seed, 0);
+    }
+}
+
+#[test]
+fn batch1_odd_spatial() {
+    // H'W' = 15, HW = 35: scalar paths.
+    all(Conv2dGeometry::new(1, 3, 5, 7, 4, 3, 3), 1);
+}
+
+#[test]
+fn batch3_padding1() {
+    // H'W' = HW = 60: f32 vector paths, f16/bf16 scalar.
+    all(
+        Conv2dGeometry::new(3, 3, 6, 10, 5, 3, 3).with_padding(1, 1),
+        2,
+    );
+}
+
+#[test]
+fn stride2_padding1() {
+    // 8×16 → 4×8: H'W' = 32, HW = 128: vector paths for every dtype.
+    all(
+        Conv2dGeometry::new(3, 3, 8, 16, 4, 3, 3)
+            .with_stride(2, 2)
+            .with_padding(1, 1),
+        3,
+    );
+}
+
+#[test]
+fn stride2_padding1_misaligned_views() {
+    // Same vector-friendly shape, but every tensor is a view starting 1 element into
+    // its buffer: the kernels must fall back to their scalar paths.
+    let geo = Conv2dGeometry::new(3, 3, 8, 16, 4, 3, 3)
+        .with_stride(2, 2)
+        .with_padding(1, 1);
+    parity_case::<f32>(geo, PatchNorm::PerGroup, 3, 1);
+    parity_case::<half::f16>(geo, PatchNorm::PerGroup, 3, 1);
+    parity_case::<half::bf16>(geo, PatchNorm::AllChannels, 3, 1);
+}
+
+#[test]
+fn dilation2() {
+    // 7×8 → 5×8 (H'W' = 40, HW = 56): vector paths for every dtype.
+    all(
+        Conv2dGeometry::new(2, 2, 7, 8, 3, 3, 3)
+            .with_dilation(2, 2)
+            .with_padding(1, 2),
+        5,
+    );
+}
+
+#[test]
+fn groups2() {
+    all(
+        Conv2dGeometry::new(3, 4, 5, 7, 6, 3, 3)
+            .with_groups(2)
+            .with_padding(1, 1),
+        6,
+    );
+}
+
+#[test]
+fn depthwise() {
+    // H'W' = HW = 48.
+    all(
+        Conv2dGeometry::new(2, 3, 6, 8, 3, 3, 3)
+            .with_groups(3)
+            .with_padding(1, 1),
+        7,
+    );
+}
+
+#[test]
+fn kernel_1x1() {
+    all(Conv2dGeometry::new(3, 3, 5, 7, 4, 1, 1), 8);
+}
+
+#[test]
+fn kernel_3x1() {
+    all(
+        Conv2dGeometry::new(2, 3, 5, 7, 3, 3, 1).with_padding(1, 0),
+        9,
+    );
+}
+
+#[test]
+fn combined_groups_stride_dilation_asymmetric() {
+    all(
+        Conv2dGeometry::new(2, 4, 9, 8, 4, 2, 3)
+            .with_groups(2)
+            .with_stride(2, 1)
+            .with_padding(1, 2)
+            .with_dilation(1, 2),
+        11,
+    );
+}
+
+// ------------------------------------------------------------------------------------
+// Bad input: every validation path returns its Err before any allocation or launch.
+
+fn bad_geo() -> Conv2dGeometry {
+    Conv2dGeometry::new(2, 4, 5, 6, 6, 3, 3)
+        .with_padding(1, 1)
+        .with_groups(2)
+}
+
+fn len_err<R>(r: Result<R, Error>, what: &str) {
+    match r {
+        Err(Error::LengthMismatch { what: w, .. }) => assert_eq!(w, what),
+        Err(e) => panic!("expected LengthMismatch({what}), got {e:?}"),
+        Ok(_) => panic!("expected LengthMismatch({what}), got Ok"),
+    }
+}
+
+#[cfg(feature = "emulate")]
+fn live() -> Option<i64> {
+    activation_kernels::emu::live_allocations()
+}
+#[cfg(not(feature = "emulate"))]
+fn live() -> Option<i64> {
+    None
+}
+
+#[test]
+fn bad_input() {
+    let Some(dev) = open_gpu() else { return };
+    let s = dev.ctx.default_stream();
+    let geo = bad_geo();
+    let cfg = IieuConfig::new(geo);
+    let (oh, ow) = geo.validate().unwrap();
+    let xl = geo.n * geo.c_out * oh * ow;
+    let f = |n: usize| s.clone_htod(&vec![0.5f32; n]).unwrap();
+    let (x, xp, w, dy) = (f(xl), f(geo.input_len()), f(geo.weight_len()), f(xl));
+    let (xs, xps, ws, dys) = (
+        f(xl - 1),
+        f(geo.input_len() + 1),
+        f(geo.weight_len() - 1),
+        f(xl + 3),
+    );
+    let p = IieuDeviceParams::init(&s, geo.c_out).unwrap();
+    let (_, saved) = gpu::forward(&s, &cfg, &x, &xp, &w, &p).unwrap();
+    let geo1 = Conv2dGeometry::new(1, 4, 5, 6, 6, 3, 3)
+        .with_padding(1, 1)
+        .with_groups(2);
+    let cfg1 = IieuConfig::new(geo1);
+    let x1 = f(xl / 2);
+    let xp1 = f(geo1.input_len());
+    let (_, saved1) = gpu::forward(&s, &cfg1, &x1, &xp1, &w, &p).unwrap();
+    let before = live();
+
+    // Lengths of each argument.
+    len_err(gpu::filter_inv_norm(&s, &cfg, &ws), "w");
+    len_err(gpu::patch_inv_norm(&s, &cfg, &xps), "x_pre");
+    len_err(gpu::forward(&s, &cfg, &xs, &xp, &w, &p), "x");
+    len_err(gpu::forward(&s, &cfg, &x, &xps, &w, &p), "x_pre");
+    len_err(gpu::forward(&s, &cfg, &x, &xp, &ws, &p), "w");
+    len_err(gpu::backward(&s, &cfg, &dys, &x, &xp, &w, &p, &saved), "dy");
+    len_err(gpu::backward(&s, &cfg, &dy, &xs, &xp, &w, &p, &saved), "x");
+    len_err(
+        gpu::backward(&s, &cfg, &dy, &x, &xps, &w, &p, &saved),
+        "x_pre",
+    );
+    len_err(gpu::backward(&s, &cfg, &dy, &x, &xp, &ws, &p, &saved), "w");
+    // A view is checked by its own length.
+    len_err(gpu::forward(&s, &cfg, &x.slice(1..), &xp, &w, &p), "x");
+
+    // Parameter lengths.
+    let short = |n: usize| s.clone_htod(&vec![0.0f32; n]).unwrap();
+    for (which, name) in [(0, "ln_weight"), (1, "ln_bias"), (2, "eta")] {
+        let mut q = p.clone();
+        match which {
+            0 => q.ln_weight = short(geo.c_out - 1),
+            1 => q.ln_bias = short(geo.c_out + 1),
+            _ => q.eta = short(1),
+        }
+        len_err(gpu::forward(&s, &cfg, &x, &xp, &w, &q), name);
+        len_err(gpu::backward(&s, &cfg, &dy, &x, &xp, &w, &q, &saved), name);
+    }
+
+    // Geometry: zero dims, zero stride, groups not dividing, output size <= 0.
+    let zero_n = IieuConfig::new(Conv2dGeometry { n: 0, ..geo });
+    assert!(matches!(
+        gpu::forward(&s, &zero_n, &x, &xp, &w, &p),
+        Err(Error::Empty { .. })
+    ));
+    let zero_kw = IieuConfig::new(Conv2dGeometry { kw: 0, ..geo });
+    assert!(matches!(
+        gpu::filter_inv_norm(&s, &zero_kw, &w),
+        Err(Error::Empty { .. })
+    ));
+    let zero_c = IieuConfig::new(Conv2dGeometry { c_in: 0, ..geo });
+    assert!(matches!(
+        gpu::patch_inv_norm(&s, &zero_c, &xp),
+        Err(Error::Empty { .. })
+    ));
+    for bad in [
+        geo.with_stride(0, 1),
+        geo.with_dilation(1, 0),
+        geo.with_groups(3),
+        geo.with_padding(0, 0).with_dilation(3, 1),
+    ] {
+        let c = IieuConfig::new(bad);
+        assert!(
+            matches!(
+                gpu::forward(&s, &c, &x, &xp, &w, &p),
+                Err(Error::Geometry(_))
+            ),
+            "{bad:?}"
+        );
+        assert!(matches!(
+            gpu::backward(&s, &c, &dy, &x, &xp, &w, &p, &saved),
+            Err(Error::Geometry(_))
+        ));
+    }
+    // Sizes beyond the kernels' i32 per-axis range.
+    let huge = IieuConfig::new(Conv2dGeometry::new(1, 1, 1, 1, 1, 1, 1).with_padding(1 << 31, 0));
+    assert!(matches!(
+        gpu::filter_inv_norm(&s, &huge, &f(1)),
+        Err(Error::Shape { .. })
+    ));
+
+    // Saved state from a different config: another patch-norm mode, another geometry
+    // with the same tensor lengths (stride/padding trade), another batch.
+    let other_mode = cfg.with_patch_norm(PatchNorm::AllChannels);
+    assert!(matches!(
+        gpu::backward(&s, &other_mode, &dy, &x, &xp, &w, &p, &saved),
+        Err(Error::Shape { what: "saved", .. })
+    ));
+    assert!(matches!(
+        gpu::backward(&s, &cfg, &dy, &x, &xp, &w, &p, &saved1),
+        Err(Error::Shape { what: "saved", .. })
+    ));
+    let ok = gpu::backward(&s, &cfg1, &x1, &x1, &xp1, &w, &p, &saved).map(|_| ());
+    assert!(matches!(ok, Err(Error::Shape { what: "saved", .. })));
+
+    // Nothing was allocated by any rejected call.
+    assert_eq!(live(), before, "a rejected call allocated device memory");
+}

@@ -47,10 +47,6 @@ fn round<T: DType>(v: &[f64]) -> (Vec<T>, Vec<f64>) {
     (t, back)
 }
 
-fn to_f64<T: DType>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|&x| x.to_f32() as f64).collect()
-}
-
 fn tbits<T: DType>(v: &[T]) -> Vec<u32> {
     v.iter().map(|&x| x.to_f32().to_bits()).collect()
 }
@@ -138,7 +134,12 @@ fn tau_case<T: DType>(g: &Gpu, len: usize, tau: f32, offset: usize) {
     let want_dx = cpu::tau_backward(&dyr[offset..], &xr[offset..], tau as f64).unwrap();
     // Exact: the output is an input value or 0.
     assert_eq!(from_bits(&y), want_y, "tau_forward {} len {len}", T::NAME);
-    assert_eq!(from_bits(&dx), want_dx, "tau_backward {} len {len}", T::NAME);
+    assert_eq!(
+        from_bits(&dx),
+        want_dx,
+        "tau_backward {} len {len}",
+        T::NAME
+    );
 }
 
 #[test]
@@ -192,7 +193,13 @@ fn feature_case<T: DType>(g: &Gpu, shape: ActShape, pool: Pool) {
     });
     let want = cpu::global_feature(&shape, &ar, pool).unwrap();
     let what = format!("{} {shape:?} {pool:?}", T::NAME);
-    close(&format!("feature {what}"), &from_bits(&feat), &want, 0.0, F32);
+    close(
+        &format!("feature {what}"),
+        &from_bits(&feat),
+        &want,
+        0.0,
+        F32,
+    );
     let da64: Vec<f64> = dav.iter().map(|&v| v as f64).collect();
     let want_b = cpu::global_feature_backward(&shape, &da64, pool).unwrap();
     // da/S rounded once to storage.
@@ -292,9 +299,27 @@ fn dmu_forward_backward_parity() {
         });
         let want = cpu::dmu_forward(&a, &wd, &labels, dims).unwrap();
         let what = format!("N={n} C={c} K={k}");
-        close(&format!("logits {what}"), &from_bits(&got.0), &want.logits, 0.0, F32);
-        close(&format!("probs {what}"), &from_bits(&got.1), &want.probs, 0.0, F32);
-        close(&format!("loss {what}"), &from_bits(&got.2), &want.loss, 0.0, F32);
+        close(
+            &format!("logits {what}"),
+            &from_bits(&got.0),
+            &want.logits,
+            0.0,
+            F32,
+        );
+        close(
+            &format!("probs {what}"),
+            &from_bits(&got.1),
+            &want.probs,
+            0.0,
+            F32,
+        );
+        close(
+            &format!("loss {what}"),
+            &from_bits(&got.2),
+            &want.loss,
+            0.0,
+            F32,
+        );
         let corr: Vec<bool> = got.3.iter().map(|&b| b != 0).collect();
         assert_eq!(corr, want.correct, "correct {what}");
         if n >= 5 {
@@ -305,11 +330,23 @@ fn dmu_forward_backward_parity() {
         }
         // The CPU backward with the GPU's probs (the saved forward state).
         let probs_gpu = from_bits(&got.1);
-        let want_g = cpu::dmu_backward(&a, &wd, &probs_gpu, &labels, &dloss_f32(&dl32), dims)
-            .unwrap();
-        close(&format!("da {what}"), &from_bits(&got.4), &want_g.da, 0.0, F32);
+        let want_g =
+            cpu::dmu_backward(&a, &wd, &probs_gpu, &labels, &dloss_f32(&dl32), dims).unwrap();
+        close(
+            &format!("da {what}"),
+            &from_bits(&got.4),
+            &want_g.da,
+            0.0,
+            F32,
+        );
         if n < 6 {
-            close(&format!("dwd {what}"), &from_bits(&got.5), &want_g.dwd, 0.0, F32);
+            close(
+                &format!("dwd {what}"),
+                &from_bits(&got.5),
+                &want_g.dwd,
+                0.0,
+                F32,
+            );
         } else {
             // The NaN sample poisons every dWd column it touches (IEEE), like the CPU.
             let g5 = from_bits(&got.5);
@@ -596,9 +633,27 @@ fn train_case<T: DType>(g: &Gpu, shape: ActShape, pool: Pool, k: usize, tau: f64
         let o = cpu::train_forward(&cfg, &shape, &st.f, &wd, &st.labels, &mut counters).unwrap();
         // Exact: A is F or 0.
         assert_eq!(from_bits(&go.out), o.out, "out {what}");
-        close(&format!("feature {what}"), &from_bits(&go.feature), o.saved.feature(), 0.0, F32);
-        close(&format!("logits {what}"), &from_bits(&go.logits), o.saved.logits(), 0.0, F32);
-        close(&format!("probs {what}"), &from_bits(&go.probs), o.saved.probs(), 0.0, F32);
+        close(
+            &format!("feature {what}"),
+            &from_bits(&go.feature),
+            o.saved.feature(),
+            0.0,
+            F32,
+        );
+        close(
+            &format!("logits {what}"),
+            &from_bits(&go.logits),
+            o.saved.logits(),
+            0.0,
+            F32,
+        );
+        close(
+            &format!("probs {what}"),
+            &from_bits(&go.probs),
+            o.saved.probs(),
+            0.0,
+            F32,
+        );
         let corr: Vec<bool> = go.correct.iter().map(|&b| b != 0).collect();
         assert_eq!(corr, o.saved.correct(), "correct {what}");
         correct_total += corr.iter().filter(|&&b| b).count() as u64;
@@ -606,14 +661,33 @@ fn train_case<T: DType>(g: &Gpu, shape: ActShape, pool: Pool, k: usize, tau: f64
         let masks: Vec<bool> = go.masks.iter().map(|&b| b != 0).collect();
         assert_eq!(masks, o.saved.masks(), "masks {what}");
         if k > 1 {
-            assert!(!masks[shape.c..2 * shape.c].iter().any(|&b| b), "class 1 mask row is zero");
+            assert!(
+                !masks[shape.c..2 * shape.c].iter().any(|&b| b),
+                "class 1 mask row is zero"
+            );
         }
         if step == 0 && k > 1 {
             assert_eq!(st.labels[0], 1);
-            assert_eq!(from_bits(&go.gate)[0], 0.0, "all-zero mask row -> gate loss 0");
+            assert_eq!(
+                from_bits(&go.gate)[0],
+                0.0,
+                "all-zero mask row -> gate loss 0"
+            );
         }
-        close(&format!("aux {what}"), &from_bits(&go.aux), &o.losses.aux, 0.0, F32);
-        close(&format!("gate {what}"), &from_bits(&go.gate), &o.losses.gate, 0.0, F32);
+        close(
+            &format!("aux {what}"),
+            &from_bits(&go.aux),
+            &o.losses.aux,
+            0.0,
+            F32,
+        );
+        close(
+            &format!("gate {what}"),
+            &from_bits(&go.gate),
+            &o.losses.gate,
+            0.0,
+            F32,
+        );
         let means = from_bits(&[go.means.0, go.means.1, go.means.2]);
         let want_means = [
             o.losses.aux_mean,
@@ -622,11 +696,31 @@ fn train_case<T: DType>(g: &Gpu, shape: ActShape, pool: Pool, k: usize, tau: f64
         ];
         close(&format!("means {what}"), &means, &want_means, F32, 0.0);
 
-        let gr = cpu::train_backward(&cfg, &shape, &st.d_out, loss_scale as f64, &st.f, &wd, &o.saved)
-            .unwrap();
+        let gr = cpu::train_backward(
+            &cfg,
+            &shape,
+            &st.d_out,
+            loss_scale as f64,
+            &st.f,
+            &wd,
+            &o.saved,
+        )
+        .unwrap();
         // dF rounded once to storage; f32 term for da.
-        close(&format!("df {what}"), &from_bits(&go.df), &gr.df, unit::<T>(), F32);
-        close(&format!("dwd {what}"), &from_bits(&go.dwd), &gr.dwd, 0.0, F32);
+        close(
+            &format!("df {what}"),
+            &from_bits(&go.df),
+            &gr.df,
+            unit::<T>(),
+            F32,
+        );
+        close(
+            &format!("dwd {what}"),
+            &from_bits(&go.dwd),
+            &gr.dwd,
+            0.0,
+            F32,
+        );
     }
     if k == 10 {
         assert!(
@@ -644,7 +738,10 @@ fn train_all<T: DType>(g: &Gpu) {
         correct += train_case::<T>(g, ActShape::nlc(n, 9, 7), Pool::Mean, k, tau);
         correct += train_case::<T>(g, ActShape::nlc(n, 9, 7), Pool::ClassToken(4), k, tau);
     }
-    assert!(correct > 0, "some samples were correct: counters were exercised");
+    assert!(
+        correct > 0,
+        "some samples were correct: counters were exercised"
+    );
 }
 
 #[test]
@@ -681,27 +778,46 @@ fn bad_input() {
     let cfg = AiecConfig::default();
     let mut counters = dev::DeviceCounters::new(&s, k, c).unwrap();
     // A successful step first, so the counters are non-trivial.
-    let good = dev::train_forward::<f32>(&s, &cfg, &shape, &df, &dwd, &[0, 0], &mut counters)
-        .unwrap();
+    let good =
+        dev::train_forward::<f32>(&s, &cfg, &shape, &df, &dwd, &[0, 0], &mut counters).unwrap();
     let before = counters.to_host(&s).unwrap();
 
     let r = dev::train_forward::<f32>(&s, &cfg, &shape, &df, &dwd, &[0, 4], &mut counters);
     assert!(
-        matches!(r, Err(Error::LabelOutOfRange { sample: 1, label: 4, classes: 4 })),
+        matches!(
+            r,
+            Err(Error::LabelOutOfRange {
+                sample: 1,
+                label: 4,
+                classes: 4
+            })
+        ),
         "{r:?}"
     );
     assert_eq!(counters.to_host(&s).unwrap(), before, "counters untouched");
     let r = dev::train_forward::<f32>(&s, &cfg, &shape, &df, &dwd, &[0], &mut counters);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "labels", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "labels", .. })),
+        "{r:?}"
+    );
     let short = s.clone_htod(&wd[..k * c - 1]).unwrap();
     let r = dev::train_forward::<f32>(&s, &cfg, &shape, &df, &short, &[0, 0], &mut counters);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "wd", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "wd", .. })),
+        "{r:?}"
+    );
     for tau in [-0.1, f64::NAN, f64::INFINITY] {
         let bad = AiecConfig { tau, ..cfg };
         let r = dev::train_forward::<f32>(&s, &bad, &shape, &df, &dwd, &[0, 0], &mut counters);
-        assert!(matches!(r, Err(Error::InvalidParam { what: "tau", .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidParam { what: "tau", .. })),
+            "{r:?}"
+        );
         let r = dev::infer_forward::<f32>(&s, &bad, &df);
-        assert!(matches!(r, Err(Error::InvalidParam { what: "tau", .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidParam { what: "tau", .. })),
+            "{r:?}"
+        );
     }
     let bad = AiecConfig {
         lambda_gate: -1.0,
@@ -711,9 +827,15 @@ fn bad_input() {
     assert!(matches!(r, Err(Error::InvalidParam { .. })), "{r:?}");
     for t in [-1.0f32, f32::NAN] {
         let r = dev::tau_forward::<f32>(&s, &df, t);
-        assert!(matches!(r, Err(Error::InvalidParam { what: "tau", .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidParam { what: "tau", .. })),
+            "{r:?}"
+        );
         let r = dev::tau_backward::<f32>(&s, &df, &df, t);
-        assert!(matches!(r, Err(Error::InvalidParam { what: "tau", .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidParam { what: "tau", .. })),
+            "{r:?}"
+        );
     }
     // zero dims
     let zero = ActShape::nchw(0, 3, 2, 2);
@@ -733,7 +855,10 @@ fn bad_input() {
     let r = dev::tau_forward::<f32>(&s, &empty, 0.0);
     assert!(matches!(r, Err(Error::Empty { .. })), "{r:?}");
     let r = dev::tau_backward::<f32>(&s, &df.slice(0..3), &df, 0.0);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "dy", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "dy", .. })),
+        "{r:?}"
+    );
     // ClassToken misuse
     let tok = AiecConfig {
         pool: Pool::ClassToken(0),
@@ -743,61 +868,147 @@ fn bad_input() {
     assert!(matches!(r, Err(Error::Shape { what: "pool", .. })), "{r:?}");
     let nlc = ActShape::nlc(2, 4, 3);
     let r = dev::global_feature::<f32>(&s, &nlc, &df, Pool::ClassToken(4));
-    assert!(matches!(r, Err(Error::InvalidParam { what: "pool", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::InvalidParam { what: "pool", .. })),
+        "{r:?}"
+    );
     let da = s.clone_htod(&[0.0f32; 6]).unwrap();
     let r = dev::global_feature_backward::<f32>(&s, &shape, &da, Pool::ClassToken(0));
     assert!(matches!(r, Err(Error::Shape { what: "pool", .. })), "{r:?}");
     let r = dev::global_feature_backward::<f32>(&s, &shape, &da.slice(0..5), Pool::Mean);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "da", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "da", .. })),
+        "{r:?}"
+    );
     // counters of the wrong width
     let mut other = dev::DeviceCounters::new(&s, k, c + 1).unwrap();
     let r = dev::train_forward::<f32>(&s, &cfg, &shape, &df, &dwd, &[0, 0], &mut other);
-    assert!(matches!(r, Err(Error::Shape { what: "counters", .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Error::Shape {
+                what: "counters",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     // f of the wrong length
-    let r = dev::train_forward::<f32>(&s, &cfg, &shape, &df.slice(0..23), &dwd, &[0, 0], &mut counters);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "f", .. })), "{r:?}");
+    let r = dev::train_forward::<f32>(
+        &s,
+        &cfg,
+        &shape,
+        &df.slice(0..23),
+        &dwd,
+        &[0, 0],
+        &mut counters,
+    );
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "f", .. })),
+        "{r:?}"
+    );
     // backward: cfg mismatch, shape mismatch, d_out length
     let other_cfg = AiecConfig { tau: 0.5, ..cfg };
     let r = dev::train_backward::<f32>(&s, &other_cfg, &shape, &df, 1.0, &df, &dwd, &good.saved);
-    assert!(matches!(r, Err(Error::InvalidParam { what: "cfg", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::InvalidParam { what: "cfg", .. })),
+        "{r:?}"
+    );
     let sh2 = ActShape::nchw(2, 3, 4, 1);
     let r = dev::train_backward::<f32>(&s, &cfg, &sh2, &df, 1.0, &df, &dwd, &good.saved);
-    assert!(r.is_ok(), "same N, C with another S is a valid shape: {:?}", r.err());
+    assert!(
+        r.is_ok(),
+        "same N, C with another S is a valid shape: {:?}",
+        r.err()
+    );
     let sh3 = ActShape::nchw(4, 3, 2, 1);
     let r = dev::train_backward::<f32>(&s, &cfg, &sh3, &df, 1.0, &df, &dwd, &good.saved);
-    assert!(matches!(r, Err(Error::Shape { what: "shape", .. })), "{r:?}");
-    let r = dev::train_backward::<f32>(&s, &cfg, &shape, &df.slice(0..20), 1.0, &df, &dwd, &good.saved);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "d_out", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::Shape { what: "shape", .. })),
+        "{r:?}"
+    );
+    let r = dev::train_backward::<f32>(
+        &s,
+        &cfg,
+        &shape,
+        &df.slice(0..20),
+        1.0,
+        &df,
+        &dwd,
+        &good.saved,
+    );
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "d_out", .. })),
+        "{r:?}"
+    );
     let r = dev::train_backward::<f32>(&s, &cfg, &shape, &df, 1.0, &df, &short, &good.saved);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "wd", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "wd", .. })),
+        "{r:?}"
+    );
     // standalone ops
     let dims = AiecDims::new(2, c, k);
     let a = s.clone_htod(&[0.5f32; 6]).unwrap();
     let r = dev::dmu_forward(&s, &a, &dwd, &[0, 9], dims);
     assert!(matches!(r, Err(Error::LabelOutOfRange { .. })), "{r:?}");
     let r = dev::dmu_forward(&s, &a.slice(0..5), &dwd, &[0, 1], dims);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "a", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "a", .. })),
+        "{r:?}"
+    );
     let r = dev::dmu_forward(&s, &a, &dwd, &[0, 1], AiecDims::new(2, c, 0));
     assert!(matches!(r, Err(Error::Empty { .. })), "{r:?}");
     let probs = s.clone_htod(&[0.25f32; 8]).unwrap();
-    let r = dev::dmu_backward(&s, &a, &dwd, &probs.slice(0..7), &[0, 1], &a.slice(0..2), dims);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "probs", .. })), "{r:?}");
+    let r = dev::dmu_backward(
+        &s,
+        &a,
+        &dwd,
+        &probs.slice(0..7),
+        &[0, 1],
+        &a.slice(0..2),
+        dims,
+    );
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "probs", .. })),
+        "{r:?}"
+    );
     let r = dev::dmu_backward(&s, &a, &dwd, &probs, &[0, 1], &a.slice(0..3), dims);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "dloss", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "dloss", .. })),
+        "{r:?}"
+    );
     let r = dev::gate_masks(&s, &dwd, &dwd.slice(0..3));
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "wd", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "wd", .. })),
+        "{r:?}"
+    );
     let masks = s.clone_htod(&[1u8; 12]).unwrap();
     let r = dev::gate_loss(&s, &a, &masks.slice(0..11), &[0, 1], dims);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "masks", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "masks", .. })),
+        "{r:?}"
+    );
     let r = dev::gate_loss(&s, &a, &masks, &[0, 4], dims);
     assert!(matches!(r, Err(Error::LabelOutOfRange { .. })), "{r:?}");
     let r = dev::gate_loss_backward(&s, &a, &masks, &[0, 1], &a.slice(0..1), dims);
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "dloss", .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "dloss", .. })),
+        "{r:?}"
+    );
     let cor = s.clone_htod(&[1u8, 1]).unwrap();
     let r = counters.update(&s, &a, &[0, 5], &cor);
     assert!(matches!(r, Err(Error::LabelOutOfRange { .. })), "{r:?}");
     let r = counters.update(&s, &a, &[0, 1], &cor.slice(0..1));
-    assert!(matches!(r, Err(Error::LengthMismatch { what: "correct", .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(Error::LengthMismatch {
+                what: "correct",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     assert_eq!(counters.to_host(&s).unwrap(), before, "counters untouched");
     let _ = Layout::Nchw;
 }

@@ -135,10 +135,18 @@ fn cfg1(grid: u32, block: u32) -> LaunchConfig {
     }
 }
 
-/// Threads per block for a loop over `c` channels: `c` rounded up to a warp,
-/// capped at [`BLOCK`].
-fn block_for_channels(c: usize) -> u32 {
-    (c.div_ceil(32) * 32).clamp(32, BLOCK as usize) as u32
+/// Threads per block for `work` parallel items per block: `work` rounded up to a
+/// whole warp, at least 32 and at most [`BLOCK`] (small planes / rows do not
+/// launch mostly idle 256-thread blocks).
+fn block_for(work: usize) -> u32 {
+    (work.div_ceil(32) * 32).clamp(32, BLOCK as usize) as u32
+}
+
+/// Launch shape of a grid-stride element-wise loop over `work` items, `per`
+/// items per thread per iteration.
+fn elementwise(work: usize, per: usize) -> LaunchConfig {
+    let block = block_for(work.div_ceil(per));
+    cfg1(grid_for(work, block as usize * per), block)
 }
 
 /// Blocks of a one-block-per-row kernel (grid-stride beyond the cap).
@@ -177,7 +185,7 @@ pub fn tau_forward<T: DType>(
     let mut b = stream.launch_builder(&f);
     b.arg(&x).arg(&mut y).arg(&n).arg(&tau);
     // SAFETY: the kernel touches x[0..n) and y[0..n), both of length n (x.len()).
-    unsafe { b.launch(cfg1(grid_for(x.len(), BLOCK as usize * vec_elems::<T>()), BLOCK)) }?;
+    unsafe { b.launch(elementwise(x.len(), vec_elems::<T>())) }?;
     Ok(y)
 }
 
@@ -202,7 +210,7 @@ pub fn tau_backward<T: DType>(
     let mut b = stream.launch_builder(&f);
     b.arg(&dy).arg(&x).arg(&mut dx).arg(&n).arg(&tau);
     // SAFETY: dy, x, dx all have n elements; the kernel touches [0, n) of each.
-    unsafe { b.launch(cfg1(grid_for(x.len(), BLOCK as usize * vec_elems::<T>()), BLOCK)) }?;
+    unsafe { b.launch(elementwise(x.len(), vec_elems::<T>())) }?;
     Ok(dx)
 }
 
@@ -250,10 +258,19 @@ fn feature_pass<T: DType>(
                 Some(y) => b.arg(y),
                 None => b.arg(&NULL),
             };
-            b.arg(&mut feat).arg(&planes).arg(&s).arg(&tau_v).arg(&apply);
+            b.arg(&mut feat)
+                .arg(&planes)
+                .arg(&s)
+                .arg(&tau_v)
+                .arg(&apply);
             // SAFETY: x (and y) hold planes·s = N·C·S elements (validated), feat
             // holds `planes`; block j touches plane j only.
-            unsafe { b.launch(cfg1(rows_grid(nc), BLOCK)) }?;
+            unsafe {
+                b.launch(cfg1(
+                    rows_grid(nc),
+                    block_for(shape.s.div_ceil(vec_elems::<T>())),
+                ))
+            }?;
         }
         Layout::Nlc => {
             let f = kernel(stream, &format!("aiec_feat_nlc_{}", T::NAME))?;
@@ -264,7 +281,7 @@ fn feature_pass<T: DType>(
                 Pool::Mean => -1i32,
                 Pool::ClassToken(i) => to_i32("pool", i)?,
             };
-            let block = block_for_channels(shape.c);
+            let block = block_for(shape.c);
             let gy = shape.c.div_ceil(block as usize).min(65_535) as u32;
             let mut b = stream.launch_builder(&f);
             b.arg(x);
@@ -349,7 +366,12 @@ fn backward_pass<T: DType>(
                 .arg(&inv_s);
             // SAFETY: f, d_out (when given) and df hold N·C·S elements (validated),
             // da holds N·C; block j touches plane j and da[j] only.
-            unsafe { b.launch(cfg1(rows_grid(shape.n * shape.c), BLOCK)) }?;
+            unsafe {
+                b.launch(cfg1(
+                    rows_grid(shape.n * shape.c),
+                    block_for(shape.s.div_ceil(vec_elems::<T>())),
+                ))
+            }?;
         }
         Layout::Nlc => {
             let f = kernel(stream, &format!("aiec_df_nlc_{}", T::NAME))?;
@@ -380,12 +402,7 @@ fn backward_pass<T: DType>(
             // SAFETY: f, d_out (when given) and df hold `total` = N·L·C elements;
             // element i maps to (n, c) = (i / (L·C), i mod C) with n < N, so the da
             // index n·C + c < N·C = da.len().
-            unsafe {
-                b.launch(cfg1(
-                    grid_for(numel, BLOCK as usize * vec_elems::<T>()),
-                    BLOCK,
-                ))
-            }?;
+            unsafe { b.launch(elementwise(numel, vec_elems::<T>())) }?;
         }
     }
     Ok(df)
@@ -555,7 +572,7 @@ impl DeviceCounters {
             .arg(&ci);
         // SAFETY: a is N·C, labels and correct are N; every label is < K (validated
         // on the host), so θ/η indices y·C + c < K·C and φ index y < K.
-        unsafe { b.launch(cfg1(grid_for(n * self.channels, BLOCK as usize), BLOCK)) }?;
+        unsafe { b.launch(elementwise(n * self.channels, 1)) }?;
         Ok(())
     }
 
@@ -602,7 +619,7 @@ impl DeviceCounters {
         b.arg(&k).arg(&c);
         // SAFETY: θ, η (and wd, v, masks when given) are K·C, φ is K; the kernel
         // touches i < K·C and φ[i / C].
-        unsafe { b.launch(cfg1(grid_for(kc, BLOCK as usize), BLOCK)) }?;
+        unsafe { b.launch(elementwise(kc, 1)) }?;
         Ok(())
     }
 }
@@ -660,7 +677,7 @@ fn dmu_forward_dev(
         .arg(&k);
     // SAFETY: a is N·C, wd K·C, labels N with every label < K (host-validated);
     // block rows n < N touch a[n·C..], z/p[n·K..n·K+K), loss/correct[n].
-    unsafe { b.launch(cfg1(rows_grid(dims.n), BLOCK)) }?;
+    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(32 * dims.k))) }?;
     Ok(DeviceDmuOut {
         logits,
         probs,
@@ -738,7 +755,7 @@ fn da_dev(
         .arg(&k);
     // SAFETY: a, da are N·C; wd and masks K·C; probs N·K; labels, dl_* N; every
     // label < K (host-validated), so mask rows y·C.. and probs rows are in bounds.
-    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for_channels(dims.c))) }?;
+    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
     Ok(da)
 }
 
@@ -780,10 +797,11 @@ fn dwd_dev(
         .arg(&c)
         .arg(&k)
         .arg(&spb_i);
-    let gy = kc.div_ceil(BLOCK as usize).clamp(1, 1024) as u32;
+    let block = block_for(kc);
+    let gy = kc.div_ceil(block as usize).clamp(1, 1024) as u32;
     let cfg = LaunchConfig {
         grid_dim: (chunks as u32, gy, 1),
-        block_dim: (BLOCK, 1, 1),
+        block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: block x reads samples [x·spb, min(N, x·spb + spb)) of a (N·C), probs
@@ -798,7 +816,7 @@ fn dwd_dev(
     let mut b = stream.launch_builder(&f2);
     b.arg(&partial).arg(&mut dwd).arg(&chunks_i).arg(&kc_i);
     // SAFETY: reads partial[b·K·C + i] for b < chunks, i < K·C; writes dwd[i].
-    unsafe { b.launch(cfg1(grid_for(kc, BLOCK as usize), BLOCK)) }?;
+    unsafe { b.launch(elementwise(kc, 1)) }?;
     Ok(dwd)
 }
 
@@ -865,7 +883,7 @@ pub fn gate_masks(
     let mut b = stream.launch_builder(&f);
     b.arg(&v).arg(&wd).arg(&mut m).arg(&total);
     // SAFETY: v, wd, m all have `total` elements.
-    unsafe { b.launch(cfg1(grid_for(v.len(), BLOCK as usize), BLOCK)) }?;
+    unsafe { b.launch(elementwise(v.len(), 1)) }?;
     Ok(m)
 }
 
@@ -902,7 +920,7 @@ fn gate_loss_dev(
         .arg(&n)
         .arg(&c);
     // SAFETY: a is N·C, masks K·C with labels < K (host-validated), loss N.
-    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for_channels(dims.c))) }?;
+    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
     Ok(loss)
 }
 
@@ -1142,7 +1160,7 @@ pub fn train_forward<T: DType>(
         .arg(&la)
         .arg(&lg);
     // SAFETY: aux and gate hold N values, means 3; one block reads [0, N).
-    unsafe { b.launch(cfg1(1, BLOCK)) }?;
+    unsafe { b.launch(cfg1(1, block_for(dims.n))) }?;
 
     Ok(DeviceTrainOut {
         out,
@@ -1231,7 +1249,15 @@ pub fn train_backward<T: DType>(
         gate_scale,
         dims,
     )?;
-    let dwd = dwd_dev(stream, &feat, &probs, &saved.labels_dev, None, aux_scale, dims)?;
+    let dwd = dwd_dev(
+        stream,
+        &feat,
+        &probs,
+        &saved.labels_dev,
+        None,
+        aux_scale,
+        dims,
+    )?;
     let df = backward_pass(
         stream,
         shape,

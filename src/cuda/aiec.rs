@@ -1186,8 +1186,8 @@ pub fn train_forward<T: DType>(
 /// Backward of one AIEC training step on the device. With `s = loss_scale` and
 /// `d_out = ∂L_task/∂A` (dtype `T`):
 ///
-/// * `∂/∂a[n,c] = s·(λ_aux/N)·Σ_k (p[n,k] − [k = y_n])·Wd[k,c]
-///   + s·(λ_gate/N)·G[y_n,c]·sign(a[n,c]) / Σ_c G[y_n,c]` (thread per (n, c));
+/// * `∂/∂a[n,c] = s·(λ_aux/N)·Σ_k (p[n,k] − [k = y_n])·Wd[k,c]`
+///   `+ s·(λ_gate/N)·G[y_n,c]·sign(a[n,c]) / Σ_c G[y_n,c]` (thread per (n, c));
 /// * `∂L/∂F = [F > τ]·(d_out + (∂a/∂A)ᵀ·∂/∂a)` (one fused element-wise pass,
 ///   128-bit vectors where aligned);
 /// * `∂L/∂Wd[k,c] = s·(λ_aux/N)·Σ_n (p[n,k] − [k = y_n])·a[n,c]` (two-stage,

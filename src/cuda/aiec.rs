@@ -1,0 +1,1270 @@
+//! AIEC on the GPU (SPEC §3): the CUDA mirror of [`crate::cpu::aiec`], with the
+//! same function names and argument order and the stream first.
+//!
+//! * **TAU** ([`tau_forward`], [`tau_backward`], [`infer_forward`]):
+//!   `A = F if F > τ else 0`, `dF = dA·[F > τ]`.
+//! * **global feature** ([`global_feature`], [`global_feature_backward`]): mean over
+//!   space (NCHW) or tokens (`(N, L, C)`), or a class-token row.
+//! * **DMU** ([`dmu_forward`], [`dmu_backward`]): `z = a·Wdᵀ`, `p = softmax(z)`,
+//!   `L_aux = −log p[y]`, correctness (first argmax, NaN ⇒ not correct).
+//! * **ACU** ([`DeviceCounters`]): θ, η (`K × C`) and φ (`K`) as `u64` device
+//!   buffers, updated on the device with integer atomics (order-independent).
+//! * **CGU** ([`gate_masks`], [`gate_loss`], [`gate_loss_backward`]).
+//! * the whole layer ([`train_forward`], [`train_backward`]).
+//!
+//! # Dtypes
+//! The activation tensors `F`, `A`, `d_out`, `dF` are device buffers of the storage
+//! dtype `T` (f32, f16, bf16). The small tensors — the feature `a` (`N × C`), `Wd`
+//! (`K × C`), logits / probabilities (`N × K`), per-sample losses, `v`, `dWd` —
+//! are always f32; masks and correctness flags are `u8` (0 / 1); labels are given
+//! as a host slice (validated on the host, then uploaded as `u32`). All arithmetic
+//! and accumulation is f32 (the CPU reference accumulates in f64), except `v`,
+//! which is formed from the integer counters in f64 exactly like the CPU.
+//!
+//! # Decisions (as on the CPU; see the CPU module's docs)
+//! τ must be finite and `≥ 0` and is rounded to f32 for the comparison;
+//! correctness takes the first maximal f32 logit, and a sample with a NaN logit is
+//! never correct; `sign(0) = 0` in the gate gradient; [`Pool::ClassToken`] on NCHW
+//! is `Err(Shape)`, a token index `≥ L` is `Err(InvalidParam)`.
+//!
+//! Determinism: no float atomics; every reduction has a fixed order (block trees
+//! for fixed block sizes, `dWd` in two stages), so the same input gives the same
+//! bits on every run. The counters use integer atomics, whose sums do not depend on
+//! order.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::{grid_for, to_i32, DType, DeviceInput, Kernels, BLOCK};
+use crate::cpu::aiec::{AiecConfig, AiecDims, Counters, Pool};
+use crate::error::{check_len, check_nonzero, Error, Result};
+use crate::layout::{ActShape, Layout};
+
+// ---------------------------------------------------------------------------
+// host-side validation (mirrors the CPU module's private checks)
+
+/// `Err(InvalidParam)` unless `tau` is finite and `≥ 0`.
+fn check_tau(tau: f64) -> Result<()> {
+    if tau.is_finite() && tau >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidParam {
+            what: "tau",
+            msg: format!("the TAU threshold must be finite and >= 0, got {tau}"),
+        })
+    }
+}
+
+/// Validates the labels on the host (count `n`, each `< k`) and returns them as
+/// the `u32`s the kernels read.
+fn check_labels(labels: &[usize], n: usize, k: usize) -> Result<Vec<u32>> {
+    check_len("labels", n, labels.len())?;
+    if let Some(sample) = labels.iter().position(|&y| y >= k) {
+        return Err(Error::LabelOutOfRange {
+            sample,
+            label: labels[sample],
+            classes: k,
+        });
+    }
+    // k fits in i32 (checked by the callers through `dims_i32`), so every label does.
+    Ok(labels.iter().map(|&y| y as u32).collect())
+}
+
+/// Validates `pool` against `shape` (as the CPU's `check_pool`).
+fn check_pool(shape: &ActShape, pool: Pool) -> Result<()> {
+    if let Pool::ClassToken(i) = pool {
+        if shape.layout != Layout::Nlc {
+            return Err(Error::Shape {
+                what: "pool",
+                msg: "Pool::ClassToken needs an (N, L, C) tensor, got NCHW".into(),
+            });
+        }
+        if i >= shape.s {
+            return Err(Error::InvalidParam {
+                what: "pool",
+                msg: format!("class token index {i} out of range for L = {}", shape.s),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `(n, c, k)` as i32 after checking that `N·C`, `K·C` and `N·K` fit the kernels'
+/// 32-bit indices.
+fn dims_i32(dims: AiecDims) -> Result<(i32, i32, i32)> {
+    dims.validate()?;
+    to_i32("N x C", dims.n * dims.c)?;
+    to_i32("K x C", dims.k * dims.c)?;
+    to_i32("N x K", dims.n * dims.k)?;
+    Ok((
+        to_i32("batch N", dims.n)?,
+        to_i32("channels C", dims.c)?,
+        to_i32("classes K", dims.k)?,
+    ))
+}
+
+/// i64 view of an element count (kernel `long long`).
+fn to_i64(what: &'static str, v: usize) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::Shape {
+        what,
+        msg: format!("{v} exceeds the kernels' 64-bit index range"),
+    })
+}
+
+/// Validates an activation shape for the kernels: nonzero dims, `len` matches,
+/// `N·C` fits i32 (the feature), and returns `(numel, s)` as i64.
+fn check_shape(shape: &ActShape, what: &'static str, len: usize) -> Result<(i64, i64)> {
+    shape.validate(what, len)?;
+    to_i32("N x C", shape.n * shape.c)?;
+    Ok((to_i64(what, len)?, to_i64("positions S", shape.s)?))
+}
+
+// ---------------------------------------------------------------------------
+// launch helpers
+
+fn kernel(stream: &Arc<CudaStream>, op: &str) -> Result<CudaFunction> {
+    Kernels::get(stream.context())?.function(op)
+}
+
+fn cfg1(grid: u32, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads per block for `work` parallel items per block: `work` rounded up to a
+/// whole warp, at least 32 and at most [`BLOCK`] (small planes / rows do not
+/// launch mostly idle 256-thread blocks).
+fn block_for(work: usize) -> u32 {
+    (work.div_ceil(32) * 32).clamp(32, BLOCK as usize) as u32
+}
+
+/// Launch shape of a grid-stride element-wise loop over `work` items, `per`
+/// items per thread per iteration.
+fn elementwise(work: usize, per: usize) -> LaunchConfig {
+    let block = block_for(work.div_ceil(per));
+    cfg1(grid_for(work, block as usize * per), block)
+}
+
+/// Blocks of a one-block-per-row kernel (grid-stride beyond the cap).
+fn rows_grid(rows: usize) -> u32 {
+    rows.clamp(1, 4096) as u32
+}
+
+/// Null device pointer for an optional kernel argument.
+const NULL: u64 = 0;
+
+/// Bytes of one 16-byte vector in elements of `T`.
+fn vec_elems<T>() -> usize {
+    16 / std::mem::size_of::<T>()
+}
+
+// ---------------------------------------------------------------------------
+// TAU
+
+/// TAU forward (element-wise): `A = F if F > τ else 0` (NaN → 0), in the storage
+/// dtype `T` (exact: every output is an input or 0). Gradient: [`tau_backward`].
+/// CPU mirror: [`crate::cpu::aiec::tau_forward`]. τ is rounded to f32.
+///
+/// Errors: `InvalidParam` if `τ` is negative, NaN or infinite; `Empty` if `x` is empty.
+pub fn tau_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    x: &impl DeviceInput<T>,
+    tau: f32,
+) -> Result<CudaSlice<T>> {
+    check_tau(tau as f64)?;
+    let x = x.view();
+    check_nonzero("x", x.len())?;
+    let n = to_i64("x", x.len())?;
+    let f = kernel(stream, &format!("aiec_tau_fwd_{}", T::NAME))?;
+    // SAFETY: every element is written by the kernel before it is read back.
+    let mut y = unsafe { stream.alloc::<T>(x.len()) }?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&mut y).arg(&n).arg(&tau);
+    // SAFETY: the kernel touches x[0..n) and y[0..n), both of length n (x.len()).
+    unsafe { b.launch(elementwise(x.len(), vec_elems::<T>())) }?;
+    Ok(y)
+}
+
+/// TAU backward: `dF = dA·[F > τ]` (exact). CPU mirror:
+/// [`crate::cpu::aiec::tau_backward`].
+///
+/// Errors: as [`tau_forward`], plus `LengthMismatch` if `dy` and `x` differ in length.
+pub fn tau_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    dy: &impl DeviceInput<T>,
+    x: &impl DeviceInput<T>,
+    tau: f32,
+) -> Result<CudaSlice<T>> {
+    check_tau(tau as f64)?;
+    let (dy, x) = (dy.view(), x.view());
+    check_nonzero("x", x.len())?;
+    check_len("dy", x.len(), dy.len())?;
+    let n = to_i64("x", x.len())?;
+    let f = kernel(stream, &format!("aiec_tau_bwd_{}", T::NAME))?;
+    // SAFETY: every element is written by the kernel before it is read back.
+    let mut dx = unsafe { stream.alloc::<T>(x.len()) }?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&dy).arg(&x).arg(&mut dx).arg(&n).arg(&tau);
+    // SAFETY: dy, x, dx all have n elements; the kernel touches [0, n) of each.
+    unsafe { b.launch(elementwise(x.len(), vec_elems::<T>())) }?;
+    Ok(dx)
+}
+
+/// Inference forward of an AIEC layer: TAU only, `A = F if F > cfg.tau else 0`.
+/// CPU mirror: [`crate::cpu::aiec::infer_forward`].
+///
+/// Errors: `InvalidParam` for a bad config; `Empty` if `f` is empty.
+pub fn infer_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AiecConfig,
+    f: &impl DeviceInput<T>,
+) -> Result<CudaSlice<T>> {
+    cfg.validate()?;
+    tau_forward(stream, f, cfg.tau as f32)
+}
+
+// ---------------------------------------------------------------------------
+// global feature (fused TAU + pooling)
+
+/// Launches the fused TAU + pooling pass: writes the feature (`N × C`, f32) and,
+/// when `y` is given, `A` (`tau = Some`) or a copy. Inputs must be validated.
+fn feature_pass<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &cudarc::driver::CudaView<'_, T>,
+    pool: Pool,
+    tau: Option<f32>,
+    y: Option<&mut CudaSlice<T>>,
+) -> Result<CudaSlice<f32>> {
+    let nc = shape.n * shape.c;
+    // SAFETY: every feature entry is written by the kernel (one per (n, c)).
+    let mut feat = unsafe { stream.alloc::<f32>(nc) }?;
+    let (tau_v, apply) = match tau {
+        Some(t) => (t, 1i32),
+        None => (0.0f32, 0i32),
+    };
+    match shape.layout {
+        Layout::Nchw => {
+            let f = kernel(stream, &format!("aiec_feat_nchw_{}", T::NAME))?;
+            let planes = to_i64("N x C", nc)?;
+            let s = to_i64("positions S", shape.s)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(x);
+            match y {
+                Some(y) => b.arg(y),
+                None => b.arg(&NULL),
+            };
+            b.arg(&mut feat)
+                .arg(&planes)
+                .arg(&s)
+                .arg(&tau_v)
+                .arg(&apply);
+            // SAFETY: x (and y) hold planes·s = N·C·S elements (validated), feat
+            // holds `planes`; block j touches plane j only.
+            unsafe {
+                b.launch(cfg1(
+                    rows_grid(nc),
+                    block_for(shape.s.div_ceil(vec_elems::<T>())),
+                ))
+            }?;
+        }
+        Layout::Nlc => {
+            let f = kernel(stream, &format!("aiec_feat_nlc_{}", T::NAME))?;
+            let n = to_i32("batch N", shape.n)?;
+            let l = to_i32("tokens L", shape.s)?;
+            let c = to_i32("channels C", shape.c)?;
+            let token = match pool {
+                Pool::Mean => -1i32,
+                Pool::ClassToken(i) => to_i32("pool", i)?,
+            };
+            let block = block_for(shape.c);
+            let gy = shape.c.div_ceil(block as usize).min(65_535) as u32;
+            let mut b = stream.launch_builder(&f);
+            b.arg(x);
+            match y {
+                Some(y) => b.arg(y),
+                None => b.arg(&NULL),
+            };
+            b.arg(&mut feat)
+                .arg(&n)
+                .arg(&l)
+                .arg(&c)
+                .arg(&token)
+                .arg(&tau_v)
+                .arg(&apply);
+            let cfg = LaunchConfig {
+                grid_dim: (rows_grid(shape.n), gy, 1),
+                block_dim: (block, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: x (and y) hold N·L·C elements (validated); the kernel reads
+            // (n, t, c) with n < N, t < L (token < L checked), c < C; feat is N·C.
+            unsafe { b.launch(cfg) }?;
+        }
+    }
+    Ok(feat)
+}
+
+/// Global feature `a` (`N × C`, f32) of an activated tensor `A` of shape `shape`:
+/// the mean over the `S` positions ([`Pool::Mean`], f32 block reduction) or the row
+/// of token `i` ([`Pool::ClassToken`], `(N, L, C)` only). Gradient:
+/// [`global_feature_backward`]. CPU mirror: [`crate::cpu::aiec::global_feature`].
+///
+/// Errors: `Empty`/`LengthMismatch` from the shape; `Shape` for `ClassToken` on
+/// NCHW; `InvalidParam` for a token index `≥ L`.
+pub fn global_feature<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    a: &impl DeviceInput<T>,
+    pool: Pool,
+) -> Result<CudaSlice<f32>> {
+    let a = a.view();
+    check_shape(shape, "A", a.len())?;
+    check_pool(shape, pool)?;
+    feature_pass(stream, shape, &a, pool, None, None)
+}
+
+/// Launches the fused backward `dF = mask·(d_out + (∂a/∂A)ᵀ·da)` (mask = `[F > τ]`
+/// when `f_tau` is given, else 1; `d_out` = 0 when absent). Inputs validated.
+fn backward_pass<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    pool: Pool,
+    da: &cudarc::driver::CudaView<'_, f32>,
+    f_tau: Option<(&cudarc::driver::CudaView<'_, T>, f32)>,
+    d_out: Option<&cudarc::driver::CudaView<'_, T>>,
+) -> Result<CudaSlice<T>> {
+    let numel = shape.numel()?;
+    let total = to_i64("activation", numel)?;
+    let tau = f_tau.map(|(_, t)| t).unwrap_or(0.0);
+    // SAFETY: every element of dF is written by the kernel.
+    let mut df = unsafe { stream.alloc::<T>(numel) }?;
+    match shape.layout {
+        Layout::Nchw => {
+            let f = kernel(stream, &format!("aiec_df_nchw_{}", T::NAME))?;
+            let planes = to_i64("N x C", shape.n * shape.c)?;
+            let s = to_i64("positions S", shape.s)?;
+            let inv_s = 1.0f32 / shape.s as f32;
+            let mut b = stream.launch_builder(&f);
+            match &f_tau {
+                Some((fv, _)) => b.arg(*fv),
+                None => b.arg(&NULL),
+            };
+            match &d_out {
+                Some(d) => b.arg(*d),
+                None => b.arg(&NULL),
+            };
+            b.arg(da)
+                .arg(&mut df)
+                .arg(&planes)
+                .arg(&s)
+                .arg(&tau)
+                .arg(&inv_s);
+            // SAFETY: f, d_out (when given) and df hold N·C·S elements (validated),
+            // da holds N·C; block j touches plane j and da[j] only.
+            unsafe {
+                b.launch(cfg1(
+                    rows_grid(shape.n * shape.c),
+                    block_for(shape.s.div_ceil(vec_elems::<T>())),
+                ))
+            }?;
+        }
+        Layout::Nlc => {
+            let f = kernel(stream, &format!("aiec_df_nlc_{}", T::NAME))?;
+            let l = to_i32("tokens L", shape.s)?;
+            let c = to_i32("channels C", shape.c)?;
+            let token = match pool {
+                Pool::Mean => -1i32,
+                Pool::ClassToken(i) => to_i32("pool", i)?,
+            };
+            let inv_l = 1.0f32 / shape.s as f32;
+            let mut b = stream.launch_builder(&f);
+            match &f_tau {
+                Some((fv, _)) => b.arg(*fv),
+                None => b.arg(&NULL),
+            };
+            match &d_out {
+                Some(d) => b.arg(*d),
+                None => b.arg(&NULL),
+            };
+            b.arg(da)
+                .arg(&mut df)
+                .arg(&total)
+                .arg(&l)
+                .arg(&c)
+                .arg(&token)
+                .arg(&tau)
+                .arg(&inv_l);
+            // SAFETY: f, d_out (when given) and df hold `total` = N·L·C elements;
+            // element i maps to (n, c) = (i / (L·C), i mod C) with n < N, so the da
+            // index n·C + c < N·C = da.len().
+            unsafe { b.launch(elementwise(numel, vec_elems::<T>())) }?;
+        }
+    }
+    Ok(df)
+}
+
+/// Backward of [`global_feature`]: from `da = ∂L/∂a` (`N × C`, f32) returns
+/// `∂L/∂A` (full shape, dtype `T`): `da[n,c]/S` at every position for
+/// [`Pool::Mean`]; `da[n,c]` at token `i` and 0 elsewhere for
+/// [`Pool::ClassToken`]. CPU mirror: [`crate::cpu::aiec::global_feature_backward`].
+///
+/// Errors: as [`global_feature`], plus `LengthMismatch` if `da` is not `N × C`.
+pub fn global_feature_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    da: &impl DeviceInput<f32>,
+    pool: Pool,
+) -> Result<CudaSlice<T>> {
+    let numel = shape.numel()?;
+    check_shape(shape, "A", numel)?;
+    check_pool(shape, pool)?;
+    let da = da.view();
+    check_len("da", shape.n * shape.c, da.len())?;
+    backward_pass::<T>(stream, shape, pool, &da, None, None)
+}
+
+// ---------------------------------------------------------------------------
+// ACU counters on the device
+
+/// ACU counters of one AIEC layer on the device: `θ[k,c]` (activations), `η[k,c]`
+/// (inhibitions), `K × C`, and `φ[k]` (samples), `K`, as `u64` device buffers.
+/// They are updated on the device ([`DeviceCounters::update`], [`train_forward`])
+/// with integer atomics, only by samples the DMU predicted correctly; integer
+/// sums do not depend on order, so the result is deterministic and equals the CPU
+/// [`Counters`] for the same decisions. The counts wrap at 2⁶⁴ (the CPU saturates;
+/// neither is reachable in practice). Clear them with [`DeviceCounters::reset`]
+/// at the start of every epoch.
+#[derive(Debug)]
+pub struct DeviceCounters {
+    classes: usize,
+    channels: usize,
+    theta: CudaSlice<u64>,
+    eta: CudaSlice<u64>,
+    phi: CudaSlice<u64>,
+}
+
+impl DeviceCounters {
+    /// Zeroed counters for `k` classes and `c` channels.
+    ///
+    /// Errors: `Empty` if `k` or `c` is 0; `Shape` if `K·C` does not fit the
+    /// kernels' 32-bit indices.
+    pub fn new(stream: &Arc<CudaStream>, k: usize, c: usize) -> Result<Self> {
+        check_nonzero("classes K", k)?;
+        check_nonzero("channels C", c)?;
+        let kc = k.checked_mul(c).ok_or_else(|| Error::Shape {
+            what: "counters",
+            msg: format!("{k} x {c} overflows usize"),
+        })?;
+        to_i32("K x C", kc)?;
+        Ok(Self {
+            classes: k,
+            channels: c,
+            theta: stream.alloc_zeros::<u64>(kc)?,
+            eta: stream.alloc_zeros::<u64>(kc)?,
+            phi: stream.alloc_zeros::<u64>(k)?,
+        })
+    }
+
+    /// Device copy of host counters (e.g. restored from a checkpoint).
+    ///
+    /// Errors: as [`DeviceCounters::new`].
+    pub fn from_host(stream: &Arc<CudaStream>, host: &Counters) -> Result<Self> {
+        let mut d = Self::new(stream, host.classes(), host.channels())?;
+        stream.memcpy_htod(host.theta(), &mut d.theta)?;
+        stream.memcpy_htod(host.eta(), &mut d.eta)?;
+        stream.memcpy_htod(host.phi(), &mut d.phi)?;
+        Ok(d)
+    }
+
+    /// Number of classes K.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Number of channels C.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// θ on the device (`K × C`).
+    pub fn theta(&self) -> &CudaSlice<u64> {
+        &self.theta
+    }
+
+    /// η on the device (`K × C`).
+    pub fn eta(&self) -> &CudaSlice<u64> {
+        &self.eta
+    }
+
+    /// φ on the device (`K`).
+    pub fn phi(&self) -> &CudaSlice<u64> {
+        &self.phi
+    }
+
+    /// Clears every counter to 0 (a device memset; call at the start of every epoch).
+    pub fn reset(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        stream.memset_zeros(&mut self.theta)?;
+        stream.memset_zeros(&mut self.eta)?;
+        stream.memset_zeros(&mut self.phi)?;
+        Ok(())
+    }
+
+    /// Copies the counters to the host (synchronises `stream`) as CPU [`Counters`].
+    ///
+    /// Errors: a driver error; `InvalidParam` if the device values break the
+    /// invariant `θ + η ≤ φ` (only possible after a wrap at 2⁶⁴).
+    pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<Counters> {
+        let theta = stream.clone_dtoh(&self.theta)?;
+        let eta = stream.clone_dtoh(&self.eta)?;
+        let phi = stream.clone_dtoh(&self.phi)?;
+        Counters::from_parts(self.classes, self.channels, theta, eta, phi)
+    }
+
+    /// Counter update for one batch on the device (thread per `(n, c)`, integer
+    /// atomics): for every sample with `correct[n] != 0`, `θ[y,c] += [a[n,c] > 0]`,
+    /// `η[y,c] += [a[n,c] == 0]`, `φ[y] += 1`. CPU mirror: [`Counters::update`].
+    ///
+    /// Errors (all before any counter changes): `Empty` for `N = 0`;
+    /// `LengthMismatch` if `a` is not `N × C` or `correct` not `N`
+    /// (`N = labels.len()`); `LabelOutOfRange` for a label `≥ K`.
+    pub fn update(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        a: &impl DeviceInput<f32>,
+        labels: &[usize],
+        correct: &impl DeviceInput<u8>,
+    ) -> Result<()> {
+        let n = labels.len();
+        let dims = AiecDims::new(n, self.channels, self.classes);
+        dims_i32(dims)?;
+        let (a, correct) = (a.view(), correct.view());
+        check_len("a", n * self.channels, a.len())?;
+        check_len("correct", n, correct.len())?;
+        let lab = check_labels(labels, n, self.classes)?;
+        let lab = stream.clone_htod(&lab)?;
+        self.update_dev(stream, &a, &lab, &correct, n)
+    }
+
+    /// [`DeviceCounters::update`] on validated device inputs.
+    fn update_dev(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        a: &cudarc::driver::CudaView<'_, f32>,
+        labels: &CudaSlice<u32>,
+        correct: &cudarc::driver::CudaView<'_, u8>,
+        n: usize,
+    ) -> Result<()> {
+        let f = kernel(stream, "aiec_count_f32")?;
+        let (ni, ci) = (to_i32("batch N", n)?, to_i32("channels C", self.channels)?);
+        let mut b = stream.launch_builder(&f);
+        b.arg(a)
+            .arg(labels)
+            .arg(correct)
+            .arg(&mut self.theta)
+            .arg(&mut self.eta)
+            .arg(&mut self.phi)
+            .arg(&ni)
+            .arg(&ci);
+        // SAFETY: a is N·C, labels and correct are N; every label is < K (validated
+        // on the host), so θ/η indices y·C + c < K·C and φ index y < K.
+        unsafe { b.launch(elementwise(n * self.channels, 1)) }?;
+        Ok(())
+    }
+
+    /// Relative firing rate `v[k,c] = (θ − η)/φ` (`K × C`, f32; formed in f64 and
+    /// rounded, like the CPU), `0` where `φ = 0`. CPU mirror:
+    /// [`Counters::relative_rate`].
+    pub fn relative_rate(&self, stream: &Arc<CudaStream>) -> Result<CudaSlice<f32>> {
+        let kc = self.classes * self.channels;
+        // SAFETY: the kernel writes all K·C entries.
+        let mut v = unsafe { stream.alloc::<f32>(kc) }?;
+        self.rate_masks(stream, None, Some(&mut v), None)?;
+        Ok(v)
+    }
+
+    /// Launches the v + masks kernel (thread per (k, c)); `wd` must be given with
+    /// `masks` and be `K × C`.
+    fn rate_masks(
+        &self,
+        stream: &Arc<CudaStream>,
+        wd: Option<&cudarc::driver::CudaView<'_, f32>>,
+        v: Option<&mut CudaSlice<f32>>,
+        masks: Option<&mut CudaSlice<u8>>,
+    ) -> Result<()> {
+        let f = kernel(stream, "aiec_rate_masks_f32")?;
+        let (k, c) = (
+            to_i32("classes K", self.classes)?,
+            to_i32("channels C", self.channels)?,
+        );
+        let kc = self.classes * self.channels;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&self.theta).arg(&self.eta).arg(&self.phi);
+        match wd {
+            Some(w) => b.arg(w),
+            None => b.arg(&NULL),
+        };
+        match v {
+            Some(v) => b.arg(v),
+            None => b.arg(&NULL),
+        };
+        match masks {
+            Some(m) => b.arg(m),
+            None => b.arg(&NULL),
+        };
+        b.arg(&k).arg(&c);
+        // SAFETY: θ, η (and wd, v, masks when given) are K·C, φ is K; the kernel
+        // touches i < K·C and φ[i / C].
+        unsafe { b.launch(elementwise(kc, 1)) }?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// DMU
+
+/// Output of [`dmu_forward`] (all on the device).
+#[derive(Debug)]
+pub struct DeviceDmuOut {
+    /// Logits `z[n,k] = Σ_c a[n,c]·Wd[k,c]` (`N × K`, f32).
+    pub logits: CudaSlice<f32>,
+    /// `p = softmax(z)` per sample (`N × K`, f32).
+    pub probs: CudaSlice<f32>,
+    /// `L_aux[n] = −log p[n, y_n]` (`N`, f32).
+    pub loss: CudaSlice<f32>,
+    /// `argmax_k z[n,k] == y_n` as 0/1 (`N`); first max wins a tie; NaN ⇒ 0.
+    pub correct: CudaSlice<u8>,
+}
+
+/// Gradients of [`dmu_backward`] (on the device, f32).
+#[derive(Debug)]
+pub struct DeviceDmuGrads {
+    /// `∂L/∂a` (`N × C`).
+    pub da: CudaSlice<f32>,
+    /// `∂L/∂Wd` (`K × C`).
+    pub dwd: CudaSlice<f32>,
+}
+
+/// Launches the DMU forward kernel on validated inputs.
+fn dmu_forward_dev(
+    stream: &Arc<CudaStream>,
+    a: &cudarc::driver::CudaView<'_, f32>,
+    wd: &cudarc::driver::CudaView<'_, f32>,
+    labels: &CudaSlice<u32>,
+    dims: AiecDims,
+) -> Result<DeviceDmuOut> {
+    let (n, c, k) = dims_i32(dims)?;
+    let f = kernel(stream, "aiec_dmu_fwd_f32")?;
+    // SAFETY (allocs): the kernel writes every logit, probability, loss and flag.
+    let mut logits = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
+    let mut probs = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
+    let mut loss = unsafe { stream.alloc::<f32>(dims.n) }?;
+    let mut correct = unsafe { stream.alloc::<u8>(dims.n) }?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(a)
+        .arg(wd)
+        .arg(labels)
+        .arg(&mut logits)
+        .arg(&mut probs)
+        .arg(&mut loss)
+        .arg(&mut correct)
+        .arg(&n)
+        .arg(&c)
+        .arg(&k);
+    // SAFETY: a is N·C, wd K·C, labels N with every label < K (host-validated);
+    // block rows n < N touch a[n·C..], z/p[n·K..n·K+K), loss/correct[n].
+    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(32 * dims.k))) }?;
+    Ok(DeviceDmuOut {
+        logits,
+        probs,
+        loss,
+        correct,
+    })
+}
+
+/// DMU forward on the device: `z = a·Wdᵀ` (f32, warp per class), `p = softmax(z)`
+/// with the max subtracted, `L_aux[n] = log Σ_k e^{z_k − m} − (z_y − m)`, and the
+/// correctness `argmax_k z[n,k] == y_n` (first maximal index; a NaN logit ⇒ not
+/// correct). Gradient: [`dmu_backward`]. CPU mirror: [`crate::cpu::aiec::dmu_forward`].
+///
+/// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
+/// `wd` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+pub fn dmu_forward(
+    stream: &Arc<CudaStream>,
+    a: &impl DeviceInput<f32>,
+    wd: &impl DeviceInput<f32>,
+    labels: &[usize],
+    dims: AiecDims,
+) -> Result<DeviceDmuOut> {
+    dims_i32(dims)?;
+    let (a, wd) = (a.view(), wd.view());
+    check_len("a", dims.n * dims.c, a.len())?;
+    check_len("wd", dims.k * dims.c, wd.len())?;
+    let lab = check_labels(labels, dims.n, dims.k)?;
+    let lab = stream.clone_htod(&lab)?;
+    dmu_forward_dev(stream, &a, &wd, &lab, dims)
+}
+
+/// Feature gradient (aux and / or gate terms) on validated inputs.
+#[allow(clippy::too_many_arguments)]
+fn da_dev(
+    stream: &Arc<CudaStream>,
+    a: &cudarc::driver::CudaView<'_, f32>,
+    wd: &cudarc::driver::CudaView<'_, f32>,
+    probs: Option<&cudarc::driver::CudaView<'_, f32>>,
+    labels: &CudaSlice<u32>,
+    masks: Option<&cudarc::driver::CudaView<'_, u8>>,
+    dl_aux: Option<&cudarc::driver::CudaView<'_, f32>>,
+    dl_gate: Option<&cudarc::driver::CudaView<'_, f32>>,
+    aux_scale: f32,
+    gate_scale: f32,
+    dims: AiecDims,
+) -> Result<CudaSlice<f32>> {
+    let (n, c, k) = dims_i32(dims)?;
+    let f = kernel(stream, "aiec_da_f32")?;
+    // SAFETY: the kernel writes every da entry.
+    let mut da = unsafe { stream.alloc::<f32>(dims.n * dims.c) }?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(a).arg(wd);
+    match probs {
+        Some(p) => b.arg(p),
+        None => b.arg(&NULL),
+    };
+    b.arg(labels);
+    match masks {
+        Some(m) => b.arg(m),
+        None => b.arg(&NULL),
+    };
+    match dl_aux {
+        Some(d) => b.arg(d),
+        None => b.arg(&NULL),
+    };
+    match dl_gate {
+        Some(d) => b.arg(d),
+        None => b.arg(&NULL),
+    };
+    b.arg(&aux_scale)
+        .arg(&gate_scale)
+        .arg(&mut da)
+        .arg(&n)
+        .arg(&c)
+        .arg(&k);
+    // SAFETY: a, da are N·C; wd and masks K·C; probs N·K; labels, dl_* N; every
+    // label < K (host-validated), so mask rows y·C.. and probs rows are in bounds.
+    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
+    Ok(da)
+}
+
+/// `dWd[k,c] = Σ_n g[n,k]·a[n,c]`, `g = aux_scale·dl[n]·(p − onehot)`, in two
+/// deterministic stages (per-chunk partials, then a fixed-order sum).
+fn dwd_dev(
+    stream: &Arc<CudaStream>,
+    a: &cudarc::driver::CudaView<'_, f32>,
+    probs: &cudarc::driver::CudaView<'_, f32>,
+    labels: &CudaSlice<u32>,
+    dl_aux: Option<&cudarc::driver::CudaView<'_, f32>>,
+    aux_scale: f32,
+    dims: AiecDims,
+) -> Result<CudaSlice<f32>> {
+    let (n, c, k) = dims_i32(dims)?;
+    let kc = dims.k * dims.c;
+    // Chunks of samples: at most 64, at least 4 samples each (so N = 5 already
+    // exercises the second stage with 2 chunks).
+    let chunks = dims.n.div_ceil(4).clamp(1, 64);
+    let spb = dims.n.div_ceil(chunks);
+    let chunks = dims.n.div_ceil(spb);
+    let part_len = chunks.checked_mul(kc).ok_or_else(|| Error::Shape {
+        what: "dwd",
+        msg: "partials overflow usize".into(),
+    })?;
+    // SAFETY: stage 1 writes every partial (chunk b, i < K·C).
+    let mut partial = unsafe { stream.alloc::<f32>(part_len) }?;
+    let f1 = kernel(stream, "aiec_dwd_partial_f32")?;
+    let spb_i = to_i32("samples per block", spb)?;
+    let mut b = stream.launch_builder(&f1);
+    b.arg(a).arg(probs).arg(labels);
+    match dl_aux {
+        Some(d) => b.arg(d),
+        None => b.arg(&NULL),
+    };
+    b.arg(&aux_scale)
+        .arg(&mut partial)
+        .arg(&n)
+        .arg(&c)
+        .arg(&k)
+        .arg(&spb_i);
+    let block = block_for(kc);
+    let gy = kc.div_ceil(block as usize).clamp(1, 1024) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (chunks as u32, gy, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: block x reads samples [x·spb, min(N, x·spb + spb)) of a (N·C), probs
+    // (N·K), labels / dl (N), with labels < K; writes partial[x·K·C + i], i < K·C,
+    // x < chunks.
+    unsafe { b.launch(cfg) }?;
+    let f2 = kernel(stream, "aiec_dwd_reduce_f32")?;
+    // SAFETY: stage 2 writes every dWd entry.
+    let mut dwd = unsafe { stream.alloc::<f32>(kc) }?;
+    let chunks_i = to_i32("chunks", chunks)?;
+    let kc_i = to_i64("K x C", kc)?;
+    let mut b = stream.launch_builder(&f2);
+    b.arg(&partial).arg(&mut dwd).arg(&chunks_i).arg(&kc_i);
+    // SAFETY: reads partial[b·K·C + i] for b < chunks, i < K·C; writes dwd[i].
+    unsafe { b.launch(elementwise(kc, 1)) }?;
+    Ok(dwd)
+}
+
+/// DMU backward on the device for `L = Σ_n dloss[n]·L_aux[n]`, with `g[n,k] =
+/// dloss[n]·(p[n,k] − [k = y_n])`: `∂L/∂a = g·Wd` (thread per (n, c), loop over K)
+/// and `∂L/∂Wd = gᵀ·a` (two-stage deterministic reduction over samples). `probs`
+/// are the forward's. CPU mirror: [`crate::cpu::aiec::dmu_backward`].
+///
+/// Errors: as [`dmu_forward`], plus `LengthMismatch` if `probs` is not `N × K` or
+/// `dloss` not `N`.
+pub fn dmu_backward(
+    stream: &Arc<CudaStream>,
+    a: &impl DeviceInput<f32>,
+    wd: &impl DeviceInput<f32>,
+    probs: &impl DeviceInput<f32>,
+    labels: &[usize],
+    dloss: &impl DeviceInput<f32>,
+    dims: AiecDims,
+) -> Result<DeviceDmuGrads> {
+    dims_i32(dims)?;
+    let (a, wd, probs, dloss) = (a.view(), wd.view(), probs.view(), dloss.view());
+    check_len("a", dims.n * dims.c, a.len())?;
+    check_len("wd", dims.k * dims.c, wd.len())?;
+    check_len("probs", dims.n * dims.k, probs.len())?;
+    check_len("dloss", dims.n, dloss.len())?;
+    let lab = check_labels(labels, dims.n, dims.k)?;
+    let lab = stream.clone_htod(&lab)?;
+    let da = da_dev(
+        stream,
+        &a,
+        &wd,
+        Some(&probs),
+        &lab,
+        None,
+        Some(&dloss),
+        None,
+        1.0,
+        0.0,
+        dims,
+    )?;
+    let dwd = dwd_dev(stream, &a, &probs, &lab, Some(&dloss), 1.0, dims)?;
+    Ok(DeviceDmuGrads { da, dwd })
+}
+
+// ---------------------------------------------------------------------------
+// CGU
+
+/// Consensus masks `G[k,c] = [v[k,c] ≤ 0] ∧ [Wd[k,c] ≤ 0]` as 0/1 bytes (NaN ⇒ 0).
+/// Masks carry no gradient. CPU mirror: [`crate::cpu::aiec::gate_masks`].
+///
+/// Errors: `Empty` if `v` is empty; `LengthMismatch` if `wd` differs in length.
+pub fn gate_masks(
+    stream: &Arc<CudaStream>,
+    v: &impl DeviceInput<f32>,
+    wd: &impl DeviceInput<f32>,
+) -> Result<CudaSlice<u8>> {
+    let (v, wd) = (v.view(), wd.view());
+    check_nonzero("v", v.len())?;
+    check_len("wd", v.len(), wd.len())?;
+    let total = to_i64("v", v.len())?;
+    let f = kernel(stream, "aiec_gate_masks_f32")?;
+    // SAFETY: the kernel writes every mask.
+    let mut m = unsafe { stream.alloc::<u8>(v.len()) }?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&v).arg(&wd).arg(&mut m).arg(&total);
+    // SAFETY: v, wd, m all have `total` elements.
+    unsafe { b.launch(elementwise(v.len(), 1)) }?;
+    Ok(m)
+}
+
+/// Checks of the gate-loss entry points (host only); returns the labels as `u32`.
+fn check_gate(
+    a_len: usize,
+    masks_len: usize,
+    labels: &[usize],
+    dims: AiecDims,
+) -> Result<Vec<u32>> {
+    dims_i32(dims)?;
+    check_len("a", dims.n * dims.c, a_len)?;
+    check_len("masks", dims.k * dims.c, masks_len)?;
+    check_labels(labels, dims.n, dims.k)
+}
+
+/// Launches the gate-loss kernel on validated inputs.
+fn gate_loss_dev(
+    stream: &Arc<CudaStream>,
+    a: &cudarc::driver::CudaView<'_, f32>,
+    masks: &cudarc::driver::CudaView<'_, u8>,
+    labels: &CudaSlice<u32>,
+    dims: AiecDims,
+) -> Result<CudaSlice<f32>> {
+    let (n, c, _) = dims_i32(dims)?;
+    let f = kernel(stream, "aiec_gate_loss_f32")?;
+    // SAFETY: the kernel writes every loss.
+    let mut loss = unsafe { stream.alloc::<f32>(dims.n) }?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(a)
+        .arg(masks)
+        .arg(labels)
+        .arg(&mut loss)
+        .arg(&n)
+        .arg(&c);
+    // SAFETY: a is N·C, masks K·C with labels < K (host-validated), loss N.
+    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
+    Ok(loss)
+}
+
+/// Gate loss per sample on the device: `L_gate[n] = Σ_c |a[n,c]|·G[y_n,c] / Σ_c
+/// G[y_n,c]`, 0 when the class has no gated channel (block per sample, f32).
+/// Gradient: [`gate_loss_backward`]. CPU mirror: [`crate::cpu::aiec::gate_loss`].
+///
+/// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
+/// `masks` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+pub fn gate_loss(
+    stream: &Arc<CudaStream>,
+    a: &impl DeviceInput<f32>,
+    masks: &impl DeviceInput<u8>,
+    labels: &[usize],
+    dims: AiecDims,
+) -> Result<CudaSlice<f32>> {
+    let (a, masks) = (a.view(), masks.view());
+    let lab = check_gate(a.len(), masks.len(), labels, dims)?;
+    let lab = stream.clone_htod(&lab)?;
+    gate_loss_dev(stream, &a, &masks, &lab, dims)
+}
+
+/// Backward of [`gate_loss`] for `L = Σ_n dloss[n]·L_gate[n]`:
+/// `∂L/∂a[n,c] = dloss[n]·G[y_n,c]·sign(a[n,c]) / Σ_c G[y_n,c]` (`sign(0) = 0`;
+/// the row is 0 when the count is 0). CPU mirror:
+/// [`crate::cpu::aiec::gate_loss_backward`].
+///
+/// Errors: as [`gate_loss`], plus `LengthMismatch` if `dloss` is not `N`.
+pub fn gate_loss_backward(
+    stream: &Arc<CudaStream>,
+    a: &impl DeviceInput<f32>,
+    masks: &impl DeviceInput<u8>,
+    labels: &[usize],
+    dloss: &impl DeviceInput<f32>,
+    dims: AiecDims,
+) -> Result<CudaSlice<f32>> {
+    let (a, masks, dloss) = (a.view(), masks.view(), dloss.view());
+    let lab = check_gate(a.len(), masks.len(), labels, dims)?;
+    check_len("dloss", dims.n, dloss.len())?;
+    let lab = stream.clone_htod(&lab)?;
+    // The DMU weights are not read without probs; pass `a` as a placeholder of the
+    // right type (never dereferenced by the kernel when probs is null).
+    da_dev(
+        stream,
+        &a,
+        &a,
+        None,
+        &lab,
+        Some(&masks),
+        None,
+        Some(&dloss),
+        0.0,
+        1.0,
+        dims,
+    )
+}
+
+// ---------------------------------------------------------------------------
+// the whole layer
+
+/// Losses of one AIEC layer for one batch, on the device (f32).
+#[derive(Debug)]
+pub struct DeviceLosses {
+    /// `L_aux[n]` (`N`).
+    pub aux: CudaSlice<f32>,
+    /// `L_gate[n]` (`N`).
+    pub gate: CudaSlice<f32>,
+    /// `[mean(L_aux), mean(L_gate), λ_aux·mean(L_aux) + λ_gate·mean(L_gate)]`
+    /// (3 values; one-block fixed-order reduction).
+    pub means: CudaSlice<f32>,
+}
+
+impl DeviceLosses {
+    /// `(aux_mean, gate_mean, total_aux_gate)` copied to the host (synchronises).
+    pub fn means_to_host(&self, stream: &Arc<CudaStream>) -> Result<(f32, f32, f32)> {
+        let m = stream.clone_dtoh(&self.means)?;
+        match m.as_slice() {
+            [a, g, t] => Ok((*a, *g, *t)),
+            _ => Err(Error::Driver("loss means: expected 3 values".into())),
+        }
+    }
+}
+
+/// What [`train_backward`] needs from [`train_forward`] (besides `F` and `Wd`),
+/// kept on the device. Read-only: the fields are private so they stay consistent.
+#[derive(Debug)]
+pub struct DeviceSaved {
+    cfg: AiecConfig,
+    dims: AiecDims,
+    feature: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    probs: CudaSlice<f32>,
+    correct: CudaSlice<u8>,
+    masks: CudaSlice<u8>,
+    labels: Vec<usize>,
+    labels_dev: CudaSlice<u32>,
+}
+
+impl DeviceSaved {
+    /// Global feature `a` (`N × C`, f32).
+    pub fn feature(&self) -> &CudaSlice<f32> {
+        &self.feature
+    }
+    /// DMU logits (`N × K`, f32).
+    pub fn logits(&self) -> &CudaSlice<f32> {
+        &self.logits
+    }
+    /// DMU probabilities (`N × K`, f32).
+    pub fn probs(&self) -> &CudaSlice<f32> {
+        &self.probs
+    }
+    /// DMU correctness per sample (`N`, 0/1).
+    pub fn correct(&self) -> &CudaSlice<u8> {
+        &self.correct
+    }
+    /// Consensus masks `G` used for the gate loss (`K × C`, 0/1).
+    pub fn masks(&self) -> &CudaSlice<u8> {
+        &self.masks
+    }
+    /// The labels of the batch (host copy).
+    pub fn labels(&self) -> &[usize] {
+        &self.labels
+    }
+    /// Dimensions `(N, C, K)`.
+    pub fn dims(&self) -> AiecDims {
+        self.dims
+    }
+}
+
+/// Result of [`train_forward`].
+#[derive(Debug)]
+pub struct DeviceTrainOut<T> {
+    /// Activated tensor `A = TAU(F)` (shape of `F`, dtype `T`): the layer's output.
+    pub out: CudaSlice<T>,
+    /// This layer's auxiliary and gate losses.
+    pub losses: DeviceLosses,
+    /// Saved state for [`train_backward`].
+    pub saved: DeviceSaved,
+}
+
+/// Gradients of [`train_backward`].
+#[derive(Debug)]
+pub struct DeviceGrads<T> {
+    /// `∂L/∂F` (shape of `F`, dtype `T`).
+    pub df: CudaSlice<T>,
+    /// `∂L/∂Wd` (`K × C`, f32).
+    pub dwd: CudaSlice<f32>,
+}
+
+/// One training step of an AIEC layer on the device, in SPEC order: fused TAU +
+/// pooling → DMU logits → correctness → counter update (integer atomics) → `v` →
+/// masks → losses. Everything after the label upload runs on the device; nothing
+/// is copied back.
+///
+/// * `f`: pre-activation `F` (dtype `T`) of shape `shape`;
+/// * `wd`: DMU weights `K × C` (f32), `K = counters.classes()`;
+/// * `labels`: `N` labels in `0..K` (host slice; validated, then uploaded as u32);
+/// * `counters`: this layer's device counters, updated with this batch's correctly
+///   predicted samples *before* the masks are formed (as on the CPU).
+///
+/// Saved for backward: the feature, logits, probabilities, correctness, masks and
+/// labels (all on the device). CPU mirror: [`crate::cpu::aiec::train_forward`].
+///
+/// Errors (all checked on the host before any launch or counter change): `Shape`
+/// if the counters' channels differ from `C`; `InvalidParam` for a bad config;
+/// `Empty`/`LengthMismatch` from the shape; `Shape`/`InvalidParam` for a bad pool;
+/// `LengthMismatch` for `labels` or `wd`; `LabelOutOfRange` for a label `≥ K`.
+pub fn train_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AiecConfig,
+    shape: &ActShape,
+    f: &impl DeviceInput<T>,
+    wd: &impl DeviceInput<f32>,
+    labels: &[usize],
+    counters: &mut DeviceCounters,
+) -> Result<DeviceTrainOut<T>> {
+    let k = counters.classes();
+    if counters.channels() != shape.c {
+        return Err(Error::Shape {
+            what: "counters",
+            msg: format!(
+                "counters are {} classes x {} channels, the op needs {k} x {}",
+                k,
+                counters.channels(),
+                shape.c
+            ),
+        });
+    }
+    let (f, wd) = (f.view(), wd.view());
+    cfg.validate()?;
+    check_shape(shape, "f", f.len())?;
+    check_pool(shape, cfg.pool)?;
+    let dims = AiecDims::new(shape.n, shape.c, k);
+    let (n_i, _, _) = dims_i32(dims)?;
+    let lab = check_labels(labels, shape.n, k)?;
+    check_len("wd", k * shape.c, wd.len())?;
+
+    let labels_dev = stream.clone_htod(&lab)?;
+    // SAFETY: the fused pass writes every element of A.
+    let mut out = unsafe { stream.alloc::<T>(f.len()) }?;
+    let feature = feature_pass(
+        stream,
+        shape,
+        &f,
+        cfg.pool,
+        Some(cfg.tau as f32),
+        Some(&mut out),
+    )?;
+    let dmu = dmu_forward_dev(stream, &feature.as_view(), &wd, &labels_dev, dims)?;
+    counters.update_dev(
+        stream,
+        &feature.as_view(),
+        &labels_dev,
+        &dmu.correct.as_view(),
+        dims.n,
+    )?;
+    // SAFETY: the v + masks kernel writes all K·C masks.
+    let mut masks = unsafe { stream.alloc::<u8>(dims.k * dims.c) }?;
+    counters.rate_masks(stream, Some(&wd), None, Some(&mut masks))?;
+    let gate = gate_loss_dev(
+        stream,
+        &feature.as_view(),
+        &masks.as_view(),
+        &labels_dev,
+        dims,
+    )?;
+
+    let fm = kernel(stream, "aiec_loss_means_f32")?;
+    // SAFETY: the kernel writes the 3 means.
+    let mut means = unsafe { stream.alloc::<f32>(3) }?;
+    let (la, lg) = (cfg.lambda_aux as f32, cfg.lambda_gate as f32);
+    let mut b = stream.launch_builder(&fm);
+    b.arg(&dmu.loss)
+        .arg(&gate)
+        .arg(&mut means)
+        .arg(&n_i)
+        .arg(&la)
+        .arg(&lg);
+    // SAFETY: aux and gate hold N values, means 3; one block reads [0, N).
+    unsafe { b.launch(cfg1(1, block_for(dims.n))) }?;
+
+    Ok(DeviceTrainOut {
+        out,
+        losses: DeviceLosses {
+            aux: dmu.loss,
+            gate,
+            means,
+        },
+        saved: DeviceSaved {
+            cfg: *cfg,
+            dims,
+            feature,
+            logits: dmu.logits,
+            probs: dmu.probs,
+            correct: dmu.correct,
+            masks,
+            labels: labels.to_vec(),
+            labels_dev,
+        },
+    })
+}
+
+/// Backward of one AIEC training step on the device. With `s = loss_scale` and
+/// `d_out = ∂L_task/∂A` (dtype `T`):
+///
+/// * `∂/∂a[n,c] = s·(λ_aux/N)·Σ_k (p[n,k] − [k = y_n])·Wd[k,c]`
+///   `+ s·(λ_gate/N)·G[y_n,c]·sign(a[n,c]) / Σ_c G[y_n,c]` (thread per (n, c));
+/// * `∂L/∂F = [F > τ]·(d_out + (∂a/∂A)ᵀ·∂/∂a)` (one fused element-wise pass,
+///   128-bit vectors where aligned);
+/// * `∂L/∂Wd[k,c] = s·(λ_aux/N)·Σ_n (p[n,k] − [k = y_n])·a[n,c]` (two-stage,
+///   deterministic).
+///
+/// Masks and counters carry no gradient. CPU mirror:
+/// [`crate::cpu::aiec::train_backward`].
+///
+/// Errors: `InvalidParam` if `cfg` differs from the forward's; the forward's shape
+/// errors; `Shape` if `shape` does not match the saved dims; `LengthMismatch` for
+/// `d_out`, `f` or `wd`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AiecConfig,
+    shape: &ActShape,
+    d_out: &impl DeviceInput<T>,
+    loss_scale: f32,
+    f: &impl DeviceInput<T>,
+    wd: &impl DeviceInput<f32>,
+    saved: &DeviceSaved,
+) -> Result<DeviceGrads<T>> {
+    if *cfg != saved.cfg {
+        return Err(Error::InvalidParam {
+            what: "cfg",
+            msg: "differs from the config of the forward pass".into(),
+        });
+    }
+    cfg.validate()?;
+    let (d_out, f, wd) = (d_out.view(), f.view(), wd.view());
+    check_shape(shape, "f", f.len())?;
+    check_pool(shape, cfg.pool)?;
+    let dims = saved.dims;
+    if shape.n != dims.n || shape.c != dims.c {
+        return Err(Error::Shape {
+            what: "shape",
+            msg: format!("{shape:?} does not match the forward's dims {dims:?}"),
+        });
+    }
+    check_len("d_out", f.len(), d_out.len())?;
+    check_len("wd", dims.k * dims.c, wd.len())?;
+
+    let s = loss_scale as f64;
+    let nf = dims.n as f64;
+    let aux_scale = (s * cfg.lambda_aux / nf) as f32;
+    let gate_scale = (s * cfg.lambda_gate / nf) as f32;
+    let feat = saved.feature.as_view();
+    let probs = saved.probs.as_view();
+    let da = da_dev(
+        stream,
+        &feat,
+        &wd,
+        Some(&probs),
+        &saved.labels_dev,
+        Some(&saved.masks.as_view()),
+        None,
+        None,
+        aux_scale,
+        gate_scale,
+        dims,
+    )?;
+    let dwd = dwd_dev(
+        stream,
+        &feat,
+        &probs,
+        &saved.labels_dev,
+        None,
+        aux_scale,
+        dims,
+    )?;
+    let df = backward_pass(
+        stream,
+        shape,
+        cfg.pool,
+        &da.as_view(),
+        Some((&f, cfg.tau as f32)),
+        Some(&d_out),
+    )?;
+    Ok(DeviceGrads { df, dwd })
+}

@@ -13,6 +13,7 @@
 
 pub mod abi;
 pub mod dtype;
+pub mod iieu_dc;
 mod module;
 
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView};

@@ -36,8 +36,15 @@ use super::{grid_for, to_i32, CudaSlice, CudaStream, DType, DeviceInput, Kernels
 use crate::cpu::iieu_dc::{DcConfig, DcParams};
 use crate::error::{check_len, check_nonzero, Error, Result};
 
-/// Threads per block of the coupler kernels (a multiple of 32, at least 64).
-const COUPLER_BLOCK: u32 = 256;
+/// Most threads per block of the coupler kernels.
+const COUPLER_BLOCK_MAX: usize = 256;
+
+/// Threads per coupler block: one per LayerNorm element (2C) rounded up to a warp,
+/// clamped to [64, 256] (the kernels need a multiple of 32 and at least two warps);
+/// small C does not launch idle threads.
+fn coupler_block(c: usize) -> u32 {
+    (2 * c).div_ceil(32).saturating_mul(32).clamp(64, COUPLER_BLOCK_MAX) as u32
+}
 /// Dynamic shared memory the coupler may use: the default 48 KiB per block, less a
 /// margin for the kernels' static shared memory (block-sum scratch and scalars).
 pub const MAX_COUPLER_SMEM_BYTES: usize = 48 * 1024 - 256;
@@ -325,7 +332,7 @@ pub fn forward<T: DType>(
     // checked against C and hidden (ln 2C, W1 hidden·C, γ₂/β₂ 2·hidden, η₂ hidden,
     // W2 C·hidden); the shared memory holds the 4C + 6·hidden floats the forward
     // carves (checked against the limit in `plan`).
-    unsafe { b.launch(launch_cfg(grid, COUPLER_BLOCK, p.smem_fwd)) }?;
+    unsafe { b.launch(launch_cfg(grid, coupler_block(cfg.c), p.smem_fwd)) }?;
 
     // (3) Mix.
     // SAFETY: the mix kernel writes every element of out (vector body + scalar tail).
@@ -433,7 +440,7 @@ pub fn backward<T: DType>(
     // and hidden; part has rows·len elements and block b < rows = grid writes row b only;
     // the shared memory holds the 4C + 13·hidden floats the kernel carves (checked in
     // `plan`).
-    unsafe { b.launch(launch_cfg(rows as u32, COUPLER_BLOCK, p.smem_bwd)) }?;
+    unsafe { b.launch(launch_cfg(rows as u32, coupler_block(cfg.c), p.smem_bwd)) }?;
 
     // (c) Stage 2: fixed-order sum over the rows into the nine gradients.
     // SAFETY (all nine): the stage-2 kernel writes every element of each (its region of

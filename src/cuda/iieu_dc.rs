@@ -43,7 +43,10 @@ const COUPLER_BLOCK_MAX: usize = 256;
 /// clamped to [64, 256] (the kernels need a multiple of 32 and at least two warps);
 /// small C does not launch idle threads.
 fn coupler_block(c: usize) -> u32 {
-    (2 * c).div_ceil(32).saturating_mul(32).clamp(64, COUPLER_BLOCK_MAX) as u32
+    (2 * c)
+        .div_ceil(32)
+        .saturating_mul(32)
+        .clamp(64, COUPLER_BLOCK_MAX) as u32
 }
 /// Dynamic shared memory the coupler may use: the default 48 KiB per block, less a
 /// margin for the kernels' static shared memory (block-sum scratch and scalars).

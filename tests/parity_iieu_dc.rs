@@ -415,9 +415,10 @@ fn parity_bf16() {
 
 /// Kernel paths the standard grid does not reach: 4×4 planes (vectorised plane
 /// reductions: S a multiple of 4 and of 8), 33×33 planes (one block per plane instead of
-/// one warp), hidden = 1 (std taken as 0), N = 70 > 64 coupler-backward blocks (blocks
-/// accumulate several samples into their partial row), and unaligned views (scalar
-/// elementwise and reduction paths).
+/// one warp), 32×33 = 1056 with f16 (one block per plane with 128-bit loads), hidden = 1
+/// (std taken as 0), N = 70 > 64 coupler-backward blocks (blocks accumulate several
+/// samples into their partial row), and unaligned views (scalar elementwise and
+/// reduction paths).
 #[test]
 fn parity_kernel_paths() {
     parity::<f32>(2, 32, 4, 4, 16, 200, 0);
@@ -425,6 +426,7 @@ fn parity_kernel_paths() {
     parity::<bf16>(3, 16, 4, 4, 4, 215, 0);
     parity::<f32>(1, 8, 33, 33, 4, 220, 0);
     parity::<bf16>(1, 8, 33, 33, 4, 230, 0);
+    parity::<f16>(1, 8, 32, 33, 4, 235, 0);
     parity::<f32>(2, 16, 3, 3, 16, 240, 0);
     parity::<f32>(70, 32, 1, 1, 16, 250, 0);
     parity::<f32>(3, 40, 4, 4, 4, 260, 1);

@@ -15,6 +15,7 @@ pub mod abi;
 pub mod aiec;
 pub mod dtype;
 pub mod iieu;
+pub mod iieu_dc;
 mod module;
 
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView};

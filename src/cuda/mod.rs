@@ -47,11 +47,9 @@ impl<T> DeviceInput<T> for CudaView<'_, T> {
     }
 }
 
-#[allow(dead_code)] // used by the family modules as they land
 /// Threads per block of the elementwise and reduction kernels (a multiple of 32).
 pub(crate) const BLOCK: u32 = 256;
 
-#[allow(dead_code)]
 /// Grid size for a grid-stride loop over `work` items of which each block
 /// handles `per_block` per iteration, capped so that launches stay cheap.
 pub(crate) fn grid_for(work: usize, per_block: usize) -> u32 {
@@ -59,7 +57,6 @@ pub(crate) fn grid_for(work: usize, per_block: usize) -> u32 {
     blocks.min(65_535) as u32
 }
 
-#[allow(dead_code)]
 /// `i32` view of a size, or an error if a kernel's 32-bit index could overflow.
 pub(crate) fn to_i32(what: &'static str, v: usize) -> crate::Result<i32> {
     i32::try_from(v).map_err(|_| crate::Error::Shape {

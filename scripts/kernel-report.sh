@@ -39,9 +39,10 @@ tc="$root/.cuda-toolchain/nvidia/cu13/bin"
 if [ -x "$tc/cuobjdump" ]; then
   sass="$("$tc/cuobjdump" -sass -arch sm_86 "$fatbin" 2>/dev/null || true)"
   missing=0
-  for k in $(grep -oE '^\| (acon_[a-z_]*_f32|tau_[a-z_]*_f32|iieu_adjust[a-z_]*_f32|dc_mix[a-z_]*_f32) ' target/kernel-report.md | tr -d '| ' | sort -u); do
+  for k in $(grep -oE '^\| (acon_[a-z_]*fwd_f32|aiec_tau_(fwd|bwd)_f32|iieu_fwd_f32|iieu_dc_mix_f32|iieu_dc_dx_f32) ' target/kernel-report.md | tr -d '| ' | sort -u); do
     body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
-    if printf '%s\n' "$body" | grep -q 'LDG.E.128'; then
+    # (grep -c, not -q: with pipefail an early exit of grep would fail the pipe)
+    if [ "$(grep -c 'LDG.E.128' <<<"$body")" -gt 0 ]; then
       echo "SASS sm_86 $k: LDG.E.128 present"
     else
       echo "SASS sm_86 $k: no 128-bit global load"; missing=1

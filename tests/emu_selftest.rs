@@ -209,3 +209,99 @@ fn out_of_bounds_write_is_caught_by_asan() {
         "ASan report expected, got:\n{err}"
     );
 }
+
+/// The emulator's software f16/bf16 conversions round to nearest even exactly as
+/// the hardware intrinsics (and the `half` crate) do: normal and subnormal ranges,
+/// ties, overflow to infinity, NaN.
+#[test]
+fn f16_bf16_conversions_match_the_half_crate() {
+    use half::{bf16, f16};
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_convert").unwrap();
+    let s = ctx.default_stream();
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        65519.0,
+        65520.0,
+        1e-8,
+        2.9802322e-8,
+        5.9604645e-8,
+        6.1035156e-5,
+        6.097555e-5,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+    ];
+    // A dense sweep over magnitudes (2^-30 .. 2^20) and signs, hitting ties often.
+    let mut r = 0x9E3779B9u32;
+    for _ in 0..20_000 {
+        r ^= r << 13;
+        r ^= r >> 17;
+        r ^= r << 5;
+        let e = (r % 50) as i32 - 30;
+        let mant = (r >> 8) & 0x7fffff;
+        let v = f32::from_bits(
+            ((e + 127) as u32) << 23 | (mant & !0x3ff) | if r & 1 == 1 { 0x1000 } else { 0 },
+        );
+        x.push(if r & 2 == 2 { -v } else { v });
+    }
+    let n = x.len() as i32;
+    let dx = s.clone_htod(&x).unwrap();
+    let mut h = s.alloc_zeros::<f16>(x.len()).unwrap();
+    let mut b = s.alloc_zeros::<bf16>(x.len()).unwrap();
+    let mut hb = s.alloc_zeros::<f32>(x.len()).unwrap();
+    let mut bb = s.alloc_zeros::<f32>(x.len()).unwrap();
+    let mut lb = s.launch_builder(&f);
+    lb.arg(&dx)
+        .arg(&mut h)
+        .arg(&mut b)
+        .arg(&mut hb)
+        .arg(&mut bb)
+        .arg(&n);
+    let cfg = LaunchConfig {
+        grid_dim: (x.len().div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: thread i < n reads x[i] and writes index i of the four outputs, all n long.
+    unsafe { lb.launch(cfg) }.unwrap();
+    let (h, b) = (s.clone_dtoh(&h).unwrap(), s.clone_dtoh(&b).unwrap());
+    let (hb, bb) = (s.clone_dtoh(&hb).unwrap(), s.clone_dtoh(&bb).unwrap());
+    for i in 0..x.len() {
+        let (wh, wb) = (f16::from_f32(x[i]), bf16::from_f32(x[i]));
+        if x[i].is_nan() {
+            assert!(h[i].is_nan() && b[i].is_nan() && hb[i].is_nan() && bb[i].is_nan());
+            continue;
+        }
+        assert_eq!(
+            h[i].to_bits(),
+            wh.to_bits(),
+            "f16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(b[i].to_bits(), wb.to_bits(), "bf16 of {:e}", x[i]);
+        assert_eq!(
+            hb[i].to_bits(),
+            wh.to_f32().to_bits(),
+            "f16->f32 of {:e}",
+            x[i]
+        );
+        assert_eq!(
+            bb[i].to_bits(),
+            wb.to_f32().to_bits(),
+            "bf16->f32 of {:e}",
+            x[i]
+        );
+    }
+}

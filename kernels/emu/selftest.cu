@@ -61,3 +61,16 @@ extern "C" __global__ void emu_selftest_block_sum(const float* x, float* out, in
   if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 EMU_REGISTER(emu_selftest_block_sum)
+
+// f32 -> f16 / bf16 -> f32 conversions (the emulator implements them in
+// software; the test compares with the `half` crate bit for bit).
+extern "C" __global__ void emu_selftest_convert(const float* x, __half* h, __nv_bfloat16* b, float* hb, float* bb,
+                                                int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  h[i] = __float2half(x[i]);
+  b[i] = __float2bfloat16(x[i]);
+  hb[i] = __half2float(h[i]);
+  bb[i] = __bfloat162float(b[i]);
+}
+EMU_REGISTER(emu_selftest_convert)

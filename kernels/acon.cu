@@ -64,20 +64,40 @@ __device__ __forceinline__ unsigned bf16_to_bits(float v) {
 #endif
 }
 
+// 128-bit store. Under nvcc a plain st.global.v4 through inline PTX: an
+// aggregate float4 store was split into 32/64-bit stores by the optimiser in the
+// backward kernels, and __stwb gives a strong (.STRONG.SM) store.
+__device__ __forceinline__ void st16(float4* p, float4 v) {
+#ifdef __CUDACC__
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+__device__ __forceinline__ void st16(uint4* p, uint4 v) {
+#ifdef __CUDACC__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+
 template <class T>
 struct VecIO;
 template <>
 struct VecIO<float> {
   static constexpr int W = 4;
   static __device__ __forceinline__ void load(const float* p, long long i, float* v) {
-    float4 q = __ldg(reinterpret_cast<const float4*>(p + i));
+    float4 q = *reinterpret_cast<const float4*>(p + i);
     v[0] = q.x;
     v[1] = q.y;
     v[2] = q.z;
     v[3] = q.w;
   }
   static __device__ __forceinline__ void store(float* p, long long i, const float* v) {
-    *reinterpret_cast<float4*>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+    st16(reinterpret_cast<float4*>(p + i), make_float4(v[0], v[1], v[2], v[3]));
   }
 };
 template <class T, bool BF>
@@ -86,7 +106,7 @@ struct VecIO16 {
   static __device__ __forceinline__ float cvt(unsigned b) { return BF ? bf16_from_bits(b) : f16_from_bits(b); }
   static __device__ __forceinline__ unsigned bits(float v) { return BF ? bf16_to_bits(v) : f16_to_bits(v); }
   static __device__ __forceinline__ void load(const T* p, long long i, float* v) {
-    uint4 q = __ldg(reinterpret_cast<const uint4*>(p + i));
+    uint4 q = *reinterpret_cast<const uint4*>(p + i);
     unsigned w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -100,7 +120,7 @@ struct VecIO16 {
     q.y = bits(v[2]) | (bits(v[3]) << 16);
     q.z = bits(v[4]) | (bits(v[5]) << 16);
     q.w = bits(v[6]) | (bits(v[7]) << 16);
-    *reinterpret_cast<uint4*>(p + i) = q;
+    st16(reinterpret_cast<uint4*>(p + i), q);
   }
 };
 template <>

@@ -568,12 +568,7 @@ fn gap<T: DType>(
         let f = func::<T>(stream, "acon_gap_nlc")?;
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&f);
-        b.arg(x)
-            .arg(&n)
-            .arg(&s)
-            .arg(&c)
-            .arg(&rows_i)
-            .arg(&mut part);
+        b.arg(x).arg(&n).arg(&s).arg(&c).arg(&rows_i).arg(&mut part);
         // SAFETY: x holds N·L·C elements (validated); tile (n, k) reads rows of
         // sample n and writes part[(n·tps + k)·C ..][..C]; smem blockDim·W floats.
         unsafe { b.launch(cfg(ntiles, THREADS, (THREADS as usize * w * 4) as u32)) }?;
@@ -931,7 +926,10 @@ fn check_batch_grid(shape: &ActShape) -> Result<()> {
     if shape.n > i32::MAX as usize {
         return Err(Error::Shape {
             what: "batch N",
-            msg: format!("{} exceeds the grid limit of the generator kernels", shape.n),
+            msg: format!(
+                "{} exceeds the grid limit of the generator kernels",
+                shape.n
+            ),
         });
     }
     Ok(())
@@ -1180,7 +1178,10 @@ pub fn meta_acon_c_backward<T: DType>(
     };
     match (gen, src) {
         (MetaGen::Channel(g), _) => {
-            let gs = saved.gen.as_ref().ok_or_else(|| missing("generator state"))?;
+            let gs = saved
+                .gen
+                .as_ref()
+                .ok_or_else(|| missing("generator state"))?;
             let db = core.dbeta.as_ref().ok_or_else(|| missing("dbeta"))?;
             let gi = g.backward_inner(stream, shape, db, gs)?;
             gap_add(stream, shape, &mut out.dx, &gi.dg, false, 1.0)?;

@@ -530,9 +530,10 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // * acon_{a,b,c}_fwd_*      : read x (b), write y (b) = 2b — the minimum. Channel
 //                             parameters come from L1/L2 (C or N×C floats).
 // * acon_{a,b,c}_bwd_nchw_* : read x, dy (2b), write dx (b) = 3b — the minimum;
-//   acon_{a,b,c}_bwd_nlc_*    plus 3 (NCHW: per tile; NLC: ·C per tile) f32
-//                             partials, ≤ 3/512 of the elements (NCHW) or 3/R
-//                             floats per element (NLC, R ≥ 8 rows per tile).
+//   acon_{a,b,c}_bwd_nlc_*    plus f32 partials: 3 floats per NCHW tile (a
+//                             tile is one plane, or a 1024·W-element chunk of a
+//                             large plane), 3·C floats per NLC tile of
+//                             R = max(8, ⌈8192/C⌉) rows (≈ 3/R floats per element).
 // * acon_gap_nchw_*, acon_gap_nlc_* : read x (b) = minimum; tiny partials.
 // * acon_gap_add_*          : read dx (b) + write dx (b): the backward of GAP
 //                             added in place (2b; the minimum for an in-place add).

@@ -207,8 +207,12 @@ inline int atomicCAS(int* p, int cmp, int v) {
 }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
-// ---- math intrinsics (host libm; fast-math variants are allowed to be exact) ----
-inline float __expf(float x) { return std::exp(x); }
+// ---- math intrinsics ----
+// __expf is modelled as the hardware computes it (ex2.approx of x·log2e rounded
+// to f32): its dominant error, the rounding of the product (relative error up to
+// |x|·2^-24·ln2 in the result), is reproduced, so parity tolerances that hold here
+// account for it. The other fast intrinsics are computed exactly.
+inline float __expf(float x) { return std::exp2(x * 1.44269504088896341f); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }

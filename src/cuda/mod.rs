@@ -12,6 +12,7 @@
 //! [`crate::emu`]).
 
 pub mod abi;
+pub mod acon;
 pub mod aiec;
 pub mod dtype;
 pub mod iieu;

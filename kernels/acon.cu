@@ -1,0 +1,789 @@
+// acon.cu — ACON-A/B/C forward and backward and the meta-ACON β generators
+// (SPEC §2) on the device. Storage T in {float, __half, __nv_bfloat16}; all
+// arithmetic and accumulation in f32. Parameters (p1, p2, p, β, generator
+// weights) and their gradients are f32.
+//
+// Three engines, each a template driven by a small functor:
+// * flat_map   — one elementwise pass over the flat tensor (forward, GAP-backward
+//                add). 128-bit vectors (float4 / 8 halves) when the pointers are
+//                16-byte aligned, grid-stride loop, scalar tail. The (n, channel)
+//                of each element is tracked incrementally (no division per
+//                element); for NCHW a vector inside one plane fetches the channel
+//                parameters once.
+// * nchw_tiles — reductions over (n, c) planes (backward, GAP): a block owns a
+//                tile (one plane, or a chunk of a large plane), vector loads of the
+//                16-byte-aligned interior, scalar head/tail, block_sum, one f32
+//                partial per tile and sum.
+// * nlc_tiles  — reductions per channel for (N, L, C): a block owns a chunk of
+//                rows of one sample; each thread owns one column (a vector of
+//                channels when C is a multiple of the vector width and the
+//                pointers are aligned) and walks rows; row-groups are combined in
+//                fixed order through shared memory; C-length partials per tile.
+// Stage 2 (acon_reduce_tiles, acon_reduce_params) sums partials in fixed order.
+// No atomics: every result is bitwise reproducible for a given launch geometry
+// (which the host derives from the shape only).
+//
+// Sigmoid: ak::sigmoidf = 1/(1 + __expf(-x)). __expf has a max error of
+// 2 + floor(|1.16·x|) ulp, so σ and s(1 − s) carry a relative error of about
+// 2^-22·(2 + 1.16|u|) (≈ 3e-6 at |u| = 10); the parity tests' f32 tolerances
+// (1e-5 of the tensor's max magnitude) include it.
+#include "common.cuh"
+
+namespace ak_acon {
+
+// |β·d| above this: σ is exactly 0 or 1 in f32, so s(1 − s) terms are set to 0
+// explicitly (u or d² may be ±∞ for finite inputs; ∞·0 would be NaN). Same
+// rule as the CPU reference.
+constexpr float SAT_LIM = 1e3f;
+// β sources (the Rust `Beta` variants).
+constexpr int BETA_CH = 0, BETA_NC = 1, BETA_N = 2, BETA_PIX = 3;
+// ACON variants: A (p1 = 1, p2 = 0), B (p1 = 1, p2 = p), C (p1, p2).
+constexpr int MODE_A = 0, MODE_B = 1, MODE_C = 2;
+
+// ---- 16-byte vectors of storage elements ---------------------------------
+__device__ __forceinline__ float f16_from_bits(unsigned b) {
+#ifdef __CUDACC__
+  return __half2float(__ushort_as_half((unsigned short)b));
+#else
+  return __half2float(__half{(uint16_t)b});
+#endif
+}
+__device__ __forceinline__ unsigned f16_to_bits(float v) {
+#ifdef __CUDACC__
+  return __half_as_ushort(__float2half(v));
+#else
+  return __float2half(v).x;
+#endif
+}
+__device__ __forceinline__ float bf16_from_bits(unsigned b) { return __int_as_float((int)(b << 16)); }
+__device__ __forceinline__ unsigned bf16_to_bits(float v) {
+#ifdef __CUDACC__
+  return __bfloat16_as_ushort(__float2bfloat16(v));
+#else
+  return __float2bfloat16(v).x;
+#endif
+}
+
+// 128-bit store. Under nvcc a plain st.global.v4 through inline PTX: an
+// aggregate float4 store was split into 32/64-bit stores by the optimiser in the
+// backward kernels, and __stwb gives a strong (.STRONG.SM) store.
+__device__ __forceinline__ void st16(float4* p, float4 v) {
+#ifdef __CUDACC__
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+__device__ __forceinline__ void st16(uint4* p, uint4 v) {
+#ifdef __CUDACC__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  *p = v;
+#endif
+}
+
+template <class T>
+struct VecIO;
+template <>
+struct VecIO<float> {
+  static constexpr int W = 4;
+  static __device__ __forceinline__ void load(const float* p, long long i, float* v) {
+    float4 q = *reinterpret_cast<const float4*>(p + i);
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
+  }
+  static __device__ __forceinline__ void store(float* p, long long i, const float* v) {
+    st16(reinterpret_cast<float4*>(p + i), make_float4(v[0], v[1], v[2], v[3]));
+  }
+};
+template <class T, bool BF>
+struct VecIO16 {
+  static constexpr int W = 8;
+  static __device__ __forceinline__ float cvt(unsigned b) { return BF ? bf16_from_bits(b) : f16_from_bits(b); }
+  static __device__ __forceinline__ unsigned bits(float v) { return BF ? bf16_to_bits(v) : f16_to_bits(v); }
+  static __device__ __forceinline__ void load(const T* p, long long i, float* v) {
+    uint4 q = *reinterpret_cast<const uint4*>(p + i);
+    unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = cvt(w[k] & 0xffffu);
+      v[2 * k + 1] = cvt(w[k] >> 16);
+    }
+  }
+  static __device__ __forceinline__ void store(T* p, long long i, const float* v) {
+    uint4 q;
+    q.x = bits(v[0]) | (bits(v[1]) << 16);
+    q.y = bits(v[2]) | (bits(v[3]) << 16);
+    q.z = bits(v[4]) | (bits(v[5]) << 16);
+    q.w = bits(v[6]) | (bits(v[7]) << 16);
+    st16(reinterpret_cast<uint4*>(p + i), q);
+  }
+};
+template <>
+struct VecIO<__half> : VecIO16<__half, false> {};
+template <>
+struct VecIO<__nv_bfloat16> : VecIO16<__nv_bfloat16, true> {};
+
+// W elements from p[i..i+W): a 128-bit access for the vector width, else scalar.
+template <class T, int W>
+__device__ __forceinline__ void load_n(const T* p, long long i, float* v) {
+  if constexpr (W == 1) {
+    v[0] = ak::to_f32(p[i]);
+  } else {
+    VecIO<T>::load(p, i, v);
+  }
+}
+template <class T, int W>
+__device__ __forceinline__ void store_n(T* p, long long i, const float* v) {
+  if constexpr (W == 1) {
+    p[i] = ak::from_f32<T>(v[0]);
+  } else {
+    VecIO<T>::store(p, i, v);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---- ACON element math ----------------------------------------------------
+struct Prm {
+  float a, b, bt;  // p1, p2, β (β unused for pixel-wise)
+};
+
+// Fetches the parameters of element (sample n, channel ch).
+template <int MODE>
+struct AconPrm {
+  const float* p1;
+  const float* p2;
+  const float* beta;
+  int kind;
+  long long c;
+  __device__ __forceinline__ Prm get(long long n, long long ch) const {
+    Prm r;
+    r.a = MODE == MODE_C ? __ldg(p1 + ch) : 1.0f;
+    r.b = MODE == MODE_A ? 0.0f : __ldg(p2 + ch);
+    r.bt = kind == BETA_CH ? __ldg(beta + ch)
+         : kind == BETA_NC ? __ldg(beta + n * c + ch)
+         : kind == BETA_N  ? __ldg(beta + n)
+                           : 0.0f;
+    return r;
+  }
+};
+
+// y = d·σ(β·d) + p2·x, d = (p1 − p2)·x.
+__device__ __forceinline__ float fwd_elem(const Prm& p, bool pix, float x) {
+  float bt = pix ? ak::sigmoidf(x) : p.bt;
+  float d = (p.a - p.b) * x;
+  return d * ak::sigmoidf(bt * d) + p.b * x;
+}
+
+// Backward of one element: dx and the three partial terms
+// s[0] = dy·x·∂y/∂d (dp1), s[1] = dy·x·(1 − ∂y/∂d) (dp2), s[2] = dy·∂y/∂β.
+__device__ __forceinline__ float bwd_elem(const Prm& p, bool pix, float g, float x, float* s) {
+  float bt = pix ? ak::sigmoidf(x) : p.bt;
+  float am = p.a - p.b;
+  float d = am * x;
+  float u = bt * d;
+  float sg = ak::sigmoidf(u);
+  bool sat = fabsf(u) > SAT_LIM;  // NaN u is not > SAT_LIM and propagates
+  float t = sat ? 0.0f : sg * (1.0f - sg);
+  float gd = sat ? sg : sg + u * t;        // ∂y/∂d
+  float gb = sat ? 0.0f : g * d * d * t;  // dy·∂y/∂β
+  float v = g * (am * gd + p.b);
+  if (pix) v += gb * bt * (1.0f - bt);
+  float gx = g * x;
+  s[0] = gx * gd;
+  s[1] = gx - s[0];
+  s[2] = gb;
+  return v;
+}
+
+// ---- flat elementwise engine ----------------------------------------------
+// Flat index i = (n·D1 + a)·D2 + b; NCHW: (D1, D2) = (C, S), channel a;
+// NLC: (D1, D2) = (L, C), channel b.
+struct Idx {
+  long long n, a, b;
+};
+struct Walk {
+  long long d1, d2;
+  Idx step;
+  __device__ __forceinline__ Idx at(long long i) const {
+    Idx r;
+    long long q = i / d2;
+    r.b = i - q * d2;
+    r.n = q / d1;
+    r.a = q - r.n * d1;
+    return r;
+  }
+  // p += step (step.a < d1, step.b < d2)
+  __device__ __forceinline__ void adv(Idx& p) const {
+    p.b += step.b;
+    long long carry = 0;
+    if (p.b >= d2) {
+      p.b -= d2;
+      carry = 1;
+    }
+    p.a += step.a + carry;
+    p.n += step.n;
+    if (p.a >= d1) {
+      p.a -= d1;
+      p.n += 1;
+    }
+  }
+  __device__ __forceinline__ void inc(Idx& p) const {
+    if (++p.b == d2) {
+      p.b = 0;
+      if (++p.a == d1) {
+        p.a = 0;
+        ++p.n;
+      }
+    }
+  }
+};
+
+// out[i] = f(prm(n, ch), in[i]) for every i < numel. `in` may equal `out`.
+template <class T, int W, class F>
+__device__ __forceinline__ void flat_map(const T* in, T* out, long long numel, long long d1, long long d2, bool nlc,
+                                         const F& f) {
+  const long long nthr = (long long)gridDim.x * blockDim.x;
+  const long long gt = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  Walk w;
+  w.d1 = d1;
+  w.d2 = d2;
+  w.step = w.at(nthr * W);
+  const long long nv = numel / W;
+  if (gt < nv) {
+    Idx p = w.at(gt * W);
+    for (long long v = gt; v < nv; v += nthr) {
+      float x[W];
+      load_n<T, W>(in, v * W, x);
+      if (!nlc && p.b + W <= d2) {  // the whole vector lies in one (n, c) plane
+        auto pr = f.prm(p.n, p.a);
+#pragma unroll
+        for (int j = 0; j < W; ++j) x[j] = f(pr, x[j]);
+      } else {
+        Idx q = p;
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          x[j] = f(f.prm(q.n, nlc ? q.b : q.a), x[j]);
+          w.inc(q);
+        }
+      }
+      store_n<T, W>(out, v * W, x);
+      w.adv(p);
+    }
+  }
+  const long long i = nv * W + gt;  // scalar tail (< W elements)
+  if (i < numel) {
+    Idx q = w.at(i);
+    out[i] = ak::from_f32<T>(f(f.prm(q.n, nlc ? q.b : q.a), ak::to_f32(in[i])));
+  }
+}
+
+template <class T, class F>
+__device__ __forceinline__ void flat_map_any(const T* in, T* out, long long numel, long long d1, long long d2, bool nlc,
+                                             const F& f) {
+  if (aligned16(in) && aligned16(out)) {
+    flat_map<T, VecIO<T>::W>(in, out, numel, d1, d2, nlc, f);
+  } else {
+    flat_map<T, 1>(in, out, numel, d1, d2, nlc, f);
+  }
+}
+
+template <int MODE>
+struct FwdOp {
+  AconPrm<MODE> src;
+  bool pix;
+  __device__ __forceinline__ Prm prm(long long n, long long ch) const { return src.get(n, ch); }
+  __device__ __forceinline__ float operator()(const Prm& p, float x) const { return fwd_elem(p, pix, x); }
+};
+
+// dx += dg[n, c]·scale (or dg[n]·scale, per_sample): the backward of GAP.
+struct GapAddOp {
+  const float* dg;
+  long long c;
+  int per_sample;
+  float scale;
+  __device__ __forceinline__ float prm(long long n, long long ch) const {
+    return __ldg(dg + (per_sample ? n : n * c + ch)) * scale;
+  }
+  __device__ __forceinline__ float operator()(float v, float x) const { return x + v; }
+};
+
+// ---- tile reduction engines -------------------------------------------------
+// Functor interface: NS sums, HAS_DY, HAS_OUT; prm(n, ch) -> P;
+// elem(P, g, x, s[NS]) -> output value, writes its NS terms to s.
+
+// Threads per tile item: a tile is blockDim.x·TILE_UNROLL vectors (NCHW).
+constexpr int TILE_UNROLL = 4;
+
+// NCHW: tile t = (plane, k); a plane with S elements has tpp tiles of
+// `tile_elems` elements (tile_elems = blockDim.x·TILE_UNROLL·W, from the host).
+// part[t·NS + q] = Σ over the tile of term q.
+template <class T, class F>
+__device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long long n, long long c, long long s,
+                                           long long tpp, long long tile_elems, const F& f, float* part) {
+  constexpr int NS = F::NS;
+  constexpr int W = VecIO<T>::W;
+  __shared__ float scratch[32];
+  const bool vec = aligned16(x) && (!F::HAS_DY || aligned16(dy)) && (!F::HAS_OUT || aligned16(dx));
+  const long long ntiles = n * c * tpp;
+  const long long vpt = tile_elems / W;
+  for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    const long long plane = t / tpp, k = t - plane * tpp;
+    const long long nn = plane / c, ch = plane - nn * c;
+    const auto pr = f.prm(nn, ch);
+    float acc[NS];
+#pragma unroll
+    for (int q = 0; q < NS; ++q) acc[q] = 0.0f;
+    const long long base = plane * s, end = base + s;
+    auto one = [&](long long i) {
+      float g = F::HAS_DY ? ak::to_f32(dy[i]) : 0.0f;
+      float sv[NS];
+      float o = f.elem(pr, g, ak::to_f32(x[i]), sv);
+      if (F::HAS_OUT) dx[i] = ak::from_f32<T>(o);
+#pragma unroll
+      for (int q = 0; q < NS; ++q) acc[q] += sv[q];
+    };
+    if (vec) {
+      // [base, vs) head, [vs, ve) aligned vectors, [ve, end) tail.
+      long long vs = (base + W - 1) / W * W;
+      if (vs > end) vs = end;
+      long long ve = end / W * W;
+      if (ve < vs) ve = vs;
+      const long long nvp = (ve - vs) / W;
+      const long long v0 = k * vpt;
+      const long long v1 = v0 + vpt < nvp ? v0 + vpt : nvp;
+      for (long long v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
+        const long long i = vs + v * W;
+        float xv[W], g[W], o[W];
+        load_n<T, W>(x, i, xv);
+        if (F::HAS_DY) load_n<T, W>(dy, i, g);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          float sv[NS];
+          o[j] = f.elem(pr, F::HAS_DY ? g[j] : 0.0f, xv[j], sv);
+#pragma unroll
+          for (int q = 0; q < NS; ++q) acc[q] += sv[q];
+        }
+        if (F::HAS_OUT) store_n<T, W>(dx, i, o);
+      }
+      if (k == 0) {
+        if ((long long)threadIdx.x < vs - base) one(base + threadIdx.x);
+        if ((long long)threadIdx.x < end - ve) one(ve + threadIdx.x);
+      }
+    } else {
+      const long long e0 = base + k * tile_elems;
+      const long long e1 = e0 + tile_elems < end ? e0 + tile_elems : end;
+      for (long long i = e0 + threadIdx.x; i < e1; i += blockDim.x) one(i);
+    }
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      float tot = ak::block_sum(acc[q], scratch);
+      if (threadIdx.x == 0) part[t * NS + q] = tot;
+    }
+  }
+}
+
+// NLC: tile t = (sample nn, row chunk k of `rows` rows); tps tiles per sample.
+// part[((nn·tps + k)·NS + q)·C + ch]. `sm` holds blockDim.x·NS·W floats.
+template <class T, int W, class F>
+__device__ __forceinline__ void nlc_tiles_w(const T* dy, const T* x, T* dx, long long n, long long l, long long c,
+                                            long long rows, const F& f, float* part, float* sm) {
+  constexpr int NS = F::NS;
+  const long long cols = c / W;
+  const long long bd = blockDim.x, tid = threadIdx.x;
+  const long long groups = cols >= bd ? 1 : bd / cols;
+  const long long tps = (l + rows - 1) / rows;
+  const long long ntiles = n * tps;
+  using P = decltype(f.prm(0, 0));
+  // One column's walk over rows r0 + g, r0 + g + step, ... < r1.
+  auto column = [&](long long nn, long long col, long long r0, long long r1, long long step, float (*acc)[W]) {
+    P pr[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      pr[j] = f.prm(nn, col * W + j);
+#pragma unroll
+      for (int q = 0; q < NS; ++q) acc[q][j] = 0.0f;
+    }
+    for (long long r = r0; r < r1; r += step) {
+      const long long i = (nn * l + r) * c + col * W;
+      float xv[W], g[W], o[W];
+      load_n<T, W>(x, i, xv);
+      if (F::HAS_DY) load_n<T, W>(dy, i, g);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        float sv[NS];
+        o[j] = f.elem(pr[j], F::HAS_DY ? g[j] : 0.0f, xv[j], sv);
+#pragma unroll
+        for (int q = 0; q < NS; ++q) acc[q][j] += sv[q];
+      }
+      if (F::HAS_OUT) store_n<T, W>(dx, i, o);
+    }
+  };
+  for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    const long long nn = t / tps, k = t - nn * tps;
+    const long long r0 = k * rows;
+    const long long r1 = r0 + rows < l ? r0 + rows : l;
+    float* pt = part + (nn * tps + k) * NS * c;
+    if (groups == 1) {
+      for (long long col = tid; col < cols; col += bd) {
+        float acc[NS][W];
+        column(nn, col, r0, r1, 1, acc);
+#pragma unroll
+        for (int q = 0; q < NS; ++q)
+#pragma unroll
+          for (int j = 0; j < W; ++j) pt[q * c + col * W + j] = acc[q][j];
+      }
+    } else {
+      const long long col = tid % cols, g = tid / cols;
+      if (g < groups) {
+        float acc[NS][W];
+        column(nn, col, r0 + g, r1, groups, acc);
+#pragma unroll
+        for (int q = 0; q < NS; ++q)
+#pragma unroll
+          for (int j = 0; j < W; ++j) sm[((g * cols + col) * NS + q) * W + j] = acc[q][j];
+      }
+      __syncthreads();
+      if (tid < cols) {
+#pragma unroll
+        for (int q = 0; q < NS; ++q)
+#pragma unroll
+          for (int j = 0; j < W; ++j) {
+            float v = 0.0f;
+            for (long long gg = 0; gg < groups; ++gg) v += sm[((gg * cols + tid) * NS + q) * W + j];
+            pt[q * c + tid * W + j] = v;
+          }
+      }
+      __syncthreads();  // sm is reused by the next tile
+    }
+  }
+}
+
+template <class T, class F>
+__device__ __forceinline__ void nlc_tiles(const T* dy, const T* x, T* dx, long long n, long long l, long long c,
+                                          long long rows, const F& f, float* part) {
+  DYNAMIC_SHARED(float, sm);
+  constexpr int W = VecIO<T>::W;
+  const bool vec = c % W == 0 && aligned16(x) && (!F::HAS_DY || aligned16(dy)) && (!F::HAS_OUT || aligned16(dx));
+  if (vec) {
+    nlc_tiles_w<T, W>(dy, x, dx, n, l, c, rows, f, part, sm);
+  } else {
+    nlc_tiles_w<T, 1>(dy, x, dx, n, l, c, rows, f, part, sm);
+  }
+}
+
+template <int MODE>
+struct BwdOp {
+  static constexpr int NS = 3;
+  static constexpr bool HAS_DY = true, HAS_OUT = true;
+  AconPrm<MODE> src;
+  bool pix;
+  __device__ __forceinline__ Prm prm(long long n, long long ch) const { return src.get(n, ch); }
+  __device__ __forceinline__ float elem(const Prm& p, float g, float x, float* s) const {
+    return bwd_elem(p, pix, g, x, s);
+  }
+};
+
+struct GapOp {
+  static constexpr int NS = 1;
+  static constexpr bool HAS_DY = false, HAS_OUT = false;
+  __device__ __forceinline__ float prm(long long, long long) const { return 0.0f; }
+  __device__ __forceinline__ float elem(float, float, float x, float* s) const {
+    s[0] = x;
+    return 0.0f;
+  }
+};
+
+// ---- op bodies ----------------------------------------------------------------
+template <class T, int MODE>
+__device__ __forceinline__ void fwd(const T* x, T* y, const float* p1, const float* p2, const float* beta, int kind,
+                                    long long n, long long c, long long s, int nlc) {
+  FwdOp<MODE> f{{p1, p2, beta, kind, c}, kind == BETA_PIX};
+  flat_map_any(x, y, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);
+}
+
+template <class T, int MODE>
+__device__ __forceinline__ void bwd_nchw(const T* dy, const T* x, T* dx, const float* p1, const float* p2,
+                                         const float* beta, int kind, long long n, long long c, long long s,
+                                         long long tpp, long long tile_elems, float* part) {
+  BwdOp<MODE> f{{p1, p2, beta, kind, c}, kind == BETA_PIX};
+  nchw_tiles(dy, x, dx, n, c, s, tpp, tile_elems, f, part);
+}
+
+template <class T, int MODE>
+__device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const float* p1, const float* p2,
+                                        const float* beta, int kind, long long n, long long l, long long c,
+                                        long long rows, float* part) {
+  BwdOp<MODE> f{{p1, p2, beta, kind, c}, kind == BETA_PIX};
+  nlc_tiles(dy, x, dx, n, l, c, rows, f, part);
+}
+
+}  // namespace ak_acon
+
+// =============================================================================
+// Kernels. Bytes per element (storage size b = 4 / 2 / 2) vs the minimum:
+// * acon_{a,b,c}_fwd_*      : read x (b), write y (b) = 2b — the minimum. Channel
+//                             parameters come from L1/L2 (C or N×C floats).
+// * acon_{a,b,c}_bwd_nchw_* : read x, dy (2b), write dx (b) = 3b — the minimum;
+//   acon_{a,b,c}_bwd_nlc_*    plus f32 partials: 3 floats per NCHW tile (a
+//                             tile is one plane, or a 1024·W-element chunk of a
+//                             large plane), 3·C floats per NLC tile of
+//                             R = max(8, ⌈8192/C⌉) rows (≈ 3/R floats per element).
+// * acon_gap_nchw_*, acon_gap_nlc_* : read x (b) = minimum; tiny partials.
+// * acon_gap_add_*          : read dx (b) + write dx (b): the backward of GAP
+//                             added in place (2b; the minimum for an in-place add).
+// =============================================================================
+
+// Forward: y = d·σ(β·d) + p2·x (flat, both layouts; nlc = 1 for (N, L, C)).
+#define ACON_FWD(dt, T)                                                                                             \
+  extern "C" __global__ void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
+                                             int kind, long long n, long long c, long long s, int nlc) {            \
+    ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                       \
+  }                                                                                                                 \
+  EMU_REGISTER(acon_c_fwd_##dt)                                                                                     \
+  extern "C" __global__ void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
+                                             long long n, long long c, long long s, int nlc) {                      \
+    ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                   \
+  }                                                                                                                 \
+  EMU_REGISTER(acon_b_fwd_##dt)                                                                                     \
+  extern "C" __global__ void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n,            \
+                                             long long c, long long s, int nlc) {                                   \
+    ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                             \
+  }                                                                                                                 \
+  EMU_REGISTER(acon_a_fwd_##dt)
+
+// Backward, NCHW: dx plus per-tile partials part[tile·3 + q] of
+// (dy·x·∂y/∂d, dy·x·(1 − ∂y/∂d), dy·∂y/∂β).
+#define ACON_BWD_NCHW(dt, T)                                                                                        \
+  extern "C" __global__ void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+                                                  const float* beta, int kind, long long n, long long c,            \
+                                                  long long s, long long tpp, long long tile_elems, float* part) {  \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);           \
+  }                                                                                                                 \
+  EMU_REGISTER(acon_c_bwd_nchw_##dt)                                                                                \
+  extern "C" __global__ void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+                                                  const float* beta, int kind, long long n, long long c,            \
+                                                  long long s, long long tpp, long long tile_elems, float* part) {  \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);       \
+  }                                                                                                                 \
+  EMU_REGISTER(acon_b_bwd_nchw_##dt)                                                                                \
+  extern "C" __global__ void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+                                                  long long n, long long c, long long s, long long tpp,             \
+                                                  long long tile_elems, float* part) {                              \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part); \
+  }                                                                                                                 \
+  EMU_REGISTER(acon_a_bwd_nchw_##dt)
+
+// Backward, (N, L, C): dx plus per-tile C-length partials
+// part[((n·tps + k)·3 + q)·C + ch]; dynamic shared memory blockDim.x·3·W floats.
+#define ACON_BWD_NLC(dt, T)                                                                                        \
+  extern "C" __global__ void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+                                                 const float* beta, int kind, long long n, long long l,            \
+                                                 long long c, long long rows, float* part) {                       \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, rows, part);                      \
+  }                                                                                                                \
+  EMU_REGISTER(acon_c_bwd_nlc_##dt)                                                                                \
+  extern "C" __global__ void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+                                                 const float* beta, int kind, long long n, long long l,            \
+                                                 long long c, long long rows, float* part) {                       \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, rows, part);                  \
+  }                                                                                                                \
+  EMU_REGISTER(acon_b_bwd_nlc_##dt)                                                                                \
+  extern "C" __global__ void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+                                                 long long n, long long l, long long c, long long rows,            \
+                                                 float* part) {                                                    \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, rows, part);            \
+  }                                                                                                                \
+  EMU_REGISTER(acon_a_bwd_nlc_##dt)
+
+// GAP partial sums (meta-ACON generators) and the in-place GAP backward.
+#define ACON_GAP(dt, T)                                                                                           \
+  extern "C" __global__ void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
+                                                long long tile_elems, float* part) {                              \
+    ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                \
+  }                                                                                                               \
+  EMU_REGISTER(acon_gap_nchw_##dt)                                                                                \
+  extern "C" __global__ void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, long long rows,  \
+                                               float* part) {                                                     \
+    ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, rows, ak_acon::GapOp{}, part);                            \
+  }                                                                                                               \
+  EMU_REGISTER(acon_gap_nlc_##dt)                                                                                 \
+  extern "C" __global__ void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
+                                               long long c, long long s, int nlc) {                               \
+    ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                \
+    ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                           \
+  }                                                                                                               \
+  EMU_REGISTER(acon_gap_add_##dt)
+
+#define ACON_ALL(dt, T) \
+  ACON_FWD(dt, T)       \
+  ACON_BWD_NCHW(dt, T)  \
+  ACON_BWD_NLC(dt, T)   \
+  ACON_GAP(dt, T)
+
+ACON_ALL(f32, float)
+ACON_ALL(f16, __half)
+ACON_ALL(bf16, __nv_bfloat16)
+
+// ---- stage 2 (f32 only) ------------------------------------------------------
+// tot[(q·N + n)·C + c] = scale · Σ_k part(n, c, k, q), k in order. NCHW partials
+// part[((n·C + c)·K + k)·NS + q], NLC part[((n·K + k)·NS + q)·C + c].
+// Reads NS·N·C·K floats, writes NS·N·C.
+extern "C" __global__ void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
+                                             int ns, int nlc, float scale) {
+  const long long total = (long long)ns * n * c;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long ch = i % c, q = i / (n * c), nn = (i / c) % n;
+    float acc = 0.0f;
+    for (long long kk = 0; kk < k; ++kk) {
+      acc += nlc ? part[((nn * k + kk) * ns + q) * c + ch] : part[((nn * c + ch) * k + kk) * ns + q];
+    }
+    tot[i] = acc * scale;
+  }
+}
+EMU_REGISTER(acon_reduce_tiles)
+
+// From tot (3 × N × C): dp1[c] = Σ_n tot[0], dp2[c] = Σ_n tot[1] (either may be
+// null), dβ by kind: per channel Σ_n tot[2]; per (n, c) tot[2]; per sample
+// Σ_c tot[2]; none for pixel-wise. Fixed-order sequential sums.
+extern "C" __global__ void acon_reduce_params(const float* tot, float* dp1, float* dp2, float* dbeta, int kind,
+                                              long long n, long long c) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const float* e = tot + 2 * n * c;
+  for (long long i = t0; i < c; i += stride) {
+    float a = 0.0f, b = 0.0f, d = 0.0f;
+    for (long long nn = 0; nn < n; ++nn) {
+      a += tot[nn * c + i];
+      b += tot[(n + nn) * c + i];
+      d += e[nn * c + i];
+    }
+    if (dp1) dp1[i] = a;
+    if (dp2) dp2[i] = b;
+    if (kind == ak_acon::BETA_CH) dbeta[i] = d;
+  }
+  if (kind == ak_acon::BETA_NC) {
+    for (long long i = t0; i < n * c; i += stride) dbeta[i] = e[i];
+  } else if (kind == ak_acon::BETA_N) {
+    for (long long i = t0; i < n; i += stride) {
+      float d = 0.0f;
+      for (long long ch = 0; ch < c; ++ch) d += e[i * c + ch];
+      dbeta[i] = d;
+    }
+  }
+}
+EMU_REGISTER(acon_reduce_params)
+
+// ---- meta-ACON generators (f32) ----------------------------------------------
+// Channel-wise forward, one block per sample n (blockDim a multiple of 32):
+// h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c] (a warp per j, lanes over c), then
+// β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]) (a warp per c, lanes over j).
+// b1, b2 may be null. Reads W1, W2 once per sample (L2-resident).
+extern "C" __global__ void acon_gen_fc_fwd(const float* gap, const float* w1, const float* b1, const float* w2,
+                                           const float* b2, long long c, long long wd, float* h, float* beta) {
+  const long long nn = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const float* g = gap + nn * c;
+  float* hn = h + nn * wd;
+  for (long long j = warp; j < wd; j += nw) {
+    float acc = 0.0f;
+    for (long long ch = lane; ch < c; ch += 32) acc += w1[j * c + ch] * g[ch];
+    acc = ak::warp_sum(acc);
+    if (lane == 0) hn[j] = (b1 ? b1[j] : 0.0f) + acc;
+  }
+  __syncthreads();  // h of this sample (global) complete and visible to the block
+  for (long long ch = warp; ch < c; ch += nw) {
+    float acc = 0.0f;
+    for (long long j = lane; j < wd; j += 32) acc += w2[ch * wd + j] * hn[j];
+    acc = ak::warp_sum(acc);
+    if (lane == 0) beta[nn * c + ch] = ak::sigmoidf((b2 ? b2[ch] : 0.0f) + acc);
+  }
+}
+EMU_REGISTER(acon_gen_fc_fwd)
+
+// Channel-wise backward, one block per sample: dz = dβ·β(1 − β) (N × C),
+// dh[j] = Σ_c W2[c, j]·dz[c] (warp per j), dg[c] = scale·Σ_j W1[j, c]·dh[j]
+// (thread per c; scale = 1/S folds in the GAP backward).
+extern "C" __global__ void acon_gen_fc_bwd(const float* dbeta, const float* beta, const float* w1, const float* w2,
+                                           long long c, long long wd, float scale, float* dz, float* dh, float* dg) {
+  const long long nn = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float* z = dz + nn * c;
+  float* hh = dh + nn * wd;
+  for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) {
+    const float b = beta[nn * c + ch];
+    z[ch] = dbeta[nn * c + ch] * b * (1.0f - b);
+  }
+  __syncthreads();
+  for (long long j = warp; j < wd; j += nw) {
+    float acc = 0.0f;
+    for (long long ch = lane; ch < c; ch += 32) acc += w2[ch * wd + j] * z[ch];
+    acc = ak::warp_sum(acc);
+    if (lane == 0) hh[j] = acc;
+  }
+  __syncthreads();
+  for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) {
+    float acc = 0.0f;
+    for (long long j = 0; j < wd; ++j) acc += w1[j * c + ch] * hh[j];
+    dg[nn * c + ch] = acc * scale;
+  }
+}
+EMU_REGISTER(acon_gen_fc_bwd)
+
+// Weight gradients, summed over samples in order (stage 2 of the per-sample
+// dz, dh): dW2[c, j] = Σ_n dz[n, c]·h[n, j], db2[c] = Σ_n dz[n, c],
+// dW1[j, c] = Σ_n dh[n, j]·g[n, c], db1[j] = Σ_n dh[n, j] (db1, db2 may be null).
+extern "C" __global__ void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
+                                          long long n, long long c, long long wd, float* dw1, float* db1, float* dw2,
+                                          float* db2) {
+  const long long cw = c * wd, total = 2 * cw + c + wd;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    float acc = 0.0f;
+    if (i < cw) {  // dW2[c, j]
+      const long long ch = i / wd, j = i - ch * wd;
+      for (long long nn = 0; nn < n; ++nn) acc += dz[nn * c + ch] * h[nn * wd + j];
+      dw2[i] = acc;
+    } else if (i < 2 * cw) {  // dW1[j, c]
+      const long long r = i - cw, j = r / c, ch = r - j * c;
+      for (long long nn = 0; nn < n; ++nn) acc += dh[nn * wd + j] * gap[nn * c + ch];
+      dw1[r] = acc;
+    } else if (i < 2 * cw + c) {
+      const long long ch = i - 2 * cw;
+      for (long long nn = 0; nn < n; ++nn) acc += dz[nn * c + ch];
+      if (db2) db2[ch] = acc;
+    } else {
+      const long long j = i - 2 * cw - c;
+      for (long long nn = 0; nn < n; ++nn) acc += dh[nn * wd + j];
+      if (db1) db1[j] = acc;
+    }
+  }
+}
+EMU_REGISTER(acon_gen_wgrad)
+
+// Layer-wise forward, one block per sample: β[n] = σ(Σ_c gap[n, c]).
+extern "C" __global__ void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
+  __shared__ float scratch[32];
+  const long long nn = blockIdx.x;
+  float acc = 0.0f;
+  for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) acc += gap[nn * c + ch];
+  acc = ak::block_sum(acc, scratch);
+  if (threadIdx.x == 0) beta[nn] = ak::sigmoidf(acc);
+}
+EMU_REGISTER(acon_layer_gen_fwd)
+
+// Layer-wise backward: dg[n] = dβ[n]·β[n](1 − β[n]) (then acon_gap_add_* with
+// per_sample = 1 and scale 1/S).
+extern "C" __global__ void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const float b = beta[i];
+    dg[i] = dbeta[i] * b * (1.0f - b);
+  }
+}
+EMU_REGISTER(acon_layer_gen_bwd)

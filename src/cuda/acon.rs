@@ -1,0 +1,1201 @@
+//! ACON on the device (SPEC §2): ACON-A (Swish), ACON-B, ACON-C and the
+//! meta-ACON β generators, mirroring [`crate::cpu::acon`] with the stream first.
+//!
+//! # Dtypes
+//! `x`, `y`, `dy`, `dx` are device buffers of the storage type `T` ([`DType`]:
+//! f32, f16, bf16); every computation and accumulation is f32 and outputs are
+//! rounded to `T` once. The per-channel parameters (`p1`, `p2`, `p`), β, the
+//! generator weights and all their gradients are f32 device buffers.
+//!
+//! # Kernels (kernels/acon.cu)
+//! * forward: one elementwise pass, 128-bit loads/stores when the buffers are
+//!   16-byte aligned (`acon_{a,b,c}_fwd_<dtype>`), both layouts;
+//! * backward: one pass over `x` and `dy` writing `dx` and per-tile f32 partials
+//!   of `dp1`, `dp2`, `dβ` (`acon_{a,b,c}_bwd_{nchw,nlc}_<dtype>`), then two small
+//!   fixed-order stage-2 kernels (`acon_reduce_tiles`, `acon_reduce_params`).
+//!   No atomics: every gradient has the same bits on every run.
+//! * σ uses the `__expf` intrinsic: relative error ≈ 2^-22·(2 + 1.16|u|) in σ,
+//!   i.e. a few f32 ulp for the usual |β·d| ≲ 10.
+//!
+//! Nothing is saved by the forward of plain ACON: the backward recomputes from
+//! `x` (one extra `exp` per element is cheaper than storing σ).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
+
+use super::{DType, DeviceInput, Kernels};
+use crate::error::{check_len, check_nonzero, Error, Result};
+use crate::layout::{ActShape, Layout};
+
+/// Threads per block of the elementwise and NLC kernels.
+const THREADS: u32 = 256;
+/// Grid cap for the grid-stride loops.
+const GRID_CAP: usize = 65_535;
+/// Vectors per thread per NCHW tile (kernels/acon.cu `TILE_UNROLL`).
+const TILE_UNROLL: usize = 4;
+/// Target elements per NLC tile (rows per tile = max(8, ⌈this / C⌉)).
+const NLC_TILE_ELEMS: usize = 8192;
+
+const BETA_CH: i32 = 0;
+const BETA_NC: i32 = 1;
+const BETA_N: i32 = 2;
+const BETA_PIX: i32 = 3;
+
+/// Where the switching factor β comes from (the device mirror of
+/// [`crate::cpu::acon::Beta`]); every buffer is f32.
+#[derive(Debug, Clone, Copy)]
+pub enum Beta<'a> {
+    /// One β per channel (length `C`): plain ACON.
+    PerChannel(&'a CudaSlice<f32>),
+    /// One β per (sample, channel), row-major `N × C`: channel-wise meta-ACON.
+    PerSampleChannel(&'a CudaSlice<f32>),
+    /// One β per sample (length `N`): layer-wise meta-ACON.
+    PerSample(&'a CudaSlice<f32>),
+    /// Pixel-wise meta-ACON `β = σ(x)`: no buffer; the gradient reaching β flows
+    /// on into `x` (`∂β/∂x = σ(x)(1 − σ(x))`) and no `dβ` is returned.
+    PixelWise,
+}
+
+impl Beta<'_> {
+    fn validate(&self, shape: &ActShape) -> Result<()> {
+        match self {
+            Beta::PerChannel(b) => check_len("beta (per channel, C)", shape.c, b.len()),
+            Beta::PerSampleChannel(b) => check_len(
+                "beta (per sample and channel, N×C)",
+                shape.n * shape.c,
+                b.len(),
+            ),
+            Beta::PerSample(b) => check_len("beta (per sample, N)", shape.n, b.len()),
+            Beta::PixelWise => Ok(()),
+        }
+    }
+    fn kind(&self) -> i32 {
+        match self {
+            Beta::PerChannel(_) => BETA_CH,
+            Beta::PerSampleChannel(_) => BETA_NC,
+            Beta::PerSample(_) => BETA_N,
+            Beta::PixelWise => BETA_PIX,
+        }
+    }
+    fn buf(&self) -> Option<&CudaSlice<f32>> {
+        match self {
+            Beta::PerChannel(b) | Beta::PerSampleChannel(b) | Beta::PerSample(b) => Some(b),
+            Beta::PixelWise => None,
+        }
+    }
+    /// Length of `dβ` (0 for pixel-wise).
+    fn grad_len(&self, shape: &ActShape) -> usize {
+        match self {
+            Beta::PerChannel(_) => shape.c,
+            Beta::PerSampleChannel(_) => shape.n * shape.c,
+            Beta::PerSample(_) => shape.n,
+            Beta::PixelWise => 0,
+        }
+    }
+}
+
+/// Gradients of ACON-C ([`acon_c_backward`]).
+#[derive(Debug)]
+pub struct AconCGrads<T> {
+    /// `∂L/∂x` (storage `T`), including the path through β for [`Beta::PixelWise`].
+    pub dx: CudaSlice<T>,
+    /// `∂L/∂p1`, length `C`.
+    pub dp1: CudaSlice<f32>,
+    /// `∂L/∂p2`, length `C`.
+    pub dp2: CudaSlice<f32>,
+    /// `∂L/∂β`, shaped as the [`Beta`] buffer; `None` for [`Beta::PixelWise`].
+    pub dbeta: Option<CudaSlice<f32>>,
+}
+
+/// Gradients of ACON-B ([`acon_b_backward`]).
+#[derive(Debug)]
+pub struct AconBGrads<T> {
+    /// `∂L/∂x` (storage `T`).
+    pub dx: CudaSlice<T>,
+    /// `∂L/∂p`, length `C`.
+    pub dp: CudaSlice<f32>,
+    /// `∂L/∂β`, shaped as the [`Beta`] buffer; `None` for [`Beta::PixelWise`].
+    pub dbeta: Option<CudaSlice<f32>>,
+}
+
+/// Gradients of ACON-A ([`acon_a_backward`]).
+#[derive(Debug)]
+pub struct AconAGrads<T> {
+    /// `∂L/∂x` (storage `T`).
+    pub dx: CudaSlice<T>,
+    /// `∂L/∂β`, shaped as the [`Beta`] buffer; `None` for [`Beta::PixelWise`].
+    pub dbeta: Option<CudaSlice<f32>>,
+}
+
+/// Which per-channel parameters the op has (ACON-A: none, B: `p`, C: `p1`, `p2`).
+enum Params<'a> {
+    A,
+    B(CudaView<'a, f32>),
+    C(CudaView<'a, f32>, CudaView<'a, f32>),
+}
+
+impl Params<'_> {
+    fn letter(&self) -> char {
+        match self {
+            Params::A => 'a',
+            Params::B(_) => 'b',
+            Params::C(..) => 'c',
+        }
+    }
+}
+
+fn func<T: DType>(stream: &Arc<CudaStream>, op: &str) -> Result<CudaFunction> {
+    Kernels::get(stream.context())?.function(&format!("{op}_{}", T::NAME))
+}
+
+fn func_f32(stream: &Arc<CudaStream>, name: &str) -> Result<CudaFunction> {
+    Kernels::get(stream.context())?.function(name)
+}
+
+fn cfg(grid: usize, block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.clamp(1, GRID_CAP) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// Elements per 128-bit vector of `T`.
+fn vec_width<T: DType>() -> usize {
+    16 / std::mem::size_of::<T>()
+}
+
+fn dims(shape: &ActShape) -> (i64, i64, i64, i32) {
+    (
+        shape.n as i64,
+        shape.c as i64,
+        shape.s as i64,
+        i32::from(shape.layout == Layout::Nlc),
+    )
+}
+
+/// NCHW tile geometry: (threads, tile_elems, tiles per plane, tiles).
+fn nchw_geometry<T: DType>(shape: &ActShape) -> (u32, usize, usize, usize) {
+    let w = vec_width::<T>();
+    let units = shape.s.div_ceil(w);
+    let threads = units.next_multiple_of(32).clamp(32, THREADS as usize);
+    let tile = threads * TILE_UNROLL * w;
+    let tpp = shape.s.div_ceil(tile);
+    (threads as u32, tile, tpp, shape.n * shape.c * tpp)
+}
+
+/// NLC tile geometry: (rows per tile, tiles per sample, tiles).
+fn nlc_geometry(shape: &ActShape) -> (usize, usize, usize) {
+    let rows = NLC_TILE_ELEMS.div_ceil(shape.c).max(8);
+    let tps = shape.s.div_ceil(rows);
+    (rows, tps, shape.n * tps)
+}
+
+/// Sums the tile partials: returns `ns × N × C` totals (times `scale`).
+fn reduce_tiles(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    part: &CudaSlice<f32>,
+    tiles_per: usize,
+    ns: usize,
+    scale: f32,
+) -> Result<CudaSlice<f32>> {
+    let total = ns * shape.n * shape.c;
+    let f = func_f32(stream, "acon_reduce_tiles")?;
+    // SAFETY: every element of `tot` is written by the kernel below.
+    let mut tot = unsafe { stream.alloc::<f32>(total) }?;
+    let (n, c, _, nlc) = dims(shape);
+    let (k, nsi) = (tiles_per as i64, ns as i32);
+    let mut b = stream.launch_builder(&f);
+    b.arg(part)
+        .arg(&mut tot)
+        .arg(&n)
+        .arg(&c)
+        .arg(&k)
+        .arg(&nsi)
+        .arg(&nlc)
+        .arg(&scale);
+    // SAFETY: `part` holds N·C·K·ns floats (allocated by the caller for exactly
+    // this tiling), `tot` ns·N·C; the kernel indexes only within those.
+    unsafe { b.launch(cfg(total.div_ceil(THREADS as usize), THREADS, 0)) }?;
+    Ok(tot)
+}
+
+/// Output of [`core_backward`].
+struct Core<T> {
+    dx: CudaSlice<T>,
+    dp1: Option<CudaSlice<f32>>,
+    dp2: Option<CudaSlice<f32>>,
+    dbeta: Option<CudaSlice<f32>>,
+}
+
+/// The fused forward for validated inputs.
+fn core_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &CudaView<'_, T>,
+    params: &Params<'_>,
+    beta: &Beta<'_>,
+) -> Result<CudaSlice<T>> {
+    let numel = x.len();
+    let f = func::<T>(stream, &format!("acon_{}_fwd", params.letter()))?;
+    // SAFETY: the kernel writes every element of `y` (flat loop over all numel).
+    let mut y = unsafe { stream.alloc::<T>(numel) }?;
+    let (n, c, s, nlc) = dims(shape);
+    let kind = beta.kind();
+    let null = 0u64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(x).arg(&mut y);
+    match params {
+        Params::A => {}
+        Params::B(p) => {
+            b.arg(p);
+        }
+        Params::C(p1, p2) => {
+            b.arg(p1).arg(p2);
+        }
+    }
+    match beta.buf() {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
+    b.arg(&kind).arg(&n).arg(&c).arg(&s).arg(&nlc);
+    let grid = numel.div_ceil(vec_width::<T>() * THREADS as usize);
+    // SAFETY: shape, x (numel = N·C·S), p1/p2/p (C) and β (C, N·C or N, or no
+    // buffer for pixel-wise, then never read) were validated; the kernel reads
+    // x[0..numel), writes y[0..numel), and reads parameters at channel < C,
+    // sample < N.
+    unsafe { b.launch(cfg(grid, THREADS, 0)) }?;
+    Ok(y)
+}
+
+/// The fused backward for validated inputs: `dx`, `dp1`/`dp2` (C, A/B/C as
+/// applicable: B gets only `dp2`), `dβ` (by kind).
+fn core_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dy: &CudaView<'_, T>,
+    x: &CudaView<'_, T>,
+    params: &Params<'_>,
+    beta: &Beta<'_>,
+) -> Result<Core<T>> {
+    let numel = x.len();
+    let (n, c, s, _) = dims(shape);
+    let kind = beta.kind();
+    let nlc = shape.layout == Layout::Nlc;
+    let w = vec_width::<T>();
+    let null = 0u64;
+    // SAFETY: the backward kernel writes every element of dx (each tile covers
+    // its plane / rows fully; the tiles cover the tensor).
+    let mut dx = unsafe { stream.alloc::<T>(numel) }?;
+    let (part, tiles_per) = if nlc {
+        let (rows, tps, ntiles) = nlc_geometry(shape);
+        // SAFETY: every tile writes its 3·C partials.
+        let mut part = unsafe { stream.alloc::<f32>(ntiles * 3 * shape.c) }?;
+        let f = func::<T>(stream, &format!("acon_{}_bwd_nlc", params.letter()))?;
+        let rows_i = rows as i64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(dy).arg(x).arg(&mut dx);
+        match params {
+            Params::A => {}
+            Params::B(p) => {
+                b.arg(p);
+            }
+            Params::C(p1, p2) => {
+                b.arg(p1).arg(p2);
+            }
+        }
+        match beta.buf() {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&kind)
+            .arg(&n)
+            .arg(&s)
+            .arg(&c)
+            .arg(&rows_i)
+            .arg(&mut part);
+        let smem = (THREADS as usize * 3 * w * 4) as u32;
+        // SAFETY: x, dy, dx hold N·L·C elements (validated), parameters C, β as
+        // its kind (validated); tile (n, k) touches rows [k·rows, min(L, ..))
+        // of sample n < N and writes part[(n·tps + k)·3·C ..][..3·C] inside the
+        // N·tps·3·C buffer; the dynamic shared memory is blockDim·3·W floats.
+        unsafe { b.launch(cfg(ntiles, THREADS, smem)) }?;
+        (part, tps)
+    } else {
+        let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
+        // SAFETY: every tile writes its 3 partials.
+        let mut part = unsafe { stream.alloc::<f32>(ntiles * 3) }?;
+        let f = func::<T>(stream, &format!("acon_{}_bwd_nchw", params.letter()))?;
+        let (tpp_i, tile_i) = (tpp as i64, tile as i64);
+        let mut b = stream.launch_builder(&f);
+        b.arg(dy).arg(x).arg(&mut dx);
+        match params {
+            Params::A => {}
+            Params::B(p) => {
+                b.arg(p);
+            }
+            Params::C(p1, p2) => {
+                b.arg(p1).arg(p2);
+            }
+        }
+        match beta.buf() {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&kind)
+            .arg(&n)
+            .arg(&c)
+            .arg(&s)
+            .arg(&tpp_i)
+            .arg(&tile_i)
+            .arg(&mut part);
+        // SAFETY: x, dy, dx hold N·C·S elements (validated); tile (plane, k)
+        // touches only elements of its plane < N·C; part has N·C·tpp·3 floats.
+        unsafe { b.launch(cfg(ntiles, threads, 0)) }?;
+        (part, tpp)
+    };
+    let tot = reduce_tiles(stream, shape, &part, tiles_per, 3, 1.0)?;
+    let want_p1 = matches!(params, Params::C(..));
+    let want_p2 = !matches!(params, Params::A);
+    // SAFETY (all three): acon_reduce_params writes every element it is given.
+    let mut dp1 = if want_p1 {
+        Some(unsafe { stream.alloc::<f32>(shape.c) }?)
+    } else {
+        None
+    };
+    let mut dp2 = if want_p2 {
+        Some(unsafe { stream.alloc::<f32>(shape.c) }?)
+    } else {
+        None
+    };
+    let blen = beta.grad_len(shape);
+    let mut dbeta = if blen > 0 {
+        Some(unsafe { stream.alloc::<f32>(blen) }?)
+    } else {
+        None
+    };
+    let f = func_f32(stream, "acon_reduce_params")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&tot);
+    match dp1.as_mut() {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
+    match dp2.as_mut() {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
+    match dbeta.as_mut() {
+        Some(v) => b.arg(v),
+        None => b.arg(&null),
+    };
+    b.arg(&kind).arg(&n).arg(&c);
+    let work = shape.n * shape.c;
+    // SAFETY: tot holds 3·N·C floats; dp1/dp2 (C) are written only when
+    // non-null, dβ only for its kind with its length (C, N·C or N).
+    unsafe { b.launch(cfg(work.div_ceil(THREADS as usize), THREADS, 0)) }?;
+    Ok(Core {
+        dx,
+        dp1,
+        dp2,
+        dbeta,
+    })
+}
+
+/// Driver error for an internal invariant that cannot fail (a gradient the op
+/// always produces).
+fn missing(what: &'static str) -> Error {
+    Error::Driver(format!("internal: {what} was not produced"))
+}
+
+fn check_params(shape: &ActShape, what: &'static str, p: usize) -> Result<()> {
+    check_len(what, shape.c, p)
+}
+
+/// ACON-C forward on the device: `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`
+/// ([`crate::cpu::acon::acon_c_forward`]); `p1`, `p2` f32 (length `C`), β from
+/// `beta`. Nothing is saved (the backward recomputes from `x`).
+///
+/// Errors: `Empty` for a zero dimension, `LengthMismatch` for `x`, `p1`, `p2`
+/// or the β buffer.
+pub fn acon_c_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &impl DeviceInput<T>,
+    p1: &impl DeviceInput<f32>,
+    p2: &impl DeviceInput<f32>,
+    beta: Beta<'_>,
+) -> Result<CudaSlice<T>> {
+    let (xv, p1v, p2v) = (x.view(), p1.view(), p2.view());
+    shape.validate("x", xv.len())?;
+    check_params(shape, "p1", p1v.len())?;
+    check_params(shape, "p2", p2v.len())?;
+    beta.validate(shape)?;
+    core_forward(stream, shape, &xv, &Params::C(p1v, p2v), &beta)
+}
+
+/// ACON-C backward on the device ([`crate::cpu::acon::acon_c_backward`]): with
+/// `s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`:
+/// `dx = dy·((p1 − p2)·∂y/∂d + p2)` (+ `dy·∂y/∂β·σ(x)(1 − σ(x))` pixel-wise),
+/// `dp1 = Σ dy·x·∂y/∂d`, `dp2 = Σ dy·x·(1 − ∂y/∂d)`, `dβ = Σ dy·d²·s(1 − s)`
+/// over the elements sharing each β. Sums are f32, two-stage, fixed order
+/// (bitwise reproducible).
+///
+/// Errors: as [`acon_c_forward`], plus `LengthMismatch` for `dy`.
+pub fn acon_c_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dy: &impl DeviceInput<T>,
+    x: &impl DeviceInput<T>,
+    p1: &impl DeviceInput<f32>,
+    p2: &impl DeviceInput<f32>,
+    beta: Beta<'_>,
+) -> Result<AconCGrads<T>> {
+    let (dyv, xv, p1v, p2v) = (dy.view(), x.view(), p1.view(), p2.view());
+    shape.validate("x", xv.len())?;
+    check_len("dy", xv.len(), dyv.len())?;
+    check_params(shape, "p1", p1v.len())?;
+    check_params(shape, "p2", p2v.len())?;
+    beta.validate(shape)?;
+    let g = core_backward(stream, shape, &dyv, &xv, &Params::C(p1v, p2v), &beta)?;
+    Ok(AconCGrads {
+        dx: g.dx,
+        dp1: g.dp1.ok_or_else(|| missing("dp1"))?,
+        dp2: g.dp2.ok_or_else(|| missing("dp2"))?,
+        dbeta: g.dbeta,
+    })
+}
+
+/// ACON-B forward: `y = (1 − p)·x·σ(β(1 − p)·x) + p·x` (ACON-C with `p1 = 1`,
+/// `p2 = p`; [`crate::cpu::acon::acon_b_forward`]).
+///
+/// Errors: `Empty`, or `LengthMismatch` for `x`, `p` or the β buffer.
+pub fn acon_b_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &impl DeviceInput<T>,
+    p: &impl DeviceInput<f32>,
+    beta: Beta<'_>,
+) -> Result<CudaSlice<T>> {
+    let (xv, pv) = (x.view(), p.view());
+    shape.validate("x", xv.len())?;
+    check_params(shape, "p", pv.len())?;
+    beta.validate(shape)?;
+    core_forward(stream, shape, &xv, &Params::B(pv), &beta)
+}
+
+/// ACON-B backward: `dx = dy·((1 − p)·∂y/∂d + p)` (+ the β path pixel-wise),
+/// `dp = Σ dy·x·(1 − ∂y/∂d)`, `dβ = Σ dy·d²·s(1 − s)`, `d = (1 − p)·x`
+/// ([`crate::cpu::acon::acon_b_backward`]).
+///
+/// Errors: as [`acon_b_forward`], plus `LengthMismatch` for `dy`.
+pub fn acon_b_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dy: &impl DeviceInput<T>,
+    x: &impl DeviceInput<T>,
+    p: &impl DeviceInput<f32>,
+    beta: Beta<'_>,
+) -> Result<AconBGrads<T>> {
+    let (dyv, xv, pv) = (dy.view(), x.view(), p.view());
+    shape.validate("x", xv.len())?;
+    check_len("dy", xv.len(), dyv.len())?;
+    check_params(shape, "p", pv.len())?;
+    beta.validate(shape)?;
+    let g = core_backward(stream, shape, &dyv, &xv, &Params::B(pv), &beta)?;
+    Ok(AconBGrads {
+        dx: g.dx,
+        dp: g.dp2.ok_or_else(|| missing("dp"))?,
+        dbeta: g.dbeta,
+    })
+}
+
+/// ACON-A (Swish) forward: `y = x·σ(β·x)` ([`crate::cpu::acon::acon_a_forward`]).
+///
+/// Errors: `Empty`, or `LengthMismatch` for `x` or the β buffer.
+pub fn acon_a_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &impl DeviceInput<T>,
+    beta: Beta<'_>,
+) -> Result<CudaSlice<T>> {
+    let xv = x.view();
+    shape.validate("x", xv.len())?;
+    beta.validate(shape)?;
+    core_forward(stream, shape, &xv, &Params::A, &beta)
+}
+
+/// ACON-A backward: with `s = σ(β·x)`, `dx = dy·(s + β·x·s(1 − s))`
+/// (+ `dy·x²·s(1 − s)·σ(x)(1 − σ(x))` pixel-wise), `dβ = Σ dy·x²·s(1 − s)`
+/// ([`crate::cpu::acon::acon_a_backward`]).
+///
+/// Errors: as [`acon_a_forward`], plus `LengthMismatch` for `dy`.
+pub fn acon_a_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dy: &impl DeviceInput<T>,
+    x: &impl DeviceInput<T>,
+    beta: Beta<'_>,
+) -> Result<AconAGrads<T>> {
+    let (dyv, xv) = (dy.view(), x.view());
+    shape.validate("x", xv.len())?;
+    check_len("dy", xv.len(), dyv.len())?;
+    beta.validate(shape)?;
+    let g = core_backward(stream, shape, &dyv, &xv, &Params::A, &beta)?;
+    Ok(AconAGrads {
+        dx: g.dx,
+        dbeta: g.dbeta,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// meta-ACON generators.
+
+/// GAP(x) in f32, `N × C` (block reductions + fixed-order stage 2).
+fn gap<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &CudaView<'_, T>,
+) -> Result<CudaSlice<f32>> {
+    let (n, c, s, _) = dims(shape);
+    let w = vec_width::<T>();
+    let (part, tiles_per) = if shape.layout == Layout::Nlc {
+        let (rows, tps, ntiles) = nlc_geometry(shape);
+        // SAFETY: every tile writes its C partials.
+        let mut part = unsafe { stream.alloc::<f32>(ntiles * shape.c) }?;
+        let f = func::<T>(stream, "acon_gap_nlc")?;
+        let rows_i = rows as i64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(x).arg(&n).arg(&s).arg(&c).arg(&rows_i).arg(&mut part);
+        // SAFETY: x holds N·L·C elements (validated); tile (n, k) reads rows of
+        // sample n and writes part[(n·tps + k)·C ..][..C]; smem blockDim·W floats.
+        unsafe { b.launch(cfg(ntiles, THREADS, (THREADS as usize * w * 4) as u32)) }?;
+        (part, tps)
+    } else {
+        let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
+        // SAFETY: every tile writes its partial.
+        let mut part = unsafe { stream.alloc::<f32>(ntiles) }?;
+        let f = func::<T>(stream, "acon_gap_nchw")?;
+        let (tpp_i, tile_i) = (tpp as i64, tile as i64);
+        let mut b = stream.launch_builder(&f);
+        b.arg(x)
+            .arg(&n)
+            .arg(&c)
+            .arg(&s)
+            .arg(&tpp_i)
+            .arg(&tile_i)
+            .arg(&mut part);
+        // SAFETY: x holds N·C·S elements; tile (plane, k) reads its plane only and
+        // writes part[tile].
+        unsafe { b.launch(cfg(ntiles, threads, 0)) }?;
+        (part, tpp)
+    };
+    reduce_tiles(stream, shape, &part, tiles_per, 1, 1.0 / shape.s as f32)
+}
+
+/// `dx[n, c, s] += dg[n, c]` (or `dg[n]` with `per_sample`) times `scale`, in place.
+fn gap_add<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dx: &mut CudaSlice<T>,
+    dg: &CudaSlice<f32>,
+    per_sample: bool,
+    scale: f32,
+) -> Result<()> {
+    let (n, c, s, nlc) = dims(shape);
+    let f = func::<T>(stream, "acon_gap_add")?;
+    let ps = i32::from(per_sample);
+    let numel = dx.len();
+    let mut b = stream.launch_builder(&f);
+    b.arg(dx)
+        .arg(dg)
+        .arg(&ps)
+        .arg(&scale)
+        .arg(&n)
+        .arg(&c)
+        .arg(&s)
+        .arg(&nlc);
+    // SAFETY: dx holds N·C·S elements (allocated for the validated shape), dg
+    // N (per_sample) or N·C floats; the flat loop stays below N·C·S.
+    unsafe {
+        b.launch(cfg(
+            numel.div_ceil(vec_width::<T>() * THREADS as usize),
+            THREADS,
+            0,
+        ))
+    }?;
+    Ok(())
+}
+
+/// Channel-wise meta-ACON β generator on the device (mirror of
+/// [`crate::cpu::acon::ChannelGen`]): `β[n, :] = σ(W2·(W1·GAP(x)[n, :] + b1) + b2)`,
+/// `W1` `(width, C)` and `W2` `(C, width)` row-major, optional biases, all f32.
+#[derive(Debug)]
+pub struct ChannelGen {
+    /// Channels C.
+    pub c: usize,
+    /// Hidden width (the authors use `max(r, C / r)`, [`ChannelGen::width_for`]).
+    pub width: usize,
+    /// `W1`, `(width, C)` row-major.
+    pub w1: CudaSlice<f32>,
+    /// Optional `b1`, length `width`.
+    pub b1: Option<CudaSlice<f32>>,
+    /// `W2`, `(C, width)` row-major.
+    pub w2: CudaSlice<f32>,
+    /// Optional `b2`, length `C`.
+    pub b2: Option<CudaSlice<f32>>,
+}
+
+/// What [`ChannelGen::backward`] needs from its forward (device buffers, f32):
+/// GAP (N × C), the hidden layer (N × width) and β (N × C). Opaque; tied to the
+/// shape and width it was produced for.
+#[derive(Debug)]
+pub struct ChannelGenSaved {
+    shape: ActShape,
+    width: usize,
+    gap: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    beta: CudaSlice<f32>,
+}
+
+/// Gradients of [`ChannelGen::backward`].
+#[derive(Debug)]
+pub struct ChannelGenGrads<T> {
+    /// `∂L/∂x` through GAP (storage `T`), full shape of `x`.
+    pub dx: CudaSlice<T>,
+    /// `∂L/∂W1`, `(width, C)`.
+    pub dw1: CudaSlice<f32>,
+    /// `∂L/∂b1`, `None` if the generator has no `b1`.
+    pub db1: Option<CudaSlice<f32>>,
+    /// `∂L/∂W2`, `(C, width)`.
+    pub dw2: CudaSlice<f32>,
+    /// `∂L/∂b2`, `None` if the generator has no `b2`.
+    pub db2: Option<CudaSlice<f32>>,
+}
+
+/// Generator weight gradients and `∂L/∂GAP / S` (internal).
+struct GenInner {
+    dg: CudaSlice<f32>,
+    dw1: CudaSlice<f32>,
+    db1: Option<CudaSlice<f32>>,
+    dw2: CudaSlice<f32>,
+    db2: Option<CudaSlice<f32>>,
+}
+
+impl ChannelGen {
+    /// Hidden width `max(r, C / r)` ([`crate::cpu::acon::ChannelGen::width_for`]).
+    pub fn width_for(c: usize, r: usize) -> Result<usize> {
+        crate::cpu::acon::ChannelGen::<f32>::width_for(c, r)
+    }
+
+    /// Uploads a host generator (f32 weights) to the device.
+    pub fn from_host(
+        stream: &Arc<CudaStream>,
+        g: &crate::cpu::acon::ChannelGen<f32>,
+    ) -> Result<Self> {
+        Ok(Self {
+            c: g.c,
+            width: g.width,
+            w1: stream.clone_htod(&g.w1)?,
+            b1: g.b1.as_ref().map(|b| stream.clone_htod(b)).transpose()?,
+            w2: stream.clone_htod(&g.w2)?,
+            b2: g.b2.as_ref().map(|b| stream.clone_htod(b)).transpose()?,
+        })
+    }
+
+    /// Checks the generator's own buffers and that it matches `shape`.
+    fn validate(&self, shape: &ActShape) -> Result<()> {
+        check_nonzero("generator channels C", self.c)?;
+        check_nonzero("generator width", self.width)?;
+        if self.c != shape.c {
+            return Err(Error::Shape {
+                what: "generator",
+                msg: format!("built for C = {}, tensor has C = {}", self.c, shape.c),
+            });
+        }
+        let wc = self.width.checked_mul(self.c).ok_or_else(|| Error::Shape {
+            what: "generator",
+            msg: "width·C overflows usize".into(),
+        })?;
+        check_len("w1 (width×C)", wc, self.w1.len())?;
+        check_len("w2 (C×width)", wc, self.w2.len())?;
+        if let Some(b) = &self.b1 {
+            check_len("b1 (width)", self.width, b.len())?;
+        }
+        if let Some(b) = &self.b2 {
+            check_len("b2 (C)", self.c, b.len())?;
+        }
+        Ok(())
+    }
+
+    fn check_saved(&self, shape: &ActShape, saved: &ChannelGenSaved) -> Result<()> {
+        if saved.shape != *shape || saved.width != self.width {
+            return Err(Error::Shape {
+                what: "saved",
+                msg: format!(
+                    "saved from shape {:?} width {}, used with shape {:?} width {}",
+                    saved.shape, saved.width, shape, self.width
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Forward: returns β (`N × C` f32, use as [`Beta::PerSampleChannel`]) and the
+    /// saved state. GAP by block reductions (fixed order), then both fc layers
+    /// and σ in one block per sample; all f32.
+    ///
+    /// Errors: `Empty`/`LengthMismatch` for `x`; `Shape` if the generator's `C`
+    /// differs from the tensor's; `Empty` for width 0; `LengthMismatch` for
+    /// `w1`, `w2`, `b1`, `b2`.
+    pub fn forward<T: DType>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: &ActShape,
+        x: &impl DeviceInput<T>,
+    ) -> Result<(CudaSlice<f32>, ChannelGenSaved)> {
+        let xv = x.view();
+        shape.validate("x", xv.len())?;
+        self.validate(shape)?;
+        self.forward_inner(stream, shape, &xv)
+    }
+
+    fn forward_inner<T: DType>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: &ActShape,
+        x: &CudaView<'_, T>,
+    ) -> Result<(CudaSlice<f32>, ChannelGenSaved)> {
+        let g = gap(stream, shape, x)?;
+        // SAFETY: acon_gen_fc_fwd writes all N·width hidden values and N·C βs.
+        let mut h = unsafe { stream.alloc::<f32>(shape.n * self.width) }?;
+        let mut beta = unsafe { stream.alloc::<f32>(shape.n * shape.c) }?;
+        let f = func_f32(stream, "acon_gen_fc_fwd")?;
+        let (c, wd) = (shape.c as i64, self.width as i64);
+        let null = 0u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&g).arg(&self.w1);
+        match &self.b1 {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&self.w2);
+        match &self.b2 {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&c).arg(&wd).arg(&mut h).arg(&mut beta);
+        // SAFETY: block n < N reads gap[n·C..][..C], W1/W2 (width·C, validated),
+        // b1 (width) / b2 (C) when present, writes h[n·width..][..width] and
+        // β[n·C..][..C].
+        unsafe { b.launch(cfg_blocks(shape.n)) }?;
+        Ok((
+            beta.clone(),
+            ChannelGenSaved {
+                shape: *shape,
+                width: self.width,
+                gap: g,
+                h,
+                beta,
+            },
+        ))
+    }
+
+    /// Backward through σ, both fc layers and GAP (f32; per-sample products in
+    /// one block per sample, weight gradients summed over samples in fixed
+    /// order): with `z = W2·h + b2`, `h = W1·g + b1`, `g = GAP(x)`:
+    /// `dz = dβ·β(1 − β)`, `dW2 = Σ_n dz ⊗ h`, `db2 = Σ_n dz`, `dh = W2ᵀ·dz`,
+    /// `dW1 = Σ_n dh ⊗ g`, `db1 = Σ_n dh`, `dx[n, c, s] = (W1ᵀ·dh)[n, c] / S`.
+    ///
+    /// Errors: `LengthMismatch` for `dbeta` (`N × C`); `Shape` if `saved` came
+    /// from another shape or width; as [`ChannelGen::forward`] for the generator.
+    pub fn backward<T: DType>(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: &ActShape,
+        dbeta: &CudaSlice<f32>,
+        saved: &ChannelGenSaved,
+    ) -> Result<ChannelGenGrads<T>> {
+        let numel = shape.numel()?;
+        check_nonzero("batch N", shape.n)?;
+        check_nonzero("channels C", shape.c)?;
+        check_nonzero("positions S (H·W or L)", shape.s)?;
+        self.validate(shape)?;
+        check_len("dbeta (N×C)", shape.n * shape.c, dbeta.len())?;
+        self.check_saved(shape, saved)?;
+        let gi = self.backward_inner(stream, shape, dbeta, saved)?;
+        let mut dx = stream.alloc_zeros::<T>(numel)?;
+        gap_add(stream, shape, &mut dx, &gi.dg, false, 1.0)?;
+        Ok(ChannelGenGrads {
+            dx,
+            dw1: gi.dw1,
+            db1: gi.db1,
+            dw2: gi.dw2,
+            db2: gi.db2,
+        })
+    }
+
+    fn backward_inner(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: &ActShape,
+        dbeta: &CudaSlice<f32>,
+        saved: &ChannelGenSaved,
+    ) -> Result<GenInner> {
+        let (nn, cc, wdu) = (shape.n, shape.c, self.width);
+        // SAFETY: acon_gen_fc_bwd writes all of dz (N·C), dh (N·width), dg (N·C).
+        let mut dz = unsafe { stream.alloc::<f32>(nn * cc) }?;
+        let mut dh = unsafe { stream.alloc::<f32>(nn * wdu) }?;
+        let mut dg = unsafe { stream.alloc::<f32>(nn * cc) }?;
+        let (n, c, wd) = (nn as i64, cc as i64, wdu as i64);
+        let scale = 1.0 / shape.s as f32;
+        let f = func_f32(stream, "acon_gen_fc_bwd")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(dbeta)
+            .arg(&saved.beta)
+            .arg(&self.w1)
+            .arg(&self.w2)
+            .arg(&c)
+            .arg(&wd)
+            .arg(&scale)
+            .arg(&mut dz)
+            .arg(&mut dh)
+            .arg(&mut dg);
+        // SAFETY: block n < N touches row n of dβ, β, dz, dg (C) and dh (width);
+        // W1, W2 have width·C elements (validated).
+        unsafe { b.launch(cfg_blocks(nn)) }?;
+        // SAFETY: acon_gen_wgrad writes every element of dW1, dW2 and, when
+        // present, db1, db2.
+        let mut dw1 = unsafe { stream.alloc::<f32>(wdu * cc) }?;
+        let mut dw2 = unsafe { stream.alloc::<f32>(wdu * cc) }?;
+        let mut db1 = match self.b1 {
+            Some(_) => Some(unsafe { stream.alloc::<f32>(wdu) }?),
+            None => None,
+        };
+        let mut db2 = match self.b2 {
+            Some(_) => Some(unsafe { stream.alloc::<f32>(cc) }?),
+            None => None,
+        };
+        let null = 0u64;
+        let f = func_f32(stream, "acon_gen_wgrad")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&dz)
+            .arg(&dh)
+            .arg(&saved.h)
+            .arg(&saved.gap)
+            .arg(&n)
+            .arg(&c)
+            .arg(&wd)
+            .arg(&mut dw1);
+        match db1.as_mut() {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&mut dw2);
+        match db2.as_mut() {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        let work = 2 * wdu * cc + cc + wdu;
+        // SAFETY: reads dz, gap (N·C), dh, h (N·width); writes dW1, dW2
+        // (width·C), db1 (width) and db2 (C) only when non-null.
+        unsafe { b.launch(cfg(work.div_ceil(THREADS as usize), THREADS, 0)) }?;
+        Ok(GenInner {
+            dg,
+            dw1,
+            db1,
+            dw2,
+            db2,
+        })
+    }
+}
+
+/// One block of [`THREADS`] per sample.
+fn cfg_blocks(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Grid dimension limit of the one-block-per-sample kernels.
+fn check_batch_grid(shape: &ActShape) -> Result<()> {
+    if shape.n > i32::MAX as usize {
+        return Err(Error::Shape {
+            what: "batch N",
+            msg: format!(
+                "{} exceeds the grid limit of the generator kernels",
+                shape.n
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Layer-wise meta-ACON generator: `β[n] = σ(Σ_c GAP(x)[n, c])`
+/// ([`crate::cpu::acon::layer_gen_forward`]); returns β (length `N`, f32; use as
+/// [`Beta::PerSample`]).
+///
+/// Errors: `Empty`/`LengthMismatch` for `x`.
+pub fn layer_gen_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &impl DeviceInput<T>,
+) -> Result<CudaSlice<f32>> {
+    let xv = x.view();
+    shape.validate("x", xv.len())?;
+    check_batch_grid(shape)?;
+    layer_forward_inner(stream, shape, &xv)
+}
+
+fn layer_forward_inner<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &CudaView<'_, T>,
+) -> Result<CudaSlice<f32>> {
+    let g = gap(stream, shape, x)?;
+    // SAFETY: acon_layer_gen_fwd writes β[n] for every block n < N.
+    let mut beta = unsafe { stream.alloc::<f32>(shape.n) }?;
+    let c = shape.c as i64;
+    let f = func_f32(stream, "acon_layer_gen_fwd")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&g).arg(&c).arg(&mut beta);
+    // SAFETY: block n reads gap[n·C..][..C] and writes β[n].
+    unsafe { b.launch(cfg_blocks(shape.n)) }?;
+    Ok(beta)
+}
+
+/// `dg[n] = dβ[n]·β[n](1 − β[n])` then `dx += dg[n] / S` (in place).
+fn layer_backward_add<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dbeta: &CudaView<'_, f32>,
+    beta: &CudaView<'_, f32>,
+    dx: &mut CudaSlice<T>,
+) -> Result<()> {
+    // SAFETY: acon_layer_gen_bwd writes dg[0..N).
+    let mut dg = unsafe { stream.alloc::<f32>(shape.n) }?;
+    let n = shape.n as i64;
+    let f = func_f32(stream, "acon_layer_gen_bwd")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(dbeta).arg(beta).arg(&n).arg(&mut dg);
+    // SAFETY: dβ, β and dg have N elements (validated).
+    unsafe { b.launch(cfg(shape.n.div_ceil(THREADS as usize), THREADS, 0)) }?;
+    gap_add(stream, shape, dx, &dg, true, 1.0 / shape.s as f32)
+}
+
+/// Backward of [`layer_gen_forward`], given its output `beta` (length `N`):
+/// `dx[n, c, s] = dβ[n]·β[n](1 − β[n]) / S` (storage `T`).
+///
+/// Errors: `Empty` for a zero dimension, `LengthMismatch` for `dbeta` or `beta`.
+pub fn layer_gen_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dbeta: &impl DeviceInput<f32>,
+    beta: &impl DeviceInput<f32>,
+) -> Result<CudaSlice<T>> {
+    let (dbv, bv) = (dbeta.view(), beta.view());
+    let numel = shape.numel()?;
+    check_nonzero("batch N", shape.n)?;
+    check_nonzero("channels C", shape.c)?;
+    check_nonzero("positions S (H·W or L)", shape.s)?;
+    check_len("dbeta (N)", shape.n, dbv.len())?;
+    check_len("beta (N)", shape.n, bv.len())?;
+    let mut dx = stream.alloc_zeros::<T>(numel)?;
+    layer_backward_add(stream, shape, &dbv, &bv, &mut dx)?;
+    Ok(dx)
+}
+
+// ---------------------------------------------------------------------------
+// Full meta-ACON-C.
+
+/// Which meta-ACON generator produces β for [`meta_acon_c_forward`].
+#[derive(Debug, Clone, Copy)]
+pub enum MetaGen<'a> {
+    /// Channel-wise: β (N × C) from a [`ChannelGen`].
+    Channel(&'a ChannelGen),
+    /// Layer-wise: β (N) from [`layer_gen_forward`].
+    Layer,
+    /// Pixel-wise: `β = σ(x)` ([`Beta::PixelWise`]).
+    Pixel,
+}
+
+fn kind_of(gen: &MetaGen<'_>) -> u8 {
+    match gen {
+        MetaGen::Channel(_) => 0,
+        MetaGen::Layer => 1,
+        MetaGen::Pixel => 2,
+    }
+}
+
+/// What [`meta_acon_c_backward`] needs from [`meta_acon_c_forward`]: the
+/// generated β (device, f32) and the channel generator's saved state. Opaque.
+#[derive(Debug)]
+pub struct MetaAconCSaved {
+    shape: ActShape,
+    beta: Option<CudaSlice<f32>>,
+    gen: Option<ChannelGenSaved>,
+    kind: u8,
+}
+
+impl MetaAconCSaved {
+    /// The β the forward used (`N × C` channel-wise, `N` layer-wise, `None`
+    /// pixel-wise).
+    pub fn beta(&self) -> Option<&CudaSlice<f32>> {
+        self.beta.as_ref()
+    }
+}
+
+/// Gradients of the full meta-ACON-C ([`meta_acon_c_backward`]).
+#[derive(Debug)]
+pub struct MetaAconCGrads<T> {
+    /// `∂L/∂x` through both the activation and the generator (storage `T`).
+    pub dx: CudaSlice<T>,
+    /// `∂L/∂p1`, length `C`.
+    pub dp1: CudaSlice<f32>,
+    /// `∂L/∂p2`, length `C`.
+    pub dp2: CudaSlice<f32>,
+    /// `∂L/∂β` at the generator's output (`N × C` or `N`; `None` pixel-wise);
+    /// informational, already propagated.
+    pub dbeta: Option<CudaSlice<f32>>,
+    /// `∂L/∂W1` (channel-wise only).
+    pub dw1: Option<CudaSlice<f32>>,
+    /// `∂L/∂b1` (channel-wise generator with `b1` only).
+    pub db1: Option<CudaSlice<f32>>,
+    /// `∂L/∂W2` (channel-wise only).
+    pub dw2: Option<CudaSlice<f32>>,
+    /// `∂L/∂b2` (channel-wise generator with `b2` only).
+    pub db2: Option<CudaSlice<f32>>,
+}
+
+/// meta-ACON-C forward: `β = G(x)` from `gen`, then [`acon_c_forward`] with that
+/// β ([`crate::cpu::acon::meta_acon_c_forward`]). Saves β (and the channel
+/// generator's GAP and hidden layer).
+///
+/// Errors: those of [`acon_c_forward`] and of the generator.
+pub fn meta_acon_c_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    x: &impl DeviceInput<T>,
+    p1: &impl DeviceInput<f32>,
+    p2: &impl DeviceInput<f32>,
+    gen: MetaGen<'_>,
+) -> Result<(CudaSlice<T>, MetaAconCSaved)> {
+    let (xv, p1v, p2v) = (x.view(), p1.view(), p2.view());
+    shape.validate("x", xv.len())?;
+    check_params(shape, "p1", p1v.len())?;
+    check_params(shape, "p2", p2v.len())?;
+    check_batch_grid(shape)?;
+    if let MetaGen::Channel(g) = gen {
+        g.validate(shape)?;
+    }
+    let (beta, gsaved) = match gen {
+        MetaGen::Channel(g) => {
+            let (b, s) = g.forward_inner(stream, shape, &xv)?;
+            (Some(b), Some(s))
+        }
+        MetaGen::Layer => (Some(layer_forward_inner(stream, shape, &xv)?), None),
+        MetaGen::Pixel => (None, None),
+    };
+    let src = match (&gen, &beta) {
+        (MetaGen::Channel(_), Some(b)) => Beta::PerSampleChannel(b),
+        (MetaGen::Layer, Some(b)) => Beta::PerSample(b),
+        _ => Beta::PixelWise,
+    };
+    let y = core_forward(stream, shape, &xv, &Params::C(p1v, p2v), &src)?;
+    Ok((
+        y,
+        MetaAconCSaved {
+            shape: *shape,
+            beta,
+            gen: gsaved,
+            kind: kind_of(&gen),
+        },
+    ))
+}
+
+/// meta-ACON-C backward ([`crate::cpu::acon::meta_acon_c_backward`]): the
+/// ACON-C backward with the saved β, then `dβ` back through the generator
+/// (channel-wise: [`ChannelGen::backward`]'s math; layer-wise:
+/// [`layer_gen_backward`]'s; pixel-wise inside the activation), the generator's
+/// share of `dx` added in place (so f16/bf16 `dx` is rounded twice).
+///
+/// Errors: those of [`acon_c_backward`] and of the generator; `Shape` if `saved`
+/// came from another shape or generator kind.
+#[allow(clippy::too_many_arguments)]
+pub fn meta_acon_c_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    shape: &ActShape,
+    dy: &impl DeviceInput<T>,
+    x: &impl DeviceInput<T>,
+    p1: &impl DeviceInput<f32>,
+    p2: &impl DeviceInput<f32>,
+    gen: MetaGen<'_>,
+    saved: &MetaAconCSaved,
+) -> Result<MetaAconCGrads<T>> {
+    let (dyv, xv, p1v, p2v) = (dy.view(), x.view(), p1.view(), p2.view());
+    shape.validate("x", xv.len())?;
+    check_len("dy", xv.len(), dyv.len())?;
+    check_params(shape, "p1", p1v.len())?;
+    check_params(shape, "p2", p2v.len())?;
+    if saved.shape != *shape || saved.kind != kind_of(&gen) {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: "saved state comes from another shape or generator kind".into(),
+        });
+    }
+    let no_beta = || Error::Shape {
+        what: "saved",
+        msg: "no generated beta".into(),
+    };
+    let src = match gen {
+        MetaGen::Channel(g) => {
+            g.validate(shape)?;
+            let gs = saved.gen.as_ref().ok_or_else(|| Error::Shape {
+                what: "saved",
+                msg: "no channel-generator state".into(),
+            })?;
+            g.check_saved(shape, gs)?;
+            Beta::PerSampleChannel(saved.beta.as_ref().ok_or_else(no_beta)?)
+        }
+        MetaGen::Layer => Beta::PerSample(saved.beta.as_ref().ok_or_else(no_beta)?),
+        MetaGen::Pixel => Beta::PixelWise,
+    };
+    src.validate(shape)?;
+    let mut core = core_backward(stream, shape, &dyv, &xv, &Params::C(p1v, p2v), &src)?;
+    let mut out = MetaAconCGrads {
+        dx: core.dx,
+        dp1: core.dp1.take().ok_or_else(|| missing("dp1"))?,
+        dp2: core.dp2.take().ok_or_else(|| missing("dp2"))?,
+        dbeta: None,
+        dw1: None,
+        db1: None,
+        dw2: None,
+        db2: None,
+    };
+    match (gen, src) {
+        (MetaGen::Channel(g), _) => {
+            let gs = saved
+                .gen
+                .as_ref()
+                .ok_or_else(|| missing("generator state"))?;
+            let db = core.dbeta.as_ref().ok_or_else(|| missing("dbeta"))?;
+            let gi = g.backward_inner(stream, shape, db, gs)?;
+            gap_add(stream, shape, &mut out.dx, &gi.dg, false, 1.0)?;
+            out.dw1 = Some(gi.dw1);
+            out.db1 = gi.db1;
+            out.dw2 = Some(gi.dw2);
+            out.db2 = gi.db2;
+        }
+        (MetaGen::Layer, Beta::PerSample(b)) => {
+            let db = core.dbeta.as_ref().ok_or_else(|| missing("dbeta"))?;
+            layer_backward_add(stream, shape, &db.as_view(), &b.as_view(), &mut out.dx)?;
+        }
+        _ => {}
+    }
+    out.dbeta = core.dbeta;
+    Ok(out)
+}

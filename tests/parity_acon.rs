@@ -1,0 +1,806 @@
+//! GPU ↔ CPU parity of ACON (SPEC §2): ACON-A/B/C × every β source × NCHW / NLC
+//! × f32 / f16 / bf16, forward and every gradient, against the CPU reference
+//! computed in f64 on the same dtype-rounded inputs; meta-ACON-C with every
+//! generator; a larger case (many blocks, vector path + tails); unaligned views
+//! (scalar path); every bad-input path of the CUDA API.
+//!
+//! Tolerances (`check`): an element passes if
+//! `|got − ref| ≤ u·|ref| + (1 + u)·e·max|ref|` where
+//! * `u` is the unit roundoff of the output's storage dtype (2^-24 f32, 2^-11
+//!   f16, 2^-8 bf16): outputs are rounded to storage once (twice for meta-ACON
+//!   `dx`, which gets the generator's share added in place: `2u`);
+//! * `e` is the f32 term: 1e-5 for elementwise outputs (f32 arithmetic, and the
+//!   `__expf` sigmoid whose error is ≈ 2^-22·(2 + 1.16|u|) relative — a few f32
+//!   ulp for |β·d| ≲ 10 as in these inputs), 1e-4 for parameter gradients and
+//!   generator outputs (f32 accumulation over up to N·S = 2·1089 terms, and the
+//!   generator's f32 GAP → fc → fc → σ chain).
+//!
+//! Every GPU computation runs under `check_schedules` (bitwise identical under 4
+//! thread orders on the emulator, no leaked allocation): determinism.
+#![cfg(any(feature = "cuda", feature = "emulate"))]
+
+mod common;
+
+use std::sync::Arc;
+
+use activation_kernels::cpu::acon as cpu;
+use activation_kernels::cuda::acon::*;
+use activation_kernels::cuda::{CudaSlice, CudaStream, DType};
+use activation_kernels::{ActShape, Error};
+use common::device::{gpu, Gpu};
+
+type F16 = half::f16;
+type Bf16 = half::bf16;
+
+const E_ELEM: f64 = 1e-5;
+const E_RED: f64 = 1e-4;
+
+fn unit<T: DType>() -> f64 {
+    match T::NAME {
+        "f32" => 2f64.powi(-24),
+        "f16" => 2f64.powi(-11),
+        _ => 2f64.powi(-8),
+    }
+}
+
+/// Rounds to `T` (via f32) and returns both the storage values and their exact f64.
+fn round<T: DType>(v: &[f64]) -> (Vec<T>, Vec<f64>) {
+    let t: Vec<T> = v.iter().map(|&a| T::from_f32(a as f32)).collect();
+    let r = t.iter().map(|a| a.to_f32() as f64).collect();
+    (t, r)
+}
+
+fn round32(v: &[f64]) -> (Vec<f32>, Vec<f64>) {
+    round::<f32>(v)
+}
+
+fn tbits<T: DType>(s: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<u32> {
+    s.clone_dtoh(d)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32().to_bits())
+        .collect()
+}
+
+fn from_bits(b: &[u32]) -> Vec<f64> {
+    b.iter().map(|&v| f32::from_bits(v) as f64).collect()
+}
+
+fn check(name: &str, got: &[u32], want: &[f64], u: f64, e: f64) {
+    let got = from_bits(got);
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let m = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.is_nan() && w.is_nan() {
+            continue;
+        }
+        let tol = u * w.abs() + (1.0 + u) * e * m + 1e-30;
+        assert!(
+            (g - w).abs() <= tol,
+            "{name}[{i}]: got {g}, want {w} (|err| {} > tol {tol}, max|ref| {m})",
+            (g - w).abs()
+        );
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Var {
+    A,
+    B,
+    C,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bk {
+    Ch,
+    Nc,
+    N,
+    Pix,
+}
+
+const VARS: [Var; 3] = [Var::A, Var::B, Var::C];
+const BKS: [Bk; 4] = [Bk::Ch, Bk::Nc, Bk::N, Bk::Pix];
+
+fn beta_len(bk: Bk, sh: &ActShape) -> usize {
+    match bk {
+        Bk::Ch => sh.c,
+        Bk::Nc => sh.n * sh.c,
+        Bk::N => sh.n,
+        Bk::Pix => 0,
+    }
+}
+
+fn cpu_beta<'a>(bk: Bk, b: &'a [f64]) -> cpu::Beta<'a, f64> {
+    match bk {
+        Bk::Ch => cpu::Beta::PerChannel(b),
+        Bk::Nc => cpu::Beta::PerSampleChannel(b),
+        Bk::N => cpu::Beta::PerSample(b),
+        Bk::Pix => cpu::Beta::PixelWise,
+    }
+}
+
+fn gpu_beta(bk: Bk, b: &CudaSlice<f32>) -> Beta<'_> {
+    match bk {
+        Bk::Ch => Beta::PerChannel(b),
+        Bk::Nc => Beta::PerSampleChannel(b),
+        Bk::N => Beta::PerSample(b),
+        Bk::Pix => Beta::PixelWise,
+    }
+}
+
+/// Reference results (f64): y, dx, dp1, dp2, dβ (empty where the op has none).
+#[allow(clippy::too_many_arguments)]
+fn cpu_ref(
+    var: Var,
+    bk: Bk,
+    sh: &ActShape,
+    x: &[f64],
+    dy: &[f64],
+    p1: &[f64],
+    p2: &[f64],
+    b: &[f64],
+) -> [Vec<f64>; 5] {
+    let beta = cpu_beta(bk, b);
+    match var {
+        Var::C => {
+            let y = cpu::acon_c_forward(sh, x, p1, p2, beta).unwrap();
+            let g = cpu::acon_c_backward(sh, dy, x, p1, p2, beta).unwrap();
+            [y, g.dx, g.dp1, g.dp2, g.dbeta]
+        }
+        Var::B => {
+            let y = cpu::acon_b_forward(sh, x, p2, beta).unwrap();
+            let g = cpu::acon_b_backward(sh, dy, x, p2, beta).unwrap();
+            [y, g.dx, vec![], g.dp, g.dbeta]
+        }
+        Var::A => {
+            let y = cpu::acon_a_forward(sh, x, beta).unwrap();
+            let g = cpu::acon_a_backward(sh, dy, x, beta).unwrap();
+            [y, g.dx, vec![], vec![], g.dbeta]
+        }
+    }
+}
+
+/// Runs one op on the device: bits of [y, dx, dp1, dp2, dβ]. `offset` > 0 feeds
+/// `x` and `dy` as views starting `offset` elements into a larger buffer (not
+/// 16-byte aligned: the scalar paths).
+#[allow(clippy::too_many_arguments)]
+fn gpu_run<T: DType>(
+    g: &Gpu,
+    var: Var,
+    bk: Bk,
+    sh: &ActShape,
+    x: &[T],
+    dy: &[T],
+    p1: &[f32],
+    p2: &[f32],
+    b: &[f32],
+    offset: usize,
+) -> [Vec<u32>; 5] {
+    let s = g.ctx.default_stream();
+    g.check_schedules(|| {
+        let pad = |v: &[T]| {
+            let mut w = vec![T::default(); offset];
+            w.extend_from_slice(v);
+            s.clone_htod(&w).unwrap()
+        };
+        let (xb, dyb) = (pad(x), pad(dy));
+        let (xd, dyd) = (xb.slice(offset..), dyb.slice(offset..));
+        let p1d = s.clone_htod(p1).unwrap();
+        let p2d = s.clone_htod(p2).unwrap();
+        let bd = s
+            .clone_htod(if b.is_empty() { &[0.0f32][..] } else { b })
+            .unwrap();
+        let beta = gpu_beta(bk, &bd);
+        let none = Vec::new();
+        let opt = |v: &Option<CudaSlice<f32>>| v.as_ref().map_or(Vec::new(), |d| tbits(&s, d));
+        match var {
+            Var::C => {
+                let y = acon_c_forward(&s, sh, &xd, &p1d, &p2d, beta).unwrap();
+                let gr = acon_c_backward(&s, sh, &dyd, &xd, &p1d, &p2d, beta).unwrap();
+                [
+                    tbits(&s, &y),
+                    tbits(&s, &gr.dx),
+                    tbits(&s, &gr.dp1),
+                    tbits(&s, &gr.dp2),
+                    opt(&gr.dbeta),
+                ]
+            }
+            Var::B => {
+                let y = acon_b_forward(&s, sh, &xd, &p2d, beta).unwrap();
+                let gr = acon_b_backward(&s, sh, &dyd, &xd, &p2d, beta).unwrap();
+                [
+                    tbits(&s, &y),
+                    tbits(&s, &gr.dx),
+                    none.clone(),
+                    tbits(&s, &gr.dp),
+                    opt(&gr.dbeta),
+                ]
+            }
+            Var::A => {
+                let y = acon_a_forward(&s, sh, &xd, beta).unwrap();
+                let gr = acon_a_backward(&s, sh, &dyd, &xd, beta).unwrap();
+                [
+                    tbits(&s, &y),
+                    tbits(&s, &gr.dx),
+                    none.clone(),
+                    none.clone(),
+                    opt(&gr.dbeta),
+                ]
+            }
+        }
+    })
+}
+
+fn case<T: DType>(g: &Gpu, var: Var, bk: Bk, sh: ActShape, seed: u64, offset: usize) {
+    let numel = sh.n * sh.c * sh.s;
+    let mut r = common::rng(seed);
+    let x0: Vec<f64> = common::randn(&mut r, numel)
+        .iter()
+        .map(|v| 2.0 * v)
+        .collect();
+    let dy0 = common::randn(&mut r, numel);
+    let (p1, p1r) = round32(&common::randn(&mut r, sh.c));
+    let (p2, p2r) = round32(&common::randn(&mut r, sh.c));
+    let (b, br) = round32(&common::uniform(&mut r, beta_len(bk, &sh), 0.25, 2.0));
+    let (x, xr) = round::<T>(&x0);
+    let (dy, dyr) = round::<T>(&dy0);
+    let want = cpu_ref(var, bk, &sh, &xr, &dyr, &p1r, &p2r, &br);
+    let got = gpu_run(g, var, bk, &sh, &x, &dy, &p1, &p2, &b, offset);
+    let u = unit::<T>();
+    let tag = format!("{var:?}/{bk:?}/{sh:?}/{}/off{offset}", T::NAME);
+    check(&format!("{tag}: y"), &got[0], &want[0], u, E_ELEM);
+    check(&format!("{tag}: dx"), &got[1], &want[1], u, E_ELEM);
+    check(&format!("{tag}: dp1"), &got[2], &want[2], 0.0, E_RED);
+    check(&format!("{tag}: dp2"), &got[3], &want[3], 0.0, E_RED);
+    check(&format!("{tag}: dbeta"), &got[4], &want[4], 0.0, E_RED);
+}
+
+fn shapes() -> [ActShape; 3] {
+    [
+        ActShape::nchw(3, 5, 7, 9),
+        ActShape::nlc(3, 13, 5),
+        // C = 37: rows are not 16-byte aligned (scalar NLC reduction path).
+        ActShape::nlc(2, 11, 37),
+    ]
+}
+
+fn all_ops<T: DType>(seed: u64) {
+    let Some(g) = gpu() else { return };
+    for (si, sh) in shapes().into_iter().enumerate() {
+        for (vi, var) in VARS.into_iter().enumerate() {
+            for (bi, bk) in BKS.into_iter().enumerate() {
+                case::<T>(&g, var, bk, sh, seed + (si * 100 + vi * 10 + bi) as u64, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn acon_all_ops_f32() {
+    all_ops::<f32>(1000);
+}
+
+#[test]
+fn acon_all_ops_f16() {
+    all_ops::<F16>(2000);
+}
+
+#[test]
+fn acon_all_ops_bf16() {
+    all_ops::<Bf16>(3000);
+}
+
+/// Many blocks and tiles, the vector path with tails (33·33 = 1089 per plane,
+/// not a multiple of 4 or 8, so planes start unaligned), both NLC reduction
+/// regimes (C = 64: vector columns; C = 40 with f16: 5 vector columns).
+#[test]
+fn acon_larger_cases() {
+    let Some(g) = gpu() else { return };
+    let big = ActShape::nchw(2, 64, 33, 33);
+    case::<f32>(&g, Var::C, Bk::Ch, big, 11, 0);
+    case::<F16>(&g, Var::C, Bk::Nc, big, 12, 0);
+    case::<f32>(&g, Var::C, Bk::Pix, ActShape::nlc(2, 300, 64), 13, 0);
+    case::<F16>(&g, Var::B, Bk::N, ActShape::nlc(3, 200, 40), 14, 0);
+    case::<Bf16>(&g, Var::C, Bk::Ch, ActShape::nlc(2, 20, 1000), 15, 0);
+    // One huge plane: several tiles per plane in the NCHW backward.
+    case::<f32>(&g, Var::C, Bk::N, ActShape::nchw(1, 2, 100, 90), 16, 0);
+}
+
+/// Views that are not 16-byte aligned: the scalar fallbacks of every engine.
+#[test]
+fn acon_unaligned_views() {
+    let Some(g) = gpu() else { return };
+    for sh in [ActShape::nchw(2, 3, 5, 7), ActShape::nlc(2, 9, 8)] {
+        case::<f32>(&g, Var::C, Bk::Ch, sh, 21, 1);
+        case::<F16>(&g, Var::C, Bk::Nc, sh, 22, 3);
+        case::<Bf16>(&g, Var::A, Bk::Pix, sh, 23, 1);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// meta-ACON.
+
+#[derive(Clone, Copy, Debug)]
+enum Gen {
+    Channel(bool),
+    Layer,
+    Pixel,
+}
+
+fn meta_case<T: DType>(g: &Gpu, gen: Gen, sh: ActShape, seed: u64) {
+    let numel = sh.n * sh.c * sh.s;
+    let mut r = common::rng(seed);
+    let x0: Vec<f64> = common::randn(&mut r, numel)
+        .iter()
+        .map(|v| 2.0 * v + 0.3)
+        .collect();
+    let dy0 = common::randn(&mut r, numel);
+    let (p1, p1r) = round32(&common::randn(&mut r, sh.c));
+    let (p2, p2r) = round32(&common::randn(&mut r, sh.c));
+    let (x, xr) = round::<T>(&x0);
+    let (dy, dyr) = round::<T>(&dy0);
+    let r16 = 4;
+    let hg32 = match gen {
+        Gen::Channel(bias) => Some(cpu::ChannelGen::<f32>::init(sh.c, r16, bias, seed).unwrap()),
+        _ => None,
+    };
+    let hg64 = hg32.as_ref().map(|h| {
+        let cv = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        cpu::ChannelGen::<f64> {
+            c: h.c,
+            width: h.width,
+            w1: cv(&h.w1),
+            b1: h.b1.as_deref().map(cv),
+            w2: cv(&h.w2),
+            b2: h.b2.as_deref().map(cv),
+        }
+    });
+    let cgen = match (gen, &hg64) {
+        (Gen::Channel(_), Some(h)) => cpu::MetaGen::Channel(h),
+        (Gen::Layer, _) => cpu::MetaGen::Layer,
+        _ => cpu::MetaGen::Pixel,
+    };
+    let (y, saved) = cpu::meta_acon_c_forward(&sh, &xr, &p1r, &p2r, cgen).unwrap();
+    let gr = cpu::meta_acon_c_backward(&sh, &dyr, &xr, &p1r, &p2r, cgen, &saved).unwrap();
+    let want = [
+        y,
+        gr.dx,
+        gr.dp1,
+        gr.dp2,
+        gr.dbeta,
+        saved.beta().to_vec(),
+        gr.dw1,
+        gr.db1.unwrap_or_default(),
+        gr.dw2,
+        gr.db2.unwrap_or_default(),
+    ];
+    let s = g.ctx.default_stream();
+    let got = g.check_schedules(|| {
+        let dgen = hg32.as_ref().map(|h| ChannelGen::from_host(&s, h).unwrap());
+        let mgen = match (gen, &dgen) {
+            (Gen::Channel(_), Some(d)) => MetaGen::Channel(d),
+            (Gen::Layer, _) => MetaGen::Layer,
+            _ => MetaGen::Pixel,
+        };
+        let xd = s.clone_htod(&x).unwrap();
+        let dyd = s.clone_htod(&dy).unwrap();
+        let p1d = s.clone_htod(&p1).unwrap();
+        let p2d = s.clone_htod(&p2).unwrap();
+        let (yd, sv) = meta_acon_c_forward(&s, &sh, &xd, &p1d, &p2d, mgen).unwrap();
+        let gd = meta_acon_c_backward(&s, &sh, &dyd, &xd, &p1d, &p2d, mgen, &sv).unwrap();
+        let opt = |v: &Option<CudaSlice<f32>>| v.as_ref().map_or(Vec::new(), |d| tbits(&s, d));
+        [
+            tbits(&s, &yd),
+            tbits(&s, &gd.dx),
+            tbits(&s, &gd.dp1),
+            tbits(&s, &gd.dp2),
+            opt(&gd.dbeta),
+            sv.beta().map_or(Vec::new(), |b| tbits(&s, b)),
+            opt(&gd.dw1),
+            opt(&gd.db1),
+            opt(&gd.dw2),
+            opt(&gd.db2),
+        ]
+    });
+    let u = unit::<T>();
+    let tag = format!("meta {gen:?}/{sh:?}/{}", T::NAME);
+    let names = [
+        "y", "dx", "dp1", "dp2", "dbeta", "beta", "dw1", "db1", "dw2", "db2",
+    ];
+    for (k, name) in names.iter().enumerate() {
+        // y depends on the f32 generator's β; dx is rounded twice (see module docs).
+        let (uu, e) = match k {
+            0 => (u, E_RED),
+            1 => (2.0 * u, E_RED),
+            _ => (0.0, E_RED),
+        };
+        check(&format!("{tag}: {name}"), &got[k], &want[k], uu, e);
+    }
+}
+
+fn meta_all<T: DType>(seed: u64) {
+    let Some(g) = gpu() else { return };
+    let shapes = [
+        ActShape::nchw(3, 5, 7, 9),
+        ActShape::nlc(3, 13, 5),
+        ActShape::nlc(2, 11, 37),
+        ActShape::nchw(2, 40, 4, 4),
+    ];
+    for (si, sh) in shapes.into_iter().enumerate() {
+        for (gi, gen) in [
+            Gen::Channel(true),
+            Gen::Channel(false),
+            Gen::Layer,
+            Gen::Pixel,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            meta_case::<T>(&g, gen, sh, seed + (si * 10 + gi) as u64);
+        }
+    }
+}
+
+#[test]
+fn meta_acon_f32() {
+    meta_all::<f32>(5000);
+}
+
+#[test]
+fn meta_acon_f16() {
+    meta_all::<F16>(6000);
+}
+
+#[test]
+fn meta_acon_bf16() {
+    meta_all::<Bf16>(7000);
+}
+
+/// The standalone generator APIs against their CPU counterparts.
+#[test]
+fn generators_standalone() {
+    let Some(g) = gpu() else { return };
+    let s = g.ctx.default_stream();
+    for (k, sh) in [ActShape::nchw(3, 20, 5, 3), ActShape::nlc(2, 7, 24)]
+        .into_iter()
+        .enumerate()
+    {
+        let numel = sh.n * sh.c * sh.s;
+        let mut r = common::rng(40 + k as u64);
+        let (x, xr) = round32(&common::randn(&mut r, numel));
+        let (db, dbr) = round32(&common::randn(&mut r, sh.n * sh.c));
+        let (dl, dlr) = round32(&common::randn(&mut r, sh.n));
+        let h32 = cpu::ChannelGen::<f32>::init(sh.c, 4, true, 9).unwrap();
+        let cv = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let h64 = cpu::ChannelGen::<f64> {
+            c: h32.c,
+            width: h32.width,
+            w1: cv(&h32.w1),
+            b1: h32.b1.as_deref().map(cv),
+            w2: cv(&h32.w2),
+            b2: h32.b2.as_deref().map(cv),
+        };
+        let (beta, sv) = h64.forward(&sh, &xr).unwrap();
+        let gg = h64.backward(&sh, &dbr, &sv).unwrap();
+        let lb = cpu::layer_gen_forward(&sh, &xr).unwrap();
+        let (lb32, _) = round32(&lb);
+        let ldx = cpu::layer_gen_backward(&sh, &dlr, &round32(&lb).1).unwrap();
+        let got = g.check_schedules(|| {
+            let d = ChannelGen::from_host(&s, &h32).unwrap();
+            let xd = s.clone_htod(&x).unwrap();
+            let dbd = s.clone_htod(&db).unwrap();
+            let (b, svd) = d.forward(&s, &sh, &xd).unwrap();
+            let gd = d.backward::<f32>(&s, &sh, &dbd, &svd).unwrap();
+            let lbd = layer_gen_forward(&s, &sh, &xd).unwrap();
+            let dld = s.clone_htod(&dl).unwrap();
+            let lbin = s.clone_htod(&lb32).unwrap();
+            let ldxd = layer_gen_backward::<f32>(&s, &sh, &dld, &lbin).unwrap();
+            [
+                tbits(&s, &b),
+                tbits(&s, &gd.dx),
+                tbits(&s, &gd.dw1),
+                tbits(&s, gd.db1.as_ref().unwrap()),
+                tbits(&s, &gd.dw2),
+                tbits(&s, gd.db2.as_ref().unwrap()),
+                tbits(&s, &lbd),
+                tbits(&s, &ldxd),
+            ]
+        });
+        let want = [
+            beta,
+            gg.dx,
+            gg.dw1,
+            gg.db1.unwrap(),
+            gg.dw2,
+            gg.db2.unwrap(),
+            lb,
+            ldx,
+        ];
+        for (i, name) in [
+            "beta",
+            "dx",
+            "dw1",
+            "db1",
+            "dw2",
+            "db2",
+            "layer beta",
+            "layer dx",
+        ]
+        .iter()
+        .enumerate()
+        {
+            check(
+                &format!("gen {sh:?}: {name}"),
+                &got[i],
+                &want[i],
+                0.0,
+                E_RED,
+            );
+        }
+    }
+}
+
+/// Backward twice gives identical bits (on a real GPU too; the emulator also
+/// permutes thread orders inside `check_schedules`).
+#[test]
+fn backward_is_deterministic() {
+    let Some(g) = gpu() else { return };
+    let s = g.ctx.default_stream();
+    let sh = ActShape::nchw(2, 6, 11, 13);
+    let numel = sh.n * sh.c * sh.s;
+    let mut r = common::rng(77);
+    let (x, _) = round32(&common::randn(&mut r, numel));
+    let (dy, _) = round32(&common::randn(&mut r, numel));
+    let (p, _) = round32(&common::randn(&mut r, sh.c));
+    let (b, _) = round32(&common::uniform(&mut r, sh.c, 0.5, 1.5));
+    let run = || {
+        let xd = s.clone_htod(&x).unwrap();
+        let dyd = s.clone_htod(&dy).unwrap();
+        let pd = s.clone_htod(&p).unwrap();
+        let bd = s.clone_htod(&b).unwrap();
+        let gr = acon_c_backward(&s, &sh, &dyd, &xd, &pd, &pd, Beta::PerChannel(&bd)).unwrap();
+        [
+            tbits(&s, &gr.dx),
+            tbits(&s, &gr.dp1),
+            tbits(&s, &gr.dp2),
+            tbits(&s, gr.dbeta.as_ref().unwrap()),
+        ]
+    };
+    let a = g.check_schedules(run);
+    let b2 = g.check_schedules(run);
+    assert_eq!(a, b2);
+}
+
+// ---------------------------------------------------------------------------
+// Bad input: every validation path returns its Err before any launch.
+
+fn lm<T: std::fmt::Debug>(r: Result<T, Error>, want: &str) {
+    match r {
+        Err(Error::LengthMismatch { what, .. }) => {
+            assert!(
+                what.starts_with(want),
+                "expected mismatch on {want}, got {what}"
+            )
+        }
+        other => panic!("expected LengthMismatch({want}), got {other:?}"),
+    }
+}
+fn empty<T: std::fmt::Debug>(r: Result<T, Error>) {
+    assert!(matches!(r, Err(Error::Empty { .. })), "{r:?}");
+}
+fn shape_err<T: std::fmt::Debug>(r: Result<T, Error>) {
+    assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
+}
+
+#[test]
+fn bad_input_acon() {
+    let Some(g) = gpu() else { return };
+    let s = g.ctx.default_stream();
+    let (n, c, sp) = (2usize, 3usize, 4usize);
+    for sh in [ActShape::nchw(n, c, 2, 2), ActShape::nlc(n, sp, c)] {
+        let x = s.clone_htod(&vec![0.5f32; n * c * sp]).unwrap();
+        let bad_x = s.clone_htod(&vec![0.5f32; n * c * sp - 1]).unwrap();
+        let p = s.clone_htod(&vec![1.0f32; c]).unwrap();
+        let bad_p = s.clone_htod(&vec![1.0f32; c + 1]).unwrap();
+        let bc = s.clone_htod(&vec![1.0f32; c]).unwrap();
+        let bnc = s.clone_htod(&vec![1.0f32; n * c]).unwrap();
+        let bn = s.clone_htod(&vec![1.0f32; n]).unwrap();
+        let ok = Beta::PerChannel(&bc);
+        // ACON-C
+        lm(acon_c_forward(&s, &sh, &bad_x, &p, &p, ok), "x");
+        lm(acon_c_forward(&s, &sh, &x, &bad_p, &p, ok), "p1");
+        lm(acon_c_forward(&s, &sh, &x, &p, &bad_p, ok), "p2");
+        lm(
+            acon_c_forward(&s, &sh, &x, &p, &p, Beta::PerChannel(&bnc)),
+            "beta (per channel",
+        );
+        lm(
+            acon_c_forward(&s, &sh, &x, &p, &p, Beta::PerSampleChannel(&bc)),
+            "beta (per sample and",
+        );
+        lm(
+            acon_c_forward(&s, &sh, &x, &p, &p, Beta::PerSample(&bc)),
+            "beta (per sample, N)",
+        );
+        lm(acon_c_backward(&s, &sh, &bad_x, &x, &p, &p, ok), "dy");
+        lm(acon_c_backward(&s, &sh, &x, &bad_x, &p, &p, ok), "x");
+        lm(acon_c_backward(&s, &sh, &x, &x, &bad_p, &p, ok), "p1");
+        lm(acon_c_backward(&s, &sh, &x, &x, &p, &bad_p, ok), "p2");
+        lm(
+            acon_c_backward(&s, &sh, &x, &x, &p, &p, Beta::PerSample(&bnc)),
+            "beta (per sample, N)",
+        );
+        // ACON-B
+        lm(acon_b_forward(&s, &sh, &bad_x, &p, ok), "x");
+        lm(acon_b_forward(&s, &sh, &x, &bad_p, ok), "p");
+        lm(
+            acon_b_forward(&s, &sh, &x, &p, Beta::PerSampleChannel(&bn)),
+            "beta (per sample and",
+        );
+        lm(acon_b_backward(&s, &sh, &bad_x, &x, &p, ok), "dy");
+        lm(acon_b_backward(&s, &sh, &x, &x, &bad_p, ok), "p");
+        lm(
+            acon_b_backward(&s, &sh, &x, &x, &p, Beta::PerChannel(&bn)),
+            "beta (per channel",
+        );
+        // ACON-A
+        lm(acon_a_forward(&s, &sh, &bad_x, ok), "x");
+        lm(
+            acon_a_forward(&s, &sh, &x, Beta::PerSample(&bc)),
+            "beta (per sample, N)",
+        );
+        lm(acon_a_backward(&s, &sh, &bad_x, &x, ok), "dy");
+        lm(
+            acon_a_backward(&s, &sh, &x, &x, Beta::PerChannel(&bnc)),
+            "beta (per channel",
+        );
+        // Zero dimensions.
+        for z in [
+            ActShape { n: 0, ..sh },
+            ActShape { c: 0, ..sh },
+            ActShape { s: 0, ..sh },
+        ] {
+            empty(acon_c_forward(&s, &z, &x, &p, &p, ok));
+            empty(acon_c_backward(&s, &z, &x, &x, &p, &p, ok));
+            empty(acon_b_forward(&s, &z, &x, &p, ok));
+            empty(acon_b_backward(&s, &z, &x, &x, &p, ok));
+            empty(acon_a_forward(&s, &z, &x, ok));
+            empty(acon_a_backward(&s, &z, &x, &x, ok));
+            empty(layer_gen_forward(&s, &z, &x));
+            empty(layer_gen_backward::<f32>(&s, &z, &bn, &bn));
+            empty(meta_acon_c_forward(&s, &z, &x, &p, &p, MetaGen::Pixel));
+        }
+        // Layer-wise generator lengths.
+        lm(layer_gen_forward(&s, &sh, &bad_x), "x");
+        lm(layer_gen_backward::<f32>(&s, &sh, &bc, &bn), "dbeta (N)");
+        lm(layer_gen_backward::<f32>(&s, &sh, &bn, &bc), "beta (N)");
+    }
+}
+
+#[test]
+fn bad_input_generators() {
+    let Some(g) = gpu() else { return };
+    let s = g.ctx.default_stream();
+    let (n, c, l) = (2usize, 8usize, 3usize);
+    let sh = ActShape::nlc(n, l, c);
+    let numel = n * c * l;
+    let x = s.clone_htod(&vec![0.5f32; numel]).unwrap();
+    let bad_x = s.clone_htod(&vec![0.5f32; numel + 1]).unwrap();
+    let p = s.clone_htod(&vec![1.0f32; c]).unwrap();
+    let bad_p = s.clone_htod(&vec![1.0f32; c - 1]).unwrap();
+    let host = cpu::ChannelGen::<f32>::init(c, 4, true, 1).unwrap();
+    let gen = ChannelGen::from_host(&s, &host).unwrap();
+    let upload = |f: &dyn Fn(&mut cpu::ChannelGen<f32>)| {
+        let mut h = host.clone();
+        f(&mut h);
+        ChannelGen::from_host(&s, &h).unwrap()
+    };
+    // Generator buffers and C.
+    let bad = [
+        (upload(&|h| h.w1.pop().map(|_| ()).unwrap_or(())), "w1"),
+        (upload(&|h| h.w2.push(0.0)), "w2"),
+        (upload(&|h| h.b1.as_mut().unwrap().push(0.0)), "b1"),
+        (
+            upload(&|h| h.b2.as_mut().unwrap().pop().map(|_| ()).unwrap_or(())),
+            "b2",
+        ),
+    ];
+    for (gbad, what) in &bad {
+        lm(gbad.forward(&s, &sh, &x), what);
+        lm(
+            meta_acon_c_forward(&s, &sh, &x, &p, &p, MetaGen::Channel(gbad)),
+            what,
+        );
+    }
+    let other_c = ChannelGen::from_host(
+        &s,
+        &cpu::ChannelGen::<f32>::init(c + 1, 4, false, 1).unwrap(),
+    )
+    .unwrap();
+    shape_err(other_c.forward(&s, &sh, &x));
+    shape_err(meta_acon_c_forward(
+        &s,
+        &sh,
+        &x,
+        &p,
+        &p,
+        MetaGen::Channel(&other_c),
+    ));
+    let zero_w = upload(&|h| {
+        h.width = 0;
+        h.w1.clear();
+        h.w2.clear();
+        h.b1 = None;
+    });
+    empty(zero_w.forward(&s, &sh, &x));
+    lm(gen.forward(&s, &sh, &bad_x), "x");
+    // Meta forward/backward lengths.
+    lm(
+        meta_acon_c_forward(&s, &sh, &bad_x, &p, &p, MetaGen::Layer),
+        "x",
+    );
+    lm(
+        meta_acon_c_forward(&s, &sh, &x, &bad_p, &p, MetaGen::Layer),
+        "p1",
+    );
+    lm(
+        meta_acon_c_forward(&s, &sh, &x, &p, &bad_p, MetaGen::Pixel),
+        "p2",
+    );
+    let (_, sv) = meta_acon_c_forward(&s, &sh, &x, &p, &p, MetaGen::Channel(&gen)).unwrap();
+    let (_, sv_l) = meta_acon_c_forward(&s, &sh, &x, &p, &p, MetaGen::Layer).unwrap();
+    let mg = MetaGen::Channel(&gen);
+    lm(
+        meta_acon_c_backward(&s, &sh, &bad_x, &x, &p, &p, mg, &sv),
+        "dy",
+    );
+    lm(
+        meta_acon_c_backward(&s, &sh, &x, &x, &bad_p, &p, mg, &sv),
+        "p1",
+    );
+    lm(
+        meta_acon_c_backward(&s, &sh, &x, &x, &p, &bad_p, mg, &sv),
+        "p2",
+    );
+    // Saved state from another generator kind or shape.
+    shape_err(meta_acon_c_backward(
+        &s,
+        &sh,
+        &x,
+        &x,
+        &p,
+        &p,
+        MetaGen::Layer,
+        &sv,
+    ));
+    shape_err(meta_acon_c_backward(&s, &sh, &x, &x, &p, &p, mg, &sv_l));
+    let sh2 = ActShape::nchw(n, c, l, 1);
+    shape_err(meta_acon_c_backward(&s, &sh2, &x, &x, &p, &p, mg, &sv));
+    // Generator with another width used with this saved state.
+    let wide =
+        ChannelGen::from_host(&s, &cpu::ChannelGen::<f32>::init(c, 1, true, 1).unwrap()).unwrap();
+    assert_ne!(wide.width, gen.width);
+    shape_err(meta_acon_c_backward(
+        &s,
+        &sh,
+        &x,
+        &x,
+        &p,
+        &p,
+        MetaGen::Channel(&wide),
+        &sv,
+    ));
+    // ChannelGen::backward.
+    let (_, gsv) = gen.forward(&s, &sh, &x).unwrap();
+    let dbeta = s.clone_htod(&vec![1.0f32; n * c]).unwrap();
+    let bad_db = s.clone_htod(&vec![1.0f32; n * c + 1]).unwrap();
+    lm(gen.backward::<f32>(&s, &sh, &bad_db, &gsv), "dbeta (N×C)");
+    shape_err(gen.backward::<f32>(&s, &sh2, &dbeta, &gsv));
+    shape_err(wide.backward::<f32>(&s, &sh, &dbeta, &gsv));
+    empty(gen.backward::<f32>(&s, &ActShape { n: 0, ..sh }, &dbeta, &gsv));
+    lm(bad[0].0.backward::<f32>(&s, &sh, &dbeta, &gsv), "w1");
+    assert!(matches!(
+        ChannelGen::width_for(c, 0),
+        Err(Error::InvalidParam { .. })
+    ));
+}

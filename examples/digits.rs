@@ -84,7 +84,6 @@ fn load() -> std::result::Result<(Split, Split), Box<dyn std::error::Error>> {
     Ok((mk(tr)?, mk(te)?))
 }
 
-
 // ---------------------------------------------------------------------------
 // seeded parameter initialisation
 
@@ -150,7 +149,11 @@ impl SimpleBackend for SeededVars {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map.data().lock().expect("var map lock").contains_key(name)
+        self.map
+            .data()
+            .lock()
+            .expect("var map lock")
+            .contains_key(name)
     }
 }
 
@@ -297,7 +300,10 @@ impl Block {
                 padding: 1,
                 ..Default::default()
             };
-            ConvAct::Plain(candle_nn::conv2d(c, c, 3, cfg, vb.pp("c2.conv"))?, Act::Relu)
+            ConvAct::Plain(
+                candle_nn::conv2d(c, c, 3, cfg, vb.pp("c2.conv"))?,
+                Act::Relu,
+            )
         };
         let dc = if kind == Kind::IieuDc {
             Some(IieuDc::new(vb.pp("dc"), c, 4)?)
@@ -459,7 +465,9 @@ fn train(kind: Kind, tr: &Split, te: &Split, epochs: usize) -> Result<Run> {
             sum_loss += loss.to_scalar::<f32>()? as f64;
             if !ctx.aux.is_empty() {
                 let k = ctx.aux.len() as f64;
-                let aux = Tensor::stack(&ctx.aux, 0)?.sum_all()?.affine(1.0 / k, 0.0)?;
+                let aux = Tensor::stack(&ctx.aux, 0)?
+                    .sum_all()?
+                    .affine(1.0 / k, 0.0)?;
                 loss = (loss + aux)?;
             }
             opt.backward_step(&loss)?;
@@ -530,7 +538,7 @@ fn plot(runs: &[Run], path: &str) -> std::result::Result<(), Box<dyn std::error:
 // ---------------------------------------------------------------------------
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let mut epochs = 15;
+    let mut epochs = 10;
     let mut png = "target/digits_curves.png".to_string();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -578,6 +586,17 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     println!(
         "\nlearning curves (test accuracy per epoch, y from the lowest value rounded down to 0.1 up to 1.0, grid every 0.05) -> {png}"
     );
-    println!("total {:.1} s; final train CE per variant: {}", t0.elapsed().as_secs_f64(), runs.iter().map(|r| format!("{} {:.3}", r.kind.name(), r.train_loss.last().copied().unwrap_or(0.0))).collect::<Vec<_>>().join(", "));
+    println!(
+        "total {:.1} s; final train CE per variant: {}",
+        t0.elapsed().as_secs_f64(),
+        runs.iter()
+            .map(|r| format!(
+                "{} {:.3}",
+                r.kind.name(),
+                r.train_loss.last().copied().unwrap_or(0.0)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(())
 }

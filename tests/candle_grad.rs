@@ -74,7 +74,12 @@ fn acon_c_grads_match_reference() -> R {
         let p1 = f32s(&randn(&mut r, c));
         let p2 = f32s(&randn(&mut r, c));
         let beta = f32s(&uniform(&mut r, c, 0.5, 2.0));
-        let (xv, p1v, p2v, bv) = (var(&x, &dims)?, var(&p1, &[c])?, var(&p2, &[c])?, var(&beta, &[c])?);
+        let (xv, p1v, p2v, bv) = (
+            var(&x, &dims)?,
+            var(&p1, &[c])?,
+            var(&p2, &[c])?,
+            var(&beta, &[c])?,
+        );
         let y = ops::acon_c(&xv, &p1v, &p2v, &bv, layout)?;
         let (loss, w) = weighted_sum(&y, 2)?;
         let g = loss.backward()?;
@@ -189,7 +194,10 @@ fn iieu_b_grads_match_reference() -> R {
         let (y_ref, saved) = iieu::forward(&cfg, &x, &x_pre, &w, &params).unwrap();
         let gr = iieu::backward(&cfg, &dy, &x, &x_pre, &w, &params, &saved).unwrap();
         // Both branches of the adjuster are exercised (else d_eta would be trivially 0).
-        assert!(gr.d_eta.iter().any(|&v| v != 0.0), "case {ci}: no lower-branch element");
+        assert!(
+            gr.d_eta.iter().any(|&v| v != 0.0),
+            "case {ci}: no lower-branch element"
+        );
         close("y", &host(&y), &y_ref);
         close("dx", &grad(&g, &xv), &gr.dx);
         close("dx_pre", &grad(&g, &xpv), &gr.dx_pre);
@@ -283,7 +291,11 @@ fn tau_grads_match_reference() -> R {
     let (loss, w) = weighted_sum(&y, 41)?;
     let g = loss.backward()?;
     close("A", &host(&y), &aiec::tau_forward(&x, 0.1f32).unwrap());
-    close("dF", &grad(&g, &xv), &aiec::tau_backward(&w, &x, 0.1f32).unwrap());
+    close(
+        "dF",
+        &grad(&g, &xv),
+        &aiec::tau_backward(&w, &x, 0.1f32).unwrap(),
+    );
     Ok(())
 }
 
@@ -334,8 +346,7 @@ fn aiec_module_grads_match_reference() -> R {
             let g = total.backward()?;
 
             let out = aiec::train_forward(&cfg, &shape, &f, &wd0, &labels, &mut counters).unwrap();
-            let gr =
-                aiec::train_backward(&cfg, &shape, &w, 1.0f32, &f, &wd0, &out.saved).unwrap();
+            let gr = aiec::train_backward(&cfg, &shape, &w, 1.0f32, &f, &wd0, &out.saved).unwrap();
             assert_eq!(m.counters()?, counters, "counters after step {step}");
             close("A", &host(&a), &out.out);
             close(
@@ -368,7 +379,11 @@ fn iieu_module_weight_grad_is_conv_plus_rw_path() -> R {
     };
     let conv = candle_nn::conv2d_no_bias(3, 4, 3, cc, vb.pp("conv"))?;
     let m = IieuB::new(conv.clone(), vb.pp("iieu"))?;
-    let x_pre = Tensor::from_vec(f32s(&randn(&mut rng(70), 2 * 3 * 5 * 5)), (2, 3, 5, 5), &Device::Cpu)?;
+    let x_pre = Tensor::from_vec(
+        f32s(&randn(&mut rng(70), 2 * 3 * 5 * 5)),
+        (2, 3, 5, 5),
+        &Device::Cpu,
+    )?;
     let y = m.forward(&x_pre)?;
     let (loss, _) = weighted_sum(&y, 71)?;
     let g = loss.backward()?;
@@ -406,7 +421,10 @@ fn iieu_module_weight_grad_is_conv_plus_rw_path() -> R {
     let want: Vec<f32> = dw_conv.iter().zip(&gr.dw).map(|(a, b)| a + b).collect();
     // Two f32 summands added in a different order: a few ulp.
     for (i, (&g, &w)) in dw_total.iter().zip(&want).enumerate() {
-        assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "dW[{i}]: {g} vs {w}");
+        assert!(
+            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "dW[{i}]: {g} vs {w}"
+        );
     }
     Ok(())
 }

@@ -33,7 +33,11 @@ fn err_text<T: std::fmt::Debug>(r: candle_core::Result<T>) -> String {
 fn f64_acon_c_matches_cpu_f64() -> R {
     let (n, c, s) = (2, 3, 4);
     let x = randn(&mut rng(1), n * c * s);
-    let (p1, p2, b) = (vec![1.1, 0.4, -0.3], vec![0.2, -0.5, 0.1], vec![0.9, 1.3, 0.7]);
+    let (p1, p2, b) = (
+        vec![1.1, 0.4, -0.3],
+        vec![0.2, -0.5, 0.1],
+        vec![0.9, 1.3, 0.7],
+    );
     let xv = candle_core::Var::from_tensor(&t(x.clone(), &[n, c, s]))?;
     let y = ops::acon_c(
         &xv,
@@ -98,7 +102,9 @@ fn bad_shapes_are_errors() -> R {
     let dc = IieuDc::new(vb(&map, DType::F64), 4, 2)?;
     let xx = t(vec![0.1; 2 * 4 * 3], &[2, 4, 3]);
     assert!(dc.forward(&xx, &xx).is_ok());
-    assert!(dc.forward(&xx, &t(vec![0.1; 2 * 4 * 2], &[2, 4, 2])).is_err());
+    assert!(dc
+        .forward(&xx, &t(vec![0.1; 2 * 4 * 2], &[2, 4, 2]))
+        .is_err());
     let mut bad: DcTensors = dc.params().clone();
     bad.eta2 = t(vec![0.01; 3], &[3]);
     assert!(ops::iieu_dc(&xx, &xx, &bad).is_err());
@@ -145,8 +151,14 @@ fn aiec_labels_counters_and_stored_loss() -> R {
     // Inference is TAU only and equals the training output; it leaves the counters alone.
     let inf = m.forward(&f)?;
     let relu = f.relu()?;
-    assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, relu.flatten_all()?.to_vec1::<f32>()?);
-    assert_eq!(inf.flatten_all()?.to_vec1::<f32>()?, relu.flatten_all()?.to_vec1::<f32>()?);
+    assert_eq!(
+        a.flatten_all()?.to_vec1::<f32>()?,
+        relu.flatten_all()?.to_vec1::<f32>()?
+    );
+    assert_eq!(
+        inf.flatten_all()?.to_vec1::<f32>()?,
+        relu.flatten_all()?.to_vec1::<f32>()?
+    );
     assert_eq!(m.counters()?.phi().iter().sum::<u64>(), phi);
     // The total is λ_aux·aux + λ_gate·gate.
     let total = loss.total.to_scalar::<f32>()? as f64;

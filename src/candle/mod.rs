@@ -108,7 +108,12 @@ pub(crate) fn act_shape(op: &str, dims: &[usize], layout: Layout) -> candle_core
 }
 
 /// `Err` unless `dims == want`.
-pub(crate) fn check_dims(op: &str, what: &str, dims: &[usize], want: &[usize]) -> candle_core::Result<()> {
+pub(crate) fn check_dims(
+    op: &str,
+    what: &str,
+    dims: &[usize],
+    want: &[usize],
+) -> candle_core::Result<()> {
     if dims == want {
         Ok(())
     } else {

@@ -141,7 +141,13 @@ impl MetaAconC {
     }
 
     /// As [`MetaAconC::new`] with the chosen init of `p1`, `p2`.
-    pub fn new_with(vb: VarBuilder, c: usize, r: usize, bias: bool, init: AconInit) -> Result<Self> {
+    pub fn new_with(
+        vb: VarBuilder,
+        c: usize,
+        r: usize,
+        bias: bool,
+        init: AconInit,
+    ) -> Result<Self> {
         let width = ChannelGen::<f32>::width_for(c, r).map_err(cerr)?;
         let (i1, i2) = init.p1_p2();
         let gen = ChannelGenTensors {
@@ -250,7 +256,11 @@ impl IieuB {
     }
 
     /// `conv`, then `psi` (e.g. a BatchNorm), then IIEU-B: `x̃ = ψ(conv(x_pre))`.
-    pub fn forward_with(&self, x_pre: &Tensor, psi: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        x_pre: &Tensor,
+        psi: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let x = psi(&self.conv.forward(x_pre)?)?;
         self.activate(&x, x_pre)
     }
@@ -426,7 +436,8 @@ impl Aiec {
         let shape = act_shape("aiec", f.dims(), self.layout)?;
         let (fv, wdv) = (host::<T>(f)?, host::<T>(&self.wd)?);
         let mut cnt = lock(&self.counters)?;
-        let out = aiec::train_forward(&self.cfg, &shape, &fv, &wdv, labels, &mut cnt).map_err(cerr)?;
+        let out =
+            aiec::train_forward(&self.cfg, &shape, &fv, &wdv, labels, &mut cnt).map_err(cerr)?;
         let ok = out.saved.correct().iter().filter(|&&b| b).count();
         Ok((
             out.saved.masks().to_vec(),

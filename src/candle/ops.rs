@@ -17,9 +17,11 @@
 //! device; any other dtype or device is a candle error.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout as CLayout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout as CLayout, Shape, Tensor,
+};
 
-use super::{act_shape, check_dims, check_float, cerr, cpu_data, host, op_err, El};
+use super::{act_shape, cerr, check_dims, check_float, cpu_data, host, op_err, El};
 use crate::cpu::acon::{self, Beta, ChannelGen, MetaGen};
 use crate::cpu::aiec::{self, AiecConfig};
 use crate::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
@@ -56,7 +58,10 @@ fn split<'a, T>(op: &str, v: &'a [T], lens: &[usize]) -> CResult<Vec<&'a [T]>> {
     if total != v.len() {
         return Err(op_err(
             op,
-            format!("packed parameters have {} elements, expected {total}", v.len()),
+            format!(
+                "packed parameters have {} elements, expected {total}",
+                v.len()
+            ),
         ));
     }
     let mut out = Vec::with_capacity(lens.len());
@@ -159,10 +164,17 @@ impl CustomOp2 for AconCOp {
 
 /// ACON-C: `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, with `p1`, `p2`, `beta` of dims
 /// `(C,)`. Differentiable w.r.t. `x`, `p1`, `p2` and `beta` (see [`AconCOp`]).
-pub fn acon_c(x: &Tensor, p1: &Tensor, p2: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
+pub fn acon_c(
+    x: &Tensor,
+    p1: &Tensor,
+    p2: &Tensor,
+    beta: &Tensor,
+    layout: Layout,
+) -> CResult<Tensor> {
     check_float(x.dtype(), "acon_c")?;
     let p = Tensor::stack(&[p1, p2, beta], 0)?;
-    x.contiguous()?.apply_op2(&p.contiguous()?, AconCOp { layout })
+    x.contiguous()?
+        .apply_op2(&p.contiguous()?, AconCOp { layout })
 }
 
 // ---------------------------------------------------------------------------
@@ -234,7 +246,13 @@ fn meta_fwd<T: El>(
 
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
-fn meta_bwd<T: El>(op: &MetaAconCOp, x: &Tensor, p: &Tensor, gp: &Tensor, g: &Tensor) -> CResult<Grads3> {
+fn meta_bwd<T: El>(
+    op: &MetaAconCOp,
+    x: &Tensor,
+    p: &Tensor,
+    gp: &Tensor,
+    g: &Tensor,
+) -> CResult<Grads3> {
     let name = "meta_acon_c";
     let shape = act_shape(name, x.dims(), op.layout)?;
     let c = shape.c;
@@ -271,9 +289,20 @@ impl CustomOp3 for MetaAconCOp {
         s3: &CpuStorage,
         l3: &CLayout,
     ) -> CResult<(CpuStorage, Shape)> {
-        by_dtype!(s1.dtype(), "meta_acon_c", meta_fwd(self, s1, l1, s2, l2, s3, l3))
+        by_dtype!(
+            s1.dtype(),
+            "meta_acon_c",
+            meta_fwd(self, s1, l1, s2, l2, s3, l3)
+        )
     }
-    fn bwd(&self, x: &Tensor, p: &Tensor, gp: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads3> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        gp: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<Grads3> {
         by_dtype!(x.dtype(), "meta_acon_c", meta_bwd(self, x, p, gp, g))
     }
 }
@@ -455,7 +484,13 @@ fn iieu_fwd<T: El>(
     Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
 }
 
-fn iieu_bwd<T: El>(op: &IieuBOp, x: &Tensor, xp: &Tensor, wp: &Tensor, g: &Tensor) -> CResult<Grads3> {
+fn iieu_bwd<T: El>(
+    op: &IieuBOp,
+    x: &Tensor,
+    xp: &Tensor,
+    wp: &Tensor,
+    g: &Tensor,
+) -> CResult<Grads3> {
     let cfg = op.config(xp.dims())?;
     let (xv, xpv, wpv, gv) = (host::<T>(x)?, host::<T>(xp)?, host::<T>(wp)?, host::<T>(g)?);
     let (w, params) = op.unpack(&cfg, x.dims(), &wpv)?;
@@ -487,7 +522,14 @@ impl CustomOp3 for IieuBOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "iieu_b", iieu_fwd(self, s1, l1, s2, l2, s3, l3))
     }
-    fn bwd(&self, x: &Tensor, xp: &Tensor, wp: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads3> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        xp: &Tensor,
+        wp: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<Grads3> {
         by_dtype!(x.dtype(), "iieu_b", iieu_bwd(self, x, xp, wp, g))
     }
 }
@@ -638,7 +680,14 @@ impl CustomOp3 for IieuDcOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "iieu_dc", dc_fwd(self, s1, l1, s2, l2, s3, l3))
     }
-    fn bwd(&self, x: &Tensor, r: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads3> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<Grads3> {
         by_dtype!(x.dtype(), "iieu_dc", dc_bwd(self, x, r, p, g))
     }
 }

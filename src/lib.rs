@@ -14,6 +14,8 @@
 //! default backend.
 #![deny(missing_docs)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 #[cfg(any(feature = "cuda", feature = "emulate"))]
 pub mod cuda;

@@ -1,0 +1,125 @@
+//! candle integration (feature `candle`): custom ops with autograd and candle-nn style
+//! modules for every op family, computed by this crate's CPU backend ([`crate::cpu`]).
+//!
+//! * [`ops`] — one `candle_core::CustomOp1/2/3` per op family, plus functions that
+//!   apply them: [`ops::acon_c`], [`ops::meta_acon_c`], [`ops::iieu_b`],
+//!   [`ops::iieu_dc`], [`ops::tau`], [`ops::aiec_loss`]. Each op's `cpu_fwd` calls
+//!   the CPU forward; its `bwd` calls the CPU forward again to rebuild the saved state
+//!   (candle keeps no state between forward and backward) and then the CPU backward,
+//!   and returns a gradient for every input tensor. candle ops take at most three
+//!   inputs, so learnable parameters travel packed in one tensor (e.g. ACON-C's
+//!   `[p1; p2; β]`, IIEU-B's `[W; γ̇; β̇; η]`); the functions build the pack with
+//!   `Tensor::stack`/`Tensor::cat` from the separate parameter tensors, so candle's
+//!   autograd splits the packed gradient back onto each parameter with its exact shape.
+//! * [`nn`] — modules built from a `candle_nn::VarBuilder`, each a one-line
+//!   replacement for a ReLU: [`nn::AconC`], [`nn::MetaAconC`], [`nn::IieuB`] (wraps a
+//!   `candle_nn::Conv2d`), [`nn::IieuDc`] (`forward(x, res)`), [`nn::Aiec`].
+//!
+//! Supported: tensors on the CPU device in `f32` or `f64` (all inputs of one op in
+//! the same dtype). Any other dtype returns `candle_core::Error::UnsupportedDTypeForOp`
+//! and any other device candle's "no cuda/metal implementation" error — never a panic.
+//! Errors of the CPU backend (bad shapes, bad parameters, labels out of range) are
+//! returned wrapped in a `candle_core::Error` (`Error::wrap` of [`crate::Error`]).
+//! Gradients are first order only (the tensors `bwd` returns are not themselves
+//! differentiable).
+
+pub mod nn;
+pub mod ops;
+
+use std::borrow::Cow;
+
+use candle_core::{CpuStorage, DType, Layout as CLayout, Tensor, WithDType};
+
+use crate::layout::{ActShape, Layout};
+use crate::real::Real;
+
+/// Element types the candle ops run on: `f32` and `f64`.
+pub(crate) trait El: Real + WithDType {}
+impl El for f32 {}
+impl El for f64 {}
+
+/// Our error as a candle error.
+pub(crate) fn cerr(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// A candle error with a message naming the op.
+pub(crate) fn op_err(op: &str, msg: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: {msg}"))
+}
+
+/// The contiguous data of a CPU storage as `&[T]` (the public functions make every
+/// input contiguous before applying an op, so a strided layout is an error here).
+pub(crate) fn cpu_data<'a, T: WithDType>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &CLayout,
+) -> candle_core::Result<Cow<'a, [T]>> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= data.len() => Ok(Cow::Borrowed(&data[a..b])),
+        _ => Err(op_err(op, "input is not contiguous")),
+    }
+}
+
+/// A tensor's elements in row-major order, as `Vec<T>` (any layout).
+pub(crate) fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+/// `Err(UnsupportedDTypeForOp)` unless `dt` is f32 or f64.
+pub(crate) fn check_float(dt: DType, op: &'static str) -> candle_core::Result<()> {
+    match dt {
+        DType::F32 | DType::F64 => Ok(()),
+        dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, op)),
+    }
+}
+
+/// Interprets tensor dims as an [`ActShape`]: NCHW-like `(N, C, ...)` (channel dim 1,
+/// positions = product of the remaining dims, 1 for a rank-2 tensor) or channels-last
+/// `(N, L, C)` (rank 3 exactly).
+pub(crate) fn act_shape(op: &str, dims: &[usize], layout: Layout) -> candle_core::Result<ActShape> {
+    match layout {
+        Layout::Nchw => {
+            if dims.len() < 2 {
+                return Err(op_err(
+                    op,
+                    format!("expected a (N, C, ...) tensor, got dims {dims:?}"),
+                ));
+            }
+            let s = dims[2..].iter().product::<usize>();
+            Ok(ActShape {
+                n: dims[0],
+                c: dims[1],
+                s,
+                layout: Layout::Nchw,
+            })
+        }
+        Layout::Nlc => {
+            if dims.len() != 3 {
+                return Err(op_err(
+                    op,
+                    format!("expected an (N, L, C) tensor, got dims {dims:?}"),
+                ));
+            }
+            Ok(ActShape::nlc(dims[0], dims[1], dims[2]))
+        }
+    }
+}
+
+/// `Err` unless `dims == want`.
+pub(crate) fn check_dims(
+    op: &str,
+    what: &str,
+    dims: &[usize],
+    want: &[usize],
+) -> candle_core::Result<()> {
+    if dims == want {
+        Ok(())
+    } else {
+        Err(op_err(
+            op,
+            format!("{what} has dims {dims:?}, expected {want:?}"),
+        ))
+    }
+}

@@ -1,0 +1,482 @@
+//! candle-nn style modules: each is built from a `candle_nn::VarBuilder` and replaces
+//! a ReLU in one line.
+//!
+//! ```ignore
+//! let act = AconC::new(vb.pp("act1"), 32)?;              // y = act.forward(&x)?
+//! let act = MetaAconC::new(vb.pp("act1"), 32, 16, true)?;
+//! let conv = candle_nn::conv2d(16, 32, 3, cfg, vb.pp("conv1"))?;
+//! let block = IieuB::new(conv, vb.pp("iieu1"))?;          // y = block.forward(&x_pre)?
+//! let dc = IieuDc::new(vb.pp("dc"), 32, 16)?;            // y = dc.forward(&x, &res)?
+//! let aiec = Aiec::new(vb.pp("aiec"), 32, 10, AiecConfig::default())?;
+//! ```
+//!
+//! Initialisations follow SPEC.md and the CPU modules' init functions. Where those use
+//! a uniform `±1/sqrt(fan_in)` draw (IIEU-DC's `W1`, `W2`, the meta-ACON generator)
+//! the modules use `candle_nn::Init::Uniform` with the same bounds — the same
+//! distribution, drawn by candle's RNG instead of the CPU module's splitmix64 stream.
+//! A `VarBuilder` backed by stored tensors (safetensors, a `VarMap` that already holds
+//! them) ignores the inits and loads the stored values.
+
+use std::sync::{Mutex, MutexGuard};
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Init, VarBuilder};
+
+use super::ops::{self, ChannelGenTensors, DcTensors, IieuOpts};
+use super::{act_shape, cerr, host, op_err, El};
+use crate::cpu::acon::ChannelGen;
+use crate::cpu::aiec::{self, AiecConfig, Counters};
+use crate::cpu::iieu::PatchNorm;
+use crate::cpu::iieu_dc::DcConfig;
+use crate::layout::Layout;
+use crate::real::Real;
+
+fn uniform(fan_in: usize) -> Init {
+    let b = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform { lo: -b, up: b }
+}
+
+fn nonzero(what: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        Err(candle_core::Error::Msg(format!("{what} must be >= 1")))
+    } else {
+        Ok(())
+    }
+}
+
+/// How ACON's `p1`, `p2` start (SPEC §2; β always starts at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AconInit {
+    /// The paper: `p1 = 1`, `p2 = 0` (ACON-C starts as Swish).
+    #[default]
+    Paper,
+    /// The authors' code: `p1, p2 ~ N(0, 1)`.
+    Reference,
+}
+
+impl AconInit {
+    fn p1_p2(self) -> (Init, Init) {
+        match self {
+            AconInit::Paper => (Init::Const(1.0), Init::Const(0.0)),
+            AconInit::Reference => {
+                let r = Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                };
+                (r, r)
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// ACON-C with per-channel `p1`, `p2`, `β` (variables `p1`, `p2`, `beta`, dims `(C,)`):
+/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`ops::acon_c`]).
+#[derive(Debug, Clone)]
+pub struct AconC {
+    p1: Tensor,
+    p2: Tensor,
+    beta: Tensor,
+    layout: Layout,
+}
+
+impl AconC {
+    /// `c` channels, paper init (`p1 = β = 1`, `p2 = 0`), NCHW-like input `(N, C, ...)`.
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Self::new_with(vb, c, AconInit::Paper)
+    }
+
+    /// `c` channels with the chosen init of `p1`, `p2` (β = 1).
+    pub fn new_with(vb: VarBuilder, c: usize, init: AconInit) -> Result<Self> {
+        nonzero("channels C", c)?;
+        let (i1, i2) = init.p1_p2();
+        Ok(Self {
+            p1: vb.get_with_hints(c, "p1", i1)?,
+            p2: vb.get_with_hints(c, "p2", i2)?,
+            beta: vb.get_with_hints(c, "beta", Init::Const(1.0))?,
+            layout: Layout::Nchw,
+        })
+    }
+
+    /// Builder: channel axis ([`Layout::Nlc`] for `(N, L, C)` tokens).
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// `(p1, p2, β)`.
+    pub fn params(&self) -> (&Tensor, &Tensor, &Tensor) {
+        (&self.p1, &self.p2, &self.beta)
+    }
+}
+
+impl Module for AconC {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::acon_c(x, &self.p1, &self.p2, &self.beta, self.layout)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// meta-ACON-C with the channel-wise generator (SPEC §2):
+/// `β = σ(W2·(W1·GAP(x) + b1) + b2)` per (sample, channel), then ACON-C
+/// ([`ops::meta_acon_c`]). Variables: `p1`, `p2` `(C,)`; `fc1.weight` `(width, C)`,
+/// `fc1.bias` `(width,)`, `fc2.weight` `(C, width)`, `fc2.bias` `(C,)` with
+/// `width = max(r, C/r)` (the authors' code, [`ChannelGen::width_for`]); weights and
+/// biases uniform `±1/sqrt(fan_in)` as [`ChannelGen::init`].
+#[derive(Debug, Clone)]
+pub struct MetaAconC {
+    p1: Tensor,
+    p2: Tensor,
+    gen: ChannelGenTensors,
+    layout: Layout,
+}
+
+impl MetaAconC {
+    /// `c` channels, reduction `r` (authors: 16), generator biases if `bias`; paper
+    /// init of `p1`, `p2`.
+    pub fn new(vb: VarBuilder, c: usize, r: usize, bias: bool) -> Result<Self> {
+        Self::new_with(vb, c, r, bias, AconInit::Paper)
+    }
+
+    /// As [`MetaAconC::new`] with the chosen init of `p1`, `p2`.
+    pub fn new_with(
+        vb: VarBuilder,
+        c: usize,
+        r: usize,
+        bias: bool,
+        init: AconInit,
+    ) -> Result<Self> {
+        let width = ChannelGen::<f32>::width_for(c, r).map_err(cerr)?;
+        let (i1, i2) = init.p1_p2();
+        let gen = ChannelGenTensors {
+            w1: vb.get_with_hints((width, c), "fc1.weight", uniform(c))?,
+            b1: if bias {
+                Some(vb.get_with_hints(width, "fc1.bias", uniform(c))?)
+            } else {
+                None
+            },
+            w2: vb.get_with_hints((c, width), "fc2.weight", uniform(width))?,
+            b2: if bias {
+                Some(vb.get_with_hints(c, "fc2.bias", uniform(width))?)
+            } else {
+                None
+            },
+        };
+        Ok(Self {
+            p1: vb.get_with_hints(c, "p1", i1)?,
+            p2: vb.get_with_hints(c, "p2", i2)?,
+            gen,
+            layout: Layout::Nchw,
+        })
+    }
+
+    /// Builder: channel axis.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// `(p1, p2)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.p1, &self.p2)
+    }
+
+    /// The generator's tensors.
+    pub fn generator(&self) -> &ChannelGenTensors {
+        &self.gen
+    }
+}
+
+impl Module for MetaAconC {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::meta_acon_c(x, &self.p1, &self.p2, &self.gen, self.layout)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// A `candle_nn::Conv2d` followed by IIEU-B (SPEC §1): `forward(x_pre)` computes
+/// `x = conv(x_pre)` and returns `ς(ρ̂)·x` ([`ops::iieu_b`]), with term-S using the
+/// conv's own weight, stride, padding, dilation and groups. Variables (under the
+/// module's `VarBuilder`): `ln_weight` (γ̇, init 0.01), `ln_bias` (β̇, init 0), `eta`
+/// (η, init 0.05), each `(O,)`. The conv weight gets gradients through both the conv
+/// and `r_w`.
+#[derive(Debug, Clone)]
+pub struct IieuB {
+    conv: Conv2d,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eta: Tensor,
+    opts: IieuOpts,
+}
+
+impl IieuB {
+    /// IIEU-B after `conv` (its bias, if any, is ψ).
+    pub fn new(conv: Conv2d, vb: VarBuilder) -> Result<Self> {
+        let o = conv.weight().dim(0)?;
+        let opts = IieuOpts::from_conv2d_config(conv.config());
+        Ok(Self {
+            ln_weight: vb.get_with_hints(o, "ln_weight", Init::Const(0.01))?,
+            ln_bias: vb.get_with_hints(o, "ln_bias", Init::Const(0.0))?,
+            eta: vb.get_with_hints(o, "eta", Init::Const(0.05))?,
+            conv,
+            opts,
+        })
+    }
+
+    /// Builder: patch-norm convention (default [`PatchNorm::PerGroup`]).
+    pub fn with_patch_norm(mut self, patch_norm: PatchNorm) -> Self {
+        self.opts.patch_norm = patch_norm;
+        self
+    }
+
+    /// The wrapped convolution.
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+
+    /// `(γ̇, β̇, η)`.
+    pub fn params(&self) -> (&Tensor, &Tensor, &Tensor) {
+        (&self.ln_weight, &self.ln_bias, &self.eta)
+    }
+
+    /// IIEU-B on a conv output `x` you computed yourself (after ψ) from `x_pre`.
+    pub fn activate(&self, x: &Tensor, x_pre: &Tensor) -> Result<Tensor> {
+        ops::iieu_b(
+            x,
+            x_pre,
+            self.conv.weight(),
+            &self.ln_weight,
+            &self.ln_bias,
+            &self.eta,
+            self.opts,
+        )
+    }
+
+    /// `conv`, then `psi` (e.g. a BatchNorm), then IIEU-B: `x̃ = ψ(conv(x_pre))`.
+    pub fn forward_with(
+        &self,
+        x_pre: &Tensor,
+        psi: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let x = psi(&self.conv.forward(x_pre)?)?;
+        self.activate(&x, x_pre)
+    }
+}
+
+impl Module for IieuB {
+    fn forward(&self, x_pre: &Tensor) -> Result<Tensor> {
+        self.activate(&self.conv.forward(x_pre)?, x_pre)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// IIEU-DC, the Dynamic Coupler (SPEC §1.6): `forward(x, res) = λ₀·x + λ₁·res`, in
+/// place of a residual sum ([`ops::iieu_dc`]). Variables (hidden width `Hd = C/r`):
+/// `ln1.weight` (1), `ln1.bias` (0) `(2C,)`; `w1` `(Hd, C)` uniform `±1/sqrt(C)`;
+/// `gamma2` (0.01), `beta2` (0) `(2, Hd)`; `eta2` (0.01) `(Hd,)`; `w2` `(C, Hd)` uniform
+/// `±1/sqrt(Hd)`; `ln2.weight` (0.01), `ln2.bias` (0) `(2C,)`.
+#[derive(Debug, Clone)]
+pub struct IieuDc {
+    p: DcTensors,
+}
+
+impl IieuDc {
+    /// `c` channels, reduction `r` (authors: 16; `C ≥ r`).
+    pub fn new(vb: VarBuilder, c: usize, r: usize) -> Result<Self> {
+        let hd = DcConfig::new(1, c, 1, 1, r).map_err(cerr)?.hidden;
+        let c2 = 2 * c;
+        let p = DcTensors {
+            ln1_weight: vb.get_with_hints(c2, "ln1.weight", Init::Const(1.0))?,
+            ln1_bias: vb.get_with_hints(c2, "ln1.bias", Init::Const(0.0))?,
+            w1: vb.get_with_hints((hd, c), "w1", uniform(c))?,
+            gamma2: vb.get_with_hints((2, hd), "gamma2", Init::Const(0.01))?,
+            beta2: vb.get_with_hints((2, hd), "beta2", Init::Const(0.0))?,
+            eta2: vb.get_with_hints(hd, "eta2", Init::Const(0.01))?,
+            w2: vb.get_with_hints((c, hd), "w2", uniform(hd))?,
+            ln2_weight: vb.get_with_hints(c2, "ln2.weight", Init::Const(0.01))?,
+            ln2_bias: vb.get_with_hints(c2, "ln2.bias", Init::Const(0.0))?,
+        };
+        Ok(Self { p })
+    }
+
+    /// The nine parameter tensors.
+    pub fn params(&self) -> &DcTensors {
+        &self.p
+    }
+
+    /// `λ₀·x + λ₁·res` (`x`: main branch, `res`: shortcut, same dims `(N, C, ...)`).
+    pub fn forward(&self, x: &Tensor, res: &Tensor) -> Result<Tensor> {
+        ops::iieu_dc(x, res, &self.p)
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+/// The auxiliary losses of one AIEC training step.
+#[derive(Debug, Clone)]
+pub struct AiecLoss {
+    /// `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)`, a scalar tensor differentiable
+    /// w.r.t. `F` and `Wd`: add it to the task loss (averaged over AIEC layers).
+    pub total: Tensor,
+    /// `mean_n L_aux[n]` (for logging).
+    pub aux_mean: f64,
+    /// `mean_n L_gate[n]` (for logging).
+    pub gate_mean: f64,
+    /// Fraction of the batch the DMU predicted correctly (the samples that were counted).
+    pub dmu_accuracy: f64,
+}
+
+/// AIEC (SPEC §3) in place of a ReLU: `A = TAU(F)` plus, in training, the DMU, the ACU
+/// counters and the consensus gate.
+///
+/// How one training step ([`Aiec::forward_train`]) maps to SPEC §3:
+/// 1. under the counters' lock, [`aiec::train_forward`] runs the SPEC order on the CPU:
+///    TAU → global feature `a` → logits `z = a·Wdᵀ` → correctness → counter update
+///    (θ, η, φ, only correctly predicted samples) → `v = (θ − η)/φ` →
+///    `G = [v ≤ 0] ∧ [Wd ≤ 0]`;
+/// 2. the output `A = TAU(F)` is the candle op [`ops::tau`] (gradient `[F > τ]`);
+/// 3. the loss is the candle op [`ops::aiec_loss`] on `(F, Wd)` with the labels and
+///    the masks `G` of step 1 held constant (masks carry no gradient): its value is
+///    `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)` and its gradient flows into `F` through
+///    the global feature and TAU, and into `Wd` through the DMU.
+///
+/// With several AIEC layers, SPEC's total is `L_task + mean over layers of each
+/// layer's total`; add `sum(totals)/layers` to the task loss. Inference
+/// ([`Module::forward`], or [`Aiec::forward_t`] with `train = false`) is TAU only.
+/// Counters live in the module (a `Mutex`, so `&self` forwards can update them) and
+/// are cleared by [`Aiec::reset_counters`] at the start of every epoch.
+///
+/// Variables: `wd` `(K, C)`, uniform `±1/sqrt(C)` (PyTorch `nn.Linear`'s default; the
+/// SPEC does not fix an init for the decision weights).
+#[derive(Debug)]
+pub struct Aiec {
+    wd: Tensor,
+    cfg: AiecConfig,
+    layout: Layout,
+    counters: Mutex<Counters>,
+    labels: Mutex<Option<Vec<usize>>>,
+    last: Mutex<Option<AiecLoss>>,
+}
+
+fn lock<'a, T>(m: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
+    m.lock()
+        .map_err(|_| candle_core::Error::Msg("aiec: a lock was poisoned".into()))
+}
+
+impl Aiec {
+    /// `c` channels, `k` classes; `cfg` holds τ, λ_aux, λ_gate and the pooling.
+    pub fn new(vb: VarBuilder, c: usize, k: usize, cfg: AiecConfig) -> Result<Self> {
+        cfg.validate().map_err(cerr)?;
+        let counters = Counters::new(k, c).map_err(cerr)?;
+        Ok(Self {
+            wd: vb.get_with_hints((k, c), "wd", uniform(c))?,
+            cfg,
+            layout: Layout::Nchw,
+            counters: Mutex::new(counters),
+            labels: Mutex::new(None),
+            last: Mutex::new(None),
+        })
+    }
+
+    /// Builder: channel axis ([`Layout::Nlc`] for `(N, L, C)` tokens, e.g. with
+    /// [`aiec::Pool::ClassToken`]).
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// The decision weights `Wd` `(K, C)`.
+    pub fn wd(&self) -> &Tensor {
+        &self.wd
+    }
+
+    /// τ, λ_aux, λ_gate, pooling.
+    pub fn config(&self) -> &AiecConfig {
+        &self.cfg
+    }
+
+    /// A copy of the ACU counters (θ, η, φ).
+    pub fn counters(&self) -> Result<Counters> {
+        Ok(lock(&self.counters)?.clone())
+    }
+
+    /// Clears the counters (call at the start of every epoch).
+    pub fn reset_counters(&self) -> Result<()> {
+        lock(&self.counters)?.reset();
+        Ok(())
+    }
+
+    /// One training step: returns `A = TAU(F)` and this layer's losses (see the type's
+    /// docs for the order and the gradients). Updates the counters.
+    pub fn forward_train(&self, f: &Tensor, labels: &[usize]) -> Result<(Tensor, AiecLoss)> {
+        let (masks, aux_mean, gate_mean, acc) = match f.dtype() {
+            DType::F32 => self.count::<f32>(f, labels)?,
+            DType::F64 => self.count::<f64>(f, labels)?,
+            dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "aiec")),
+        };
+        let a = ops::tau(f, self.cfg.tau)?;
+        let total = ops::aiec_loss(f, &self.wd, labels, &masks, self.cfg, self.layout)?;
+        Ok((
+            a,
+            AiecLoss {
+                total,
+                aux_mean,
+                gate_mean,
+                dmu_accuracy: acc,
+            },
+        ))
+    }
+
+    /// Steps 1 of the SPEC order on the CPU: counters updated, masks returned.
+    fn count<T: El>(&self, f: &Tensor, labels: &[usize]) -> Result<(Vec<bool>, f64, f64, f64)> {
+        let shape = act_shape("aiec", f.dims(), self.layout)?;
+        let (fv, wdv) = (host::<T>(f)?, host::<T>(&self.wd)?);
+        let mut cnt = lock(&self.counters)?;
+        let out =
+            aiec::train_forward(&self.cfg, &shape, &fv, &wdv, labels, &mut cnt).map_err(cerr)?;
+        let ok = out.saved.correct().iter().filter(|&&b| b).count();
+        Ok((
+            out.saved.masks().to_vec(),
+            Real::to_f64(out.losses.aux_mean),
+            Real::to_f64(out.losses.gate_mean),
+            ok as f64 / labels.len().max(1) as f64,
+        ))
+    }
+
+    /// Sets the labels the next `forward_t(x, true)` uses (for models whose forward
+    /// takes only the input).
+    pub fn set_labels(&self, labels: &[usize]) -> Result<()> {
+        *lock(&self.labels)? = Some(labels.to_vec());
+        Ok(())
+    }
+
+    /// Training (`train = true`: needs [`Aiec::set_labels`] first; stores the losses
+    /// for [`Aiec::take_loss`]) or inference (TAU only).
+    pub fn forward_t(&self, f: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return self.forward(f);
+        }
+        let labels = lock(&self.labels)?
+            .clone()
+            .ok_or_else(|| op_err("aiec", "forward_t(train = true) needs set_labels first"))?;
+        let (a, loss) = self.forward_train(f, &labels)?;
+        *lock(&self.last)? = Some(loss);
+        Ok(a)
+    }
+
+    /// The losses stored by the last training `forward_t`, taken out.
+    pub fn take_loss(&self) -> Result<Option<AiecLoss>> {
+        Ok(lock(&self.last)?.take())
+    }
+}
+
+impl Module for Aiec {
+    /// Inference: `A = TAU(F)`.
+    fn forward(&self, f: &Tensor) -> Result<Tensor> {
+        ops::tau(f, self.cfg.tau)
+    }
+}

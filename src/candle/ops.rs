@@ -1,0 +1,917 @@
+//! candle custom ops over the CPU backend, one per op family, and the functions that
+//! apply them.
+//!
+//! Every op follows one pattern: `cpu_fwd` validates the input dims against the op's
+//! configuration and calls the CPU forward ([`crate::cpu`]); `bwd` reads its inputs
+//! back to host vectors, calls the CPU forward again to rebuild the state the CPU
+//! backward needs (candle keeps nothing between forward and backward), calls the CPU
+//! backward and returns one gradient per input, each of that input's shape. Learnable
+//! parameters arrive packed in one input tensor (candle ops take at most three inputs);
+//! the `pub fn`s below build the pack from the separate parameter tensors with
+//! `Tensor::stack`/`Tensor::cat`, whose own backward hands each parameter its slice of
+//! the packed gradient — so `loss.backward()` yields a gradient for every parameter
+//! with exactly that parameter's shape.
+//!
+//! The formulas and gradients are those of the CPU functions each op calls (see their
+//! rustdoc and SPEC.md). Every input is made contiguous first; f32 and f64 on the CPU
+//! device; any other dtype or device is a candle error.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout as CLayout, Shape, Tensor,
+};
+
+use super::{act_shape, cerr, check_dims, check_float, cpu_data, host, op_err, El};
+use crate::cpu::acon::{self, Beta, ChannelGen, MetaGen};
+use crate::cpu::aiec::{self, AiecConfig};
+use crate::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
+use crate::cpu::iieu_dc::{self, DcConfig, DcParams};
+use crate::geometry::Conv2dGeometry;
+use crate::layout::Layout;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Calls `$f::<f32>` or `$f::<f64>` by `$dt`; any other dtype is
+/// `UnsupportedDTypeForOp`.
+macro_rules! by_dtype {
+    ($dt:expr, $name:expr, $f:ident ( $($a:expr),* $(,)? )) => {
+        match $dt {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::F64 => $f::<f64>($($a),*),
+            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, $name)),
+        }
+    };
+}
+
+/// Concatenates flattened tensors into one 1-D tensor (the parameter pack).
+fn pack(parts: &[&Tensor]) -> CResult<Tensor> {
+    let flat = parts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<CResult<Vec<_>>>()?;
+    Tensor::cat(&flat, 0)
+}
+
+/// Splits `v` into consecutive slices of the given lengths (`Err` if they do not add up).
+fn split<'a, T>(op: &str, v: &'a [T], lens: &[usize]) -> CResult<Vec<&'a [T]>> {
+    let total: usize = lens.iter().sum();
+    if total != v.len() {
+        return Err(op_err(
+            op,
+            format!(
+                "packed parameters have {} elements, expected {total}",
+                v.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &l in lens {
+        out.push(&v[at..at + l]);
+        at += l;
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// ACON-C
+
+/// ACON-C with per-channel parameters (SPEC §2): inputs `x` and the pack `p` of dims
+/// `[3, C]` = `[p1; p2; β]`; output `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`
+/// ([`acon::acon_c_forward`]). Gradients: `dx` and `dp` (`[3, C]`) from
+/// [`acon::acon_c_backward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AconCOp {
+    /// Where the channel axis is: [`Layout::Nchw`] `(N, C, ...)` or [`Layout::Nlc`]
+    /// `(N, L, C)`.
+    pub layout: Layout,
+}
+
+fn acon_c_fwd<T: El>(
+    op: &AconCOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let name = "acon_c";
+    let shape = act_shape(name, l1.dims(), op.layout)?;
+    let c = shape.c;
+    check_dims(name, "p = [p1; p2; beta]", l2.dims(), &[3, c])?;
+    let x = cpu_data::<T>(name, s1, l1)?;
+    let p = cpu_data::<T>(name, s2, l2)?;
+    let y = acon::acon_c_forward(
+        &shape,
+        &x,
+        &p[..c],
+        &p[c..2 * c],
+        Beta::PerChannel(&p[2 * c..]),
+    )
+    .map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+fn acon_c_bwd<T: El>(
+    op: &AconCOp,
+    x: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let shape = act_shape("acon_c", x.dims(), op.layout)?;
+    let c = shape.c;
+    let (xv, pv, gv) = (host::<T>(x)?, host::<T>(p)?, host::<T>(g)?);
+    let gr = acon::acon_c_backward(
+        &shape,
+        &gv,
+        &xv,
+        &pv[..c],
+        &pv[c..2 * c],
+        Beta::PerChannel(&pv[2 * c..]),
+    )
+    .map_err(cerr)?;
+    let mut dp = gr.dp1;
+    dp.extend(gr.dp2);
+    dp.extend(gr.dbeta);
+    Ok((
+        Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(dp, (3, c), p.device())?),
+    ))
+}
+
+impl CustomOp2 for AconCOp {
+    fn name(&self) -> &'static str {
+        "acon_c"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "acon_c", acon_c_fwd(self, s1, l1, s2, l2))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        by_dtype!(x.dtype(), "acon_c", acon_c_bwd(self, x, p, g))
+    }
+}
+
+/// ACON-C: `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, with `p1`, `p2`, `beta` of dims
+/// `(C,)`. Differentiable w.r.t. `x`, `p1`, `p2` and `beta` (see [`AconCOp`]).
+pub fn acon_c(
+    x: &Tensor,
+    p1: &Tensor,
+    p2: &Tensor,
+    beta: &Tensor,
+    layout: Layout,
+) -> CResult<Tensor> {
+    check_float(x.dtype(), "acon_c")?;
+    let p = Tensor::stack(&[p1, p2, beta], 0)?;
+    x.contiguous()?
+        .apply_op2(&p.contiguous()?, AconCOp { layout })
+}
+
+// ---------------------------------------------------------------------------
+// meta-ACON-C (channel-wise generator)
+
+/// meta-ACON-C with the channel-wise generator (SPEC §2):
+/// `β[n,:] = σ(W2·(W1·GAP(x)[n,:] + b1) + b2)`, then ACON-C with that β
+/// ([`acon::meta_acon_c_forward`] with [`MetaGen::Channel`]). Inputs: `x`, the pack
+/// `p` of dims `[2, C]` = `[p1; p2]`, and the generator pack `[W1 (width×C), b1
+/// (width, if present), W2 (C×width), b2 (C, if present)]` (1-D). Gradients: `dx`
+/// (through the activation and the generator's GAP), `dp`, and the generator pack's
+/// gradient ([`acon::meta_acon_c_backward`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaAconCOp {
+    /// Channel axis of `x`.
+    pub layout: Layout,
+    /// Hidden width of the generator.
+    pub width: usize,
+    /// Whether the pack holds `b1`.
+    pub b1: bool,
+    /// Whether the pack holds `b2`.
+    pub b2: bool,
+}
+
+impl MetaAconCOp {
+    fn lens(&self, c: usize) -> [usize; 4] {
+        [
+            self.width * c,
+            if self.b1 { self.width } else { 0 },
+            c * self.width,
+            if self.b2 { c } else { 0 },
+        ]
+    }
+
+    fn generator<T: El>(&self, c: usize, g: &[T]) -> CResult<ChannelGen<T>> {
+        let parts = split("meta_acon_c", g, &self.lens(c))?;
+        Ok(ChannelGen {
+            c,
+            width: self.width,
+            w1: parts[0].to_vec(),
+            b1: self.b1.then(|| parts[1].to_vec()),
+            w2: parts[2].to_vec(),
+            b2: self.b2.then(|| parts[3].to_vec()),
+        })
+    }
+}
+
+fn meta_fwd<T: El>(
+    op: &MetaAconCOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+    s3: &CpuStorage,
+    l3: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let name = "meta_acon_c";
+    let shape = act_shape(name, l1.dims(), op.layout)?;
+    let c = shape.c;
+    check_dims(name, "p = [p1; p2]", l2.dims(), &[2, c])?;
+    let x = cpu_data::<T>(name, s1, l1)?;
+    let p = cpu_data::<T>(name, s2, l2)?;
+    let g = cpu_data::<T>(name, s3, l3)?;
+    let gen = op.generator(c, &g)?;
+    let (y, _) = acon::meta_acon_c_forward(&shape, &x, &p[..c], &p[c..], MetaGen::Channel(&gen))
+        .map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+fn meta_bwd<T: El>(
+    op: &MetaAconCOp,
+    x: &Tensor,
+    p: &Tensor,
+    gp: &Tensor,
+    g: &Tensor,
+) -> CResult<Grads3> {
+    let name = "meta_acon_c";
+    let shape = act_shape(name, x.dims(), op.layout)?;
+    let c = shape.c;
+    let (xv, pv, gpv, gv) = (host::<T>(x)?, host::<T>(p)?, host::<T>(gp)?, host::<T>(g)?);
+    let gen = op.generator(c, &gpv)?;
+    let (p1, p2) = (&pv[..c], &pv[c..]);
+    let (_, saved) =
+        acon::meta_acon_c_forward(&shape, &xv, p1, p2, MetaGen::Channel(&gen)).map_err(cerr)?;
+    let gr = acon::meta_acon_c_backward(&shape, &gv, &xv, p1, p2, MetaGen::Channel(&gen), &saved)
+        .map_err(cerr)?;
+    let mut dp = gr.dp1;
+    dp.extend(gr.dp2);
+    let mut dg = gr.dw1;
+    dg.extend(gr.db1.unwrap_or_default());
+    dg.extend(gr.dw2);
+    dg.extend(gr.db2.unwrap_or_default());
+    Ok((
+        Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(dp, (2, c), p.device())?),
+        Some(Tensor::from_vec(dg, gp.shape(), gp.device())?),
+    ))
+}
+
+impl CustomOp3 for MetaAconCOp {
+    fn name(&self) -> &'static str {
+        "meta_acon_c"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+        s3: &CpuStorage,
+        l3: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(
+            s1.dtype(),
+            "meta_acon_c",
+            meta_fwd(self, s1, l1, s2, l2, s3, l3)
+        )
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        gp: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<Grads3> {
+        by_dtype!(x.dtype(), "meta_acon_c", meta_bwd(self, x, p, gp, g))
+    }
+}
+
+/// The channel-wise meta-ACON generator's parameter tensors.
+#[derive(Debug, Clone)]
+pub struct ChannelGenTensors {
+    /// `W1`, dims `(width, C)`.
+    pub w1: Tensor,
+    /// Optional `b1`, dims `(width,)`.
+    pub b1: Option<Tensor>,
+    /// `W2`, dims `(C, width)`.
+    pub w2: Tensor,
+    /// Optional `b2`, dims `(C,)`.
+    pub b2: Option<Tensor>,
+}
+
+/// meta-ACON-C with the channel-wise generator: `β = σ(W2·(W1·GAP(x) + b1) + b2)`
+/// per (sample, channel), `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`. Differentiable
+/// w.r.t. `x`, `p1`, `p2` (dims `(C,)`) and every generator tensor (see [`MetaAconCOp`]).
+pub fn meta_acon_c(
+    x: &Tensor,
+    p1: &Tensor,
+    p2: &Tensor,
+    gen: &ChannelGenTensors,
+    layout: Layout,
+) -> CResult<Tensor> {
+    check_float(x.dtype(), "meta_acon_c")?;
+    let (width, c) = gen.w1.dims2()?;
+    check_dims("meta_acon_c", "w2", gen.w2.dims(), &[c, width])?;
+    let p = Tensor::stack(&[p1, p2], 0)?;
+    let mut parts = vec![&gen.w1];
+    parts.extend(gen.b1.as_ref());
+    parts.push(&gen.w2);
+    parts.extend(gen.b2.as_ref());
+    let op = MetaAconCOp {
+        layout,
+        width,
+        b1: gen.b1.is_some(),
+        b2: gen.b2.is_some(),
+    };
+    x.contiguous()?
+        .apply_op3(&p.contiguous()?, &pack(&parts)?, op)
+}
+
+// ---------------------------------------------------------------------------
+// IIEU-B
+
+/// Convolution settings an IIEU-B needs besides the tensor dims: the conv's stride,
+/// padding, dilation and groups (they define the patch each output sees) and the
+/// patch-norm convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IieuOpts {
+    /// Stride (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// Zero padding (vertical, horizontal).
+    pub padding: (usize, usize),
+    /// Dilation (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// Groups.
+    pub groups: usize,
+    /// Patch-norm convention (default [`PatchNorm::PerGroup`]).
+    pub patch_norm: PatchNorm,
+}
+
+impl Default for IieuOpts {
+    fn default() -> Self {
+        Self {
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+            patch_norm: PatchNorm::PerGroup,
+        }
+    }
+}
+
+impl IieuOpts {
+    /// The settings of a `candle_nn::Conv2d` (symmetric stride, padding, dilation).
+    pub fn from_conv2d_config(cfg: &candle_nn::Conv2dConfig) -> Self {
+        Self {
+            stride: (cfg.stride, cfg.stride),
+            padding: (cfg.padding, cfg.padding),
+            dilation: (cfg.dilation, cfg.dilation),
+            groups: cfg.groups,
+            patch_norm: PatchNorm::PerGroup,
+        }
+    }
+}
+
+/// IIEU-B (SPEC §1.1–1.4): inputs `x` (`(N, O, H', W')`, the conv output after ψ),
+/// `x_pre` (`(N, C, H, W)`, the conv input) and the pack `[W (O, C/g, KH, KW) flattened;
+/// γ̇ (O); β̇ (O); η (O)]`; output `y = ς(ρ̂)·x` ([`iieu::forward`]). Gradients: `dx`,
+/// `dx_pre` (through `r_x`), and the pack's (`dW` through `r_w`, `dγ̇`, `dβ̇`, `dη`)
+/// from [`iieu::backward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IieuBOp {
+    /// Conv settings.
+    pub opts: IieuOpts,
+    /// Dims of the conv weight `(O, C/g, KH, KW)`.
+    pub w_dims: [usize; 4],
+}
+
+impl IieuBOp {
+    fn config(&self, x_pre_dims: &[usize]) -> CResult<IieuConfig> {
+        let name = "iieu_b";
+        let [o, cpg, kh, kw] = self.w_dims;
+        let &[n, c, h, w] = x_pre_dims else {
+            return Err(op_err(
+                name,
+                format!("x_pre must be (N, C, H, W), got {x_pre_dims:?}"),
+            ));
+        };
+        if cpg.checked_mul(self.opts.groups) != Some(c) {
+            return Err(op_err(
+                name,
+                format!(
+                    "weight {:?} with {} groups does not fit x_pre with {c} channels",
+                    self.w_dims, self.opts.groups
+                ),
+            ));
+        }
+        let geom = Conv2dGeometry {
+            n,
+            c_in: c,
+            h,
+            w,
+            c_out: o,
+            kh,
+            kw,
+            stride: self.opts.stride,
+            padding: self.opts.padding,
+            dilation: self.opts.dilation,
+            groups: self.opts.groups,
+        };
+        Ok(IieuConfig::new(geom).with_patch_norm(self.opts.patch_norm))
+    }
+
+    /// Validates `x` against the config, splits the pack into `W` and the params.
+    fn unpack<T: El>(
+        &self,
+        cfg: &IieuConfig,
+        x_dims: &[usize],
+        wp: &[T],
+    ) -> CResult<(Vec<T>, IieuParams<T>)> {
+        let (oh, ow) = cfg.validate().map_err(cerr)?;
+        let g = cfg.geometry;
+        check_dims("iieu_b", "x", x_dims, &[g.n, g.c_out, oh, ow])?;
+        let o = g.c_out;
+        let wl = self.w_dims.iter().product::<usize>();
+        let parts = split("iieu_b", wp, &[wl, o, o, o])?;
+        Ok((
+            parts[0].to_vec(),
+            IieuParams {
+                ln_weight: parts[1].to_vec(),
+                ln_bias: parts[2].to_vec(),
+                eta: parts[3].to_vec(),
+            },
+        ))
+    }
+}
+
+fn iieu_fwd<T: El>(
+    op: &IieuBOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+    s3: &CpuStorage,
+    l3: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let name = "iieu_b";
+    let cfg = op.config(l2.dims())?;
+    let x = cpu_data::<T>(name, s1, l1)?;
+    let x_pre = cpu_data::<T>(name, s2, l2)?;
+    let wp = cpu_data::<T>(name, s3, l3)?;
+    let (w, params) = op.unpack(&cfg, l1.dims(), &wp)?;
+    let (y, _) = iieu::forward(&cfg, &x, &x_pre, &w, &params).map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+fn iieu_bwd<T: El>(
+    op: &IieuBOp,
+    x: &Tensor,
+    xp: &Tensor,
+    wp: &Tensor,
+    g: &Tensor,
+) -> CResult<Grads3> {
+    let cfg = op.config(xp.dims())?;
+    let (xv, xpv, wpv, gv) = (host::<T>(x)?, host::<T>(xp)?, host::<T>(wp)?, host::<T>(g)?);
+    let (w, params) = op.unpack(&cfg, x.dims(), &wpv)?;
+    let (_, saved) = iieu::forward(&cfg, &xv, &xpv, &w, &params).map_err(cerr)?;
+    let gr = iieu::backward(&cfg, &gv, &xv, &xpv, &w, &params, &saved).map_err(cerr)?;
+    let mut dwp = gr.dw;
+    dwp.extend(gr.d_ln_weight);
+    dwp.extend(gr.d_ln_bias);
+    dwp.extend(gr.d_eta);
+    Ok((
+        Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(gr.dx_pre, xp.shape(), xp.device())?),
+        Some(Tensor::from_vec(dwp, wp.shape(), wp.device())?),
+    ))
+}
+
+impl CustomOp3 for IieuBOp {
+    fn name(&self) -> &'static str {
+        "iieu_b"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+        s3: &CpuStorage,
+        l3: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "iieu_b", iieu_fwd(self, s1, l1, s2, l2, s3, l3))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        xp: &Tensor,
+        wp: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<Grads3> {
+        by_dtype!(x.dtype(), "iieu_b", iieu_bwd(self, x, xp, wp, g))
+    }
+}
+
+/// IIEU-B after a convolution: `x` = the conv output (after ψ, e.g. its bias or a
+/// BatchNorm), `x_pre` = the conv input, `w` = the conv weight `(O, C/g, KH, KW)`,
+/// `ln_weight` (γ̇), `ln_bias` (β̇), `eta` (η) of dims `(O,)`. Returns
+/// `y = ς(s + ν)·x` (see [`IieuBOp`]). Differentiable w.r.t. all six tensors; the
+/// weight's gradient here is only its path through `r_w` (its path through the
+/// convolution is candle's conv backward).
+pub fn iieu_b(
+    x: &Tensor,
+    x_pre: &Tensor,
+    w: &Tensor,
+    ln_weight: &Tensor,
+    ln_bias: &Tensor,
+    eta: &Tensor,
+    opts: IieuOpts,
+) -> CResult<Tensor> {
+    check_float(x.dtype(), "iieu_b")?;
+    let &[o, cpg, kh, kw] = w.dims() else {
+        return Err(op_err(
+            "iieu_b",
+            format!("w must be (O, C/g, KH, KW), got {:?}", w.dims()),
+        ));
+    };
+    for (what, t) in [("ln_weight", ln_weight), ("ln_bias", ln_bias), ("eta", eta)] {
+        check_dims("iieu_b", what, t.dims(), &[o])?;
+    }
+    let op = IieuBOp {
+        opts,
+        w_dims: [o, cpg, kh, kw],
+    };
+    let wp = pack(&[w, ln_weight, ln_bias, eta])?;
+    x.contiguous()?.apply_op3(&x_pre.contiguous()?, &wp, op)
+}
+
+// ---------------------------------------------------------------------------
+// IIEU-DC
+
+/// IIEU-DC (SPEC §1.6): inputs `x`, `res` (`(N, C, ...)`, same dims) and the pack of
+/// the nine parameters in [`DcParams`] field order (`ln1_weight`, `ln1_bias`, `W1`,
+/// `γ₂`, `β₂`, `η₂`, `W2`, `ln2_weight`, `ln2_bias`); output
+/// `λ[n,0,c]·x + λ[n,1,c]·res` ([`iieu_dc::forward`]). Gradients: `dx`, `dres` and the
+/// pack's, from [`iieu_dc::backward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IieuDcOp {
+    /// Hidden width of the coupler (`C / r`).
+    pub hidden: usize,
+}
+
+impl IieuDcOp {
+    fn config(&self, dims: &[usize]) -> CResult<DcConfig> {
+        if dims.len() < 2 {
+            return Err(op_err(
+                "iieu_dc",
+                format!("x must be (N, C, ...), got {dims:?}"),
+            ));
+        }
+        Ok(DcConfig {
+            n: dims[0],
+            c: dims[1],
+            s: dims[2..].iter().product(),
+            hidden: self.hidden,
+        })
+    }
+
+    fn params<T: El>(&self, c: usize, p: &[T]) -> CResult<DcParams<T>> {
+        let (c2, hd) = (2 * c, self.hidden);
+        let v = split(
+            "iieu_dc",
+            p,
+            &[c2, c2, hd * c, 2 * hd, 2 * hd, hd, c * hd, c2, c2],
+        )?;
+        Ok(DcParams {
+            ln1_weight: v[0].to_vec(),
+            ln1_bias: v[1].to_vec(),
+            w1: v[2].to_vec(),
+            gamma2: v[3].to_vec(),
+            beta2: v[4].to_vec(),
+            eta2: v[5].to_vec(),
+            w2: v[6].to_vec(),
+            ln2_weight: v[7].to_vec(),
+            ln2_bias: v[8].to_vec(),
+        })
+    }
+}
+
+fn dc_fwd<T: El>(
+    op: &IieuDcOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+    s3: &CpuStorage,
+    l3: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let name = "iieu_dc";
+    let cfg = op.config(l1.dims())?;
+    check_dims(name, "res", l2.dims(), l1.dims())?;
+    let x = cpu_data::<T>(name, s1, l1)?;
+    let res = cpu_data::<T>(name, s2, l2)?;
+    let p = cpu_data::<T>(name, s3, l3)?;
+    let params = op.params(cfg.c, &p)?;
+    let (y, _) = iieu_dc::forward(&cfg, &x, &res, &params).map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+fn dc_bwd<T: El>(op: &IieuDcOp, x: &Tensor, r: &Tensor, p: &Tensor, g: &Tensor) -> CResult<Grads3> {
+    let cfg = op.config(x.dims())?;
+    let (xv, rv, pv, gv) = (host::<T>(x)?, host::<T>(r)?, host::<T>(p)?, host::<T>(g)?);
+    let params = op.params(cfg.c, &pv)?;
+    let (_, saved) = iieu_dc::forward(&cfg, &xv, &rv, &params).map_err(cerr)?;
+    let gr = iieu_dc::backward(&cfg, &gv, &xv, &rv, &params, &saved).map_err(cerr)?;
+    let mut dp = Vec::with_capacity(pv.len());
+    for part in [
+        gr.d_ln1_weight,
+        gr.d_ln1_bias,
+        gr.d_w1,
+        gr.d_gamma2,
+        gr.d_beta2,
+        gr.d_eta2,
+        gr.d_w2,
+        gr.d_ln2_weight,
+        gr.d_ln2_bias,
+    ] {
+        dp.extend(part);
+    }
+    Ok((
+        Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(gr.dres, r.shape(), r.device())?),
+        Some(Tensor::from_vec(dp, p.shape(), p.device())?),
+    ))
+}
+
+impl CustomOp3 for IieuDcOp {
+    fn name(&self) -> &'static str {
+        "iieu_dc"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+        s3: &CpuStorage,
+        l3: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "iieu_dc", dc_fwd(self, s1, l1, s2, l2, s3, l3))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<Grads3> {
+        by_dtype!(x.dtype(), "iieu_dc", dc_bwd(self, x, r, p, g))
+    }
+}
+
+/// The nine IIEU-DC parameter tensors (dims for `C` channels, hidden width `Hd`).
+#[derive(Debug, Clone)]
+pub struct DcTensors {
+    /// LayerNorm-1 weight `(2C,)`.
+    pub ln1_weight: Tensor,
+    /// LayerNorm-1 bias `(2C,)`.
+    pub ln1_bias: Tensor,
+    /// `W1`, `(Hd, C)`.
+    pub w1: Tensor,
+    /// `γ₂`, `(2, Hd)`.
+    pub gamma2: Tensor,
+    /// `β₂`, `(2, Hd)`.
+    pub beta2: Tensor,
+    /// `η₂`, `(Hd,)`.
+    pub eta2: Tensor,
+    /// `W2`, `(C, Hd)`.
+    pub w2: Tensor,
+    /// LayerNorm-2 weight `(2C,)`.
+    pub ln2_weight: Tensor,
+    /// LayerNorm-2 bias `(2C,)`.
+    pub ln2_bias: Tensor,
+}
+
+/// IIEU-DC: `out = λ₀·x + λ₁·res` with `λ` from the coupler (see [`IieuDcOp`] and
+/// [`crate::cpu::iieu_dc`]). Differentiable w.r.t. `x`, `res` and all nine parameters.
+pub fn iieu_dc(x: &Tensor, res: &Tensor, p: &DcTensors) -> CResult<Tensor> {
+    check_float(x.dtype(), "iieu_dc")?;
+    let (hd, c) = p.w1.dims2()?;
+    let name = "iieu_dc";
+    for (what, t, want) in [
+        ("ln1_weight", &p.ln1_weight, vec![2 * c]),
+        ("ln1_bias", &p.ln1_bias, vec![2 * c]),
+        ("gamma2", &p.gamma2, vec![2, hd]),
+        ("beta2", &p.beta2, vec![2, hd]),
+        ("eta2", &p.eta2, vec![hd]),
+        ("w2", &p.w2, vec![c, hd]),
+        ("ln2_weight", &p.ln2_weight, vec![2 * c]),
+        ("ln2_bias", &p.ln2_bias, vec![2 * c]),
+    ] {
+        check_dims(name, what, t.dims(), &want)?;
+    }
+    let packed = pack(&[
+        &p.ln1_weight,
+        &p.ln1_bias,
+        &p.w1,
+        &p.gamma2,
+        &p.beta2,
+        &p.eta2,
+        &p.w2,
+        &p.ln2_weight,
+        &p.ln2_bias,
+    ])?;
+    x.contiguous()?
+        .apply_op3(&res.contiguous()?, &packed, IieuDcOp { hidden: hd })
+}
+
+// ---------------------------------------------------------------------------
+// AIEC
+
+/// TAU (SPEC §3): `A = F if F > τ else 0`, element-wise ([`aiec::tau_forward`]);
+/// gradient `dF = dA·[F > τ]` ([`aiec::tau_backward`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TauOp {
+    /// Threshold τ (finite, ≥ 0).
+    pub tau: f64,
+}
+
+fn tau_fwd<T: El>(op: &TauOp, s: &CpuStorage, l: &CLayout) -> CResult<(CpuStorage, Shape)> {
+    let x = cpu_data::<T>("tau", s, l)?;
+    let y = aiec::tau_forward(&x, T::of(op.tau)).map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+}
+
+fn tau_bwd<T: El>(op: &TauOp, x: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+    let dx = aiec::tau_backward(&host::<T>(g)?, &host::<T>(x)?, T::of(op.tau)).map_err(cerr)?;
+    Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+}
+
+impl CustomOp1 for TauOp {
+    fn name(&self) -> &'static str {
+        "aiec_tau"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s.dtype(), "aiec_tau", tau_fwd(self, s, l))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        by_dtype!(x.dtype(), "aiec_tau", tau_bwd(self, x, g))
+    }
+}
+
+/// TAU `A = F·[F > τ]`, differentiable w.r.t. `f`.
+pub fn tau(f: &Tensor, tau: f64) -> CResult<Tensor> {
+    check_float(f.dtype(), "aiec_tau")?;
+    f.contiguous()?.apply_op1(TauOp { tau })
+}
+
+/// AIEC auxiliary + gate loss of one layer (SPEC §3) as a scalar of `(F, Wd)`:
+/// `λ_aux·mean_n L_aux[n] + λ_gate·mean_n L_gate[n]` with `A = TAU(F)`, `a` = the
+/// global feature of `A`, `L_aux[n] = −log softmax(a·Wdᵀ)[n, y_n]` and
+/// `L_gate[n] = Σ_c |a[n,c]·G[y_n,c]| / Σ_c G[y_n,c]` for the given masks `G`
+/// ([`aiec::train_forward_with_masks`]). Inputs `F` (`(N, C, ...)` or `(N, L, C)`) and
+/// `Wd` (`(K, C)`); output dims `()`. The labels and masks are constants of the op (the
+/// masks carry no gradient, SPEC §3). Gradients ([`aiec::train_backward`] with
+/// `d_out = 0` and `loss_scale` = the upstream scalar gradient): `dF` through the
+/// global feature and TAU, `dWd` through the DMU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AiecLossOp {
+    /// τ, λ_aux, λ_gate and the pooling.
+    pub cfg: AiecConfig,
+    /// Channel axis of `F`.
+    pub layout: Layout,
+    /// Class labels `y_n` (`N`, each `< K`).
+    pub labels: Vec<usize>,
+    /// Consensus masks `G` (`K × C`, row-major).
+    pub masks: Vec<bool>,
+}
+
+impl AiecLossOp {
+    fn check(&self, f_dims: &[usize], wd_dims: &[usize]) -> CResult<crate::layout::ActShape> {
+        let shape = act_shape("aiec_loss", f_dims, self.layout)?;
+        let &[k, c] = wd_dims else {
+            return Err(op_err(
+                "aiec_loss",
+                format!("wd must be (K, C), got {wd_dims:?}"),
+            ));
+        };
+        check_dims("aiec_loss", "wd", wd_dims, &[k, shape.c])?;
+        if self.masks.len() != k * c {
+            return Err(op_err(
+                "aiec_loss",
+                format!("{} masks for a ({k}, {c}) Wd", self.masks.len()),
+            ));
+        }
+        Ok(shape)
+    }
+}
+
+fn aiec_loss_fwd<T: El>(
+    op: &AiecLossOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let shape = op.check(l1.dims(), l2.dims())?;
+    let f = cpu_data::<T>("aiec_loss", s1, l1)?;
+    let wd = cpu_data::<T>("aiec_loss", s2, l2)?;
+    let out = aiec::train_forward_with_masks(&op.cfg, &shape, &f, &wd, &op.labels, &op.masks)
+        .map_err(cerr)?;
+    Ok((
+        T::to_cpu_storage_owned(vec![out.losses.total_aux_gate]),
+        Shape::from(()),
+    ))
+}
+
+fn aiec_loss_bwd<T: El>(
+    op: &AiecLossOp,
+    f: &Tensor,
+    wd: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let shape = op.check(f.dims(), wd.dims())?;
+    let (fv, wdv) = (host::<T>(f)?, host::<T>(wd)?);
+    let scale = host::<T>(g)?
+        .first()
+        .copied()
+        .ok_or_else(|| op_err("aiec_loss", "empty upstream gradient"))?;
+    let out = aiec::train_forward_with_masks(&op.cfg, &shape, &fv, &wdv, &op.labels, &op.masks)
+        .map_err(cerr)?;
+    let d_out = vec![T::zero(); fv.len()];
+    let gr = aiec::train_backward(&op.cfg, &shape, &d_out, scale, &fv, &wdv, &out.saved)
+        .map_err(cerr)?;
+    Ok((
+        Some(Tensor::from_vec(gr.df, f.shape(), f.device())?),
+        Some(Tensor::from_vec(gr.dwd, wd.shape(), wd.device())?),
+    ))
+}
+
+impl CustomOp2 for AiecLossOp {
+    fn name(&self) -> &'static str {
+        "aiec_loss"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "aiec_loss", aiec_loss_fwd(self, s1, l1, s2, l2))
+    }
+    fn bwd(
+        &self,
+        f: &Tensor,
+        wd: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        by_dtype!(f.dtype(), "aiec_loss", aiec_loss_bwd(self, f, wd, g))
+    }
+}
+
+/// The AIEC auxiliary + gate loss scalar `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)` for
+/// pre-activation `f`, decision weights `wd` `(K, C)`, `labels` and fixed consensus
+/// `masks` (`K × C`); differentiable w.r.t. `f` and `wd` (see [`AiecLossOp`]).
+/// [`super::nn::Aiec`] computes the masks from its counters and calls this.
+pub fn aiec_loss(
+    f: &Tensor,
+    wd: &Tensor,
+    labels: &[usize],
+    masks: &[bool],
+    cfg: AiecConfig,
+    layout: Layout,
+) -> CResult<Tensor> {
+    check_float(f.dtype(), "aiec_loss")?;
+    let op = AiecLossOp {
+        cfg,
+        layout,
+        labels: labels.to_vec(),
+        masks: masks.to_vec(),
+    };
+    f.contiguous()?.apply_op2(&wd.contiguous()?, op)
+}

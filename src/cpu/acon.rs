@@ -893,6 +893,39 @@ struct GenInner {
     db2: Vec<f64>,
 }
 
+/// Checks a channel-wise generator's dimensions against `shape` (shared by the CPU
+/// and CUDA generators): `C` and `width` non-zero, `C` equal to the tensor's,
+/// `w1`/`w2` of `width·C` elements, `b1` of `width`, `b2` of `C` (when present).
+pub(crate) fn check_gen_dims(
+    c: usize,
+    width: usize,
+    shape: &ActShape,
+    [w1_len, w2_len]: [usize; 2],
+    [b1_len, b2_len]: [Option<usize>; 2],
+) -> Result<()> {
+    check_nonzero("generator channels C", c)?;
+    check_nonzero("generator width", width)?;
+    if c != shape.c {
+        return Err(Error::Shape {
+            what: "generator",
+            msg: format!("built for C = {c}, tensor has C = {}", shape.c),
+        });
+    }
+    let wc = width.checked_mul(c).ok_or_else(|| Error::Shape {
+        what: "generator",
+        msg: "width·C overflows usize".into(),
+    })?;
+    check_len("w1 (width×C)", wc, w1_len)?;
+    check_len("w2 (C×width)", wc, w2_len)?;
+    if let Some(b) = b1_len {
+        check_len("b1 (width)", width, b)?;
+    }
+    if let Some(b) = b2_len {
+        check_len("b2 (C)", c, b)?;
+    }
+    Ok(())
+}
+
 impl<T: Real> ChannelGen<T> {
     /// Hidden width `max(r, C / r)` of the authors' code. `Err(InvalidParam)` if
     /// `r == 0`, `Err(Empty)` if `c == 0`.
@@ -941,27 +974,16 @@ impl<T: Real> ChannelGen<T> {
 
     /// Checks the generator's own buffers and that it matches `shape`.
     fn validate(&self, shape: &ActShape) -> Result<()> {
-        check_nonzero("generator channels C", self.c)?;
-        check_nonzero("generator width", self.width)?;
-        if self.c != shape.c {
-            return Err(Error::Shape {
-                what: "generator",
-                msg: format!("built for C = {}, tensor has C = {}", self.c, shape.c),
-            });
-        }
-        let wc = self.width.checked_mul(self.c).ok_or_else(|| Error::Shape {
-            what: "generator",
-            msg: "width·C overflows usize".into(),
-        })?;
-        check_len("w1 (width×C)", wc, self.w1.len())?;
-        check_len("w2 (C×width)", wc, self.w2.len())?;
-        if let Some(b) = &self.b1 {
-            check_len("b1 (width)", self.width, b.len())?;
-        }
-        if let Some(b) = &self.b2 {
-            check_len("b2 (C)", self.c, b.len())?;
-        }
-        Ok(())
+        check_gen_dims(
+            self.c,
+            self.width,
+            shape,
+            [self.w1.len(), self.w2.len()],
+            [
+                self.b1.as_ref().map(Vec::len),
+                self.b2.as_ref().map(Vec::len),
+            ],
+        )
     }
 
     /// Forward: returns `β` (`N × C`, use as [`Beta::PerSampleChannel`]) and what

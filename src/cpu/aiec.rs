@@ -46,7 +46,7 @@ use crate::real::Real;
 // small private helpers
 
 /// `Err(InvalidParam)` unless `tau` is finite and `≥ 0`.
-fn check_tau(tau: f64) -> Result<()> {
+pub(crate) fn check_tau(tau: f64) -> Result<()> {
     if tau.is_finite() && tau >= 0.0 {
         Ok(())
     } else {
@@ -59,7 +59,7 @@ fn check_tau(tau: f64) -> Result<()> {
 
 /// `Err(LabelOutOfRange)` if any label is `≥ k`; `Err(LengthMismatch)` if there are
 /// not `n` labels.
-fn check_labels(labels: &[usize], n: usize, k: usize) -> Result<()> {
+pub(crate) fn check_labels(labels: &[usize], n: usize, k: usize) -> Result<()> {
     check_len("labels", n, labels.len())?;
     match labels.iter().position(|&y| y >= k) {
         Some(sample) => Err(Error::LabelOutOfRange {
@@ -149,7 +149,7 @@ pub enum Pool {
 }
 
 /// Validates `pool` against `shape`.
-fn check_pool(shape: &ActShape, pool: Pool) -> Result<()> {
+pub(crate) fn check_pool(shape: &ActShape, pool: Pool) -> Result<()> {
     if let Pool::ClassToken(i) = pool {
         if shape.layout != Layout::Nlc {
             return Err(Error::Shape {

@@ -707,27 +707,16 @@ impl ChannelGen {
 
     /// Checks the generator's own buffers and that it matches `shape`.
     fn validate(&self, shape: &ActShape) -> Result<()> {
-        check_nonzero("generator channels C", self.c)?;
-        check_nonzero("generator width", self.width)?;
-        if self.c != shape.c {
-            return Err(Error::Shape {
-                what: "generator",
-                msg: format!("built for C = {}, tensor has C = {}", self.c, shape.c),
-            });
-        }
-        let wc = self.width.checked_mul(self.c).ok_or_else(|| Error::Shape {
-            what: "generator",
-            msg: "width·C overflows usize".into(),
-        })?;
-        check_len("w1 (width×C)", wc, self.w1.len())?;
-        check_len("w2 (C×width)", wc, self.w2.len())?;
-        if let Some(b) = &self.b1 {
-            check_len("b1 (width)", self.width, b.len())?;
-        }
-        if let Some(b) = &self.b2 {
-            check_len("b2 (C)", self.c, b.len())?;
-        }
-        Ok(())
+        crate::cpu::acon::check_gen_dims(
+            self.c,
+            self.width,
+            shape,
+            [self.w1.len(), self.w2.len()],
+            [
+                self.b1.as_ref().map(|b| b.len()),
+                self.b2.as_ref().map(|b| b.len()),
+            ],
+        )
     }
 
     fn check_saved(&self, shape: &ActShape, saved: &ChannelGenSaved) -> Result<()> {

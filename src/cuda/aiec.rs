@@ -42,52 +42,16 @@ use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
 
 // ---------------------------------------------------------------------------
-// host-side validation (mirrors the CPU module's private checks)
+// host-side validation (the CPU module's checks, shared)
 
-/// `Err(InvalidParam)` unless `tau` is finite and `≥ 0`.
-fn check_tau(tau: f64) -> Result<()> {
-    if tau.is_finite() && tau >= 0.0 {
-        Ok(())
-    } else {
-        Err(Error::InvalidParam {
-            what: "tau",
-            msg: format!("the TAU threshold must be finite and >= 0, got {tau}"),
-        })
-    }
-}
+use crate::cpu::aiec::{check_pool, check_tau};
 
-/// Validates the labels on the host (count `n`, each `< k`) and returns them as
-/// the `u32`s the kernels read.
+/// Validates the labels on the host (count `n`, each `< k`, exactly as the CPU
+/// side) and returns them as the `u32`s the kernels read.
 fn check_labels(labels: &[usize], n: usize, k: usize) -> Result<Vec<u32>> {
-    check_len("labels", n, labels.len())?;
-    if let Some(sample) = labels.iter().position(|&y| y >= k) {
-        return Err(Error::LabelOutOfRange {
-            sample,
-            label: labels[sample],
-            classes: k,
-        });
-    }
+    crate::cpu::aiec::check_labels(labels, n, k)?;
     // k fits in i32 (checked by the callers through `dims_i32`), so every label does.
     Ok(labels.iter().map(|&y| y as u32).collect())
-}
-
-/// Validates `pool` against `shape` (as the CPU's `check_pool`).
-fn check_pool(shape: &ActShape, pool: Pool) -> Result<()> {
-    if let Pool::ClassToken(i) = pool {
-        if shape.layout != Layout::Nlc {
-            return Err(Error::Shape {
-                what: "pool",
-                msg: "Pool::ClassToken needs an (N, L, C) tensor, got NCHW".into(),
-            });
-        }
-        if i >= shape.s {
-            return Err(Error::InvalidParam {
-                what: "pool",
-                msg: format!("class token index {i} out of range for L = {}", shape.s),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// `(n, c, k)` as i32 after checking that `N·C`, `K·C` and `N·K` fit the kernels'

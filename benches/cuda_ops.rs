@@ -85,11 +85,15 @@ mod gpu {
         let ctx = match CudaContext::new(0) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("!!! cuda_ops: cannot open CUDA device 0 ({e}): CUDA benches skipped !!!");
+                eprintln!(
+                    "!!! cuda_ops: cannot open CUDA device 0 ({e}): CUDA benches skipped !!!"
+                );
                 return None;
             }
         };
-        let name = ctx.name().unwrap_or_else(|e| format!("<name unavailable: {e}>"));
+        let name = ctx
+            .name()
+            .unwrap_or_else(|e| format!("<name unavailable: {e}>"));
         if emulated {
             eprintln!(
                 "!!! cuda_ops on the EMULATED device ({name}), tiny shapes, --test mode: this \
@@ -151,15 +155,13 @@ mod gpu {
 
     /// The memory-bound floor: one device-to-device copy of `x` (reads and writes
     /// the tensor once).
-    fn copy_floor<T: DType>(
-        g: &mut BenchmarkGroup<'_, WallTime>,
-        env: &Env,
-        x: &CudaSlice<T>,
-    ) {
+    fn copy_floor<T: DType>(g: &mut BenchmarkGroup<'_, WallTime>, env: &Env, x: &CudaSlice<T>) {
         let mut dst = env.stream.alloc_zeros::<T>(x.len()).expect("alloc");
         g.throughput(Throughput::Bytes(2 * b::<T>(x.len())));
         g.bench_function("copy_floor", |bch| {
-            bch.iter_custom(|it| env.time(it, || env.stream.memcpy_dtod(x, &mut dst).expect("copy")))
+            bch.iter_custom(|it| {
+                env.time(it, || env.stream.memcpy_dtod(x, &mut dst).expect("copy"))
+            })
         });
     }
 
@@ -280,8 +282,7 @@ mod gpu {
         g.bench_function(format!("iieu_b_{label}_bwd"), |bch| {
             bch.iter_custom(|it| {
                 env.time(it, || {
-                    iieu::backward(s, &cfg, dy, x, &x_pre, &wt, &p, &saved)
-                        .expect("iieu backward")
+                    iieu::backward(s, &cfg, dy, x, &x_pre, &wt, &p, &saved).expect("iieu backward")
                 })
             })
         });

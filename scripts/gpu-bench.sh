@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Runs the CUDA benchmarks (benches/cuda_ops.rs) on this machine's GPU and prints a
+# markdown table: op, shape, dtype, time, GB/s of compulsory traffic, ratio to the
+# device-to-device copy floor of the same tensor, and the fraction of the device's
+# peak memory bandwidth (for known devices). Writes target/gpu-bench.md.
+#
+#   scripts/gpu-bench.sh [--readme] [--no-run] [-- <criterion args, e.g. a filter>]
+#
+#   --readme   also replace the "GPU benchmarks" subsection of README.md between the
+#              <!-- gpubench:begin --> / <!-- gpubench:end --> markers (inserted just
+#              before the "## Layout" heading if absent)
+#   --no-run   only rebuild the table from existing target/criterion results
+#
+# Uses NVCC=.cuda-toolchain/nvidia/cu13/bin/nvcc when that exists and NVCC is unset,
+# and CUDA_COMPUTE_CAP from nvidia-smi (so nvcc builds only this GPU's arch) when
+# available and unset. AK_GPU_NAME=<name> overrides the device name (peak lookup).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+readme=0
+run=1
+crit_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --readme) readme=1 ;;
+    --no-run) run=0 ;;
+    --) shift; crit_args=("$@"); break ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+# AK_GPU_NAME overrides the device name used for the peak-bandwidth lookup.
+device="${AK_GPU_NAME:-}"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  [ -n "$device" ] || device="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 | sed 's/[[:space:]]*$//' || true)"
+  if [ -z "${CUDA_COMPUTE_CAP:-}" ]; then
+    cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .' || true)"
+    if [[ "$cap" =~ ^[0-9]+$ ]]; then export CUDA_COMPUTE_CAP="$cap"; fi
+  fi
+fi
+if [ -z "${NVCC:-}" ] && [ -x "$root/.cuda-toolchain/nvidia/cu13/bin/nvcc" ]; then
+  export NVCC="$root/.cuda-toolchain/nvidia/cu13/bin/nvcc"
+fi
+
+if [ "$run" = 1 ]; then
+  if [ -z "$device" ]; then
+    echo "!!! nvidia-smi found no GPU: the bench will report whether a CUDA driver is present !!!" >&2
+  fi
+  # Stale results of a previous run must not mix into this table.
+  rm -rf target/criterion/cuda_*
+  echo "device: ${device:-unknown}; NVCC=${NVCC:-<PATH>}; CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-<default archs>}" >&2
+  cargo bench --features cuda --bench cuda_ops -- "${crit_args[@]}"
+fi
+
+mkdir -p target
+python3 - "$device" "$(date -u +%Y-%m-%d)" > target/gpu-bench.md <<'PY'
+import glob, json, os, re, sys
+
+device, date = sys.argv[1], sys.argv[2]
+
+def peak_bw(name):
+    """Peak memory bandwidth (B/s) of known devices, else None."""
+    n = name.upper()
+    if "H200" in n:
+        return 4.8e12
+    if "H100" in n:
+        if "PCIE" in n:
+            return 2.0e12
+        if "SXM" in n or "HBM3" in n:
+            return 3.35e12
+        return None
+    if "A100" in n:
+        if "80GB" in n:
+            return 2.04e12
+        if "40GB" in n:
+            return 1.56e12
+        return None
+    if "RTX A6000" in n:
+        return 768e9
+    if "L40S" in n:
+        return 864e9
+    if "4090" in n:
+        return 1008e9
+    return None
+
+peak = peak_bw(device) if device else None
+group_re = re.compile(r"^cuda_(nchw|nlc)_([0-9x]+)_(f32|f16|bf16)$")
+rows = {}
+for bj in glob.glob("target/criterion/cuda_*/*/new/benchmark.json"):
+    d = os.path.dirname(bj)
+    with open(bj) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(d, "estimates.json")) as fh:
+        est = json.load(fh)
+    m = group_re.match(meta.get("group_id", ""))
+    if not m:
+        continue
+    slope = est.get("slope")
+    ns = (slope or est["mean"])["point_estimate"]
+    tp = meta.get("throughput") or {}
+    rows.setdefault(m.groups(), {})[meta["function_id"]] = (ns, tp.get("Bytes"))
+
+if not rows:
+    print("No CUDA benchmark results under target/criterion/cuda_* (no GPU run yet).")
+    sys.exit(0)
+
+def fmt_time(ns):
+    if ns >= 1e6:
+        return f"{ns / 1e6:.3f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.1f} µs"
+    return f"{ns:.0f} ns"
+
+op_order = ["copy_floor", "acon_c_fwd", "acon_c_bwd", "iieu_b_3x3_fwd", "iieu_b_3x3_bwd",
+            "iieu_b_1x1_fwd", "iieu_b_1x1_bwd", "iieu_dc_fwd", "iieu_dc_bwd",
+            "aiec_train_fwd", "aiec_train_bwd"]
+def op_key(op):
+    return (op_order.index(op) if op in op_order else len(op_order), op)
+def shape_key(k):
+    # NCHW stages first (by channels), then NLC (by channels); f32, f16, bf16.
+    layout, shape, dtype = k
+    dims = [int(v) for v in shape.split("x")]
+    return (layout != "nchw", dims[1] if layout == "nchw" else dims[-1],
+            ["f32", "f16", "bf16"].index(dtype))
+
+print(f"CUDA benchmarks (`scripts/gpu-bench.sh`, `benches/cuda_ops.rs`) on **{device or 'unknown device'}**, {date}.")
+print("Time per call of the safe Rust API (launches, host-side validation and output allocation included);")
+print("GB/s of compulsory traffic (each large input read once, each output written once, plus the parameters);")
+print("ratio = time / time of a device-to-device copy of the same tensor (`copy_floor`)" +
+      (f"; % peak = GB/s / {peak / 1e9:.0f} GB/s." if peak else "."))
+print()
+cols = ["op", "shape", "dtype", "time", "GB/s", "× copy"] + (["% peak BW"] if peak else [])
+print("| " + " | ".join(cols) + " |")
+print("|---|---|---|---:|---:|---:|" + ("---:|" if peak else ""))
+for key in sorted(rows, key=shape_key):
+    layout, shape, dtype = key
+    ops = rows[key]
+    floor = ops.get("copy_floor", (None, None))[0]
+    for op in sorted(ops, key=op_key):
+        ns, nbytes = ops[op]
+        gbs = nbytes / ns if nbytes else None  # bytes/ns == GB/s
+        ratio = f"{ns / floor:.2f}" if floor else "-"
+        cells = [op, f"{layout.upper()} {shape}", dtype, fmt_time(ns),
+                 f"{gbs:.0f}" if gbs is not None else "-", ratio]
+        if peak:
+            cells.append(f"{100 * gbs * 1e9 / peak:.0f}%" if gbs is not None else "-")
+        print("| " + " | ".join(cells) + " |")
+PY
+cat target/gpu-bench.md
+
+if [ "$readme" = 1 ]; then
+  python3 - <<'PY'
+import re
+begin, end = "<!-- gpubench:begin -->", "<!-- gpubench:end -->"
+text = open("README.md").read()
+body = open("target/gpu-bench.md").read().rstrip("\n")
+block = (f"{begin}\n### GPU benchmarks\n\n"
+         "Generated by `scripts/gpu-bench.sh --readme` (do not edit by hand).\n\n"
+         f"{body}\n{end}")
+if begin in text and end in text:
+    a = text.index(begin)
+    b = text.index(end) + len(end)
+    text = text[:a] + block + text[b:]
+else:
+    m = re.search(r"^## Layout\s*$", text, flags=re.M)
+    if not m:
+        raise SystemExit("README.md has no '## Layout' heading to place the gpubench markers before")
+    text = text[:m.start()] + block + "\n\n" + text[m.start():]
+open("README.md", "w").write(text)
+print("README.md: GPU benchmarks section updated")
+PY
+fi

@@ -188,7 +188,7 @@ fn sig<T: Real>(x: T) -> T {
     }
 }
 
-use crate::fastmath::sigmoid_f32;
+use crate::fastmath::{sigmoid_f32, simd};
 
 // ---------------------------------------------------------------------------
 // Fused element loops.
@@ -442,12 +442,12 @@ fn core_forward<T: Real>(
                 .for_each(|(i, (yp, xp))| {
                     let (n, c) = (i / cc, i % cc);
                     let (a, b) = (Same(p1[c]), Same(p2[c]));
-                    match beta {
+                    simd(|| match beta {
                         Beta::PerChannel(v) => fwd_loop(xp, yp, a, b, Same(v[c])),
                         Beta::PerSampleChannel(v) => fwd_loop(xp, yp, a, b, Same(v[i])),
                         Beta::PerSample(v) => fwd_loop(xp, yp, a, b, Same(v[n])),
                         Beta::PixelWise => fwd_loop(xp, yp, a, b, Pix),
-                    }
+                    })
                 });
         }
         Layout::Nlc => {
@@ -460,16 +460,20 @@ fn core_forward<T: Real>(
                     ys.par_chunks_mut(blk)
                         .zip(xs.par_chunks(blk))
                         .for_each(|(yb, xb)| {
-                            for (yr, xr) in yb.chunks_exact_mut(cc).zip(xb.chunks_exact(cc)) {
-                                match beta {
-                                    Beta::PerChannel(v) => fwd_loop(xr, yr, a, b, Per(&v[..cc])),
-                                    Beta::PerSampleChannel(v) => {
-                                        fwd_loop(xr, yr, a, b, Per(&v[n * cc..(n + 1) * cc]))
+                            simd(|| {
+                                for (yr, xr) in yb.chunks_exact_mut(cc).zip(xb.chunks_exact(cc)) {
+                                    match beta {
+                                        Beta::PerChannel(v) => {
+                                            fwd_loop(xr, yr, a, b, Per(&v[..cc]))
+                                        }
+                                        Beta::PerSampleChannel(v) => {
+                                            fwd_loop(xr, yr, a, b, Per(&v[n * cc..(n + 1) * cc]))
+                                        }
+                                        Beta::PerSample(v) => fwd_loop(xr, yr, a, b, Same(v[n])),
+                                        Beta::PixelWise => fwd_loop(xr, yr, a, b, Pix),
                                     }
-                                    Beta::PerSample(v) => fwd_loop(xr, yr, a, b, Same(v[n])),
-                                    Beta::PixelWise => fwd_loop(xr, yr, a, b, Pix),
                                 }
-                            }
+                            })
                         });
                 });
         }
@@ -515,7 +519,7 @@ fn core_backward<T: Real>(
                     let gp = &dy[i * ss..(i + 1) * ss];
                     let (pa, pb) = (Same(p1[c]), Same(p2[c]));
                     let mut acc = Lanes([[0.0; LANES]; 3]);
-                    match beta {
+                    simd(|| match beta {
                         Beta::PerChannel(v) => {
                             bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[c]), &mut acc)
                         }
@@ -526,7 +530,7 @@ fn core_backward<T: Real>(
                             bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[n]), &mut acc)
                         }
                         Beta::PixelWise => bwd_loop::<T, true>(gp, xp, dxp, pa, pb, Pix, &mut acc),
-                    }
+                    });
                     pp.copy_from_slice(&acc.sums());
                 });
             for n in 0..nn {
@@ -560,44 +564,46 @@ fn core_backward<T: Real>(
                             let (pa_, rest) = pb.split_at_mut(cc);
                             let (pb_, pe_) = rest.split_at_mut(cc);
                             let mut acc = PerChan(pa_, pb_, pe_);
-                            for ((dxr, xr), gr) in dxb
-                                .chunks_exact_mut(cc)
-                                .zip(xb.chunks_exact(cc))
-                                .zip(gb.chunks_exact(cc))
-                            {
-                                match beta {
-                                    Beta::PerChannel(v) => bwd_loop::<T, false>(
-                                        gr,
-                                        xr,
-                                        dxr,
-                                        f1,
-                                        f2,
-                                        Per(&v[..cc]),
-                                        &mut acc,
-                                    ),
-                                    Beta::PerSampleChannel(v) => bwd_loop::<T, false>(
-                                        gr,
-                                        xr,
-                                        dxr,
-                                        f1,
-                                        f2,
-                                        Per(&v[n * cc..(n + 1) * cc]),
-                                        &mut acc,
-                                    ),
-                                    Beta::PerSample(v) => bwd_loop::<T, false>(
-                                        gr,
-                                        xr,
-                                        dxr,
-                                        f1,
-                                        f2,
-                                        Same(v[n]),
-                                        &mut acc,
-                                    ),
-                                    Beta::PixelWise => {
-                                        bwd_loop::<T, true>(gr, xr, dxr, f1, f2, Pix, &mut acc)
+                            simd(|| {
+                                for ((dxr, xr), gr) in dxb
+                                    .chunks_exact_mut(cc)
+                                    .zip(xb.chunks_exact(cc))
+                                    .zip(gb.chunks_exact(cc))
+                                {
+                                    match beta {
+                                        Beta::PerChannel(v) => bwd_loop::<T, false>(
+                                            gr,
+                                            xr,
+                                            dxr,
+                                            f1,
+                                            f2,
+                                            Per(&v[..cc]),
+                                            &mut acc,
+                                        ),
+                                        Beta::PerSampleChannel(v) => bwd_loop::<T, false>(
+                                            gr,
+                                            xr,
+                                            dxr,
+                                            f1,
+                                            f2,
+                                            Per(&v[n * cc..(n + 1) * cc]),
+                                            &mut acc,
+                                        ),
+                                        Beta::PerSample(v) => bwd_loop::<T, false>(
+                                            gr,
+                                            xr,
+                                            dxr,
+                                            f1,
+                                            f2,
+                                            Same(v[n]),
+                                            &mut acc,
+                                        ),
+                                        Beta::PixelWise => {
+                                            bwd_loop::<T, true>(gr, xr, dxr, f1, f2, Pix, &mut acc)
+                                        }
                                     }
                                 }
-                            }
+                            })
                         });
                 });
             for n in 0..nn {

@@ -39,6 +39,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, check_nonzero, Error, Result};
+use crate::fastmath::simd;
 use crate::layout::{ActShape, Layout};
 use crate::real::Real;
 
@@ -167,6 +168,48 @@ fn check_pool(shape: &ActShape, pool: Pool) -> Result<()> {
     Ok(())
 }
 
+/// Lanes of the f64 plane sums (fixed lane = position mod `LANES`, lanes combined in
+/// order, so the sum is deterministic and the loop vectorises).
+const LANES: usize = 8;
+
+/// `Σ act(x)` over one plane in f64 (8 fixed lanes), writing `act(x)` into `out`
+/// when given.
+#[inline(always)]
+fn plane_sum<T: Real>(xs: &[T], out: Option<&mut [T]>, act: &impl Fn(T) -> T) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let xc = xs.chunks_exact(LANES);
+    let xr = xc.remainder();
+    match out {
+        Some(o) => {
+            let o = &mut o[..xs.len()];
+            let mut oc = o.chunks_exact_mut(LANES);
+            for (ob, xb) in (&mut oc).zip(xc) {
+                for j in 0..LANES {
+                    let y = act(xb[j]);
+                    ob[j] = y;
+                    lanes[j] += y.to_f64();
+                }
+            }
+            for (o, &v) in oc.into_remainder().iter_mut().zip(xr) {
+                let y = act(v);
+                *o = y;
+                lanes[0] += y.to_f64();
+            }
+        }
+        None => {
+            for xb in xc {
+                for j in 0..LANES {
+                    lanes[j] += act(xb[j]).to_f64();
+                }
+            }
+            for &v in xr {
+                lanes[0] += act(v).to_f64();
+            }
+        }
+    }
+    lanes.iter().sum()
+}
+
 /// One parallel pass over the activation tensor `x`: optionally applies TAU
 /// (writing `A` into `out`) and returns the global feature (`N × C`) of the
 /// (activated) tensor. `shape` and `pool` must be validated.
@@ -187,21 +230,10 @@ fn feature_pass<T: Real>(
         Layout::Nchw => {
             // One (sample, channel) plane per task; the pooled value is its mean.
             let plane = |o: Option<&mut [T]>, xs: &[T]| -> T {
-                let mut acc = 0.0f64;
-                match o {
-                    Some(o) => {
-                        for (o, &v) in o.iter_mut().zip(xs) {
-                            let y = act(v);
-                            *o = y;
-                            acc += y.to_f64();
-                        }
-                    }
-                    None => {
-                        for &v in xs {
-                            acc += act(v).to_f64();
-                        }
-                    }
-                }
+                let acc = simd(|| match o {
+                    Some(o) => plane_sum(xs, Some(o), &act),
+                    None => plane_sum(xs, None, &act),
+                });
                 T::of(acc * inv_s)
             };
             match out {
@@ -217,7 +249,7 @@ fn feature_pass<T: Real>(
             // One sample (L × C, channels contiguous) per task.
             let mut feat = vec![T::zero(); shape.n * c];
             let sample = |o: Option<&mut [T]>, xs: &[T], row: &mut [T]| match pool {
-                Pool::Mean => {
+                Pool::Mean => simd(|| {
                     let mut acc = vec![0.0f64; c];
                     match o {
                         Some(o) => {
@@ -240,7 +272,7 @@ fn feature_pass<T: Real>(
                     for (r, a) in row.iter_mut().zip(&acc) {
                         *r = T::of(a * inv_s);
                     }
-                }
+                }),
                 Pool::ClassToken(i) => {
                     if let Some(o) = o {
                         for (o, &v) in o.iter_mut().zip(xs) {
@@ -316,7 +348,7 @@ fn backward_pass<T: Real>(
             // Pool is Mean (ClassToken was rejected for NCHW).
             let plane = |(j, o): (usize, &mut [T])| {
                 let g = T::of(da[j] * inv_s);
-                match tau_f_dout {
+                simd(|| match tau_f_dout {
                     Some((tau, f, dout)) => {
                         let fs = &f[j * s..(j + 1) * s];
                         let ds = &dout[j * s..(j + 1) * s];
@@ -325,7 +357,7 @@ fn backward_pass<T: Real>(
                         }
                     }
                     None => o.iter_mut().for_each(|o| *o = g),
-                }
+                })
             };
             out.par_chunks_mut(s).enumerate().for_each(plane);
         }
@@ -338,31 +370,34 @@ fn backward_pass<T: Real>(
                     Pool::Mean => dar.iter().map(|&v| T::of(v * inv_s)).collect(),
                     Pool::ClassToken(_) => dar.iter().map(|&v| T::of(v)).collect(),
                 };
-                for (t, orow) in o.chunks_mut(c).enumerate() {
-                    let use_g = match pool {
-                        Pool::Mean => true,
-                        Pool::ClassToken(i) => t == i,
-                    };
-                    let off = base + t * c;
-                    match (tau_f_dout, use_g) {
-                        (Some((tau, f, dout)), true) => {
-                            let fr = &f[off..off + c];
-                            let dr = &dout[off..off + c];
-                            for (((o, &fv), &d), &gv) in orow.iter_mut().zip(fr).zip(dr).zip(&g) {
-                                *o = if fv > tau { d + gv } else { T::zero() };
+                simd(|| {
+                    for (t, orow) in o.chunks_mut(c).enumerate() {
+                        let use_g = match pool {
+                            Pool::Mean => true,
+                            Pool::ClassToken(i) => t == i,
+                        };
+                        let off = base + t * c;
+                        match (tau_f_dout, use_g) {
+                            (Some((tau, f, dout)), true) => {
+                                let fr = &f[off..off + c];
+                                let dr = &dout[off..off + c];
+                                for (((o, &fv), &d), &gv) in orow.iter_mut().zip(fr).zip(dr).zip(&g)
+                                {
+                                    *o = if fv > tau { d + gv } else { T::zero() };
+                                }
                             }
-                        }
-                        (Some((tau, f, dout)), false) => {
-                            let fr = &f[off..off + c];
-                            let dr = &dout[off..off + c];
-                            for ((o, &fv), &d) in orow.iter_mut().zip(fr).zip(dr) {
-                                *o = if fv > tau { d } else { T::zero() };
+                            (Some((tau, f, dout)), false) => {
+                                let fr = &f[off..off + c];
+                                let dr = &dout[off..off + c];
+                                for ((o, &fv), &d) in orow.iter_mut().zip(fr).zip(dr) {
+                                    *o = if fv > tau { d } else { T::zero() };
+                                }
                             }
+                            (None, true) => orow.copy_from_slice(&g),
+                            (None, false) => orow.iter_mut().for_each(|o| *o = T::zero()),
                         }
-                        (None, true) => orow.copy_from_slice(&g),
-                        (None, false) => orow.iter_mut().for_each(|o| *o = T::zero()),
                     }
-                }
+                })
             };
             out.par_chunks_mut(s * c).enumerate().for_each(sample);
         }

@@ -55,36 +55,54 @@ pub fn sigmoid_f32(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
-/// Runs `f`, compiled for AVX2 + FMA where the CPU has them (x86/x86-64; detected once
-/// at run time and cached by `std`), else as compiled for the build target
-/// (baseline x86-64 = SSE2 by default).
-///
-/// Use it as `simd(|| hot_loop(args))` with `hot_loop` an `#[inline(always)]` fn:
-/// the closure and its body are then inlined into the AVX2 trampoline, so LLVM
-/// vectorises the loop 8 lanes wide instead of 4. The AVX2 path does not use FMA
-/// contraction (Rust never contracts `a*b + c` on its own, and the hot loops do not
-/// call `mul_add`), and every reduction in those loops keeps a fixed lane order, so
-/// both paths give **identical bits**: results do not depend on the CPU.
-#[inline(always)]
-pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+/// Whether this CPU can run the AVX2 + FMA versions of the hot loops (x86 and
+/// x86-64 only; `std` caches the CPUID probe, so this is one atomic load).
+#[inline]
+pub fn has_avx2_fma() -> bool {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: `run_avx2` only requires the `avx2` and `fma` target features,
-            // both detected at run time on this CPU just above.
-            return unsafe { run_avx2(f) };
-        }
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
-    f()
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
 }
 
-/// Trampoline compiled with AVX2 and FMA enabled; see [`simd`].
-#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+/// Defines a runtime-dispatched hot loop: `fn name<generics>(args) -> ret => inner;`
+/// defines `name`, which calls the `#[inline(always)]` fn `inner` compiled inside an
+/// `#[target_feature(enable = "avx2,fma")]` copy when [`has_avx2_fma`] (so LLVM
+/// vectorises it 8 lanes wide), else as compiled for the build target (baseline
+/// x86-64 = SSE2, or any other architecture).
+///
+/// Bit-identical on both paths: Rust never contracts `a·b + c` into an FMA on its
+/// own and the hot loops do not call `mul_add`; every reduction in them uses fixed
+/// lanes, so the AVX2 copy performs exactly the same IEEE operations in the same
+/// order. Results do not depend on the CPU.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$($g:ident : $b:path),* $(,)?>)?
+        ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $inner:path;) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2 $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                if $crate::fastmath::has_avx2_fma() {
+                    // SAFETY: `avx2` requires only the `avx2` and `fma` target
+                    // features, which `has_avx2_fma` detected at run time on this CPU.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $inner($($arg),*)
+        }
+    };
 }
+pub(crate) use simd_fn;
 
 #[cfg(test)]
 mod tests {

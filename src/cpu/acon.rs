@@ -188,7 +188,7 @@ fn sig<T: Real>(x: T) -> T {
     }
 }
 
-use crate::fastmath::{sigmoid_f32, simd};
+use crate::fastmath::{sigmoid_f32, simd_fn};
 
 // ---------------------------------------------------------------------------
 // Fused element loops.
@@ -415,6 +415,57 @@ fn bwd_loop<T: Real, const PIX: bool>(
     }
 }
 
+/// `bwd_loop` without pixel-wise β.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bwd_loop_np<T: Real, A: Src<T>, B: Src<T>, C: Src<T>, K: Acc<T>>(
+    dy: &[T],
+    x: &[T],
+    dx: &mut [T],
+    p1: A,
+    p2: B,
+    beta: C,
+    acc: &mut K,
+) {
+    bwd_loop::<T, false>(dy, x, dx, p1, p2, beta, acc)
+}
+
+/// `bwd_loop` with pixel-wise β.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bwd_loop_pix<T: Real, A: Src<T>, B: Src<T>, C: Src<T>, K: Acc<T>>(
+    dy: &[T],
+    x: &[T],
+    dx: &mut [T],
+    p1: A,
+    p2: B,
+    beta: C,
+    acc: &mut K,
+) {
+    bwd_loop::<T, true>(dy, x, dx, p1, p2, beta, acc)
+}
+
+simd_fn! {
+    /// [`fwd_loop`], runtime-dispatched to AVX2 where available.
+    fn fwd_plane<T: Real, A: Src<T>, B: Src<T>, C: Src<T>>(
+        x: &[T], y: &mut [T], p1: A, p2: B, beta: C,
+    ) => fwd_loop;
+}
+
+simd_fn! {
+    /// [`bwd_loop`] (β not pixel-wise), runtime-dispatched to AVX2 where available.
+    fn bwd_plane<T: Real, A: Src<T>, B: Src<T>, C: Src<T>, K: Acc<T>>(
+        dy: &[T], x: &[T], dx: &mut [T], p1: A, p2: B, beta: C, acc: &mut K,
+    ) => bwd_loop_np;
+}
+
+simd_fn! {
+    /// [`bwd_loop`] with pixel-wise β, runtime-dispatched to AVX2 where available.
+    fn bwd_plane_pix<T: Real, A: Src<T>, B: Src<T>, C: Src<T>, K: Acc<T>>(
+        dy: &[T], x: &[T], dx: &mut [T], p1: A, p2: B, beta: C, acc: &mut K,
+    ) => bwd_loop_pix;
+}
+
 fn nchw_min_len(s: usize) -> usize {
     (GRAIN / s).max(1)
 }
@@ -442,12 +493,12 @@ fn core_forward<T: Real>(
                 .for_each(|(i, (yp, xp))| {
                     let (n, c) = (i / cc, i % cc);
                     let (a, b) = (Same(p1[c]), Same(p2[c]));
-                    simd(|| match beta {
-                        Beta::PerChannel(v) => fwd_loop(xp, yp, a, b, Same(v[c])),
-                        Beta::PerSampleChannel(v) => fwd_loop(xp, yp, a, b, Same(v[i])),
-                        Beta::PerSample(v) => fwd_loop(xp, yp, a, b, Same(v[n])),
-                        Beta::PixelWise => fwd_loop(xp, yp, a, b, Pix),
-                    })
+                    match beta {
+                        Beta::PerChannel(v) => fwd_plane(xp, yp, a, b, Same(v[c])),
+                        Beta::PerSampleChannel(v) => fwd_plane(xp, yp, a, b, Same(v[i])),
+                        Beta::PerSample(v) => fwd_plane(xp, yp, a, b, Same(v[n])),
+                        Beta::PixelWise => fwd_plane(xp, yp, a, b, Pix),
+                    }
                 });
         }
         Layout::Nlc => {
@@ -460,20 +511,16 @@ fn core_forward<T: Real>(
                     ys.par_chunks_mut(blk)
                         .zip(xs.par_chunks(blk))
                         .for_each(|(yb, xb)| {
-                            simd(|| {
-                                for (yr, xr) in yb.chunks_exact_mut(cc).zip(xb.chunks_exact(cc)) {
-                                    match beta {
-                                        Beta::PerChannel(v) => {
-                                            fwd_loop(xr, yr, a, b, Per(&v[..cc]))
-                                        }
-                                        Beta::PerSampleChannel(v) => {
-                                            fwd_loop(xr, yr, a, b, Per(&v[n * cc..(n + 1) * cc]))
-                                        }
-                                        Beta::PerSample(v) => fwd_loop(xr, yr, a, b, Same(v[n])),
-                                        Beta::PixelWise => fwd_loop(xr, yr, a, b, Pix),
+                            for (yr, xr) in yb.chunks_exact_mut(cc).zip(xb.chunks_exact(cc)) {
+                                match beta {
+                                    Beta::PerChannel(v) => fwd_plane(xr, yr, a, b, Per(&v[..cc])),
+                                    Beta::PerSampleChannel(v) => {
+                                        fwd_plane(xr, yr, a, b, Per(&v[n * cc..(n + 1) * cc]))
                                     }
+                                    Beta::PerSample(v) => fwd_plane(xr, yr, a, b, Same(v[n])),
+                                    Beta::PixelWise => fwd_plane(xr, yr, a, b, Pix),
                                 }
-                            })
+                            }
                         });
                 });
         }
@@ -519,18 +566,14 @@ fn core_backward<T: Real>(
                     let gp = &dy[i * ss..(i + 1) * ss];
                     let (pa, pb) = (Same(p1[c]), Same(p2[c]));
                     let mut acc = Lanes([[0.0; LANES]; 3]);
-                    simd(|| match beta {
-                        Beta::PerChannel(v) => {
-                            bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[c]), &mut acc)
-                        }
+                    match beta {
+                        Beta::PerChannel(v) => bwd_plane(gp, xp, dxp, pa, pb, Same(v[c]), &mut acc),
                         Beta::PerSampleChannel(v) => {
-                            bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[i]), &mut acc)
+                            bwd_plane(gp, xp, dxp, pa, pb, Same(v[i]), &mut acc)
                         }
-                        Beta::PerSample(v) => {
-                            bwd_loop::<T, false>(gp, xp, dxp, pa, pb, Same(v[n]), &mut acc)
-                        }
-                        Beta::PixelWise => bwd_loop::<T, true>(gp, xp, dxp, pa, pb, Pix, &mut acc),
-                    });
+                        Beta::PerSample(v) => bwd_plane(gp, xp, dxp, pa, pb, Same(v[n]), &mut acc),
+                        Beta::PixelWise => bwd_plane_pix(gp, xp, dxp, pa, pb, Pix, &mut acc),
+                    }
                     pp.copy_from_slice(&acc.sums());
                 });
             for n in 0..nn {
@@ -564,46 +607,32 @@ fn core_backward<T: Real>(
                             let (pa_, rest) = pb.split_at_mut(cc);
                             let (pb_, pe_) = rest.split_at_mut(cc);
                             let mut acc = PerChan(pa_, pb_, pe_);
-                            simd(|| {
-                                for ((dxr, xr), gr) in dxb
-                                    .chunks_exact_mut(cc)
-                                    .zip(xb.chunks_exact(cc))
-                                    .zip(gb.chunks_exact(cc))
-                                {
-                                    match beta {
-                                        Beta::PerChannel(v) => bwd_loop::<T, false>(
-                                            gr,
-                                            xr,
-                                            dxr,
-                                            f1,
-                                            f2,
-                                            Per(&v[..cc]),
-                                            &mut acc,
-                                        ),
-                                        Beta::PerSampleChannel(v) => bwd_loop::<T, false>(
-                                            gr,
-                                            xr,
-                                            dxr,
-                                            f1,
-                                            f2,
-                                            Per(&v[n * cc..(n + 1) * cc]),
-                                            &mut acc,
-                                        ),
-                                        Beta::PerSample(v) => bwd_loop::<T, false>(
-                                            gr,
-                                            xr,
-                                            dxr,
-                                            f1,
-                                            f2,
-                                            Same(v[n]),
-                                            &mut acc,
-                                        ),
-                                        Beta::PixelWise => {
-                                            bwd_loop::<T, true>(gr, xr, dxr, f1, f2, Pix, &mut acc)
-                                        }
+                            for ((dxr, xr), gr) in dxb
+                                .chunks_exact_mut(cc)
+                                .zip(xb.chunks_exact(cc))
+                                .zip(gb.chunks_exact(cc))
+                            {
+                                match beta {
+                                    Beta::PerChannel(v) => {
+                                        bwd_plane(gr, xr, dxr, f1, f2, Per(&v[..cc]), &mut acc)
+                                    }
+                                    Beta::PerSampleChannel(v) => bwd_plane(
+                                        gr,
+                                        xr,
+                                        dxr,
+                                        f1,
+                                        f2,
+                                        Per(&v[n * cc..(n + 1) * cc]),
+                                        &mut acc,
+                                    ),
+                                    Beta::PerSample(v) => {
+                                        bwd_plane(gr, xr, dxr, f1, f2, Same(v[n]), &mut acc)
+                                    }
+                                    Beta::PixelWise => {
+                                        bwd_plane_pix(gr, xr, dxr, f1, f2, Pix, &mut acc)
                                     }
                                 }
-                            })
+                            }
                         });
                 });
             for n in 0..nn {

@@ -39,7 +39,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, check_nonzero, Error, Result};
-use crate::fastmath::simd;
+use crate::fastmath::simd_fn;
 use crate::layout::{ActShape, Layout};
 use crate::real::Real;
 
@@ -175,7 +175,8 @@ const LANES: usize = 8;
 /// `Σ act(x)` over one plane in f64 (8 fixed lanes), writing `act(x)` into `out`
 /// when given.
 #[inline(always)]
-fn plane_sum<T: Real>(xs: &[T], out: Option<&mut [T]>, act: &impl Fn(T) -> T) -> f64 {
+fn plane_sum_impl<T: Real>(xs: &[T], out: Option<&mut [T]>, tau: T, apply: bool) -> f64 {
+    let act = |v: T| if apply { tau1(v, tau) } else { v };
     let mut lanes = [0.0f64; LANES];
     let xc = xs.chunks_exact(LANES);
     let xr = xc.remainder();
@@ -210,6 +211,44 @@ fn plane_sum<T: Real>(xs: &[T], out: Option<&mut [T]>, act: &impl Fn(T) -> T) ->
     lanes.iter().sum()
 }
 
+simd_fn! {
+    /// [`plane_sum_impl`], runtime-dispatched to AVX2 where available.
+    fn plane_sum<T: Real>(xs: &[T], out: Option<&mut [T]>, tau: T, apply: bool) -> f64
+        => plane_sum_impl;
+}
+
+/// Per-channel sums `acc[c] += Σ_rows act(x[row, c])` over `(rows, C)` tokens,
+/// writing `act(x)` into `out` when given.
+#[inline(always)]
+fn rows_sum_impl<T: Real>(xs: &[T], out: Option<&mut [T]>, acc: &mut [f64], tau: T, apply: bool) {
+    let c = acc.len();
+    let act = |v: T| if apply { tau1(v, tau) } else { v };
+    match out {
+        Some(o) => {
+            for (orow, xrow) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                for ((o, &v), a) in orow.iter_mut().zip(xrow).zip(acc.iter_mut()) {
+                    let y = act(v);
+                    *o = y;
+                    *a += y.to_f64();
+                }
+            }
+        }
+        None => {
+            for xrow in xs.chunks_exact(c) {
+                for (&v, a) in xrow.iter().zip(acc.iter_mut()) {
+                    *a += act(v).to_f64();
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// [`rows_sum_impl`], runtime-dispatched to AVX2 where available.
+    fn rows_sum<T: Real>(xs: &[T], out: Option<&mut [T]>, acc: &mut [f64], tau: T, apply: bool)
+        => rows_sum_impl;
+}
+
 /// One parallel pass over the activation tensor `x`: optionally applies TAU
 /// (writing `A` into `out`) and returns the global feature (`N × C`) of the
 /// (activated) tensor. `shape` and `pool` must be validated.
@@ -222,18 +261,13 @@ fn feature_pass<T: Real>(
 ) -> Vec<T> {
     let (c, s) = (shape.c, shape.s);
     let inv_s = 1.0 / s as f64;
-    let act = |v: T| match tau {
-        Some(t) => tau1(v, t),
-        None => v,
-    };
+    let (tv, apply) = (tau.unwrap_or(T::zero()), tau.is_some());
+    let act = |v: T| if apply { tau1(v, tv) } else { v };
     match shape.layout {
         Layout::Nchw => {
             // One (sample, channel) plane per task; the pooled value is its mean.
             let plane = |o: Option<&mut [T]>, xs: &[T]| -> T {
-                let acc = simd(|| match o {
-                    Some(o) => plane_sum(xs, Some(o), &act),
-                    None => plane_sum(xs, None, &act),
-                });
+                let acc = plane_sum(xs, o, tv, apply);
                 T::of(acc * inv_s)
             };
             match out {
@@ -249,30 +283,13 @@ fn feature_pass<T: Real>(
             // One sample (L × C, channels contiguous) per task.
             let mut feat = vec![T::zero(); shape.n * c];
             let sample = |o: Option<&mut [T]>, xs: &[T], row: &mut [T]| match pool {
-                Pool::Mean => simd(|| {
+                Pool::Mean => {
                     let mut acc = vec![0.0f64; c];
-                    match o {
-                        Some(o) => {
-                            for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
-                                for ((o, &v), a) in orow.iter_mut().zip(xrow).zip(acc.iter_mut()) {
-                                    let y = act(v);
-                                    *o = y;
-                                    *a += y.to_f64();
-                                }
-                            }
-                        }
-                        None => {
-                            for xrow in xs.chunks(c) {
-                                for (&v, a) in xrow.iter().zip(acc.iter_mut()) {
-                                    *a += act(v).to_f64();
-                                }
-                            }
-                        }
-                    }
+                    rows_sum(xs, o, &mut acc, tv, apply);
                     for (r, a) in row.iter_mut().zip(&acc) {
                         *r = T::of(a * inv_s);
                     }
-                }),
+                }
                 Pool::ClassToken(i) => {
                     if let Some(o) = o {
                         for (o, &v) in o.iter_mut().zip(xs) {
@@ -348,7 +365,7 @@ fn backward_pass<T: Real>(
             // Pool is Mean (ClassToken was rejected for NCHW).
             let plane = |(j, o): (usize, &mut [T])| {
                 let g = T::of(da[j] * inv_s);
-                simd(|| match tau_f_dout {
+                match tau_f_dout {
                     Some((tau, f, dout)) => {
                         let fs = &f[j * s..(j + 1) * s];
                         let ds = &dout[j * s..(j + 1) * s];
@@ -357,7 +374,7 @@ fn backward_pass<T: Real>(
                         }
                     }
                     None => o.iter_mut().for_each(|o| *o = g),
-                })
+                }
             };
             out.par_chunks_mut(s).enumerate().for_each(plane);
         }
@@ -370,7 +387,7 @@ fn backward_pass<T: Real>(
                     Pool::Mean => dar.iter().map(|&v| T::of(v * inv_s)).collect(),
                     Pool::ClassToken(_) => dar.iter().map(|&v| T::of(v)).collect(),
                 };
-                simd(|| {
+                {
                     for (t, orow) in o.chunks_mut(c).enumerate() {
                         let use_g = match pool {
                             Pool::Mean => true,
@@ -397,7 +414,7 @@ fn backward_pass<T: Real>(
                             (None, false) => orow.iter_mut().for_each(|o| *o = T::zero()),
                         }
                     }
-                })
+                }
             };
             out.par_chunks_mut(s * c).enumerate().for_each(sample);
         }

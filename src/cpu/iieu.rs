@@ -33,7 +33,7 @@ use rayon::prelude::*;
 
 use crate::cpu::common::{layer_norm_bwd, layer_norm_fwd, sigmoid};
 use crate::error::{check_len, Error, Result};
-use crate::fastmath::simd;
+use crate::fastmath::simd_fn;
 use crate::geometry::Conv2dGeometry;
 use crate::real::Real;
 
@@ -375,7 +375,7 @@ const LANES: usize = 8;
 
 /// `Σ v` over a plane in f64 (fixed lanes).
 #[inline(always)]
-fn lane_sum<T: Real>(v: &[T]) -> f64 {
+fn lane_sum_impl<T: Real>(v: &[T]) -> f64 {
     let mut l = [0.0f64; LANES];
     let c = v.chunks_exact(LANES);
     let r = c.remainder();
@@ -394,7 +394,7 @@ fn lane_sum<T: Real>(v: &[T]) -> f64 {
 /// then selected on `ρ̂ ≥ η`, so the loop vectorises; the discarded `exp` may
 /// overflow harmlessly).
 #[inline(always)]
-fn adjust_plane<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T) {
+fn adjust_plane_impl<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T) {
     for ((yv, &xv), &rxv) in yp.iter_mut().zip(xp).zip(rx) {
         let r = rho(xv, rw, rxv, nu);
         let lo = eta * (r - eta).exp_fast() * xv;
@@ -402,12 +402,12 @@ fn adjust_plane<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T)
     }
 }
 
-/// Backward of [`adjust_plane`] for one plane: writes `dx = dy·ς(ρ̂) + g·r_w·r_x`
+/// Backward of [`adjust_plane_impl`] for one plane: writes `dx = dy·ς(ρ̂) + g·r_w·r_x`
 /// (`g = dy·∂y/∂ρ̂`), adds `g·x·r_w` into `drx`, and returns the plane sums
 /// `[Σ g, Σ g·x·r_x, Σ dη-terms]` (f64, fixed lanes).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn adjust_plane_bwd<T: Real>(
+fn adjust_plane_bwd_impl<T: Real>(
     xp: &[T],
     dyp: &[T],
     rx: &[T],
@@ -465,6 +465,55 @@ fn adjust_plane_bwd<T: Real>(
     std::array::from_fn(|k| acc[k].iter().sum())
 }
 
+simd_fn! {
+    /// [`lane_sum_impl`], runtime-dispatched to AVX2 where available.
+    fn lane_sum<T: Real>(v: &[T]) -> f64 => lane_sum_impl;
+}
+
+simd_fn! {
+    /// [`adjust_plane_impl`], runtime-dispatched to AVX2 where available.
+    fn adjust_plane<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T)
+        => adjust_plane_impl;
+}
+
+simd_fn! {
+    /// [`adjust_plane_bwd_impl`], runtime-dispatched to AVX2 where available.
+    fn adjust_plane_bwd<T: Real>(
+        xp: &[T], dyp: &[T], rx: &[T], dxp: &mut [T], drx: &mut [f64], rw: T, nu: T, eta: T,
+    ) -> [f64; 3] => adjust_plane_bwd_impl;
+}
+
+/// `q += v²` (in f64) over the `pi`-long channel planes of `xs`.
+#[inline(always)]
+fn sum_sq_impl<T: Real>(xs: &[T], q: &mut [f64]) {
+    for ch in xs.chunks_exact(q.len()) {
+        for (a, &v) in q.iter_mut().zip(ch) {
+            let v = v.to_f64();
+            *a += v * v;
+        }
+    }
+}
+
+/// `out[c, i] = x[c, i]·a[i]` over the `a.len()`-long channel planes.
+#[inline(always)]
+fn scale_planes_impl<T: Real>(out: &mut [T], x: &[T], a: &[f64]) {
+    for (dch, xch) in out.chunks_exact_mut(a.len()).zip(x.chunks_exact(a.len())) {
+        for ((g, &xv), &a) in dch.iter_mut().zip(xch).zip(a) {
+            *g = T::of(xv.to_f64() * a);
+        }
+    }
+}
+
+simd_fn! {
+    /// [`sum_sq_impl`], runtime-dispatched to AVX2 where available.
+    fn sum_sq<T: Real>(xs: &[T], q: &mut [f64]) => sum_sq_impl;
+}
+
+simd_fn! {
+    /// [`scale_planes_impl`], runtime-dispatched to AVX2 where available.
+    fn scale_planes<T: Real>(out: &mut [T], x: &[T], a: &[f64]) => scale_planes_impl;
+}
+
 /// `(r_w, ‖W[o]‖)` per filter.
 fn filter_norms<T: Real>(d: &Dims, w: &[T]) -> (Vec<T>, Vec<f64>) {
     let norms: Vec<f64> = w
@@ -490,18 +539,11 @@ fn patch_norms<T: Real>(d: &Dims, x_pre: &[T]) -> (Vec<T>, Vec<f64>) {
         .for_each(|(out, xs)| {
             let mut q = vec![0.0f64; pi];
             let mut tmp = vec![0.0f64; d.h * d.ow];
-            simd(|| {
-                for ch in xs.chunks_exact(pi) {
-                    for (a, &v) in q.iter_mut().zip(ch) {
-                        let v = v.to_f64();
-                        *a += v * v;
-                    }
-                }
-                d.window_sum(&q, &mut tmp, out);
-                for v in out.iter_mut() {
-                    *v = v.max(0.0).sqrt();
-                }
-            });
+            sum_sq(xs, &mut q);
+            d.window_sum(&q, &mut tmp, out);
+            for v in out.iter_mut() {
+                *v = v.max(0.0).sqrt();
+            }
         });
     let r = norms.iter().map(|&nm| T::of(inv_norm(nm))).collect();
     (r, norms)
@@ -564,7 +606,7 @@ pub fn forward<T: Real>(
     // term-B: GAP, LayerNorm over the O channels of each sample, sigmoid.
     let m: Vec<f64> = x
         .par_chunks(po)
-        .map(|pl| simd(|| lane_sum(pl)) / po as f64)
+        .map(|pl| lane_sum(pl) / po as f64)
         .collect();
     let mut m_hat = vec![0.0f64; d.n * d.o];
     let mut rstd = vec![0.0f64; d.n];
@@ -591,7 +633,7 @@ pub fn forward<T: Real>(
             let t = n * d.gp + o / d.o_per;
             let rx = &r_x[t * po..(t + 1) * po];
             let (rw, nu_t, eta) = (r_w[o], T::of(nu[no]), params.eta[o]);
-            simd(|| adjust_plane(xp, rx, yp, rw, nu_t, eta));
+            adjust_plane(xp, rx, yp, rw, nu_t, eta);
         });
 
     Ok((
@@ -703,8 +745,7 @@ pub fn backward<T: Real>(
                     let xp = &x[no * po..(no + 1) * po];
                     let dyp = &dy[no * po..(no + 1) * po];
                     let (rw, nu_t, eta) = (saved.r_w[o], T::of(saved.nu[no]), params.eta[o]);
-                    let [a, b, c] =
-                        simd(|| adjust_plane_bwd(xp, dyp, rx, dxp, &mut drx, rw, nu_t, eta));
+                    let [a, b, c] = adjust_plane_bwd(xp, dyp, rx, dxp, &mut drx, rw, nu_t, eta);
                     sg[o] = a;
                     p_rw[o] = b;
                     p_eta[o] = c;
@@ -713,17 +754,11 @@ pub fn backward<T: Real>(
                 let xn = &saved.x_norm[t * po..(t + 1) * po];
                 let xpc =
                     &x_pre[(n * d.c + gp * d.c_per) * pi..(n * d.c + (gp + 1) * d.c_per) * pi];
-                simd(|| {
-                    for (a, &nm) in drx.iter_mut().zip(xn) {
-                        *a *= inv_norm_slope(nm);
-                    }
-                    d.window_gather(&drx, &mut tmp, &mut acc);
-                    for (dch, xch) in dxpc.chunks_exact_mut(pi).zip(xpc.chunks_exact(pi)) {
-                        for ((g, &xv), &a) in dch.iter_mut().zip(xch).zip(&acc) {
-                            *g = T::of(xv.to_f64() * a);
-                        }
-                    }
-                });
+                for (a, &nm) in drx.iter_mut().zip(xn) {
+                    *a *= inv_norm_slope(nm);
+                }
+                d.window_gather(&drx, &mut tmp, &mut acc);
+                scale_planes(dxpc, xpc, &acc);
             }
             // term-B of sample n.
             let nu = &saved.nu[n * d.o..(n + 1) * d.o];
@@ -740,7 +775,7 @@ pub fn backward<T: Real>(
             // term-B path into dx: dm/(H'·W'), broadcast over the plane.
             for (p, &v) in dxs.chunks_exact_mut(po).zip(&dm) {
                 let add = T::of(v / po as f64);
-                simd(|| p.iter_mut().for_each(|v| *v = *v + add));
+                p.iter_mut().for_each(|v| *v = *v + add);
             }
             part
         })

@@ -69,6 +69,23 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// Whether this CPU can run the AVX-512 (F + BW + DQ + VL) versions of the hot loops.
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && has_avx2_fma()
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
 /// Defines a runtime-dispatched hot loop: `fn name<generics>(args) -> ret => inner;`
 /// defines `name`, which calls the `#[inline(always)]` fn `inner` compiled inside an
 /// `#[target_feature(enable = "avx2,fma")]` copy when [`has_avx2_fma`] (so LLVM
@@ -91,6 +108,16 @@ macro_rules! simd_fn {
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2 $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
                     $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512 $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                if $crate::fastmath::has_avx512() {
+                    // SAFETY: `avx512` requires only the AVX-512 F/BW/DQ/VL, `avx2` and
+                    // `fma` target features, which `has_avx512` detected at run time.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if $crate::fastmath::has_avx2_fma() {
                     // SAFETY: `avx2` requires only the `avx2` and `fma` target

@@ -73,12 +73,27 @@ fn check_labels(labels: &[usize], n: usize, k: usize) -> Result<()> {
 }
 
 /// `a·b` accumulated in f64.
-#[inline]
-fn dot64<T: Real>(a: &[T], b: &[T]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| x.to_f64() * y.to_f64())
-        .sum()
+#[inline(always)]
+fn dot64_impl<T: Real>(a: &[T], b: &[T]) -> f64 {
+    // 8 fixed lanes (lane = index mod 8, combined in order): deterministic, and the
+    // loop vectorises instead of waiting on one serial f64 add chain.
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut l = [0.0f64; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for j in 0..8 {
+            l[j] += x[j].to_f64() * y[j].to_f64();
+        }
+    }
+    for (&x, &y) in a[n - n % 8..].iter().zip(&b[n - n % 8..]) {
+        l[0] += x.to_f64() * y.to_f64();
+    }
+    l.iter().sum()
+}
+
+simd_fn! {
+    /// `Σ a·b` in f64 (fixed lanes), runtime-dispatched to AVX2 where available.
+    fn dot64<T: Real>(a: &[T], b: &[T]) -> f64 => dot64_impl;
 }
 
 /// `sign(x)` with `sign(0) = 0` and `sign(NaN) = NaN`.
@@ -94,6 +109,9 @@ fn sign0(x: f64) -> f64 {
         f64::NAN
     }
 }
+
+/// Elements per parallel task of the element-wise TAU passes.
+const ELEM_CHUNK: usize = 1 << 16;
 
 /// TAU of one value.
 #[inline(always)]
@@ -117,7 +135,15 @@ fn tau1<T: Real>(v: T, tau: T) -> T {
 pub fn tau_forward<T: Real>(x: &[T], tau: T) -> Result<Vec<T>> {
     check_tau(tau.to_f64())?;
     check_nonzero("x", x.len())?;
-    Ok(x.par_iter().map(|&v| tau1(v, tau)).collect())
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK))
+        .for_each(|(y, x)| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = tau1(v, tau);
+            }
+        });
+    Ok(y)
 }
 
 /// TAU backward: `dF = dA·[F > τ]`.
@@ -127,11 +153,15 @@ pub fn tau_backward<T: Real>(dy: &[T], x: &[T], tau: T) -> Result<Vec<T>> {
     check_tau(tau.to_f64())?;
     check_nonzero("x", x.len())?;
     check_len("dy", x.len(), dy.len())?;
-    Ok(dy
-        .par_iter()
-        .zip(x.par_iter())
-        .map(|(&g, &v)| if v > tau { g } else { T::zero() })
-        .collect())
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK).zip(dy.par_chunks(ELEM_CHUNK)))
+        .for_each(|(o, (x, g))| {
+            for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
+                *o = if v > tau { g } else { T::zero() };
+            }
+        });
+    Ok(dx)
 }
 
 // ---------------------------------------------------------------------------

@@ -17,7 +17,8 @@
 //!   then summed sequentially in a fixed order (samples, then blocks), so every
 //!   parameter gradient has identical bits on every run and for every thread
 //!   count. Element products are formed in `T` and accumulated in f64 (within a
-//!   plane in 8 fixed lanes, combined in lane order, so the loops vectorise).
+//!   plane in 32 fixed lanes, combined in lane order, so the loops vectorise;
+//!   32-element blocks give LLVM four independent 8-wide chains to overlap).
 //! * The element loops run in AVX2 / AVX-512 copies chosen at run time
 //!   (`fastmath::simd_fn`; bit-identical to the baseline SSE2 build). Measured
 //!   ratios to a ReLU floor: README, "Performance".
@@ -199,7 +200,7 @@ use crate::fastmath::{sigmoid_f32, simd_fn};
 // sigmoid this lets LLVM vectorise the loops; a short tail runs element-wise.
 
 /// Block width of the element loops.
-const LANES: usize = 8;
+const LANES: usize = 32;
 
 /// A per-element source of a parameter (p1, p2 or β) along one plane or row.
 trait Src<T: Real>: Copy {

@@ -6,8 +6,9 @@
 //! `scripts/perf-report.sh` runs them and writes the README's performance table.
 //!
 //! Throughput is reported as **bytes of compulsory traffic**: the f32 tensors an op
-//! must read plus those it must write, counting only full activation-sized tensors
-//! (per-channel parameters, `r_x` and other small buffers are left out). The
+//! must read plus those it must write — activation-sized tensors, and for IIEU-B the
+//! conv weight `W` (read) and `dW` (written), which outgrow the activations in late
+//! ResNet stages (per-channel parameters, `r_x` and other small buffers are left out). The
 //! element count of the activation tensor is in the group name (`layout_NxCxHxW`),
 //! so elements/s follow from the same numbers.
 //!
@@ -65,7 +66,12 @@ fn group<'a>(c: &'a mut Criterion, name: &str) -> Group<'a> {
 
 /// Sets the throughput to `tensors` activation-sized f32 tensors of `numel`.
 fn traffic(g: &mut Group<'_>, numel: usize, tensors: usize) {
-    g.throughput(Throughput::Bytes((numel * tensors * 4) as u64));
+    traffic_plus(g, numel, tensors, 0);
+}
+
+/// As [`traffic`], plus `extra` more f32 values (e.g. conv weights and their gradient).
+fn traffic_plus(g: &mut Group<'_>, numel: usize, tensors: usize, extra: usize) {
+    g.throughput(Throughput::Bytes(((numel * tensors + extra) * 4) as u64));
 }
 
 fn floor(g: &mut Group<'_>, x: &[f32], dy: &[f32]) {
@@ -86,14 +92,7 @@ fn acon_c(g: &mut Group<'_>, shape: &ActShape, x: &[f32], dy: &[f32]) {
     traffic(g, x.len(), 3);
     g.bench_function("acon_c_bwd", |b| {
         b.iter(|| {
-            acon::acon_c_backward(
-                shape,
-                dy,
-                x,
-                &p.p1,
-                &p.p2,
-                acon::Beta::PerChannel(&p.beta),
-            )
+            acon::acon_c_backward(shape, dy, x, &p.p1, &p.p2, acon::Beta::PerChannel(&p.beta))
         })
     });
 }
@@ -116,14 +115,14 @@ fn iieu_b(
     let x_pre = randv(r, numel, -1.0, 1.0);
     let wt = randv(r, ch * ch * k * k, -0.1, 0.1);
     let ip = iieu::IieuParams::<f32>::init(ch);
-    // Reads x, x_pre; writes y.
-    traffic(g, numel, 3);
+    // Reads x, x_pre, W; writes y.
+    traffic_plus(g, numel, 3, wt.len());
     g.bench_function(format!("iieu_b_{label}_fwd"), |b| {
         b.iter(|| iieu::forward(&cfg, x, &x_pre, &wt, &ip))
     });
     let (_, saved) = iieu::forward(&cfg, x, &x_pre, &wt, &ip).expect("forward");
-    // Reads dy, x, x_pre; writes dx, dx_pre.
-    traffic(g, numel, 5);
+    // Reads dy, x, x_pre, W; writes dx, dx_pre, dW.
+    traffic_plus(g, numel, 5, 2 * wt.len());
     g.bench_function(format!("iieu_b_{label}_bwd"), |b| {
         b.iter(|| iieu::backward(&cfg, dy, x, &x_pre, &wt, &ip, &saved))
     });

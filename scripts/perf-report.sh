@@ -173,7 +173,7 @@ lines.append("* criterion, 10 samples, 0.5 s warm-up, 2 s measurement, median; t
 lines.append("* ratio = op time / time of a parallel ReLU over the same tensor (forward: ReLU forward; fwd+bwd and the "
              "AIEC step: ReLU forward + backward), both timed in the same group of the same run;")
 lines.append("* GB/s = compulsory traffic (activation-sized f32 tensors that must be read + written: ACON fwd 2, bwd 3; "
-             "IIEU fwd 3 (x, x_pre, y), bwd 5 (dy, x, x_pre, dx, dx_pre); AIEC step 5; ReLU fwd 2, bwd 3) / time; "
+             "IIEU fwd 3 (x, x_pre, y) + W, bwd 5 (dy, x, x_pre, dx, dx_pre) + W + dW; AIEC step 5; ReLU fwd 2, bwd 3) / time; "
              "Melem/s = elements of the activation tensor per pass / time;")
 lines.append("* heap-reuse ratio: the same ratio when glibc keeps freed memory (ops that return two full-size tensors "
              "otherwise pay fresh page faults on every call, which the single-output floor does not);")

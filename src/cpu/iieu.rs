@@ -840,7 +840,7 @@ mod tests {
     #[test]
     fn dispatched_loops_match_baseline_bits() {
         let n = 1003;
-        let f = |i: usize, a: f32| ((i as f32 * a).sin() * 2.0) as f32;
+        let f = |i: usize, a: f32| (i as f32 * a).sin() * 2.0;
         let x: Vec<f32> = (0..n).map(|i| f(i, 0.37)).collect();
         let dy: Vec<f32> = (0..n).map(|i| f(i, 0.91)).collect();
         let rx: Vec<f32> = (0..n).map(|i| 0.2 + f(i, 1.3).abs()).collect();

@@ -3,7 +3,20 @@
 //! be read as a ratio to the floor.
 //!
 //! `cargo bench --bench cpu_ops` (threads: RAYON_NUM_THREADS; default all cores).
-//! Throughput is reported in elements/s of the activation tensor.
+//! `scripts/perf-report.sh` runs them and writes the README's performance table.
+//!
+//! Throughput is reported as **bytes of compulsory traffic**: the f32 tensors an op
+//! must read plus those it must write — activation-sized tensors, and for IIEU-B the
+//! conv weight `W` (read) and `dW` (written), which outgrow the activations in late
+//! ResNet stages (per-channel parameters, `r_x` and other small buffers are left out). The
+//! element count of the activation tensor is in the group name (`layout_NxCxHxW`),
+//! so elements/s follow from the same numbers.
+//!
+//! Groups:
+//! * `nchw_32x64x56x56`: every op (the reference shape);
+//! * `nlc_64x197x{192,768}`: ViT-Tiny tokens (and the MLP width), ACON-C and AIEC;
+//! * `rn50_32x{256x56x56,512x28x28,1024x14x14,2048x7x7}`: ResNet-50 stages at batch
+//!   32, IIEU-B after a 3x3 and after a 1x1 conv (C → C).
 use activation_kernels::cpu::{acon, aiec, iieu, iieu_dc};
 use activation_kernels::{ActShape, Conv2dGeometry};
 use criterion::{
@@ -12,6 +25,9 @@ use criterion::{
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use std::time::Duration;
+
+type Group<'a> = BenchmarkGroup<'a, criterion::measurement::WallTime>;
 
 fn randv(r: &mut SmallRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| r.gen_range(lo..hi)).collect()
@@ -38,10 +54,77 @@ fn relu_bwd(dy: &[f32], x: &[f32]) -> Vec<f32> {
     dx
 }
 
-fn floor(g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>, x: &[f32], dy: &[f32]) {
+/// A group with the fixed settings the report relies on (10 samples; short
+/// warm-up and measurement windows so the whole suite fits in a few minutes).
+fn group<'a>(c: &'a mut Criterion, name: &str) -> Group<'a> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g
+}
+
+/// Sets the throughput to `tensors` activation-sized f32 tensors of `numel`.
+fn traffic(g: &mut Group<'_>, numel: usize, tensors: usize) {
+    traffic_plus(g, numel, tensors, 0);
+}
+
+/// As [`traffic`], plus `extra` more f32 values (e.g. conv weights and their gradient).
+fn traffic_plus(g: &mut Group<'_>, numel: usize, tensors: usize, extra: usize) {
+    g.throughput(Throughput::Bytes(((numel * tensors + extra) * 4) as u64));
+}
+
+fn floor(g: &mut Group<'_>, x: &[f32], dy: &[f32]) {
+    traffic(g, x.len(), 2);
     g.bench_function("relu_floor_fwd", |b| b.iter(|| relu_fwd(black_box(x))));
+    traffic(g, x.len(), 3);
     g.bench_function("relu_floor_bwd", |b| {
         b.iter(|| relu_bwd(black_box(dy), black_box(x)))
+    });
+}
+
+fn acon_c(g: &mut Group<'_>, shape: &ActShape, x: &[f32], dy: &[f32]) {
+    let p = acon::AconCParams::<f32>::init_reference(shape.c, 7).expect("params");
+    traffic(g, x.len(), 2);
+    g.bench_function("acon_c_fwd", |b| {
+        b.iter(|| acon::acon_c_forward(shape, x, &p.p1, &p.p2, acon::Beta::PerChannel(&p.beta)))
+    });
+    traffic(g, x.len(), 3);
+    g.bench_function("acon_c_bwd", |b| {
+        b.iter(|| {
+            acon::acon_c_backward(shape, dy, x, &p.p1, &p.p2, acon::Beta::PerChannel(&p.beta))
+        })
+    });
+}
+
+/// IIEU-B after a C → C conv with `k`×`k` kernel ("same" padding).
+#[allow(clippy::too_many_arguments)]
+fn iieu_b(
+    g: &mut Group<'_>,
+    r: &mut SmallRng,
+    dims: (usize, usize, usize, usize),
+    label: &str,
+    k: usize,
+    x: &[f32],
+    dy: &[f32],
+) {
+    let (n, ch, h, w) = dims;
+    let numel = x.len();
+    let geo = Conv2dGeometry::new(n, ch, h, w, ch, k, k).with_padding(k / 2, k / 2);
+    let cfg = iieu::IieuConfig::new(geo);
+    let x_pre = randv(r, numel, -1.0, 1.0);
+    let wt = randv(r, ch * ch * k * k, -0.1, 0.1);
+    let ip = iieu::IieuParams::<f32>::init(ch);
+    // Reads x, x_pre, W; writes y.
+    traffic_plus(g, numel, 3, wt.len());
+    g.bench_function(format!("iieu_b_{label}_fwd"), |b| {
+        b.iter(|| iieu::forward(&cfg, x, &x_pre, &wt, &ip))
+    });
+    let (_, saved) = iieu::forward(&cfg, x, &x_pre, &wt, &ip).expect("forward");
+    // Reads dy, x, x_pre, W; writes dx, dx_pre, dW.
+    traffic_plus(g, numel, 5, 2 * wt.len());
+    g.bench_function(format!("iieu_b_{label}_bwd"), |b| {
+        b.iter(|| iieu::backward(&cfg, dy, x, &x_pre, &wt, &ip, &saved))
     });
 }
 
@@ -52,50 +135,24 @@ fn conv_ops(c: &mut Criterion) {
     let x = randv(&mut r, numel, -2.0, 2.0);
     let dy = randv(&mut r, numel, -1.0, 1.0);
     let shape = ActShape::nchw(n, ch, h, w);
-    let mut g = c.benchmark_group("nchw_32x64x56x56");
-    g.sample_size(10)
-        .throughput(Throughput::Elements(numel as u64));
+    let mut g = group(c, "nchw_32x64x56x56");
     floor(&mut g, &x, &dy);
-
-    let p = acon::AconCParams::<f32>::init_reference(ch, 7).expect("params");
-    g.bench_function("acon_c_fwd", |b| {
-        b.iter(|| acon::acon_c_forward(&shape, &x, &p.p1, &p.p2, acon::Beta::PerChannel(&p.beta)))
-    });
-    g.bench_function("acon_c_bwd", |b| {
-        b.iter(|| {
-            acon::acon_c_backward(
-                &shape,
-                &dy,
-                &x,
-                &p.p1,
-                &p.p2,
-                acon::Beta::PerChannel(&p.beta),
-            )
-        })
-    });
-
-    for (label, k, pad) in [("3x3", 3usize, 1usize), ("1x1", 1, 0)] {
-        let geo = Conv2dGeometry::new(n, ch, h, w, ch, k, k).with_padding(pad, pad);
-        let cfg = iieu::IieuConfig::new(geo);
-        let x_pre = randv(&mut r, numel, -1.0, 1.0);
-        let wt = randv(&mut r, ch * ch * k * k, -0.1, 0.1);
-        let ip = iieu::IieuParams::<f32>::init(ch);
-        g.bench_function(format!("iieu_b_{label}_fwd"), |b| {
-            b.iter(|| iieu::forward(&cfg, &x, &x_pre, &wt, &ip))
-        });
-        let (_, saved) = iieu::forward(&cfg, &x, &x_pre, &wt, &ip).expect("forward");
-        g.bench_function(format!("iieu_b_{label}_bwd"), |b| {
-            b.iter(|| iieu::backward(&cfg, &dy, &x, &x_pre, &wt, &ip, &saved))
-        });
+    acon_c(&mut g, &shape, &x, &dy);
+    for (label, k) in [("3x3", 3usize), ("1x1", 1)] {
+        iieu_b(&mut g, &mut r, (n, ch, h, w), label, k, &x, &dy);
     }
 
     let dcfg = iieu_dc::DcConfig::new(n, ch, h, w, 16).expect("config");
     let dp = iieu_dc::DcParams::<f32>::init(&dcfg, 1).expect("params");
     let res = randv(&mut r, numel, -2.0, 2.0);
+    // Reads x, res; writes y.
+    traffic(&mut g, numel, 3);
     g.bench_function("iieu_dc_fwd", |b| {
         b.iter(|| iieu_dc::forward(&dcfg, &x, &res, &dp))
     });
     let (_, ds) = iieu_dc::forward(&dcfg, &x, &res, &dp).expect("forward");
+    // Reads dy, x, res; writes dx, dres.
+    traffic(&mut g, numel, 5);
     g.bench_function("iieu_dc_bwd", |b| {
         b.iter(|| iieu_dc::backward(&dcfg, &dy, &x, &res, &dp, &ds))
     });
@@ -103,18 +160,14 @@ fn conv_ops(c: &mut Criterion) {
     g.finish();
 }
 
-fn aiec_step(
-    g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    r: &mut SmallRng,
-    shape: &ActShape,
-    f: &[f32],
-    dy: &[f32],
-) {
+fn aiec_step(g: &mut Group<'_>, r: &mut SmallRng, shape: &ActShape, f: &[f32], dy: &[f32]) {
     let k = 100;
     let cfg = aiec::AiecConfig::default();
     let wd = randv(r, k * shape.c, -0.1, 0.1);
     let labels: Vec<usize> = (0..shape.n).map(|i| i % k).collect();
     let mut counters = aiec::Counters::new(k, shape.c).expect("counters");
+    // Forward reads F, writes A; backward reads dA, F, writes dF.
+    traffic(g, f.len(), 5);
     g.bench_function("aiec_train_step_fwd_bwd", |b| {
         b.iter(|| {
             let out =
@@ -122,39 +175,41 @@ fn aiec_step(
             aiec::train_backward(&cfg, shape, dy, 1.0, f, &wd, &out.saved).expect("backward")
         })
     });
+    traffic(g, f.len(), 2);
     g.bench_function("tau_fwd", |b| b.iter(|| aiec::tau_forward(f, 0.0)));
 }
 
 fn token_ops(c: &mut Criterion) {
     let mut r = SmallRng::seed_from_u64(2);
-    let (n, l, ch) = (64usize, 197usize, 192usize);
-    let numel = n * l * ch;
-    let x = randv(&mut r, numel, -2.0, 2.0);
-    let dy = randv(&mut r, numel, -1.0, 1.0);
-    let shape = ActShape::nlc(n, l, ch);
-    let mut g = c.benchmark_group("nlc_64x197x192");
-    g.sample_size(10)
-        .throughput(Throughput::Elements(numel as u64));
-    floor(&mut g, &x, &dy);
-    let p = acon::AconCParams::<f32>::init_reference(ch, 7).expect("params");
-    g.bench_function("acon_c_fwd", |b| {
-        b.iter(|| acon::acon_c_forward(&shape, &x, &p.p1, &p.p2, acon::Beta::PerChannel(&p.beta)))
-    });
-    g.bench_function("acon_c_bwd", |b| {
-        b.iter(|| {
-            acon::acon_c_backward(
-                &shape,
-                &dy,
-                &x,
-                &p.p1,
-                &p.p2,
-                acon::Beta::PerChannel(&p.beta),
-            )
-        })
-    });
-    aiec_step(&mut g, &mut r, &shape, &x, &dy);
-    g.finish();
+    for ch in [192usize, 768] {
+        let (n, l) = (64usize, 197usize);
+        let numel = n * l * ch;
+        let x = randv(&mut r, numel, -2.0, 2.0);
+        let dy = randv(&mut r, numel, -1.0, 1.0);
+        let shape = ActShape::nlc(n, l, ch);
+        let mut g = group(c, &format!("nlc_64x197x{ch}"));
+        floor(&mut g, &x, &dy);
+        acon_c(&mut g, &shape, &x, &dy);
+        aiec_step(&mut g, &mut r, &shape, &x, &dy);
+        g.finish();
+    }
 }
 
-criterion_group!(benches, conv_ops, token_ops);
+fn resnet_stages(c: &mut Criterion) {
+    let mut r = SmallRng::seed_from_u64(3);
+    for (ch, hw) in [(256usize, 56usize), (512, 28), (1024, 14), (2048, 7)] {
+        let n = 32;
+        let numel = n * ch * hw * hw;
+        let x = randv(&mut r, numel, -2.0, 2.0);
+        let dy = randv(&mut r, numel, -1.0, 1.0);
+        let mut g = group(c, &format!("rn50_32x{ch}x{hw}x{hw}"));
+        floor(&mut g, &x, &dy);
+        for (label, k) in [("3x3", 3usize), ("1x1", 1)] {
+            iieu_b(&mut g, &mut r, (n, ch, hw, hw), label, k, &x, &dy);
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, conv_ops, token_ops, resnet_stages);
 criterion_main!(benches);

@@ -55,6 +55,82 @@ pub fn sigmoid_f32(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
+/// Whether this CPU can run the AVX2 + FMA versions of the hot loops (x86 and
+/// x86-64 only; `std` caches the CPUID probe, so this is one atomic load).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU can run the AVX-512 (F + BW + DQ + VL) versions of the hot loops.
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && has_avx2_fma()
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// Defines a runtime-dispatched hot loop: `fn name<generics>(args) -> ret => inner;`
+/// defines `name`, which calls the `#[inline(always)]` fn `inner` compiled inside an
+/// `#[target_feature(enable = "avx2,fma")]` copy when [`has_avx2_fma`] (so LLVM
+/// vectorises it 8 lanes wide), else as compiled for the build target (baseline
+/// x86-64 = SSE2, or any other architecture).
+///
+/// Bit-identical on both paths: Rust never contracts `a·b + c` into an FMA on its
+/// own and the hot loops do not call `mul_add`; every reduction in them uses fixed
+/// lanes, so the AVX2 copy performs exactly the same IEEE operations in the same
+/// order. Results do not depend on the CPU.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$($g:ident : $b:path),* $(,)?>)?
+        ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $inner:path;) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2 $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512 $(<$($g: $b),*>)? ($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                if $crate::fastmath::has_avx512() {
+                    // SAFETY: `avx512` requires only the AVX-512 F/BW/DQ/VL, `avx2` and
+                    // `fma` target features, which `has_avx512` detected at run time.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if $crate::fastmath::has_avx2_fma() {
+                    // SAFETY: `avx2` requires only the `avx2` and `fma` target
+                    // features, which `has_avx2_fma` detected at run time on this CPU.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $inner($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,7 @@
 use rayon::prelude::*;
 
 use crate::error::{check_len, check_nonzero, Error, Result};
+use crate::fastmath::simd_fn;
 use crate::layout::{ActShape, Layout};
 use crate::real::Real;
 
@@ -72,12 +73,27 @@ pub(crate) fn check_labels(labels: &[usize], n: usize, k: usize) -> Result<()> {
 }
 
 /// `a·b` accumulated in f64.
-#[inline]
-fn dot64<T: Real>(a: &[T], b: &[T]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| x.to_f64() * y.to_f64())
-        .sum()
+#[inline(always)]
+fn dot64_impl<T: Real>(a: &[T], b: &[T]) -> f64 {
+    // 8 fixed lanes (lane = index mod 8, combined in order): deterministic, and the
+    // loop vectorises instead of waiting on one serial f64 add chain.
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut l = [0.0f64; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for j in 0..8 {
+            l[j] += x[j].to_f64() * y[j].to_f64();
+        }
+    }
+    for (&x, &y) in a[n - n % 8..].iter().zip(&b[n - n % 8..]) {
+        l[0] += x.to_f64() * y.to_f64();
+    }
+    l.iter().sum()
+}
+
+simd_fn! {
+    /// `Σ a·b` in f64 (fixed lanes), runtime-dispatched to AVX2 where available.
+    fn dot64<T: Real>(a: &[T], b: &[T]) -> f64 => dot64_impl;
 }
 
 /// `sign(x)` with `sign(0) = 0` and `sign(NaN) = NaN`.
@@ -93,6 +109,9 @@ fn sign0(x: f64) -> f64 {
         f64::NAN
     }
 }
+
+/// Elements per parallel task of the element-wise TAU passes.
+const ELEM_CHUNK: usize = 1 << 16;
 
 /// TAU of one value.
 #[inline(always)]
@@ -116,7 +135,15 @@ fn tau1<T: Real>(v: T, tau: T) -> T {
 pub fn tau_forward<T: Real>(x: &[T], tau: T) -> Result<Vec<T>> {
     check_tau(tau.to_f64())?;
     check_nonzero("x", x.len())?;
-    Ok(x.par_iter().map(|&v| tau1(v, tau)).collect())
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK))
+        .for_each(|(y, x)| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = tau1(v, tau);
+            }
+        });
+    Ok(y)
 }
 
 /// TAU backward: `dF = dA·[F > τ]`.
@@ -126,11 +153,15 @@ pub fn tau_backward<T: Real>(dy: &[T], x: &[T], tau: T) -> Result<Vec<T>> {
     check_tau(tau.to_f64())?;
     check_nonzero("x", x.len())?;
     check_len("dy", x.len(), dy.len())?;
-    Ok(dy
-        .par_iter()
-        .zip(x.par_iter())
-        .map(|(&g, &v)| if v > tau { g } else { T::zero() })
-        .collect())
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK).zip(dy.par_chunks(ELEM_CHUNK)))
+        .for_each(|(o, (x, g))| {
+            for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
+                *o = if v > tau { g } else { T::zero() };
+            }
+        });
+    Ok(dx)
 }
 
 // ---------------------------------------------------------------------------
@@ -167,6 +198,87 @@ pub(crate) fn check_pool(shape: &ActShape, pool: Pool) -> Result<()> {
     Ok(())
 }
 
+/// Lanes of the f64 plane sums (fixed lane = position mod `LANES`, lanes combined in
+/// order, so the sum is deterministic and the loop vectorises).
+const LANES: usize = 8;
+
+/// `Σ act(x)` over one plane in f64 (8 fixed lanes), writing `act(x)` into `out`
+/// when given.
+#[inline(always)]
+fn plane_sum_impl<T: Real>(xs: &[T], out: Option<&mut [T]>, tau: T, apply: bool) -> f64 {
+    let act = |v: T| if apply { tau1(v, tau) } else { v };
+    let mut lanes = [0.0f64; LANES];
+    let xc = xs.chunks_exact(LANES);
+    let xr = xc.remainder();
+    match out {
+        Some(o) => {
+            let o = &mut o[..xs.len()];
+            let mut oc = o.chunks_exact_mut(LANES);
+            for (ob, xb) in (&mut oc).zip(xc) {
+                for j in 0..LANES {
+                    let y = act(xb[j]);
+                    ob[j] = y;
+                    lanes[j] += y.to_f64();
+                }
+            }
+            for (o, &v) in oc.into_remainder().iter_mut().zip(xr) {
+                let y = act(v);
+                *o = y;
+                lanes[0] += y.to_f64();
+            }
+        }
+        None => {
+            for xb in xc {
+                for j in 0..LANES {
+                    lanes[j] += act(xb[j]).to_f64();
+                }
+            }
+            for &v in xr {
+                lanes[0] += act(v).to_f64();
+            }
+        }
+    }
+    lanes.iter().sum()
+}
+
+simd_fn! {
+    /// [`plane_sum_impl`], runtime-dispatched to AVX2 where available.
+    fn plane_sum<T: Real>(xs: &[T], out: Option<&mut [T]>, tau: T, apply: bool) -> f64
+        => plane_sum_impl;
+}
+
+/// Per-channel sums `acc[c] += Σ_rows act(x[row, c])` over `(rows, C)` tokens,
+/// writing `act(x)` into `out` when given.
+#[inline(always)]
+fn rows_sum_impl<T: Real>(xs: &[T], out: Option<&mut [T]>, acc: &mut [f64], tau: T, apply: bool) {
+    let c = acc.len();
+    let act = |v: T| if apply { tau1(v, tau) } else { v };
+    match out {
+        Some(o) => {
+            for (orow, xrow) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                for ((o, &v), a) in orow.iter_mut().zip(xrow).zip(acc.iter_mut()) {
+                    let y = act(v);
+                    *o = y;
+                    *a += y.to_f64();
+                }
+            }
+        }
+        None => {
+            for xrow in xs.chunks_exact(c) {
+                for (&v, a) in xrow.iter().zip(acc.iter_mut()) {
+                    *a += act(v).to_f64();
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// [`rows_sum_impl`], runtime-dispatched to AVX2 where available.
+    fn rows_sum<T: Real>(xs: &[T], out: Option<&mut [T]>, acc: &mut [f64], tau: T, apply: bool)
+        => rows_sum_impl;
+}
+
 /// One parallel pass over the activation tensor `x`: optionally applies TAU
 /// (writing `A` into `out`) and returns the global feature (`N × C`) of the
 /// (activated) tensor. `shape` and `pool` must be validated.
@@ -179,29 +291,13 @@ fn feature_pass<T: Real>(
 ) -> Vec<T> {
     let (c, s) = (shape.c, shape.s);
     let inv_s = 1.0 / s as f64;
-    let act = |v: T| match tau {
-        Some(t) => tau1(v, t),
-        None => v,
-    };
+    let (tv, apply) = (tau.unwrap_or(T::zero()), tau.is_some());
+    let act = |v: T| if apply { tau1(v, tv) } else { v };
     match shape.layout {
         Layout::Nchw => {
             // One (sample, channel) plane per task; the pooled value is its mean.
             let plane = |o: Option<&mut [T]>, xs: &[T]| -> T {
-                let mut acc = 0.0f64;
-                match o {
-                    Some(o) => {
-                        for (o, &v) in o.iter_mut().zip(xs) {
-                            let y = act(v);
-                            *o = y;
-                            acc += y.to_f64();
-                        }
-                    }
-                    None => {
-                        for &v in xs {
-                            acc += act(v).to_f64();
-                        }
-                    }
-                }
+                let acc = plane_sum(xs, o, tv, apply);
                 T::of(acc * inv_s)
             };
             match out {
@@ -219,24 +315,7 @@ fn feature_pass<T: Real>(
             let sample = |o: Option<&mut [T]>, xs: &[T], row: &mut [T]| match pool {
                 Pool::Mean => {
                     let mut acc = vec![0.0f64; c];
-                    match o {
-                        Some(o) => {
-                            for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
-                                for ((o, &v), a) in orow.iter_mut().zip(xrow).zip(acc.iter_mut()) {
-                                    let y = act(v);
-                                    *o = y;
-                                    *a += y.to_f64();
-                                }
-                            }
-                        }
-                        None => {
-                            for xrow in xs.chunks(c) {
-                                for (&v, a) in xrow.iter().zip(acc.iter_mut()) {
-                                    *a += act(v).to_f64();
-                                }
-                            }
-                        }
-                    }
+                    rows_sum(xs, o, &mut acc, tv, apply);
                     for (r, a) in row.iter_mut().zip(&acc) {
                         *r = T::of(a * inv_s);
                     }
@@ -338,29 +417,32 @@ fn backward_pass<T: Real>(
                     Pool::Mean => dar.iter().map(|&v| T::of(v * inv_s)).collect(),
                     Pool::ClassToken(_) => dar.iter().map(|&v| T::of(v)).collect(),
                 };
-                for (t, orow) in o.chunks_mut(c).enumerate() {
-                    let use_g = match pool {
-                        Pool::Mean => true,
-                        Pool::ClassToken(i) => t == i,
-                    };
-                    let off = base + t * c;
-                    match (tau_f_dout, use_g) {
-                        (Some((tau, f, dout)), true) => {
-                            let fr = &f[off..off + c];
-                            let dr = &dout[off..off + c];
-                            for (((o, &fv), &d), &gv) in orow.iter_mut().zip(fr).zip(dr).zip(&g) {
-                                *o = if fv > tau { d + gv } else { T::zero() };
+                {
+                    for (t, orow) in o.chunks_mut(c).enumerate() {
+                        let use_g = match pool {
+                            Pool::Mean => true,
+                            Pool::ClassToken(i) => t == i,
+                        };
+                        let off = base + t * c;
+                        match (tau_f_dout, use_g) {
+                            (Some((tau, f, dout)), true) => {
+                                let fr = &f[off..off + c];
+                                let dr = &dout[off..off + c];
+                                for (((o, &fv), &d), &gv) in orow.iter_mut().zip(fr).zip(dr).zip(&g)
+                                {
+                                    *o = if fv > tau { d + gv } else { T::zero() };
+                                }
                             }
-                        }
-                        (Some((tau, f, dout)), false) => {
-                            let fr = &f[off..off + c];
-                            let dr = &dout[off..off + c];
-                            for ((o, &fv), &d) in orow.iter_mut().zip(fr).zip(dr) {
-                                *o = if fv > tau { d } else { T::zero() };
+                            (Some((tau, f, dout)), false) => {
+                                let fr = &f[off..off + c];
+                                let dr = &dout[off..off + c];
+                                for ((o, &fv), &d) in orow.iter_mut().zip(fr).zip(dr) {
+                                    *o = if fv > tau { d } else { T::zero() };
+                                }
                             }
+                            (None, true) => orow.copy_from_slice(&g),
+                            (None, false) => orow.iter_mut().for_each(|o| *o = T::zero()),
                         }
-                        (None, true) => orow.copy_from_slice(&g),
-                        (None, false) => orow.iter_mut().for_each(|o| *o = T::zero()),
                     }
                 }
             };

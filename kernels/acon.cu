@@ -40,101 +40,13 @@ constexpr int BETA_CH = 0, BETA_NC = 1, BETA_N = 2, BETA_PIX = 3;
 // ACON variants: A (p1 = 1, p2 = 0), B (p1 = 1, p2 = p), C (p1, p2).
 constexpr int MODE_A = 0, MODE_B = 1, MODE_C = 2;
 
-// ---- 16-byte vectors of storage elements ---------------------------------
-__device__ __forceinline__ float f16_from_bits(unsigned b) {
-#ifdef __CUDACC__
-  return __half2float(__ushort_as_half((unsigned short)b));
-#else
-  return __half2float(__half{(uint16_t)b});
-#endif
-}
-__device__ __forceinline__ unsigned f16_to_bits(float v) {
-#ifdef __CUDACC__
-  return __half_as_ushort(__float2half(v));
-#else
-  return __float2half(v).x;
-#endif
-}
-__device__ __forceinline__ float bf16_from_bits(unsigned b) { return __int_as_float((int)(b << 16)); }
-__device__ __forceinline__ unsigned bf16_to_bits(float v) {
-#ifdef __CUDACC__
-  return __bfloat16_as_ushort(__float2bfloat16(v));
-#else
-  return __float2bfloat16(v).x;
-#endif
-}
-
-// 128-bit store. Under nvcc a plain st.global.v4 through inline PTX: an
-// aggregate float4 store was split into 32/64-bit stores by the optimiser in the
-// backward kernels, and __stwb gives a strong (.STRONG.SM) store.
-__device__ __forceinline__ void st16(float4* p, float4 v) {
-#ifdef __CUDACC__
-  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-               : "memory");
-#else
-  *p = v;
-#endif
-}
-__device__ __forceinline__ void st16(uint4* p, uint4 v) {
-#ifdef __CUDACC__
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-               : "memory");
-#else
-  *p = v;
-#endif
-}
-
-template <class T>
-struct VecIO;
-template <>
-struct VecIO<float> {
-  static constexpr int W = 4;
-  static __device__ __forceinline__ void load(const float* p, long long i, float* v) {
-    float4 q = *reinterpret_cast<const float4*>(p + i);
-    v[0] = q.x;
-    v[1] = q.y;
-    v[2] = q.z;
-    v[3] = q.w;
-  }
-  static __device__ __forceinline__ void store(float* p, long long i, const float* v) {
-    st16(reinterpret_cast<float4*>(p + i), make_float4(v[0], v[1], v[2], v[3]));
-  }
-};
-template <class T, bool BF>
-struct VecIO16 {
-  static constexpr int W = 8;
-  static __device__ __forceinline__ float cvt(unsigned b) { return BF ? bf16_from_bits(b) : f16_from_bits(b); }
-  static __device__ __forceinline__ unsigned bits(float v) { return BF ? bf16_to_bits(v) : f16_to_bits(v); }
-  static __device__ __forceinline__ void load(const T* p, long long i, float* v) {
-    uint4 q = *reinterpret_cast<const uint4*>(p + i);
-    unsigned w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = cvt(w[k] & 0xffffu);
-      v[2 * k + 1] = cvt(w[k] >> 16);
-    }
-  }
-  static __device__ __forceinline__ void store(T* p, long long i, const float* v) {
-    uint4 q;
-    q.x = bits(v[0]) | (bits(v[1]) << 16);
-    q.y = bits(v[2]) | (bits(v[3]) << 16);
-    q.z = bits(v[4]) | (bits(v[5]) << 16);
-    q.w = bits(v[6]) | (bits(v[7]) << 16);
-    st16(reinterpret_cast<uint4*>(p + i), q);
-  }
-};
-template <>
-struct VecIO<__half> : VecIO16<__half, false> {};
-template <>
-struct VecIO<__nv_bfloat16> : VecIO16<__nv_bfloat16, true> {};
-
 // W elements from p[i..i+W): a 128-bit access for the vector width, else scalar.
 template <class T, int W>
 __device__ __forceinline__ void load_n(const T* p, long long i, float* v) {
   if constexpr (W == 1) {
     v[0] = ak::to_f32(p[i]);
   } else {
-    VecIO<T>::load(p, i, v);
+    ak::Vec16<T>::load(p + i, v);
   }
 }
 template <class T, int W>
@@ -142,11 +54,9 @@ __device__ __forceinline__ void store_n(T* p, long long i, const float* v) {
   if constexpr (W == 1) {
     p[i] = ak::from_f32<T>(v[0]);
   } else {
-    VecIO<T>::store(p, i, v);
+    ak::Vec16<T>::store_v4(p + i, v);  // forced st.global.v4 (see common.cuh)
   }
 }
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // ---- ACON element math ----------------------------------------------------
 struct Prm {
@@ -286,8 +196,8 @@ __device__ __forceinline__ void flat_map(const T* in, T* out, long long numel, l
 template <class T, class F>
 __device__ __forceinline__ void flat_map_any(const T* in, T* out, long long numel, long long d1, long long d2, bool nlc,
                                              const F& f) {
-  if (aligned16(in) && aligned16(out)) {
-    flat_map<T, VecIO<T>::W>(in, out, numel, d1, d2, nlc, f);
+  if (ak::aligned16(in) && ak::aligned16(out)) {
+    flat_map<T, ak::Vec16<T>::N>(in, out, numel, d1, d2, nlc, f);
   } else {
     flat_map<T, 1>(in, out, numel, d1, d2, nlc, f);
   }
@@ -327,9 +237,9 @@ template <class T, class F>
 __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long long n, long long c, long long s,
                                            long long tpp, long long tile_elems, const F& f, float* part) {
   constexpr int NS = F::NS;
-  constexpr int W = VecIO<T>::W;
+  constexpr int W = ak::Vec16<T>::N;
   __shared__ float scratch[32];
-  const bool vec = aligned16(x) && (!F::HAS_DY || aligned16(dy)) && (!F::HAS_OUT || aligned16(dx));
+  const bool vec = ak::aligned16(x) && (!F::HAS_DY || ak::aligned16(dy)) && (!F::HAS_OUT || ak::aligned16(dx));
   const long long ntiles = n * c * tpp;
   const long long vpt = tile_elems / W;
   for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
@@ -468,8 +378,8 @@ template <class T, class F>
 __device__ __forceinline__ void nlc_tiles(const T* dy, const T* x, T* dx, long long n, long long l, long long c,
                                           long long rows, const F& f, float* part) {
   DYNAMIC_SHARED(float, sm);
-  constexpr int W = VecIO<T>::W;
-  const bool vec = c % W == 0 && aligned16(x) && (!F::HAS_DY || aligned16(dy)) && (!F::HAS_OUT || aligned16(dx));
+  constexpr int W = ak::Vec16<T>::N;
+  const bool vec = c % W == 0 && ak::aligned16(x) && (!F::HAS_DY || ak::aligned16(dy)) && (!F::HAS_OUT || ak::aligned16(dx));
   if (vec) {
     nlc_tiles_w<T, W>(dy, x, dx, n, l, c, rows, f, part, sm);
   } else {

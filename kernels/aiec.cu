@@ -14,129 +14,6 @@
 
 namespace ak_aiec {
 
-// ---------------------------------------------------------------------------
-// 16-byte vector access (128-bit loads / stores) for the three storage types.
-
-__device__ __forceinline__ uint4 ld16(const void* p) {
-#ifdef __CUDACC__
-  return *reinterpret_cast<const uint4*>(p);
-#else
-  uint4 u;
-  std::memcpy(&u, p, 16);
-  return u;
-#endif
-}
-__device__ __forceinline__ void st16(void* p, uint4 u) {
-#ifdef __CUDACC__
-  *reinterpret_cast<uint4*>(p) = u;
-#else
-  std::memcpy(p, &u, 16);
-#endif
-}
-__device__ __forceinline__ float u2f(unsigned u) {
-#ifdef __CUDACC__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-__device__ __forceinline__ unsigned f2u(float f) {
-#ifdef __CUDACC__
-  return __float_as_uint(f);
-#else
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-
-// 16-bit storage <-> f32 through the raw bits.
-template <class T>
-struct Bits16;
-template <>
-struct Bits16<__half> {
-  static __device__ __forceinline__ float to_f(unsigned b) {
-#ifdef __CUDACC__
-    return __half2float(__ushort_as_half((unsigned short)b));
-#else
-    return __half2float(__half{(uint16_t)b});
-#endif
-  }
-  static __device__ __forceinline__ unsigned from_f(float v) {
-#ifdef __CUDACC__
-    return (unsigned)__half_as_ushort(__float2half(v));
-#else
-    return (unsigned)__float2half(v).x;
-#endif
-  }
-};
-template <>
-struct Bits16<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(unsigned b) {
-#ifdef __CUDACC__
-    return __bfloat162float(__ushort_as_bfloat16((unsigned short)b));
-#else
-    return __bfloat162float(__nv_bfloat16{(uint16_t)b});
-#endif
-  }
-  static __device__ __forceinline__ unsigned from_f(float v) {
-#ifdef __CUDACC__
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(v));
-#else
-    return (unsigned)__float2bfloat16(v).x;
-#endif
-  }
-};
-
-// Vec<T>::N elements of T in 16 bytes, loaded to / stored from f32 registers.
-template <class T>
-struct Vec {
-  static constexpr int N = 8;
-  static __device__ __forceinline__ void load(const T* p, float* o) {
-    uint4 u = ld16(p);
-    unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      o[2 * i] = Bits16<T>::to_f(w[i] & 0xffffu);
-      o[2 * i + 1] = Bits16<T>::to_f(w[i] >> 16);
-    }
-  }
-  static __device__ __forceinline__ void store(T* p, const float* o) {
-    unsigned w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = Bits16<T>::from_f(o[2 * i]) | (Bits16<T>::from_f(o[2 * i + 1]) << 16);
-    uint4 u;
-    u.x = w[0];
-    u.y = w[1];
-    u.z = w[2];
-    u.w = w[3];
-    st16(p, u);
-  }
-};
-template <>
-struct Vec<float> {
-  static constexpr int N = 4;
-  static __device__ __forceinline__ void load(const float* p, float* o) {
-    uint4 u = ld16(p);
-    o[0] = u2f(u.x);
-    o[1] = u2f(u.y);
-    o[2] = u2f(u.z);
-    o[3] = u2f(u.w);
-  }
-  static __device__ __forceinline__ void store(float* p, const float* o) {
-    uint4 u;
-    u.x = f2u(o[0]);
-    u.y = f2u(o[1]);
-    u.z = f2u(o[2]);
-    u.w = f2u(o[3]);
-    st16(p, u);
-  }
-};
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<size_t>(p) & 15u) == 0; }
-
 // TAU of one value: F if F > tau else 0 (NaN -> 0).
 __device__ __forceinline__ float tau1(float v, float tau) { return v > tau ? v : 0.0f; }
 
@@ -149,18 +26,18 @@ __device__ __forceinline__ float sign0(float x) { return x > 0.0f ? 1.0f : (x < 
 
 template <class T>
 __device__ void tau_fwd_impl(const T* __restrict__ x, T* __restrict__ y, long long n, float tau) {
-  constexpr int V = Vec<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   long long stride = (long long)gridDim.x * blockDim.x;
   long long done = 0;
-  if (aligned16(x) && aligned16(y)) {
+  if (ak::aligned16(x) && ak::aligned16(y)) {
     long long nv = n / V;
     for (long long i = tid; i < nv; i += stride) {
       float v[V];
-      Vec<T>::load(x + i * V, v);
+      ak::Vec16<T>::load(x + i * V, v);
 #pragma unroll
       for (int j = 0; j < V; ++j) v[j] = tau1(v[j], tau);
-      Vec<T>::store(y + i * V, v);
+      ak::Vec16<T>::store(y + i * V, v);
     }
     done = nv * V;
   }
@@ -170,19 +47,19 @@ __device__ void tau_fwd_impl(const T* __restrict__ x, T* __restrict__ y, long lo
 template <class T>
 __device__ void tau_bwd_impl(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, long long n,
                              float tau) {
-  constexpr int V = Vec<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   long long stride = (long long)gridDim.x * blockDim.x;
   long long done = 0;
-  if (aligned16(dy) && aligned16(x) && aligned16(dx)) {
+  if (ak::aligned16(dy) && ak::aligned16(x) && ak::aligned16(dx)) {
     long long nv = n / V;
     for (long long i = tid; i < nv; i += stride) {
       float g[V], v[V];
-      Vec<T>::load(dy + i * V, g);
-      Vec<T>::load(x + i * V, v);
+      ak::Vec16<T>::load(dy + i * V, g);
+      ak::Vec16<T>::load(x + i * V, v);
 #pragma unroll
       for (int j = 0; j < V; ++j) g[j] = v[j] > tau ? g[j] : 0.0f;
-      Vec<T>::store(dx + i * V, g);
+      ak::Vec16<T>::store(dx + i * V, g);
     }
     done = nv * V;
   }
@@ -200,8 +77,8 @@ template <class T>
 __device__ void feat_nchw_impl(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ feat, long long planes,
                                long long s, float tau, int apply_tau) {
   __shared__ float scratch[32];
-  constexpr int V = Vec<T>::N;
-  const bool vec = aligned16(x) && (y == nullptr || aligned16(y));
+  constexpr int V = ak::Vec16<T>::N;
+  const bool vec = ak::aligned16(x) && (y == nullptr || ak::aligned16(y));
   const float inv_s = 1.0f / (float)s;
   for (long long j = blockIdx.x; j < planes; j += gridDim.x) {
     const long long p0 = j * s, p1 = p0 + s;
@@ -221,13 +98,13 @@ __device__ void feat_nchw_impl(const T* __restrict__ x, T* __restrict__ y, float
     }
     for (long long i = v0 + (long long)threadIdx.x * V; i < v1; i += (long long)blockDim.x * V) {
       float v[V];
-      Vec<T>::load(x + i, v);
+      ak::Vec16<T>::load(x + i, v);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         if (apply_tau) v[q] = tau1(v[q], tau);
         acc += v[q];
       }
-      if (y) Vec<T>::store(y + i, v);
+      if (y) ak::Vec16<T>::store(y + i, v);
     }
     for (long long i = v1 + threadIdx.x; i < p1; i += blockDim.x) {
       float v = ak::to_f32(x[i]);
@@ -291,8 +168,8 @@ __device__ void feat_nlc_impl(const T* __restrict__ x, T* __restrict__ y, float*
 template <class T>
 __device__ void df_nchw_impl(const T* __restrict__ f, const T* __restrict__ dout, const float* __restrict__ da,
                              T* __restrict__ df, long long planes, long long s, float tau, float inv_s) {
-  constexpr int V = Vec<T>::N;
-  const bool vec = aligned16(df) && (f == nullptr || aligned16(f)) && (dout == nullptr || aligned16(dout));
+  constexpr int V = ak::Vec16<T>::N;
+  const bool vec = ak::aligned16(df) && (f == nullptr || ak::aligned16(f)) && (dout == nullptr || ak::aligned16(dout));
   for (long long j = blockIdx.x; j < planes; j += gridDim.x) {
     const float g = da[j] * inv_s;
     const long long p0 = j * s, p1 = p0 + s;
@@ -310,18 +187,18 @@ __device__ void df_nchw_impl(const T* __restrict__ f, const T* __restrict__ dout
     for (long long i = v0 + (long long)threadIdx.x * V; i < v1; i += (long long)blockDim.x * V) {
       float d[V], fv[V];
       if (dout) {
-        Vec<T>::load(dout + i, d);
+        ak::Vec16<T>::load(dout + i, d);
       } else {
 #pragma unroll
         for (int q = 0; q < V; ++q) d[q] = 0.0f;
       }
-      if (f) Vec<T>::load(f + i, fv);
+      if (f) ak::Vec16<T>::load(f + i, fv);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         d[q] += g;
         if (f && !(fv[q] > tau)) d[q] = 0.0f;
       }
-      Vec<T>::store(df + i, d);
+      ak::Vec16<T>::store(df + i, d);
     }
     for (long long i = v1 + threadIdx.x; i < p1; i += blockDim.x) {
       float d = (dout ? ak::to_f32(dout[i]) : 0.0f) + g;
@@ -352,24 +229,24 @@ __device__ __forceinline__ float df_nlc_elem(const float* da, float fv, float dv
 template <class T>
 __device__ void df_nlc_impl(const T* __restrict__ f, const T* __restrict__ dout, const float* __restrict__ da,
                             T* __restrict__ df, long long total, int l, int c, int token, float tau, float inv_l) {
-  constexpr int V = Vec<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   long long stride = (long long)gridDim.x * blockDim.x;
   long long done = 0;
-  const bool vec = aligned16(df) && (f == nullptr || aligned16(f)) && (dout == nullptr || aligned16(dout));
+  const bool vec = ak::aligned16(df) && (f == nullptr || ak::aligned16(f)) && (dout == nullptr || ak::aligned16(dout));
   if (vec) {
     const long long nv = total / V;
     for (long long vi = tid; vi < nv; vi += stride) {
       const long long i0 = vi * V;
       float d[V], fv[V];
       if (dout) {
-        Vec<T>::load(dout + i0, d);
+        ak::Vec16<T>::load(dout + i0, d);
       } else {
 #pragma unroll
         for (int q = 0; q < V; ++q) d[q] = 0.0f;
       }
       if (f) {
-        Vec<T>::load(f + i0, fv);
+        ak::Vec16<T>::load(f + i0, fv);
       } else {
 #pragma unroll
         for (int q = 0; q < V; ++q) fv[q] = INFINITY;
@@ -384,7 +261,7 @@ __device__ void df_nlc_impl(const T* __restrict__ f, const T* __restrict__ dout,
           ++row;
         }
       }
-      Vec<T>::store(df + i0, d);
+      ak::Vec16<T>::store(df + i0, d);
     }
     done = nv * V;
   }

@@ -32,6 +32,124 @@ __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
+// ---- 16-bit storage bits <-> f32 (bits in the low 16 bits of an unsigned) ----
+template <class T>
+struct Bits16;
+template <>
+struct Bits16<__half> {
+  static __device__ __forceinline__ float to_f32(unsigned b) { return __half2float(__ushort_as_half((unsigned short)b)); }
+  static __device__ __forceinline__ unsigned from_f32(float v) { return (unsigned)__half_as_ushort(__float2half(v)); }
+};
+template <>
+struct Bits16<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f32(unsigned b) {
+    return __bfloat162float(__ushort_as_bfloat16((unsigned short)b));
+  }
+  static __device__ __forceinline__ unsigned from_f32(float v) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(v));
+  }
+};
+
+// ---- 128-bit vector I/O: Vec16<T>::N elements of T per 16 bytes <-> f32 ----
+// The pointer must be 16-byte aligned (see aligned16). Under the emulator the
+// accesses go through memcpy (no type punning in host C++).
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+__device__ __forceinline__ uint4 ld16(const void* p) {
+#ifdef __CUDACC__
+  return *reinterpret_cast<const uint4*>(p);
+#else
+  uint4 u;
+  std::memcpy(&u, p, 16);
+  return u;
+#endif
+}
+__device__ __forceinline__ float4 ld16f(const float* p) {
+#ifdef __CUDACC__
+  return *reinterpret_cast<const float4*>(p);
+#else
+  float4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+#endif
+}
+__device__ __forceinline__ void st16(void* p, uint4 u) {
+#ifdef __CUDACC__
+  *reinterpret_cast<uint4*>(p) = u;
+#else
+  std::memcpy(p, &u, 16);
+#endif
+}
+__device__ __forceinline__ void st16(float* p, float4 v) {
+#ifdef __CUDACC__
+  *reinterpret_cast<float4*>(p) = v;
+#else
+  std::memcpy(p, &v, 16);
+#endif
+}
+// Forced 128-bit global store: under nvcc a plain st.global.v4 through inline
+// PTX (an aggregate float4/uint4 store can be split into 32/64-bit stores by the
+// optimiser, e.g. in ACON's backward kernels; __stwb would give a .STRONG.SM
+// store). The pointer must be global memory.
+__device__ __forceinline__ void st16_v4(void* p, uint4 u) {
+#ifdef __CUDACC__
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+               : "memory");
+#else
+  std::memcpy(p, &u, 16);
+#endif
+}
+__device__ __forceinline__ void st16_v4(float* p, float4 v) {
+#ifdef __CUDACC__
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  std::memcpy(p, &v, 16);
+#endif
+}
+
+// load / store: 16 bytes at p <-> N floats. store_v4: same, with st16_v4.
+template <class T>
+struct Vec16 {  // __half / __nv_bfloat16: 8 elements
+  static constexpr int N = 8;
+  static __device__ __forceinline__ void load(const T* p, float* v) {
+    const uint4 u = ld16(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = Bits16<T>::to_f32(w[k] & 0xffffu);
+      v[2 * k + 1] = Bits16<T>::to_f32(w[k] >> 16);
+    }
+  }
+  static __device__ __forceinline__ uint4 pack(const float* v) {
+    uint4 u;
+    u.x = Bits16<T>::from_f32(v[0]) | (Bits16<T>::from_f32(v[1]) << 16);
+    u.y = Bits16<T>::from_f32(v[2]) | (Bits16<T>::from_f32(v[3]) << 16);
+    u.z = Bits16<T>::from_f32(v[4]) | (Bits16<T>::from_f32(v[5]) << 16);
+    u.w = Bits16<T>::from_f32(v[6]) | (Bits16<T>::from_f32(v[7]) << 16);
+    return u;
+  }
+  static __device__ __forceinline__ void store(T* p, const float* v) { st16(p, pack(v)); }
+  static __device__ __forceinline__ void store_v4(T* p, const float* v) { st16_v4(p, pack(v)); }
+};
+template <>
+struct Vec16<float> {  // 4 elements
+  static constexpr int N = 4;
+  static __device__ __forceinline__ void load(const float* p, float* v) {
+    const float4 q = ld16f(p);
+    v[0] = q.x;
+    v[1] = q.y;
+    v[2] = q.z;
+    v[3] = q.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float* v) {
+    st16(p, make_float4(v[0], v[1], v[2], v[3]));
+  }
+  static __device__ __forceinline__ void store_v4(float* p, const float* v) {
+    st16_v4(p, make_float4(v[0], v[1], v[2], v[3]));
+  }
+};
+
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
 // ---- reductions (all lanes of the warp must call) ----

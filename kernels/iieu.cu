@@ -34,90 +34,16 @@ namespace ak_iieu {
 constexpr float EPS = 1e-8f;     // inverse norms
 constexpr float EPS_LN = 1e-6f;  // term-B LayerNorm
 
-// ---- raw 16-bit storage <-> f32 ------------------------------------------
-#ifdef __CUDACC__
-__device__ __forceinline__ float bits_to_f32(unsigned b, const __half*) {
-  return __half2float(__ushort_as_half((unsigned short)b));
-}
-__device__ __forceinline__ float bits_to_f32(unsigned b, const __nv_bfloat16*) {
-  return __bfloat162float(__ushort_as_bfloat16((unsigned short)b));
-}
-__device__ __forceinline__ unsigned f32_to_bits(float v, const __half*) {
-  return (unsigned)__half_as_ushort(__float2half(v));
-}
-__device__ __forceinline__ unsigned f32_to_bits(float v, const __nv_bfloat16*) {
-  return (unsigned)__bfloat16_as_ushort(__float2bfloat16(v));
-}
-#else
-inline float bits_to_f32(unsigned b, const __half*) {
-  __half h;
-  h.x = (uint16_t)b;
-  return __half2float(h);
-}
-inline float bits_to_f32(unsigned b, const __nv_bfloat16*) {
-  __nv_bfloat16 h;
-  h.x = (uint16_t)b;
-  return __bfloat162float(h);
-}
-inline unsigned f32_to_bits(float v, const __half*) { return __float2half(v).x; }
-inline unsigned f32_to_bits(float v, const __nv_bfloat16*) { return __float2bfloat16(v).x; }
-#endif
-
-// ---- 128-bit vector IO: N elements of T <-> N floats ----------------------
-template <class T>
-struct VecIO {  // 16-bit storage: 8 elements per 128-bit access
-  static constexpr int N = 8;
-  __device__ static __forceinline__ void load(const T* p, float* v) {
-    const uint4 a = *reinterpret_cast<const uint4*>(p);
-    const unsigned u[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = bits_to_f32(u[k] & 0xffffu, (const T*)nullptr);
-      v[2 * k + 1] = bits_to_f32(u[k] >> 16, (const T*)nullptr);
-    }
-  }
-  __device__ static __forceinline__ void store(T* p, const float* v) {
-    unsigned u[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      u[k] = f32_to_bits(v[2 * k], (const T*)nullptr) | (f32_to_bits(v[2 * k + 1], (const T*)nullptr) << 16);
-    uint4 a;
-    a.x = u[0];
-    a.y = u[1];
-    a.z = u[2];
-    a.w = u[3];
-    *reinterpret_cast<uint4*>(p) = a;
-  }
-};
-template <>
-struct VecIO<float> {  // f32: 4 elements per 128-bit access
-  static constexpr int N = 4;
-  __device__ static __forceinline__ void load(const float* p, float* v) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    v[0] = a.x;
-    v[1] = a.y;
-    v[2] = a.z;
-    v[3] = a.w;
-  }
-  __device__ static __forceinline__ void store(float* p, const float* v) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  }
-};
-
 // N (a multiple of 4) f32 values from a 16-byte aligned pointer.
 template <int N>
 __device__ __forceinline__ void load_f32(const float* p, float* v) {
 #pragma unroll
-  for (int k = 0; k < N; k += 4) VecIO<float>::load(p + k, v + k);
+  for (int k = 0; k < N; k += 4) ak::Vec16<float>::load(p + k, v + k);
 }
 template <int N>
 __device__ __forceinline__ void store_f32(float* p, const float* v) {
 #pragma unroll
-  for (int k = 0; k < N; k += 4) VecIO<float>::store(p + k, v + k);
-}
-
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+  for (int k = 0; k < N; k += 4) ak::Vec16<float>::store(p + k, v + k);
 }
 
 __device__ __forceinline__ long long grid_tid() {
@@ -185,10 +111,10 @@ __device__ void filter_norm_impl(const T* __restrict__ w, float* __restrict__ r_
 // plane's channels. Bytes: reads x_pre once, writes 4 B per (n,grp,pixel) — minimum.
 template <class T>
 __device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q, IieuGeom g) {
-  constexpr int V = VecIO<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   const long long hw = (long long)g.h * g.w;
   const long long total = (long long)g.n * g.gp * hw;
-  const bool vec = (hw % V == 0) && aligned16(x_pre);
+  const bool vec = (hw % V == 0) && ak::aligned16(x_pre);
   if (vec) {
     for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
       const long long e = i * V, t = e / hw, pix = e - t * hw;
@@ -199,7 +125,7 @@ __device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q
       for (int k = 0; k < V; ++k) acc[k] = 0.0f;
       for (int c = 0; c < g.c_per; ++c) {
         float v[V];
-        VecIO<T>::load(src + (long long)c * hw, v);
+        ak::Vec16<T>::load(src + (long long)c * hw, v);
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] = fmaf(v[k], v[k], acc[k]);
       }
@@ -224,17 +150,17 @@ __device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q
 template <class T>
 __device__ void gap_impl(const T* __restrict__ x, float* __restrict__ m, IieuGeom g) {
   __shared__ float scratch[32];
-  constexpr int V = VecIO<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   const long long P = (long long)g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
-  const bool vec = (P % V == 0) && aligned16(x);
+  const bool vec = (P % V == 0) && ak::aligned16(x);
   for (long long pl = blockIdx.x; pl < planes; pl += gridDim.x) {
     const T* src = x + pl * P;
     float acc = 0.0f;
     if (vec) {
       for (long long j = threadIdx.x; j < P / V; j += blockDim.x) {
         float v[V];
-        VecIO<T>::load(src + j * V, v);
+        ak::Vec16<T>::load(src + j * V, v);
 #pragma unroll
         for (int k = 0; k < V; ++k) acc += v[k];
       }
@@ -255,17 +181,17 @@ template <class T>
 __device__ void fwd_impl(const T* __restrict__ x, const float* __restrict__ r_w,
                          const float* __restrict__ r_x, const float* __restrict__ nu,
                          const float* __restrict__ eta, T* __restrict__ y, IieuGeom g) {
-  constexpr int V = VecIO<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   const long long P = (long long)g.oh * g.ow;
   const long long total = (long long)g.n * g.o * P;
-  const bool vec = (P % V == 0) && aligned16(x) && aligned16(y);
+  const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(y);
   if (vec) {
     for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
       const long long e = i * V, no = e / P, p = e - no * P;
       const int o = (int)(no % g.o), n = (int)(no / g.o);
       const long long t = (long long)n * g.gp + o / g.o_per;
       float xv[V], rx[V], out[V];
-      VecIO<T>::load(x + e, xv);
+      ak::Vec16<T>::load(x + e, xv);
       load_f32<V>(r_x + t * P + p, rx);
       const float rw = r_w[o], nv = nu[no], et = eta[o];
 #pragma unroll
@@ -273,7 +199,7 @@ __device__ void fwd_impl(const T* __restrict__ x, const float* __restrict__ r_w,
         const float r = rho_of(xv[k], rw, rx[k], nv);
         out[k] = r >= et ? r * xv[k] : et * expf(r - et) * xv[k];
       }
-      VecIO<T>::store(y + e, out);
+      ak::Vec16<T>::store(y + e, out);
     }
   } else {
     for (long long e = grid_tid(); e < total; e += grid_stride()) {
@@ -323,10 +249,10 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
                               const float* __restrict__ nu, const float* __restrict__ eta,
                               float* __restrict__ part, IieuGeom g) {
   __shared__ float scratch[32];
-  constexpr int V = VecIO<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   const long long P = (long long)g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
-  const bool vec = (P % V == 0) && aligned16(x) && aligned16(dy);
+  const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(dy);
   for (long long no = blockIdx.x; no < planes; no += gridDim.x) {
     const int o = (int)(no % g.o), n = (int)(no / g.o);
     const long long t = (long long)n * g.gp + o / g.o_per;
@@ -338,8 +264,8 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
     if (vec) {
       for (long long j = threadIdx.x; j < P / V; j += blockDim.x) {
         float xv[V], dv[V], rx[V];
-        VecIO<T>::load(xp + j * V, xv);
-        VecIO<T>::load(dyp + j * V, dv);
+        ak::Vec16<T>::load(xp + j * V, xv);
+        ak::Vec16<T>::load(dyp + j * V, dv);
         load_f32<V>(rxp + j * V, rx);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -417,11 +343,11 @@ __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
                             const float* __restrict__ x_norm, const float* __restrict__ nu,
                             const float* __restrict__ eta, const float* __restrict__ dm,
                             T* __restrict__ dx, float* __restrict__ coef, IieuGeom g) {
-  constexpr int V = VecIO<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   const long long P = (long long)g.oh * g.ow;
   const long long total = (long long)g.n * g.gp * P;
   const float inv_p = 1.0f / (float)P;
-  const bool vec = (P % V == 0) && aligned16(x) && aligned16(dy) && aligned16(dx);
+  const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(dy) && ak::aligned16(dx);
   if (vec) {
     for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
       const long long e = i * V, t = e / P, p = e - t * P;  // e = t·P + p
@@ -435,15 +361,15 @@ __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
         const long long no = (long long)n * g.o + o, base = no * P + p;
         const float rw = r_w[o], nv = nu[no], et = eta[o], add = dm[no] * inv_p;
         float xv[V], dv[V], out[V];
-        VecIO<T>::load(x + base, xv);
-        VecIO<T>::load(dy + base, dv);
+        ak::Vec16<T>::load(x + base, xv);
+        ak::Vec16<T>::load(dy + base, dv);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           const Adj a = adj_bwd(dv[k], xv[k], rw, rx[k], nv, et);
           out[k] = dv[k] * a.sc + a.g * rw * rx[k] + add;
           acc[k] += a.g * xv[k] * rw;
         }
-        VecIO<T>::store(dx + base, out);
+        ak::Vec16<T>::store(dx + base, out);
       }
       float nm[V];
       load_f32<V>(x_norm + e, nm);
@@ -489,11 +415,11 @@ __device__ __forceinline__ float window_gather(const float* __restrict__ cf, int
 template <class T>
 __device__ void bwd_dxpre_impl(const T* __restrict__ x_pre, const float* __restrict__ coef,
                                T* __restrict__ dx_pre, IieuGeom g) {
-  constexpr int V = VecIO<T>::N;
+  constexpr int V = ak::Vec16<T>::N;
   const long long hw = (long long)g.h * g.w;
   const long long P = (long long)g.oh * g.ow;
   const long long total = (long long)g.n * g.gp * hw;
-  const bool vec = (hw % V == 0) && aligned16(x_pre) && aligned16(dx_pre);
+  const bool vec = (hw % V == 0) && ak::aligned16(x_pre) && ak::aligned16(dx_pre);
   if (vec) {
     for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
       const long long e = i * V, t = e / hw, pix = e - t * hw;
@@ -507,10 +433,10 @@ __device__ void bwd_dxpre_impl(const T* __restrict__ x_pre, const float* __restr
       for (int c = 0; c < g.c_per; ++c) {
         const long long base = (t * g.c_per + c) * hw + pix;
         float v[V];
-        VecIO<T>::load(x_pre + base, v);
+        ak::Vec16<T>::load(x_pre + base, v);
 #pragma unroll
         for (int k = 0; k < V; ++k) v[k] *= acc[k];
-        VecIO<T>::store(dx_pre + base, v);
+        ak::Vec16<T>::store(dx_pre + base, v);
       }
     }
   } else {

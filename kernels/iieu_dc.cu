@@ -20,86 +20,6 @@ constexpr float EPS_NORM = 1e-8f;  // r = 1/(‖v‖ + EPS_NORM)
 constexpr float EPS_LN = 1e-6f;    // both LayerNorms
 constexpr float EPS_STD = 1e-6f;   // unbiased std of h in term-B
 
-// ---- 16-bit storage bits <-> f32 (portable between nvcc and the emulator) ----
-__device__ __forceinline__ float f16_bits_to_f32(unsigned b) {
-#ifdef __CUDACC__
-  return __half2float(__ushort_as_half((unsigned short)b));
-#else
-  return __half2float(__half{(uint16_t)b});
-#endif
-}
-__device__ __forceinline__ unsigned f32_to_f16_bits(float v) {
-#ifdef __CUDACC__
-  return (unsigned)__half_as_ushort(__float2half(v));
-#else
-  return (unsigned)__float2half(v).x;
-#endif
-}
-__device__ __forceinline__ float bf16_bits_to_f32(unsigned b) { return __int_as_float((int)(b << 16)); }
-__device__ __forceinline__ unsigned f32_to_bf16_bits(float v) {
-#ifdef __CUDACC__
-  return (unsigned)__bfloat16_as_ushort(__float2bfloat16(v));
-#else
-  return (unsigned)__float2bfloat16(v).x;
-#endif
-}
-
-// ---- 128-bit vector I/O: W elements of T per 16 bytes ----
-template <class T>
-struct Vec;
-template <>
-struct Vec<float> {
-  static constexpr int W = 4;
-  static __device__ __forceinline__ void load(const float* p, float* f) {
-    float4 v = *reinterpret_cast<const float4*>(p);
-    f[0] = v.x;
-    f[1] = v.y;
-    f[2] = v.z;
-    f[3] = v.w;
-  }
-  static __device__ __forceinline__ void store(float* p, const float* f) {
-    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
-  }
-};
-struct CvtF16 {
-  static __device__ __forceinline__ float to(unsigned b) { return f16_bits_to_f32(b); }
-  static __device__ __forceinline__ unsigned from(float v) { return f32_to_f16_bits(v); }
-};
-struct CvtBF16 {
-  static __device__ __forceinline__ float to(unsigned b) { return bf16_bits_to_f32(b); }
-  static __device__ __forceinline__ unsigned from(float v) { return f32_to_bf16_bits(v); }
-};
-template <class T, class Cvt>
-struct Vec16 {
-  static constexpr int W = 8;
-  static __device__ __forceinline__ void load(const T* p, float* f) {
-    uint4 u = *reinterpret_cast<const uint4*>(p);
-    unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f[2 * i] = Cvt::to(w[i] & 0xffffu);
-      f[2 * i + 1] = Cvt::to(w[i] >> 16);
-    }
-  }
-  static __device__ __forceinline__ void store(T* p, const float* f) {
-    unsigned w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = Cvt::from(f[2 * i]) | (Cvt::from(f[2 * i + 1]) << 16);
-    uint4 u;
-    u.x = w[0];
-    u.y = w[1];
-    u.z = w[2];
-    u.w = w[3];
-    *reinterpret_cast<uint4*>(p) = u;
-  }
-};
-template <>
-struct Vec<__half> : Vec16<__half, CvtF16> {};
-template <>
-struct Vec<__nv_bfloat16> : Vec16<__nv_bfloat16, CvtBF16> {};
-
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // Accurate logistic (expf, not __expf): the coupler is tiny, accuracy matters more.
 __device__ __forceinline__ float sigm(float z) { return 1.0f / (1.0f + expf(-z)); }
 
@@ -118,7 +38,7 @@ __device__ __forceinline__ float sigm(float z) { return 1.0f / (1.0f + expf(-z))
 template <class T, int MODE>
 __device__ __forceinline__ void plane_partial(const T* a, const T* b, const T* g, long long base, long long s,
                                               int first, int step, bool vec, float& sa, float& sb) {
-  constexpr int W = Vec<T>::W;
+  constexpr int W = ak::Vec16<T>::N;
   sa = 0.0f;
   sb = 0.0f;
   if (vec) {
@@ -126,9 +46,9 @@ __device__ __forceinline__ void plane_partial(const T* a, const T* b, const T* g
     for (long long v = first; v < nv; v += step) {
       long long o = base + v * W;
       float fa[W], fb[W], fg[W];
-      Vec<T>::load(a + o, fa);
-      Vec<T>::load(b + o, fb);
-      if (MODE == 1) Vec<T>::load(g + o, fg);
+      ak::Vec16<T>::load(a + o, fa);
+      ak::Vec16<T>::load(b + o, fb);
+      if (MODE == 1) ak::Vec16<T>::load(g + o, fg);
 #pragma unroll
       for (int l = 0; l < W; ++l) {
         if (MODE == 0) {
@@ -160,8 +80,8 @@ __device__ void plane_reduce(const T* __restrict__ a, const T* __restrict__ b, c
                              float* __restrict__ out, long long planes, int c, long long s, int warp_mode,
                              float scale) {
   __shared__ float scratch[32];
-  constexpr int W = Vec<T>::W;
-  bool vec = aligned16(a) && aligned16(b) && (MODE == 0 || aligned16(g)) && (s % W == 0);
+  constexpr int W = ak::Vec16<T>::N;
+  bool vec = ak::aligned16(a) && ak::aligned16(b) && (MODE == 0 || ak::aligned16(g)) && (s % W == 0);
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (warp_mode) {
     long long wpb = blockDim.x >> 5;
@@ -654,15 +574,15 @@ struct PlaneCursor {
 template <class T>
 __device__ void mix_impl(const T* __restrict__ x, const T* __restrict__ res, const float* __restrict__ lam,
                          T* __restrict__ out, long long numel, long long s, int c) {
-  constexpr int W = Vec<T>::W;
+  constexpr int W = ak::Vec16<T>::N;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long stride = (long long)gridDim.x * blockDim.x;
-  const bool vec = aligned16(x) && aligned16(res) && aligned16(out);
+  const bool vec = ak::aligned16(x) && ak::aligned16(res) && ak::aligned16(out);
   const long long nv = vec ? numel / W : 0;
   for (long long v = tid; v < nv; v += stride) {
     float fx[W], fr[W], fo[W];
-    Vec<T>::load(x + v * W, fx);
-    Vec<T>::load(res + v * W, fr);
+    ak::Vec16<T>::load(x + v * W, fx);
+    ak::Vec16<T>::load(res + v * W, fr);
     PlaneCursor pc;
     pc.init(v * W, s, c);
 #pragma unroll
@@ -670,7 +590,7 @@ __device__ void mix_impl(const T* __restrict__ x, const T* __restrict__ res, con
       fo[l] = lam[pc.base] * fx[l] + lam[pc.base + c] * fr[l];
       if (l + 1 < W) pc.step(s, c);
     }
-    Vec<T>::store(out + v * W, fo);
+    ak::Vec16<T>::store(out + v * W, fo);
   }
   for (long long i = nv * W + tid; i < numel; i += stride) {
     PlaneCursor pc;
@@ -685,14 +605,14 @@ template <class T>
 __device__ void dx_impl(const T* __restrict__ dy, const float* __restrict__ lam, const float* __restrict__ dgap,
                         T* __restrict__ dx, T* __restrict__ dres, long long numel, long long s, int c,
                         float inv_s) {
-  constexpr int W = Vec<T>::W;
+  constexpr int W = ak::Vec16<T>::N;
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long stride = (long long)gridDim.x * blockDim.x;
-  const bool vec = aligned16(dy) && aligned16(dx) && aligned16(dres);
+  const bool vec = ak::aligned16(dy) && ak::aligned16(dx) && ak::aligned16(dres);
   const long long nv = vec ? numel / W : 0;
   for (long long v = tid; v < nv; v += stride) {
     float fg[W], fx[W], fr[W];
-    Vec<T>::load(dy + v * W, fg);
+    ak::Vec16<T>::load(dy + v * W, fg);
     PlaneCursor pc;
     pc.init(v * W, s, c);
 #pragma unroll
@@ -701,8 +621,8 @@ __device__ void dx_impl(const T* __restrict__ dy, const float* __restrict__ lam,
       fr[l] = lam[pc.base + c] * fg[l] + dgap[pc.base + c] * inv_s;
       if (l + 1 < W) pc.step(s, c);
     }
-    Vec<T>::store(dx + v * W, fx);
-    Vec<T>::store(dres + v * W, fr);
+    ak::Vec16<T>::store(dx + v * W, fx);
+    ak::Vec16<T>::store(dres + v * W, fr);
   }
   for (long long i = nv * W + tid; i < numel; i += stride) {
     PlaneCursor pc;

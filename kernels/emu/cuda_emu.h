@@ -294,6 +294,11 @@ inline float __bfloat162float(__nv_bfloat16 h) {
   std::memcpy(&f, &b, 4);
   return f;
 }
+// Raw-bit reinterpretation (as cuda_fp16.h / cuda_bf16.h).
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
 inline __nv_bfloat16 __float2bfloat16(float f) {
   uint32_t b;
   std::memcpy(&b, &f, 4);

@@ -67,7 +67,7 @@ std::string g_fault;
 enum State { READY, AT_BLOCK, AT_WARP, DONE };
 
 #if EMU_ASAN
-constexpr size_t kStack = 512 * 1024;
+constexpr size_t kStack = 128 * 1024;  // ASan clears the shadow of the whole stack at every swapcontext: keep it small
 #else
 constexpr size_t kStack = 128 * 1024;
 #endif

@@ -50,6 +50,7 @@ namespace {
 struct Kernel {
   void* fn;
   Trampoline tramp;
+  const char* name;
 };
 std::map<std::string, Kernel>& registry() {
   static std::map<std::string, Kernel> r;
@@ -313,7 +314,20 @@ void worker(Launch* L) {
 
 }  // namespace
 
-void register_kernel(const char* name, void* fn, Trampoline t) { registry()[name] = Kernel{fn, t}; }
+void register_kernel(const char* name, void* fn, Trampoline t) { registry()[name] = Kernel{fn, t, name}; }
+
+// AK_EMU_TRACE=<file>: append the name of every launched kernel (coverage check:
+// which registered kernels the test suites actually run).
+void trace_launch(const char* name) {
+  static const char* path = getenv("AK_EMU_TRACE");
+  if (!path) return;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> g(mu);
+  if (FILE* f = fopen(path, "a")) {
+    fprintf(f, "%s\n", name);
+    fclose(f);
+  }
+}
 
 void syncthreads() {
   Fiber& f = tl->fibers[tl->current];
@@ -424,6 +438,14 @@ EXPORT size_t emu_take_fault(char* buf, size_t len) {
   return n;
 }
 EXPORT int emu_kernel_count() { return (int)emu::registry().size(); }
+// Writes the registered kernel names, one per line, to `path` (coverage check).
+EXPORT int emu_list_kernels(const char* path) {
+  FILE* f = fopen(path, "w");
+  if (!f) return -1;
+  for (auto& kv : emu::registry()) fprintf(f, "%s\n", kv.first.c_str());
+  fclose(f);
+  return (int)emu::registry().size();
+}
 
 // ---- device, context ----
 EXPORT CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
@@ -590,6 +612,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   if (!gx || !gy || !gz || !bx || !by || !bz || bx * by * bz > 1024 || bz > 64) return CUDA_ERROR_INVALID_VALUE;
   emu::Launch L;
   L.k = *static_cast<emu::Kernel*>(f);
+  emu::trace_launch(L.k.name);
   L.params = params;
   L.grid = dim3(gx, gy, gz);
   L.block = dim3(bx, by, bz);

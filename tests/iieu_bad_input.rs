@@ -1,8 +1,8 @@
 //! Every bad-input path of the IIEU-B API returns its specific `Err`, never a panic.
 
 use activation_kernels::cpu::iieu::{
-    backward, filter_inv_norm, forward, patch_inv_norm, IieuConfig, IieuParams, IieuSaved,
-    PatchNorm,
+    backward, backward_into, filter_inv_norm, forward, forward_into, patch_inv_norm, IieuConfig,
+    IieuGrads, IieuParams, IieuSaved, PatchNorm,
 };
 use activation_kernels::{Conv2dGeometry, Error};
 
@@ -216,4 +216,75 @@ fn non_finite_input_propagates_without_panicking() {
     assert_eq!(g.dx.len(), x.len());
     assert!(g.dx[g.dx.len() / 2..].iter().all(|v| v.is_finite()));
     assert!(g.dx_pre[g.dx_pre.len() / 2..].iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn into_variants_wrong_lengths_leave_outputs_untouched() {
+    let s = setup();
+    // forward_into: y of the wrong length, and every input check of forward.
+    for f in [short, long] {
+        let mut y = f(&s.x);
+        len_err(
+            forward_into(&s.cfg, &s.x, &s.x_pre, &s.w, &s.p, &mut y),
+            "y",
+        );
+        let mut y = vec![7.0; s.x.len()];
+        len_err(
+            forward_into(&s.cfg, &s.x, &f(&s.x_pre), &s.w, &s.p, &mut y),
+            "x_pre",
+        );
+        assert!(y.iter().all(|&v| v == 7.0), "y written before the error");
+    }
+    // backward_into: an Err leaves the caller's buffers as they were.
+    let mut g = IieuGrads {
+        dx: vec![3.0; 5],
+        ..Default::default()
+    };
+    len_err(
+        backward_into(
+            &s.cfg,
+            &short(&s.dy),
+            &s.x,
+            &s.x_pre,
+            &s.w,
+            &s.p,
+            &s.saved,
+            &mut g,
+        ),
+        "dy",
+    );
+    assert_eq!(g.dx, vec![3.0; 5]);
+    assert!(g.dx_pre.is_empty() && g.dw.is_empty() && g.d_eta.is_empty());
+}
+
+/// `forward_into` / `backward_into` give the same bits as the allocating calls, also
+/// when the output buffers start with other lengths and garbage contents (every
+/// element must be overwritten).
+#[test]
+fn into_variants_match_allocating_calls_bit_for_bit() {
+    let s = setup();
+    let (y, saved) = forward(&s.cfg, &s.x, &s.x_pre, &s.w, &s.p).unwrap();
+    let mut y2 = vec![f64::NAN; s.x.len()];
+    let saved2 = forward_into(&s.cfg, &s.x, &s.x_pre, &s.w, &s.p, &mut y2).unwrap();
+    let bits = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&y), bits(&y2));
+    assert_eq!(bits(saved.r_x()), bits(saved2.r_x()));
+    let want = backward(&s.cfg, &s.dy, &s.x, &s.x_pre, &s.w, &s.p, &saved).unwrap();
+    let mut g = IieuGrads {
+        dx: vec![f64::NAN; 3],
+        dx_pre: vec![f64::NAN; s.x_pre.len()],
+        dw: vec![f64::NAN; s.w.len() + 9],
+        d_ln_weight: vec![f64::NAN; 6],
+        d_ln_bias: vec![],
+        d_eta: vec![f64::NAN; 1],
+    };
+    for _ in 0..2 {
+        backward_into(&s.cfg, &s.dy, &s.x, &s.x_pre, &s.w, &s.p, &saved2, &mut g).unwrap();
+        assert_eq!(bits(&g.dx), bits(&want.dx));
+        assert_eq!(bits(&g.dx_pre), bits(&want.dx_pre));
+        assert_eq!(bits(&g.dw), bits(&want.dw));
+        assert_eq!(bits(&g.d_ln_weight), bits(&want.d_ln_weight));
+        assert_eq!(bits(&g.d_ln_bias), bits(&want.d_ln_bias));
+        assert_eq!(bits(&g.d_eta), bits(&want.d_eta));
+    }
 }

@@ -180,7 +180,7 @@ impl<T: Real> IieuSaved<T> {
 }
 
 /// Gradients of every input and parameter of an IIEU, each with its input's shape.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct IieuGrads<T> {
     /// `∂L/∂x`, `(N, O, H', W')`.
     pub dx: Vec<T>,
@@ -398,21 +398,57 @@ fn lane_sum_impl<T: Real>(v: &[T]) -> f64 {
     l.iter().sum()
 }
 
-/// The adjuster `ς(ρ̂)·x` over one plane, branch-free (both branches evaluated,
-/// then selected on `ρ̂ ≥ η`, so the loop vectorises; the discarded `exp` may
-/// overflow harmlessly).
+/// `true` if any `ρ̂` of the block takes the lower (exponential) branch, i.e. is not
+/// `≥ η` (NaN counts as lower, as in the branch-free select).
+#[inline(always)]
+fn any_lower<T: Real>(r: &[T; LANES], eta: T) -> bool {
+    r.iter().fold(false, |a, &v| a | !(v >= eta))
+}
+
+/// The adjuster `ς(ρ̂)·x` over one plane, in blocks of [`LANES`]: a block whose `ρ̂`
+/// are all on the upper branch writes `ρ̂·x` directly; any other block evaluates both
+/// branches branch-free (so the loop vectorises; the discarded `exp` may overflow
+/// harmlessly) and selects on `ρ̂ ≥ η`. Both paths give the same bits as the
+/// elementwise definition, so [`backward`] sees the same branches.
 #[inline(always)]
 fn adjust_plane_impl<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T) {
-    for ((yv, &xv), &rxv) in yp.iter_mut().zip(xp).zip(rx) {
-        let r = rho(xv, rw, rxv, nu);
+    let n = xp.len();
+    let (rx, yp) = (&rx[..n], &mut yp[..n]);
+    let full = |xv: T, r: T| {
         let lo = eta * (r - eta).exp_fast() * xv;
-        *yv = if r >= eta { r * xv } else { lo };
+        if r >= eta {
+            r * xv
+        } else {
+            lo
+        }
+    };
+    let blocks = xp
+        .chunks_exact(LANES)
+        .zip(rx.chunks_exact(LANES))
+        .zip(yp.chunks_exact_mut(LANES));
+    for ((xb, rb), yb) in blocks {
+        let r: [T; LANES] = std::array::from_fn(|j| rho(xb[j], rw, rb[j], nu));
+        if any_lower(&r, eta) {
+            for j in 0..LANES {
+                yb[j] = full(xb[j], r[j]);
+            }
+        } else {
+            for j in 0..LANES {
+                yb[j] = r[j] * xb[j];
+            }
+        }
+    }
+    let main = n - n % LANES;
+    for i in main..n {
+        yp[i] = full(xp[i], rho(xp[i], rw, rx[i], nu));
     }
 }
 
 /// Backward of [`adjust_plane_impl`] for one plane: writes `dx = dy·ς(ρ̂) + g·r_w·r_x`
 /// (`g = dy·∂y/∂ρ̂`), adds `g·x·r_w` into `drx`, and returns the plane sums
-/// `[Σ g, Σ g·x·r_x, Σ dη-terms]` (f64, fixed lanes).
+/// `[Σ g, Σ g·x·r_x, Σ dη-terms]` (f64, fixed lanes). Blocks of [`LANES`] whose `ρ̂`
+/// are all on the upper branch skip the `exp` and the (zero) `dη` terms; the others
+/// evaluate both branches branch-free. Same bits either way.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adjust_plane_bwd_impl<T: Real>(
@@ -430,8 +466,8 @@ fn adjust_plane_bwd_impl<T: Real>(
     let n = xp.len();
     let (dyp, rx, dxp, drx) = (&dyp[..n], &rx[..n], &mut dxp[..n], &mut drx[..n]);
     let mut acc = [[0.0f64; LANES]; 3];
-    let elem = |xv: T, dyv: T, rxv: T| {
-        let r = rho(xv, rw, rxv, nu);
+    // Products in T, sums in f64 (as the other families do).
+    let full = |xv: T, dyv: T, rxv: T, r: T| {
         let ex = (r - eta).exp_fast();
         let e = eta * ex;
         let up = r >= eta;
@@ -440,17 +476,15 @@ fn adjust_plane_bwd_impl<T: Real>(
         let te = if up { zero } else { dyv * xv * ex * one_m_eta };
         let g = dyv * dydr;
         let dx = dyv * sc + g * rw * rxv;
-        // Products in T, sums in f64 (as the other families do).
         let gx = g * xv;
-        (
-            dx,
-            g.to_f64(),
-            (gx * rw).to_f64(),
-            (gx * rxv).to_f64(),
-            te.to_f64(),
-        )
+        (dx, g, gx * rw, gx * rxv, te)
     };
-    let main = n - n % LANES;
+    let upper = |xv: T, dyv: T, rxv: T, r: T| {
+        let g = dyv * xv;
+        let dx = dyv * r + g * rw * rxv;
+        let gx = g * xv;
+        (dx, g, gx * rw, gx * rxv)
+    };
     let blocks = xp
         .chunks_exact(LANES)
         .zip(dyp.chunks_exact(LANES))
@@ -458,22 +492,34 @@ fn adjust_plane_bwd_impl<T: Real>(
         .zip(dxp.chunks_exact_mut(LANES))
         .zip(drx.chunks_exact_mut(LANES));
     for ((((xb, gb), rb), ob), db) in blocks {
-        for j in 0..LANES {
-            let (dx, g64, gxw, grx, te) = elem(xb[j], gb[j], rb[j]);
-            ob[j] = dx;
-            db[j] += gxw;
-            acc[0][j] += g64;
-            acc[1][j] += grx;
-            acc[2][j] += te;
+        let r: [T; LANES] = std::array::from_fn(|j| rho(xb[j], rw, rb[j], nu));
+        if any_lower(&r, eta) {
+            for j in 0..LANES {
+                let (dx, g, gxw, grx, te) = full(xb[j], gb[j], rb[j], r[j]);
+                ob[j] = dx;
+                db[j] += gxw.to_f64();
+                acc[0][j] += g.to_f64();
+                acc[1][j] += grx.to_f64();
+                acc[2][j] += te.to_f64();
+            }
+        } else {
+            for j in 0..LANES {
+                let (dx, g, gxw, grx) = upper(xb[j], gb[j], rb[j], r[j]);
+                ob[j] = dx;
+                db[j] += gxw.to_f64();
+                acc[0][j] += g.to_f64();
+                acc[1][j] += grx.to_f64();
+            }
         }
     }
+    let main = n - n % LANES;
     for i in main..n {
-        let (dx, g64, gxw, grx, te) = elem(xp[i], dyp[i], rx[i]);
+        let (dx, g, gxw, grx, te) = full(xp[i], dyp[i], rx[i], rho(xp[i], rw, rx[i], nu));
         dxp[i] = dx;
-        drx[i] += gxw;
-        acc[0][0] += g64;
-        acc[1][0] += grx;
-        acc[2][0] += te;
+        drx[i] += gxw.to_f64();
+        acc[0][0] += g.to_f64();
+        acc[1][0] += grx.to_f64();
+        acc[2][0] += te.to_f64();
     }
     std::array::from_fn(|k| acc[k].iter().sum())
 }
@@ -542,24 +588,30 @@ fn filter_norms<T: Real>(d: &Dims, w: &[T]) -> (Vec<T>, Vec<f64>) {
     (r, norms)
 }
 
-/// `(r_x, ‖P‖)` per (sample, patch group, output position).
-fn patch_norms<T: Real>(d: &Dims, x_pre: &[T]) -> (Vec<T>, Vec<f64>) {
-    let (pi, po) = (d.plane_in(), d.plane_out());
+/// Patch norms of one (sample, patch group): `q = Σ_c x_pre²` over the group's
+/// `C/G'` channel planes `xg`, its window sum, then `‖P‖` into `xn` and `r_x` into `rx`.
+fn patch_norm_plane<T: Real>(d: &Dims, xg: &[T], xn: &mut [f64], rx: &mut [T]) {
+    let mut q = vec![0.0f64; d.plane_in()];
+    let mut tmp = vec![0.0f64; d.h * d.ow];
+    sum_sq(xg, &mut q);
+    d.window_sum(&q, &mut tmp, xn);
+    for (v, r) in xn.iter_mut().zip(rx.iter_mut()) {
+        *v = v.max(0.0).sqrt();
+        *r = T::of(inv_norm(*v));
+    }
+}
+
+/// `r_x` per (sample, patch group, output position).
+fn patch_norms<T: Real>(d: &Dims, x_pre: &[T]) -> Vec<T> {
+    let po = d.plane_out();
     let mut norms = vec![0.0f64; d.rx_len()];
+    let mut r = vec![T::zero(); d.rx_len()];
     norms
         .par_chunks_mut(po)
-        .zip(x_pre.par_chunks(d.c_per * pi))
-        .for_each(|(out, xs)| {
-            let mut q = vec![0.0f64; pi];
-            let mut tmp = vec![0.0f64; d.h * d.ow];
-            sum_sq(xs, &mut q);
-            d.window_sum(&q, &mut tmp, out);
-            for v in out.iter_mut() {
-                *v = v.max(0.0).sqrt();
-            }
-        });
-    let r = norms.iter().map(|&nm| T::of(inv_norm(nm))).collect();
-    (r, norms)
+        .zip(r.par_chunks_mut(po))
+        .zip(x_pre.par_chunks(d.c_per * d.plane_in()))
+        .for_each(|((xn, rx), xg)| patch_norm_plane(d, xg, xn, rx));
+    r
 }
 
 // ------------------------------------------------------------------------------------
@@ -585,7 +637,7 @@ pub fn filter_inv_norm<T: Real>(cfg: &IieuConfig, w: &[T]) -> Result<Vec<T>> {
 pub fn patch_inv_norm<T: Real>(cfg: &IieuConfig, x_pre: &[T]) -> Result<Vec<T>> {
     let d = Dims::new(cfg)?;
     check_len("x_pre", d.x_pre_len(), x_pre.len())?;
-    Ok(patch_norms(&d, x_pre).0)
+    Ok(patch_norms(&d, x_pre))
 }
 
 /// IIEU-B forward: `y = ς(ρ̂)·x` with `ρ̂ = x·r_w[o]·r_x[n,grp(o),h',w'] + ν[n,o]`,
@@ -596,6 +648,7 @@ pub fn patch_inv_norm<T: Real>(cfg: &IieuConfig, x_pre: &[T]) -> Result<Vec<T>> 
 /// `x`: `(N, O, H', W')`, `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`; returns
 /// `y` `(N, O, H', W')` and the state [`backward`] needs. Parameters may take any
 /// value (no domain restriction in the SPEC); NaN/Inf propagate as IEEE arithmetic.
+/// [`forward_into`] is the same op writing into a caller-owned `y`.
 ///
 /// Errors: invalid geometry ([`Error::Geometry`], [`Error::Empty`]); any buffer or
 /// parameter of the wrong length ([`Error::LengthMismatch`]).
@@ -608,60 +661,90 @@ pub fn forward<T: Real>(
 ) -> Result<(Vec<T>, IieuSaved<T>)> {
     let d = Dims::new(cfg)?;
     check_len("x", d.x_len(), x.len())?;
+    let mut y = vec![T::zero(); x.len()];
+    let saved = forward_into(cfg, x, x_pre, w, params, &mut y)?;
+    Ok((y, saved))
+}
+
+/// [`forward`] writing `y` into a caller-owned buffer of `x`'s length (every element
+/// is overwritten), so a training loop can reuse its output memory instead of paying
+/// for a fresh allocation (and its page faults) on every call. Same formula, same
+/// bits as [`forward`].
+///
+/// The work is fused per sample: the patch norms of sample `n`, its GAP, LayerNorm
+/// and the adjuster run back to back while `x[n]` is still in cache, so `x_pre`, `x`
+/// and `y` each cross memory once.
+///
+/// Errors: as [`forward`], plus a `y` of the wrong length ([`Error::LengthMismatch`]).
+pub fn forward_into<T: Real>(
+    cfg: &IieuConfig,
+    x: &[T],
+    x_pre: &[T],
+    w: &[T],
+    params: &IieuParams<T>,
+    y: &mut [T],
+) -> Result<IieuSaved<T>> {
+    let d = Dims::new(cfg)?;
+    check_len("x", d.x_len(), x.len())?;
     check_len("x_pre", d.x_pre_len(), x_pre.len())?;
     check_len("w", d.w_len(), w.len())?;
+    check_len("y", d.x_len(), y.len())?;
     params.check(d.o)?;
 
     let (r_w, w_norm) = filter_norms(&d, w);
-    let (r_x, x_norm) = patch_norms(&d, x_pre);
-    let po = d.plane_out();
-
-    // term-B: GAP, LayerNorm over the O channels of each sample, sigmoid.
-    let m: Vec<f64> = x
-        .par_chunks(po)
-        .map(|pl| lane_sum(pl) / po as f64)
-        .collect();
+    let (po, pi) = (d.plane_out(), d.plane_in());
+    let mut r_x = vec![T::zero(); d.rx_len()];
+    let mut x_norm = vec![0.0f64; d.rx_len()];
     let mut m_hat = vec![0.0f64; d.n * d.o];
     let mut rstd = vec![0.0f64; d.n];
     let mut nu = vec![0.0f64; d.n * d.o];
-    for (((mn, mh), rs), nun) in m
-        .chunks_exact(d.o)
-        .zip(m_hat.chunks_exact_mut(d.o))
-        .zip(rstd.iter_mut())
-        .zip(nu.chunks_exact_mut(d.o))
-    {
-        *rs = layer_norm_fwd(mn, EPS_LN, mh);
-        for (o, (v, &mhv)) in nun.iter_mut().zip(mh.iter()).enumerate() {
-            *v = sigmoid(params.ln_weight[o].to_f64() * mhv + params.ln_bias[o].to_f64());
-        }
-    }
 
-    // Adjuster, per (n, o) plane.
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(po)
-        .zip(x.par_chunks(po))
-        .enumerate()
-        .for_each(|(no, (yp, xp))| {
-            let (n, o) = (no / d.o, no % d.o);
-            let t = n * d.gp + o / d.o_per;
-            let rx = &r_x[t * po..(t + 1) * po];
-            let (rw, nu_t, eta) = (r_w[o], T::of(nu[no]), params.eta[o]);
-            adjust_plane(xp, rx, yp, rw, nu_t, eta);
+    // One task per sample (nested parallel loops inside keep small batches busy).
+    y.par_chunks_mut(d.o * po)
+        .zip(x.par_chunks(d.o * po))
+        .zip(x_pre.par_chunks(d.c * pi))
+        .zip(r_x.par_chunks_mut(d.gp * po))
+        .zip(x_norm.par_chunks_mut(d.gp * po))
+        .zip(m_hat.par_chunks_mut(d.o))
+        .zip(nu.par_chunks_mut(d.o))
+        .zip(rstd.par_iter_mut())
+        .for_each(|(((((((ys, xs), xps), rxs), xns), mh), nun), rs)| {
+            // term-S: patch norms of this sample, one plane per patch group.
+            rxs.par_chunks_mut(po)
+                .zip(xns.par_chunks_mut(po))
+                .zip(xps.par_chunks(d.c_per * pi))
+                .for_each(|((rx, xn), xg)| patch_norm_plane(&d, xg, xn, rx));
+            // term-B: GAP, LayerNorm over the O channels, sigmoid.
+            let mut m = vec![0.0f64; d.o];
+            m.par_iter_mut()
+                .zip(xs.par_chunks(po))
+                .for_each(|(mv, pl)| *mv = lane_sum(pl) / po as f64);
+            *rs = layer_norm_fwd(&m, EPS_LN, mh);
+            for (o, (v, &mhv)) in nun.iter_mut().zip(mh.iter()).enumerate() {
+                *v = sigmoid(params.ln_weight[o].to_f64() * mhv + params.ln_bias[o].to_f64());
+            }
+            // Adjuster, per channel plane (x[n] is still in cache).
+            let (rxs, nun) = (&*rxs, &*nun);
+            ys.par_chunks_mut(po)
+                .zip(xs.par_chunks(po))
+                .enumerate()
+                .for_each(|(o, (yp, xp))| {
+                    let g = o / d.o_per;
+                    let rx = &rxs[g * po..(g + 1) * po];
+                    adjust_plane(xp, rx, yp, r_w[o], T::of(nun[o]), params.eta[o]);
+                });
         });
 
-    Ok((
-        y,
-        IieuSaved {
-            cfg: *cfg,
-            r_w,
-            w_norm,
-            r_x,
-            x_norm,
-            nu,
-            m_hat,
-            rstd,
-        },
-    ))
+    Ok(IieuSaved {
+        cfg: *cfg,
+        r_w,
+        w_norm,
+        r_x,
+        x_norm,
+        nu,
+        m_hat,
+        rstd,
+    })
 }
 
 /// IIEU-B backward (SPEC §1.4), back-propagating through `r_x` and `r_w` (not detached).
@@ -692,6 +775,29 @@ pub fn backward<T: Real>(
     params: &IieuParams<T>,
     saved: &IieuSaved<T>,
 ) -> Result<IieuGrads<T>> {
+    let mut grads = IieuGrads::default();
+    backward_into(cfg, dy, x, x_pre, w, params, saved, &mut grads)?;
+    Ok(grads)
+}
+
+/// [`backward`] writing into a caller-owned [`IieuGrads`]: each buffer is resized to
+/// its input's length if it has another length (keeping its allocation otherwise) and
+/// every element is overwritten, so a training loop that keeps one `IieuGrads`
+/// allocates nothing big after the first call. Same formulas, same bits as
+/// [`backward`]. On `Err` the buffers are left untouched.
+///
+/// Errors: as [`backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Real>(
+    cfg: &IieuConfig,
+    dy: &[T],
+    x: &[T],
+    x_pre: &[T],
+    w: &[T],
+    params: &IieuParams<T>,
+    saved: &IieuSaved<T>,
+    grads: &mut IieuGrads<T>,
+) -> Result<()> {
     let d = Dims::new(cfg)?;
     check_len("dy", d.x_len(), dy.len())?;
     check_len("x", d.x_len(), x.len())?;
@@ -722,8 +828,20 @@ pub fn backward<T: Real>(
     }
 
     let (po, pi) = (d.plane_out(), d.plane_in());
-    let mut dx = vec![T::zero(); x.len()];
-    let mut dx_pre = vec![T::zero(); x_pre.len()];
+    fit(&mut grads.dx, x.len());
+    fit(&mut grads.dx_pre, x_pre.len());
+    fit(&mut grads.dw, w.len());
+    fit(&mut grads.d_ln_weight, d.o);
+    fit(&mut grads.d_ln_bias, d.o);
+    fit(&mut grads.d_eta, d.o);
+    let IieuGrads {
+        dx,
+        dx_pre,
+        dw,
+        d_ln_weight,
+        d_ln_bias,
+        d_eta: d_eta_out,
+    } = grads;
 
     // One task per sample n: for each patch group, the adjuster backward of the O/G'
     // channel planes that share r_x[n, grp], the dr_x reduction over them and the
@@ -809,7 +927,6 @@ pub fn backward<T: Real>(
     }
 
     // dW through r_w.
-    let mut dw = vec![T::zero(); w.len()];
     dw.par_chunks_mut(d.w_per)
         .zip(w.par_chunks(d.w_per))
         .enumerate()
@@ -820,20 +937,92 @@ pub fn backward<T: Real>(
             }
         });
 
-    let cast = |v: Vec<f64>| v.into_iter().map(T::of).collect::<Vec<T>>();
-    Ok(IieuGrads {
-        dx,
-        dx_pre,
-        dw,
-        d_ln_weight: cast(d_gamma),
-        d_ln_bias: cast(d_beta),
-        d_eta: cast(d_eta),
-    })
+    for (dst, src) in [
+        (d_ln_weight, &d_gamma),
+        (d_ln_bias, &d_beta),
+        (d_eta_out, &d_eta),
+    ] {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = T::of(v);
+        }
+    }
+    Ok(())
+}
+
+/// Makes `v` exactly `len` long (zero-filled only when its length changes; the
+/// callers overwrite every element).
+fn fit<T: Real>(v: &mut Vec<T>, len: usize) {
+    if v.len() != len {
+        v.clear();
+        v.resize(len, T::zero());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The blocked adjuster (all-upper blocks take the short path) gives the same bits
+    /// as the branch-free definition applied to every element, for planes with
+    /// all-upper, mixed and all-lower blocks and a ragged tail; the backward also gives
+    /// the same `drx` and plane sums (same lanes, same order).
+    #[test]
+    fn blocked_adjuster_matches_elementwise_definition() {
+        let n = 8 * 9 + 5;
+        let (rw, nu, eta) = (1.3f32, 0.2f32, 0.25f32);
+        // Blocks 0-2 all upper, 3-5 mixed, 6-8 all lower, tail mixed.
+        let x: Vec<f32> = (0..n)
+            .map(|i| {
+                let b = i / 8;
+                let v = 0.5 + 0.01 * i as f32;
+                match b {
+                    0..=2 => v,
+                    3..=5 if i % 3 == 0 => -v,
+                    3..=5 => v,
+                    6..=8 => -v,
+                    _ if i % 2 == 0 => -v,
+                    _ => v,
+                }
+            })
+            .collect();
+        let rx: Vec<f32> = (0..n).map(|i| 0.3 + 0.001 * i as f32).collect();
+        let dy: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+        let lower = |i: usize| !(rho(x[i], rw, rx[i], nu) >= eta);
+        assert!((0..24).all(|i| !lower(i)));
+        assert!((24..48).any(lower) && !(24..48).all(lower));
+        assert!((48..72).all(lower));
+
+        let mut y = vec![0.0f32; n];
+        adjust_plane_impl(&x, &rx, &mut y, rw, nu, eta);
+        let (mut dx, mut drx) = (vec![0.0f32; n], vec![0.25f64; n]);
+        let sums = adjust_plane_bwd_impl(&x, &dy, &rx, &mut dx, &mut drx, rw, nu, eta);
+
+        let mut acc = [[0.0f64; LANES]; 3];
+        for i in 0..n {
+            let r = rho(x[i], rw, rx[i], nu);
+            let ex = (r - eta).exp_fast();
+            let e = eta * ex;
+            let up = r >= eta;
+            let want_y = if up { r * x[i] } else { eta * ex * x[i] };
+            assert_eq!(y[i].to_bits(), want_y.to_bits(), "y[{i}]");
+            let g = dy[i] * if up { x[i] } else { e * x[i] };
+            let want_dx = dy[i] * if up { r } else { e } + g * rw * rx[i];
+            assert_eq!(dx[i].to_bits(), want_dx.to_bits(), "dx[{i}]");
+            let gx = g * x[i];
+            assert_eq!(drx[i].to_bits(), (0.25 + (gx * rw) as f64).to_bits());
+            let te = if up {
+                0.0
+            } else {
+                dy[i] * x[i] * ex * (1.0 - eta)
+            };
+            let lane = if i < n - n % LANES { i % LANES } else { 0 };
+            acc[0][lane] += g as f64;
+            acc[1][lane] += (gx * rx[i]) as f64;
+            acc[2][lane] += te as f64;
+        }
+        let want: [f64; 3] = std::array::from_fn(|k| acc[k].iter().sum());
+        assert_eq!(sums.map(f64::to_bits), want.map(f64::to_bits));
+    }
 
     /// The runtime-dispatched (AVX2 / AVX-512) loops give the same bits as the
     /// baseline build of the same code.

@@ -12,6 +12,10 @@
 //! element count of the activation tensor is in the group name (`layout_NxCxHxW`),
 //! so elements/s follow from the same numbers.
 //!
+//! The floor and IIEU-B are also timed in `_into` form, writing into caller-owned
+//! output buffers reused across iterations (`iieu::forward_into`/`backward_into`), so
+//! the kernels can be compared without the allocator's page faults.
+//!
 //! Groups:
 //! * `nchw_32x64x56x56`: every op (the reference shape);
 //! * `nlc_64x197x{192,768}`: ViT-Tiny tokens (and the MLP width), ACON-C and AIEC;
@@ -44,6 +48,18 @@ fn relu_fwd(x: &[f32]) -> Vec<f32> {
 
 fn relu_bwd(dy: &[f32], x: &[f32]) -> Vec<f32> {
     let mut dx = vec![0.0f32; x.len()];
+    relu_bwd_into(dy, x, &mut dx);
+    dx
+}
+
+/// The floor writing into a caller-owned buffer (compared with the ops' `_into` forms).
+fn relu_fwd_into(x: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(1 << 16)
+        .zip(x.par_chunks(1 << 16))
+        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0)));
+}
+
+fn relu_bwd_into(dy: &[f32], x: &[f32], dx: &mut [f32]) {
     dx.par_chunks_mut(1 << 16)
         .zip(x.par_chunks(1 << 16).zip(dy.par_chunks(1 << 16)))
         .for_each(|(o, (x, g))| {
@@ -51,7 +67,6 @@ fn relu_bwd(dy: &[f32], x: &[f32]) -> Vec<f32> {
                 *o = if v > 0.0 { g } else { 0.0 };
             }
         });
-    dx
 }
 
 /// A group with the fixed settings the report relies on (10 samples; short
@@ -77,9 +92,16 @@ fn traffic_plus(g: &mut Group<'_>, numel: usize, tensors: usize, extra: usize) {
 fn floor(g: &mut Group<'_>, x: &[f32], dy: &[f32]) {
     traffic(g, x.len(), 2);
     g.bench_function("relu_floor_fwd", |b| b.iter(|| relu_fwd(black_box(x))));
+    let mut out = vec![0.0f32; x.len()];
+    g.bench_function("relu_floor_fwd_into", |b| {
+        b.iter(|| relu_fwd_into(black_box(x), &mut out))
+    });
     traffic(g, x.len(), 3);
     g.bench_function("relu_floor_bwd", |b| {
         b.iter(|| relu_bwd(black_box(dy), black_box(x)))
+    });
+    g.bench_function("relu_floor_bwd_into", |b| {
+        b.iter(|| relu_bwd_into(black_box(dy), black_box(x), &mut out))
     });
 }
 
@@ -120,11 +142,19 @@ fn iieu_b(
     g.bench_function(format!("iieu_b_{label}_fwd"), |b| {
         b.iter(|| iieu::forward(&cfg, x, &x_pre, &wt, &ip))
     });
+    let mut y = vec![0.0f32; numel];
+    g.bench_function(format!("iieu_b_{label}_fwd_into"), |b| {
+        b.iter(|| iieu::forward_into(&cfg, x, &x_pre, &wt, &ip, &mut y))
+    });
     let (_, saved) = iieu::forward(&cfg, x, &x_pre, &wt, &ip).expect("forward");
     // Reads dy, x, x_pre, W; writes dx, dx_pre, dW.
     traffic_plus(g, numel, 5, 2 * wt.len());
     g.bench_function(format!("iieu_b_{label}_bwd"), |b| {
         b.iter(|| iieu::backward(&cfg, dy, x, &x_pre, &wt, &ip, &saved))
+    });
+    let mut grads = iieu::IieuGrads::default();
+    g.bench_function(format!("iieu_b_{label}_bwd_into"), |b| {
+        b.iter(|| iieu::backward_into(&cfg, dy, x, &x_pre, &wt, &ip, &saved, &mut grads))
     });
 }
 

@@ -542,13 +542,26 @@ simd_fn! {
     ) -> [f64; 3] => adjust_plane_bwd_impl;
 }
 
-/// `q += v²` (in f64) over the `pi`-long channel planes of `xs`.
+/// `q += v²` (in f64) over the `pi`-long channel planes of `xs`, four channel planes
+/// per sweep of `q` (a quarter of the read-modify-writes of `q`). Squares of f32 are
+/// exact in f64; the order of the additions is fixed.
 #[inline(always)]
 fn sum_sq_impl<T: Real>(xs: &[T], q: &mut [f64]) {
-    for ch in xs.chunks_exact(q.len()) {
-        for (a, &v) in q.iter_mut().zip(ch) {
-            let v = v.to_f64();
-            *a += v * v;
+    let pi = q.len();
+    let quads = xs.chunks_exact(4 * pi);
+    let rest = quads.remainder();
+    let sq = |v: T| v.to_f64() * v.to_f64();
+    for quad in quads {
+        let (a, r) = quad.split_at(pi);
+        let (b, r) = r.split_at(pi);
+        let (c, d) = r.split_at(pi);
+        for ((((acc, &va), &vb), &vc), &vd) in q.iter_mut().zip(a).zip(b).zip(c).zip(d) {
+            *acc += (sq(va) + sq(vb)) + (sq(vc) + sq(vd));
+        }
+    }
+    for ch in rest.chunks_exact(pi) {
+        for (acc, &v) in q.iter_mut().zip(ch) {
+            *acc += sq(v);
         }
     }
 }

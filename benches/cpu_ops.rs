@@ -12,9 +12,10 @@
 //! element count of the activation tensor is in the group name (`layout_NxCxHxW`),
 //! so elements/s follow from the same numbers.
 //!
-//! The floor and IIEU-B are also timed in `_into` form, writing into caller-owned
-//! output buffers reused across iterations (`iieu::forward_into`/`backward_into`), so
-//! the kernels can be compared without the allocator's page faults.
+//! The floor, ACON-C and IIEU-B are also timed in `_into` form, writing into
+//! caller-owned output buffers reused across iterations (`acon_c_forward_into`,
+//! `iieu::forward_into`, ...), so the kernels can be compared without the allocator's
+//! zero-filling and page faults.
 //!
 //! Groups:
 //! * `nchw_32x64x56x56`: every op (the reference shape);
@@ -108,14 +109,21 @@ fn floor(g: &mut Group<'_>, x: &[f32], dy: &[f32]) {
 fn acon_c(g: &mut Group<'_>, shape: &ActShape, x: &[f32], dy: &[f32]) {
     let p = acon::AconCParams::<f32>::init_reference(shape.c, 7).expect("params");
     traffic(g, x.len(), 2);
+    let beta = acon::Beta::PerChannel(&p.beta);
     g.bench_function("acon_c_fwd", |b| {
-        b.iter(|| acon::acon_c_forward(shape, x, &p.p1, &p.p2, acon::Beta::PerChannel(&p.beta)))
+        b.iter(|| acon::acon_c_forward(shape, x, &p.p1, &p.p2, beta))
+    });
+    let mut y = vec![0.0f32; x.len()];
+    g.bench_function("acon_c_fwd_into", |b| {
+        b.iter(|| acon::acon_c_forward_into(shape, x, &p.p1, &p.p2, beta, &mut y))
     });
     traffic(g, x.len(), 3);
     g.bench_function("acon_c_bwd", |b| {
-        b.iter(|| {
-            acon::acon_c_backward(shape, dy, x, &p.p1, &p.p2, acon::Beta::PerChannel(&p.beta))
-        })
+        b.iter(|| acon::acon_c_backward(shape, dy, x, &p.p1, &p.p2, beta))
+    });
+    let mut grads = acon::AconCGrads::default();
+    g.bench_function("acon_c_bwd_into", |b| {
+        b.iter(|| acon::acon_c_backward_into(shape, dy, x, &p.p1, &p.p2, beta, &mut grads))
     });
 }
 

@@ -19,7 +19,7 @@
 # forward+backward with the ReLU backward resp. forward+backward), so machine
 # load affects both sides; ratios are what the targets are about.
 #
-# The "caller-owned outputs" column compares the `_into` forms (IIEU-B's
+# The "caller-owned outputs" column compares the `_into` forms (ACON-C's and IIEU-B's
 # forward_into/backward_into, and a ReLU writing into a reused buffer): outputs are
 # allocated once outside the timed loop. The allocating API returns fresh Vecs; when
 # an op frees two or more 26 MB outputs per call, glibc hands the heap back to the
@@ -187,10 +187,12 @@ lines.append("* ratio = op time / time of a parallel ReLU over the same tensor (
 lines.append("* GB/s = compulsory traffic (activation-sized f32 tensors that must be read + written: ACON fwd 2, bwd 3; "
              "IIEU fwd 3 (x, x_pre, y) + W, bwd 5 (dy, x, x_pre, dx, dx_pre) + W + dW; AIEC step 5; ReLU fwd 2, bwd 3) / time; "
              "Melem/s = elements of the activation tensor per pass / time;")
-lines.append("* caller-owned outputs: the same ratio between the `_into` forms (IIEU-B `forward_into`/`backward_into` and a "
+lines.append("* caller-owned outputs: the same ratio between the `_into` forms (`acon_c_forward_into`/`acon_c_backward_into`, "
+             "IIEU-B `forward_into`/`backward_into`, and a "
              "ReLU writing into a reused buffer; outputs allocated once, outside the timed loop). The allocating API returns "
-             "fresh `Vec`s: an op that frees two or more full-size outputs per call makes glibc give the heap back to the "
-             "kernel, so its next call pays page faults and zero-filling that the single-output floor does not;")
+             "fresh, zero-filled `Vec`s (the allocating floor too); an op that frees two or more full-size outputs per call "
+             "also makes glibc give the heap back to the kernel, so its next call pays page faults that the single-output "
+             "floor does not;")
 lines.append("* the machine is shared with other builds: absolute times vary by 2× between runs, ratios less so.")
 lines.append("<!-- perf:end -->")
 section = "\n".join(lines)

@@ -283,3 +283,76 @@ fn shape_overflow_is_an_error() {
     let r = g.forward(&sh, &x);
     assert!(matches!(r, Err(Error::Shape { .. })), "{r:?}");
 }
+
+#[test]
+fn acon_c_into_wrong_lengths_leave_outputs_untouched() {
+    for sh in shapes() {
+        let x = vec![0.5f64; N * C * S];
+        let p = vec![1.0f64; C];
+        let bc = vec![1.0f64; C];
+        let ok = Beta::PerChannel(&bc);
+        for len in [N * C * S - 1, N * C * S + 1] {
+            let mut y = vec![7.0f64; len];
+            lm(acon_c_forward_into(&sh, &x, &p, &p, ok, &mut y), "y");
+            assert!(y.iter().all(|&v| v == 7.0));
+        }
+        let mut y = vec![7.0f64; N * C * S];
+        lm(
+            acon_c_forward_into(&sh, &x, &p, &p[..C - 1], ok, &mut y),
+            "p2",
+        );
+        assert!(y.iter().all(|&v| v == 7.0));
+        let mut g = AconCGrads {
+            dx: vec![3.0; 2],
+            ..Default::default()
+        };
+        lm(
+            acon_c_backward_into(&sh, &x[1..], &x, &p, &p, ok, &mut g),
+            "dy",
+        );
+        assert_eq!(g.dx, vec![3.0; 2]);
+        assert!(g.dp1.is_empty() && g.dbeta.is_empty());
+    }
+}
+
+/// The `_into` forms give the same bits as the allocating calls for every β source
+/// and both layouts, also when the output buffers start with other lengths and NaNs.
+#[test]
+fn acon_c_into_matches_allocating_calls_bit_for_bit() {
+    let bits = |v: &[f64]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+    for sh in [ActShape::nchw(3, 5, 7, 5), ActShape::nlc(3, 37, 5)] {
+        let len = sh.n * sh.c * sh.s;
+        let x: Vec<f64> = (0..len).map(|i| (i as f64 * 0.71).sin() * 3.0).collect();
+        let dy: Vec<f64> = (0..len).map(|i| (i as f64 * 0.29).cos()).collect();
+        let p1: Vec<f64> = (0..sh.c).map(|c| 1.0 + 0.1 * c as f64).collect();
+        let p2: Vec<f64> = (0..sh.c).map(|c| 0.2 - 0.05 * c as f64).collect();
+        let bc: Vec<f64> = (0..sh.c).map(|c| 0.5 + 0.3 * c as f64).collect();
+        let bnc: Vec<f64> = (0..sh.n * sh.c).map(|i| 0.2 + 0.1 * i as f64).collect();
+        let bn: Vec<f64> = (0..sh.n).map(|i| 1.5 - 0.4 * i as f64).collect();
+        for beta in [
+            Beta::PerChannel(&bc),
+            Beta::PerSampleChannel(&bnc),
+            Beta::PerSample(&bn),
+            Beta::PixelWise,
+        ] {
+            let y = acon_c_forward(&sh, &x, &p1, &p2, beta).unwrap();
+            let mut y2 = vec![f64::NAN; len];
+            acon_c_forward_into(&sh, &x, &p1, &p2, beta, &mut y2).unwrap();
+            assert_eq!(bits(&y), bits(&y2));
+            let want = acon_c_backward(&sh, &dy, &x, &p1, &p2, beta).unwrap();
+            let mut g = AconCGrads {
+                dx: vec![f64::NAN; 3],
+                dp1: vec![f64::NAN; 9],
+                dp2: vec![],
+                dbeta: vec![f64::NAN],
+            };
+            for _ in 0..2 {
+                acon_c_backward_into(&sh, &dy, &x, &p1, &p2, beta, &mut g).unwrap();
+                assert_eq!(bits(&g.dx), bits(&want.dx));
+                assert_eq!(bits(&g.dp1), bits(&want.dp1));
+                assert_eq!(bits(&g.dp2), bits(&want.dp2));
+                assert_eq!(bits(&g.dbeta), bits(&want.dbeta));
+            }
+        }
+    }
+}

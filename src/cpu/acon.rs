@@ -81,7 +81,7 @@ impl<T> Beta<'_, T> {
 }
 
 /// Gradients of ACON-C ([`acon_c_backward`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct AconCGrads<T> {
     /// `∂L/∂x`, same shape as `x` (includes the path through β for [`Beta::PixelWise`]).
     pub dx: Vec<T>,
@@ -483,8 +483,21 @@ fn core_forward<T: Real>(
     p2: &[T],
     beta: Beta<'_, T>,
 ) -> Vec<T> {
-    let (cc, ss) = (shape.c, shape.s);
     let mut y = vec![T::zero(); x.len()];
+    core_forward_into(shape, x, p1, p2, beta, &mut y);
+    y
+}
+
+/// [`core_forward`] into `y` (`x`'s length; every element is overwritten).
+fn core_forward_into<T: Real>(
+    shape: &ActShape,
+    x: &[T],
+    p1: &[T],
+    p2: &[T],
+    beta: Beta<'_, T>,
+    y: &mut [T],
+) {
+    let (cc, ss) = (shape.c, shape.s);
     match shape.layout {
         Layout::Nchw => {
             y.par_chunks_mut(ss)
@@ -526,7 +539,6 @@ fn core_forward<T: Real>(
                 });
         }
     }
-    y
 }
 
 /// Result of [`core_backward`]: `dx`, per-channel f64 sums `a = Σ dy·x·∂y/∂d`
@@ -547,8 +559,24 @@ fn core_backward<T: Real>(
     p2: &[T],
     beta: Beta<'_, T>,
 ) -> CoreGrads<T> {
-    let (nn, cc, ss) = (shape.n, shape.c, shape.s);
     let mut dx = vec![T::zero(); x.len()];
+    let (a, b, dbeta) = core_backward_into(shape, dy, x, p1, p2, beta, &mut dx);
+    CoreGrads { dx, a, b, dbeta }
+}
+
+/// [`core_backward`] writing `dx` into a buffer of `x`'s length (every element is
+/// overwritten); returns `(a, b, dβ)`.
+#[allow(clippy::type_complexity)]
+fn core_backward_into<T: Real>(
+    shape: &ActShape,
+    dy: &[T],
+    x: &[T],
+    p1: &[T],
+    p2: &[T],
+    beta: Beta<'_, T>,
+    dx: &mut [T],
+) -> (Vec<f64>, Vec<f64>, Vec<T>) {
+    let (nn, cc, ss) = (shape.n, shape.c, shape.s);
     let mut a = vec![0.0f64; cc];
     let mut b = vec![0.0f64; cc];
     // Σ over the positions of one (sample, channel) of dy·∂y/∂β: N×C.
@@ -657,7 +685,7 @@ fn core_backward<T: Real>(
         Beta::PerSample(_) => e.chunks_exact(cc).map(|r| T::of(r.iter().sum())).collect(),
         Beta::PixelWise => Vec::new(),
     };
-    CoreGrads { dx, a, b, dbeta }
+    (a, b, dbeta)
 }
 
 // ---------------------------------------------------------------------------
@@ -719,6 +747,60 @@ pub fn acon_c_backward<T: Real>(
         dp2: g.b.iter().zip(&g.a).map(|(&b, &a)| T::of(b - a)).collect(),
         dbeta: g.dbeta,
     })
+}
+
+/// [`acon_c_forward`] writing `y` into a caller-owned buffer of `x`'s length (every
+/// element is overwritten): a training loop can reuse its output memory instead of
+/// paying for a fresh, zero-filled allocation per call. Same formula, same bits.
+///
+/// Errors: as [`acon_c_forward`], plus `LengthMismatch` for `y`. On `Err`, `y` is
+/// untouched.
+pub fn acon_c_forward_into<T: Real>(
+    shape: &ActShape,
+    x: &[T],
+    p1: &[T],
+    p2: &[T],
+    beta: Beta<'_, T>,
+    y: &mut [T],
+) -> Result<()> {
+    shape.validate("x", x.len())?;
+    check_len("y", x.len(), y.len())?;
+    check_params(shape, "p1", p1)?;
+    check_params(shape, "p2", p2)?;
+    beta.validate(shape)?;
+    core_forward_into(shape, x, p1, p2, beta, y);
+    Ok(())
+}
+
+/// [`acon_c_backward`] writing into a caller-owned [`AconCGrads`]: `dx` is resized
+/// to `x`'s length only if it has another length (keeping its allocation otherwise)
+/// and every element is overwritten; the small parameter gradients are replaced.
+/// Same formulas, same bits as [`acon_c_backward`].
+///
+/// Errors: as [`acon_c_backward`]. On `Err`, `grads` is untouched.
+pub fn acon_c_backward_into<T: Real>(
+    shape: &ActShape,
+    dy: &[T],
+    x: &[T],
+    p1: &[T],
+    p2: &[T],
+    beta: Beta<'_, T>,
+    grads: &mut AconCGrads<T>,
+) -> Result<()> {
+    shape.validate("x", x.len())?;
+    check_len("dy", x.len(), dy.len())?;
+    check_params(shape, "p1", p1)?;
+    check_params(shape, "p2", p2)?;
+    beta.validate(shape)?;
+    if grads.dx.len() != x.len() {
+        grads.dx.clear();
+        grads.dx.resize(x.len(), T::zero());
+    }
+    let (a, b, dbeta) = core_backward_into(shape, dy, x, p1, p2, beta, &mut grads.dx);
+    grads.dp1 = a.iter().map(|&v| T::of(v)).collect();
+    grads.dp2 = b.iter().zip(&a).map(|(&b, &a)| T::of(b - a)).collect();
+    grads.dbeta = dbeta;
+    Ok(())
 }
 
 /// ACON-B forward: `y = (1 − p)·x·σ(β(1 − p)·x) + p·x` with `p` per channel

@@ -19,7 +19,8 @@
 //!
 //! Groups:
 //! * `nchw_32x64x56x56`: every op (the reference shape);
-//! * `nlc_64x197x{192,768}`: ViT-Tiny tokens (and the MLP width), ACON-C and AIEC;
+//! * `nlc_64x197x{192,768}`: ViT-Tiny tokens (and the MLP width), the ACON family
+//!   and AIEC;
 //! * `rn50_32x{256x56x56,512x28x28,1024x14x14,2048x7x7}`: ResNet-50 stages at batch
 //!   32, IIEU-B after a 3x3 and after a 1x1 conv (C → C).
 use activation_kernels::cpu::{acon, aiec, iieu, iieu_dc};
@@ -127,6 +128,42 @@ fn acon_c(g: &mut Group<'_>, shape: &ActShape, x: &[f32], dy: &[f32]) {
     });
 }
 
+/// ACON-A, ACON-B (per-channel β, p) and meta-ACON-C with each β generator.
+fn acon_others(g: &mut Group<'_>, shape: &ActShape, x: &[f32], dy: &[f32]) {
+    let p = acon::AconCParams::<f32>::init_reference(shape.c, 11).expect("params");
+    let beta = acon::Beta::PerChannel(&p.beta);
+    traffic(g, x.len(), 2);
+    g.bench_function("acon_a_fwd", |b| {
+        b.iter(|| acon::acon_a_forward(shape, x, beta))
+    });
+    g.bench_function("acon_b_fwd", |b| {
+        b.iter(|| acon::acon_b_forward(shape, x, &p.p2, beta))
+    });
+    traffic(g, x.len(), 3);
+    g.bench_function("acon_a_bwd", |b| {
+        b.iter(|| acon::acon_a_backward(shape, dy, x, beta))
+    });
+    g.bench_function("acon_b_bwd", |b| {
+        b.iter(|| acon::acon_b_backward(shape, dy, x, &p.p2, beta))
+    });
+    let cg = acon::ChannelGen::<f32>::init(shape.c, 16, true, 5).expect("generator");
+    for (name, gen) in [
+        ("channel", acon::MetaGen::Channel(&cg)),
+        ("layer", acon::MetaGen::Layer),
+        ("pixel", acon::MetaGen::Pixel),
+    ] {
+        traffic(g, x.len(), 2);
+        g.bench_function(format!("meta_acon_c_{name}_fwd"), |b| {
+            b.iter(|| acon::meta_acon_c_forward(shape, x, &p.p1, &p.p2, gen))
+        });
+        let (_, saved) = acon::meta_acon_c_forward(shape, x, &p.p1, &p.p2, gen).expect("forward");
+        traffic(g, x.len(), 3);
+        g.bench_function(format!("meta_acon_c_{name}_bwd"), |b| {
+            b.iter(|| acon::meta_acon_c_backward(shape, dy, x, &p.p1, &p.p2, gen, &saved))
+        });
+    }
+}
+
 /// IIEU-B after a C → C conv with `k`×`k` kernel ("same" padding).
 #[allow(clippy::too_many_arguments)]
 fn iieu_b(
@@ -176,6 +213,7 @@ fn conv_ops(c: &mut Criterion) {
     let mut g = group(c, "nchw_32x64x56x56");
     floor(&mut g, &x, &dy);
     acon_c(&mut g, &shape, &x, &dy);
+    acon_others(&mut g, &shape, &x, &dy);
     for (label, k) in [("3x3", 3usize), ("1x1", 1)] {
         iieu_b(&mut g, &mut r, (n, ch, h, w), label, k, &x, &dy);
     }
@@ -213,8 +251,20 @@ fn aiec_step(g: &mut Group<'_>, r: &mut SmallRng, shape: &ActShape, f: &[f32], d
             aiec::train_backward(&cfg, shape, dy, 1.0, f, &wd, &out.saved).expect("backward")
         })
     });
+    // The two halves of the step on their own.
+    traffic(g, f.len(), 2);
+    g.bench_function("aiec_train_fwd", |b| {
+        b.iter(|| aiec::train_forward(&cfg, shape, f, &wd, &labels, &mut counters))
+    });
+    let out = aiec::train_forward(&cfg, shape, f, &wd, &labels, &mut counters).expect("forward");
+    traffic(g, f.len(), 3);
+    g.bench_function("aiec_train_bwd", |b| {
+        b.iter(|| aiec::train_backward(&cfg, shape, dy, 1.0, f, &wd, &out.saved))
+    });
     traffic(g, f.len(), 2);
     g.bench_function("tau_fwd", |b| b.iter(|| aiec::tau_forward(f, 0.0)));
+    traffic(g, f.len(), 3);
+    g.bench_function("tau_bwd", |b| b.iter(|| aiec::tau_backward(dy, f, 0.0)));
 }
 
 fn token_ops(c: &mut Criterion) {
@@ -228,6 +278,7 @@ fn token_ops(c: &mut Criterion) {
         let mut g = group(c, &format!("nlc_64x197x{ch}"));
         floor(&mut g, &x, &dy);
         acon_c(&mut g, &shape, &x, &dy);
+        acon_others(&mut g, &shape, &x, &dy);
         aiec_step(&mut g, &mut r, &shape, &x, &dy);
         g.finish();
     }

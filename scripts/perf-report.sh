@@ -114,6 +114,16 @@ ROWS = [
     ("ACON-C fwd", ["acon_c_fwd"], ["relu_floor_fwd"]),
     ("ACON-C bwd", ["acon_c_bwd"], ["relu_floor_bwd"]),
     ("ACON-C fwd+bwd", ["acon_c_fwd", "acon_c_bwd"], ["relu_floor_fwd", "relu_floor_bwd"]),
+    ("ACON-A fwd", ["acon_a_fwd"], ["relu_floor_fwd"]),
+    ("ACON-A bwd", ["acon_a_bwd"], ["relu_floor_bwd"]),
+    ("ACON-B fwd", ["acon_b_fwd"], ["relu_floor_fwd"]),
+    ("ACON-B bwd", ["acon_b_bwd"], ["relu_floor_bwd"]),
+    ("meta-ACON-C channel-wise fwd", ["meta_acon_c_channel_fwd"], ["relu_floor_fwd"]),
+    ("meta-ACON-C channel-wise bwd", ["meta_acon_c_channel_bwd"], ["relu_floor_bwd"]),
+    ("meta-ACON-C layer-wise fwd", ["meta_acon_c_layer_fwd"], ["relu_floor_fwd"]),
+    ("meta-ACON-C layer-wise bwd", ["meta_acon_c_layer_bwd"], ["relu_floor_bwd"]),
+    ("meta-ACON-C pixel-wise fwd", ["meta_acon_c_pixel_fwd"], ["relu_floor_fwd"]),
+    ("meta-ACON-C pixel-wise bwd", ["meta_acon_c_pixel_bwd"], ["relu_floor_bwd"]),
     ("IIEU-B 3x3 fwd", ["iieu_b_3x3_fwd"], ["relu_floor_fwd"]),
     ("IIEU-B 3x3 fwd+bwd", ["iieu_b_3x3_fwd", "iieu_b_3x3_bwd"], ["relu_floor_fwd", "relu_floor_bwd"]),
     ("IIEU-B 1x1 fwd", ["iieu_b_1x1_fwd"], ["relu_floor_fwd"]),
@@ -121,7 +131,10 @@ ROWS = [
     ("IIEU-DC fwd", ["iieu_dc_fwd"], ["relu_floor_fwd"]),
     ("IIEU-DC fwd+bwd", ["iieu_dc_fwd", "iieu_dc_bwd"], ["relu_floor_fwd", "relu_floor_bwd"]),
     ("AIEC train step (fwd+bwd)", ["aiec_train_step_fwd_bwd"], ["relu_floor_fwd", "relu_floor_bwd"]),
+    ("AIEC train fwd", ["aiec_train_fwd"], ["relu_floor_fwd"]),
+    ("AIEC train bwd", ["aiec_train_bwd"], ["relu_floor_bwd"]),
     ("TAU fwd", ["tau_fwd"], ["relu_floor_fwd"]),
+    ("TAU bwd", ["tau_bwd"], ["relu_floor_bwd"]),
     ("ReLU floor fwd", ["relu_floor_fwd"], ["relu_floor_fwd"]),
     ("ReLU floor bwd", ["relu_floor_bwd"], ["relu_floor_bwd"]),
 ]
@@ -185,7 +198,8 @@ lines.append(f"* criterion, 10 samples, 0.5 s warm-up, 2 s measurement, median; 
 lines.append("* ratio = op time / time of a parallel ReLU over the same tensor (forward: ReLU forward; fwd+bwd and the "
              "AIEC step: ReLU forward + backward), both timed in the same group of the same run;")
 lines.append("* GB/s = compulsory traffic (activation-sized f32 tensors that must be read + written: ACON fwd 2, bwd 3; "
-             "IIEU fwd 3 (x, x_pre, y) + W, bwd 5 (dy, x, x_pre, dx, dx_pre) + W + dW; AIEC step 5; ReLU fwd 2, bwd 3) / time; "
+             "IIEU fwd 3 (x, x_pre, y) + W, bwd 5 (dy, x, x_pre, dx, dx_pre) + W + dW; AIEC step 5, its fwd 2 and bwd 3; "
+             "TAU fwd 2, bwd 3; ReLU fwd 2, bwd 3) / time; "
              "Melem/s = elements of the activation tensor per pass / time;")
 lines.append("* caller-owned outputs: the same ratio between the `_into` forms (`acon_c_forward_into`/`acon_c_backward_into`, "
              "IIEU-B `forward_into`/`backward_into`, and a "

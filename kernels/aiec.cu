@@ -420,7 +420,8 @@ __device__ void gate_masks_impl(const float* __restrict__ v, const float* __rest
 }
 
 // L_gate[n] = Σ_c |a[n,c]|·G[y,c] / Σ_c G[y,c] (0 when the count is 0): one
-// block per sample (grid-stride), two block sums. Reads a row + a mask row.
+// block per sample (grid-stride), two block sums. Reads the mask row G[y] and
+// a[n,c] only where G[y,c] is set.
 __device__ void gate_loss_impl(const float* __restrict__ a, const unsigned char* __restrict__ masks,
                                const unsigned* __restrict__ labels, float* __restrict__ loss, int n, int c) {
   __shared__ float scratch[32];

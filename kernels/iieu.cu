@@ -489,7 +489,8 @@ EMU_REGISTER(iieu_patch_window)
 
 // term-B LayerNorm over O per sample (biased variance, eps_ln), then
 // ν = σ(γ̇·m̂ + β̇). One block per sample, two-pass statistics.
-// Bytes: reads m, γ̇, β̇ once; writes m̂, ν (4 B each per (n,o)) and rstd per sample.
+// Bytes per (n,o): reads m three times (mean, variance, normalisation; the re-reads
+// hit L1/L2), γ̇ and β̇ once; writes m̂, ν (4 B each); plus rstd per sample.
 extern "C" __global__ void iieu_ln_fwd(const float* __restrict__ m, const float* __restrict__ gamma,
                                        const float* __restrict__ beta, float* __restrict__ m_hat,
                                        float* __restrict__ rstd, float* __restrict__ nu, IieuGeom g) {
@@ -519,7 +520,8 @@ EMU_REGISTER(iieu_ln_fwd)
 
 // term-B backward per sample: dz = ν(1−ν)·Σg, dm̂ = γ̇·dz, LayerNorm backward
 // dm = rstd·(dm̂ − mean(dm̂) − m̂·mean(dm̂·m̂)). One block per sample.
-// Bytes: reads part, ν, γ̇, m̂ once (twice from L1/L2 for the second pass); writes dz, dm.
+// Bytes: reads part[·,0] (Σg), ν, γ̇, m̂ in each of the two passes (the second from
+// L1/L2); writes dz, dm.
 extern "C" __global__ void iieu_ln_bwd(const float* __restrict__ part, const float* __restrict__ nu,
                                        const float* __restrict__ gamma, const float* __restrict__ m_hat,
                                        const float* __restrict__ rstd, float* __restrict__ dz,

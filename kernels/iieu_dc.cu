@@ -303,8 +303,10 @@ __device__ __forceinline__ void lambdas(const Params& P, const Smem& m, int c, i
   l1 = sigm(c1 - c0);
 }
 
-// Coupler forward: λ (N, 2, C) from gap (N, 2C). Reads 2C + params, writes 2C per
-// sample (minimum); O(C·Hd) work per sample.
+// Coupler forward: λ (N, 2, C) from gap (N, 2C). Per sample: reads the 2C GAPs and
+// writes the 2C λ (the minimum for those), but re-reads the parameters: W1 and W2
+// twice each (L2), the LN-1 affine once per hidden unit (L1); W1 once more per block
+// for the row norms. O(C·Hd) work per sample.
 __device__ void coupler_fwd_impl(const float* __restrict__ gap, Params P, float* __restrict__ lam, int n, int c,
                                  int hd) {
   __shared__ float scratch[32];
@@ -351,7 +353,10 @@ __device__ __forceinline__ Offs offsets(int c, int hd) {
 }
 
 // Coupler backward. Block b handles samples b, b+grid, ...; writes dgap (N, 2C) and
-// its partial row part[b·len .. (b+1)·len). Reads gap and pd (2C each per sample).
+// its partial row part[b·len .. (b+1)·len). Bytes per sample: reads gap and pd (2C
+// floats each), writes dgap (2C); recomputes the forward (W1, W2 twice each) and reads
+// W1 three and W2 one more time (L2); writes its partial row (len floats) for the
+// block's first sample and read-modify-writes it for every later one (8·len bytes).
 __device__ void coupler_bwd_impl(const float* __restrict__ gap, const float* __restrict__ pd, Params P,
                                  float* __restrict__ dgap, float* __restrict__ part, int n, int c, int hd) {
   __shared__ float scratch[32];

@@ -11,9 +11,16 @@
 //!   `[p1; p2; β]`, IIEU-B's `[W; γ̇; β̇; η]`); the functions build the pack with
 //!   `Tensor::stack`/`Tensor::cat` from the separate parameter tensors, so candle's
 //!   autograd splits the packed gradient back onto each parameter with its exact shape.
+//! * [`acon_ops`] — the other ACON forms, same pattern, re-exported from [`ops`]:
+//!   [`ops::acon_a`] (Swish `x·σ(βx)`, learnable β), [`ops::acon_b`]
+//!   (`(1−p)x·σ(β(1−p)x) + p·x`), and meta-ACON-C with the parameter-free generators,
+//!   [`ops::meta_acon_c_layer`] (`β[n] = σ(Σ_c GAP(x)[n,c])`) and
+//!   [`ops::meta_acon_c_pixel`] (`β = σ(x)`), whose β gradient flows on into `x`.
 //! * [`nn`] — modules built from a `candle_nn::VarBuilder`, each a one-line
-//!   replacement for a ReLU: [`nn::AconC`], [`nn::MetaAconC`], [`nn::IieuB`] (wraps a
-//!   `candle_nn::Conv2d`), [`nn::IieuDc`] (`forward(x, res)`), [`nn::Aiec`].
+//!   replacement for a ReLU: [`nn::AconC`], [`nn::AconA`], [`nn::AconB`],
+//!   [`nn::MetaAconC`] (channel-wise generator), [`nn::MetaAconCLayer`],
+//!   [`nn::MetaAconCPixel`], [`nn::IieuB`] (wraps a `candle_nn::Conv2d`),
+//!   [`nn::IieuDc`] (`forward(x, res)`), [`nn::Aiec`].
 //!
 //! Supported: tensors on the CPU device in `f32` or `f64` (all inputs of one op in
 //! the same dtype). Any other dtype returns `candle_core::Error::UnsupportedDTypeForOp`
@@ -23,6 +30,7 @@
 //! Gradients are first order only (the tensors `bwd` returns are not themselves
 //! differentiable).
 
+pub mod acon_ops;
 pub mod nn;
 pub mod ops;
 

@@ -4,6 +4,10 @@
 //! ```ignore
 //! let act = AconC::new(vb.pp("act1"), 32)?;              // y = act.forward(&x)?
 //! let act = MetaAconC::new(vb.pp("act1"), 32, 16, true)?;
+//! let act = AconA::new(vb.pp("act1"), 32)?;               // Swish, learnable β
+//! let act = AconB::new(vb.pp("act1"), 32)?;
+//! let act = MetaAconCLayer::new(vb.pp("act1"), 32)?;      // β = σ(Σ_c GAP(x))
+//! let act = MetaAconCPixel::new(vb.pp("act1"), 32)?;      // β = σ(x)
 //! let conv = candle_nn::conv2d(16, 32, 3, cfg, vb.pp("conv1"))?;
 //! let block = IieuB::new(conv, vb.pp("iieu1"))?;          // y = block.forward(&x_pre)?
 //! let dc = IieuDc::new(vb.pp("dc"), 32, 16)?;            // y = dc.forward(&x, &res)?
@@ -478,5 +482,201 @@ impl Module for Aiec {
     /// Inference: `A = TAU(F)`.
     fn forward(&self, f: &Tensor) -> Result<Tensor> {
         ops::tau(f, self.cfg.tau)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// ACON-A, ACON-B, layer-/pixel-wise meta-ACON-C
+
+/// ACON-A, Swish with a learnable per-channel β (SPEC §2): `y = x·σ(β·x)`
+/// ([`ops::acon_a`]). Variable `beta` `(C,)`, init 1 (SPEC: β always starts at 1, so
+/// the module starts as Swish / SiLU). Gradients (`s = σ(β·x)`):
+/// `∂L/∂x = dy·(s + β·x·s(1 − s))`, `∂L/∂β[c] = Σ dy·x²·s(1 − s)` over N and positions.
+#[derive(Debug, Clone)]
+pub struct AconA {
+    beta: Tensor,
+    layout: Layout,
+}
+
+impl AconA {
+    /// `c` channels, β = 1, NCHW-like input `(N, C, ...)`.
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        nonzero("channels C", c)?;
+        Ok(Self {
+            beta: vb.get_with_hints(c, "beta", Init::Const(1.0))?,
+            layout: Layout::Nchw,
+        })
+    }
+
+    /// Builder: channel axis ([`Layout::Nlc`] for `(N, L, C)` tokens).
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// β.
+    pub fn beta(&self) -> &Tensor {
+        &self.beta
+    }
+}
+
+impl Module for AconA {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::acon_a(x, &self.beta, self.layout)
+    }
+}
+
+/// ACON-B with per-channel `p`, `β` (SPEC §2): `y = (1 − p)·x·σ(β(1 − p)·x) + p·x`
+/// ([`ops::acon_b`]), i.e. ACON-C with `p1 = 1`, `p2 = p`. Variables `p`, `beta`
+/// `(C,)`. Init: β = 1 and `p` as ACON-C's `p2` (SPEC gives no separate ACON-B init;
+/// the authors' code has no ACON-B): [`AconInit::Paper`] `p = 0` (starts as Swish),
+/// [`AconInit::Reference`] `p ~ N(0, 1)`. Gradients (`d = (1 − p)·x`, `s = σ(β·d)`,
+/// `∂y/∂d = s + β·d·s(1 − s)`): `∂L/∂x = dy·((1 − p)·∂y/∂d + p)`,
+/// `∂L/∂p[c] = Σ dy·(x − x·∂y/∂d)`, `∂L/∂β[c] = Σ dy·d²·s(1 − s)`.
+#[derive(Debug, Clone)]
+pub struct AconB {
+    p: Tensor,
+    beta: Tensor,
+    layout: Layout,
+}
+
+impl AconB {
+    /// `c` channels, paper init (`p = 0`, `β = 1`), NCHW-like input `(N, C, ...)`.
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Self::new_with(vb, c, AconInit::Paper)
+    }
+
+    /// `c` channels with the chosen init of `p` (that of ACON-C's `p2`; β = 1).
+    pub fn new_with(vb: VarBuilder, c: usize, init: AconInit) -> Result<Self> {
+        nonzero("channels C", c)?;
+        let (_, ip) = init.p1_p2();
+        Ok(Self {
+            p: vb.get_with_hints(c, "p", ip)?,
+            beta: vb.get_with_hints(c, "beta", Init::Const(1.0))?,
+            layout: Layout::Nchw,
+        })
+    }
+
+    /// Builder: channel axis.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// `(p, β)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.p, &self.beta)
+    }
+}
+
+impl Module for AconB {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::acon_b(x, &self.p, &self.beta, self.layout)
+    }
+}
+
+/// `p1`, `p2` of a meta-ACON-C with a parameter-free generator.
+fn meta_p(vb: &VarBuilder, c: usize, init: AconInit) -> Result<(Tensor, Tensor)> {
+    nonzero("channels C", c)?;
+    let (i1, i2) = init.p1_p2();
+    Ok((
+        vb.get_with_hints(c, "p1", i1)?,
+        vb.get_with_hints(c, "p2", i2)?,
+    ))
+}
+
+/// meta-ACON-C with the layer-wise generator (SPEC §2): `β[n] = σ(Σ_c GAP(x)[n, c])`
+/// (one β per sample, the sum of the per-channel means), then
+/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`ops::meta_acon_c_layer`]). Variables
+/// `p1`, `p2` `(C,)` with ACON-C's inits ([`AconInit`]); the generator has no
+/// learnable tensors. Gradients (`s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`):
+/// `∂L/∂p1[c] = Σ dy·x·∂y/∂d`, `∂L/∂p2[c] = Σ dy·(x − x·∂y/∂d)`, and
+/// `∂L/∂x = dy·((p1 − p2)·∂y/∂d + p2) + ∂L/∂β[n]·β[n](1 − β[n])/S` with
+/// `∂L/∂β[n] = Σ_{c,s} dy·d²·s(1 − s)` (S = positions per channel).
+#[derive(Debug, Clone)]
+pub struct MetaAconCLayer {
+    p1: Tensor,
+    p2: Tensor,
+    layout: Layout,
+}
+
+impl MetaAconCLayer {
+    /// `c` channels, paper init (`p1 = 1`, `p2 = 0`), NCHW-like input `(N, C, ...)`.
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Self::new_with(vb, c, AconInit::Paper)
+    }
+
+    /// `c` channels with the chosen init of `p1`, `p2`.
+    pub fn new_with(vb: VarBuilder, c: usize, init: AconInit) -> Result<Self> {
+        let (p1, p2) = meta_p(&vb, c, init)?;
+        Ok(Self {
+            p1,
+            p2,
+            layout: Layout::Nchw,
+        })
+    }
+
+    /// Builder: channel axis.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// `(p1, p2)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.p1, &self.p2)
+    }
+}
+
+impl Module for MetaAconCLayer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::meta_acon_c_layer(x, &self.p1, &self.p2, self.layout)
+    }
+}
+
+/// meta-ACON-C with the pixel-wise generator (SPEC §2): `β = σ(x)` element-wise, then
+/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`ops::meta_acon_c_pixel`]). Variables
+/// `p1`, `p2` `(C,)` with ACON-C's inits ([`AconInit`]); the generator has no
+/// learnable tensors. Gradients (`s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`):
+/// `∂L/∂p1[c] = Σ dy·x·∂y/∂d`, `∂L/∂p2[c] = Σ dy·(x − x·∂y/∂d)`, and
+/// `∂L/∂x = dy·((p1 − p2)·∂y/∂d + p2 + d²·s(1 − s)·σ(x)(1 − σ(x)))`.
+#[derive(Debug, Clone)]
+pub struct MetaAconCPixel {
+    p1: Tensor,
+    p2: Tensor,
+    layout: Layout,
+}
+
+impl MetaAconCPixel {
+    /// `c` channels, paper init (`p1 = 1`, `p2 = 0`), NCHW-like input `(N, C, ...)`.
+    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        Self::new_with(vb, c, AconInit::Paper)
+    }
+
+    /// `c` channels with the chosen init of `p1`, `p2`.
+    pub fn new_with(vb: VarBuilder, c: usize, init: AconInit) -> Result<Self> {
+        let (p1, p2) = meta_p(&vb, c, init)?;
+        Ok(Self {
+            p1,
+            p2,
+            layout: Layout::Nchw,
+        })
+    }
+
+    /// Builder: channel axis.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// `(p1, p2)`.
+    pub fn params(&self) -> (&Tensor, &Tensor) {
+        (&self.p1, &self.p2)
+    }
+}
+
+impl Module for MetaAconCPixel {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::meta_acon_c_pixel(x, &self.p1, &self.p2, self.layout)
     }
 }

@@ -915,3 +915,11 @@ pub fn aiec_loss(
     };
     f.contiguous()?.apply_op2(&wd.contiguous()?, op)
 }
+
+// ---------------------------------------------------------------------------
+// ACON-A, ACON-B, layer-/pixel-wise meta-ACON-C (defined in `acon_ops`)
+
+pub use super::acon_ops::{
+    acon_a, acon_b, meta_acon_c_gen, meta_acon_c_layer, meta_acon_c_pixel, AconAOp, AconBOp,
+    MetaAconCGenOp, MetaGenKind,
+};

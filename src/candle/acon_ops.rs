@@ -1,0 +1,315 @@
+//! candle custom ops for the ACON variants not in [`super::ops`]: ACON-A (Swish with
+//! a learnable β), ACON-B, and meta-ACON-C with the layer-wise and the pixel-wise β
+//! generators (SPEC §2). Re-exported from [`super::ops`].
+//!
+//! Same pattern as [`super::ops::AconCOp`]: `cpu_fwd` checks the input dims against the
+//! op's layout and calls the CPU forward ([`crate::cpu::acon`]); `bwd` reads its inputs
+//! back to host vectors, re-runs what the CPU backward needs and returns one gradient
+//! per input, each of that input's shape. Several per-channel parameters travel packed
+//! in one `[k, C]` tensor built with `Tensor::stack`, whose backward hands each
+//! parameter its own row of the packed gradient. Inputs are made contiguous first;
+//! f32 and f64 on the CPU device, any other dtype or device is a candle error.
+//!
+//! The layer-wise and pixel-wise generators have no learnable tensors of their own:
+//! `β = σ(Σ_c GAP(x)[n, c])` per sample and `β = σ(x)` per element are functions of
+//! `x` alone, so their whole gradient flows back into `x` (added to the activation's
+//! own `∂y/∂x`); the learnable tensors of those meta-ACON-C forms are `p1` and `p2`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout as CLayout, Shape, Tensor};
+
+use super::{act_shape, cerr, check_dims, check_float, cpu_data, host, El};
+use crate::cpu::acon::{self, Beta, MetaGen};
+use crate::layout::Layout;
+
+type CResult<T> = candle_core::Result<T>;
+type Grads2 = (Option<Tensor>, Option<Tensor>);
+
+/// Calls `$f::<f32>` or `$f::<f64>` by `$dt`; any other dtype is
+/// `UnsupportedDTypeForOp` (same as the private macro of [`super::ops`]).
+macro_rules! by_dtype {
+    ($dt:expr, $name:expr, $f:ident ( $($a:expr),* $(,)? )) => {
+        match $dt {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::F64 => $f::<f64>($($a),*),
+            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, $name)),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// ACON-A
+
+/// ACON-A (Swish with a learnable per-channel β, SPEC §2): inputs `x` and `β` of dims
+/// `(C,)`; output `y = x·σ(β·x)` ([`acon::acon_a_forward`]). Gradients, with
+/// `s = σ(β·x)`: `dx = dy·(s + β·x·s(1 − s))` and `dβ[c] = Σ dy·x²·s(1 − s)` summed
+/// over N and positions ([`acon::acon_a_backward`]: f64 sums, deterministic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AconAOp {
+    /// Where the channel axis is: [`Layout::Nchw`] `(N, C, ...)` or [`Layout::Nlc`]
+    /// `(N, L, C)`.
+    pub layout: Layout,
+}
+
+fn acon_a_fwd<T: El>(
+    op: &AconAOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let name = "acon_a";
+    let shape = act_shape(name, l1.dims(), op.layout)?;
+    check_dims(name, "beta", l2.dims(), &[shape.c])?;
+    let x = cpu_data::<T>(name, s1, l1)?;
+    let beta = cpu_data::<T>(name, s2, l2)?;
+    let y = acon::acon_a_forward(&shape, &x, Beta::PerChannel(&beta)).map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+fn acon_a_bwd<T: El>(op: &AconAOp, x: &Tensor, beta: &Tensor, g: &Tensor) -> CResult<Grads2> {
+    let shape = act_shape("acon_a", x.dims(), op.layout)?;
+    let (xv, bv, gv) = (host::<T>(x)?, host::<T>(beta)?, host::<T>(g)?);
+    let gr = acon::acon_a_backward(&shape, &gv, &xv, Beta::PerChannel(&bv)).map_err(cerr)?;
+    Ok((
+        Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(gr.dbeta, beta.shape(), beta.device())?),
+    ))
+}
+
+impl CustomOp2 for AconAOp {
+    fn name(&self) -> &'static str {
+        "acon_a"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "acon_a", acon_a_fwd(self, s1, l1, s2, l2))
+    }
+    fn bwd(&self, x: &Tensor, beta: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads2> {
+        by_dtype!(x.dtype(), "acon_a", acon_a_bwd(self, x, beta, g))
+    }
+}
+
+/// ACON-A: `y = x·σ(β·x)` with `beta` of dims `(C,)` (Swish for β = 1).
+/// Differentiable w.r.t. `x` and `beta` (see [`AconAOp`] for the gradients).
+pub fn acon_a(x: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
+    check_float(x.dtype(), "acon_a")?;
+    x.contiguous()?
+        .apply_op2(&beta.contiguous()?, AconAOp { layout })
+}
+
+// ---------------------------------------------------------------------------
+// ACON-B
+
+/// ACON-B with per-channel parameters (SPEC §2): inputs `x` and the pack of dims
+/// `[2, C]` = `[p; β]`; output `y = (1 − p)·x·σ(β(1 − p)·x) + p·x`
+/// ([`acon::acon_b_forward`], i.e. ACON-C with `p1 = 1`, `p2 = p`). Gradients, with
+/// `d = (1 − p)·x`, `s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`:
+/// `dx = dy·((1 − p)·∂y/∂d + p)`, `dp[c] = Σ dy·(x − x·∂y/∂d)`,
+/// `dβ[c] = Σ dy·d²·s(1 − s)` (sums over N and positions, f64, deterministic;
+/// [`acon::acon_b_backward`]); the pack's gradient is `[dp; dβ]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AconBOp {
+    /// Channel axis of `x`.
+    pub layout: Layout,
+}
+
+fn acon_b_fwd<T: El>(
+    op: &AconBOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let name = "acon_b";
+    let shape = act_shape(name, l1.dims(), op.layout)?;
+    let c = shape.c;
+    check_dims(name, "[p; beta]", l2.dims(), &[2, c])?;
+    let x = cpu_data::<T>(name, s1, l1)?;
+    let pb = cpu_data::<T>(name, s2, l2)?;
+    let y = acon::acon_b_forward(&shape, &x, &pb[..c], Beta::PerChannel(&pb[c..])).map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+fn acon_b_bwd<T: El>(op: &AconBOp, x: &Tensor, pb: &Tensor, g: &Tensor) -> CResult<Grads2> {
+    let name = "acon_b";
+    let shape = act_shape(name, x.dims(), op.layout)?;
+    let c = shape.c;
+    check_dims(name, "[p; beta]", pb.dims(), &[2, c])?;
+    let (xv, pv, gv) = (host::<T>(x)?, host::<T>(pb)?, host::<T>(g)?);
+    let gr = acon::acon_b_backward(&shape, &gv, &xv, &pv[..c], Beta::PerChannel(&pv[c..]))
+        .map_err(cerr)?;
+    let mut dpb = gr.dp;
+    dpb.extend(gr.dbeta);
+    Ok((
+        Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(dpb, (2, c), pb.device())?),
+    ))
+}
+
+impl CustomOp2 for AconBOp {
+    fn name(&self) -> &'static str {
+        "acon_b"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "acon_b", acon_b_fwd(self, s1, l1, s2, l2))
+    }
+    fn bwd(&self, x: &Tensor, pb: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads2> {
+        by_dtype!(x.dtype(), "acon_b", acon_b_bwd(self, x, pb, g))
+    }
+}
+
+/// ACON-B: `y = (1 − p)·x·σ(β(1 − p)·x) + p·x` with `p`, `beta` of dims `(C,)`.
+/// Differentiable w.r.t. `x`, `p` and `beta` (see [`AconBOp`] for the gradients).
+pub fn acon_b(x: &Tensor, p: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
+    check_float(x.dtype(), "acon_b")?;
+    let pb = Tensor::stack(&[p, beta], 0)?;
+    x.contiguous()?
+        .apply_op2(&pb.contiguous()?, AconBOp { layout })
+}
+
+// ---------------------------------------------------------------------------
+// meta-ACON-C, layer-wise and pixel-wise generators
+
+/// The parameter-free meta-ACON β generators (SPEC §2). The channel-wise generator,
+/// which has learnable tensors, is [`super::ops::MetaAconCOp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetaGenKind {
+    /// Layer-wise: one β per sample, `β[n] = σ(Σ_c GAP(x)[n, c])` (the sum of the
+    /// per-channel means, [`acon::layer_gen_forward`]). Its gradient into `x`:
+    /// `dx[n, c, s] += dβ[n]·β[n](1 − β[n]) / S` (S = positions per channel).
+    Layer,
+    /// Pixel-wise: `β = σ(x)` element-wise. Its gradient into `x`:
+    /// `dx += dy·∂y/∂β·σ(x)(1 − σ(x))` with `∂y/∂β = d²·s(1 − s)`.
+    Pixel,
+}
+
+impl MetaGenKind {
+    fn gen<'a, T>(self) -> MetaGen<'a, T> {
+        match self {
+            MetaGenKind::Layer => MetaGen::Layer,
+            MetaGenKind::Pixel => MetaGen::Pixel,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            MetaGenKind::Layer => "meta_acon_c_layer",
+            MetaGenKind::Pixel => "meta_acon_c_pixel",
+        }
+    }
+}
+
+/// meta-ACON-C with a parameter-free generator (SPEC §2): inputs `x` and the pack of
+/// dims `[2, C]` = `[p1; p2]`; `β = G(x)` from [`MetaGenKind`], then
+/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`acon::meta_acon_c_forward`]).
+/// Gradients ([`acon::meta_acon_c_backward`]), with `s = σ(β·d)`,
+/// `∂y/∂d = s + β·d·s(1 − s)`: `dp1[c] = Σ dy·x·∂y/∂d`,
+/// `dp2[c] = Σ dy·(x − x·∂y/∂d)` (sums over N and positions, f64, deterministic), and
+/// `dx = dy·((p1 − p2)·∂y/∂d + p2)` plus the path through β, `∂L/∂β = Σ dy·d²·s(1 − s)`
+/// over the elements sharing β, carried into `x` as [`MetaGenKind`] states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaAconCGenOp {
+    /// Channel axis of `x`.
+    pub layout: Layout,
+    /// Which generator produces β.
+    pub gen: MetaGenKind,
+}
+
+fn meta_gen_fwd<T: El>(
+    op: &MetaAconCGenOp,
+    s1: &CpuStorage,
+    l1: &CLayout,
+    s2: &CpuStorage,
+    l2: &CLayout,
+) -> CResult<(CpuStorage, Shape)> {
+    let name = op.gen.name();
+    let shape = act_shape(name, l1.dims(), op.layout)?;
+    let c = shape.c;
+    check_dims(name, "[p1; p2]", l2.dims(), &[2, c])?;
+    let x = cpu_data::<T>(name, s1, l1)?;
+    let p = cpu_data::<T>(name, s2, l2)?;
+    let (y, _) =
+        acon::meta_acon_c_forward(&shape, &x, &p[..c], &p[c..], op.gen.gen()).map_err(cerr)?;
+    Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
+}
+
+fn meta_gen_bwd<T: El>(op: &MetaAconCGenOp, x: &Tensor, p: &Tensor, g: &Tensor) -> CResult<Grads2> {
+    let name = op.gen.name();
+    let shape = act_shape(name, x.dims(), op.layout)?;
+    let c = shape.c;
+    check_dims(name, "[p1; p2]", p.dims(), &[2, c])?;
+    let (xv, pv, gv) = (host::<T>(x)?, host::<T>(p)?, host::<T>(g)?);
+    let (p1, p2) = (&pv[..c], &pv[c..]);
+    let (_, saved) = acon::meta_acon_c_forward(&shape, &xv, p1, p2, op.gen.gen()).map_err(cerr)?;
+    let gr =
+        acon::meta_acon_c_backward(&shape, &gv, &xv, p1, p2, op.gen.gen(), &saved).map_err(cerr)?;
+    let mut dp = gr.dp1;
+    dp.extend(gr.dp2);
+    Ok((
+        Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(dp, (2, c), p.device())?),
+    ))
+}
+
+impl CustomOp2 for MetaAconCGenOp {
+    fn name(&self) -> &'static str {
+        self.gen.name()
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        by_dtype!(
+            s1.dtype(),
+            self.gen.name(),
+            meta_gen_fwd(self, s1, l1, s2, l2)
+        )
+    }
+    fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads2> {
+        by_dtype!(x.dtype(), self.gen.name(), meta_gen_bwd(self, x, p, g))
+    }
+}
+
+/// meta-ACON-C with a parameter-free β generator: `β = σ(Σ_c GAP(x)[n, c])` per sample
+/// ([`MetaGenKind::Layer`]) or `β = σ(x)` per element ([`MetaGenKind::Pixel`]), then
+/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, with `p1`, `p2` of dims `(C,)`.
+/// Differentiable w.r.t. `x` (through the activation and through β) and `p1`, `p2`
+/// (see [`MetaAconCGenOp`] for the gradients).
+pub fn meta_acon_c_gen(
+    x: &Tensor,
+    p1: &Tensor,
+    p2: &Tensor,
+    gen: MetaGenKind,
+    layout: Layout,
+) -> CResult<Tensor> {
+    check_float(x.dtype(), gen.name())?;
+    let p = Tensor::stack(&[p1, p2], 0)?;
+    x.contiguous()?
+        .apply_op2(&p.contiguous()?, MetaAconCGenOp { layout, gen })
+}
+
+/// Layer-wise meta-ACON-C, `β[n] = σ(Σ_c GAP(x)[n, c])`:
+/// [`meta_acon_c_gen`] with [`MetaGenKind::Layer`].
+pub fn meta_acon_c_layer(x: &Tensor, p1: &Tensor, p2: &Tensor, layout: Layout) -> CResult<Tensor> {
+    meta_acon_c_gen(x, p1, p2, MetaGenKind::Layer, layout)
+}
+
+/// Pixel-wise meta-ACON-C, `β = σ(x)`: [`meta_acon_c_gen`] with [`MetaGenKind::Pixel`].
+pub fn meta_acon_c_pixel(x: &Tensor, p1: &Tensor, p2: &Tensor, layout: Layout) -> CResult<Tensor> {
+    meta_acon_c_gen(x, p1, p2, MetaGenKind::Pixel, layout)
+}

@@ -585,98 +585,75 @@ fn meta_p(vb: &VarBuilder, c: usize, init: AconInit) -> Result<(Tensor, Tensor)>
     ))
 }
 
-/// meta-ACON-C with the layer-wise generator (SPEC §2): `β[n] = σ(Σ_c GAP(x)[n, c])`
-/// (one β per sample, the sum of the per-channel means), then
-/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`ops::meta_acon_c_layer`]). Variables
-/// `p1`, `p2` `(C,)` with ACON-C's inits ([`AconInit`]); the generator has no
-/// learnable tensors. Gradients (`s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`):
-/// `∂L/∂p1[c] = Σ dy·x·∂y/∂d`, `∂L/∂p2[c] = Σ dy·(x − x·∂y/∂d)`, and
-/// `∂L/∂x = dy·((p1 − p2)·∂y/∂d + p2) + ∂L/∂β[n]·β[n](1 − β[n])/S` with
-/// `∂L/∂β[n] = Σ_{c,s} dy·d²·s(1 − s)` (S = positions per channel).
-#[derive(Debug, Clone)]
-pub struct MetaAconCLayer {
-    p1: Tensor,
-    p2: Tensor,
-    layout: Layout,
+/// meta-ACON-C modules whose β generator has no learnable tensors (layer-wise,
+/// pixel-wise): the same variables `p1`, `p2`, constructors and builder; `$op` is the
+/// op the module applies.
+macro_rules! param_free_meta_acon {
+    ($(#[$m:meta])* $name:ident, $op:path) => {
+        $(#[$m])*
+        #[derive(Debug, Clone)]
+        pub struct $name {
+            p1: Tensor,
+            p2: Tensor,
+            layout: Layout,
+        }
+
+        impl $name {
+            /// `c` channels, paper init (`p1 = 1`, `p2 = 0`), NCHW-like input `(N, C, ...)`.
+            pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+                Self::new_with(vb, c, AconInit::Paper)
+            }
+
+            /// `c` channels with the chosen init of `p1`, `p2`.
+            pub fn new_with(vb: VarBuilder, c: usize, init: AconInit) -> Result<Self> {
+                let (p1, p2) = meta_p(&vb, c, init)?;
+                Ok(Self {
+                    p1,
+                    p2,
+                    layout: Layout::Nchw,
+                })
+            }
+
+            /// Builder: channel axis.
+            pub fn with_layout(mut self, layout: Layout) -> Self {
+                self.layout = layout;
+                self
+            }
+
+            /// `(p1, p2)`.
+            pub fn params(&self) -> (&Tensor, &Tensor) {
+                (&self.p1, &self.p2)
+            }
+        }
+
+        impl Module for $name {
+            fn forward(&self, x: &Tensor) -> Result<Tensor> {
+                $op(x, &self.p1, &self.p2, self.layout)
+            }
+        }
+    };
 }
 
-impl MetaAconCLayer {
-    /// `c` channels, paper init (`p1 = 1`, `p2 = 0`), NCHW-like input `(N, C, ...)`.
-    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
-        Self::new_with(vb, c, AconInit::Paper)
-    }
+param_free_meta_acon!(
+    /// meta-ACON-C with the layer-wise generator (SPEC §2): `β[n] = σ(Σ_c GAP(x)[n, c])`
+    /// (one β per sample, the sum of the per-channel means), then
+    /// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`ops::meta_acon_c_layer`]). Variables
+    /// `p1`, `p2` `(C,)` with ACON-C's inits ([`AconInit`]); the generator has no
+    /// learnable tensors. Gradients (`s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`):
+    /// `∂L/∂p1[c] = Σ dy·x·∂y/∂d`, `∂L/∂p2[c] = Σ dy·(x − x·∂y/∂d)`, and
+    /// `∂L/∂x = dy·((p1 − p2)·∂y/∂d + p2) + ∂L/∂β[n]·β[n](1 − β[n])/S` with
+    /// `∂L/∂β[n] = Σ_{c,s} dy·d²·s(1 − s)` (S = positions per channel).
+    MetaAconCLayer,
+    ops::meta_acon_c_layer
+);
 
-    /// `c` channels with the chosen init of `p1`, `p2`.
-    pub fn new_with(vb: VarBuilder, c: usize, init: AconInit) -> Result<Self> {
-        let (p1, p2) = meta_p(&vb, c, init)?;
-        Ok(Self {
-            p1,
-            p2,
-            layout: Layout::Nchw,
-        })
-    }
-
-    /// Builder: channel axis.
-    pub fn with_layout(mut self, layout: Layout) -> Self {
-        self.layout = layout;
-        self
-    }
-
-    /// `(p1, p2)`.
-    pub fn params(&self) -> (&Tensor, &Tensor) {
-        (&self.p1, &self.p2)
-    }
-}
-
-impl Module for MetaAconCLayer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::meta_acon_c_layer(x, &self.p1, &self.p2, self.layout)
-    }
-}
-
-/// meta-ACON-C with the pixel-wise generator (SPEC §2): `β = σ(x)` element-wise, then
-/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`ops::meta_acon_c_pixel`]). Variables
-/// `p1`, `p2` `(C,)` with ACON-C's inits ([`AconInit`]); the generator has no
-/// learnable tensors. Gradients (`s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`):
-/// `∂L/∂p1[c] = Σ dy·x·∂y/∂d`, `∂L/∂p2[c] = Σ dy·(x − x·∂y/∂d)`, and
-/// `∂L/∂x = dy·((p1 − p2)·∂y/∂d + p2 + d²·s(1 − s)·σ(x)(1 − σ(x)))`.
-#[derive(Debug, Clone)]
-pub struct MetaAconCPixel {
-    p1: Tensor,
-    p2: Tensor,
-    layout: Layout,
-}
-
-impl MetaAconCPixel {
-    /// `c` channels, paper init (`p1 = 1`, `p2 = 0`), NCHW-like input `(N, C, ...)`.
-    pub fn new(vb: VarBuilder, c: usize) -> Result<Self> {
-        Self::new_with(vb, c, AconInit::Paper)
-    }
-
-    /// `c` channels with the chosen init of `p1`, `p2`.
-    pub fn new_with(vb: VarBuilder, c: usize, init: AconInit) -> Result<Self> {
-        let (p1, p2) = meta_p(&vb, c, init)?;
-        Ok(Self {
-            p1,
-            p2,
-            layout: Layout::Nchw,
-        })
-    }
-
-    /// Builder: channel axis.
-    pub fn with_layout(mut self, layout: Layout) -> Self {
-        self.layout = layout;
-        self
-    }
-
-    /// `(p1, p2)`.
-    pub fn params(&self) -> (&Tensor, &Tensor) {
-        (&self.p1, &self.p2)
-    }
-}
-
-impl Module for MetaAconCPixel {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::meta_acon_c_pixel(x, &self.p1, &self.p2, self.layout)
-    }
-}
+param_free_meta_acon!(
+    /// meta-ACON-C with the pixel-wise generator (SPEC §2): `β = σ(x)` element-wise, then
+    /// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`ops::meta_acon_c_pixel`]). Variables
+    /// `p1`, `p2` `(C,)` with ACON-C's inits ([`AconInit`]); the generator has no
+    /// learnable tensors. Gradients (`s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`):
+    /// `∂L/∂p1[c] = Σ dy·x·∂y/∂d`, `∂L/∂p2[c] = Σ dy·(x − x·∂y/∂d)`, and
+    /// `∂L/∂x = dy·((p1 − p2)·∂y/∂d + p2 + d²·s(1 − s)·σ(x)(1 − σ(x)))`.
+    MetaAconCPixel,
+    ops::meta_acon_c_pixel
+);

@@ -401,6 +401,8 @@ fn lane_sum_impl<T: Real>(v: &[T]) -> f64 {
 /// `true` if any `ρ̂` of the block takes the lower (exponential) branch, i.e. is not
 /// `≥ η` (NaN counts as lower, as in the branch-free select).
 #[inline(always)]
+// `!(v >= eta)` on purpose: NaN must count as lower, exactly like the select.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn any_lower<T: Real>(r: &[T; LANES], eta: T) -> bool {
     r.iter().fold(false, |a, &v| a | !(v >= eta))
 }
@@ -980,6 +982,7 @@ mod tests {
     /// all-upper, mixed and all-lower blocks and a ragged tail; the backward also gives
     /// the same `drx` and plane sums (same lanes, same order).
     #[test]
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn blocked_adjuster_matches_elementwise_definition() {
         let n = 8 * 9 + 5;
         let (rw, nu, eta) = (1.3f32, 0.2f32, 0.25f32);

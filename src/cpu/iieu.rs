@@ -578,6 +578,20 @@ fn scale_planes_impl<T: Real>(out: &mut [T], x: &[T], a: &[f64]) {
     }
 }
 
+/// `v[o·po + p] += T(add[o]/po)`: the term-B share of `dx`, broadcast over each plane.
+#[inline(always)]
+fn add_per_plane_impl<T: Real>(v: &mut [T], add: &[f64], po: usize) {
+    for (p, &a) in v.chunks_exact_mut(po).zip(add) {
+        let a = T::of(a / po as f64);
+        p.iter_mut().for_each(|x| *x = *x + a);
+    }
+}
+
+simd_fn! {
+    /// [`add_per_plane_impl`], runtime-dispatched to AVX2 where available.
+    fn add_per_plane<T: Real>(v: &mut [T], add: &[f64], po: usize) => add_per_plane_impl;
+}
+
 simd_fn! {
     /// [`sum_sq_impl`], runtime-dispatched to AVX2 where available.
     fn sum_sq<T: Real>(xs: &[T], q: &mut [f64]) => sum_sq_impl;
@@ -919,10 +933,7 @@ pub fn backward_into<T: Real>(
             let mut dm = vec![0.0f64; d.o];
             layer_norm_bwd(&dmh, mh, saved.rstd[n], &mut dm);
             // term-B path into dx: dm/(H'·W'), broadcast over the plane.
-            for (p, &v) in dxs.chunks_exact_mut(po).zip(&dm) {
-                let add = T::of(v / po as f64);
-                p.iter_mut().for_each(|v| *v = *v + add);
-            }
+            add_per_plane(dxs, &dm, po);
             part
         })
         .collect();

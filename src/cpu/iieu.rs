@@ -398,59 +398,67 @@ fn lane_sum_impl<T: Real>(v: &[T]) -> f64 {
     l.iter().sum()
 }
 
-/// `true` if any `ρ̂` of the block takes the lower (exponential) branch, i.e. is not
-/// `≥ η` (NaN counts as lower, as in the branch-free select).
+/// Elements per branch decision of the adjuster loops: a chunk whose `ρ̂` are all on
+/// the upper branch skips the `exp`; any other chunk runs the branch-free loop. A
+/// multiple of [`LANES`]; long enough for the loops to vectorise as loops.
+const CHUNK: usize = 64;
+
+/// `true` if any `ρ̂ = x·r_w·r_x + ν` of the chunk takes the lower (exponential)
+/// branch, i.e. is not `≥ η` (NaN counts as lower, as in the branch-free select).
 #[inline(always)]
 // `!(v >= eta)` on purpose: NaN must count as lower, exactly like the select.
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
-fn any_lower<T: Real>(r: &[T; LANES], eta: T) -> bool {
-    r.iter().fold(false, |a, &v| a | !(v >= eta))
+fn any_lower<T: Real>(xc: &[T], rc: &[T], rw: T, nu: T, eta: T) -> bool {
+    xc.iter()
+        .zip(rc)
+        .fold(false, |a, (&x, &r)| a | !(rho(x, rw, r, nu) >= eta))
 }
 
-/// The adjuster `ς(ρ̂)·x` over one plane, in blocks of [`LANES`]: a block whose `ρ̂`
-/// are all on the upper branch writes `ρ̂·x` directly; any other block evaluates both
-/// branches branch-free (so the loop vectorises; the discarded `exp` may overflow
-/// harmlessly) and selects on `ρ̂ ≥ η`. Both paths give the same bits as the
-/// elementwise definition, so [`backward`] sees the same branches.
+/// `ς(ρ̂)·x`, both branches evaluated, then selected on `ρ̂ ≥ η` (the discarded `exp`
+/// may overflow harmlessly).
+#[inline(always)]
+fn adjust_full<T: Real>(xv: T, rxv: T, rw: T, nu: T, eta: T) -> T {
+    let r = rho(xv, rw, rxv, nu);
+    let lo = eta * (r - eta).exp_fast() * xv;
+    if r >= eta {
+        r * xv
+    } else {
+        lo
+    }
+}
+
+/// The adjuster `ς(ρ̂)·x` over one plane, in chunks of [`CHUNK`]: a chunk whose `ρ̂`
+/// are all on the upper branch writes `ρ̂·x` directly; any other chunk (and the tail)
+/// evaluates both branches branch-free and selects. Both paths give the same bits as
+/// the elementwise definition, so [`backward`] sees the same branches.
 #[inline(always)]
 fn adjust_plane_impl<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T) {
     let n = xp.len();
     let (rx, yp) = (&rx[..n], &mut yp[..n]);
-    let full = |xv: T, r: T| {
-        let lo = eta * (r - eta).exp_fast() * xv;
-        if r >= eta {
-            r * xv
-        } else {
-            lo
-        }
-    };
-    let blocks = xp
-        .chunks_exact(LANES)
-        .zip(rx.chunks_exact(LANES))
-        .zip(yp.chunks_exact_mut(LANES));
-    for ((xb, rb), yb) in blocks {
-        let r: [T; LANES] = std::array::from_fn(|j| rho(xb[j], rw, rb[j], nu));
-        if any_lower(&r, eta) {
-            for j in 0..LANES {
-                yb[j] = full(xb[j], r[j]);
+    let chunks = xp
+        .chunks(CHUNK)
+        .zip(rx.chunks(CHUNK))
+        .zip(yp.chunks_mut(CHUNK));
+    for ((xc, rc), yc) in chunks {
+        if xc.len() == CHUNK && !any_lower(xc, rc, rw, nu, eta) {
+            for ((y, &xv), &rxv) in yc.iter_mut().zip(xc).zip(rc) {
+                *y = rho(xv, rw, rxv, nu) * xv;
             }
         } else {
-            for j in 0..LANES {
-                yb[j] = r[j] * xb[j];
+            for ((y, &xv), &rxv) in yc.iter_mut().zip(xc).zip(rc) {
+                *y = adjust_full(xv, rxv, rw, nu, eta);
             }
         }
-    }
-    let main = n - n % LANES;
-    for i in main..n {
-        yp[i] = full(xp[i], rho(xp[i], rw, rx[i], nu));
     }
 }
 
 /// Backward of [`adjust_plane_impl`] for one plane: writes `dx = dy·ς(ρ̂) + g·r_w·r_x`
 /// (`g = dy·∂y/∂ρ̂`), adds `g·x·r_w` into `drx`, and returns the plane sums
-/// `[Σ g, Σ g·x·r_x, Σ dη-terms]` (f64, fixed lanes). Blocks of [`LANES`] whose `ρ̂`
-/// are all on the upper branch skip the `exp` and the (zero) `dη` terms; the others
-/// evaluate both branches branch-free. Same bits either way.
+/// `[Σ g, Σ g·x·r_x, Σ dη-terms]` (f64; element `i` goes to lane `i mod LANES`, the
+/// last `n mod LANES` elements to lane 0; lanes combined in order). Per chunk of
+/// [`CHUNK`]: the element math runs as one vectorisable loop into small buffers (the
+/// `exp` skipped when the whole chunk is on the upper branch), then the f64
+/// accumulation runs as a second loop. Same bits on either path.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adjust_plane_bwd_impl<T: Real>(
@@ -468,8 +476,10 @@ fn adjust_plane_bwd_impl<T: Real>(
     let n = xp.len();
     let (dyp, rx, dxp, drx) = (&dyp[..n], &rx[..n], &mut dxp[..n], &mut drx[..n]);
     let mut acc = [[0.0f64; LANES]; 3];
-    // Products in T, sums in f64 (as the other families do).
-    let full = |xv: T, dyv: T, rxv: T, r: T| {
+    // Products in T, sums in f64 (as the other families do). Returns
+    // (dx, g, g·x·r_w, g·x·r_x, dη-term).
+    let full = |xv: T, dyv: T, rxv: T| {
+        let r = rho(xv, rw, rxv, nu);
         let ex = (r - eta).exp_fast();
         let e = eta * ex;
         let up = r >= eta;
@@ -481,47 +491,65 @@ fn adjust_plane_bwd_impl<T: Real>(
         let gx = g * xv;
         (dx, g, gx * rw, gx * rxv, te)
     };
-    let upper = |xv: T, dyv: T, rxv: T, r: T| {
-        let g = dyv * xv;
-        let dx = dyv * r + g * rw * rxv;
-        let gx = g * xv;
-        (dx, g, gx * rw, gx * rxv)
-    };
-    let blocks = xp
-        .chunks_exact(LANES)
-        .zip(dyp.chunks_exact(LANES))
-        .zip(rx.chunks_exact(LANES))
-        .zip(dxp.chunks_exact_mut(LANES))
-        .zip(drx.chunks_exact_mut(LANES));
-    for ((((xb, gb), rb), ob), db) in blocks {
-        let r: [T; LANES] = std::array::from_fn(|j| rho(xb[j], rw, rb[j], nu));
-        if any_lower(&r, eta) {
-            for j in 0..LANES {
-                let (dx, g, gxw, grx, te) = full(xb[j], gb[j], rb[j], r[j]);
-                ob[j] = dx;
-                db[j] += gxw.to_f64();
-                acc[0][j] += g.to_f64();
-                acc[1][j] += grx.to_f64();
-                acc[2][j] += te.to_f64();
+    let main = n - n % CHUNK;
+    let (mut gb, mut wb, mut rb, mut tb) =
+        ([zero; CHUNK], [zero; CHUNK], [zero; CHUNK], [zero; CHUNK]);
+    let chunks = xp[..main]
+        .chunks_exact(CHUNK)
+        .zip(dyp.chunks_exact(CHUNK))
+        .zip(rx.chunks_exact(CHUNK))
+        .zip(dxp.chunks_exact_mut(CHUNK))
+        .zip(drx.chunks_exact_mut(CHUNK));
+    for ((((xc, dc), rc), oc), ac) in chunks {
+        let lower = any_lower(xc, rc, rw, nu, eta);
+        let bufs = gb.iter_mut().zip(wb.iter_mut()).zip(rb.iter_mut());
+        let elems = oc.iter_mut().zip(xc).zip(dc).zip(rc);
+        if lower {
+            for ((((o, &xv), &dyv), &rxv), (((g, w), r), t)) in elems.zip(bufs.zip(tb.iter_mut())) {
+                let (dx, gv, gxw, grx, te) = full(xv, dyv, rxv);
+                *o = dx;
+                *g = gv;
+                *w = gxw;
+                *r = grx;
+                *t = te;
             }
         } else {
+            for ((((o, &xv), &dyv), &rxv), ((g, w), r)) in elems.zip(bufs) {
+                let rr = rho(xv, rw, rxv, nu);
+                let gv = dyv * xv;
+                *o = dyv * rr + gv * rw * rxv;
+                let gx = gv * xv;
+                *g = gv;
+                *w = gx * rw;
+                *r = gx * rxv;
+            }
+        }
+        for (a, &w) in ac.iter_mut().zip(&wb) {
+            *a += w.to_f64();
+        }
+        for (gk, rk) in gb.chunks_exact(LANES).zip(rb.chunks_exact(LANES)) {
             for j in 0..LANES {
-                let (dx, g, gxw, grx) = upper(xb[j], gb[j], rb[j], r[j]);
-                ob[j] = dx;
-                db[j] += gxw.to_f64();
-                acc[0][j] += g.to_f64();
-                acc[1][j] += grx.to_f64();
+                acc[0][j] += gk[j].to_f64();
+                acc[1][j] += rk[j].to_f64();
+            }
+        }
+        if lower {
+            for tk in tb.chunks_exact(LANES) {
+                for j in 0..LANES {
+                    acc[2][j] += tk[j].to_f64();
+                }
             }
         }
     }
-    let main = n - n % LANES;
+    let lane_end = n - n % LANES;
     for i in main..n {
-        let (dx, g, gxw, grx, te) = full(xp[i], dyp[i], rx[i], rho(xp[i], rw, rx[i], nu));
+        let (dx, g, gxw, grx, te) = full(xp[i], dyp[i], rx[i]);
+        let lane = if i < lane_end { i % LANES } else { 0 };
         dxp[i] = dx;
         drx[i] += gxw.to_f64();
-        acc[0][0] += g.to_f64();
-        acc[1][0] += grx.to_f64();
-        acc[2][0] += te.to_f64();
+        acc[0][lane] += g.to_f64();
+        acc[1][lane] += grx.to_f64();
+        acc[2][lane] += te.to_f64();
     }
     std::array::from_fn(|k| acc[k].iter().sum())
 }
@@ -988,25 +1016,24 @@ fn fit<T: Real>(v: &mut Vec<T>, len: usize) {
 mod tests {
     use super::*;
 
-    /// The blocked adjuster (all-upper blocks take the short path) gives the same bits
+    /// The chunked adjuster (all-upper chunks take the short path) gives the same bits
     /// as the branch-free definition applied to every element, for planes with
-    /// all-upper, mixed and all-lower blocks and a ragged tail; the backward also gives
+    /// all-upper, mixed and all-lower chunks and a ragged tail; the backward also gives
     /// the same `drx` and plane sums (same lanes, same order).
     #[test]
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
     fn blocked_adjuster_matches_elementwise_definition() {
-        let n = 8 * 9 + 5;
+        let n = 3 * CHUNK + 13;
         let (rw, nu, eta) = (1.3f32, 0.2f32, 0.25f32);
-        // Blocks 0-2 all upper, 3-5 mixed, 6-8 all lower, tail mixed.
+        // Chunk 0 all upper, chunk 1 mixed, chunk 2 all lower, tail mixed.
         let x: Vec<f32> = (0..n)
             .map(|i| {
-                let b = i / 8;
-                let v = 0.5 + 0.01 * i as f32;
-                match b {
-                    0..=2 => v,
-                    3..=5 if i % 3 == 0 => -v,
-                    3..=5 => v,
-                    6..=8 => -v,
+                let v = 0.5 + 0.002 * i as f32;
+                match i / CHUNK {
+                    0 => v,
+                    1 if i % 3 == 0 => -v,
+                    1 => v,
+                    2 => -v,
                     _ if i % 2 == 0 => -v,
                     _ => v,
                 }
@@ -1015,9 +1042,11 @@ mod tests {
         let rx: Vec<f32> = (0..n).map(|i| 0.3 + 0.001 * i as f32).collect();
         let dy: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
         let lower = |i: usize| !(rho(x[i], rw, rx[i], nu) >= eta);
-        assert!((0..24).all(|i| !lower(i)));
-        assert!((24..48).any(lower) && !(24..48).all(lower));
-        assert!((48..72).all(lower));
+        let c = CHUNK;
+        assert!((0..c).all(|i| !lower(i)));
+        assert!((c..2 * c).any(lower) && !(c..2 * c).all(lower));
+        assert!((2 * c..3 * c).all(lower));
+        assert!((3 * c..n).any(lower) && !(3 * c..n).all(lower));
 
         let mut y = vec![0.0f32; n];
         adjust_plane_impl(&x, &rx, &mut y, rw, nu, eta);

@@ -53,8 +53,7 @@ mod gpu {
     /// Opens the device, or explains loudly why nothing runs (then `None`).
     pub fn open() -> Option<Env> {
         let test_mode = std::env::args().any(|a| a == "--test");
-        // SAFETY: is_culib_present only dlopen()s the driver's candidate names.
-        let real = unsafe { cudarc::driver::sys::is_culib_present() };
+        let real = activation_kernels::cuda::real_driver_present();
         let emulated = if real {
             false
         } else {

@@ -38,10 +38,35 @@ struct Emu {
 
 static EMU: OnceLock<std::result::Result<Emu, EmuError>> = OnceLock::new();
 
+/// glibc's `RTLD_NOLOAD` (not exported by libloading): find, never load.
+const RTLD_NOLOAD: std::ffi::c_int = 4;
+
+/// The emulated driver if it is already in this process (installed, or linked into
+/// the binary as its `libcuda.so` with features `emulate` + `candle-cuda`).
+fn already_loaded() -> Option<libloading::Library> {
+    // SAFETY: RTLD_NOLOAD only looks the library up among those already loaded.
+    unsafe {
+        libloading::os::unix::Library::open(
+            Some(env!("AK_EMU_LIB")),
+            libloading::os::unix::RTLD_NOW | RTLD_NOLOAD,
+        )
+    }
+    .ok()
+    .map(Into::into)
+}
+
+/// Whether the emulated driver is loaded in this process.
+pub(crate) fn emulator_loaded() -> bool {
+    already_loaded().is_some()
+}
+
 fn load() -> std::result::Result<Emu, EmuError> {
-    // SAFETY: is_culib_present only dlopen()s the driver's candidate names and
-    // drops the handles; it runs no driver code.
-    if unsafe { cudarc::driver::sys::is_culib_present() } {
+    // With features `emulate` + `candle-cuda` the test binaries are linked against
+    // the emulator (cudarc's `dynamic-linking`; build.rs): it is already the driver.
+    if let Some(lib) = already_loaded() {
+        return Ok(Emu { lib });
+    }
+    if crate::cuda::real_driver_present() {
         return Err(EmuError::RealDriverPresent);
     }
     let path = env!("AK_EMU_LIB");

@@ -31,6 +31,8 @@
 //! differentiable).
 
 pub mod acon_ops;
+#[cfg(feature = "candle-cuda")]
+pub mod cuda;
 pub mod nn;
 pub mod ops;
 
@@ -75,10 +77,13 @@ pub(crate) fn host<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
 }
 
-/// `Err(UnsupportedDTypeForOp)` unless `dt` is f32 or f64.
+/// `Err(UnsupportedDTypeForOp)` unless `dt` is f32 or f64 (or, with feature
+/// `candle-cuda`, f16/bf16, which the CUDA ops take; the CPU ops still reject them).
 pub(crate) fn check_float(dt: DType, op: &'static str) -> candle_core::Result<()> {
     match dt {
         DType::F32 | DType::F64 => Ok(()),
+        #[cfg(feature = "candle-cuda")]
+        DType::F16 | DType::BF16 => Ok(()),
         dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, op)),
     }
 }

@@ -53,7 +53,7 @@ fn pack(parts: &[&Tensor]) -> CResult<Tensor> {
 }
 
 /// Splits `v` into consecutive slices of the given lengths (`Err` if they do not add up).
-fn split<'a, T>(op: &str, v: &'a [T], lens: &[usize]) -> CResult<Vec<&'a [T]>> {
+pub(crate) fn split<'a, T>(op: &str, v: &'a [T], lens: &[usize]) -> CResult<Vec<&'a [T]>> {
     let total: usize = lens.iter().sum();
     if total != v.len() {
         return Err(op_err(
@@ -151,6 +151,16 @@ impl CustomOp2 for AconCOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "acon_c", acon_c_fwd(self, s1, l1, s2, l2))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::acon_c_fwd(self, s1, l1, s2, l2)
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -158,6 +168,10 @@ impl CustomOp2 for AconCOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::acon_c_bwd(self, x, p, g);
+        }
         by_dtype!(x.dtype(), "acon_c", acon_c_bwd(self, x, p, g))
     }
 }
@@ -777,7 +791,19 @@ impl CustomOp1 for TauOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &CLayout) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s.dtype(), "aiec_tau", tau_fwd(self, s, l))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::tau_fwd(self, s, l)
+    }
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::tau_bwd(self, x, g);
+        }
         by_dtype!(x.dtype(), "aiec_tau", tau_bwd(self, x, g))
     }
 }

@@ -48,6 +48,26 @@ impl<T> DeviceInput<T> for CudaView<'_, T> {
     }
 }
 
+/// Whether a real CUDA driver (`libcuda`) is present in this process or loadable.
+///
+/// Works whichever way cudarc reaches the driver: loaded at run time (this crate's
+/// default), or linked into the binary (cudarc's `dynamic-linking`, which
+/// candle-core's `cuda` feature turns on). The emulated driver ([`crate::emu`]) is
+/// never counted as real, whether it was installed with `emu::install()` or linked
+/// in (features `emulate` + `candle-cuda`).
+pub fn real_driver_present() -> bool {
+    #[cfg(feature = "emulate")]
+    if crate::emu::emulator_loaded() {
+        return false;
+    }
+    // The names cudarc tries for the driver on Linux.
+    ["libcuda.so", "libcuda.so.1"].iter().any(|name| {
+        // SAFETY: opens (or finds already loaded) a driver library by name and drops
+        // the handle; the driver's initialisers do not run our code.
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
+}
+
 /// Threads per block of the elementwise and reduction kernels (a multiple of 32).
 pub(crate) const BLOCK: u32 = 256;
 

@@ -21,8 +21,7 @@ pub struct Gpu {
 
 pub fn gpu() -> Option<Gpu> {
     let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: only dlopen()s candidate driver names.
-    let real = unsafe { cudarc::driver::sys::is_culib_present() };
+    let real = activation_kernels::cuda::real_driver_present();
     let emulated = if real {
         false
     } else {

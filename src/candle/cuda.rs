@@ -1,0 +1,364 @@
+//! The candle ops on candle's CUDA device (feature `candle-cuda`): each op's
+//! `cuda_fwd` runs this crate's kernels ([`crate::cuda`]) on the candle device's own
+//! stream, and each op's `bwd` on a CUDA tensor applies a *backward op* whose
+//! `cuda_fwd` runs the matching CUDA backward.
+//!
+//! * Dtypes: `f32`, `f16`, `bf16` (the kernels' storage types; arithmetic is f32). Any
+//!   other dtype is `Error::UnsupportedDTypeForOp`, never a panic.
+//! * Inputs must be contiguous (the public functions in [`super::ops`] make them so);
+//!   a strided input is an error naming the op.
+//! * Parameter packs arrive in the activation's dtype (as on the CPU); the kernels take
+//!   f32 parameters, so the pack (`3·C` values for ACON-C) is widened to f32 through
+//!   the host: one small synchronous copy each way per call.
+//! * Backward: candle keeps no state between forward and backward, so the backward
+//!   op recomputes what the CUDA backward needs. It outputs ONE packed 1-D tensor —
+//!   the gradient of every input, flattened and concatenated in input order, in the
+//!   activation's dtype (parameter gradients are f32 on the device and rounded once)
+//!   — which `bwd` splits with `narrow` + `reshape` (views: no kernel runs). The CUDA
+//!   path of an op therefore launches only this crate's kernels.
+//!
+//! Tested on the emulated device (features `emulate` + `candle-cuda`,
+//! `tests/candle_cuda.rs`): forward and backward ops against the CPU reference. A
+//! whole `loss.backward()` on a CUDA tensor also needs candle's own kernels (fill,
+//! add, copy) which the emulated device cannot run; it is untested here.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::CudaDType;
+use candle_core::{CudaStorage, DType as CDType, Layout as CLayout, Shape, Tensor};
+
+use super::{act_shape, cerr, check_dims, op_err};
+use crate::cuda::{self as kc, CudaSlice, CudaStream, CudaView, DType};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Element types of the CUDA ops: both a candle CUDA dtype and a kernel dtype.
+pub(crate) trait CudaEl: DType + CudaDType + candle_core::WithDType {}
+impl CudaEl for f32 {}
+impl CudaEl for half::f16 {}
+impl CudaEl for half::bf16 {}
+
+/// Calls `$f::<f32|f16|bf16>` by `$dt`; any other dtype is `UnsupportedDTypeForOp`.
+macro_rules! by_cuda_dtype {
+    ($dt:expr, $name:expr, $f:ident ( $($a:expr),* $(,)? )) => {
+        match $dt {
+            CDType::F32 => $f::<f32>($($a),*),
+            CDType::F16 => $f::<half::f16>($($a),*),
+            CDType::BF16 => $f::<half::bf16>($($a),*),
+            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, $name)),
+        }
+    };
+}
+
+/// The candle device's stream (our kernels run on it, ordered with candle's work).
+fn stream(s: &CudaStorage) -> Arc<CudaStream> {
+    s.device().cuda_stream()
+}
+
+/// The contiguous elements of a storage as a device view.
+fn view<'a, T: CudaEl>(op: &str, s: &'a CudaStorage, l: &CLayout) -> CResult<CudaView<'a, T>> {
+    if s.dtype() != T::DTYPE {
+        return Err(op_err(
+            op,
+            format!(
+                "inputs must share one dtype, got {:?} and {:?}",
+                T::DTYPE,
+                s.dtype()
+            ),
+        ));
+    }
+    let slice = s.as_cuda_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= slice.len() => Ok(slice.slice(a..b)),
+        _ => Err(op_err(op, "input is not contiguous")),
+    }
+}
+
+/// Device `T` values widened to f32 on the host (parameter packs).
+fn host_f32<T: CudaEl>(st: &Arc<CudaStream>, v: &CudaView<'_, T>) -> CResult<Vec<f32>> {
+    let host = st.clone_dtoh(v).map_err(kc_err)?;
+    Ok(host.iter().map(|x| x.to_f32()).collect())
+}
+
+/// Uploads consecutive pieces of `v` of the given lengths as f32 device buffers.
+fn upload_parts(st: &Arc<CudaStream>, v: &[f32], lens: &[usize]) -> CResult<Vec<CudaSlice<f32>>> {
+    let parts = super::ops::split("upload", v, lens)?;
+    parts
+        .into_iter()
+        .map(|p| st.clone_htod(p).map_err(kc_err))
+        .collect()
+}
+
+fn kc_err(e: impl Into<crate::Error>) -> candle_core::Error {
+    cerr(e.into())
+}
+
+/// Packs gradients into one `T` buffer: device `T` parts copied on the device, f32
+/// parts rounded to `T` through the host, in the given order.
+pub(crate) enum Part<'a, T> {
+    /// A gradient already in the storage dtype.
+    Dev(&'a CudaSlice<T>),
+    /// An f32 parameter gradient.
+    F32(&'a CudaSlice<f32>),
+}
+
+fn pack<T: CudaEl>(st: &Arc<CudaStream>, parts: &[Part<'_, T>]) -> CResult<CudaSlice<T>> {
+    let len = |p: &Part<'_, T>| match p {
+        Part::Dev(s) => s.len(),
+        Part::F32(s) => s.len(),
+    };
+    let total: usize = parts.iter().map(len).sum();
+    let mut out = st.alloc_zeros::<T>(total.max(1)).map_err(kc_err)?;
+    let mut at = 0;
+    for p in parts {
+        let n = len(p);
+        if n == 0 {
+            continue;
+        }
+        let mut dst = out.slice_mut(at..at + n);
+        match p {
+            Part::Dev(s) => st.memcpy_dtod(*s, &mut dst).map_err(kc_err)?,
+            Part::F32(s) => {
+                let host = st.clone_dtoh(*s).map_err(kc_err)?;
+                let narrow: Vec<T> = host.iter().map(|&x| T::from_f32(x)).collect();
+                st.memcpy_htod(&narrow, &mut dst).map_err(kc_err)?;
+            }
+        }
+        at += n;
+    }
+    if total == 0 {
+        return Err(op_err("pack", "no gradients"));
+    }
+    Ok(out)
+}
+
+fn wrap<T: CudaEl>(s: &CudaStorage, y: CudaSlice<T>) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(y, s.device().clone())
+}
+
+/// Splits a packed gradient (1-D) into tensors of the given shapes (views).
+pub(crate) fn unpack(packed: &Tensor, shapes: &[&Shape]) -> CResult<Vec<Tensor>> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(shapes.len());
+    for s in shapes {
+        let n = s.elem_count();
+        out.push(packed.narrow(0, at, n)?.reshape(*s)?);
+        at += n;
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// TAU
+
+fn tau_fwd_t<T: CudaEl>(tau: f64, s: &CudaStorage, l: &CLayout) -> CResult<(CudaStorage, Shape)> {
+    let st = stream(s);
+    let x = view::<T>("aiec_tau", s, l)?;
+    let y = kc::aiec::tau_forward(&st, &x, tau as f32).map_err(cerr)?;
+    Ok((wrap(s, y), l.shape().clone()))
+}
+
+/// `TauOp::cuda_fwd`.
+pub(crate) fn tau_fwd(
+    op: &super::ops::TauOp,
+    s: &CudaStorage,
+    l: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(s.dtype(), "aiec_tau", tau_fwd_t(op.tau, s, l))
+}
+
+/// TAU backward as an op of `(x, dA)`: output `dx` (same dims as `x`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TauBwdOp {
+    /// Threshold τ.
+    pub tau: f64,
+}
+
+fn tau_bwd_t<T: CudaEl>(
+    tau: f64,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "aiec_tau_bwd";
+    check_dims(name, "dA", l2.dims(), l1.dims())?;
+    let st = stream(s1);
+    let (x, g) = (view::<T>(name, s1, l1)?, view::<T>(name, s2, l2)?);
+    let dx = kc::aiec::tau_backward(&st, &g, &x, tau as f32).map_err(cerr)?;
+    Ok((wrap(s1, dx), l1.shape().clone()))
+}
+
+impl candle_core::CustomOp2 for TauBwdOp {
+    fn name(&self) -> &'static str {
+        "aiec_tau_bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+    ) -> CResult<(candle_core::CpuStorage, Shape)> {
+        Err(op_err(
+            self.name(),
+            "CUDA only (the CPU backward is TauOp::bwd)",
+        ))
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &CLayout,
+        s2: &CudaStorage,
+        l2: &CLayout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        by_cuda_dtype!(
+            s1.dtype(),
+            "aiec_tau_bwd",
+            tau_bwd_t(self.tau, s1, l1, s2, l2)
+        )
+    }
+}
+
+/// `TauOp::bwd` for a CUDA tensor.
+pub(crate) fn tau_bwd(op: &super::ops::TauOp, x: &Tensor, g: &Tensor) -> CResult<Option<Tensor>> {
+    Ok(Some(x.apply_op2_no_bwd(
+        &g.contiguous()?,
+        &TauBwdOp { tau: op.tau },
+    )?))
+}
+
+// ---------------------------------------------------------------------------
+// ACON-C
+
+/// ACON-C's x shape and `[p1, p2, β]` on the device as f32.
+fn acon_c_inputs<'a, T: CudaEl>(
+    name: &str,
+    op: &super::ops::AconCOp,
+    s1: &'a CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(crate::ActShape, CudaView<'a, T>, Vec<CudaSlice<f32>>)> {
+    let shape = act_shape(name, l1.dims(), op.layout)?;
+    let c = shape.c;
+    check_dims(name, "p = [p1; p2; beta]", l2.dims(), &[3, c])?;
+    let st = stream(s1);
+    let x = view::<T>(name, s1, l1)?;
+    let p = host_f32(&st, &view::<T>(name, s2, l2)?)?;
+    Ok((shape, x, upload_parts(&st, &p, &[c, c, c])?))
+}
+
+fn acon_c_fwd_t<T: CudaEl>(
+    op: &super::ops::AconCOp,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    let (shape, x, p) = acon_c_inputs::<T>("acon_c", op, s1, l1, s2, l2)?;
+    let st = stream(s1);
+    let beta = kc::acon::Beta::PerChannel(&p[2]);
+    let y = kc::acon::acon_c_forward(&st, &shape, &x, &p[0], &p[1], beta).map_err(cerr)?;
+    Ok((wrap(s1, y), l1.shape().clone()))
+}
+
+/// `AconCOp::cuda_fwd`.
+pub(crate) fn acon_c_fwd(
+    op: &super::ops::AconCOp,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(s1.dtype(), "acon_c", acon_c_fwd_t(op, s1, l1, s2, l2))
+}
+
+/// ACON-C backward as an op of `(x, p, dy)`: output the packed `[dx; dp]` (1-D,
+/// `numel(x) + 3·C`), `dp` = `[dp1; dp2; dβ]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AconCBwdOp {
+    /// The forward op.
+    pub fwd: super::ops::AconCOp,
+}
+
+fn acon_c_bwd_t<T: CudaEl>(
+    op: &super::ops::AconCOp,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+    s3: &CudaStorage,
+    l3: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "acon_c_bwd";
+    let (shape, x, p) = acon_c_inputs::<T>(name, op, s1, l1, s2, l2)?;
+    check_dims(name, "dy", l3.dims(), l1.dims())?;
+    let dy = view::<T>(name, s3, l3)?;
+    let st = stream(s1);
+    let beta = kc::acon::Beta::PerChannel(&p[2]);
+    let g = kc::acon::acon_c_backward(&st, &shape, &dy, &x, &p[0], &p[1], beta).map_err(cerr)?;
+    let dbeta = g
+        .dbeta
+        .as_ref()
+        .ok_or_else(|| op_err(name, "no dbeta from a per-channel beta"))?;
+    let out = pack(
+        &st,
+        &[
+            Part::Dev(&g.dx),
+            Part::F32(&g.dp1),
+            Part::F32(&g.dp2),
+            Part::F32(dbeta),
+        ],
+    )?;
+    let len = out.len();
+    Ok((wrap(s1, out), Shape::from(len)))
+}
+
+impl candle_core::CustomOp3 for AconCBwdOp {
+    fn name(&self) -> &'static str {
+        "acon_c_bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+    ) -> CResult<(candle_core::CpuStorage, Shape)> {
+        Err(op_err(
+            self.name(),
+            "CUDA only (the CPU backward is AconCOp::bwd)",
+        ))
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &CLayout,
+        s2: &CudaStorage,
+        l2: &CLayout,
+        s3: &CudaStorage,
+        l3: &CLayout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        by_cuda_dtype!(
+            s1.dtype(),
+            "acon_c_bwd",
+            acon_c_bwd_t(&self.fwd, s1, l1, s2, l2, s3, l3)
+        )
+    }
+}
+
+/// `AconCOp::bwd` for CUDA tensors: `(dx, dp)`.
+pub(crate) fn acon_c_bwd(
+    op: &super::ops::AconCOp,
+    x: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let packed = x.apply_op3_no_bwd(p, &g.contiguous()?, &AconCBwdOp { fwd: *op })?;
+    let mut v = unpack(&packed, &[x.shape(), p.shape()])?.into_iter();
+    Ok((v.next(), v.next()))
+}

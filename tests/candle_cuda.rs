@@ -1,0 +1,230 @@
+//! candle ops on candle's CUDA device (feature `candle-cuda`), run on the emulated
+//! device (feature `emulate`: the test binary is linked against the emulated driver
+//! and stub CUDA libraries, see build.rs): forward (`cuda_fwd`) and backward (the
+//! ops' `bwd`, which applies a CUDA backward op) of every op with a CUDA path,
+//! f32 / f16 / bf16, ragged shapes, against the CPU ops in f64 on the same
+//! dtype-rounded inputs; bad input is an `Err`.
+//!
+//! Only candle operations that run no candle kernel are used on the device:
+//! host↔device copies (`Tensor::new`/`to_device`), views (`narrow`, `reshape`) and
+//! our ops. A full `loss.backward()` also runs candle's own kernels (fill, add),
+//! which the emulated device cannot run.
+//!
+//! Tolerance: an element passes if `|got − ref| ≤ u·|ref| + e·max|ref|` with `u`
+//! the unit roundoff of the storage dtype (2^-24 f32, 2^-11 f16, 2^-8 bf16 — every
+//! output and every packed gradient is rounded to storage once) and `e` the f32
+//! arithmetic term: 1e-5 elementwise (f32 math and the `__expf` sigmoid, see
+//! tests/parity_acon.rs), 1e-4 for parameter gradients (f32 sums of up to N·S
+//! terms).
+#![cfg(all(feature = "candle-cuda", feature = "emulate"))]
+
+use activation_kernels::candle::cuda::{AconCBwdOp, TauBwdOp};
+use activation_kernels::candle::ops::{AconCOp, TauOp};
+use activation_kernels::Layout;
+use candle_core::{CustomOp1, CustomOp2, DType, Device, Tensor};
+
+const E_ELEM: f64 = 1e-5;
+const E_RED: f64 = 1e-4;
+
+fn dev() -> Device {
+    activation_kernels::emu::install().expect("emulated device");
+    assert!(
+        !activation_kernels::cuda::real_driver_present(),
+        "the emulator must not count as a real driver"
+    );
+    Device::new_cuda(0).expect("candle CudaDevice on the emulated driver")
+}
+
+fn unit(dt: DType) -> f64 {
+    match dt {
+        DType::F32 => 2f64.powi(-24),
+        DType::F16 => 2f64.powi(-11),
+        _ => 2f64.powi(-8),
+    }
+}
+
+/// Deterministic ragged test data in [-3, 3).
+fn data(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 6.0 - 3.0
+        })
+        .collect()
+}
+
+/// `v` rounded to `dt` (via f32), as a tensor of `dt` on `device` and as exact f64
+/// values on the CPU.
+fn input(v: &[f64], dims: &[usize], dt: DType, device: &Device) -> (Tensor, Tensor) {
+    let f: Vec<f32> = v.iter().map(|&a| a as f32).collect();
+    let t = Tensor::from_vec(f, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dt)
+        .unwrap();
+    let exact = t.to_dtype(DType::F64).unwrap();
+    (t.to_device(device).unwrap(), exact)
+}
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+fn check(name: &str, got: &[f64], want: &[f64], u: f64, e: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let m = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = u * w.abs() + e * m + 1e-30;
+        assert!(
+            (g - w).abs() <= tol,
+            "{name}[{i}]: got {g}, want {w} (|err| {} > tol {tol})",
+            (g - w).abs()
+        );
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+#[test]
+fn device_opens_and_round_trips() {
+    let d = dev();
+    assert!(d.is_cuda());
+    let t = Tensor::new(&[1f32, 2.0, 3.0], &d).unwrap();
+    assert_eq!(
+        t.to_device(&Device::Cpu).unwrap().to_vec1::<f32>().unwrap(),
+        [1.0, 2.0, 3.0]
+    );
+}
+
+#[test]
+fn tau_forward_backward() {
+    let d = dev();
+    for dt in DTYPES {
+        for dims in [vec![3usize, 5, 7], vec![1, 33], vec![2, 3, 1, 9]] {
+            let n: usize = dims.iter().product();
+            let (x, xc) = input(&data(n, 1), &dims, dt, &d);
+            let (g, gc) = input(&data(n, 2), &dims, dt, &d);
+            let op = TauOp { tau: 0.5 };
+            let y = x.apply_op1_no_bwd(&op).unwrap();
+            assert_eq!(y.dtype(), dt);
+            let want = xc.apply_op1_no_bwd(&op).unwrap();
+            // TAU is exact: every output is an input or 0.
+            check("tau y", &host(&y), &host(&want), 0.0, 0.0);
+            let dx = op.bwd(&x, &y, &g).unwrap().unwrap();
+            let want = op.bwd(&xc, &want, &gc).unwrap().unwrap();
+            assert_eq!(dx.dims(), &dims[..]);
+            check("tau dx", &host(&dx), &host(&want), 0.0, 0.0);
+            // The backward op directly too.
+            let dx2 = x.apply_op2_no_bwd(&g, &TauBwdOp { tau: 0.5 }).unwrap();
+            check("tau dx (op)", &host(&dx2), &host(&want), 0.0, 0.0);
+        }
+    }
+}
+
+#[test]
+fn acon_c_forward_backward() {
+    let d = dev();
+    for dt in DTYPES {
+        for (dims, layout) in [
+            (vec![2usize, 3, 5, 7], Layout::Nchw),
+            (vec![3, 5], Layout::Nchw),
+            (vec![2, 9, 5], Layout::Nlc),
+            (vec![1, 33, 3], Layout::Nlc),
+        ] {
+            let n: usize = dims.iter().product();
+            let c = if layout == Layout::Nlc {
+                dims[2]
+            } else {
+                dims[1]
+            };
+            let (x, xc) = input(&data(n, 3), &dims, dt, &d);
+            let mut pv = data(3 * c, 4);
+            for b in &mut pv[2 * c..] {
+                *b = b.abs() + 0.1; // β > 0
+            }
+            let (p, pc) = input(&pv, &[3, c], dt, &d);
+            let (g, gc) = input(&data(n, 5), &dims, dt, &d);
+            let op = AconCOp { layout };
+            let y = x.apply_op2_no_bwd(&p, &op).unwrap();
+            assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+            let yc = xc.apply_op2_no_bwd(&pc, &op).unwrap();
+            let u = unit(dt);
+            check(
+                &format!("acon_c y {dt:?} {dims:?}"),
+                &host(&y),
+                &host(&yc),
+                u,
+                E_ELEM,
+            );
+            let (dx, dp) = op.bwd(&x, &p, &y, &g).unwrap();
+            let (dxc, dpc) = op.bwd(&xc, &pc, &yc, &gc).unwrap();
+            let (dx, dp) = (dx.unwrap(), dp.unwrap());
+            assert_eq!(dx.dims(), &dims[..]);
+            assert_eq!(dp.dims(), &[3, c]);
+            check("acon_c dx", &host(&dx), &host(&dxc.unwrap()), u, E_ELEM);
+            check("acon_c dp", &host(&dp), &host(&dpc.unwrap()), u, E_RED);
+            let packed = x.apply_op3_no_bwd(&p, &g, &AconCBwdOp { fwd: op }).unwrap();
+            assert_eq!(packed.dims(), &[n + 3 * c]);
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let d = dev();
+    // f64 and u8 have no CUDA kernels.
+    for dt in [DType::F64, DType::U8] {
+        let x = Tensor::zeros((2, 3), dt, &d).unwrap();
+        let err = x.apply_op1_no_bwd(&TauOp { tau: 0.5 }).unwrap_err();
+        assert!(
+            matches!(err, candle_core::Error::UnsupportedDTypeForOp(..)),
+            "{err}"
+        );
+    }
+    let (x, _) = input(&data(30, 1), &[2, 3, 5], DType::F32, &d);
+    // Wrong parameter dims.
+    let (p, _) = input(&data(8, 1), &[2, 4], DType::F32, &d);
+    assert!(x
+        .apply_op2_no_bwd(
+            &p,
+            &AconCOp {
+                layout: Layout::Nchw
+            }
+        )
+        .is_err());
+    // Rank 1 activations.
+    let (x1, _) = input(&data(6, 1), &[6], DType::F32, &d);
+    let (p3, _) = input(&data(9, 1), &[3, 3], DType::F32, &d);
+    assert!(x1
+        .apply_op2_no_bwd(
+            &p3,
+            &AconCOp {
+                layout: Layout::Nchw
+            }
+        )
+        .is_err());
+    // Mixed dtypes.
+    let (p16, _) = input(&data(9, 1), &[3, 3], DType::F16, &d);
+    assert!(x
+        .apply_op2_no_bwd(
+            &p16,
+            &AconCOp {
+                layout: Layout::Nchw
+            }
+        )
+        .is_err());
+    // Negative τ.
+    assert!(x.apply_op1_no_bwd(&TauOp { tau: -1.0 }).is_err());
+    // A strided (transposed) input.
+    let xt = x.transpose(1, 2).unwrap();
+    assert!(xt.apply_op1_no_bwd(&TauOp { tau: 0.5 }).is_err());
+}

@@ -18,8 +18,8 @@
 //! terms).
 #![cfg(all(feature = "candle-cuda", feature = "emulate"))]
 
-use activation_kernels::candle::cuda::{AconCBwdOp, TauBwdOp};
-use activation_kernels::candle::ops::{AconCOp, TauOp};
+use activation_kernels::candle::cuda::{AconABwdOp, AconBBwdOp, AconCBwdOp, TauBwdOp};
+use activation_kernels::candle::ops::{AconAOp, AconBOp, AconCOp, TauOp};
 use activation_kernels::Layout;
 use candle_core::{CustomOp1, CustomOp2, DType, Device, Tensor};
 
@@ -93,6 +93,21 @@ fn check(name: &str, got: &[f64], want: &[f64], u: f64, e: f64) {
 }
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Ragged activation shapes in both layouts, with their channel count.
+fn act_cases() -> Vec<(Vec<usize>, Layout, usize)> {
+    vec![
+        (vec![2, 3, 5, 7], Layout::Nchw, 3),
+        (vec![3, 5], Layout::Nchw, 5),
+        (vec![2, 9, 5], Layout::Nlc, 5),
+        (vec![1, 33, 3], Layout::Nlc, 3),
+    ]
+}
+
+/// `n` test values made positive (β > 0): `|v| + 0.1`.
+fn positive(n: usize, seed: u64) -> Vec<f64> {
+    data(n, seed).iter().map(|b| b.abs() + 0.1).collect()
+}
 
 #[test]
 fn device_opens_and_round_trips() {
@@ -179,6 +194,88 @@ fn acon_c_forward_backward() {
 }
 
 #[test]
+fn acon_a_forward_backward() {
+    let d = dev();
+    for dt in DTYPES {
+        for (dims, layout, c) in act_cases() {
+            let n: usize = dims.iter().product();
+            let (x, xc) = input(&data(n, 6), &dims, dt, &d);
+            let (b, bc) = input(&positive(c, 7), &[c], dt, &d);
+            let (g, gc) = input(&data(n, 8), &dims, dt, &d);
+            let op = AconAOp { layout };
+            let y = x.apply_op2_no_bwd(&b, &op).unwrap();
+            assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+            let yc = xc.apply_op2_no_bwd(&bc, &op).unwrap();
+            let u = unit(dt);
+            let what = format!("acon_a {dt:?} {dims:?}");
+            check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
+            let (dx, db) = op.bwd(&x, &b, &y, &g).unwrap();
+            let (dxc, dbc) = op.bwd(&xc, &bc, &yc, &gc).unwrap();
+            let (dx, db) = (dx.unwrap(), db.unwrap());
+            assert_eq!((dx.dims(), db.dims()), (&dims[..], &[c][..]));
+            check(
+                &format!("{what} dx"),
+                &host(&dx),
+                &host(&dxc.unwrap()),
+                u,
+                E_ELEM,
+            );
+            check(
+                &format!("{what} dbeta"),
+                &host(&db),
+                &host(&dbc.unwrap()),
+                u,
+                E_RED,
+            );
+            let packed = x.apply_op3_no_bwd(&b, &g, &AconABwdOp { fwd: op }).unwrap();
+            assert_eq!(packed.dims(), &[n + c]);
+        }
+    }
+}
+
+#[test]
+fn acon_b_forward_backward() {
+    let d = dev();
+    for dt in DTYPES {
+        for (dims, layout, c) in act_cases() {
+            let n: usize = dims.iter().product();
+            let (x, xc) = input(&data(n, 9), &dims, dt, &d);
+            let mut pv = data(c, 10);
+            pv.extend(positive(c, 11));
+            let (p, pc) = input(&pv, &[2, c], dt, &d);
+            let (g, gc) = input(&data(n, 12), &dims, dt, &d);
+            let op = AconBOp { layout };
+            let y = x.apply_op2_no_bwd(&p, &op).unwrap();
+            assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+            let yc = xc.apply_op2_no_bwd(&pc, &op).unwrap();
+            let u = unit(dt);
+            let what = format!("acon_b {dt:?} {dims:?}");
+            check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
+            let (dx, dp) = op.bwd(&x, &p, &y, &g).unwrap();
+            let (dxc, dpc) = op.bwd(&xc, &pc, &yc, &gc).unwrap();
+            let (dx, dp) = (dx.unwrap(), dp.unwrap());
+            assert_eq!((dx.dims(), dp.dims()), (&dims[..], &[2, c][..]));
+            check(
+                &format!("{what} dx"),
+                &host(&dx),
+                &host(&dxc.unwrap()),
+                u,
+                E_ELEM,
+            );
+            check(
+                &format!("{what} dp"),
+                &host(&dp),
+                &host(&dpc.unwrap()),
+                u,
+                E_RED,
+            );
+            let packed = x.apply_op3_no_bwd(&p, &g, &AconBBwdOp { fwd: op }).unwrap();
+            assert_eq!(packed.dims(), &[n + 2 * c]);
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_an_error() {
     let d = dev();
     // f64 and u8 have no CUDA kernels.
@@ -221,6 +318,43 @@ fn bad_input_is_an_error() {
                 layout: Layout::Nchw
             }
         )
+        .is_err());
+    // ACON-A / ACON-B: wrong parameter dims, mixed dtypes, f64, and dy of the wrong dims.
+    let nchw = Layout::Nchw;
+    let (b4, _) = input(&data(4, 1), &[4], DType::F32, &d);
+    assert!(x.apply_op2_no_bwd(&b4, &AconAOp { layout: nchw }).is_err());
+    let (b3_16, _) = input(&data(3, 1), &[3], DType::F16, &d);
+    assert!(x
+        .apply_op2_no_bwd(&b3_16, &AconAOp { layout: nchw })
+        .is_err());
+    let (pb, _) = input(&data(6, 1), &[2, 3], DType::F32, &d);
+    assert!(x.apply_op2_no_bwd(&p, &AconBOp { layout: nchw }).is_err());
+    assert!(x
+        .apply_op2_no_bwd(
+            &pb,
+            &AconBOp {
+                layout: Layout::Nlc
+            }
+        )
+        .is_err());
+    let x64 = Tensor::zeros((2, 3, 5), DType::F64, &d).unwrap();
+    let pb64 = Tensor::zeros((2, 3), DType::F64, &d).unwrap();
+    let err = x64
+        .apply_op2_no_bwd(&pb64, &AconBOp { layout: nchw })
+        .unwrap_err();
+    assert!(
+        matches!(err, candle_core::Error::UnsupportedDTypeForOp(..)),
+        "{err}"
+    );
+    let (b3, _) = input(&data(3, 1), &[3], DType::F32, &d);
+    let (g_bad, _) = input(&data(30, 1), &[2, 5, 3], DType::F32, &d);
+    let fwd = AconAOp { layout: nchw };
+    assert!(x
+        .apply_op3_no_bwd(&b3, &g_bad, &AconABwdOp { fwd })
+        .is_err());
+    let fwd = AconBOp { layout: nchw };
+    assert!(x
+        .apply_op3_no_bwd(&pb, &g_bad, &AconBBwdOp { fwd })
         .is_err());
     // Negative τ.
     assert!(x.apply_op1_no_bwd(&TauOp { tau: -1.0 }).is_err());

@@ -90,7 +90,21 @@ impl CustomOp2 for AconAOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "acon_a", acon_a_fwd(self, s1, l1, s2, l2))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::acon_a_fwd(self, s1, l1, s2, l2)
+    }
     fn bwd(&self, x: &Tensor, beta: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads2> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::acon_a_bwd(self, x, beta, g);
+        }
         by_dtype!(x.dtype(), "acon_a", acon_a_bwd(self, x, beta, g))
     }
 }
@@ -165,7 +179,21 @@ impl CustomOp2 for AconBOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "acon_b", acon_b_fwd(self, s1, l1, s2, l2))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::acon_b_fwd(self, s1, l1, s2, l2)
+    }
     fn bwd(&self, x: &Tensor, pb: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads2> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::acon_b_bwd(self, x, pb, g);
+        }
         by_dtype!(x.dtype(), "acon_b", acon_b_bwd(self, x, pb, g))
     }
 }

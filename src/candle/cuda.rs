@@ -362,3 +362,231 @@ pub(crate) fn acon_c_bwd(
     let mut v = unpack(&packed, &[x.shape(), p.shape()])?.into_iter();
     Ok((v.next(), v.next()))
 }
+
+// ---------------------------------------------------------------------------
+// Shared helpers of the ops below.
+
+/// `x`'s [`crate::ActShape`] and view, and the parameter pack (input 2, dims
+/// `pdims(C)`) widened to f32 and uploaded in pieces of the given lengths.
+#[allow(clippy::type_complexity)]
+fn x_and_params<'a, T: CudaEl>(
+    name: &str,
+    layout: crate::Layout,
+    (s1, l1): (&'a CudaStorage, &CLayout),
+    (s2, l2): (&CudaStorage, &CLayout),
+    pdims: &[usize],
+    lens: &[usize],
+) -> CResult<(crate::ActShape, CudaView<'a, T>, Vec<CudaSlice<f32>>)> {
+    let shape = act_shape(name, l1.dims(), layout)?;
+    check_dims(name, "parameter pack", l2.dims(), pdims)?;
+    let st = stream(s1);
+    let x = view::<T>(name, s1, l1)?;
+    let p = host_f32(&st, &view::<T>(name, s2, l2)?)?;
+    Ok((shape, x, upload_parts(&st, &p, lens)?))
+}
+
+/// `CustomOp3` for a CUDA-only backward op of `(x, params, dy)`: `cpu_fwd` is an
+/// error, `cuda_fwd` calls `$f::<T>(&self.fwd, ...)` by dtype.
+macro_rules! cuda_bwd_op3 {
+    ($ty:ty, $name:expr, $cpu:expr, $f:ident) => {
+        impl candle_core::CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &CLayout,
+                _: &candle_core::CpuStorage,
+                _: &CLayout,
+                _: &candle_core::CpuStorage,
+                _: &CLayout,
+            ) -> CResult<(candle_core::CpuStorage, Shape)> {
+                Err(op_err(
+                    $name,
+                    concat!("CUDA only (the CPU backward is ", $cpu, ")"),
+                ))
+            }
+            fn cuda_fwd(
+                &self,
+                s1: &CudaStorage,
+                l1: &CLayout,
+                s2: &CudaStorage,
+                l2: &CLayout,
+                s3: &CudaStorage,
+                l3: &CLayout,
+            ) -> CResult<(CudaStorage, Shape)> {
+                by_cuda_dtype!(
+                    s1.dtype(),
+                    $name,
+                    $f(&self.fwd, (s1, l1), (s2, l2), (s3, l3))
+                )
+            }
+        }
+    };
+}
+
+/// A packed gradient as the op's output storage and 1-D shape.
+fn packed_out<T: CudaEl>(
+    s: &CudaStorage,
+    st: &Arc<CudaStream>,
+    parts: &[Part<'_, T>],
+) -> CResult<(CudaStorage, Shape)> {
+    let out = pack(st, parts)?;
+    let len = out.len();
+    Ok((wrap(s, out), Shape::from(len)))
+}
+
+/// `dy`'s view after checking its dims against `x`'s.
+fn dy_view<'a, T: CudaEl>(
+    name: &str,
+    (s3, l3): (&'a CudaStorage, &CLayout),
+    l1: &CLayout,
+) -> CResult<CudaView<'a, T>> {
+    check_dims(name, "dy", l3.dims(), l1.dims())?;
+    view::<T>(name, s3, l3)
+}
+
+fn need<'a>(name: &str, g: &'a Option<CudaSlice<f32>>, what: &str) -> CResult<&'a CudaSlice<f32>> {
+    g.as_ref()
+        .ok_or_else(|| op_err(name, format!("the kernels returned no {what}")))
+}
+
+type Sl<'a> = (&'a CudaStorage, &'a CLayout);
+
+// ---------------------------------------------------------------------------
+// ACON-A
+
+fn acon_a_fwd_t<T: CudaEl>(
+    op: &super::acon_ops::AconAOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let c = act_shape("acon_a", x.1.dims(), op.layout)?.c;
+    let (shape, xv, b) = x_and_params::<T>("acon_a", op.layout, x, p, &[c], &[c])?;
+    let st = stream(x.0);
+    let y = kc::acon::acon_a_forward(&st, &shape, &xv, kc::acon::Beta::PerChannel(&b[0]))
+        .map_err(cerr)?;
+    Ok((wrap(x.0, y), x.1.shape().clone()))
+}
+
+/// `AconAOp::cuda_fwd`.
+pub(crate) fn acon_a_fwd(
+    op: &super::acon_ops::AconAOp,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(s1.dtype(), "acon_a", acon_a_fwd_t(op, (s1, l1), (s2, l2)))
+}
+
+/// ACON-A backward as an op of `(x, β, dy)`: output the packed `[dx; dβ]` (1-D,
+/// `numel(x) + C`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AconABwdOp {
+    /// The forward op.
+    pub fwd: super::acon_ops::AconAOp,
+}
+
+fn acon_a_bwd_t<T: CudaEl>(
+    op: &super::acon_ops::AconAOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+    dy: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "acon_a_bwd";
+    let c = act_shape(name, x.1.dims(), op.layout)?.c;
+    let (shape, xv, b) = x_and_params::<T>(name, op.layout, x, p, &[c], &[c])?;
+    let dyv = dy_view::<T>(name, dy, x.1)?;
+    let st = stream(x.0);
+    let g = kc::acon::acon_a_backward(&st, &shape, &dyv, &xv, kc::acon::Beta::PerChannel(&b[0]))
+        .map_err(cerr)?;
+    let db = need(name, &g.dbeta, "dbeta")?;
+    packed_out(x.0, &st, &[Part::Dev(&g.dx), Part::F32(db)])
+}
+
+cuda_bwd_op3!(AconABwdOp, "acon_a_bwd", "AconAOp::bwd", acon_a_bwd_t);
+
+/// `AconAOp::bwd` for CUDA tensors: `(dx, dβ)`.
+pub(crate) fn acon_a_bwd(
+    op: &super::acon_ops::AconAOp,
+    x: &Tensor,
+    beta: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let packed = x.apply_op3_no_bwd(beta, &g.contiguous()?, &AconABwdOp { fwd: *op })?;
+    let mut v = unpack(&packed, &[x.shape(), beta.shape()])?.into_iter();
+    Ok((v.next(), v.next()))
+}
+
+// ---------------------------------------------------------------------------
+// ACON-B
+
+fn acon_b_fwd_t<T: CudaEl>(
+    op: &super::acon_ops::AconBOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "acon_b";
+    let c = act_shape(name, x.1.dims(), op.layout)?.c;
+    let (shape, xv, pb) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
+    let st = stream(x.0);
+    let beta = kc::acon::Beta::PerChannel(&pb[1]);
+    let y = kc::acon::acon_b_forward(&st, &shape, &xv, &pb[0], beta).map_err(cerr)?;
+    Ok((wrap(x.0, y), x.1.shape().clone()))
+}
+
+/// `AconBOp::cuda_fwd`.
+pub(crate) fn acon_b_fwd(
+    op: &super::acon_ops::AconBOp,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(s1.dtype(), "acon_b", acon_b_fwd_t(op, (s1, l1), (s2, l2)))
+}
+
+/// ACON-B backward as an op of `(x, [p; β], dy)`: output the packed `[dx; dp; dβ]`
+/// (1-D, `numel(x) + 2·C`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AconBBwdOp {
+    /// The forward op.
+    pub fwd: super::acon_ops::AconBOp,
+}
+
+fn acon_b_bwd_t<T: CudaEl>(
+    op: &super::acon_ops::AconBOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+    dy: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "acon_b_bwd";
+    let c = act_shape(name, x.1.dims(), op.layout)?.c;
+    let (shape, xv, pb) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
+    let dyv = dy_view::<T>(name, dy, x.1)?;
+    let st = stream(x.0);
+    let beta = kc::acon::Beta::PerChannel(&pb[1]);
+    let g = kc::acon::acon_b_backward(&st, &shape, &dyv, &xv, &pb[0], beta).map_err(cerr)?;
+    let db = need(name, &g.dbeta, "dbeta")?;
+    packed_out(
+        x.0,
+        &st,
+        &[Part::Dev(&g.dx), Part::F32(&g.dp), Part::F32(db)],
+    )
+}
+
+cuda_bwd_op3!(AconBBwdOp, "acon_b_bwd", "AconBOp::bwd", acon_b_bwd_t);
+
+/// `AconBOp::bwd` for CUDA tensors: `(dx, d[p; β])`.
+pub(crate) fn acon_b_bwd(
+    op: &super::acon_ops::AconBOp,
+    x: &Tensor,
+    pb: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let packed = x.apply_op3_no_bwd(pb, &g.contiguous()?, &AconBBwdOp { fwd: *op })?;
+    let mut v = unpack(&packed, &[x.shape(), pb.shape()])?.into_iter();
+    Ok((v.next(), v.next()))
+}

@@ -18,10 +18,14 @@
 //! terms).
 #![cfg(all(feature = "candle-cuda", feature = "emulate"))]
 
-use activation_kernels::candle::cuda::{AconABwdOp, AconBBwdOp, AconCBwdOp, TauBwdOp};
-use activation_kernels::candle::ops::{AconAOp, AconBOp, AconCOp, TauOp};
+use activation_kernels::candle::cuda::{
+    AconABwdOp, AconBBwdOp, AconCBwdOp, MetaAconCBwdOp, MetaAconCGenBwdOp, TauBwdOp,
+};
+use activation_kernels::candle::ops::{
+    AconAOp, AconBOp, AconCOp, MetaAconCGenOp, MetaAconCOp, MetaGenKind, TauOp,
+};
 use activation_kernels::Layout;
-use candle_core::{CustomOp1, CustomOp2, DType, Device, Tensor};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Device, Tensor};
 
 const E_ELEM: f64 = 1e-5;
 const E_RED: f64 = 1e-4;
@@ -276,6 +280,105 @@ fn acon_b_forward_backward() {
 }
 
 #[test]
+fn meta_acon_c_layer_pixel_forward_backward() {
+    let d = dev();
+    for dt in DTYPES {
+        for gen in [MetaGenKind::Layer, MetaGenKind::Pixel] {
+            for (dims, layout, c) in act_cases() {
+                let n: usize = dims.iter().product();
+                let (x, xc) = input(&data(n, 13), &dims, dt, &d);
+                let (p, pc) = input(&data(2 * c, 14), &[2, c], dt, &d);
+                let (g, gc) = input(&data(n, 15), &dims, dt, &d);
+                let op = MetaAconCGenOp { layout, gen };
+                let y = x.apply_op2_no_bwd(&p, &op).unwrap();
+                assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+                let yc = xc.apply_op2_no_bwd(&pc, &op).unwrap();
+                let u = unit(dt);
+                let what = format!("meta_acon_c {gen:?} {dt:?} {dims:?}");
+                // Layer-wise β is σ of an f32 sum over C·S elements: E_RED.
+                check(&format!("{what} y"), &host(&y), &host(&yc), u, E_RED);
+                let (dx, dp) = op.bwd(&x, &p, &y, &g).unwrap();
+                let (dxc, dpc) = op.bwd(&xc, &pc, &yc, &gc).unwrap();
+                let (dx, dp) = (dx.unwrap(), dp.unwrap());
+                assert_eq!((dx.dims(), dp.dims()), (&dims[..], &[2, c][..]));
+                // dx: the layer generator's share (an f32 sum) is added in place to
+                // the stored dx, so f16/bf16 dx is rounded twice; the first rounding
+                // is of the activation-only dx, whose size is that of the whole
+                // tensor, not of the (possibly cancelled) element: u·max|ref| more.
+                let dxc = host(&dxc.unwrap());
+                check(&format!("{what} dx"), &host(&dx), &dxc, u, u + E_RED);
+                check(
+                    &format!("{what} dp"),
+                    &host(&dp),
+                    &host(&dpc.unwrap()),
+                    u,
+                    E_RED,
+                );
+                let bop = MetaAconCGenBwdOp { fwd: op };
+                let packed = x.apply_op3_no_bwd(&p, &g, &bop).unwrap();
+                assert_eq!(packed.dims(), &[n + 2 * c]);
+            }
+        }
+    }
+}
+
+#[test]
+fn meta_acon_c_channel_forward_backward() {
+    let d = dev();
+    for dt in DTYPES {
+        for (b1, b2) in [(true, true), (false, true), (true, false)] {
+            for (dims, layout, c) in act_cases() {
+                let width = 2;
+                let n: usize = dims.iter().product();
+                let (x, xc) = input(&data(n, 16), &dims, dt, &d);
+                let (p, pc) = input(&data(2 * c, 17), &[2, c], dt, &d);
+                let op = MetaAconCOp {
+                    layout,
+                    width,
+                    b1,
+                    b2,
+                };
+                let glen = 2 * width * c + usize::from(b1) * width + usize::from(b2) * c;
+                let gv: Vec<f64> = data(glen, 18).iter().map(|v| v * 0.5).collect();
+                let (gp, gpc) = input(&gv, &[glen], dt, &d);
+                let (g, gc) = input(&data(n, 19), &dims, dt, &d);
+                let y = x.apply_op3_no_bwd(&p, &gp, &op).unwrap();
+                assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+                let yc = xc.apply_op3_no_bwd(&pc, &gpc, &op).unwrap();
+                let u = unit(dt);
+                let what = format!("meta_acon_c channel b1={b1} b2={b2} {dt:?} {dims:?}");
+                // β is σ of f32 sums (GAP over S, two small matrix products): E_RED.
+                check(&format!("{what} y"), &host(&y), &host(&yc), u, E_RED);
+                let (dx, dp, dgp) = op.bwd(&x, &p, &gp, &y, &g).unwrap();
+                let (dxc, dpc, dgpc) = op.bwd(&xc, &pc, &gpc, &yc, &gc).unwrap();
+                let (dx, dp, dgp) = (dx.unwrap(), dp.unwrap(), dgp.unwrap());
+                assert_eq!(dx.dims(), &dims[..]);
+                assert_eq!((dp.dims(), dgp.dims()), (&[2, c][..], &[glen][..]));
+                // dx: the generator's share is added in place (rounded twice, the
+                // first time at the activation-only dx's size: see the layer test).
+                let dxc = host(&dxc.unwrap());
+                check(&format!("{what} dx"), &host(&dx), &dxc, u, u + E_RED);
+                check(
+                    &format!("{what} dp"),
+                    &host(&dp),
+                    &host(&dpc.unwrap()),
+                    u,
+                    E_RED,
+                );
+                let dgpc = host(&dgpc.unwrap());
+                check(&format!("{what} dgen"), &host(&dgp), &dgpc, u, E_RED);
+                let bop = MetaAconCBwdOp {
+                    fwd: op,
+                    dy: g.clone(),
+                };
+                let packed = x.apply_op3_no_bwd(&p, &gp, &bop).unwrap();
+                assert_eq!(packed.dims(), &[n + 2 * c + glen]);
+            }
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_an_error() {
     let d = dev();
     // f64 and u8 have no CUDA kernels.
@@ -356,6 +459,42 @@ fn bad_input_is_an_error() {
     assert!(x
         .apply_op3_no_bwd(&pb, &g_bad, &AconBBwdOp { fwd })
         .is_err());
+    // meta-ACON-C: generator pack of the wrong length, dy on the CPU or of the
+    // wrong dims, f64.
+    let meta = MetaAconCOp {
+        layout: nchw,
+        width: 2,
+        b1: true,
+        b2: true,
+    };
+    let (gp_bad, _) = input(&data(10, 1), &[10], DType::F32, &d);
+    assert!(x.apply_op3_no_bwd(&pb, &gp_bad, &meta).is_err());
+    let (gp, _) = input(&data(17, 1), &[17], DType::F32, &d);
+    x.apply_op3_no_bwd(&pb, &gp, &meta).unwrap();
+    let dy_cpu = Tensor::zeros((2, 3, 5), DType::F32, &Device::Cpu).unwrap();
+    let bop = MetaAconCBwdOp {
+        fwd: meta,
+        dy: dy_cpu,
+    };
+    assert!(x.apply_op3_no_bwd(&pb, &gp, &bop).is_err());
+    let bop = MetaAconCBwdOp {
+        fwd: meta,
+        dy: g_bad.clone(),
+    };
+    assert!(x.apply_op3_no_bwd(&pb, &gp, &bop).is_err());
+    let gen = MetaAconCGenOp {
+        layout: nchw,
+        gen: MetaGenKind::Layer,
+    };
+    assert!(x.apply_op2_no_bwd(&b3, &gen).is_err());
+    assert!(x
+        .apply_op3_no_bwd(&pb, &g_bad, &MetaAconCGenBwdOp { fwd: gen })
+        .is_err());
+    let err = x64.apply_op2_no_bwd(&pb64, &gen).unwrap_err();
+    assert!(
+        matches!(err, candle_core::Error::UnsupportedDTypeForOp(..)),
+        "{err}"
+    );
     // Negative τ.
     assert!(x.apply_op1_no_bwd(&TauOp { tau: -1.0 }).is_err());
     // A strided (transposed) input.

@@ -231,7 +231,7 @@ impl MetaGenKind {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             MetaGenKind::Layer => "meta_acon_c_layer",
             MetaGenKind::Pixel => "meta_acon_c_pixel",
@@ -308,7 +308,21 @@ impl CustomOp2 for MetaAconCGenOp {
             meta_gen_fwd(self, s1, l1, s2, l2)
         )
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::meta_gen_fwd(self, s1, l1, s2, l2)
+    }
     fn bwd(&self, x: &Tensor, p: &Tensor, _res: &Tensor, g: &Tensor) -> CResult<Grads2> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::meta_gen_bwd(self, x, p, g);
+        }
         by_dtype!(x.dtype(), self.gen.name(), meta_gen_bwd(self, x, p, g))
     }
 }

@@ -590,3 +590,270 @@ pub(crate) fn acon_b_bwd(
     let mut v = unpack(&packed, &[x.shape(), pb.shape()])?.into_iter();
     Ok((v.next(), v.next()))
 }
+
+/// The CUDA storage and layout of a tensor an op holds (a backward op's fourth
+/// input: candle ops take at most three tensors).
+fn held_cuda<'a>(name: &str, t: &'a Tensor) -> CResult<(candle_core::StorageRef<'a>, &'a CLayout)> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cuda(_) => Ok((s, l)),
+        _ => Err(op_err(name, "dy must be on the same CUDA device")),
+    }
+}
+
+fn as_cuda<'a>(s: &'a candle_core::StorageRef<'_>) -> &'a CudaStorage {
+    match &**s {
+        candle_core::Storage::Cuda(c) => c,
+        _ => unreachable!("checked by held_cuda"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// meta-ACON-C, layer-wise and pixel-wise generators
+
+fn meta_kind(g: super::acon_ops::MetaGenKind) -> kc::acon::MetaGen<'static> {
+    match g {
+        super::acon_ops::MetaGenKind::Layer => kc::acon::MetaGen::Layer,
+        super::acon_ops::MetaGenKind::Pixel => kc::acon::MetaGen::Pixel,
+    }
+}
+
+fn meta_gen_fwd_t<T: CudaEl>(
+    op: &super::acon_ops::MetaAconCGenOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = op.gen.name();
+    let c = act_shape(name, x.1.dims(), op.layout)?.c;
+    let (shape, xv, p) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
+    let st = stream(x.0);
+    let (y, _) = kc::acon::meta_acon_c_forward(&st, &shape, &xv, &p[0], &p[1], meta_kind(op.gen))
+        .map_err(cerr)?;
+    Ok((wrap(x.0, y), x.1.shape().clone()))
+}
+
+/// `MetaAconCGenOp::cuda_fwd`.
+pub(crate) fn meta_gen_fwd(
+    op: &super::acon_ops::MetaAconCGenOp,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(
+        s1.dtype(),
+        op.gen.name(),
+        meta_gen_fwd_t(op, (s1, l1), (s2, l2))
+    )
+}
+
+/// Layer-/pixel-wise meta-ACON-C backward as an op of `(x, [p1; p2], dy)`: output
+/// the packed `[dx; dp1; dp2]` (1-D, `numel(x) + 2·C`); `dx` includes the path
+/// through the generated β.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaAconCGenBwdOp {
+    /// The forward op.
+    pub fwd: super::acon_ops::MetaAconCGenOp,
+}
+
+fn meta_gen_bwd_t<T: CudaEl>(
+    op: &super::acon_ops::MetaAconCGenOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+    dy: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "meta_acon_c_gen_bwd";
+    let c = act_shape(name, x.1.dims(), op.layout)?.c;
+    let (shape, xv, p) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
+    let dyv = dy_view::<T>(name, dy, x.1)?;
+    let st = stream(x.0);
+    let gen = meta_kind(op.gen);
+    let (_, saved) =
+        kc::acon::meta_acon_c_forward(&st, &shape, &xv, &p[0], &p[1], gen).map_err(cerr)?;
+    let g = kc::acon::meta_acon_c_backward(&st, &shape, &dyv, &xv, &p[0], &p[1], gen, &saved)
+        .map_err(cerr)?;
+    packed_out(
+        x.0,
+        &st,
+        &[Part::Dev(&g.dx), Part::F32(&g.dp1), Part::F32(&g.dp2)],
+    )
+}
+
+cuda_bwd_op3!(
+    MetaAconCGenBwdOp,
+    "meta_acon_c_gen_bwd",
+    "MetaAconCGenOp::bwd",
+    meta_gen_bwd_t
+);
+
+/// `MetaAconCGenOp::bwd` for CUDA tensors: `(dx, d[p1; p2])`.
+pub(crate) fn meta_gen_bwd(
+    op: &super::acon_ops::MetaAconCGenOp,
+    x: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let packed = x.apply_op3_no_bwd(p, &g.contiguous()?, &MetaAconCGenBwdOp { fwd: *op })?;
+    let mut v = unpack(&packed, &[x.shape(), p.shape()])?.into_iter();
+    Ok((v.next(), v.next()))
+}
+
+// ---------------------------------------------------------------------------
+// meta-ACON-C, channel-wise generator
+
+/// `x`, `[p1; p2]` and the generator pack of the channel-wise meta-ACON-C, on the
+/// device as the kernels take them.
+#[allow(clippy::type_complexity)]
+fn meta_inputs<'a, T: CudaEl>(
+    name: &str,
+    op: &super::ops::MetaAconCOp,
+    x: Sl<'a>,
+    p: Sl<'_>,
+    gp: Sl<'_>,
+) -> CResult<(
+    crate::ActShape,
+    CudaView<'a, T>,
+    Vec<CudaSlice<f32>>,
+    kc::acon::ChannelGen,
+)> {
+    let c = act_shape(name, x.1.dims(), op.layout)?.c;
+    let (shape, xv, pp) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
+    let st = stream(x.0);
+    let lens = op.lens(c);
+    let gv = host_f32(&st, &view::<T>(name, gp.0, gp.1)?)?;
+    let parts = super::ops::split(name, &gv, &lens)?;
+    // Absent biases are empty parts: not uploaded (no zero-length allocations).
+    let up = |v: &[f32]| st.clone_htod(v).map_err(kc_err);
+    let gen = kc::acon::ChannelGen {
+        c,
+        width: op.width,
+        w1: up(parts[0])?,
+        b1: op.b1.then(|| up(parts[1])).transpose()?,
+        w2: up(parts[2])?,
+        b2: op.b2.then(|| up(parts[3])).transpose()?,
+    };
+    Ok((shape, xv, pp, gen))
+}
+
+fn meta_fwd_t<T: CudaEl>(
+    op: &super::ops::MetaAconCOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+    gp: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let (shape, xv, p, gen) = meta_inputs::<T>("meta_acon_c", op, x, p, gp)?;
+    let st = stream(x.0);
+    let g = kc::acon::MetaGen::Channel(&gen);
+    let (y, _) = kc::acon::meta_acon_c_forward(&st, &shape, &xv, &p[0], &p[1], g).map_err(cerr)?;
+    Ok((wrap(x.0, y), x.1.shape().clone()))
+}
+
+/// `MetaAconCOp::cuda_fwd`.
+pub(crate) fn meta_fwd(
+    op: &super::ops::MetaAconCOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+    gp: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(x.0.dtype(), "meta_acon_c", meta_fwd_t(op, x, p, gp))
+}
+
+/// Channel-wise meta-ACON-C backward as an op of `(x, [p1; p2], generator pack)`,
+/// with `dy` held by the op (candle ops take at most three tensors; `dy` must be a
+/// contiguous tensor on the same CUDA device): output the packed
+/// `[dx; dp1; dp2; dW1; db1; dW2; db2]` (1-D, `numel(x) + 2·C + ` the generator
+/// pack's length; the biases only if the pack holds them).
+#[derive(Debug, Clone)]
+pub struct MetaAconCBwdOp {
+    /// The forward op.
+    pub fwd: super::ops::MetaAconCOp,
+    /// The output gradient, dims of `x`.
+    pub dy: Tensor,
+}
+
+fn meta_bwd_t<T: CudaEl>(
+    op: &super::ops::MetaAconCOp,
+    x: Sl<'_>,
+    p: Sl<'_>,
+    gp: Sl<'_>,
+    dy: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "meta_acon_c_bwd";
+    let (shape, xv, p, gen) = meta_inputs::<T>(name, op, x, p, gp)?;
+    let dyv = dy_view::<T>(name, dy, x.1)?;
+    let st = stream(x.0);
+    let mg = kc::acon::MetaGen::Channel(&gen);
+    let (_, saved) =
+        kc::acon::meta_acon_c_forward(&st, &shape, &xv, &p[0], &p[1], mg).map_err(cerr)?;
+    let g = kc::acon::meta_acon_c_backward(&st, &shape, &dyv, &xv, &p[0], &p[1], mg, &saved)
+        .map_err(cerr)?;
+    let mut parts = vec![
+        Part::Dev(&g.dx),
+        Part::F32(&g.dp1),
+        Part::F32(&g.dp2),
+        Part::F32(need(name, &g.dw1, "dW1")?),
+    ];
+    if op.b1 {
+        parts.push(Part::F32(need(name, &g.db1, "db1")?));
+    }
+    parts.push(Part::F32(need(name, &g.dw2, "dW2")?));
+    if op.b2 {
+        parts.push(Part::F32(need(name, &g.db2, "db2")?));
+    }
+    packed_out(x.0, &st, &parts)
+}
+
+impl candle_core::CustomOp3 for MetaAconCBwdOp {
+    fn name(&self) -> &'static str {
+        "meta_acon_c_bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+        _: &candle_core::CpuStorage,
+        _: &CLayout,
+    ) -> CResult<(candle_core::CpuStorage, Shape)> {
+        Err(op_err(
+            self.name(),
+            "CUDA only (the CPU backward is MetaAconCOp::bwd)",
+        ))
+    }
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &CLayout,
+        s2: &CudaStorage,
+        l2: &CLayout,
+        s3: &CudaStorage,
+        l3: &CLayout,
+    ) -> CResult<(CudaStorage, Shape)> {
+        let name = self.name();
+        let (ds, dl) = held_cuda(name, &self.dy)?;
+        let dy = (as_cuda(&ds), dl);
+        by_cuda_dtype!(
+            s1.dtype(),
+            name,
+            meta_bwd_t(&self.fwd, (s1, l1), (s2, l2), (s3, l3), dy)
+        )
+    }
+}
+
+/// `MetaAconCOp::bwd` for CUDA tensors: `(dx, d[p1; p2], d(generator pack))`.
+pub(crate) fn meta_bwd(
+    op: &super::ops::MetaAconCOp,
+    x: &Tensor,
+    p: &Tensor,
+    gp: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let bop = MetaAconCBwdOp {
+        fwd: *op,
+        dy: g.contiguous()?,
+    };
+    let packed = x.apply_op3_no_bwd(p, gp, &bop)?;
+    let mut v = unpack(&packed, &[x.shape(), p.shape(), gp.shape()])?.into_iter();
+    Ok((v.next(), v.next(), v.next()))
+}

@@ -214,7 +214,7 @@ pub struct MetaAconCOp {
 }
 
 impl MetaAconCOp {
-    fn lens(&self, c: usize) -> [usize; 4] {
+    pub(crate) fn lens(&self, c: usize) -> [usize; 4] {
         [
             self.width * c,
             if self.b1 { self.width } else { 0 },
@@ -309,6 +309,18 @@ impl CustomOp3 for MetaAconCOp {
             meta_fwd(self, s1, l1, s2, l2, s3, l3)
         )
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+        s3: &candle_core::CudaStorage,
+        l3: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::meta_fwd(self, (s1, l1), (s2, l2), (s3, l3))
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -317,6 +329,10 @@ impl CustomOp3 for MetaAconCOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<Grads3> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::meta_bwd(self, x, p, gp, g);
+        }
         by_dtype!(x.dtype(), "meta_acon_c", meta_bwd(self, x, p, gp, g))
     }
 }

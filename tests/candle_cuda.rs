@@ -14,16 +14,29 @@
 //! the unit roundoff of the storage dtype (2^-24 f32, 2^-11 f16, 2^-8 bf16 — every
 //! output and every packed gradient is rounded to storage once) and `e` the f32
 //! arithmetic term: 1e-5 elementwise (f32 math and the `__expf` sigmoid, see
-//! tests/parity_acon.rs), 1e-4 for parameter gradients (f32 sums of up to N·S
-//! terms).
+//! tests/parity_acon.rs; IIEU-B/IIEU-DC tensors: f32 norms, GAPs and LayerNorms, see
+//! tests/parity_iieu.rs, tests/parity_iieu_dc.rs), 1e-4 for parameter gradients (f32
+//! sums of up to N·S terms, through LayerNorm backwards for IIEU) and for meta-ACON-C
+//! outputs whose β is σ of an f32 sum (layer-/channel-wise generators). Packed
+//! parameter gradients are checked per parameter, each against its own scale.
+//! meta-ACON-C `dx` in f16/bf16 is rounded twice (the generator's share is added to
+//! the stored activation `dx`), the first time at the size of the whole tensor, hence
+//! `u·max|ref|` on top.
+//!
+//! IIEU adjusters switch branch at `ρ̂ = η`; the data are fixed, and an element within
+//! f32-vs-f64 distance (~1e-6) of η would show as a `dx` mismatch — none is, and both
+//! branches are taken (the reference `dη` is non-zero).
 #![cfg(all(feature = "candle-cuda", feature = "emulate"))]
 
 use activation_kernels::candle::cuda::{
-    AconABwdOp, AconBBwdOp, AconCBwdOp, MetaAconCBwdOp, MetaAconCGenBwdOp, TauBwdOp,
+    AconABwdOp, AconBBwdOp, AconCBwdOp, IieuBBwdOp, IieuDcBwdOp, MetaAconCBwdOp, MetaAconCGenBwdOp,
+    TauBwdOp,
 };
 use activation_kernels::candle::ops::{
-    AconAOp, AconBOp, AconCOp, MetaAconCGenOp, MetaAconCOp, MetaGenKind, TauOp,
+    AconAOp, AconBOp, AconCOp, IieuBOp, IieuDcOp, IieuOpts, MetaAconCGenOp, MetaAconCOp,
+    MetaGenKind, TauOp,
 };
+use activation_kernels::cpu::iieu::PatchNorm;
 use activation_kernels::Layout;
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Device, Tensor};
 
@@ -378,6 +391,183 @@ fn meta_acon_c_channel_forward_backward() {
     }
 }
 
+/// `n` values in `[lo, hi)`.
+fn range(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
+    data(n, seed)
+        .iter()
+        .map(|v| lo + (v + 3.0) / 6.0 * (hi - lo))
+        .collect()
+}
+
+#[test]
+fn iieu_b_forward_backward() {
+    let d = dev();
+    // (groups, stride, padding, dilation, patch norm) on an (2, 4, 6, 5) input, 3×3.
+    let cases = [
+        (1, 1, 1, 1, PatchNorm::PerGroup),
+        (2, 2, 1, 1, PatchNorm::PerGroup),
+        (1, 1, 2, 2, PatchNorm::AllChannels),
+    ];
+    for dt in DTYPES {
+        for (ci, &(groups, stride, pad, dil, patch_norm)) in cases.iter().enumerate() {
+            let (n, c, h, w, o, k) = (2usize, 4usize, 6usize, 5usize, 4usize, 3usize);
+            let oh = (h + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let ow = (w + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+            let xd = [n, o, oh, ow];
+            let xpd = [n, c, h, w];
+            let nx = xd.iter().product::<usize>();
+            let wl = o * (c / groups) * k * k;
+            let s = 40 + 10 * ci as u64;
+            let (x, xc) = input(&data(nx, s), &xd, dt, &d);
+            let (xp, xpc) = input(&data(n * c * h * w, s + 1), &xpd, dt, &d);
+            let mut pv = data(wl, s + 2);
+            pv.extend(range(o, s + 3, 0.5, 1.5)); // γ̇
+            pv.extend(range(o, s + 4, -0.5, 0.5)); // β̇
+            pv.extend(range(o, s + 5, 0.1, 0.6)); // η
+            let (wp, wpc) = input(&pv, &[wl + 3 * o], dt, &d);
+            let (g, gc) = input(&data(nx, s + 6), &xd, dt, &d);
+            let op = IieuBOp {
+                opts: IieuOpts {
+                    stride: (stride, stride),
+                    padding: (pad, pad),
+                    dilation: (dil, dil),
+                    groups,
+                    patch_norm,
+                },
+                w_dims: [o, c / groups, k, k],
+            };
+            let y = x.apply_op3_no_bwd(&xp, &wp, &op).unwrap();
+            assert_eq!((y.dtype(), y.dims()), (dt, &xd[..]));
+            let yc = xc.apply_op3_no_bwd(&xpc, &wpc, &op).unwrap();
+            let u = unit(dt);
+            let what = format!("iieu_b case {ci} {dt:?}");
+            check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
+            let (dx, dxp, dwp) = op.bwd(&x, &xp, &wp, &y, &g).unwrap();
+            let (dxc, dxpc, dwpc) = op.bwd(&xc, &xpc, &wpc, &yc, &gc).unwrap();
+            let (dx, dxp, dwp) = (dx.unwrap(), dxp.unwrap(), dwp.unwrap());
+            assert_eq!((dx.dims(), dxp.dims()), (&xd[..], &xpd[..]));
+            assert_eq!(dwp.dims(), &[wl + 3 * o]);
+            check(
+                &format!("{what} dx"),
+                &host(&dx),
+                &host(&dxc.unwrap()),
+                u,
+                E_ELEM,
+            );
+            let dxpc = host(&dxpc.unwrap());
+            check(&format!("{what} dx_pre"), &host(&dxp), &dxpc, u, E_ELEM);
+            // dW (stored in T) and the f32 parameter gradients (dγ̇, dβ̇, dη: sums over
+            // N·H'·W' through the LayerNorm backward, E_RED), each against its own scale.
+            let (got, want) = (host(&dwp), host(&dwpc.unwrap()));
+            check(&format!("{what} dW"), &got[..wl], &want[..wl], u, E_ELEM);
+            // Both adjuster branches are exercised (else dη would be trivially 0).
+            assert!(
+                want[wl + 2 * o..].iter().any(|&v| v != 0.0),
+                "{what}: no lower branch"
+            );
+            for (j, pname) in ["d_ln_weight", "d_ln_bias", "d_eta"].iter().enumerate() {
+                let r = wl + j * o..wl + (j + 1) * o;
+                check(
+                    &format!("{what} {pname}"),
+                    &got[r.clone()],
+                    &want[r],
+                    u,
+                    E_RED,
+                );
+            }
+            let bop = IieuBBwdOp { fwd: op, dy: g };
+            let packed = x.apply_op3_no_bwd(&xp, &wp, &bop).unwrap();
+            assert_eq!(packed.dims(), &[nx + n * c * h * w + wl + 3 * o]);
+        }
+    }
+}
+
+#[test]
+fn iieu_dc_forward_backward() {
+    let d = dev();
+    for dt in DTYPES {
+        for (dims, hd) in [(vec![2usize, 6, 3, 5], 2usize), (vec![3, 4, 7], 3)] {
+            let c = dims[1];
+            let n: usize = dims.iter().product();
+            let (x, xc) = input(&data(n, 60), &dims, dt, &d);
+            let (r, rc) = input(&data(n, 61), &dims, dt, &d);
+            let mut pv = range(2 * c, 62, 0.5, 1.5); // ln1 weight
+            pv.extend(range(2 * c, 63, -0.5, 0.5)); // ln1 bias
+            pv.extend(range(hd * c, 64, -1.0, 1.0)); // W1
+            pv.extend(range(2 * hd, 65, -2.0, 2.0)); // γ₂
+            pv.extend(range(2 * hd, 66, -1.0, 1.0)); // β₂
+            pv.extend(range(hd, 67, 0.1, 0.5)); // η₂
+            pv.extend(range(c * hd, 68, -1.0, 1.0)); // W2
+            pv.extend(range(2 * c, 69, -2.0, 2.0)); // ln2 weight
+            pv.extend(range(2 * c, 70, -0.5, 0.5)); // ln2 bias
+            let plen = pv.len();
+            let (p, pc) = input(&pv, &[plen], dt, &d);
+            let (g, gc) = input(&data(n, 71), &dims, dt, &d);
+            let op = IieuDcOp { hidden: hd };
+            let y = x.apply_op3_no_bwd(&r, &p, &op).unwrap();
+            assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+            let yc = xc.apply_op3_no_bwd(&rc, &pc, &op).unwrap();
+            let u = unit(dt);
+            let what = format!("iieu_dc {dt:?} {dims:?}");
+            check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
+            let (dx, dr, dp) = op.bwd(&x, &r, &p, &y, &g).unwrap();
+            let (dxc, drc, dpc) = op.bwd(&xc, &rc, &pc, &yc, &gc).unwrap();
+            let (dx, dr, dp) = (dx.unwrap(), dr.unwrap(), dp.unwrap());
+            assert_eq!(
+                (dx.dims(), dr.dims(), dp.dims()),
+                (&dims[..], &dims[..], &[plen][..])
+            );
+            check(
+                &format!("{what} dx"),
+                &host(&dx),
+                &host(&dxc.unwrap()),
+                u,
+                E_ELEM,
+            );
+            check(
+                &format!("{what} dres"),
+                &host(&dr),
+                &host(&drc.unwrap()),
+                u,
+                E_ELEM,
+            );
+            // The nine parameter gradients (f32, rounded once to T), each against its
+            // own scale.
+            let (got, want) = (host(&dp), host(&dpc.unwrap()));
+            let eta_at = 4 * c + hd * c + 4 * hd;
+            assert!(
+                want[eta_at..eta_at + hd].iter().any(|&v| v != 0.0),
+                "{what}: no lower adjuster branch"
+            );
+            let mut at = 0;
+            for len in [
+                2 * c,
+                2 * c,
+                hd * c,
+                2 * hd,
+                2 * hd,
+                hd,
+                c * hd,
+                2 * c,
+                2 * c,
+            ] {
+                let rg = at..at + len;
+                check(
+                    &format!("{what} dp[{at}..]"),
+                    &got[rg.clone()],
+                    &want[rg],
+                    u,
+                    E_RED,
+                );
+                at += len;
+            }
+            let bop = IieuDcBwdOp { fwd: op, dy: g };
+            let packed = x.apply_op3_no_bwd(&r, &p, &bop).unwrap();
+            assert_eq!(packed.dims(), &[2 * n + plen]);
+        }
+    }
+}
+
 #[test]
 fn bad_input_is_an_error() {
     let d = dev();
@@ -495,6 +685,36 @@ fn bad_input_is_an_error() {
         matches!(err, candle_core::Error::UnsupportedDTypeForOp(..)),
         "{err}"
     );
+    // IIEU-B: x of the wrong dims, a pack of the wrong length; IIEU-DC: res of the
+    // wrong dims, a pack of the wrong length.
+    let iop = IieuBOp {
+        opts: IieuOpts::default(),
+        w_dims: [2, 3, 1, 1],
+    };
+    let (xp, _) = input(&data(30, 2), &[1, 3, 2, 5], DType::F32, &d);
+    let (xi, _) = input(&data(20, 3), &[1, 2, 2, 5], DType::F32, &d);
+    let (wp, _) = input(&data(12, 4), &[12], DType::F32, &d);
+    xi.apply_op3_no_bwd(&xp, &wp, &iop).unwrap();
+    assert!(x.apply_op3_no_bwd(&xp, &wp, &iop).is_err());
+    let (wp_bad, _) = input(&data(11, 4), &[11], DType::F32, &d);
+    assert!(xi.apply_op3_no_bwd(&xp, &wp_bad, &iop).is_err());
+    let bop = IieuBBwdOp {
+        fwd: iop,
+        dy: x.clone(),
+    };
+    assert!(xi.apply_op3_no_bwd(&xp, &wp, &bop).is_err());
+    let dop = IieuDcOp { hidden: 1 };
+    // 3 channels, hidden 1: 6 + 6 + 3 + 2 + 2 + 1 + 3 + 6 + 6 = 35 parameters.
+    let (dp, _) = input(&data(35, 5), &[35], DType::F32, &d);
+    x.apply_op3_no_bwd(&x, &dp, &dop).unwrap();
+    assert!(x.apply_op3_no_bwd(&g_bad, &dp, &dop).is_err());
+    let (dp_bad, _) = input(&data(34, 5), &[34], DType::F32, &d);
+    assert!(x.apply_op3_no_bwd(&x, &dp_bad, &dop).is_err());
+    let bop = IieuDcBwdOp {
+        fwd: dop,
+        dy: g_bad.clone(),
+    };
+    assert!(x.apply_op3_no_bwd(&x, &dp, &bop).is_err());
     // Negative τ.
     assert!(x.apply_op1_no_bwd(&TauOp { tau: -1.0 }).is_err());
     // A strided (transposed) input.

@@ -857,3 +857,285 @@ pub(crate) fn meta_bwd(
     let mut v = unpack(&packed, &[x.shape(), p.shape(), gp.shape()])?.into_iter();
     Ok((v.next(), v.next(), v.next()))
 }
+
+/// `CustomOp3` for a CUDA-only backward op of three inputs with `dy` held by the op
+/// (`self.dy`): `cpu_fwd` is an error, `cuda_fwd` calls
+/// `$f::<T>(&self.fwd, a, b, c, dy)` by dtype.
+macro_rules! cuda_bwd_op3_dy {
+    ($ty:ty, $name:expr, $cpu:expr, $f:ident) => {
+        impl candle_core::CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                _: &candle_core::CpuStorage,
+                _: &CLayout,
+                _: &candle_core::CpuStorage,
+                _: &CLayout,
+                _: &candle_core::CpuStorage,
+                _: &CLayout,
+            ) -> CResult<(candle_core::CpuStorage, Shape)> {
+                Err(op_err(
+                    $name,
+                    concat!("CUDA only (the CPU backward is ", $cpu, ")"),
+                ))
+            }
+            fn cuda_fwd(
+                &self,
+                s1: &CudaStorage,
+                l1: &CLayout,
+                s2: &CudaStorage,
+                l2: &CLayout,
+                s3: &CudaStorage,
+                l3: &CLayout,
+            ) -> CResult<(CudaStorage, Shape)> {
+                let (ds, dl) = held_cuda($name, &self.dy)?;
+                let dy = (as_cuda(&ds), dl);
+                by_cuda_dtype!(
+                    s1.dtype(),
+                    $name,
+                    $f(&self.fwd, (s1, l1), (s2, l2), (s3, l3), dy)
+                )
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------
+// IIEU-B
+
+/// IIEU-B's config, `x`, `x_pre`, `W` (a view of the pack) and the f32 parameters.
+#[allow(clippy::type_complexity)]
+fn iieu_inputs<'a, T: CudaEl>(
+    name: &str,
+    op: &super::ops::IieuBOp,
+    x: Sl<'a>,
+    xp: Sl<'a>,
+    wp: Sl<'a>,
+) -> CResult<(
+    crate::cpu::iieu::IieuConfig,
+    [CudaView<'a, T>; 3],
+    kc::iieu::IieuDeviceParams,
+)> {
+    let cfg = op.config(xp.1.dims())?;
+    let (oh, ow) = cfg.validate().map_err(cerr)?;
+    let g = cfg.geometry;
+    check_dims(name, "x", x.1.dims(), &[g.n, g.c_out, oh, ow])?;
+    let o = g.c_out;
+    let wl = op.w_dims.iter().product::<usize>();
+    let st = stream(x.0);
+    let (xv, xpv) = (view::<T>(name, x.0, x.1)?, view::<T>(name, xp.0, xp.1)?);
+    let pv = view::<T>(name, wp.0, wp.1)?;
+    if pv.len() != wl + 3 * o {
+        return Err(op_err(
+            name,
+            format!(
+                "packed parameters have {} elements, expected {}",
+                pv.len(),
+                wl + 3 * o
+            ),
+        ));
+    }
+    let ph = host_f32(&st, &pv.slice(wl..))?;
+    let mut parts = upload_parts(&st, &ph, &[o, o, o])?.into_iter();
+    let mut next = || parts.next().ok_or_else(|| op_err(name, "parameters"));
+    let params = kc::iieu::IieuDeviceParams {
+        ln_weight: next()?,
+        ln_bias: next()?,
+        eta: next()?,
+    };
+    Ok((cfg, [xv, xpv, pv.slice(..wl)], params))
+}
+
+fn iieu_fwd_t<T: CudaEl>(
+    op: &super::ops::IieuBOp,
+    x: Sl<'_>,
+    xp: Sl<'_>,
+    wp: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let (cfg, [xv, xpv, w], params) = iieu_inputs::<T>("iieu_b", op, x, xp, wp)?;
+    let st = stream(x.0);
+    let (y, _) = kc::iieu::forward(&st, &cfg, &xv, &xpv, &w, &params).map_err(cerr)?;
+    Ok((wrap(x.0, y), x.1.shape().clone()))
+}
+
+/// `IieuBOp::cuda_fwd`.
+pub(crate) fn iieu_fwd(
+    op: &super::ops::IieuBOp,
+    x: Sl<'_>,
+    xp: Sl<'_>,
+    wp: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(x.0.dtype(), "iieu_b", iieu_fwd_t(op, x, xp, wp))
+}
+
+/// IIEU-B backward as an op of `(x, x_pre, [W; γ̇; β̇; η])`, with `dy` held by the
+/// op (candle ops take at most three tensors; `dy` must be a contiguous tensor on the
+/// same CUDA device): output the packed `[dx; dx_pre; dW; dγ̇; dβ̇; dη]` (1-D,
+/// `numel(x) + numel(x_pre) + ` the pack's length).
+#[derive(Debug, Clone)]
+pub struct IieuBBwdOp {
+    /// The forward op.
+    pub fwd: super::ops::IieuBOp,
+    /// The output gradient, dims of `x`.
+    pub dy: Tensor,
+}
+
+fn iieu_bwd_t<T: CudaEl>(
+    op: &super::ops::IieuBOp,
+    x: Sl<'_>,
+    xp: Sl<'_>,
+    wp: Sl<'_>,
+    dy: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "iieu_b_bwd";
+    let (cfg, [xv, xpv, w], params) = iieu_inputs::<T>(name, op, x, xp, wp)?;
+    let dyv = dy_view::<T>(name, dy, x.1)?;
+    let st = stream(x.0);
+    let (_, saved) = kc::iieu::forward(&st, &cfg, &xv, &xpv, &w, &params).map_err(cerr)?;
+    let g = kc::iieu::backward(&st, &cfg, &dyv, &xv, &xpv, &w, &params, &saved).map_err(cerr)?;
+    packed_out(
+        x.0,
+        &st,
+        &[
+            Part::Dev(&g.dx),
+            Part::Dev(&g.dx_pre),
+            Part::Dev(&g.dw),
+            Part::F32(&g.d_ln_weight),
+            Part::F32(&g.d_ln_bias),
+            Part::F32(&g.d_eta),
+        ],
+    )
+}
+
+cuda_bwd_op3_dy!(IieuBBwdOp, "iieu_b_bwd", "IieuBOp::bwd", iieu_bwd_t);
+
+/// `IieuBOp::bwd` for CUDA tensors: `(dx, dx_pre, d[W; γ̇; β̇; η])`.
+pub(crate) fn iieu_bwd(
+    op: &super::ops::IieuBOp,
+    x: &Tensor,
+    xp: &Tensor,
+    wp: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let bop = IieuBBwdOp {
+        fwd: *op,
+        dy: g.contiguous()?,
+    };
+    let packed = x.apply_op3_no_bwd(xp, wp, &bop)?;
+    let mut v = unpack(&packed, &[x.shape(), xp.shape(), wp.shape()])?.into_iter();
+    Ok((v.next(), v.next(), v.next()))
+}
+
+// ---------------------------------------------------------------------------
+// IIEU-DC
+
+/// IIEU-DC's config, `x`, `res` and the nine parameters on the device as f32.
+#[allow(clippy::type_complexity)]
+fn dc_inputs<'a, T: CudaEl>(
+    name: &str,
+    op: &super::ops::IieuDcOp,
+    x: Sl<'a>,
+    r: Sl<'a>,
+    p: Sl<'_>,
+) -> CResult<(
+    crate::cpu::iieu_dc::DcConfig,
+    [CudaView<'a, T>; 2],
+    kc::iieu_dc::DcDeviceParams,
+)> {
+    let cfg = op.config(x.1.dims())?;
+    check_dims(name, "res", r.1.dims(), x.1.dims())?;
+    let st = stream(x.0);
+    let (xv, rv) = (view::<T>(name, x.0, x.1)?, view::<T>(name, r.0, r.1)?);
+    let ph = host_f32(&st, &view::<T>(name, p.0, p.1)?)?;
+    let params = op.params::<f32>(cfg.c, &ph)?;
+    let dp = kc::iieu_dc::DcDeviceParams::upload(&st, &cfg, &params).map_err(cerr)?;
+    Ok((cfg, [xv, rv], dp))
+}
+
+fn dc_fwd_t<T: CudaEl>(
+    op: &super::ops::IieuDcOp,
+    x: Sl<'_>,
+    r: Sl<'_>,
+    p: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let (cfg, [xv, rv], params) = dc_inputs::<T>("iieu_dc", op, x, r, p)?;
+    let st = stream(x.0);
+    let (y, _) = kc::iieu_dc::forward(&st, &cfg, &xv, &rv, &params).map_err(cerr)?;
+    Ok((wrap(x.0, y), x.1.shape().clone()))
+}
+
+/// `IieuDcOp::cuda_fwd`.
+pub(crate) fn dc_fwd(
+    op: &super::ops::IieuDcOp,
+    x: Sl<'_>,
+    r: Sl<'_>,
+    p: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(x.0.dtype(), "iieu_dc", dc_fwd_t(op, x, r, p))
+}
+
+/// IIEU-DC backward as an op of `(x, res, parameter pack)`, with `dy` held by the op
+/// (as [`IieuBBwdOp`]): output the packed `[dx; dres; d(pack)]` (1-D,
+/// `2·numel(x) + ` the pack's length; the pack's gradient in [`IieuDcOp`]'s order).
+///
+/// [`IieuDcOp`]: super::ops::IieuDcOp
+#[derive(Debug, Clone)]
+pub struct IieuDcBwdOp {
+    /// The forward op.
+    pub fwd: super::ops::IieuDcOp,
+    /// The output gradient, dims of `x`.
+    pub dy: Tensor,
+}
+
+fn dc_bwd_t<T: CudaEl>(
+    op: &super::ops::IieuDcOp,
+    x: Sl<'_>,
+    r: Sl<'_>,
+    p: Sl<'_>,
+    dy: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "iieu_dc_bwd";
+    let (cfg, [xv, rv], params) = dc_inputs::<T>(name, op, x, r, p)?;
+    let dyv = dy_view::<T>(name, dy, x.1)?;
+    let st = stream(x.0);
+    let (_, saved) = kc::iieu_dc::forward(&st, &cfg, &xv, &rv, &params).map_err(cerr)?;
+    let g = kc::iieu_dc::backward(&st, &cfg, &dyv, &xv, &rv, &params, &saved).map_err(cerr)?;
+    packed_out(
+        x.0,
+        &st,
+        &[
+            Part::Dev(&g.dx),
+            Part::Dev(&g.dres),
+            Part::F32(&g.d_ln1_weight),
+            Part::F32(&g.d_ln1_bias),
+            Part::F32(&g.d_w1),
+            Part::F32(&g.d_gamma2),
+            Part::F32(&g.d_beta2),
+            Part::F32(&g.d_eta2),
+            Part::F32(&g.d_w2),
+            Part::F32(&g.d_ln2_weight),
+            Part::F32(&g.d_ln2_bias),
+        ],
+    )
+}
+
+cuda_bwd_op3_dy!(IieuDcBwdOp, "iieu_dc_bwd", "IieuDcOp::bwd", dc_bwd_t);
+
+/// `IieuDcOp::bwd` for CUDA tensors: `(dx, dres, d(pack))`.
+pub(crate) fn dc_bwd(
+    op: &super::ops::IieuDcOp,
+    x: &Tensor,
+    r: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let bop = IieuDcBwdOp {
+        fwd: *op,
+        dy: g.contiguous()?,
+    };
+    let packed = x.apply_op3_no_bwd(r, p, &bop)?;
+    let mut v = unpack(&packed, &[x.shape(), r.shape(), p.shape()])?.into_iter();
+    Ok((v.next(), v.next(), v.next()))
+}

@@ -437,7 +437,7 @@ pub struct IieuBOp {
 }
 
 impl IieuBOp {
-    fn config(&self, x_pre_dims: &[usize]) -> CResult<IieuConfig> {
+    pub(crate) fn config(&self, x_pre_dims: &[usize]) -> CResult<IieuConfig> {
         let name = "iieu_b";
         let [o, cpg, kh, kw] = self.w_dims;
         let &[n, c, h, w] = x_pre_dims else {
@@ -552,6 +552,18 @@ impl CustomOp3 for IieuBOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "iieu_b", iieu_fwd(self, s1, l1, s2, l2, s3, l3))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+        s3: &candle_core::CudaStorage,
+        l3: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::iieu_fwd(self, (s1, l1), (s2, l2), (s3, l3))
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -560,6 +572,10 @@ impl CustomOp3 for IieuBOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<Grads3> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::iieu_bwd(self, x, xp, wp, g);
+        }
         by_dtype!(x.dtype(), "iieu_b", iieu_bwd(self, x, xp, wp, g))
     }
 }
@@ -612,7 +628,7 @@ pub struct IieuDcOp {
 }
 
 impl IieuDcOp {
-    fn config(&self, dims: &[usize]) -> CResult<DcConfig> {
+    pub(crate) fn config(&self, dims: &[usize]) -> CResult<DcConfig> {
         if dims.len() < 2 {
             return Err(op_err(
                 "iieu_dc",
@@ -627,7 +643,7 @@ impl IieuDcOp {
         })
     }
 
-    fn params<T: El>(&self, c: usize, p: &[T]) -> CResult<DcParams<T>> {
+    pub(crate) fn params<T: El>(&self, c: usize, p: &[T]) -> CResult<DcParams<T>> {
         let (c2, hd) = (2 * c, self.hidden);
         let v = split(
             "iieu_dc",
@@ -710,6 +726,18 @@ impl CustomOp3 for IieuDcOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "iieu_dc", dc_fwd(self, s1, l1, s2, l2, s3, l3))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+        s3: &candle_core::CudaStorage,
+        l3: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::dc_fwd(self, (s1, l1), (s2, l2), (s3, l3))
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -718,6 +746,10 @@ impl CustomOp3 for IieuDcOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<Grads3> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return super::cuda::dc_bwd(self, x, r, p, g);
+        }
         by_dtype!(x.dtype(), "iieu_dc", dc_bwd(self, x, r, p, g))
     }
 }

@@ -29,13 +29,14 @@
 #![cfg(all(feature = "candle-cuda", feature = "emulate"))]
 
 use activation_kernels::candle::cuda::{
-    AconABwdOp, AconBBwdOp, AconCBwdOp, IieuBBwdOp, IieuDcBwdOp, MetaAconCBwdOp, MetaAconCGenBwdOp,
-    TauBwdOp,
+    AconABwdOp, AconBBwdOp, AconCBwdOp, AiecLossBwdOp, IieuBBwdOp, IieuDcBwdOp, MetaAconCBwdOp,
+    MetaAconCGenBwdOp, TauBwdOp,
 };
 use activation_kernels::candle::ops::{
-    AconAOp, AconBOp, AconCOp, IieuBOp, IieuDcOp, IieuOpts, MetaAconCGenOp, MetaAconCOp,
-    MetaGenKind, TauOp,
+    AconAOp, AconBOp, AconCOp, AiecLossOp, IieuBOp, IieuDcOp, IieuOpts, MetaAconCGenOp,
+    MetaAconCOp, MetaGenKind, TauOp,
 };
+use activation_kernels::cpu::aiec::{AiecConfig, Pool};
 use activation_kernels::cpu::iieu::PatchNorm;
 use activation_kernels::Layout;
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Device, Tensor};
@@ -568,6 +569,70 @@ fn iieu_dc_forward_backward() {
     }
 }
 
+/// An AIEC loss op for `n` samples, `k` classes, `c` channels: ragged labels and
+/// masks with one all-false class row (its gate term is 0).
+fn aiec_op(n: usize, k: usize, c: usize, layout: Layout, pool: Pool) -> AiecLossOp {
+    AiecLossOp {
+        cfg: AiecConfig {
+            tau: 0.5,
+            lambda_aux: 1.0,
+            lambda_gate: 5.0,
+            pool,
+        },
+        layout,
+        labels: (0..n).map(|i| (i * 2 + 1) % k).collect(),
+        masks: (0..k * c).map(|i| i / c != 1 && (i * 7) % 3 != 0).collect(),
+    }
+}
+
+#[test]
+fn aiec_loss_forward_backward() {
+    let d = dev();
+    let k = 3;
+    for dt in DTYPES {
+        for (dims, layout, c, pool) in [
+            (vec![4usize, 5, 3, 3], Layout::Nchw, 5, Pool::Mean),
+            (vec![3, 7], Layout::Nchw, 7, Pool::Mean),
+            (vec![2, 9, 5], Layout::Nlc, 5, Pool::Mean),
+            (vec![3, 6, 4], Layout::Nlc, 4, Pool::ClassToken(2)),
+        ] {
+            let n: usize = dims.iter().product();
+            let op = aiec_op(dims[0], k, c, layout, pool);
+            let (f, fc) = input(&data(n, 80), &dims, dt, &d);
+            let (wd, wdc) = input(&data(k * c, 81), &[k, c], dt, &d);
+            let l = f.apply_op2_no_bwd(&wd, &op).unwrap();
+            assert_eq!((l.dtype(), l.dims()), (dt, &[][..]));
+            let lc = fc.apply_op2_no_bwd(&wdc, &op).unwrap();
+            let u = unit(dt);
+            let what = format!("aiec_loss {dt:?} {dims:?} {pool:?}");
+            // The loss: means of f32 per-sample losses (GAP, logits, log-sum-exp: f32
+            // sums), rounded once to T.
+            check(&format!("{what} loss"), &host(&l), &host(&lc), u, E_RED);
+            // The gate term is exercised (the loss changes without it).
+            let mut no_gate = op.clone();
+            no_gate.cfg.lambda_gate = 0.0;
+            let l0 = fc.apply_op2_no_bwd(&wdc, &no_gate).unwrap();
+            assert!(host(&l0)[0] < host(&lc)[0] - 1e-3, "{what}: no gate loss");
+            // dL = 0.75 (exact in every dtype).
+            let (g, gc) = input(&[0.75], &[], dt, &d);
+            let (df, dwd) = op.bwd(&f, &wd, &l, &g).unwrap();
+            let (dfc, dwdc) = op.bwd(&fc, &wdc, &lc, &gc).unwrap();
+            let (df, dwd) = (df.unwrap(), dwd.unwrap());
+            assert_eq!((df.dims(), dwd.dims()), (&dims[..], &[k, c][..]));
+            // dF = [F > τ]·da/S (or da at the token): da comes out of f32 softmax and
+            // GAP sums, hence E_RED; rounded once to T.
+            let dfc = host(&dfc.unwrap());
+            assert!(dfc.iter().any(|&v| v == 0.0) && dfc.iter().any(|&v| v != 0.0));
+            check(&format!("{what} dF"), &host(&df), &dfc, u, E_RED);
+            let dwdc = host(&dwdc.unwrap());
+            check(&format!("{what} dWd"), &host(&dwd), &dwdc, u, E_RED);
+            let bop = AiecLossBwdOp { fwd: op.clone() };
+            let packed = f.apply_op3_no_bwd(&wd, &g, &bop).unwrap();
+            assert_eq!(packed.dims(), &[n + k * c]);
+        }
+    }
+}
+
 #[test]
 fn bad_input_is_an_error() {
     let d = dev();
@@ -715,6 +780,18 @@ fn bad_input_is_an_error() {
         dy: g_bad.clone(),
     };
     assert!(x.apply_op3_no_bwd(&x, &dp, &bop).is_err());
+    // AIEC loss: a label out of range, masks of the wrong length, a non-scalar dL.
+    let (wd, _) = input(&data(9, 6), &[3, 3], DType::F32, &d);
+    let aop = aiec_op(2, 3, 3, nchw, Pool::Mean);
+    x.apply_op2_no_bwd(&wd, &aop).unwrap();
+    let mut bad = aop.clone();
+    bad.labels[1] = 3;
+    assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
+    let mut bad = aop.clone();
+    bad.masks.pop();
+    assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
+    let bop = AiecLossBwdOp { fwd: aop };
+    assert!(x.apply_op3_no_bwd(&wd, &b3, &bop).is_err());
     // Negative τ.
     assert!(x.apply_op1_no_bwd(&TauOp { tau: -1.0 }).is_err());
     // A strided (transposed) input.

@@ -1139,3 +1139,151 @@ pub(crate) fn dc_bwd(
     let mut v = unpack(&packed, &[x.shape(), r.shape(), p.shape()])?.into_iter();
     Ok((v.next(), v.next(), v.next()))
 }
+
+// ---------------------------------------------------------------------------
+// AIEC loss (fixed masks)
+
+/// What the AIEC loss forward computes on the device: `a = GAP(τ(F))` (f32 `N × C`),
+/// the DMU output, and the inputs as the kernels take them.
+struct AiecFront {
+    shape: crate::ActShape,
+    dims: crate::cpu::aiec::AiecDims,
+    wd: CudaSlice<f32>,
+    masks: CudaSlice<u8>,
+    a: CudaSlice<f32>,
+    dmu: kc::aiec::DeviceDmuOut,
+}
+
+fn aiec_front<T: CudaEl>(
+    name: &str,
+    op: &super::ops::AiecLossOp,
+    f: &CudaView<'_, T>,
+    (s1, l1): Sl<'_>,
+    (s2, l2): Sl<'_>,
+) -> CResult<AiecFront> {
+    let shape = op.check(l1.dims(), l2.dims())?;
+    op.cfg.validate().map_err(cerr)?;
+    let dims = crate::cpu::aiec::AiecDims::new(shape.n, shape.c, l2.dims()[0]);
+    let st = stream(s1);
+    let wd = host_f32(&st, &view::<T>(name, s2, l2)?)?;
+    let wd = st.clone_htod(&wd).map_err(kc_err)?;
+    let m: Vec<u8> = op.masks.iter().map(|&b| u8::from(b)).collect();
+    let masks = st.clone_htod(&m).map_err(kc_err)?;
+    let act = kc::aiec::tau_forward(&st, f, op.cfg.tau as f32).map_err(cerr)?;
+    let a = kc::aiec::global_feature(&st, &shape, &act, op.cfg.pool).map_err(cerr)?;
+    let dmu = kc::aiec::dmu_forward(&st, &a, &wd, &op.labels, dims).map_err(cerr)?;
+    Ok(AiecFront {
+        shape,
+        dims,
+        wd,
+        masks,
+        a,
+        dmu,
+    })
+}
+
+fn aiec_loss_fwd_t<T: CudaEl>(
+    op: &super::ops::AiecLossOp,
+    x: Sl<'_>,
+    w: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "aiec_loss";
+    let f = view::<T>(name, x.0, x.1)?;
+    let fr = aiec_front::<T>(name, op, &f, x, w)?;
+    let st = stream(x.0);
+    let gate = kc::aiec::gate_loss(&st, &fr.a, &fr.masks, &op.labels, fr.dims).map_err(cerr)?;
+    // λ_aux·mean(L_aux) + λ_gate·mean(L_gate), the means in f64 on the host (N values
+    // each), as the CPU op.
+    let mean = |v: &CudaSlice<f32>| -> CResult<f64> {
+        let h = st.clone_dtoh(v).map_err(kc_err)?;
+        Ok(h.iter().map(|&x| x as f64).sum::<f64>() / fr.dims.n as f64)
+    };
+    let total = op.cfg.lambda_aux * mean(&fr.dmu.loss)? + op.cfg.lambda_gate * mean(&gate)?;
+    let out = st.clone_htod(&[T::from_f64(total)]).map_err(kc_err)?;
+    Ok((wrap(x.0, out), Shape::from(())))
+}
+
+/// `AiecLossOp::cuda_fwd`.
+pub(crate) fn aiec_loss_fwd(
+    op: &super::ops::AiecLossOp,
+    s1: &CudaStorage,
+    l1: &CLayout,
+    s2: &CudaStorage,
+    l2: &CLayout,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(
+        s1.dtype(),
+        "aiec_loss",
+        aiec_loss_fwd_t(op, (s1, l1), (s2, l2))
+    )
+}
+
+/// AIEC loss backward as an op of `(F, Wd, dL)` (`dL` the scalar upstream gradient):
+/// output the packed `[dF; dWd]` (1-D, `numel(F) + K·C`). Assembled from the device
+/// pieces: `τ` + global feature, DMU and gate-loss forward, then
+/// `da = dmu_backward + gate_loss_backward` (per-sample weights `dL·λ/N`; the two
+/// `N × C` f32 parts are added on the host), `dF = [F > τ]·global_feature_backward(da)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AiecLossBwdOp {
+    /// The forward op.
+    pub fwd: super::ops::AiecLossOp,
+}
+
+fn aiec_loss_bwd_t<T: CudaEl>(
+    op: &super::ops::AiecLossOp,
+    x: Sl<'_>,
+    w: Sl<'_>,
+    g: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "aiec_loss_bwd";
+    if g.1.shape().elem_count() != 1 {
+        return Err(op_err(
+            name,
+            format!("dL has dims {:?}, expected a scalar", g.1.dims()),
+        ));
+    }
+    let f = view::<T>(name, x.0, x.1)?;
+    let fr = aiec_front::<T>(name, op, &f, x, w)?;
+    let st = stream(x.0);
+    let scale = host_f32(&st, &view::<T>(name, g.0, g.1)?)?[0] as f64;
+    let nf = fr.dims.n as f64;
+    let weights = |lambda: f64| {
+        st.clone_htod(&vec![(scale * lambda / nf) as f32; fr.dims.n])
+            .map_err(kc_err)
+    };
+    let (w_aux, w_gate) = (weights(op.cfg.lambda_aux)?, weights(op.cfg.lambda_gate)?);
+    let (a, labels, dims) = (&fr.a, &op.labels, fr.dims);
+    let dmu = kc::aiec::dmu_backward(&st, a, &fr.wd, &fr.dmu.probs, labels, &w_aux, dims)
+        .map_err(cerr)?;
+    let dgate =
+        kc::aiec::gate_loss_backward(&st, a, &fr.masks, labels, &w_gate, dims).map_err(cerr)?;
+    let mut da = st.clone_dtoh(&dmu.da).map_err(kc_err)?;
+    for (d, e) in da.iter_mut().zip(st.clone_dtoh(&dgate).map_err(kc_err)?) {
+        *d += e;
+    }
+    let da = st.clone_htod(&da).map_err(kc_err)?;
+    let d_act =
+        kc::aiec::global_feature_backward::<T>(&st, &fr.shape, &da, op.cfg.pool).map_err(cerr)?;
+    let df = kc::aiec::tau_backward(&st, &d_act, &f, op.cfg.tau as f32).map_err(cerr)?;
+    packed_out(x.0, &st, &[Part::Dev(&df), Part::F32(&dmu.dwd)])
+}
+
+cuda_bwd_op3!(
+    AiecLossBwdOp,
+    "aiec_loss_bwd",
+    "AiecLossOp::bwd",
+    aiec_loss_bwd_t
+);
+
+/// `AiecLossOp::bwd` for CUDA tensors: `(dF, dWd)`.
+pub(crate) fn aiec_loss_bwd(
+    op: &super::ops::AiecLossOp,
+    f: &Tensor,
+    wd: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let bop = AiecLossBwdOp { fwd: op.clone() };
+    let packed = f.apply_op3_no_bwd(wd, &g.contiguous()?, &bop)?;
+    let mut v = unpack(&packed, &[f.shape(), wd.shape()])?.into_iter();
+    Ok((v.next(), v.next()))
+}

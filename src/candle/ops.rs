@@ -884,7 +884,11 @@ pub struct AiecLossOp {
 }
 
 impl AiecLossOp {
-    fn check(&self, f_dims: &[usize], wd_dims: &[usize]) -> CResult<crate::layout::ActShape> {
+    pub(crate) fn check(
+        &self,
+        f_dims: &[usize],
+        wd_dims: &[usize],
+    ) -> CResult<crate::layout::ActShape> {
         let shape = act_shape("aiec_loss", f_dims, self.layout)?;
         let &[k, c] = wd_dims else {
             return Err(op_err(
@@ -957,6 +961,16 @@ impl CustomOp2 for AiecLossOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "aiec_loss", aiec_loss_fwd(self, s1, l1, s2, l2))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::aiec_loss_fwd(self, s1, l1, s2, l2)
+    }
     fn bwd(
         &self,
         f: &Tensor,
@@ -964,6 +978,10 @@ impl CustomOp2 for AiecLossOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if f.device().is_cuda() {
+            return super::cuda::aiec_loss_bwd(self, f, wd, g);
+        }
         by_dtype!(f.dtype(), "aiec_loss", aiec_loss_bwd(self, f, wd, g))
     }
 }

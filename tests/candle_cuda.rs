@@ -622,7 +622,7 @@ fn aiec_loss_forward_backward() {
             // dF = [F > τ]·da/S (or da at the token): da comes out of f32 softmax and
             // GAP sums, hence E_RED; rounded once to T.
             let dfc = host(&dfc.unwrap());
-            assert!(dfc.iter().any(|&v| v == 0.0) && dfc.iter().any(|&v| v != 0.0));
+            assert!(dfc.contains(&0.0) && dfc.iter().any(|&v| v != 0.0));
             check(&format!("{what} dF"), &host(&df), &dfc, u, E_RED);
             let dwdc = host(&dwdc.unwrap());
             check(&format!("{what} dWd"), &host(&dwd), &dwdc, u, E_RED);

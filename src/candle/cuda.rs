@@ -7,15 +7,25 @@
 //!   other dtype is `Error::UnsupportedDTypeForOp`, never a panic.
 //! * Inputs must be contiguous (the public functions in [`super::ops`] make them so);
 //!   a strided input is an error naming the op.
+//! * Ops: TAU, ACON-A, ACON-B, ACON-C, meta-ACON-C (channel-wise
+//!   [`super::ops::MetaAconCOp`], layer-/pixel-wise [`super::ops::MetaAconCGenOp`]),
+//!   IIEU-B, IIEU-DC and the AIEC loss.
 //! * Parameter packs arrive in the activation's dtype (as on the CPU); the kernels take
 //!   f32 parameters, so the pack (`3·C` values for ACON-C) is widened to f32 through
-//!   the host: one small synchronous copy each way per call.
+//!   the host: one small synchronous copy each way per call. IIEU-B's conv weight `W`
+//!   (the head of its pack) is used in place, in the storage dtype.
 //! * Backward: candle keeps no state between forward and backward, so the backward
 //!   op recomputes what the CUDA backward needs. It outputs ONE packed 1-D tensor —
 //!   the gradient of every input, flattened and concatenated in input order, in the
 //!   activation's dtype (parameter gradients are f32 on the device and rounded once)
 //!   — which `bwd` splits with `narrow` + `reshape` (views: no kernel runs). The CUDA
-//!   path of an op therefore launches only this crate's kernels.
+//!   path of an op therefore launches only this crate's kernels. Backward ops of a
+//!   three-input forward (channel-wise meta-ACON-C, IIEU-B, IIEU-DC) hold `dy` in the
+//!   op ([`MetaAconCBwdOp::dy`]), as candle ops take at most three tensors.
+//! * AIEC loss: no fused CUDA entry point takes fixed masks, so the op is assembled
+//!   from the pieces of [`crate::cuda::aiec`] (TAU, global feature, DMU, gate loss and
+//!   their backwards); the two loss means (N values each) and the sum of the DMU and
+//!   gate `∂L/∂a` (`N × C`) are computed on the host.
 //!
 //! Tested on the emulated device (features `emulate` + `candle-cuda`,
 //! `tests/candle_cuda.rs`): forward and backward ops against the CPU reference. A

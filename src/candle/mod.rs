@@ -23,8 +23,10 @@
 //!   [`nn::IieuDc`] (`forward(x, res)`), [`nn::Aiec`].
 //!
 //! Supported: tensors on the CPU device in `f32` or `f64` (all inputs of one op in
-//! the same dtype). Any other dtype returns `candle_core::Error::UnsupportedDTypeForOp`
-//! and any other device candle's "no cuda/metal implementation" error — never a panic.
+//! the same dtype); with feature `candle-cuda`, also every op on candle's CUDA device
+//! in `f32`, `f16` or `bf16` (`cuda`). Any other dtype returns
+//! `candle_core::Error::UnsupportedDTypeForOp` and any other device candle's "no
+//! cuda/metal implementation" error — never a panic.
 //! Errors of the CPU backend (bad shapes, bad parameters, labels out of range) are
 //! returned wrapped in a `candle_core::Error` (`Error::wrap` of [`crate::Error`]).
 //! Gradients are first order only (the tensors `bwd` returns are not themselves

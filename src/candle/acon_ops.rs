@@ -25,18 +25,6 @@ use crate::layout::Layout;
 type CResult<T> = candle_core::Result<T>;
 type Grads2 = (Option<Tensor>, Option<Tensor>);
 
-/// Calls `$f::<f32>` or `$f::<f64>` by `$dt`; any other dtype is
-/// `UnsupportedDTypeForOp` (same as the private macro of [`super::ops`]).
-macro_rules! by_dtype {
-    ($dt:expr, $name:expr, $f:ident ( $($a:expr),* $(,)? )) => {
-        match $dt {
-            DType::F32 => $f::<f32>($($a),*),
-            DType::F64 => $f::<f64>($($a),*),
-            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, $name)),
-        }
-    };
-}
-
 // ---------------------------------------------------------------------------
 // ACON-A
 

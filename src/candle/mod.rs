@@ -32,6 +32,19 @@
 //! Gradients are first order only (the tensors `bwd` returns are not themselves
 //! differentiable).
 
+/// Calls `$f::<f32>` or `$f::<f64>` by `$dt`; any other dtype is
+/// `UnsupportedDTypeForOp` (the CPU ops' dtype dispatch; textually scoped to the
+/// modules declared below).
+macro_rules! by_dtype {
+    ($dt:expr, $name:expr, $f:ident ( $($a:expr),* $(,)? )) => {
+        match $dt {
+            DType::F32 => $f::<f32>($($a),*),
+            DType::F64 => $f::<f64>($($a),*),
+            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, $name)),
+        }
+    };
+}
+
 pub mod acon_ops;
 #[cfg(feature = "candle-cuda")]
 pub mod cuda;

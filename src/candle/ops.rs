@@ -31,18 +31,6 @@ use crate::layout::Layout;
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Calls `$f::<f32>` or `$f::<f64>` by `$dt`; any other dtype is
-/// `UnsupportedDTypeForOp`.
-macro_rules! by_dtype {
-    ($dt:expr, $name:expr, $f:ident ( $($a:expr),* $(,)? )) => {
-        match $dt {
-            DType::F32 => $f::<f32>($($a),*),
-            DType::F64 => $f::<f64>($($a),*),
-            dt => Err(candle_core::Error::UnsupportedDTypeForOp(dt, $name)),
-        }
-    };
-}
-
 /// Concatenates flattened tensors into one 1-D tensor (the parameter pack).
 fn pack(parts: &[&Tensor]) -> CResult<Tensor> {
     let flat = parts

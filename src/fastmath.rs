@@ -49,6 +49,41 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// `e^x` for `x ≤ 0` (and NaN): the same bits as [`exp_f32`] there, with less work —
+/// no overflow case, and `2^n` (`n ∈ [−150, 0]`) applied as `2^(n+64)·2^−64`, one
+/// exact product then one rounding, as [`exp_f32`]'s two factors round once. For
+/// `x > 0` it returns `e^0 = 1` (the argument is clamped): callers use it where only
+/// lanes with `x ≤ 0` keep the result (the IIEU adjuster's lower branch, `ρ̂ − η < 0`).
+#[inline(always)]
+pub fn exp_nonpos_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+                                     // 2^−64, exactly.
+    let two_m64 = f32::from_bits((127 - 64) << 23);
+    // clamp propagates NaN (then every step below is NaN).
+    let xc = x.clamp(MIN_ARG, 0.0);
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32) - (MAGIC.to_bits() as i32);
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let s = f32::from_bits(((ni + 64 + 127) as u32) << 23);
+    let y = er * s * two_m64;
+    if x < MIN_ARG {
+        0.0
+    } else {
+        y
+    }
+}
+
 /// Logistic sigmoid `1/(1 + e^{−x})` on top of [`exp_f32`]; relative error ≤ 3 ulp.
 #[inline(always)]
 pub fn sigmoid_f32(x: f32) -> f32 {
@@ -162,6 +197,29 @@ mod tests {
         // Cephes expf is specified at ~1 ulp on the normal range; the two-factor
         // scaling adds at most one more rounding in the subnormal range.
         assert!(worst <= 2.0, "worst error {worst} ulp");
+    }
+
+    /// `exp_nonpos_f32` is `exp_f32` bit for bit on `x ≤ 0` (dense sweep down past the
+    /// underflow point, the subnormal range included) and for −∞ and NaN.
+    #[test]
+    fn exp_nonpos_matches_exp_bits_on_nonpositive_args() {
+        let steps = 4_000_000;
+        for i in 0..=steps {
+            let x = -110.0f32 * (i as f32 / steps as f32);
+            assert_eq!(exp_nonpos_f32(x).to_bits(), exp_f32(x).to_bits(), "x = {x}");
+        }
+        for x in [
+            0.0f32,
+            -0.0,
+            -1e-30,
+            -87.33655,
+            -103.97208,
+            -103.97209,
+            f32::NEG_INFINITY,
+        ] {
+            assert_eq!(exp_nonpos_f32(x).to_bits(), exp_f32(x).to_bits(), "x = {x}");
+        }
+        assert!(exp_nonpos_f32(f32::NAN).is_nan());
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub trait Real:
     /// `e^x` for hot loops: the vectorisable [`crate::fastmath::exp_f32`] (≤ 2 ulp)
     /// for f32, libm's correctly-rounded-ish `exp` for f64 (the reference).
     fn exp_fast(self) -> Self;
+    /// `e^x` for `x ≤ 0` (NaN propagates): [`crate::fastmath::exp_nonpos_f32`] for f32
+    /// (the same bits as `exp_fast` there, less work; `x > 0` gives 1), `exp` for f64.
+    fn exp_nonpos(self) -> Self;
 }
 
 impl Real for f32 {
@@ -34,6 +37,10 @@ impl Real for f32 {
     fn exp_fast(self) -> Self {
         crate::fastmath::exp_f32(self)
     }
+    #[inline(always)]
+    fn exp_nonpos(self) -> Self {
+        crate::fastmath::exp_nonpos_f32(self)
+    }
 }
 
 impl Real for f64 {
@@ -47,6 +54,10 @@ impl Real for f64 {
     }
     #[inline(always)]
     fn exp_fast(self) -> Self {
+        self.exp()
+    }
+    #[inline(always)]
+    fn exp_nonpos(self) -> Self {
         self.exp()
     }
 }

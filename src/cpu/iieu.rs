@@ -414,12 +414,13 @@ fn any_lower<T: Real>(xc: &[T], rc: &[T], rw: T, nu: T, eta: T) -> bool {
         .fold(false, |a, (&x, &r)| a | !(rho(x, rw, r, nu) >= eta))
 }
 
-/// `ς(ρ̂)·x`, both branches evaluated, then selected on `ρ̂ ≥ η` (the discarded `exp`
-/// may overflow harmlessly).
+/// `ς(ρ̂)·x`, both branches evaluated, then selected on `ρ̂ ≥ η`. The `exp` is
+/// [`Real::exp_nonpos`]: the lower branch only keeps lanes with `ρ̂ − η < 0`, where it
+/// has the same bits as `exp_fast`.
 #[inline(always)]
 fn adjust_full<T: Real>(xv: T, rxv: T, rw: T, nu: T, eta: T) -> T {
     let r = rho(xv, rw, rxv, nu);
-    let lo = eta * (r - eta).exp_fast() * xv;
+    let lo = eta * (r - eta).exp_nonpos() * xv;
     if r >= eta {
         r * xv
     } else {
@@ -480,7 +481,7 @@ fn adjust_plane_bwd_impl<T: Real>(
     // (dx, g, g·x·r_w, g·x·r_x, dη-term).
     let full = |xv: T, dyv: T, rxv: T| {
         let r = rho(xv, rw, rxv, nu);
-        let ex = (r - eta).exp_fast();
+        let ex = (r - eta).exp_nonpos();
         let e = eta * ex;
         let up = r >= eta;
         let sc = if up { r } else { e };

@@ -61,7 +61,8 @@ pub fn exp_nonpos_f32(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
     let two_m64 = f32::from_bits((127 - 64) << 23); // 2^−64, exactly
-                                                    // clamp propagates NaN (then every step below is NaN).
+
+    // clamp propagates NaN (then every step below is NaN).
     let xc = x.clamp(MIN_ARG, 0.0);
     let t = xc * LOG2E + MAGIC;
     let n = t - MAGIC;

@@ -86,6 +86,7 @@ def load_min(prefix):
     return best
 
 main = load_min("perf-report")
+per_run = [load(f"perf-report-{i}") for i in range(1, runs + 1)]
 if not main:
     sys.exit("no results under target/criterion/*/*/perf-report-*; run without --no-run")
 
@@ -176,10 +177,23 @@ for g in groups:
         if tgt is None:
             ttxt, mtxt = "—", ""
         else:
-            ok = q <= tgt
-            ok_into = rr is not None and rr[1] <= tgt
+            # A target counts as met only if every suite run meets it on its own
+            # (op and floor from the same run): the allocating API's cost depends on
+            # the allocator's state, which the fastest-of-runs figure can hide.
+            def runs_ok(sfx):
+                rs = [ratio(rr_, g, [b + sfx for b in ops], [b + sfx for b in floors]) for rr_ in per_run]
+                rs = [r_ for r_ in rs if r_ is not None]
+                return rs and all(r_[1] <= tgt for r_ in rs), sum(1 for r_ in rs if r_[1] <= tgt), len(rs)
+            ok, k_ok, k_n = runs_ok("")
+            ok_into, ki_ok, ki_n = runs_ok("_into")
+            ok_into = bool(ok_into)
             ttxt = f"≤ {tgt:g}×"
-            mtxt = "yes" if ok else ("with caller-owned outputs" if ok_into else "no")
+            if ok:
+                mtxt = "yes"
+            elif ok_into:
+                mtxt = "with caller-owned outputs" + (f" (allocating: {k_ok} of {k_n} runs)" if k_ok else "")
+            else:
+                mtxt = "no" + (f" ({k_ok} of {k_n} runs)" if k_ok else "")
             met_summary.append((label, shape_label(g), q, tgt, ok, rr[1] if rr else None, ok_into))
         lines.append(f"| {label} | {shape_label(g)} | {fmt_t(t)} | {gbs} | {meps} | {q:.2f}× | {rtxt} | {ttxt} | {mtxt} |")
 lines.append("")
@@ -194,7 +208,8 @@ lines.append(f"* command: `scripts/perf-report.sh` (= `RAYON_NUM_THREADS={thread
 lines.append(f"* machine: {nproc} CPUs (`nproc`), {cpu} ({feats}); {rustc}; f32; {threads} rayon threads; {date} (UTC);")
 lines.append(f"* criterion, 10 samples, 0.5 s warm-up, 2 s measurement, median; the suite ran {runs}× and each "
              "benchmark shows the fastest of its medians; time = sum of the listed passes "
-             "(fwd+bwd = forward + backward, all gradients);")
+             "(fwd+bwd = forward + backward, all gradients); a target is marked met only if it is met in every run "
+             "(op and floor of the same run), since the allocating API's cost swings with the allocator's state;")
 lines.append("* ratio = op time / time of a parallel ReLU over the same tensor (forward: ReLU forward; fwd+bwd and the "
              "AIEC step: ReLU forward + backward), both timed in the same group of the same run;")
 lines.append("* GB/s = compulsory traffic (activation-sized f32 tensors that must be read + written: ACON fwd 2, bwd 3; "

@@ -14,14 +14,16 @@ const MAX_ARG: f32 = 88.722_83;
 /// Below this `e^x` rounds to 0 even as a subnormal.
 const MIN_ARG: f32 = -103.972_08;
 
-/// `e^x` for f32, ≤ 2 ulp, branch-free (vectorises when called in a loop).
+/// The shared core of [`exp_f32`] and [`exp_nonpos_f32`] for an already clamped
+/// `xc`: `(e^r, n)` with `n = round(xc·log₂e)` (ties to even, via the 1.5·2²³ magic
+/// constant), `r = xc − n·ln2` (Cody–Waite, two parts) and `e^r` from the degree-6
+/// polynomial, so that `e^xc = e^r · 2^n`.
 #[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
+fn exp_reduced(xc: f32) -> (f32, i32) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    let xc = x.clamp(MIN_ARG, MAX_ARG);
     let t = xc * LOG2E + MAGIC;
     let n = t - MAGIC;
     let ni = (t.to_bits() as i32) - (MAGIC.to_bits() as i32);
@@ -32,7 +34,13 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
-    let er = p * r * r + r + 1.0;
+    (p * r * r + r + 1.0, ni)
+}
+
+/// `e^x` for f32, ≤ 2 ulp, branch-free (vectorises when called in a loop).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    let (er, ni) = exp_reduced(x.clamp(MIN_ARG, MAX_ARG));
     // 2^n = 2^a · 2^b with a = n/2, b = n − a, both in the normal exponent range
     // for n ∈ [−150, 128].
     let a = ni >> 1;
@@ -56,25 +64,9 @@ pub fn exp_f32(x: f32) -> f32 {
 /// lanes with `x ≤ 0` keep the result (the IIEU adjuster's lower branch, `ρ̂ − η < 0`).
 #[inline(always)]
 pub fn exp_nonpos_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
     let two_m64 = f32::from_bits((127 - 64) << 23); // 2^−64, exactly
-
-    // clamp propagates NaN (then every step below is NaN).
-    let xc = x.clamp(MIN_ARG, 0.0);
-    let t = xc * LOG2E + MAGIC;
-    let n = t - MAGIC;
-    let ni = (t.to_bits() as i32) - (MAGIC.to_bits() as i32);
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let er = p * r * r + r + 1.0;
+                                                    // clamp propagates NaN (then every step below is NaN).
+    let (er, ni) = exp_reduced(x.clamp(MIN_ARG, 0.0));
     let s = f32::from_bits(((ni + 64 + 127) as u32) << 23);
     let y = er * s * two_m64;
     if x < MIN_ARG {

@@ -29,7 +29,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::common::sigmoid;
+use crate::cpu::common::{fit, sigmoid};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
 use crate::real::Real;
@@ -792,10 +792,7 @@ pub fn acon_c_backward_into<T: Real>(
     check_params(shape, "p1", p1)?;
     check_params(shape, "p2", p2)?;
     beta.validate(shape)?;
-    if grads.dx.len() != x.len() {
-        grads.dx.clear();
-        grads.dx.resize(x.len(), T::zero());
-    }
+    fit(&mut grads.dx, x.len());
     let (a, b, dbeta) = core_backward_into(shape, dy, x, p1, p2, beta, &mut grads.dx);
     grads.dp1 = a.iter().map(|&v| T::of(v)).collect();
     grads.dp2 = b.iter().zip(&a).map(|(&b, &a)| T::of(b - a)).collect();

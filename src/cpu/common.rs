@@ -57,3 +57,12 @@ where
     }
     out
 }
+
+/// Makes `v` exactly `len` long (zero-filled only when its length changes; the
+/// callers overwrite every element).
+pub(crate) fn fit<T: Real>(v: &mut Vec<T>, len: usize) {
+    if v.len() != len {
+        v.clear();
+        v.resize(len, T::zero());
+    }
+}

@@ -39,7 +39,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::common::{layer_norm_bwd, layer_norm_fwd, sigmoid};
+use crate::cpu::common::{fit, layer_norm_bwd, layer_norm_fwd, sigmoid};
 use crate::error::{check_len, Error, Result};
 use crate::fastmath::simd_fn;
 use crate::geometry::Conv2dGeometry;
@@ -1002,15 +1002,6 @@ pub fn backward_into<T: Real>(
         }
     }
     Ok(())
-}
-
-/// Makes `v` exactly `len` long (zero-filled only when its length changes; the
-/// callers overwrite every element).
-fn fit<T: Real>(v: &mut Vec<T>, len: usize) {
-    if v.len() != len {
-        v.clear();
-        v.resize(len, T::zero());
-    }
 }
 
 #[cfg(test)]

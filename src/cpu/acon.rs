@@ -231,8 +231,7 @@ struct Per<'a, T>(&'a [T]);
 impl<T: Real> Src<T> for Per<'_, T> {
     #[inline(always)]
     fn block(&self, i0: usize, _: &[T; LANES]) -> [T; LANES] {
-        let s = &self.0[i0..i0 + LANES];
-        std::array::from_fn(|j| s[j])
+        arr(&self.0[i0..i0 + LANES])
     }
     #[inline(always)]
     fn at(&self, i: usize, _: T) -> T {
@@ -246,7 +245,13 @@ struct Pix;
 impl<T: Real> Src<T> for Pix {
     #[inline(always)]
     fn block(&self, _: usize, x: &[T; LANES]) -> [T; LANES] {
-        std::array::from_fn(|j| sig(x[j]))
+        // A plain loop, not `array::from_fn`: that stays an out-of-line call compiled
+        // without the caller's target features, i.e. a scalar sigmoid per element.
+        let mut b = *x;
+        for v in &mut b {
+            *v = sig(*v);
+        }
+        b
     }
     #[inline(always)]
     fn at(&self, _: usize, x: T) -> T {
@@ -254,9 +259,13 @@ impl<T: Real> Src<T> for Pix {
     }
 }
 
+/// The first [`LANES`] elements of `s` as an array (a plain copy; see [`Pix::block`]
+/// for why not `array::from_fn`).
 #[inline(always)]
 fn arr<T: Copy>(s: &[T]) -> [T; LANES] {
-    std::array::from_fn(|j| s[j])
+    let mut b = [s[0]; LANES];
+    b.copy_from_slice(&s[..LANES]);
+    b
 }
 
 /// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, over one plane or row.
@@ -1471,6 +1480,11 @@ mod tests {
         let (mut y0, mut y1) = (vec![0.0f32; n], vec![0.0f32; n]);
         fwd_loop(&x, &mut y0, a, b, bt);
         fwd_plane(&x, &mut y1, a, b, bt);
+        assert!(y0.iter().zip(&y1).all(|(p, q)| p.to_bits() == q.to_bits()));
+        // Pixel-wise β and per-element parameters (the NLC row sources).
+        let pv: Vec<f32> = (0..n).map(|i| 0.5 + (i as f32 * 0.13).cos()).collect();
+        fwd_loop(&x, &mut y0, Per(&pv), b, Pix);
+        fwd_plane(&x, &mut y1, Per(&pv), b, Pix);
         assert!(y0.iter().zip(&y1).all(|(p, q)| p.to_bits() == q.to_bits()));
         let (mut d0, mut d1) = (vec![0.0f32; n], vec![0.0f32; n]);
         let mut l0 = Lanes([[0.0; LANES]; 3]);

@@ -22,9 +22,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
-use super::{DType, DeviceInput, Kernels};
+use super::{ArgOpt, DType, DeviceInput, Kernels};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
 
@@ -135,7 +137,21 @@ enum Params<'a> {
     C(CudaView<'a, f32>, CudaView<'a, f32>),
 }
 
-impl Params<'_> {
+impl<'p> Params<'p> {
+    /// Pushes the kernel arguments of the variant's parameters: none (A), `p` (B),
+    /// `p1, p2` (C).
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        match self {
+            Params::A => {}
+            Params::B(p) => {
+                b.arg(p);
+            }
+            Params::C(p1, p2) => {
+                b.arg(p1).arg(p2);
+            }
+        }
+    }
+
     fn letter(&self) -> char {
         match self {
             Params::A => 'a',
@@ -244,22 +260,10 @@ fn core_forward<T: DType>(
     let mut y = unsafe { stream.alloc::<T>(numel) }?;
     let (n, c, s, nlc) = dims(shape);
     let kind = beta.kind();
-    let null = 0u64;
     let mut b = stream.launch_builder(&f);
     b.arg(x).arg(&mut y);
-    match params {
-        Params::A => {}
-        Params::B(p) => {
-            b.arg(p);
-        }
-        Params::C(p1, p2) => {
-            b.arg(p1).arg(p2);
-        }
-    }
-    match beta.buf() {
-        Some(v) => b.arg(v),
-        None => b.arg(&null),
-    };
+    params.push(&mut b);
+    b.arg_opt(beta.buf());
     b.arg(&kind).arg(&n).arg(&c).arg(&s).arg(&nlc);
     let grid = numel.div_ceil(vec_width::<T>() * THREADS as usize);
     // SAFETY: shape, x (numel = N·C·S), p1/p2/p (C) and β (C, N·C or N, or no
@@ -285,7 +289,6 @@ fn core_backward<T: DType>(
     let kind = beta.kind();
     let nlc = shape.layout == Layout::Nlc;
     let w = vec_width::<T>();
-    let null = 0u64;
     // SAFETY: the backward kernel writes every element of dx (each tile covers
     // its plane / rows fully; the tiles cover the tensor).
     let mut dx = unsafe { stream.alloc::<T>(numel) }?;
@@ -297,19 +300,8 @@ fn core_backward<T: DType>(
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&f);
         b.arg(dy).arg(x).arg(&mut dx);
-        match params {
-            Params::A => {}
-            Params::B(p) => {
-                b.arg(p);
-            }
-            Params::C(p1, p2) => {
-                b.arg(p1).arg(p2);
-            }
-        }
-        match beta.buf() {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        params.push(&mut b);
+        b.arg_opt(beta.buf());
         b.arg(&kind)
             .arg(&n)
             .arg(&s)
@@ -331,19 +323,8 @@ fn core_backward<T: DType>(
         let (tpp_i, tile_i) = (tpp as i64, tile as i64);
         let mut b = stream.launch_builder(&f);
         b.arg(dy).arg(x).arg(&mut dx);
-        match params {
-            Params::A => {}
-            Params::B(p) => {
-                b.arg(p);
-            }
-            Params::C(p1, p2) => {
-                b.arg(p1).arg(p2);
-            }
-        }
-        match beta.buf() {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        params.push(&mut b);
+        b.arg_opt(beta.buf());
         b.arg(&kind)
             .arg(&n)
             .arg(&c)
@@ -379,18 +360,9 @@ fn core_backward<T: DType>(
     let f = func_f32(stream, "acon_reduce_params")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&tot);
-    match dp1.as_mut() {
-        Some(v) => b.arg(v),
-        None => b.arg(&null),
-    };
-    match dp2.as_mut() {
-        Some(v) => b.arg(v),
-        None => b.arg(&null),
-    };
-    match dbeta.as_mut() {
-        Some(v) => b.arg(v),
-        None => b.arg(&null),
-    };
+    b.arg_opt(dp1.as_mut());
+    b.arg_opt(dp2.as_mut());
+    b.arg_opt(dbeta.as_mut());
     b.arg(&kind).arg(&n).arg(&c);
     let work = shape.n * shape.c;
     // SAFETY: tot holds 3·N·C floats; dp1/dp2 (C) are written only when
@@ -763,18 +735,11 @@ impl ChannelGen {
         let mut beta = unsafe { stream.alloc::<f32>(shape.n * shape.c) }?;
         let f = func_f32(stream, "acon_gen_fc_fwd")?;
         let (c, wd) = (shape.c as i64, self.width as i64);
-        let null = 0u64;
         let mut b = stream.launch_builder(&f);
         b.arg(&g).arg(&self.w1);
-        match &self.b1 {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        b.arg_opt(self.b1.as_ref());
         b.arg(&self.w2);
-        match &self.b2 {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        b.arg_opt(self.b2.as_ref());
         b.arg(&c).arg(&wd).arg(&mut h).arg(&mut beta);
         // SAFETY: block n < N reads gap[n·C..][..C], W1/W2 (width·C, validated),
         // b1 (width) / b2 (C) when present, writes h[n·width..][..width] and
@@ -867,7 +832,6 @@ impl ChannelGen {
             Some(_) => Some(unsafe { stream.alloc::<f32>(cc) }?),
             None => None,
         };
-        let null = 0u64;
         let f = func_f32(stream, "acon_gen_wgrad")?;
         let mut b = stream.launch_builder(&f);
         b.arg(&dz)
@@ -878,15 +842,9 @@ impl ChannelGen {
             .arg(&c)
             .arg(&wd)
             .arg(&mut dw1);
-        match db1.as_mut() {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        b.arg_opt(db1.as_mut());
         b.arg(&mut dw2);
-        match db2.as_mut() {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
+        b.arg_opt(db2.as_mut());
         let work = 2 * wdu * cc + cc + wdu;
         // SAFETY: reads dz, gap (N·C), dh, h (N·width); writes dW1, dW2
         // (width·C), db1 (width) and db2 (C) only when non-null.

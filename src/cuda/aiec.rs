@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{grid_for, to_i32, DType, DeviceInput, Kernels, BLOCK};
+use super::{grid_for, to_i32, ArgOpt, DType, DeviceInput, Kernels, BLOCK};
 use crate::cpu::aiec::{AiecConfig, AiecDims, Counters, Pool};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
@@ -117,9 +117,6 @@ fn elementwise(work: usize, per: usize) -> LaunchConfig {
 fn rows_grid(rows: usize) -> u32 {
     rows.clamp(1, 4096) as u32
 }
-
-/// Null device pointer for an optional kernel argument.
-const NULL: u64 = 0;
 
 /// Bytes of one 16-byte vector in elements of `T`.
 fn vec_elems<T>() -> usize {
@@ -218,10 +215,7 @@ fn feature_pass<T: DType>(
             let s = to_i64("positions S", shape.s)?;
             let mut b = stream.launch_builder(&f);
             b.arg(x);
-            match y {
-                Some(y) => b.arg(y),
-                None => b.arg(&NULL),
-            };
+            b.arg_opt(y);
             b.arg(&mut feat)
                 .arg(&planes)
                 .arg(&s)
@@ -249,10 +243,7 @@ fn feature_pass<T: DType>(
             let gy = shape.c.div_ceil(block as usize).min(65_535) as u32;
             let mut b = stream.launch_builder(&f);
             b.arg(x);
-            match y {
-                Some(y) => b.arg(y),
-                None => b.arg(&NULL),
-            };
+            b.arg_opt(y);
             b.arg(&mut feat)
                 .arg(&n)
                 .arg(&l)
@@ -314,14 +305,8 @@ fn backward_pass<T: DType>(
             let s = to_i64("positions S", shape.s)?;
             let inv_s = 1.0f32 / shape.s as f32;
             let mut b = stream.launch_builder(&f);
-            match &f_tau {
-                Some((fv, _)) => b.arg(*fv),
-                None => b.arg(&NULL),
-            };
-            match &d_out {
-                Some(d) => b.arg(*d),
-                None => b.arg(&NULL),
-            };
+            b.arg_opt(f_tau.map(|(fv, _)| fv));
+            b.arg_opt(d_out);
             b.arg(da)
                 .arg(&mut df)
                 .arg(&planes)
@@ -347,14 +332,8 @@ fn backward_pass<T: DType>(
             };
             let inv_l = 1.0f32 / shape.s as f32;
             let mut b = stream.launch_builder(&f);
-            match &f_tau {
-                Some((fv, _)) => b.arg(*fv),
-                None => b.arg(&NULL),
-            };
-            match &d_out {
-                Some(d) => b.arg(*d),
-                None => b.arg(&NULL),
-            };
+            b.arg_opt(f_tau.map(|(fv, _)| fv));
+            b.arg_opt(d_out);
             b.arg(da)
                 .arg(&mut df)
                 .arg(&total)
@@ -568,18 +547,9 @@ impl DeviceCounters {
         let kc = self.classes * self.channels;
         let mut b = stream.launch_builder(&f);
         b.arg(&self.theta).arg(&self.eta).arg(&self.phi);
-        match wd {
-            Some(w) => b.arg(w),
-            None => b.arg(&NULL),
-        };
-        match v {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
-        match masks {
-            Some(m) => b.arg(m),
-            None => b.arg(&NULL),
-        };
+        b.arg_opt(wd);
+        b.arg_opt(v);
+        b.arg_opt(masks);
         b.arg(&k).arg(&c);
         // SAFETY: θ, η (and wd, v, masks when given) are K·C, φ is K; the kernel
         // touches i < K·C and φ[i / C].
@@ -694,23 +664,11 @@ fn da_dev(
     let mut da = unsafe { stream.alloc::<f32>(dims.n * dims.c) }?;
     let mut b = stream.launch_builder(&f);
     b.arg(a).arg(wd);
-    match probs {
-        Some(p) => b.arg(p),
-        None => b.arg(&NULL),
-    };
+    b.arg_opt(probs);
     b.arg(labels);
-    match masks {
-        Some(m) => b.arg(m),
-        None => b.arg(&NULL),
-    };
-    match dl_aux {
-        Some(d) => b.arg(d),
-        None => b.arg(&NULL),
-    };
-    match dl_gate {
-        Some(d) => b.arg(d),
-        None => b.arg(&NULL),
-    };
+    b.arg_opt(masks);
+    b.arg_opt(dl_aux);
+    b.arg_opt(dl_gate);
     b.arg(&aux_scale)
         .arg(&gate_scale)
         .arg(&mut da)
@@ -751,10 +709,7 @@ fn dwd_dev(
     let spb_i = to_i32("samples per block", spb)?;
     let mut b = stream.launch_builder(&f1);
     b.arg(a).arg(probs).arg(labels);
-    match dl_aux {
-        Some(d) => b.arg(d),
-        None => b.arg(&NULL),
-    };
+    b.arg_opt(dl_aux);
     b.arg(&aux_scale)
         .arg(&mut partial)
         .arg(&n)

@@ -23,7 +23,7 @@ pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView};
 pub use dtype::DType;
 pub use module::Kernels;
 
-use cudarc::driver::DriverError;
+use cudarc::driver::{DriverError, LaunchArgs, PushKernelArg};
 
 impl From<DriverError> for crate::Error {
     fn from(e: DriverError) -> Self {
@@ -66,6 +66,31 @@ pub fn real_driver_present() -> bool {
         // the handle; the driver's initialisers do not run our code.
         unsafe { libloading::Library::new(*name) }.is_ok()
     })
+}
+
+/// The null device pointer passed for an optional buffer a kernel does not use.
+const NULL: u64 = 0;
+
+/// [`LaunchArgs`] with optional buffers: `arg_opt(Some(v))` pushes `v`, `arg_opt(None)`
+/// a null pointer (the kernels take such buffers as optional and never dereference a
+/// null one).
+pub(crate) trait ArgOpt {
+    /// Pushes `v`, or a null device pointer for `None`.
+    fn arg_opt<A>(&mut self, v: Option<A>) -> &mut Self
+    where
+        Self: PushKernelArg<A>;
+}
+
+impl ArgOpt for LaunchArgs<'_> {
+    fn arg_opt<A>(&mut self, v: Option<A>) -> &mut Self
+    where
+        Self: PushKernelArg<A>,
+    {
+        match v {
+            Some(v) => self.arg(v),
+            None => PushKernelArg::<&u64>::arg(self, &NULL),
+        }
+    }
 }
 
 /// Threads per block of the elementwise and reduction kernels (a multiple of 32).

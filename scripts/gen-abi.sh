@@ -9,10 +9,14 @@ cd "$root"
 BINDGEN_VERSION=0.73.2
 tools="$root/.tools"
 bindgen="$tools/bin/bindgen"
+# libclang itself (libclang.so*, libclang-NN.so*), not libclang-cpp, which bindgen
+# cannot load and which some images ship alone.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 \
+  && ! ldconfig -p | grep -Eq 'libclang(-[0-9.]+)?\.so'; then
+  echo "libclang not found; installing libclang-dev"
+  apt-get update -qq && apt-get install -y -qq libclang-dev >/dev/null
+fi
 if [ ! -x "$bindgen" ] || ! "$bindgen" --version | grep -q "$BINDGEN_VERSION"; then
-  if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ldconfig -p | grep -q libclang; then
-    apt-get update -qq && apt-get install -y -qq libclang-dev >/dev/null
-  fi
   cargo install --quiet --locked bindgen-cli --version "$BINDGEN_VERSION" --root "$tools"
 fi
 out="src/cuda/abi_generated.rs"

@@ -381,21 +381,34 @@ fn rho<T: Real>(x: T, rw: T, rx: T, nu: T) -> T {
 /// order, so sums are deterministic and the loops vectorise.
 const LANES: usize = 8;
 
-/// `Σ v` over a plane in f64 (fixed lanes).
+/// `Σ f(v)` over a slice in f64 (fixed lanes): lane = position mod `LANES`, lanes
+/// combined in order, so the sum is deterministic and the loop vectorises.
 #[inline(always)]
-fn lane_sum_impl<T: Real>(v: &[T]) -> f64 {
+fn lane_fold<T: Real>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let mut l = [0.0f64; LANES];
     let c = v.chunks_exact(LANES);
     let r = c.remainder();
     for b in c {
         for j in 0..LANES {
-            l[j] += b[j].to_f64();
+            l[j] += f(b[j].to_f64());
         }
     }
     for &a in r {
-        l[0] += a.to_f64();
+        l[0] += f(a.to_f64());
     }
     l.iter().sum()
+}
+
+/// `Σ v` over a plane in f64 (fixed lanes).
+#[inline(always)]
+fn lane_sum_impl<T: Real>(v: &[T]) -> f64 {
+    lane_fold(v, |a| a)
+}
+
+/// `Σ v²` over a slice in f64 (fixed lanes).
+#[inline(always)]
+fn lane_sum_sq_impl<T: Real>(v: &[T]) -> f64 {
+    lane_fold(v, |a| a * a)
 }
 
 /// Elements per branch decision of the adjuster loops: a chunk whose `ρ̂` are all on
@@ -629,23 +642,6 @@ simd_fn! {
 simd_fn! {
     /// [`scale_planes_impl`], runtime-dispatched to AVX2 where available.
     fn scale_planes<T: Real>(out: &mut [T], x: &[T], a: &[f64]) => scale_planes_impl;
-}
-
-/// `Σ v²` over a slice in f64 (fixed lanes, as [`lane_sum_impl`]).
-#[inline(always)]
-fn lane_sum_sq_impl<T: Real>(v: &[T]) -> f64 {
-    let mut l = [0.0f64; LANES];
-    let c = v.chunks_exact(LANES);
-    let r = c.remainder();
-    for b in c {
-        for j in 0..LANES {
-            l[j] += b[j].to_f64() * b[j].to_f64();
-        }
-    }
-    for &a in r {
-        l[0] += a.to_f64() * a.to_f64();
-    }
-    l.iter().sum()
 }
 
 /// `out[i] = T(k·x[i])` (the conversion to f64 is exact, one rounding at the end).

@@ -11,7 +11,7 @@
 //! tap), so the ‖·‖ kink at 0 is not hit either.
 
 mod common;
-#[path = "iieu_naive.rs"]
+#[path = "common/iieu_naive.rs"]
 mod naive;
 
 use activation_kernels::cpu::iieu::{backward, forward, IieuConfig, IieuParams, PatchNorm};

@@ -3,7 +3,7 @@
 //! zero norms, f32 vs f64 agreement and determinism.
 
 mod common;
-#[path = "iieu_naive.rs"]
+#[path = "common/iieu_naive.rs"]
 mod naive;
 
 use activation_kernels::cpu::iieu::{

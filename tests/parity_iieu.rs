@@ -30,7 +30,7 @@
 #![cfg(any(feature = "cuda", feature = "emulate"))]
 
 mod common;
-#[path = "iieu_naive.rs"]
+#[path = "common/iieu_naive.rs"]
 mod naive;
 
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Naive, loop-by-loop f64 reference of IIEU-B written from SPEC §1.1–1.3 (direct
 //! convolution, explicit patch taps, explicit LayerNorm), independent of the crate's
-//! implementation. Included by the other `iieu_*` tests via `#[path]`; as its own test
-//! target it holds no tests.
+//! implementation. Included by `iieu_grad`, `iieu_props` and `parity_iieu` via `#[path]`
+//! (it lives under `common/` so that cargo does not build it as a test target of its own).
 #![allow(dead_code)]
 
 use activation_kernels::cpu::iieu::{IieuConfig, PatchNorm, EPS, EPS_LN};

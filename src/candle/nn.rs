@@ -1,17 +1,49 @@
 //! candle-nn style modules: each is built from a `candle_nn::VarBuilder` and replaces
 //! a ReLU in one line.
 //!
-//! ```ignore
-//! let act = AconC::new(vb.pp("act1"), 32)?;              // y = act.forward(&x)?
-//! let act = MetaAconC::new(vb.pp("act1"), 32, 16, true)?;
-//! let act = AconA::new(vb.pp("act1"), 32)?;               // Swish, learnable β
-//! let act = AconB::new(vb.pp("act1"), 32)?;
-//! let act = MetaAconCLayer::new(vb.pp("act1"), 32)?;      // β = σ(Σ_c GAP(x))
-//! let act = MetaAconCPixel::new(vb.pp("act1"), 32)?;      // β = σ(x)
-//! let conv = candle_nn::conv2d(16, 32, 3, cfg, vb.pp("conv1"))?;
-//! let block = IieuB::new(conv, vb.pp("iieu1"))?;          // y = block.forward(&x_pre)?
-//! let dc = IieuDc::new(vb.pp("dc"), 32, 16)?;            // y = dc.forward(&x, &res)?
+//! ```
+//! # fn main() -> candle_core::Result<()> {
+//! use activation_kernels::candle::nn::{
+//!     Aiec, AconA, AconB, AconC, IieuB, IieuDc, MetaAconC, MetaAconCLayer, MetaAconCPixel,
+//! };
+//! use activation_kernels::cpu::aiec::AiecConfig;
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let x = Tensor::randn(0f32, 1.0, (2, 32, 5, 7), &Device::Cpu)?; // (N, C, H, W)
+//!
+//! let act = AconC::new(vb.pp("act1"), 32)?; // y = d·σ(β·d) + p2·x, d = (p1 − p2)·x
+//! assert_eq!(act.forward(&x)?.dims(), x.dims());
+//! for y in [
+//!     MetaAconC::new(vb.pp("act2"), 32, 16, true)?.forward(&x)?, // β from fc–fc–σ(GAP(x))
+//!     AconA::new(vb.pp("act3"), 32)?.forward(&x)?,               // Swish, learnable β
+//!     AconB::new(vb.pp("act4"), 32)?.forward(&x)?,
+//!     MetaAconCLayer::new(vb.pp("act5"), 32)?.forward(&x)?, // β = σ(Σ_c GAP(x))
+//!     MetaAconCPixel::new(vb.pp("act6"), 32)?.forward(&x)?, // β = σ(x)
+//! ] {
+//!     assert_eq!(y.dims(), x.dims());
+//! }
+//!
+//! // IIEU-B owns its convolution: forward takes the conv's input.
+//! let cfg = Conv2dConfig { padding: 1, ..Default::default() };
+//! let conv = candle_nn::conv2d_no_bias(16, 32, 3, cfg, vb.pp("conv1"))?;
+//! let block = IieuB::new(conv, vb.pp("iieu1"))?;
+//! let x_pre = Tensor::randn(0f32, 1.0, (2, 16, 5, 7), &Device::Cpu)?;
+//! assert_eq!(block.forward(&x_pre)?.dims(), &[2, 32, 5, 7]);
+//!
+//! // IIEU-DC mixes a main branch and a shortcut.
+//! let dc = IieuDc::new(vb.pp("dc"), 32, 16)?;
+//! assert_eq!(dc.forward(&x, &x.relu()?)?.dims(), x.dims());
+//!
+//! // AIEC: TAU in the forward, plus a loss to add to the task loss while training.
 //! let aiec = Aiec::new(vb.pp("aiec"), 32, 10, AiecConfig::default())?;
+//! let (a, loss) = aiec.forward_train(&x, &[3, 7])?;
+//! assert_eq!(a.dims(), x.dims());
+//! assert!(loss.total.to_scalar::<f32>()?.is_finite());
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Initialisations follow SPEC.md and the CPU modules' init functions. Where those use

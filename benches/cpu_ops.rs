@@ -12,10 +12,10 @@
 //! element count of the activation tensor is in the group name (`layout_NxCxHxW`),
 //! so elements/s follow from the same numbers.
 //!
-//! The floor, ACON-C and IIEU-B are also timed in `_into` form, writing into
+//! The floor, ACON-C, IIEU-B and IIEU-DC are also timed in `_into` form, writing into
 //! caller-owned output buffers reused across iterations (`acon_c_forward_into`,
-//! `iieu::forward_into`, ...), so the kernels can be compared without the allocator's
-//! zero-filling and page faults.
+//! `iieu::forward_into`, `iieu_dc::backward_into`, ...), so the kernels can be
+//! compared without the allocator's zero-filling and page faults.
 //!
 //! Groups:
 //! * `nchw_32x64x56x56`: every op (the reference shape);
@@ -226,11 +226,19 @@ fn conv_ops(c: &mut Criterion) {
     g.bench_function("iieu_dc_fwd", |b| {
         b.iter(|| iieu_dc::forward(&dcfg, &x, &res, &dp))
     });
+    let mut out = vec![0.0f32; numel];
+    g.bench_function("iieu_dc_fwd_into", |b| {
+        b.iter(|| iieu_dc::forward_into(&dcfg, &x, &res, &dp, &mut out))
+    });
     let (_, ds) = iieu_dc::forward(&dcfg, &x, &res, &dp).expect("forward");
     // Reads dy, x, res; writes dx, dres.
     traffic(&mut g, numel, 5);
     g.bench_function("iieu_dc_bwd", |b| {
         b.iter(|| iieu_dc::backward(&dcfg, &dy, &x, &res, &dp, &ds))
+    });
+    let mut dgrads = iieu_dc::DcGrads::default();
+    g.bench_function("iieu_dc_bwd_into", |b| {
+        b.iter(|| iieu_dc::backward_into(&dcfg, &dy, &x, &res, &dp, &ds, &mut dgrads))
     });
     aiec_step(&mut g, &mut r, &shape, &x, &dy);
     g.finish();

@@ -19,8 +19,8 @@
 # forward+backward with the ReLU backward resp. forward+backward), so machine
 # load affects both sides; ratios are what the targets are about.
 #
-# The "caller-owned outputs" column compares the `_into` forms (ACON-C's and IIEU-B's
-# forward_into/backward_into, and a ReLU writing into a reused buffer): outputs are
+# The "caller-owned outputs" column compares the `_into` forms (ACON-C's, IIEU-B's and
+# IIEU-DC's forward_into/backward_into, and a ReLU writing into a reused buffer): outputs are
 # allocated once outside the timed loop. The allocating API returns fresh Vecs; when
 # an op frees two or more 26 MB outputs per call, glibc hands the heap back to the
 # kernel and the next call page-faults and zero-fills them again, while the
@@ -217,7 +217,7 @@ lines.append("* GB/s = compulsory traffic (activation-sized f32 tensors that mus
              "TAU fwd 2, bwd 3; ReLU fwd 2, bwd 3) / time; "
              "Melem/s = elements of the activation tensor per pass / time;")
 lines.append("* caller-owned outputs: the same ratio between the `_into` forms (`acon_c_forward_into`/`acon_c_backward_into`, "
-             "IIEU-B `forward_into`/`backward_into`, and a "
+             "IIEU-B and IIEU-DC `forward_into`/`backward_into`, and a "
              "ReLU writing into a reused buffer; outputs allocated once, outside the timed loop). The allocating API returns "
              "fresh, zero-filled `Vec`s (the allocating floor too); an op that frees two or more full-size outputs per call "
              "also makes glibc give the heap back to the kernel, so its next call pays page faults that the single-output "

@@ -1,7 +1,10 @@
-//! IIEU-DC: bad input, invariants (convex mix, neutral coupler), init, determinism.
+//! IIEU-DC: bad input, invariants (convex mix, neutral coupler), init, determinism, and
+//! the caller-owned `_into` forms.
 mod common;
 
-use activation_kernels::cpu::iieu_dc::{backward, forward, DcConfig, DcParams, DcSaved};
+use activation_kernels::cpu::iieu_dc::{
+    backward, backward_into, forward, forward_into, DcConfig, DcGrads, DcParams, DcSaved,
+};
 use activation_kernels::Error;
 use common::{randn, rng, uniform};
 use proptest::prelude::*;
@@ -170,6 +173,106 @@ fn wrong_lengths_are_rejected() {
     let other = DcConfig::new(1, 16, 2, 3, 8).unwrap();
     let (_, saved1) = forward(&other, &x[..96], &res[..96], &p).unwrap();
     expect_len(backward(&cfg, &dy, &x, &res, &p, &saved1), "saved.gap");
+}
+
+/// `forward_into` / `backward_into`: a wrong `out` length and every input check of the
+/// allocating forms return `Err` before anything is written.
+#[test]
+fn into_variants_wrong_lengths_leave_outputs_untouched() {
+    let cfg = DcConfig::new(2, 16, 2, 3, 8).unwrap();
+    let n = 2 * 16 * 6;
+    let p = params(&cfg, 1, 1.0);
+    let x = randn(&mut rng(2), n);
+    let res = randn(&mut rng(3), n);
+    let dy = randn(&mut rng(4), n);
+    let (_, saved) = forward(&cfg, &x, &res, &p).unwrap();
+
+    for len in [n - 1, n + 1] {
+        expect_len(forward_into(&cfg, &x, &res, &p, &mut vec![7.0; len]), "out");
+    }
+    let mut out = vec![7.0; n];
+    expect_len(forward_into(&cfg, &x, &res[1..], &p, &mut out), "res");
+    let mut q = p.clone();
+    q.w2.pop();
+    expect_len(forward_into(&cfg, &x, &res, &q, &mut out), "w2");
+    assert!(
+        out.iter().all(|&v| v == 7.0),
+        "out written before the error"
+    );
+
+    let mut g = DcGrads {
+        dx: vec![3.0; 5],
+        d_w1: vec![3.0; 2],
+        ..Default::default()
+    };
+    expect_len(
+        backward_into(&cfg, &dy[1..], &x, &res, &p, &saved, &mut g),
+        "dy",
+    );
+    expect_len(backward_into(&cfg, &dy, &x, &res, &q, &saved, &mut g), "w2");
+    let other = DcConfig::new(1, 16, 2, 3, 8).unwrap();
+    let (_, saved1) = forward(&other, &x[..96], &res[..96], &p).unwrap();
+    expect_len(
+        backward_into(&cfg, &dy, &x, &res, &p, &saved1, &mut g),
+        "saved.gap",
+    );
+    assert_eq!(g.dx, vec![3.0; 5]);
+    assert_eq!(g.d_w1, vec![3.0; 2]);
+    assert!(g.dres.is_empty() && g.d_ln2_bias.is_empty());
+}
+
+/// `forward_into` / `backward_into` give the same bits as the allocating calls, also
+/// when the buffers start with other lengths and NaN contents (every element must be
+/// overwritten), and again on a second call into the same buffers.
+#[test]
+fn into_variants_match_allocating_calls_bit_for_bit() {
+    let cfg = DcConfig::new(3, 20, 3, 5, 4).unwrap();
+    let n = 3 * 20 * 15;
+    let p = params32(&params(&cfg, 7, 1.0));
+    let x = to32(&randn(&mut rng(8), n));
+    let res = to32(&randn(&mut rng(9), n));
+    let dy = to32(&randn(&mut rng(10), n));
+    let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+
+    let (out, saved) = forward(&cfg, &x, &res, &p).unwrap();
+    let mut out2 = vec![f32::NAN; n];
+    let saved2 = forward_into(&cfg, &x, &res, &p, &mut out2).unwrap();
+    assert_eq!(bits(&out), bits(&out2));
+    assert_eq!(saved, saved2);
+
+    let want = backward(&cfg, &dy, &x, &res, &p, &saved).unwrap();
+    let nan = |len: usize| vec![f32::NAN; len];
+    let mut g = DcGrads {
+        dx: nan(3),
+        dres: nan(n),
+        d_ln1_weight: nan(2 * 20 + 1),
+        d_ln1_bias: vec![],
+        d_w1: nan(4 * 20),
+        d_gamma2: nan(1),
+        d_beta2: nan(8),
+        d_eta2: nan(4),
+        d_w2: nan(4 * 20 + 7),
+        d_ln2_weight: nan(40),
+        d_ln2_bias: nan(2),
+    };
+    for _ in 0..2 {
+        backward_into(&cfg, &dy, &x, &res, &p, &saved2, &mut g).unwrap();
+        for (got, w) in [
+            (&g.dx, &want.dx),
+            (&g.dres, &want.dres),
+            (&g.d_ln1_weight, &want.d_ln1_weight),
+            (&g.d_ln1_bias, &want.d_ln1_bias),
+            (&g.d_w1, &want.d_w1),
+            (&g.d_gamma2, &want.d_gamma2),
+            (&g.d_beta2, &want.d_beta2),
+            (&g.d_eta2, &want.d_eta2),
+            (&g.d_w2, &want.d_w2),
+            (&g.d_ln2_weight, &want.d_ln2_weight),
+            (&g.d_ln2_bias, &want.d_ln2_bias),
+        ] {
+            assert_eq!(bits(got), bits(w));
+        }
+    }
 }
 
 #[test]

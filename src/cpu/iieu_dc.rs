@@ -57,7 +57,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::common::{layer_norm_bwd, layer_norm_fwd, sigmoid};
+use crate::cpu::common::{fit, layer_norm_bwd, layer_norm_fwd, sigmoid};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::real::Real;
 
@@ -259,7 +259,8 @@ impl<T: Real> DcSaved<T> {
 }
 
 /// Gradients of IIEU-DC: one per input and per parameter, each of that tensor's shape.
-#[derive(Debug, Clone, PartialEq)]
+/// `Default` gives empty buffers for [`backward_into`] to size on its first call.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct DcGrads<T> {
     /// `∂L/∂x`, `(N, C, H, W)`.
     pub dx: Vec<T>,
@@ -686,7 +687,28 @@ pub fn forward<T: Real>(
 ) -> Result<(Vec<T>, DcSaved<T>)> {
     let numel = cfg.validate()?;
     check_len("x", numel, x.len())?;
+    let mut out = vec![T::zero(); numel];
+    let saved = forward_into(cfg, x, res, params, &mut out)?;
+    Ok((out, saved))
+}
+
+/// [`forward`] writing `out` into a caller-owned buffer of `x`'s length (every element
+/// is overwritten), so a training loop reuses its output memory instead of paying for
+/// a fresh allocation (and its page faults) on every call. Same formula, same bits.
+///
+/// Errors: as [`forward`], plus an `out` of the wrong length (`LengthMismatch`); on
+/// `Err`, `out` is untouched.
+pub fn forward_into<T: Real>(
+    cfg: &DcConfig,
+    x: &[T],
+    res: &[T],
+    params: &DcParams<T>,
+    out: &mut [T],
+) -> Result<DcSaved<T>> {
+    let numel = cfg.validate()?;
+    check_len("x", numel, x.len())?;
     check_len("res", numel, res.len())?;
+    check_len("out", numel, out.len())?;
     params.validate(cfg)?;
     let (n, c, s, hd) = (cfg.n, cfg.c, cfg.s, cfg.hidden);
     let p = P64::new(params, c);
@@ -715,7 +737,6 @@ pub fn forward<T: Real>(
     let lambda: Vec<T> = lam64.iter().flatten().map(|&v| T::of(v)).collect();
 
     // Pass 2: the mix.
-    let mut out = vec![T::zero(); numel];
     out.par_chunks_mut(s)
         .zip(x.par_chunks(s).zip(res.par_chunks(s)))
         .enumerate()
@@ -727,7 +748,7 @@ pub fn forward<T: Real>(
                 *ov = l0 * xv + l1 * rv;
             }
         });
-    Ok((out, DcSaved { gap, lambda }))
+    Ok(DcSaved { gap, lambda })
 }
 
 /// IIEU-DC backward: gradients of `L` w.r.t. `x`, `res` (through the mix AND through
@@ -747,6 +768,27 @@ pub fn backward<T: Real>(
     params: &DcParams<T>,
     saved: &DcSaved<T>,
 ) -> Result<DcGrads<T>> {
+    let mut grads = DcGrads::default();
+    backward_into(cfg, dy, x, res, params, saved, &mut grads)?;
+    Ok(grads)
+}
+
+/// [`backward`] writing into a caller-owned [`DcGrads`]: each buffer is resized to its
+/// tensor's length if it has another length (keeping its allocation otherwise) and
+/// every element is overwritten, so a training loop that keeps one `DcGrads` allocates
+/// nothing activation-sized after the first call. Same formulas, same bits as
+/// [`backward`]. On `Err` the buffers are left untouched.
+///
+/// Errors: as [`backward`].
+pub fn backward_into<T: Real>(
+    cfg: &DcConfig,
+    dy: &[T],
+    x: &[T],
+    res: &[T],
+    params: &DcParams<T>,
+    saved: &DcSaved<T>,
+    grads: &mut DcGrads<T>,
+) -> Result<()> {
     let numel = cfg.validate()?;
     check_len("dy", numel, dy.len())?;
     check_len("x", numel, x.len())?;
@@ -800,16 +842,32 @@ pub fn backward<T: Real>(
             }
         }
     }
-    let take = |off: usize, len: usize| -> Vec<T> {
-        acc[off..off + len].iter().map(|&v| T::of(v)).collect()
-    };
+    // Parameter gradients: (destination, offset in acc, length).
+    for (dst, off, len) in [
+        (&mut grads.d_ln1_weight, o.l1w, 2 * c),
+        (&mut grads.d_ln1_bias, o.l1b, 2 * c),
+        (&mut grads.d_w1, o.w1, hd * c),
+        (&mut grads.d_gamma2, o.g2, 2 * hd),
+        (&mut grads.d_beta2, o.b2, 2 * hd),
+        (&mut grads.d_eta2, o.eta, hd),
+        (&mut grads.d_w2, o.w2, c * hd),
+        (&mut grads.d_ln2_weight, o.l2w, 2 * c),
+        (&mut grads.d_ln2_bias, o.l2b, 2 * c),
+    ] {
+        fit(dst, len);
+        for (d, &v) in dst.iter_mut().zip(&acc[off..off + len]) {
+            *d = T::of(v);
+        }
+    }
 
     // Pass B: dx = λ0·dy + da[k]/S, dres = λ1·dy + da[C+k]/S.
     let inv_s = 1.0 / s as f64;
-    let mut dx = vec![T::zero(); numel];
-    let mut dres = vec![T::zero(); numel];
-    dx.par_chunks_mut(s)
-        .zip(dres.par_chunks_mut(s))
+    fit(&mut grads.dx, numel);
+    fit(&mut grads.dres, numel);
+    grads
+        .dx
+        .par_chunks_mut(s)
+        .zip(grads.dres.par_chunks_mut(s))
         .zip(dy.par_chunks(s))
         .enumerate()
         .for_each(|(pl, ((dxp, drp), dp))| {
@@ -825,17 +883,5 @@ pub fn backward<T: Real>(
             }
         });
 
-    Ok(DcGrads {
-        dx,
-        dres,
-        d_ln1_weight: take(o.l1w, 2 * c),
-        d_ln1_bias: take(o.l1b, 2 * c),
-        d_w1: take(o.w1, hd * c),
-        d_gamma2: take(o.g2, 2 * hd),
-        d_beta2: take(o.b2, 2 * hd),
-        d_eta2: take(o.eta, hd),
-        d_w2: take(o.w2, c * hd),
-        d_ln2_weight: take(o.l2w, 2 * c),
-        d_ln2_bias: take(o.l2b, 2 * c),
-    })
+    Ok(())
 }

@@ -120,8 +120,19 @@ fn expect_len<T: std::fmt::Debug>(r: Result<T, Error>, name: &str) {
     }
 }
 
-#[test]
-fn wrong_lengths_are_rejected() {
+/// A small valid IIEU-DC problem (N=2, C=16, 2x3 planes, r=8): config, element count,
+/// parameters, x, res, dy and the forward state.
+type Fixture = (
+    DcConfig,
+    usize,
+    DcParams<f64>,
+    Vec<f64>,
+    Vec<f64>,
+    Vec<f64>,
+    DcSaved<f64>,
+);
+
+fn fixture() -> Fixture {
     let cfg = DcConfig::new(2, 16, 2, 3, 8).unwrap();
     let n = 2 * 16 * 6;
     let p = params(&cfg, 1, 1.0);
@@ -129,6 +140,12 @@ fn wrong_lengths_are_rejected() {
     let res = randn(&mut rng(3), n);
     let dy = randn(&mut rng(4), n);
     let (_, saved) = forward(&cfg, &x, &res, &p).unwrap();
+    (cfg, n, p, x, res, dy, saved)
+}
+
+#[test]
+fn wrong_lengths_are_rejected() {
+    let (cfg, _, p, x, res, dy, saved) = fixture();
 
     expect_len(forward(&cfg, &x[1..], &res, &p), "x");
     expect_len(forward(&cfg, &x, &res[1..], &p), "res");
@@ -179,13 +196,7 @@ fn wrong_lengths_are_rejected() {
 /// allocating forms return `Err` before anything is written.
 #[test]
 fn into_variants_wrong_lengths_leave_outputs_untouched() {
-    let cfg = DcConfig::new(2, 16, 2, 3, 8).unwrap();
-    let n = 2 * 16 * 6;
-    let p = params(&cfg, 1, 1.0);
-    let x = randn(&mut rng(2), n);
-    let res = randn(&mut rng(3), n);
-    let dy = randn(&mut rng(4), n);
-    let (_, saved) = forward(&cfg, &x, &res, &p).unwrap();
+    let (cfg, n, p, x, res, dy, saved) = fixture();
 
     for len in [n - 1, n + 1] {
         expect_len(forward_into(&cfg, &x, &res, &p, &mut vec![7.0; len]), "out");

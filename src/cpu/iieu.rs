@@ -853,10 +853,11 @@ pub fn forward_into<T: Real>(
 /// Cost of the allocating form: it returns two fresh activation-sized buffers (`dx`,
 /// `dx_pre`) per call. Under glibc, freeing them can lift the heap's top chunk above
 /// the trim threshold (depending on the allocator's state), so the memory goes back to
-/// the kernel and the next call page-faults it in again. On the benchmark machine the backward for 32×64×56×56 (1×1) took
-/// 29.7 ms this way, 7.1 ms with `GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824`
-/// (and a fixed `mmap_threshold`), and 4.7 ms as [`backward_into`] with kept buffers.
-/// In a training loop, use [`backward_into`].
+/// the kernel and the next call page-faults it in again. On the benchmark machine the
+/// backward for 32×64×56×56 (1×1) took 29.7 ms this way, 7.1 ms with
+/// `GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824` (and a fixed
+/// `mmap_threshold`), and 4.7 ms as [`backward_into`] with kept buffers. In a training
+/// loop, use [`backward_into`].
 ///
 /// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and
 /// `saved` produced for a different config ([`Error::Shape`]).

@@ -237,6 +237,12 @@ impl Axis {
         }
         Self { k, fwd, adj }
     }
+
+    /// Whether every output reads exactly the input at its own index (a 1-tap window
+    /// with stride 1 and no padding, as in a 1×1 convolution).
+    fn is_identity(&self, inp: usize) -> bool {
+        self.k == 1 && self.fwd.len() == inp && self.fwd.iter().enumerate().all(|(i, &t)| t == i)
+    }
 }
 
 /// Everything derived from a validated config.
@@ -765,14 +771,32 @@ fn filter_norms<T: Real>(d: &Dims, w: &[T]) -> (Vec<T>, Vec<f64>) {
 /// Patch norms of one (sample, patch group): `q = Σ_c x_pre²` over the group's
 /// `C/G'` channel planes `xg`, its window sum, then `‖P‖` into `xn` and `r_x` into `rx`.
 fn patch_norm_plane<T: Real>(d: &Dims, xg: &[T], xn: &mut [f64], rx: &mut [T]) {
-    let mut q = vec![0.0f64; d.plane_in()];
-    let mut tmp = vec![0.0f64; d.h * d.ow];
-    sum_sq(xg, &mut q);
-    d.window_sum(&q, &mut tmp, xn);
+    if d.ax_h.is_identity(d.h) && d.ax_w.is_identity(d.w) {
+        // 1-tap window, stride 1, no padding: the window sum of `q` is `q` itself.
+        xn.fill(0.0);
+        sum_sq(xg, xn);
+    } else {
+        let mut q = vec![0.0f64; d.plane_in()];
+        let mut tmp = vec![0.0f64; d.h * d.ow];
+        sum_sq(xg, &mut q);
+        d.window_sum(&q, &mut tmp, xn);
+    }
+    norms_from_sq(xn, rx);
+}
+
+/// `‖P‖ = sqrt(max(q, 0))` in place in `xn` and `r_x = 1/(‖P‖ + EPS)` into `rx`.
+#[inline(always)]
+fn norms_from_sq_impl<T: Real>(xn: &mut [f64], rx: &mut [T]) {
     for (v, r) in xn.iter_mut().zip(rx.iter_mut()) {
         *v = v.max(0.0).sqrt();
         *r = T::of(inv_norm(*v));
     }
+}
+
+simd_fn! {
+    /// [`norms_from_sq_impl`], runtime-dispatched to AVX2 / AVX-512 where available
+    /// (IEEE `sqrt` and division: the same bits at every width).
+    fn norms_from_sq<T: Real>(xn: &mut [f64], rx: &mut [T]) => norms_from_sq_impl;
 }
 
 /// `r_x` per (sample, patch group, output position).

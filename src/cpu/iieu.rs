@@ -291,6 +291,11 @@ impl Dims {
             ax_w: Axis::new(g.w, ow, g.kw, g.stride.1, g.padding.1, dw),
         })
     }
+    /// Whether the patch window is one tap at its own position (1×1, stride 1, no
+    /// padding): then the window sum and the window gather are the identity.
+    fn identity_window(&self) -> bool {
+        self.ax_h.is_identity(self.h) && self.ax_w.is_identity(self.w)
+    }
     fn plane_out(&self) -> usize {
         self.oh * self.ow
     }
@@ -429,13 +434,15 @@ fn lane_sum_sq_impl<T: Real>(v: &[T]) -> f64 {
 }
 
 /// How far ahead of their reads the streaming loops (patch sum of squares, GAP,
-/// adjuster) prefetch, in bytes. On the benchmark machine (AMD Zen 5, 2 cores) one
-/// thread sweeping `q += x_pre²` over a 26 MB tensor that is not in cache read 22 GB/s
-/// on the hardware prefetcher alone and 32 GB/s prefetching 16 KB ahead (4 KB: 27,
-/// 8 KB: 31), against 36 GB/s for a plain sum over the same tensor: every read there
-/// comes with a read-modify-write of `q`, which shortens how far ahead the core runs.
-/// In the whole 1x1 forward (2 threads, 32x64x56x56), 16 KB beat 8 KB by 3–5% in
-/// interleaved runs and 32 KB gained nothing more.
+/// backward adjuster, `dx_pre` scaling) prefetch, in bytes. On the benchmark machine
+/// (AMD Zen 5, 2 cores) one thread sweeping `q += x_pre²` over a 26 MB tensor that is
+/// not in cache read 22 GB/s on the hardware prefetcher alone and 32 GB/s prefetching
+/// 16 KB ahead (4 KB: 27, 8 KB: 31), against 36 GB/s for a plain sum over the same
+/// tensor: every read there comes with a read-modify-write of `q`, which shortens how
+/// far ahead the core runs. In the whole 1x1 forward (2 threads, 32x64x56x56), 16 KB
+/// beat 8 KB by 3–5% in interleaved runs and 32 KB gained nothing more. In the
+/// backward (the adjuster's `x` and `dy`, the `dx_pre` pass's `x_pre`) it took the
+/// 1x1 `backward_into` from 3.9–4.0 ms to 3.5–3.6 ms.
 const AHEAD: usize = 16384;
 
 /// [`AHEAD`] in elements of `T`.
@@ -507,20 +514,16 @@ const SUB: usize = 16;
 /// computed once; a block all on the upper branch writes `ρ̂·x`, any other block (and
 /// the tail) evaluates both branches branch-free and selects. Both paths give the
 /// same bits as the elementwise definition ([`adjust_full`]), so [`backward`] sees the
-/// same branches. Reads of `x` are prefetched [`AHEAD`] bytes ahead within the plane.
+/// same branches. No prefetching here: `x` was just read by the GAP and comes from
+/// L2/L3 (prefetching it across planes measured no different).
 #[inline(always)]
 fn adjust_plane_impl<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T) {
     let n = xp.len();
     let (rx, yp) = (&rx[..n], &mut yp[..n]);
-    let (ahead, line) = (ahead_elems::<T>(), line_elems::<T>());
     let mut xb = xp.chunks_exact(SUB);
     let mut rb = rx.chunks_exact(SUB);
     let mut yb = yp.chunks_exact_mut(SUB);
-    for (k, ((xc, rc), yc)) in (&mut xb).zip(&mut rb).zip(&mut yb).enumerate() {
-        let at = k * SUB + ahead;
-        for l in (0..SUB).step_by(line) {
-            prefetch(xp, at + l);
-        }
+    for ((xc, rc), yc) in (&mut xb).zip(&mut rb).zip(&mut yb) {
         // `chunks_exact` slices are `SUB` long: the conversions cannot fail.
         let (Ok(xa), Ok(ra), Ok(ya)) = (
             <&[T; SUB]>::try_from(xc),
@@ -569,8 +572,8 @@ fn adjust_plane_impl<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, et
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn adjust_plane_bwd_impl<T: Real>(
-    xp: &[T],
-    dyp: &[T],
+    xs: &[T],
+    dys: &[T],
     rx: &[T],
     dxp: &mut [T],
     drx: &mut [f64],
@@ -580,8 +583,9 @@ fn adjust_plane_bwd_impl<T: Real>(
 ) -> [f64; 3] {
     let one_m_eta = T::one() - eta;
     let zero = T::zero();
-    let n = xp.len();
-    let (dyp, rx, dxp, drx) = (&dyp[..n], &rx[..n], &mut dxp[..n], &mut drx[..n]);
+    let n = dxp.len();
+    let (xp, dyp, rx, drx) = (&xs[..n], &dys[..n], &rx[..n], &mut drx[..n]);
+    let (ahead, line) = (ahead_elems::<T>(), line_elems::<T>());
     let mut acc = [[0.0f64; LANES]; 3];
     // Products in T, sums in f64 (as the other families do). Returns
     // (dx, g, g·x·r_w, g·x·r_x, dη-term).
@@ -607,7 +611,12 @@ fn adjust_plane_bwd_impl<T: Real>(
         .zip(rx.chunks_exact(CHUNK))
         .zip(dxp.chunks_exact_mut(CHUNK))
         .zip(drx.chunks_exact_mut(CHUNK));
-    for ((((xc, dc), rc), oc), ac) in chunks {
+    for (k, ((((xc, dc), rc), oc), ac)) in chunks.enumerate() {
+        let at = k * CHUNK + ahead;
+        for l in (0..CHUNK).step_by(line) {
+            prefetch(xs, at + l);
+            prefetch(dys, at + l);
+        }
         let lower = any_lower(xc, rc, rw, nu, eta);
         let bufs = gb.iter_mut().zip(wb.iter_mut()).zip(rb.iter_mut());
         let elems = oc.iter_mut().zip(xc).zip(dc).zip(rc);
@@ -675,7 +684,7 @@ simd_fn! {
 simd_fn! {
     /// [`adjust_plane_bwd_impl`], runtime-dispatched to AVX2 where available.
     fn adjust_plane_bwd<T: Real>(
-        xp: &[T], dyp: &[T], rx: &[T], dxp: &mut [T], drx: &mut [f64], rw: T, nu: T, eta: T,
+        xs: &[T], dys: &[T], rx: &[T], dxp: &mut [T], drx: &mut [f64], rw: T, nu: T, eta: T,
     ) -> [f64; 3] => adjust_plane_bwd_impl;
 }
 
@@ -706,11 +715,34 @@ fn sum_sq_impl<T: Real>(xs: &[T], q: &mut [f64]) {
     }
 }
 
-/// `out[c, i] = x[c, i]·a[i]` over the `a.len()`-long channel planes.
+/// `out[c, i] = x[c, i]·a[i]` over the `a.len()`-long channel planes, prefetching `x`
+/// [`AHEAD`] bytes ahead across the planes.
 #[inline(always)]
 fn scale_planes_impl<T: Real>(out: &mut [T], x: &[T], a: &[f64]) {
-    for (dch, xch) in out.chunks_exact_mut(a.len()).zip(x.chunks_exact(a.len())) {
-        for ((g, &xv), &a) in dch.iter_mut().zip(xch).zip(a) {
+    let (ahead, line) = (ahead_elems::<T>(), line_elems::<T>());
+    for (c, (dch, xch)) in out
+        .chunks_exact_mut(a.len())
+        .zip(x.chunks_exact(a.len()))
+        .enumerate()
+    {
+        let mut ob = dch.chunks_exact_mut(CHUNK);
+        let mut xb = xch.chunks_exact(CHUNK);
+        let mut ab = a.chunks_exact(CHUNK);
+        for (k, ((oc, xc), ac)) in (&mut ob).zip(&mut xb).zip(&mut ab).enumerate() {
+            let at = c * a.len() + k * CHUNK + ahead;
+            for l in (0..CHUNK).step_by(line) {
+                prefetch(x, at + l);
+            }
+            for ((g, &xv), &a) in oc.iter_mut().zip(xc).zip(ac) {
+                *g = T::of(xv.to_f64() * a);
+            }
+        }
+        let tail = ob
+            .into_remainder()
+            .iter_mut()
+            .zip(xb.remainder())
+            .zip(ab.remainder());
+        for ((g, &xv), &a) in tail {
             *g = T::of(xv.to_f64() * a);
         }
     }
@@ -773,7 +805,7 @@ fn filter_norms<T: Real>(d: &Dims, w: &[T]) -> (Vec<T>, Vec<f64>) {
 /// Patch norms of one (sample, patch group): `q = Σ_c x_pre²` over the group's
 /// `C/G'` channel planes `xg`, its window sum, then `‖P‖` into `xn` and `r_x` into `rx`.
 fn patch_norm_plane<T: Real>(d: &Dims, xg: &[T], xn: &mut [f64], rx: &mut [T]) {
-    if d.ax_h.is_identity(d.h) && d.ax_w.is_identity(d.w) {
+    if d.identity_window() {
         // 1-tap window, stride 1, no padding: the window sum of `q` is `q` itself.
         xn.fill(0.0);
         sum_sq(xg, xn);
@@ -1082,10 +1114,11 @@ pub fn backward_into<T: Real>(
                 for (ol, dxp) in dxc.chunks_exact_mut(po).enumerate() {
                     let o = gp * d.o_per + ol;
                     let no = n * d.o + o;
-                    let xp = &x[no * po..(no + 1) * po];
-                    let dyp = &dy[no * po..(no + 1) * po];
+                    // From this plane to the end of the sample (prefetched ahead).
+                    let xs = &x[no * po..(n + 1) * d.o * po];
+                    let dys = &dy[no * po..(n + 1) * d.o * po];
                     let (rw, nu_t, eta) = (saved.r_w[o], T::of(saved.nu[no]), params.eta[o]);
-                    let [a, b, c] = adjust_plane_bwd(xp, dyp, rx, dxp, &mut drx, rw, nu_t, eta);
+                    let [a, b, c] = adjust_plane_bwd(xs, dys, rx, dxp, &mut drx, rw, nu_t, eta);
                     sg[o] = a;
                     p_rw[o] = b;
                     p_eta[o] = c;
@@ -1097,8 +1130,13 @@ pub fn backward_into<T: Real>(
                 for (a, &nm) in drx.iter_mut().zip(xn) {
                     *a *= inv_norm_slope(nm);
                 }
-                d.window_gather(&drx, &mut tmp, &mut acc);
-                scale_planes(dxpc, xpc, &acc);
+                if d.identity_window() {
+                    // 1-tap window, stride 1, no padding: the gather is the identity.
+                    scale_planes(dxpc, xpc, &drx);
+                } else {
+                    d.window_gather(&drx, &mut tmp, &mut acc);
+                    scale_planes(dxpc, xpc, &acc);
+                }
             }
             // term-B of sample n.
             let nu = &saved.nu[n * d.o..(n + 1) * d.o];

@@ -49,16 +49,20 @@
 //!   PyTorch's `nn.Linear` default, drawn from a seeded splitmix64 stream.
 //!
 //! # Performance
-//! The heavy work is three streaming passes over `(n, c)` planes, each parallel over
-//! planes with rayon: GAP of `x` and `res` together (forward), the mix (forward),
-//! `P_x/P_r` together (backward) and `dx/dres` together (backward). The coupler itself
-//! is `O(N·C·Hd)`, parallel over samples; parameter gradients are per-sample partials
-//! summed in sample order (bit-identical on every run).
+//! The heavy work streams over `(n, c)` planes, fused per sample (one rayon task per
+//! sample, the plane loops inside it parallel too): the forward takes the GAP of
+//! `x[n]` and `res[n]`, runs the coupler and mixes while `x[n]` and `res[n]` are still
+//! in cache; the backward takes `P_x/P_r`, runs the coupler backward and writes
+//! `dx/dres` while `dy[n]` is still in cache. So each input crosses memory once (the
+//! CUDA kernels, whose grid cannot wait per sample, read `x` and `res` twice).
+//! Parameter gradients are per-sample partials summed in sample order (bit-identical
+//! on every run).
 
 use rayon::prelude::*;
 
 use crate::cpu::common::{fit, layer_norm_bwd, layer_norm_fwd, sigmoid};
 use crate::error::{check_len, check_nonzero, Error, Result};
+use crate::fastmath::simd_fn;
 use crate::real::Real;
 
 /// `eps` of the inverse norms `r = 1/(‖v‖ + eps)`.
@@ -620,18 +624,15 @@ fn sample_backward(
     layer_norm_bwd(&dahat, &st.a_hat, st.rstd1, dgap);
 }
 
-/// Lanes of the f64 accumulators in the plane reductions (breaks the add-latency
-/// chain and lets the compiler vectorise; the combination order is fixed).
-const LANES: usize = 8;
-
-#[inline]
-fn combine(acc: &[f64; LANES], tail: f64) -> f64 {
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
+/// Lanes of the f64 accumulators in the plane reductions (lane = position mod
+/// `LANES`, the tail separate, lanes combined in order): four AVX-512 (eight AVX2)
+/// accumulators, so the sums are not bound by the latency of one chain of additions,
+/// and the loops vectorise. The combination order is fixed (deterministic).
+const LANES: usize = 32;
 
 /// Σ of a plane in f64 (fixed summation order).
-#[inline]
-fn plane_sum<T: Real>(v: &[T]) -> f64 {
+#[inline(always)]
+fn plane_sum_impl<T: Real>(v: &[T]) -> f64 {
     let mut acc = [0.0f64; LANES];
     let mut it = v.chunks_exact(LANES);
     for ch in &mut it {
@@ -639,13 +640,13 @@ fn plane_sum<T: Real>(v: &[T]) -> f64 {
             *a += Real::to_f64(e);
         }
     }
-    let tail = it.remainder().iter().map(|&e| Real::to_f64(e)).sum();
-    combine(&acc, tail)
+    let tail: f64 = it.remainder().iter().map(|&e| Real::to_f64(e)).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// `(Σ dy·x, Σ dy·res)` of one plane in f64 (fixed summation order).
-#[inline]
-fn plane_dots<T: Real>(dy: &[T], x: &[T], res: &[T]) -> (f64, f64) {
+#[inline(always)]
+fn plane_dots_impl<T: Real>(dy: &[T], x: &[T], res: &[T]) -> (f64, f64) {
     let mut ax = [0.0f64; LANES];
     let mut ar = [0.0f64; LANES];
     let (mut tx, mut tr) = (0.0f64, 0.0f64);
@@ -669,7 +670,45 @@ fn plane_dots<T: Real>(dy: &[T], x: &[T], res: &[T]) -> (f64, f64) {
         tx += g * Real::to_f64(xv);
         tr += g * Real::to_f64(rv);
     }
-    (combine(&ax, tx), combine(&ar, tr))
+    (ax.iter().sum::<f64>() + tx, ar.iter().sum::<f64>() + tr)
+}
+
+/// The mix of one plane: `out = l0·x + l1·res`.
+#[inline(always)]
+fn mix_plane_impl<T: Real>(out: &mut [T], x: &[T], res: &[T], l0: T, l1: T) {
+    for ((o, &xv), &rv) in out.iter_mut().zip(x).zip(res) {
+        *o = l0 * xv + l1 * rv;
+    }
+}
+
+/// The input gradients of one plane: `dx = l0·dy + gx`, `dres = l1·dy + gr`.
+#[inline(always)]
+fn grad_plane_impl<T: Real>(dx: &mut [T], dres: &mut [T], dy: &[T], l: [T; 2], g: [T; 2]) {
+    for ((a, b), &d) in dx.iter_mut().zip(dres.iter_mut()).zip(dy) {
+        *a = l[0] * d + g[0];
+        *b = l[1] * d + g[1];
+    }
+}
+
+simd_fn! {
+    /// [`plane_sum_impl`], runtime-dispatched to AVX2 / AVX-512 where available.
+    fn plane_sum<T: Real>(v: &[T]) -> f64 => plane_sum_impl;
+}
+
+simd_fn! {
+    /// [`plane_dots_impl`], runtime-dispatched to AVX2 / AVX-512 where available.
+    fn plane_dots<T: Real>(dy: &[T], x: &[T], res: &[T]) -> (f64, f64) => plane_dots_impl;
+}
+
+simd_fn! {
+    /// [`mix_plane_impl`], runtime-dispatched to AVX2 / AVX-512 where available.
+    fn mix_plane<T: Real>(out: &mut [T], x: &[T], res: &[T], l0: T, l1: T) => mix_plane_impl;
+}
+
+simd_fn! {
+    /// [`grad_plane_impl`], runtime-dispatched to AVX2 / AVX-512 where available.
+    fn grad_plane<T: Real>(dx: &mut [T], dres: &mut [T], dy: &[T], l: [T; 2], g: [T; 2])
+        => grad_plane_impl;
 }
 
 /// IIEU-DC forward: `out = λ[n,0,c]·x + λ[n,1,c]·res` with `λ` from the coupler (see
@@ -713,40 +752,34 @@ pub fn forward_into<T: Real>(
     let (n, c, s, hd) = (cfg.n, cfg.c, cfg.s, cfg.hidden);
     let p = P64::new(params, c);
 
-    // Pass 1: GAP of x and res together, per (n, c) plane.
+    // One task per sample, fused: the GAP of x[n] and res[n], the coupler, then the
+    // mix while x[n] and res[n] (2·C·S values) are still in cache, so each input
+    // crosses memory once. The inner loops over planes run in parallel too (small
+    // batches).
     let inv_s = 1.0 / s as f64;
-    let means: Vec<(f64, f64)> = x
-        .par_chunks(s)
-        .zip(res.par_chunks(s))
-        .map(|(xp, rp)| (plane_sum(xp) * inv_s, plane_sum(rp) * inv_s))
-        .collect();
     let mut gap = vec![0.0f64; n * 2 * c];
-    for (ni, g) in gap.chunks_mut(2 * c).enumerate() {
-        for k in 0..c {
-            let (mx, mr) = means[ni * c + k];
-            g[k] = mx;
-            g[c + k] = mr;
-        }
-    }
-
-    // Coupler, per sample.
-    let lam64: Vec<Vec<f64>> = gap
-        .par_chunks(2 * c)
-        .map(|a| sample_forward(c, hd, &p, a).lam)
-        .collect();
-    let lambda: Vec<T> = lam64.iter().flatten().map(|&v| T::of(v)).collect();
-
-    // Pass 2: the mix.
-    out.par_chunks_mut(s)
-        .zip(x.par_chunks(s).zip(res.par_chunks(s)))
-        .enumerate()
-        .for_each(|(pl, (o, (xp, rp)))| {
-            let (ni, k) = (pl / c, pl % c);
-            let l0 = lambda[ni * 2 * c + k];
-            let l1 = lambda[ni * 2 * c + c + k];
-            for ((ov, &xv), &rv) in o.iter_mut().zip(xp).zip(rp) {
-                *ov = l0 * xv + l1 * rv;
+    let mut lambda = vec![T::zero(); n * 2 * c];
+    out.par_chunks_mut(c * s)
+        .zip(x.par_chunks(c * s).zip(res.par_chunks(c * s)))
+        .zip(gap.par_chunks_mut(2 * c).zip(lambda.par_chunks_mut(2 * c)))
+        .for_each(|((os, (xs, rs)), (g, lam))| {
+            let (gx, gr) = g.split_at_mut(c);
+            gx.par_iter_mut()
+                .zip(gr.par_iter_mut())
+                .zip(xs.par_chunks(s).zip(rs.par_chunks(s)))
+                .for_each(|((mx, mr), (xp, rp))| {
+                    *mx = plane_sum(xp) * inv_s;
+                    *mr = plane_sum(rp) * inv_s;
+                });
+            let st = sample_forward(c, hd, &p, g);
+            for (l, &v) in lam.iter_mut().zip(&st.lam) {
+                *l = T::of(v);
             }
+            let lam = &*lam;
+            os.par_chunks_mut(s)
+                .zip(xs.par_chunks(s).zip(rs.par_chunks(s)))
+                .enumerate()
+                .for_each(|(k, (o, (xp, rp)))| mix_plane(o, xp, rp, lam[k], lam[c + k]));
         });
     Ok(DcSaved { gap, lambda })
 }
@@ -800,35 +833,45 @@ pub fn backward_into<T: Real>(
     let p = P64::new(params, c);
     let o = Offs::new(c, hd);
 
-    // Pass A: P_x = Σ dy·x and P_r = Σ dy·res per (n, c) plane.
-    let pxr: Vec<(f64, f64)> = dy
-        .par_chunks(s)
-        .zip(x.par_chunks(s).zip(res.par_chunks(s)))
-        .map(|(dp, (xp, rp))| plane_dots(dp, xp, rp))
-        .collect();
-
-    // Coupler backward per sample (recomputing its forward from the saved GAP).
-    let per: Vec<(Vec<f64>, Vec<f64>)> = (0..n)
-        .into_par_iter()
-        .map(|ni| {
+    // One task per sample, fused: P_x = Σ dy·x and P_r = Σ dy·res per plane of sample
+    // n, the coupler backward (its forward recomputed from the saved GAP), then
+    // dx = λ0·dy + da[k]/S and dres = λ1·dy + da[C+k]/S while dy[n] is still in
+    // cache. Returns the sample's parameter partials, summed in sample order below.
+    let inv_s = 1.0 / s as f64;
+    fit(&mut grads.dx, numel);
+    fit(&mut grads.dres, numel);
+    let per: Vec<Vec<f64>> = grads
+        .dx
+        .par_chunks_mut(c * s)
+        .zip(grads.dres.par_chunks_mut(c * s))
+        .zip(dy.par_chunks(c * s))
+        .zip(x.par_chunks(c * s).zip(res.par_chunks(c * s)))
+        .enumerate()
+        .map(|(ni, (((dxs, drs), dys), (xs, rs)))| {
+            let pxr: Vec<(f64, f64)> = dys
+                .par_chunks(s)
+                .zip(xs.par_chunks(s).zip(rs.par_chunks(s)))
+                .map(|(dp, (xp, rp))| plane_dots(dp, xp, rp))
+                .collect();
             let st = sample_forward(c, hd, &p, &saved.gap[ni * 2 * c..(ni + 1) * 2 * c]);
             let mut part = vec![0.0; o.len];
             let mut dgap = vec![0.0; 2 * c];
-            sample_backward(
-                c,
-                hd,
-                &p,
-                &st,
-                &pxr[ni * c..(ni + 1) * c],
-                &o,
-                &mut part,
-                &mut dgap,
-            );
-            (part, dgap)
+            sample_backward(c, hd, &p, &st, &pxr, &o, &mut part, &mut dgap);
+            let lam = &saved.lambda[ni * 2 * c..(ni + 1) * 2 * c];
+            let dgap = &dgap;
+            dxs.par_chunks_mut(s)
+                .zip(drs.par_chunks_mut(s))
+                .zip(dys.par_chunks(s))
+                .enumerate()
+                .for_each(|(k, ((dxp, drp), dp))| {
+                    let g = [T::of(dgap[k] * inv_s), T::of(dgap[c + k] * inv_s)];
+                    grad_plane(dxp, drp, dp, [lam[k], lam[c + k]], g);
+                });
+            part
         })
         .collect();
     let mut acc = vec![0.0f64; o.len];
-    for (part, _) in &per {
+    for part in &per {
         for (a, v) in acc.iter_mut().zip(part) {
             *a += v;
         }
@@ -860,28 +903,39 @@ pub fn backward_into<T: Real>(
         }
     }
 
-    // Pass B: dx = λ0·dy + da[k]/S, dres = λ1·dy + da[C+k]/S.
-    let inv_s = 1.0 / s as f64;
-    fit(&mut grads.dx, numel);
-    fit(&mut grads.dres, numel);
-    grads
-        .dx
-        .par_chunks_mut(s)
-        .zip(grads.dres.par_chunks_mut(s))
-        .zip(dy.par_chunks(s))
-        .enumerate()
-        .for_each(|(pl, ((dxp, drp), dp))| {
-            let (ni, k) = (pl / c, pl % c);
-            let l0 = saved.lambda[ni * 2 * c + k];
-            let l1 = saved.lambda[ni * 2 * c + c + k];
-            let dgap = &per[ni].1;
-            let gx = T::of(dgap[k] * inv_s);
-            let gr = T::of(dgap[c + k] * inv_s);
-            for ((a, b), &g) in dxp.iter_mut().zip(drp.iter_mut()).zip(dp) {
-                *a = l0 * g + gx;
-                *b = l1 * g + gr;
-            }
-        });
-
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime-dispatched (AVX2 / AVX-512) plane loops give the same bits as the
+    /// baseline build of the same code, on a length that is not a multiple of the
+    /// lanes or of any vector width (a ragged tail on every path).
+    #[test]
+    fn dispatched_plane_loops_match_baseline_bits() {
+        let n = 1003;
+        let f = |i: usize, a: f32| (i as f32 * a).sin() * 2.0;
+        let x: Vec<f32> = (0..n).map(|i| f(i, 0.37)).collect();
+        let r: Vec<f32> = (0..n).map(|i| f(i, 1.3)).collect();
+        let dy: Vec<f32> = (0..n).map(|i| f(i, 0.91)).collect();
+        let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(plane_sum_impl(&x).to_bits(), plane_sum(&x).to_bits());
+        let (a0, b0) = plane_dots_impl(&dy, &x, &r);
+        let (a1, b1) = plane_dots(&dy, &x, &r);
+        assert_eq!((a0.to_bits(), b0.to_bits()), (a1.to_bits(), b1.to_bits()));
+        let (mut o0, mut o1) = (vec![0.0f32; n], vec![0.0f32; n]);
+        mix_plane_impl(&mut o0, &x, &r, 0.7, -1.3);
+        mix_plane(&mut o1, &x, &r, 0.7, -1.3);
+        assert_eq!(bits(&o0), bits(&o1));
+        let (mut d0, mut e0) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let (mut d1, mut e1) = (vec![0.0f32; n], vec![0.0f32; n]);
+        grad_plane_impl(&mut d0, &mut e0, &dy, [0.4, 1.1], [0.01, -0.02]);
+        grad_plane(&mut d1, &mut e1, &dy, [0.4, 1.1], [0.01, -0.02]);
+        assert_eq!((bits(&d0), bits(&e0)), (bits(&d1), bits(&e1)));
+        // The sums against an f64 reference (inputs are exact in f64; n terms).
+        let want: f64 = x.iter().map(|&v| v as f64).sum();
+        assert!((plane_sum(&x) - want).abs() <= 1e-12 * n as f64);
+    }
 }

@@ -30,12 +30,16 @@
 //! per-task partials summed in task order, so every result has the same bits on every
 //! run and for every thread count.
 //!
-//! Speed: the element loops are branch-free (both adjuster branches evaluated, then
-//! selected), use the vectorisable [`Real::exp_fast`] (≤ 2 ulp for f32), keep their
-//! f64 sums in 8 fixed lanes, and run in AVX2 / AVX-512 copies chosen at run time
-//! (bit-identical to the baseline SSE2 build, see `fastmath::simd_fn`). The backward
-//! handles one sample per task and adds the term-B `dm/(H'·W')` into that sample's
-//! `dx` while it is still in cache (no extra pass over `dx`).
+//! Speed: the element loops are branch-free per block (both adjuster branches
+//! evaluated, then selected; a block all on the upper branch skips the `exp`), use the
+//! vectorisable [`Real::exp_fast`] (≤ 2 ulp for f32), keep their f64 sums in 32 fixed
+//! lanes, and run in AVX2 / AVX-512 copies chosen at run time (bit-identical to the
+//! baseline SSE2 build, see `fastmath::simd_fn`). The streaming reads (`x_pre` in the
+//! patch norms and the `dx_pre` pass, `x` in the GAP, `x` and `dy` in the backward
+//! adjuster) are prefetched 16 KB ahead. The forward handles one sample per task
+//! (patch norms, GAP, adjuster while `x[n]` is in cache); the backward too, adding the
+//! term-B `dm/(H'·W')` into that sample's `dx` while it is still in cache (no extra
+//! pass over `dx`).
 
 use rayon::prelude::*;
 

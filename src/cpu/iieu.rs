@@ -1289,6 +1289,24 @@ mod tests {
             plane_sum(&x, 7, 900).to_bits()
         );
         assert_eq!(lane_sum_sq_impl(&x).to_bits(), lane_sum_sq(&x).to_bits());
+        // A window that starts off the lane grid and ends in a ragged tail, against a
+        // plain f64 sum (the terms are exact in f64; 900 of them).
+        let want: f64 = x[7..907].iter().map(|&v| v as f64).sum();
+        assert!((plane_sum(&x, 7, 900) - want).abs() <= 1e-12 * 900.0);
+        // The patch sum of squares adds the channels in order, one plane at a time: the
+        // same bits as the naive channel loop, on planes with a ragged block tail.
+        let pi = 3 * CHUNK + 5;
+        let xs: Vec<f32> = (0..5 * pi).map(|i| f(i, 0.53)).collect();
+        let mut q = vec![0.25f64; pi];
+        sum_sq(&xs, &mut q);
+        for (p, &got) in q.iter().enumerate() {
+            let mut want = 0.25f64;
+            for c in 0..5 {
+                let v = xs[c * pi + p] as f64;
+                want += v * v;
+            }
+            assert_eq!(got.to_bits(), want.to_bits(), "q[{p}]");
+        }
         let (mut w0, mut w1) = (vec![0.0f32; n], vec![0.0f32; n]);
         scale_into_impl(&mut w0, &x, -0.37);
         scale_into(&mut w1, &x, -0.37);

@@ -268,6 +268,9 @@ struct Dims {
     w_per: usize,
     ax_h: Axis,
     ax_w: Axis,
+    /// The patch window is one tap at its own position (1×1, stride 1, no padding):
+    /// the window sum and the window gather are the identity.
+    identity_window: bool,
 }
 
 impl Dims {
@@ -279,6 +282,9 @@ impl Dims {
             PatchNorm::PerGroup => g.dilation,
             PatchNorm::AllChannels => (1, 1),
         };
+        let ax_h = Axis::new(g.h, oh, g.kh, g.stride.0, g.padding.0, dh);
+        let ax_w = Axis::new(g.w, ow, g.kw, g.stride.1, g.padding.1, dw);
+        let identity_window = ax_h.is_identity(g.h) && ax_w.is_identity(g.w);
         Ok(Self {
             n: g.n,
             c: g.c_in,
@@ -291,14 +297,10 @@ impl Dims {
             c_per: g.c_in / gp,
             o_per: g.c_out / gp,
             w_per: g.cin_per_group() * g.kh * g.kw,
-            ax_h: Axis::new(g.h, oh, g.kh, g.stride.0, g.padding.0, dh),
-            ax_w: Axis::new(g.w, ow, g.kw, g.stride.1, g.padding.1, dw),
+            ax_h,
+            ax_w,
+            identity_window,
         })
-    }
-    /// Whether the patch window is one tap at its own position (1×1, stride 1, no
-    /// padding): then the window sum and the window gather are the identity.
-    fn identity_window(&self) -> bool {
-        self.ax_h.is_identity(self.h) && self.ax_w.is_identity(self.w)
     }
     fn plane_out(&self) -> usize {
         self.oh * self.ow
@@ -406,15 +408,11 @@ const LANES: usize = 32;
 #[inline(always)]
 fn lane_fold<T: Real>(all: &[T], start: usize, len: usize, f: impl Fn(f64) -> f64) -> f64 {
     let v = &all[start..start + len];
-    let (ahead, line) = (ahead_elems::<T>(), line_elems::<T>());
     let mut l = [0.0f64; LANES];
     let c = v.chunks_exact(LANES);
     let r = c.remainder();
     for (k, b) in c.enumerate() {
-        let at = start + k * LANES + ahead;
-        for i in (0..LANES).step_by(line) {
-            prefetch(all, at + i);
-        }
+        prefetch_ahead(all, start + k * LANES, LANES);
         for j in 0..LANES {
             l[j] += f(b[j].to_f64());
         }
@@ -449,16 +447,16 @@ fn lane_sum_sq_impl<T: Real>(v: &[T]) -> f64 {
 /// 1x1 `backward_into` from 3.9–4.0 ms to 3.5–3.6 ms.
 const AHEAD: usize = 16384;
 
-/// [`AHEAD`] in elements of `T`.
+/// Hints the cache lines of `s[i + A..i + A + len]` into L1, `A` being [`AHEAD`]
+/// bytes in elements of `T`: called once per block of `len` elements that a loop is
+/// about to read at `s[i..]`. Lines past the end of `s` are skipped.
 #[inline(always)]
-fn ahead_elems<T>() -> usize {
-    AHEAD / std::mem::size_of::<T>()
-}
-
-/// Elements of `T` per 64-byte cache line.
-#[inline(always)]
-fn line_elems<T>() -> usize {
-    64 / std::mem::size_of::<T>()
+fn prefetch_ahead<T>(s: &[T], i: usize, len: usize) {
+    let size = std::mem::size_of::<T>();
+    let at = i + AHEAD / size;
+    for l in (0..len).step_by(64 / size) {
+        prefetch(s, at + l);
+    }
 }
 
 /// Hints the cache line holding `s[i]` into L1; nothing when `i` is out of bounds (or
@@ -589,7 +587,6 @@ fn adjust_plane_bwd_impl<T: Real>(
     let zero = T::zero();
     let n = dxp.len();
     let (xp, dyp, rx, drx) = (&xs[..n], &dys[..n], &rx[..n], &mut drx[..n]);
-    let (ahead, line) = (ahead_elems::<T>(), line_elems::<T>());
     let mut acc = [[0.0f64; LANES]; 3];
     // Products in T, sums in f64 (as the other families do). Returns
     // (dx, g, g·x·r_w, g·x·r_x, dη-term).
@@ -616,11 +613,8 @@ fn adjust_plane_bwd_impl<T: Real>(
         .zip(dxp.chunks_exact_mut(CHUNK))
         .zip(drx.chunks_exact_mut(CHUNK));
     for (k, ((((xc, dc), rc), oc), ac)) in chunks.enumerate() {
-        let at = k * CHUNK + ahead;
-        for l in (0..CHUNK).step_by(line) {
-            prefetch(xs, at + l);
-            prefetch(dys, at + l);
-        }
+        prefetch_ahead(xs, k * CHUNK, CHUNK);
+        prefetch_ahead(dys, k * CHUNK, CHUNK);
         let lower = any_lower(xc, rc, rw, nu, eta);
         let bufs = gb.iter_mut().zip(wb.iter_mut()).zip(rb.iter_mut());
         let elems = oc.iter_mut().zip(xc).zip(dc).zip(rc);
@@ -699,16 +693,12 @@ simd_fn! {
 #[inline(always)]
 fn sum_sq_impl<T: Real>(xs: &[T], q: &mut [f64]) {
     let pi = q.len();
-    let (ahead, line) = (ahead_elems::<T>(), line_elems::<T>());
     let sq = |v: T| v.to_f64() * v.to_f64();
     for (c, plane) in xs.chunks_exact(pi).enumerate() {
         let mut qb = q.chunks_exact_mut(CHUNK);
         let mut pb = plane.chunks_exact(CHUNK);
         for (k, (qa, pa)) in (&mut qb).zip(&mut pb).enumerate() {
-            let at = c * pi + k * CHUNK + ahead;
-            for l in (0..CHUNK).step_by(line) {
-                prefetch(xs, at + l);
-            }
+            prefetch_ahead(xs, c * pi + k * CHUNK, CHUNK);
             for (acc, &v) in qa.iter_mut().zip(pa) {
                 *acc += sq(v);
             }
@@ -723,7 +713,6 @@ fn sum_sq_impl<T: Real>(xs: &[T], q: &mut [f64]) {
 /// [`AHEAD`] bytes ahead across the planes.
 #[inline(always)]
 fn scale_planes_impl<T: Real>(out: &mut [T], x: &[T], a: &[f64]) {
-    let (ahead, line) = (ahead_elems::<T>(), line_elems::<T>());
     for (c, (dch, xch)) in out
         .chunks_exact_mut(a.len())
         .zip(x.chunks_exact(a.len()))
@@ -733,10 +722,7 @@ fn scale_planes_impl<T: Real>(out: &mut [T], x: &[T], a: &[f64]) {
         let mut xb = xch.chunks_exact(CHUNK);
         let mut ab = a.chunks_exact(CHUNK);
         for (k, ((oc, xc), ac)) in (&mut ob).zip(&mut xb).zip(&mut ab).enumerate() {
-            let at = c * a.len() + k * CHUNK + ahead;
-            for l in (0..CHUNK).step_by(line) {
-                prefetch(x, at + l);
-            }
+            prefetch_ahead(x, c * a.len() + k * CHUNK, CHUNK);
             for ((g, &xv), &a) in oc.iter_mut().zip(xc).zip(ac) {
                 *g = T::of(xv.to_f64() * a);
             }
@@ -809,7 +795,7 @@ fn filter_norms<T: Real>(d: &Dims, w: &[T]) -> (Vec<T>, Vec<f64>) {
 /// Patch norms of one (sample, patch group): `q = Σ_c x_pre²` over the group's
 /// `C/G'` channel planes `xg`, its window sum, then `‖P‖` into `xn` and `r_x` into `rx`.
 fn patch_norm_plane<T: Real>(d: &Dims, xg: &[T], xn: &mut [f64], rx: &mut [T]) {
-    if d.identity_window() {
+    if d.identity_window {
         // 1-tap window, stride 1, no padding: the window sum of `q` is `q` itself.
         xn.fill(0.0);
         sum_sq(xg, xn);
@@ -1003,8 +989,9 @@ pub fn forward_into<T: Real>(
 /// Cost of the allocating form: it returns two fresh activation-sized buffers (`dx`,
 /// `dx_pre`) per call. Under glibc, freeing them can lift the heap's top chunk above
 /// the trim threshold (depending on the allocator's state), so the memory goes back to
-/// the kernel and the next call page-faults it in again. On the benchmark machine the
-/// backward for 32×64×56×56 (1×1) took 29.7 ms this way, 7.1 ms with
+/// the kernel and the next call page-faults it in again. On the benchmark machine
+/// (2026-12-01, before the backward's prefetching) the backward for 32×64×56×56 (1×1)
+/// took 29.7 ms this way, 7.1 ms with
 /// `GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824` (and a fixed
 /// `mmap_threshold`), and 4.7 ms as [`backward_into`] with kept buffers. In a training
 /// loop, use [`backward_into`].
@@ -1134,7 +1121,7 @@ pub fn backward_into<T: Real>(
                 for (a, &nm) in drx.iter_mut().zip(xn) {
                     *a *= inv_norm_slope(nm);
                 }
-                if d.identity_window() {
+                if d.identity_window {
                     // 1-tap window, stride 1, no padding: the gather is the identity.
                     scale_planes(dxpc, xpc, &drx);
                 } else {

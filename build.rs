@@ -62,36 +62,86 @@ mod emulate {
             super::fail(&format!("cannot create {}: {e}", out.display()));
         }
         let kdir = root.join("kernels");
+        let emu = kdir.join("emu");
         let mut sources = super::kernel_sources(&kdir);
-        sources.push(kdir.join("emu").join("selftest.cu"));
+        sources.push(emu.join("selftest.cu"));
         let compiler = cc::Build::new().cpp(true).get_compiler();
-        let lib = out.join("libak_cuda_emu.so");
-        let mut cmd = Command::new(compiler.path());
-        cmd.args(["-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-pthread"])
-            .args(["-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"])
-            .arg("-Wl,-soname,libcuda.so")
-            .arg("-fvisibility=hidden")
-            .arg("-I")
-            .arg(&kdir);
-        match std::env::var("AK_EMU_SANITIZE").as_deref() {
-            Ok("address") => {
-                cmd.args(["-fsanitize=address", "-fno-omit-frame-pointer"]);
-                println!("cargo:rustc-cfg=ak_emu_asan");
-            }
-            Ok("") | Err(_) => {}
+        let asan = match std::env::var("AK_EMU_SANITIZE").as_deref() {
+            Ok("address") => true,
+            Ok("") | Err(_) => false,
             Ok(other) => super::fail(&format!(
                 "AK_EMU_SANITIZE={other}: only `address` is supported"
             )),
+        };
+        if asan {
+            println!("cargo:rustc-cfg=ak_emu_asan");
         }
-        cmd.arg(kdir.join("emu").join("runtime.cpp"));
+        write_ptxas_table(&emu, &out);
+        let base = |cmd: &mut Command| {
+            cmd.args(["-std=c++17", "-O2", "-g", "-fPIC", "-pthread"])
+                .args(["-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"])
+                .arg("-fvisibility=hidden")
+                .arg("-I")
+                .arg(&kdir)
+                .arg("-I")
+                .arg(&out);
+            if asan {
+                cmd.args(["-fsanitize=address", "-fno-omit-frame-pointer"]);
+            }
+        };
+        // The kernels: every load, store and atomic instrumented (GCC's ThreadSanitizer
+        // pass, without its runtime: the hooks are the emulator's shadow memory,
+        // kernels/emu/shadow.cpp). ASan and TSan instrumentation exclude each other, so
+        // the AddressSanitizer build has no access hooks (the detectors are off there).
+        let mut jobs = Vec::new();
+        let mut objects = Vec::new();
+        for src in &sources {
+            let stem = src.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
+            let obj = out.join(format!("{stem}.o"));
+            let mut cmd = Command::new(compiler.path());
+            base(&mut cmd);
+            if !asan {
+                cmd.args([
+                    "-fsanitize=thread",
+                    "--param=tsan-instrument-func-entry-exit=0",
+                    "-Wno-tsan",
+                ]);
+            }
+            cmd.args(["-x", "c++", "-c"]).arg(src).arg("-o").arg(&obj);
+            let child = cmd.spawn().unwrap_or_else(|e| {
+                super::fail(&format!(
+                    "cannot run the C++ compiler {:?}: {e}",
+                    compiler.path()
+                ))
+            });
+            jobs.push((child, format!("{cmd:?}")));
+            objects.push(obj);
+        }
+        for (mut child, what) in jobs {
+            match child.wait() {
+                Ok(s) if s.success() => {}
+                _ => super::fail(&format!(
+                    "compiling a kernel for the emulated device failed: {what}"
+                )),
+            }
+        }
+        let lib = out.join("libak_cuda_emu.so");
+        let mut cmd = Command::new(compiler.path());
+        base(&mut cmd);
+        cmd.args(["-shared", "-Wl,-soname,libcuda.so", "-Wl,--no-undefined"]);
+        if !asan {
+            cmd.arg("-DEMU_INSTRUMENTED=1");
+        }
+        for part in ["sched.cpp", "shadow.cpp", "driver.cpp"] {
+            cmd.arg(emu.join(part));
+        }
         #[cfg(feature = "candle-cuda")]
         cmd.arg(stubs::weak_file(&kdir, &out, "cuda"));
-        // The kernel files are CUDA sources compiled as C++.
-        cmd.args(["-x", "c++"]).args(&sources).args(["-x", "none"]);
+        cmd.args(&objects);
         cmd.arg("-o").arg(&lib);
         match cmd.status() {
             Ok(s) if s.success() => {}
-            Ok(_) => super::fail(&format!("compiling the emulated device failed: {cmd:?}")),
+            Ok(_) => super::fail(&format!("linking the emulated device failed: {cmd:?}")),
             Err(e) => super::fail(&format!(
                 "cannot run the C++ compiler {:?}: {e}",
                 compiler.path()
@@ -100,6 +150,39 @@ mod emulate {
         println!("cargo:rustc-env=AK_EMU_LIB={}", lib.display());
         #[cfg(feature = "candle-cuda")]
         stubs::link_dir(&kdir, &out, &lib, compiler.path());
+    }
+
+    /// `OUT/ptxas_table.inc` from kernels/emu/ptxas-table.tsv (kernel, sm, registers,
+    /// static shared bytes per line; written by scripts/kernel-report.sh from an nvcc
+    /// build): the registers and static shared memory the emulated driver checks
+    /// launches against. A missing file gives an empty table (no register checks).
+    fn write_ptxas_table(emu: &std::path::Path, out: &std::path::Path) {
+        let tsv = std::fs::read_to_string(emu.join("ptxas-table.tsv")).unwrap_or_default();
+        let mut src = String::from(
+            "// generated by build.rs from kernels/emu/ptxas-table.tsv\n\
+             struct PtxasEntry { const char* kernel; int sm, regs, smem; };\n\
+             static const PtxasEntry kPtxasTable[] = {\n",
+        );
+        for line in tsv.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            if line.starts_with('#') || f.len() != 4 {
+                continue;
+            }
+            let ok = f[0].chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && f[1..].iter().all(|v| v.parse::<u32>().is_ok());
+            if !ok {
+                super::fail(&format!("kernels/emu/ptxas-table.tsv: bad line `{line}`"));
+            }
+            src.push_str(&format!(
+                "  {{\"{}\", {}, {}, {}}},\n",
+                f[0], f[1], f[2], f[3]
+            ));
+        }
+        src.push_str("  {nullptr, 0, 0, 0}};\n");
+        let path = out.join("ptxas_table.inc");
+        if let Err(e) = std::fs::write(&path, src) {
+            super::fail(&format!("cannot write {}: {e}", path.display()));
+        }
     }
 
     /// The CUDA libraries cudarc links under candle-core's `cuda` (see the module doc).

@@ -238,7 +238,7 @@ __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long 
                                            long long tpp, long long tile_elems, const F& f, float* part) {
   constexpr int NS = F::NS;
   constexpr int W = ak::Vec16<T>::N;
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   const bool vec = ak::aligned16(x) && (!F::HAS_DY || ak::aligned16(dy)) && (!F::HAS_OUT || ak::aligned16(dx));
   const long long ntiles = n * c * tpp;
   const long long vpt = tile_elems / W;
@@ -679,7 +679,7 @@ EMU_REGISTER(acon_gen_wgrad)
 
 // Layer-wise forward, one block per sample: β[n] = σ(Σ_c gap[n, c]).
 extern "C" __global__ void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   const long long nn = blockIdx.x;
   float acc = 0.0f;
   for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) acc += gap[nn * c + ch];

@@ -76,7 +76,7 @@ __device__ void tau_bwd_impl(const T* __restrict__ dy, const T* __restrict__ x, 
 template <class T>
 __device__ void feat_nchw_impl(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ feat, long long planes,
                                long long s, float tau, int apply_tau) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   constexpr int V = ak::Vec16<T>::N;
   const bool vec = ak::aligned16(x) && (y == nullptr || ak::aligned16(y));
   const float inv_s = 1.0f / (float)s;
@@ -327,9 +327,9 @@ __device__ void dmu_fwd_impl(const float* __restrict__ a, const float* __restric
                              const unsigned* __restrict__ labels, float* __restrict__ logits,
                              float* __restrict__ probs, float* __restrict__ loss, unsigned char* __restrict__ correct,
                              int n, int c, int k) {
-  __shared__ float scratch[32];
-  __shared__ float sv[32];
-  __shared__ int si[32];
+  SHARED_ARRAY(float, scratch, 32);
+  SHARED_ARRAY(float, sv, 32);
+  SHARED_ARRAY(int, si, 32);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int nn = blockIdx.x; nn < n; nn += gridDim.x) {
     const float* arow = a + (long long)nn * c;
@@ -424,7 +424,7 @@ __device__ void gate_masks_impl(const float* __restrict__ v, const float* __rest
 // a[n,c] only where G[y,c] is set.
 __device__ void gate_loss_impl(const float* __restrict__ a, const unsigned char* __restrict__ masks,
                                const unsigned* __restrict__ labels, float* __restrict__ loss, int n, int c) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   for (int nn = blockIdx.x; nn < n; nn += gridDim.x) {
     const long long y = labels[nn];
     const unsigned char* g = masks + y * c;
@@ -445,7 +445,7 @@ __device__ void gate_loss_impl(const float* __restrict__ a, const unsigned char*
 // out = [mean(aux), mean(gate), λ_aux·mean(aux) + λ_gate·mean(gate)]: one block.
 __device__ void loss_means_impl(const float* __restrict__ aux, const float* __restrict__ gate, float* __restrict__ out,
                                 int n, float lambda_aux, float lambda_gate) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   float sa = 0.0f, sg = 0.0f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     sa += aux[i];
@@ -470,7 +470,7 @@ __device__ void da_impl(const float* __restrict__ a, const float* __restrict__ w
                         const unsigned* __restrict__ labels, const unsigned char* __restrict__ masks,
                         const float* __restrict__ dl_aux, const float* __restrict__ dl_gate, float aux_scale,
                         float gate_scale, float* __restrict__ da, int n, int c, int k) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   for (int nn = blockIdx.x; nn < n; nn += gridDim.x) {
     const int y = (int)labels[nn];
     const unsigned char* g = masks ? masks + (long long)y * c : nullptr;

@@ -10,6 +10,10 @@
 #include <stdint.h>
 #define EMU_REGISTER(name)
 #define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+// Static shared memory. Under the emulator each declaration is an exact-size,
+// redzoned allocation per block (cuda_emu.h), so overruns and races are seen.
+#define SHARED_ARRAY(type, name, count) __shared__ type name[count]
+#define SHARED_VAR(type, name) __shared__ type name
 #else
 #include "emu/cuda_emu.h"
 #define DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(emu::dynamic_smem())

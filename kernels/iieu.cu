@@ -88,7 +88,7 @@ __device__ __forceinline__ void for_windows(int i, int k, int s, int p, int d, i
 template <class T>
 __device__ void filter_norm_impl(const T* __restrict__ w, float* __restrict__ r_w,
                                  float* __restrict__ w_norm, IieuGeom g) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   const long long per = g.w_per;
   for (int o = blockIdx.x; o < g.o; o += gridDim.x) {
     const T* f = w + (long long)o * per;
@@ -149,7 +149,7 @@ __device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q
 // Bytes: reads x once, writes 4 B per plane — the minimum.
 template <class T>
 __device__ void gap_impl(const T* __restrict__ x, float* __restrict__ m, IieuGeom g) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   constexpr int V = ak::Vec16<T>::N;
   const long long P = (long long)g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
@@ -248,7 +248,7 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
                               const float* __restrict__ r_w, const float* __restrict__ r_x,
                               const float* __restrict__ nu, const float* __restrict__ eta,
                               float* __restrict__ part, IieuGeom g) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   constexpr int V = ak::Vec16<T>::N;
   const long long P = (long long)g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
@@ -304,7 +304,7 @@ __device__ void bwd_params_impl(const T* __restrict__ w, const float* __restrict
                                 const float* __restrict__ r_w, const float* __restrict__ w_norm,
                                 float* __restrict__ d_gamma, float* __restrict__ d_beta,
                                 float* __restrict__ d_eta, T* __restrict__ dw, IieuGeom g) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   const long long per = g.w_per;
   for (int o = blockIdx.x; o < g.o; o += gridDim.x) {
     float ag = 0.0f, ab = 0.0f, ae = 0.0f, aw = 0.0f;
@@ -494,7 +494,7 @@ EMU_REGISTER(iieu_patch_window)
 extern "C" __global__ void iieu_ln_fwd(const float* __restrict__ m, const float* __restrict__ gamma,
                                        const float* __restrict__ beta, float* __restrict__ m_hat,
                                        float* __restrict__ rstd, float* __restrict__ nu, IieuGeom g) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   for (int n = blockIdx.x; n < g.n; n += gridDim.x) {
     const float* mr = m + (long long)n * g.o;
     float acc = 0.0f;
@@ -526,7 +526,7 @@ extern "C" __global__ void iieu_ln_bwd(const float* __restrict__ part, const flo
                                        const float* __restrict__ gamma, const float* __restrict__ m_hat,
                                        const float* __restrict__ rstd, float* __restrict__ dz,
                                        float* __restrict__ dm, IieuGeom g) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   for (int n = blockIdx.x; n < g.n; n += gridDim.x) {
     float a1 = 0.0f, a2 = 0.0f;
     for (int o = threadIdx.x; o < g.o; o += blockDim.x) {

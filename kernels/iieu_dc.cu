@@ -79,7 +79,7 @@ template <class T, int MODE>
 __device__ void plane_reduce(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ g,
                              float* __restrict__ out, long long planes, int c, long long s, int warp_mode,
                              float scale) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   constexpr int W = ak::Vec16<T>::N;
   bool vec = ak::aligned16(a) && ak::aligned16(b) && (MODE == 0 || ak::aligned16(g)) && (s % W == 0);
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -309,8 +309,8 @@ __device__ __forceinline__ void lambdas(const Params& P, const Smem& m, int c, i
 // for the row norms. O(C·Hd) work per sample.
 __device__ void coupler_fwd_impl(const float* __restrict__ gap, Params P, float* __restrict__ lam, int n, int c,
                                  int hd) {
-  __shared__ float scratch[32];
-  __shared__ Stats st;
+  SHARED_ARRAY(float, scratch, 32);
+  SHARED_VAR(Stats, st);
   DYNAMIC_SHARED(float, smem);
   Smem m = carve(smem, c, hd);
   row_norms(P, c, hd, m);
@@ -359,8 +359,8 @@ __device__ __forceinline__ Offs offsets(int c, int hd) {
 // block's first sample and read-modify-writes it for every later one (8·len bytes).
 __device__ void coupler_bwd_impl(const float* __restrict__ gap, const float* __restrict__ pd, Params P,
                                  float* __restrict__ dgap, float* __restrict__ part, int n, int c, int hd) {
-  __shared__ float scratch[32];
-  __shared__ Stats st;
+  SHARED_ARRAY(float, scratch, 32);
+  SHARED_VAR(Stats, st);
   DYNAMIC_SHARED(float, smem);
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nt >> 5;
   const int c2 = 2 * c;

@@ -30,6 +30,12 @@ pub enum Schedule {
     Reversed,
     /// A seeded random permutation per block.
     Shuffled(u64),
+    /// One warp per block (chosen by the seed) runs as far as it can — to its next
+    /// `__syncthreads` — before any other warp moves: the drift an SM allows.
+    WarpAhead(u64),
+    /// One seeded-random ready thread at a time, and every warp collective released
+    /// as soon as it is complete: warps interleave differently at every collective.
+    Random(u64),
 }
 
 struct Emu {
@@ -105,6 +111,8 @@ pub fn set_schedule(s: Schedule) {
         Schedule::Identity => (0, 0),
         Schedule::Reversed => (1, 0),
         Schedule::Shuffled(seed) => (2, seed),
+        Schedule::WarpAhead(seed) => (3, seed),
+        Schedule::Random(seed) => (4, seed),
     };
     if let Some(f) = sym::<unsafe extern "C" fn(i32, u64)>(b"emu_set_schedule\0") {
         // SAFETY: plain store of two integers in the emulator.
@@ -131,4 +139,70 @@ pub fn take_fault() -> Option<String> {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// The emulator's detectors (compute-sanitizer's tools, on the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checks {
+    /// racecheck: shared- and global-memory hazards between threads of a launch.
+    pub race: bool,
+    /// initcheck: reads (and device-to-host copies) of never-written device bytes.
+    pub init: bool,
+    /// memcheck: accesses outside an allocation or a block's shared memory.
+    pub mem: bool,
+}
+
+impl Checks {
+    fn mask(self) -> i32 {
+        self.race as i32 | (self.init as i32) << 1 | (self.mem as i32) << 2
+    }
+    fn from_mask(m: i32) -> Self {
+        Checks {
+            race: m & 1 != 0,
+            init: m & 2 != 0,
+            mem: m & 4 != 0,
+        }
+    }
+}
+
+/// The detectors in force (`AK_EMU_CHECK`, default all; none in the
+/// AddressSanitizer build, whose kernels carry no access instrumentation).
+pub fn checks() -> Option<Checks> {
+    let f = sym::<unsafe extern "C" fn(i32) -> i32>(b"emu_checks\0")?;
+    // SAFETY: -1 only reads the mask.
+    Some(Checks::from_mask(unsafe { f(-1) }))
+}
+
+/// Sets the detectors for subsequent launches; returns those in force after the
+/// call (unchanged all-off where the kernels are not instrumented). Memory written
+/// while a detector was off is not known to it: turn detectors on before the data
+/// is uploaded.
+pub fn set_checks(c: Checks) -> Option<Checks> {
+    let f = sym::<unsafe extern "C" fn(i32) -> i32>(b"emu_checks\0")?;
+    // SAFETY: plain store of a mask in the emulator.
+    Some(Checks::from_mask(unsafe { f(c.mask()) }))
+}
+
+/// Sets the watchdog period in milliseconds (a launch that makes no progress for
+/// that long fails); 0 restores `AK_EMU_WATCHDOG_MS` or its default, 60 s.
+pub fn set_watchdog_ms(ms: u64) {
+    if let Some(f) = sym::<unsafe extern "C" fn(i64)>(b"emu_set_watchdog_ms\0") {
+        // SAFETY: plain store of an integer in the emulator.
+        unsafe { f(ms.min(i64::MAX as u64) as i64) }
+    }
+}
+
+/// Poses as ptxas having reported `regs` registers per thread for `kernel` (the
+/// launch check uses it), for self-tests of kernels nvcc never builds. Returns
+/// false if no such kernel is registered.
+pub fn set_kernel_regs(kernel: &str, regs: u32) -> bool {
+    let Ok(name) = std::ffi::CString::new(kernel) else {
+        return false;
+    };
+    let Some(f) = sym::<unsafe extern "C" fn(*const c_char, i32) -> i32>(b"emu_set_kernel_regs\0")
+    else {
+        return false;
+    };
+    // SAFETY: name is a NUL-terminated string that outlives the call.
+    unsafe { f(name.as_ptr(), regs.min(255) as i32) != 0 }
 }

@@ -1,13 +1,15 @@
-//! The emulator's own tests: it must catch what it claims to catch (a missing
-//! barrier through the thread-order permutation check, a collective on exited
-//! lanes as a launch failure) and implement warp collectives and block reductions
+//! The emulator's own tests: it must catch what it claims to catch — each detector
+//! (racecheck, initcheck, memcheck, launch limits, watchdog) is proven by a kernel
+//! with a seeded bug of its class (kernels/emu/selftest.cu), and the same kernel
+//! without the bug passes — and implement warp collectives and block reductions
 //! correctly for full and partial warps, through the real cudarc path.
 #![cfg(feature = "emulate")]
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use activation_kernels::emu::{self, Schedule};
-use cudarc::driver::{CudaContext, CudaModule, LaunchConfig, PushKernelArg};
+use activation_kernels::emu::{self, Checks, Schedule};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaContext, CudaModule, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 /// The schedule is process-global: tests that set it run one at a time.
@@ -88,8 +90,69 @@ fn block_sum_helper_is_exact_on_integers() {
     }
 }
 
+const ALL: Checks = Checks {
+    race: true,
+    init: true,
+    mem: true,
+};
+/// racecheck alone: with initcheck on, the racy kernels below are first caught
+/// reading a byte no thread has written yet (the identity order runs thread 0 to
+/// the end before thread 1 starts).
+const RACE_ONLY: Checks = Checks {
+    race: true,
+    init: false,
+    mem: true,
+};
+const OFF: Checks = Checks {
+    race: false,
+    init: false,
+    mem: false,
+};
+
+/// Restores the default detectors (all on) when dropped, also on a panic.
+struct Detectors;
+impl Detectors {
+    fn set(c: Checks) -> Self {
+        emu::set_checks(c);
+        Detectors
+    }
+}
+impl Drop for Detectors {
+    fn drop(&mut self) {
+        emu::set_checks(ALL);
+    }
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// The fault message of a launch (or copy) that had to fail.
+fn fault_of<T: std::fmt::Debug>(r: Result<T, DriverError>) -> String {
+    assert!(
+        r.is_err(),
+        "expected the emulated device to refuse, got {r:?}"
+    );
+    emu::take_fault().expect("a fault message")
+}
+
+fn assert_has(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "`{p}` missing from the report: {msg}");
+    }
+}
+
 fn reverse(sync: i32, schedule: Schedule) -> Vec<f32> {
+    reverse_checked(sync, schedule, ALL).expect("launch")
+}
+
+fn reverse_checked(sync: i32, schedule: Schedule, c: Checks) -> Result<Vec<f32>, String> {
     let (_g, ctx, m) = setup();
+    let _d = Detectors::set(c);
     emu::set_schedule(schedule);
     let f = m.load_function("emu_selftest_reverse").unwrap();
     let s = ctx.default_stream();
@@ -104,18 +167,24 @@ fn reverse(sync: i32, schedule: Schedule) -> Vec<f32> {
         shared_mem_bytes: 0,
     };
     // SAFETY: 2 blocks × 256 threads read x[0..512) and write y[0..512).
-    unsafe { b.launch(cfg) }.unwrap();
-    let out = s.clone_dtoh(&y).unwrap();
+    let r = unsafe { b.launch(cfg) };
     emu::set_schedule(Schedule::Identity);
-    out
+    if r.is_err() {
+        return Err(fault_of(r));
+    }
+    Ok(s.clone_dtoh(&y).unwrap())
 }
 
 #[test]
 fn permutation_check_flags_a_missing_syncthreads() {
+    // The thread-order check on its own (detectors off: racecheck would stop the
+    // racy launch before it finishes — see racecheck_flags_a_missing_syncthreads).
     let schedules = [
         Schedule::Identity,
         Schedule::Reversed,
         Schedule::Shuffled(7),
+        Schedule::WarpAhead(3),
+        Schedule::Random(11),
     ];
     // With the barrier: every schedule gives the right, identical answer.
     let want: Vec<f32> = (0..512)
@@ -126,9 +195,12 @@ fn permutation_check_flags_a_missing_syncthreads() {
     }
     // Without it: the outputs differ between schedules — this is what the
     // permutation check in the parity suite looks for.
-    let outs: Vec<Vec<f32>> = schedules.iter().map(|&s| reverse(0, s)).collect();
+    let outs: Vec<Vec<f32>> = schedules
+        .iter()
+        .map(|&s| reverse_checked(0, s, OFF).expect("launch"))
+        .collect();
     assert!(
-        outs[0] != outs[1] || outs[0] != outs[2],
+        outs.iter().any(|o| *o != outs[0]),
         "a missing barrier must change the result under some thread order"
     );
 }
@@ -204,8 +276,10 @@ fn out_of_bounds_write_is_caught_by_asan() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the child must fail");
+    // Device allocations live in the emulator's heap, whose redzones are poisoned
+    // for ASan by hand: ASan calls the access a use of poisoned memory.
     assert!(
-        err.contains("heap-buffer-overflow"),
+        err.contains("use-after-poison") || err.contains("heap-buffer-overflow"),
         "ASan report expected, got:\n{err}"
     );
 }
@@ -304,4 +378,397 @@ fn f16_bf16_conversions_match_the_half_crate() {
             x[i]
         );
     }
+}
+
+// ---- each detector, proven by a seeded bug (kernels/emu/selftest.cu) ----
+// The access detectors need the instrumented kernels, which the AddressSanitizer
+// build does not have (the two instrumentations exclude each other).
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_flags_a_missing_syncthreads() {
+    // All detectors: thread 0 reads buf[255] before thread 255 wrote it.
+    let msg = reverse_checked(0, Schedule::Identity, ALL).expect_err("initcheck must fail it");
+    assert_has(
+        &msg,
+        &["initcheck:", "static shared `buf` (1024 bytes), byte 1020"],
+    );
+    // racecheck alone: thread 128 is the first to overwrite a value another thread
+    // read (buf[128], read by thread 127), with no barrier between.
+    let msg =
+        reverse_checked(0, Schedule::Identity, RACE_ONLY).expect_err("racecheck must fail it");
+    assert_has(
+        &msg,
+        &[
+            "racecheck: WAR hazard",
+            "emu_selftest_reverse",
+            "static shared `buf` (1024 bytes), byte 512",
+            "thread (128,0,0) of block (0,0,0) writes it, thread (127,0,0) of block (0,0,0) read it",
+            "no __syncthreads",
+        ],
+    );
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_block_sum_without_its_leading_barrier() {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_block_sum_twice").unwrap();
+    let s = ctx.default_stream();
+    let x: Vec<f32> = (0..300).map(|i| (i % 5) as f32).collect();
+    let total: f32 = x.iter().sum();
+    let dx = s.clone_htod(&x).unwrap();
+    let n = x.len() as i32;
+    for barrier in [1i32, 0] {
+        let mut out = s.alloc_zeros::<f32>(1).unwrap();
+        let mut b = s.launch_builder(&f);
+        b.arg(&dx).arg(&mut out).arg(&n).arg(&barrier);
+        // SAFETY: one block reads x[0..n) and writes out[0].
+        let r = unsafe { b.launch(cfg((1, 1, 1), 256, 0)) };
+        if barrier == 1 {
+            r.unwrap();
+            assert_eq!(s.clone_dtoh(&out).unwrap(), vec![3.0 * total]);
+        } else {
+            // Lane 0 of a warp overwrites scratch[w] while lanes of other warps may
+            // still read it from the previous call: a WAR hazard.
+            assert_has(
+                &fault_of(r),
+                &[
+                    "racecheck: WAR hazard",
+                    "emu_selftest_block_sum_twice",
+                    "static shared `scratch`",
+                ],
+            );
+        }
+    }
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_lost_update_in_shared_memory() {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_lost_update").unwrap();
+    let s = ctx.default_stream();
+    let mut out = s.alloc_zeros::<f32>(1).unwrap();
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut out);
+    // SAFETY: one block writes out[0].
+    let msg = fault_of(unsafe { b.launch(cfg((1, 1, 1), 64, 0)) });
+    assert_has(
+        &msg,
+        &["racecheck:", "hazard", "static shared `acc`", "thread ("],
+    );
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_between_lanes_of_a_warp() {
+    let (_g, ctx, m) = setup();
+    let _d = Detectors::set(RACE_ONLY);
+    let f = m.load_function("emu_selftest_warp_exchange").unwrap();
+    let s = ctx.default_stream();
+    for sync in [1i32, 0] {
+        // SAFETY: plain f32 storage; the kernel writes all 32 before they are read.
+        let mut y = unsafe { s.alloc::<f32>(32) }.unwrap();
+        let mut b = s.launch_builder(&f);
+        b.arg(&mut y).arg(&sync);
+        // SAFETY: one warp writes y[0..32).
+        let r = unsafe { b.launch(cfg((1, 1, 1), 32, 0)) };
+        if sync == 1 {
+            r.unwrap();
+            let want: Vec<f32> = (0..32).map(|l| ((l + 1) % 32) as f32).collect();
+            assert_eq!(s.clone_dtoh(&y).unwrap(), want);
+        } else {
+            // Lane 1 overwrites s[1] after lane 0 read it, with no __syncwarp between.
+            assert_has(
+                &fault_of(r),
+                &[
+                    "racecheck: WAR hazard",
+                    "static shared `s` (128 bytes), byte 4",
+                    "thread (1,0,0) of block (0,0,0) writes it, thread (0,0,0) of block (0,0,0) read it",
+                    "__syncwarp",
+                ],
+            );
+        }
+    }
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_between_blocks_in_global_memory() {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_global_race").unwrap();
+    let s = ctx.default_stream();
+    let mut y = s.alloc_zeros::<f32>(1).unwrap();
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut y);
+    // SAFETY: thread 0 of each block writes y[0].
+    let msg = fault_of(unsafe { b.launch(cfg((3, 1, 1), 32, 0)) });
+    assert_has(
+        &msg,
+        &[
+            "racecheck: WAW hazard",
+            "device allocation #",
+            "byte 0",
+            "another block of the same launch",
+        ],
+    );
+}
+
+/// y = x[..n−skip] through a kernel; Err(fault) if the launch or the copy back fails.
+fn copy_kernel(upload_x: bool, skip: i32) -> Result<Vec<f32>, String> {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_copy").unwrap();
+    let s = ctx.default_stream();
+    let n = 100i32;
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let dx = if upload_x {
+        s.clone_htod(&x).unwrap()
+    } else {
+        // SAFETY: deliberately left unwritten: the reads of it are what is tested.
+        unsafe { s.alloc::<f32>(n as usize) }.unwrap()
+    };
+    // SAFETY: uninitialised output; the kernel is meant to write every element.
+    let mut y = unsafe { s.alloc::<f32>(n as usize) }.unwrap();
+    let mut b = s.launch_builder(&f);
+    b.arg(&dx).arg(&mut y).arg(&n).arg(&skip);
+    // SAFETY: 4 blocks × 32 threads; thread i < n − skip reads x[i] and writes y[i].
+    let r = unsafe { b.launch(cfg((4, 1, 1), 32, 0)) };
+    if r.is_err() {
+        return Err(fault_of(r));
+    }
+    let back = s.clone_dtoh(&y);
+    if back.is_err() {
+        return Err(fault_of(back));
+    }
+    Ok(back.unwrap())
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn initcheck_output_element_never_written() {
+    let want: Vec<f32> = (0..100).map(|i| i as f32).collect();
+    assert_eq!(copy_kernel(true, 0).unwrap(), want);
+    // The last element is never written: copying the output back is refused.
+    let msg = copy_kernel(true, 1).expect_err("initcheck must refuse the copy");
+    assert_has(
+        &msg,
+        &["initcheck", "4 never-written bytes of 400", "byte 396"],
+    );
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn initcheck_read_of_never_written_input() {
+    let msg = copy_kernel(false, 0).expect_err("initcheck must fail the launch");
+    assert_has(
+        &msg,
+        &[
+            "initcheck:",
+            "emu_selftest_copy",
+            "thread (0,0,0) of block (0,0,0)",
+            "never written",
+        ],
+    );
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn memcheck_global_write_one_past_the_end() {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_fill").unwrap();
+    let s = ctx.default_stream();
+    for extra in [0i32, 1] {
+        let mut y = s.alloc_zeros::<f32>(100).unwrap();
+        let n = 100i32;
+        let mut b = s.launch_builder(&f);
+        b.arg(&mut y).arg(&n).arg(&extra);
+        // SAFETY: with extra = 1 thread 100 writes y[100], one past the end — which
+        // the emulator's memcheck must refuse before the byte is touched.
+        let r = unsafe { b.launch(cfg((1, 1, 1), 128, 0)) };
+        if extra == 0 {
+            r.unwrap();
+        } else {
+            assert_has(
+                &fault_of(r),
+                &[
+                    "memcheck:",
+                    "thread (100,0,0)",
+                    "writes 4 bytes",
+                    "0 bytes past the end of allocation #",
+                    "(400 bytes)",
+                ],
+            );
+        }
+    }
+}
+
+fn smem_overrun(k: i32, dyn_: i32) -> Result<(), String> {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_smem_overrun").unwrap();
+    let s = ctx.default_stream();
+    // SAFETY: plain f32 storage, written by the kernel.
+    let mut y = unsafe { s.alloc::<f32>(32) }.unwrap();
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut y).arg(&k).arg(&dyn_);
+    // SAFETY: one warp; with k = 1 lane 31 writes one float past its shared buffer
+    // (static buf[32], or 128 bytes of dynamic shared memory) — refused by memcheck.
+    let r = unsafe { b.launch(cfg((1, 1, 1), 32, 128)) };
+    if r.is_err() {
+        return Err(fault_of(r));
+    }
+    Ok(())
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn memcheck_shared_memory_overrun_by_one() {
+    smem_overrun(0, 0).unwrap();
+    smem_overrun(0, 1).unwrap();
+    assert_has(
+        &smem_overrun(1, 0).unwrap_err(),
+        &[
+            "memcheck:",
+            "thread (31,0,0)",
+            "0 bytes past the end of static shared `buf` (128 bytes)",
+        ],
+    );
+    assert_has(
+        &smem_overrun(1, 1).unwrap_err(),
+        &[
+            "memcheck:",
+            "thread (31,0,0)",
+            "0 bytes past the end of dynamic shared memory (128 bytes)",
+        ],
+    );
+}
+
+/// Launches emu_selftest_dyn_smem with `bytes` of dynamic shared memory.
+fn dyn_smem_launch(bytes: u32, attribute: Option<i32>) -> Result<(), String> {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_dyn_smem").unwrap();
+    let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    if let Some(a) = attribute {
+        if let Err(e) = f.set_attribute(attr, a) {
+            return Err(format!("{e:?}: {}", emu::take_fault().unwrap_or_default()));
+        }
+    }
+    let s = ctx.default_stream();
+    let mut y = s.alloc_zeros::<f32>(1).unwrap();
+    let n = (bytes / 4) as i32;
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut y).arg(&n).arg(&n);
+    let _ = &mut b;
+    // SAFETY: one block writes n floats of its dynamic shared memory and y[0].
+    let r = unsafe { b.launch(cfg((1, 1, 1), 128, bytes)) };
+    let out = if r.is_err() { Err(fault_of(r)) } else { Ok(()) };
+    f.set_attribute(attr, 48 * 1024).unwrap();
+    out
+}
+
+#[test]
+fn launch_limit_dynamic_shared_memory() {
+    let kib49 = 49 * 1024;
+    dyn_smem_launch(48 * 1024, None).unwrap();
+    assert_has(
+        &dyn_smem_launch(kib49, None).unwrap_err(),
+        &[
+            "emu_selftest_dyn_smem",
+            "50176 bytes of dynamic shared memory",
+            "MAX_DYNAMIC_SHARED_SIZE_BYTES",
+        ],
+    );
+    dyn_smem_launch(kib49, Some(kib49 as i32)).unwrap();
+    // sm_86's opt-in maximum is 99 KiB (101376 bytes).
+    assert_has(
+        &dyn_smem_launch(100 * 1024, Some(100 * 1024)).unwrap_err(),
+        &[
+            "MAX_DYNAMIC_SHARED_SIZE_BYTES, 102400",
+            "above the 101376-byte maximum of sm_86",
+        ],
+    );
+}
+
+fn fill_launch(grid: (u32, u32, u32), block: u32) -> Result<(), String> {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_fill").unwrap();
+    let s = ctx.default_stream();
+    let mut y = s.alloc_zeros::<f32>(1024).unwrap();
+    let (n, extra) = (0i32, 0i32);
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut y).arg(&n).arg(&extra);
+    // SAFETY: n = 0: no thread writes.
+    let r = unsafe { b.launch(cfg(grid, block, 0)) };
+    if r.is_err() {
+        return Err(fault_of(r));
+    }
+    Ok(())
+}
+
+#[test]
+fn launch_limit_grid_and_block_dimensions() {
+    fill_launch((1, 65535, 1), 1).unwrap();
+    assert_has(
+        &fill_launch((1, 70000, 1), 1).unwrap_err(),
+        &[
+            "emu_selftest_fill",
+            "grid (1,70000,1)",
+            "grid y or z above 65535",
+        ],
+    );
+    assert_has(
+        &fill_launch((1, 1, 70000), 1).unwrap_err(),
+        &["grid y or z above 65535"],
+    );
+    assert_has(
+        &fill_launch((1, 1, 1), 1025).unwrap_err(),
+        &["more than 1024 threads per block"],
+    );
+}
+
+#[test]
+fn launch_limit_registers_times_threads() {
+    // ptxas never sees the self-test kernels: pose as it had reported 128 registers.
+    {
+        let _s = setup();
+        assert!(emu::set_kernel_regs("emu_selftest_fill", 128));
+    }
+    let big = fill_launch((1, 1, 1), 1024);
+    let ok = fill_launch((1, 1, 1), 512);
+    {
+        let _s = setup();
+        emu::set_kernel_regs("emu_selftest_fill", 0);
+    }
+    ok.unwrap();
+    assert_has(
+        &big.unwrap_err(),
+        &[
+            "128 registers per thread (ptxas) x 1024 threads need 131072 registers",
+            "above the 65536",
+        ],
+    );
+}
+
+#[test]
+fn watchdog_ends_a_spin_wait() {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_spin").unwrap();
+    let s = ctx.default_stream();
+    let mut flag = s.alloc_zeros::<i32>(1).unwrap();
+    emu::set_watchdog_ms(300);
+    let t0 = std::time::Instant::now();
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut flag);
+    // SAFETY: one thread spins on flag[0] (allocated above) until the watchdog stops it.
+    let r = unsafe { b.launch(cfg((1, 1, 1), 1, 0)) };
+    emu::set_watchdog_ms(0);
+    assert_has(
+        &fault_of(r),
+        &["emu_selftest_spin", "watchdog: no progress for 300 ms"],
+    );
+    assert!(
+        t0.elapsed().as_secs() < 30,
+        "the watchdog took {:?}",
+        t0.elapsed()
+    );
 }

@@ -4,9 +4,11 @@
 // collectives, fake driver) is runtime.cpp.
 //
 // Semantics kept real: every thread of a block is a fiber, so __syncthreads is a
-// true barrier and warp collectives wait for every lane in their mask; __shared__
-// storage is per block (static thread_local: all fibers of a block run on one host
-// thread, one block at a time); atomics are real atomics (blocks run in parallel).
+// true barrier and warp collectives wait for every lane in their mask; shared
+// memory (SHARED_ARRAY / SHARED_VAR / DYNAMIC_SHARED) is allocated per block, with
+// exactly its size between redzones, from the emulator's checked arena; atomics
+// are real atomics. A bare `__shared__` does not compile here: it would bypass the
+// shared-memory checks.
 #pragma once
 #include <atomic>
 #include <cmath>
@@ -58,8 +60,17 @@ uint64_t* warp_slots();
 int lane_id();
 // Dynamic shared memory of the current block (launch's sharedMemBytes).
 void* dynamic_smem();
+// Static shared memory of the current block: one allocation per declaration
+// (`key`), made by the first thread that reaches it, shared by the whole block.
+void* static_smem(const void* key, const char* name, size_t bytes, size_t align);
 // Reports a kernel-side contract violation (launch then fails).
 [[noreturn]] void fault(const char* what);
+// Watchdog: set when a launch stopped making progress; polled by atomics.
+extern std::atomic<bool> g_abort_any;
+void watchdog_poll();
+inline void poll() {
+  if (__builtin_expect(g_abort_any.load(std::memory_order_relaxed), 0)) watchdog_poll();
+}
 
 using Trampoline = void (*)(void* fn, void** params);
 void register_kernel(const char* name, void* fn, Trampoline t);
@@ -123,7 +134,14 @@ inline T exchange(unsigned mask, T v, F src_of) {
 #define __noinline__ __attribute__((noinline))
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __shared__ static thread_local
+#define __shared__ _Pragma("GCC error \"use SHARED_ARRAY / SHARED_VAR (common.cuh): the emulator checks shared memory\"")
+#define SHARED_ARRAY(type, name, count)                                                          \
+  static const char name##_emu_key = 0;                                                          \
+  type* name = static_cast<type*>(emu::static_smem(&name##_emu_key, #name, sizeof(type) * (count), \
+                                                   alignof(type)))
+#define SHARED_VAR(type, name)          \
+  static const char name##_emu_key = 0; \
+  type& name = *static_cast<type*>(emu::static_smem(&name##_emu_key, #name, sizeof(type), alignof(type)))
 #define __ldg(p) (*(p))
 
 inline void __syncthreads() { emu::syncthreads(); }
@@ -169,14 +187,17 @@ inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == __ballot_sync(mask, 1); }
 
 // ---- atomics (blocks run on several host threads: real atomics) ----
+// Each polls the watchdog, so a spin-wait on an atomic ends in a launch failure.
 template <class T>
 inline T emu_atomic_add(T* p, T v) {
+  emu::poll();
   return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 inline int atomicAdd(int* p, int v) { return emu_atomic_add(p, v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return emu_atomic_add(p, v); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return emu_atomic_add(p, v); }
 inline float atomicAdd(float* p, float v) {
+  emu::poll();
   uint32_t* q = reinterpret_cast<uint32_t*>(p);
   uint32_t ob = __atomic_load_n(q, __ATOMIC_RELAXED);
   for (;;) {
@@ -189,12 +210,14 @@ inline float atomicAdd(float* p, float v) {
   }
 }
 inline int atomicMax(int* p, int v) {
+  emu::poll();
   int old = __atomic_load_n(p, __ATOMIC_RELAXED);
   while (old < v && !__atomic_compare_exchange_n(p, &old, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
   return old;
 }
 inline unsigned atomicInc(unsigned* p, unsigned lim) {
+  emu::poll();
   unsigned old = __atomic_load_n(p, __ATOMIC_RELAXED), n;
   do {
     n = (old >= lim) ? 0 : old + 1;
@@ -202,10 +225,14 @@ inline unsigned atomicInc(unsigned* p, unsigned lim) {
   return old;
 }
 inline int atomicCAS(int* p, int cmp, int v) {
+  emu::poll();
   __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
   return cmp;
 }
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence() {
+  emu::poll();
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
 
 // ---- math intrinsics ----
 // __expf is modelled as the hardware computes it (ex2.approx of x·log2e rounded

@@ -25,7 +25,7 @@ EMU_REGISTER(emu_selftest_warp_sum)
 // __syncthreads between the write and the read is skipped: a race whose outcome
 // depends on thread order.
 extern "C" __global__ void emu_selftest_reverse(const float* x, float* y, int sync) {
-  __shared__ float buf[256];
+  SHARED_ARRAY(float, buf, 256);
   int t = threadIdx.x, base = blockIdx.x * blockDim.x;
   buf[t] = x[base + t];
   if (sync) __syncthreads();
@@ -54,7 +54,7 @@ EMU_REGISTER(emu_selftest_divergent_barrier)
 
 // Block sum with ak::block_sum (the helper every family uses).
 extern "C" __global__ void emu_selftest_block_sum(const float* x, float* out, int n) {
-  __shared__ float scratch[32];
+  SHARED_ARRAY(float, scratch, 32);
   float acc = 0.0f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
   float s = ak::block_sum(acc, scratch);
@@ -74,3 +74,92 @@ extern "C" __global__ void emu_selftest_convert(const float* x, __half* h, __nv_
   bb[i] = __bfloat162float(b[i]);
 }
 EMU_REGISTER(emu_selftest_convert)
+
+// ---- seeded bugs: one kernel per detector class (tests/emu_selftest.rs) ----
+
+// ak::block_sum called twice in a row, with (barrier = 1) or without (0) the leading
+// __syncthreads that protects `scratch` from the previous call's readers: without it,
+// warp 0's lane 0 writes scratch[0] while the other warps may still read it (WAR).
+__device__ float block_sum_maybe_unsafe(float v, float* scratch, int barrier) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = ak::warp_sum(v);
+  if (barrier) __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? scratch[lane] : 0.0f;
+  return ak::warp_sum(t);
+}
+extern "C" __global__ void emu_selftest_block_sum_twice(const float* x, float* out, int n, int barrier) {
+  SHARED_ARRAY(float, scratch, 32);
+  float a = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) a += x[i];
+  float s1 = block_sum_maybe_unsafe(a, scratch, barrier);
+  float s2 = block_sum_maybe_unsafe(2.0f * a, scratch, barrier);
+  if (threadIdx.x == 0) out[blockIdx.x] = s1 + s2;
+}
+EMU_REGISTER(emu_selftest_block_sum_twice)
+
+// Lost update: every thread does `acc += 1` on one shared float without atomics.
+extern "C" __global__ void emu_selftest_lost_update(float* out) {
+  SHARED_VAR(float, acc);
+  if (threadIdx.x == 0) acc = 0.0f;
+  __syncthreads();
+  acc += 1.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = acc;
+}
+EMU_REGISTER(emu_selftest_lost_update)
+
+// Within one warp: lane i writes s[i], then reads s[i+1] — with (sync = 1) or
+// without a __syncwarp between (RAW between lanes of a warp: independent thread
+// scheduling gives no lockstep guarantee).
+extern "C" __global__ void emu_selftest_warp_exchange(float* y, int sync) {
+  SHARED_ARRAY(float, s, 32);
+  int lane = threadIdx.x & 31;
+  s[lane] = (float)lane;
+  if (sync) __syncwarp();
+  y[threadIdx.x] = s[(lane + 1) & 31];
+}
+EMU_REGISTER(emu_selftest_warp_exchange)
+
+// Every block writes y[0]: a write-write race between blocks of one launch.
+extern "C" __global__ void emu_selftest_global_race(float* y) {
+  if (threadIdx.x == 0) y[0] = (float)blockIdx.x;
+}
+EMU_REGISTER(emu_selftest_global_race)
+
+// y[i] = x[i] for i < n − skip: with skip = 1 the last output element is never
+// written; with x never uploaded, the reads are of never-written device memory.
+extern "C" __global__ void emu_selftest_copy(const float* x, float* y, int n, int skip) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n - skip) y[i] = x[i];
+}
+EMU_REGISTER(emu_selftest_copy)
+
+// Shared-memory overruns by `k` elements: static (buf[32]) when dyn = 0, dynamic
+// (blockDim.x floats launched) when dyn = 1.
+extern "C" __global__ void emu_selftest_smem_overrun(float* y, int k, int dyn) {
+  SHARED_ARRAY(float, buf, 32);
+  DYNAMIC_SHARED(float, d);
+  float* p = dyn ? d : buf;
+  p[threadIdx.x + k] = 1.0f;
+  __syncthreads();
+  y[threadIdx.x] = p[threadIdx.x];
+}
+EMU_REGISTER(emu_selftest_smem_overrun)
+
+// Touches every byte of its dynamic shared memory (launch-limit tests).
+extern "C" __global__ void emu_selftest_dyn_smem(float* y, int n) {
+  DYNAMIC_SHARED(float, d);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = (float)i;
+  __syncthreads();
+  if (threadIdx.x == 0) y[blockIdx.x] = d[n - 1];
+}
+EMU_REGISTER(emu_selftest_dyn_smem)
+
+// Spin-waits on a flag nothing sets: a hang the watchdog must turn into a failure.
+extern "C" __global__ void emu_selftest_spin(int* flag) {
+  while (atomicAdd(flag, 0) == 0) {
+  }
+}
+EMU_REGISTER(emu_selftest_spin)

@@ -53,9 +53,11 @@ pub fn gpu() -> Option<Gpu> {
 }
 
 impl Gpu {
-    /// Runs `f` once on a real GPU; on the emulated device runs it under the
-    /// identity, reversed and two shuffled thread orders (fewer if
-    /// AK_EMU_SCHEDULES says so) and asserts the results
+    /// Runs `f` once on a real GPU; on the emulated device runs it under four
+    /// thread orders — identity, reversed, one warp running ahead to its next
+    /// barrier, and a seeded random interleaving at every collective (fewer if
+    /// AK_EMU_SCHEDULES says so) — with the emulator's race, init and bounds
+    /// detectors on, and asserts the results
     /// are bitwise identical (a missing barrier or an order-dependent reduction
     /// shows up here), and that no device allocation outlives `f`.
     pub fn check_schedules<R: PartialEq + std::fmt::Debug>(&self, f: impl Fn() -> R) -> R {
@@ -75,8 +77,8 @@ impl Gpu {
             for s in [
                 Schedule::Identity,
                 Schedule::Reversed,
-                Schedule::Shuffled(1),
-                Schedule::Shuffled(0x5eed),
+                Schedule::WarpAhead(1),
+                Schedule::Random(0x5eed),
             ]
             .into_iter()
             .take(count)

@@ -1,0 +1,447 @@
+// driver.cpp — the fake libcuda of the emulated device (feature `emulate`): the
+// driver entry points cudarc 0.19 calls, with device memory in the checked heap
+// (shadow.cpp) and every operation synchronous. Built as a shared object with soname
+// libcuda.so and loaded by absolute path, on request only (see src/emu.rs): it never
+// shadows a real driver.
+//
+// Launches are refused as a GPU of the emulated arch (AK_EMU_ARCH=86, the default,
+// or 90) would refuse them: block and grid dimensions, dynamic shared memory above
+// 48 KiB without CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (and above the
+// arch's opt-in maximum with it), and registers x threads above the register file,
+// with the registers ptxas reported for the kernel (kernels/emu/ptxas-table.tsv,
+// written by scripts/kernel-report.sh from an nvcc build; a kernel not in the table
+// is not register-checked).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+#include <unistd.h>
+
+#include "internal.h"
+#include "ptxas_table.inc"
+
+namespace emu {
+namespace {
+const Arch kSm86{86, 84, 1536, 16, 65536, 65536, 102400, 101376, "sm_86 (A6000)"};
+const Arch kSm90{90, 132, 2048, 32, 65536, 65536, 233472, 232448, "sm_90 (H100)"};
+}  // namespace
+
+const Arch& arch() {
+  static const Arch* a = [] {
+    const char* e = getenv("AK_EMU_ARCH");
+    if (e && (!strcmp(e, "90") || !strcmp(e, "sm_90"))) return &kSm90;
+    if (e && *e && strcmp(e, "86") && strcmp(e, "sm_86"))
+      fprintf(stderr, "[emulated device] AK_EMU_ARCH=%s: only 86 and 90 are modelled; using 86\n", e);
+    return &kSm86;
+  }();
+  return *a;
+}
+
+namespace {
+// Registers and static shared memory of each kernel on the emulated arch, from the
+// ptxas table (once).
+void apply_ptxas_table() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    for (const auto& e : kPtxasTable) {
+      if (!e.kernel || e.sm != arch().sm) continue;
+      if (Kernel* k = find_kernel(e.kernel)) {
+        k->regs = e.regs;
+        k->static_smem = e.smem;
+      }
+    }
+  });
+}
+
+// Registers of a block, allocated per warp in units of 256 (sm_75..sm_90).
+long long block_regs(int regs, long long threads) {
+  long long per_warp = ((long long)regs * 32 + 255) / 256 * 256;
+  return (threads + 31) / 32 * per_warp;
+}
+
+// AK_EMU_TRACE=<file>: append the name of every launched kernel (coverage check:
+// which registered kernels the test suites actually run), and at exit one
+// `#emu-stats` line with the detectors' counts.
+void trace_launch(const char* name) {
+  static const char* path = getenv("AK_EMU_TRACE");
+  if (!path) return;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> g(mu);
+  if (FILE* f = fopen(path, "a")) {
+    fprintf(f, "%s\n", name);
+    fclose(f);
+  }
+}
+
+__attribute__((destructor)) void write_stats() {
+  const char* path = getenv("AK_EMU_TRACE");
+  Stats& s = stats();
+  if (!path || s.launches.load() == 0) return;
+  char exe[512] = {0};
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  const char* base = n > 0 ? strrchr(exe, '/') : nullptr;
+  if (FILE* f = fopen(path, "a")) {
+    fprintf(f,
+            "#emu-stats exe=%s checks=%d launches=%lld checked=%lld limit_checked=%lld races=%lld uninit=%lld "
+            "oob=%lld limit_faults=%lld watchdog=%lld\n",
+            base ? base + 1 : "?", checks(), s.launches.load(), s.checked_launches.load(), s.limit_checks.load(),
+            s.races.load(), s.uninit.load(), s.oob.load(), s.limit_faults.load(), s.watchdog.load());
+    fclose(f);
+  }
+}
+}  // namespace
+}  // namespace emu
+
+// ------------------------------------------------------------------------------
+// Fake driver API (the subset cudarc 0.19 uses). Types are ABI-compatible with
+// cuda.h: handles are pointers, CUdevice is int, CUdeviceptr is 64-bit.
+// ------------------------------------------------------------------------------
+typedef int CUresult;
+typedef int CUdevice;
+typedef void* CUcontext;
+typedef void* CUstream;
+typedef void* CUevent;
+typedef void* CUmodule;
+typedef void* CUfunction;
+typedef unsigned long long CUdeviceptr;
+
+enum : int {
+  CUDA_SUCCESS = 0,
+  CUDA_ERROR_INVALID_VALUE = 1,
+  CUDA_ERROR_OUT_OF_MEMORY = 2,
+  CUDA_ERROR_INVALID_DEVICE = 101,
+  CUDA_ERROR_INVALID_HANDLE = 400,
+  CUDA_ERROR_NOT_FOUND = 500,
+  CUDA_ERROR_ILLEGAL_ADDRESS = 700,
+  CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+  CUDA_ERROR_LAUNCH_FAILED = 719,
+  CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+
+namespace {
+int g_ctx_token, g_module_token;
+thread_local CUcontext tl_ctx = nullptr;
+
+const char* err_name(CUresult e) {
+  switch (e) {
+    case CUDA_SUCCESS: return "CUDA_SUCCESS";
+    case CUDA_ERROR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+    case CUDA_ERROR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+    case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+    case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+    case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+    case CUDA_ERROR_ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+    case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+    case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+    case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+    default: return "CUDA_ERROR_UNKNOWN";
+  }
+}
+
+CUresult alloc(CUdeviceptr* p, size_t bytes) {
+  if (!p) return CUDA_ERROR_INVALID_VALUE;
+  uint64_t a = 0;
+  if (!emu::heap_alloc(bytes, &a)) return CUDA_ERROR_OUT_OF_MEMORY;
+  *p = (CUdeviceptr)a;
+  return CUDA_SUCCESS;
+}
+CUresult release(CUdeviceptr p) {
+  if (!p) return CUDA_SUCCESS;
+  return emu::heap_free(p) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+}  // namespace
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+// ---- device, context ----
+EXPORT CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+EXPORT CUresult cuDriverGetVersion(int* v) {
+  *v = 13000;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGetCount(int* c) {
+  *c = 1;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+  if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+  *d = 0;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+  snprintf(name, (size_t)len, "%s", "activation-kernels emulated device (host)");
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceTotalMem_v2(size_t* b, CUdevice) {
+  *b = (size_t)16 << 30;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDeviceGetAttribute(int* v, int attrib, CUdevice) {
+  const emu::Arch& A = emu::arch();
+  switch (attrib) {
+    case 1: *v = 1024; break;                      // max threads per block
+    case 2: case 3: *v = 1024; break;              // max block dim x, y
+    case 4: *v = 64; break;                        // max block dim z
+    case 5: *v = 2147483647; break;                // max grid dim x
+    case 6: case 7: *v = 65535; break;             // max grid dim y, z
+    case 8: *v = emu::kDefaultDynamicSmem; break;  // shared memory per block
+    case 10: *v = 32; break;                       // warp size
+    case 12: *v = A.regs_per_block; break;         // registers per block
+    case 16: *v = A.sms; break;                    // multiprocessors
+    case 39: *v = A.threads_per_sm; break;         // threads per multiprocessor
+    case 75: *v = A.sm / 10; break;                // compute capability major
+    case 76: *v = A.sm % 10; break;                // compute capability minor
+    case 81: *v = A.smem_per_sm; break;            // shared memory per multiprocessor
+    case 82: *v = A.regs_per_sm; break;            // registers per multiprocessor
+    case 97: *v = A.smem_optin; break;             // shared memory per block (opt-in)
+    case 106: *v = A.blocks_per_sm; break;         // blocks per multiprocessor
+    case 115: *v = 1; break;                       // memory pools supported
+    default: *v = 0; break;
+  }
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
+  *c = &g_ctx_token;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
+EXPORT CUresult cuCtxSetCurrent(CUcontext c) {
+  tl_ctx = c;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxGetCurrent(CUcontext* c) {
+  *c = tl_ctx;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
+  *d = 0;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+
+// ---- streams and events: everything is synchronous ----
+EXPORT CUresult cuStreamCreate(CUstream* s, unsigned) {
+  *s = new int(0);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) {
+  *s = new int(0);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
+  delete static_cast<int*>(s);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventCreate(CUevent* e, unsigned) {
+  *e = new int(0);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventDestroy_v2(CUevent e) {
+  delete static_cast<int*>(e);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventRecord(CUevent, CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
+  *ms = 0.f;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuEventElapsedTime_v2(float* ms, CUevent, CUevent) {
+  *ms = 0.f;
+  return CUDA_SUCCESS;
+}
+
+// ---- memory ----
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t b) { return alloc(p, b); }
+EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t b, CUstream) { return alloc(p, b); }
+EXPORT CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
+EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+EXPORT CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+  *free_b = (size_t)8 << 30;
+  *total = (size_t)16 << 30;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t b) {
+  if (!emu::host_write(d, b, "host-to-device copy")) return CUDA_ERROR_INVALID_VALUE;
+  if (b) std::memcpy((void*)(uintptr_t)d, s, b);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t b, CUstream) {
+  return cuMemcpyHtoD_v2(d, s, b);
+}
+// A copy to the host of bytes no kernel or copy ever wrote fails (initcheck): an
+// output buffer the kernels were meant to fill, and did not fully.
+EXPORT CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t b) {
+  if (!emu::host_read(s, b, "device-to-host copy")) return CUDA_ERROR_ILLEGAL_ADDRESS;
+  if (b) std::memcpy(d, (const void*)(uintptr_t)s, b);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t b, CUstream) { return cuMemcpyDtoH_v2(d, s, b); }
+EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t b) {
+  if (!emu::device_copy(d, s, b)) return CUDA_ERROR_INVALID_VALUE;
+  if (b) std::memmove((void*)(uintptr_t)d, (const void*)(uintptr_t)s, b);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t b, CUstream) {
+  return cuMemcpyDtoD_v2(d, s, b);
+}
+EXPORT CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+  if (!emu::host_write(d, n, "memset")) return CUDA_ERROR_INVALID_VALUE;
+  if (n) std::memset((void*)(uintptr_t)d, v, n);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(d, v, n); }
+EXPORT CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+  if (!emu::host_write(d, n * 4, "memset")) return CUDA_ERROR_INVALID_VALUE;
+  unsigned* p = (unsigned*)(uintptr_t)d;
+  for (size_t i = 0; i < n; ++i) p[i] = v;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) { return cuMemsetD32_v2(d, v, n); }
+
+// ---- modules and launches ----
+EXPORT CUresult cuModuleLoadData(CUmodule* m, const void*) {
+  *m = &g_module_token;
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuModuleUnload(CUmodule) { return CUDA_SUCCESS; }
+EXPORT CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+  emu::Kernel* k = emu::find_kernel(name);
+  if (!k) return CUDA_ERROR_NOT_FOUND;
+  emu::apply_ptxas_table();
+  *f = k;
+  return CUDA_SUCCESS;
+}
+// The attributes the driver reports from the cubin: registers and static shared
+// memory come from the ptxas table (0 for a kernel not in it).
+EXPORT CUresult cuFuncGetAttribute(int* v, int attrib, CUfunction f) {
+  if (!f || !v) return CUDA_ERROR_INVALID_VALUE;
+  const emu::Kernel& k = *static_cast<emu::Kernel*>(f);
+  int regs = std::max(k.regs, 0), st = std::max(k.static_smem, 0);
+  switch (attrib) {
+    case 0:  // CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
+      *v = 1024;
+      if (regs > 0)
+        while (*v > 32 && emu::block_regs(regs, *v) > emu::arch().regs_per_block) *v -= 32;
+      break;
+    case 1: *v = st; break;                     // SHARED_SIZE_BYTES
+    case 2: case 3: *v = 0; break;              // CONST_SIZE_BYTES, LOCAL_SIZE_BYTES
+    case 4: *v = regs; break;                   // NUM_REGS
+    case 5: case 6: *v = emu::arch().sm; break; // PTX_VERSION, BINARY_VERSION
+    case 8: *v = k.max_dynamic_smem; break;     // MAX_DYNAMIC_SHARED_SIZE_BYTES
+    default: *v = 0; break;
+  }
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attrib, int value) {
+  if (!f) return CUDA_ERROR_INVALID_HANDLE;
+  emu::Kernel& k = *static_cast<emu::Kernel*>(f);
+  if (attrib == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    int limit = emu::arch().smem_optin - std::max(k.static_smem, 0);
+    if (value < 0 || value > limit) {
+      emu::set_fault(std::string("cuFuncSetAttribute(`") + k.name + "`, MAX_DYNAMIC_SHARED_SIZE_BYTES, " +
+                     std::to_string(value) + "): above the " + std::to_string(limit) + "-byte maximum of " +
+                     emu::arch().name);
+      return CUDA_ERROR_INVALID_VALUE;
+    }
+    k.max_dynamic_smem = value;
+  }
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
+
+namespace {
+// The checks the driver makes before a launch. "" when the launch may go ahead.
+std::string launch_limits(const emu::Kernel& k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                          unsigned bz, unsigned smem, CUresult* code) {
+  const emu::Arch& A = emu::arch();
+  std::string at = std::string("launch of `") + k.name + "` with grid (" + std::to_string(gx) + "," +
+                   std::to_string(gy) + "," + std::to_string(gz) + "), block (" + std::to_string(bx) + "," +
+                   std::to_string(by) + "," + std::to_string(bz) + "), " + std::to_string(smem) +
+                   " bytes of dynamic shared memory: ";
+  *code = CUDA_ERROR_INVALID_VALUE;
+  unsigned long long threads = (unsigned long long)bx * by * bz;
+  if (!gx || !gy || !gz || !bx || !by || !bz) return at + "a zero dimension";
+  if (bx > 1024 || by > 1024 || bz > 64 || threads > 1024)
+    return at + "more than 1024 threads per block, or a block dimension above (1024, 1024, 64)";
+  if (gx > 2147483647u || gy > 65535 || gz > 65535) return at + "grid y or z above 65535 (x above 2^31-1)";
+  if ((long long)smem > k.max_dynamic_smem)
+    return at + "dynamic shared memory above the function's limit of " + std::to_string(k.max_dynamic_smem) +
+           " bytes (above 48 KiB needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES))";
+  if (k.static_smem >= 0 && (long long)smem + k.static_smem > A.smem_optin)
+    return at + "static + dynamic shared memory above the " + std::to_string(A.smem_optin) + "-byte maximum of " +
+           A.name;
+  if (k.regs > 0 && emu::block_regs(k.regs, (long long)threads) > A.regs_per_block) {
+    *code = CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    return at + std::to_string(k.regs) + " registers per thread (ptxas) x " + std::to_string(threads) +
+           " threads need " + std::to_string(emu::block_regs(k.regs, (long long)threads)) + " registers, above the " +
+           std::to_string(A.regs_per_block) + " of " + A.name;
+  }
+  return "";
+}
+}  // namespace
+
+EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned smem, CUstream, void** params, void**) {
+  if (!f) return CUDA_ERROR_INVALID_HANDLE;
+  emu::Kernel* k = static_cast<emu::Kernel*>(f);
+  emu::Stats& st = emu::stats();
+  st.launches.fetch_add(1);
+  st.limit_checks.fetch_add(1);
+  CUresult code = CUDA_SUCCESS;
+  std::string bad = launch_limits(*k, gx, gy, gz, bx, by, bz, smem, &code);
+  if (!bad.empty()) {
+    st.limit_faults.fetch_add(1);
+    emu::set_fault(bad);
+    return code;
+  }
+  emu::Launch L;
+  L.k = k;
+  emu::trace_launch(k->name);
+  L.params = params;
+  L.grid = dim3(gx, gy, gz);
+  L.block = dim3(bx, by, bz);
+  L.smem = smem;
+  long long blocks = (long long)gx * gy * gz;
+  bool ok;
+  if (emu::checks()) {
+    // One block after another: the shadow memory has a single writer, and a block's
+    // barrier intervals are contiguous (see shadow.cpp).
+    std::lock_guard<std::mutex> g(emu::shadow_mutex());
+    st.checked_launches.fetch_add(1);
+    L.checked = true;
+    L.seg_lo = emu::next_segment();
+    ok = emu::run_launch(L, 1);
+  } else {
+    int hw = emu::g_threads.load();
+    if (hw <= 0) hw = (int)std::max(1u, std::thread::hardware_concurrency());
+    int nt = (int)std::min<long long>(std::min(hw, emu::kMaxRunners), blocks);
+    ok = emu::run_launch(L, nt);
+  }
+  return ok ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
+}
+
+EXPORT CUresult cuGetErrorString(CUresult e, const char** s) {
+  *s = err_name(e);
+  return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
+  *s = err_name(e);
+  return CUDA_SUCCESS;
+}
+
+// Test hook: pose as ptxas having reported `regs` registers for `name`.
+EXPORT int emu_set_kernel_regs(const char* name, int regs) {
+  emu::apply_ptxas_table();
+  emu::Kernel* k = emu::find_kernel(name);
+  if (!k) return 0;
+  k->regs = regs;
+  return 1;
+}

@@ -1,0 +1,177 @@
+// internal.h — what the three parts of the emulated device share:
+//
+//   sched.cpp   the scheduler: blocks of fibers, barriers, warp collectives, the
+//               thread orders, per-block shared memory, the watchdog;
+//   shadow.cpp  the checked heap and shadow memory: device allocations and shared
+//               memory with redzones, and the race / init / bounds detectors fed by
+//               the compiler's instrumentation of every kernel load and store;
+//   driver.cpp  the fake libcuda: the driver entry points cudarc calls, launch
+//               limits, function attributes, device properties.
+//
+// Never included by kernels (they see cuda_emu.h only).
+#pragma once
+#include <ucontext.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+namespace emu {
+
+// ---- kernels and their attributes ----
+struct Kernel {
+  void* fn;
+  Trampoline tramp;
+  const char* name;
+  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (raised by cuFuncSetAttribute).
+  int max_dynamic_smem;
+  // From the ptxas table for the emulated arch (-1: not in the table).
+  int regs;
+  int static_smem;
+};
+Kernel* find_kernel(const char* name);
+// Every registered kernel, by name.
+std::vector<Kernel*> all_kernels();
+
+// ---- the emulated GPU (AK_EMU_ARCH=86 | 90) ----
+struct Arch {
+  int sm;                  // 86 or 90
+  int sms;                 // multiprocessors
+  int threads_per_sm;
+  int blocks_per_sm;
+  int regs_per_sm;         // 65536
+  int regs_per_block;      // 65536
+  int smem_per_sm;         // bytes
+  int smem_optin;          // dynamic + static per block, with the attribute
+  const char* name;
+};
+const Arch& arch();
+constexpr int kDefaultDynamicSmem = 48 * 1024;
+constexpr int kMaxStaticSmem = 48 * 1024;
+
+// ---- detectors (AK_EMU_CHECK) ----
+enum Check : int { CHECK_RACE = 1, CHECK_INIT = 2, CHECK_MEM = 4, CHECK_ALL = 7 };
+// Detectors in force (0 when the kernels were built without instrumentation).
+int checks();
+// Whether the kernels were compiled with access instrumentation.
+bool instrumented();
+
+// ---- a launch and the host thread that runs its blocks ----
+enum State { READY, AT_BLOCK, AT_WARP, DONE };
+
+struct Fiber {
+  ucontext_t uc;
+  ThreadCtx tc;
+  State state;
+  unsigned mask;
+  char* stack;  // usable region (above the guard page)
+};
+
+struct Launch {
+  Kernel* k;
+  void** params;
+  dim3 grid, block;
+  unsigned smem;
+  std::atomic<long long> next{0};
+  std::atomic<bool> failed{false};
+  // Shadow bookkeeping (checked launches run their blocks one after another).
+  bool checked = false;
+  uint64_t seg_lo = 0;                                   // first barrier interval of this launch
+  std::vector<std::pair<uint64_t, long long>> block_segs;  // (first interval, linear block id)
+};
+
+// One static __shared__ variable of the running block.
+struct StaticSmem {
+  const void* key;
+  const char* name;
+  unsigned char* ptr;
+  size_t bytes;
+};
+
+struct Runner {
+  int index = 0;  // shared-memory slot
+  std::vector<Fiber> fibers;
+  std::vector<uint64_t> slots;  // 32 per warp
+  ucontext_t sched;
+  Launch* L = nullptr;
+  int current = -1;
+  bool faulted = false;
+  std::string fault;
+  // Shared memory of the running block (inside this runner's slot of the arena).
+  unsigned char* arena = nullptr;
+  size_t arena_used = 0;
+  unsigned char* dyn = nullptr;
+  size_t dyn_bytes = 0;
+  std::vector<StaticSmem> statics;
+  size_t static_total = 0;
+  // Race-check context of the running block.
+  long long block_lin = 0;
+  uint64_t seg = 0;          // current barrier interval
+  uint64_t block_seg_lo = 0;  // first interval of this block
+  std::vector<uint32_t> wcnt;  // warp-collective releases, per warp
+  // Watchdog.
+  std::atomic<uint64_t> progress{0};
+  std::atomic<bool> busy{false};
+  std::atomic<bool> abort{false};
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  const void* sched_bottom = nullptr;
+  size_t sched_size = 0;
+#endif
+  ~Runner();
+};
+extern thread_local Runner* tl;
+
+// Records the launch-failure message (first one wins) and prints it.
+void set_fault(const std::string& m);
+std::string block_name(const ThreadCtx& t);
+std::string thread_name(const Launch& L, long long block_lin, int tid);
+
+// Runs every block of a launch on `nthreads` host threads; false on a fault.
+bool run_launch(Launch& L, int nthreads);
+
+// ---- shadow memory (shadow.cpp) ----
+// Device heap: exact-size blocks between redzones, filled with 0xFF (NaN in f32,
+// f16 and bf16) and marked never-written.
+bool heap_alloc(size_t bytes, uint64_t* out);
+bool heap_free(uint64_t p);
+long long live_allocations();
+// Host-side copies: false (with the fault set) on a bounds or init violation.
+bool host_write(uint64_t dst, size_t n, const char* what);            // HtoD, memset
+bool host_read(uint64_t src, size_t n, const char* what);             // DtoH (initcheck)
+bool device_copy(uint64_t dst, uint64_t src, size_t n);               // DtoD (init bits follow the data)
+// Shared memory slot of runner `index` (kSlotBytes).
+unsigned char* smem_slot(int index);
+constexpr size_t kSlotBytes = 512 * 1024;
+constexpr int kMaxRunners = 64;
+constexpr size_t kRedzone = 64;
+// Marks [p, p+n) addressable and never written (fills it with 0xFF), or not addressable.
+void shadow_make_addressable(unsigned char* p, size_t n);
+void shadow_make_unaddressable(unsigned char* p, size_t n);
+// New barrier interval (block start, __syncthreads release): a fresh global number.
+uint64_t next_segment();
+// Serialises checked launches and host copies (the shadow has one writer at a time).
+std::mutex& shadow_mutex();
+
+// Host threads per launch when the detectors are off (0: hardware concurrency).
+extern std::atomic<int> g_threads;
+size_t take_fault(char* buf, size_t len);
+
+// ---- statistics (one line per process to AK_EMU_TRACE) ----
+struct Stats {
+  std::atomic<long long> launches{0}, checked_launches{0}, limit_checks{0};
+  std::atomic<long long> races{0}, uninit{0}, oob{0}, limit_faults{0}, watchdog{0};
+};
+Stats& stats();
+
+// ---- watchdog (sched.cpp) ----
+extern std::atomic<bool> g_abort_any;
+void watchdog_poll();  // called from instrumented accesses and atomics
+void watchdog_start();
+extern std::atomic<long long> g_watchdog_ms;
+
+}  // namespace emu

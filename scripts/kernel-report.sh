@@ -2,7 +2,9 @@
 # After `cargo build --features cuda`: prints the ptxas table (registers, spill
 # bytes, shared memory per kernel and arch) from the build's ptxas -v output, fails
 # on any spill, and checks in the SASS that the f32 elementwise kernels use 128-bit
-# global loads (LDG.E.128). Writes target/kernel-report.md.
+# global loads (LDG.E.128). Writes target/kernel-report.md. Checks that
+# kernels/emu/ptxas-table.tsv (registers the emulated driver checks launches
+# against) matches this build; `--write-table` rewrites it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -44,6 +46,13 @@ if spills:
     sys.exit(1)
 PY
 cat target/kernel-report.md
+# The emulated driver checks registers x threads per launch against this build's
+# ptxas figures (kernels/emu/ptxas-table.tsv): it must match.
+if [ "${1:-}" = "--write-table" ]; then
+  python3 scripts/ptxas-table.py "$report" --write
+else
+  python3 scripts/ptxas-table.py "$report" --check
+fi
 tc="$root/.cuda-toolchain/nvidia/cu13/bin"
 if [ -x "$tc/cuobjdump" ]; then
   sass="$("$tc/cuobjdump" -sass -arch sm_86 "$fatbin" 2>/dev/null || true)"

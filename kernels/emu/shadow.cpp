@@ -368,7 +368,8 @@ __attribute__((noinline)) void check_access(uintptr_t a, size_t n, Kind kind) {
       if (writes && kind != ATOMIC_RMW) {
         Rel rr = relation(me, x.r);
         if (rr == CONC || rr == CONC_BLOCK || (rr == SAME && (x.r & kMulti)))
-          hazard("WAR", *r, a + i, "writes", x.r, rr == SAME ? CONC : rr, "read");
+          hazard("WAR", *r, a + i, "writes", x.r, rr == SAME ? CONC : rr,
+                 rr == SAME ? "and another thread read" : "read");
       }
     }
     if (writes) {

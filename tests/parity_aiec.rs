@@ -6,12 +6,16 @@
 //!   counters (integers), `v` (formed in f64 from the counters, then rounded, like
 //!   the CPU's f32 path — compared bitwise against `relative_rate::<f32>`);
 //! * `F32`: f32 results of short f32 reductions (feature mean over ≤ 63 values,
-//!   logits over C ≤ 11 channels, softmax, losses, da, dWd over ≤ 5 samples): the
-//!   f32 accumulation error is a few ulps of the largest term, so 1e-5 of the
-//!   tensor's max magnitude leaves a ~10x margin;
-//! * storage outputs (dF in f16 / bf16): rounded to storage once, so 1 unit
-//!   roundoff of the dtype relative to the element (2^-11 f16, 2^-8 bf16) plus the
-//!   f32 term.
+//!   logits over C ≤ 11 channels, softmax, losses, da, dWd over ≤ 6 samples): the
+//!   f32 accumulation error is a few ulps of the largest term, so 1e-6 of the
+//!   tensor's max magnitude; measured worst (the smallest term passing, given the
+//!   per-element term below; `PARITY_MEASURE=1 … -- --nocapture` prints it):
+//!   6.8e-8 (logits), a 15× margin;
+//! * every element is also bounded relative to itself: `E_REL = 2^-21` (8 f32
+//!   ulps) of `|ref_i|` for f32 arithmetic, plus, for storage outputs (dF in f16 /
+//!   bf16, rounded to storage once), 1 unit roundoff of the dtype (2^-11 f16,
+//!   2^-8 bf16). So an element passes if
+//!   `|got − ref| ≤ (u_T + E_REL)·|ref_i| + F32·max|ref|`.
 //!
 //! Every GPU computation runs inside `Gpu::check_schedules` (bitwise identical
 //! under 4 thread orders, no leaked allocation), which also proves determinism.
@@ -28,8 +32,10 @@ use activation_kernels::{ActShape, Error, Layout};
 use common::device::{gpu, Gpu};
 use half::{bf16, f16};
 
-/// Relative tolerance of f32 results (see the module doc).
-const F32: f64 = 1e-5;
+/// Tolerance of f32 results relative to the tensor's max (see the module doc).
+const F32: f64 = 1e-6;
+/// Per-element f32 relative term: 2^-21 (see the module doc).
+const E_REL: f64 = 1.0 / 2097152.0;
 
 /// Unit roundoff of the storage dtype (0 for f32: its rounding is inside `F32`).
 fn unit<T: DType>() -> f64 {
@@ -59,24 +65,37 @@ fn dl<T: DType>(s: &Arc<CudaStream>, d: &CudaSlice<T>) -> Vec<u32> {
     tbits(&s.clone_dtoh(d).unwrap())
 }
 
-/// `|got − want| ≤ rel·|want| + abs·max|want|` element-wise (NaN must match NaN).
+/// `|got − want| ≤ (rel + E_REL)·|want| + abs·max|want|` element-wise (NaN must
+/// match NaN; a NaN or infinite `got` where the reference is finite fails).
 fn close(name: &str, got: &[f64], want: &[f64], rel: f64, abs: f64) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     let max = want
         .iter()
         .filter(|v| v.is_finite())
         .fold(0.0f64, |m, v| m.max(v.abs()));
+    let mut need = 0.0f64;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         if w.is_nan() {
             assert!(g.is_nan(), "{name}[{i}]: got {g}, want NaN");
             continue;
         }
-        let tol = rel * w.abs() + abs * max + 1e-30;
+        if w.is_infinite() {
+            assert_eq!(g, w, "{name}[{i}]: got {g}, want {w}");
+            continue;
+        }
+        let tol = (rel + E_REL) * w.abs() + abs * max + 1e-30;
+        if std::env::var_os("PARITY_MEASURE").is_some() {
+            need = need.max(((g - w).abs() - (rel + E_REL) * w.abs()).max(0.0) / max.max(1e-300));
+        }
         assert!(
             (g - w).abs() <= tol,
             "{name}[{i}]: got {g}, want {w} (|diff| {} > tol {tol})",
             (g - w).abs()
         );
+    }
+    if std::env::var_os("PARITY_MEASURE").is_some() {
+        let what = name.split(' ').next().unwrap();
+        eprintln!("MEASURE|aiec|abs={abs}|{what}|{need:.3e}");
     }
 }
 

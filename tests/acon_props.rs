@@ -223,10 +223,15 @@ fn to64(v: &[f32]) -> Vec<f64> {
 /// Inputs are drawn once, rounded to f32 and widened back, so both runs see the
 /// same values. Element-wise results (y, dx) are a handful of f32 operations on
 /// O(1) operands (x, dy, p ~ N(0,1), β ∈ [−1, 2]) — at most ~10 ulp ≈ 6e-7 of the
-/// operand scale — so we assert |a32 − a64| ≤ 1e-5·(1 + |a64|) (> 10× margin).
+/// operand scale. Measured worst |a32 − a64|/(1 + |a64|): y 8.0e-7, dx 4.5e-6 (dx
+/// sums `p2` and `(p1 − p2)·∂y/∂d`, terms up to |p| ≈ 3 times |dy| ≈ 3 that cancel,
+/// so its error is ~10 ulp of an operand scale of ~10, not of 1 + |dx|). We assert
+/// `|a32 − a64| ≤ e·(1 + max(|a32|, |a64|))` with e = 5e-6 for y (6× margin) and
+/// e = 1e-5 for dx (2.2× margin; the operand-scale argument gives no more room).
 /// Parameter gradients are f64 sums of f32-formed products with relative error
-/// ≲ 6e-7 each; we assert |g32 − g64| ≤ 1e-5·Σ|terms|, with Σ|terms| bounded
-/// by 2.1·Σ|dy·x| for dp1, dp2 (|∂y/∂d| ≤ 1.1) and by Σ|dy|·d²/4 for dβ.
+/// ≲ 6e-7 each; we assert |g32 − g64| ≤ 1e-6·Σ|terms|, with Σ|terms| bounded
+/// by 2.1·Σ|dy·x| for dp1, dp2 (|∂y/∂d| ≤ 1.1) and by Σ|dy|·d²/4 for dβ
+/// (measured worst |g32 − g64|/Σ|terms|: dp 1.2e-8, dβ 4.7e-8; ≥ 20× margin).
 #[test]
 fn f32_matches_f64() {
     for sh in [ActShape::nchw(4, 64, 15, 15), ActShape::nlc(4, 225, 64)] {
@@ -253,7 +258,7 @@ fn f32_matches_f64() {
             let (x32, dy32, p132, p232) = (to32(&x), to32(&dy), to32(&p1), to32(&p2));
             let y64 = acon_c_forward(&sh, &x, &p1, &p2, beta_src(kind, &b)).unwrap();
             let y32 = acon_c_forward(&sh, &x32, &p132, &p232, src32).unwrap();
-            assert_close("y f32", &to64(&y32), &y64, 1e-5, 1e-5);
+            assert_close("y f32", &to64(&y32), &y64, 5e-6, 5e-6);
             let g64 = acon_c_backward(&sh, &dy, &x, &p1, &p2, beta_src(kind, &b)).unwrap();
             let g32 = acon_c_backward(&sh, &dy32, &x32, &p132, &p232, src32).unwrap();
             assert_close("dx f32", &to64(&g32.dx), &g64.dx, 1e-5, 1e-5);
@@ -277,14 +282,14 @@ fn f32_matches_f64() {
                 }
             }
             for (c, &sxc) in sx.iter().enumerate() {
-                let tol = 1e-5 * 2.1 * sxc;
+                let tol = 1e-6 * 2.1 * sxc;
                 assert!((g32.dp1[c] as f64 - g64.dp1[c]).abs() <= tol, "dp1[{c}]");
                 assert!((g32.dp2[c] as f64 - g64.dp2[c]).abs() <= tol, "dp2[{c}]");
             }
             assert_eq!(g32.dbeta.len(), g64.dbeta.len());
             for (i, (&a, &bb)) in g32.dbeta.iter().zip(&g64.dbeta).enumerate() {
                 assert!(
-                    (a as f64 - bb).abs() <= 1e-5 * sb[i] + 1e-12,
+                    (a as f64 - bb).abs() <= 1e-6 * sb[i] + 1e-12,
                     "dbeta[{i}] kind {kind}"
                 );
             }

@@ -5,15 +5,27 @@
 //! (scalar path); every bad-input path of the CUDA API.
 //!
 //! Tolerances (`check`): an element passes if
-//! `|got − ref| ≤ u·|ref| + (1 + u)·e·max|ref|` where
+//! `|got − ref| ≤ (u + u_f)·|ref| + (1 + u)·e·max|ref|` where
 //! * `u` is the unit roundoff of the output's storage dtype (2^-24 f32, 2^-11
 //!   f16, 2^-8 bf16): outputs are rounded to storage once (twice for meta-ACON
-//!   `dx`, which gets the generator's share added in place: `2u`);
-//! * `e` is the f32 term: 1e-5 for elementwise outputs (f32 arithmetic, and the
-//!   `__expf` sigmoid whose error is ≈ 2^-22·(2 + 1.16|u|) relative — a few f32
-//!   ulp for |β·d| ≲ 10 as in these inputs), 1e-4 for parameter gradients and
-//!   generator outputs (f32 accumulation over up to N·S = 2·1089 terms, and the
-//!   generator's f32 GAP → fc → fc → σ chain).
+//!   `dx`, which gets the generator's share added in place: `2u`); 0 for the f32
+//!   parameter gradients, whose rounding is inside `u_f`;
+//! * `u_f = 2^-21` (8 f32 ulps, `E_REL`) is the per-element f32 term: a short
+//!   chain of f32 operations on the element's own operands, so every element is
+//!   bounded relative to itself and not only to the tensor's largest entry;
+//! * `e` is the term relative to the tensor's max, for what is not relative to
+//!   the element (cancellation, f32 accumulation): `E_ELEM = 1e-5` for the
+//!   elementwise outputs (f32 arithmetic and the `__expf` sigmoid, ≈
+//!   2^-22·(2 + 1.16|u|) relative; `dx = dy·(p2 + (p1 − p2)·∂y/∂d)` cancels);
+//!   `E_PARAM = 1e-5` for dp1/dp2 (f32 sums of `dy·x·(…)` over up to N·S = 2·1089
+//!   terms); `E_RED = 1e-4` for dβ (sums of `dy·d²·s(1 − s)` of both signs) and
+//!   for the generator outputs and gradients (the f32 GAP → fc → fc → σ chain).
+//!
+//! Measured on the emulated device over every case here, the smallest `e` that
+//! passes given the per-element term (`PARITY_MEASURE=1 … -- --nocapture` prints
+//! it per comparison): y 1.1e-7, dx 7.4e-7 (E_ELEM: 13× margin); dp1/dp2 6.7e-7
+//! (E_PARAM: 15×); dβ 3.8e-5 (E_RED: 2.6×); meta dx 1.3e-5 (7×), generator
+//! gradients ≤ 4.0e-6 (25×).
 //!
 //! Every GPU computation runs under `check_schedules` (bitwise identical under 4
 //! thread orders on the emulator, no leaked allocation): determinism.
@@ -33,7 +45,10 @@ type F16 = half::f16;
 type Bf16 = half::bf16;
 
 const E_ELEM: f64 = 1e-5;
+const E_PARAM: f64 = 1e-5;
 const E_RED: f64 = 1e-4;
+/// Per-element f32 relative term: 2^-21 (see the module doc).
+const E_REL: f64 = 1.0 / 2097152.0;
 
 fn unit<T: DType>() -> f64 {
     match T::NAME {
@@ -70,16 +85,24 @@ fn check(name: &str, got: &[u32], want: &[f64], u: f64, e: f64) {
     let got = from_bits(got);
     assert_eq!(got.len(), want.len(), "{name}: length");
     let m = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut need = 0.0f64;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         if g.is_nan() && w.is_nan() {
             continue;
         }
-        let tol = u * w.abs() + (1.0 + u) * e * m + 1e-30;
+        let tol = (u + E_REL) * w.abs() + (1.0 + u) * e * m + 1e-30;
+        if std::env::var_os("PARITY_MEASURE").is_some() {
+            need = need.max(((g - w).abs() - (u + E_REL) * w.abs()).max(0.0) / m.max(1e-300));
+        }
         assert!(
             (g - w).abs() <= tol,
             "{name}[{i}]: got {g}, want {w} (|err| {} > tol {tol}, max|ref| {m})",
             (g - w).abs()
         );
+    }
+    if std::env::var_os("PARITY_MEASURE").is_some() {
+        let what = name.rsplit(": ").next().unwrap();
+        eprintln!("MEASURE|acon|e={e}|{what}|{need:.3e}");
     }
 }
 
@@ -250,8 +273,8 @@ fn case<T: DType>(g: &Gpu, var: Var, bk: Bk, sh: ActShape, seed: u64, offset: us
     let tag = format!("{var:?}/{bk:?}/{sh:?}/{}/off{offset}", T::NAME);
     check(&format!("{tag}: y"), &got[0], &want[0], u, E_ELEM);
     check(&format!("{tag}: dx"), &got[1], &want[1], u, E_ELEM);
-    check(&format!("{tag}: dp1"), &got[2], &want[2], 0.0, E_RED);
-    check(&format!("{tag}: dp2"), &got[3], &want[3], 0.0, E_RED);
+    check(&format!("{tag}: dp1"), &got[2], &want[2], 0.0, E_PARAM);
+    check(&format!("{tag}: dp2"), &got[3], &want[3], 0.0, E_PARAM);
     check(&format!("{tag}: dbeta"), &got[4], &want[4], 0.0, E_RED);
 }
 

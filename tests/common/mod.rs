@@ -56,16 +56,28 @@ pub fn numeric_grad(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
 
 /// Asserts `|a − n| <= atol + rtol·max(|a|, |n|)` element-wise, naming the worst
 /// offender. Defaults used by the gradient checks: `atol = 1e-8, rtol = 1e-6`.
+///
+/// Every element on both sides must be finite: a NaN or an infinity on either side
+/// (NaN vs finite, NaN vs ±∞, ±∞ vs finite, and also NaN vs NaN and ∞ vs ∞) fails,
+/// naming the index. A gradient or a reference that is not finite verifies nothing
+/// (`err > bound` is false for a NaN `err`, so without this check a NaN would pass),
+/// and no caller compares values that are legitimately non-finite; a test that needs
+/// to check a NaN pattern does so explicitly.
+#[track_caller]
 pub fn assert_close(name: &str, analytic: &[f64], numeric: &[f64], atol: f64, rtol: f64) {
     assert_eq!(analytic.len(), numeric.len(), "{name}: length");
+    assert!(
+        atol.is_finite() && rtol.is_finite() && atol >= 0.0 && rtol >= 0.0,
+        "{name}: tolerances must be finite and non-negative (atol {atol}, rtol {rtol})"
+    );
     let mut worst = (0usize, 0.0f64);
     for (i, (a, n)) in analytic.iter().zip(numeric).enumerate() {
+        assert!(
+            a.is_finite() && n.is_finite(),
+            "{name}[{i}]: non-finite value: analytic {a} vs numeric {n}"
+        );
         let err = (a - n).abs();
         let bound = atol + rtol * a.abs().max(n.abs());
-        assert!(
-            a.is_finite() == n.is_finite(),
-            "{name}[{i}]: analytic {a} vs numeric {n}"
-        );
         if err > bound && err - bound > worst.1 {
             worst = (i, err - bound);
         }
@@ -79,7 +91,9 @@ pub fn assert_close(name: &str, analytic: &[f64], numeric: &[f64], atol: f64, rt
     }
 }
 
-/// Gradient check with the default tolerances (see [`H`]).
+/// Gradient check with the default tolerances (see [`H`]); fails on any non-finite
+/// value (see [`assert_close`]).
+#[track_caller]
 pub fn check_grad(name: &str, analytic: &[f64], numeric: &[f64]) {
     assert_close(name, analytic, numeric, 1e-8, 1e-6);
 }

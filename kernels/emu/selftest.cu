@@ -163,3 +163,14 @@ extern "C" __global__ void emu_selftest_spin(int* flag) {
   }
 }
 EMU_REGISTER(emu_selftest_spin)
+
+// Order tickets: each thread takes a ticket from a global counter, meets its warp at
+// a __syncwarp, takes a second ticket (out[2t], out[2t+1]). The tickets show the
+// order the scheduler ran the threads in (tests of the thread orders).
+extern "C" __global__ void emu_selftest_tickets(unsigned* counter, unsigned* out) {
+  unsigned t = threadIdx.x;
+  out[2 * t] = atomicAdd(counter, 1u);
+  __syncwarp();
+  out[2 * t + 1] = atomicAdd(counter, 1u);
+}
+EMU_REGISTER(emu_selftest_tickets)

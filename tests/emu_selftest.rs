@@ -814,3 +814,37 @@ fn thread_orders_are_what_they_claim() {
     let second_min = r1.iter().map(|&(_, b)| b).min().unwrap();
     assert!(second_min < first_max, "warps never drifted apart: {r1:?}");
 }
+
+/// The driver answers a real kernel's registers and static shared memory from the
+/// ptxas table of the emulated arch (sm_86 unless AK_EMU_ARCH says 90), and its
+/// max threads per block follows from the register file.
+#[test]
+fn function_attributes_come_from_the_ptxas_table() {
+    let (_g, _ctx, m) = setup();
+    let sm = if std::env::var("AK_EMU_ARCH").is_ok_and(|a| a.ends_with("90")) {
+        "90"
+    } else {
+        "86"
+    };
+    let table = include_str!("../kernels/emu/ptxas-table.tsv");
+    let mut seen = 0;
+    for line in table.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f[1] != sm || !f[0].starts_with("iieu_dc_coupler") {
+            continue;
+        }
+        let (regs, smem): (i32, i32) = (f[2].parse().unwrap(), f[3].parse().unwrap());
+        let k = m.load_function(f[0]).unwrap();
+        assert_eq!(k.num_regs().unwrap(), regs, "{}", f[0]);
+        assert_eq!(k.shared_size_bytes().unwrap(), smem, "{}", f[0]);
+        // Registers are allocated per warp in units of 256; 65536 per block.
+        let per_warp = (regs * 32 + 255) / 256 * 256;
+        let want = (65536 / per_warp * 32).min(1024);
+        assert_eq!(k.max_threads_per_block().unwrap(), want, "{}", f[0]);
+        seen += 1;
+    }
+    assert!(
+        seen >= 2,
+        "the table has no iieu_dc_coupler kernels for sm_{sm}"
+    );
+}

@@ -584,3 +584,149 @@ fn bad_input() {
         });
     }
 }
+
+// ---------------------------------------------------------------------------
+// Realistic shapes: the shape-dependent loops past their first trip
+// ---------------------------------------------------------------------------
+
+#[path = "common/launch.rs"]
+mod launch;
+
+/// The launcher whose constants the path cases below re-derive their geometry from.
+const DC_SRC: &str = include_str!("../src/cuda/iieu_dc.rs");
+
+/// Threads per coupler block, as `coupler_block` in src/cuda/iieu_dc.rs computes it.
+fn coupler_threads(c: usize) -> usize {
+    let max = launch::src_const(DC_SRC, "COUPLER_BLOCK_MAX");
+    (2 * c).div_ceil(32).saturating_mul(32).clamp(64, max)
+}
+
+/// Asserts what a path case claims about the coupler's launch for `C`, `hidden`: the
+/// block-strided loops over the 2C LayerNorm elements run `⌈2C/threads⌉ ≥ trips_2c`
+/// trips, the warp-strided loops over the hidden units (`j = lane; j < hidden; j += 32`)
+/// `⌈hidden/32⌉ ≥ trips_hd`, and the shared-memory plan still fits.
+fn assert_coupler_trips(c: usize, hd: usize, trips_2c: usize, trips_hd: usize) {
+    let t = coupler_threads(c);
+    assert!(
+        (2 * c).div_ceil(t) >= trips_2c,
+        "C = {c}: 2C = {} over {t} threads is fewer than {trips_2c} trips",
+        2 * c
+    );
+    assert!(
+        hd.div_ceil(32) >= trips_hd,
+        "hidden = {hd}: fewer than {trips_hd} warp-strided trips"
+    );
+    assert!((4 * c + 13 * hd) * 4 <= gpu_dc::MAX_COUPLER_SMEM_BYTES);
+}
+
+/// IIEU-DC at C = 256, r = 4 (hidden 64), N = 2, 2×2 planes (f32, bf16). Reaches:
+/// * the coupler's block-strided loops over the 2C LayerNorm elements past one trip:
+///   the block has 256 threads (2C = 512 clamped to `COUPLER_BLOCK_MAX` = 256), so
+///   LayerNorm-1/-2 statistics, `c = W2·h'`, both LayerNorm backwards and dgap run
+///   2 trips and every block_sum combines 8 warps (the standard grid: ≤ 3 warps, 1 trip);
+/// * hidden = 64 > 32: the warp-strided loops over the hidden units (mean / std of h and
+///   their backward) run 2 trips, `row_norms` (a warp per W1 row over 8 warps) 8 trips,
+///   the warp-per-(t, j) products `h = W1·a'`, `dh' = dc·W2` 2·64/8 = 16 trips;
+/// * S = 4: the 128-bit plane reductions, with 2C·S = 2048 elements per sample.
+#[test]
+fn parity_path_dc_c256() {
+    assert_coupler_trips(256, 64, 2, 2);
+    let t = std::time::Instant::now();
+    parity::<f32>(2, 256, 2, 2, 4, 400, 0);
+    parity::<bf16>(2, 256, 2, 2, 4, 410, 0);
+    eprintln!("parity_path_dc_c256: {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// IIEU-DC at C = 2048, r = 8 (hidden 256), N = 2, 2×2 planes (f32): ResNet-50's last
+/// stage width with the largest coupler the shared-memory plan admits at C = 2048
+/// ((4·2048 + 13·256)·4 = 46 080 bytes). Reaches: the block-strided loops over 2C
+/// (16 trips of 256 threads) and over C (`λ`, LayerNorm-2 backward: 8 trips); the
+/// warp-strided loops over the hidden units 8 trips; `row_norms` 32 rows per warp;
+/// the block-strided `dW2`/`dW1` loops over C·hidden = 2^19 entries 2048 trips; and
+/// f32 dots of length 2048 and LayerNorms over 4096 values inside the tolerances.
+#[test]
+fn parity_path_dc_c2048() {
+    assert_coupler_trips(2048, 256, 16, 8);
+    let t = std::time::Instant::now();
+    parity::<f32>(1, 2048, 2, 2, 8, 420, 0);
+    eprintln!("parity_path_dc_c2048: {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// The coupler forward's several-samples-per-block path: N = 1025 > `MAX_FWD_BLOCKS`
+/// (1024) blocks, so block 0 runs samples 0 and 1024, reusing its shared A/B/h after
+/// the end-of-sample barrier (the thread-order check would catch that barrier
+/// missing). Forward only (out, GAPs, λ): the backward's several-samples path (blocks
+/// accumulating samples into their partial row) is `parity_kernel_paths`' N = 70 > 64
+/// case, and the backward at N = 1025 costs ~3× the forward on the emulator (a
+/// 64-thread block per sample, ~100 barriers and shuffles each). C = 2, r = 1
+/// (hidden 2), 1×1 planes keep the plane reductions small (2050 planes). Run under the
+/// identity and reversed thread orders only ([`two_orders`]): all four cost ~40 s.
+#[test]
+fn parity_path_dc_coupler_fwd_several_samples_per_block() {
+    let Some(g) = gpu() else { return };
+    let n = 1025;
+    let fwd_blocks = launch::src_const(DC_SRC, "MAX_FWD_BLOCKS");
+    assert!(
+        n > fwd_blocks,
+        "N = {n} must exceed the {fwd_blocks} forward blocks"
+    );
+    let t = std::time::Instant::now();
+    let cfg = DcConfig::new(n, 2, 1, 1, 1).unwrap();
+    let (x0, r0) = random_inputs(&cfg, 430);
+    let (xt, x64) = round_to::<f32>(&x0);
+    let (rt, r64) = round_to::<f32>(&r0);
+    let mut p64 = map_params(&random_params(&cfg, 431), |v| v as f32 as f64);
+    pick_eta(&cfg, &x64, &r64, &mut p64);
+    let p32 = map_params(&p64, |v| v as f32);
+    let (out, saved) = cpu::forward(&cfg, &x64, &r64, &p64).unwrap();
+    let s = g.ctx.default_stream();
+    let got = two_orders(&g, || {
+        let (xd, rd) = (s.clone_htod(&xt).unwrap(), s.clone_htod(&rt).unwrap());
+        let dp = DcDeviceParams::upload(&s, &cfg, &p32).unwrap();
+        let (o, sv) = gpu_dc::forward(&s, &cfg, &xd, &rd, &dp).unwrap();
+        let f = |d: &activation_kernels::cuda::CudaSlice<f32>| s.clone_dtoh(d).unwrap();
+        [f(&o), f(sv.gap()), f(sv.lambda())]
+    });
+    for (i, want) in [&out[..], saved.gap(), saved.lambda()]
+        .into_iter()
+        .enumerate()
+    {
+        let name = OUT_NAMES[i];
+        let (elem, max) = tolerances::<f32>(name);
+        let (ratio, at) = worst_ratio(&got[i], want, elem, max);
+        assert!(
+            ratio <= 1.0,
+            "{name}[{at}] = {} vs {} (ratio {ratio:.3})",
+            got[i][at],
+            want[at]
+        );
+        // The last sample is the second one of block 0.
+        assert!(want[want.len() - 1].is_finite());
+    }
+    eprintln!(
+        "parity_path_dc_coupler_fwd_several_samples_per_block: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// `Gpu::check_schedules` cut to two thread orders (reversed, then identity) for the
+/// one case whose four-order run is too slow on the emulator; same leak and fault
+/// checks. Runs `f` once on a real GPU.
+fn two_orders<R: PartialEq + std::fmt::Debug>(g: &Gpu, f: impl Fn() -> R) -> R {
+    #[cfg(feature = "emulate")]
+    if g.emulated {
+        use activation_kernels::emu::{self, Schedule};
+        let before = emu::live_allocations();
+        emu::set_schedule(Schedule::Reversed);
+        let rev = f();
+        emu::set_schedule(Schedule::Identity);
+        let id = f();
+        assert!(id == rev, "result differs under the reversed thread order");
+        assert_eq!(emu::live_allocations(), before, "device allocations leaked");
+        if let Some(fault) = emu::take_fault() {
+            panic!("emulator fault: {fault}");
+        }
+        return id;
+    }
+    f()
+}

@@ -730,3 +730,113 @@ fn two_orders<R: PartialEq + std::fmt::Debug>(g: &Gpu, f: impl Fn() -> R) -> R {
     }
     f()
 }
+
+// ---------------------------------------------------------------------------
+// NaN / ±Inf inputs on the device
+// ---------------------------------------------------------------------------
+
+/// Element-wise match of a device result with non-finite entries against the f64
+/// reference: NaN exactly where the reference is NaN, the same-signed infinity where it
+/// is infinite, and every finite element within the usual tolerance (relative to the
+/// largest finite reference magnitude). Returns (NaN count, Inf count).
+fn assert_nonfinite_match(
+    tag: &str,
+    got: &[f32],
+    want: &[f64],
+    elem: f64,
+    max: f64,
+) -> (usize, usize) {
+    assert_eq!(got.len(), want.len(), "{tag}: length");
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-30);
+    let (mut nans, mut infs) = (0, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{tag}[{i}]: device {g}, reference NaN");
+            nans += 1;
+        } else if w.is_infinite() {
+            assert!(g as f64 == w, "{tag}[{i}]: device {g}, reference {w}");
+            infs += 1;
+        } else {
+            let tol = elem * w.abs() + max * scale;
+            assert!(
+                g.is_finite() && (g as f64 - w).abs() <= tol,
+                "{tag}[{i}]: device {g}, reference {w} (tol {tol:e})"
+            );
+        }
+    }
+    (nans, infs)
+}
+
+/// NaN / ±Inf in `x` and `res` on the device against the f64 CPU reference on the same
+/// inputs, element by element (SPEC §4: IEEE propagation, no corruption of other
+/// samples). N = 3: sample 0 has a NaN in x, sample 1 a +Inf in res and a −Inf in x
+/// (different planes), sample 2 is clean. A non-finite GAP makes the whole sample's
+/// LayerNorm-1 NaN, so samples 0 and 1 give NaN λ, out, dx, dres, and every parameter
+/// gradient (a sum over samples) is NaN; sample 2 must stay finite and match.
+fn nonfinite_case<T: DType>(h: usize, w: usize, seed: u64) {
+    let Some(g) = gpu() else { return };
+    let cfg = DcConfig::new(3, 16, h, w, 4).unwrap();
+    let s = cfg.s;
+    let (x0, r0) = random_inputs(&cfg, seed);
+    let (_, x64) = round_to::<T>(&x0);
+    let (_, r64) = round_to::<T>(&r0);
+    let mut p64 = map_params(&random_params(&cfg, seed + 1), |v| v as f32 as f64);
+    pick_eta(&cfg, &x64, &r64, &mut p64);
+    let p32 = map_params(&p64, |v| v as f32);
+    let (mut x0, mut r0) = (x0, r0);
+    let at = |n: usize, k: usize, i: usize| (n * cfg.c + k) * s + i;
+    x0[at(0, 3, 2)] = f64::NAN;
+    r0[at(1, 1, 0)] = f64::INFINITY;
+    x0[at(1, 5, s - 1)] = f64::NEG_INFINITY;
+    let (xt, x64) = round_to::<T>(&x0);
+    let (rt, r64) = round_to::<T>(&r0);
+    let (dyt, dy64) = round_to::<T>(&randn(&mut rng(seed + 2), x0.len()));
+
+    let (out, saved) = cpu::forward(&cfg, &x64, &r64, &p64).unwrap();
+    let gr = cpu::backward(&cfg, &dy64, &x64, &r64, &p64, &saved).unwrap();
+    let want: [&[f64]; 14] = [
+        &out,
+        saved.gap(),
+        saved.lambda(),
+        &gr.dx,
+        &gr.dres,
+        &gr.d_ln1_weight,
+        &gr.d_ln1_bias,
+        &gr.d_w1,
+        &gr.d_gamma2,
+        &gr.d_beta2,
+        &gr.d_eta2,
+        &gr.d_w2,
+        &gr.d_ln2_weight,
+        &gr.d_ln2_bias,
+    ];
+    let got = g.check_schedules(|| run_gpu(&g, &cfg, &xt, &rt, &dyt, &p32, 0));
+    let mut report = String::new();
+    for (i, name) in OUT_NAMES.iter().enumerate() {
+        let gf: Vec<f32> = got[i].iter().map(|&b| f32::from_bits(b)).collect();
+        let (elem, max) = tolerances::<T>(name);
+        let tag = format!("{} {cfg:?} non-finite: {name}", T::NAME);
+        let (nans, infs) = assert_nonfinite_match(&tag, &gf, want[i], elem, max);
+        report.push_str(&format!(" {name}={nans}/{infs}"));
+    }
+    // The clean sample stays clean (its out, dx, dres and its GAPs and λ).
+    let per = cfg.c * s;
+    assert!(out[2 * per..].iter().all(|v| v.is_finite()));
+    assert!(gr.dx[2 * per..].iter().all(|v| v.is_finite()));
+    assert!(saved.lambda()[4 * cfg.c..].iter().all(|v| v.is_finite()));
+    assert!(out[..per].iter().any(|v| v.is_nan()));
+    eprintln!("{} {h}x{w}: NaN/Inf counts{report}", T::NAME);
+}
+
+/// [`nonfinite_case`] for f32 on 4×4 planes (128-bit plane reductions and mix) and
+/// bf16 / f16 on 3×5 planes (scalar paths).
+#[test]
+fn nonfinite_inputs_match_cpu() {
+    nonfinite_case::<f32>(4, 4, 500);
+    nonfinite_case::<bf16>(3, 5, 510);
+    nonfinite_case::<f16>(3, 5, 520);
+}

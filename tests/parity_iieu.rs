@@ -535,3 +535,120 @@ fn bad_input() {
     // Nothing was allocated by any rejected call.
     assert_eq!(live(), before, "a rejected call allocated device memory");
 }
+
+// ------------------------------------------------------------------------------------
+// Realistic shapes: the shape-dependent loops past their first trip
+
+#[path = "common/paths.rs"]
+mod paths;
+
+/// Threads per block of `per_block` launches (src/cuda/iieu.rs): the block is sized to
+/// the per-item work, a multiple of 32, at most `BLOCK` (src/cuda/mod.rs).
+fn per_block_threads(per_item: usize) -> usize {
+    let block = paths::src_const(include_str!("../src/cuda/mod.rs"), "BLOCK");
+    (per_item.div_ceil(32) * 32).clamp(32, block)
+}
+
+/// Asserts that `fwd` on `x_len` elements with planes of `p` takes its scalar path
+/// (`p` not a multiple of the f32 vector width 4) and grid-strides at least twice: the
+/// `elementwise` launch sizes its grid for 4-wide vectors.
+fn assert_scalar_fwd_strides(x_len: usize, p: usize) {
+    let block = paths::src_const(include_str!("../src/cuda/mod.rs"), "BLOCK");
+    let grid = x_len.div_ceil(block * 4);
+    assert!(p % 4 != 0 && x_len > grid * block, "fwd runs one trip");
+}
+
+/// Forward + backward once on the device (no standalone norm helpers, no second
+/// backward: [`run_device`] does those for the small shapes): the bits of [y, r_x, r_w,
+/// dx, dx_pre, dw, dγ̇, dβ̇, dη], each widened to f32.
+fn run_device_once<T: Storage>(stream: &Arc<CudaStream>, c: &Case<T>) -> Vec<Vec<u32>> {
+    let up = |v: &[T]| stream.clone_htod(v).unwrap();
+    let (x, xp, w, dy) = (up(&c.x), up(&c.x_pre), up(&c.w), up(&c.dy));
+    let params = IieuDeviceParams::from_host(stream, &c.p32).unwrap();
+    let (y, saved) = gpu::forward(stream, &c.cfg, &x, &xp, &w, &params).unwrap();
+    let g = gpu::backward(stream, &c.cfg, &dy, &x, &xp, &w, &params, &saved).unwrap();
+    let h = |s: &cudarc::driver::CudaSlice<T>| bits(&stream.clone_dtoh(s).unwrap());
+    let hf = |s: &cudarc::driver::CudaSlice<f32>| bits(&stream.clone_dtoh(s).unwrap());
+    vec![
+        h(&y),
+        hf(saved.r_x()),
+        hf(saved.r_w()),
+        h(&g.dx),
+        h(&g.dx_pre),
+        h(&g.dw),
+        hf(&g.d_ln_weight),
+        hf(&g.d_ln_bias),
+        hf(&g.d_eta),
+    ]
+}
+
+/// A path case: [`parity_case`]'s inputs, reference and tolerances, with the device run
+/// once per thread order under [`paths::two_orders`] (the four-order, two-backward run
+/// of [`parity_case`] costs ~80 s on the emulator at these sizes).
+fn path_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let c = Case::<T>::new(geo, mode, seed);
+    let stream = dev.ctx.default_stream();
+    let got: Vec<Vec<f64>> = paths::two_orders(&dev, || run_device_once(&stream, &c))
+        .iter()
+        .map(|b| b.iter().map(|&v| f32::from_bits(v) as f64).collect())
+        .collect();
+    let (x, xp, w, dy) = (to_f64(&c.x), to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let (y, saved) = cpu::forward(&c.cfg, &x, &xp, &w, &c.p64).unwrap();
+    let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
+    let tag = |s: &str| format!("{} {mode:?} {geo:?}: {s}", T::NAME);
+    let u = T::U;
+    assert_parity(&tag("y"), &got[0], &y, u, 1e-5);
+    assert_parity(&tag("r_x"), &got[1], saved.r_x(), 0.0, 1e-5);
+    assert_parity(&tag("r_w"), &got[2], saved.r_w(), 0.0, 1e-5);
+    assert_parity(&tag("dx"), &got[3], &g.dx, u, 1e-5);
+    assert_parity(&tag("dx_pre"), &got[4], &g.dx_pre, u, 1e-5);
+    assert_parity(&tag("dw"), &got[5], &g.dw, u, 1e-5);
+    assert_parity(&tag("d_ln_weight"), &got[6], &g.d_ln_weight, 0.0, 1e-4);
+    assert_parity(&tag("d_ln_bias"), &got[7], &g.d_ln_bias, 0.0, 1e-4);
+    assert_parity(&tag("d_eta"), &got[8], &g.d_eta, 0.0, 1e-4);
+}
+
+/// ResNet-18/34's last stage: C = O = 512, 3×3, padding 1, 7×7, N = 1 (f32). Reaches:
+/// * `filter_norm` and `bwd_params`' dW loop over the C·KH·KW = 4608 entries of a filter
+///   on a 256-thread block: 18 trips (the small cases: ≤ 36 entries, 1 trip);
+/// * `ln_fwd` / `ln_bwd`, the term-B LayerNorm over O = 512 on a 256-thread block:
+///   2 trips per pass, block_sum over 8 warps (the small cases: O ≤ 6, one warp);
+/// * `fwd`'s grid-stride loop: its grid is sized for 4-wide vectors (⌈25088/1024⌉ = 25
+///   blocks) but H'·W' = 49 is not a multiple of 4, so the scalar loop takes 4 trips;
+/// * `patch_sq`'s channel loop over 512 channels, `bwd_dx`'s gather over 512 output
+///   channels, window sums of 9 taps (f32 sums of 4608 squares within 1e-5).
+#[test]
+fn path_resnet_late_stage_512_3x3() {
+    let geo = Conv2dGeometry::new(1, 512, 7, 7, 512, 3, 3).with_padding(1, 1);
+    let w_per: usize = 512 * 9;
+    assert!(w_per.div_ceil(per_block_threads(w_per)) >= 2);
+    assert!(512usize.div_ceil(per_block_threads(512)) >= 2);
+    assert_scalar_fwd_strides(512 * 49, 49);
+    let t = std::time::Instant::now();
+    path_case::<f32>(geo, PatchNorm::PerGroup, 600);
+    eprintln!(
+        "path_resnet_late_stage_512_3x3: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// ResNet-50's last stage, the bottleneck's first 1×1 conv: C = 2048 → O = 512, 7×7,
+/// N = 1 (f32). Reaches `filter_norm` / `bwd_params` over 2048-entry filters (8 trips
+/// of 256 threads), the O = 512 LayerNorm (2 trips), `patch_sq`'s loop over 2048
+/// channels (f32 sums of 2048 squares per pixel within 1e-5), the 4-trip scalar `fwd`
+/// loop as above. (O = 2048 would take the LayerNorm loops to 8 trips, the same code,
+/// at 4× the emulator time: `filter_norm` and `bwd_params` run O blocks of 256 threads.)
+#[test]
+fn path_resnet50_late_stage_2048_to_512_1x1() {
+    let geo = Conv2dGeometry::new(1, 2048, 7, 7, 512, 1, 1);
+    assert!(2048usize.div_ceil(per_block_threads(2048)) >= 2);
+    assert!(512usize.div_ceil(per_block_threads(512)) >= 2);
+    assert_scalar_fwd_strides(512 * 49, 49);
+    let t = std::time::Instant::now();
+    path_case::<f32>(geo, PatchNorm::PerGroup, 610);
+    eprintln!(
+        "path_resnet50_late_stage_2048_to_512_1x1: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}

@@ -589,15 +589,15 @@ fn bad_input() {
 // Realistic shapes: the shape-dependent loops past their first trip
 // ---------------------------------------------------------------------------
 
-#[path = "common/launch.rs"]
-mod launch;
+#[path = "common/paths.rs"]
+mod paths;
 
 /// The launcher whose constants the path cases below re-derive their geometry from.
 const DC_SRC: &str = include_str!("../src/cuda/iieu_dc.rs");
 
 /// Threads per coupler block, as `coupler_block` in src/cuda/iieu_dc.rs computes it.
 fn coupler_threads(c: usize) -> usize {
-    let max = launch::src_const(DC_SRC, "COUPLER_BLOCK_MAX");
+    let max = paths::src_const(DC_SRC, "COUPLER_BLOCK_MAX");
     (2 * c).div_ceil(32).saturating_mul(32).clamp(64, max)
 }
 
@@ -660,12 +660,12 @@ fn parity_path_dc_c2048() {
 /// case, and the backward at N = 1025 costs ~3× the forward on the emulator (a
 /// 64-thread block per sample, ~100 barriers and shuffles each). C = 2, r = 1
 /// (hidden 2), 1×1 planes keep the plane reductions small (2050 planes). Run under the
-/// identity and reversed thread orders only ([`two_orders`]): all four cost ~40 s.
+/// identity and reversed thread orders only ([`paths::two_orders`]): all four cost ~40 s.
 #[test]
 fn parity_path_dc_coupler_fwd_several_samples_per_block() {
     let Some(g) = gpu() else { return };
     let n = 1025;
-    let fwd_blocks = launch::src_const(DC_SRC, "MAX_FWD_BLOCKS");
+    let fwd_blocks = paths::src_const(DC_SRC, "MAX_FWD_BLOCKS");
     assert!(
         n > fwd_blocks,
         "N = {n} must exceed the {fwd_blocks} forward blocks"
@@ -680,7 +680,7 @@ fn parity_path_dc_coupler_fwd_several_samples_per_block() {
     let p32 = map_params(&p64, |v| v as f32);
     let (out, saved) = cpu::forward(&cfg, &x64, &r64, &p64).unwrap();
     let s = g.ctx.default_stream();
-    let got = two_orders(&g, || {
+    let got = paths::two_orders(&g, || {
         let (xd, rd) = (s.clone_htod(&xt).unwrap(), s.clone_htod(&rt).unwrap());
         let dp = DcDeviceParams::upload(&s, &cfg, &p32).unwrap();
         let (o, sv) = gpu_dc::forward(&s, &cfg, &xd, &rd, &dp).unwrap();
@@ -707,28 +707,6 @@ fn parity_path_dc_coupler_fwd_several_samples_per_block() {
         "parity_path_dc_coupler_fwd_several_samples_per_block: {:.1} s",
         t.elapsed().as_secs_f64()
     );
-}
-
-/// `Gpu::check_schedules` cut to two thread orders (reversed, then identity) for the
-/// one case whose four-order run is too slow on the emulator; same leak and fault
-/// checks. Runs `f` once on a real GPU.
-fn two_orders<R: PartialEq + std::fmt::Debug>(g: &Gpu, f: impl Fn() -> R) -> R {
-    #[cfg(feature = "emulate")]
-    if g.emulated {
-        use activation_kernels::emu::{self, Schedule};
-        let before = emu::live_allocations();
-        emu::set_schedule(Schedule::Reversed);
-        let rev = f();
-        emu::set_schedule(Schedule::Identity);
-        let id = f();
-        assert!(id == rev, "result differs under the reversed thread order");
-        assert_eq!(emu::live_allocations(), before, "device allocations leaked");
-        if let Some(fault) = emu::take_fault() {
-            panic!("emulator fault: {fault}");
-        }
-        return id;
-    }
-    f()
 }
 
 // ---------------------------------------------------------------------------

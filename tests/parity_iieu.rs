@@ -652,3 +652,131 @@ fn path_resnet50_late_stage_2048_to_512_1x1() {
         t.elapsed().as_secs_f64()
     );
 }
+
+// ------------------------------------------------------------------------------------
+// NaN / ±Inf inputs on the device
+
+/// Element-wise match of a device result with non-finite entries against the f64
+/// reference: NaN exactly where the reference is NaN, the same-signed infinity where it
+/// is infinite, every finite element within u·|ref_i| + r·max|finite ref|. Returns the
+/// number of non-finite reference entries.
+fn assert_nonfinite_parity(name: &str, got: &[f64], want: &[f64], u: f64, r: f64) -> usize {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let max = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut nonfinite = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{name}[{i}]: gpu {g}, reference NaN");
+            nonfinite += 1;
+        } else if w.is_infinite() {
+            assert!(g == w, "{name}[{i}]: gpu {g}, reference {w}");
+            nonfinite += 1;
+        } else {
+            let tol = u * w.abs() + r * max;
+            assert!(
+                g.is_finite() && (g - w).abs() <= tol,
+                "{name}[{i}]: gpu {g} vs ref {w} (tol {tol:.3e})"
+            );
+        }
+    }
+    nonfinite
+}
+
+/// Where a non-finite value goes: `x[n, o, p]` or `x_pre[n, c, h, w]`.
+#[derive(Clone, Copy, Debug)]
+enum Poke {
+    X(usize, usize, usize, f64),
+    XPre(usize, usize, usize, usize, f64),
+}
+
+/// One NaN/Inf case: the inputs of `Case::new` (η chosen on the finite data), then the
+/// pokes; device forward + backward under `check_schedules` against the f64 reference
+/// on the same inputs, element by element ([`assert_nonfinite_parity`]).
+fn nonfinite_case<T: Storage>(geo: Conv2dGeometry, seed: u64, pokes: &[Poke]) -> Vec<usize> {
+    let Some(dev) = open_gpu() else {
+        return vec![];
+    };
+    let mut c = Case::<T>::new(geo, PatchNorm::PerGroup, seed);
+    let (oh, ow) = geo.validate().unwrap();
+    for &p in pokes {
+        match p {
+            Poke::X(n, o, k, v) => c.x[(n * geo.c_out + o) * oh * ow + k] = T::from_f32(v as f32),
+            Poke::XPre(n, ch, h, w, v) => {
+                c.x_pre[((n * geo.c_in + ch) * geo.h + h) * geo.w + w] = T::from_f32(v as f32)
+            }
+        }
+    }
+    let stream = dev.ctx.default_stream();
+    let got: Vec<Vec<f64>> = dev
+        .check_schedules(|| run_device_once(&stream, &c))
+        .iter()
+        .map(|b| b.iter().map(|&v| f32::from_bits(v) as f64).collect())
+        .collect();
+    let (x, xp, w, dy) = (to_f64(&c.x), to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let (y, saved) = cpu::forward(&c.cfg, &x, &xp, &w, &c.p64).unwrap();
+    let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
+    let tag = |s: &str| format!("{} {pokes:?}: {s}", T::NAME);
+    let u = T::U;
+    let want: [(&str, &[f64], f64, f64); 9] = [
+        ("y", &y, u, 1e-5),
+        ("r_x", saved.r_x(), 0.0, 1e-5),
+        ("r_w", saved.r_w(), 0.0, 1e-5),
+        ("dx", &g.dx, u, 1e-5),
+        ("dx_pre", &g.dx_pre, u, 1e-5),
+        ("dw", &g.dw, u, 1e-5),
+        ("d_ln_weight", &g.d_ln_weight, 0.0, 1e-4),
+        ("d_ln_bias", &g.d_ln_bias, 0.0, 1e-4),
+        ("d_eta", &g.d_eta, 0.0, 1e-4),
+    ];
+    let mut report = String::new();
+    let mut counts = vec![];
+    for (k, (name, want, u, r)) in want.into_iter().enumerate() {
+        let bad = assert_nonfinite_parity(&tag(name), &got[k], want, u, r);
+        report.push_str(&format!(" {name}={bad}"));
+        counts.push(bad);
+    }
+    eprintln!(
+        "{} {pokes:?}: non-finite reference entries{report}",
+        T::NAME
+    );
+    counts
+}
+
+/// NaN / ±Inf in `x` and `x_pre` on the device (SPEC §4: IEEE propagation, no
+/// corruption of the other sample), f32 (128-bit paths: H'·W' = H·W = 36) and bf16
+/// (scalar paths), groups 2 so a patch poke stays in its group:
+/// * NaN in x (sample 0): its GAP, hence sample 0's LayerNorm and every y, dx of
+///   sample 0 is NaN; sample 1 is untouched; the parameter gradients sum over samples;
+/// * +Inf in x (sample 1): the same through an infinite GAP;
+/// * NaN in x_pre: r_x and y are NaN only in the 3×3 windows over that pixel (9 of
+///   them, asserted), in its group's 3 output channels; the backward spreads it through
+///   Σg and dm. Regression test: the patch norm used to clamp `max(q, 0)` (kernel
+///   `fmaxf`, CPU `f64::max`), which maps a NaN to 0, so a NaN in x_pre became a zero
+///   norm, r_x = 1/EPS = 1e8 and a finite y ≈ 1e8·x on both sides;
+/// * ±Inf in x_pre: ‖P‖ = ∞ so r_x = 0 and ρ̂ = ν (y stays finite), the norm's slope
+///   −r_x²/‖P‖ is −0, and dx_pre = x_pre·Σcoef is ∞·0 = NaN at the infinite taps only.
+#[test]
+fn nonfinite_inputs_match_cpu() {
+    let geo = Conv2dGeometry::new(2, 4, 6, 6, 6, 3, 3)
+        .with_groups(2)
+        .with_padding(1, 1);
+    let cases: [&[Poke]; 4] = [
+        &[Poke::X(0, 1, 7, f64::NAN)],
+        &[Poke::X(1, 4, 5, f64::INFINITY)],
+        &[Poke::XPre(0, 0, 2, 3, f64::NAN)],
+        &[
+            Poke::XPre(1, 3, 0, 0, f64::INFINITY),
+            Poke::XPre(1, 1, 5, 4, f64::NEG_INFINITY),
+        ],
+    ];
+    for (i, pokes) in cases.iter().enumerate() {
+        let counts = nonfinite_case::<f32>(geo, 700 + i as u64, pokes);
+        if i == 2 && !counts.is_empty() {
+            assert_eq!((counts[0], counts[1]), (27, 9), "NaN in x_pre: y and r_x");
+        }
+        nonfinite_case::<half::bf16>(geo, 710 + i as u64, pokes);
+    }
+}

@@ -42,16 +42,6 @@ pub fn src_const(src: &str, name: &str) -> usize {
     }
 }
 
-/// The launchers' grid cap (`grid_for` in src/cuda/mod.rs and `GRID_CAP` in acon.rs):
-/// checked against the source text so a change is noticed.
-pub fn grid_cap(mod_src: &str) -> usize {
-    assert!(
-        mod_src.contains("blocks.min(65_535)"),
-        "grid_for's cap changed: update tests/common/launch.rs"
-    );
-    65_535
-}
-
 /// `Gpu::check_schedules` cut to two thread orders (reversed, then identity), with the
 /// same leak and fault checks: for the path cases whose four-order run costs too much
 /// emulator time. Runs `f` once on a real GPU.

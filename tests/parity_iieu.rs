@@ -780,3 +780,20 @@ fn nonfinite_inputs_match_cpu() {
         nonfinite_case::<half::bf16>(geo, 710 + i as u64, pokes);
     }
 }
+
+/// `bwd_params`' per-filter sums over the batch (dγ̇, dβ̇, dη, dr_w: `n = tid; n < N;
+/// n += blockDim`) past one trip: its block has min(256, ⌈max(N, C/g·KH·KW)⌉₃₂) threads,
+/// so N = 257 samples give a second trip to thread 0. C = O = 2, 1×1 planes of 3×3
+/// keep it cheap (257·2 planes of 9); all four thread orders, f32.
+#[test]
+fn path_batch_257_param_sums() {
+    let n = 257;
+    assert!(n > per_block_threads(n), "N = {n}: one trip over the batch");
+    let t = std::time::Instant::now();
+    let geo = Conv2dGeometry::new(n, 2, 3, 3, 2, 1, 1);
+    parity_case::<f32>(geo, PatchNorm::PerGroup, 620, 0);
+    eprintln!(
+        "path_batch_257_param_sums: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}

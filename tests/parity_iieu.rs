@@ -797,3 +797,23 @@ fn path_batch_257_param_sums() {
         t.elapsed().as_secs_f64()
     );
 }
+
+/// The 128-bit per-plane reductions past one trip: `gap` and `bwd_sums` get
+/// min(256, ⌈H'·W'/4⌉₃₂) threads per (n, o) plane and walk its float4s `j = tid;
+/// j < H'·W'/4; j += threads`: H'·W' = 32·33 = 1056 gives 264 vectors, 2 trips (the
+/// small cases' planes: ≤ 60 elements). 3×3, padding 1, C = O = 2, N = 1 (f32).
+#[test]
+fn path_plane_1056_vector_reductions() {
+    let p: usize = 32 * 33;
+    assert!(
+        p % 4 == 0 && p / 4 > per_block_threads(p / 4),
+        "one trip per plane"
+    );
+    let t = std::time::Instant::now();
+    let geo = Conv2dGeometry::new(1, 2, 32, 33, 2, 3, 3).with_padding(1, 1);
+    parity_case::<f32>(geo, PatchNorm::PerGroup, 630, 0);
+    eprintln!(
+        "path_plane_1056_vector_reductions: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}

@@ -480,7 +480,9 @@ extern "C" __global__ void iieu_patch_window(const float* __restrict__ q, float*
         if (wi >= 0 && wi < g.w) acc += row[wi];
       }
     }
-    const float nm = sqrtf(fmaxf(acc, 0.0f));
+    // Not fmaxf(acc, 0): that returns 0 for a NaN acc, turning a NaN in x_pre into a
+    // zero norm (r_x = 1/EPS) instead of propagating it (SPEC §4).
+    const float nm = sqrtf(acc < 0.0f ? 0.0f : acc);
     x_norm[e] = nm;
     r_x[e] = 1.0f / (nm + ak_iieu::EPS);
   }

@@ -827,3 +827,176 @@ fn bad_input_generators() {
         Err(Error::InvalidParam { .. })
     ));
 }
+
+// ---------------------------------------------------------------------------
+// Realistic paths: the shape-dependent loops past their first trip
+
+#[path = "common/paths.rs"]
+mod paths;
+
+/// The launcher whose constants the path cases re-derive their geometry from.
+const ACON_SRC: &str = include_str!("../src/cuda/acon.rs");
+
+/// The forward's flat grid-stride loop past its first trip, with the incremental
+/// (n, channel) walk carrying across planes and samples (`Walk::adv`). The launch sizes
+/// the grid for 128-bit vectors (⌈numel / (W·THREADS)⌉ blocks), but a view starting one
+/// element into its buffer is not 16-byte aligned, so the kernel runs its scalar
+/// instance (one element per thread per trip): numel = 1152 takes ⌈1152/512⌉ = 3 trips
+/// in f32 (2 blocks) and ⌈1152/256⌉ = 5 in f16 (1 block). The existing unaligned cases
+/// have ≤ 210 elements: one trip. NCHW (step crosses 7 channels and carries into the
+/// next sample) and NLC (step crosses 64 rows).
+#[test]
+fn acon_path_flat_scalar_grid_stride() {
+    let Some(g) = gpu() else { return };
+    let threads = paths::src_const(ACON_SRC, "THREADS");
+    let trips = |numel: usize, w: usize| {
+        let grid = numel.div_ceil(w * threads);
+        numel.div_ceil(grid * threads)
+    };
+    let t = std::time::Instant::now();
+    for sh in [ActShape::nchw(2, 8, 8, 9), ActShape::nlc(2, 72, 8)] {
+        let numel = sh.n * sh.c * sh.s;
+        assert!(trips(numel, 4) >= 3 && trips(numel, 8) >= 5);
+        case::<f32>(&g, Var::C, Bk::Nc, sh, 31, 1);
+        case::<F16>(&g, Var::B, Bk::Pix, sh, 32, 1);
+        case::<Bf16>(&g, Var::A, Bk::N, sh, 33, 3);
+    }
+    eprintln!(
+        "acon_path_flat_scalar_grid_stride: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// The (N, L, C) backward's one-column-group path: a block has THREADS = 256 threads
+/// and C / W columns (W = 4 for f32 when C is a multiple of 4 and the rows are aligned,
+/// else 1); with at least 256 columns there is one row group and each thread walks
+/// columns `tid, tid + 256, ...` — 2 trips for the first threads here: C = 301 (scalar
+/// columns, 301 > 256) and C = 1100 (275 vector columns). Every existing NLC case has
+/// fewer than 256 columns (several row groups combined through shared memory). Also
+/// f16 with C = 2056 (257 vector columns of 8).
+/// Rows per tile max(8, ⌈8192/C⌉) = 28 and 8: two tiles per sample, summed in stage 2.
+#[test]
+fn acon_path_nlc_single_row_group() {
+    let Some(g) = gpu() else { return };
+    let threads = paths::src_const(ACON_SRC, "THREADS");
+    let tile = paths::src_const(ACON_SRC, "NLC_TILE_ELEMS");
+    let t = std::time::Instant::now();
+    for (sh, w) in [
+        (ActShape::nlc(2, 30, 301), 1),
+        (ActShape::nlc(2, 10, 1100), 4),
+    ] {
+        assert_eq!(sh.c % 4 == 0, w == 4, "f32 column width of C = {}", sh.c);
+        assert!(
+            sh.c / w > threads,
+            "C = {}: one trip over the columns",
+            sh.c
+        );
+        let rows = tile.div_ceil(sh.c).max(8);
+        assert!(sh.s > rows, "one tile per sample");
+        case::<f32>(&g, Var::C, Bk::Ch, sh, 41, 0);
+        case::<f32>(&g, Var::B, Bk::Pix, sh, 42, 0);
+    }
+    // f16: 2056 / 8 = 257 vector columns.
+    assert!(2056 % 8 == 0 && 2056 / 8 > threads);
+    case::<F16>(&g, Var::C, Bk::Nc, ActShape::nlc(2, 10, 2056), 43, 0);
+    eprintln!(
+        "acon_path_nlc_single_row_group: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// NaN / ±Inf inputs on the device
+
+/// Element-wise match with non-finite entries: NaN where the reference is NaN, the
+/// same-signed infinity where it is infinite, finite elements within
+/// `u·|ref| + (1 + u)·e·max|finite ref|` (as [`check`]). Returns the number of
+/// non-finite reference entries.
+fn check_nonfinite(name: &str, got: &[u32], want: &[f64], u: f64, e: f64) -> usize {
+    let got = from_bits(got);
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let m = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut bad = 0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{name}[{i}]: got {g}, want NaN");
+            bad += 1;
+        } else if w.is_infinite() {
+            assert!(g == w, "{name}[{i}]: got {g}, want {w}");
+            bad += 1;
+        } else {
+            let tol = u * w.abs() + (1.0 + u) * e * m + 1e-30;
+            assert!(
+                g.is_finite() && (g - w).abs() <= tol,
+                "{name}[{i}]: got {g}, want {w} (tol {tol})"
+            );
+        }
+    }
+    bad
+}
+
+/// [`case`] with NaN, +∞ and −∞ poked into x at flat indices 1, 2·numel/5 and
+/// numel − 2 (three different channels and both samples), forward and backward
+/// against the f64 reference on the same inputs, element by element.
+fn nonfinite_case<T: DType>(g: &Gpu, var: Var, bk: Bk, sh: ActShape, seed: u64) -> [usize; 5] {
+    let numel = sh.n * sh.c * sh.s;
+    let mut r = common::rng(seed);
+    let mut x0: Vec<f64> = common::randn(&mut r, numel)
+        .iter()
+        .map(|v| 2.0 * v)
+        .collect();
+    x0[1] = f64::NAN;
+    x0[2 * numel / 5] = f64::INFINITY;
+    x0[numel - 2] = f64::NEG_INFINITY;
+    let dy0 = common::randn(&mut r, numel);
+    let (p1, p1r) = round32(&common::randn(&mut r, sh.c));
+    let (p2, p2r) = round32(&common::randn(&mut r, sh.c));
+    let (b, br) = round32(&common::uniform(&mut r, beta_len(bk, &sh), 0.25, 2.0));
+    let (x, xr) = round::<T>(&x0);
+    let (dy, dyr) = round::<T>(&dy0);
+    let want = cpu_ref(var, bk, &sh, &xr, &dyr, &p1r, &p2r, &br);
+    let got = gpu_run(g, var, bk, &sh, &x, &dy, &p1, &p2, &b, 0);
+    let u = unit::<T>();
+    let tag = format!("{var:?}/{bk:?}/{sh:?}/{}/non-finite", T::NAME);
+    [
+        check_nonfinite(&format!("{tag}: y"), &got[0], &want[0], u, E_ELEM),
+        check_nonfinite(&format!("{tag}: dx"), &got[1], &want[1], u, E_ELEM),
+        check_nonfinite(&format!("{tag}: dp1"), &got[2], &want[2], 0.0, E_RED),
+        check_nonfinite(&format!("{tag}: dp2"), &got[3], &want[3], 0.0, E_RED),
+        check_nonfinite(&format!("{tag}: dbeta"), &got[4], &want[4], 0.0, E_RED),
+    ]
+}
+
+/// NaN / ±Inf in x on the device (SPEC §4: IEEE propagation, nothing else touched):
+/// ACON-A/B/C × every β source × NCHW (16-element planes: the vector paths) and NLC,
+/// f32, plus f16 and bf16 on the NCHW shape. The CPU reference and the kernels share
+/// the saturation rule (|β·d| > 1e3: σ(1 − σ) terms set to 0, so an infinite x gives a
+/// finite dx), so the patterns must agree element by element.
+#[test]
+fn acon_nonfinite_inputs_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut total = [0usize; 5];
+    for (si, sh) in [ActShape::nchw(2, 3, 4, 4), ActShape::nlc(2, 5, 8)]
+        .into_iter()
+        .enumerate()
+    {
+        for (vi, var) in VARS.into_iter().enumerate() {
+            for (bi, bk) in BKS.into_iter().enumerate() {
+                let seed = 8000 + (si * 100 + vi * 10 + bi) as u64;
+                let c = nonfinite_case::<f32>(&g, var, bk, sh, seed);
+                if si == 0 {
+                    nonfinite_case::<F16>(&g, var, bk, sh, seed + 1000);
+                    nonfinite_case::<Bf16>(&g, var, bk, sh, seed + 2000);
+                }
+                for k in 0..5 {
+                    total[k] += c[k];
+                }
+            }
+        }
+    }
+    eprintln!("non-finite reference entries (f32, y dx dp1 dp2 dbeta): {total:?}");
+    assert!(total[0] > 0 && total[2] > 0, "the pokes reach the outputs");
+}

@@ -552,3 +552,285 @@ fn bad_input() {
     // Nothing was allocated by any rejected call.
     assert_eq!(live(), before, "a rejected call allocated device memory");
 }
+
+// ------------------------------------------------------------------------------------
+// Realistic shapes: the shape-dependent loops past their first trip
+
+#[path = "common/paths.rs"]
+mod paths;
+
+/// Threads per block of `per_block` launches (src/cuda/iieu.rs): the block is sized to
+/// the per-item work, a multiple of 32, at most `BLOCK` (src/cuda/mod.rs).
+fn per_block_threads(per_item: usize) -> usize {
+    let block = paths::src_const(include_str!("../src/cuda/mod.rs"), "BLOCK");
+    (per_item.div_ceil(32) * 32).clamp(32, block)
+}
+
+/// Asserts that `fwd` on `x_len` elements with planes of `p` takes its scalar path
+/// (`p` not a multiple of the f32 vector width 4) and grid-strides at least twice: the
+/// `elementwise` launch sizes its grid for 4-wide vectors.
+fn assert_scalar_fwd_strides(x_len: usize, p: usize) {
+    let block = paths::src_const(include_str!("../src/cuda/mod.rs"), "BLOCK");
+    let grid = x_len.div_ceil(block * 4);
+    assert!(p % 4 != 0 && x_len > grid * block, "fwd runs one trip");
+}
+
+/// Forward + backward once on the device (no standalone norm helpers, no second
+/// backward: [`run_device`] does those for the small shapes): the bits of [y, r_x, r_w,
+/// dx, dx_pre, dw, dγ̇, dβ̇, dη], each widened to f32.
+fn run_device_once<T: Storage>(stream: &Arc<CudaStream>, c: &Case<T>) -> Vec<Vec<u32>> {
+    let up = |v: &[T]| stream.clone_htod(v).unwrap();
+    let (x, xp, w, dy) = (up(&c.x), up(&c.x_pre), up(&c.w), up(&c.dy));
+    let params = IieuDeviceParams::from_host(stream, &c.p32).unwrap();
+    let (y, saved) = gpu::forward(stream, &c.cfg, &x, &xp, &w, &params).unwrap();
+    let g = gpu::backward(stream, &c.cfg, &dy, &x, &xp, &w, &params, &saved).unwrap();
+    let h = |s: &cudarc::driver::CudaSlice<T>| bits(&stream.clone_dtoh(s).unwrap());
+    let hf = |s: &cudarc::driver::CudaSlice<f32>| bits(&stream.clone_dtoh(s).unwrap());
+    vec![
+        h(&y),
+        hf(saved.r_x()),
+        hf(saved.r_w()),
+        h(&g.dx),
+        h(&g.dx_pre),
+        h(&g.dw),
+        hf(&g.d_ln_weight),
+        hf(&g.d_ln_bias),
+        hf(&g.d_eta),
+    ]
+}
+
+/// A path case: [`parity_case`]'s inputs, reference and tolerances, with the device run
+/// once per thread order under [`paths::two_orders`] (the four-order, two-backward run
+/// of [`parity_case`] costs ~80 s on the emulator at these sizes).
+fn path_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let c = Case::<T>::new(geo, mode, seed);
+    let stream = dev.ctx.default_stream();
+    let got: Vec<Vec<f64>> = paths::two_orders(&dev, || run_device_once(&stream, &c))
+        .iter()
+        .map(|b| b.iter().map(|&v| f32::from_bits(v) as f64).collect())
+        .collect();
+    let (x, xp, w, dy) = (to_f64(&c.x), to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let (y, saved) = cpu::forward(&c.cfg, &x, &xp, &w, &c.p64).unwrap();
+    let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
+    let tag = |s: &str| format!("{} {mode:?} {geo:?}: {s}", T::NAME);
+    let u = T::U;
+    assert_parity(&tag("y"), &got[0], &y, u, 1e-5);
+    assert_parity(&tag("r_x"), &got[1], saved.r_x(), 0.0, 1e-5);
+    assert_parity(&tag("r_w"), &got[2], saved.r_w(), 0.0, 1e-5);
+    assert_parity(&tag("dx"), &got[3], &g.dx, u, 1e-5);
+    assert_parity(&tag("dx_pre"), &got[4], &g.dx_pre, u, 1e-5);
+    assert_parity(&tag("dw"), &got[5], &g.dw, u, 1e-5);
+    assert_parity(&tag("d_ln_weight"), &got[6], &g.d_ln_weight, 0.0, 1e-4);
+    assert_parity(&tag("d_ln_bias"), &got[7], &g.d_ln_bias, 0.0, 1e-4);
+    assert_parity(&tag("d_eta"), &got[8], &g.d_eta, 0.0, 1e-4);
+}
+
+/// ResNet-18/34's last stage: C = O = 512, 3×3, padding 1, 7×7, N = 1 (f32). Reaches:
+/// * `filter_norm` and `bwd_params`' dW loop over the C·KH·KW = 4608 entries of a filter
+///   on a 256-thread block: 18 trips (the small cases: ≤ 36 entries, 1 trip);
+/// * `ln_fwd` / `ln_bwd`, the term-B LayerNorm over O = 512 on a 256-thread block:
+///   2 trips per pass, block_sum over 8 warps (the small cases: O ≤ 6, one warp);
+/// * `fwd`'s grid-stride loop: its grid is sized for 4-wide vectors (⌈25088/1024⌉ = 25
+///   blocks) but H'·W' = 49 is not a multiple of 4, so the scalar loop takes 4 trips;
+/// * `patch_sq`'s channel loop over 512 channels, `bwd_dx`'s gather over 512 output
+///   channels, window sums of 9 taps (f32 sums of 4608 squares within 1e-5).
+#[test]
+fn path_resnet_late_stage_512_3x3() {
+    let geo = Conv2dGeometry::new(1, 512, 7, 7, 512, 3, 3).with_padding(1, 1);
+    let w_per: usize = 512 * 9;
+    assert!(w_per.div_ceil(per_block_threads(w_per)) >= 2);
+    assert!(512usize.div_ceil(per_block_threads(512)) >= 2);
+    assert_scalar_fwd_strides(512 * 49, 49);
+    let t = std::time::Instant::now();
+    path_case::<f32>(geo, PatchNorm::PerGroup, 600);
+    eprintln!(
+        "path_resnet_late_stage_512_3x3: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// ResNet-50's last stage, the bottleneck's first 1×1 conv: C = 2048 → O = 512, 7×7,
+/// N = 1 (f32). Reaches `filter_norm` / `bwd_params` over 2048-entry filters (8 trips
+/// of 256 threads), the O = 512 LayerNorm (2 trips), `patch_sq`'s loop over 2048
+/// channels (f32 sums of 2048 squares per pixel within 1e-5), the 4-trip scalar `fwd`
+/// loop as above. (O = 2048 would take the LayerNorm loops to 8 trips, the same code,
+/// at 4× the emulator time: `filter_norm` and `bwd_params` run O blocks of 256 threads.)
+#[test]
+fn path_resnet50_late_stage_2048_to_512_1x1() {
+    let geo = Conv2dGeometry::new(1, 2048, 7, 7, 512, 1, 1);
+    assert!(2048usize.div_ceil(per_block_threads(2048)) >= 2);
+    assert!(512usize.div_ceil(per_block_threads(512)) >= 2);
+    assert_scalar_fwd_strides(512 * 49, 49);
+    let t = std::time::Instant::now();
+    path_case::<f32>(geo, PatchNorm::PerGroup, 610);
+    eprintln!(
+        "path_resnet50_late_stage_2048_to_512_1x1: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+// ------------------------------------------------------------------------------------
+// NaN / ±Inf inputs on the device
+
+/// Element-wise match of a device result with non-finite entries against the f64
+/// reference: NaN exactly where the reference is NaN, the same-signed infinity where it
+/// is infinite, every finite element within u·|ref_i| + r·max|finite ref|. Returns the
+/// number of non-finite reference entries.
+fn assert_nonfinite_parity(name: &str, got: &[f64], want: &[f64], u: f64, r: f64) -> usize {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let max = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut nonfinite = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{name}[{i}]: gpu {g}, reference NaN");
+            nonfinite += 1;
+        } else if w.is_infinite() {
+            assert!(g == w, "{name}[{i}]: gpu {g}, reference {w}");
+            nonfinite += 1;
+        } else {
+            let tol = u * w.abs() + r * max;
+            assert!(
+                g.is_finite() && (g - w).abs() <= tol,
+                "{name}[{i}]: gpu {g} vs ref {w} (tol {tol:.3e})"
+            );
+        }
+    }
+    nonfinite
+}
+
+/// Where a non-finite value goes: `x[n, o, p]` or `x_pre[n, c, h, w]`.
+#[derive(Clone, Copy, Debug)]
+enum Poke {
+    X(usize, usize, usize, f64),
+    XPre(usize, usize, usize, usize, f64),
+}
+
+/// One NaN/Inf case: the inputs of `Case::new` (η chosen on the finite data), then the
+/// pokes; device forward + backward under `check_schedules` against the f64 reference
+/// on the same inputs, element by element ([`assert_nonfinite_parity`]).
+fn nonfinite_case<T: Storage>(geo: Conv2dGeometry, seed: u64, pokes: &[Poke]) -> Vec<usize> {
+    let Some(dev) = open_gpu() else {
+        return vec![];
+    };
+    let mut c = Case::<T>::new(geo, PatchNorm::PerGroup, seed);
+    let (oh, ow) = geo.validate().unwrap();
+    for &p in pokes {
+        match p {
+            Poke::X(n, o, k, v) => c.x[(n * geo.c_out + o) * oh * ow + k] = T::from_f32(v as f32),
+            Poke::XPre(n, ch, h, w, v) => {
+                c.x_pre[((n * geo.c_in + ch) * geo.h + h) * geo.w + w] = T::from_f32(v as f32)
+            }
+        }
+    }
+    let stream = dev.ctx.default_stream();
+    let got: Vec<Vec<f64>> = dev
+        .check_schedules(|| run_device_once(&stream, &c))
+        .iter()
+        .map(|b| b.iter().map(|&v| f32::from_bits(v) as f64).collect())
+        .collect();
+    let (x, xp, w, dy) = (to_f64(&c.x), to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let (y, saved) = cpu::forward(&c.cfg, &x, &xp, &w, &c.p64).unwrap();
+    let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
+    let tag = |s: &str| format!("{} {pokes:?}: {s}", T::NAME);
+    let u = T::U;
+    let want: [(&str, &[f64], f64, f64); 9] = [
+        ("y", &y, u, 1e-5),
+        ("r_x", saved.r_x(), 0.0, 1e-5),
+        ("r_w", saved.r_w(), 0.0, 1e-5),
+        ("dx", &g.dx, u, 1e-5),
+        ("dx_pre", &g.dx_pre, u, 1e-5),
+        ("dw", &g.dw, u, 1e-5),
+        ("d_ln_weight", &g.d_ln_weight, 0.0, 1e-4),
+        ("d_ln_bias", &g.d_ln_bias, 0.0, 1e-4),
+        ("d_eta", &g.d_eta, 0.0, 1e-4),
+    ];
+    let mut report = String::new();
+    let mut counts = vec![];
+    for (k, (name, want, u, r)) in want.into_iter().enumerate() {
+        let bad = assert_nonfinite_parity(&tag(name), &got[k], want, u, r);
+        report.push_str(&format!(" {name}={bad}"));
+        counts.push(bad);
+    }
+    eprintln!(
+        "{} {pokes:?}: non-finite reference entries{report}",
+        T::NAME
+    );
+    counts
+}
+
+/// NaN / ±Inf in `x` and `x_pre` on the device (SPEC §4: IEEE propagation, no
+/// corruption of the other sample), f32 (128-bit paths: H'·W' = H·W = 36) and bf16
+/// (scalar paths), groups 2 so a patch poke stays in its group:
+/// * NaN in x (sample 0): its GAP, hence sample 0's LayerNorm and every y, dx of
+///   sample 0 is NaN; sample 1 is untouched; the parameter gradients sum over samples;
+/// * +Inf in x (sample 1): the same through an infinite GAP;
+/// * NaN in x_pre: r_x and y are NaN only in the 3×3 windows over that pixel (9 of
+///   them, asserted), in its group's 3 output channels; the backward spreads it through
+///   Σg and dm. Regression test: the patch norm used to clamp `max(q, 0)` (kernel
+///   `fmaxf`, CPU `f64::max`), which maps a NaN to 0, so a NaN in x_pre became a zero
+///   norm, r_x = 1/EPS = 1e8 and a finite y ≈ 1e8·x on both sides;
+/// * ±Inf in x_pre: ‖P‖ = ∞ so r_x = 0 and ρ̂ = ν (y stays finite), the norm's slope
+///   −r_x²/‖P‖ is −0, and dx_pre = x_pre·Σcoef is ∞·0 = NaN at the infinite taps only.
+#[test]
+fn nonfinite_inputs_match_cpu() {
+    let geo = Conv2dGeometry::new(2, 4, 6, 6, 6, 3, 3)
+        .with_groups(2)
+        .with_padding(1, 1);
+    let cases: [&[Poke]; 4] = [
+        &[Poke::X(0, 1, 7, f64::NAN)],
+        &[Poke::X(1, 4, 5, f64::INFINITY)],
+        &[Poke::XPre(0, 0, 2, 3, f64::NAN)],
+        &[
+            Poke::XPre(1, 3, 0, 0, f64::INFINITY),
+            Poke::XPre(1, 1, 5, 4, f64::NEG_INFINITY),
+        ],
+    ];
+    for (i, pokes) in cases.iter().enumerate() {
+        let counts = nonfinite_case::<f32>(geo, 700 + i as u64, pokes);
+        if i == 2 && !counts.is_empty() {
+            assert_eq!((counts[0], counts[1]), (27, 9), "NaN in x_pre: y and r_x");
+        }
+        nonfinite_case::<half::bf16>(geo, 710 + i as u64, pokes);
+    }
+}
+
+/// `bwd_params`' per-filter sums over the batch (dγ̇, dβ̇, dη, dr_w: `n = tid; n < N;
+/// n += blockDim`) past one trip: its block has min(256, ⌈max(N, C/g·KH·KW)⌉₃₂) threads,
+/// so N = 257 samples give a second trip to thread 0. C = O = 2, 1×1 planes of 3×3
+/// keep it cheap (257·2 planes of 9); all four thread orders, f32.
+#[test]
+fn path_batch_257_param_sums() {
+    let n = 257;
+    assert!(n > per_block_threads(n), "N = {n}: one trip over the batch");
+    let t = std::time::Instant::now();
+    let geo = Conv2dGeometry::new(n, 2, 3, 3, 2, 1, 1);
+    parity_case::<f32>(geo, PatchNorm::PerGroup, 620, 0);
+    eprintln!(
+        "path_batch_257_param_sums: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// The 128-bit per-plane reductions past one trip: `gap` and `bwd_sums` get
+/// min(256, ⌈H'·W'/4⌉₃₂) threads per (n, o) plane and walk its float4s `j = tid;
+/// j < H'·W'/4; j += threads`: H'·W' = 32·33 = 1056 gives 264 vectors, 2 trips (the
+/// small cases' planes: ≤ 60 elements). 3×3, padding 1, C = O = 2, N = 1 (f32).
+#[test]
+fn path_plane_1056_vector_reductions() {
+    let p: usize = 32 * 33;
+    assert!(
+        p % 4 == 0 && p / 4 > per_block_threads(p / 4),
+        "one trip per plane"
+    );
+    let t = std::time::Instant::now();
+    let geo = Conv2dGeometry::new(1, 2, 32, 33, 2, 3, 3).with_padding(1, 1);
+    parity_case::<f32>(geo, PatchNorm::PerGroup, 630, 0);
+    eprintln!(
+        "path_plane_1056_vector_reductions: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}

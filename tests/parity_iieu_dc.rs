@@ -594,3 +594,260 @@ fn bad_input() {
         });
     }
 }
+
+// ---------------------------------------------------------------------------
+// Realistic shapes: the shape-dependent loops past their first trip
+// ---------------------------------------------------------------------------
+
+#[path = "common/paths.rs"]
+mod paths;
+
+/// The launcher whose constants the path cases below re-derive their geometry from.
+const DC_SRC: &str = include_str!("../src/cuda/iieu_dc.rs");
+
+/// Threads per coupler block, as `coupler_block` in src/cuda/iieu_dc.rs computes it.
+fn coupler_threads(c: usize) -> usize {
+    let max = paths::src_const(DC_SRC, "COUPLER_BLOCK_MAX");
+    (2 * c).div_ceil(32).saturating_mul(32).clamp(64, max)
+}
+
+/// Asserts what a path case claims about the coupler's launch for `C`, `hidden`: the
+/// block-strided loops over the 2C LayerNorm elements run `⌈2C/threads⌉ ≥ trips_2c`
+/// trips, the warp-strided loops over the hidden units (`j = lane; j < hidden; j += 32`)
+/// `⌈hidden/32⌉ ≥ trips_hd`, and the shared-memory plan still fits.
+fn assert_coupler_trips(c: usize, hd: usize, trips_2c: usize, trips_hd: usize) {
+    let t = coupler_threads(c);
+    assert!(
+        (2 * c).div_ceil(t) >= trips_2c,
+        "C = {c}: 2C = {} over {t} threads is fewer than {trips_2c} trips",
+        2 * c
+    );
+    assert!(
+        hd.div_ceil(32) >= trips_hd,
+        "hidden = {hd}: fewer than {trips_hd} warp-strided trips"
+    );
+    assert!((4 * c + 13 * hd) * 4 <= gpu_dc::MAX_COUPLER_SMEM_BYTES);
+}
+
+/// IIEU-DC at C = 256, r = 4 (hidden 64), N = 2, 2×2 planes (f32, bf16). Reaches:
+/// * the coupler's block-strided loops over the 2C LayerNorm elements past one trip:
+///   the block has 256 threads (2C = 512 clamped to `COUPLER_BLOCK_MAX` = 256), so
+///   LayerNorm-1/-2 statistics, `c = W2·h'`, both LayerNorm backwards and dgap run
+///   2 trips and every block_sum combines 8 warps (the standard grid: ≤ 3 warps, 1 trip);
+/// * hidden = 64 > 32: the warp-strided loops over the hidden units (mean / std of h and
+///   their backward) run 2 trips, `row_norms` (a warp per W1 row over 8 warps) 8 trips,
+///   the warp-per-(t, j) products `h = W1·a'`, `dh' = dc·W2` 2·64/8 = 16 trips;
+/// * S = 4: the 128-bit plane reductions, with 2C·S = 2048 elements per sample.
+#[test]
+fn parity_path_dc_c256() {
+    assert_coupler_trips(256, 64, 2, 2);
+    let t = std::time::Instant::now();
+    parity::<f32>(2, 256, 2, 2, 4, 400, 0);
+    parity::<bf16>(2, 256, 2, 2, 4, 410, 0);
+    eprintln!("parity_path_dc_c256: {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// IIEU-DC at C = 2048, r = 8 (hidden 256), N = 2, 2×2 planes (f32): ResNet-50's last
+/// stage width with the largest coupler the shared-memory plan admits at C = 2048
+/// ((4·2048 + 13·256)·4 = 46 080 bytes). Reaches: the block-strided loops over 2C
+/// (16 trips of 256 threads) and over C (`λ`, LayerNorm-2 backward: 8 trips); the
+/// warp-strided loops over the hidden units 8 trips; `row_norms` 32 rows per warp;
+/// the block-strided `dW2`/`dW1` loops over C·hidden = 2^19 entries 2048 trips; and
+/// f32 dots of length 2048 and LayerNorms over 4096 values inside the tolerances.
+#[test]
+fn parity_path_dc_c2048() {
+    assert_coupler_trips(2048, 256, 16, 8);
+    let t = std::time::Instant::now();
+    parity::<f32>(1, 2048, 2, 2, 8, 420, 0);
+    eprintln!("parity_path_dc_c2048: {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// The coupler forward's several-samples-per-block path: N = 1025 > `MAX_FWD_BLOCKS`
+/// (1024) blocks, so block 0 runs samples 0 and 1024, reusing its shared A/B/h after
+/// the end-of-sample barrier (the thread-order check would catch that barrier
+/// missing). Forward only (out, GAPs, λ): the backward's several-samples path (blocks
+/// accumulating samples into their partial row) is `parity_kernel_paths`' N = 70 > 64
+/// case, and the backward at N = 1025 costs ~3× the forward on the emulator (a
+/// 64-thread block per sample, ~100 barriers and shuffles each). C = 2, r = 1
+/// (hidden 2), 1×1 planes keep the plane reductions small (2050 planes). Run under the
+/// identity and reversed thread orders only ([`paths::two_orders`]): all four cost ~40 s.
+#[test]
+fn parity_path_dc_coupler_fwd_several_samples_per_block() {
+    let Some(g) = gpu() else { return };
+    let n = 1025;
+    let fwd_blocks = paths::src_const(DC_SRC, "MAX_FWD_BLOCKS");
+    assert!(
+        n > fwd_blocks,
+        "N = {n} must exceed the {fwd_blocks} forward blocks"
+    );
+    let t = std::time::Instant::now();
+    let cfg = DcConfig::new(n, 2, 1, 1, 1).unwrap();
+    let (x0, r0) = random_inputs(&cfg, 430);
+    let (xt, x64) = round_to::<f32>(&x0);
+    let (rt, r64) = round_to::<f32>(&r0);
+    let mut p64 = map_params(&random_params(&cfg, 431), |v| v as f32 as f64);
+    pick_eta(&cfg, &x64, &r64, &mut p64);
+    let p32 = map_params(&p64, |v| v as f32);
+    let (out, saved) = cpu::forward(&cfg, &x64, &r64, &p64).unwrap();
+    let s = g.ctx.default_stream();
+    let got = paths::two_orders(&g, || {
+        let (xd, rd) = (s.clone_htod(&xt).unwrap(), s.clone_htod(&rt).unwrap());
+        let dp = DcDeviceParams::upload(&s, &cfg, &p32).unwrap();
+        let (o, sv) = gpu_dc::forward(&s, &cfg, &xd, &rd, &dp).unwrap();
+        let f = |d: &activation_kernels::cuda::CudaSlice<f32>| s.clone_dtoh(d).unwrap();
+        [f(&o), f(sv.gap()), f(sv.lambda())]
+    });
+    for (i, want) in [&out[..], saved.gap(), saved.lambda()]
+        .into_iter()
+        .enumerate()
+    {
+        let name = OUT_NAMES[i];
+        let (elem, max) = tolerances::<f32>(name);
+        let (ratio, at) = worst_ratio(&got[i], want, elem, max);
+        assert!(
+            ratio <= 1.0,
+            "{name}[{at}] = {} vs {} (ratio {ratio:.3})",
+            got[i][at],
+            want[at]
+        );
+        // The last sample is the second one of block 0.
+        assert!(want[want.len() - 1].is_finite());
+    }
+    eprintln!(
+        "parity_path_dc_coupler_fwd_several_samples_per_block: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// NaN / ±Inf inputs on the device
+// ---------------------------------------------------------------------------
+
+/// Element-wise match of a device result with non-finite entries against the f64
+/// reference: NaN exactly where the reference is NaN, the same-signed infinity where it
+/// is infinite, and every finite element within the usual tolerance (relative to the
+/// largest finite reference magnitude). Returns (NaN count, Inf count).
+fn assert_nonfinite_match(
+    tag: &str,
+    got: &[f32],
+    want: &[f64],
+    elem: f64,
+    max: f64,
+) -> (usize, usize) {
+    assert_eq!(got.len(), want.len(), "{tag}: length");
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-30);
+    let (mut nans, mut infs) = (0, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{tag}[{i}]: device {g}, reference NaN");
+            nans += 1;
+        } else if w.is_infinite() {
+            assert!(g as f64 == w, "{tag}[{i}]: device {g}, reference {w}");
+            infs += 1;
+        } else {
+            let tol = elem * w.abs() + max * scale;
+            assert!(
+                g.is_finite() && (g as f64 - w).abs() <= tol,
+                "{tag}[{i}]: device {g}, reference {w} (tol {tol:e})"
+            );
+        }
+    }
+    (nans, infs)
+}
+
+/// NaN / ±Inf in `x` and `res` on the device against the f64 CPU reference on the same
+/// inputs, element by element (SPEC §4: IEEE propagation, no corruption of other
+/// samples). N = 3: sample 0 has a NaN in x, sample 1 a +Inf in res and a −Inf in x
+/// (different planes), sample 2 is clean. A non-finite GAP makes the whole sample's
+/// LayerNorm-1 NaN, so samples 0 and 1 give NaN λ, out, dx, dres, and every parameter
+/// gradient (a sum over samples) is NaN; sample 2 must stay finite and match.
+fn nonfinite_case<T: DType>(h: usize, w: usize, seed: u64) {
+    let Some(g) = gpu() else { return };
+    let cfg = DcConfig::new(3, 16, h, w, 4).unwrap();
+    let s = cfg.s;
+    let (x0, r0) = random_inputs(&cfg, seed);
+    let (_, x64) = round_to::<T>(&x0);
+    let (_, r64) = round_to::<T>(&r0);
+    let mut p64 = map_params(&random_params(&cfg, seed + 1), |v| v as f32 as f64);
+    pick_eta(&cfg, &x64, &r64, &mut p64);
+    let p32 = map_params(&p64, |v| v as f32);
+    let (mut x0, mut r0) = (x0, r0);
+    let at = |n: usize, k: usize, i: usize| (n * cfg.c + k) * s + i;
+    x0[at(0, 3, 2)] = f64::NAN;
+    r0[at(1, 1, 0)] = f64::INFINITY;
+    x0[at(1, 5, s - 1)] = f64::NEG_INFINITY;
+    let (xt, x64) = round_to::<T>(&x0);
+    let (rt, r64) = round_to::<T>(&r0);
+    let (dyt, dy64) = round_to::<T>(&randn(&mut rng(seed + 2), x0.len()));
+
+    let (out, saved) = cpu::forward(&cfg, &x64, &r64, &p64).unwrap();
+    let gr = cpu::backward(&cfg, &dy64, &x64, &r64, &p64, &saved).unwrap();
+    let want: [&[f64]; 14] = [
+        &out,
+        saved.gap(),
+        saved.lambda(),
+        &gr.dx,
+        &gr.dres,
+        &gr.d_ln1_weight,
+        &gr.d_ln1_bias,
+        &gr.d_w1,
+        &gr.d_gamma2,
+        &gr.d_beta2,
+        &gr.d_eta2,
+        &gr.d_w2,
+        &gr.d_ln2_weight,
+        &gr.d_ln2_bias,
+    ];
+    let got = g.check_schedules(|| run_gpu(&g, &cfg, &xt, &rt, &dyt, &p32, 0));
+    let mut report = String::new();
+    for (i, name) in OUT_NAMES.iter().enumerate() {
+        let gf: Vec<f32> = got[i].iter().map(|&b| f32::from_bits(b)).collect();
+        let (elem, max) = tolerances::<T>(name);
+        let tag = format!("{} {cfg:?} non-finite: {name}", T::NAME);
+        let (nans, infs) = assert_nonfinite_match(&tag, &gf, want[i], elem, max);
+        report.push_str(&format!(" {name}={nans}/{infs}"));
+    }
+    // The clean sample stays clean (its out, dx, dres and its GAPs and λ).
+    let per = cfg.c * s;
+    assert!(out[2 * per..].iter().all(|v| v.is_finite()));
+    assert!(gr.dx[2 * per..].iter().all(|v| v.is_finite()));
+    assert!(saved.lambda()[4 * cfg.c..].iter().all(|v| v.is_finite()));
+    assert!(out[..per].iter().any(|v| v.is_nan()));
+    eprintln!("{} {h}x{w}: NaN/Inf counts{report}", T::NAME);
+}
+
+/// [`nonfinite_case`] for f32 on 4×4 planes (128-bit plane reductions and mix) and
+/// bf16 / f16 on 3×5 planes (scalar paths).
+#[test]
+fn nonfinite_inputs_match_cpu() {
+    nonfinite_case::<f32>(4, 4, 500);
+    nonfinite_case::<bf16>(3, 5, 510);
+    nonfinite_case::<f16>(3, 5, 520);
+}
+
+/// The coupler's block-strided loops over the hidden units (`j = tid; j < hidden;
+/// j += threads`: the adjuster / term-B backward per hidden unit) and over the 2·hidden
+/// entries of term-S / the adjuster forward past one trip: hidden = C/r must exceed the
+/// 256 threads, which within the shared-memory plan needs a small r: C = 1024, r = 2
+/// (hidden 512, (4·1024 + 13·512)·4 = 43 008 bytes). N = 1, 1×1 planes (f32). With
+/// N = 1 each hidden unit has only two ρ̂ values for `pick_eta` to separate; seeds 440,
+/// 441 and 443 put two within its 1e-3 margin, 447 does not.
+#[test]
+fn parity_path_dc_hidden_512() {
+    let (c, hd) = (1024, 512);
+    assert!(
+        hd > coupler_threads(c),
+        "hidden = {hd}: one trip over the hidden units"
+    );
+    assert_coupler_trips(c, hd, 8, 16);
+    let t = std::time::Instant::now();
+    parity::<f32>(1, c, 1, 1, 2, 447, 0);
+    eprintln!(
+        "parity_path_dc_hidden_512: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+}

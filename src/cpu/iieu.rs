@@ -808,11 +808,13 @@ fn patch_norm_plane<T: Real>(d: &Dims, xg: &[T], xn: &mut [f64], rx: &mut [T]) {
     norms_from_sq(xn, rx);
 }
 
-/// `‖P‖ = sqrt(max(q, 0))` in place in `xn` and `r_x = 1/(‖P‖ + EPS)` into `rx`.
+/// `‖P‖ = sqrt(max(q, 0))` in place in `xn` and `r_x = 1/(‖P‖ + EPS)` into `rx`. A NaN
+/// `q` stays NaN (`f64::max` would return 0 for it: a NaN in `x_pre` would become a zero
+/// norm, `r_x = 1/EPS`, instead of propagating as SPEC §4 requires).
 #[inline(always)]
 fn norms_from_sq_impl<T: Real>(xn: &mut [f64], rx: &mut [T]) {
     for (v, r) in xn.iter_mut().zip(rx.iter_mut()) {
-        *v = v.max(0.0).sqrt();
+        *v = if *v < 0.0 { 0.0 } else { v.sqrt() };
         *r = T::of(inv_norm(*v));
     }
 }

@@ -14,7 +14,7 @@ out = tempfile.mktemp()
 n = ctypes.CDLL(lib).emu_list_kernels(out.encode())
 registered = {l.strip() for l in open(out) if l.strip() and not l.startswith("emu_selftest")}
 os.unlink(out)
-launched = {l.strip() for l in open(trace) if l.strip() and not l.startswith("#")}
+launched = {l.split()[0] for l in open(trace) if l.strip() and not l.startswith("#")}
 missing = sorted(registered - launched)
 print(f"kernel coverage: {len(registered) - len(missing)} of {len(registered)} kernels launched by the tests")
 for k in missing:

@@ -62,16 +62,16 @@ long long block_regs(int regs, long long threads) {
   return (threads + 31) / 32 * per_warp;
 }
 
-// AK_EMU_TRACE=<file>: append the name of every launched kernel (coverage check:
-// which registered kernels the test suites actually run), and at exit one
-// `#emu-stats` line with the detectors' counts.
-void trace_launch(const char* name) {
+// AK_EMU_TRACE=<file>: append one line per launch — kernel name, grid, block,
+// dynamic shared bytes (coverage check: which registered kernels the test suites
+// actually run) — and at exit one `#emu-stats` line with the detectors' counts.
+void trace_launch(const char* name, dim3 gd, dim3 bd, unsigned smem) {
   static const char* path = getenv("AK_EMU_TRACE");
   if (!path) return;
   static std::mutex mu;
   std::lock_guard<std::mutex> g(mu);
   if (FILE* f = fopen(path, "a")) {
-    fprintf(f, "%s\n", name);
+    fprintf(f, "%s grid=%u,%u,%u block=%u,%u,%u smem=%u\n", name, gd.x, gd.y, gd.z, bd.x, bd.y, bd.z, smem);
     fclose(f);
   }
 }
@@ -404,7 +404,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   }
   emu::Launch L;
   L.k = k;
-  emu::trace_launch(k->name);
+  emu::trace_launch(k->name, dim3(gx, gy, gz), dim3(bx, by, bz), smem);
   L.params = params;
   L.grid = dim3(gx, gy, gz);
   L.block = dim3(bx, by, bz);

@@ -32,8 +32,6 @@ use crate::layout::{ActShape, Layout};
 
 /// Threads per block of the elementwise and NLC kernels.
 const THREADS: u32 = 256;
-/// Grid cap for the grid-stride loops.
-const GRID_CAP: usize = 65_535;
 /// Vectors per thread per NCHW tile (kernels/acon.cu `TILE_UNROLL`).
 const TILE_UNROLL: usize = 4;
 /// Target elements per NLC tile (rows per tile = max(8, ⌈this / C⌉)).
@@ -171,7 +169,7 @@ fn func_f32(stream: &Arc<CudaStream>, name: &str) -> Result<CudaFunction> {
 
 fn cfg(grid: usize, block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (grid.clamp(1, GRID_CAP) as u32, 1, 1),
+        grid_dim: (grid.clamp(1, super::grid_cap()) as u32, 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: smem,
     }

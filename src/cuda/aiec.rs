@@ -115,7 +115,7 @@ fn elementwise(work: usize, per: usize) -> LaunchConfig {
 
 /// Blocks of a one-block-per-row kernel (grid-stride beyond the cap).
 fn rows_grid(rows: usize) -> u32 {
-    rows.clamp(1, 4096) as u32
+    rows.clamp(1, 4096.min(super::grid_cap())) as u32
 }
 
 /// Bytes of one 16-byte vector in elements of `T`.

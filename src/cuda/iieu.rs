@@ -245,7 +245,7 @@ fn elementwise(work: usize, vec: usize) -> LaunchConfig {
 fn per_block(items: usize, per_item: usize) -> LaunchConfig {
     let threads = (per_item.div_ceil(32) * 32).clamp(32, BLOCK as usize) as u32;
     LaunchConfig {
-        grid_dim: (items.clamp(1, 65_535) as u32, 1, 1),
+        grid_dim: (items.clamp(1, super::grid_cap()) as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }

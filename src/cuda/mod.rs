@@ -96,11 +96,34 @@ impl ArgOpt for LaunchArgs<'_> {
 /// Threads per block of the elementwise and reduction kernels (a multiple of 32).
 pub(crate) const BLOCK: u32 = 256;
 
+/// The most blocks a grid-stride launch uses: 65 535. With feature `emulate`,
+/// `AK_EMU_GRID_CAP=<blocks>` lowers it, so that the test shapes run every grid-stride
+/// loop several times — the path a large tensor takes — at the emulator's cost of a
+/// small tensor (CI runs the parity suites once that way). Only the cap changes; the
+/// launch code is the production one.
+pub(crate) fn grid_cap() -> usize {
+    #[cfg(feature = "emulate")]
+    {
+        static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let c = *CAP.get_or_init(|| {
+            std::env::var("AK_EMU_GRID_CAP")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&v| v > 0)
+                .unwrap_or(65_535)
+        });
+        return c.min(65_535);
+    }
+    #[allow(unreachable_code)]
+    65_535
+}
+
 /// Grid size for a grid-stride loop over `work` items of which each block
-/// handles `per_block` per iteration, capped so that launches stay cheap.
+/// handles `per_block` per iteration, capped (at [`grid_cap`]) so that launches
+/// stay cheap.
 pub(crate) fn grid_for(work: usize, per_block: usize) -> u32 {
     let blocks = work.div_ceil(per_block.max(1)).max(1);
-    blocks.min(65_535) as u32
+    blocks.min(grid_cap()) as u32
 }
 
 /// `i32` view of a size, or an error if a kernel's 32-bit index could overflow.

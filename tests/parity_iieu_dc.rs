@@ -288,6 +288,31 @@ const E_REL: f64 = 1.0 / 2097152.0;
 
 /// Worst |got − want| / ((elem + E_REL)·|want_i| + max·max|want|) over the tensor;
 /// ≤ 1 passes. Both sides must be finite (a NaN ratio would compare false and pass).
+/// The CPU reference in the order `run_gpu` returns the device outputs: out, GAP, λ,
+/// dx, dres and the nine parameter gradients.
+fn reference_outputs<'a>(
+    out: &'a [f64],
+    saved: &'a cpu::DcSaved<f64>,
+    gr: &'a cpu::DcGrads<f64>,
+) -> [&'a [f64]; 14] {
+    [
+        out,
+        saved.gap(),
+        saved.lambda(),
+        &gr.dx,
+        &gr.dres,
+        &gr.d_ln1_weight,
+        &gr.d_ln1_bias,
+        &gr.d_w1,
+        &gr.d_gamma2,
+        &gr.d_beta2,
+        &gr.d_eta2,
+        &gr.d_w2,
+        &gr.d_ln2_weight,
+        &gr.d_ln2_bias,
+    ]
+}
+
 fn worst_ratio(got: &[f32], want: &[f64], elem: f64, max: f64) -> (f64, usize) {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
@@ -358,22 +383,7 @@ fn parity<T: DType>(n: usize, c: usize, h: usize, w: usize, r: usize, seed: u64,
         gr.d_eta2.iter().any(|v| v.abs() > 1e-6),
         "η₂ has a gradient"
     );
-    let want: [&[f64]; 14] = [
-        &out,
-        saved.gap(),
-        saved.lambda(),
-        &gr.dx,
-        &gr.dres,
-        &gr.d_ln1_weight,
-        &gr.d_ln1_bias,
-        &gr.d_w1,
-        &gr.d_gamma2,
-        &gr.d_beta2,
-        &gr.d_eta2,
-        &gr.d_w2,
-        &gr.d_ln2_weight,
-        &gr.d_ln2_bias,
-    ];
+    let want = reference_outputs(&out, &saved, &gr);
 
     let got = g.check_schedules(|| run_gpu(&g, &cfg, &xt, &rt, &dyt, &p32, offset));
     let mut report = String::new();
@@ -786,22 +796,7 @@ fn nonfinite_case<T: DType>(h: usize, w: usize, seed: u64) {
 
     let (out, saved) = cpu::forward(&cfg, &x64, &r64, &p64).unwrap();
     let gr = cpu::backward(&cfg, &dy64, &x64, &r64, &p64, &saved).unwrap();
-    let want: [&[f64]; 14] = [
-        &out,
-        saved.gap(),
-        saved.lambda(),
-        &gr.dx,
-        &gr.dres,
-        &gr.d_ln1_weight,
-        &gr.d_ln1_bias,
-        &gr.d_w1,
-        &gr.d_gamma2,
-        &gr.d_beta2,
-        &gr.d_eta2,
-        &gr.d_w2,
-        &gr.d_ln2_weight,
-        &gr.d_ln2_bias,
-    ];
+    let want = reference_outputs(&out, &saved, &gr);
     let got = g.check_schedules(|| run_gpu(&g, &cfg, &xt, &rt, &dyt, &p32, 0));
     let mut report = String::new();
     for (i, name) in OUT_NAMES.iter().enumerate() {

@@ -139,7 +139,7 @@ impl<T: Real> IieuParams<T> {
         }
     }
 
-    fn check(&self, c_out: usize) -> Result<()> {
+    pub(crate) fn check(&self, c_out: usize) -> Result<()> {
         check_len("ln_weight", c_out, self.ln_weight.len())?;
         check_len("ln_bias", c_out, self.ln_bias.len())?;
         check_len("eta", c_out, self.eta.len())
@@ -161,6 +161,32 @@ pub struct IieuSaved<T> {
 }
 
 impl<T: Real> IieuSaved<T> {
+    /// Assembles the state from its parts (for fused ops that compute the norms and
+    /// term-B statistics themselves, e.g. `cpu::iieu_conv`). Lengths: `r_w`, `w_norm`
+    /// `(O,)`; `r_x`, `x_norm` `(N, G', H', W')`; `nu`, `m_hat` `(N, O)`; `rstd` `(N,)`
+    /// — [`backward`] checks them against the config.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        cfg: IieuConfig,
+        r_w: Vec<T>,
+        w_norm: Vec<f64>,
+        r_x: Vec<T>,
+        x_norm: Vec<f64>,
+        nu: Vec<f64>,
+        m_hat: Vec<f64>,
+        rstd: Vec<f64>,
+    ) -> Self {
+        Self {
+            cfg,
+            r_w,
+            w_norm,
+            r_x,
+            x_norm,
+            nu,
+            m_hat,
+            rstd,
+        }
+    }
     /// The config the state was computed for.
     pub fn config(&self) -> &IieuConfig {
         &self.cfg
@@ -675,7 +701,7 @@ simd_fn! {
 
 simd_fn! {
     /// [`adjust_plane_impl`], runtime-dispatched to AVX2 where available.
-    fn adjust_plane<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T)
+    pub(crate) fn adjust_plane<T: Real>(xp: &[T], rx: &[T], yp: &mut [T], rw: T, nu: T, eta: T)
         => adjust_plane_impl;
 }
 
@@ -836,6 +862,35 @@ fn patch_norms<T: Real>(d: &Dims, x_pre: &[T]) -> Vec<T> {
         .zip(x_pre.par_chunks(d.c_per * d.plane_in()))
         .for_each(|((xn, rx), xg)| patch_norm_plane(d, xg, xn, rx));
     r
+}
+
+/// `(r_w, ‖W[o]‖)` of a validated config and a `w` of the right length (for fused ops).
+pub(crate) fn filter_norms_checked<T: Real>(
+    cfg: &IieuConfig,
+    w: &[T],
+) -> Result<(Vec<T>, Vec<f64>)> {
+    let d = Dims::new(cfg)?;
+    check_len("w", d.w_len(), w.len())?;
+    Ok(filter_norms(&d, w))
+}
+
+/// `(r_x, ‖P‖)`, `(N, G', H', W')` each, by the cheap `q` window-sum path (for fused
+/// ops that cannot read the patch from their im2col tiles).
+pub(crate) fn patch_norms_checked<T: Real>(
+    cfg: &IieuConfig,
+    x_pre: &[T],
+) -> Result<(Vec<T>, Vec<f64>)> {
+    let d = Dims::new(cfg)?;
+    check_len("x_pre", d.x_pre_len(), x_pre.len())?;
+    let po = d.plane_out();
+    let mut norms = vec![0.0f64; d.rx_len()];
+    let mut r = vec![T::zero(); d.rx_len()];
+    norms
+        .par_chunks_mut(po)
+        .zip(r.par_chunks_mut(po))
+        .zip(x_pre.par_chunks(d.c_per * d.plane_in()))
+        .for_each(|((xn, rx), xg)| patch_norm_plane(&d, xg, xn, rx));
+    Ok((r, norms))
 }
 
 // ------------------------------------------------------------------------------------

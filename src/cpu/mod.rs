@@ -10,4 +10,5 @@ pub mod acon;
 pub mod aiec;
 pub mod common;
 pub mod iieu;
+pub mod iieu_conv;
 pub mod iieu_dc;

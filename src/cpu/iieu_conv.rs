@@ -1,0 +1,993 @@
+//! IieuConv2d — convolution, ψ and IIEU-B as one fused op (SPEC §1, §1.5):
+//!
+//! ```text
+//! c = conv(x_pre, W)            (N, O, H', W'), any stride / padding / dilation / groups
+//! x = ψ(c)                      per-channel: none, bias, affine, BatchNorm (train / eval)
+//! y = IIEU-B(x, x_pre, W)       SPEC §1.1–1.3, exactly as `cpu::iieu::forward`
+//! ```
+//!
+//! SPEC §1 is explicit about which tensor IIEU-B sees: its input `x` is "the conv output
+//! after ψ", so term-S is `s = x·r_w[o]·r_x` with `x = ψ(c)`, term-B's GAP is
+//! `m[n,o] = GAP(x[n,o]) = GAP(ψ(c)[n,o])`, and the adjuster multiplies `x`. The norms
+//! `r_w = 1/(‖W[o]‖+EPS)` and `r_x = 1/(‖P‖+EPS)` are those of the conv's own weight and
+//! input patches (`x_pre`, `W`), both back-propagated (not detached).
+//!
+//! ψ (see [`Psi`]) is a per-channel affine map of `c` once its statistics are known:
+//! `x = ((c − sub[o])·k[o])·scale[o] + add[o]` (evaluated in f64, one rounding to `T`):
+//! * [`Psi::None`]: `x = c`;
+//! * [`Psi::Bias`]: `x = c + b[o]`;
+//! * [`Psi::Affine`]: `x = a[o]·c + b[o]` (inference BatchNorm folded into two vectors);
+//! * [`Psi::BatchNorm`], training: `x = γ[o]·(c − μ[o])/sqrt(var[o] + eps) + β[o]` with
+//!   the batch statistics over the `N·H'·W'` values of channel `o` (biased variance for
+//!   the normalisation); the running statistics are updated as PyTorch does:
+//!   `running_mean ← (1−momentum)·running_mean + momentum·μ`,
+//!   `running_var ← (1−momentum)·running_var + momentum·var·M/(M−1)` (unbiased,
+//!   `M = N·H'·W'`);
+//! * [`Psi::BatchNorm`], eval: the same with `running_mean` / `running_var` for `μ`, `var`.
+//!
+//! # What is fused where (CPU)
+//! 1. **Conv + patch norms + epilogue**, one rayon task per sample `n`: for each group
+//!    and each cache-sized tile of output pixels ([`TILE_BYTES`]), the im2col tile
+//!    (`pixels × K`, `K = C/g·KH·KW`, zero padding included) is built once and
+//!    * multiplied by the group's filters with the `gemm` crate (`c` for the tile);
+//!    * squared and summed along each row in f64: `‖P‖²` of each output pixel (the
+//!      zeros of the padding add nothing, so the sum is exact for free).
+//!      [`PatchNorm::PerGroup`]: the row sum of group `grp`'s tile is `‖P‖²` of that
+//!      group. [`PatchNorm::AllChannels`] (reference-code compatible, undilated taps):
+//!      with dilation 1 the conv's taps are the undilated ones, and the `g` group tiles
+//!      of the same pixels together hold every channel of the all-channel patch, so their
+//!      row sums are added over the groups (in group order) before the square root.
+//!      With dilation > 1 the all-channel window's (undilated) taps are in no tile; then
+//!      `r_x` comes from `cpu::iieu`'s cheap `Σ_c x_pre²` window-sum path instead;
+//!    * the epilogue folds each output row of the tile into the per-`(n, o)` statistics
+//!      `(mean, M2)` of `c` (tile mean and centred sum of squares, merged tile by tile
+//!      in order with Chan's formula — instead of `Σc`, `Σc²`, which lose every digit
+//!      to cancellation when `|mean| ≫ std`). They give term-B's GAP and BatchNorm's
+//!      batch statistics.
+//! 2. **Tiny pass** (`O(N·O)`): BatchNorm batch statistics (per-sample `(mean, M2)`
+//!    merged over `n` in order), running-stat update, `GAP(x) = ψ(GAP(c))` (ψ is affine
+//!    per channel), LayerNorm over `o` and `ν = σ(γ̇·m̂ + β̇)`.
+//! 3. **Elementwise pass**, per `(n, o)` plane: `x = ψ(c)` into a plane-sized scratch,
+//!    then `cpu::iieu`'s blocked adjuster `y = ς(ρ̂)·x`, `ρ̂ = x·r_w·r_x + ν` (the same
+//!    code as the unfused op, so the same bits for the same `x`, `r_x`, `ν`).
+//!
+//! Every reduction runs in f64 in a fixed order (tiles, groups, samples); the GEMM runs
+//! in `T` with `gemm::Parallelism::None` inside the per-sample tasks; the backward's
+//! `dW` partials are per fixed chunk of samples, summed in chunk order. So the result
+//! has the same bits on every run and for every rayon thread count (on one machine:
+//! `gemm` picks its kernels by CPU features).
+//!
+//! # What forward saves for backward ([`IieuConvSaved`])
+//! Per output element: the conv output `c` (one `T`; `x = ψ(c)` is recomputed with the
+//! same expression, so the adjuster branches are bit-identical). Per `(n, G', h', w')`:
+//! `r_x` (one `T`) and `‖P‖` (one f64). Per `(n, o)`: `ν`, `m̂` (f64). Per `o`: `r_w`,
+//! `‖W[o]‖`, ψ's `(sub, k, scale, add)`. Per `n`: the LayerNorm `rstd`. So
+//! `sizeof(T)` bytes per output element plus `sizeof(T) + 8` per patch-norm element
+//! (`G'/O` of the output elements) — the im2col tiles are not kept (the backward
+//! rebuilds them, one tile at a time).
+//!
+//! # Backward
+//! With `dx` the gradient at IIEU-B's input `x` (from `cpu::iieu::backward`, which also
+//! gives the `r_x`-path of `dx_pre`, the `r_w`-path of `dW`, and `dγ̇`, `dβ̇`, `dη`):
+//! * ψ: `d_shift[o] = Σ dx`, `d_scale[o] = Σ dx·x̂` (`x̂ = c` for Affine, the normalised
+//!   `(c − μ)/sqrt(var + eps)` for BatchNorm), and
+//!   `dc = scale·k·dx` (None, Bias, Affine, BatchNorm eval), or for BatchNorm training
+//!   `dc = γ·rstd·(dx − mean(dx) − x̂·mean(dx·x̂))` (means over `N·H'·W'`);
+//! * conv, per sample, group and tile: the im2col tile is rebuilt; `dcol = dcᵀ·W_g`
+//!   (GEMM) is scattered back to `dx_pre` (col2im, sequential inside the sample's task:
+//!   no atomics), and `dW_g += dc·col` (GEMM);
+//! * `dx_pre = dx_pre|r_x + dx_pre|conv`, `dW = dW|r_w + dW|conv`.
+//!
+//! # Errors
+//! Every bad input is an `Err` before any work: invalid geometry ([`Error::Geometry`],
+//! [`Error::Empty`]), buffers and per-channel vectors of the wrong length
+//! ([`Error::LengthMismatch`]), BatchNorm `eps ≤ 0` or not finite, `momentum` outside
+//! `[0, 1]`, a negative running variance, training statistics over a single value
+//! (`N·H'·W' = 1`, as PyTorch refuses) ([`Error::InvalidParam`]), and a backward whose
+//! config, ψ or saved state do not match the forward ([`Error::Shape`]).
+
+use std::any::TypeId;
+
+use rayon::prelude::*;
+
+use crate::cpu::common::{layer_norm_fwd, sigmoid};
+use crate::cpu::iieu::{
+    self, IieuConfig, IieuGrads, IieuParams, IieuSaved, PatchNorm, EPS, EPS_LN,
+};
+use crate::error::{check_len, Error, Result};
+use crate::geometry::Conv2dGeometry;
+use crate::real::Real;
+
+/// Target size in bytes of one im2col tile (`pixels × K` values of `T`): about half of
+/// a typical L2, so the tile, the group's filters and the output rows stay in cache
+/// while the GEMM and the patch norms read it. The tile has at least 16 and at most
+/// 1024 pixels (fewer if the plane is smaller).
+pub const TILE_BYTES: usize = 256 * 1024;
+
+/// Fixed number of sample chunks in the backward's `dW` reduction (independent of the
+/// thread count, so the sum has the same bits for every thread count).
+const DW_CHUNKS: usize = 8;
+
+/// BatchNorm after the convolution (PyTorch `BatchNorm2d` semantics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNorm<T> {
+    /// Affine weight `γ[o]` (PyTorch init 1).
+    pub weight: Vec<T>,
+    /// Affine bias `β[o]` (init 0).
+    pub bias: Vec<T>,
+    /// Running mean (init 0): used in eval mode, updated in training mode.
+    pub running_mean: Vec<T>,
+    /// Running (unbiased) variance (init 1): used in eval mode, updated in training mode.
+    pub running_var: Vec<T>,
+    /// Running-stat momentum in `[0, 1]` (PyTorch default 0.1).
+    pub momentum: f64,
+    /// `eps > 0` added to the variance (PyTorch default 1e-5).
+    pub eps: f64,
+    /// Training mode (batch statistics, running stats updated) or eval (running stats).
+    pub training: bool,
+}
+
+impl<T: Real> BatchNorm<T> {
+    /// PyTorch's initialisation for `c_out` channels, in training mode: `γ = 1`,
+    /// `β = 0`, running mean 0, running var 1, momentum 0.1, eps 1e-5.
+    pub fn init(c_out: usize) -> Self {
+        Self {
+            weight: vec![T::one(); c_out],
+            bias: vec![T::zero(); c_out],
+            running_mean: vec![T::zero(); c_out],
+            running_var: vec![T::one(); c_out],
+            momentum: 0.1,
+            eps: 1e-5,
+            training: true,
+        }
+    }
+}
+
+/// The per-channel map ψ between the convolution and IIEU-B.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Psi<T> {
+    /// `x = c`.
+    None,
+    /// `x = c + bias[o]`.
+    Bias(Vec<T>),
+    /// `x = scale[o]·c + shift[o]` (e.g. an inference BatchNorm folded).
+    Affine {
+        /// `a[o]`.
+        scale: Vec<T>,
+        /// `b[o]`.
+        shift: Vec<T>,
+    },
+    /// BatchNorm in training or eval mode.
+    BatchNorm(BatchNorm<T>),
+}
+
+/// Which ψ a saved state belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PsiMode {
+    None,
+    Bias,
+    Affine,
+    BnTrain,
+    BnEval,
+}
+
+impl<T: Real> Psi<T> {
+    fn mode(&self) -> PsiMode {
+        match self {
+            Psi::None => PsiMode::None,
+            Psi::Bias(_) => PsiMode::Bias,
+            Psi::Affine { .. } => PsiMode::Affine,
+            Psi::BatchNorm(b) if b.training => PsiMode::BnTrain,
+            Psi::BatchNorm(_) => PsiMode::BnEval,
+        }
+    }
+
+    /// Lengths and scalar domains, before any work.
+    fn check(&self, o: usize, m: usize) -> Result<()> {
+        match self {
+            Psi::None => Ok(()),
+            Psi::Bias(b) => check_len("psi bias", o, b.len()),
+            Psi::Affine { scale, shift } => {
+                check_len("psi scale", o, scale.len())?;
+                check_len("psi shift", o, shift.len())
+            }
+            Psi::BatchNorm(bn) => {
+                check_len("bn weight", o, bn.weight.len())?;
+                check_len("bn bias", o, bn.bias.len())?;
+                check_len("bn running_mean", o, bn.running_mean.len())?;
+                check_len("bn running_var", o, bn.running_var.len())?;
+                if !(bn.eps.is_finite() && bn.eps > 0.0) {
+                    return Err(Error::InvalidParam {
+                        what: "bn eps",
+                        msg: format!("must be finite and > 0, got {}", bn.eps),
+                    });
+                }
+                if !(0.0..=1.0).contains(&bn.momentum) {
+                    return Err(Error::InvalidParam {
+                        what: "bn momentum",
+                        msg: format!("must be in [0, 1], got {}", bn.momentum),
+                    });
+                }
+                if bn.running_var.iter().any(|&v| v.to_f64() < 0.0) {
+                    return Err(Error::InvalidParam {
+                        what: "bn running_var",
+                        msg: "a running variance is negative".into(),
+                    });
+                }
+                if bn.training && m < 2 {
+                    return Err(Error::InvalidParam {
+                        what: "bn training",
+                        msg: format!(
+                            "batch statistics need more than 1 value per channel (N·H'·W' = {m})"
+                        ),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Learnable parameters (and BatchNorm state) of an IieuConv2d.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IieuConvParams<T> {
+    /// IIEU-B's `γ̇`, `β̇`, `η`, each `(O,)`.
+    pub iieu: IieuParams<T>,
+    /// ψ and its per-channel vectors, each `(O,)`.
+    pub psi: Psi<T>,
+}
+
+impl<T: Real> IieuConvParams<T> {
+    /// IIEU-B's SPEC initialisation with the given ψ.
+    pub fn init(c_out: usize, psi: Psi<T>) -> Self {
+        Self {
+            iieu: IieuParams::init(c_out),
+            psi,
+        }
+    }
+}
+
+/// Gradients of every input and parameter.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IieuConvGrads<T> {
+    /// `∂L/∂x_pre`, `(N, C, H, W)` (through the conv and through `r_x`).
+    pub dx_pre: Vec<T>,
+    /// `∂L/∂W`, `(O, C/g, KH, KW)` (through the conv and through `r_w`).
+    pub dw: Vec<T>,
+    /// `∂L/∂γ̇`, `(O,)`.
+    pub d_ln_weight: Vec<T>,
+    /// `∂L/∂β̇`, `(O,)`.
+    pub d_ln_bias: Vec<T>,
+    /// `∂L/∂η`, `(O,)`.
+    pub d_eta: Vec<T>,
+    /// ψ's multiplicative parameter: `∂L/∂a` (Affine), `∂L/∂γ` (BatchNorm, either mode);
+    /// empty for None and Bias.
+    pub d_psi_scale: Vec<T>,
+    /// ψ's additive parameter: `∂L/∂bias` (Bias), `∂L/∂b` (Affine), `∂L/∂β`
+    /// (BatchNorm); empty for None.
+    pub d_psi_shift: Vec<T>,
+}
+
+/// ψ of one channel as `x = ((c − sub)·k)·scale + add` (f64).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Lin {
+    sub: f64,
+    k: f64,
+    scale: f64,
+    add: f64,
+}
+
+impl Lin {
+    const ID: Lin = Lin {
+        sub: 0.0,
+        k: 1.0,
+        scale: 1.0,
+        add: 0.0,
+    };
+    #[inline(always)]
+    fn xhat(&self, c: f64) -> f64 {
+        (c - self.sub) * self.k
+    }
+    #[inline(always)]
+    fn apply<T: Real>(&self, c: T) -> T {
+        T::of(self.xhat(c.to_f64()) * self.scale + self.add)
+    }
+}
+
+/// What [`forward`] saves for [`backward`] (see the module docs for its memory).
+#[derive(Debug, Clone)]
+pub struct IieuConvSaved<T> {
+    cfg: IieuConfig,
+    mode: PsiMode,
+    conv: Vec<T>,
+    lin: Vec<Lin>,
+    batch_mean: Vec<f64>,
+    batch_var: Vec<f64>,
+    iieu: IieuSaved<T>,
+}
+
+impl<T: Real> IieuConvSaved<T> {
+    /// The config the state was computed for.
+    pub fn config(&self) -> &IieuConfig {
+        &self.cfg
+    }
+    /// The conv output `c = conv(x_pre, W)` (before ψ), `(N, O, H', W')`.
+    pub fn conv_out(&self) -> &[T] {
+        &self.conv
+    }
+    /// The IIEU-B state (`r_w`, `r_x`, `ν`, `m̂`), as `cpu::iieu::forward` would save it.
+    pub fn iieu(&self) -> &IieuSaved<T> {
+        &self.iieu
+    }
+    /// BatchNorm training: the batch mean of `c` per channel (f64); empty otherwise.
+    pub fn batch_mean(&self) -> &[f64] {
+        &self.batch_mean
+    }
+    /// BatchNorm training: the biased batch variance of `c` per channel (f64); empty
+    /// otherwise.
+    pub fn batch_var(&self) -> &[f64] {
+        &self.batch_var
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// Internal geometry and GEMM
+
+struct Dims {
+    g: Conv2dGeometry,
+    ow: usize,
+    /// Output plane H'·W'.
+    po: usize,
+    /// Input plane H·W.
+    pi: usize,
+    /// C/g.
+    cg: usize,
+    /// O/g.
+    og: usize,
+    /// C/g·KH·KW.
+    k: usize,
+    /// Pixels per im2col tile.
+    tile: usize,
+    /// Patch planes per sample G'.
+    gp: usize,
+    /// r_x from the im2col tiles (else from cpu::iieu's window sum).
+    fused_rx: bool,
+}
+
+impl Dims {
+    fn new<T>(cfg: &IieuConfig) -> Result<Self> {
+        let (oh, ow) = cfg.validate()?;
+        let g = cfg.geometry;
+        let k = g.cin_per_group() * g.kh * g.kw;
+        let po = oh * ow;
+        let row = k.saturating_mul(std::mem::size_of::<T>()).max(1);
+        let tile = (TILE_BYTES / row).clamp(16, 1024).min(po);
+        let fused_rx = match cfg.patch_norm {
+            PatchNorm::PerGroup => true,
+            PatchNorm::AllChannels => g.dilation == (1, 1),
+        };
+        Ok(Self {
+            g,
+
+            ow,
+            po,
+            pi: g.h * g.w,
+            cg: g.cin_per_group(),
+            og: g.cout_per_group(),
+            k,
+            tile,
+            gp: cfg.patch_groups(),
+            fused_rx,
+        })
+    }
+    fn out_len(&self) -> usize {
+        self.g.n * self.g.c_out * self.po
+    }
+
+    /// Input coordinate of tap `i` of output `o` along one axis, if inside the image.
+    #[inline(always)]
+    fn tap(o: usize, i: usize, s: usize, p: usize, d: usize, len: usize) -> Option<usize> {
+        let t = o * s + i * d;
+        (t >= p && t - p < len).then(|| t - p)
+    }
+
+    /// The im2col tile of sample `xs` (`(C, H, W)`), group `grp`, output pixels
+    /// `p0..p0+tp`: `col[j·K + (cl·KH + i)·KW + jj]` = the input under tap `(i, jj)` of
+    /// channel `cl` of the group for pixel `p0 + j`, 0 in the padding.
+    fn im2col<T: Real>(&self, xs: &[T], grp: usize, p0: usize, tp: usize, col: &mut [T]) {
+        let g = &self.g;
+        for (j, row) in col.chunks_exact_mut(self.k).take(tp).enumerate() {
+            let (ho, wo) = ((p0 + j) / self.ow, (p0 + j) % self.ow);
+            let mut it = row.iter_mut();
+            for cl in 0..self.cg {
+                let plane = &xs[(grp * self.cg + cl) * self.pi..][..self.pi];
+                for i in 0..g.kh {
+                    let hi = Self::tap(ho, i, g.stride.0, g.padding.0, g.dilation.0, g.h);
+                    for jj in 0..g.kw {
+                        let wi = Self::tap(wo, jj, g.stride.1, g.padding.1, g.dilation.1, g.w);
+                        if let Some(v) = it.next() {
+                            *v = match (hi, wi) {
+                                (Some(hi), Some(wi)) => plane[hi * g.w + wi],
+                                _ => T::zero(),
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adjoint of [`Dims::im2col`]: adds each tile entry into the input position it
+    /// was read from (`dxs` is the sample's `(C, H, W)` gradient).
+    fn col2im_add<T: Real>(&self, col: &[T], grp: usize, p0: usize, tp: usize, dxs: &mut [T]) {
+        let g = &self.g;
+        for (j, row) in col.chunks_exact(self.k).take(tp).enumerate() {
+            let (ho, wo) = ((p0 + j) / self.ow, (p0 + j) % self.ow);
+            let mut it = row.iter();
+            for cl in 0..self.cg {
+                let plane = &mut dxs[(grp * self.cg + cl) * self.pi..][..self.pi];
+                for i in 0..g.kh {
+                    let hi = Self::tap(ho, i, g.stride.0, g.padding.0, g.dilation.0, g.h);
+                    for jj in 0..g.kw {
+                        let wi = Self::tap(wo, jj, g.stride.1, g.padding.1, g.dilation.1, g.w);
+                        if let (Some(&v), Some(hi), Some(wi)) = (it.next(), hi, wi) {
+                            let d = &mut plane[hi * g.w + wi];
+                            *d = *d + v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A strided matrix view: element `(r, c)` at `r·rs + c·cs`.
+#[derive(Clone, Copy)]
+struct Mat {
+    rs: usize,
+    cs: usize,
+}
+
+impl Mat {
+    /// One past the largest index an `m × n` view touches.
+    fn extent(&self, m: usize, n: usize) -> usize {
+        (m - 1) * self.rs + (n - 1) * self.cs + 1
+    }
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` with the `gemm` crate for f32 / f64
+/// (single-threaded: callers parallelise over samples), a plain triple loop for any
+/// other [`Real`]. `m, n, k ≥ 1`.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dv: Mat,
+    accumulate: bool,
+    lhs: &[T],
+    lv: Mat,
+    rhs: &[T],
+    rv: Mat,
+) {
+    // Internal invariant (sizes come from a validated geometry); checked always because
+    // the unsafe call below relies on it.
+    assert!(
+        m > 0
+            && n > 0
+            && k > 0
+            && dv.extent(m, n) <= dst.len()
+            && lv.extent(m, k) <= lhs.len()
+            && rv.extent(k, n) <= rhs.len(),
+        "iieu_conv: GEMM operand out of bounds"
+    );
+    let is = |t: TypeId| TypeId::of::<T>() == t;
+    if is(TypeId::of::<f32>()) || is(TypeId::of::<f64>()) {
+        // SAFETY: T is f32 or f64 (types `gemm::gemm` supports, checked above); every
+        // index the m×n / m×k / k×n strided views touch is in bounds of its slice
+        // (asserted above); `dst` is exclusively borrowed and does not alias the inputs.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                dv.cs as isize,
+                dv.rs as isize,
+                accumulate,
+                lhs.as_ptr(),
+                lv.cs as isize,
+                lv.rs as isize,
+                rhs.as_ptr(),
+                rv.cs as isize,
+                rv.rs as isize,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    } else {
+        for r in 0..m {
+            for c in 0..n {
+                let mut acc = T::zero();
+                for i in 0..k {
+                    acc = acc + lhs[r * lv.rs + i * lv.cs] * rhs[i * rv.rs + c * rv.cs];
+                }
+                let d = &mut dst[r * dv.rs + c * dv.cs];
+                *d = if accumulate { *d + acc } else { acc };
+            }
+        }
+    }
+}
+
+/// `(count, mean, M2)` running statistics merged with Chan's formula.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stat {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Stat {
+    fn of(v: &[impl Real]) -> Self {
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&a| a.to_f64()).sum::<f64>() / n;
+        let m2 = v
+            .iter()
+            .map(|&a| {
+                let d = a.to_f64() - mean;
+                d * d
+            })
+            .sum();
+        Self { n, mean, m2 }
+    }
+    fn merge(self, b: Stat) -> Stat {
+        if self.n == 0.0 {
+            return b;
+        }
+        let n = self.n + b.n;
+        let delta = b.mean - self.mean;
+        Stat {
+            n,
+            mean: self.mean + delta * (b.n / n),
+            m2: self.m2 + b.m2 + delta * delta * (self.n * b.n / n),
+        }
+    }
+}
+
+fn check_inputs<T: Real>(d: &Dims, x_pre: &[T], w: &[T], params: &IieuConvParams<T>) -> Result<()> {
+    check_len("x_pre", d.g.input_len(), x_pre.len())?;
+    check_len("w", d.g.weight_len(), w.len())?;
+    params.iieu.check(d.g.c_out)?;
+    params.psi.check(d.g.c_out, d.g.n * d.po)
+}
+
+// ------------------------------------------------------------------------------------
+// Public API
+
+/// IieuConv2d forward: `y = IIEU-B(ψ(conv(x_pre, W)), x_pre, W)` (module docs: formula,
+/// what is fused where, what is saved).
+///
+/// `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`; returns `y` `(N, O, H', W')` and the
+/// state [`backward`] needs. With [`Psi::BatchNorm`] in training mode the running
+/// statistics in `params` are updated (after all the work, never on `Err`); nothing
+/// else in `params` changes.
+///
+/// Errors: see the module docs; all checked before any work.
+pub fn forward<T: Real>(
+    cfg: &IieuConfig,
+    x_pre: &[T],
+    w: &[T],
+    params: &mut IieuConvParams<T>,
+) -> Result<(Vec<T>, IieuConvSaved<T>)> {
+    let d = Dims::new::<T>(cfg)?;
+    check_inputs(&d, x_pre, w, params)?;
+    let g = d.g;
+    let (n_, o_, po, pi) = (g.n, g.c_out, d.po, d.pi);
+    let (r_w, w_norm) = iieu::filter_norms_checked(cfg, w)?;
+
+    // 1. Conv + patch norms + per-(n, o) statistics, one task per sample. `sq` holds
+    //    ‖P‖² per (n, G', h', w') (only filled on the fused path; the other path fills
+    //    the norms below).
+    let mut conv = vec![T::zero(); d.out_len()];
+    let mut sq = vec![0.0f64; n_ * d.gp * po];
+    let mut stats = vec![Stat::default(); n_ * o_];
+    conv.par_chunks_mut(o_ * po)
+        .zip(stats.par_chunks_mut(o_))
+        .zip(sq.par_chunks_mut(d.gp * po))
+        .zip(x_pre.par_chunks(g.c_in * pi))
+        .for_each(|(((cs, st), qs), xs)| conv_sample(&d, xs, w, cs, st, qs));
+
+    let (r_x, x_norm) = if d.fused_rx {
+        let mut r_x = vec![T::zero(); sq.len()];
+        r_x.par_iter_mut()
+            .zip(sq.par_iter_mut())
+            .for_each(|(r, q)| {
+                *q = q.max(0.0).sqrt();
+                *r = T::of(1.0 / (*q + EPS));
+            });
+        (r_x, sq)
+    } else {
+        iieu::patch_norms_checked(cfg, x_pre)?
+    };
+
+    // 2. Tiny pass: ψ per channel (BatchNorm statistics), GAP(x), LayerNorm, ν.
+    let mode = params.psi.mode();
+    let (mut batch_mean, mut batch_var) = (Vec::new(), Vec::new());
+    let lin: Vec<Lin> = match &params.psi {
+        Psi::None => vec![Lin::ID; o_],
+        Psi::Bias(b) => b
+            .iter()
+            .map(|&b| Lin {
+                add: b.to_f64(),
+                ..Lin::ID
+            })
+            .collect(),
+        Psi::Affine { scale, shift } => scale
+            .iter()
+            .zip(shift)
+            .map(|(&a, &b)| Lin {
+                scale: a.to_f64(),
+                add: b.to_f64(),
+                ..Lin::ID
+            })
+            .collect(),
+        Psi::BatchNorm(bn) => {
+            let (mean, var): (Vec<f64>, Vec<f64>) = if bn.training {
+                (0..o_)
+                    .map(|o| {
+                        let s = (0..n_).fold(Stat::default(), |a, n| a.merge(stats[n * o_ + o]));
+                        (s.mean, s.m2 / s.n)
+                    })
+                    .unzip()
+            } else {
+                bn.running_mean
+                    .iter()
+                    .zip(&bn.running_var)
+                    .map(|(&m, &v)| (m.to_f64(), v.to_f64()))
+                    .unzip()
+            };
+            let lin = (0..o_)
+                .map(|o| Lin {
+                    sub: mean[o],
+                    k: 1.0 / (var[o] + bn.eps).sqrt(),
+                    scale: bn.weight[o].to_f64(),
+                    add: bn.bias[o].to_f64(),
+                })
+                .collect();
+            if bn.training {
+                batch_mean = mean;
+                batch_var = var;
+            }
+            lin
+        }
+    };
+    let mut m_hat = vec![0.0f64; n_ * o_];
+    let mut nu = vec![0.0f64; n_ * o_];
+    let mut rstd = vec![0.0f64; n_];
+    let ip = &params.iieu;
+    for n in 0..n_ {
+        let m: Vec<f64> = (0..o_)
+            .map(|o| lin[o].xhat(stats[n * o_ + o].mean) * lin[o].scale + lin[o].add)
+            .collect();
+        let mh = &mut m_hat[n * o_..(n + 1) * o_];
+        rstd[n] = layer_norm_fwd(&m, EPS_LN, mh);
+        for o in 0..o_ {
+            nu[n * o_ + o] = sigmoid(ip.ln_weight[o].to_f64() * mh[o] + ip.ln_bias[o].to_f64());
+        }
+    }
+
+    // 3. Elementwise pass: x = ψ(c), then the IIEU-B adjuster, per (n, o) plane.
+    let mut y = vec![T::zero(); d.out_len()];
+    y.par_chunks_mut(po)
+        .zip(conv.par_chunks(po))
+        .enumerate()
+        .for_each_init(
+            || vec![T::zero(); po],
+            |xb, (no, (yp, cp))| {
+                let (n, o) = (no / o_, no % o_);
+                let t = n * d.gp + o / (o_ / d.gp);
+                let rx = &r_x[t * po..(t + 1) * po];
+                let l = lin[o];
+                for (xv, &c) in xb.iter_mut().zip(cp) {
+                    *xv = l.apply(c);
+                }
+                iieu::adjust_plane(xb, rx, yp, r_w[o], T::of(nu[no]), ip.eta[o]);
+            },
+        );
+
+    // Running statistics (training BatchNorm), after all the work.
+    if let Psi::BatchNorm(bn) = &mut params.psi {
+        if bn.training {
+            let m = (n_ * po) as f64;
+            let mom = bn.momentum;
+            for o in 0..o_ {
+                let unbiased = batch_var[o] * m / (m - 1.0);
+                let rm = &mut bn.running_mean[o];
+                *rm = T::of((1.0 - mom) * rm.to_f64() + mom * batch_mean[o]);
+                let rv = &mut bn.running_var[o];
+                *rv = T::of((1.0 - mom) * rv.to_f64() + mom * unbiased);
+            }
+        }
+    }
+
+    let iieu_saved = IieuSaved::from_parts(*cfg, r_w, w_norm, r_x, x_norm, nu, m_hat, rstd);
+    Ok((
+        y,
+        IieuConvSaved {
+            cfg: *cfg,
+            mode,
+            conv,
+            lin,
+            batch_mean,
+            batch_var,
+            iieu: iieu_saved,
+        },
+    ))
+}
+
+/// Step 1 of [`forward`] for one sample: per group and tile of output pixels, the
+/// im2col tile, its GEMM with the group's filters into `cs` (`(O, H'·W')`), its row
+/// sums of squares into `qs` (`(G', H'·W')`, on the fused `r_x` path) and the tile's
+/// output-row statistics merged into `st` (`(O,)`).
+fn conv_sample<T: Real>(
+    d: &Dims,
+    xs: &[T],
+    w: &[T],
+    cs: &mut [T],
+    st: &mut [Stat],
+    qs: &mut [f64],
+) {
+    let (po, k, og) = (d.po, d.k, d.og);
+    let mut col = vec![T::zero(); d.tile * k];
+    for grp in 0..d.g.groups {
+        let wg = &w[grp * og * k..(grp + 1) * og * k];
+        // PerGroup: this group's plane; AllChannels (gp = 1): summed over the groups.
+        let q = &mut qs[(grp % d.gp) * po..(grp % d.gp + 1) * po];
+        for p0 in (0..po).step_by(d.tile) {
+            let tp = d.tile.min(po - p0);
+            let colt = &mut col[..tp * k];
+            d.im2col(xs, grp, p0, tp, colt);
+            if d.fused_rx {
+                for (qv, row) in q[p0..p0 + tp].iter_mut().zip(colt.chunks_exact(k)) {
+                    *qv += row.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>();
+                }
+            }
+            // c[og × tp] = W_g (og × K) · colᵀ (K × tp)
+            matmul(
+                (og, tp, k),
+                &mut cs[grp * og * po + p0..],
+                Mat { rs: po, cs: 1 },
+                false,
+                wg,
+                Mat { rs: k, cs: 1 },
+                colt,
+                Mat { rs: 1, cs: k },
+            );
+            // Epilogue: statistics of each output row of the tile.
+            for o in grp * og..(grp + 1) * og {
+                st[o] = st[o].merge(Stat::of(&cs[o * po + p0..o * po + p0 + tp]));
+            }
+        }
+    }
+}
+
+/// IieuConv2d backward (module docs: the gradient formulas). `dy`: `(N, O, H', W')`;
+/// `x_pre`, `w`, `params` as given to [`forward`] (BatchNorm's running statistics are
+/// not read: eval mode uses the values saved by the forward). Returns the gradient of
+/// every input and parameter.
+///
+/// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]), and a
+/// `saved` from another config or another ψ ([`Error::Shape`]).
+pub fn backward<T: Real>(
+    cfg: &IieuConfig,
+    dy: &[T],
+    x_pre: &[T],
+    w: &[T],
+    params: &IieuConvParams<T>,
+    saved: &IieuConvSaved<T>,
+) -> Result<IieuConvGrads<T>> {
+    let d = Dims::new::<T>(cfg)?;
+    check_len("dy", d.out_len(), dy.len())?;
+    // The training-statistics rule (N·H'·W' > 1) was enforced by the forward.
+    check_len("x_pre", d.g.input_len(), x_pre.len())?;
+    check_len("w", d.g.weight_len(), w.len())?;
+    params.iieu.check(d.g.c_out)?;
+    params.psi.check(d.g.c_out, usize::MAX)?;
+    if saved.cfg != *cfg {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: format!(
+                "state was computed for {:?}, backward called with {:?}",
+                saved.cfg, cfg
+            ),
+        });
+    }
+    if saved.mode != params.psi.mode() {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: format!(
+                "state was computed with psi {:?}, backward called with {:?}",
+                saved.mode,
+                params.psi.mode()
+            ),
+        });
+    }
+    if saved.conv.len() != d.out_len() || saved.lin.len() != d.g.c_out {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: "saved state buffers do not match the config".into(),
+        });
+    }
+    let g = d.g;
+    let (n_, o_, po, pi) = (g.n, g.c_out, d.po, d.pi);
+
+    // x = ψ(c), recomputed with the forward's expression (same bits, same branches).
+    let mut x = vec![T::zero(); d.out_len()];
+    x.par_chunks_mut(po)
+        .zip(saved.conv.par_chunks(po))
+        .enumerate()
+        .for_each(|(no, (xp, cp))| {
+            let l = saved.lin[no % o_];
+            for (xv, &c) in xp.iter_mut().zip(cp) {
+                *xv = l.apply(c);
+            }
+        });
+
+    // IIEU-B backward: dx, dx_pre|r_x, dW|r_w, dγ̇, dβ̇, dη.
+    let mut ig = IieuGrads::default();
+    iieu::backward_into(cfg, dy, &x, x_pre, w, &params.iieu, &saved.iieu, &mut ig)?;
+    drop(x);
+    let IieuGrads {
+        dx: mut dc,
+        dx_pre: dx_pre_rx,
+        dw: dw_rw,
+        d_ln_weight,
+        d_ln_bias,
+        d_eta,
+    } = ig;
+
+    // ψ backward: per (n, o) partials [Σ dx, Σ dx·x̂], summed over n in order.
+    let part: Vec<[f64; 2]> = dc
+        .par_chunks(po)
+        .zip(saved.conv.par_chunks(po))
+        .enumerate()
+        .map(|(no, (dp, cp))| {
+            let l = saved.lin[no % o_];
+            dp.iter().zip(cp).fold([0.0, 0.0], |[a, b], (&gv, &c)| {
+                let gv = gv.to_f64();
+                [a + gv, b + gv * l.xhat(c.to_f64())]
+            })
+        })
+        .collect();
+    let mut s1 = vec![0.0f64; o_];
+    let mut s2 = vec![0.0f64; o_];
+    for n in 0..n_ {
+        for o in 0..o_ {
+            s1[o] += part[n * o_ + o][0];
+            s2[o] += part[n * o_ + o][1];
+        }
+    }
+    let to_t = |v: &[f64]| v.iter().map(|&a| T::of(a)).collect::<Vec<T>>();
+    let (d_psi_scale, d_psi_shift) = match saved.mode {
+        PsiMode::None => (Vec::new(), Vec::new()),
+        PsiMode::Bias => (Vec::new(), to_t(&s1)),
+        _ => (to_t(&s2), to_t(&s1)),
+    };
+    if saved.mode != PsiMode::None {
+        let m = (n_ * po) as f64;
+        let train = saved.mode == PsiMode::BnTrain;
+        dc.par_chunks_mut(po)
+            .zip(saved.conv.par_chunks(po))
+            .enumerate()
+            .for_each(|(no, (dp, cp))| {
+                let o = no % o_;
+                let l = saved.lin[o];
+                let f = l.scale * l.k;
+                if train {
+                    let (m1, m2) = (s1[o] / m, s2[o] / m);
+                    for (gv, &c) in dp.iter_mut().zip(cp) {
+                        *gv = T::of(f * (gv.to_f64() - m1 - l.xhat(c.to_f64()) * m2));
+                    }
+                } else {
+                    for gv in dp.iter_mut() {
+                        *gv = T::of(f * gv.to_f64());
+                    }
+                }
+            });
+    }
+
+    // Conv backward, per fixed chunk of samples: dx_pre|conv (col2im of dcᵀ·W_g) and
+    // a dW|conv partial per chunk.
+    let mut dx_pre = dx_pre_rx;
+    let per = n_.div_ceil(DW_CHUNKS.min(n_));
+    let dw_parts: Vec<Vec<T>> = dx_pre
+        .par_chunks_mut(per * g.c_in * pi)
+        .zip(x_pre.par_chunks(per * g.c_in * pi))
+        .zip(dc.par_chunks(per * o_ * po))
+        .map(|((dxc, xc), dcc)| {
+            let mut dwp = vec![T::zero(); w.len()];
+            let mut col = vec![T::zero(); d.tile * d.k];
+            let mut dcol = vec![T::zero(); d.tile * d.k];
+            let mut dxs_conv = vec![T::zero(); g.c_in * pi];
+            for ((dxs, xs), dcs) in dxc
+                .chunks_exact_mut(g.c_in * pi)
+                .zip(xc.chunks_exact(g.c_in * pi))
+                .zip(dcc.chunks_exact(o_ * po))
+            {
+                dxs_conv.fill(T::zero());
+                conv_bwd_sample(&d, xs, w, dcs, &mut dxs_conv, &mut dwp, &mut col, &mut dcol);
+                for (a, &b) in dxs.iter_mut().zip(&dxs_conv) {
+                    *a = *a + b;
+                }
+            }
+            dwp
+        })
+        .collect();
+    let mut dw = dw_rw;
+    dw.par_iter_mut().enumerate().for_each(|(i, v)| {
+        let s = dw_parts.iter().fold(v.to_f64(), |a, p| a + p[i].to_f64());
+        *v = T::of(s);
+    });
+
+    Ok(IieuConvGrads {
+        dx_pre,
+        dw,
+        d_ln_weight,
+        d_ln_bias,
+        d_eta,
+        d_psi_scale,
+        d_psi_shift,
+    })
+}
+
+/// Conv backward of one sample: for each group and tile, rebuild the im2col tile,
+/// `dcol = dcᵀ·W_g` scattered into `dxs` (col2im), and `dwp_g += dc·col`.
+#[allow(clippy::too_many_arguments)]
+fn conv_bwd_sample<T: Real>(
+    d: &Dims,
+    xs: &[T],
+    w: &[T],
+    dcs: &[T],
+    dxs: &mut [T],
+    dwp: &mut [T],
+    col: &mut [T],
+    dcol: &mut [T],
+) {
+    let (po, k, og) = (d.po, d.k, d.og);
+    for grp in 0..d.g.groups {
+        let wg = &w[grp * og * k..(grp + 1) * og * k];
+        let dcg = &dcs[grp * og * po..(grp + 1) * og * po];
+        let dwg = &mut dwp[grp * og * k..(grp + 1) * og * k];
+        for p0 in (0..po).step_by(d.tile) {
+            let tp = d.tile.min(po - p0);
+            let (colt, dcolt) = (&mut col[..tp * k], &mut dcol[..tp * k]);
+            d.im2col(xs, grp, p0, tp, colt);
+            // dcol (tp × K) = dcᵀ (tp × og) · W_g (og × K)
+            matmul(
+                (tp, k, og),
+                dcolt,
+                Mat { rs: k, cs: 1 },
+                false,
+                &dcg[p0..],
+                Mat { rs: 1, cs: po },
+                wg,
+                Mat { rs: k, cs: 1 },
+            );
+            d.col2im_add(dcolt, grp, p0, tp, dxs);
+            // dW_g (og × K) += dc (og × tp) · col (tp × K)
+            matmul(
+                (og, k, tp),
+                dwg,
+                Mat { rs: k, cs: 1 },
+                true,
+                &dcg[p0..],
+                Mat { rs: po, cs: 1 },
+                colt,
+                Mat { rs: k, cs: 1 },
+            );
+        }
+    }
+}

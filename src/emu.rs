@@ -76,7 +76,7 @@ fn load() -> std::result::Result<Emu, EmuError> {
         return Err(EmuError::RealDriverPresent);
     }
     let path = env!("AK_EMU_LIB");
-    // SAFETY: the library is ours (built by build.rs from kernels/emu/runtime.cpp);
+    // SAFETY: the library is ours (built by build.rs from kernels/emu/*.cpp);
     // its initialisers only register kernels in a map. RTLD_GLOBAL | RTLD_NOW makes
     // its soname (libcuda.so) satisfy cudarc's later dlopen("libcuda.so").
     let lib = unsafe {
@@ -100,7 +100,7 @@ pub fn install() -> std::result::Result<(), EmuError> {
 
 fn sym<T: Copy>(name: &[u8]) -> Option<T> {
     let emu = EMU.get()?.as_ref().ok()?;
-    // SAFETY: each caller names an exported symbol of runtime.cpp with the exact C
+    // SAFETY: each caller names an exported symbol of kernels/emu/*.cpp with the exact C
     // signature T it is declared with there.
     unsafe { emu.lib.get::<T>(name).ok().map(|s| *s) }
 }

@@ -848,3 +848,125 @@ fn function_attributes_come_from_the_ptxas_table() {
         "the table has no iieu_dc_coupler kernels for sm_{sm}"
     );
 }
+
+const ORDERS: [Schedule; 5] = [
+    Schedule::Identity,
+    Schedule::Reversed,
+    Schedule::Shuffled(3),
+    Schedule::WarpAhead(1),
+    Schedule::Random(9),
+];
+
+/// No false positive: reads ordered before a write by a full-warp collective.
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_accepts_reads_ordered_by_a_warp_collective() {
+    let (_g, ctx, m) = setup();
+    let f = m
+        .load_function("emu_selftest_broadcast_then_leader_write")
+        .unwrap();
+    let s = ctx.default_stream();
+    for sch in ORDERS {
+        emu::set_schedule(sch);
+        // SAFETY: plain f32 storage, every element written by the kernel.
+        let mut y = unsafe { s.alloc::<f32>(96) }.unwrap();
+        let mut b = s.launch_builder(&f);
+        b.arg(&mut y);
+        // SAFETY: one block of 96 threads writes y[0..96).
+        let r = unsafe { b.launch(cfg((1, 1, 1), 96, 0)) };
+        emu::set_schedule(Schedule::Identity);
+        if r.is_err() {
+            panic!("{sch:?}: {}", fault_of(r));
+        }
+        let want: Vec<f32> = (0..96).map(|t| (32 * (t / 32)) as f32).collect();
+        assert_eq!(s.clone_dtoh(&y).unwrap(), want, "{sch:?}");
+    }
+}
+
+/// The seeded races are found under every thread order, not only the identity one.
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_finds_the_races_under_every_thread_order() {
+    let (_g, ctx, m) = setup();
+    let _d = Detectors::set(RACE_ONLY);
+    let s = ctx.default_stream();
+    let sum = m.load_function("emu_selftest_block_sum_twice").unwrap();
+    let lost = m.load_function("emu_selftest_lost_update").unwrap();
+    let x = s.clone_htod(&[1.0f32; 300]).unwrap();
+    let (n, barrier) = (300i32, 0i32);
+    for sch in ORDERS {
+        emu::set_schedule(sch);
+        let mut out = s.alloc_zeros::<f32>(1).unwrap();
+        let mut b = s.launch_builder(&sum);
+        b.arg(&x).arg(&mut out).arg(&n).arg(&barrier);
+        // SAFETY: one block reads x[0..300) and writes out[0].
+        let r1 = unsafe { b.launch(cfg((1, 1, 1), 256, 0)) };
+        let m1 = fault_of(r1);
+        let mut b = s.launch_builder(&lost);
+        b.arg(&mut out);
+        // SAFETY: one block writes out[0].
+        let r2 = unsafe { b.launch(cfg((1, 1, 1), 64, 0)) };
+        let m2 = fault_of(r2);
+        emu::set_schedule(Schedule::Identity);
+        assert_has(&m1, &["racecheck:", "static shared `scratch`"]);
+        assert_has(&m2, &["racecheck:", "static shared `acc`"]);
+    }
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn racecheck_read_after_write_between_blocks_and_read_before_atomic() {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_cross_block").unwrap();
+    let s = ctx.default_stream();
+    let mut x = s.clone_htod(&[0.0f32]).unwrap();
+    let mut y = s.alloc_zeros::<f32>(64).unwrap();
+    let mode = 0i32;
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut x).arg(&mut y).arg(&mode);
+    // SAFETY: 2 blocks of 32; block 0 writes x[0], block 1 reads it into y[0].
+    let msg = fault_of(unsafe { b.launch(cfg((2, 1, 1), 32, 0)) });
+    assert_has(
+        &msg,
+        &[
+            "racecheck: RAW hazard",
+            "thread (0,0,0) of block (1,0,0) reads it",
+            "another block",
+        ],
+    );
+    let mode = 1i32;
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut x).arg(&mut y).arg(&mode);
+    // SAFETY: 2 blocks of 32 read x[0] into y[0..64); the last block's thread 0
+    // then adds to x[0] atomically.
+    let msg = fault_of(unsafe { b.launch(cfg((2, 1, 1), 32, 0)) });
+    assert_has(
+        &msg,
+        &[
+            "racecheck: WAR hazard",
+            "thread (0,0,0) of block (1,0,0) writes it",
+        ],
+    );
+}
+
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn memcheck_use_after_free() {
+    use cudarc::driver::DevicePtr;
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_fill").unwrap();
+    let s = ctx.default_stream();
+    let y = s.alloc_zeros::<f32>(64).unwrap();
+    let stale: u64 = {
+        let (p, _sync) = y.device_ptr(&s);
+        p
+    };
+    drop(y);
+    let (n, extra) = (64i32, 0i32);
+    let mut b = s.launch_builder(&f);
+    b.arg(&stale).arg(&n).arg(&extra);
+    // SAFETY: deliberately NOT safe — writes through a freed device pointer, which the
+    // emulator's memcheck must refuse before any byte is touched.
+    let msg = fault_of(unsafe { b.launch(cfg((1, 1, 1), 64, 0)) });
+    assert_has(&msg, &["memcheck:", "thread (0,0,0)", "out of bounds"]);
+}

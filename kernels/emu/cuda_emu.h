@@ -1,7 +1,7 @@
 // cuda_emu.h — the CUDA built-ins our kernels use, for compiling kernels/*.cu as
 // host C++ (feature `emulate`). Included by common.cuh when __CUDACC__ is not
-// defined; never by nvcc. The runtime behind it (fibers, barriers, warp
-// collectives, fake driver) is runtime.cpp.
+// defined; never by nvcc. The runtime behind it: sched.cpp (fibers, barriers, warp
+// collectives), shadow.cpp (checked memory, detectors), driver.cpp (fake driver).
 //
 // Semantics kept real: every thread of a block is a fiber, so __syncthreads is a
 // true barrier and warp collectives wait for every lane in their mask; shared

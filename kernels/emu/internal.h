@@ -113,10 +113,13 @@ struct Runner {
   uint64_t seg = 0;          // current barrier interval
   uint64_t block_seg_lo = 0;  // first interval of this block
   std::vector<uint32_t> wcnt;  // warp-collective releases, per warp
-  // Watchdog.
+  // Watchdog: `gen` counts the launches this runner served; the watchdog stops
+  // launch `abort_gen` of it (so a stop meant for a launch that ended in between
+  // cannot hit the next one).
   std::atomic<uint64_t> progress{0};
   std::atomic<bool> busy{false};
-  std::atomic<bool> abort{false};
+  std::atomic<uint64_t> gen{0};
+  std::atomic<uint64_t> abort_gen{0};
 #if defined(__SANITIZE_ADDRESS__)
   void* fake_stack = nullptr;
   const void* sched_bottom = nullptr;

@@ -201,7 +201,11 @@ int release_warps(Runner& r, int n, int only_warp) {
     if (ready) {
       for (int l = 0; l < lanes; ++l)
         if ((m >> l) & 1u) r.fibers[base + l].state = READY;
-      ++r.wcnt[w];
+      // Only a collective of every lane of the warp orders the warp's accesses for
+      // racecheck; a partial mask orders nothing (a miss there is a false positive,
+      // never a false negative).
+      unsigned all = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
+      if ((m & all) == all) ++r.wcnt[w];
       ++released;
     }
   }
@@ -330,7 +334,6 @@ void give_runner(Runner* r) {
   r->faulted = false;
   r->fault.clear();
   r->busy.store(false);
-  r->abort.store(false);
   std::lock_guard<std::mutex> g(g_pool_mu);
   g_pool.push_back(r);
 }
@@ -339,6 +342,7 @@ void worker(Launch* L) {
   Runner& r = *take_runner();
   tl = &r;
   r.L = L;
+  r.gen.fetch_add(1);
   r.busy.store(true);
   long long total = (long long)L->grid.x * L->grid.y * L->grid.z;
   for (;;) {
@@ -445,7 +449,7 @@ long long watchdog_ms() {
 void watchdog_loop() {
   using clk = std::chrono::steady_clock;
   struct Seen {
-    uint64_t progress;
+    uint64_t progress, gen;
     clk::time_point since;
     bool told;
   };
@@ -460,18 +464,18 @@ void watchdog_loop() {
     }
     auto now = clk::now();
     for (Runner* r : rs) {
-      uint64_t p = r->progress.load(std::memory_order_relaxed);
+      uint64_t p = r->progress.load(std::memory_order_relaxed), g = r->gen.load();
       auto it = seen.find(r);
-      if (!r->busy.load() || it == seen.end() || it->second.progress != p) {
-        seen[r] = Seen{p, now, false};
+      if (!r->busy.load() || it == seen.end() || it->second.progress != p || it->second.gen != g) {
+        seen[r] = Seen{p, g, now, false};
         continue;
       }
       long long stuck = std::chrono::duration_cast<std::chrono::milliseconds>(now - it->second.since).count();
       if (!it->second.told && stuck >= ms) {
         it->second.told = true;
         stats().watchdog.fetch_add(1);
-        r->abort.store(true);
-        g_abort_any.store(true);
+        r->abort_gen.store(g);
+        g_abort_any.store(true);  // never cleared: after a stop, accesses check their runner
       } else if (it->second.told && stuck >= 4 * ms) {
         fprintf(stderr,
                 "[emulated device] watchdog: a kernel made no progress for %lld ms and did not stop when told "
@@ -491,14 +495,10 @@ void watchdog_start() {
 
 void watchdog_poll() {
   Runner* r = tl;
-  if (!r || r->current < 0 || !r->abort.load()) return;
-  r->abort.store(false);
-  bool any = false;
-  {
-    std::lock_guard<std::mutex> g(g_pool_mu);
-    for (Runner* o : g_all_runners) any |= o->abort.load();
-  }
-  if (!any) g_abort_any.store(false);
+  if (!r || r->current < 0) return;
+  uint64_t g = r->gen.load();
+  if (r->abort_gen.load() != g) return;
+  r->abort_gen.store(0);
   fault(("watchdog: no progress for " + std::to_string(watchdog_ms()) +
          " ms (no barrier, warp collective or thread exit): a hang, e.g. a spin-wait nothing releases")
             .c_str());

@@ -174,3 +174,32 @@ extern "C" __global__ void emu_selftest_tickets(unsigned* counter, unsigned* out
   out[2 * t + 1] = atomicAdd(counter, 1u);
 }
 EMU_REGISTER(emu_selftest_tickets)
+
+// A warp reads its leader's shared value, meets at warp_sum (a full-warp
+// collective), and then the leader overwrites the value: ordered by the shuffles,
+// so no hazard (racecheck must not report it under any thread order).
+extern "C" __global__ void emu_selftest_broadcast_then_leader_write(float* y) {
+  SHARED_ARRAY(float, s, 32);
+  int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  if (lane == 0) s[w] = (float)w;
+  __syncthreads();
+  float v = ak::warp_sum(s[w]);
+  if (lane == 0) s[w] = v;
+  __syncthreads();
+  y[threadIdx.x] = s[w];
+}
+EMU_REGISTER(emu_selftest_broadcast_then_leader_write)
+
+// Block 0 writes x[0]; block 1 reads it (mode 0: RAW between blocks), or every
+// thread reads x[0] and thread 0 of the last block then adds to it with atomicAdd
+// (mode 1: WAR between a plain read and an atomic).
+extern "C" __global__ void emu_selftest_cross_block(float* x, float* y, int mode) {
+  if (mode == 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) x[0] = 1.0f;
+    if (blockIdx.x == 1 && threadIdx.x == 0) y[0] = x[0];
+  } else {
+    y[blockIdx.x * blockDim.x + threadIdx.x] = x[0];
+    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) atomicAdd(&x[0], 1.0f);
+  }
+}
+EMU_REGISTER(emu_selftest_cross_block)

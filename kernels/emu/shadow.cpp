@@ -9,9 +9,11 @@
 //
 // Shadow. Each byte of the region has a 16-byte shadow cell:
 //   w: the last write — barrier interval (34 bits), thread (10), warp-collective
-//      count (18), atomic (1), ever written (1);
-//   r: the last read  — interval, thread, collective count, several readers (1),
-//      addressable (1).
+//      count (16), atomic (1), ever written (1);
+//   r: the last plain read — interval, thread, collective count, and two flags for
+//      the readers it stands for: "another reader of the same warp since the same
+//      collective" and "a reader in another warp of the interval, or in another
+//      block of the launch" — plus addressable (1).
 // A barrier interval is a process-wide number taken at each block start and each
 // __syncthreads release; checked launches run their blocks one after another, so a
 // block's intervals are contiguous and an interval older than the running block but
@@ -62,9 +64,9 @@ constexpr uint64_t kSegMask = (1ull << 34) - 1;
 constexpr int kTidShift = 34;
 constexpr uint64_t kTidMask = 0x3ff;
 constexpr int kWcShift = 44;
-constexpr uint64_t kWcMask = (1ull << 18) - 1;
-constexpr uint64_t kAtomic = 1ull << 62, kInit = 1ull << 63;  // in w
-constexpr uint64_t kMulti = 1ull << 62, kAddr = 1ull << 63;   // in r
+constexpr uint64_t kWcMask = (1ull << 16) - 1;
+constexpr uint64_t kAtomic = 1ull << 62, kInit = 1ull << 63;                      // in w
+constexpr uint64_t kWarpReaders = 1ull << 61, kCrossReaders = 1ull << 62, kAddr = 1ull << 63;  // in r
 
 constexpr size_t kHeapBytes = (size_t)16 << 30;
 constexpr size_t kHeapRedzone = 256;
@@ -73,7 +75,7 @@ constexpr size_t kRegion = kHeapBytes + (size_t)kMaxRunners * kSlotBytes;
 uintptr_t g_base = 0;
 size_t g_span = 0;  // 0 until the region exists: every hook returns at once
 Cell* g_cells = nullptr;
-int g_checks = 0;
+std::atomic<int> g_checks{0};
 std::atomic<uint64_t> g_seg{0};
 
 struct Block {
@@ -117,7 +119,7 @@ __attribute__((constructor)) void init_region() {
   }
   g_base = (uintptr_t)m;
   g_cells = static_cast<Cell*>(s);
-  g_checks = EMU_INSTRUMENTED ? parse_checks() : 0;
+  g_checks.store(EMU_INSTRUMENTED ? parse_checks() : 0);
   g_span = kRegion;
 }
 
@@ -142,7 +144,7 @@ void zero_range(void* p, size_t n) {
 }
 }  // namespace
 
-int checks() { return g_checks; }
+int checks() { return g_checks.load(std::memory_order_relaxed); }
 bool instrumented() { return EMU_INSTRUMENTED; }
 std::mutex& shadow_mutex() { return g_shadow_mu; }
 uint64_t next_segment() { return (g_seg.fetch_add(1) + 1) & kSegMask; }
@@ -162,8 +164,8 @@ unsigned char* smem_slot(int index) {
 }
 
 void shadow_make_addressable(unsigned char* p, size_t n) {
+  EMU_UNPOISON(p, n);  // before the fill: under ASan the memset itself is checked
   std::memset(p, 0xFF, n);
-  EMU_UNPOISON(p, n);
   Cell* c = cell((uintptr_t)p);
   for (size_t i = 0; i < n; ++i) c[i] = Cell{0, kAddr};
 }
@@ -295,9 +297,23 @@ inline Rel relation(const Me& m, uint64_t rec) {
   if (s < m.B) return CONC_BLOCK;
   if (s != m.S) return ORDERED;
   int tid = (int)((rec >> kTidShift) & kTidMask);
-  if (tid == m.t) return SAME;
+  if (tid == m.t) return SAME;  // program order
   if ((tid >> 5) != (m.t >> 5)) return CONC;
   return ((rec >> kWcShift) & kWcMask) == m.wc ? CONC : ORDERED;
+}
+
+// Whether the other readers a read record stands for (its flags) may be unordered
+// with the current thread. Cross readers (another warp of the interval, or another
+// block): unordered with every later access of the interval. Same-warp readers:
+// unordered until the warp's next collective.
+inline bool other_readers_unordered(const Me& m, uint64_t r) {
+  uint64_t s = r & kSegMask;
+  if (s == 0 || s < m.Lo) return false;
+  if (s < m.B) return (r & (kCrossReaders | kWarpReaders)) != 0;  // another block's readers
+  if (s != m.S) return false;
+  if (r & kCrossReaders) return true;
+  int tid = (int)((r >> kTidShift) & kTidMask);
+  return (r & kWarpReaders) && (tid >> 5) == (m.t >> 5) && ((r >> kWcShift) & kWcMask) == m.wc;
 }
 
 std::string other_thread(const Runner& r, uint64_t rec, Rel rel) {
@@ -335,8 +351,10 @@ const char* why(Rel rel) {
 
 __attribute__((noinline)) void check_access(uintptr_t a, size_t n, Kind kind) {
   Runner* r = tl;
-  if (!r || r->current < 0 || !r->L) return;
-  int ck = g_checks;
+  // Only checked launches (blocks one at a time, intervals numbered) are checked:
+  // detectors switched on while an unchecked launch runs see nothing of it.
+  if (!r || r->current < 0 || !r->L || !r->L->checked) return;
+  int ck = g_checks.load(std::memory_order_relaxed);
   Me me;
   me.S = r->seg;
   me.B = r->block_seg_lo;
@@ -365,22 +383,40 @@ __attribute__((noinline)) void check_access(uintptr_t a, size_t n, Kind kind) {
       Rel rw = relation(me, x.w);
       if ((rw == CONC || rw == CONC_BLOCK) && !(atomic && (x.w & kAtomic)))
         hazard(writes ? "WAW" : "RAW", *r, a + i, writes ? "writes" : "reads", x.w, rw, "wrote");
-      if (writes && kind != ATOMIC_RMW) {
+      if (writes) {
+        // Plain reads (atomic loads are not recorded) against a plain or atomic write.
         Rel rr = relation(me, x.r);
-        if (rr == CONC || rr == CONC_BLOCK || (rr == SAME && (x.r & kMulti)))
-          hazard("WAR", *r, a + i, "writes", x.r, rr == SAME ? CONC : rr,
-                 rr == SAME ? "and another thread read" : "read");
+        if (rr == CONC || rr == CONC_BLOCK)
+          hazard("WAR", *r, a + i, "writes", x.r, rr, "read");
+        if (other_readers_unordered(me, x.r))
+          hazard("WAR", *r, a + i, "writes", x.r, rr == SAME || rr == ORDERED ? CONC : rr,
+                 rr == SAME ? "and another thread read" : "and another thread read");
       }
     }
     if (writes) {
       x.w = kInit | me.rec | (atomic ? kAtomic : 0);
       x.r = kAddr;
     } else if ((ck & CHECK_RACE) && kind == READ) {
-      Rel rr = relation(me, x.r);
-      if (rr == CONC || rr == CONC_BLOCK)
-        x.r |= kMulti;
-      else if (rr != SAME)
-        x.r = kAddr | me.rec;
+      uint64_t old = x.r;
+      Rel rr = relation(me, old);
+      int otid = (int)((old >> kTidShift) & kTidMask);
+      switch (rr) {
+        case CONC_BLOCK: x.r = old | kCrossReaders; break;
+        case CONC: x.r = old | ((otid >> 5) == (me.t >> 5) ? kWarpReaders : kCrossReaders); break;
+        case SAME:
+          // Refresh the collective count; same-warp readers of an older count are
+          // ordered before this thread's next accesses by that collective.
+          if (((old >> kWcShift) & kWcMask) != me.wc) old &= ~kWarpReaders;
+          x.r = kAddr | (old & kCrossReaders) | (old & kWarpReaders) | me.rec;
+          break;
+        case ORDERED: {
+          // Ordered by a warp collective only (same interval): readers in other warps
+          // or blocks stay unordered with what follows.
+          bool same_interval = (old & kSegMask) == (me.S & kSegMask);
+          x.r = kAddr | (same_interval ? (old & kCrossReaders) : 0) | me.rec;
+          break;
+        }
+      }
     }
   }
 }
@@ -389,7 +425,7 @@ inline void access(const volatile void* p, size_t n, Kind kind) {
   poll();
   uintptr_t a = (uintptr_t)p;
   if (a - g_base >= g_span) return;
-  if (!g_checks) return;
+  if (!g_checks.load(std::memory_order_relaxed)) return;
   check_access(a, n, kind);
 }
 }  // namespace
@@ -426,7 +462,7 @@ bool host_read(uint64_t src, size_t n, const char* what) {
   if (!n) return true;
   std::lock_guard<std::mutex> g(g_shadow_mu);
   if (!host_check(src, n, what, "reads")) return false;
-  if (g_checks & CHECK_INIT) {
+  if (g_checks.load() & CHECK_INIT) {
     Cell* c = cell(src);
     size_t first = n, count = 0;
     for (size_t i = 0; i < n; ++i)
@@ -552,7 +588,7 @@ HOOK void __tsan_atomic_signal_fence(int) {}
 // Returns the mask in force after the call. Turning a detector on applies to
 // memory allocated and written from then on.
 EXPORT int emu_checks(int set) {
-  if (set >= 0) emu::g_checks = emu::instrumented() ? (set & emu::CHECK_ALL) : 0;
-  return emu::g_checks;
+  if (set >= 0) emu::g_checks.store(emu::instrumented() ? (set & emu::CHECK_ALL) : 0);
+  return emu::g_checks.load();
 }
 EXPORT long long emu_live_allocations() { return emu::live_allocations(); }

@@ -10,7 +10,7 @@
 // creating/destroying a cuBLAS handle and a cuRAND generator, binding them to a
 // stream, seeding. Anything that would do work (a GEMM, random numbers, NVRTC) is an
 // error, which candle returns as an `Err`. The driver (libcuda) is the emulator
-// itself (runtime.cpp), whose missing entry points get the same weak stubs.
+// itself (kernels/emu/driver.cpp), whose missing entry points get the same weak stubs.
 //
 // These libraries are only ever built with feature `emulate`, and only ever found
 // through the rpath of this crate's own test binaries.
@@ -76,7 +76,7 @@ EXPORT int __cudaLaunchKernel_ptsz(const void*, uint64_t, uint32_t, uint64_t, ui
 }
 EXPORT int __cudaGetKernel(void**, const void*) { return 801; }
 #elif defined(AK_STUB_CUDA) || defined(AK_STUB_NVRTC)
-// libcuda: every entry point the emulator implements is in runtime.cpp.
+// libcuda: every entry point the emulator implements is in driver.cpp.
 // nvrtc: nothing succeeds (no runtime compilation on the emulated device).
 #else
 #error "define AK_STUB_<LIB>"

@@ -3,8 +3,9 @@
 //!
 //! * [`ops`] — one `candle_core::CustomOp1/2/3` per op family, plus functions that
 //!   apply them: [`ops::acon_c`], [`ops::meta_acon_c`], [`ops::iieu_b`],
-//!   [`ops::iieu_dc`], [`ops::tau`], [`ops::aiec_loss`]. Each op's `cpu_fwd` calls
-//!   the CPU forward; its `bwd` calls the CPU forward again to rebuild the saved state
+//!   [`ops::iieu_dc`], [`ops::tau`], [`ops::aiec_loss`], and the fused
+//!   convolution → ψ → IIEU-B [`ops::iieu_conv2d`] (CPU only so far; defined in
+//!   [`iieu_conv_ops`]). Each op's `cpu_fwd` calls the CPU forward; its `bwd` calls the CPU forward again to rebuild the saved state
 //!   (candle keeps no state between forward and backward) and then the CPU backward,
 //!   and returns a gradient for every input tensor. candle ops take at most three
 //!   inputs, so learnable parameters travel packed in one tensor (e.g. ACON-C's
@@ -20,11 +21,14 @@
 //!   replacement for a ReLU: [`nn::AconC`], [`nn::AconA`], [`nn::AconB`],
 //!   [`nn::MetaAconC`] (channel-wise generator), [`nn::MetaAconCLayer`],
 //!   [`nn::MetaAconCPixel`], [`nn::IieuB`] (wraps a `candle_nn::Conv2d`),
-//!   [`nn::IieuDc`] (`forward(x, res)`), [`nn::Aiec`].
+//!   [`nn::IieuDc`] (`forward(x, res)`), [`nn::Aiec`], and [`nn::IieuConv2d`] (owns its
+//!   weight, ψ — none, bias or BatchNorm — and IIEU-B's parameters; one fused op).
 //!
 //! Supported: tensors on the CPU device in `f32` or `f64` (all inputs of one op in
-//! the same dtype); with feature `candle-cuda`, also every op on candle's CUDA device
-//! in `f32`, `f16` or `bf16` (`cuda`). Any other dtype returns
+//! the same dtype); with feature `candle-cuda`, also every op except
+//! [`ops::iieu_conv2d`] on candle's CUDA device in `f32`, `f16` or `bf16` (`cuda`;
+//! [`ops::iieu_conv2d`] on a CUDA tensor is an error saying its CUDA path is not
+//! implemented yet). Any other dtype returns
 //! `candle_core::Error::UnsupportedDTypeForOp` and any other device candle's "no
 //! cuda/metal implementation" error — never a panic.
 //! Errors of the CPU backend (bad shapes, bad parameters, labels out of range) are
@@ -48,6 +52,7 @@ macro_rules! by_dtype {
 pub mod acon_ops;
 #[cfg(feature = "candle-cuda")]
 pub mod cuda;
+pub mod iieu_conv_ops;
 pub mod nn;
 pub mod ops;
 

@@ -689,3 +689,254 @@ param_free_meta_acon!(
     MetaAconCPixel,
     ops::meta_acon_c_pixel
 );
+
+// ---------------------------------------------------------------------------
+
+/// Which ψ an [`IieuConv2d`] applies between its convolution and IIEU-B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PsiKind {
+    /// `x = c` (no variables).
+    #[default]
+    None,
+    /// `x = c + bias[o]` (variable `bias`, `candle_nn::conv2d`'s init
+    /// `U(±1/sqrt(in_c))`).
+    Bias,
+    /// BatchNorm2d (PyTorch semantics, momentum 0.1, eps 1e-5): variables `bn.weight`
+    /// (init 1), `bn.bias` (init 0), and the non-trainable state `bn.running_mean`
+    /// (init 0), `bn.running_var` (init 1) — as `candle_nn::batch_norm` names and
+    /// initialises them.
+    BatchNorm,
+}
+
+/// Convolution → ψ → IIEU-B as ONE fused op ([`ops::iieu_conv2d`], SPEC §1, §1.5):
+///
+/// ```text
+/// c = conv(x_pre, W),  x = ψ(c),  y = ς(ρ̂)·x,  ρ̂ = x·r_w[o]·r_x + ν[n,o]
+/// ```
+///
+/// with `r_w = 1/(‖W[o]‖ + EPS)`, `r_x = 1/(‖P‖ + EPS)` the inverse norms of the
+/// filter and of the input patch, `ν = σ(γ̇·LN(GAP(x)) + β̇)`, `ς` the adjuster with
+/// threshold `η` (formulas and gradients: [`crate::cpu::iieu_conv`]). Unlike
+/// [`IieuB`] (a candle conv, then IIEU-B), the convolution, ψ and IIEU-B run as one
+/// op on this crate's CPU backend, and the backward is [`crate::cpu::iieu_conv::backward`]:
+/// `W` gets its gradient through the conv and through `r_w`, `x_pre` through the conv
+/// and through `r_x`.
+///
+/// Variables (under the module's `VarBuilder`): `weight` `(O, C/g, K, K)`
+/// (`candle_nn::conv2d`'s init, `candle_nn::init::DEFAULT_KAIMING_NORMAL`), ψ's (see
+/// [`PsiKind`]), `ln_weight` (γ̇, init 0.01), `ln_bias` (β̇, init 0), `eta` (η, init
+/// 0.05), each `(O,)`.
+///
+/// BatchNorm: in training mode ([`IieuConv2d::forward_t`] with `train = true`, or
+/// [`IieuConv2d::forward`] while [`IieuConv2d::training`] is true — the default, as in
+/// PyTorch) ψ uses the batch statistics and each forward updates `bn.running_mean` /
+/// `bn.running_var` once, with `Var::set` (like `candle_nn::BatchNorm`, they live in
+/// the `VarMap` when the `VarBuilder` has one, get no gradient, and are saved with
+/// it); the backward never touches them. In eval mode ψ uses the running statistics
+/// and nothing is updated.
+///
+/// CPU device only, f32 or f64 (a CUDA tensor is an error: the fused op's CUDA path is
+/// not implemented yet).
+#[derive(Debug, Clone)]
+pub struct IieuConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    bn: Option<IieuConvBn>,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eta: Tensor,
+    opts: IieuOpts,
+    training: bool,
+}
+
+/// BatchNorm's tensors of an [`IieuConv2d`].
+#[derive(Debug, Clone)]
+struct IieuConvBn {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: candle_core::Var,
+    running_var: candle_core::Var,
+    momentum: f64,
+    eps: f64,
+}
+
+impl IieuConv2d {
+    /// A `kernel × kernel` convolution from `in_c` to `out_c` channels with `cfg`'s
+    /// stride, padding, dilation and groups (`cudnn_fwd_algo` is ignored), then `psi`,
+    /// then IIEU-B with the given patch-norm convention. Errors: a zero size, `in_c` or
+    /// `out_c` not a multiple of `groups`, or variables of the wrong shape in the
+    /// `VarBuilder`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vb: VarBuilder,
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        cfg: candle_nn::Conv2dConfig,
+        psi: PsiKind,
+        patch_norm: PatchNorm,
+    ) -> Result<Self> {
+        for (what, v) in [
+            ("in_c", in_c),
+            ("out_c", out_c),
+            ("kernel", kernel),
+            ("stride", cfg.stride),
+            ("dilation", cfg.dilation),
+            ("groups", cfg.groups),
+        ] {
+            nonzero(what, v)?;
+        }
+        if in_c % cfg.groups != 0 || out_c % cfg.groups != 0 {
+            return Err(op_err(
+                "IieuConv2d",
+                format!(
+                    "in_c {in_c} and out_c {out_c} must be multiples of groups {}",
+                    cfg.groups
+                ),
+            ));
+        }
+        let weight = vb.get_with_hints(
+            (out_c, in_c / cfg.groups, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = match psi {
+            PsiKind::Bias => Some(vb.get_with_hints(out_c, "bias", uniform(in_c))?),
+            _ => None,
+        };
+        let bn = match psi {
+            PsiKind::BatchNorm => {
+                let b = vb.pp("bn");
+                let rm = b.get_with_hints(out_c, "running_mean", Init::Const(0.0))?;
+                let rv = b.get_with_hints(out_c, "running_var", Init::Const(1.0))?;
+                Some(IieuConvBn {
+                    weight: b.get_with_hints(out_c, "weight", Init::Const(1.0))?,
+                    bias: b.get_with_hints(out_c, "bias", Init::Const(0.0))?,
+                    running_mean: candle_core::Var::from_tensor(&rm)?,
+                    running_var: candle_core::Var::from_tensor(&rv)?,
+                    momentum: 0.1,
+                    eps: 1e-5,
+                })
+            }
+            _ => None,
+        };
+        let mut opts = IieuOpts::from_conv2d_config(&cfg);
+        opts.patch_norm = patch_norm;
+        Ok(Self {
+            weight,
+            bias,
+            bn,
+            ln_weight: vb.get_with_hints(out_c, "ln_weight", Init::Const(0.01))?,
+            ln_bias: vb.get_with_hints(out_c, "ln_bias", Init::Const(0.0))?,
+            eta: vb.get_with_hints(out_c, "eta", Init::Const(0.05))?,
+            opts,
+            training: true,
+        })
+    }
+
+    /// Builder: training (`true`, the default) or eval mode for [`IieuConv2d::forward`].
+    pub fn with_training(mut self, training: bool) -> Self {
+        self.training = training;
+        self
+    }
+
+    /// Sets training (`true`) or eval mode for [`IieuConv2d::forward`].
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Whether [`IieuConv2d::forward`] runs in training mode.
+    pub fn training(&self) -> bool {
+        self.training
+    }
+
+    /// [`IieuConv2d::forward_t`] in the module's mode ([`IieuConv2d::training`], true
+    /// unless set otherwise).
+    pub fn forward(&self, x_pre: &Tensor) -> Result<Tensor> {
+        self.forward_t(x_pre, self.training)
+    }
+
+    /// Builder: BatchNorm's running-stat momentum (default 0.1) and eps (default 1e-5);
+    /// no effect without BatchNorm. Checked by the op (`momentum` in `[0, 1]`,
+    /// `eps > 0`).
+    pub fn with_bn_momentum_eps(mut self, momentum: f64, eps: f64) -> Self {
+        if let Some(bn) = &mut self.bn {
+            bn.momentum = momentum;
+            bn.eps = eps;
+        }
+        self
+    }
+
+    /// The conv weight `(O, C/g, K, K)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// ψ's bias (for [`PsiKind::Bias`]).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// BatchNorm's `(weight, bias)` (for [`PsiKind::BatchNorm`]).
+    pub fn bn_weight_bias(&self) -> Option<(&Tensor, &Tensor)> {
+        self.bn.as_ref().map(|b| (&b.weight, &b.bias))
+    }
+
+    /// BatchNorm's `(running_mean, running_var)` (for [`PsiKind::BatchNorm`]).
+    pub fn bn_running_stats(&self) -> Option<(&Tensor, &Tensor)> {
+        self.bn
+            .as_ref()
+            .map(|b| (b.running_mean.as_tensor(), b.running_var.as_tensor()))
+    }
+
+    /// IIEU-B's `(γ̇, β̇, η)`.
+    pub fn params(&self) -> (&Tensor, &Tensor, &Tensor) {
+        (&self.ln_weight, &self.ln_bias, &self.eta)
+    }
+
+    /// The conv settings and patch-norm convention.
+    pub fn opts(&self) -> IieuOpts {
+        self.opts
+    }
+
+    /// `y = IIEU-B(ψ(conv(x_pre)))` in training (`train = true`: BatchNorm uses the batch
+    /// statistics and updates the running ones once) or eval mode (running statistics,
+    /// nothing updated). `x_pre`: `(N, in_c, H, W)`; returns `(N, out_c, H', W')`.
+    pub fn forward_t(&self, x_pre: &Tensor, train: bool) -> Result<Tensor> {
+        let psi = match (&self.bias, &self.bn) {
+            (_, Some(bn)) => ops::IieuConvPsi::BatchNorm {
+                weight: &bn.weight,
+                bias: &bn.bias,
+                running_mean: bn.running_mean.as_tensor(),
+                running_var: bn.running_var.as_tensor(),
+                momentum: bn.momentum,
+                eps: bn.eps,
+                training: train,
+            },
+            (Some(b), None) => ops::IieuConvPsi::Bias(b),
+            (None, None) => ops::IieuConvPsi::None,
+        };
+        let out = ops::iieu_conv2d(
+            x_pre,
+            &self.weight,
+            psi,
+            &self.ln_weight,
+            &self.ln_bias,
+            &self.eta,
+            self.opts,
+        )?;
+        if let (Some(bn), Some((m, v))) = (&self.bn, &out.running) {
+            bn.running_mean.set(m)?;
+            bn.running_var.set(v)?;
+        }
+        Ok(out.y)
+    }
+}
+
+/// Train/eval through candle's `ModuleT` (as `candle_nn::BatchNorm`; the module does
+/// not implement `Module`, whose blanket `ModuleT` would ignore `train`).
+impl candle_core::ModuleT for IieuConv2d {
+    fn forward_t(&self, x_pre: &Tensor, train: bool) -> Result<Tensor> {
+        IieuConv2d::forward_t(self, x_pre, train)
+    }
+}

@@ -1003,3 +1003,10 @@ pub use super::acon_ops::{
     acon_a, acon_b, meta_acon_c_gen, meta_acon_c_layer, meta_acon_c_pixel, AconAOp, AconBOp,
     MetaAconCGenOp, MetaGenKind,
 };
+
+// ---------------------------------------------------------------------------
+// Fused IieuConv2d: conv → ψ → IIEU-B as one op (defined in `iieu_conv_ops`)
+
+pub use super::iieu_conv_ops::{
+    iieu_conv2d, IieuConvOp, IieuConvOut, IieuConvPsi, IieuConvPsiSpec,
+};

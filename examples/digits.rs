@@ -17,8 +17,8 @@
 //! conv3×3, residual merge, act; down conv3×3 16→32 stride 2 + act; block (32 ch, 4×4);
 //! global average pool; linear 32→10. Per variant:
 //! * ReLU / ACON-C / meta-ACON-C (r = 4, with biases): every act is that module.
-//! * IIEU-B: every conv is followed by IIEU-B (the module wraps the conv); since IIEU-B
-//!   needs the conv's input, the block's second conv gets IIEU-B *before* the residual
+//! * IIEU-B: every conv is followed by IIEU-B, conv and IIEU-B fused into one op
+//!   (`IieuConv2d`, ψ = none); since IIEU-B needs the conv's input, the block's second conv gets IIEU-B *before* the residual
 //!   sum and nothing follows the sum.
 //! * IIEU-DC: ReLU acts, and the residual sum is replaced by the coupler (r = 4).
 //! * AIEC: every act is AIEC (TAU τ = 0, so its output is ReLU's); the six layers' aux
@@ -30,8 +30,9 @@
 use std::io::Read;
 use std::time::Instant;
 
-use activation_kernels::candle::nn::{AconC, Aiec, IieuB, IieuDc, MetaAconC};
+use activation_kernels::candle::nn::{AconC, Aiec, IieuConv2d, IieuDc, MetaAconC, PsiKind};
 use activation_kernels::cpu::aiec::AiecConfig;
+use activation_kernels::cpu::iieu::PatchNorm;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var, D};
 use candle_nn::init::NormalOrUniform;
 use candle_nn::var_builder::SimpleBackend;
@@ -246,10 +247,10 @@ impl Act {
     }
 }
 
-/// conv + activation (for IIEU-B: the conv wrapped by the IIEU-B module).
+/// conv + activation (for IIEU-B: conv → IIEU-B as one fused op, `IieuConv2d`).
 enum ConvAct {
     Plain(Conv2d, Act),
-    Iieu(IieuB),
+    Iieu(IieuConv2d),
 }
 
 impl ConvAct {
@@ -263,10 +264,17 @@ impl ConvAct {
             // No conv bias before IIEU-B: where a patch is all zeros (the digits'
             // background, zero padding) r_x = 1/eps = 1e8, and with a bias b the
             // similarity s = b·r_w·r_x would be ~1e8·b. Without a bias, x = 0 there.
-            Kind::IieuB => {
-                let conv = candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb.pp("conv"))?;
-                ConvAct::Iieu(IieuB::new(conv, vb.pp("act"))?)
-            }
+            // The fused op owns its weight: under `conv`, so it gets the same seeded draw
+            // (and candle's conv init) as the unfused `conv2d_no_bias` + `IieuB` had.
+            Kind::IieuB => ConvAct::Iieu(IieuConv2d::new(
+                vb.pp("conv"),
+                cin,
+                cout,
+                3,
+                cfg,
+                PsiKind::None,
+                PatchNorm::PerGroup,
+            )?),
             _ => {
                 let conv = candle_nn::conv2d(cin, cout, 3, cfg, vb.pp("conv"))?;
                 ConvAct::Plain(conv, Act::new(kind, vb.pp("act"), cout)?)

@@ -27,7 +27,6 @@ use super::ops::{split, IieuOpts};
 use super::{cerr, check_dims, cpu_data, host, op_err, El};
 use crate::cpu::iieu::{IieuConfig, IieuParams};
 use crate::cpu::iieu_conv::{self, BatchNorm, IieuConvParams, Psi};
-use crate::geometry::Conv2dGeometry;
 use crate::real::Real;
 
 type CResult<T> = candle_core::Result<T>;
@@ -102,36 +101,7 @@ type RunningSlot = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
 
 impl IieuConvOp {
     fn config(&self, x_pre_dims: &[usize]) -> CResult<IieuConfig> {
-        let [o, cpg, kh, kw] = self.w_dims;
-        let &[n, c, h, w] = x_pre_dims else {
-            return Err(op_err(
-                NAME,
-                format!("x_pre must be (N, C, H, W), got {x_pre_dims:?}"),
-            ));
-        };
-        if cpg.checked_mul(self.opts.groups) != Some(c) {
-            return Err(op_err(
-                NAME,
-                format!(
-                    "weight {:?} with {} groups does not fit x_pre with {c} channels",
-                    self.w_dims, self.opts.groups
-                ),
-            ));
-        }
-        let geom = Conv2dGeometry {
-            n,
-            c_in: c,
-            h,
-            w,
-            c_out: o,
-            kh,
-            kw,
-            stride: self.opts.stride,
-            padding: self.opts.padding,
-            dilation: self.opts.dilation,
-            groups: self.opts.groups,
-        };
-        let cfg = IieuConfig::new(geom).with_patch_norm(self.opts.patch_norm);
+        let cfg = super::ops::iieu_config(NAME, self.w_dims, &self.opts, x_pre_dims)?;
         cfg.validate().map_err(cerr)?;
         Ok(cfg)
     }

@@ -424,39 +424,49 @@ pub struct IieuBOp {
     pub w_dims: [usize; 4],
 }
 
+/// The IIEU configuration of an op on `x_pre` of `x_pre_dims` with a weight of
+/// `w_dims` (O, C/g, KH, KW) and `opts`; `name` is the op's name in errors.
+pub(crate) fn iieu_config(
+    name: &'static str,
+    w_dims: [usize; 4],
+    opts: &IieuOpts,
+    x_pre_dims: &[usize],
+) -> CResult<IieuConfig> {
+    let [o, cpg, kh, kw] = w_dims;
+    let &[n, c, h, w] = x_pre_dims else {
+        return Err(op_err(
+            name,
+            format!("x_pre must be (N, C, H, W), got {x_pre_dims:?}"),
+        ));
+    };
+    if cpg.checked_mul(opts.groups) != Some(c) {
+        return Err(op_err(
+            name,
+            format!(
+                "weight {w_dims:?} with {} groups does not fit x_pre with {c} channels",
+                opts.groups
+            ),
+        ));
+    }
+    let geom = Conv2dGeometry {
+        n,
+        c_in: c,
+        h,
+        w,
+        c_out: o,
+        kh,
+        kw,
+        stride: opts.stride,
+        padding: opts.padding,
+        dilation: opts.dilation,
+        groups: opts.groups,
+    };
+    Ok(IieuConfig::new(geom).with_patch_norm(opts.patch_norm))
+}
+
 impl IieuBOp {
     pub(crate) fn config(&self, x_pre_dims: &[usize]) -> CResult<IieuConfig> {
-        let name = "iieu_b";
-        let [o, cpg, kh, kw] = self.w_dims;
-        let &[n, c, h, w] = x_pre_dims else {
-            return Err(op_err(
-                name,
-                format!("x_pre must be (N, C, H, W), got {x_pre_dims:?}"),
-            ));
-        };
-        if cpg.checked_mul(self.opts.groups) != Some(c) {
-            return Err(op_err(
-                name,
-                format!(
-                    "weight {:?} with {} groups does not fit x_pre with {c} channels",
-                    self.w_dims, self.opts.groups
-                ),
-            ));
-        }
-        let geom = Conv2dGeometry {
-            n,
-            c_in: c,
-            h,
-            w,
-            c_out: o,
-            kh,
-            kw,
-            stride: self.opts.stride,
-            padding: self.opts.padding,
-            dilation: self.opts.dilation,
-            groups: self.opts.groups,
-        };
-        Ok(IieuConfig::new(geom).with_patch_norm(self.opts.patch_norm))
+        iieu_config("iieu_b", self.w_dims, &self.opts, x_pre_dims)
     }
 
     /// Validates `x` against the config, splits the pack into `W` and the params.

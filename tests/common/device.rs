@@ -63,9 +63,7 @@ impl Gpu {
     pub fn check_schedules<R: PartialEq + std::fmt::Debug>(&self, f: impl Fn() -> R) -> R {
         #[cfg(feature = "emulate")]
         if self.emulated {
-            use activation_kernels::emu::{self, Schedule};
-            let before = emu::live_allocations();
-            let mut first: Option<R> = None;
+            use activation_kernels::emu::Schedule;
             // AK_EMU_SCHEDULES=1 runs the identity order only (used by CI's
             // AddressSanitizer pass, which checks memory safety, not ordering —
             // the ordering check already ran in the plain pass).
@@ -74,30 +72,43 @@ impl Gpu {
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(4)
                 .clamp(1, 4);
-            for s in [
+            let orders = [
                 Schedule::Identity,
                 Schedule::Reversed,
                 Schedule::WarpAhead(1),
                 Schedule::Random(0x5eed),
-            ]
-            .into_iter()
-            .take(count)
-            {
-                emu::set_schedule(s);
-                let r = f();
-                match &first {
-                    None => first = Some(r),
-                    Some(r0) => assert!(*r0 == r, "result differs under thread order {s:?}"),
-                }
-            }
-            emu::set_schedule(Schedule::Identity);
-            assert_eq!(emu::live_allocations(), before, "device allocations leaked");
-            if let Some(fault) = emu::take_fault() {
-                panic!("emulator fault: {fault}");
-            }
-            return first.expect("ran at least once");
+            ];
+            return self.check_orders(&orders[..count], f);
         }
         f()
+    }
+
+    /// [`Gpu::check_schedules`] with the given thread orders (at least one): runs
+    /// `f` under each, asserts bitwise-identical results, no leaked allocation and
+    /// no emulator fault, and returns the first result. Emulated device only.
+    #[cfg(feature = "emulate")]
+    pub fn check_orders<R: PartialEq + std::fmt::Debug>(
+        &self,
+        orders: &[activation_kernels::emu::Schedule],
+        f: impl Fn() -> R,
+    ) -> R {
+        use activation_kernels::emu::{self, Schedule};
+        let before = emu::live_allocations();
+        let mut first: Option<R> = None;
+        for &s in orders {
+            emu::set_schedule(s);
+            let r = f();
+            match &first {
+                None => first = Some(r),
+                Some(r0) => assert!(*r0 == r, "result differs under thread order {s:?}"),
+            }
+        }
+        emu::set_schedule(Schedule::Identity);
+        assert_eq!(emu::live_allocations(), before, "device allocations leaked");
+        if let Some(fault) = emu::take_fault() {
+            panic!("emulator fault: {fault}");
+        }
+        first.expect("ran at least once")
     }
 }
 

@@ -48,18 +48,8 @@ pub fn src_const(src: &str, name: &str) -> usize {
 pub fn two_orders<R: PartialEq + std::fmt::Debug>(g: &Gpu, f: impl Fn() -> R) -> R {
     #[cfg(feature = "emulate")]
     if g.emulated {
-        use activation_kernels::emu::{self, Schedule};
-        let before = emu::live_allocations();
-        emu::set_schedule(Schedule::Reversed);
-        let rev = f();
-        emu::set_schedule(Schedule::Identity);
-        let id = f();
-        assert!(id == rev, "result differs under the reversed thread order");
-        assert_eq!(emu::live_allocations(), before, "device allocations leaked");
-        if let Some(fault) = emu::take_fault() {
-            panic!("emulator fault: {fault}");
-        }
-        return id;
+        use activation_kernels::emu::Schedule;
+        return g.check_orders(&[Schedule::Reversed, Schedule::Identity], f);
     }
     let _ = g;
     f()

@@ -60,6 +60,17 @@ __device__ __forceinline__ float rho_of(float x, float rw, float rx, float nu) {
   return __fmaf_rn(x * rw, rx, nu);
 }
 
+// x = ψ(c) of IieuConv2d (kernels/iieu_conv.cu): lin = (sub, k, scale, add) per channel,
+// x = ((c − sub)·k)·scale + add rounded to the storage dtype T — the one expression
+// every kernel that reads x through lin uses, so forward and backward see the same x.
+// lin == nullptr (plain IIEU-B): x = c.
+template <class T>
+__device__ __forceinline__ float psi_x(float c, const float* __restrict__ lin, int o) {
+  if (lin == nullptr) return c;
+  const float* l = lin + 4 * o;
+  return ak::to_f32(ak::from_f32<T>(fmaf((c - l[0]) * l[1], l[2], l[3])));
+}
+
 // 1/(‖v‖+eps) slope factor −r²/‖v‖ (0 where ‖v‖ = 0).
 __device__ __forceinline__ float inv_norm_slope(float norm, float r) {
   return norm > 0.0f ? -(r * r) / norm : 0.0f;
@@ -178,7 +189,7 @@ __device__ void gap_impl(const T* __restrict__ x, float* __restrict__ m, IieuGeo
 // group: re-read from L2 per channel), writes y (sizeof T). Minimum is x + y; the r_x
 // re-read is the price of not materialising s.
 template <class T>
-__device__ void fwd_impl(const T* __restrict__ x, const float* __restrict__ r_w,
+__device__ void fwd_impl(const T* __restrict__ x, const float* __restrict__ lin, const float* __restrict__ r_w,
                          const float* __restrict__ r_x, const float* __restrict__ nu,
                          const float* __restrict__ eta, T* __restrict__ y, IieuGeom g) {
   constexpr int V = ak::Vec16<T>::N;
@@ -192,6 +203,9 @@ __device__ void fwd_impl(const T* __restrict__ x, const float* __restrict__ r_w,
       const long long t = (long long)n * g.gp + o / g.o_per;
       float xv[V], rx[V], out[V];
       ak::Vec16<T>::load(x + e, xv);
+      if (lin != nullptr)
+#pragma unroll
+        for (int k = 0; k < V; ++k) xv[k] = psi_x<T>(xv[k], lin, o);
       load_f32<V>(r_x + t * P + p, rx);
       const float rw = r_w[o], nv = nu[no], et = eta[o];
 #pragma unroll
@@ -206,7 +220,7 @@ __device__ void fwd_impl(const T* __restrict__ x, const float* __restrict__ r_w,
       const long long no = e / P, p = e - no * P;
       const int o = (int)(no % g.o), n = (int)(no / g.o);
       const long long t = (long long)n * g.gp + o / g.o_per;
-      const float xv = ak::to_f32(x[e]);
+      const float xv = psi_x<T>(ak::to_f32(x[e]), lin, o);
       const float r = rho_of(xv, r_w[o], r_x[t * P + p], nu[no]);
       const float et = eta[o];
       y[e] = ak::from_f32<T>(r >= et ? r * xv : et * expf(r - et) * xv);
@@ -245,7 +259,7 @@ __device__ __forceinline__ Adj adj_bwd(float dy, float x, float rw, float rx, fl
 // writes 12 B per plane.
 template <class T>
 __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
-                              const float* __restrict__ r_w, const float* __restrict__ r_x,
+                              const float* __restrict__ lin, const float* __restrict__ r_w, const float* __restrict__ r_x,
                               const float* __restrict__ nu, const float* __restrict__ eta,
                               float* __restrict__ part, IieuGeom g) {
   SHARED_ARRAY(float, scratch, 32);
@@ -265,6 +279,9 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
       for (long long j = threadIdx.x; j < P / V; j += blockDim.x) {
         float xv[V], dv[V], rx[V];
         ak::Vec16<T>::load(xp + j * V, xv);
+        if (lin != nullptr)
+#pragma unroll
+          for (int k = 0; k < V; ++k) xv[k] = psi_x<T>(xv[k], lin, o);
         ak::Vec16<T>::load(dyp + j * V, dv);
         load_f32<V>(rxp + j * V, rx);
 #pragma unroll
@@ -277,7 +294,7 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
       }
     } else {
       for (long long j = threadIdx.x; j < P; j += blockDim.x) {
-        const float xv = ak::to_f32(xp[j]), rx = rxp[j];
+        const float xv = psi_x<T>(ak::to_f32(xp[j]), lin, o), rx = rxp[j];
         const Adj a = adj_bwd(ak::to_f32(dyp[j]), xv, rw, rx, nv, et);
         sg += a.g;
         sgr += a.g * xv * rx;
@@ -339,7 +356,7 @@ __device__ void bwd_params_impl(const T* __restrict__ w, const float* __restrict
 // written once per (n,grp,pixel).
 template <class T>
 __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
-                            const float* __restrict__ r_w, const float* __restrict__ r_x,
+                            const float* __restrict__ lin, const float* __restrict__ r_w, const float* __restrict__ r_x,
                             const float* __restrict__ x_norm, const float* __restrict__ nu,
                             const float* __restrict__ eta, const float* __restrict__ dm,
                             T* __restrict__ dx, float* __restrict__ coef, IieuGeom g) {
@@ -362,6 +379,9 @@ __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
         const float rw = r_w[o], nv = nu[no], et = eta[o], add = dm[no] * inv_p;
         float xv[V], dv[V], out[V];
         ak::Vec16<T>::load(x + base, xv);
+        if (lin != nullptr)
+#pragma unroll
+          for (int k = 0; k < V; ++k) xv[k] = psi_x<T>(xv[k], lin, o);
         ak::Vec16<T>::load(dy + base, dv);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
@@ -387,7 +407,7 @@ __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
         const int o = grp * g.o_per + ol;
         const long long no = (long long)n * g.o + o, idx = no * P + p;
         const float rw = r_w[o];
-        const float xv = ak::to_f32(x[idx]), dv = ak::to_f32(dy[idx]);
+        const float xv = psi_x<T>(ak::to_f32(x[idx]), lin, o), dv = ak::to_f32(dy[idx]);
         const Adj a = adj_bwd(dv, xv, rw, rx, nu[no], eta[o]);
         dx[idx] = ak::from_f32<T>(dv * a.sc + a.g * rw * rx + dm[no] * inv_p);
         acc += a.g * xv * rw;
@@ -569,15 +589,16 @@ EMU_REGISTER(iieu_ln_bwd)
     ak_iieu::gap_impl<T>(x, m, g);                                                                        \
   }                                                                                                       \
   EMU_REGISTER(iieu_gap_##SUF)                                                                            \
-  extern "C" __global__ void iieu_fwd_##SUF(const T* x, const float* r_w, const float* r_x,              \
-                                            const float* nu, const float* eta, T* y, IieuGeom g) {       \
-    ak_iieu::fwd_impl<T>(x, r_w, r_x, nu, eta, y, g);                                                     \
+  extern "C" __global__ void iieu_fwd_##SUF(const T* x, const float* lin, const float* r_w,              \
+                                            const float* r_x, const float* nu, const float* eta, T* y,   \
+                                            IieuGeom g) {                                                \
+    ak_iieu::fwd_impl<T>(x, lin, r_w, r_x, nu, eta, y, g);                                                \
   }                                                                                                       \
   EMU_REGISTER(iieu_fwd_##SUF)                                                                            \
-  extern "C" __global__ void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* r_w,              \
-                                                 const float* r_x, const float* nu, const float* eta,    \
-                                                 float* part, IieuGeom g) {                              \
-    ak_iieu::bwd_sums_impl<T>(dy, x, r_w, r_x, nu, eta, part, g);                                         \
+  extern "C" __global__ void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin,              \
+                                                 const float* r_w, const float* r_x, const float* nu,    \
+                                                 const float* eta, float* part, IieuGeom g) {            \
+    ak_iieu::bwd_sums_impl<T>(dy, x, lin, r_w, r_x, nu, eta, part, g);                                    \
   }                                                                                                       \
   EMU_REGISTER(iieu_bwd_sums_##SUF)                                                                       \
   extern "C" __global__ void iieu_bwd_params_##SUF(const T* w, const float* part, const float* dz,       \
@@ -587,11 +608,11 @@ EMU_REGISTER(iieu_ln_bwd)
     ak_iieu::bwd_params_impl<T>(w, part, dz, m_hat, r_w, w_norm, d_gamma, d_beta, d_eta, dw, g);          \
   }                                                                                                       \
   EMU_REGISTER(iieu_bwd_params_##SUF)                                                                     \
-  extern "C" __global__ void iieu_bwd_dx_##SUF(const T* dy, const T* x, const float* r_w,                \
-                                               const float* r_x, const float* x_norm, const float* nu,   \
-                                               const float* eta, const float* dm, T* dx, float* coef,    \
-                                               IieuGeom g) {                                             \
-    ak_iieu::bwd_dx_impl<T>(dy, x, r_w, r_x, x_norm, nu, eta, dm, dx, coef, g);                           \
+  extern "C" __global__ void iieu_bwd_dx_##SUF(const T* dy, const T* x, const float* lin,                \
+                                               const float* r_w, const float* r_x, const float* x_norm,  \
+                                               const float* nu, const float* eta, const float* dm, T* dx,\
+                                               float* coef, IieuGeom g) {                                \
+    ak_iieu::bwd_dx_impl<T>(dy, x, lin, r_w, r_x, x_norm, nu, eta, dm, dx, coef, g);                      \
   }                                                                                                       \
   EMU_REGISTER(iieu_bwd_dx_##SUF)                                                                         \
   extern "C" __global__ void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre,          \

@@ -17,3 +17,4 @@ pub use generated::*;
 // abi_generated.rs); any bit pattern is a valid value, so copying them into a
 // kernel's parameter buffer is sound.
 unsafe impl DeviceRepr for IieuGeom {}
+unsafe impl DeviceRepr for ConvGeom {}

@@ -52,3 +52,56 @@ const _: () = {
     ["Offset of field: IieuGeom::w_per"][::std::mem::offset_of!(IieuGeom, w_per) - 72usize];
     ["Offset of field: IieuGeom::mode"][::std::mem::offset_of!(IieuGeom, mode) - 76usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ConvGeom {
+    pub n: i32,
+    pub c: i32,
+    pub h: i32,
+    pub w: i32,
+    pub o: i32,
+    pub oh: i32,
+    pub ow: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub sh: i32,
+    pub sw: i32,
+    pub ph: i32,
+    pub pw: i32,
+    pub dh: i32,
+    pub dw: i32,
+    pub groups: i32,
+    pub cg: i32,
+    pub og: i32,
+    pub kdim: i32,
+    pub mtiles: i32,
+    pub gp: i32,
+    pub splits: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ConvGeom"][::std::mem::size_of::<ConvGeom>() - 88usize];
+    ["Alignment of ConvGeom"][::std::mem::align_of::<ConvGeom>() - 4usize];
+    ["Offset of field: ConvGeom::n"][::std::mem::offset_of!(ConvGeom, n) - 0usize];
+    ["Offset of field: ConvGeom::c"][::std::mem::offset_of!(ConvGeom, c) - 4usize];
+    ["Offset of field: ConvGeom::h"][::std::mem::offset_of!(ConvGeom, h) - 8usize];
+    ["Offset of field: ConvGeom::w"][::std::mem::offset_of!(ConvGeom, w) - 12usize];
+    ["Offset of field: ConvGeom::o"][::std::mem::offset_of!(ConvGeom, o) - 16usize];
+    ["Offset of field: ConvGeom::oh"][::std::mem::offset_of!(ConvGeom, oh) - 20usize];
+    ["Offset of field: ConvGeom::ow"][::std::mem::offset_of!(ConvGeom, ow) - 24usize];
+    ["Offset of field: ConvGeom::kh"][::std::mem::offset_of!(ConvGeom, kh) - 28usize];
+    ["Offset of field: ConvGeom::kw"][::std::mem::offset_of!(ConvGeom, kw) - 32usize];
+    ["Offset of field: ConvGeom::sh"][::std::mem::offset_of!(ConvGeom, sh) - 36usize];
+    ["Offset of field: ConvGeom::sw"][::std::mem::offset_of!(ConvGeom, sw) - 40usize];
+    ["Offset of field: ConvGeom::ph"][::std::mem::offset_of!(ConvGeom, ph) - 44usize];
+    ["Offset of field: ConvGeom::pw"][::std::mem::offset_of!(ConvGeom, pw) - 48usize];
+    ["Offset of field: ConvGeom::dh"][::std::mem::offset_of!(ConvGeom, dh) - 52usize];
+    ["Offset of field: ConvGeom::dw"][::std::mem::offset_of!(ConvGeom, dw) - 56usize];
+    ["Offset of field: ConvGeom::groups"][::std::mem::offset_of!(ConvGeom, groups) - 60usize];
+    ["Offset of field: ConvGeom::cg"][::std::mem::offset_of!(ConvGeom, cg) - 64usize];
+    ["Offset of field: ConvGeom::og"][::std::mem::offset_of!(ConvGeom, og) - 68usize];
+    ["Offset of field: ConvGeom::kdim"][::std::mem::offset_of!(ConvGeom, kdim) - 72usize];
+    ["Offset of field: ConvGeom::mtiles"][::std::mem::offset_of!(ConvGeom, mtiles) - 76usize];
+    ["Offset of field: ConvGeom::gp"][::std::mem::offset_of!(ConvGeom, gp) - 80usize];
+    ["Offset of field: ConvGeom::splits"][::std::mem::offset_of!(ConvGeom, splits) - 84usize];
+};

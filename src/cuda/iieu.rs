@@ -26,11 +26,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
 use crate::cuda::abi::IieuGeom;
-use crate::cuda::{grid_for, to_i32, DType, DeviceInput, Kernels, BLOCK};
+use crate::cuda::{grid_for, to_i32, ArgOpt, DType, DeviceInput, Kernels, BLOCK};
 use crate::error::{check_len, Error, Result};
 
 // ------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ impl IieuDeviceParams {
         Self::from_host(stream, &IieuParams::<f32>::init(c_out))
     }
 
-    fn check(&self, c_out: usize) -> Result<()> {
+    pub(crate) fn check(&self, c_out: usize) -> Result<()> {
         check_len("ln_weight", c_out, self.ln_weight.len())?;
         check_len("ln_bias", c_out, self.ln_bias.len())?;
         check_len("eta", c_out, self.eta.len())
@@ -129,16 +129,16 @@ pub struct IieuDeviceGrads<T> {
 // ------------------------------------------------------------------------------------
 // Internal: validated dimensions
 
-struct Dims {
-    g: IieuGeom,
-    n: usize,
-    o: usize,
-    plane_out: usize,
-    x_len: usize,
-    x_pre_len: usize,
-    w_len: usize,
-    rx_len: usize,
-    q_len: usize,
+pub(crate) struct Dims {
+    pub(crate) g: IieuGeom,
+    pub(crate) n: usize,
+    pub(crate) o: usize,
+    pub(crate) plane_out: usize,
+    pub(crate) x_len: usize,
+    pub(crate) x_pre_len: usize,
+    pub(crate) w_len: usize,
+    pub(crate) rx_len: usize,
+    pub(crate) q_len: usize,
 }
 
 fn fits_i32(what: &'static str, v: Option<usize>) -> Result<i32> {
@@ -152,7 +152,7 @@ fn fits_i32(what: &'static str, v: Option<usize>) -> Result<i32> {
 }
 
 impl Dims {
-    fn new(cfg: &IieuConfig) -> Result<Self> {
+    pub(crate) fn new(cfg: &IieuConfig) -> Result<Self> {
         let (oh, ow) = cfg.validate()?;
         let geo = &cfg.geometry;
         let gp = cfg.patch_groups();
@@ -227,12 +227,12 @@ impl Dims {
 }
 
 /// Values per 128-bit access of `T` (the kernels' vector width).
-fn vec_width<T>() -> usize {
+pub(crate) fn vec_width<T>() -> usize {
     16 / std::mem::size_of::<T>()
 }
 
 /// Grid-stride elementwise launch over `work` items (vectorised by `vec`).
-fn elementwise(work: usize, vec: usize) -> LaunchConfig {
+pub(crate) fn elementwise(work: usize, vec: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid_for(work, BLOCK as usize * vec), 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -242,7 +242,7 @@ fn elementwise(work: usize, vec: usize) -> LaunchConfig {
 
 /// One block per item (grid-stride over `items`), `per_item` elements reduced by each
 /// block: the block is sized to the work (a multiple of 32, at most [`BLOCK`]).
-fn per_block(items: usize, per_item: usize) -> LaunchConfig {
+pub(crate) fn per_block(items: usize, per_item: usize) -> LaunchConfig {
     let threads = (per_item.div_ceil(32) * 32).clamp(32, BLOCK as usize) as u32;
     LaunchConfig {
         grid_dim: (items.clamp(1, super::grid_cap()) as u32, 1, 1),
@@ -252,13 +252,13 @@ fn per_block(items: usize, per_item: usize) -> LaunchConfig {
 }
 
 /// A device buffer every element of which the next kernel writes before any read.
-fn scratch<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+pub(crate) fn scratch<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
     // SAFETY: callers pass it only as a kernel output that writes all `len` elements
     // (documented at each launch) before anything reads it.
     Ok(unsafe { stream.alloc::<T>(len) }?)
 }
 
-fn check_saved(d: &Dims, cfg: &IieuConfig, saved: &IieuDeviceSaved) -> Result<()> {
+pub(crate) fn check_saved(d: &Dims, cfg: &IieuConfig, saved: &IieuDeviceSaved) -> Result<()> {
     if saved.cfg != *cfg {
         return Err(Error::Shape {
             what: "saved",
@@ -289,7 +289,7 @@ fn check_saved(d: &Dims, cfg: &IieuConfig, saved: &IieuDeviceSaved) -> Result<()
 // Launch helpers (validated dims only)
 
 /// `(r_w, ‖W‖)`.
-fn launch_filter_norm<T: DType>(
+pub(crate) fn launch_filter_norm<T: DType>(
     stream: &Arc<CudaStream>,
     k: &Kernels,
     d: &Dims,
@@ -308,7 +308,7 @@ fn launch_filter_norm<T: DType>(
 }
 
 /// `(r_x, ‖P‖)`: q = Σ_c x_pre² per patch plane, then the window sum.
-fn launch_patch_norm<T: DType>(
+pub(crate) fn launch_patch_norm<T: DType>(
     stream: &Arc<CudaStream>,
     k: &Kernels,
     d: &Dims,
@@ -412,14 +412,53 @@ pub fn forward<T: DType>(
     // SAFETY: blocks grid-stride over planes pl < N·O, reading x[pl·P .. (pl+1)·P)
     // (x.len() = N·O·P validated) and writing m[pl] (m.len() = N·O).
     unsafe { b.launch(per_block(no, d.plane_out / vec_width::<T>())) }?;
+    let norms = Norms {
+        r_w,
+        w_norm,
+        r_x,
+        x_norm,
+    };
+    finish_forward(stream, &k, cfg, &d, &xv, None, &m, params, norms)
+}
 
+/// The inverse norms and norms of one forward (all f32 on the device).
+pub(crate) struct Norms {
+    pub(crate) r_w: CudaSlice<f32>,
+    pub(crate) w_norm: CudaSlice<f32>,
+    pub(crate) r_x: CudaSlice<f32>,
+    pub(crate) x_norm: CudaSlice<f32>,
+}
+
+/// The end of the forward shared with IieuConv2d: term-B from the GAP `m` (LayerNorm,
+/// ν) and the adjuster. `x` is IIEU-B's input, or with `lin` the conv output `c` and
+/// `x = ψ(c)` is formed in the kernel (`lin` = `(sub, k, scale, add)` per channel).
+/// Every length was validated by the caller.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    cfg: &IieuConfig,
+    d: &Dims,
+    xv: &CudaView<'_, T>,
+    lin: Option<&CudaSlice<f32>>,
+    m: &CudaSlice<f32>,
+    params: &IieuDeviceParams,
+    norms: Norms,
+) -> Result<(CudaSlice<T>, IieuDeviceSaved)> {
+    let no = d.n * d.o;
+    let Norms {
+        r_w,
+        w_norm,
+        r_x,
+        x_norm,
+    } = norms;
     // LayerNorm over O per sample, then ν.
     let mut m_hat = scratch::<f32>(stream, no)?;
     let mut rstd = scratch::<f32>(stream, d.n)?;
     let mut nu = scratch::<f32>(stream, no)?;
     let f = k.function("iieu_ln_fwd")?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&m)
+    b.arg(m)
         .arg(&params.ln_weight)
         .arg(&params.ln_bias)
         .arg(&mut m_hat)
@@ -434,15 +473,16 @@ pub fn forward<T: DType>(
     let mut y = scratch::<T>(stream, d.x_len)?;
     let f = k.function(&format!("iieu_fwd_{}", T::NAME))?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&xv)
+    b.arg(xv)
+        .arg_opt(lin)
         .arg(&r_w)
         .arg(&r_x)
         .arg(&nu)
         .arg(&params.eta)
         .arg(&mut y)
         .arg(&d.g);
-    // SAFETY: threads cover e < N·O·P = x.len() = y.len() (every y written); r_x is
-    // read at (n·G' + o/o_per)·P + p < N·G'·P, r_w/eta at o < O, nu at n·O + o < N·O.
+    // SAFETY: threads cover e < N·O·P = x.len() = y.len() (every y written); lin (if
+    // any) at 4·o + 3 < 4·O; r_x is read at (n·G' + o/o_per)·P + p < N·G'·P, r_w/eta at o < O, nu at n·O + o < N·O.
     unsafe { b.launch(elementwise(d.x_len, vec_width::<T>())) }?;
 
     Ok((
@@ -498,7 +538,26 @@ pub fn backward<T: DType>(
     check_saved(&d, cfg, saved)?;
 
     let k = Kernels::get(stream.context())?;
-    let (dyv, xv, xpv, wv) = (dy.view(), x.view(), x_pre.view(), w.view());
+    let views = (dy.view(), x.view(), x_pre.view(), w.view());
+    backward_core(stream, &k, &d, views, None, params, saved)
+}
+
+/// The backward shared with IieuConv2d (every length validated by the caller): `x` is
+/// IIEU-B's input, or with `lin` the conv output `c` (see [`finish_forward`]).
+pub(crate) fn backward_core<T: DType>(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    d: &Dims,
+    (dyv, xv, xpv, wv): (
+        CudaView<'_, T>,
+        CudaView<'_, T>,
+        CudaView<'_, T>,
+        CudaView<'_, T>,
+    ),
+    lin: Option<&CudaSlice<f32>>,
+    params: &IieuDeviceParams,
+    saved: &IieuDeviceSaved,
+) -> Result<IieuDeviceGrads<T>> {
     let no = d.n * d.o;
     let s = saved;
 
@@ -508,6 +567,7 @@ pub fn backward<T: DType>(
     let mut b = stream.launch_builder(&f);
     b.arg(&dyv)
         .arg(&xv)
+        .arg_opt(lin)
         .arg(&s.r_w)
         .arg(&s.r_x)
         .arg(&s.nu)
@@ -566,6 +626,7 @@ pub fn backward<T: DType>(
     let mut b = stream.launch_builder(&f);
     b.arg(&dyv)
         .arg(&xv)
+        .arg_opt(lin)
         .arg(&s.r_w)
         .arg(&s.r_x)
         .arg(&s.x_norm)

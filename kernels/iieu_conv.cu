@@ -1,0 +1,588 @@
+// iieu_conv.cu — IieuConv2d (SPEC §1.5): convolution, ψ and IIEU-B as one fused op.
+// Rust side: src/cuda/iieu_conv.rs (validates every length, then launches these and
+// the IIEU-B kernels of iieu.cu it shares: ln_fwd, fwd, bwd_sums, ln_bwd, bwd_params,
+// bwd_dx, bwd_dxpre — those read x = ψ(c) through the per-channel `lin` vector, so x
+// is never materialised).
+//
+// Storage dtypes float / __half / __nv_bfloat16 for x_pre, W, c, y, dy, dx, dc, dx_pre,
+// dW; every intermediate is f32 and all arithmetic and accumulation is f32.
+//
+// Pipeline (one launch per line; GEMM shapes per group):
+//   forward : fwd          implicit GEMM c = W·im2col(x_pre) (M = H'·W' pixels per
+//                          sample, N = O/g, K = C/g·KH·KW), with in the same pass
+//                          ‖P‖² partials from the A tiles (sq), and per-(n,o,tile)
+//                          (mean, M2) of c (tile-local two-pass, half-warp shuffles)
+//             rx           ‖P‖, r_x from sq (AllChannels: Σ over the groups, in order)
+//             plane_stats  per-(n,o) (mean, M2) of c: Chan merge of the tiles, in order
+//             psi          per o: BatchNorm batch stats (merge over n, in order), running
+//                          stats, lin = (sub, k, scale, add), GAP(x)[n,o] = ψ(mean_c)
+//             (iieu.cu)    ln_fwd → ν;  fwd (x = ψ(c) via lin) → y
+//   backward: (iieu.cu)    bwd_sums, ln_bwd, bwd_params, bwd_dx, bwd_dxpre (x via lin):
+//                          dx = ∂L/∂x, the r_x path of dx_pre, the r_w path of dW
+//             psi_bwd_sums per-(n,o) [Σdx, Σdx·x̂]            (stage 1)
+//             psi_bwd_params per o: dψ-scale, dψ-shift, dc coefficients (stage 2, in order)
+//             dc           dc = A[o]·dx + B[o]·x̂ + C[o]
+//             dgrad        implicit GEMM dx_pre = Wᵀ ⋆ dc  (+ the r_x path, in its epilogue)
+//             wgrad        implicit GEMM per fixed reduction chunk: dW partials (f32)
+//             wgrad_reduce dW = Σ_chunks (in order) + the r_w path
+// No float atomics; every reduction has a fixed order: results are bitwise
+// reproducible. The GEMMs use CUDA-core FMA on 64×64×16 shared-memory tiles, 256
+// threads, 4×4 outputs per thread; the tile loaders, the MMA step (mma_tile) and the
+// epilogues are separate functions so the MMA step can become mma.sync.
+#include <stddef.h>
+
+#include "common.cuh"
+
+static_assert(sizeof(ConvGeom) == 88, "ConvGeom layout drifted from src/cuda/abi.rs");
+static_assert(offsetof(ConvGeom, splits) == 84, "ConvGeom layout drifted from src/cuda/abi.rs");
+
+namespace ak_conv {
+
+constexpr int BM = 64;  // tile rows
+constexpr int BN = 64;  // tile columns
+constexpr int BK = 16;  // tile depth
+constexpr int TM = 4;   // rows per thread
+constexpr int TN = 4;   // columns per thread
+constexpr int THREADS = 256;
+static_assert((BM / TM) * (BN / TN) == THREADS, "one 4×4 micro-tile per thread");
+static_assert(BM * BK == 4 * THREADS && BN * BK == 4 * THREADS, "4 loads per thread per operand");
+
+constexpr float EPS = 1e-8f;
+
+__device__ __forceinline__ long long grid_tid() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
+
+// Input value under tap k = (cl, i, jj) of output pixel (ho, wo) of group grp, 0 in the
+// padding. xs: sample base (C, H, W).
+template <class T>
+__device__ __forceinline__ float im2col_at(const T* __restrict__ xs, const ConvGeom& g, int grp, int ho, int wo,
+                                           int k) {
+  const int taps = g.kh * g.kw;
+  const int cl = k / taps, r = k - cl * taps, i = r / g.kw, jj = r - i * g.kw;
+  const int hi = ho * g.sh - g.ph + i * g.dh, wi = wo * g.sw - g.pw + jj * g.dw;
+  if (hi < 0 || hi >= g.h || wi < 0 || wi >= g.w) return 0.0f;
+  return ak::to_f32(xs[((long long)(grp * g.cg + cl) * g.h + hi) * g.w + wi]);
+}
+
+// The MMA step: acc[i][j] += Σ_k As[k][rm·TM + i]·Bs[k][cn·TN + j] over one BK slab.
+// Both tiles are k-major (As[k·BM + m], Bs[k·BN + n]). CUDA-core FMA; the tensor-core
+// version replaces this function only.
+__device__ __forceinline__ void mma_tile(const float* As, const float* Bs, int rm, int cn, float (&acc)[TM][TN]) {
+#pragma unroll
+  for (int k = 0; k < BK; ++k) {
+    float a[TM], b[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) a[i] = As[k * BM + rm * TM + i];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) b[j] = Bs[k * BN + cn * TN + j];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+  }
+}
+
+// Sum over the 16 lanes of a half-warp (xor 8, 4, 2, 1: a fixed tree). Every lane of
+// the warp must call it.
+__device__ __forceinline__ float half_warp_sum(float v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Weight tile of the forward: Bs[kk][oo] = W[grp·og + o][k0 + kk] (0 outside). Thread →
+// filter oo = tid/4, 4 consecutive k; one 128-bit load when the 4 are in range and
+// aligned (f32, K % 4 == 0).
+template <class T>
+__device__ __forceinline__ void load_w_tile(const T* __restrict__ w, const ConvGeom& g, int grp, int nt, int k0,
+                                            float* Bs) {
+  const int tid = threadIdx.x;
+  const int oo = tid >> 2, kk = (tid & 3) * 4;
+  const int o = nt * BN + oo, k = k0 + kk;
+  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (o < g.og) {
+    const T* row = w + (long long)(grp * g.og + o) * g.kdim;
+    if (sizeof(T) == 4 && (g.kdim & 3) == 0 && k + 4 <= g.kdim && ak::aligned16(row + k)) {
+      ak::Vec16<float>::load(reinterpret_cast<const float*>(row + k), v);
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (k + q < g.kdim) v[q] = ak::to_f32(row[k + q]);
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) Bs[(kk + q) * BN + oo] = v[q];
+}
+
+// ---------------------------------------------------------------------------------
+// forward: c = conv(x_pre, W) + ‖P‖² partials + per-tile (mean, M2) of c.
+// grid (N·mtiles, g·ntiles), 256 threads. Block (n, mt, grp, nt): pixels
+// mt·64 .. +64 of sample n, filters nt·64 .. +64 of group grp. Thread (rm = tid%16:
+// 4 consecutive pixels, cn = tid/16: 4 filters) — consecutive threads store
+// consecutive pixels. sq (optional): written by the nt == 0 blocks,
+// sq[(n·g + grp)·P + p] = Σ_k A[p][k]² (the zero padding adds nothing).
+// Bytes: reads x_pre ~ntiles·KH·KW/(sh·sw) times through L1/L2 (the implicit im2col)
+// and W once per pixel tile; writes c once, 8 B per (n, o, tile) and 4 B per (n,grp,p).
+template <class T>
+__device__ void fwd_impl(const T* __restrict__ x_pre, const T* __restrict__ w, T* __restrict__ out,
+                         float* __restrict__ sq, float* __restrict__ st_mean, float* __restrict__ st_m2, ConvGeom g) {
+  SHARED_ARRAY(float, As, BK * BM);
+  SHARED_ARRAY(float, Bs, BK * BN);
+  const int tid = threadIdx.x, rm = tid & 15, cn = tid >> 4;
+  const int P = g.oh * g.ow;
+  const int ntiles = (g.og + BN - 1) / BN;
+  const int n = (int)(blockIdx.x / g.mtiles), mt = (int)(blockIdx.x - (unsigned)n * g.mtiles);
+  const int grp = (int)(blockIdx.y / ntiles), nt = (int)(blockIdx.y - (unsigned)grp * ntiles);
+  const bool do_sq = sq != nullptr && nt == 0;
+  const T* xs = x_pre + (long long)n * g.c * g.h * g.w;
+
+  // This thread's A-load pixel (fixed over k) and its coordinates.
+  const int am = tid & (BM - 1), ak0 = tid >> 6;
+  const int ap = mt * BM + am;
+  const int aho = ap / g.ow, awo = ap - aho * g.ow;
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+  float sqacc = 0.0f;
+
+  for (int k0 = 0; k0 < g.kdim; k0 += BK) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kk = ak0 + 4 * r, k = k0 + kk;
+      As[kk * BM + am] = (ap < P && k < g.kdim) ? im2col_at(xs, g, grp, aho, awo, k) : 0.0f;
+    }
+    load_w_tile(w, g, grp, nt, k0, Bs);
+    __syncthreads();
+    if (do_sq && tid < BM) {
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        const float v = As[kk * BM + tid];
+        sqacc = fmaf(v, v, sqacc);
+      }
+    }
+    mma_tile(As, Bs, rm, cn, acc);
+    __syncthreads();
+  }
+
+  // Epilogue: store c (rounded to T), keep the rounded values for the statistics.
+  const int p0 = mt * BM + rm * TM;
+  const int cnt = P - mt * BM < BM ? P - mt * BM : BM;
+#pragma unroll
+  for (int j = 0; j < TN; ++j) {
+    const int o = nt * BN + cn * TN + j;
+    const bool col = o < g.og;
+    T* dst = out + ((long long)n * g.o + grp * g.og + (col ? o : 0)) * P;
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const int p = p0 + i;
+      if (col && p < P) {
+        const T v = ak::from_f32<T>(acc[i][j]);
+        dst[p] = v;
+        acc[i][j] = ak::to_f32(v);
+        s += acc[i][j];
+      }
+    }
+    const float mean = half_warp_sum(s) / (float)cnt;
+    float d2 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const float d = acc[i][j] - mean;
+      if (col && p0 + i < P) d2 = fmaf(d, d, d2);
+    }
+    d2 = half_warp_sum(d2);
+    if (col && rm == 0) {
+      const long long idx = ((long long)n * g.o + grp * g.og + o) * g.mtiles + mt;
+      st_mean[idx] = mean;
+      st_m2[idx] = d2;
+    }
+  }
+  if (do_sq && tid < BM && ap < P) sq[((long long)n * g.groups + grp) * P + ap] = sqacc;
+}
+
+// ---------------------------------------------------------------------------------
+// data gradient: dx_pre[n, grp·cg + c', h, w] = Σ_{o∈grp, i, jj} dc[n,o,ho,wo]·W[o,c',i,jj]
+// (ho·sh = h + ph − i·dh, wo·sw = w + pw − jj·dw, in range) + add (the r_x path).
+// grid (N·itiles, g·ctiles): rows = 64 input pixels of sample n, columns = 64 input
+// channels of group grp, K = O/g·KH·KW. Bytes: reads dc ~ctiles·KH·KW/(sh·sw) times
+// through L1/L2, W once per pixel tile, add once; writes dx_pre once.
+template <class T>
+__device__ void dgrad_impl(const T* __restrict__ dc, const T* __restrict__ w, const T* __restrict__ add,
+                           T* __restrict__ dx_pre, ConvGeom g) {
+  SHARED_ARRAY(float, As, BK * BM);
+  SHARED_ARRAY(float, Bs, BK * BN);
+  const int tid = threadIdx.x, rm = tid & 15, cn = tid >> 4;
+  const int HW = g.h * g.w, P = g.oh * g.ow, taps = g.kh * g.kw;
+  const int itiles = (HW + BM - 1) / BM, ctiles = (g.cg + BN - 1) / BN;
+  const int K2 = g.og * taps;
+  const int n = (int)(blockIdx.x / itiles), it = (int)(blockIdx.x - (unsigned)n * itiles);
+  const int grp = (int)(blockIdx.y / ctiles), ct = (int)(blockIdx.y - (unsigned)grp * ctiles);
+  const T* dcs = dc + ((long long)n * g.o + grp * g.og) * P;
+
+  const int am = tid & (BM - 1), ak0 = tid >> 6;
+  const int aq = it * BM + am;
+  const int ah = aq / g.w, aw = aq - ah * g.w;
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+  for (int k0 = 0; k0 < K2; k0 += BK) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kk = ak0 + 4 * r, k = k0 + kk;
+      float v = 0.0f;
+      if (aq < HW && k < K2) {
+        const int ol = k / taps, t = k - ol * taps, i = t / g.kw, jj = t - i * g.kw;
+        const int th = ah + g.ph - i * g.dh, tw = aw + g.pw - jj * g.dw;
+        if (th >= 0 && tw >= 0 && th % g.sh == 0 && tw % g.sw == 0) {
+          const int ho = th / g.sh, wo = tw / g.sw;
+          if (ho < g.oh && wo < g.ow) v = ak::to_f32(dcs[(long long)ol * P + ho * g.ow + wo]);
+        }
+      }
+      As[kk * BM + am] = v;
+    }
+    // B[k][c'] = W[grp·og + ol][c'][i][jj]: thread → column c' = tid % 64, 4 k rows.
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int kk = ak0 + 4 * r, k = k0 + kk, cc = ct * BN + am;
+      float v = 0.0f;
+      if (k < K2 && cc < g.cg) {
+        const int ol = k / taps, t = k - ol * taps;
+        v = ak::to_f32(w[((long long)(grp * g.og + ol) * g.cg + cc) * taps + t]);
+      }
+      Bs[kk * BN + am] = v;
+    }
+    __syncthreads();
+    mma_tile(As, Bs, rm, cn, acc);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int j = 0; j < TN; ++j) {
+    const int cc = ct * BN + cn * TN + j;
+    if (cc >= g.cg) continue;
+    const long long base = ((long long)n * g.c + grp * g.cg + cc) * HW;
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+      const int q = it * BM + rm * TM + i;
+      if (q < HW) {
+        const float extra = add != nullptr ? ak::to_f32(add[base + q]) : 0.0f;
+        dx_pre[base + q] = ak::from_f32<T>(acc[i][j] + extra);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// weight gradient, per fixed reduction chunk s: part[s][grp·og + o][k] =
+// Σ_{r ∈ chunk s} dc[n, grp·og + o, p]·im2col(x_pre)[n, p, k]   (r = n·P + p).
+// grid (g·otiles, ktiles, splits): rows = 64 filters, columns = 64 weight entries,
+// reduction over the chunk's pixels of all samples. Every part entry of every chunk is
+// written (zeros for an empty chunk), so wgrad_reduce reads no uninitialised memory.
+// Bytes: reads dc ~ktiles times and x_pre ~otiles·KH·KW/(sh·sw) times through L1/L2;
+// writes splits·O·K f32.
+template <class T>
+__device__ void wgrad_impl(const T* __restrict__ dc, const T* __restrict__ x_pre, float* __restrict__ part,
+                           ConvGeom g) {
+  SHARED_ARRAY(float, As, BK * BM);
+  SHARED_ARRAY(float, Bs, BK * BN);
+  const int tid = threadIdx.x, rk = tid & 15, co = tid >> 4;  // rk: 4 k columns, co: 4 filters
+  const int P = g.oh * g.ow;
+  const int otiles = (g.og + BM - 1) / BM;
+  const int grp = (int)(blockIdx.x / otiles), ot = (int)(blockIdx.x - (unsigned)grp * otiles);
+  const int kt = (int)blockIdx.y, s = (int)blockIdx.z;
+  const long long R = (long long)g.n * P;
+  const long long slabs = (R + BK - 1) / BK;
+  const long long per = (slabs + g.splits - 1) / g.splits;  // slabs per chunk
+  const long long r_begin = (long long)s * per * BK;
+  const long long r_end0 = r_begin + per * BK;
+  const long long r_end = r_end0 < R ? r_end0 : R;
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+  for (long long r0 = r_begin; r0 < r_end; r0 += BK) {
+    // A[rr][oo] = dc[n, grp·og + oo', p]: thread → rr = tid % 16 (consecutive pixels),
+    // 4 filters (tid/16 + 16·q).
+    {
+      const int rr = tid & 15;
+      const long long r = r0 + rr;
+      const bool in = r < r_end;
+      const int n = in ? (int)(r / P) : 0;
+      const int p = in ? (int)(r - (long long)n * P) : 0;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int oo = (tid >> 4) + 16 * q, o = ot * BM + oo;
+        As[rr * BM + oo] = (in && o < g.og) ? ak::to_f32(dc[((long long)n * g.o + grp * g.og + o) * P + p]) : 0.0f;
+      }
+    }
+    // B[rr][kk] = im2col(x_pre)[r0 + rr][kt·64 + kk]: thread → kk = tid % 64, 4 rows.
+    {
+      const int kk = tid & 63, k = kt * BN + kk;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int rr = (tid >> 6) + 4 * q;
+        const long long r = r0 + rr;
+        float v = 0.0f;
+        if (r < r_end && k < g.kdim) {
+          const int n = (int)(r / P), p = (int)(r - (long long)n * P);
+          const int ho = p / g.ow, wo = p - ho * g.ow;
+          v = im2col_at(x_pre + (long long)n * g.c * g.h * g.w, g, grp, ho, wo, k);
+        }
+        Bs[rr * BN + kk] = v;
+      }
+    }
+    __syncthreads();
+    mma_tile(As, Bs, co, rk, acc);
+    __syncthreads();
+  }
+
+  float* dst = part + (long long)s * g.o * g.kdim;
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int o = ot * BM + co * TM + i;
+    if (o >= g.og) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int k = kt * BN + rk * TN + j;
+      if (k < g.kdim) dst[(long long)(grp * g.og + o) * g.kdim + k] = acc[i][j];
+    }
+  }
+}
+
+// dW[e] = Σ_{s in order} part[s][e] + add[e] (the r_w path). Elementwise, grid-stride.
+template <class T>
+__device__ void wgrad_reduce_impl(const float* __restrict__ part, const T* __restrict__ add, T* __restrict__ dw,
+                                  ConvGeom g) {
+  const long long total = (long long)g.o * g.kdim;
+  for (long long e = grid_tid(); e < total; e += grid_stride()) {
+    float acc = 0.0f;
+    for (int s = 0; s < g.splits; ++s) acc += part[(long long)s * total + e];
+    if (add != nullptr) acc += ak::to_f32(add[e]);
+    dw[e] = ak::from_f32<T>(acc);
+  }
+}
+
+// x̂ = (c − sub[o])·k[o] (ψ's normalised input; lin = (sub, k, scale, add) per o).
+__device__ __forceinline__ float xhat(float c, const float* __restrict__ lin, int o) {
+  return (c - lin[4 * o]) * lin[4 * o + 1];
+}
+
+// Stage 1 of ψ's backward: part2[no] = [Σ dx, Σ dx·x̂] over the (n,o) plane. One block
+// per plane (grid-stride). Bytes: reads dx, c once; writes 8 B per plane.
+template <class T>
+__device__ void psi_bwd_sums_impl(const T* __restrict__ dx, const T* __restrict__ c, const float* __restrict__ lin,
+                                  float* __restrict__ part2, ConvGeom g) {
+  SHARED_ARRAY(float, scratch, 32);
+  const long long P = (long long)g.oh * g.ow;
+  const long long planes = (long long)g.n * g.o;
+  for (long long no = blockIdx.x; no < planes; no += gridDim.x) {
+    const int o = (int)(no % g.o);
+    float s1 = 0.0f, s2 = 0.0f;
+    for (long long j = threadIdx.x; j < P; j += blockDim.x) {
+      const float d = ak::to_f32(dx[no * P + j]);
+      s1 += d;
+      s2 = fmaf(d, xhat(ak::to_f32(c[no * P + j]), lin, o), s2);
+    }
+    s1 = ak::block_sum(s1, scratch);
+    s2 = ak::block_sum(s2, scratch);
+    if (threadIdx.x == 0) {
+      part2[2 * no] = s1;
+      part2[2 * no + 1] = s2;
+    }
+  }
+}
+
+// dc = A[o]·dx + B[o]·x̂ + C[o] (coef = (A, B, C) per o). Elementwise, grid-stride.
+template <class T>
+__device__ void dc_impl(const T* __restrict__ dx, const T* __restrict__ c, const float* __restrict__ lin,
+                        const float* __restrict__ coef, T* __restrict__ dc, ConvGeom g) {
+  const long long P = (long long)g.oh * g.ow;
+  const long long total = (long long)g.n * g.o * P;
+  for (long long e = grid_tid(); e < total; e += grid_stride()) {
+    const int o = (int)((e / P) % g.o);
+    const float v = fmaf(coef[3 * o], ak::to_f32(dx[e]), fmaf(coef[3 * o + 1], xhat(ak::to_f32(c[e]), lin, o), coef[3 * o + 2]));
+    dc[e] = ak::from_f32<T>(v);
+  }
+}
+
+}  // namespace ak_conv
+
+// =====================================================================================
+// f32-only kernels
+
+// ‖P‖ = sqrt(Σ sq) and r_x = 1/(‖P‖ + eps) per (n, grp', p): PerGroup (gp == groups)
+// reads its own group's partial; AllChannels (gp == 1) sums the groups' partials in
+// group order. NaN propagates (no fmaxf). Thread per output.
+extern "C" __global__ void iieu_conv_rx(const float* __restrict__ sq, float* __restrict__ x_norm,
+                                        float* __restrict__ r_x, ConvGeom g) {
+  const long long P = (long long)g.oh * g.ow;
+  const long long total = (long long)g.n * g.gp * P;
+  for (long long e = ak_conv::grid_tid(); e < total; e += ak_conv::grid_stride()) {
+    float acc;
+    if (g.gp == g.groups) {
+      acc = sq[e];
+    } else {
+      const long long n = e / P, p = e - n * P;
+      acc = 0.0f;
+      for (int grp = 0; grp < g.groups; ++grp) acc += sq[(n * g.groups + grp) * P + p];
+    }
+    const float nm = sqrtf(acc < 0.0f ? 0.0f : acc);
+    x_norm[e] = nm;
+    r_x[e] = 1.0f / (nm + ak_conv::EPS);
+  }
+}
+EMU_REGISTER(iieu_conv_rx)
+
+// Per (n, o): Chan merge, in tile order, of the forward's per-tile (mean, M2) of c.
+// Thread per plane.
+extern "C" __global__ void iieu_conv_plane_stats(const float* __restrict__ st_mean, const float* __restrict__ st_m2,
+                                                 float* __restrict__ mean_c, float* __restrict__ m2_c, ConvGeom g) {
+  const int P = g.oh * g.ow;
+  const long long planes = (long long)g.n * g.o;
+  for (long long no = ak_conv::grid_tid(); no < planes; no += ak_conv::grid_stride()) {
+    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int mt = 0; mt < g.mtiles; ++mt) {
+      const int left = P - mt * ak_conv::BM;
+      const float nb = (float)(left < ak_conv::BM ? left : ak_conv::BM);
+      const float mb = st_mean[no * g.mtiles + mt], qb = st_m2[no * g.mtiles + mt];
+      const float tot = cnt + nb, delta = mb - mean;
+      mean += delta * (nb / tot);
+      m2 += qb + delta * delta * (cnt * nb / tot);
+      cnt = tot;
+    }
+    mean_c[no] = mean;
+    m2_c[no] = m2;
+  }
+}
+EMU_REGISTER(iieu_conv_plane_stats)
+
+// ψ per channel o (thread per o). mode: 0 none, 1 bias, 2 affine, 3 BatchNorm training,
+// 4 BatchNorm eval. a/b: bias (mode 1: b), scale/shift (2), γ/β (3, 4). Training:
+// batch mean/var of c over N·H'·W' (merge of the per-sample (mean, M2) in sample order),
+// written to bmean/bvar, and running_mean/var updated in place (PyTorch rule, unbiased
+// variance). Writes lin[o] = (sub, k, scale, add) and GAP(x)[n,o] = ψ(mean_c[n,o]).
+extern "C" __global__ void iieu_conv_psi(const float* __restrict__ mean_c, const float* __restrict__ m2_c, int mode,
+                                         const float* __restrict__ a, const float* __restrict__ b,
+                                         float* __restrict__ run_mean, float* __restrict__ run_var, float momentum,
+                                         float bn_eps, float* __restrict__ lin, float* __restrict__ bmean,
+                                         float* __restrict__ bvar, float* __restrict__ m, ConvGeom g) {
+  const float P = (float)(g.oh * g.ow);
+  for (long long ol = ak_conv::grid_tid(); ol < g.o; ol += ak_conv::grid_stride()) {
+    const int o = (int)ol;
+    float sub = 0.0f, k = 1.0f, scale = 1.0f, add = 0.0f;
+    if (mode == 1) {
+      add = b[o];
+    } else if (mode == 2) {
+      scale = a[o];
+      add = b[o];
+    } else if (mode == 3 || mode == 4) {
+      float mu, var;
+      if (mode == 3) {
+        float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+        for (int n = 0; n < g.n; ++n) {
+          const float mb = mean_c[(long long)n * g.o + o], qb = m2_c[(long long)n * g.o + o];
+          const float tot = cnt + P, delta = mb - mean;
+          mean += delta * (P / tot);
+          m2 += qb + delta * delta * (cnt * P / tot);
+          cnt = tot;
+        }
+        mu = mean;
+        var = m2 / cnt;
+        bmean[o] = mu;
+        bvar[o] = var;
+        const float unbiased = var * (cnt / (cnt - 1.0f));
+        run_mean[o] = (1.0f - momentum) * run_mean[o] + momentum * mu;
+        run_var[o] = (1.0f - momentum) * run_var[o] + momentum * unbiased;
+      } else {
+        mu = run_mean[o];
+        var = run_var[o];
+      }
+      sub = mu;
+      k = 1.0f / sqrtf(var + bn_eps);
+      scale = a[o];
+      add = b[o];
+    }
+    lin[4 * o] = sub;
+    lin[4 * o + 1] = k;
+    lin[4 * o + 2] = scale;
+    lin[4 * o + 3] = add;
+    for (int n = 0; n < g.n; ++n) {
+      const long long no = (long long)n * g.o + o;
+      m[no] = fmaf((mean_c[no] - sub) * k, scale, add);
+    }
+  }
+}
+EMU_REGISTER(iieu_conv_psi)
+
+// Stage 2 of ψ's backward, thread per o: S1 = Σ_n Σdx, S2 = Σ_n Σdx·x̂ (sample order);
+// d_shift = S1, d_scale = S2 (each optional); coef = (A, B, C) of dc = A·dx + B·x̂ + C:
+// A = scale·k; for BatchNorm training also B = −A·S2/M, C = −A·S1/M (M = N·H'·W').
+extern "C" __global__ void iieu_conv_psi_bwd_params(const float* __restrict__ part2, const float* __restrict__ lin,
+                                                    int mode, float* __restrict__ d_scale,
+                                                    float* __restrict__ d_shift, float* __restrict__ coef,
+                                                    ConvGeom g) {
+  const float M = (float)g.n * (float)(g.oh * g.ow);
+  for (long long ol = ak_conv::grid_tid(); ol < g.o; ol += ak_conv::grid_stride()) {
+    const int o = (int)ol;
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int n = 0; n < g.n; ++n) {
+      const long long no = (long long)n * g.o + o;
+      s1 += part2[2 * no];
+      s2 += part2[2 * no + 1];
+    }
+    if (d_shift != nullptr) d_shift[o] = s1;
+    if (d_scale != nullptr) d_scale[o] = s2;
+    const float A = lin[4 * o + 2] * lin[4 * o + 1];
+    coef[3 * o] = A;
+    coef[3 * o + 1] = mode == 3 ? -A * (s2 / M) : 0.0f;
+    coef[3 * o + 2] = mode == 3 ? -A * (s1 / M) : 0.0f;
+  }
+}
+EMU_REGISTER(iieu_conv_psi_bwd_params)
+
+// =====================================================================================
+// per-dtype entry points
+
+#define IIEU_CONV_KERNELS(SUF, T)                                                                                \
+  extern "C" __global__ void iieu_conv_fwd_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, \
+                                                 float* st_m2, ConvGeom g) {                                    \
+    ak_conv::fwd_impl<T>(x_pre, w, out, sq, st_mean, st_m2, g);                                                  \
+  }                                                                                                              \
+  EMU_REGISTER(iieu_conv_fwd_##SUF)                                                                              \
+  extern "C" __global__ void iieu_conv_dgrad_##SUF(const T* dc, const T* w, const T* add, T* dx_pre,            \
+                                                   ConvGeom g) {                                                \
+    ak_conv::dgrad_impl<T>(dc, w, add, dx_pre, g);                                                               \
+  }                                                                                                              \
+  EMU_REGISTER(iieu_conv_dgrad_##SUF)                                                                            \
+  extern "C" __global__ void iieu_conv_wgrad_##SUF(const T* dc, const T* x_pre, float* part, ConvGeom g) {      \
+    ak_conv::wgrad_impl<T>(dc, x_pre, part, g);                                                                  \
+  }                                                                                                              \
+  EMU_REGISTER(iieu_conv_wgrad_##SUF)                                                                            \
+  extern "C" __global__ void iieu_conv_wgrad_reduce_##SUF(const float* part, const T* add, T* dw, ConvGeom g) { \
+    ak_conv::wgrad_reduce_impl<T>(part, add, dw, g);                                                             \
+  }                                                                                                              \
+  EMU_REGISTER(iieu_conv_wgrad_reduce_##SUF)                                                                     \
+  extern "C" __global__ void iieu_conv_psi_bwd_sums_##SUF(const T* dx, const T* c, const float* lin,            \
+                                                          float* part2, ConvGeom g) {                           \
+    ak_conv::psi_bwd_sums_impl<T>(dx, c, lin, part2, g);                                                         \
+  }                                                                                                              \
+  EMU_REGISTER(iieu_conv_psi_bwd_sums_##SUF)                                                                     \
+  extern "C" __global__ void iieu_conv_dc_##SUF(const T* dx, const T* c, const float* lin, const float* coef,   \
+                                                T* dc, ConvGeom g) {                                            \
+    ak_conv::dc_impl<T>(dx, c, lin, coef, dc, g);                                                                \
+  }                                                                                                              \
+  EMU_REGISTER(iieu_conv_dc_##SUF)
+
+IIEU_CONV_KERNELS(f32, float)
+IIEU_CONV_KERNELS(f16, __half)
+IIEU_CONV_KERNELS(bf16, __nv_bfloat16)

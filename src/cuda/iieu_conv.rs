@@ -1,0 +1,773 @@
+//! IieuConv2d on the GPU — convolution, ψ and IIEU-B as one fused op: the device
+//! mirror of [`crate::cpu::iieu_conv`] (same formula, names and argument order,
+//! `stream` first). Kernels: `kernels/iieu_conv.cu` plus the IIEU-B kernels of
+//! `kernels/iieu.cu`, which read `x = ψ(c)` through a per-channel vector so `x` is
+//! never stored.
+//!
+//! ```text
+//! c = conv(x_pre, W)        y = IIEU-B(ψ(c), x_pre, W)
+//! ```
+//!
+//! # What is fused where
+//! Forward (8 launches): filter norms `r_w`; **one implicit-GEMM convolution** that
+//! reads `x_pre` and `W` through 64×64×16 shared-memory tiles and, in the same pass,
+//! sums `‖P‖²` from the A tiles it already loaded (the zero padding adds nothing) and
+//! writes per-(n, o, 64-pixel tile) `(mean, M2)` of `c` from its epilogue; `r_x` from
+//! those sums (`AllChannels`: summed over the groups in order; with dilation > 1 its
+//! undilated window is in no tile, so `r_x` comes from IIEU-B's two-kernel window sum
+//! instead, as on the CPU); the per-(n, o) merge of the tile statistics; a per-channel
+//! pass for ψ (BatchNorm batch statistics and running-stat update, `GAP(x) = ψ(GAP(c))`);
+//! term-B's LayerNorm and ν; one elementwise pass `y = ς(ρ̂)·ψ(c)`.
+//!
+//! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give
+//! `dx = ∂L/∂x`, the `r_x` path of `dx_pre`, the `r_w` path of `dW` and `dγ̇`, `dβ̇`,
+//! `dη`; ψ's backward is two small reductions and one elementwise pass forming
+//! `dc = A[o]·dx + B[o]·x̂ + C[o]` (`A = scale·k`; BatchNorm training also
+//! `B = −A·mean(dx·x̂)`, `C = −A·mean(dx)`); the **data-gradient implicit GEMM** adds
+//! the `r_x` path in its epilogue; the **weight-gradient implicit GEMM** writes f32
+//! partials per fixed chunk of the `N·H'·W'` reduction, summed in chunk order with the
+//! `r_w` path added (no float atomics anywhere: bitwise reproducible).
+//!
+//! # Bytes per pass (`E` = N·O·H'·W' output elements, `s` = sizeof(T))
+//! | pass | reads | writes |
+//! |---|---|---|
+//! | conv (fused) | `x_pre`, `W` (through L1/L2) | `c`: `s·E`; `‖P‖²`: 4 B per (n, g, pixel); stats: 8 B per (n, o, tile) |
+//! | r_x, plane stats, ψ, LayerNorm | the above, O(N·O) | `r_x`, `‖P‖`: 8 B per patch-norm element; O(N·O) |
+//! | adjuster | `c`: `s·E`, `r_x` | `y`: `s·E` |
+//!
+//! Against the unfused path (candle conv → BN → `cuda::iieu::forward`): the unfused
+//! path also writes and reads BN's output (`2·s·E`), reads `x` once more for the GAP
+//! (`s·E`), and reads `x_pre` twice more for the patch norms; BN itself reads `c`
+//! twice (statistics, normalisation). So the fused forward moves `3·s·E` (c written,
+//! c read, y written) of activation traffic against `≥ 7·s·E`.
+//!
+//! # Saved for backward ([`IieuConvDeviceSaved`])
+//! `c` (`T` per output element), `r_x` and `‖P‖` (8 B per patch-norm element), `r_w`,
+//! `‖W‖`, `lin` (16 B per channel), `ν`, `m̂` (8 B per (n, o)), `rstd` (per n).
+//!
+//! # Precision and limits
+//! All arithmetic and accumulation is f32 (the CPU reference accumulates in f64); the
+//! roundings to `T` are the stores of `c`, `x = ψ(c)` (recomputed identically by every
+//! kernel), `y`, `dx`, `dc`, `dx_pre`, `dW`. BatchNorm's `momentum` and `eps` are used as
+//! f32. Every dimension and plane size must fit in `i32`, and the grids in CUDA's limits
+//! ([`Error::Shape`] otherwise). Unlike the CPU op, a negative running variance in eval
+//! mode is not detected (that would need a device-to-host copy): it gives NaN, as in
+//! PyTorch.
+//!
+//! # Errors
+//! Every bad input is an `Err` before any allocation or launch: geometry
+//! ([`Error::Geometry`], [`Error::Empty`], [`Error::Shape`]), lengths
+//! ([`Error::LengthMismatch`]), BatchNorm `eps`/`momentum` out of domain and training
+//! statistics over a single value ([`Error::InvalidParam`]), a backward whose config,
+//! ψ or saved state do not match ([`Error::Shape`]).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::cpu::iieu::{IieuConfig, PatchNorm};
+use crate::cpu::iieu_conv::{IieuConvParams, Psi};
+use crate::cuda::abi::ConvGeom;
+use crate::cuda::iieu::{
+    self as iieu_dev, elementwise, per_block, scratch, Dims, IieuDeviceParams, IieuDeviceSaved,
+    Norms,
+};
+use crate::cuda::{to_i32, ArgOpt, DType, DeviceInput, Kernels};
+use crate::error::{check_len, Error, Result};
+
+/// GEMM tile rows / columns / depth and threads of `kernels/iieu_conv.cu`.
+const TILE: usize = 64;
+const TILE_K: usize = 16;
+const GEMM_THREADS: u32 = 256;
+/// The weight-gradient reduction is split until about this many blocks run (a fixed
+/// number, not the device's SM count: the split, and so the bits, depend on the shape
+/// only).
+const WGRAD_BLOCKS: usize = 256;
+/// At most this many weight-gradient chunks (bounds the f32 partial buffer).
+const WGRAD_MAX_SPLITS: usize = 64;
+
+/// BatchNorm after the convolution, on the device (PyTorch `BatchNorm2d` semantics;
+/// see [`crate::cpu::iieu_conv::BatchNorm`]). Vectors are f32 of length `O`.
+#[derive(Debug, Clone)]
+pub struct DeviceBatchNorm {
+    /// `γ[o]`.
+    pub weight: CudaSlice<f32>,
+    /// `β[o]`.
+    pub bias: CudaSlice<f32>,
+    /// Running mean: read in eval mode, updated in training mode.
+    pub running_mean: CudaSlice<f32>,
+    /// Running (unbiased) variance: read in eval mode, updated in training mode.
+    pub running_var: CudaSlice<f32>,
+    /// Momentum in `[0, 1]`.
+    pub momentum: f64,
+    /// `eps > 0`.
+    pub eps: f64,
+    /// Training (batch statistics) or eval (running statistics).
+    pub training: bool,
+}
+
+/// ψ on the device (see [`crate::cpu::iieu_conv::Psi`]).
+#[derive(Debug, Clone)]
+pub enum DevicePsi {
+    /// `x = c`.
+    None,
+    /// `x = c + bias[o]`.
+    Bias(CudaSlice<f32>),
+    /// `x = scale[o]·c + shift[o]`.
+    Affine {
+        /// `a[o]`.
+        scale: CudaSlice<f32>,
+        /// `b[o]`.
+        shift: CudaSlice<f32>,
+    },
+    /// BatchNorm in training or eval mode.
+    BatchNorm(DeviceBatchNorm),
+}
+
+impl DevicePsi {
+    /// Kernel mode: 0 none, 1 bias, 2 affine, 3 BatchNorm training, 4 BatchNorm eval.
+    fn mode(&self) -> i32 {
+        match self {
+            DevicePsi::None => 0,
+            DevicePsi::Bias(_) => 1,
+            DevicePsi::Affine { .. } => 2,
+            DevicePsi::BatchNorm(b) if b.training => 3,
+            DevicePsi::BatchNorm(_) => 4,
+        }
+    }
+
+    fn check(&self, o: usize, m: usize) -> Result<()> {
+        match self {
+            DevicePsi::None => Ok(()),
+            DevicePsi::Bias(b) => check_len("psi bias", o, b.len()),
+            DevicePsi::Affine { scale, shift } => {
+                check_len("psi scale", o, scale.len())?;
+                check_len("psi shift", o, shift.len())
+            }
+            DevicePsi::BatchNorm(bn) => {
+                check_len("bn weight", o, bn.weight.len())?;
+                check_len("bn bias", o, bn.bias.len())?;
+                check_len("bn running_mean", o, bn.running_mean.len())?;
+                check_len("bn running_var", o, bn.running_var.len())?;
+                if !(bn.eps.is_finite() && bn.eps > 0.0) {
+                    return Err(Error::InvalidParam {
+                        what: "bn eps",
+                        msg: format!("must be finite and > 0, got {}", bn.eps),
+                    });
+                }
+                if !(0.0..=1.0).contains(&bn.momentum) {
+                    return Err(Error::InvalidParam {
+                        what: "bn momentum",
+                        msg: format!("must be in [0, 1], got {}", bn.momentum),
+                    });
+                }
+                if bn.training && m < 2 {
+                    return Err(Error::InvalidParam {
+                        what: "bn training",
+                        msg: format!(
+                            "batch statistics need more than 1 value per channel (N·H'·W' = {m})"
+                        ),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Learnable parameters (and BatchNorm state) of an IieuConv2d on the device.
+#[derive(Debug, Clone)]
+pub struct IieuConvDeviceParams {
+    /// IIEU-B's `γ̇`, `β̇`, `η`.
+    pub iieu: IieuDeviceParams,
+    /// ψ and its vectors.
+    pub psi: DevicePsi,
+}
+
+impl IieuConvDeviceParams {
+    /// Uploads host parameters (lengths are checked by [`forward`] / [`backward`]).
+    pub fn from_host(stream: &Arc<CudaStream>, p: &IieuConvParams<f32>) -> Result<Self> {
+        let psi = match &p.psi {
+            Psi::None => DevicePsi::None,
+            Psi::Bias(b) => DevicePsi::Bias(stream.clone_htod(b)?),
+            Psi::Affine { scale, shift } => DevicePsi::Affine {
+                scale: stream.clone_htod(scale)?,
+                shift: stream.clone_htod(shift)?,
+            },
+            Psi::BatchNorm(bn) => DevicePsi::BatchNorm(DeviceBatchNorm {
+                weight: stream.clone_htod(&bn.weight)?,
+                bias: stream.clone_htod(&bn.bias)?,
+                running_mean: stream.clone_htod(&bn.running_mean)?,
+                running_var: stream.clone_htod(&bn.running_var)?,
+                momentum: bn.momentum,
+                eps: bn.eps,
+                training: bn.training,
+            }),
+        };
+        Ok(Self {
+            iieu: IieuDeviceParams::from_host(stream, &p.iieu)?,
+            psi,
+        })
+    }
+}
+
+/// What [`forward`] saves for [`backward`] (module docs: its memory).
+#[derive(Debug, Clone)]
+pub struct IieuConvDeviceSaved<T: DType> {
+    cfg: IieuConfig,
+    mode: i32,
+    conv: CudaSlice<T>,
+    lin: CudaSlice<f32>,
+    batch_mean: Option<CudaSlice<f32>>,
+    batch_var: Option<CudaSlice<f32>>,
+    iieu: IieuDeviceSaved,
+}
+
+impl<T: DType> IieuConvDeviceSaved<T> {
+    /// The config the state was computed for.
+    pub fn config(&self) -> &IieuConfig {
+        &self.cfg
+    }
+    /// The conv output `c` (before ψ), `(N, O, H', W')`.
+    pub fn conv_out(&self) -> &CudaSlice<T> {
+        &self.conv
+    }
+    /// The IIEU-B state (`r_w`, `r_x`, `ν`, `m̂`).
+    pub fn iieu(&self) -> &IieuDeviceSaved {
+        &self.iieu
+    }
+    /// BatchNorm training: the batch mean of `c` per channel; `None` otherwise.
+    pub fn batch_mean(&self) -> Option<&CudaSlice<f32>> {
+        self.batch_mean.as_ref()
+    }
+    /// BatchNorm training: the biased batch variance of `c` per channel; `None`
+    /// otherwise.
+    pub fn batch_var(&self) -> Option<&CudaSlice<f32>> {
+        self.batch_var.as_ref()
+    }
+}
+
+/// Gradients of every input and parameter (see [`crate::cpu::iieu_conv::IieuConvGrads`]).
+#[derive(Debug)]
+pub struct IieuConvDeviceGrads<T> {
+    /// `∂L/∂x_pre`, `(N, C, H, W)` (through the conv and through `r_x`).
+    pub dx_pre: CudaSlice<T>,
+    /// `∂L/∂W`, `(O, C/g, KH, KW)` (through the conv and through `r_w`).
+    pub dw: CudaSlice<T>,
+    /// `∂L/∂γ̇`, `(O,)`.
+    pub d_ln_weight: CudaSlice<f32>,
+    /// `∂L/∂β̇`, `(O,)`.
+    pub d_ln_bias: CudaSlice<f32>,
+    /// `∂L/∂η`, `(O,)`.
+    pub d_eta: CudaSlice<f32>,
+    /// `∂L/∂a` (Affine) or `∂L/∂γ` (BatchNorm); `None` for None and Bias.
+    pub d_psi_scale: Option<CudaSlice<f32>>,
+    /// `∂L/∂bias` (Bias), `∂L/∂b` (Affine), `∂L/∂β` (BatchNorm); `None` for None.
+    pub d_psi_shift: Option<CudaSlice<f32>>,
+}
+
+// ------------------------------------------------------------------------------------
+// Internal geometry
+
+struct ConvDims {
+    d: Dims,
+    g: ConvGeom,
+    /// r_x from the forward GEMM's A tiles (else IIEU-B's window-sum kernels).
+    fused_rx: bool,
+    /// `(grid x, grid y)` of the forward, data-gradient and weight-gradient GEMMs.
+    fwd_grid: (u32, u32),
+    dgrad_grid: (u32, u32),
+    wgrad_grid: (u32, u32),
+    /// `N·H'·W'` (BatchNorm's count).
+    m: usize,
+}
+
+fn grid_dim(what: &'static str, v: usize, max: usize) -> Result<u32> {
+    if v > max {
+        return Err(Error::Shape {
+            what,
+            msg: format!("{v} blocks exceed the CUDA grid limit {max}"),
+        });
+    }
+    Ok(v as u32)
+}
+
+impl ConvDims {
+    fn new(cfg: &IieuConfig) -> Result<Self> {
+        let d = Dims::new(cfg)?;
+        let geo = &cfg.geometry;
+        let groups = geo.groups;
+        let (cg, og) = (geo.cin_per_group(), geo.cout_per_group());
+        let taps = geo.kh * geo.kw;
+        let p = d.plane_out;
+        let hw = geo.h * geo.w;
+        let mtiles = p.div_ceil(TILE);
+        // Both GEMM depths index in i32 (C/g·KH·KW was checked by Dims).
+        to_i32("GEMM depth O/g·KH·KW", og.saturating_mul(taps))?;
+        const X: usize = i32::MAX as usize;
+        const Y: usize = 65_535;
+        let fwd_grid = (
+            grid_dim("forward grid x", geo.n.saturating_mul(mtiles), X)?,
+            grid_dim("forward grid y", groups * og.div_ceil(TILE), Y)?,
+        );
+        let dgrad_grid = (
+            grid_dim(
+                "data-gradient grid x",
+                geo.n.saturating_mul(hw.div_ceil(TILE)),
+                X,
+            )?,
+            grid_dim("data-gradient grid y", groups * cg.div_ceil(TILE), Y)?,
+        );
+        let kdim = d.g.w_per as usize;
+        let wgrad_grid = (
+            grid_dim("weight-gradient grid x", groups * og.div_ceil(TILE), X)?,
+            grid_dim("weight-gradient grid y", kdim.div_ceil(TILE), Y)?,
+        );
+        let fused_rx = match cfg.patch_norm {
+            PatchNorm::PerGroup => true,
+            PatchNorm::AllChannels => geo.dilation == (1, 1),
+        };
+        let g = ConvGeom {
+            n: d.g.n,
+            c: d.g.c,
+            h: d.g.h,
+            w: d.g.w,
+            o: d.g.o,
+            oh: d.g.oh,
+            ow: d.g.ow,
+            kh: d.g.kh,
+            kw: d.g.kw,
+            sh: d.g.sh,
+            sw: d.g.sw,
+            ph: d.g.ph,
+            pw: d.g.pw,
+            dh: to_i32("dilation", geo.dilation.0)?,
+            dw: to_i32("dilation", geo.dilation.1)?,
+            groups: to_i32("groups", groups)?,
+            cg: to_i32("channels per group", cg)?,
+            og: to_i32("channels per group", og)?,
+            kdim: d.g.w_per,
+            mtiles: to_i32("pixel tiles", mtiles)?,
+            gp: d.g.gp,
+            splits: 1,
+        };
+        Ok(Self {
+            m: geo.n * p,
+            d,
+            g,
+            fused_rx,
+            fwd_grid,
+            dgrad_grid,
+            wgrad_grid,
+        })
+    }
+
+    /// The weight-gradient split: enough chunks of the `N·H'·W'` reduction that about
+    /// [`WGRAD_BLOCKS`] blocks run, at most one 16-pixel slab per chunk and at most
+    /// [`WGRAD_MAX_SPLITS`]. A function of the shape only.
+    fn wgrad_splits(&self) -> usize {
+        let tiles = (self.wgrad_grid.0 as usize) * (self.wgrad_grid.1 as usize);
+        let slabs = self.m.div_ceil(TILE_K);
+        WGRAD_BLOCKS
+            .div_ceil(tiles)
+            .clamp(1, WGRAD_MAX_SPLITS.min(slabs.max(1)))
+    }
+}
+
+fn gemm_launch((x, y): (u32, u32), z: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x, y, z),
+        block_dim: (GEMM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_inputs(
+    cd: &ConvDims,
+    x_pre_len: usize,
+    w_len: usize,
+    params: &IieuConvDeviceParams,
+) -> Result<()> {
+    check_len("x_pre", cd.d.x_pre_len, x_pre_len)?;
+    check_len("w", cd.d.w_len, w_len)?;
+    params.iieu.check(cd.d.o)?;
+    params.psi.check(cd.d.o, cd.m)
+}
+
+// ------------------------------------------------------------------------------------
+// Public API
+
+/// IieuConv2d forward: `y = IIEU-B(ψ(conv(x_pre, W)), x_pre, W)` (see
+/// [`crate::cpu::iieu_conv::forward`] for the formula; module docs for what is fused
+/// where and what is saved).
+///
+/// `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`, both `T`; returns `y` (`T`,
+/// `(N, O, H', W')`) and the state [`backward`] needs. With BatchNorm in training mode
+/// the running statistics in `params` are updated on the device; nothing else changes.
+///
+/// Errors: see the module docs; all checked before any allocation or launch.
+pub fn forward<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &IieuConfig,
+    x_pre: &impl DeviceInput<T>,
+    w: &impl DeviceInput<T>,
+    params: &mut IieuConvDeviceParams,
+) -> Result<(CudaSlice<T>, IieuConvDeviceSaved<T>)> {
+    let cd = ConvDims::new(cfg)?;
+    let (xpv, wv) = (x_pre.view(), w.view());
+    check_inputs(&cd, xpv.len(), wv.len(), params)?;
+    let d = &cd.d;
+    let g = cd.g;
+    let no = d.n * d.o;
+    let mt = g.mtiles as usize;
+
+    let k = Kernels::get(stream.context())?;
+    let (r_w, w_norm) = iieu_dev::launch_filter_norm(stream, &k, d, &wv)?;
+
+    // The fused convolution.
+    let mut conv = scratch::<T>(stream, d.x_len)?;
+    let sq_len = d.n * cfg.geometry.groups * d.plane_out;
+    let mut sq = if cd.fused_rx {
+        Some(scratch::<f32>(stream, sq_len)?)
+    } else {
+        None
+    };
+    let mut st_mean = scratch::<f32>(stream, no * mt)?;
+    let mut st_m2 = scratch::<f32>(stream, no * mt)?;
+    let f = k.function(&format!("iieu_conv_fwd_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xpv)
+        .arg(&wv)
+        .arg(&mut conv)
+        .arg_opt(sq.as_mut())
+        .arg(&mut st_mean)
+        .arg(&mut st_m2)
+        .arg(&g);
+    // SAFETY: block (n·mtiles + mt, grp·ntiles + nt) reads x_pre of sample n < N at
+    // channels grp·C/g + cl < C and in-image taps only (bounds checked per tap;
+    // x_pre.len() = N·C·H·W validated), W rows grp·O/g + o < O with o < O/g and
+    // k < C/g·KH·KW (w.len() validated); it writes c at (n·O + grp·O/g + o)·P + p with
+    // o < O/g, p < P (every c element is written by exactly one block), stats at
+    // (n·O + o)·mtiles + mt (all N·O·mtiles written), and sq[(n·g + grp)·P + p]
+    // (all N·g·P written by the nt = 0 blocks) when sq is given.
+    unsafe { b.launch(gemm_launch(cd.fwd_grid, 1)) }?;
+
+    let (r_x, x_norm) = match &sq {
+        Some(sq) => {
+            let mut r_x = scratch::<f32>(stream, d.rx_len)?;
+            let mut x_norm = scratch::<f32>(stream, d.rx_len)?;
+            let f = k.function("iieu_conv_rx")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(sq).arg(&mut x_norm).arg(&mut r_x).arg(&g);
+            // SAFETY: threads cover e < N·G'·P = r_x.len() = x_norm.len() (all written);
+            // sq is read at e (G' = g) or (n·g + grp)·P + p < N·g·P = sq.len().
+            unsafe { b.launch(elementwise(d.rx_len, 1)) }?;
+            (r_x, x_norm)
+        }
+        None => iieu_dev::launch_patch_norm(stream, &k, d, &xpv)?,
+    };
+
+    // Per-(n, o) statistics of c.
+    let mut mean_c = scratch::<f32>(stream, no)?;
+    let mut m2_c = scratch::<f32>(stream, no)?;
+    let f = k.function("iieu_conv_plane_stats")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&st_mean)
+        .arg(&st_m2)
+        .arg(&mut mean_c)
+        .arg(&mut m2_c)
+        .arg(&g);
+    // SAFETY: threads cover no < N·O (mean_c, m2_c: all written), reading
+    // no·mtiles + mt < N·O·mtiles (the forward wrote all of st_mean, st_m2).
+    unsafe { b.launch(elementwise(no, 1)) }?;
+
+    // ψ per channel, GAP(x).
+    let mode = params.psi.mode();
+    let mut lin = scratch::<f32>(stream, 4 * d.o)?;
+    let mut m = scratch::<f32>(stream, no)?;
+    let training = mode == 3;
+    let mut batch_mean = if training {
+        Some(scratch::<f32>(stream, d.o)?)
+    } else {
+        None
+    };
+    let mut batch_var = if training {
+        Some(scratch::<f32>(stream, d.o)?)
+    } else {
+        None
+    };
+    let (mut momentum, mut bn_eps) = (0.0f32, 1.0f32);
+    let f = k.function("iieu_conv_psi")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&mean_c).arg(&m2_c).arg(&mode);
+    match &mut params.psi {
+        DevicePsi::None => {
+            b.arg_opt(None::<&CudaSlice<f32>>)
+                .arg_opt(None::<&CudaSlice<f32>>)
+                .arg_opt(None::<&mut CudaSlice<f32>>)
+                .arg_opt(None::<&mut CudaSlice<f32>>);
+        }
+        DevicePsi::Bias(bias) => {
+            b.arg_opt(None::<&CudaSlice<f32>>)
+                .arg(&*bias)
+                .arg_opt(None::<&mut CudaSlice<f32>>)
+                .arg_opt(None::<&mut CudaSlice<f32>>);
+        }
+        DevicePsi::Affine { scale, shift } => {
+            b.arg(&*scale)
+                .arg(&*shift)
+                .arg_opt(None::<&mut CudaSlice<f32>>)
+                .arg_opt(None::<&mut CudaSlice<f32>>);
+        }
+        DevicePsi::BatchNorm(bn) => {
+            momentum = bn.momentum as f32;
+            bn_eps = bn.eps as f32;
+            b.arg(&bn.weight)
+                .arg(&bn.bias)
+                .arg(&mut bn.running_mean)
+                .arg(&mut bn.running_var);
+        }
+    }
+    b.arg(&momentum)
+        .arg(&bn_eps)
+        .arg(&mut lin)
+        .arg_opt(batch_mean.as_mut())
+        .arg_opt(batch_var.as_mut())
+        .arg(&mut m)
+        .arg(&g);
+    // SAFETY: threads cover o < O; they read mean_c/m2_c at n·O + o < N·O and the ψ
+    // vectors at o (each given for exactly the modes that read it, lengths O
+    // validated); they write lin[4·o .. 4·o + 4) (all 4·O), m[n·O + o] (all N·O), and in
+    // training mode bmean/bvar[o] (all O) and running_mean/var[o] in place.
+    unsafe { b.launch(elementwise(d.o, 1)) }?;
+
+    let norms = Norms {
+        r_w,
+        w_norm,
+        r_x,
+        x_norm,
+    };
+    let (y, iieu) = iieu_dev::finish_forward(
+        stream,
+        &k,
+        cfg,
+        d,
+        &conv.as_view(),
+        Some(&lin),
+        &m,
+        &params.iieu,
+        norms,
+    )?;
+    Ok((
+        y,
+        IieuConvDeviceSaved {
+            cfg: *cfg,
+            mode,
+            conv,
+            lin,
+            batch_mean,
+            batch_var,
+            iieu,
+        },
+    ))
+}
+
+/// IieuConv2d backward (see [`crate::cpu::iieu_conv::backward`] for the gradient
+/// formulas; module docs for the passes). `dy`: `(N, O, H', W')`; `x_pre`, `w`,
+/// `params` as given to [`forward`] (BatchNorm eval uses the statistics saved by the
+/// forward). Returns the gradient of every input and parameter.
+///
+/// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and a
+/// `saved` from another config or ψ ([`Error::Shape`]).
+pub fn backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &IieuConfig,
+    dy: &impl DeviceInput<T>,
+    x_pre: &impl DeviceInput<T>,
+    w: &impl DeviceInput<T>,
+    params: &IieuConvDeviceParams,
+    saved: &IieuConvDeviceSaved<T>,
+) -> Result<IieuConvDeviceGrads<T>> {
+    let mut cd = ConvDims::new(cfg)?;
+    let (dyv, xpv, wv) = (dy.view(), x_pre.view(), w.view());
+    check_len("dy", cd.d.x_len, dyv.len())?;
+    check_inputs(&cd, xpv.len(), wv.len(), params)?;
+    if saved.cfg != *cfg {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: format!(
+                "state was computed for {:?}, backward called with {:?}",
+                saved.cfg, cfg
+            ),
+        });
+    }
+    let mode = params.psi.mode();
+    if saved.mode != mode {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: format!(
+                "state was computed with psi mode {}, backward called with mode {mode}",
+                saved.mode
+            ),
+        });
+    }
+    if saved.conv.len() != cd.d.x_len || saved.lin.len() != 4 * cd.d.o {
+        return Err(Error::Shape {
+            what: "saved",
+            msg: "saved state buffers do not match the config".into(),
+        });
+    }
+    iieu_dev::check_saved(&cd.d, cfg, &saved.iieu)?;
+    let splits = cd.wgrad_splits();
+    cd.g.splits = to_i32("weight-gradient splits", splits)?;
+    let d = &cd.d;
+    let g = cd.g;
+    let no = d.n * d.o;
+
+    let k = Kernels::get(stream.context())?;
+    // IIEU-B backward with x = ψ(c) read through lin.
+    let ig = iieu_dev::backward_core(
+        stream,
+        &k,
+        d,
+        (dyv, saved.conv.as_view(), xpv.slice(..), wv.slice(..)),
+        Some(&saved.lin),
+        &params.iieu,
+        &saved.iieu,
+    )?;
+
+    // ψ backward, stage 1: per-(n, o) [Σ dx, Σ dx·x̂].
+    let mut part2 = scratch::<f32>(stream, 2 * no)?;
+    let f = k.function(&format!("iieu_conv_psi_bwd_sums_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&ig.dx)
+        .arg(&saved.conv)
+        .arg(&saved.lin)
+        .arg(&mut part2)
+        .arg(&g);
+    // SAFETY: blocks grid-stride over planes no < N·O, reading dx/c[no·P .. (no+1)·P)
+    // (both N·O·P long) and lin[4·o ..] (4·O); writing part2[2·no], part2[2·no + 1]
+    // (all 2·N·O).
+    unsafe { b.launch(per_block(no, d.plane_out)) }?;
+
+    // Stage 2: dψ and the dc coefficients.
+    let has_scale = matches!(mode, 2..=4);
+    let has_shift = mode != 0;
+    let mut d_scale = if has_scale {
+        Some(scratch::<f32>(stream, d.o)?)
+    } else {
+        None
+    };
+    let mut d_shift = if has_shift {
+        Some(scratch::<f32>(stream, d.o)?)
+    } else {
+        None
+    };
+    let mut coef = scratch::<f32>(stream, 3 * d.o)?;
+    let f = k.function("iieu_conv_psi_bwd_params")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&part2)
+        .arg(&saved.lin)
+        .arg(&mode)
+        .arg_opt(d_scale.as_mut())
+        .arg_opt(d_shift.as_mut())
+        .arg(&mut coef)
+        .arg(&g);
+    // SAFETY: threads cover o < O, reading part2 at 2·(n·O + o) + 1 < 2·N·O and
+    // lin[4·o + 2] < 4·O; writing coef[3·o .. 3·o + 3) (all 3·O) and d_scale[o],
+    // d_shift[o] when given (length O).
+    unsafe { b.launch(elementwise(d.o, 1)) }?;
+
+    // dc = A·dx + B·x̂ + C.
+    let mut dc = scratch::<T>(stream, d.x_len)?;
+    let f = k.function(&format!("iieu_conv_dc_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&ig.dx)
+        .arg(&saved.conv)
+        .arg(&saved.lin)
+        .arg(&coef)
+        .arg(&mut dc)
+        .arg(&g);
+    // SAFETY: threads cover e < N·O·P (dx, c, dc: all dc written); lin/coef at
+    // o = (e / P) % O < O.
+    unsafe { b.launch(elementwise(d.x_len, 1)) }?;
+
+    // dx_pre = conv-transpose(dc, W) + the r_x path.
+    let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
+    let f = k.function(&format!("iieu_conv_dgrad_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&dc).arg(&wv).arg(&ig.dx_pre).arg(&mut dx_pre).arg(&g);
+    // SAFETY: block (n·itiles + it, grp·ctiles + ct) reads dc of sample n at channels
+    // grp·O/g + ol < O and in-range (ho, wo) only (checked per tap), W at
+    // ((grp·O/g + ol)·C/g + c')·KH·KW + t < O·C/g·KH·KW = w.len(), add (N·C·H·W);
+    // it writes dx_pre[(n·C + grp·C/g + c')·H·W + q] for c' < C/g, q < H·W — every
+    // element exactly once.
+    unsafe { b.launch(gemm_launch(cd.dgrad_grid, 1)) }?;
+
+    // dW: per-chunk partials, then the ordered sum + the r_w path.
+    let mut part = scratch::<f32>(stream, splits * d.w_len)?;
+    let f = k.function(&format!("iieu_conv_wgrad_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&dc).arg(&xpv).arg(&mut part).arg(&g);
+    // SAFETY: block (grp·otiles + ot, kt, s) reads dc at (n·O + grp·O/g + o)·P + p
+    // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
+    // grp·C/g + cl < C; it writes part[s·O·K + (grp·O/g + o)·K + k] for o < O/g,
+    // k < K — with all (s, grp, ot, kt) every element of the splits·O·K buffer once.
+    unsafe { b.launch(gemm_launch(cd.wgrad_grid, splits as u32)) }?;
+    let mut dw = scratch::<T>(stream, d.w_len)?;
+    let f = k.function(&format!("iieu_conv_wgrad_reduce_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&part).arg(&ig.dw).arg(&mut dw).arg(&g);
+    // SAFETY: threads cover e < O·K (dw, add: length O·K; all dw written), reading
+    // part[s·O·K + e] for s < splits.
+    unsafe { b.launch(elementwise(d.w_len, 1)) }?;
+
+    Ok(IieuConvDeviceGrads {
+        dx_pre,
+        dw,
+        d_ln_weight: ig.d_ln_weight,
+        d_ln_bias: ig.d_ln_bias,
+        d_eta: ig.d_eta,
+        d_psi_scale: d_scale,
+        d_psi_shift: d_shift,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Conv2dGeometry;
+
+    #[test]
+    fn dims_and_splits_depend_on_the_shape_only() {
+        // ResNet-50 stage-4 3x3: 512 -> 512 at 7x7, N = 32.
+        let geo = Conv2dGeometry::new(32, 512, 7, 7, 512, 3, 3).with_padding(1, 1);
+        let cd = ConvDims::new(&IieuConfig::new(geo)).unwrap();
+        assert_eq!(cd.g.kdim, 512 * 9);
+        assert_eq!(cd.g.mtiles, 1);
+        assert_eq!(cd.fwd_grid, (32, 8));
+        assert_eq!(cd.dgrad_grid, (32, 8));
+        assert_eq!(cd.wgrad_grid, (8, 72));
+        assert_eq!(cd.wgrad_splits(), 1);
+        // A small layer splits its reduction: 1 x 1 tiles -> 64 chunks (capped).
+        let geo = Conv2dGeometry::new(8, 16, 32, 32, 16, 3, 3).with_padding(1, 1);
+        let cd = ConvDims::new(&IieuConfig::new(geo)).unwrap();
+        assert_eq!(cd.wgrad_grid, (1, 3));
+        assert_eq!(cd.wgrad_splits(), WGRAD_BLOCKS.div_ceil(3).min(64));
+        // AllChannels with dilation: r_x is not taken from the GEMM tiles.
+        let geo = Conv2dGeometry::new(1, 4, 9, 9, 4, 3, 3).with_dilation(2, 2);
+        let cfg = IieuConfig::new(geo).with_patch_norm(PatchNorm::AllChannels);
+        assert!(!ConvDims::new(&cfg).unwrap().fused_rx);
+        assert!(ConvDims::new(&IieuConfig::new(geo)).unwrap().fused_rx);
+    }
+
+    #[test]
+    fn oversized_grid_is_a_shape_error() {
+        // 70 000 groups of 1 channel: grid y = 70 000 > 65 535.
+        let geo = Conv2dGeometry::new(1, 70_000, 1, 1, 70_000, 1, 1).with_groups(70_000);
+        assert!(matches!(
+            ConvDims::new(&IieuConfig::new(geo)),
+            Err(Error::Shape { .. })
+        ));
+    }
+}

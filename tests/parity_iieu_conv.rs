@@ -1,0 +1,614 @@
+//! GPU parity of IieuConv2d (src/cuda/iieu_conv.rs, kernels/iieu_conv.cu) against the
+//! CPU reference `cpu::iieu_conv` evaluated in f64 on the SAME dtype-rounded inputs and
+//! f32-rounded parameters: forward output, conv output, r_x, BatchNorm batch and running
+//! statistics, and every gradient (x_pre, W, γ̇, β̇, η, ψ's scale and shift), for f32 /
+//! f16 / bf16, both patch-norm modes and every ψ (none, bias, affine, BatchNorm train /
+//! eval).
+//!
+//! Shapes are ragged against every tile of the kernels (64-pixel × 64-channel × 16-deep
+//! GEMM tiles, 256-thread blocks): their GEMM M (N·H'·W' and N·H·W), N (O/g, C/g) and K
+//! (C/g·KH·KW, O/g·KH·KW) are not multiples of 4, 16 or 64, and several span more than
+//! one tile in each dimension; they include stride 2, dilation 2, groups 2, depthwise,
+//! AllChannels over groups (the sum over the groups' tile partials) and AllChannels with
+//! dilation (the window-sum fallback), and ResNet-50's last 3×3 layer (512 → 512 at 7×7,
+//! K = 4608).
+//!
+//! Every GPU computation runs under `Gpu::check_schedules` (bitwise identical under four
+//! thread orders, race / init / bounds detectors on, no leaked allocation), and backward
+//! runs twice inside it and must give identical bits.
+//!
+//! Kink: every reference ρ̂ is at least `margin = 8·u_T·max(1, max|ρ̂|)` away from η[o]
+//! (u_T: the dtype's unit roundoff, 2^-13 floor for f32; asserted): the device rounds
+//! `c` and `x = ψ(c)` to T (≤ u_T relative each, BatchNorm's division by the channel's
+//! std at most doubling the first for these zero-mean inputs) and computes ρ̂ in f32 —
+//! well under the margin — so device and reference take the same branch everywhere, by
+//! construction. f32: η in a gap of each channel's values where one exists (both
+//! branches in the channel). f16 / bf16 (and f32 channels without such a gap): even
+//! channels put η above all their values (lower branch), odd ones below (upper branch).
+//!
+//! Tolerances, |gpu − ref| ≤ (u_T + E_REL)·|ref_i| + r·max|ref| per element:
+//! * f32 (r = R32 = 2e-5): f32 accumulation of the GEMMs (depth ≤ 4608; the error of a
+//!   sum of K products is ≲ √K·2^-24 relative to Σ|a·b| for these random signs, and
+//!   Σ|a·b| ≤ ~3·max|c|), the reductions over N·H'·W' ≤ 98 values and the BatchNorm and
+//!   LayerNorm backward's cancellations, against f64.
+//! * f16 / bf16 (r = 16·u_T): the device stores c, x, dx and dc in T (one rounding of
+//!   ≤ u_T relative each) and every later value is a linear function of them with
+//!   coefficients the reference also has; the parameter gradients sum those rounding
+//!   errors over up to N·H'·W' elements of either sign. 16 u_T covers four roundings
+//!   each amplified ≤ 4× by cancellation.
+//!
+//! Measured on the emulated device (`PARITY_MEASURE=1 … -- --nocapture` prints the
+//! smallest r that passes per tensor): see docs/iieu-conv.md.
+#![cfg(any(feature = "cuda", feature = "emulate"))]
+
+#[path = "common/iieu_conv_naive.rs"]
+mod cnaive;
+mod common;
+#[path = "common/iieu_naive.rs"]
+mod naive;
+#[path = "common/paths.rs"]
+mod paths;
+
+use std::sync::Arc;
+
+use activation_kernels::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
+use activation_kernels::cpu::iieu_conv::{self as cpu, IieuConvParams, Psi};
+use activation_kernels::cuda::iieu_conv::{self as gpu, DevicePsi, IieuConvDeviceParams};
+use activation_kernels::cuda::{CudaSlice, CudaStream, DType};
+use activation_kernels::{Conv2dGeometry, Error};
+use cnaive::Kind;
+use common::device::gpu as open_gpu;
+use common::{randn, rng, uniform};
+
+trait Storage: DType {
+    /// Unit roundoff of the storage format (0 for f32: inside E_REL).
+    const U: f64;
+    /// Unit roundoff used for the η margin and the max-relative term.
+    const MARGIN_U: f64;
+    /// The max-relative term r.
+    const R: f64;
+}
+impl Storage for f32 {
+    const U: f64 = 0.0;
+    const MARGIN_U: f64 = 1.0 / 8192.0;
+    const R: f64 = 2e-5;
+}
+impl Storage for half::f16 {
+    const U: f64 = 1.0 / 2048.0;
+    const MARGIN_U: f64 = 1.0 / 2048.0;
+    const R: f64 = 16.0 / 2048.0;
+}
+impl Storage for half::bf16 {
+    const U: f64 = 1.0 / 256.0;
+    const MARGIN_U: f64 = 1.0 / 256.0;
+    const R: f64 = 16.0 / 256.0;
+}
+/// Per-element f32 relative term (8 f32 ulps).
+const E_REL: f64 = 1.0 / 2097152.0;
+
+fn to_t<T: DType>(v: &[f64]) -> Vec<T> {
+    v.iter().map(|&a| T::from_f32(a as f32)).collect()
+}
+fn to_f64<T: DType>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|a| a.to_f32() as f64).collect()
+}
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&a| a as f32).collect()
+}
+fn r32(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&a| a as f32 as f64).collect()
+}
+fn bits<T: DType>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|a| a.to_f32().to_bits()).collect()
+}
+
+fn psi_round(p: &Psi<f64>) -> Psi<f64> {
+    match p {
+        Psi::None => Psi::None,
+        Psi::Bias(b) => Psi::Bias(r32(b)),
+        Psi::Affine { scale, shift } => Psi::Affine {
+            scale: r32(scale),
+            shift: r32(shift),
+        },
+        Psi::BatchNorm(bn) => {
+            let mut b = bn.clone();
+            b.weight = r32(&bn.weight);
+            b.bias = r32(&bn.bias);
+            b.running_mean = r32(&bn.running_mean);
+            b.running_var = r32(&bn.running_var);
+            b.momentum = bn.momentum as f32 as f64;
+            b.eps = bn.eps as f32 as f64;
+            Psi::BatchNorm(b)
+        }
+    }
+}
+
+fn psi_f32(p: &Psi<f64>) -> Psi<f32> {
+    match p {
+        Psi::None => Psi::None,
+        Psi::Bias(b) => Psi::Bias(f32s(b)),
+        Psi::Affine { scale, shift } => Psi::Affine {
+            scale: f32s(scale),
+            shift: f32s(shift),
+        },
+        Psi::BatchNorm(bn) => Psi::BatchNorm(cpu::BatchNorm {
+            weight: f32s(&bn.weight),
+            bias: f32s(&bn.bias),
+            running_mean: f32s(&bn.running_mean),
+            running_var: f32s(&bn.running_var),
+            momentum: bn.momentum,
+            eps: bn.eps,
+            training: bn.training,
+        }),
+    }
+}
+
+/// η per channel with every ρ̂ of the channel at least `margin` away. With `inside`,
+/// in the gap (wider than `2·margin`) closest to the channel's median among its middle
+/// 80 % (both branches in the channel); where there is no such gap, or without
+/// `inside`, beyond all the channel's values: above them for even channels (all lower
+/// branch), below for odd ones (all upper branch).
+fn choose_eta(
+    rho: &[f64],
+    n: usize,
+    o_: usize,
+    plane: usize,
+    margin: f64,
+    inside: bool,
+) -> Vec<f64> {
+    (0..o_)
+        .map(|o| {
+            let mut v: Vec<f64> = (0..n)
+                .flat_map(|s| rho[(s * o_ + o) * plane..(s * o_ + o + 1) * plane].to_vec())
+                .collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            let (len, mid) = (v.len(), v.len() / 2);
+            let gap = (len / 10 + 1..len - len / 10)
+                .filter(|&k| v[k] - v[k - 1] > 2.0 * margin)
+                .min_by_key(|&k| k.abs_diff(mid));
+            let e = match gap {
+                Some(k) if inside => 0.5 * (v[k] + v[k - 1]),
+                _ if o % 2 == 0 => v[len - 1] + 2.0 * margin,
+                _ => v[0] - 2.0 * margin,
+            };
+            e as f32 as f64
+        })
+        .collect()
+}
+
+/// A case in storage dtype T, with the f64 values of exactly what the device sees.
+struct Case<T> {
+    cfg: IieuConfig,
+    x_pre: Vec<T>,
+    w: Vec<T>,
+    dy: Vec<T>,
+    p32: IieuConvParams<f32>,
+    p64: IieuConvParams<f64>,
+}
+
+impl<T: Storage> Case<T> {
+    fn new(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) -> Self {
+        let cfg = IieuConfig::new(geo).with_patch_norm(mode);
+        let (oh, ow) = geo.validate().unwrap();
+        let plane = oh * ow;
+        let mut r = rng(seed);
+        let x_pre = to_t::<T>(&randn(&mut r, geo.input_len()));
+        // Filters scaled so c is O(1) whatever C/g·KH·KW is.
+        let k = (geo.cin_per_group() * geo.kh * geo.kw) as f64;
+        let w64: Vec<f64> = randn(&mut r, geo.weight_len())
+            .iter()
+            .map(|v| v * 1.5 / k.sqrt())
+            .collect();
+        let w = to_t::<T>(&w64);
+        let psi = psi_round(&cnaive::make_psi(kind, geo.c_out, &mut r));
+        let gamma = r32(&uniform(&mut r, geo.c_out, -2.0, 2.0));
+        let beta = r32(&uniform(&mut r, geo.c_out, -0.5, 0.5));
+        let (xp64, w64) = (to_f64(&x_pre), to_f64(&w));
+        // ρ̂ of the reference: x = ψ(conv) by the textbook formulas, then term-S + ν.
+        let c = naive::conv(&geo, &xp64, &w64);
+        let x = cnaive::psi_fwd(&psi, &c, geo.n, geo.c_out, plane);
+        let rho = naive::rho(&cfg, &x, &xp64, &w64, &gamma, &beta);
+        let rmax = rho.iter().fold(1.0f64, |a, v| a.max(v.abs()));
+        let margin = 8.0 * T::MARGIN_U * rmax;
+        let eta = choose_eta(&rho, geo.n, geo.c_out, plane, margin, T::U == 0.0);
+        let (lower, gap) = naive::branch_stats(&rho, &eta, plane);
+        assert!(gap > margin, "an element is within {gap} (< {margin}) of η");
+        assert!(
+            (0.1..=0.9).contains(&lower) || geo.c_out == 1,
+            "lower-branch share {lower} not balanced"
+        );
+        let dy = to_t::<T>(&randn(&mut r, geo.n * geo.c_out * plane));
+        let iieu = IieuParams {
+            ln_weight: gamma,
+            ln_bias: beta,
+            eta,
+        };
+        let p64 = IieuConvParams { iieu, psi };
+        let p32 = IieuConvParams {
+            iieu: IieuParams {
+                ln_weight: f32s(&p64.iieu.ln_weight),
+                ln_bias: f32s(&p64.iieu.ln_bias),
+                eta: f32s(&p64.iieu.eta),
+            },
+            psi: psi_f32(&p64.psi),
+        };
+        Self {
+            cfg,
+            x_pre,
+            w,
+            dy,
+            p32,
+            p64,
+        }
+    }
+}
+
+/// Per-element check |got − want| ≤ (u + E_REL)·|want_i| + r·max|want| (NaN fails).
+fn assert_parity(name: &str, got: &[f64], want: &[f64], u: f64, r: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let max = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    assert!(max > 0.0, "{name}: reference is identically zero");
+    let mut need = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = (u + E_REL) * w.abs() + r * max;
+        let err = (g - w).abs();
+        need = need.max((err - (u + E_REL) * w.abs()).max(0.0) / max);
+        assert!(
+            err <= tol,
+            "{name}[{i}]: gpu {g} vs ref {w} (err {err:.3e} > tol {tol:.3e}, max|ref| {max:.3e})"
+        );
+    }
+    if std::env::var_os("PARITY_MEASURE").is_some() {
+        let what = name.rsplit(": ").next().unwrap();
+        let dt = name.split(' ').next().unwrap();
+        eprintln!(
+            "MEASURE|iieu_conv|{dt}|r={r}|{what}|{need:.3e}|ratio {:.1}",
+            r / need.max(1e-300)
+        );
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Out {
+    bits: Vec<Vec<u32>>,
+}
+
+/// Named device results as f64.
+type Vals = Vec<(&'static str, Vec<f64>)>;
+
+fn run_device<T: Storage>(s: &Arc<CudaStream>, c: &Case<T>) -> (Vals, Out) {
+    let xp = s.clone_htod(&c.x_pre).unwrap();
+    let w = s.clone_htod(&c.w).unwrap();
+    let dy = s.clone_htod(&c.dy).unwrap();
+    let mut p = IieuConvDeviceParams::from_host(s, &c.p32).unwrap();
+    let (y, saved) = gpu::forward(s, &c.cfg, &xp, &w, &mut p).unwrap();
+    let g1 = gpu::backward(s, &c.cfg, &dy, &xp, &w, &p, &saved).unwrap();
+    let g2 = gpu::backward(s, &c.cfg, &dy, &xp, &w, &p, &saved).unwrap();
+    let h = |v: &CudaSlice<T>| s.clone_dtoh(v).unwrap();
+    let hf = |v: &CudaSlice<f32>| s.clone_dtoh(v).unwrap();
+    let hfo = |v: &Option<CudaSlice<f32>>| v.as_ref().map(hf).unwrap_or_default();
+    let grads = |g: &gpu::IieuConvDeviceGrads<T>| {
+        vec![
+            bits(&h(&g.dx_pre)),
+            bits(&h(&g.dw)),
+            bits(&hf(&g.d_ln_weight)),
+            bits(&hf(&g.d_ln_bias)),
+            bits(&hf(&g.d_eta)),
+            bits(&hfo(&g.d_psi_scale)),
+            bits(&hfo(&g.d_psi_shift)),
+        ]
+    };
+    assert_eq!(grads(&g1), grads(&g2), "backward twice gave different bits");
+    let f = |v: Vec<f32>| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+    let mut vals: Vals = vec![
+        ("y", to_f64(&h(&y))),
+        ("c", to_f64(&h(saved.conv_out()))),
+        ("r_x", f(hf(saved.iieu().r_x()))),
+        ("dx_pre", to_f64(&h(&g1.dx_pre))),
+        ("dw", to_f64(&h(&g1.dw))),
+        ("d_ln_weight", f(hf(&g1.d_ln_weight))),
+        ("d_ln_bias", f(hf(&g1.d_ln_bias))),
+        ("d_eta", f(hf(&g1.d_eta))),
+        ("d_psi_scale", f(hfo(&g1.d_psi_scale))),
+        ("d_psi_shift", f(hfo(&g1.d_psi_shift))),
+    ];
+    if let DevicePsi::BatchNorm(bn) = &p.psi {
+        vals.push(("running_mean", f(hf(&bn.running_mean))));
+        vals.push(("running_var", f(hf(&bn.running_var))));
+    }
+    if let (Some(m), Some(v)) = (saved.batch_mean(), saved.batch_var()) {
+        vals.push(("batch_mean", f(hf(m))));
+        vals.push(("batch_var", f(hf(v))));
+    }
+    let out = Out {
+        bits: vals
+            .iter()
+            .map(|(_, v)| v.iter().map(|a| (*a as f32).to_bits()).collect())
+            .collect(),
+    };
+    (vals, out)
+}
+
+fn parity_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64, two: bool) {
+    let Some(dev) = open_gpu() else { return };
+    let c = Case::<T>::new(geo, mode, kind, seed);
+    let stream = dev.ctx.default_stream();
+    let vals = std::cell::RefCell::new(Vec::new());
+    let run = || {
+        let (v, out) = run_device(&stream, &c);
+        *vals.borrow_mut() = v;
+        out
+    };
+    if two {
+        paths::two_orders(&dev, run);
+    } else {
+        dev.check_schedules(run);
+    }
+    let got = vals.into_inner();
+
+    // Reference: f64 on the same rounded inputs and parameters.
+    let (xp, w, dy) = (to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let mut p = c.p64.clone();
+    let (y, saved) = cpu::forward(&c.cfg, &xp, &w, &mut p).unwrap();
+    let g = cpu::backward(&c.cfg, &dy, &xp, &w, &p, &saved).unwrap();
+    let mut want: Vec<(&str, Vec<f64>)> = vec![
+        ("y", y),
+        ("c", saved.conv_out().to_vec()),
+        ("r_x", saved.iieu().r_x().to_vec()),
+        ("dx_pre", g.dx_pre),
+        ("dw", g.dw),
+        ("d_ln_weight", g.d_ln_weight),
+        ("d_ln_bias", g.d_ln_bias),
+        ("d_eta", g.d_eta),
+        ("d_psi_scale", g.d_psi_scale),
+        ("d_psi_shift", g.d_psi_shift),
+    ];
+    if let Psi::BatchNorm(bn) = &p.psi {
+        want.push(("running_mean", bn.running_mean.clone()));
+        want.push(("running_var", bn.running_var.clone()));
+    }
+    if !saved.batch_mean().is_empty() {
+        want.push(("batch_mean", saved.batch_mean().to_vec()));
+        want.push(("batch_var", saved.batch_var().to_vec()));
+    }
+    assert_eq!(
+        got.iter().map(|v| v.0).collect::<Vec<_>>(),
+        want.iter().map(|v| v.0).collect::<Vec<_>>(),
+        "device and reference return the same set of results"
+    );
+    let tag = |s: &str| format!("{} {mode:?} {kind:?} {geo:?}: {s}", T::NAME);
+    for ((name, gv), (_, wv)) in got.iter().zip(&want) {
+        if wv.is_empty() {
+            assert!(
+                gv.is_empty(),
+                "{name}: device returned a gradient ψ has not"
+            );
+            continue;
+        }
+        // f32 intermediates on the device whatever T is: no storage rounding.
+        let f32_only = matches!(
+            *name,
+            "r_x" | "running_mean" | "running_var" | "batch_mean" | "batch_var"
+        ) || name.starts_with("d_");
+        let u = if f32_only { 0.0 } else { T::U };
+        assert_parity(&tag(name), gv, wv, u, T::R);
+    }
+}
+
+fn all_dtypes(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    parity_case::<f32>(geo, mode, kind, seed, false);
+    parity_case::<half::f16>(geo, mode, kind, seed, false);
+    parity_case::<half::bf16>(geo, mode, kind, seed, false);
+}
+
+/// Ragged everywhere: M = 2·9·11 = 198 (4 tiles), O = 7, K = 5·9 = 45; every ψ.
+#[test]
+fn ragged_3x3_every_psi() {
+    let geo = Conv2dGeometry::new(2, 5, 9, 11, 7, 3, 3).with_padding(1, 1);
+    for (i, kind) in cnaive::KINDS.into_iter().enumerate() {
+        all_dtypes(geo, PatchNorm::PerGroup, kind, 11 + i as u64);
+    }
+    all_dtypes(geo, PatchNorm::AllChannels, Kind::BnTrain, 17);
+}
+
+/// More than one tile along every GEMM dimension: O = 70 (2 filter tiles), C = 67
+/// (2 channel tiles of the data gradient), K = 67·9 = 603, H'·W' = 81 (2 pixel tiles).
+#[test]
+fn multi_tile_every_dimension() {
+    let geo = Conv2dGeometry::new(2, 67, 9, 9, 70, 3, 3).with_padding(1, 1);
+    parity_case::<f32>(geo, PatchNorm::PerGroup, Kind::BnTrain, 21, false);
+    parity_case::<half::bf16>(geo, PatchNorm::AllChannels, Kind::Affine, 22, false);
+}
+
+#[test]
+fn stride2_padding1() {
+    let geo = Conv2dGeometry::new(3, 6, 13, 10, 9, 3, 3)
+        .with_padding(1, 1)
+        .with_stride(2, 2);
+    all_dtypes(geo, PatchNorm::PerGroup, Kind::BnTrain, 31);
+    all_dtypes(geo, PatchNorm::AllChannels, Kind::Bias, 32);
+}
+
+#[test]
+fn dilation2() {
+    let geo = Conv2dGeometry::new(2, 5, 12, 11, 6, 3, 3)
+        .with_padding(2, 1)
+        .with_dilation(2, 2);
+    all_dtypes(geo, PatchNorm::PerGroup, Kind::Affine, 41);
+    // AllChannels with dilation: r_x from the window-sum kernels.
+    all_dtypes(geo, PatchNorm::AllChannels, Kind::BnEval, 42);
+}
+
+#[test]
+fn groups2() {
+    let geo = Conv2dGeometry::new(2, 6, 9, 10, 10, 3, 3)
+        .with_padding(1, 1)
+        .with_groups(2);
+    all_dtypes(geo, PatchNorm::PerGroup, Kind::BnTrain, 51);
+    // AllChannels over two groups: the groups' ‖P‖² partials summed in order.
+    all_dtypes(geo, PatchNorm::AllChannels, Kind::None, 52);
+}
+
+#[test]
+fn depthwise() {
+    let geo = Conv2dGeometry::new(2, 6, 11, 9, 6, 3, 3)
+        .with_padding(1, 1)
+        .with_groups(6);
+    all_dtypes(geo, PatchNorm::PerGroup, Kind::BnTrain, 61);
+}
+
+#[test]
+fn pointwise_1x1_stride2() {
+    let geo = Conv2dGeometry::new(3, 13, 9, 9, 11, 1, 1).with_stride(2, 2);
+    all_dtypes(geo, PatchNorm::AllChannels, Kind::BnTrain, 71);
+}
+
+/// ResNet-50's last 3×3 layer (stage 4: 512 → 512 at 7×7), batch 1: K = 4608, 8 filter
+/// and 8 channel tiles. f32, two thread orders (four cost minutes on the emulator).
+#[test]
+fn resnet_stage4_512_3x3() {
+    let geo = Conv2dGeometry::new(1, 512, 7, 7, 512, 3, 3).with_padding(1, 1);
+    parity_case::<f32>(geo, PatchNorm::AllChannels, Kind::BnTrain, 81, true);
+}
+
+// ------------------------------------------------------------------------------------
+// Bad input: an Err before any allocation or launch.
+
+fn len_err<R>(r: Result<R, Error>, what: &str) {
+    match r {
+        Err(Error::LengthMismatch { what: w, .. }) => assert_eq!(w, what),
+        Err(e) => panic!("expected LengthMismatch({what}), got {e:?}"),
+        Ok(_) => panic!("expected LengthMismatch({what}), got Ok"),
+    }
+}
+
+fn param_err<R>(r: Result<R, Error>, what: &str) {
+    match r {
+        Err(Error::InvalidParam { what: w, .. }) => assert_eq!(w, what),
+        Err(e) => panic!("expected InvalidParam({what}), got {e:?}"),
+        Ok(_) => panic!("expected InvalidParam({what}), got Ok"),
+    }
+}
+
+fn shape_err<R>(r: Result<R, Error>) {
+    match r {
+        Err(Error::Shape { .. }) => {}
+        Err(e) => panic!("expected Shape, got {e:?}"),
+        Ok(_) => panic!("expected Shape, got Ok"),
+    }
+}
+
+#[cfg(feature = "emulate")]
+fn live() -> Option<i64> {
+    activation_kernels::emu::live_allocations()
+}
+#[cfg(not(feature = "emulate"))]
+fn live() -> Option<i64> {
+    None
+}
+
+#[test]
+fn bad_input() {
+    let Some(dev) = open_gpu() else { return };
+    let s = dev.ctx.default_stream();
+    let geo = Conv2dGeometry::new(2, 4, 5, 6, 6, 3, 3)
+        .with_padding(1, 1)
+        .with_groups(2);
+    let cfg = IieuConfig::new(geo);
+    let (oh, ow) = geo.validate().unwrap();
+    let yl = geo.n * geo.c_out * oh * ow;
+    let f = |n: usize| s.clone_htod(&vec![0.5f32; n]).unwrap();
+    let (xp, w, dy) = (f(geo.input_len()), f(geo.weight_len()), f(yl));
+    let mut bn = IieuConvDeviceParams::from_host(
+        &s,
+        &IieuConvParams::init(geo.c_out, Psi::BatchNorm(cpu::BatchNorm::init(geo.c_out))),
+    )
+    .unwrap();
+    let mut none =
+        IieuConvDeviceParams::from_host(&s, &IieuConvParams::init(geo.c_out, Psi::None)).unwrap();
+    let (_, saved_bn) = gpu::forward(&s, &cfg, &xp, &w, &mut bn).unwrap();
+    let (_, saved_none) = gpu::forward(&s, &cfg, &xp, &w, &mut none).unwrap();
+    // Every bad argument is built before counting live allocations.
+    let (xp_bad, w_bad, dy_bad, xp_tiny) = (f(7), f(geo.weight_len() + 1), f(yl - 1), f(3));
+    let mut eta_short = bn.clone();
+    eta_short.iieu.eta = f(geo.c_out - 1);
+    let mut var_long = bn.clone();
+    if let DevicePsi::BatchNorm(b) = &mut var_long.psi {
+        b.running_var = f(geo.c_out + 1);
+    }
+    let mut bias_short = none.clone();
+    bias_short.psi = DevicePsi::Bias(f(2));
+    let mut shift_short = none.clone();
+    shift_short.psi = DevicePsi::Affine {
+        scale: f(geo.c_out),
+        shift: f(1),
+    };
+    let mut domains: Vec<(IieuConvDeviceParams, &str)> = [
+        (0.0, 0.1, "bn eps"),
+        (f64::NAN, 0.1, "bn eps"),
+        (1e-5, 1.5, "bn momentum"),
+    ]
+    .into_iter()
+    .map(|(eps, mom, what)| {
+        let mut p = bn.clone();
+        if let DevicePsi::BatchNorm(b) = &mut p.psi {
+            b.eps = eps;
+            b.momentum = mom;
+        }
+        (p, what)
+    })
+    .collect();
+    // Training statistics over one value per channel (N·H'·W' = 1).
+    let geo1 = Conv2dGeometry::new(1, 2, 3, 3, 2, 3, 3);
+    let mut p1 = IieuConvDeviceParams::from_host(
+        &s,
+        &IieuConvParams::init(2, Psi::BatchNorm(cpu::BatchNorm::init(2))),
+    )
+    .unwrap();
+    let (xp1, w1) = (f(18), f(36));
+    let before = live();
+
+    // Lengths.
+    len_err(gpu::forward(&s, &cfg, &xp_bad, &w, &mut bn), "x_pre");
+    len_err(gpu::forward(&s, &cfg, &xp, &w_bad, &mut bn), "w");
+    len_err(
+        gpu::backward(&s, &cfg, &dy_bad, &xp, &w, &bn, &saved_bn),
+        "dy",
+    );
+    len_err(
+        gpu::backward(&s, &cfg, &dy, &xp_tiny, &w, &bn, &saved_bn),
+        "x_pre",
+    );
+    len_err(gpu::forward(&s, &cfg, &xp, &w, &mut eta_short), "eta");
+    len_err(
+        gpu::forward(&s, &cfg, &xp, &w, &mut var_long),
+        "bn running_var",
+    );
+    len_err(gpu::forward(&s, &cfg, &xp, &w, &mut bias_short), "psi bias");
+    len_err(
+        gpu::forward(&s, &cfg, &xp, &w, &mut shift_short),
+        "psi shift",
+    );
+
+    // BatchNorm domains.
+    for (p, what) in domains.iter_mut() {
+        param_err(gpu::forward(&s, &cfg, &xp, &w, p), what);
+    }
+    param_err(
+        gpu::forward(&s, &IieuConfig::new(geo1), &xp1, &w1, &mut p1),
+        "bn training",
+    );
+
+    // Geometry, and a saved state from another config or another ψ.
+    let bad = IieuConfig::new(Conv2dGeometry::new(2, 4, 5, 6, 6, 3, 3).with_groups(3));
+    assert!(matches!(
+        gpu::forward(&s, &bad, &xp, &w, &mut bn),
+        Err(Error::Geometry(_))
+    ));
+    let cfg_all = cfg.with_patch_norm(PatchNorm::AllChannels);
+    shape_err(gpu::backward(&s, &cfg_all, &dy, &xp, &w, &bn, &saved_bn));
+    shape_err(gpu::backward(&s, &cfg, &dy, &xp, &w, &bn, &saved_none));
+    shape_err(gpu::backward(&s, &cfg, &dy, &xp, &w, &none, &saved_bn));
+
+    assert_eq!(live(), before, "a rejected call allocated device memory");
+}

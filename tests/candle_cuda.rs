@@ -29,13 +29,14 @@
 #![cfg(all(feature = "candle-cuda", feature = "emulate"))]
 
 use activation_kernels::candle::cuda::{
-    AconABwdOp, AconBBwdOp, AconCBwdOp, AiecLossBwdOp, IieuBBwdOp, IieuDcBwdOp, MetaAconCBwdOp,
-    MetaAconCGenBwdOp, TauBwdOp,
+    AconABwdOp, AconBBwdOp, AconCBwdOp, AiecLossBwdOp, IieuBBwdOp, IieuConvBwdOp, IieuDcBwdOp,
+    MetaAconCBwdOp, MetaAconCGenBwdOp, TauBwdOp,
 };
 use activation_kernels::candle::ops::{
     AconAOp, AconBOp, AconCOp, AiecLossOp, IieuBOp, IieuDcOp, IieuOpts, MetaAconCGenOp,
     MetaAconCOp, MetaGenKind, TauOp,
 };
+use activation_kernels::candle::ops::{IieuConvOp, IieuConvPsiSpec};
 use activation_kernels::cpu::aiec::{AiecConfig, Pool};
 use activation_kernels::cpu::iieu::PatchNorm;
 use activation_kernels::Layout;
@@ -479,6 +480,134 @@ fn iieu_b_forward_backward() {
             let bop = IieuBBwdOp { fwd: op, dy: g };
             let packed = x.apply_op3_no_bwd(&xp, &wp, &bop).unwrap();
             assert_eq!(packed.dims(), &[nx + n * c * h * w + wl + 3 * o]);
+        }
+    }
+}
+
+/// IieuConv2d (`IieuConvOp`: conv → ψ → IIEU-B in one op) on CUDA tensors against the
+/// CPU op in f64: forward, backward (dx_pre, dW and every packed parameter gradient),
+/// and BatchNorm's running statistics returned by `iieu_conv2d` as device tensors.
+/// ψ = none and BatchNorm (training): with these data |term-S| < 0.3 and ν ∈ (0, 1),
+/// so η = 2.5 (even channels: every element on the lower branch) and η = −1.5 (odd:
+/// upper) keep every ρ̂ far (> 0.5) from η for every dtype's rounding of `c` and `x`.
+/// Tolerances: `E_CONV` = 1e-4 relative to the largest entry for the f32 tensors (f32
+/// GEMMs over K = 36 products and f32 BatchNorm/LayerNorm statistics vs f64), plus
+/// 8·u·max|ref| for f16/bf16 (c, x, dx and dc are each stored in the dtype once; see
+/// tests/parity_iieu_conv.rs, which measures these bounds on many more shapes).
+#[test]
+fn iieu_conv_forward_backward() {
+    const E_CONV: f64 = 1e-4;
+    let d = dev();
+    let (n, c, h, w, o, k) = (2usize, 4usize, 6usize, 7usize, 5usize, 3usize);
+    let xpd = [n, c, h, w];
+    let wd = [o, c, k, k];
+    let (oh, ow) = (h, w); // padding 1
+    let yd = [n, o, oh, ow];
+    let opts = IieuOpts {
+        stride: (1, 1),
+        padding: (1, 1),
+        dilation: (1, 1),
+        groups: 1,
+        patch_norm: PatchNorm::AllChannels,
+    };
+    for dt in DTYPES {
+        for bn in [false, true] {
+            let s = if bn { 700 } else { 600 };
+            let (xp, xpc) = input(&data(n * c * h * w, s), &xpd, dt, &d);
+            let (wt, wc) = input(&data(o * c * k * k, s + 1), &wd, dt, &d);
+            let mut pv = Vec::new();
+            if bn {
+                pv.extend(range(o, s + 2, 0.5, 1.5)); // γ
+                pv.extend(range(o, s + 3, -0.5, 0.5)); // β
+            }
+            pv.extend(range(o, s + 4, 0.5, 1.5)); // γ̇
+            pv.extend(range(o, s + 5, -0.5, 0.5)); // β̇
+            pv.extend((0..o).map(|i| if i % 2 == 0 { 2.5 } else { -1.5 })); // η
+            if bn {
+                pv.extend(range(o, s + 6, -0.2, 0.2)); // running mean
+                pv.extend(range(o, s + 7, 0.5, 1.5)); // running var
+            }
+            let np = pv.len();
+            let (p, pc) = input(&pv, &[np], dt, &d);
+            let (g, gc) = input(&data(n * o * oh * ow, s + 8), &yd, dt, &d);
+            let spec = if bn {
+                IieuConvPsiSpec::BatchNorm {
+                    momentum: 0.1,
+                    eps: 1e-5,
+                    training: true,
+                }
+            } else {
+                IieuConvPsiSpec::None
+            };
+            // One op per device: an op keeps the running statistics its last forward left.
+            let op = IieuConvOp::new(opts, wd, spec.clone());
+            let opc = IieuConvOp::new(opts, wd, spec);
+            let y = xp.apply_op3_no_bwd(&wt, &p, &op).unwrap();
+            assert_eq!((y.dtype(), y.dims()), (dt, &yd[..]));
+            let yc = xpc.apply_op3_no_bwd(&wc, &pc, &opc).unwrap();
+            let u = unit(dt);
+            let e = E_CONV + if dt == DType::F32 { 0.0 } else { 8.0 * u };
+            let what = format!("iieu_conv bn={bn} {dt:?}");
+            check(&format!("{what} y"), &host(&y), &host(&yc), u, e);
+            let (dxp, dw, dp) = op.bwd(&xp, &wt, &p, &y, &g).unwrap();
+            let (dxpc, dwc, dpc) = opc.bwd(&xpc, &wc, &pc, &yc, &gc).unwrap();
+            let (dxp, dw, dp) = (dxp.unwrap(), dw.unwrap(), dp.unwrap());
+            assert_eq!(
+                (dxp.dims(), dw.dims(), dp.dims()),
+                (&xpd[..], &wd[..], &[np][..])
+            );
+            check(
+                &format!("{what} dx_pre"),
+                &host(&dxp),
+                &host(&dxpc.unwrap()),
+                u,
+                e,
+            );
+            check(
+                &format!("{what} dW"),
+                &host(&dw),
+                &host(&dwc.unwrap()),
+                u,
+                e,
+            );
+            let (got, want) = (host(&dp), host(&dpc.unwrap()));
+            let names: &[&str] = if bn {
+                &[
+                    "d_bn_weight",
+                    "d_bn_bias",
+                    "d_ln_weight",
+                    "d_ln_bias",
+                    "d_eta",
+                ]
+            } else {
+                &["d_ln_weight", "d_ln_bias", "d_eta"]
+            };
+            for (j, pname) in names.iter().enumerate() {
+                let r = j * o..(j + 1) * o;
+                check(&format!("{what} {pname}"), &got[r.clone()], &want[r], u, e);
+            }
+            // The running statistics get a zero gradient.
+            assert!(got[names.len() * o..].iter().all(|&v| v == 0.0));
+            // Even channels all lower branch: dη non-zero there.
+            assert!(want[(names.len() - 1) * o..names.len() * o]
+                .iter()
+                .step_by(2)
+                .all(|&v| v != 0.0));
+            // BatchNorm's updated running statistics stay on the device (the CPU op
+            // leaves them on the host): the last forward of each op left them.
+            let run = op.take_running(dt, &d).unwrap();
+            let runc = opc.take_running(DType::F64, &Device::Cpu).unwrap();
+            if bn {
+                let ((m, v), (mc, vc)) = (run.expect("running"), runc.expect("running"));
+                assert!(m.device().is_cuda() && m.dtype() == dt && m.dims() == [o]);
+                check(&format!("{what} running_mean"), &host(&m), &host(&mc), u, e);
+                check(&format!("{what} running_var"), &host(&v), &host(&vc), u, e);
+            } else {
+                assert!(run.is_none() && runc.is_none());
+            }
+            let bop = IieuConvBwdOp { fwd: op, dy: g };
+            let packed = xp.apply_op3_no_bwd(&wt, &p, &bop).unwrap();
+            assert_eq!(packed.dims(), &[n * c * h * w + o * c * k * k + np]);
         }
     }
 }

@@ -104,19 +104,23 @@ fn kc_err(e: impl Into<crate::Error>) -> candle_core::Error {
     cerr(e.into())
 }
 
-/// Packs gradients into one `T` buffer: device `T` parts copied on the device, f32
-/// parts rounded to `T` through the host, in the given order.
+/// Packs gradients into one `T` buffer, in the given order, on the device: `T` parts
+/// copied, f32 parts rounded to `T` by [`kc::cast`] (no host round trip), zero parts
+/// left as the zero-filled allocation.
 pub(crate) enum Part<'a, T> {
     /// A gradient already in the storage dtype.
     Dev(&'a CudaSlice<T>),
     /// An f32 parameter gradient.
     F32(&'a CudaSlice<f32>),
+    /// `n` zeros (the gradient of a non-differentiable input, e.g. running statistics).
+    Zeros(usize),
 }
 
 fn pack<T: CudaEl>(st: &Arc<CudaStream>, parts: &[Part<'_, T>]) -> CResult<CudaSlice<T>> {
     let len = |p: &Part<'_, T>| match p {
         Part::Dev(s) => s.len(),
         Part::F32(s) => s.len(),
+        Part::Zeros(n) => *n,
     };
     let total: usize = parts.iter().map(len).sum();
     let mut out = st.alloc_zeros::<T>(total.max(1)).map_err(kc_err)?;
@@ -129,11 +133,8 @@ fn pack<T: CudaEl>(st: &Arc<CudaStream>, parts: &[Part<'_, T>]) -> CResult<CudaS
         let mut dst = out.slice_mut(at..at + n);
         match p {
             Part::Dev(s) => st.memcpy_dtod(*s, &mut dst).map_err(kc_err)?,
-            Part::F32(s) => {
-                let host = st.clone_dtoh(*s).map_err(kc_err)?;
-                let narrow: Vec<T> = host.iter().map(|&x| T::from_f32(x)).collect();
-                st.memcpy_htod(&narrow, &mut dst).map_err(kc_err)?;
-            }
+            Part::F32(s) => kc::cast::from_f32_into(st, *s, &mut dst).map_err(cerr)?,
+            Part::Zeros(_) => {}
         }
         at += n;
     }
@@ -1296,4 +1297,190 @@ pub(crate) fn aiec_loss_bwd(
     let packed = f.apply_op3_no_bwd(wd, &g.contiguous()?, &bop)?;
     let mut v = unpack(&packed, &[f.shape(), wd.shape()])?.into_iter();
     Ok((v.next(), v.next()))
+}
+
+// ---------------------------------------------------------------------------
+// IieuConv2d
+
+/// IieuConv2d's config, `x_pre`, `W` and the parameters on the device as f32 (the pack
+/// widened on the device: no host copy).
+#[allow(clippy::type_complexity)]
+fn iieu_conv_inputs<'a, T: CudaEl>(
+    name: &str,
+    op: &super::iieu_conv_ops::IieuConvOp,
+    xp: Sl<'a>,
+    w: Sl<'a>,
+    p: Sl<'a>,
+) -> CResult<(
+    crate::cpu::iieu::IieuConfig,
+    [CudaView<'a, T>; 2],
+    kc::iieu_conv::IieuConvDeviceParams,
+)> {
+    use super::iieu_conv_ops::IieuConvPsiSpec as Spec;
+    use kc::iieu_conv::{DeviceBatchNorm, DevicePsi};
+    let cfg = op.config(xp.1.dims())?;
+    check_dims(name, "w", w.1.dims(), &op.w_dims)?;
+    let st = stream(xp.0);
+    let (xpv, wv, pv) = (
+        view::<T>(name, xp.0, xp.1)?,
+        view::<T>(name, w.0, w.1)?,
+        view::<T>(name, p.0, p.1)?,
+    );
+    let o = op.w_dims[0];
+    let k = op.psi.n_vectors();
+    let count = k + 3 + op.psi.n_running();
+    if pv.len() != count * o {
+        return Err(op_err(
+            name,
+            format!(
+                "packed parameters have {} elements, expected {}",
+                pv.len(),
+                count * o
+            ),
+        ));
+    }
+    let part = |i: usize| kc::cast::to_f32(&st, &pv.slice(i * o..(i + 1) * o)).map_err(cerr);
+    let psi = match &op.psi {
+        Spec::None => DevicePsi::None,
+        Spec::Bias => DevicePsi::Bias(part(0)?),
+        Spec::Affine => DevicePsi::Affine {
+            scale: part(0)?,
+            shift: part(1)?,
+        },
+        Spec::BatchNorm {
+            momentum,
+            eps,
+            training,
+        } => DevicePsi::BatchNorm(DeviceBatchNorm {
+            weight: part(0)?,
+            bias: part(1)?,
+            running_mean: part(k + 3)?,
+            running_var: part(k + 4)?,
+            momentum: *momentum,
+            eps: *eps,
+            training: *training,
+        }),
+    };
+    let params = kc::iieu_conv::IieuConvDeviceParams {
+        iieu: kc::iieu::IieuDeviceParams {
+            ln_weight: part(k)?,
+            ln_bias: part(k + 1)?,
+            eta: part(k + 2)?,
+        },
+        psi,
+    };
+    Ok((cfg, [xpv, wv], params))
+}
+
+fn iieu_conv_fwd_t<T: CudaEl>(
+    op: &super::iieu_conv_ops::IieuConvOp,
+    xp: Sl<'_>,
+    w: Sl<'_>,
+    p: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "iieu_conv2d";
+    let (cfg, [xpv, wv], mut params) = iieu_conv_inputs::<T>(name, op, xp, w, p)?;
+    let st = stream(xp.0);
+    let (y, _) = kc::iieu_conv::forward(&st, &cfg, &xpv, &wv, &mut params).map_err(cerr)?;
+    if let kc::iieu_conv::DevicePsi::BatchNorm(bn) = &params.psi {
+        if bn.training {
+            let narrow = |v: &CudaSlice<f32>| -> CResult<CudaStorage> {
+                let mut out = st.alloc_zeros::<T>(v.len()).map_err(kc_err)?;
+                kc::cast::from_f32_into(&st, v, &mut out.slice_mut(..)).map_err(cerr)?;
+                Ok(wrap(xp.0, out))
+            };
+            let running = super::iieu_conv_ops::Running::Device(
+                narrow(&bn.running_mean)?,
+                narrow(&bn.running_var)?,
+                bn.running_mean.len(),
+            );
+            let mut slot = op
+                .running_out
+                .lock()
+                .map_err(|_| op_err(name, "running-stat slot poisoned"))?;
+            *slot = Some(running);
+        }
+    }
+    let (oh, ow) = cfg.validate().map_err(cerr)?;
+    let g = cfg.geometry;
+    Ok((wrap(xp.0, y), Shape::from((g.n, g.c_out, oh, ow))))
+}
+
+/// `IieuConvOp::cuda_fwd`.
+pub(crate) fn iieu_conv_fwd(
+    op: &super::iieu_conv_ops::IieuConvOp,
+    xp: Sl<'_>,
+    w: Sl<'_>,
+    p: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    by_cuda_dtype!(xp.0.dtype(), "iieu_conv2d", iieu_conv_fwd_t(op, xp, w, p))
+}
+
+/// IieuConv2d backward as an op of `(x_pre, W, pack)`, with `dy` held by the op:
+/// output the packed `[dx_pre; dW; dpack]` (1-D), `dpack` =
+/// `[dψ scale; dψ shift; dγ̇; dβ̇; dη; 0 (running statistics)]`. The forward is re-run
+/// on a private copy of the parameters (BatchNorm's running statistics are not updated
+/// a second time).
+#[derive(Debug, Clone)]
+pub struct IieuConvBwdOp {
+    /// The forward op.
+    pub fwd: super::iieu_conv_ops::IieuConvOp,
+    /// The output gradient, dims of `y`.
+    pub dy: Tensor,
+}
+
+fn iieu_conv_bwd_t<T: CudaEl>(
+    op: &super::iieu_conv_ops::IieuConvOp,
+    xp: Sl<'_>,
+    w: Sl<'_>,
+    p: Sl<'_>,
+    dy: Sl<'_>,
+) -> CResult<(CudaStorage, Shape)> {
+    let name = "iieu_conv2d_bwd";
+    let (cfg, [xpv, wv], mut params) = iieu_conv_inputs::<T>(name, op, xp, w, p)?;
+    let (oh, ow) = cfg.validate().map_err(cerr)?;
+    let g = cfg.geometry;
+    check_dims(name, "dy", dy.1.dims(), &[g.n, g.c_out, oh, ow])?;
+    let dyv = view::<T>(name, dy.0, dy.1)?;
+    let st = stream(xp.0);
+    let (_, saved) = kc::iieu_conv::forward(&st, &cfg, &xpv, &wv, &mut params).map_err(cerr)?;
+    let gr = kc::iieu_conv::backward(&st, &cfg, &dyv, &xpv, &wv, &params, &saved).map_err(cerr)?;
+    let mut parts = vec![Part::Dev(&gr.dx_pre), Part::Dev(&gr.dw)];
+    if let Some(d) = &gr.d_psi_scale {
+        parts.push(Part::F32(d));
+    }
+    if let Some(d) = &gr.d_psi_shift {
+        parts.push(Part::F32(d));
+    }
+    parts.extend([
+        Part::F32(&gr.d_ln_weight),
+        Part::F32(&gr.d_ln_bias),
+        Part::F32(&gr.d_eta),
+        Part::Zeros(op.fwd_running_len()),
+    ]);
+    packed_out(xp.0, &st, &parts)
+}
+
+cuda_bwd_op3_dy!(
+    IieuConvBwdOp,
+    "iieu_conv2d_bwd",
+    "IieuConvOp::bwd",
+    iieu_conv_bwd_t
+);
+
+/// `IieuConvOp::bwd` for CUDA tensors: `(dx_pre, dW, dpack)`.
+pub(crate) fn iieu_conv_bwd(
+    op: &super::iieu_conv_ops::IieuConvOp,
+    xp: &Tensor,
+    w: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let bop = IieuConvBwdOp {
+        fwd: op.clone(),
+        dy: g.contiguous()?,
+    };
+    let packed = xp.apply_op3_no_bwd(w, p, &bop)?;
+    let mut v = unpack(&packed, &[xp.shape(), w.shape(), p.shape()])?.into_iter();
+    Ok((v.next(), v.next(), v.next()))
 }

@@ -9,14 +9,19 @@
 //! tensor `[ψ scale (if any); ψ shift (if any); γ̇; β̇; η]` built with `Tensor::cat`, whose
 //! backward hands every parameter its own slice of the packed gradient.
 //!
-//! BatchNorm's running statistics are not learnable and are not in the pack: the op
-//! carries their values (read once, before the op) and, in training mode, hands the
-//! updated values back through [`iieu_conv2d`]'s [`IieuConvOut::running`] — the caller
-//! (e.g. [`super::nn::IieuConv2d`]) stores them, as `candle_nn::BatchNorm` does with
-//! `Var::set`.
+//! BatchNorm's running statistics are not learnable: they travel detached at the end of
+//! the pack (`[…; η; running_mean; running_var]`, their gradient is zero) and, in
+//! training mode, the op hands the updated values back through [`iieu_conv2d`]'s
+//! [`IieuConvOut::running`] — the caller (e.g. [`super::nn::IieuConv2d`]) stores them,
+//! as `candle_nn::BatchNorm` does with `Var::set`.
 //!
-//! CPU device only, f32 and f64; any other dtype is `UnsupportedDTypeForOp`, a CUDA or
-//! Metal tensor a candle error saying that the CUDA path is not implemented yet.
+//! Devices and dtypes: the CPU (f32, f64) and, with feature `candle-cuda`, candle's
+//! CUDA device (f32, f16, bf16): `cuda_fwd` runs [`crate::cuda::iieu_conv::forward`] on
+//! the candle device's stream, and `bwd` applies a backward op running
+//! [`crate::cuda::iieu_conv::backward`] — the parameter pack is widened to f32 and the
+//! gradients rounded back on the device, so neither direction copies to the host. Any
+//! other dtype is `UnsupportedDTypeForOp`; tensors on different devices, or on a CUDA
+//! device without feature `candle-cuda`, or on Metal, are a candle error.
 
 use std::sync::{Arc, Mutex};
 
@@ -46,11 +51,8 @@ pub enum IieuConvPsiSpec {
     Affine,
     /// BatchNorm (pack: `γ`, `β`): `x = γ·(c − μ)/sqrt(var + eps) + β` with the batch
     /// statistics (training) or the running ones (eval).
+    /// The running statistics are the last `2·O` values of the pack.
     BatchNorm {
-        /// Running mean, `(O,)` (read in eval mode; the start of the update in training).
-        running_mean: Vec<f64>,
-        /// Running (unbiased) variance, `(O,)`.
-        running_var: Vec<f64>,
         /// Running-stat momentum in `[0, 1]`.
         momentum: f64,
         /// `eps > 0` added to the variance.
@@ -61,12 +63,19 @@ pub enum IieuConvPsiSpec {
 }
 
 impl IieuConvPsiSpec {
-    /// Number of ψ vectors in the pack (each `(O,)`).
-    fn n_vectors(&self) -> usize {
+    /// Number of learnable ψ vectors at the head of the pack (each `(O,)`).
+    pub(crate) fn n_vectors(&self) -> usize {
         match self {
             IieuConvPsiSpec::None => 0,
             IieuConvPsiSpec::Bias => 1,
             IieuConvPsiSpec::Affine | IieuConvPsiSpec::BatchNorm { .. } => 2,
+        }
+    }
+    /// Number of running-statistics vectors at the tail of the pack.
+    pub(crate) fn n_running(&self) -> usize {
+        match self {
+            IieuConvPsiSpec::BatchNorm { .. } => 2,
+            _ => 0,
         }
     }
 }
@@ -79,7 +88,8 @@ impl IieuConvPsiSpec {
 /// ```
 ///
 /// Inputs: `x_pre` `(N, C, H, W)`, `W` `(O, C/g, KH, KW)`, and the 1-D pack
-/// `[ψ scale; ψ shift; γ̇; β̇; η]` (ψ's vectors as in [`IieuConvPsiSpec`], each `(O,)`).
+/// `[ψ scale; ψ shift; γ̇; β̇; η; running_mean; running_var]` (ψ's vectors as in
+/// [`IieuConvPsiSpec`], the running statistics for BatchNorm only, each `(O,)`).
 /// Output `y` `(N, O, H', W')` from [`iieu_conv::forward`]. Gradients from
 /// [`iieu_conv::backward`]: `dx_pre` and `dW` (through the conv and through `r_x`,
 /// `r_w`), and the pack's (`dψ`, `dγ̇`, `dβ̇`, `dη`). Build it with [`iieu_conv2d`].
@@ -91,28 +101,67 @@ pub struct IieuConvOp {
     pub w_dims: [usize; 4],
     /// ψ.
     pub psi: IieuConvPsiSpec,
-    /// Where `cpu_fwd` leaves BatchNorm's updated running statistics (training mode).
-    running_out: RunningSlot,
+    /// Where the forward leaves BatchNorm's updated running statistics (training mode).
+    pub(crate) running_out: RunningSlot,
 }
 
-/// BatchNorm's updated `(running_mean, running_var)`, left by `cpu_fwd` for
+/// BatchNorm's updated `(running_mean, running_var)`, left by the forward for
 /// [`iieu_conv2d`] (candle ops have one output tensor).
-type RunningSlot = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
+pub(crate) type RunningSlot = Arc<Mutex<Option<Running>>>;
+
+/// Updated running statistics: host values (CPU forward) or device buffers in the
+/// activation's dtype (CUDA forward; no host copy).
+#[derive(Debug)]
+pub(crate) enum Running {
+    /// Running mean, running var.
+    Host(Vec<f64>, Vec<f64>),
+    #[cfg(feature = "candle-cuda")]
+    /// Running mean, running var (dtype of the activation), length `O`.
+    Device(candle_core::CudaStorage, candle_core::CudaStorage, usize),
+}
 
 impl IieuConvOp {
-    fn config(&self, x_pre_dims: &[usize]) -> CResult<IieuConfig> {
+    /// The op for conv settings `opts`, weight dims `(O, C/g, KH, KW)` and ψ (what
+    /// [`iieu_conv2d`] builds; for applying the op to a hand-made pack).
+    pub fn new(opts: IieuOpts, w_dims: [usize; 4], psi: IieuConvPsiSpec) -> Self {
+        Self {
+            opts,
+            w_dims,
+            psi,
+            running_out: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// BatchNorm training: the updated `(running_mean, running_var)` the last forward
+    /// of this op left, `(O,)` each, detached, in `dtype` on `device` (the forward's
+    /// device: a CUDA forward's values never leave it); taken, so a second call
+    /// returns `None`; `None` also when no forward updated them.
+    pub fn take_running(
+        &self,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> CResult<Option<(Tensor, Tensor)>> {
+        op_running(&self.running_out, dtype, device)
+    }
+
+    pub(crate) fn config(&self, x_pre_dims: &[usize]) -> CResult<IieuConfig> {
         let cfg = super::ops::iieu_config(NAME, self.w_dims, &self.opts, x_pre_dims)?;
         cfg.validate().map_err(cerr)?;
         Ok(cfg)
+    }
+
+    /// Number of running-statistics values at the end of the pack (`2·O` for BatchNorm).
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    pub(crate) fn fwd_running_len(&self) -> usize {
+        self.psi.n_running() * self.w_dims[0]
     }
 
     /// Splits the pack into ψ and IIEU-B's parameters.
     fn params<T: El>(&self, p: &[T]) -> CResult<IieuConvParams<T>> {
         let o = self.w_dims[0];
         let k = self.psi.n_vectors();
-        let parts = split(NAME, p, &vec![o; k + 3])?;
+        let parts = split(NAME, p, &vec![o; k + 3 + self.psi.n_running()])?;
         let v = |i: usize| parts[i].to_vec();
-        let of = |s: &[f64]| s.iter().map(|&x| T::of(x)).collect::<Vec<T>>();
         let psi = match &self.psi {
             IieuConvPsiSpec::None => Psi::None,
             IieuConvPsiSpec::Bias => Psi::Bias(v(0)),
@@ -121,16 +170,14 @@ impl IieuConvOp {
                 shift: v(1),
             },
             IieuConvPsiSpec::BatchNorm {
-                running_mean,
-                running_var,
                 momentum,
                 eps,
                 training,
             } => Psi::BatchNorm(BatchNorm {
                 weight: v(0),
                 bias: v(1),
-                running_mean: of(running_mean),
-                running_var: of(running_var),
+                running_mean: v(k + 3),
+                running_var: v(k + 4),
                 momentum: *momentum,
                 eps: *eps,
                 training: *training,
@@ -171,7 +218,7 @@ fn conv_fwd<T: El>(
                 .running_out
                 .lock()
                 .map_err(|_| op_err(NAME, "running-stat slot poisoned"))?;
-            *slot = Some((f(&bn.running_mean), f(&bn.running_var)));
+            *slot = Some(Running::Host(f(&bn.running_mean), f(&bn.running_var)));
         }
     }
     let g = cfg.geometry;
@@ -199,6 +246,8 @@ fn conv_bwd<T: El>(
     dp.extend(gr.d_ln_weight);
     dp.extend(gr.d_ln_bias);
     dp.extend(gr.d_eta);
+    // The running statistics are not differentiated.
+    dp.resize(dp.len() + op.psi.n_running() * op.w_dims[0], T::zero());
     Ok((
         Some(Tensor::from_vec(gr.dx_pre, xp.shape(), xp.device())?),
         Some(Tensor::from_vec(gr.dw, w.shape(), w.device())?),
@@ -221,6 +270,18 @@ impl CustomOp3 for IieuConvOp {
     ) -> CResult<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), NAME, conv_fwd(self, s1, l1, s2, l2, s3, l3))
     }
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &CLayout,
+        s2: &candle_core::CudaStorage,
+        l2: &CLayout,
+        s3: &candle_core::CudaStorage,
+        l3: &CLayout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        super::cuda::iieu_conv_fwd(self, (s1, l1), (s2, l2), (s3, l3))
+    }
     fn bwd(
         &self,
         xp: &Tensor,
@@ -229,19 +290,56 @@ impl CustomOp3 for IieuConvOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> CResult<Grads3> {
+        #[cfg(feature = "candle-cuda")]
+        if xp.device().is_cuda() {
+            return super::cuda::iieu_conv_bwd(self, xp, w, p, g);
+        }
         if !xp.device().is_cpu() {
-            return Err(not_cpu(xp));
+            return Err(unsupported_device(xp));
         }
         by_dtype!(xp.dtype(), NAME, conv_bwd(self, xp, w, p, g))
     }
 }
 
-fn not_cpu(t: &Tensor) -> candle_core::Error {
+fn op_running(
+    slot: &RunningSlot,
+    dt: DType,
+    dev: &candle_core::Device,
+) -> CResult<Option<(Tensor, Tensor)>> {
+    let running = slot
+        .lock()
+        .map_err(|_| op_err(NAME, "running-stat slot poisoned"))?
+        .take();
+    Ok(match running {
+        Some(Running::Host(m, v)) => {
+            let o = m.len();
+            Some((
+                Tensor::from_vec(m, o, dev)?.to_dtype(dt)?,
+                Tensor::from_vec(v, o, dev)?.to_dtype(dt)?,
+            ))
+        }
+        #[cfg(feature = "candle-cuda")]
+        Some(Running::Device(m, v, o)) => {
+            let t = |s| {
+                Tensor::from_storage(
+                    candle_core::Storage::Cuda(s),
+                    o,
+                    candle_core::op::BackpropOp::none(),
+                    false,
+                )
+            };
+            Some((t(m), t(v)))
+        }
+        None => None,
+    })
+}
+
+fn unsupported_device(t: &Tensor) -> candle_core::Error {
     op_err(
         NAME,
         format!(
-            "tensors on {:?} are not supported: the CUDA path of the fused IieuConv2d is \
-             not implemented yet (CPU device only)",
+            "tensors on {:?} are not supported (the CPU, and CUDA with feature \
+             `candle-cuda`)",
             t.device().location()
         ),
     )
@@ -303,10 +401,11 @@ pub struct IieuConvOut {
 ///
 /// Differentiable (first order) w.r.t. `x_pre`, `w` (through the conv and `r_w`), ψ's
 /// tensors (not BatchNorm's running statistics), `ln_weight`, `ln_bias`, `eta`; the
-/// gradients are [`iieu_conv::backward`]'s. Errors: a dtype other than f32/f64, mixed
-/// dtypes, a non-CPU tensor (the CUDA path is not implemented yet), dims that do not
-/// fit, and every error of [`iieu_conv::forward`] (e.g. BatchNorm training statistics
-/// over a single value) — all as `candle_core::Error`, never a panic.
+/// gradients are [`iieu_conv::backward`]'s (on CUDA tensors,
+/// [`crate::cuda::iieu_conv::backward`]'s). Errors: a dtype other than f32/f64 (CPU) or
+/// f32/f16/bf16 (CUDA), mixed dtypes or devices, an unsupported device, dims that do
+/// not fit, and every error of the forward (e.g. BatchNorm training statistics over a
+/// single value) — all as `candle_core::Error`, never a panic.
 pub fn iieu_conv2d(
     x_pre: &Tensor,
     w: &Tensor,
@@ -317,7 +416,17 @@ pub fn iieu_conv2d(
     opts: IieuOpts,
 ) -> CResult<IieuConvOut> {
     let dt = x_pre.dtype();
-    if !matches!(dt, DType::F32 | DType::F64) {
+    let dev = x_pre.device();
+    let cuda = cfg!(feature = "candle-cuda") && dev.is_cuda();
+    if !(dev.is_cpu() || cuda) {
+        return Err(unsupported_device(x_pre));
+    }
+    let dtype_ok = if cuda {
+        matches!(dt, DType::F32 | DType::F16 | DType::BF16)
+    } else {
+        matches!(dt, DType::F32 | DType::F64)
+    };
+    if !dtype_ok {
         return Err(candle_core::Error::UnsupportedDTypeForOp(dt, NAME));
     }
     let &[o, cpg, kh, kw] = w.dims() else {
@@ -327,6 +436,7 @@ pub fn iieu_conv2d(
         ));
     };
     let mut vecs: Vec<(&str, &Tensor)> = Vec::new();
+    let mut running: Option<(Tensor, Tensor)> = None;
     let spec = match psi {
         IieuConvPsi::None => IieuConvPsiSpec::None,
         IieuConvPsi::Bias(b) => {
@@ -347,15 +457,8 @@ pub fn iieu_conv2d(
             training,
         } => {
             vecs.extend([("bn weight", weight), ("bn bias", bias)]);
-            for (what, t) in [("running_mean", running_mean), ("running_var", running_var)] {
-                check_dims(NAME, what, t.dims(), &[o])?;
-            }
-            let f = |t: &Tensor| -> CResult<Vec<f64>> {
-                t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()
-            };
+            running = Some((running_mean.detach(), running_var.detach()));
             IieuConvPsiSpec::BatchNorm {
-                running_mean: f(running_mean)?,
-                running_var: f(running_var)?,
                 momentum,
                 eps,
                 training,
@@ -363,11 +466,21 @@ pub fn iieu_conv2d(
         }
     };
     vecs.extend([("ln_weight", ln_weight), ("ln_bias", ln_bias), ("eta", eta)]);
+    if let Some((m, v)) = &running {
+        vecs.extend([("running_mean", m), ("running_var", v)]);
+    }
     let mut all = vec![("x_pre", x_pre), ("w", w)];
     all.extend(vecs.iter().copied());
     for (what, t) in &all {
-        if !t.device().is_cpu() {
-            return Err(not_cpu(t));
+        if !t.device().same_device(dev) {
+            return Err(op_err(
+                NAME,
+                format!(
+                    "{what} is on {:?}, expected {:?} like x_pre",
+                    t.device().location(),
+                    dev.location()
+                ),
+            ));
         }
         if t.dtype() != dt {
             return Err(op_err(
@@ -379,28 +492,13 @@ pub fn iieu_conv2d(
     for (what, t) in &vecs {
         check_dims(NAME, what, t.dims(), &[o])?;
     }
-    let op = IieuConvOp {
-        opts,
-        w_dims: [o, cpg, kh, kw],
-        psi: spec,
-        running_out: Arc::new(Mutex::new(None)),
-    };
+    let op = IieuConvOp::new(opts, [o, cpg, kh, kw], spec);
     let slot = Arc::clone(&op.running_out);
     let parts: Vec<&Tensor> = vecs.iter().map(|(_, t)| *t).collect();
     let pack = Tensor::cat(&parts, 0)?;
     let y = x_pre
         .contiguous()?
         .apply_op3(&w.contiguous()?, &pack.contiguous()?, op)?;
-    let running = slot
-        .lock()
-        .map_err(|_| op_err(NAME, "running-stat slot poisoned"))?
-        .take();
-    let running = match running {
-        Some((m, v)) => Some((
-            Tensor::from_vec(m, o, x_pre.device())?.to_dtype(dt)?,
-            Tensor::from_vec(v, o, x_pre.device())?.to_dtype(dt)?,
-        )),
-        None => None,
-    };
+    let running = op_running(&slot, dt, dev)?;
     Ok(IieuConvOut { y, running })
 }

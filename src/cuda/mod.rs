@@ -14,6 +14,7 @@
 pub mod abi;
 pub mod acon;
 pub mod aiec;
+pub mod cast;
 pub mod dtype;
 pub mod iieu;
 pub mod iieu_conv;

@@ -1,0 +1,66 @@
+//! Storage dtype ↔ f32 on the device (`kernels/cast.cu`): widening a parameter pack
+//! to the kernels' f32 and rounding f32 parameter gradients to the storage dtype
+//! without a host round trip (for f32 the kernels copy). The rounding is to nearest
+//! even, as `half`'s `from_f32` on the host: the same bits.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, PushKernelArg};
+
+use crate::cuda::{grid_for, DType, DeviceInput, Kernels, BLOCK};
+use crate::error::{check_len, check_nonzero, Result};
+
+fn launch(n: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig {
+        grid_dim: (grid_for(n, BLOCK as usize), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `src` widened to a new f32 device buffer (exact).
+///
+/// Errors: an empty `src` ([`crate::Error::Empty`]), driver errors
+/// ([`crate::Error::Driver`]).
+pub fn to_f32<T: DType>(
+    stream: &Arc<CudaStream>,
+    src: &impl DeviceInput<T>,
+) -> Result<CudaSlice<f32>> {
+    let v = src.view();
+    let n = v.len();
+    check_nonzero("cast source", n)?;
+    // SAFETY: the kernel writes every element of `out` (length n) before any read.
+    let mut out = unsafe { stream.alloc::<f32>(n) }?;
+    let k = Kernels::get(stream.context())?;
+    let f = k.function(&format!("cast_to_f32_{}", T::NAME))?;
+    let n64 = n as i64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&v).arg(&mut out).arg(&n64);
+    // SAFETY: threads cover i < n = src.len() = out.len() (grid-stride).
+    unsafe { b.launch(launch(n)) }?;
+    Ok(out)
+}
+
+/// `src` rounded to `T` into `dst` (same length; empty: nothing to do).
+///
+/// Errors: a length mismatch ([`crate::Error::LengthMismatch`]), driver errors.
+pub fn from_f32_into<T: DType>(
+    stream: &Arc<CudaStream>,
+    src: &impl DeviceInput<f32>,
+    dst: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let v = src.view();
+    check_len("cast destination", v.len(), dst.len())?;
+    let n = v.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let k = Kernels::get(stream.context())?;
+    let f = k.function(&format!("cast_from_f32_{}", T::NAME))?;
+    let n64 = n as i64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&v).arg(dst).arg(&n64);
+    // SAFETY: threads cover i < n = src.len() = dst.len() (grid-stride).
+    unsafe { b.launch(launch(n)) }?;
+    Ok(())
+}

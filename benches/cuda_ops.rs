@@ -11,7 +11,15 @@
 //! Shapes: ResNet-50 stages at batch 32 (NCHW 256x56x56, 512x28x28, 1024x14x14,
 //! 2048x7x7) for IIEU-B (3x3 pad 1 and 1x1, C_in = C_out = stage width), IIEU-DC
 //! (r = 16) and ACON-C; ViT-Tiny tokens (NLC, batch 64, 197 tokens, 192 and 768
-//! channels) for ACON-C and the AIEC training step (K = 100).
+//! channels) for ACON-C and the AIEC training step (K = 100). IieuConv2d (the fused
+//! conv → BatchNorm (training) → IIEU-B op, `PatchNorm::AllChannels`): ResNet-50's 3x3
+//! layers (64@56, 128@28, 256@14, 512@7, C → C, pad 1) and the bottleneck 1x1 layers
+//! that reduce (256→64@56, 512→128@28, 1024→256@14, 2048→512@7), batch 32, groups
+//! `cuda_conv_*`: forward, backward, and — for reference — the unfused IIEU-B
+//! (`cuda::iieu::forward`, six launches) on a tensor of the conv output's shape,
+//! which is what the fused op saves on top of a bare convolution. Their throughput is
+//! `Throughput::Elements` of the convolution's FLOPs (`2·N·O·H'·W'·C/g·KH·KW` forward,
+//! twice that backward), so criterion's elements/s read as FLOP/s.
 //!
 //! Timing: `iter_custom`, the stream synchronised before the timed loop; on a real
 //! GPU the loop is bracketed by CUDA events (`elapsed_ms`), so the time is the
@@ -411,7 +419,88 @@ mod gpu {
         g.finish();
     }
 
-    /// Every group: NCHW stages, then NLC token shapes, each in f32, f16, bf16.
+    /// IieuConv2d (conv → BatchNorm training → IIEU-B) forward and backward, and the
+    /// unfused IIEU-B on a tensor of the output's shape, for one conv geometry.
+    fn conv_group<T: DType>(c: &mut Criterion, env: &Env, geo: Conv2dGeometry) {
+        use activation_kernels::cpu::iieu_conv::{BatchNorm, IieuConvParams, Psi};
+        use activation_kernels::cuda::iieu_conv as kconv;
+        let s = &env.stream;
+        let mut r = SmallRng::seed_from_u64(4);
+        let cfg = ciieu::IieuConfig::new(geo).with_patch_norm(ciieu::PatchNorm::AllChannels);
+        let (oh, ow) = geo.validate().expect("geometry");
+        let out = geo.n * geo.c_out * oh * ow;
+        let k = geo.cin_per_group() * geo.kh * geo.kw;
+        let flops = 2 * (out * k) as u64;
+        let x_pre: CudaSlice<T> = env.upload(&randv(&mut r, geo.input_len(), -1.0, 1.0));
+        let wt: CudaSlice<T> = env.upload(&randv(&mut r, geo.weight_len(), -0.1, 0.1));
+        let dy: CudaSlice<T> = env.upload(&randv(&mut r, out, -1.0, 1.0));
+        let host = IieuConvParams::init(geo.c_out, Psi::BatchNorm(BatchNorm::init(geo.c_out)));
+        let mut p = kconv::IieuConvDeviceParams::from_host(s, &host).expect("params");
+        let name = format!(
+            "cuda_conv_{}x{}x{}x{}_to_{}_k{}_{}",
+            geo.n,
+            geo.c_in,
+            geo.h,
+            geo.w,
+            geo.c_out,
+            geo.kh,
+            T::NAME
+        );
+        let mut g = configure(c, env, name);
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function("iieu_conv_fwd", |bch| {
+            bch.iter_custom(|it| {
+                env.time(it, || {
+                    kconv::forward(s, &cfg, &x_pre, &wt, &mut p).expect("iieu_conv forward")
+                })
+            })
+        });
+        let (_, saved) = kconv::forward(s, &cfg, &x_pre, &wt, &mut p).expect("forward");
+        g.throughput(Throughput::Elements(2 * flops));
+        g.bench_function("iieu_conv_bwd", |bch| {
+            bch.iter_custom(|it| {
+                env.time(it, || {
+                    kconv::backward(s, &cfg, &dy, &x_pre, &wt, &p, &saved)
+                        .expect("iieu_conv backward")
+                })
+            })
+        });
+        // The unfused IIEU-B after a conv: what fusion removes (plus BN's passes).
+        let ip = iieu::IieuDeviceParams::init(s, geo.c_out).expect("params");
+        g.throughput(Throughput::Elements(flops));
+        g.bench_function("unfused_iieu_b_fwd", |bch| {
+            bch.iter_custom(|it| {
+                env.time(it, || {
+                    iieu::forward(s, &cfg, &dy, &x_pre, &wt, &ip).expect("iieu forward")
+                })
+            })
+        });
+        g.finish();
+    }
+
+    /// The IieuConv2d geometries: ResNet-50's 3x3 and reducing 1x1 layers at batch 32
+    /// (tiny ragged ones on the emulator).
+    fn conv_shapes(env: &Env) -> Vec<Conv2dGeometry> {
+        let g3 = |n, c, hw| Conv2dGeometry::new(n, c, hw, hw, c, 3, 3).with_padding(1, 1);
+        let g1 = |n, c, hw, o| Conv2dGeometry::new(n, c, hw, hw, o, 1, 1);
+        if env.emulated {
+            vec![g3(2, 5, 7), g1(2, 9, 5, 3)]
+        } else {
+            vec![
+                g3(32, 64, 56),
+                g3(32, 128, 28),
+                g3(32, 256, 14),
+                g3(32, 512, 7),
+                g1(32, 256, 56, 64),
+                g1(32, 512, 28, 128),
+                g1(32, 1024, 14, 256),
+                g1(32, 2048, 7, 512),
+            ]
+        }
+    }
+
+    /// Every group: NCHW stages, then NLC token shapes, then IieuConv2d, each in f32,
+    /// f16, bf16.
     pub fn run(c: &mut Criterion, env: &Env) {
         let sh = shapes(env);
         for &d in &sh.nchw {
@@ -423,6 +512,11 @@ mod gpu {
             nlc_group::<f32>(c, env, d);
             nlc_group::<f16>(c, env, d);
             nlc_group::<bf16>(c, env, d);
+        }
+        for geo in conv_shapes(env) {
+            conv_group::<f32>(c, env, geo);
+            conv_group::<f16>(c, env, geo);
+            conv_group::<bf16>(c, env, geo);
         }
     }
 }

@@ -718,7 +718,9 @@ pub enum PsiKind {
 /// filter and of the input patch, `ν = σ(γ̇·LN(GAP(x)) + β̇)`, `ς` the adjuster with
 /// threshold `η` (formulas and gradients: [`crate::cpu::iieu_conv`]). Unlike
 /// [`IieuB`] (a candle conv, then IIEU-B), the convolution, ψ and IIEU-B run as one
-/// op on this crate's CPU backend, and the backward is [`crate::cpu::iieu_conv::backward`]:
+/// op — [`crate::cpu::iieu_conv`] on the CPU, [`crate::cuda::iieu_conv`]'s fused
+/// implicit-GEMM kernels on a CUDA device (feature `candle-cuda`) — and so does the
+/// backward:
 /// `W` gets its gradient through the conv and through `r_w`, `x_pre` through the conv
 /// and through `r_x`.
 ///
@@ -735,8 +737,8 @@ pub enum PsiKind {
 /// it); the backward never touches them. In eval mode ψ uses the running statistics
 /// and nothing is updated.
 ///
-/// CPU device only, f32 or f64 (a CUDA tensor is an error: the fused op's CUDA path is
-/// not implemented yet).
+/// Devices and dtypes: the CPU (f32, f64) and, with feature `candle-cuda`, CUDA (f32,
+/// f16, bf16), as [`crate::candle::ops::iieu_conv2d`].
 #[derive(Debug, Clone)]
 pub struct IieuConv2d {
     weight: Tensor,

@@ -103,7 +103,7 @@ for bj in glob.glob("target/criterion/cuda_*/*/new/benchmark.json"):
     tp = meta.get("throughput") or {}
     rows.setdefault(m.groups(), {})[meta["function_id"]] = (ns, tp.get("Bytes"))
 
-if not rows:
+if not rows and not glob.glob("target/criterion/cuda_conv_*/*/new/benchmark.json"):
     print("No CUDA benchmark results under target/criterion/cuda_* (no GPU run yet).")
     sys.exit(0)
 
@@ -148,6 +148,45 @@ for key in sorted(rows, key=shape_key):
         if peak:
             cells.append(f"{100 * gbs * 1e9 / peak:.0f}%" if gbs is not None else "-")
         print("| " + " | ".join(cells) + " |")
+
+# IieuConv2d groups: cuda_conv_<N>x<C>x<H>x<W>_to_<O>_k<K>_<dtype>, throughput = FLOPs.
+conv_re = re.compile(r"^cuda_conv_([0-9x]+)_to_([0-9]+)_k([0-9]+)_(f32|f16|bf16)$")
+conv = {}
+for bj in glob.glob("target/criterion/cuda_conv_*/*/new/benchmark.json"):
+    d = os.path.dirname(bj)
+    with open(bj) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(d, "estimates.json")) as fh:
+        est = json.load(fh)
+    m = conv_re.match(meta.get("group_id", ""))
+    if not m:
+        continue
+    ns = (est.get("slope") or est["mean"])["point_estimate"]
+    tp = meta.get("throughput") or {}
+    conv.setdefault(m.groups(), {})[meta["function_id"]] = (ns, tp.get("Elements"))
+if conv:
+    print()
+    print("IieuConv2d (conv → BatchNorm training → IIEU-B, one op; CUDA-core FMA GEMMs): TFLOP/s of")
+    print("the convolution's FLOPs (2·N·O·H'·W'·C·KH·KW forward, twice that backward), and the time of")
+    print("the unfused IIEU-B (six launches) on a tensor of the output's shape for comparison.")
+    print()
+    print("| shape | k | dtype | fwd | fwd TFLOP/s | bwd | bwd TFLOP/s | unfused IIEU-B fwd |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    def ckey(k):
+        shape, o, kk, dt = k
+        return (int(kk) != 3, [int(v) for v in shape.split("x")][1], ["f32", "f16", "bf16"].index(dt))
+    for key in sorted(conv, key=ckey):
+        shape, o, kk, dt = key
+        ops = conv[key]
+        def cell(op):
+            if op not in ops:
+                return "-", "-"
+            ns, fl = ops[op]
+            return fmt_time(ns), (f"{fl / ns / 1e3:.2f}" if fl else "-")
+        f_t, f_r = cell("iieu_conv_fwd")
+        b_t, b_r = cell("iieu_conv_bwd")
+        u_t, _ = cell("unfused_iieu_b_fwd")
+        print(f"| {shape}→{o} | {kk}×{kk} | {dt} | {f_t} | {f_r} | {b_t} | {b_r} | {u_t} |")
 PY
 cat target/gpu-bench.md
 

@@ -450,14 +450,17 @@ extern "C" __global__ void iieu_conv_plane_stats(const float* __restrict__ st_me
   const int P = g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
   for (long long no = ak_conv::grid_tid(); no < planes; no += ak_conv::grid_stride()) {
-    float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+    // Counts in double: exact for any plane (a float count is not past 2^24).
+    double cnt = 0.0;
+    float mean = 0.0f, m2 = 0.0f;
     for (int mt = 0; mt < g.mtiles; ++mt) {
       const int left = P - mt * ak_conv::BM;
-      const float nb = (float)(left < ak_conv::BM ? left : ak_conv::BM);
+      const double nb = (double)(left < ak_conv::BM ? left : ak_conv::BM);
       const float mb = st_mean[no * g.mtiles + mt], qb = st_m2[no * g.mtiles + mt];
-      const float tot = cnt + nb, delta = mb - mean;
-      mean += delta * (nb / tot);
-      m2 += qb + delta * delta * (cnt * nb / tot);
+      const double tot = cnt + nb;
+      const float delta = mb - mean;
+      mean += delta * (float)(nb / tot);
+      m2 += qb + delta * delta * (float)(cnt * nb / tot);
       cnt = tot;
     }
     mean_c[no] = mean;
@@ -476,7 +479,7 @@ extern "C" __global__ void iieu_conv_psi(const float* __restrict__ mean_c, const
                                          float* __restrict__ run_mean, float* __restrict__ run_var, float momentum,
                                          float bn_eps, float* __restrict__ lin, float* __restrict__ bmean,
                                          float* __restrict__ bvar, float* __restrict__ m, ConvGeom g) {
-  const float P = (float)(g.oh * g.ow);
+  const double P = (double)g.oh * g.ow;  // counts in double (exact)
   for (long long ol = ak_conv::grid_tid(); ol < g.o; ol += ak_conv::grid_stride()) {
     const int o = (int)ol;
     float sub = 0.0f, k = 1.0f, scale = 1.0f, add = 0.0f;
@@ -488,19 +491,21 @@ extern "C" __global__ void iieu_conv_psi(const float* __restrict__ mean_c, const
     } else if (mode == 3 || mode == 4) {
       float mu, var;
       if (mode == 3) {
-        float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+        double cnt = 0.0;
+        float mean = 0.0f, m2 = 0.0f;
         for (int n = 0; n < g.n; ++n) {
           const float mb = mean_c[(long long)n * g.o + o], qb = m2_c[(long long)n * g.o + o];
-          const float tot = cnt + P, delta = mb - mean;
-          mean += delta * (P / tot);
-          m2 += qb + delta * delta * (cnt * P / tot);
+          const double tot = cnt + P;
+          const float delta = mb - mean;
+          mean += delta * (float)(P / tot);
+          m2 += qb + delta * delta * (float)(cnt * P / tot);
           cnt = tot;
         }
         mu = mean;
-        var = m2 / cnt;
+        var = m2 * (float)(1.0 / cnt);
         bmean[o] = mu;
         bvar[o] = var;
-        const float unbiased = var * (cnt / (cnt - 1.0f));
+        const float unbiased = var * (float)(cnt / (cnt - 1.0));
         run_mean[o] = (1.0f - momentum) * run_mean[o] + momentum * mu;
         run_var[o] = (1.0f - momentum) * run_var[o] + momentum * unbiased;
       } else {
@@ -531,7 +536,7 @@ extern "C" __global__ void iieu_conv_psi_bwd_params(const float* __restrict__ pa
                                                     int mode, float* __restrict__ d_scale,
                                                     float* __restrict__ d_shift, float* __restrict__ coef,
                                                     ConvGeom g) {
-  const float M = (float)g.n * (float)(g.oh * g.ow);
+  const float inv_m = (float)(1.0 / ((double)g.n * g.oh * g.ow));
   for (long long ol = ak_conv::grid_tid(); ol < g.o; ol += ak_conv::grid_stride()) {
     const int o = (int)ol;
     float s1 = 0.0f, s2 = 0.0f;
@@ -544,8 +549,8 @@ extern "C" __global__ void iieu_conv_psi_bwd_params(const float* __restrict__ pa
     if (d_scale != nullptr) d_scale[o] = s2;
     const float A = lin[4 * o + 2] * lin[4 * o + 1];
     coef[3 * o] = A;
-    coef[3 * o + 1] = mode == 3 ? -A * (s2 / M) : 0.0f;
-    coef[3 * o + 2] = mode == 3 ? -A * (s1 / M) : 0.0f;
+    coef[3 * o + 1] = mode == 3 ? -A * (s2 * inv_m) : 0.0f;
+    coef[3 * o + 2] = mode == 3 ? -A * (s1 * inv_m) : 0.0f;
   }
 }
 EMU_REGISTER(iieu_conv_psi_bwd_params)

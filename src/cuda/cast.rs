@@ -1,7 +1,8 @@
 //! Storage dtype ↔ f32 on the device (`kernels/cast.cu`): widening a parameter pack
 //! to the kernels' f32 and rounding f32 parameter gradients to the storage dtype
 //! without a host round trip (for f32 the kernels copy). The rounding is to nearest
-//! even, as `half`'s `from_f32` on the host: the same bits.
+//! even, as `half`'s `from_f32` on the host: the same bits for every non-NaN value (a
+//! NaN stays a NaN; the device's payload is canonical).
 
 use std::sync::Arc;
 

@@ -302,8 +302,18 @@ impl ConvDims {
         let p = d.plane_out;
         let hw = geo.h * geo.w;
         let mtiles = p.div_ceil(TILE);
-        // Both GEMM depths index in i32 (C/g·KH·KW was checked by Dims).
-        to_i32("GEMM depth O/g·KH·KW", og.saturating_mul(taps))?;
+        // Index arithmetic in i32: the last 64-row tile of a plane and the last
+        // 16-deep slab of either GEMM depth stay below 2^31.
+        to_i32(
+            "GEMM depth O/g·KH·KW",
+            og.saturating_mul(taps).saturating_add(TILE_K),
+        )?;
+        to_i32(
+            "GEMM depth C/g·KH·KW",
+            (d.g.w_per as usize).saturating_add(TILE_K),
+        )?;
+        to_i32("output plane H'·W'", p.saturating_add(TILE))?;
+        to_i32("input plane H·W", hw.saturating_add(TILE))?;
         const X: usize = i32::MAX as usize;
         const Y: usize = 65_535;
         let fwd_grid = (
@@ -363,7 +373,7 @@ impl ConvDims {
     }
 
     /// The weight-gradient split: enough chunks of the `N·H'·W'` reduction that about
-    /// [`WGRAD_BLOCKS`] blocks run, at most one 16-pixel slab per chunk and at most
+    /// [`WGRAD_BLOCKS`] blocks run, at least one 16-pixel slab per chunk and at most
     /// [`WGRAD_MAX_SPLITS`]. A function of the shape only.
     fn wgrad_splits(&self) -> usize {
         let tiles = (self.wgrad_grid.0 as usize) * (self.wgrad_grid.1 as usize);
@@ -403,7 +413,8 @@ fn check_inputs(
 ///
 /// `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`, both `T`; returns `y` (`T`,
 /// `(N, O, H', W')`) and the state [`backward`] needs. With BatchNorm in training mode
-/// the running statistics in `params` are updated on the device; nothing else changes.
+/// the running statistics in `params` are updated on the device (by the ψ pass, so a
+/// driver error in a later launch can leave them updated); nothing else changes.
 ///
 /// Errors: see the module docs; all checked before any allocation or launch.
 pub fn forward<T: DType>(
@@ -448,7 +459,7 @@ pub fn forward<T: DType>(
     // x_pre.len() = N·C·H·W validated), W rows grp·O/g + o < O with o < O/g and
     // k < C/g·KH·KW (w.len() validated); it writes c at (n·O + grp·O/g + o)·P + p with
     // o < O/g, p < P (every c element is written by exactly one block), stats at
-    // (n·O + o)·mtiles + mt (all N·O·mtiles written), and sq[(n·g + grp)·P + p]
+    // (n·O + grp·O/g + o)·mtiles + mt (all N·O·mtiles written), and sq[(n·g + grp)·P + p]
     // (all N·g·P written by the nt = 0 blocks) when sq is given.
     unsafe { b.launch(gemm_launch(cd.fwd_grid, 1)) }?;
 
@@ -622,7 +633,6 @@ pub fn backward<T: DType>(
     cd.g.splits = to_i32("weight-gradient splits", splits)?;
     let d = &cd.d;
     let g = cd.g;
-    let no = d.n * d.o;
 
     let k = Kernels::get(stream.context())?;
     // IIEU-B backward with x = ψ(c) read through lin.
@@ -636,67 +646,21 @@ pub fn backward<T: DType>(
         &saved.iieu,
     )?;
 
-    // ψ backward, stage 1: per-(n, o) [Σ dx, Σ dx·x̂].
-    let mut part2 = scratch::<f32>(stream, 2 * no)?;
-    let f = k.function(&format!("iieu_conv_psi_bwd_sums_{}", T::NAME))?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&ig.dx)
-        .arg(&saved.conv)
-        .arg(&saved.lin)
-        .arg(&mut part2)
-        .arg(&g);
-    // SAFETY: blocks grid-stride over planes no < N·O, reading dx/c[no·P .. (no+1)·P)
-    // (both N·O·P long) and lin[4·o ..] (4·O); writing part2[2·no], part2[2·no + 1]
-    // (all 2·N·O).
-    unsafe { b.launch(per_block(no, d.plane_out)) }?;
-
-    // Stage 2: dψ and the dc coefficients.
-    let has_scale = matches!(mode, 2..=4);
-    let has_shift = mode != 0;
-    let mut d_scale = if has_scale {
-        Some(scratch::<f32>(stream, d.o)?)
+    // ψ backward. None: dc = dx, nothing to form. Otherwise stage 1: per-(n, o)
+    // [Σ dx, Σ dx·x̂]; stage 2: dψ and the dc coefficients; then dc = A·dx + B·x̂ + C.
+    let (d_scale, d_shift, dc_own) = if mode == 0 {
+        (None, None, None)
     } else {
-        None
+        let (a, b, dc) = psi_backward::<T>(stream, &k, d, &g, mode, &ig.dx, saved)?;
+        (a, b, Some(dc))
     };
-    let mut d_shift = if has_shift {
-        Some(scratch::<f32>(stream, d.o)?)
-    } else {
-        None
-    };
-    let mut coef = scratch::<f32>(stream, 3 * d.o)?;
-    let f = k.function("iieu_conv_psi_bwd_params")?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&part2)
-        .arg(&saved.lin)
-        .arg(&mode)
-        .arg_opt(d_scale.as_mut())
-        .arg_opt(d_shift.as_mut())
-        .arg(&mut coef)
-        .arg(&g);
-    // SAFETY: threads cover o < O, reading part2 at 2·(n·O + o) + 1 < 2·N·O and
-    // lin[4·o + 2] < 4·O; writing coef[3·o .. 3·o + 3) (all 3·O) and d_scale[o],
-    // d_shift[o] when given (length O).
-    unsafe { b.launch(elementwise(d.o, 1)) }?;
-
-    // dc = A·dx + B·x̂ + C.
-    let mut dc = scratch::<T>(stream, d.x_len)?;
-    let f = k.function(&format!("iieu_conv_dc_{}", T::NAME))?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&ig.dx)
-        .arg(&saved.conv)
-        .arg(&saved.lin)
-        .arg(&coef)
-        .arg(&mut dc)
-        .arg(&g);
-    // SAFETY: threads cover e < N·O·P (dx, c, dc: all dc written); lin/coef at
-    // o = (e / P) % O < O.
-    unsafe { b.launch(elementwise(d.x_len, 1)) }?;
+    let dc = dc_own.as_ref().unwrap_or(&ig.dx);
 
     // dx_pre = conv-transpose(dc, W) + the r_x path.
     let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
     let f = k.function(&format!("iieu_conv_dgrad_{}", T::NAME))?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&dc).arg(&wv).arg(&ig.dx_pre).arg(&mut dx_pre).arg(&g);
+    b.arg(dc).arg(&wv).arg(&ig.dx_pre).arg(&mut dx_pre).arg(&g);
     // SAFETY: block (n·itiles + it, grp·ctiles + ct) reads dc of sample n at channels
     // grp·O/g + ol < O and in-range (ho, wo) only (checked per tap), W at
     // ((grp·O/g + ol)·C/g + c')·KH·KW + t < O·C/g·KH·KW = w.len(), add (N·C·H·W);
@@ -708,7 +672,7 @@ pub fn backward<T: DType>(
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
     let f = k.function(&format!("iieu_conv_wgrad_{}", T::NAME))?;
     let mut b = stream.launch_builder(&f);
-    b.arg(&dc).arg(&xpv).arg(&mut part).arg(&g);
+    b.arg(dc).arg(&xpv).arg(&mut part).arg(&g);
     // SAFETY: block (grp·otiles + ot, kt, s) reads dc at (n·O + grp·O/g + o)·P + p
     // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
     // grp·C/g + cl < C; it writes part[s·O·K + (grp·O/g + o)·K + k] for o < O/g,
@@ -731,6 +695,72 @@ pub fn backward<T: DType>(
         d_psi_scale: d_scale,
         d_psi_shift: d_shift,
     })
+}
+
+/// ψ's backward for modes 1–4 (bias, affine, BatchNorm train / eval): `(dψ scale,
+/// dψ shift, dc)` from `dx`, three launches. Lengths validated by the caller.
+fn psi_backward<T: DType>(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    d: &Dims,
+    g: &ConvGeom,
+    mode: i32,
+    dx: &CudaSlice<T>,
+    saved: &IieuConvDeviceSaved<T>,
+) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<f32>>, CudaSlice<T>)> {
+    let no = d.n * d.o;
+    // Stage 1: per-(n, o) [Σ dx, Σ dx·x̂].
+    let mut part2 = scratch::<f32>(stream, 2 * no)?;
+    let f = k.function(&format!("iieu_conv_psi_bwd_sums_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(dx)
+        .arg(&saved.conv)
+        .arg(&saved.lin)
+        .arg(&mut part2)
+        .arg(g);
+    // SAFETY: blocks grid-stride over planes no < N·O, reading dx/c[no·P .. (no+1)·P)
+    // (both N·O·P long) and lin[4·o ..] (4·O); writing part2[2·no], part2[2·no + 1]
+    // (all 2·N·O).
+    unsafe { b.launch(per_block(no, d.plane_out)) }?;
+
+    // Stage 2: dψ and the dc coefficients.
+    // Every mode here has a shift (bias, b, β); affine and BatchNorm a scale.
+    let mut d_scale = if matches!(mode, 2..=4) {
+        Some(scratch::<f32>(stream, d.o)?)
+    } else {
+        None
+    };
+    let mut d_shift = Some(scratch::<f32>(stream, d.o)?);
+    let mut coef = scratch::<f32>(stream, 3 * d.o)?;
+    let f = k.function("iieu_conv_psi_bwd_params")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&part2)
+        .arg(&saved.lin)
+        .arg(&mode)
+        .arg_opt(d_scale.as_mut())
+        .arg_opt(d_shift.as_mut())
+        .arg(&mut coef)
+        .arg(g);
+    // SAFETY: threads cover o < O, reading part2 at 2·(n·O + o) + 1 < 2·N·O and
+    // lin[4·o + 2] < 4·O; writing coef[3·o .. 3·o + 3) (all 3·O) and d_scale[o],
+    // d_shift[o] when given (length O).
+    unsafe { b.launch(elementwise(d.o, 1)) }?;
+
+    // dc = A·dx + B·x̂ + C.
+    let mut dc = scratch::<T>(stream, d.x_len)?;
+    let f = k.function(&format!("iieu_conv_dc_{}", T::NAME))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(dx)
+        .arg(&saved.conv)
+        .arg(&saved.lin)
+        .arg(&coef)
+        .arg(&mut dc)
+        .arg(g);
+    // SAFETY: threads cover e < N·O·P (dx, c, dc: all dc written); lin/coef at
+    // o = (e / P) % O < O.
+    unsafe { b.launch(elementwise(d.x_len, 1)) }?;
+
+    Ok((d_scale, d_shift, dc))
 }
 
 #[cfg(test)]

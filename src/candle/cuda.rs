@@ -1390,8 +1390,7 @@ fn iieu_conv_fwd_t<T: CudaEl>(
                 Ok(wrap(xp.0, out))
             };
             let running = super::iieu_conv_ops::Running::Device(
-                narrow(&bn.running_mean)?,
-                narrow(&bn.running_var)?,
+                Box::new((narrow(&bn.running_mean)?, narrow(&bn.running_var)?)),
                 bn.running_mean.len(),
             );
             let mut slot = op

@@ -117,7 +117,10 @@ pub(crate) enum Running {
     Host(Vec<f64>, Vec<f64>),
     #[cfg(feature = "candle-cuda")]
     /// Running mean, running var (dtype of the activation), length `O`.
-    Device(candle_core::CudaStorage, candle_core::CudaStorage, usize),
+    Device(
+        Box<(candle_core::CudaStorage, candle_core::CudaStorage)>,
+        usize,
+    ),
 }
 
 impl IieuConvOp {
@@ -319,7 +322,8 @@ fn op_running(
             ))
         }
         #[cfg(feature = "candle-cuda")]
-        Some(Running::Device(m, v, o)) => {
+        Some(Running::Device(mv, o)) => {
+            let (m, v) = *mv;
             let t = |s| {
                 Tensor::from_storage(
                     candle_core::Storage::Cuda(s),

@@ -697,6 +697,9 @@ pub fn backward<T: DType>(
     })
 }
 
+/// `(dψ scale, dψ shift, dc)`.
+type PsiGrads<T> = (Option<CudaSlice<f32>>, Option<CudaSlice<f32>>, CudaSlice<T>);
+
 /// ψ's backward for modes 1–4 (bias, affine, BatchNorm train / eval): `(dψ scale,
 /// dψ shift, dc)` from `dx`, three launches. Lengths validated by the caller.
 fn psi_backward<T: DType>(
@@ -707,7 +710,7 @@ fn psi_backward<T: DType>(
     mode: i32,
     dx: &CudaSlice<T>,
     saved: &IieuConvDeviceSaved<T>,
-) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<f32>>, CudaSlice<T>)> {
+) -> Result<PsiGrads<T>> {
     let no = d.n * d.o;
     // Stage 1: per-(n, o) [Σ dx, Σ dx·x̂].
     let mut part2 = scratch::<f32>(stream, 2 * no)?;

@@ -3,7 +3,7 @@
 //! be read as a ratio to the floor.
 //!
 //! `cargo bench --bench cpu_ops` (threads: RAYON_NUM_THREADS; default all cores).
-//! `scripts/perf-report.sh` runs them and writes the README's performance table.
+//! `scripts/perf-report.sh` runs them and writes the performance table of docs/performance.md.
 //!
 //! Throughput is reported as **bytes of compulsory traffic**: the f32 tensors an op
 //! must read plus those it must write — activation-sized tensors, and for IIEU-B the

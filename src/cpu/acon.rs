@@ -21,7 +21,7 @@
 //!   32-element blocks give LLVM four independent 8-wide chains to overlap).
 //! * The element loops run in AVX2 / AVX-512 copies chosen at run time
 //!   (`fastmath::simd_fn`; bit-identical to the baseline SSE2 build). Measured
-//!   ratios to a ReLU floor: README, "Performance".
+//!   ratios to a ReLU floor: docs/performance.md.
 //! * The sigmoid is `1/(1+e^{−x})`: [`crate::cpu::common::sigmoid`] in f64 (for
 //!   very negative arguments `e^{−x}` overflows to +∞ and σ is exactly 0, never
 //!   NaN), and for f32 [`crate::fastmath::sigmoid_f32`] (vectorisable Cephes

@@ -3,7 +3,7 @@
 # libraries that cudarc 0.19.10 links with its `dynamic-linking` feature (turned on by
 # candle-core's `cuda`). build.rs (features `emulate` + `candle-cuda`) turns each list
 # into a stub shared library so that test binaries link and load on a machine with no
-# CUDA libraries; see kernels/emu/stubs.c.
+# CUDA libraries; see kernels/emu/stubs.cpp.
 #
 #   scripts/gen-emu-stubs.sh            # rewrite the lists
 #   scripts/gen-emu-stubs.sh --check    # fail if they differ from cudarc's sources

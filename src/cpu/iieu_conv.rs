@@ -605,7 +605,8 @@ pub fn forward<T: Real>(
         r_x.par_iter_mut()
             .zip(sq.par_iter_mut())
             .for_each(|(r, q)| {
-                *q = q.max(0.0).sqrt();
+                // As `cpu::iieu`: a NaN sum stays NaN (`f64::max` would turn it into 0).
+                *q = if *q < 0.0 { 0.0 } else { q.sqrt() };
                 *r = T::of(1.0 / (*q + EPS));
             });
         (r_x, sq)
@@ -988,6 +989,79 @@ fn conv_bwd_sample<T: Real>(
                 colt,
                 Mat { rs: k, cs: 1 },
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NaN in `x_pre` gives a NaN `r_x` in exactly the windows whose patch contains it
+    /// (SPEC §4: NaN propagates), for both patch norms — the fused im2col-row path
+    /// (PerGroup; AllChannels undilated) and `cpu::iieu`'s window sum (AllChannels
+    /// dilated) — and every other window of every sample keeps a finite `r_x`.
+    #[test]
+    fn nan_in_x_pre_gives_nan_r_x_in_its_windows() {
+        let geos = [
+            Conv2dGeometry::new(2, 4, 6, 5, 4, 3, 3)
+                .with_padding(1, 1)
+                .with_groups(2),
+            Conv2dGeometry::new(2, 4, 9, 7, 4, 3, 2)
+                .with_stride(2, 1)
+                .with_padding(1, 0)
+                .with_dilation(2, 1)
+                .with_groups(2),
+            Conv2dGeometry::new(2, 4, 6, 5, 4, 1, 1),
+        ];
+        // The NaN: sample 1, channel 1 (group 0), (h, w) = (3, 3).
+        let (n0, c0, h0, w0) = (1, 1, 3, 3);
+        for geo in geos {
+            for pn in [PatchNorm::PerGroup, PatchNorm::AllChannels] {
+                let cfg = IieuConfig::new(geo).with_patch_norm(pn);
+                let mut x_pre: Vec<f64> = (0..geo.input_len())
+                    .map(|i| ((i * 37 % 17) as f64 - 8.0) / 8.0)
+                    .collect();
+                x_pre[((n0 * geo.c_in + c0) * geo.h + h0) * geo.w + w0] = f64::NAN;
+                let w: Vec<f64> = (0..geo.weight_len())
+                    .map(|i| ((i * 13 % 11) as f64 - 5.0) / 5.0)
+                    .collect();
+                let mut p = IieuConvParams::init(geo.c_out, Psi::None);
+                let (_, saved) = forward(&cfg, &x_pre, &w, &mut p).unwrap();
+                let rx = saved.iieu().r_x();
+                let (oh, ow) = geo.validate().unwrap();
+                let gp = cfg.patch_groups();
+                // PerGroup: dilated taps, group of c0 only; AllChannels: undilated taps.
+                let (dh, dw) = match pn {
+                    PatchNorm::PerGroup => geo.dilation,
+                    PatchNorm::AllChannels => (1, 1),
+                };
+                let hits = |o: usize, k: usize, s: usize, pd: usize, dl: usize, len, at| {
+                    (0..k).any(|i| Dims::tap(o, i, s, pd, dl, len) == Some(at))
+                };
+                let mut nans = 0;
+                for n in 0..geo.n {
+                    for t in 0..gp {
+                        for ho in 0..oh {
+                            for wo in 0..ow {
+                                let inside = n == n0
+                                    && (gp == 1 || t == c0 / geo.cin_per_group())
+                                    && hits(ho, geo.kh, geo.stride.0, geo.padding.0, dh, geo.h, h0)
+                                    && hits(wo, geo.kw, geo.stride.1, geo.padding.1, dw, geo.w, w0);
+                                let v = rx[((n * gp + t) * oh + ho) * ow + wo];
+                                let tag = format!("{geo:?} {pn:?} n{n} t{t} ({ho},{wo})");
+                                if inside {
+                                    assert!(v.is_nan(), "{tag}: r_x {v}, expected NaN");
+                                    nans += 1;
+                                } else {
+                                    assert!(v.is_finite(), "{tag}: r_x {v}, expected finite");
+                                }
+                            }
+                        }
+                    }
+                }
+                assert!(nans > 0, "{geo:?} {pn:?}: the NaN is in no window");
+            }
         }
     }
 }

@@ -78,6 +78,13 @@
 //!   no atomics), and `dW_g += dc·col` (GEMM);
 //! * `dx_pre = dx_pre|r_x + dx_pre|conv`, `dW = dW|r_w + dW|conv`.
 //!
+//! # The bare convolution
+//! [`conv2d`] and [`conv2d_backward`] are the convolution alone (no patch norms, no
+//! statistics, no ψ, no IIEU-B) on the same code: the same per-sample tasks, im2col
+//! tiles and `gemm` calls as step 1 above (with an empty epilogue), and the same conv
+//! backward (col2im, fixed-chunk `dW` reduction). They are the baseline that
+//! `benches/iieu_conv.rs` measures the fused op against.
+//!
 //! # Errors
 //! Every bad input is an `Err` before any work: invalid geometry ([`Error::Geometry`],
 //! [`Error::Empty`]), buffers and per-channel vectors of the wrong length
@@ -355,20 +362,16 @@ struct Dims {
 }
 
 impl Dims {
-    fn new<T>(cfg: &IieuConfig) -> Result<Self> {
-        let (oh, ow) = cfg.validate()?;
-        let g = cfg.geometry;
+    /// The convolution's dimensions alone (the bare [`conv2d`]: no patch norms, so
+    /// `gp = 1` and `fused_rx = false`, both unused).
+    fn conv<T>(g: &Conv2dGeometry) -> Result<Self> {
+        let (oh, ow) = g.validate()?;
         let k = g.cin_per_group() * g.kh * g.kw;
         let po = oh * ow;
         let row = k.saturating_mul(std::mem::size_of::<T>()).max(1);
         let tile = (TILE_BYTES / row).clamp(16, 1024).min(po);
-        let fused_rx = match cfg.patch_norm {
-            PatchNorm::PerGroup => true,
-            PatchNorm::AllChannels => g.dilation == (1, 1),
-        };
         Ok(Self {
-            g,
-
+            g: *g,
             ow,
             po,
             pi: g.h * g.w,
@@ -376,9 +379,19 @@ impl Dims {
             og: g.cout_per_group(),
             k,
             tile,
-            gp: cfg.patch_groups(),
-            fused_rx,
+            gp: 1,
+            fused_rx: false,
         })
+    }
+    /// The fused op's dimensions: the conv's, plus where `r_x` comes from.
+    fn new<T>(cfg: &IieuConfig) -> Result<Self> {
+        let mut d = Self::conv::<T>(&cfg.geometry)?;
+        d.gp = cfg.patch_groups();
+        d.fused_rx = match cfg.patch_norm {
+            PatchNorm::PerGroup => true,
+            PatchNorm::AllChannels => d.g.dilation == (1, 1),
+        };
+        Ok(d)
     }
     fn out_len(&self) -> usize {
         self.g.n * self.g.c_out * self.po
@@ -598,7 +611,23 @@ pub fn forward<T: Real>(
         .zip(stats.par_chunks_mut(o_))
         .zip(sq.par_chunks_mut(d.gp * po))
         .zip(x_pre.par_chunks(g.c_in * pi))
-        .for_each(|(((cs, st), qs), xs)| conv_sample(&d, xs, w, cs, st, qs));
+        .for_each(|(((cs, st), qs), xs)| {
+            // Epilogue of each tile: ‖P‖² row sums (fused r_x path) and the statistics
+            // of each output row. PerGroup: group `grp`'s plane; AllChannels (gp = 1):
+            // summed over the groups, in group order.
+            conv_sample(&d, xs, w, cs, |grp, p0, colt, cs| {
+                let tp = colt.len() / d.k;
+                if d.fused_rx {
+                    let q = &mut qs[(grp % d.gp) * po + p0..][..tp];
+                    for (qv, row) in q.iter_mut().zip(colt.chunks_exact(d.k)) {
+                        *qv += row.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>();
+                    }
+                }
+                for o in grp * d.og..(grp + 1) * d.og {
+                    st[o] = st[o].merge(Stat::of(&cs[o * po + p0..][..tp]));
+                }
+            })
+        });
 
     let (r_x, x_norm) = if d.fused_rx {
         let mut r_x = vec![T::zero(); sq.len()];
@@ -729,33 +758,26 @@ pub fn forward<T: Real>(
     ))
 }
 
-/// Step 1 of [`forward`] for one sample: per group and tile of output pixels, the
-/// im2col tile, its GEMM with the group's filters into `cs` (`(O, H'·W')`), its row
-/// sums of squares into `qs` (`(G', H'·W')`, on the fused `r_x` path) and the tile's
-/// output-row statistics merged into `st` (`(O,)`).
+/// The convolution of one sample `xs` (`(C, H, W)`) into `cs` (`(O, H'·W')`), shared by
+/// [`forward`] and [`conv2d`]: per group and tile of output pixels (in that order), the
+/// im2col tile and its GEMM with the group's filters; then
+/// `epilogue(grp, p0, tile, cs)` with the tile (`tp × K`, pixels `p0..p0+tp`) and the
+/// sample's output so far (the tile's output rows `cs[o·H'W' + p0..][..tp]` are final).
 fn conv_sample<T: Real>(
     d: &Dims,
     xs: &[T],
     w: &[T],
     cs: &mut [T],
-    st: &mut [Stat],
-    qs: &mut [f64],
+    mut epilogue: impl FnMut(usize, usize, &[T], &[T]),
 ) {
     let (po, k, og) = (d.po, d.k, d.og);
     let mut col = vec![T::zero(); d.tile * k];
     for grp in 0..d.g.groups {
         let wg = &w[grp * og * k..(grp + 1) * og * k];
-        // PerGroup: this group's plane; AllChannels (gp = 1): summed over the groups.
-        let q = &mut qs[(grp % d.gp) * po..(grp % d.gp + 1) * po];
         for p0 in (0..po).step_by(d.tile) {
             let tp = d.tile.min(po - p0);
             let colt = &mut col[..tp * k];
             d.im2col(xs, grp, p0, tp, colt);
-            if d.fused_rx {
-                for (qv, row) in q[p0..p0 + tp].iter_mut().zip(colt.chunks_exact(k)) {
-                    *qv += row.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>();
-                }
-            }
             // c[og × tp] = W_g (og × K) · colᵀ (K × tp)
             matmul(
                 (og, tp, k),
@@ -767,10 +789,7 @@ fn conv_sample<T: Real>(
                 colt,
                 Mat { rs: 1, cs: k },
             );
-            // Epilogue: statistics of each output row of the tile.
-            for o in grp * og..(grp + 1) * og {
-                st[o] = st[o].merge(Stat::of(&cs[o * po + p0..o * po + p0 + tp]));
-            }
+            epilogue(grp, p0, colt, cs);
         }
     }
 }
@@ -823,7 +842,7 @@ pub fn backward<T: Real>(
         });
     }
     let g = d.g;
-    let (n_, o_, po, pi) = (g.n, g.c_out, d.po, d.pi);
+    let (n_, o_, po) = (g.n, g.c_out, d.po);
 
     // x = ψ(c), recomputed with the forward's expression (same bits, same branches).
     let mut x = vec![T::zero(); d.out_len()];
@@ -900,38 +919,10 @@ pub fn backward<T: Real>(
             });
     }
 
-    // Conv backward, per fixed chunk of samples: dx_pre|conv (col2im of dcᵀ·W_g) and
-    // a dW|conv partial per chunk.
+    // Conv backward: dx_pre = dx_pre|r_x + dx_pre|conv, dW = dW|r_w + dW|conv.
     let mut dx_pre = dx_pre_rx;
-    let per = n_.div_ceil(DW_CHUNKS.min(n_));
-    let dw_parts: Vec<Vec<T>> = dx_pre
-        .par_chunks_mut(per * g.c_in * pi)
-        .zip(x_pre.par_chunks(per * g.c_in * pi))
-        .zip(dc.par_chunks(per * o_ * po))
-        .map(|((dxc, xc), dcc)| {
-            let mut dwp = vec![T::zero(); w.len()];
-            let mut col = vec![T::zero(); d.tile * d.k];
-            let mut dcol = vec![T::zero(); d.tile * d.k];
-            let mut dxs_conv = vec![T::zero(); g.c_in * pi];
-            for ((dxs, xs), dcs) in dxc
-                .chunks_exact_mut(g.c_in * pi)
-                .zip(xc.chunks_exact(g.c_in * pi))
-                .zip(dcc.chunks_exact(o_ * po))
-            {
-                dxs_conv.fill(T::zero());
-                conv_bwd_sample(&d, xs, w, dcs, &mut dxs_conv, &mut dwp, &mut col, &mut dcol);
-                for (a, &b) in dxs.iter_mut().zip(&dxs_conv) {
-                    *a = *a + b;
-                }
-            }
-            dwp
-        })
-        .collect();
     let mut dw = dw_rw;
-    dw.par_iter_mut().enumerate().for_each(|(i, v)| {
-        let s = dw_parts.iter().fold(v.to_f64(), |a, p| a + p[i].to_f64());
-        *v = T::of(s);
-    });
+    conv_backward_acc(&d, &dc, x_pre, w, &mut dx_pre, &mut dw);
 
     Ok(IieuConvGrads {
         dx_pre,
@@ -942,6 +933,110 @@ pub fn backward<T: Real>(
         d_psi_scale,
         d_psi_shift,
     })
+}
+
+/// The bare convolution `c = conv(x_pre, W)` on the same code as [`forward`]'s step 1
+/// (the same im2col tiles, `gemm` calls and per-sample rayon tasks) without the patch
+/// norms, the statistics, ψ or IIEU-B — the baseline the fused op is measured against
+/// (and a conv layer in its own right):
+///
+/// ```text
+/// c[n,o,h',w'] = Σ_{cl < C/g, i < KH, j < KW} W[o,cl,i,j] · x_pre[n, grp(o)·C/g + cl,
+///                                            h'·sh − ph + i·dh, w'·sw − pw + j·dw]
+/// ```
+///
+/// with `grp(o) = o / (O/g)` and zero outside the image (PyTorch's `conv2d`, no bias).
+/// `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`; returns `c`, `(N, O, H', W')`. The
+/// GEMM accumulates in `T`; the bits do not depend on the rayon thread count.
+///
+/// Errors: invalid geometry ([`Error::Geometry`], [`Error::Empty`]), `x_pre` or `w` of
+/// the wrong length ([`Error::LengthMismatch`]); all checked before any work.
+pub fn conv2d<T: Real>(geo: &Conv2dGeometry, x_pre: &[T], w: &[T]) -> Result<Vec<T>> {
+    let d = Dims::conv::<T>(geo)?;
+    check_len("x_pre", geo.input_len(), x_pre.len())?;
+    check_len("w", geo.weight_len(), w.len())?;
+    let mut c = vec![T::zero(); d.out_len()];
+    c.par_chunks_mut(geo.c_out * d.po)
+        .zip(x_pre.par_chunks(geo.c_in * d.pi))
+        .for_each(|(cs, xs)| conv_sample(&d, xs, w, cs, |_, _, _, _| {}));
+    Ok(c)
+}
+
+/// Backward of [`conv2d`] on the same code as [`backward`]'s conv step: from
+/// `dc = ∂L/∂c` (`(N, O, H', W')`) returns `(dx_pre, dw)`,
+///
+/// ```text
+/// dx_pre[n,c,h,w] = Σ dc[n,o,h',w'] · W[o,cl,i,j]   over o ∈ grp(c) and every (h',w',i,j)
+///                                                   whose tap lands on (h, w)
+/// dW[o,cl,i,j]    = Σ_{n,h',w'} dc[n,o,h',w'] · x_pre[n, grp(o)·C/g + cl, tap(h',i), tap(w',j)]
+/// ```
+///
+/// (`cl = c mod C/g`; taps as in [`conv2d`], terms outside the image are 0).
+/// `dx_pre` is a col2im of `dcᵀ·W_g` per sample and tile; `dW` sums `dc·col` per fixed
+/// chunk of samples in `T`, then the chunks in order in f64: the bits do not depend on
+/// the rayon thread count.
+///
+/// Errors: as [`conv2d`], plus a `dc` of the wrong length ([`Error::LengthMismatch`]).
+pub fn conv2d_backward<T: Real>(
+    geo: &Conv2dGeometry,
+    dc: &[T],
+    x_pre: &[T],
+    w: &[T],
+) -> Result<(Vec<T>, Vec<T>)> {
+    let d = Dims::conv::<T>(geo)?;
+    check_len("dc", d.out_len(), dc.len())?;
+    check_len("x_pre", geo.input_len(), x_pre.len())?;
+    check_len("w", geo.weight_len(), w.len())?;
+    let mut dx_pre = vec![T::zero(); x_pre.len()];
+    let mut dw = vec![T::zero(); w.len()];
+    conv_backward_acc(&d, dc, x_pre, w, &mut dx_pre, &mut dw);
+    Ok((dx_pre, dw))
+}
+
+/// Conv backward over the batch, added into `dx_pre` (`(N, C, H, W)`) and `dw`, shared
+/// by [`backward`] and [`conv2d_backward`]. Per fixed chunk of samples ([`DW_CHUNKS`],
+/// independent of the thread count): each sample's `dx_pre|conv` (col2im of `dcᵀ·W_g`,
+/// sequential inside the sample: no atomics) is added to its slice of `dx_pre`, and the
+/// chunk's `dW|conv` partial is accumulated in `T`; then `dw[i] += Σ_chunks partial[i]`
+/// in f64, in chunk order.
+fn conv_backward_acc<T: Real>(
+    d: &Dims,
+    dc: &[T],
+    x_pre: &[T],
+    w: &[T],
+    dx_pre: &mut [T],
+    dw: &mut [T],
+) {
+    let g = d.g;
+    let (n_, in_len, out_len) = (g.n, g.c_in * d.pi, g.c_out * d.po);
+    let per = n_.div_ceil(DW_CHUNKS.min(n_));
+    let dw_parts: Vec<Vec<T>> = dx_pre
+        .par_chunks_mut(per * in_len)
+        .zip(x_pre.par_chunks(per * in_len))
+        .zip(dc.par_chunks(per * out_len))
+        .map(|((dxc, xc), dcc)| {
+            let mut dwp = vec![T::zero(); w.len()];
+            let mut col = vec![T::zero(); d.tile * d.k];
+            let mut dcol = vec![T::zero(); d.tile * d.k];
+            let mut dxs_conv = vec![T::zero(); in_len];
+            for ((dxs, xs), dcs) in dxc
+                .chunks_exact_mut(in_len)
+                .zip(xc.chunks_exact(in_len))
+                .zip(dcc.chunks_exact(out_len))
+            {
+                dxs_conv.fill(T::zero());
+                conv_bwd_sample(d, xs, w, dcs, &mut dxs_conv, &mut dwp, &mut col, &mut dcol);
+                for (a, &b) in dxs.iter_mut().zip(&dxs_conv) {
+                    *a = *a + b;
+                }
+            }
+            dwp
+        })
+        .collect();
+    dw.par_iter_mut().enumerate().for_each(|(i, v)| {
+        let s = dw_parts.iter().fold(v.to_f64(), |a, p| a + p[i].to_f64());
+        *v = T::of(s);
+    });
 }
 
 /// Conv backward of one sample: for each group and tile, rebuild the im2col tile,

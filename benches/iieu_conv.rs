@@ -36,17 +36,27 @@
 //! reverse order (repeat runs in both orders to see drift from other load).
 //! `IIEU_BENCH_ONLY=<substring>` keeps only the groups whose name contains it. In
 //! `--test` mode the batch is N = 2 so that the check stays quick.
+//!
+//! On a shared machine the load drifts between criterion's benchmarks (each runs for
+//! seconds before the next starts), which distorts the ratios; so
+//! `IIEU_BENCH_ROUNDS=R` skips criterion and runs `R` interleaved rounds per shape
+//! (every job once per round, alternating the order), printing each job's min / median
+//! / max and the per-round ratios as median [min, max]:
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 IIEU_BENCH_ROUNDS=9 cargo bench --features candle --bench iieu_conv
+//! ```
 //! `docs/iieu-conv-cpu-bench.md` records a run and its ratios.
 use activation_kernels::candle::ops::{self as cops, IieuOpts};
 use activation_kernels::cpu::iieu::{IieuConfig, PatchNorm};
 use activation_kernels::cpu::iieu_conv::{self, BatchNorm, IieuConvParams, Psi};
 use activation_kernels::Conv2dGeometry;
 use candle_core::{Device, Tensor, Var};
-use criterion::{black_box, criterion_group, criterion_main, Criterion, SamplingMode};
+use criterion::{black_box, Criterion, SamplingMode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn randv(r: &mut SmallRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| r.gen_range(lo..hi)).collect()
@@ -155,116 +165,240 @@ impl CandleBlock {
 
 type Job<'a> = (&'static str, Box<dyn FnMut() + 'a>);
 
-/// One group: the six timings and the elementwise pass, for a C → O, `k`×`k` conv
-/// ("same" padding) over `(n, c, hw, hw)`.
-fn shape(cr: &mut Criterion, name: &str, (c, o, hw, k): (usize, usize, usize, usize)) {
-    if let Ok(only) = std::env::var("IIEU_BENCH_ONLY") {
-        if !name.contains(&only) {
-            return;
+/// Everything one shape's jobs read: the inputs, the fused op's parameters (one copy
+/// per job: BatchNorm's running statistics are updated by every training forward) and
+/// the candle block.
+struct Setup {
+    geo: Conv2dGeometry,
+    cfg: IieuConfig,
+    x_pre: Vec<f32>,
+    w: Vec<f32>,
+    dy: Vec<f32>,
+    /// The conv output (the elementwise pass's input).
+    out: Vec<f32>,
+    p_fwd: IieuConvParams<f32>,
+    p_fb: IieuConvParams<f32>,
+    block: CandleBlock,
+}
+
+impl Setup {
+    /// A C → O, `k`×`k` conv ("same" padding) over `(n, c, hw, hw)`, f32.
+    fn new(n: usize, (c, o, hw, k): (usize, usize, usize, usize)) -> Self {
+        let geo = Conv2dGeometry::new(n, c, hw, hw, o, k, k).with_padding(k / 2, k / 2);
+        let (oh, ow) = geo.validate().expect("geometry");
+        let cfg = IieuConfig::new(geo).with_patch_norm(patch_norm());
+        let mut r = SmallRng::seed_from_u64((c * 1000 + k) as u64);
+        let x_pre = randv(&mut r, geo.input_len(), -1.0, 1.0);
+        // Kaiming-uniform scale, so the conv output is O(1) like the input.
+        let bound = (3.0 / (c * k * k) as f32).sqrt();
+        let w = randv(&mut r, geo.weight_len(), -bound, bound);
+        let dy = randv(&mut r, n * o * oh * ow, -1.0, 1.0);
+        let params = IieuConvParams::init(o, Psi::BatchNorm(BatchNorm::<f32>::init(o)));
+        let out = iieu_conv::conv2d(&geo, &x_pre, &w).expect("conv2d");
+        let block = CandleBlock::new(&geo, &x_pre, &w).expect("candle block");
+        Self {
+            geo,
+            cfg,
+            x_pre,
+            w,
+            dy,
+            out,
+            p_fwd: params.clone(),
+            p_fb: params,
+            block,
         }
     }
-    let n = if test_mode() { 2 } else { 32 };
-    let geo = Conv2dGeometry::new(n, c, hw, hw, o, k, k).with_padding(k / 2, k / 2);
-    let (oh, ow) = geo.validate().expect("geometry");
-    let cfg = IieuConfig::new(geo).with_patch_norm(patch_norm());
-    let mut r = SmallRng::seed_from_u64((c * 1000 + k) as u64);
-    let x_pre = randv(&mut r, geo.input_len(), -1.0, 1.0);
-    // Kaiming-uniform scale, so the conv output is O(1) like the input.
-    let bound = (3.0 / (c * k * k) as f32).sqrt();
-    let w = randv(&mut r, geo.weight_len(), -bound, bound);
-    let dy = randv(&mut r, n * o * oh * ow, -1.0, 1.0);
-    let params0 = IieuConvParams::init(o, Psi::BatchNorm(BatchNorm::<f32>::init(o)));
-    let out = iieu_conv::conv2d(&geo, &x_pre, &w).expect("conv2d");
-    let block = CandleBlock::new(&geo, &x_pre, &w).expect("candle block");
 
-    let mut p_fwd = params0.clone();
-    let mut p_fb = params0.clone();
-    let mut jobs: Vec<Job<'_>> = vec![
-        (
-            "bare_fwd",
-            Box::new(|| {
-                black_box(iieu_conv::conv2d(&geo, &x_pre, &w).expect("conv2d"));
-            }),
-        ),
-        (
-            "bare_fwd_bwd",
-            Box::new(|| {
-                let c = iieu_conv::conv2d(&geo, &x_pre, &w).expect("conv2d");
-                black_box(&c);
-                black_box(iieu_conv::conv2d_backward(&geo, &dy, &x_pre, &w).expect("backward"));
-            }),
-        ),
-        (
-            "fused_fwd",
-            Box::new(|| {
-                black_box(iieu_conv::forward(&cfg, &x_pre, &w, &mut p_fwd).expect("forward"));
-            }),
-        ),
-        (
-            "fused_fwd_bwd",
-            Box::new(|| {
-                let (y, s) = iieu_conv::forward(&cfg, &x_pre, &w, &mut p_fb).expect("forward");
-                black_box(&y);
-                black_box(
-                    iieu_conv::backward(&cfg, &dy, &x_pre, &w, &p_fb, &s).expect("backward"),
-                );
-            }),
-        ),
-        (
-            "candle_unfused_fwd",
-            Box::new(|| {
-                black_box(block.forward().expect("candle forward"));
-            }),
-        ),
-        (
-            "candle_unfused_fwd_bwd",
-            Box::new(|| {
-                black_box(block.forward_backward().expect("candle backward"));
-            }),
-        ),
-        (
-            "relu_out_fwd",
-            Box::new(|| {
-                black_box(relu_fwd(black_box(&out)));
-            }),
-        ),
-        (
-            "relu_out_bwd",
-            Box::new(|| {
-                black_box(relu_bwd(black_box(&dy), black_box(&out)));
-            }),
-        ),
-    ];
-    if std::env::var("IIEU_BENCH_REVERSE").as_deref() == Ok("1") {
-        jobs.reverse();
+    /// The timed closures, in the order the groups report them.
+    fn jobs(&mut self) -> Vec<Job<'_>> {
+        let Setup {
+            geo,
+            cfg,
+            x_pre,
+            w,
+            dy,
+            out,
+            p_fwd,
+            p_fb,
+            block,
+        } = self;
+        let (geo, cfg, x_pre, w, dy, out) = (&*geo, &*cfg, &*x_pre, &*w, &*dy, &*out);
+        let block = &*block;
+        vec![
+            (
+                "bare_fwd",
+                Box::new(move || {
+                    black_box(iieu_conv::conv2d(geo, x_pre, w).expect("conv2d"));
+                }),
+            ),
+            (
+                "bare_fwd_bwd",
+                Box::new(move || {
+                    let c = iieu_conv::conv2d(geo, x_pre, w).expect("conv2d");
+                    black_box(&c);
+                    black_box(iieu_conv::conv2d_backward(geo, dy, x_pre, w).expect("backward"));
+                }),
+            ),
+            (
+                "fused_fwd",
+                Box::new(move || {
+                    black_box(iieu_conv::forward(cfg, x_pre, w, p_fwd).expect("forward"));
+                }),
+            ),
+            (
+                "fused_fwd_bwd",
+                Box::new(move || {
+                    let (y, s) = iieu_conv::forward(cfg, x_pre, w, p_fb).expect("forward");
+                    black_box(&y);
+                    black_box(iieu_conv::backward(cfg, dy, x_pre, w, p_fb, &s).expect("backward"));
+                }),
+            ),
+            (
+                "candle_unfused_fwd",
+                Box::new(move || {
+                    black_box(block.forward().expect("candle forward"));
+                }),
+            ),
+            (
+                "candle_unfused_fwd_bwd",
+                Box::new(move || {
+                    black_box(block.forward_backward().expect("candle backward"));
+                }),
+            ),
+            (
+                "relu_out_fwd",
+                Box::new(move || {
+                    black_box(relu_fwd(black_box(out)));
+                }),
+            ),
+            (
+                "relu_out_bwd",
+                Box::new(move || {
+                    black_box(relu_bwd(black_box(dy), black_box(out)));
+                }),
+            ),
+        ]
     }
-    let mut g = cr.benchmark_group(name);
-    g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1));
-    for (id, f) in jobs.iter_mut() {
-        g.bench_function(*id, |b| b.iter(&mut *f));
-    }
-    g.finish();
 }
 
-fn stages_3x3(c: &mut Criterion) {
+/// The shapes: group name and `(C, O, HW, K)`.
+fn shapes() -> Vec<(String, (usize, usize, usize, usize))> {
+    let mut v = Vec::new();
     for (ch, hw) in [(64usize, 56usize), (128, 28), (256, 14), (512, 7)] {
-        shape(c, &format!("rn50_3x3_{ch}x{hw}"), (ch, ch, hw, 3));
+        v.push((format!("rn50_3x3_{ch}x{hw}"), (ch, ch, hw, 3)));
     }
-}
-
-fn stages_1x1(c: &mut Criterion) {
     for (ch, o, hw) in [
         (256usize, 64usize, 56usize),
         (512, 128, 28),
         (1024, 256, 14),
         (2048, 512, 7),
     ] {
-        shape(c, &format!("rn50_1x1_{ch}to{o}x{hw}"), (ch, o, hw, 1));
+        v.push((format!("rn50_1x1_{ch}to{o}x{hw}"), (ch, o, hw, 1)));
+    }
+    let only = std::env::var("IIEU_BENCH_ONLY").unwrap_or_default();
+    v.retain(|(name, _)| name.contains(&only));
+    v
+}
+
+/// One criterion group per shape, the jobs side by side.
+fn criterion_groups(cr: &mut Criterion) {
+    let n = if test_mode() { 2 } else { 32 };
+    for (name, dims) in shapes() {
+        let mut setup = Setup::new(n, dims);
+        let mut jobs = setup.jobs();
+        if std::env::var("IIEU_BENCH_REVERSE").as_deref() == Ok("1") {
+            jobs.reverse();
+        }
+        let mut g = cr.benchmark_group(&name);
+        g.sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1));
+        for (id, f) in jobs.iter_mut() {
+            g.bench_function(*id, |b| b.iter(&mut *f));
+        }
+        g.finish();
     }
 }
 
-criterion_group!(benches, stages_3x3, stages_1x1);
-criterion_main!(benches);
+/// `IIEU_BENCH_ROUNDS=R`: instead of criterion, `R` interleaved rounds per shape, each
+/// running every job once (forward order in even rounds, reverse in odd ones; one
+/// untimed warm-up round first), so that load from other processes hits all jobs alike.
+/// Prints, per job, the min / median / max wall time over the rounds in ms, then the
+/// per-round ratios (fused / bare, fused / candle, fused / (bare + ReLU pass)) as
+/// median [min, max].
+fn interleaved(rounds: usize) {
+    let secs = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let stats = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        (s[0], s[s.len() / 2], s[s.len() - 1])
+    };
+    println!(
+        "# {rounds} interleaved rounds per shape, RAYON_NUM_THREADS={:?}",
+        std::env::var("RAYON_NUM_THREADS").ok()
+    );
+    for (name, dims) in shapes() {
+        let mut setup = Setup::new(32, dims);
+        let mut jobs = setup.jobs();
+        let mut t = vec![Vec::with_capacity(rounds); jobs.len()];
+        for (_, f) in jobs.iter_mut() {
+            f();
+        }
+        for r in 0..rounds {
+            let order: Vec<usize> = if r % 2 == 0 {
+                (0..jobs.len()).collect()
+            } else {
+                (0..jobs.len()).rev().collect()
+            };
+            for i in order {
+                let dt = secs(&mut *jobs[i].1);
+                t[i].push(dt);
+            }
+        }
+        for ((id, _), ts) in jobs.iter().zip(&t) {
+            let (lo, med, hi) = stats(ts);
+            println!(
+                "{name}\t{id}\tms\t{:.2}\t{:.2}\t{:.2}",
+                lo * 1e3,
+                med * 1e3,
+                hi * 1e3
+            );
+        }
+        let ratio = |what: &str, num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
+            let v: Vec<f64> = (0..rounds).map(|r| num(r) / den(r)).collect();
+            let (lo, med, hi) = stats(&v);
+            println!("{name}\t{what}\tratio\t{lo:.3}\t{med:.3}\t{hi:.3}");
+        };
+        // Job indices as in `Setup::jobs`.
+        let (bf, bfb, ff, ffb, cf, cfb, rf, rb) = (0, 1, 2, 3, 4, 5, 6, 7);
+        let t = &t;
+        let at = |i: usize| move |r: usize| t[i][r];
+        ratio("fused/bare fwd", &at(ff), &at(bf));
+        ratio("fused/bare fwd_bwd", &at(ffb), &at(bfb));
+        ratio("fused/candle fwd", &at(ff), &at(cf));
+        ratio("fused/candle fwd_bwd", &at(ffb), &at(cfb));
+        ratio("fused/(bare+relu) fwd", &at(ff), &|r| t[bf][r] + t[rf][r]);
+        ratio("fused/(bare+relu) fwd_bwd", &at(ffb), &|r| {
+            t[bfb][r] + t[rf][r] + t[rb][r]
+        });
+    }
+}
+
+fn main() {
+    if let Some(rounds) = std::env::var("IIEU_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&r| r > 0 && !test_mode())
+    {
+        interleaved(rounds);
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    criterion_groups(&mut c);
+    c.final_summary();
+}

@@ -102,6 +102,7 @@ use crate::cpu::iieu::{
     self, IieuConfig, IieuGrads, IieuParams, IieuSaved, PatchNorm, EPS, EPS_LN,
 };
 use crate::error::{check_len, Error, Result};
+use crate::fastmath::simd_fn;
 use crate::geometry::Conv2dGeometry;
 use crate::real::Real;
 
@@ -535,6 +536,63 @@ fn matmul<T: Real>(
     }
 }
 
+/// Interleaved partial sums of the f64 reductions over a tile row.
+const LANES: usize = 8;
+
+/// `Σ f(v[i])` in f64 over `LANES` interleaved partial sums (element `i` into lane
+/// `i mod LANES`), combined in a fixed tree: independent dependency chains that
+/// vectorize, and the same bits at every SIMD width and thread count (Rust does not
+/// contract `a·b + c` into an FMA).
+#[inline(always)]
+fn lane_sum<T: Real>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x.to_f64());
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += f(x.to_f64());
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// The fused forward's epilogue of one tile (`colt`, `tp × K`, rows of `k`): each
+/// row's `‖P‖²` added to `q` (`tp` values; empty when `r_x` does not come from the
+/// tiles), and the statistics of each of the group's output rows — `rows[j·po..][..tp]`
+/// for `j < st.len()` — merged into `st`.
+#[inline(always)]
+fn epilogue_impl<T: Real>(
+    colt: &[T],
+    k: usize,
+    q: &mut [f64],
+    rows: &[T],
+    po: usize,
+    st: &mut [Stat],
+) {
+    for (qv, row) in q.iter_mut().zip(colt.chunks_exact(k)) {
+        *qv += lane_sum(row, |v| v * v);
+    }
+    let tp = colt.len() / k;
+    for (j, s) in st.iter_mut().enumerate() {
+        *s = s.merge(Stat::of(&rows[j * po..][..tp]));
+    }
+}
+
+simd_fn! {
+    /// [`epilogue_impl`], runtime-dispatched to AVX2 / AVX-512 where available (the
+    /// same bits at every width: see [`lane_sum`]).
+    fn epilogue<T: Real>(
+        colt: &[T],
+        k: usize,
+        q: &mut [f64],
+        rows: &[T],
+        po: usize,
+        st: &mut [Stat],
+    ) => epilogue_impl;
+}
+
 /// `(count, mean, M2)` running statistics merged with Chan's formula.
 #[derive(Debug, Clone, Copy, Default)]
 struct Stat {
@@ -544,16 +602,12 @@ struct Stat {
 }
 
 impl Stat {
-    fn of(v: &[impl Real]) -> Self {
+    /// Statistics of one output row (two passes: the mean, then the centred squares).
+    #[inline(always)]
+    fn of<T: Real>(v: &[T]) -> Self {
         let n = v.len() as f64;
-        let mean = v.iter().map(|&a| a.to_f64()).sum::<f64>() / n;
-        let m2 = v
-            .iter()
-            .map(|&a| {
-                let d = a.to_f64() - mean;
-                d * d
-            })
-            .sum();
+        let mean = lane_sum(v, |a| a) / n;
+        let m2 = lane_sum(v, |a| (a - mean) * (a - mean));
         Self { n, mean, m2 }
     }
     fn merge(self, b: Stat) -> Stat {
@@ -617,15 +671,13 @@ pub fn forward<T: Real>(
             // summed over the groups, in group order.
             conv_sample(&d, xs, w, cs, |grp, p0, colt, cs| {
                 let tp = colt.len() / d.k;
-                if d.fused_rx {
-                    let q = &mut qs[(grp % d.gp) * po + p0..][..tp];
-                    for (qv, row) in q.iter_mut().zip(colt.chunks_exact(d.k)) {
-                        *qv += row.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>();
-                    }
-                }
-                for o in grp * d.og..(grp + 1) * d.og {
-                    st[o] = st[o].merge(Stat::of(&cs[o * po + p0..][..tp]));
-                }
+                let q = if d.fused_rx {
+                    &mut qs[(grp % d.gp) * po + p0..][..tp]
+                } else {
+                    &mut []
+                };
+                let og = grp * d.og..(grp + 1) * d.og;
+                epilogue(colt, d.k, q, &cs[og.start * po + p0..], po, &mut st[og]);
             })
         });
 

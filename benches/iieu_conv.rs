@@ -41,7 +41,8 @@
 //! seconds before the next starts), which distorts the ratios; so
 //! `IIEU_BENCH_ROUNDS=R` skips criterion and runs `R` interleaved rounds per shape
 //! (every job once per round, alternating the order), printing each job's min / median
-//! / max and the per-round ratios as median [min, max]:
+//! / max and the per-round ratios, in wall time and in on-CPU time (which the other
+//! processes' share of the cores does not inflate):
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 IIEU_BENCH_ROUNDS=9 cargo bench --features candle --bench iieu_conv
@@ -321,18 +322,26 @@ fn criterion_groups(cr: &mut Criterion) {
     }
 }
 
+/// On-CPU time of every thread of this process so far, in ns (Linux: the first field
+/// of `/proc/self/task/*/schedstat`); `None` where that is not readable.
+fn cpu_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for e in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(e.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// `IIEU_BENCH_ROUNDS=R`: instead of criterion, `R` interleaved rounds per shape, each
 /// running every job once (forward order in even rounds, reverse in odd ones; one
 /// untimed warm-up round first), so that load from other processes hits all jobs alike.
-/// Prints, per job, the min / median / max wall time over the rounds in ms, then the
-/// per-round ratios (fused / bare, fused / candle, fused / (bare + ReLU pass)) as
-/// median [min, max].
+/// Two metrics per run: `wall` (elapsed time) and `cpu` (the on-CPU time of all this
+/// process's threads, which does not count the time other processes hold the cores;
+/// it does count rayon's brief spinning while a worker waits). Prints, per metric and
+/// job, the min / median / max over the rounds in ms, then the per-round ratios
+/// (fused / bare, fused / candle, fused / (bare + ReLU pass)) as min / median / max.
 fn interleaved(rounds: usize) {
-    let secs = |f: &mut dyn FnMut()| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_secs_f64()
-    };
     let stats = |v: &[f64]| {
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
@@ -342,10 +351,12 @@ fn interleaved(rounds: usize) {
         "# {rounds} interleaved rounds per shape, RAYON_NUM_THREADS={:?}",
         std::env::var("RAYON_NUM_THREADS").ok()
     );
+    println!("# shape\tmetric\tjob or ratio\tmin\tmedian\tmax");
     for (name, dims) in shapes() {
         let mut setup = Setup::new(32, dims);
         let mut jobs = setup.jobs();
-        let mut t = vec![Vec::with_capacity(rounds); jobs.len()];
+        // [metric][job][round], seconds.
+        let mut t = vec![vec![Vec::with_capacity(rounds); jobs.len()]; 2];
         for (_, f) in jobs.iter_mut() {
             f();
         }
@@ -356,36 +367,47 @@ fn interleaved(rounds: usize) {
                 (0..jobs.len()).rev().collect()
             };
             for i in order {
-                let dt = secs(&mut *jobs[i].1);
-                t[i].push(dt);
+                let (c0, t0) = (cpu_ns(), Instant::now());
+                (jobs[i].1)();
+                let wall = t0.elapsed().as_secs_f64();
+                let cpu = match (c0, cpu_ns()) {
+                    (Some(a), Some(b)) => (b - a) as f64 * 1e-9,
+                    _ => f64::NAN,
+                };
+                t[0][i].push(wall);
+                t[1][i].push(cpu);
             }
         }
-        for ((id, _), ts) in jobs.iter().zip(&t) {
-            let (lo, med, hi) = stats(ts);
-            println!(
-                "{name}\t{id}\tms\t{:.2}\t{:.2}\t{:.2}",
-                lo * 1e3,
-                med * 1e3,
-                hi * 1e3
-            );
+        for (metric, tm) in ["wall", "cpu"].into_iter().zip(&t) {
+            if tm[0][0].is_nan() {
+                continue;
+            }
+            for ((id, _), ts) in jobs.iter().zip(tm) {
+                let (lo, med, hi) = stats(ts);
+                println!(
+                    "{name}\t{metric}\t{id}\t{:.2}\t{:.2}\t{:.2}",
+                    lo * 1e3,
+                    med * 1e3,
+                    hi * 1e3
+                );
+            }
+            let ratio = |what: &str, num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
+                let v: Vec<f64> = (0..rounds).map(|r| num(r) / den(r)).collect();
+                let (lo, med, hi) = stats(&v);
+                println!("{name}\t{metric}\t{what}\t{lo:.3}\t{med:.3}\t{hi:.3}");
+            };
+            // Job indices as in `Setup::jobs`.
+            let (bf, bfb, ff, ffb, cf, cfb, rf, rb) = (0, 1, 2, 3, 4, 5, 6, 7);
+            let at = |i: usize| move |r: usize| tm[i][r];
+            ratio("fused/bare fwd", &at(ff), &at(bf));
+            ratio("fused/bare fwd_bwd", &at(ffb), &at(bfb));
+            ratio("fused/candle fwd", &at(ff), &at(cf));
+            ratio("fused/candle fwd_bwd", &at(ffb), &at(cfb));
+            ratio("fused/(bare+relu) fwd", &at(ff), &|r| tm[bf][r] + tm[rf][r]);
+            ratio("fused/(bare+relu) fwd_bwd", &at(ffb), &|r| {
+                tm[bfb][r] + tm[rf][r] + tm[rb][r]
+            });
         }
-        let ratio = |what: &str, num: &dyn Fn(usize) -> f64, den: &dyn Fn(usize) -> f64| {
-            let v: Vec<f64> = (0..rounds).map(|r| num(r) / den(r)).collect();
-            let (lo, med, hi) = stats(&v);
-            println!("{name}\t{what}\tratio\t{lo:.3}\t{med:.3}\t{hi:.3}");
-        };
-        // Job indices as in `Setup::jobs`.
-        let (bf, bfb, ff, ffb, cf, cfb, rf, rb) = (0, 1, 2, 3, 4, 5, 6, 7);
-        let t = &t;
-        let at = |i: usize| move |r: usize| t[i][r];
-        ratio("fused/bare fwd", &at(ff), &at(bf));
-        ratio("fused/bare fwd_bwd", &at(ffb), &at(bfb));
-        ratio("fused/candle fwd", &at(ff), &at(cf));
-        ratio("fused/candle fwd_bwd", &at(ffb), &at(cfb));
-        ratio("fused/(bare+relu) fwd", &at(ff), &|r| t[bf][r] + t[rf][r]);
-        ratio("fused/(bare+relu) fwd_bwd", &at(ffb), &|r| {
-            t[bfb][r] + t[rf][r] + t[rb][r]
-        });
     }
 }
 

@@ -666,6 +666,9 @@ pub fn forward<T: Real>(
         .zip(sq.par_chunks_mut(d.gp * po))
         .zip(x_pre.par_chunks(g.c_in * pi))
         .for_each(|(((cs, st), qs), xs)| {
+            // Written before the epilogue reads it (see `conv_backward_into`: the
+            // zeroed allocation's pages must not be read first).
+            qs.fill(0.0);
             // Epilogue of each tile: ‖P‖² row sums (fused r_x path) and the statistics
             // of each output row. PerGroup: group `grp`'s plane; AllChannels (gp = 1):
             // summed over the groups, in group order.
@@ -974,7 +977,7 @@ pub fn backward<T: Real>(
     // Conv backward: dx_pre = dx_pre|r_x + dx_pre|conv, dW = dW|r_w + dW|conv.
     let mut dx_pre = dx_pre_rx;
     let mut dw = dw_rw;
-    conv_backward_acc(&d, &dc, x_pre, w, &mut dx_pre, &mut dw);
+    conv_backward_into(&d, &dc, x_pre, w, &mut dx_pre, &mut dw, true);
 
     Ok(IieuConvGrads {
         dx_pre,
@@ -1041,23 +1044,28 @@ pub fn conv2d_backward<T: Real>(
     check_len("w", geo.weight_len(), w.len())?;
     let mut dx_pre = vec![T::zero(); x_pre.len()];
     let mut dw = vec![T::zero(); w.len()];
-    conv_backward_acc(&d, dc, x_pre, w, &mut dx_pre, &mut dw);
+    conv_backward_into(&d, dc, x_pre, w, &mut dx_pre, &mut dw, false);
     Ok((dx_pre, dw))
 }
 
-/// Conv backward over the batch, added into `dx_pre` (`(N, C, H, W)`) and `dw`, shared
-/// by [`backward`] and [`conv2d_backward`]. Per fixed chunk of samples ([`DW_CHUNKS`],
-/// independent of the thread count): each sample's `dx_pre|conv` (col2im of `dcᵀ·W_g`,
-/// sequential inside the sample: no atomics) is added to its slice of `dx_pre`, and the
-/// chunk's `dW|conv` partial is accumulated in `T`; then `dw[i] += Σ_chunks partial[i]`
-/// in f64, in chunk order.
-fn conv_backward_acc<T: Real>(
+/// Conv backward over the batch into `dx_pre` (`(N, C, H, W)`) and `dw`, shared by
+/// [`backward`] and [`conv2d_backward`]: added to their values (`add`), or written over
+/// them without reading them (`!add`: they may be fresh zeroed allocations, whose pages
+/// must be written before they are read — a read maps the shared zero page, and the
+/// write after it is a copy-on-write fault with a TLB shootdown on every core, which
+/// cost the bare backward 25% of its time in a 2-core VM). Per fixed chunk of samples
+/// ([`DW_CHUNKS`], independent of the thread count): each sample's `dx_pre|conv`
+/// (col2im of `dcᵀ·W_g`, sequential inside the sample: no atomics), and the chunk's
+/// `dW|conv` partial accumulated in `T`; then `dw[i] (+)= Σ_chunks partial[i]` in f64,
+/// in chunk order.
+fn conv_backward_into<T: Real>(
     d: &Dims,
     dc: &[T],
     x_pre: &[T],
     w: &[T],
     dx_pre: &mut [T],
     dw: &mut [T],
+    add: bool,
 ) {
     let g = d.g;
     let (n_, in_len, out_len) = (g.n, g.c_in * d.pi, g.c_out * d.po);
@@ -1078,15 +1086,20 @@ fn conv_backward_acc<T: Real>(
             {
                 dxs_conv.fill(T::zero());
                 conv_bwd_sample(d, xs, w, dcs, &mut dxs_conv, &mut dwp, &mut col, &mut dcol);
-                for (a, &b) in dxs.iter_mut().zip(&dxs_conv) {
-                    *a = *a + b;
+                if add {
+                    for (a, &b) in dxs.iter_mut().zip(&dxs_conv) {
+                        *a = *a + b;
+                    }
+                } else {
+                    dxs.copy_from_slice(&dxs_conv);
                 }
             }
             dwp
         })
         .collect();
     dw.par_iter_mut().enumerate().for_each(|(i, v)| {
-        let s = dw_parts.iter().fold(v.to_f64(), |a, p| a + p[i].to_f64());
+        let init = if add { v.to_f64() } else { 0.0 };
+        let s = dw_parts.iter().fold(init, |a, p| a + p[i].to_f64());
         *v = T::of(s);
     });
 }

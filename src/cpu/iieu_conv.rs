@@ -555,7 +555,7 @@ fn lane_sum<T: Real>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
     for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
         *a += f(x.to_f64());
     }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    lane_tree(&acc)
 }
 
 /// The fused forward's epilogue of one tile (`colt`, `tp × K`, rows of `k`): each
@@ -591,6 +591,38 @@ simd_fn! {
         po: usize,
         st: &mut [Stat],
     ) => epilogue_impl;
+}
+
+/// The lane tree of [`lane_sum`].
+#[inline(always)]
+fn lane_tree(a: &[f64; LANES]) -> f64 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// ψ backward's per-plane partials `[Σ dx, Σ dx·x̂]`, `x̂ = (c − sub)·k`, in f64 over
+/// `LANES` interleaved partial sums each (as [`lane_sum`]: vectorizes, fixed bits).
+#[inline(always)]
+fn psi_partials_impl<T: Real>(dx: &[T], c: &[T], sub: f64, k: f64) -> [f64; 2] {
+    let (mut a, mut b) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (mut dch, mut cch) = (dx.chunks_exact(LANES), c.chunks_exact(LANES));
+    for (d8, c8) in (&mut dch).zip(&mut cch) {
+        for (((sa, sb), &g), &cv) in a.iter_mut().zip(b.iter_mut()).zip(d8).zip(c8) {
+            let g = g.to_f64();
+            *sa += g;
+            *sb += g * ((cv.to_f64() - sub) * k);
+        }
+    }
+    for (l, (&g, &cv)) in dch.remainder().iter().zip(cch.remainder()).enumerate() {
+        let g = g.to_f64();
+        a[l] += g;
+        b[l] += g * ((cv.to_f64() - sub) * k);
+    }
+    [lane_tree(&a), lane_tree(&b)]
+}
+
+simd_fn! {
+    /// [`psi_partials_impl`], runtime-dispatched to AVX2 / AVX-512 where available.
+    fn psi_partials<T: Real>(dx: &[T], c: &[T], sub: f64, k: f64) -> [f64; 2] => psi_partials_impl;
 }
 
 /// `(count, mean, M2)` running statistics merged with Chan's formula.
@@ -931,10 +963,7 @@ pub fn backward<T: Real>(
         .enumerate()
         .map(|(no, (dp, cp))| {
             let l = saved.lin[no % o_];
-            dp.iter().zip(cp).fold([0.0, 0.0], |[a, b], (&gv, &c)| {
-                let gv = gv.to_f64();
-                [a + gv, b + gv * l.xhat(c.to_f64())]
-            })
+            psi_partials(dp, cp, l.sub, l.k)
         })
         .collect();
     let mut s1 = vec![0.0f64; o_];

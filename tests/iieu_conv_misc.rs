@@ -6,7 +6,9 @@
 //!   against SPEC §1 composed by hand in this file (direct f64 loops, no crate code);
 //! * BatchNorm running statistics (PyTorch's update rule) and eval mode;
 //! * every bad input is an `Err` (and leaves the running statistics alone);
-//! * determinism: two runs, and a run on a 1-thread pool, give identical bits.
+//! * determinism: two runs, and a run on a 1-thread pool, give identical bits;
+//! * the bare convolution (`conv2d`, `conv2d_backward`) against the naive conv and its
+//!   naive backward, its bad input, and its bits against the fused op's conv output.
 
 #[path = "common/iieu_conv_naive.rs"]
 mod cnaive;
@@ -16,7 +18,7 @@ mod naive;
 
 use activation_kernels::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_conv::{
-    backward, forward, BatchNorm, IieuConvGrads, IieuConvParams, Psi,
+    backward, conv2d, conv2d_backward, forward, BatchNorm, IieuConvGrads, IieuConvParams, Psi,
 };
 use activation_kernels::{Conv2dGeometry, Error};
 use cnaive::{Kind, KINDS};
@@ -637,4 +639,128 @@ fn deterministic_bits() {
             "{mode:?} {kind:?}: 1-thread run differs"
         );
     }
+}
+
+/// Ragged geometries for the bare conv: grouped, strided, dilated, padded, odd sizes,
+/// several im2col tiles per plane (f64, K = 2·3·3 = 18: 1024 pixels per tile, so the
+/// 63×30 output plane has 2, the second ragged), and N = 9 > 8 `dW` chunks (ragged
+/// chunks).
+fn bare_geometries() -> Vec<Conv2dGeometry> {
+    vec![
+        Conv2dGeometry::new(3, 6, 11, 9, 4, 3, 2)
+            .with_groups(2)
+            .with_stride(2, 1)
+            .with_padding(1, 2)
+            .with_dilation(2, 1),
+        Conv2dGeometry::new(9, 6, 61, 61, 3, 3, 3)
+            .with_groups(3)
+            .with_stride(1, 2)
+            .with_padding(2, 1)
+            .with_dilation(1, 2),
+    ]
+}
+
+/// `conv2d` equals the naive direct conv, and `conv2d_backward` the naive conv
+/// backward, in f64. They differ only in summation order (GEMM blocks vs nested loops;
+/// `dW` summed over N·H'·W' ≈ 17 000 terms per chunk of samples, then over chunks), so
+/// each error is a few ulp of the sum of |terms|; measured: below 1e-14 of the tensor's
+/// scale (its largest |entry|; `dW` is the worst, ~5e-15). 1e-13 of the scale leaves a
+/// ≥ 10× margin, and a missing or misplaced tap shows as O(1) of the scale.
+#[test]
+fn bare_conv_equals_naive_f64() {
+    for (i, geo) in bare_geometries().into_iter().enumerate() {
+        let mut r = rng(100 + i as u64);
+        let (oh, ow) = geo.validate().unwrap();
+        let x_pre = randn(&mut r, geo.input_len());
+        let w = randn(&mut r, geo.weight_len());
+        let dc = randn(&mut r, geo.n * geo.c_out * oh * ow);
+        let c = conv2d(&geo, &x_pre, &w).unwrap();
+        close_scaled(
+            &format!("{geo:?} c"),
+            &c,
+            &naive::conv(&geo, &x_pre, &w),
+            1e-13,
+        );
+        let (dx, dw) = conv2d_backward(&geo, &dc, &x_pre, &w).unwrap();
+        let (dx_ref, dw_ref) = cnaive::conv_bwd(&geo, &x_pre, &w, &dc);
+        close_scaled(&format!("{geo:?} dx_pre"), &dx, &dx_ref, 1e-13);
+        close_scaled(&format!("{geo:?} dw"), &dw, &dw_ref, 1e-13);
+    }
+}
+
+/// The bare conv runs the fused op's GEMM code: its output has the same bits as the
+/// fused forward's saved conv output (f32, both patch norms), and its results have the
+/// same bits on a 1-thread rayon pool.
+#[test]
+fn bare_conv_bits_match_fused_and_thread_count() {
+    let geo = bare_geometries()[1];
+    let mut r = rng(7);
+    let (oh, ow) = geo.validate().unwrap();
+    let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+    let x_pre = f(randn(&mut r, geo.input_len()));
+    let w = f(randn(&mut r, geo.weight_len()));
+    let dc = f(randn(&mut r, geo.n * geo.c_out * oh * ow));
+    let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<u32>>();
+    let run = || {
+        let c = conv2d(&geo, &x_pre, &w).unwrap();
+        let (dx, dw) = conv2d_backward(&geo, &dc, &x_pre, &w).unwrap();
+        (bits(&c), bits(&dx), bits(&dw))
+    };
+    let a = run();
+    for mode in [PatchNorm::PerGroup, PatchNorm::AllChannels] {
+        let cfg = IieuConfig::new(geo).with_patch_norm(mode);
+        let mut p = IieuConvParams::init(geo.c_out, Psi::None);
+        let (_, saved) = forward(&cfg, &x_pre, &w, &mut p).unwrap();
+        assert_eq!(a.0, bits(saved.conv_out()), "{mode:?}: fused conv output");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    assert_eq!(a, pool.install(run), "1-thread run differs");
+}
+
+#[test]
+fn bare_conv_bad_input_is_err() {
+    let geo = Conv2dGeometry::new(2, 4, 5, 5, 4, 3, 3).with_groups(2);
+    let (oh, ow) = geo.validate().unwrap();
+    let x_pre = vec![0.5f64; geo.input_len()];
+    let w = vec![0.25f64; geo.weight_len()];
+    let dc = vec![1.0f64; geo.n * geo.c_out * oh * ow];
+    let len_err = |r: Result<(), Error>, what: &str| match r {
+        Err(Error::LengthMismatch { what: w, .. }) => assert_eq!(w, what),
+        other => panic!("{what}: expected LengthMismatch, got {other:?}"),
+    };
+    let fwd = |g: &Conv2dGeometry, xp: &[f64], w: &[f64]| conv2d(g, xp, w).map(|_| ());
+    let bwd = |g: &Conv2dGeometry, dc: &[f64], xp: &[f64], w: &[f64]| {
+        conv2d_backward(g, dc, xp, w).map(|_| ())
+    };
+    assert!(fwd(&geo, &x_pre, &w).is_ok());
+    assert!(bwd(&geo, &dc, &x_pre, &w).is_ok());
+    for bad in [
+        geo.with_stride(0, 1),
+        geo.with_groups(3),
+        geo.with_dilation(0, 1),
+    ] {
+        assert!(matches!(fwd(&bad, &x_pre, &w), Err(Error::Geometry(_))));
+        assert!(matches!(
+            bwd(&bad, &dc, &x_pre, &w),
+            Err(Error::Geometry(_))
+        ));
+    }
+    let mut big = geo;
+    big.kh = 9;
+    assert!(matches!(fwd(&big, &x_pre, &w), Err(Error::Geometry(_))));
+    let mut empty = geo;
+    empty.n = 0;
+    assert!(matches!(fwd(&empty, &[], &w), Err(Error::Empty { .. })));
+    assert!(matches!(
+        bwd(&empty, &[], &[], &w),
+        Err(Error::Empty { .. })
+    ));
+    len_err(fwd(&geo, &x_pre[1..], &w), "x_pre");
+    len_err(fwd(&geo, &x_pre, &w[1..]), "w");
+    len_err(bwd(&geo, &dc[1..], &x_pre, &w), "dc");
+    len_err(bwd(&geo, &dc, &x_pre[1..], &w), "x_pre");
+    len_err(bwd(&geo, &dc, &x_pre, &w[1..]), "w");
 }

@@ -78,6 +78,13 @@
 //!   no atomics), and `dW_g += dc·col` (GEMM);
 //! * `dx_pre = dx_pre|r_x + dx_pre|conv`, `dW = dW|r_w + dW|conv`.
 //!
+//! # The bare convolution
+//! [`conv2d`] and [`conv2d_backward`] are the convolution alone (no patch norms, no
+//! statistics, no ψ, no IIEU-B) on the same code: the same per-sample tasks, im2col
+//! tiles and `gemm` calls as step 1 above (with an empty epilogue), and the same conv
+//! backward (col2im, fixed-chunk `dW` reduction). They are the baseline that
+//! `benches/iieu_conv.rs` measures the fused op against.
+//!
 //! # Errors
 //! Every bad input is an `Err` before any work: invalid geometry ([`Error::Geometry`],
 //! [`Error::Empty`]), buffers and per-channel vectors of the wrong length
@@ -95,6 +102,7 @@ use crate::cpu::iieu::{
     self, IieuConfig, IieuGrads, IieuParams, IieuSaved, PatchNorm, EPS, EPS_LN,
 };
 use crate::error::{check_len, Error, Result};
+use crate::fastmath::simd_fn;
 use crate::geometry::Conv2dGeometry;
 use crate::real::Real;
 
@@ -355,20 +363,16 @@ struct Dims {
 }
 
 impl Dims {
-    fn new<T>(cfg: &IieuConfig) -> Result<Self> {
-        let (oh, ow) = cfg.validate()?;
-        let g = cfg.geometry;
+    /// The convolution's dimensions alone (the bare [`conv2d`]: no patch norms, so
+    /// `gp = 1` and `fused_rx = false`, both unused).
+    fn conv<T>(g: &Conv2dGeometry) -> Result<Self> {
+        let (oh, ow) = g.validate()?;
         let k = g.cin_per_group() * g.kh * g.kw;
         let po = oh * ow;
         let row = k.saturating_mul(std::mem::size_of::<T>()).max(1);
         let tile = (TILE_BYTES / row).clamp(16, 1024).min(po);
-        let fused_rx = match cfg.patch_norm {
-            PatchNorm::PerGroup => true,
-            PatchNorm::AllChannels => g.dilation == (1, 1),
-        };
         Ok(Self {
-            g,
-
+            g: *g,
             ow,
             po,
             pi: g.h * g.w,
@@ -376,9 +380,19 @@ impl Dims {
             og: g.cout_per_group(),
             k,
             tile,
-            gp: cfg.patch_groups(),
-            fused_rx,
+            gp: 1,
+            fused_rx: false,
         })
+    }
+    /// The fused op's dimensions: the conv's, plus where `r_x` comes from.
+    fn new<T>(cfg: &IieuConfig) -> Result<Self> {
+        let mut d = Self::conv::<T>(&cfg.geometry)?;
+        d.gp = cfg.patch_groups();
+        d.fused_rx = match cfg.patch_norm {
+            PatchNorm::PerGroup => true,
+            PatchNorm::AllChannels => d.g.dilation == (1, 1),
+        };
+        Ok(d)
     }
     fn out_len(&self) -> usize {
         self.g.n * self.g.c_out * self.po
@@ -522,6 +536,95 @@ fn matmul<T: Real>(
     }
 }
 
+/// Interleaved partial sums of the f64 reductions over a tile row.
+const LANES: usize = 8;
+
+/// `Σ f(v[i])` in f64 over `LANES` interleaved partial sums (element `i` into lane
+/// `i mod LANES`), combined in a fixed tree: independent dependency chains that
+/// vectorize, and the same bits at every SIMD width and thread count (Rust does not
+/// contract `a·b + c` into an FMA).
+#[inline(always)]
+fn lane_sum<T: Real>(v: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x.to_f64());
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a += f(x.to_f64());
+    }
+    lane_tree(&acc)
+}
+
+/// The fused forward's epilogue of one tile (`colt`, `tp × K`, rows of `k`): each
+/// row's `‖P‖²` added to `q` (`tp` values; empty when `r_x` does not come from the
+/// tiles), and the statistics of each of the group's output rows — `rows[j·po..][..tp]`
+/// for `j < st.len()` — merged into `st`.
+#[inline(always)]
+fn epilogue_impl<T: Real>(
+    colt: &[T],
+    k: usize,
+    q: &mut [f64],
+    rows: &[T],
+    po: usize,
+    st: &mut [Stat],
+) {
+    for (qv, row) in q.iter_mut().zip(colt.chunks_exact(k)) {
+        *qv += lane_sum(row, |v| v * v);
+    }
+    let tp = colt.len() / k;
+    for (j, s) in st.iter_mut().enumerate() {
+        *s = s.merge(Stat::of(&rows[j * po..][..tp]));
+    }
+}
+
+simd_fn! {
+    /// [`epilogue_impl`], runtime-dispatched to AVX2 / AVX-512 where available (the
+    /// same bits at every width: see [`lane_sum`]).
+    fn epilogue<T: Real>(
+        colt: &[T],
+        k: usize,
+        q: &mut [f64],
+        rows: &[T],
+        po: usize,
+        st: &mut [Stat],
+    ) => epilogue_impl;
+}
+
+/// The lane tree of [`lane_sum`].
+#[inline(always)]
+fn lane_tree(a: &[f64; LANES]) -> f64 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// ψ backward's per-plane partials `[Σ dx, Σ dx·x̂]`, `x̂ = (c − sub)·k`, in f64 over
+/// `LANES` interleaved partial sums each (as [`lane_sum`]: vectorizes, fixed bits).
+#[inline(always)]
+fn psi_partials_impl<T: Real>(dx: &[T], c: &[T], sub: f64, k: f64) -> [f64; 2] {
+    let (mut a, mut b) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let (mut dch, mut cch) = (dx.chunks_exact(LANES), c.chunks_exact(LANES));
+    for (d8, c8) in (&mut dch).zip(&mut cch) {
+        for (((sa, sb), &g), &cv) in a.iter_mut().zip(b.iter_mut()).zip(d8).zip(c8) {
+            let g = g.to_f64();
+            *sa += g;
+            *sb += g * ((cv.to_f64() - sub) * k);
+        }
+    }
+    for (l, (&g, &cv)) in dch.remainder().iter().zip(cch.remainder()).enumerate() {
+        let g = g.to_f64();
+        a[l] += g;
+        b[l] += g * ((cv.to_f64() - sub) * k);
+    }
+    [lane_tree(&a), lane_tree(&b)]
+}
+
+simd_fn! {
+    /// [`psi_partials_impl`], runtime-dispatched to AVX2 / AVX-512 where available.
+    fn psi_partials<T: Real>(dx: &[T], c: &[T], sub: f64, k: f64) -> [f64; 2] => psi_partials_impl;
+}
+
 /// `(count, mean, M2)` running statistics merged with Chan's formula.
 #[derive(Debug, Clone, Copy, Default)]
 struct Stat {
@@ -531,16 +634,12 @@ struct Stat {
 }
 
 impl Stat {
-    fn of(v: &[impl Real]) -> Self {
+    /// Statistics of one output row (two passes: the mean, then the centred squares).
+    #[inline(always)]
+    fn of<T: Real>(v: &[T]) -> Self {
         let n = v.len() as f64;
-        let mean = v.iter().map(|&a| a.to_f64()).sum::<f64>() / n;
-        let m2 = v
-            .iter()
-            .map(|&a| {
-                let d = a.to_f64() - mean;
-                d * d
-            })
-            .sum();
+        let mean = lane_sum(v, |a| a) / n;
+        let m2 = lane_sum(v, |a| (a - mean) * (a - mean));
         Self { n, mean, m2 }
     }
     fn merge(self, b: Stat) -> Stat {
@@ -598,14 +697,32 @@ pub fn forward<T: Real>(
         .zip(stats.par_chunks_mut(o_))
         .zip(sq.par_chunks_mut(d.gp * po))
         .zip(x_pre.par_chunks(g.c_in * pi))
-        .for_each(|(((cs, st), qs), xs)| conv_sample(&d, xs, w, cs, st, qs));
+        .for_each(|(((cs, st), qs), xs)| {
+            // Written before the epilogue reads it (see `conv_backward_into`: the
+            // zeroed allocation's pages must not be read first).
+            qs.fill(0.0);
+            // Epilogue of each tile: ‖P‖² row sums (fused r_x path) and the statistics
+            // of each output row. PerGroup: group `grp`'s plane; AllChannels (gp = 1):
+            // summed over the groups, in group order.
+            conv_sample(&d, xs, w, cs, |grp, p0, colt, cs| {
+                let tp = colt.len() / d.k;
+                let q = if d.fused_rx {
+                    &mut qs[(grp % d.gp) * po + p0..][..tp]
+                } else {
+                    &mut []
+                };
+                let og = grp * d.og..(grp + 1) * d.og;
+                epilogue(colt, d.k, q, &cs[og.start * po + p0..], po, &mut st[og]);
+            })
+        });
 
     let (r_x, x_norm) = if d.fused_rx {
         let mut r_x = vec![T::zero(); sq.len()];
         r_x.par_iter_mut()
             .zip(sq.par_iter_mut())
             .for_each(|(r, q)| {
-                *q = q.max(0.0).sqrt();
+                // As `cpu::iieu`: a NaN sum stays NaN (`f64::max` would turn it into 0).
+                *q = if *q < 0.0 { 0.0 } else { q.sqrt() };
                 *r = T::of(1.0 / (*q + EPS));
             });
         (r_x, sq)
@@ -728,33 +845,26 @@ pub fn forward<T: Real>(
     ))
 }
 
-/// Step 1 of [`forward`] for one sample: per group and tile of output pixels, the
-/// im2col tile, its GEMM with the group's filters into `cs` (`(O, H'·W')`), its row
-/// sums of squares into `qs` (`(G', H'·W')`, on the fused `r_x` path) and the tile's
-/// output-row statistics merged into `st` (`(O,)`).
+/// The convolution of one sample `xs` (`(C, H, W)`) into `cs` (`(O, H'·W')`), shared by
+/// [`forward`] and [`conv2d`]: per group and tile of output pixels (in that order), the
+/// im2col tile and its GEMM with the group's filters; then
+/// `epilogue(grp, p0, tile, cs)` with the tile (`tp × K`, pixels `p0..p0+tp`) and the
+/// sample's output so far (the tile's output rows `cs[o·H'W' + p0..][..tp]` are final).
 fn conv_sample<T: Real>(
     d: &Dims,
     xs: &[T],
     w: &[T],
     cs: &mut [T],
-    st: &mut [Stat],
-    qs: &mut [f64],
+    mut epilogue: impl FnMut(usize, usize, &[T], &[T]),
 ) {
     let (po, k, og) = (d.po, d.k, d.og);
     let mut col = vec![T::zero(); d.tile * k];
     for grp in 0..d.g.groups {
         let wg = &w[grp * og * k..(grp + 1) * og * k];
-        // PerGroup: this group's plane; AllChannels (gp = 1): summed over the groups.
-        let q = &mut qs[(grp % d.gp) * po..(grp % d.gp + 1) * po];
         for p0 in (0..po).step_by(d.tile) {
             let tp = d.tile.min(po - p0);
             let colt = &mut col[..tp * k];
             d.im2col(xs, grp, p0, tp, colt);
-            if d.fused_rx {
-                for (qv, row) in q[p0..p0 + tp].iter_mut().zip(colt.chunks_exact(k)) {
-                    *qv += row.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>();
-                }
-            }
             // c[og × tp] = W_g (og × K) · colᵀ (K × tp)
             matmul(
                 (og, tp, k),
@@ -766,10 +876,7 @@ fn conv_sample<T: Real>(
                 colt,
                 Mat { rs: 1, cs: k },
             );
-            // Epilogue: statistics of each output row of the tile.
-            for o in grp * og..(grp + 1) * og {
-                st[o] = st[o].merge(Stat::of(&cs[o * po + p0..o * po + p0 + tp]));
-            }
+            epilogue(grp, p0, colt, cs);
         }
     }
 }
@@ -822,7 +929,7 @@ pub fn backward<T: Real>(
         });
     }
     let g = d.g;
-    let (n_, o_, po, pi) = (g.n, g.c_out, d.po, d.pi);
+    let (n_, o_, po) = (g.n, g.c_out, d.po);
 
     // x = ψ(c), recomputed with the forward's expression (same bits, same branches).
     let mut x = vec![T::zero(); d.out_len()];
@@ -856,10 +963,7 @@ pub fn backward<T: Real>(
         .enumerate()
         .map(|(no, (dp, cp))| {
             let l = saved.lin[no % o_];
-            dp.iter().zip(cp).fold([0.0, 0.0], |[a, b], (&gv, &c)| {
-                let gv = gv.to_f64();
-                [a + gv, b + gv * l.xhat(c.to_f64())]
-            })
+            psi_partials(dp, cp, l.sub, l.k)
         })
         .collect();
     let mut s1 = vec![0.0f64; o_];
@@ -899,38 +1003,10 @@ pub fn backward<T: Real>(
             });
     }
 
-    // Conv backward, per fixed chunk of samples: dx_pre|conv (col2im of dcᵀ·W_g) and
-    // a dW|conv partial per chunk.
+    // Conv backward: dx_pre = dx_pre|r_x + dx_pre|conv, dW = dW|r_w + dW|conv.
     let mut dx_pre = dx_pre_rx;
-    let per = n_.div_ceil(DW_CHUNKS.min(n_));
-    let dw_parts: Vec<Vec<T>> = dx_pre
-        .par_chunks_mut(per * g.c_in * pi)
-        .zip(x_pre.par_chunks(per * g.c_in * pi))
-        .zip(dc.par_chunks(per * o_ * po))
-        .map(|((dxc, xc), dcc)| {
-            let mut dwp = vec![T::zero(); w.len()];
-            let mut col = vec![T::zero(); d.tile * d.k];
-            let mut dcol = vec![T::zero(); d.tile * d.k];
-            let mut dxs_conv = vec![T::zero(); g.c_in * pi];
-            for ((dxs, xs), dcs) in dxc
-                .chunks_exact_mut(g.c_in * pi)
-                .zip(xc.chunks_exact(g.c_in * pi))
-                .zip(dcc.chunks_exact(o_ * po))
-            {
-                dxs_conv.fill(T::zero());
-                conv_bwd_sample(&d, xs, w, dcs, &mut dxs_conv, &mut dwp, &mut col, &mut dcol);
-                for (a, &b) in dxs.iter_mut().zip(&dxs_conv) {
-                    *a = *a + b;
-                }
-            }
-            dwp
-        })
-        .collect();
     let mut dw = dw_rw;
-    dw.par_iter_mut().enumerate().for_each(|(i, v)| {
-        let s = dw_parts.iter().fold(v.to_f64(), |a, p| a + p[i].to_f64());
-        *v = T::of(s);
-    });
+    conv_backward_into(&d, &dc, x_pre, w, &mut dx_pre, &mut dw, true);
 
     Ok(IieuConvGrads {
         dx_pre,
@@ -941,6 +1017,120 @@ pub fn backward<T: Real>(
         d_psi_scale,
         d_psi_shift,
     })
+}
+
+/// The bare convolution `c = conv(x_pre, W)` on the same code as [`forward`]'s step 1
+/// (the same im2col tiles, `gemm` calls and per-sample rayon tasks) without the patch
+/// norms, the statistics, ψ or IIEU-B — the baseline the fused op is measured against
+/// (and a conv layer in its own right):
+///
+/// ```text
+/// c[n,o,h',w'] = Σ_{cl < C/g, i < KH, j < KW} W[o,cl,i,j] · x_pre[n, grp(o)·C/g + cl,
+///                                            h'·sh − ph + i·dh, w'·sw − pw + j·dw]
+/// ```
+///
+/// with `grp(o) = o / (O/g)` and zero outside the image (PyTorch's `conv2d`, no bias).
+/// `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`; returns `c`, `(N, O, H', W')`. The
+/// GEMM accumulates in `T`; the bits do not depend on the rayon thread count.
+///
+/// Errors: invalid geometry ([`Error::Geometry`], [`Error::Empty`]), `x_pre` or `w` of
+/// the wrong length ([`Error::LengthMismatch`]); all checked before any work.
+pub fn conv2d<T: Real>(geo: &Conv2dGeometry, x_pre: &[T], w: &[T]) -> Result<Vec<T>> {
+    let d = Dims::conv::<T>(geo)?;
+    check_len("x_pre", geo.input_len(), x_pre.len())?;
+    check_len("w", geo.weight_len(), w.len())?;
+    let mut c = vec![T::zero(); d.out_len()];
+    c.par_chunks_mut(geo.c_out * d.po)
+        .zip(x_pre.par_chunks(geo.c_in * d.pi))
+        .for_each(|(cs, xs)| conv_sample(&d, xs, w, cs, |_, _, _, _| {}));
+    Ok(c)
+}
+
+/// Backward of [`conv2d`] on the same code as [`backward`]'s conv step: from
+/// `dc = ∂L/∂c` (`(N, O, H', W')`) returns `(dx_pre, dw)`,
+///
+/// ```text
+/// dx_pre[n,c,h,w] = Σ dc[n,o,h',w'] · W[o,cl,i,j]   over o ∈ grp(c) and every (h',w',i,j)
+///                                                   whose tap lands on (h, w)
+/// dW[o,cl,i,j]    = Σ_{n,h',w'} dc[n,o,h',w'] · x_pre[n, grp(o)·C/g + cl, tap(h',i), tap(w',j)]
+/// ```
+///
+/// (`cl = c mod C/g`; taps as in [`conv2d`], terms outside the image are 0).
+/// `dx_pre` is a col2im of `dcᵀ·W_g` per sample and tile; `dW` sums `dc·col` per fixed
+/// chunk of samples in `T`, then the chunks in order in f64: the bits do not depend on
+/// the rayon thread count.
+///
+/// Errors: as [`conv2d`], plus a `dc` of the wrong length ([`Error::LengthMismatch`]).
+pub fn conv2d_backward<T: Real>(
+    geo: &Conv2dGeometry,
+    dc: &[T],
+    x_pre: &[T],
+    w: &[T],
+) -> Result<(Vec<T>, Vec<T>)> {
+    let d = Dims::conv::<T>(geo)?;
+    check_len("dc", d.out_len(), dc.len())?;
+    check_len("x_pre", geo.input_len(), x_pre.len())?;
+    check_len("w", geo.weight_len(), w.len())?;
+    let mut dx_pre = vec![T::zero(); x_pre.len()];
+    let mut dw = vec![T::zero(); w.len()];
+    conv_backward_into(&d, dc, x_pre, w, &mut dx_pre, &mut dw, false);
+    Ok((dx_pre, dw))
+}
+
+/// Conv backward over the batch into `dx_pre` (`(N, C, H, W)`) and `dw`, shared by
+/// [`backward`] and [`conv2d_backward`]: added to their values (`add`), or written over
+/// them without reading them (`!add`: they may be fresh zeroed allocations, whose pages
+/// must be written before they are read — a read maps the shared zero page, and the
+/// write after it is a copy-on-write fault with a TLB shootdown on every core, which
+/// cost the bare backward 25% of its time in a 2-core VM). Per fixed chunk of samples
+/// ([`DW_CHUNKS`], independent of the thread count): each sample's `dx_pre|conv`
+/// (col2im of `dcᵀ·W_g`, sequential inside the sample: no atomics), and the chunk's
+/// `dW|conv` partial accumulated in `T`; then `dw[i] (+)= Σ_chunks partial[i]` in f64,
+/// in chunk order.
+fn conv_backward_into<T: Real>(
+    d: &Dims,
+    dc: &[T],
+    x_pre: &[T],
+    w: &[T],
+    dx_pre: &mut [T],
+    dw: &mut [T],
+    add: bool,
+) {
+    let g = d.g;
+    let (n_, in_len, out_len) = (g.n, g.c_in * d.pi, g.c_out * d.po);
+    let per = n_.div_ceil(DW_CHUNKS.min(n_));
+    let dw_parts: Vec<Vec<T>> = dx_pre
+        .par_chunks_mut(per * in_len)
+        .zip(x_pre.par_chunks(per * in_len))
+        .zip(dc.par_chunks(per * out_len))
+        .map(|((dxc, xc), dcc)| {
+            let mut dwp = vec![T::zero(); w.len()];
+            let mut col = vec![T::zero(); d.tile * d.k];
+            let mut dcol = vec![T::zero(); d.tile * d.k];
+            let mut dxs_conv = vec![T::zero(); in_len];
+            for ((dxs, xs), dcs) in dxc
+                .chunks_exact_mut(in_len)
+                .zip(xc.chunks_exact(in_len))
+                .zip(dcc.chunks_exact(out_len))
+            {
+                dxs_conv.fill(T::zero());
+                conv_bwd_sample(d, xs, w, dcs, &mut dxs_conv, &mut dwp, &mut col, &mut dcol);
+                if add {
+                    for (a, &b) in dxs.iter_mut().zip(&dxs_conv) {
+                        *a = *a + b;
+                    }
+                } else {
+                    dxs.copy_from_slice(&dxs_conv);
+                }
+            }
+            dwp
+        })
+        .collect();
+    dw.par_iter_mut().enumerate().for_each(|(i, v)| {
+        let init = if add { v.to_f64() } else { 0.0 };
+        let s = dw_parts.iter().fold(init, |a, p| a + p[i].to_f64());
+        *v = T::of(s);
+    });
 }
 
 /// Conv backward of one sample: for each group and tile, rebuild the im2col tile,
@@ -988,6 +1178,79 @@ fn conv_bwd_sample<T: Real>(
                 colt,
                 Mat { rs: k, cs: 1 },
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NaN in `x_pre` gives a NaN `r_x` in exactly the windows whose patch contains it
+    /// (SPEC §4: NaN propagates), for both patch norms — the fused im2col-row path
+    /// (PerGroup; AllChannels undilated) and `cpu::iieu`'s window sum (AllChannels
+    /// dilated) — and every other window of every sample keeps a finite `r_x`.
+    #[test]
+    fn nan_in_x_pre_gives_nan_r_x_in_its_windows() {
+        let geos = [
+            Conv2dGeometry::new(2, 4, 6, 5, 4, 3, 3)
+                .with_padding(1, 1)
+                .with_groups(2),
+            Conv2dGeometry::new(2, 4, 9, 7, 4, 3, 2)
+                .with_stride(2, 1)
+                .with_padding(1, 0)
+                .with_dilation(2, 1)
+                .with_groups(2),
+            Conv2dGeometry::new(2, 4, 6, 5, 4, 1, 1),
+        ];
+        // The NaN: sample 1, channel 1 (group 0), (h, w) = (3, 3).
+        let (n0, c0, h0, w0) = (1, 1, 3, 3);
+        for geo in geos {
+            for pn in [PatchNorm::PerGroup, PatchNorm::AllChannels] {
+                let cfg = IieuConfig::new(geo).with_patch_norm(pn);
+                let mut x_pre: Vec<f64> = (0..geo.input_len())
+                    .map(|i| ((i * 37 % 17) as f64 - 8.0) / 8.0)
+                    .collect();
+                x_pre[((n0 * geo.c_in + c0) * geo.h + h0) * geo.w + w0] = f64::NAN;
+                let w: Vec<f64> = (0..geo.weight_len())
+                    .map(|i| ((i * 13 % 11) as f64 - 5.0) / 5.0)
+                    .collect();
+                let mut p = IieuConvParams::init(geo.c_out, Psi::None);
+                let (_, saved) = forward(&cfg, &x_pre, &w, &mut p).unwrap();
+                let rx = saved.iieu().r_x();
+                let (oh, ow) = geo.validate().unwrap();
+                let gp = cfg.patch_groups();
+                // PerGroup: dilated taps, group of c0 only; AllChannels: undilated taps.
+                let (dh, dw) = match pn {
+                    PatchNorm::PerGroup => geo.dilation,
+                    PatchNorm::AllChannels => (1, 1),
+                };
+                let hits = |o: usize, k: usize, s: usize, pd: usize, dl: usize, len, at| {
+                    (0..k).any(|i| Dims::tap(o, i, s, pd, dl, len) == Some(at))
+                };
+                let mut nans = 0;
+                for n in 0..geo.n {
+                    for t in 0..gp {
+                        for ho in 0..oh {
+                            for wo in 0..ow {
+                                let inside = n == n0
+                                    && (gp == 1 || t == c0 / geo.cin_per_group())
+                                    && hits(ho, geo.kh, geo.stride.0, geo.padding.0, dh, geo.h, h0)
+                                    && hits(wo, geo.kw, geo.stride.1, geo.padding.1, dw, geo.w, w0);
+                                let v = rx[((n * gp + t) * oh + ho) * ow + wo];
+                                let tag = format!("{geo:?} {pn:?} n{n} t{t} ({ho},{wo})");
+                                if inside {
+                                    assert!(v.is_nan(), "{tag}: r_x {v}, expected NaN");
+                                    nans += 1;
+                                } else {
+                                    assert!(v.is_finite(), "{tag}: r_x {v}, expected finite");
+                                }
+                            }
+                        }
+                    }
+                }
+                assert!(nans > 0, "{geo:?} {pn:?}: the NaN is in no window");
+            }
         }
     }
 }

@@ -30,8 +30,9 @@
 //!    and each cache-sized tile of output pixels ([`TILE_BYTES`]), the im2col tile
 //!    (`pixels × K`, `K = C/g·KH·KW`, zero padding included) is built once and
 //!    * multiplied by the group's filters with the `gemm` crate (`c` for the tile);
-//!    * squared and summed along each row in f64: `‖P‖²` of each output pixel (the
-//!      zeros of the padding add nothing, so the sum is exact for free).
+//!    * squared and summed along each row in f64 (over 8 interleaved partial sums in a
+//!      fixed order, so it vectorizes): `‖P‖²` of each output pixel (the zeros of the
+//!      padding add nothing, so the sum is exact for free).
 //!      [`PatchNorm::PerGroup`]: the row sum of group `grp`'s tile is `‖P‖²` of that
 //!      group. [`PatchNorm::AllChannels`] (reference-code compatible, undilated taps):
 //!      with dilation 1 the conv's taps are the undilated ones, and the `g` group tiles
@@ -600,7 +601,8 @@ fn lane_tree(a: &[f64; LANES]) -> f64 {
 }
 
 /// ψ backward's per-plane partials `[Σ dx, Σ dx·x̂]`, `x̂ = (c − sub)·k`, in f64 over
-/// `LANES` interleaved partial sums each (as [`lane_sum`]: vectorizes, fixed bits).
+/// `LANES` interleaved partial sums each (as [`lane_sum`]: independent chains, the
+/// same bits at every SIMD width).
 #[inline(always)]
 fn psi_partials_impl<T: Real>(dx: &[T], c: &[T], sub: f64, k: f64) -> [f64; 2] {
     let (mut a, mut b) = ([0.0f64; LANES], [0.0f64; LANES]);

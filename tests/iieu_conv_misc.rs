@@ -764,3 +764,121 @@ fn bare_conv_bad_input_is_err() {
     len_err(bwd(&geo, &dc, &x_pre[1..], &w), "x_pre");
     len_err(bwd(&geo, &dc, &x_pre, &w[1..]), "w");
 }
+
+/// Ragged 1×1 / stride 1 / no-padding geometries (the direct path: no im2col tiles):
+/// grouped (incl. depthwise-like `C/g = 1`), dilated (taps unaffected), one output
+/// channel per group, odd planes, N = 9 > 8 `dW` chunks, and f64 planes with several
+/// statistics tiles (K = 3: 1024-pixel tiles over 41×29) or K > 512 (the GEMM's
+/// inner-dimension blocks).
+fn one_by_one_geometries() -> Vec<Conv2dGeometry> {
+    vec![
+        Conv2dGeometry::new(3, 6, 5, 7, 9, 1, 1).with_groups(3),
+        Conv2dGeometry::new(2, 4, 3, 5, 4, 1, 1).with_groups(4),
+        Conv2dGeometry::new(2, 6, 7, 3, 3, 1, 1)
+            .with_groups(3)
+            .with_dilation(2, 3),
+        Conv2dGeometry::new(9, 5, 4, 6, 7, 1, 1),
+        Conv2dGeometry::new(2, 3, 41, 29, 5, 1, 1),
+        Conv2dGeometry::new(2, 600, 2, 37, 6, 1, 1),
+    ]
+}
+
+/// The 1×1 direct path equals the unfused composition (naive conv, textbook ψ,
+/// `cpu::iieu`, naive ψ and conv backward) in f64, every ψ and both patch norms, with
+/// the tolerance of [`fused_equals_composed_f64`]; and the bare `conv2d` /
+/// `conv2d_backward` equal the naive conv and its backward (tolerance of
+/// [`bare_conv_equals_naive_f64`]).
+#[test]
+fn one_by_one_direct_path_equals_naive_f64() {
+    for (gi, geo) in one_by_one_geometries().into_iter().enumerate() {
+        for mode in [PatchNorm::PerGroup, PatchNorm::AllChannels] {
+            for (k, kind) in KINDS.into_iter().enumerate() {
+                let d = data(geo, mode, kind, 900 + (gi * 16 + k) as u64);
+                let tag = format!("1x1 {geo:?} {mode:?} {kind:?}");
+                let (y_ref, g_ref, run_ref) = composed(&d);
+                let mut p = d.params.clone();
+                let (y, saved) = forward(&d.cfg, &d.x_pre, &d.w, &mut p).unwrap();
+                close_scaled(&format!("{tag} y"), &y, &y_ref, 1e-12);
+                if let (Some((rm, rv)), Some((erm, erv))) = (running_of(&p.psi), &run_ref) {
+                    assert_close(&format!("{tag} running_mean"), &rm, erm, 1e-14, 1e-12);
+                    assert_close(&format!("{tag} running_var"), &rv, erv, 1e-14, 1e-12);
+                }
+                let g = backward(&d.cfg, &d.dy, &d.x_pre, &d.w, &d.params, &saved).unwrap();
+                grads_close(&tag, &g, &g_ref, 1e-12);
+            }
+        }
+        let mut r = rng(950 + gi as u64);
+        let x_pre = randn(&mut r, geo.input_len());
+        let w = randn(&mut r, geo.weight_len());
+        let dc = randn(&mut r, geo.n * geo.c_out * geo.h * geo.w);
+        let c = conv2d(&geo, &x_pre, &w).unwrap();
+        close_scaled(
+            &format!("1x1 {geo:?} c"),
+            &c,
+            &naive::conv(&geo, &x_pre, &w),
+            1e-13,
+        );
+        let (dx, dw) = conv2d_backward(&geo, &dc, &x_pre, &w).unwrap();
+        let (dx_ref, dw_ref) = cnaive::conv_bwd(&geo, &x_pre, &w, &dc);
+        close_scaled(&format!("1x1 {geo:?} dx_pre"), &dx, &dx_ref, 1e-13);
+        close_scaled(&format!("1x1 {geo:?} dw"), &dw, &dw_ref, 1e-13);
+    }
+}
+
+/// The 1×1 direct path is deterministic: f32 fused forward + backward (training
+/// BatchNorm, both patch norms) and the bare conv + backward give the same bits on a
+/// 1-thread and a 2-thread rayon pool (the `dW` chunks do not depend on the threads).
+#[test]
+fn one_by_one_direct_path_bits_independent_of_thread_count() {
+    let geo = Conv2dGeometry::new(9, 12, 9, 11, 10, 1, 1).with_groups(2);
+    let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+    let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<u32>>();
+    for mode in [PatchNorm::PerGroup, PatchNorm::AllChannels] {
+        let d = data(geo, mode, Kind::BnTrain, 77);
+        let p = IieuConvParams {
+            iieu: IieuParams {
+                ln_weight: f(&d.params.iieu.ln_weight),
+                ln_bias: f(&d.params.iieu.ln_bias),
+                eta: f(&d.params.iieu.eta),
+            },
+            psi: Psi::BatchNorm(BatchNorm::init(geo.c_out)),
+        };
+        let (xp, w, dy) = (f(&d.x_pre), f(&d.w), f(&d.dy));
+        let run = || {
+            let mut q = p.clone();
+            let (y, s) = forward(&d.cfg, &xp, &w, &mut q).unwrap();
+            let g = backward(&d.cfg, &dy, &xp, &w, &p, &s).unwrap();
+            let c = conv2d(&geo, &xp, &w).unwrap();
+            let (dx, dw) = conv2d_backward(&geo, &dy, &xp, &w).unwrap();
+            let mut all = bits(&y);
+            for v in [
+                &g.dx_pre,
+                &g.dw,
+                &g.d_ln_weight,
+                &g.d_ln_bias,
+                &g.d_eta,
+                &g.d_psi_scale,
+                &g.d_psi_shift,
+                &c,
+                &dx,
+                &dw,
+            ] {
+                all.extend(bits(v));
+            }
+            if let Some((rm, rv)) = running_of(&q.psi) {
+                all.extend(bits(&rm));
+                all.extend(bits(&rv));
+            }
+            all
+        };
+        let pool = |t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        };
+        let a = pool(1).install(run);
+        assert_eq!(a, pool(2).install(run), "{mode:?}: 2-thread run differs");
+        assert_eq!(a, run(), "{mode:?}: default-pool run differs");
+    }
+}

@@ -45,12 +45,20 @@
 //!      in order with Chan's formula — instead of `Σc`, `Σc²`, which lose every digit
 //!      to cancellation when `|mean| ≫ std`). They give term-B's GAP and BatchNorm's
 //!      batch statistics.
+//!
+//!    **1×1 direct path** (kernel 1×1, stride 1, no padding, any dilation): the
+//!    sample's group slice `(C/g, H·W)` already is the GEMM's `K × H'W'` operand, so
+//!    there are no tiles: one GEMM per (sample, group) on `x_pre` as it lies, then the
+//!    same epilogue on the same tile-sized pixel runs, each pixel's `‖P‖²` summed over
+//!    its channel column in the tile row's order (the same bits as the tiles'; the
+//!    conv output too, unless `gemm` blocks the two paths' GEMM shapes differently).
 //! 2. **Tiny pass** (`O(N·O)`): BatchNorm batch statistics (per-sample `(mean, M2)`
 //!    merged over `n` in order), running-stat update, `GAP(x) = ψ(GAP(c))` (ψ is affine
 //!    per channel), LayerNorm over `o` and `ν = σ(γ̇·m̂ + β̇)`.
 //! 3. **Elementwise pass**, per `(n, o)` plane: `x = ψ(c)` into a plane-sized scratch,
 //!    then `cpu::iieu`'s blocked adjuster `y = ς(ρ̂)·x`, `ρ̂ = x·r_w·r_x + ν` (the same
 //!    code as the unfused op, so the same bits for the same `x`, `r_x`, `ν`).
+//!
 //!
 //! Every reduction runs in f64 in a fixed order (tiles, groups, samples); the GEMM runs
 //! in `T` with `gemm::Parallelism::None` inside the per-sample tasks; the backward's
@@ -77,6 +85,8 @@
 //! * conv, per sample, group and tile: the im2col tile is rebuilt; `dcol = dcᵀ·W_g`
 //!   (GEMM) is scattered back to `dx_pre` (col2im, sequential inside the sample's task:
 //!   no atomics), and `dW_g += dc·col` (GEMM);
+//!   on the 1×1 direct path, per sample and group, `dx_pre_g += W_gᵀ·dc_g` straight
+//!   into `dx_pre` and `dW_g += dc_g·x_gᵀ` (no tiles, no col2im);
 //! * `dx_pre = dx_pre|r_x + dx_pre|conv`, `dW = dW|r_w + dW|conv`.
 //!
 //! # The bare convolution
@@ -361,6 +371,9 @@ struct Dims {
     gp: usize,
     /// r_x from the im2col tiles (else from cpu::iieu's window sum).
     fused_rx: bool,
+    /// 1×1 kernel, stride 1, no padding (any dilation): the sample's `(C/g, H·W)`
+    /// group slice is already the GEMM's `K × H'W'` operand, so no im2col tiles.
+    direct: bool,
 }
 
 impl Dims {
@@ -383,7 +396,13 @@ impl Dims {
             tile,
             gp: 1,
             fused_rx: false,
+            direct: g.kh == 1 && g.kw == 1 && g.stride == (1, 1) && g.padding == (0, 0),
         })
+    }
+    /// Test switch: `direct_ok = false` forces the im2col-tile path on 1×1 convs too.
+    fn allow_direct(mut self, direct_ok: bool) -> Self {
+        self.direct &= direct_ok;
+        self
     }
     /// The fused op's dimensions: the conv's, plus where `r_x` comes from.
     fn new<T>(cfg: &IieuConfig) -> Result<Self> {
@@ -594,6 +613,64 @@ simd_fn! {
     ) => epilogue_impl;
 }
 
+/// Pixels per block of [`epilogue_direct_impl`]'s lane accumulators.
+const DIRECT_BLOCK: usize = 64;
+
+/// [`epilogue_impl`] on the 1×1 direct path: the patch of pixel `j < tp` is column `j`
+/// of `xg` (`k` rows of stride `pi`). Each `‖P‖²` is summed exactly as [`lane_sum`]
+/// sums the tile row (channel `c` into lane `c mod LANES`, in channel order, then
+/// [`lane_tree`]) — the same bits — but vectorised across pixels, the input read
+/// row by row as it lies.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn epilogue_direct_impl<T: Real>(
+    xg: &[T],
+    pi: usize,
+    k: usize,
+    tp: usize,
+    q: &mut [f64],
+    rows: &[T],
+    po: usize,
+    st: &mut [Stat],
+) {
+    if !q.is_empty() {
+        let mut acc = [[0.0f64; DIRECT_BLOCK]; LANES];
+        for b0 in (0..tp).step_by(DIRECT_BLOCK) {
+            let bn = DIRECT_BLOCK.min(tp - b0);
+            for a in acc.iter_mut() {
+                a[..bn].fill(0.0);
+            }
+            for c in 0..k {
+                let xr = &xg[c * pi + b0..][..bn];
+                for (a, &x) in acc[c % LANES][..bn].iter_mut().zip(xr) {
+                    let v = x.to_f64();
+                    *a += v * v;
+                }
+            }
+            for (j, qv) in q[b0..b0 + bn].iter_mut().enumerate() {
+                *qv += lane_tree(&std::array::from_fn(|l| acc[l][j]));
+            }
+        }
+    }
+    for (j, s) in st.iter_mut().enumerate() {
+        *s = s.merge(Stat::of(&rows[j * po..][..tp]));
+    }
+}
+
+simd_fn! {
+    /// [`epilogue_direct_impl`], runtime-dispatched to AVX2 / AVX-512 where available.
+    fn epilogue_direct<T: Real>(
+        xg: &[T],
+        pi: usize,
+        k: usize,
+        tp: usize,
+        q: &mut [f64],
+        rows: &[T],
+        po: usize,
+        st: &mut [Stat],
+    ) => epilogue_direct_impl;
+}
+
 /// The lane tree of [`lane_sum`].
 #[inline(always)]
 fn lane_tree(a: &[f64; LANES]) -> f64 {
@@ -683,7 +760,19 @@ pub fn forward<T: Real>(
     w: &[T],
     params: &mut IieuConvParams<T>,
 ) -> Result<(Vec<T>, IieuConvSaved<T>)> {
-    let d = Dims::new::<T>(cfg)?;
+    forward_with(cfg, x_pre, w, params, true)
+}
+
+/// [`forward`], with the 1×1 direct path allowed or not (`direct_ok = false`: the
+/// im2col tiles on every geometry, for the tests that compare the two paths).
+fn forward_with<T: Real>(
+    cfg: &IieuConfig,
+    x_pre: &[T],
+    w: &[T],
+    params: &mut IieuConvParams<T>,
+    direct_ok: bool,
+) -> Result<(Vec<T>, IieuConvSaved<T>)> {
+    let d = Dims::new::<T>(cfg)?.allow_direct(direct_ok);
     check_inputs(&d, x_pre, w, params)?;
     let g = d.g;
     let (n_, o_, po, pi) = (g.n, g.c_out, d.po, d.pi);
@@ -706,15 +795,20 @@ pub fn forward<T: Real>(
             // Epilogue of each tile: ‖P‖² row sums (fused r_x path) and the statistics
             // of each output row. PerGroup: group `grp`'s plane; AllChannels (gp = 1):
             // summed over the groups, in group order.
-            conv_sample(&d, xs, w, cs, |grp, p0, colt, cs| {
-                let tp = colt.len() / d.k;
+            conv_sample(&d, xs, w, cs, |grp, p0, tp, patches, cs| {
                 let q = if d.fused_rx {
                     &mut qs[(grp % d.gp) * po + p0..][..tp]
                 } else {
                     &mut []
                 };
                 let og = grp * d.og..(grp + 1) * d.og;
-                epilogue(colt, d.k, q, &cs[og.start * po + p0..], po, &mut st[og]);
+                let rows = &cs[og.start * po + p0..];
+                match patches {
+                    Patches::Tile(colt) => epilogue(colt, d.k, q, rows, po, &mut st[og]),
+                    Patches::Direct(xg) => {
+                        epilogue_direct(xg, pi, d.k, tp, q, rows, po, &mut st[og])
+                    }
+                }
             })
         });
 
@@ -847,19 +941,56 @@ pub fn forward<T: Real>(
     ))
 }
 
+/// The patches of the output pixels `p0..p0+tp` that [`conv_sample`] hands to its
+/// epilogue.
+#[derive(Clone, Copy)]
+enum Patches<'a, T> {
+    /// The im2col tile, `tp × K` (row `j`: the patch of pixel `p0 + j`).
+    Tile(&'a [T]),
+    /// The 1×1 direct path ([`Dims::direct`]): the group's input from pixel `p0` on,
+    /// `K = C/g` rows of stride `H·W` (the patch of pixel `p0 + j` is column `j`).
+    Direct(&'a [T]),
+}
+
 /// The convolution of one sample `xs` (`(C, H, W)`) into `cs` (`(O, H'·W')`), shared by
 /// [`forward`] and [`conv2d`]: per group and tile of output pixels (in that order), the
 /// im2col tile and its GEMM with the group's filters; then
-/// `epilogue(grp, p0, tile, cs)` with the tile (`tp × K`, pixels `p0..p0+tp`) and the
-/// sample's output so far (the tile's output rows `cs[o·H'W' + p0..][..tp]` are final).
+/// `epilogue(grp, p0, tp, Patches::Tile(tile), cs)` with the tile (`tp × K`, pixels
+/// `p0..p0+tp`) and the sample's output so far (the tile's output rows
+/// `cs[o·H'W' + p0..][..tp]` are final). On the 1×1 direct path ([`Dims::direct`]) one
+/// GEMM per group straight on the group's `(C/g, H·W)` input, then the epilogue on the
+/// same pixel runs as the tiled path's (`Patches::Direct`), so the epilogue's sums have
+/// the same partition and order on both paths.
 fn conv_sample<T: Real>(
     d: &Dims,
     xs: &[T],
     w: &[T],
     cs: &mut [T],
-    mut epilogue: impl FnMut(usize, usize, &[T], &[T]),
+    mut epilogue: impl FnMut(usize, usize, usize, Patches<'_, T>, &[T]),
 ) {
     let (po, k, og) = (d.po, d.k, d.og);
+    if d.direct {
+        for grp in 0..d.g.groups {
+            let wg = &w[grp * og * k..(grp + 1) * og * k];
+            let xg = &xs[grp * k * d.pi..(grp + 1) * k * d.pi];
+            // c[og × H'W'] = W_g (og × C/g) · x_g (C/g × HW), HW = H'W'
+            matmul(
+                (og, po, k),
+                &mut cs[grp * og * po..],
+                Mat { rs: po, cs: 1 },
+                false,
+                wg,
+                Mat { rs: k, cs: 1 },
+                xg,
+                Mat { rs: d.pi, cs: 1 },
+            );
+            for p0 in (0..po).step_by(d.tile) {
+                let tp = d.tile.min(po - p0);
+                epilogue(grp, p0, tp, Patches::Direct(&xg[p0..]), cs);
+            }
+        }
+        return;
+    }
     let mut col = vec![T::zero(); d.tile * k];
     for grp in 0..d.g.groups {
         let wg = &w[grp * og * k..(grp + 1) * og * k];
@@ -878,7 +1009,7 @@ fn conv_sample<T: Real>(
                 colt,
                 Mat { rs: 1, cs: k },
             );
-            epilogue(grp, p0, colt, cs);
+            epilogue(grp, p0, tp, Patches::Tile(colt), cs);
         }
     }
 }
@@ -898,7 +1029,20 @@ pub fn backward<T: Real>(
     params: &IieuConvParams<T>,
     saved: &IieuConvSaved<T>,
 ) -> Result<IieuConvGrads<T>> {
-    let d = Dims::new::<T>(cfg)?;
+    backward_with(cfg, dy, x_pre, w, params, saved, true)
+}
+
+/// [`backward`], with the 1×1 direct path allowed or not (see [`forward_with`]).
+fn backward_with<T: Real>(
+    cfg: &IieuConfig,
+    dy: &[T],
+    x_pre: &[T],
+    w: &[T],
+    params: &IieuConvParams<T>,
+    saved: &IieuConvSaved<T>,
+    direct_ok: bool,
+) -> Result<IieuConvGrads<T>> {
+    let d = Dims::new::<T>(cfg)?.allow_direct(direct_ok);
     check_len("dy", d.out_len(), dy.len())?;
     // The training-statistics rule (N·H'·W' > 1) was enforced by the forward.
     check_len("x_pre", d.g.input_len(), x_pre.len())?;
@@ -1038,13 +1182,23 @@ pub fn backward<T: Real>(
 /// Errors: invalid geometry ([`Error::Geometry`], [`Error::Empty`]), `x_pre` or `w` of
 /// the wrong length ([`Error::LengthMismatch`]); all checked before any work.
 pub fn conv2d<T: Real>(geo: &Conv2dGeometry, x_pre: &[T], w: &[T]) -> Result<Vec<T>> {
-    let d = Dims::conv::<T>(geo)?;
+    conv2d_with(geo, x_pre, w, true)
+}
+
+/// [`conv2d`], with the 1×1 direct path allowed or not (see [`forward_with`]).
+fn conv2d_with<T: Real>(
+    geo: &Conv2dGeometry,
+    x_pre: &[T],
+    w: &[T],
+    direct_ok: bool,
+) -> Result<Vec<T>> {
+    let d = Dims::conv::<T>(geo)?.allow_direct(direct_ok);
     check_len("x_pre", geo.input_len(), x_pre.len())?;
     check_len("w", geo.weight_len(), w.len())?;
     let mut c = vec![T::zero(); d.out_len()];
     c.par_chunks_mut(geo.c_out * d.po)
         .zip(x_pre.par_chunks(geo.c_in * d.pi))
-        .for_each(|(cs, xs)| conv_sample(&d, xs, w, cs, |_, _, _, _| {}));
+        .for_each(|(cs, xs)| conv_sample(&d, xs, w, cs, |_, _, _, _, _| {}));
     Ok(c)
 }
 
@@ -1069,7 +1223,18 @@ pub fn conv2d_backward<T: Real>(
     x_pre: &[T],
     w: &[T],
 ) -> Result<(Vec<T>, Vec<T>)> {
-    let d = Dims::conv::<T>(geo)?;
+    conv2d_backward_with(geo, dc, x_pre, w, true)
+}
+
+/// [`conv2d_backward`], with the 1×1 direct path allowed or not (see [`forward_with`]).
+fn conv2d_backward_with<T: Real>(
+    geo: &Conv2dGeometry,
+    dc: &[T],
+    x_pre: &[T],
+    w: &[T],
+    direct_ok: bool,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let d = Dims::conv::<T>(geo)?.allow_direct(direct_ok);
     check_len("dc", d.out_len(), dc.len())?;
     check_len("x_pre", geo.input_len(), x_pre.len())?;
     check_len("w", geo.weight_len(), w.len())?;
@@ -1107,6 +1272,17 @@ fn conv_backward_into<T: Real>(
         .zip(dc.par_chunks(per * out_len))
         .map(|((dxc, xc), dcc)| {
             let mut dwp = vec![T::zero(); w.len()];
+            if d.direct {
+                // No tiles: the GEMMs read x_pre and write (add) dx_pre as they lie.
+                for ((dxs, xs), dcs) in dxc
+                    .chunks_exact_mut(in_len)
+                    .zip(xc.chunks_exact(in_len))
+                    .zip(dcc.chunks_exact(out_len))
+                {
+                    conv_bwd_sample_direct(d, xs, w, dcs, dxs, &mut dwp, add);
+                }
+                return dwp;
+            }
             let mut col = vec![T::zero(); d.tile * d.k];
             let mut dcol = vec![T::zero(); d.tile * d.k];
             let mut dxs_conv = vec![T::zero(); in_len];
@@ -1133,6 +1309,49 @@ fn conv_backward_into<T: Real>(
         let s = dw_parts.iter().fold(init, |a, p| a + p[i].to_f64());
         *v = T::of(s);
     });
+}
+
+/// Conv backward of one sample on the 1×1 direct path ([`Dims::direct`]): per group,
+/// `dx_g (C/g × HW) (+)= W_gᵀ · dc_g` straight into the sample's `dxs` (added to it
+/// when `add`, else written over it without reading it), and
+/// `dwp_g += dc_g · x_gᵀ` (inner dimension `H'W' = HW`, the whole plane at once).
+fn conv_bwd_sample_direct<T: Real>(
+    d: &Dims,
+    xs: &[T],
+    w: &[T],
+    dcs: &[T],
+    dxs: &mut [T],
+    dwp: &mut [T],
+    add: bool,
+) {
+    let (po, k, og, pi) = (d.po, d.k, d.og, d.pi);
+    for grp in 0..d.g.groups {
+        let wg = &w[grp * og * k..(grp + 1) * og * k];
+        let dcg = &dcs[grp * og * po..(grp + 1) * og * po];
+        let xg = &xs[grp * k * pi..(grp + 1) * k * pi];
+        // dx_g (C/g × HW) (+)= W_gᵀ (C/g × og) · dc_g (og × H'W')
+        matmul(
+            (k, po, og),
+            &mut dxs[grp * k * pi..(grp + 1) * k * pi],
+            Mat { rs: pi, cs: 1 },
+            add,
+            wg,
+            Mat { rs: 1, cs: k },
+            dcg,
+            Mat { rs: po, cs: 1 },
+        );
+        // dW_g (og × C/g) += dc_g (og × H'W') · x_gᵀ (HW × C/g)
+        matmul(
+            (og, k, po),
+            &mut dwp[grp * og * k..(grp + 1) * og * k],
+            Mat { rs: k, cs: 1 },
+            true,
+            dcg,
+            Mat { rs: po, cs: 1 },
+            xg,
+            Mat { rs: 1, cs: pi },
+        );
+    }
 }
 
 /// Conv backward of one sample: for each group and tile, rebuild the im2col tile,
@@ -1252,6 +1471,166 @@ mod tests {
                     }
                 }
                 assert!(nans > 0, "{geo:?} {pn:?}: the NaN is in no window");
+            }
+        }
+    }
+
+    /// 1×1 geometries on the direct path ([`Dims::direct`]): grouped, dilated (taps
+    /// unaffected), ragged sizes, N = 9 > 8 `dW` chunks, several statistics tiles per
+    /// plane (f64: K = 20 → 1024-pixel tiles over a 37² plane; K = 600 → 54-pixel tiles
+    /// over 2×37 pixels, and K > the GEMM's 512-deep blocks), with whether every result
+    /// has the tiled path's bits (`true`) or only the patch norms (`false`).
+    ///
+    /// The patch norms always have the same bits (same summands, same order). The GEMMs
+    /// have the same operands on both paths but other shapes (one plane-wide product vs
+    /// one per tile) and strides, and `gemm` picks its inner-dimension blocking by shape
+    /// (K = 600: 512 + 88 for the tiles' n ≤ 64 products, its cache model for the
+    /// plane's n = 74) and computes products of at most 16×16 outputs with horizontal
+    /// dot-product kernels when the inner dimension is contiguous in both operands; so
+    /// where the paths' GEMMs differ in these, the conv output (and all after it)
+    /// differs in the last bits. The shapes marked `true` keep every GEMM above 16×16
+    /// outputs and within one 512-deep block (or the same blocks).
+    fn direct_geometries() -> Vec<(Conv2dGeometry, bool)> {
+        vec![
+            (
+                Conv2dGeometry::new(2, 64, 5, 7, 24, 1, 1).with_groups(2),
+                true,
+            ),
+            (
+                Conv2dGeometry::new(2, 40, 7, 3, 30, 1, 1)
+                    .with_groups(2)
+                    .with_dilation(2, 3),
+                true,
+            ),
+            (Conv2dGeometry::new(9, 20, 4, 6, 16, 1, 1), true),
+            (Conv2dGeometry::new(2, 20, 37, 37, 16, 1, 1), true),
+            (Conv2dGeometry::new(2, 600, 2, 37, 20, 1, 1), false),
+            (
+                Conv2dGeometry::new(3, 6, 5, 7, 9, 1, 1).with_groups(3),
+                false,
+            ),
+        ]
+    }
+
+    fn filled<T: Real>(n: usize, seed: usize) -> Vec<T> {
+        (0..n)
+            .map(|i| T::of((((i * 7919 + seed * 104_729) % 2003) as f64 - 1001.0) / 600.0))
+            .collect()
+    }
+
+    fn bits<T: Real>(v: &[T]) -> Vec<u64> {
+        v.iter().map(|&a| Real::to_f64(a).to_bits()).collect()
+    }
+
+    /// Every result of the fused forward + backward and of the bare conv + backward, as
+    /// bits, on the direct path (`direct_ok`) or forced onto the im2col tiles.
+    fn all_bits<T: Real>(geo: Conv2dGeometry, pn: PatchNorm, direct_ok: bool) -> Vec<Vec<u64>> {
+        assert!(
+            Dims::conv::<T>(&geo).unwrap().direct,
+            "{geo:?}: not a direct geometry"
+        );
+        let cfg = IieuConfig::new(geo).with_patch_norm(pn);
+        let (oh, ow) = geo.validate().unwrap();
+        let out = geo.n * geo.c_out * oh * ow;
+        let x_pre = filled::<T>(geo.input_len(), 1);
+        let w = filled::<T>(geo.weight_len(), 2);
+        let dy = filled::<T>(out, 3);
+        let psi = Psi::BatchNorm(BatchNorm {
+            weight: filled(geo.c_out, 4),
+            bias: filled(geo.c_out, 5),
+            ..BatchNorm::init(geo.c_out)
+        });
+        let params = IieuConvParams {
+            iieu: IieuParams {
+                ln_weight: filled(geo.c_out, 6),
+                ln_bias: filled(geo.c_out, 7),
+                eta: filled::<T>(geo.c_out, 8)
+                    .iter()
+                    .map(|&e| T::of(Real::to_f64(e).abs() * 0.3))
+                    .collect(),
+            },
+            psi,
+        };
+        let mut p = params.clone();
+        let (y, saved) = forward_with(&cfg, &x_pre, &w, &mut p, direct_ok).unwrap();
+        let g = backward_with(&cfg, &dy, &x_pre, &w, &params, &saved, direct_ok).unwrap();
+        let c = conv2d_with(&geo, &x_pre, &w, direct_ok).unwrap();
+        let (dx, dw) = conv2d_backward_with(&geo, &dy, &x_pre, &w, direct_ok).unwrap();
+        let Psi::BatchNorm(bn) = &p.psi else {
+            unreachable!()
+        };
+        vec![
+            bits(&y),
+            bits(saved.conv_out()),
+            bits(saved.iieu().r_x()),
+            bits(saved.batch_mean()),
+            bits(saved.batch_var()),
+            bits(&bn.running_mean),
+            bits(&bn.running_var),
+            bits(&g.dx_pre),
+            bits(&g.dw),
+            bits(&g.d_ln_weight),
+            bits(&g.d_ln_bias),
+            bits(&g.d_eta),
+            bits(&g.d_psi_scale),
+            bits(&g.d_psi_shift),
+            bits(&c),
+            bits(&dx),
+            bits(&dw),
+        ]
+    }
+
+    /// The 1×1 direct path gives the same bits as the im2col-tile path it replaces, for
+    /// every output, saved state and gradient (f32 and f64, both patch norms), on the
+    /// shapes where the two paths' GEMMs sum in the same order (see
+    /// [`direct_geometries`]); on the others, the same patch norms `r_x`.
+    #[test]
+    fn direct_1x1_path_has_the_tiled_paths_bits() {
+        let names = [
+            "y",
+            "conv",
+            "r_x",
+            "batch_mean",
+            "batch_var",
+            "running_mean",
+            "running_var",
+            "dx_pre",
+            "dw",
+            "dγ̇",
+            "dβ̇",
+            "dη",
+            "dγ",
+            "dβ",
+            "bare c",
+            "bare dx_pre",
+            "bare dw",
+        ];
+        for (geo, every) in direct_geometries() {
+            for pn in [PatchNorm::PerGroup, PatchNorm::AllChannels] {
+                let diff = |a: Vec<Vec<u64>>, b: Vec<Vec<u64>>| {
+                    names
+                        .iter()
+                        .zip(a.iter().zip(&b))
+                        .filter(|(n, (x, y))| (every || **n == "r_x") && x != y)
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                };
+                let d64 = diff(
+                    all_bits::<f64>(geo, pn, true),
+                    all_bits::<f64>(geo, pn, false),
+                );
+                assert!(
+                    d64.is_empty(),
+                    "f64 {geo:?} {pn:?}: {d64:?} differ from the tiles'"
+                );
+                let d32 = diff(
+                    all_bits::<f32>(geo, pn, true),
+                    all_bits::<f32>(geo, pn, false),
+                );
+                assert!(
+                    d32.is_empty(),
+                    "f32 {geo:?} {pn:?}: {d32:?} differ from the tiles'"
+                );
             }
         }
     }

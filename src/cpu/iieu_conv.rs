@@ -215,36 +215,42 @@ impl<T: Real> Psi<T> {
                 check_len("bn bias", o, bn.bias.len())?;
                 check_len("bn running_mean", o, bn.running_mean.len())?;
                 check_len("bn running_var", o, bn.running_var.len())?;
-                if !(bn.eps.is_finite() && bn.eps > 0.0) {
-                    return Err(Error::InvalidParam {
-                        what: "bn eps",
-                        msg: format!("must be finite and > 0, got {}", bn.eps),
-                    });
-                }
-                if !(0.0..=1.0).contains(&bn.momentum) {
-                    return Err(Error::InvalidParam {
-                        what: "bn momentum",
-                        msg: format!("must be in [0, 1], got {}", bn.momentum),
-                    });
-                }
                 if bn.running_var.iter().any(|&v| v.to_f64() < 0.0) {
                     return Err(Error::InvalidParam {
                         what: "bn running_var",
                         msg: "a running variance is negative".into(),
                     });
                 }
-                if bn.training && m < 2 {
-                    return Err(Error::InvalidParam {
-                        what: "bn training",
-                        msg: format!(
-                            "batch statistics need more than 1 value per channel (N·H'·W' = {m})"
-                        ),
-                    });
-                }
+                check_bn_scalars(bn.eps, bn.momentum, bn.training, m)?;
                 Ok(())
             }
         }
     }
+}
+
+/// BatchNorm's scalar domains, shared by this op and `cuda::iieu_conv`: `eps` finite
+/// and > 0, `momentum` in `[0, 1]`, and in training mode more than one value per
+/// channel (`m = N·H'·W'`, as PyTorch refuses batch statistics over one value).
+pub(crate) fn check_bn_scalars(eps: f64, momentum: f64, training: bool, m: usize) -> Result<()> {
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(Error::InvalidParam {
+            what: "bn eps",
+            msg: format!("must be finite and > 0, got {eps}"),
+        });
+    }
+    if !(0.0..=1.0).contains(&momentum) {
+        return Err(Error::InvalidParam {
+            what: "bn momentum",
+            msg: format!("must be in [0, 1], got {momentum}"),
+        });
+    }
+    if training && m < 2 {
+        return Err(Error::InvalidParam {
+            what: "bn training",
+            msg: format!("batch statistics need more than 1 value per channel (N·H'·W' = {m})"),
+        });
+    }
+    Ok(())
 }
 
 /// Learnable parameters (and BatchNorm state) of an IieuConv2d.

@@ -149,27 +149,7 @@ impl DevicePsi {
                 check_len("bn bias", o, bn.bias.len())?;
                 check_len("bn running_mean", o, bn.running_mean.len())?;
                 check_len("bn running_var", o, bn.running_var.len())?;
-                if !(bn.eps.is_finite() && bn.eps > 0.0) {
-                    return Err(Error::InvalidParam {
-                        what: "bn eps",
-                        msg: format!("must be finite and > 0, got {}", bn.eps),
-                    });
-                }
-                if !(0.0..=1.0).contains(&bn.momentum) {
-                    return Err(Error::InvalidParam {
-                        what: "bn momentum",
-                        msg: format!("must be in [0, 1], got {}", bn.momentum),
-                    });
-                }
-                if bn.training && m < 2 {
-                    return Err(Error::InvalidParam {
-                        what: "bn training",
-                        msg: format!(
-                            "batch statistics need more than 1 value per channel (N·H'·W' = {m})"
-                        ),
-                    });
-                }
-                Ok(())
+                crate::cpu::iieu_conv::check_bn_scalars(bn.eps, bn.momentum, bn.training, m)
             }
         }
     }

@@ -8,16 +8,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, PushKernelArg};
 
-use crate::cuda::{grid_for, DType, DeviceInput, Kernels, BLOCK};
+use crate::cuda::iieu::elementwise;
+use crate::cuda::{DType, DeviceInput, Kernels};
 use crate::error::{check_len, check_nonzero, Result};
-
-fn launch(n: usize) -> cudarc::driver::LaunchConfig {
-    cudarc::driver::LaunchConfig {
-        grid_dim: (grid_for(n, BLOCK as usize), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// `src` widened to a new f32 device buffer (exact).
 ///
@@ -38,7 +31,7 @@ pub fn to_f32<T: DType>(
     let mut b = stream.launch_builder(&f);
     b.arg(&v).arg(&mut out).arg(&n64);
     // SAFETY: threads cover i < n = src.len() = out.len() (grid-stride).
-    unsafe { b.launch(launch(n)) }?;
+    unsafe { b.launch(elementwise(n, 1)) }?;
     Ok(out)
 }
 
@@ -62,6 +55,6 @@ pub fn from_f32_into<T: DType>(
     let mut b = stream.launch_builder(&f);
     b.arg(&v).arg(dst).arg(&n64);
     // SAFETY: threads cover i < n = src.len() = dst.len() (grid-stride).
-    unsafe { b.launch(launch(n)) }?;
+    unsafe { b.launch(elementwise(n, 1)) }?;
     Ok(())
 }

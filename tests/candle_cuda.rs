@@ -926,4 +926,29 @@ fn bad_input_is_an_error() {
     // A strided (transposed) input.
     let xt = x.transpose(1, 2).unwrap();
     assert!(xt.apply_op1_no_bwd(&TauOp { tau: 0.5 }).is_err());
+    // IieuConv2d: a pack of the wrong length, a weight of the wrong dims, dy of the
+    // wrong dims — each an error naming the op, before any kernel runs.
+    let opts = IieuOpts {
+        stride: (1, 1),
+        padding: (1, 1),
+        dilation: (1, 1),
+        groups: 1,
+        patch_norm: PatchNorm::PerGroup,
+    };
+    let op = IieuConvOp::new(opts, [3, 2, 3, 3], IieuConvPsiSpec::None);
+    let (xp, _) = input(&data(2 * 2 * 5 * 4, 3), &[2, 2, 5, 4], DType::F32, &d);
+    let (w, _) = input(&data(3 * 2 * 9, 4), &[3, 2, 3, 3], DType::F32, &d);
+    let (pk, _) = input(&data(9, 5), &[9], DType::F32, &d);
+    let (short, _) = input(&data(8, 5), &[8], DType::F32, &d);
+    let err = xp.apply_op3_no_bwd(&w, &short, &op).unwrap_err();
+    assert!(err.to_string().contains("packed parameters"), "{err}");
+    let (w_bad, _) = input(&data(3 * 2 * 4, 4), &[3, 2, 2, 2], DType::F32, &d);
+    assert!(xp.apply_op3_no_bwd(&w_bad, &pk, &op).is_err());
+    let (dy_bad, _) = input(&data(2 * 3 * 5 * 3, 6), &[2, 3, 5, 3], DType::F32, &d);
+    let bop = IieuConvBwdOp {
+        fwd: op,
+        dy: dy_bad,
+    };
+    let err = xp.apply_op3_no_bwd(&w, &pk, &bop).unwrap_err();
+    assert!(err.to_string().contains("dy"), "{err}");
 }

@@ -2,7 +2,9 @@
 // mirror is src/cuda/abi.rs (#[repr(C)], with layout tests). Plain C: fixed-width
 // integer fields, no padding surprises (order fields largest first).
 #pragma once
+#ifndef __CUDACC_RTC__
 #include <stdint.h>
+#endif
 
 // ---- iieu ----------------------------------------------------------------
 // Geometry + patch-norm mode of one IIEU-B (kernels/iieu.cu). Built on the host

@@ -7,7 +7,28 @@
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC (the run-time compile of src/cuda/module.rs) has no C library headers: the
+// few types and macros the kernels use, with the meaning <stdint.h>/<stddef.h>/
+// <math.h> give them under nvcc (offsetof: the layout asserts are
+// skipped under NVRTC; nvcc and the emulator build check them).
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+typedef decltype(sizeof(0)) size_t;
+typedef unsigned long long uintptr_t;
+#define INFINITY __int_as_float(0x7f800000)
+#define NAN __int_as_float(0x7fc00000)
+#else
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
+#endif
 #define EMU_REGISTER(name)
 #define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 // Static shared memory. Under the emulator each declaration is an exact-size,

@@ -183,6 +183,18 @@ pub fn set_checks(c: Checks) -> Option<Checks> {
     Some(Checks::from_mask(unsafe { f(c.mask()) }))
 }
 
+/// Poses the emulated driver as one of CUDA version `v` (1000·major + 10·minor, as
+/// `cuDriverGetVersion` reports it; e.g. 12040 for an R550 driver) for subsequent
+/// version queries and image loads: it then refuses images that driver would refuse
+/// (a CUDA 13 image, PTX of a newer ISA). `0` restores `AK_EMU_DRIVER_VERSION` or the
+/// default, 13050. Contexts that already loaded the kernels keep them.
+pub fn set_driver_version(v: u32) {
+    if let Some(f) = sym::<unsafe extern "C" fn(i32)>(b"emu_set_driver_version\0") {
+        // SAFETY: plain store of an integer in the emulator.
+        unsafe { f(v.min(i32::MAX as u32) as i32) }
+    }
+}
+
 /// Sets the watchdog period in milliseconds (a launch that makes no progress for
 /// that long fails); 0 restores `AK_EMU_WATCHDOG_MS` or its default, 60 s.
 pub fn set_watchdog_ms(ms: u64) {

@@ -12,6 +12,11 @@
 // written by scripts/kernel-report.sh from an nvcc build; a kernel not in the table
 // is not register-checked).
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <vector>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -122,7 +127,107 @@ enum : int {
 };
 
 namespace {
-int g_ctx_token, g_module_token;
+int g_ctx_token;
+
+// ---- the driver's CUDA version, and the kernel images it accepts ----
+// The emulated driver poses as CUDA 13.5 (the toolchain CI builds with), or as
+// AK_EMU_DRIVER_VERSION / emu_set_driver_version (e.g. 12040 for an R550 driver), and
+// refuses an image that driver would refuse:
+// * the crate's emulated image ("... built with CUDA <v>"): needs a driver of <v>'s
+//   major version (as an nvcc image of that toolkit does);
+// * PTX: `.version` above the driver's PTX ISA (CUDA 12.0-12.5 -> 8.0-8.5, 12.6 ->
+//   8.5, 12.8 -> 8.7, 12.9 -> 8.8, 13.x -> 9.x) -> CUDA_ERROR_UNSUPPORTED_PTX_VERSION;
+//   `.target` above the emulated arch -> CUDA_ERROR_NO_BINARY_FOR_GPU;
+// * a cubin (ELF, EM_CUDA): its SM (e_flags & 0xff) must have the device's major and
+//   at most its minor -> else CUDA_ERROR_NO_BINARY_FOR_GPU;
+// * an nvcc fatbin: accepted (its kernels are the linked ones).
+// A PTX or cubin image holds only the kernels it defines (`.entry` / `.text.<name>`):
+// cuModuleGetFunction of any other is CUDA_ERROR_NOT_FOUND, as on a GPU.
+constexpr CUresult kErrInvalidImage = 200, kErrNoBinaryForGpu = 209, kErrUnsupportedPtx = 222;
+std::atomic<int> g_driver_version{0};
+
+int driver_version() {
+  int v = g_driver_version.load();
+  if (v > 0) return v;
+  const char* e = getenv("AK_EMU_DRIVER_VERSION");
+  v = (e && atoi(e) > 0) ? atoi(e) : 13050;
+  g_driver_version.store(v);
+  return v;
+}
+
+// The newest PTX ISA (10*major + minor) a driver of CUDA version `v` JIT-compiles.
+int max_ptx_isa(int v) {
+  const int major = v / 1000, minor = v % 1000 / 10;
+  if (major >= 13) return 90 + minor;
+  if (major < 12) return 0;
+  static const int k12[] = {80, 81, 82, 83, 84, 85, 85, 86, 87, 88};
+  return k12[std::min(minor, 9)];
+}
+
+struct Module {
+  bool all = false;                 // every linked kernel (emulated image, fatbin)
+  std::set<std::string> entries;    // else: the kernels the image defines
+};
+std::mutex g_modules_mu;
+std::vector<std::unique_ptr<Module>> g_modules;
+
+CUresult check_ptx(const char* p, Module& m) {
+  const char* ver = strstr(p, "\n.version ");
+  const char* tgt = strstr(p, "\n.target ");
+  if (!ver || !tgt) return kErrInvalidImage;
+  int vmaj = 0, vmin = 0, sm = 0;
+  if (sscanf(ver, "\n.version %d.%d", &vmaj, &vmin) != 2) return kErrInvalidImage;
+  if (sscanf(tgt, "\n.target sm_%d", &sm) != 1) return kErrInvalidImage;
+  if (vmaj * 10 + vmin > max_ptx_isa(driver_version())) return kErrUnsupportedPtx;
+  if (sm > emu::arch().sm) return kErrNoBinaryForGpu;
+  for (const char* q = strstr(p, ".entry "); q; q = strstr(q + 1, ".entry ")) {
+    const char* b = q + 7;
+    const char* e = b;
+    while (*e && *e != '(' && *e != ' ' && *e != '\n') ++e;
+    m.entries.emplace(b, e);
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult check_cubin(const unsigned char* p, Module& m) {
+  uint16_t machine;
+  uint32_t flags;
+  uint64_t shoff;
+  uint16_t shentsize, shnum;
+  memcpy(&machine, p + 18, 2);
+  memcpy(&shoff, p + 40, 8);
+  memcpy(&flags, p + 48, 4);
+  memcpy(&shentsize, p + 58, 2);
+  memcpy(&shnum, p + 60, 2);
+  if (p[4] != 2 || machine != 190) return kErrInvalidImage;  // ELF64, EM_CUDA
+  const int sm = int(flags & 0xff), dev = emu::arch().sm;
+  if (sm / 10 != dev / 10 || sm > dev) return kErrNoBinaryForGpu;
+  const size_t size = size_t(shoff) + size_t(shentsize) * shnum;
+  const std::string blob(reinterpret_cast<const char*>(p), size);
+  for (emu::Kernel* k : emu::all_kernels()) {
+    const std::string sec = std::string(".text.") + k->name;
+    if (blob.find(sec + '\0') != std::string::npos) m.entries.insert(k->name);
+  }
+  return CUDA_SUCCESS;
+}
+
+CUresult check_image(const char* p, Module& m) {
+  static const char kMarker[] = "activation-kernels: emulated image; built with CUDA ";
+  const unsigned char* u = reinterpret_cast<const unsigned char*>(p);
+  if (!strncmp(p, kMarker, sizeof kMarker - 1)) {
+    const int built = atoi(p + sizeof kMarker - 1);
+    if (driver_version() / 1000 < built / 1000) return kErrUnsupportedPtx;
+    m.all = true;
+    return CUDA_SUCCESS;
+  }
+  if (!memcmp(p, "\x7f" "ELF", 4)) return check_cubin(u, m);
+  if (u[0] == 0x50 && u[1] == 0xed && u[2] == 0x55 && u[3] == 0xba) {  // fatbin magic
+    m.all = true;
+    return CUDA_SUCCESS;
+  }
+  if (strstr(p, ".version ")) return check_ptx(p, m);
+  return kErrInvalidImage;
+}
 thread_local CUcontext tl_ctx = nullptr;
 
 const char* err_name(CUresult e) {
@@ -137,6 +242,9 @@ const char* err_name(CUresult e) {
     case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
     case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
     case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+    case kErrInvalidImage: return "CUDA_ERROR_INVALID_IMAGE";
+    case kErrNoBinaryForGpu: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
+    case kErrUnsupportedPtx: return "CUDA_ERROR_UNSUPPORTED_PTX_VERSION";
     default: return "CUDA_ERROR_UNKNOWN";
   }
 }
@@ -159,7 +267,8 @@ CUresult release(CUdeviceptr p) {
 // ---- device, context ----
 EXPORT CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
 EXPORT CUresult cuDriverGetVersion(int* v) {
-  *v = 13000;
+  if (!v) return CUDA_ERROR_INVALID_VALUE;
+  *v = driver_version();
   return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDeviceGetCount(int* c) {
@@ -307,12 +416,37 @@ EXPORT CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
 EXPORT CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) { return cuMemsetD32_v2(d, v, n); }
 
 // ---- modules and launches ----
-EXPORT CUresult cuModuleLoadData(CUmodule* m, const void*) {
-  *m = &g_module_token;
+EXPORT CUresult cuModuleLoadData(CUmodule* m, const void* image) {
+  if (!m || !image) return CUDA_ERROR_INVALID_VALUE;
+  auto mod = std::make_unique<Module>();
+  CUresult r = check_image(static_cast<const char*>(image), *mod);
+  if (r != CUDA_SUCCESS) return r;
+  std::lock_guard<std::mutex> g(g_modules_mu);
+  *m = mod.get();
+  g_modules.push_back(std::move(mod));
   return CUDA_SUCCESS;
 }
-EXPORT CUresult cuModuleUnload(CUmodule) { return CUDA_SUCCESS; }
-EXPORT CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+EXPORT CUresult cuModuleUnload(CUmodule m) {
+  std::lock_guard<std::mutex> g(g_modules_mu);
+  for (auto it = g_modules.begin(); it != g_modules.end(); ++it) {
+    if (it->get() == m) {
+      g_modules.erase(it);
+      return CUDA_SUCCESS;
+    }
+  }
+  return CUDA_ERROR_INVALID_HANDLE;
+}
+EXPORT CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
+  if (!f || !name) return CUDA_ERROR_INVALID_VALUE;
+  {
+    std::lock_guard<std::mutex> g(g_modules_mu);
+    const Module* mod = nullptr;
+    for (const auto& x : g_modules)
+      if (x.get() == m) mod = x.get();
+    if (!mod) return CUDA_ERROR_INVALID_HANDLE;
+    // A kernel the loaded image does not contain is not found, as on a GPU.
+    if (!mod->all && !mod->entries.count(name)) return CUDA_ERROR_NOT_FOUND;
+  }
   emu::Kernel* k = emu::find_kernel(name);
   if (!k) return CUDA_ERROR_NOT_FOUND;
   emu::apply_ptxas_table();
@@ -444,4 +578,11 @@ EXPORT int emu_set_kernel_regs(const char* name, int regs) {
   if (!k) return 0;
   k->regs = regs;
   return 1;
+}
+
+// Poses as a driver of CUDA version `v` (1000*major + 10*minor) for subsequent
+// cuDriverGetVersion calls and image loads; 0 restores AK_EMU_DRIVER_VERSION or 13.5.
+EXPORT void emu_set_driver_version(int v) {
+  g_driver_version.store(0);
+  if (v > 0) g_driver_version.store(v);
 }

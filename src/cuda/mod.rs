@@ -20,10 +20,11 @@ pub mod iieu;
 pub mod iieu_conv;
 pub mod iieu_dc;
 mod module;
+pub mod rtc;
 
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView};
 pub use dtype::DType;
-pub use module::Kernels;
+pub use module::{driver_version, Kernels, Origin};
 
 use cudarc::driver::{DriverError, LaunchArgs, PushKernelArg};
 

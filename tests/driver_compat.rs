@@ -60,7 +60,10 @@ fn cast_works(ctx: &std::sync::Arc<CudaContext>) {
 #[test]
 fn older_driver_gets_a_run_time_compile_or_a_clear_error() {
     let gpu = common::device::gpu().expect("the emulated device");
-    assert!(gpu.emulated, "this test poses the emulated driver as an old one");
+    assert!(
+        gpu.emulated,
+        "this test poses the emulated driver as an old one"
+    );
     drop(gpu.ctx);
     let cache = std::env::temp_dir().join(format!("ak-compat-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
@@ -96,7 +99,9 @@ fn older_driver_gets_a_run_time_compile_or_a_clear_error() {
     drop(ctx);
 
     // 3. With a CUDA 12.x NVRTC: compiled for the device, then read from the cache.
-    let nvrtc = std::env::var("AK_TEST_NVRTC_LIB").ok().filter(|p| !p.is_empty());
+    let nvrtc = std::env::var("AK_TEST_NVRTC_LIB")
+        .ok()
+        .filter(|p| !p.is_empty());
     match nvrtc {
         None => {
             assert!(
@@ -115,7 +120,10 @@ fn older_driver_gets_a_run_time_compile_or_a_clear_error() {
             let Origin::RunTime { nvrtc, from_cache } = k.origin().clone() else {
                 panic!("expected a run-time image, got {:?}", k.origin());
             };
-            assert_eq!(nvrtc.0, 12, "the test wants a CUDA 12.x NVRTC, got {nvrtc:?}");
+            assert_eq!(
+                nvrtc.0, 12,
+                "the test wants a CUDA 12.x NVRTC, got {nvrtc:?}"
+            );
             assert!(!from_cache);
             let names = table_kernels();
             assert!(names.len() > 100, "ptxas table too short: {}", names.len());
@@ -135,7 +143,13 @@ fn older_driver_gets_a_run_time_compile_or_a_clear_error() {
             let ctx = CudaContext::new(0).unwrap();
             let k = Kernels::get(&ctx).unwrap();
             assert!(
-                matches!(k.origin(), Origin::RunTime { from_cache: true, .. }),
+                matches!(
+                    k.origin(),
+                    Origin::RunTime {
+                        from_cache: true,
+                        ..
+                    }
+                ),
                 "second load must come from the cache: {:?}",
                 k.origin()
             );

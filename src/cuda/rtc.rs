@@ -363,7 +363,14 @@ mod tests {
     #[test]
     fn source_has_every_family_and_no_local_includes() {
         let s = source();
-        for f in ["acon.cu", "aiec.cu", "cast.cu", "iieu.cu", "iieu_conv.cu", "iieu_dc.cu"] {
+        for f in [
+            "acon.cu",
+            "aiec.cu",
+            "cast.cu",
+            "iieu.cu",
+            "iieu_conv.cu",
+            "iieu_dc.cu",
+        ] {
             assert!(s.contains(&format!("\"kernels/{f}\"")), "{f} missing");
         }
         assert_eq!(s.matches("#line 1 \"kernels/common.cuh\"").count(), 1);

@@ -173,3 +173,31 @@ fn older_driver_gets_a_run_time_compile_or_a_clear_error() {
     set_env("AK_CUDA_CACHE_DIR", None);
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// The emulated driver's image checks themselves, on hand-made PTX: a PTX ISA newer
+/// than the posed driver's is refused, so is a target above the device's arch, and a
+/// module serves only the entries its PTX defines.
+#[test]
+fn emulated_driver_checks_ptx_like_an_old_driver() {
+    use cudarc::nvrtc::Ptx;
+    let gpu = common::device::gpu().expect("the emulated device");
+    let ctx = gpu.ctx.clone();
+    let ptx = |isa: &str, sm: u32| {
+        Ptx::from_src(format!(
+            "//\n.version {isa}\n.target sm_{sm}\n.address_size 64\n\n\
+             .visible .entry cast_from_f32_f16(\n)\n{{\n\tret;\n}}\n"
+        ))
+    };
+    emu::set_driver_version(12040);
+    let refused = ctx.load_module(ptx("8.5", 75)).unwrap_err().to_string();
+    assert!(refused.contains("UNSUPPORTED_PTX_VERSION"), "{refused}");
+    let refused = ctx.load_module(ptx("8.4", 100)).unwrap_err().to_string();
+    assert!(refused.contains("NO_BINARY_FOR_GPU"), "{refused}");
+    let m = ctx.load_module(ptx("8.4", 75)).unwrap();
+    assert!(m.load_function("cast_from_f32_f16").is_ok());
+    assert!(m.load_function("cast_to_f32_f16").is_err(), "not defined by this PTX");
+    emu::set_driver_version(13050);
+    assert!(ctx.load_module(ptx("9.5", 86)).is_ok());
+    assert!(ctx.load_module(ptx("9.6", 86)).is_err());
+    emu::set_driver_version(0);
+}

@@ -18,10 +18,10 @@ typedef short int16_t;
 typedef unsigned short uint16_t;
 typedef int int32_t;
 typedef unsigned int uint32_t;
-typedef long long int64_t;
-typedef unsigned long long uint64_t;
+typedef long int64_t;  // LP64 Linux, as glibc's <stdint.h>
+typedef unsigned long uint64_t;
 typedef decltype(sizeof(0)) size_t;
-typedef unsigned long long uintptr_t;
+typedef unsigned long uintptr_t;
 #define INFINITY __int_as_float(0x7f800000)
 #define NAN __int_as_float(0x7fc00000)
 #else

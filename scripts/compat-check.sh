@@ -41,13 +41,21 @@ AK_NVRTC_LIB="$lib" AK_CUDA_CACHE_DIR= \
   cargo run --quiet --features emulate --example compile_kernels -- "$out/ptx" $archs
 
 echo "== ptxas 12.4 -v"
+assemble() {
+  "$ptxas" -v -arch="sm_$1" "$out/ptx/compute_$1.ptx" -o "$out/sm_$1.cubin" \
+    2> "$out/ptxas-sm_$1.txt" || { cat "$out/ptxas-sm_$1.txt"; return 1; }
+}
+# Two at a time (CI machines have 2 cores); every job's status is checked.
+pids=()
 for a in $archs; do
-  ( "$ptxas" -v -arch="sm_$a" "$out/ptx/compute_$a.ptx" -o "$out/sm_$a.cubin" \
-      2> "$out/ptxas-sm_$a.txt" || { cat "$out/ptxas-sm_$a.txt"; exit 1; } ) &
-  # two at a time (CI machines have 2 cores)
-  if [ $(jobs -r | wc -l) -ge 2 ]; then wait -n; fi
+  assemble "$a" &
+  pids+=($!)
+  if [ "${#pids[@]}" -ge 2 ]; then
+    wait "${pids[0]}" || { echo "ptxas 12.4 failed" >&2; exit 1; }
+    pids=("${pids[@]:1}")
+  fi
 done
-wait
+for p in "${pids[@]}"; do wait "$p" || { echo "ptxas 12.4 failed" >&2; exit 1; }; done
 
 python3 - "$out" "$docs" $archs <<'PY'
 import os, re, sys
@@ -90,6 +98,8 @@ with open(os.path.join(out, "ptxas-cuda12.tsv"), "w") as f:
     f.write("# kernel\tsm\tregisters\tstatic smem bytes\tspill bytes (NVRTC 12.4 + ptxas 12.4)\n")
     for (k, a), (r, s, sp) in sorted(rows.items()):
         f.write(f"{k}\t{a}\t{r}\t{s}\t{sp}\n")
+if not rows:
+    sys.exit("CUDA 12.x path FAILED: ptxas reported no kernels")
 kernels = sorted({k for (k, _) in rows})
 print(f"CUDA 12.4 path: {len(kernels)} kernels x {len(archs)} archs = {len(rows)} pairs, "
       f"PTX ISA <= 8.4, {len(spills)} with spills, "

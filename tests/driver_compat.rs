@@ -157,6 +157,27 @@ fn older_driver_gets_a_run_time_compile_or_a_clear_error() {
             drop(k);
             drop(ctx);
 
+            // A cached file that is not a whole image (here: garbage of the right
+            // name) is never handed to the driver: compiled again, and re-cached.
+            std::fs::write(files[0].path(), b"not a cubin").unwrap();
+            let ctx = CudaContext::new(0).unwrap();
+            let k = Kernels::get(&ctx).unwrap();
+            assert!(
+                matches!(
+                    k.origin(),
+                    Origin::RunTime {
+                        from_cache: false,
+                        ..
+                    }
+                ),
+                "{:?}",
+                k.origin()
+            );
+            cast_works(&ctx);
+            assert!(std::fs::metadata(files[0].path()).unwrap().len() > 1000);
+            drop(k);
+            drop(ctx);
+
             // 4. A driver older than the NVRTC's major version: refused, clearly.
             emu::set_driver_version(11080);
             let ctx = CudaContext::new(0).unwrap();
@@ -195,7 +216,10 @@ fn emulated_driver_checks_ptx_like_an_old_driver() {
     assert!(refused.contains("NO_BINARY_FOR_GPU"), "{refused}");
     let m = ctx.load_module(ptx("8.4", 75)).unwrap();
     assert!(m.load_function("cast_from_f32_f16").is_ok());
-    assert!(m.load_function("cast_to_f32_f16").is_err(), "not defined by this PTX");
+    assert!(
+        m.load_function("cast_to_f32_f16").is_err(),
+        "not defined by this PTX"
+    );
     emu::set_driver_version(13050);
     assert!(ctx.load_module(ptx("9.5", 86)).is_ok());
     assert!(ctx.load_module(ptx("9.6", 86)).is_err());

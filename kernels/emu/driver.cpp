@@ -150,9 +150,18 @@ int driver_version() {
   int v = g_driver_version.load();
   if (v > 0) return v;
   const char* e = getenv("AK_EMU_DRIVER_VERSION");
-  v = (e && atoi(e) > 0) ? atoi(e) : 13050;
-  g_driver_version.store(v);
-  return v;
+  int want = 13050;
+  if (e && *e) {
+    if (atoi(e) >= 1000) {
+      want = atoi(e);
+    } else {
+      fprintf(stderr, "[emulated device] AK_EMU_DRIVER_VERSION=%s: want 1000*major + 10*minor "
+                      "(e.g. 12040); using 13050\n", e);
+    }
+  }
+  int expected = 0;
+  g_driver_version.compare_exchange_strong(expected, want);
+  return g_driver_version.load();
 }
 
 // The newest PTX ISA (10*major + minor) a driver of CUDA version `v` JIT-compiles.
@@ -172,12 +181,20 @@ std::mutex g_modules_mu;
 std::vector<std::unique_ptr<Module>> g_modules;
 
 CUresult check_ptx(const char* p, Module& m) {
-  const char* ver = strstr(p, "\n.version ");
-  const char* tgt = strstr(p, "\n.target ");
+  // The directives at the start of a line (or of the text).
+  auto directive = [p](const char* d) -> const char* {
+    const size_t n = strlen(d);
+    if (!strncmp(p, d, n)) return p;
+    std::string nl = std::string("\n") + d;
+    const char* q = strstr(p, nl.c_str());
+    return q ? q + 1 : nullptr;
+  };
+  const char* ver = directive(".version ");
+  const char* tgt = directive(".target ");
   if (!ver || !tgt) return kErrInvalidImage;
   int vmaj = 0, vmin = 0, sm = 0;
-  if (sscanf(ver, "\n.version %d.%d", &vmaj, &vmin) != 2) return kErrInvalidImage;
-  if (sscanf(tgt, "\n.target sm_%d", &sm) != 1) return kErrInvalidImage;
+  if (sscanf(ver, ".version %d.%d", &vmaj, &vmin) != 2) return kErrInvalidImage;
+  if (sscanf(tgt, ".target sm_%d", &sm) != 1) return kErrInvalidImage;
   if (vmaj * 10 + vmin > max_ptx_isa(driver_version())) return kErrUnsupportedPtx;
   if (sm > emu::arch().sm) return kErrNoBinaryForGpu;
   for (const char* q = strstr(p, ".entry "); q; q = strstr(q + 1, ".entry ")) {
@@ -189,18 +206,24 @@ CUresult check_ptx(const char* p, Module& m) {
   return CUDA_SUCCESS;
 }
 
+// `p` starts with the ELF magic (check_image); like a driver, this trusts the header
+// for the image's extent (the crate checks a cached cubin is whole before loading it).
 CUresult check_cubin(const unsigned char* p, Module& m) {
+  if (p[4] != 2) return kErrInvalidImage;  // ELF64
   uint16_t machine;
   uint32_t flags;
   uint64_t shoff;
   uint16_t shentsize, shnum;
   memcpy(&machine, p + 18, 2);
+  if (machine != 190) return kErrInvalidImage;  // EM_CUDA
   memcpy(&shoff, p + 40, 8);
   memcpy(&flags, p + 48, 4);
   memcpy(&shentsize, p + 58, 2);
   memcpy(&shnum, p + 60, 2);
-  if (p[4] != 2 || machine != 190) return kErrInvalidImage;  // ELF64, EM_CUDA
-  const int sm = int(flags & 0xff), dev = emu::arch().sm;
+  if (shentsize != 64 || shoff > (size_t(1) << 30)) return kErrInvalidImage;
+  // The SM: e_flags bits 0-7 for ELF ABI version 7 (CUDA 12 and older), bits 8-15 for
+  // version 8 (CUDA 13).
+  const int sm = int(p[8] >= 8 ? (flags >> 8) & 0xff : flags & 0xff), dev = emu::arch().sm;
   if (sm / 10 != dev / 10 || sm > dev) return kErrNoBinaryForGpu;
   const size_t size = size_t(shoff) + size_t(shentsize) * shnum;
   const std::string blob(reinterpret_cast<const char*>(p), size);
@@ -582,7 +605,4 @@ EXPORT int emu_set_kernel_regs(const char* name, int regs) {
 
 // Poses as a driver of CUDA version `v` (1000*major + 10*minor) for subsequent
 // cuDriverGetVersion calls and image loads; 0 restores AK_EMU_DRIVER_VERSION or 13.5.
-EXPORT void emu_set_driver_version(int v) {
-  g_driver_version.store(0);
-  if (v > 0) g_driver_version.store(v);
-}
+EXPORT void emu_set_driver_version(int v) { g_driver_version.store(v > 0 ? v : 0); }

@@ -76,46 +76,53 @@ fn load(ctx: &Arc<CudaContext>) -> Result<(Arc<CudaModule>, Origin)> {
             Err(e) => format!("the driver refused it ({e})"),
         }
     } else {
-        format!(
-            "it needs a CUDA {}.x driver or newer",
-            dotted(needs).split('.').next().unwrap_or("?")
-        )
+        format!("it needs a CUDA {}.x driver or newer", needs / 1000)
     };
     let (major, minor) = ctx.compute_capability()?;
     let arch = u32::try_from(major * 10 + minor)
         .map_err(|_| Error::Driver(format!("bad compute capability {major}.{minor}")))?;
-    let compiled = rtc::nvrtc_version().and_then(|(maj, min)| {
-        if maj > driver / 1000 {
-            Err(Error::Driver(format!(
-                "NVRTC {maj}.{min} makes images for CUDA {maj}.x drivers, and this one is older"
-            )))
-        } else {
-            rtc::compile(rtc::Target::Cubin(arch))
-        }
-    });
-    let rtc_err = match compiled {
-        Ok(c) => match ctx.load_module(Ptx::from_binary(c.image)) {
-            Ok(m) => {
-                return Ok((
-                    m,
-                    Origin::RunTime {
-                        nvrtc: c.nvrtc,
-                        from_cache: c.from_cache,
-                    },
-                ))
-            }
+    let target = rtc::Target::Cubin(arch);
+    let rtc_err = match rtc::compile_for_driver(target, driver, true) {
+        Ok(c) => match ctx.load_module(Ptx::from_binary(c.image.clone())) {
+            Ok(m) => return Ok((m, c.origin())),
+            // A cached image the driver refuses (e.g. written by a broken earlier
+            // run): compile once more, replacing it.
+            Err(_) if c.from_cache => match rtc::compile_for_driver(target, driver, false) {
+                Ok(c) => match ctx.load_module(Ptx::from_binary(c.image.clone())) {
+                    Ok(m) => return Ok((m, c.origin())),
+                    Err(e) => format!("the driver refused its sm_{arch} image ({e})"),
+                },
+                Err(e) => e.to_string(),
+            },
             Err(e) => format!("the driver refused its sm_{arch} image ({e})"),
         },
         Err(e) => e.to_string(),
     };
     Err(Error::Driver(format!(
-        "cannot load the kernels on this GPU (sm_{arch}): the driver supports CUDA {} and          the built image comes from CUDA {} — {built_err}; the run-time compile failed:          {rtc_err}. Fix: update the NVIDIA driver (R580 or newer runs CUDA 13 images), or          rebuild with a CUDA 12.x toolkit (NVCC=/path/to/cuda-12.x/bin/nvcc), or install          NVRTC 12.x (`pip install nvidia-cuda-nvrtc-cu12`) and point AK_NVRTC_LIB at its          libnvrtc.so.12",
+        "cannot load the kernels on this GPU (sm_{arch}): the driver supports CUDA {} and \
+         the built image comes from CUDA {} — {built_err}; the run-time compile failed: \
+         {rtc_err}. Fix: update the NVIDIA driver to one that supports CUDA {}.x{}, or \
+         rebuild with a CUDA {dmaj}.x toolkit (NVCC=/path/to/cuda-{dmaj}.x/bin/nvcc), or \
+         install NVRTC {dmaj}.x (`pip install nvidia-cuda-nvrtc-cu{dmaj}`) and point \
+         AK_NVRTC_LIB at its libnvrtc.so.{dmaj}",
         dotted(driver),
         dotted(toolkit),
+        toolkit / 1000,
+        if toolkit >= 13000 {
+            " (R580 or newer)"
+        } else {
+            ""
+        },
+        dmaj = driver / 1000,
     )))
 }
 
-type Loaded = (Weak<CudaContext>, Arc<CudaModule>, Origin);
+/// One context's kernels, or why they could not be loaded: a failure is kept too, so
+/// later calls return it at once instead of repeating a run-time compile.
+type Loaded = (
+    Weak<CudaContext>,
+    std::result::Result<(Arc<CudaModule>, Origin), Error>,
+);
 static LOADED: Mutex<Vec<Loaded>> = Mutex::new(Vec::new());
 
 /// The crate's kernels loaded into one context.
@@ -128,22 +135,28 @@ pub struct Kernels {
 impl Kernels {
     /// The kernels for `ctx`, loading them on first use in that context (the built
     /// image, else a run-time compile; see the module doc). The error for a driver
-    /// that can run neither names both CUDA versions and the fixes.
+    /// that can run neither names both CUDA versions and the fixes; it is kept for the
+    /// context, so later calls return it without trying again.
+    ///
+    /// The first call in a context that needs the run-time compile takes the compile's
+    /// time (about 30 s, once per machine and GPU architecture thanks to the disk
+    /// cache); other threads asking for kernels wait for it meanwhile.
     pub fn get(ctx: &Arc<CudaContext>) -> Result<Self> {
         let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-        loaded.retain(|(w, _, _)| w.strong_count() > 0);
-        if let Some((_, m, o)) = loaded
+        loaded.retain(|(w, _)| w.strong_count() > 0);
+        let found = loaded
             .iter()
-            .find(|(w, _, _)| w.upgrade().is_some_and(|c| Arc::ptr_eq(&c, ctx)))
-        {
-            return Ok(Self {
-                module: m.clone(),
-                origin: o.clone(),
-            });
-        }
-        let (module, origin) = load(ctx)?;
-        loaded.push((Arc::downgrade(ctx), module.clone(), origin.clone()));
-        Ok(Self { module, origin })
+            .find(|(w, _)| w.upgrade().is_some_and(|c| Arc::ptr_eq(&c, ctx)))
+            .map(|(_, r)| r.clone());
+        let r = match found {
+            Some(r) => r,
+            None => {
+                let r = load(ctx);
+                loaded.push((Arc::downgrade(ctx), r.clone()));
+                r
+            }
+        };
+        r.map(|(module, origin)| Self { module, origin })
     }
 
     /// Where these kernels came from: the built image, or NVRTC at run time.

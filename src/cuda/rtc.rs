@@ -28,6 +28,16 @@ pub fn source() -> &'static str {
     include_str!(concat!(env!("OUT_DIR"), "/kernels_rtc.cu"))
 }
 
+impl Compiled {
+    /// The [`super::Origin`] of kernels loaded from this image.
+    pub fn origin(&self) -> super::Origin {
+        super::Origin::RunTime {
+            nvrtc: self.nvrtc,
+            from_cache: self.from_cache,
+        }
+    }
+}
+
 /// What to compile to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -92,38 +102,64 @@ fn nvrtc_err(msg: impl Into<String>) -> Error {
 }
 
 impl Nvrtc {
-    fn open() -> Result<Self> {
+    /// The first NVRTC of the search (module doc) whose major version is at most
+    /// `max_major` (the driver's: an NVRTC 13 cubin does not load on a 12.x driver),
+    /// trying `libnvrtc.so.<max_major>` first.
+    fn open(max_major: Option<i32>) -> Result<Self> {
         let explicit = std::env::var_os("AK_NVRTC_LIB").filter(|v| !v.is_empty());
+        let mut names: Vec<String> = Vec::new();
+        if let Some(m) = max_major {
+            names.push(format!("libnvrtc.so.{m}"));
+        }
+        for n in ["libnvrtc.so", "libnvrtc.so.12", "libnvrtc.so.13"] {
+            if !names.iter().any(|x| x == n) {
+                names.push(n.to_string());
+            }
+        }
         let mut candidates: Vec<PathBuf> = Vec::new();
         if let Some(p) = &explicit {
             candidates.push(PathBuf::from(p));
         } else {
-            for name in ["libnvrtc.so", "libnvrtc.so.12", "libnvrtc.so.13"] {
-                candidates.push(PathBuf::from(name));
-            }
+            candidates.extend(names.iter().map(PathBuf::from));
             for root in toolkit_roots() {
-                for name in ["libnvrtc.so", "libnvrtc.so.12", "libnvrtc.so.13"] {
-                    candidates.push(root.join("lib64").join(name));
-                }
+                candidates.extend(names.iter().map(|n| root.join("lib64").join(n)));
             }
         }
         let mut tried = Vec::new();
+        let mut too_new = Vec::new();
         for c in &candidates {
             // SAFETY: opens NVRTC, whose initialisers do not call back into this
             // process's code; the handle lives as long as `Nvrtc`.
             match unsafe { libloading::Library::new(c) } {
                 Ok(lib) => {
-                    return Ok(Self {
+                    let n = Self {
                         lib,
                         path: c.display().to_string(),
-                    })
+                    };
+                    let (maj, min) = n.version()?;
+                    match max_major {
+                        Some(m) if maj > m => too_new.push(format!(
+                            "{}: NVRTC {maj}.{min} makes images for CUDA {maj}.x drivers, \
+                             and this one is older",
+                            n.path
+                        )),
+                        _ => return Ok(n),
+                    }
                 }
                 Err(e) => tried.push(format!("{}: {e}", c.display())),
             }
         }
+        let want = max_major.map_or("12".to_string(), |m| m.to_string());
+        if !too_new.is_empty() {
+            return Err(nvrtc_err(format!(
+                "{}; install NVRTC {want}.x (e.g. `pip install nvidia-cuda-nvrtc-cu{want}`) \
+                 and set AK_NVRTC_LIB to its libnvrtc.so.{want}",
+                too_new.join("; ")
+            )));
+        }
         Err(nvrtc_err(format!(
             "no NVRTC library found (tried {}); install one (e.g. `pip install \
-             nvidia-cuda-nvrtc-cu12`) and set AK_NVRTC_LIB to its libnvrtc.so.12",
+             nvidia-cuda-nvrtc-cu{want}`) and set AK_NVRTC_LIB to its libnvrtc.so.{want}",
             tried.join("; ")
         )))
     }
@@ -276,6 +312,36 @@ pub fn cache_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".cache").join("activation-kernels"))
 }
 
+/// Whether a cached image is whole: a cubin's section headers lie inside the file
+/// (a truncated file fails this), PTX ends in its NUL. A driver is never handed a
+/// partial image: it would parse past the end of the buffer.
+fn image_complete(target: Target, image: &[u8]) -> bool {
+    match target {
+        Target::Ptx(_) => image.len() > 1 && image.last() == Some(&0),
+        Target::Cubin(_) => {
+            let field = |at: usize, n: usize| -> Option<u64> {
+                let b = image.get(at..at + n)?;
+                Some(
+                    b.iter()
+                        .rev()
+                        .fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
+                )
+            };
+            let (Some(shoff), Some(shentsize), Some(shnum)) =
+                (field(40, 8), field(58, 2), field(60, 2))
+            else {
+                return false;
+            };
+            image.starts_with(b"\x7fELF")
+                && image.get(4) == Some(&2)
+                && field(18, 2) == Some(190) // EM_CUDA
+                && shoff
+                    .checked_add(shentsize * shnum)
+                    .is_some_and(|end| end <= image.len() as u64)
+        }
+    }
+}
+
 /// 64-bit FNV-1a (the cache key; not a security boundary).
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -292,7 +358,7 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 
 /// The NVRTC found by the search in the module doc, as (major, minor).
 pub fn nvrtc_version() -> Result<(i32, i32)> {
-    Nvrtc::open()?.version()
+    Nvrtc::open(None)?.version()
 }
 
 /// Compiles [`source`] for `target` with the machine's NVRTC, through the disk cache.
@@ -301,7 +367,19 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 /// `cuda_fp16.h` — the same language and optimisation level as the nvcc build
 /// (`-O3` is NVRTC's default).
 pub fn compile(target: Target) -> Result<Compiled> {
-    let nvrtc = Nvrtc::open()?;
+    compile_with(target, true, None)
+}
+
+/// [`compile`] with the newest NVRTC a driver of CUDA version `driver` (as
+/// `cuDriverGetVersion` reports it) can load the output of: major version at most the
+/// driver's. `read_cache: false` compiles even when a cached image exists (for a cached
+/// image the driver refused); the result replaces the cached file either way.
+pub fn compile_for_driver(target: Target, driver: i32, read_cache: bool) -> Result<Compiled> {
+    compile_with(target, read_cache, Some(driver / 1000))
+}
+
+fn compile_with(target: Target, read_cache: bool, max_major: Option<i32>) -> Result<Compiled> {
+    let nvrtc = Nvrtc::open(max_major)?;
     let version = nvrtc.version()?;
     let mut opts = vec![target.arch_flag(), "-std=c++17".to_string()];
     if let Some(inc) = include_dir() {
@@ -309,10 +387,23 @@ pub fn compile(target: Target) -> Result<Compiled> {
     }
     let src = source();
     let ver = format!("{}.{}", version.0, version.1);
+    // The library itself (path, size, modification time) is part of the key: a patch
+    // release of the same major.minor, or another installation, compiles afresh.
+    let lib_id = std::fs::metadata(&nvrtc.path)
+        .map(|m| {
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            format!("{}:{}:{t}", nvrtc.path, m.len())
+        })
+        .unwrap_or_else(|_| nvrtc.path.clone());
     let key = fnv1a(&[
         src.as_bytes(),
         opts.join(" ").as_bytes(),
         ver.as_bytes(),
+        lib_id.as_bytes(),
         target.tag().as_bytes(),
     ]);
     let file = cache_dir().map(|d| {
@@ -323,9 +414,9 @@ pub fn compile(target: Target) -> Result<Compiled> {
             target.tag()
         ))
     });
-    if let Some(f) = &file {
+    if let Some(f) = file.as_ref().filter(|_| read_cache) {
         if let Ok(image) = std::fs::read(f) {
-            if !image.is_empty() {
+            if image_complete(target, &image) {
                 return Ok(Compiled {
                     image,
                     nvrtc: version,
@@ -342,8 +433,15 @@ pub fn compile(target: Target) -> Result<Compiled> {
         if let Some(dir) = f.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &image).is_ok() {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = f.with_extension(format!("tmp{}-{seq}", std::process::id()));
+        let written = std::fs::File::create(&tmp).and_then(|mut file| {
+            use std::io::Write;
+            file.write_all(&image)?;
+            file.sync_all()
+        });
+        if written.is_ok() {
             let _ = std::fs::rename(&tmp, f);
         }
         let _ = std::fs::remove_file(&tmp);
@@ -376,6 +474,24 @@ mod tests {
         assert_eq!(s.matches("#line 1 \"kernels/common.cuh\"").count(), 1);
         assert!(!s.contains("#include \""), "a local include was left");
         assert!(!s.contains("#pragma once"));
+    }
+
+    #[test]
+    fn partial_images_are_not_complete() {
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[18] = 190;
+        elf[40] = 64; // section headers at 64
+        elf[58] = 64; // 64 bytes each
+        elf[60] = 1; // one of them
+        assert!(!image_complete(Target::Cubin(86), &elf));
+        elf.resize(128, 0);
+        assert!(image_complete(Target::Cubin(86), &elf));
+        assert!(!image_complete(Target::Cubin(86), &elf[..40]));
+        assert!(!image_complete(Target::Cubin(86), b"garbage"));
+        assert!(image_complete(Target::Ptx(86), b".version 8.4\0"));
+        assert!(!image_complete(Target::Ptx(86), b".version 8.4"));
     }
 
     #[test]

@@ -441,6 +441,7 @@ mod nvcc {
             "CUDA_PATH",
             "AK_CUDA_ARCHS",
             "CUDA_COMPUTE_CAP",
+            "AK_DEVICE_CHECKS",
         ] {
             println!("cargo:rerun-if-env-changed={v}");
         }
@@ -483,6 +484,10 @@ mod nvcc {
         ])
         .arg("-I")
         .arg(&kdir);
+        // Device-side contract checks (kernels/common.cuh AK_EXPECT), off by default.
+        if std::env::var("AK_DEVICE_CHECKS").is_ok_and(|v| v == "1") {
+            cmd.arg("-DAK_DEVICE_CHECKS");
+        }
         // nvcc from the PyPI wheels keeps libcu++ headers under include/cccl.
         if let Some(inc) = nvcc
             .parent()

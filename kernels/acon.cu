@@ -451,17 +451,17 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 
 // Forward: y = d·σ(β·d) + p2·x (flat, both layouts; nlc = 1 for (N, L, C)).
 #define ACON_FWD(dt, T)                                                                                             \
-  extern "C" __global__ void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
+  AK_KERNEL void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
                                              int kind, long long n, long long c, long long s, int nlc) {            \
     ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                       \
   }                                                                                                                 \
   EMU_REGISTER(acon_c_fwd_##dt)                                                                                     \
-  extern "C" __global__ void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
+  AK_KERNEL void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
                                              long long n, long long c, long long s, int nlc) {                      \
     ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                   \
   }                                                                                                                 \
   EMU_REGISTER(acon_b_fwd_##dt)                                                                                     \
-  extern "C" __global__ void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n,            \
+  AK_KERNEL void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n,            \
                                              long long c, long long s, int nlc) {                                   \
     ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                             \
   }                                                                                                                 \
@@ -470,19 +470,19 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // Backward, NCHW: dx plus per-tile partials part[tile·3 + q] of
 // (dy·x·∂y/∂d, dy·x·(1 − ∂y/∂d), dy·∂y/∂β).
 #define ACON_BWD_NCHW(dt, T)                                                                                        \
-  extern "C" __global__ void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+  AK_KERNEL void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
                                                   const float* beta, int kind, long long n, long long c,            \
                                                   long long s, long long tpp, long long tile_elems, float* part) {  \
     ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);           \
   }                                                                                                                 \
   EMU_REGISTER(acon_c_bwd_nchw_##dt)                                                                                \
-  extern "C" __global__ void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+  AK_KERNEL void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
                                                   const float* beta, int kind, long long n, long long c,            \
                                                   long long s, long long tpp, long long tile_elems, float* part) {  \
     ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);       \
   }                                                                                                                 \
   EMU_REGISTER(acon_b_bwd_nchw_##dt)                                                                                \
-  extern "C" __global__ void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+  AK_KERNEL void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
                                                   long long n, long long c, long long s, long long tpp,             \
                                                   long long tile_elems, float* part) {                              \
     ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part); \
@@ -492,19 +492,19 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // Backward, (N, L, C): dx plus per-tile C-length partials
 // part[((n·tps + k)·3 + q)·C + ch]; dynamic shared memory blockDim.x·3·W floats.
 #define ACON_BWD_NLC(dt, T)                                                                                        \
-  extern "C" __global__ void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+  AK_KERNEL void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
                                                  const float* beta, int kind, long long n, long long l,            \
                                                  long long c, long long rows, float* part) {                       \
     ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, rows, part);                      \
   }                                                                                                                \
   EMU_REGISTER(acon_c_bwd_nlc_##dt)                                                                                \
-  extern "C" __global__ void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+  AK_KERNEL void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
                                                  const float* beta, int kind, long long n, long long l,            \
                                                  long long c, long long rows, float* part) {                       \
     ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, rows, part);                  \
   }                                                                                                                \
   EMU_REGISTER(acon_b_bwd_nlc_##dt)                                                                                \
-  extern "C" __global__ void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+  AK_KERNEL void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
                                                  long long n, long long l, long long c, long long rows,            \
                                                  float* part) {                                                    \
     ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, rows, part);            \
@@ -513,17 +513,17 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 
 // GAP partial sums (meta-ACON generators) and the in-place GAP backward.
 #define ACON_GAP(dt, T)                                                                                           \
-  extern "C" __global__ void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
+  AK_KERNEL void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
                                                 long long tile_elems, float* part) {                              \
     ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                \
   }                                                                                                               \
   EMU_REGISTER(acon_gap_nchw_##dt)                                                                                \
-  extern "C" __global__ void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, long long rows,  \
+  AK_KERNEL void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, long long rows,  \
                                                float* part) {                                                     \
     ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, rows, ak_acon::GapOp{}, part);                            \
   }                                                                                                               \
   EMU_REGISTER(acon_gap_nlc_##dt)                                                                                 \
-  extern "C" __global__ void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
+  AK_KERNEL void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
                                                long long c, long long s, int nlc) {                               \
     ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                \
     ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                           \
@@ -544,7 +544,7 @@ ACON_ALL(bf16, __nv_bfloat16)
 // tot[(q·N + n)·C + c] = scale · Σ_k part(n, c, k, q), k in order. NCHW partials
 // part[((n·C + c)·K + k)·NS + q], NLC part[((n·K + k)·NS + q)·C + c].
 // Reads NS·N·C·K floats, writes NS·N·C.
-extern "C" __global__ void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
+AK_KERNEL void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
                                              int ns, int nlc, float scale) {
   const long long total = (long long)ns * n * c;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -562,7 +562,7 @@ EMU_REGISTER(acon_reduce_tiles)
 // From tot (3 × N × C): dp1[c] = Σ_n tot[0], dp2[c] = Σ_n tot[1] (either may be
 // null), dβ by kind: per channel Σ_n tot[2]; per (n, c) tot[2]; per sample
 // Σ_c tot[2]; none for pixel-wise. Fixed-order sequential sums.
-extern "C" __global__ void acon_reduce_params(const float* tot, float* dp1, float* dp2, float* dbeta, int kind,
+AK_KERNEL void acon_reduce_params(const float* tot, float* dp1, float* dp2, float* dbeta, int kind,
                                               long long n, long long c) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -595,7 +595,7 @@ EMU_REGISTER(acon_reduce_params)
 // h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c] (a warp per j, lanes over c), then
 // β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]) (a warp per c, lanes over j).
 // b1, b2 may be null. Reads W1, W2 once per sample (L2-resident).
-extern "C" __global__ void acon_gen_fc_fwd(const float* gap, const float* w1, const float* b1, const float* w2,
+AK_KERNEL void acon_gen_fc_fwd(const float* gap, const float* w1, const float* b1, const float* w2,
                                            const float* b2, long long c, long long wd, float* h, float* beta) {
   const long long nn = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -620,7 +620,7 @@ EMU_REGISTER(acon_gen_fc_fwd)
 // Channel-wise backward, one block per sample: dz = dβ·β(1 − β) (N × C),
 // dh[j] = Σ_c W2[c, j]·dz[c] (warp per j), dg[c] = scale·Σ_j W1[j, c]·dh[j]
 // (thread per c; scale = 1/S folds in the GAP backward).
-extern "C" __global__ void acon_gen_fc_bwd(const float* dbeta, const float* beta, const float* w1, const float* w2,
+AK_KERNEL void acon_gen_fc_bwd(const float* dbeta, const float* beta, const float* w1, const float* w2,
                                            long long c, long long wd, float scale, float* dz, float* dh, float* dg) {
   const long long nn = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -649,7 +649,7 @@ EMU_REGISTER(acon_gen_fc_bwd)
 // Weight gradients, summed over samples in order (stage 2 of the per-sample
 // dz, dh): dW2[c, j] = Σ_n dz[n, c]·h[n, j], db2[c] = Σ_n dz[n, c],
 // dW1[j, c] = Σ_n dh[n, j]·g[n, c], db1[j] = Σ_n dh[n, j] (db1, db2 may be null).
-extern "C" __global__ void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
+AK_KERNEL void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
                                           long long n, long long c, long long wd, float* dw1, float* db1, float* dw2,
                                           float* db2) {
   const long long cw = c * wd, total = 2 * cw + c + wd;
@@ -678,7 +678,7 @@ extern "C" __global__ void acon_gen_wgrad(const float* dz, const float* dh, cons
 EMU_REGISTER(acon_gen_wgrad)
 
 // Layer-wise forward, one block per sample: β[n] = σ(Σ_c gap[n, c]).
-extern "C" __global__ void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
+AK_KERNEL void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
   SHARED_ARRAY(float, scratch, 32);
   const long long nn = blockIdx.x;
   float acc = 0.0f;
@@ -690,7 +690,7 @@ EMU_REGISTER(acon_layer_gen_fwd)
 
 // Layer-wise backward: dg[n] = dβ[n]·β[n](1 − β[n]) (then acon_gap_add_* with
 // per_sample = 1 and scale 1/S).
-extern "C" __global__ void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
+AK_KERNEL void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
     const float b = beta[i];
     dg[i] = dbeta[i] * b * (1.0f - b);

@@ -535,30 +535,30 @@ __device__ void dwd_reduce_impl(const float* __restrict__ partial, float* __rest
 // extern "C" entry points.
 
 #define AIEC_STORAGE_KERNELS(T, DT)                                                                                  \
-  extern "C" __global__ void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {                           \
+  AK_KERNEL void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {                           \
     ak_aiec::tau_fwd_impl<T>(x, y, n, tau);                                                                          \
   }                                                                                                                  \
   EMU_REGISTER(aiec_tau_fwd_##DT)                                                                                    \
-  extern "C" __global__ void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) {             \
+  AK_KERNEL void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) {             \
     ak_aiec::tau_bwd_impl<T>(dy, x, dx, n, tau);                                                                     \
   }                                                                                                                  \
   EMU_REGISTER(aiec_tau_bwd_##DT)                                                                                    \
-  extern "C" __global__ void aiec_feat_nchw_##DT(const T* x, T* y, float* feat, long long planes, long long s,       \
+  AK_KERNEL void aiec_feat_nchw_##DT(const T* x, T* y, float* feat, long long planes, long long s,       \
                                                  float tau, int apply_tau) {                                         \
     ak_aiec::feat_nchw_impl<T>(x, y, feat, planes, s, tau, apply_tau);                                               \
   }                                                                                                                  \
   EMU_REGISTER(aiec_feat_nchw_##DT)                                                                                  \
-  extern "C" __global__ void aiec_feat_nlc_##DT(const T* x, T* y, float* feat, int n, int l, int c, int token,       \
+  AK_KERNEL void aiec_feat_nlc_##DT(const T* x, T* y, float* feat, int n, int l, int c, int token,       \
                                                 float tau, int apply_tau) {                                          \
     ak_aiec::feat_nlc_impl<T>(x, y, feat, n, l, c, token, tau, apply_tau);                                           \
   }                                                                                                                  \
   EMU_REGISTER(aiec_feat_nlc_##DT)                                                                                   \
-  extern "C" __global__ void aiec_df_nchw_##DT(const T* f, const T* dout, const float* da, T* df, long long planes,  \
+  AK_KERNEL void aiec_df_nchw_##DT(const T* f, const T* dout, const float* da, T* df, long long planes,  \
                                                long long s, float tau, float inv_s) {                                \
     ak_aiec::df_nchw_impl<T>(f, dout, da, df, planes, s, tau, inv_s);                                                \
   }                                                                                                                  \
   EMU_REGISTER(aiec_df_nchw_##DT)                                                                                    \
-  extern "C" __global__ void aiec_df_nlc_##DT(const T* f, const T* dout, const float* da, T* df, long long total,    \
+  AK_KERNEL void aiec_df_nlc_##DT(const T* f, const T* dout, const float* da, T* df, long long total,    \
                                               int l, int c, int token, float tau, float inv_l) {                     \
     ak_aiec::df_nlc_impl<T>(f, dout, da, df, total, l, c, token, tau, inv_l);                                        \
   }                                                                                                                  \
@@ -568,59 +568,59 @@ AIEC_STORAGE_KERNELS(float, f32)
 AIEC_STORAGE_KERNELS(__half, f16)
 AIEC_STORAGE_KERNELS(__nv_bfloat16, bf16)
 
-extern "C" __global__ void aiec_dmu_fwd_f32(const float* a, const float* wd, const unsigned* labels, float* logits,
+AK_KERNEL void aiec_dmu_fwd_f32(const float* a, const float* wd, const unsigned* labels, float* logits,
                                             float* probs, float* loss, unsigned char* correct, int n, int c, int k) {
   ak_aiec::dmu_fwd_impl(a, wd, labels, logits, probs, loss, correct, n, c, k);
 }
 EMU_REGISTER(aiec_dmu_fwd_f32)
 
-extern "C" __global__ void aiec_count_f32(const float* a, const unsigned* labels, const unsigned char* correct,
+AK_KERNEL void aiec_count_f32(const float* a, const unsigned* labels, const unsigned char* correct,
                                           unsigned long long* theta, unsigned long long* eta, unsigned long long* phi,
                                           int n, int c) {
   ak_aiec::count_impl(a, labels, correct, theta, eta, phi, n, c);
 }
 EMU_REGISTER(aiec_count_f32)
 
-extern "C" __global__ void aiec_rate_masks_f32(const unsigned long long* theta, const unsigned long long* eta,
+AK_KERNEL void aiec_rate_masks_f32(const unsigned long long* theta, const unsigned long long* eta,
                                                const unsigned long long* phi, const float* wd, float* v,
                                                unsigned char* masks, int k, int c) {
   ak_aiec::rate_masks_impl(theta, eta, phi, wd, v, masks, k, c);
 }
 EMU_REGISTER(aiec_rate_masks_f32)
 
-extern "C" __global__ void aiec_gate_masks_f32(const float* v, const float* wd, unsigned char* masks,
+AK_KERNEL void aiec_gate_masks_f32(const float* v, const float* wd, unsigned char* masks,
                                                long long total) {
   ak_aiec::gate_masks_impl(v, wd, masks, total);
 }
 EMU_REGISTER(aiec_gate_masks_f32)
 
-extern "C" __global__ void aiec_gate_loss_f32(const float* a, const unsigned char* masks, const unsigned* labels,
+AK_KERNEL void aiec_gate_loss_f32(const float* a, const unsigned char* masks, const unsigned* labels,
                                               float* loss, int n, int c) {
   ak_aiec::gate_loss_impl(a, masks, labels, loss, n, c);
 }
 EMU_REGISTER(aiec_gate_loss_f32)
 
-extern "C" __global__ void aiec_loss_means_f32(const float* aux, const float* gate, float* out, int n,
+AK_KERNEL void aiec_loss_means_f32(const float* aux, const float* gate, float* out, int n,
                                                float lambda_aux, float lambda_gate) {
   ak_aiec::loss_means_impl(aux, gate, out, n, lambda_aux, lambda_gate);
 }
 EMU_REGISTER(aiec_loss_means_f32)
 
-extern "C" __global__ void aiec_da_f32(const float* a, const float* wd, const float* probs, const unsigned* labels,
+AK_KERNEL void aiec_da_f32(const float* a, const float* wd, const float* probs, const unsigned* labels,
                                        const unsigned char* masks, const float* dl_aux, const float* dl_gate,
                                        float aux_scale, float gate_scale, float* da, int n, int c, int k) {
   ak_aiec::da_impl(a, wd, probs, labels, masks, dl_aux, dl_gate, aux_scale, gate_scale, da, n, c, k);
 }
 EMU_REGISTER(aiec_da_f32)
 
-extern "C" __global__ void aiec_dwd_partial_f32(const float* a, const float* probs, const unsigned* labels,
+AK_KERNEL void aiec_dwd_partial_f32(const float* a, const float* probs, const unsigned* labels,
                                                 const float* dl_aux, float aux_scale, float* partial, int n, int c,
                                                 int k, int spb) {
   ak_aiec::dwd_partial_impl(a, probs, labels, dl_aux, aux_scale, partial, n, c, k, spb);
 }
 EMU_REGISTER(aiec_dwd_partial_f32)
 
-extern "C" __global__ void aiec_dwd_reduce_f32(const float* partial, float* dwd, int chunks, long long kc) {
+AK_KERNEL void aiec_dwd_reduce_f32(const float* partial, float* dwd, int chunks, long long kc) {
   ak_aiec::dwd_reduce_impl(partial, dwd, chunks, kc);
 }
 EMU_REGISTER(aiec_dwd_reduce_f32)

@@ -11,13 +11,13 @@ __device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x
 }  // namespace ak_cast
 
 #define CAST_KERNELS(SUF, T)                                                                 \
-  extern "C" __global__ void cast_to_f32_##SUF(const T* __restrict__ in, float* __restrict__ out, \
+  AK_KERNEL void cast_to_f32_##SUF(const T* __restrict__ in, float* __restrict__ out, \
                                                long long n) {                               \
     for (long long i = ak_cast::grid_tid(); i < n; i += ak_cast::grid_stride())             \
       out[i] = ak::to_f32(in[i]);                                                            \
   }                                                                                          \
   EMU_REGISTER(cast_to_f32_##SUF)                                                            \
-  extern "C" __global__ void cast_from_f32_##SUF(const float* __restrict__ in, T* __restrict__ out, \
+  AK_KERNEL void cast_from_f32_##SUF(const float* __restrict__ in, T* __restrict__ out, \
                                                  long long n) {                             \
     for (long long i = ak_cast::grid_tid(); i < n; i += ak_cast::grid_stride())             \
       out[i] = ak::from_f32<T>(in[i]);                                                       \

@@ -42,6 +42,53 @@ typedef unsigned long uintptr_t;
 
 #include "abi.h"
 
+// Every kernel of the crate: C linkage (the Rust side loads it by name) and its
+// launch bound, AK_LAUNCH_BOUND threads per block, which the emulated device records
+// per kernel (EMU_REGISTER) and enforces like a GPU: a larger block fails the launch
+// and cuFuncGetAttribute(MAX_THREADS_PER_BLOCK) reports it. For now the bound is the
+// hardware's 1024 and nvcc gets no __launch_bounds__: with __launch_bounds__(256)
+// ptxas capped some kernels at 80 registers and 18 kernel/arch pairs spilled; with
+// (256, 1), 159 of 280 sm_86/sm_90 pairs gained registers (up to +57), which lowers
+// occupancy. Per-family bounds are the kernel-sizing work of the launch audit
+// (docs/kernels.md). No launcher uses more than 256 threads per block today.
+#ifndef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024
+#endif
+#define AK_KERNEL extern "C" __global__
+
+// Device-side contract checks (what a kernel assumes of its launch, e.g. whole warps
+// for warp shuffles): always on for the emulated device, where a violation fails the
+// launch with the condition in the report; in nvcc builds only with AK_DEVICE_CHECKS=1
+// at build time (build.rs passes -DAK_DEVICE_CHECKS), where a violation prints it and
+// traps (the launch fails; the next synchronising call reports it).
+#if !defined(__CUDACC__)
+#define AK_EXPECT(cond)                                                               \
+  do {                                                                                \
+    if (!(cond)) emu::fault("kernel contract violated: " #cond " (" __FILE__ ")");   \
+  } while (0)
+#elif defined(AK_DEVICE_CHECKS)
+#define AK_EXPECT(cond)                                                                       \
+  do {                                                                                        \
+    if (!(cond)) {                                                                            \
+      printf("activation-kernels: kernel contract violated: %s (%s:%d)\n", #cond, __FILE__, \
+             __LINE__);                                                                       \
+      __trap();                                                                               \
+    }                                                                                         \
+  } while (0)
+#else
+#define AK_EXPECT(cond) \
+  do {                  \
+  } while (0)
+#endif
+#ifdef __CUDACC__
+// The second argument (at least 1 resident block per SM) leaves ptxas's register
+// budget where it was without bounds: with the thread bound alone, ptxas capped some
+// kernels at 80 registers to fit 3 blocks and they spilled.
+#define AK_KERNEL extern "C" __global__ __launch_bounds__(AK_LAUNCH_BOUND, 1)
+#else
+#define AK_KERNEL extern "C" __global__
+#endif
+
 namespace ak {
 
 // ---- storage <-> f32 ----
@@ -188,6 +235,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // gets the total. `scratch` holds >= 32 floats of shared memory. Fixed reduction
 // tree: the result is bitwise reproducible for a given blockDim.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1 && blockDim.z == 1);
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   v = warp_sum(v);
   __syncthreads();  // scratch may still be read by a previous call

@@ -480,7 +480,7 @@ __device__ void bwd_dxpre_impl(const T* __restrict__ x_pre, const float* __restr
 // ‖P‖ and r_x = 1/(‖P‖+eps) per (n,grp,h',w'): KH×KW window sum of q with the conv's
 // stride/padding and the patch dilation (g.dh, g.dw), zero outside the image — never a
 // convolution. Thread per output position. Bytes: ≤ KH·KW cached q reads, 8 B written.
-extern "C" __global__ void iieu_patch_window(const float* __restrict__ q, float* __restrict__ x_norm,
+AK_KERNEL void iieu_patch_window(const float* __restrict__ q, float* __restrict__ x_norm,
                                              float* __restrict__ r_x, IieuGeom g) {
   const long long hw = (long long)g.h * g.w;
   const long long P = (long long)g.oh * g.ow;
@@ -513,7 +513,7 @@ EMU_REGISTER(iieu_patch_window)
 // ν = σ(γ̇·m̂ + β̇). One block per sample, two-pass statistics.
 // Bytes per (n,o): reads m three times (mean, variance, normalisation; the re-reads
 // hit L1/L2), γ̇ and β̇ once; writes m̂, ν (4 B each); plus rstd per sample.
-extern "C" __global__ void iieu_ln_fwd(const float* __restrict__ m, const float* __restrict__ gamma,
+AK_KERNEL void iieu_ln_fwd(const float* __restrict__ m, const float* __restrict__ gamma,
                                        const float* __restrict__ beta, float* __restrict__ m_hat,
                                        float* __restrict__ rstd, float* __restrict__ nu, IieuGeom g) {
   SHARED_ARRAY(float, scratch, 32);
@@ -544,7 +544,7 @@ EMU_REGISTER(iieu_ln_fwd)
 // dm = rstd·(dm̂ − mean(dm̂) − m̂·mean(dm̂·m̂)). One block per sample.
 // Bytes: reads part[·,0] (Σg), ν, γ̇, m̂ in each of the two passes (the second from
 // L1/L2); writes dz, dm.
-extern "C" __global__ void iieu_ln_bwd(const float* __restrict__ part, const float* __restrict__ nu,
+AK_KERNEL void iieu_ln_bwd(const float* __restrict__ part, const float* __restrict__ nu,
                                        const float* __restrict__ gamma, const float* __restrict__ m_hat,
                                        const float* __restrict__ rstd, float* __restrict__ dz,
                                        float* __restrict__ dm, IieuGeom g) {
@@ -577,45 +577,45 @@ EMU_REGISTER(iieu_ln_bwd)
 // per-dtype entry points
 
 #define IIEU_KERNELS(SUF, T)                                                                              \
-  extern "C" __global__ void iieu_filter_norm_##SUF(const T* w, float* r_w, float* w_norm, IieuGeom g) { \
+  AK_KERNEL void iieu_filter_norm_##SUF(const T* w, float* r_w, float* w_norm, IieuGeom g) { \
     ak_iieu::filter_norm_impl<T>(w, r_w, w_norm, g);                                                      \
   }                                                                                                       \
   EMU_REGISTER(iieu_filter_norm_##SUF)                                                                    \
-  extern "C" __global__ void iieu_patch_sq_##SUF(const T* x_pre, float* q, IieuGeom g) {                 \
+  AK_KERNEL void iieu_patch_sq_##SUF(const T* x_pre, float* q, IieuGeom g) {                 \
     ak_iieu::patch_sq_impl<T>(x_pre, q, g);                                                               \
   }                                                                                                       \
   EMU_REGISTER(iieu_patch_sq_##SUF)                                                                       \
-  extern "C" __global__ void iieu_gap_##SUF(const T* x, float* m, IieuGeom g) {                          \
+  AK_KERNEL void iieu_gap_##SUF(const T* x, float* m, IieuGeom g) {                          \
     ak_iieu::gap_impl<T>(x, m, g);                                                                        \
   }                                                                                                       \
   EMU_REGISTER(iieu_gap_##SUF)                                                                            \
-  extern "C" __global__ void iieu_fwd_##SUF(const T* x, const float* lin, const float* r_w,              \
+  AK_KERNEL void iieu_fwd_##SUF(const T* x, const float* lin, const float* r_w,              \
                                             const float* r_x, const float* nu, const float* eta, T* y,   \
                                             IieuGeom g) {                                                \
     ak_iieu::fwd_impl<T>(x, lin, r_w, r_x, nu, eta, y, g);                                                \
   }                                                                                                       \
   EMU_REGISTER(iieu_fwd_##SUF)                                                                            \
-  extern "C" __global__ void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin,              \
+  AK_KERNEL void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin,              \
                                                  const float* r_w, const float* r_x, const float* nu,    \
                                                  const float* eta, float* part, IieuGeom g) {            \
     ak_iieu::bwd_sums_impl<T>(dy, x, lin, r_w, r_x, nu, eta, part, g);                                    \
   }                                                                                                       \
   EMU_REGISTER(iieu_bwd_sums_##SUF)                                                                       \
-  extern "C" __global__ void iieu_bwd_params_##SUF(const T* w, const float* part, const float* dz,       \
+  AK_KERNEL void iieu_bwd_params_##SUF(const T* w, const float* part, const float* dz,       \
                                                    const float* m_hat, const float* r_w,                 \
                                                    const float* w_norm, float* d_gamma, float* d_beta,   \
                                                    float* d_eta, T* dw, IieuGeom g) {                    \
     ak_iieu::bwd_params_impl<T>(w, part, dz, m_hat, r_w, w_norm, d_gamma, d_beta, d_eta, dw, g);          \
   }                                                                                                       \
   EMU_REGISTER(iieu_bwd_params_##SUF)                                                                     \
-  extern "C" __global__ void iieu_bwd_dx_##SUF(const T* dy, const T* x, const float* lin,                \
+  AK_KERNEL void iieu_bwd_dx_##SUF(const T* dy, const T* x, const float* lin,                \
                                                const float* r_w, const float* r_x, const float* x_norm,  \
                                                const float* nu, const float* eta, const float* dm, T* dx,\
                                                float* coef, IieuGeom g) {                                \
     ak_iieu::bwd_dx_impl<T>(dy, x, lin, r_w, r_x, x_norm, nu, eta, dm, dx, coef, g);                      \
   }                                                                                                       \
   EMU_REGISTER(iieu_bwd_dx_##SUF)                                                                         \
-  extern "C" __global__ void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre,          \
+  AK_KERNEL void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre,          \
                                                   IieuGeom g) {                                          \
     ak_iieu::bwd_dxpre_impl<T>(x_pre, coef, dx_pre, g);                                                   \
   }                                                                                                       \

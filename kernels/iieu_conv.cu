@@ -423,7 +423,7 @@ __device__ void dc_impl(const T* __restrict__ dx, const T* __restrict__ c, const
 // ‖P‖ = sqrt(Σ sq) and r_x = 1/(‖P‖ + eps) per (n, grp', p): PerGroup (gp == groups)
 // reads its own group's partial; AllChannels (gp == 1) sums the groups' partials in
 // group order. NaN propagates (no fmaxf). Thread per output.
-extern "C" __global__ void iieu_conv_rx(const float* __restrict__ sq, float* __restrict__ x_norm,
+AK_KERNEL void iieu_conv_rx(const float* __restrict__ sq, float* __restrict__ x_norm,
                                         float* __restrict__ r_x, ConvGeom g) {
   const long long P = (long long)g.oh * g.ow;
   const long long total = (long long)g.n * g.gp * P;
@@ -445,7 +445,7 @@ EMU_REGISTER(iieu_conv_rx)
 
 // Per (n, o): Chan merge, in tile order, of the forward's per-tile (mean, M2) of c.
 // Thread per plane.
-extern "C" __global__ void iieu_conv_plane_stats(const float* __restrict__ st_mean, const float* __restrict__ st_m2,
+AK_KERNEL void iieu_conv_plane_stats(const float* __restrict__ st_mean, const float* __restrict__ st_m2,
                                                  float* __restrict__ mean_c, float* __restrict__ m2_c, ConvGeom g) {
   const int P = g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
@@ -474,7 +474,7 @@ EMU_REGISTER(iieu_conv_plane_stats)
 // batch mean/var of c over N·H'·W' (merge of the per-sample (mean, M2) in sample order),
 // written to bmean/bvar, and running_mean/var updated in place (PyTorch rule, unbiased
 // variance). Writes lin[o] = (sub, k, scale, add) and GAP(x)[n,o] = ψ(mean_c[n,o]).
-extern "C" __global__ void iieu_conv_psi(const float* __restrict__ mean_c, const float* __restrict__ m2_c, int mode,
+AK_KERNEL void iieu_conv_psi(const float* __restrict__ mean_c, const float* __restrict__ m2_c, int mode,
                                          const float* __restrict__ a, const float* __restrict__ b,
                                          float* __restrict__ run_mean, float* __restrict__ run_var, float momentum,
                                          float bn_eps, float* __restrict__ lin, float* __restrict__ bmean,
@@ -532,7 +532,7 @@ EMU_REGISTER(iieu_conv_psi)
 // Stage 2 of ψ's backward, thread per o: S1 = Σ_n Σdx, S2 = Σ_n Σdx·x̂ (sample order);
 // d_shift = S1, d_scale = S2 (each optional); coef = (A, B, C) of dc = A·dx + B·x̂ + C:
 // A = scale·k; for BatchNorm training also B = −A·S2/M, C = −A·S1/M (M = N·H'·W').
-extern "C" __global__ void iieu_conv_psi_bwd_params(const float* __restrict__ part2, const float* __restrict__ lin,
+AK_KERNEL void iieu_conv_psi_bwd_params(const float* __restrict__ part2, const float* __restrict__ lin,
                                                     int mode, float* __restrict__ d_scale,
                                                     float* __restrict__ d_shift, float* __restrict__ coef,
                                                     ConvGeom g) {
@@ -559,30 +559,30 @@ EMU_REGISTER(iieu_conv_psi_bwd_params)
 // per-dtype entry points
 
 #define IIEU_CONV_KERNELS(SUF, T)                                                                                \
-  extern "C" __global__ void iieu_conv_fwd_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, \
+  AK_KERNEL void iieu_conv_fwd_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, \
                                                  float* st_m2, ConvGeom g) {                                    \
     ak_conv::fwd_impl<T>(x_pre, w, out, sq, st_mean, st_m2, g);                                                  \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_fwd_##SUF)                                                                              \
-  extern "C" __global__ void iieu_conv_dgrad_##SUF(const T* dc, const T* w, const T* add, T* dx_pre,            \
+  AK_KERNEL void iieu_conv_dgrad_##SUF(const T* dc, const T* w, const T* add, T* dx_pre,            \
                                                    ConvGeom g) {                                                \
     ak_conv::dgrad_impl<T>(dc, w, add, dx_pre, g);                                                               \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_dgrad_##SUF)                                                                            \
-  extern "C" __global__ void iieu_conv_wgrad_##SUF(const T* dc, const T* x_pre, float* part, ConvGeom g) {      \
+  AK_KERNEL void iieu_conv_wgrad_##SUF(const T* dc, const T* x_pre, float* part, ConvGeom g) {      \
     ak_conv::wgrad_impl<T>(dc, x_pre, part, g);                                                                  \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_wgrad_##SUF)                                                                            \
-  extern "C" __global__ void iieu_conv_wgrad_reduce_##SUF(const float* part, const T* add, T* dw, ConvGeom g) { \
+  AK_KERNEL void iieu_conv_wgrad_reduce_##SUF(const float* part, const T* add, T* dw, ConvGeom g) { \
     ak_conv::wgrad_reduce_impl<T>(part, add, dw, g);                                                             \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_wgrad_reduce_##SUF)                                                                     \
-  extern "C" __global__ void iieu_conv_psi_bwd_sums_##SUF(const T* dx, const T* c, const float* lin,            \
+  AK_KERNEL void iieu_conv_psi_bwd_sums_##SUF(const T* dx, const T* c, const float* lin,            \
                                                           float* part2, ConvGeom g) {                           \
     ak_conv::psi_bwd_sums_impl<T>(dx, c, lin, part2, g);                                                         \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_psi_bwd_sums_##SUF)                                                                     \
-  extern "C" __global__ void iieu_conv_dc_##SUF(const T* dx, const T* c, const float* lin, const float* coef,   \
+  AK_KERNEL void iieu_conv_dc_##SUF(const T* dx, const T* c, const float* lin, const float* coef,   \
                                                 T* dc, ConvGeom g) {                                            \
     ak_conv::dc_impl<T>(dx, c, lin, coef, dc, g);                                                                \
   }                                                                                                              \

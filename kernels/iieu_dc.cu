@@ -647,22 +647,22 @@ __device__ void dx_impl(const T* __restrict__ dy, const float* __restrict__ lam,
 #define AK_DC_PARAMS ak_iieu_dc::Params{ln1w, ln1b, w1, g2, b2, eta, w2, ln2w, ln2b}
 
 #define AK_DC_TYPED(SUF, T)                                                                                     \
-  extern "C" __global__ void iieu_dc_gap_##SUF(const T* x, const T* res, float* gap, long long planes, int c,   \
+  AK_KERNEL void iieu_dc_gap_##SUF(const T* x, const T* res, float* gap, long long planes, int c,   \
                                                long long s, int warp_mode, float inv_s) {                       \
     ak_iieu_dc::plane_reduce<T, 0>(x, res, x, gap, planes, c, s, warp_mode, inv_s);                             \
   }                                                                                                             \
   EMU_REGISTER(iieu_dc_gap_##SUF)                                                                               \
-  extern "C" __global__ void iieu_dc_dots_##SUF(const T* dy, const T* x, const T* res, float* pd,              \
+  AK_KERNEL void iieu_dc_dots_##SUF(const T* dy, const T* x, const T* res, float* pd,              \
                                                 long long planes, int c, long long s, int warp_mode) {          \
     ak_iieu_dc::plane_reduce<T, 1>(x, res, dy, pd, planes, c, s, warp_mode, 1.0f);                              \
   }                                                                                                             \
   EMU_REGISTER(iieu_dc_dots_##SUF)                                                                              \
-  extern "C" __global__ void iieu_dc_mix_##SUF(const T* x, const T* res, const float* lam, T* out,             \
+  AK_KERNEL void iieu_dc_mix_##SUF(const T* x, const T* res, const float* lam, T* out,             \
                                                long long numel, long long s, int c) {                           \
     ak_iieu_dc::mix_impl<T>(x, res, lam, out, numel, s, c);                                                     \
   }                                                                                                             \
   EMU_REGISTER(iieu_dc_mix_##SUF)                                                                               \
-  extern "C" __global__ void iieu_dc_dx_##SUF(const T* dy, const float* lam, const float* dgap, T* dx, T* dres, \
+  AK_KERNEL void iieu_dc_dx_##SUF(const T* dy, const float* lam, const float* dgap, T* dx, T* dres, \
                                               long long numel, long long s, int c, float inv_s) {               \
     ak_iieu_dc::dx_impl<T>(dy, lam, dgap, dx, dres, numel, s, c, inv_s);                                        \
   }                                                                                                             \
@@ -672,19 +672,19 @@ AK_DC_TYPED(f32, float)
 AK_DC_TYPED(f16, __half)
 AK_DC_TYPED(bf16, __nv_bfloat16)
 
-extern "C" __global__ void iieu_dc_coupler_fwd_f32(const float* gap, AK_DC_PARAMS_DECL, float* lam, int n, int c,
+AK_KERNEL void iieu_dc_coupler_fwd_f32(const float* gap, AK_DC_PARAMS_DECL, float* lam, int n, int c,
                                                    int hd) {
   ak_iieu_dc::coupler_fwd_impl(gap, AK_DC_PARAMS, lam, n, c, hd);
 }
 EMU_REGISTER(iieu_dc_coupler_fwd_f32)
 
-extern "C" __global__ void iieu_dc_coupler_bwd_f32(const float* gap, const float* pd, AK_DC_PARAMS_DECL,
+AK_KERNEL void iieu_dc_coupler_bwd_f32(const float* gap, const float* pd, AK_DC_PARAMS_DECL,
                                                    float* dgap, float* part, int n, int c, int hd) {
   ak_iieu_dc::coupler_bwd_impl(gap, pd, AK_DC_PARAMS, dgap, part, n, c, hd);
 }
 EMU_REGISTER(iieu_dc_coupler_bwd_f32)
 
-extern "C" __global__ void iieu_dc_param_sum_f32(const float* part, int rows, int c, int hd, float* l1w,
+AK_KERNEL void iieu_dc_param_sum_f32(const float* part, int rows, int c, int hd, float* l1w,
                                                  float* l1b, float* w1, float* g2, float* b2, float* eta,
                                                  float* w2, float* l2w, float* l2b) {
   ak_iieu_dc::param_sum_impl(part, rows, c, hd, l1w, l1b, w1, g2, b2, eta, w2, l2w, l2b);

@@ -21,7 +21,9 @@ fn setup() -> (MutexGuard<'static, ()>, Arc<CudaContext>, Arc<CudaModule>) {
     emu::set_schedule(Schedule::Identity);
     let ctx = CudaContext::new(0).expect("open the emulated device");
     let module = ctx
-        .load_module(Ptx::from_binary(b"emulated\0".to_vec()))
+        .load_module(Ptx::from_binary(
+            b"activation-kernels: emulated image; built with CUDA 13000\0".to_vec(),
+        ))
         .expect("load module");
     (g, ctx, module)
 }
@@ -726,6 +728,64 @@ fn launch_limit_grid_and_block_dimensions() {
     );
 }
 
+/// A kernel's launch bound (AK_LAUNCH_BOUND at its EMU_REGISTER, as
+/// `__launch_bounds__` on a GPU): the emulated driver reports it as the function's
+/// thread limit and refuses a larger block; the bound itself goes ahead.
+#[test]
+fn launch_limit_kernel_launch_bounds() {
+    use cudarc::driver::sys::CUfunction_attribute as A;
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_bounded").unwrap();
+    assert_eq!(
+        f.get_attribute(A::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+            .unwrap(),
+        128
+    );
+    let s = ctx.default_stream();
+    let mut y = s.alloc_zeros::<f32>(512).unwrap();
+    let n = 512i32;
+    let mut launch = |block: u32| {
+        let mut b = s.launch_builder(&f);
+        b.arg(&mut y).arg(&n);
+        // SAFETY: emu_selftest_bounded(y, n) writes y[0..n), grid-stride; y holds 512.
+        unsafe { b.launch(cfg((1, 1, 1), block, 0)) }
+    };
+    launch(128).unwrap();
+    assert_has(
+        &fault_of(launch(256)),
+        &[
+            "emu_selftest_bounded",
+            "256 threads per block, above the kernel's __launch_bounds__(128)",
+        ],
+    );
+    // The crate's kernels have the hardware's bound for now (kernels/common.cuh).
+    let k = m.load_function("cast_to_f32_f16").unwrap();
+    let max = k
+        .get_attribute(A::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+        .unwrap();
+    assert!(max > 256, "{max}");
+}
+
+/// A kernel contract (AK_EXPECT in kernels/common.cuh) fails the launch on the emulated
+/// device with the condition in the report: ak::block_sum needs whole warps.
+#[test]
+fn kernel_contract_violation_fails_the_launch() {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_block_sum").unwrap();
+    let s = ctx.default_stream();
+    let x = s.clone_htod(&[1.0f32; 96]).unwrap();
+    let mut out = s.alloc_zeros::<f32>(2).unwrap();
+    let n = 96i32;
+    let mut b = s.launch_builder(&f);
+    b.arg(&x).arg(&mut out).arg(&n);
+    // SAFETY: emu_selftest_block_sum reads x[0..n) grid-stride and writes out[blockIdx.x].
+    let r = unsafe { b.launch(cfg((1, 1, 1), 48, 0)) };
+    assert_has(
+        &fault_of(r),
+        &["kernel contract violated: (blockDim.x & 31) == 0"],
+    );
+}
+
 #[test]
 fn launch_limit_registers_times_threads() {
     // ptxas never sees the self-test kernels: pose as it had reported 128 registers.
@@ -817,7 +877,7 @@ fn thread_orders_are_what_they_claim() {
 
 /// The driver answers a real kernel's registers and static shared memory from the
 /// ptxas table of the emulated arch (sm_86 unless AK_EMU_ARCH says 90), and its
-/// max threads per block follows from the register file.
+/// max threads per block follows from the register file (and the launch bound).
 #[test]
 fn function_attributes_come_from_the_ptxas_table() {
     let (_g, _ctx, m) = setup();

@@ -73,7 +73,7 @@ inline void poll() {
 }
 
 using Trampoline = void (*)(void* fn, void** params);
-void register_kernel(const char* name, void* fn, Trampoline t);
+void register_kernel(const char* name, void* fn, Trampoline t, int max_threads);
 
 template <class... A, size_t... I>
 void call_impl(void (*f)(A...), void** p, std::index_sequence<I...>) {
@@ -88,7 +88,7 @@ Trampoline tramp_for(void (*)(A...)) {
   return &trampoline<A...>;
 }
 struct Registrar {
-  Registrar(const char* n, void* f, Trampoline t) { register_kernel(n, f, t); }
+  Registrar(const char* n, void* f, Trampoline t, int max_threads) { register_kernel(n, f, t, max_threads); }
 };
 
 template <class T>
@@ -119,8 +119,11 @@ inline T exchange(unsigned mask, T v, F src_of) {
 }
 }  // namespace emu
 
-#define EMU_REGISTER(name) \
-  static emu::Registrar emu_registrar_##name(#name, reinterpret_cast<void*>(&name), emu::tramp_for(&name));
+// AK_LAUNCH_BOUND at the point of registration is the kernel's __launch_bounds__
+// (kernels/common.cuh: every AK_KERNEL); the driver refuses larger blocks.
+#define EMU_REGISTER(name)                                                                     \
+  static emu::Registrar emu_registrar_##name(#name, reinterpret_cast<void*>(&name), emu::tramp_for(&name), \
+                                             AK_LAUNCH_BOUND);
 
 #define threadIdx (emu::cur->tid)
 #define blockIdx (emu::cur->bid)

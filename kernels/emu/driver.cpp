@@ -484,7 +484,7 @@ EXPORT CUresult cuFuncGetAttribute(int* v, int attrib, CUfunction f) {
   int regs = std::max(k.regs, 0), st = std::max(k.static_smem, 0);
   switch (attrib) {
     case 0:  // CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
-      *v = 1024;
+      *v = std::min(1024, k.max_threads);
       if (regs > 0)
         while (*v > 32 && emu::block_regs(regs, *v) > emu::arch().regs_per_block) *v -= 32;
       break;
@@ -528,6 +528,9 @@ std::string launch_limits(const emu::Kernel& k, unsigned gx, unsigned gy, unsign
   if (!gx || !gy || !gz || !bx || !by || !bz) return at + "a zero dimension";
   if (bx > 1024 || by > 1024 || bz > 64 || threads > 1024)
     return at + "more than 1024 threads per block, or a block dimension above (1024, 1024, 64)";
+  if (threads > (unsigned long long)k.max_threads)
+    return at + std::to_string(threads) + " threads per block, above the kernel's __launch_bounds__(" +
+           std::to_string(k.max_threads) + ")";
   if (gx > 2147483647u || gy > 65535 || gz > 65535) return at + "grid y or z above 65535 (x above 2^31-1)";
   if ((long long)smem > k.max_dynamic_smem)
     return at + "dynamic shared memory above the function's limit of " + std::to_string(k.max_dynamic_smem) +

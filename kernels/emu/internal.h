@@ -32,6 +32,8 @@ struct Kernel {
   // From the ptxas table for the emulated arch (-1: not in the table).
   int regs;
   int static_smem;
+  // __launch_bounds__ (max threads per block) the kernel was compiled with.
+  int max_threads;
 };
 Kernel* find_kernel(const char* name);
 // Every registered kernel, by name.

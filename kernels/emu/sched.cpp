@@ -63,8 +63,8 @@ std::map<std::string, Kernel>& registry() {
 }
 }  // namespace
 
-void register_kernel(const char* name, void* fn, Trampoline t) {
-  registry()[name] = Kernel{fn, t, name, kDefaultDynamicSmem, -1, -1};
+void register_kernel(const char* name, void* fn, Trampoline t, int max_threads) {
+  registry()[name] = Kernel{fn, t, name, kDefaultDynamicSmem, -1, -1, max_threads};
 }
 Kernel* find_kernel(const char* name) {
   auto it = registry().find(name);

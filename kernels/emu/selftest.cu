@@ -3,6 +3,7 @@
 // implements warp collectives correctly for full and partial warps.
 #include "../common.cuh"
 
+
 // Sum of x[0..n) per block of blockDim.x threads using only warp shuffles; the
 // active-lane mask of the last (partial) warp is computed with __ballot_sync, so
 // blockDim.x need not be a multiple of 32. out[blockIdx.x*32 + warp] = warp sum.
@@ -203,3 +204,14 @@ extern "C" __global__ void emu_selftest_cross_block(float* x, float* y, int mode
   }
 }
 EMU_REGISTER(emu_selftest_cross_block)
+
+// A kernel registered with a launch bound of 128 threads (as __launch_bounds__(128)
+// would give it on a GPU): the driver must refuse a 256-thread block.
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 128
+extern "C" __global__ void emu_selftest_bounded(float* y, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = 1.0f;
+}
+EMU_REGISTER(emu_selftest_bounded)
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024

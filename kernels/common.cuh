@@ -80,14 +80,6 @@ typedef unsigned long uintptr_t;
   do {                  \
   } while (0)
 #endif
-#ifdef __CUDACC__
-// The second argument (at least 1 resident block per SM) leaves ptxas's register
-// budget where it was without bounds: with the thread bound alone, ptxas capped some
-// kernels at 80 registers to fit 3 blocks and they spilled.
-#define AK_KERNEL extern "C" __global__ __launch_bounds__(AK_LAUNCH_BOUND, 1)
-#else
-#define AK_KERNEL extern "C" __global__
-#endif
 
 namespace ak {
 

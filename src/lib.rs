@@ -13,6 +13,9 @@
 //! `f32` and `f64` ([`Real`]) and is both the reference for GPU parity and the
 //! default backend.
 #![deny(missing_docs)]
+// docs.rs (Cargo.toml `[package.metadata.docs.rs]`) passes `--cfg docsrs`: label the items
+// that need a crate feature ("Available on crate feature … only").
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "candle")]
 pub mod candle;

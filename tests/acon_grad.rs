@@ -9,6 +9,7 @@ mod common;
 
 use activation_kernels::cpu::acon::*;
 use activation_kernels::ActShape;
+use approx::assert_abs_diff_eq;
 use common::*;
 
 /// The shapes of the case matrix: NCHW (N, 5, 3×7) and NLC (N, L = 7, 5), N ∈ {1, 3}.
@@ -217,7 +218,7 @@ fn channel_gen_forward_matches_naive_formula() {
         for c in 0..sh.c {
             let z = g.b2.as_ref().unwrap()[c] + dot(&g.w2[c * g.width..(c + 1) * g.width], &h);
             let want = 1.0 / (1.0 + (-z).exp());
-            assert!((beta[n * sh.c + c] - want).abs() < 1e-14);
+            assert_abs_diff_eq!(beta[n * sh.c + c], want, epsilon = 1e-14);
         }
     }
 }
@@ -240,7 +241,7 @@ fn layer_gen_gradcheck_and_formula() {
                 .map(|(c, s)| x[sh.idx(n, c, s)])
                 .sum::<f64>()
                 / sh.s as f64;
-            assert!((beta[n] - 1.0 / (1.0 + (-z).exp())).abs() < 1e-14);
+            assert_abs_diff_eq!(beta[n], 1.0 / (1.0 + (-z).exp()), epsilon = 1e-14);
         }
         let dx = layer_gen_backward(&sh, &w, &beta).unwrap();
         let nx = numeric_grad(&x, |v| dot(&w, &layer_gen_forward(&sh, v).unwrap()));
@@ -360,7 +361,7 @@ fn acon_c_forward_matches_naive_formula() {
                         };
                         let dd = (d.p1[c] - d.p2[c]) * xv;
                         let want = dd / (1.0 + (-b * dd).exp()) + d.p2[c] * xv;
-                        assert!((y[i] - want).abs() <= 1e-14 * (1.0 + want.abs()));
+                        assert_abs_diff_eq!(y[i], want, epsilon = 1e-14 * (1.0 + want.abs()));
                     }
                 }
             }

@@ -4,6 +4,7 @@ mod common;
 
 use activation_kernels::cpu::acon::*;
 use activation_kernels::{ActShape, Layout};
+use approx::abs_diff_eq;
 use common::*;
 use proptest::prelude::*;
 
@@ -79,7 +80,7 @@ proptest! {
         for (i, (&yv, &xv)) in y.iter().zip(&x).enumerate() {
             let c = chan(&sh, i);
             let want = (p1[c] * xv).max(p2[c] * xv);
-            prop_assert!((yv - want).abs() <= tol, "i={} y={} want={}", i, yv, want);
+            prop_assert!(abs_diff_eq!(yv, want, epsilon = tol), "i={} y={} want={}", i, yv, want);
         }
     }
 
@@ -95,7 +96,7 @@ proptest! {
             let c = chan(&sh, i);
             let d = (p1[c] - p2[c]) * xv;
             let want = 0.5 * (p1[c] + p2[c]) * xv;
-            prop_assert!((yv - want).abs() <= bv * d * d / 4.0 + 1e-12);
+            prop_assert!(abs_diff_eq!(yv, want, epsilon = bv * d * d / 4.0 + 1e-12));
         }
     }
 
@@ -123,7 +124,7 @@ proptest! {
                         _ => 1.0 / (1.0 + (-xv).exp()),
                     };
                     let want = xv / (1.0 + (-bt * xv).exp());
-                    prop_assert!((y[i] - want).abs() <= 1e-14 * (1.0 + want.abs()));
+                    prop_assert!(abs_diff_eq!(y[i], want, epsilon = 1e-14 * (1.0 + want.abs())));
                 }
             }
         }
@@ -150,7 +151,7 @@ proptest! {
                 let c = chan(&sh, i);
                 let u = (1.0 - p[c]) * xv;
                 let want = u / (1.0 + (-b[c] * u).exp()) + p[c] * xv;
-                prop_assert!((yb[i] - want).abs() <= 1e-14 * (1.0 + want.abs()));
+                prop_assert!(abs_diff_eq!(yb[i], want, epsilon = 1e-14 * (1.0 + want.abs())));
             }
         }
         let gb = acon_b_backward(&sh, &dy, &x, &p, beta_src(kind, &b)).unwrap();
@@ -191,7 +192,7 @@ proptest! {
         let gt = acon_c_backward(&t, &dyt, &xt, &p1, &p2, beta_src(kind, &b)).unwrap();
         prop_assert_eq!(tr(&ga.dx), gt.dx);
         let close = |u: &[f64], v: &[f64]| u.len() == v.len() && u.iter().zip(v)
-            .all(|(p, q)| (p - q).abs() <= 1e-12 * (1.0 + p.abs().max(q.abs())));
+            .all(|(p, q)| abs_diff_eq!(p, q, epsilon = 1e-12 * (1.0 + p.abs().max(q.abs()))));
         prop_assert!(close(&ga.dp1, &gt.dp1));
         prop_assert!(close(&ga.dp2, &gt.dp2));
         prop_assert!(close(&ga.dbeta, &gt.dbeta));
@@ -283,13 +284,19 @@ fn f32_matches_f64() {
             }
             for (c, &sxc) in sx.iter().enumerate() {
                 let tol = 1e-6 * 2.1 * sxc;
-                assert!((g32.dp1[c] as f64 - g64.dp1[c]).abs() <= tol, "dp1[{c}]");
-                assert!((g32.dp2[c] as f64 - g64.dp2[c]).abs() <= tol, "dp2[{c}]");
+                assert!(
+                    abs_diff_eq!(g32.dp1[c] as f64, g64.dp1[c], epsilon = tol),
+                    "dp1[{c}]"
+                );
+                assert!(
+                    abs_diff_eq!(g32.dp2[c] as f64, g64.dp2[c], epsilon = tol),
+                    "dp2[{c}]"
+                );
             }
             assert_eq!(g32.dbeta.len(), g64.dbeta.len());
             for (i, (&a, &bb)) in g32.dbeta.iter().zip(&g64.dbeta).enumerate() {
                 assert!(
-                    (a as f64 - bb).abs() <= 1e-6 * sb[i] + 1e-12,
+                    abs_diff_eq!(a as f64, bb, epsilon = 1e-6 * sb[i] + 1e-12),
                     "dbeta[{i}] kind {kind}"
                 );
             }

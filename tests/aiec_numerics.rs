@@ -4,6 +4,7 @@ mod common;
 
 use activation_kernels::cpu::aiec::*;
 use activation_kernels::ActShape;
+use approx::abs_diff_eq;
 use common::*;
 
 #[test]
@@ -86,13 +87,13 @@ fn to32(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
 }
 
-/// `|a − b| ≤ tol · max(1, max|b|)` element-wise.
+/// `|a − b| ≤ tol · max(1, max|b|)` element-wise (`abs_diff_eq!` with that epsilon).
 fn assert_scaled_close(name: &str, a: &[f32], b: &[f64], tol: f64) {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
         assert!(
-            (x as f64 - y).abs() <= tol * scale,
+            abs_diff_eq!(x as f64, y, epsilon = tol * scale),
             "{name}[{i}]: f32 {x} vs f64 {y} (scale {scale})"
         );
     }

@@ -28,6 +28,7 @@ use activation_kernels::candle::nn::{AconA, AconB, AconInit, MetaAconCLayer, Met
 use activation_kernels::candle::ops::{self, MetaGenKind};
 use activation_kernels::cpu::acon::{self, Beta, MetaGen};
 use activation_kernels::{ActShape, Layout};
+use approx::abs_diff_eq;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::{check_grad, numeric_grad, randn, rng, uniform};
@@ -489,7 +490,7 @@ fn modules_vars_inits_and_grads() -> R {
     let near = |name: &str, got: &[f64], want: &[f64]| {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!(
-                (g - w).abs() <= 1e-14 * (1.0 + w.abs()),
+                abs_diff_eq!(g, w, epsilon = 1e-14 * (1.0 + w.abs())),
                 "{name}[{i}]: {g} vs {w}"
             );
         }

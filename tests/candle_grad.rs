@@ -20,6 +20,7 @@ use activation_kernels::cpu::aiec::{self, AiecConfig, Counters, Pool};
 use activation_kernels::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_dc::{self, DcConfig, DcParams};
 use activation_kernels::{ActShape, Conv2dGeometry, Layout, Real};
+use approx::abs_diff_eq;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::{randn, rng, uniform};
@@ -42,9 +43,8 @@ fn host(t: &Tensor) -> Vec<f32> {
 fn close(name: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = 1e-6 * (1.0 + w.abs());
         assert!(
-            (g - w).abs() <= tol,
+            abs_diff_eq!(g, w, epsilon = 1e-6 * (1.0 + w.abs())),
             "{name}[{i}]: candle {g} vs reference {w}"
         );
     }
@@ -422,7 +422,7 @@ fn iieu_module_weight_grad_is_conv_plus_rw_path() -> R {
     // Two f32 summands added in a different order: a few ulp.
     for (i, (&g, &w)) in dw_total.iter().zip(&want).enumerate() {
         assert!(
-            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            abs_diff_eq!(g, w, epsilon = 1e-5 * (1.0 + w.abs())),
             "dW[{i}]: {g} vs {w}"
         );
     }

@@ -21,6 +21,7 @@ use activation_kernels::candle::ops::{self, IieuConvPsi, IieuOpts};
 use activation_kernels::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_conv::{self, BatchNorm, IieuConvParams, Psi};
 use activation_kernels::{Conv2dGeometry, Real};
+use approx::abs_diff_eq;
 use candle_core::{DType, Device, ModuleT, Tensor, Var, WithDType};
 use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
 use common::{randn, rng, uniform};
@@ -54,9 +55,8 @@ fn close<T: El>(name: &str, got: &[T], want: &[T]) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let (g, w) = (Real::to_f64(g), Real::to_f64(w));
-        let tol = T::TOL * (1.0 + w.abs());
         assert!(
-            (g - w).abs() <= tol,
+            abs_diff_eq!(g, w, epsilon = T::TOL * (1.0 + w.abs())),
             "{name}[{i}]: candle {g} vs reference {w}"
         );
     }

@@ -11,6 +11,7 @@ use activation_kernels::candle::ops::{self, DcTensors, IieuOpts};
 use activation_kernels::cpu::acon::{self, Beta};
 use activation_kernels::cpu::aiec::AiecConfig;
 use activation_kernels::{ActShape, Layout};
+use approx::assert_abs_diff_eq;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::{randn, rng};
@@ -162,7 +163,8 @@ fn aiec_labels_counters_and_stored_loss() -> R {
     assert_eq!(m.counters()?.phi().iter().sum::<u64>(), phi);
     // The total is λ_aux·aux + λ_gate·gate.
     let total = loss.total.to_scalar::<f32>()? as f64;
-    assert!((total - (loss.aux_mean + 200.0 * loss.gate_mean)).abs() <= 1e-5 * (1.0 + total.abs()));
+    let want = loss.aux_mean + 200.0 * loss.gate_mean;
+    assert_abs_diff_eq!(total, want, epsilon = 1e-5 * (1.0 + total.abs()));
     m.reset_counters()?;
     assert_eq!(m.counters()?.phi(), &[0, 0]);
     Ok(())

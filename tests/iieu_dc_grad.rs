@@ -3,6 +3,7 @@
 mod common;
 
 use activation_kernels::cpu::iieu_dc::{adjuster, backward, forward, DcConfig, DcParams};
+use approx::abs_diff_eq;
 use common::{check_grad, numeric_grad, randn, rng, uniform};
 
 /// Naive reference forward (f64), written directly from SPEC §1.6 with plain loops:
@@ -369,7 +370,7 @@ fn f32_matches_f64() {
         let tol = 5e-6 * scale;
         for (i, (u, v)) in a.iter().zip(b).enumerate() {
             assert!(
-                (*u as f64 - v).abs() <= tol,
+                abs_diff_eq!(*u as f64, v, epsilon = tol),
                 "{name}[{i}]: f32 {u} vs f64 {v} (tol {tol})"
             );
         }

@@ -6,6 +6,7 @@ use activation_kernels::cpu::iieu_dc::{
     backward, backward_into, forward, forward_into, DcConfig, DcGrads, DcParams, DcSaved,
 };
 use activation_kernels::Error;
+use approx::abs_diff_eq;
 use common::{randn, rng, uniform};
 use proptest::prelude::*;
 
@@ -330,7 +331,7 @@ proptest! {
             for k in 0..c {
                 let (l0, l1) = (lam[ni * 2 * c + k], lam[ni * 2 * c + c + k]);
                 prop_assert!((0.0..=1.0).contains(&l0) && (0.0..=1.0).contains(&l1));
-                prop_assert!((l0 + l1 - 1.0).abs() <= 4.0 * f64::EPSILON, "{} + {}", l0, l1);
+                prop_assert!(abs_diff_eq!(l0 + l1, 1.0, epsilon = 4.0 * f64::EPSILON), "{} + {}", l0, l1);
             }
         }
         for ((o, a), b) in out.iter().zip(&x).zip(&res) {
@@ -437,7 +438,7 @@ fn degenerate_constant_input_is_finite() {
     let p = DcParams::<f64>::init(&cfg, 1).unwrap();
     let x = vec![0.7; 2 * 32 * 4];
     let (out, saved) = forward(&cfg, &x, &x, &p).unwrap();
-    assert!(out.iter().all(|v| (v - 0.7).abs() < 1e-15));
+    assert!(out.iter().all(|v| abs_diff_eq!(v, &0.7, epsilon = 1e-15)));
     let g = backward(&cfg, &vec![1.0; x.len()], &x, &x, &p, &saved).unwrap();
     for v in [
         &g.dx,

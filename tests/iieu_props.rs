@@ -11,6 +11,7 @@ use activation_kernels::cpu::iieu::{
     PatchNorm, EPS,
 };
 use activation_kernels::Conv2dGeometry;
+use approx::{abs_diff_eq, assert_abs_diff_eq};
 use common::{assert_close, randn, rng, uniform};
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -179,9 +180,9 @@ fn adjuster_is_continuous_at_eta() {
         // dy/dη on the lower branch is x·exp(ρ̂−η)(1−η) ≈ (1−ρ̂)·x, so the two sides
         // differ by O(δ·(1+|ρ̂|)·|x|); a jump would be |ρ̂ − 1|·|x| ≫ that.
         let tol = 4.0 * delta * x[e].abs() * (1.0 + rho[e].abs()) + 1e-14 * (rho[e] * x[e]).abs();
-        assert!((ys[0] - ys[2]).abs() <= tol, "{ys:?}");
-        assert!((ys[1] - rho[e] * x[e]).abs() <= tol, "{ys:?}");
-        assert!((ys[2] - rho[e] * x[e]).abs() <= tol, "{ys:?}");
+        assert!(abs_diff_eq!(ys[0], ys[2], epsilon = tol), "{ys:?}");
+        assert!(abs_diff_eq!(ys[1], rho[e] * x[e], epsilon = tol), "{ys:?}");
+        assert!(abs_diff_eq!(ys[2], rho[e] * x[e], epsilon = tol), "{ys:?}");
     }
 }
 
@@ -205,7 +206,7 @@ fn tie_takes_the_upper_branch() {
     let dy = vec![1.3];
     let g = backward(&cfg, &dy, &x, &x_pre, &w, &p, &saved).unwrap();
     assert_eq!(g.d_eta[0], 0.0);
-    assert!((g.dx[0] - dy[0] * (rho + s)).abs() < 1e-14);
+    assert_abs_diff_eq!(g.dx[0], dy[0] * (rho + s), epsilon = 1e-14);
 }
 
 /// s = x·r_w·r_x from the public norm functions, with x = conv(x_pre, W).
@@ -254,7 +255,10 @@ fn check_invariant(name: &str, scaled: &[f64], s: &[f64], nmin: &[f64]) {
             );
         } else {
             let tol = 10.0 * EPS / nm * b.abs() + 1e-13;
-            assert!((a - b).abs() <= tol, "{name}: {a} vs {b} (norm {nm})");
+            assert!(
+                abs_diff_eq!(a, b, epsilon = tol),
+                "{name}: {a} vs {b} (norm {nm})"
+            );
         }
     }
 }
@@ -334,14 +338,14 @@ fn assert_close_scaled(name: &str, a: &[f64], b: &[f64], tol: f64) {
         panic!("{name}[{i}]: non-finite: f32 {} vs f64 {}", a[i], b[i]);
     }
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let err = a
-        .iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
-    assert!(
-        err <= tol * scale,
-        "{name}: max error {err} > {tol}·{scale}"
-    );
+    // Every element within tol·scale, i.e. approx's slice comparison with that epsilon.
+    if !abs_diff_eq!(a, b, epsilon = tol * scale) {
+        let err = a
+            .iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        panic!("{name}: max error {err} > {tol}·{scale}");
+    }
 }
 
 #[test]

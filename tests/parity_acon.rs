@@ -39,7 +39,9 @@ use activation_kernels::cpu::acon as cpu;
 use activation_kernels::cuda::acon::*;
 use activation_kernels::cuda::{CudaSlice, CudaStream, DType};
 use activation_kernels::{ActShape, Error};
+use approx::abs_diff_eq;
 use common::device::{gpu, Gpu};
+use common::E_REL;
 
 type F16 = half::f16;
 type Bf16 = half::bf16;
@@ -47,8 +49,6 @@ type Bf16 = half::bf16;
 const E_ELEM: f64 = 1e-5;
 const E_PARAM: f64 = 1e-5;
 const E_RED: f64 = 1e-4;
-/// Per-element f32 relative term: 2^-21 (see the module doc).
-const E_REL: f64 = 1.0 / 2097152.0;
 
 fn unit<T: DType>() -> f64 {
     match T::NAME {
@@ -95,7 +95,7 @@ fn check(name: &str, got: &[u32], want: &[f64], u: f64, e: f64) {
             need = need.max(((g - w).abs() - (u + E_REL) * w.abs()).max(0.0) / m.max(1e-300));
         }
         assert!(
-            (g - w).abs() <= tol,
+            abs_diff_eq!(g, w, epsilon = tol),
             "{name}[{i}]: got {g}, want {w} (|err| {} > tol {tol}, max|ref| {m})",
             (g - w).abs()
         );
@@ -930,7 +930,7 @@ fn check_nonfinite(name: &str, got: &[u32], want: &[f64], u: f64, e: f64) -> usi
         } else {
             let tol = u * w.abs() + (1.0 + u) * e * m + 1e-30;
             assert!(
-                g.is_finite() && (g - w).abs() <= tol,
+                g.is_finite() && abs_diff_eq!(g, w, epsilon = tol),
                 "{name}[{i}]: got {g}, want {w} (tol {tol})"
             );
         }

@@ -29,13 +29,13 @@ use activation_kernels::cpu::aiec::{self as cpu, AiecConfig, AiecDims, Counters,
 use activation_kernels::cuda::aiec as dev;
 use activation_kernels::cuda::{CudaSlice, CudaStream, DType};
 use activation_kernels::{ActShape, Error, Layout};
+use approx::abs_diff_eq;
 use common::device::{gpu, Gpu};
+use common::E_REL;
 use half::{bf16, f16};
 
 /// Tolerance of f32 results relative to the tensor's max (see the module doc).
 const F32: f64 = 1e-6;
-/// Per-element f32 relative term: 2^-21 (see the module doc).
-const E_REL: f64 = 1.0 / 2097152.0;
 
 /// Unit roundoff of the storage dtype (0 for f32: its rounding is inside `F32`).
 fn unit<T: DType>() -> f64 {
@@ -88,7 +88,7 @@ fn close(name: &str, got: &[f64], want: &[f64], rel: f64, abs: f64) {
             need = need.max(((g - w).abs() - (rel + E_REL) * w.abs()).max(0.0) / max.max(1e-300));
         }
         assert!(
-            (g - w).abs() <= tol,
+            abs_diff_eq!(g, w, epsilon = tol),
             "{name}[{i}]: got {g}, want {w} (|diff| {} > tol {tol})",
             (g - w).abs()
         );

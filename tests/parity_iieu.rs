@@ -45,8 +45,9 @@ use activation_kernels::cpu::iieu::{self as cpu, IieuConfig, IieuParams, PatchNo
 use activation_kernels::cuda::iieu::{self as gpu, IieuDeviceParams};
 use activation_kernels::cuda::{CudaStream, DType};
 use activation_kernels::{Conv2dGeometry, Error};
+use approx::abs_diff_eq;
 use common::device::gpu as open_gpu;
-use common::{randn, rng, uniform};
+use common::{assert_parity, randn, rng, uniform};
 use rand::Rng;
 
 /// Storage rounding and unit roundoff of each dtype.
@@ -160,29 +161,10 @@ impl<T: Storage> Case<T> {
     }
 }
 
-/// Per-element check |got − want| ≤ (u + E_REL)·|want_i| + r·max|want| (a NaN on
-/// either side fails: the comparison is false).
-fn assert_parity(name: &str, got: &[f64], want: &[f64], u: f64, r: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let max = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
-    assert!(max > 0.0, "{name}: reference is identically zero");
-    let mut need = 0.0f64;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = (u + E_REL) * w.abs() + r * max;
-        let err = (g - w).abs();
-        need = need.max((err - (u + E_REL) * w.abs()).max(0.0) / max);
-        assert!(
-            err <= tol,
-            "{name}[{i}]: gpu {g} vs ref {w} (err {err:.3e} > tol {tol:.3e}, max|ref| {max:.3e})"
-        );
-    }
-    if std::env::var_os("PARITY_MEASURE").is_some() {
-        let what = name.rsplit(": ").next().unwrap();
-        eprintln!("MEASURE|iieu|r={r}|{what}|{need:.3e}");
-    }
-}
-/// Per-element f32 relative term, and the max-relative terms (see the module doc).
-const E_REL: f64 = 1.0 / 2097152.0;
+/// The suite's name in `PARITY_MEASURE` lines ([`common::assert_parity`]).
+const FAMILY: &str = "iieu";
+/// The max-relative terms (see the module doc; the per-element term is
+/// [`common::E_REL`]).
 const R_TENSOR: f64 = 2e-6;
 const R_PARAM: f64 = 1e-5;
 
@@ -295,16 +277,30 @@ fn parity_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64, offs
     let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
     let tag = |s: &str| format!("{} {mode:?} {geo:?} offset {offset}: {s}", T::NAME);
     let u = T::U;
-    assert_parity(&tag("y"), &got[0], &y, u, R_TENSOR);
+    assert_parity(FAMILY, &tag("y"), &got[0], &y, u, R_TENSOR);
     // r_x, r_w are f32 on the device whatever T is.
-    assert_parity(&tag("r_x"), &got[1], saved.r_x(), 0.0, R_TENSOR);
-    assert_parity(&tag("r_w"), &got[2], saved.r_w(), 0.0, R_TENSOR);
-    assert_parity(&tag("dx"), &got[3], &g.dx, u, R_TENSOR);
-    assert_parity(&tag("dx_pre"), &got[4], &g.dx_pre, u, R_TENSOR);
-    assert_parity(&tag("dw"), &got[5], &g.dw, u, R_TENSOR);
-    assert_parity(&tag("d_ln_weight"), &got[6], &g.d_ln_weight, 0.0, R_PARAM);
-    assert_parity(&tag("d_ln_bias"), &got[7], &g.d_ln_bias, 0.0, R_PARAM);
-    assert_parity(&tag("d_eta"), &got[8], &g.d_eta, 0.0, R_PARAM);
+    assert_parity(FAMILY, &tag("r_x"), &got[1], saved.r_x(), 0.0, R_TENSOR);
+    assert_parity(FAMILY, &tag("r_w"), &got[2], saved.r_w(), 0.0, R_TENSOR);
+    assert_parity(FAMILY, &tag("dx"), &got[3], &g.dx, u, R_TENSOR);
+    assert_parity(FAMILY, &tag("dx_pre"), &got[4], &g.dx_pre, u, R_TENSOR);
+    assert_parity(FAMILY, &tag("dw"), &got[5], &g.dw, u, R_TENSOR);
+    assert_parity(
+        FAMILY,
+        &tag("d_ln_weight"),
+        &got[6],
+        &g.d_ln_weight,
+        0.0,
+        R_PARAM,
+    );
+    assert_parity(
+        FAMILY,
+        &tag("d_ln_bias"),
+        &got[7],
+        &g.d_ln_bias,
+        0.0,
+        R_PARAM,
+    );
+    assert_parity(FAMILY, &tag("d_eta"), &got[8], &g.d_eta, 0.0, R_PARAM);
 }
 
 /// Every dtype × both patch-norm modes.
@@ -615,15 +611,22 @@ fn path_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64) {
     let g = cpu::backward(&c.cfg, &dy, &x, &xp, &w, &c.p64, &saved).unwrap();
     let tag = |s: &str| format!("{} {mode:?} {geo:?}: {s}", T::NAME);
     let u = T::U;
-    assert_parity(&tag("y"), &got[0], &y, u, 1e-5);
-    assert_parity(&tag("r_x"), &got[1], saved.r_x(), 0.0, 1e-5);
-    assert_parity(&tag("r_w"), &got[2], saved.r_w(), 0.0, 1e-5);
-    assert_parity(&tag("dx"), &got[3], &g.dx, u, 1e-5);
-    assert_parity(&tag("dx_pre"), &got[4], &g.dx_pre, u, 1e-5);
-    assert_parity(&tag("dw"), &got[5], &g.dw, u, 1e-5);
-    assert_parity(&tag("d_ln_weight"), &got[6], &g.d_ln_weight, 0.0, 1e-4);
-    assert_parity(&tag("d_ln_bias"), &got[7], &g.d_ln_bias, 0.0, 1e-4);
-    assert_parity(&tag("d_eta"), &got[8], &g.d_eta, 0.0, 1e-4);
+    assert_parity(FAMILY, &tag("y"), &got[0], &y, u, 1e-5);
+    assert_parity(FAMILY, &tag("r_x"), &got[1], saved.r_x(), 0.0, 1e-5);
+    assert_parity(FAMILY, &tag("r_w"), &got[2], saved.r_w(), 0.0, 1e-5);
+    assert_parity(FAMILY, &tag("dx"), &got[3], &g.dx, u, 1e-5);
+    assert_parity(FAMILY, &tag("dx_pre"), &got[4], &g.dx_pre, u, 1e-5);
+    assert_parity(FAMILY, &tag("dw"), &got[5], &g.dw, u, 1e-5);
+    assert_parity(
+        FAMILY,
+        &tag("d_ln_weight"),
+        &got[6],
+        &g.d_ln_weight,
+        0.0,
+        1e-4,
+    );
+    assert_parity(FAMILY, &tag("d_ln_bias"), &got[7], &g.d_ln_bias, 0.0, 1e-4);
+    assert_parity(FAMILY, &tag("d_eta"), &got[8], &g.d_eta, 0.0, 1e-4);
 }
 
 /// ResNet-18/34's last stage: C = O = 512, 3×3, padding 1, 7×7, N = 1 (f32). Reaches:
@@ -694,7 +697,7 @@ fn assert_nonfinite_parity(name: &str, got: &[f64], want: &[f64], u: f64, r: f64
         } else {
             let tol = u * w.abs() + r * max;
             assert!(
-                g.is_finite() && (g - w).abs() <= tol,
+                g.is_finite() && abs_diff_eq!(g, w, epsilon = tol),
                 "{name}[{i}]: gpu {g} vs ref {w} (tol {tol:.3e})"
             );
         }

@@ -58,7 +58,7 @@ use activation_kernels::cuda::{CudaSlice, CudaStream, DType};
 use activation_kernels::{Conv2dGeometry, Error};
 use cnaive::Kind;
 use common::device::gpu as open_gpu;
-use common::{randn, rng, uniform};
+use common::{assert_parity, randn, rng, uniform};
 
 trait Storage: DType {
     /// Unit roundoff of the storage format (0 for f32: inside E_REL).
@@ -83,9 +83,6 @@ impl Storage for half::bf16 {
     const MARGIN_U: f64 = 1.0 / 256.0;
     const R: f64 = 16.0 / 256.0;
 }
-/// Per-element f32 relative term (8 f32 ulps).
-const E_REL: f64 = 1.0 / 2097152.0;
-
 fn to_t<T: DType>(v: &[f64]) -> Vec<T> {
     v.iter().map(|&a| T::from_f32(a as f32)).collect()
 }
@@ -243,31 +240,6 @@ impl<T: Storage> Case<T> {
     }
 }
 
-/// Per-element check |got − want| ≤ (u + E_REL)·|want_i| + r·max|want| (NaN fails).
-fn assert_parity(name: &str, got: &[f64], want: &[f64], u: f64, r: f64) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let max = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
-    assert!(max > 0.0, "{name}: reference is identically zero");
-    let mut need = 0.0f64;
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let tol = (u + E_REL) * w.abs() + r * max;
-        let err = (g - w).abs();
-        need = need.max((err - (u + E_REL) * w.abs()).max(0.0) / max);
-        assert!(
-            err <= tol,
-            "{name}[{i}]: gpu {g} vs ref {w} (err {err:.3e} > tol {tol:.3e}, max|ref| {max:.3e})"
-        );
-    }
-    if std::env::var_os("PARITY_MEASURE").is_some() {
-        let what = name.rsplit(": ").next().unwrap();
-        let dt = name.split(' ').next().unwrap();
-        eprintln!(
-            "MEASURE|iieu_conv|{dt}|r={r}|{what}|{need:.3e}|ratio {:.1}",
-            r / need.max(1e-300)
-        );
-    }
-}
-
 #[derive(Debug, PartialEq)]
 struct Out {
     bits: Vec<Vec<u32>>,
@@ -391,7 +363,7 @@ fn parity_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, see
             "r_x" | "running_mean" | "running_var" | "batch_mean" | "batch_var"
         ) || name.starts_with("d_");
         let u = if f32_only { 0.0 } else { T::U };
-        assert_parity(&tag(name), gv, wv, u, T::R);
+        assert_parity("iieu_conv", &tag(name), gv, wv, u, T::R);
     }
 }
 

@@ -15,8 +15,9 @@ use activation_kernels::cpu::iieu_dc::{self as cpu, DcConfig, DcParams};
 use activation_kernels::cuda::iieu_dc::{self as gpu_dc, DcDeviceParams};
 use activation_kernels::cuda::{CudaStream, DType};
 use activation_kernels::Error;
+use approx::abs_diff_eq;
 use common::device::{gpu, Gpu};
-use common::{randn, rng, uniform};
+use common::{randn, rng, uniform, E_REL};
 use half::{bf16, f16};
 
 // ---------------------------------------------------------------------------
@@ -282,9 +283,6 @@ fn run_gpu<T: DType>(
         f(&gr.d_ln2_bias),
     ]
 }
-
-/// Per-element f32 relative term, 2^-21 (8 f32 ulps; see [`tolerances`]).
-const E_REL: f64 = 1.0 / 2097152.0;
 
 /// Worst |got − want| / ((elem + E_REL)·|want_i| + max·max|want|) over the tensor;
 /// ≤ 1 passes. Both sides must be finite (a NaN ratio would compare false and pass).
@@ -761,7 +759,7 @@ fn assert_nonfinite_match(
         } else {
             let tol = elem * w.abs() + max * scale;
             assert!(
-                g.is_finite() && (g as f64 - w).abs() <= tol,
+                g.is_finite() && abs_diff_eq!(g as f64, w, epsilon = tol),
                 "{tag}[{i}]: device {g}, reference {w} (tol {tol:e})"
             );
         }

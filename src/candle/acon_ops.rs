@@ -99,6 +99,30 @@ impl CustomOp2 for AconAOp {
 
 /// ACON-A: `y = x·σ(β·x)` with `beta` of dims `(C,)` (Swish for β = 1).
 /// Differentiable w.r.t. `x` and `beta` (see [`AconAOp`] for the gradients).
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::acon_a;
+/// use activation_kernels::Layout;
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Var};
+///
+/// let dev = Device::Cpu;
+/// let x = Var::new(&[[[1.0f64], [0.0], [-2.0]]], &dev)?; // tokens (N, L, C) = (1, 3, 1)
+/// let beta = Var::new(&[1.0f64], &dev)?;
+/// let y = acon_a(&x, &beta, Layout::Nlc)?; // Swish (SiLU) at β = 1
+/// let sigma = |v: f64| 1.0 / (1.0 + (-v).exp());
+/// assert_relative_eq!(y.flatten_all()?.to_vec1::<f64>()?[0], sigma(1.0), max_relative = 1e-12);
+///
+/// // Backward of L = Σ y: dβ = Σ x²·s(1 − s) with s = σ(β·x); SiLU'(0) = 1/2.
+/// let grads = y.sum_all()?.backward()?;
+/// let dbeta = grads.get(&beta).expect("dβ").to_vec1::<f64>()?[0];
+/// let want: f64 = [1.0f64, -2.0].iter().map(|&v| v * v * sigma(v) * (1.0 - sigma(v))).sum();
+/// assert_relative_eq!(dbeta, want, max_relative = 1e-12);
+/// assert_eq!(grads.get(&x).expect("dx").flatten_all()?.to_vec1::<f64>()?[1], 0.5);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn acon_a(x: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
     check_float(x.dtype(), "acon_a")?;
     x.contiguous()?
@@ -188,6 +212,34 @@ impl CustomOp2 for AconBOp {
 
 /// ACON-B: `y = (1 − p)·x·σ(β(1 − p)·x) + p·x` with `p`, `beta` of dims `(C,)`.
 /// Differentiable w.r.t. `x`, `p` and `beta` (see [`AconBOp`] for the gradients).
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::acon_b;
+/// use activation_kernels::Layout;
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x = Var::new(&[[[1.5f64, -2.0]], [[0.5, 3.0]]], &dev)?; // (N, C, H·W) = (2, 1, 2)
+/// let (p, beta) = (Var::new(&[0.25f64], &dev)?, Var::new(&[3.0f64], &dev)?);
+/// let y = acon_b(&x, &p, &beta, Layout::Nchw)?;
+/// // y[0, 0, 1]: d = (1 − p)·x = −1.5, y = d·σ(β·d) + p·x.
+/// let sigma = |v: f64| 1.0 / (1.0 + (-v).exp());
+/// let y001 = y.flatten_all()?.to_vec1::<f64>()?[1];
+/// assert_relative_eq!(y001, -1.5 * sigma(3.0 * -1.5) + 0.25 * -2.0, max_relative = 1e-12);
+///
+/// // Backward of L = Σ y: ∂L/∂p against a central difference.
+/// let grads = y.sum_all()?.backward()?;
+/// let dp = grads.get(&p).expect("dp").to_vec1::<f64>()?[0];
+/// let loss = |p: f64| -> candle_core::Result<f64> {
+///     acon_b(&x, &Tensor::new(&[p], &dev)?, &beta, Layout::Nchw)?.sum_all()?.to_scalar::<f64>()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(dp, (loss(0.25 + h)? - loss(0.25 - h)?) / (2.0 * h), max_relative = 1e-6);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn acon_b(x: &Tensor, p: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
     check_float(x.dtype(), "acon_b")?;
     let pb = Tensor::stack(&[p, beta], 0)?;
@@ -320,6 +372,41 @@ impl CustomOp2 for MetaAconCGenOp {
 /// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, with `p1`, `p2` of dims `(C,)`.
 /// Differentiable w.r.t. `x` (through the activation and through β) and `p1`, `p2`
 /// (see [`MetaAconCGenOp`] for the gradients).
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::{meta_acon_c_gen, meta_acon_c_layer, meta_acon_c_pixel, MetaGenKind};
+/// use activation_kernels::Layout;
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x = Var::new(&[[[0.5f64, -1.0], [2.0, -0.25]], [[1.0, 0.0], [-3.0, 0.75]]], &dev)?;
+/// let (p1, p2) = (Var::new(&[1.0f64, 0.5], &dev)?, Var::new(&[0.0f64, 0.25], &dev)?);
+/// for kind in [MetaGenKind::Layer, MetaGenKind::Pixel] {
+///     let y = meta_acon_c_gen(&x, &p1, &p2, kind, Layout::Nchw)?;
+///     // The two shorthands are this op with one generator each.
+///     let y2 = match kind {
+///         MetaGenKind::Layer => meta_acon_c_layer(&x, &p1, &p2, Layout::Nchw)?,
+///         MetaGenKind::Pixel => meta_acon_c_pixel(&x, &p1, &p2, Layout::Nchw)?,
+///     };
+///     assert_eq!(y.flatten_all()?.to_vec1::<f64>()?, y2.flatten_all()?.to_vec1::<f64>()?);
+///
+///     // Backward of L = Σ y: dx includes the path through the generated β.
+///     let grads = y.sum_all()?.backward()?;
+///     let dx = grads.get(&x).expect("dx").flatten_all()?.to_vec1::<f64>()?;
+///     let loss = |e: f64| -> candle_core::Result<f64> {
+///         let mut v = x.flatten_all()?.to_vec1::<f64>()?;
+///         v[3] += e;
+///         let x = Tensor::new(v, &dev)?.reshape((2, 2, 2))?;
+///         meta_acon_c_gen(&x, &p1, &p2, kind, Layout::Nchw)?.sum_all()?.to_scalar::<f64>()
+///     };
+///     let h = 1e-6;
+///     assert_relative_eq!(dx[3], (loss(h)? - loss(-h)?) / (2.0 * h), max_relative = 1e-6);
+/// }
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn meta_acon_c_gen(
     x: &Tensor,
     p1: &Tensor,
@@ -335,11 +422,15 @@ pub fn meta_acon_c_gen(
 
 /// Layer-wise meta-ACON-C, `β[n] = σ(Σ_c GAP(x)[n, c])`:
 /// [`meta_acon_c_gen`] with [`MetaGenKind::Layer`].
+///
+/// Example: [`meta_acon_c_gen`]'s runs this op forward and backward.
 pub fn meta_acon_c_layer(x: &Tensor, p1: &Tensor, p2: &Tensor, layout: Layout) -> CResult<Tensor> {
     meta_acon_c_gen(x, p1, p2, MetaGenKind::Layer, layout)
 }
 
 /// Pixel-wise meta-ACON-C, `β = σ(x)`: [`meta_acon_c_gen`] with [`MetaGenKind::Pixel`].
+///
+/// Example: [`meta_acon_c_gen`]'s runs this op forward and backward.
 pub fn meta_acon_c_pixel(x: &Tensor, p1: &Tensor, p2: &Tensor, layout: Layout) -> CResult<Tensor> {
     meta_acon_c_gen(x, p1, p2, MetaGenKind::Pixel, layout)
 }

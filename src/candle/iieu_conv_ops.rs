@@ -410,6 +410,55 @@ pub struct IieuConvOut {
 /// f32/f16/bf16 (CUDA), mixed dtypes or devices, an unsupported device, dims that do
 /// not fit, and every error of the forward (e.g. BatchNorm training statistics over a
 /// single value) — all as `candle_core::Error`, never a panic.
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::{iieu_conv2d, IieuConvPsi, IieuOpts};
+/// use approx::assert_relative_eq;
+/// use candle_core::{DType, Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x_pre = Var::from_tensor(&Tensor::arange(0.0f64, 32.0, &dev)?.affine(0.3, -4.0)?.cos()?.reshape((2, 1, 4, 4))?)?;
+/// let w = Var::from_tensor(&Tensor::arange(0.0f64, 18.0, &dev)?.affine(0.9, 0.5)?.sin()?.reshape((2, 1, 3, 3))?)?;
+/// let (bn_w, bn_b) = (Var::new(&[1.0f64, 0.5], &dev)?, Var::new(&[0.0f64, 0.1], &dev)?);
+/// let stats = (Tensor::zeros(2, DType::F64, &dev)?, Tensor::ones(2, DType::F64, &dev)?); // running mean, var
+/// let ln_w = Var::new(&[0.01f64; 2], &dev)?;
+/// let ln_b = Var::new(&[0.0f64; 2], &dev)?;
+/// let eta = Var::new(&[0.05f64; 2], &dev)?;
+/// // BatchNorm in training mode, with a given weight γ.
+/// fn bn<'a>(weight: &'a Tensor, bias: &'a Tensor, stats: &'a (Tensor, Tensor)) -> IieuConvPsi<'a> {
+///     let (running_mean, running_var) = (&stats.0, &stats.1);
+///     IieuConvPsi::BatchNorm { weight, bias, running_mean, running_var, momentum: 0.1, eps: 1e-5, training: true }
+/// }
+/// let opts = IieuOpts { padding: (1, 1), ..IieuOpts::default() };
+/// // conv 3×3 → BatchNorm (batch statistics) → IIEU-B, one op.
+/// let out = iieu_conv2d(&x_pre, &w, bn(&bn_w, &bn_b, &stats), &ln_w, &ln_b, &eta, opts)?;
+/// assert_eq!(out.y.dims(), &[2, 2, 4, 4]);
+/// // Training mode hands back the updated running mean, 0.9·0 + 0.1·μ_batch.
+/// let (mean, _var) = out.running.as_ref().expect("updated running statistics");
+/// let mu = x_pre.conv2d(&w, 1, 1, 1, 1)?.transpose(0, 1)?.flatten_from(1)?.mean(1)?;
+/// for (a, b) in mean.to_vec1::<f64>()?.iter().zip(&mu.to_vec1::<f64>()?) {
+///     assert_relative_eq!(*a, 0.1 * b, epsilon = 1e-12);
+/// }
+///
+/// // Backward of L = Σ y: x_pre, W, BatchNorm's affine and IIEU-B's parameters all
+/// // get gradients; ∂L/∂γ[1] (BatchNorm's weight) against a central difference.
+/// let grads = out.y.sum_all()?.backward()?;
+/// let loss = |g1: f64| -> candle_core::Result<f64> {
+///     let weight = Tensor::new(&[1.0f64, g1], &dev)?;
+///     let y = iieu_conv2d(&x_pre, &w, bn(&weight, &bn_b, &stats), &ln_w, &ln_b, &eta, opts)?.y;
+///     y.sum_all()?.to_scalar::<f64>()
+/// };
+/// let h = 1e-6;
+/// let d_bn_w = grads.get(&bn_w).expect("dγ").to_vec1::<f64>()?;
+/// let fd = (loss(0.5 + h)? - loss(0.5 - h)?) / (2.0 * h);
+/// assert_relative_eq!(d_bn_w[1], fd, epsilon = 1e-8, max_relative = 1e-6);
+/// for v in [&x_pre, &w, &bn_b, &ln_w, &ln_b, &eta] {
+///     assert_eq!(grads.get(v).expect("a gradient").dims(), v.dims());
+/// }
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn iieu_conv2d(
     x_pre: &Tensor,
     w: &Tensor,

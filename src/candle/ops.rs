@@ -166,6 +166,38 @@ impl CustomOp2 for AconCOp {
 
 /// ACON-C: `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, with `p1`, `p2`, `beta` of dims
 /// `(C,)`. Differentiable w.r.t. `x`, `p1`, `p2` and `beta` (see [`AconCOp`]).
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::acon_c;
+/// use activation_kernels::Layout;
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x = Var::new(&[[[0.5f64, -1.0], [2.0, -0.25]]], &dev)?; // (N, C, H·W) = (1, 2, 2)
+/// let p1 = Var::new(&[1.0f64, 0.5], &dev)?;
+/// let p2 = Var::new(&[0.0f64, 0.25], &dev)?;
+/// let beta = Var::new(&[1.0f64, 2.0], &dev)?;
+/// let y = acon_c(&x, &p1, &p2, &beta, Layout::Nchw)?;
+/// // y[0, 1, 0]: d = (p1 − p2)·x = 0.5, y = d·σ(β·d) + p2·x.
+/// let sigma = |v: f64| 1.0 / (1.0 + (-v).exp());
+/// let y010 = y.get(0)?.get(1)?.get(0)?.to_scalar::<f64>()?;
+/// assert_relative_eq!(y010, 0.5 * sigma(1.0) + 0.25 * 2.0, max_relative = 1e-12);
+///
+/// // Backward of L = Σ y: each parameter gets its own gradient, of its own shape.
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(&x).expect("dx").dims(), &[1, 2, 2]);
+/// let dbeta = grads.get(&beta).expect("dβ").to_vec1::<f64>()?;
+/// let loss = |b1: f64| -> candle_core::Result<f64> {
+///     let beta = Tensor::new(&[1.0f64, b1], &dev)?;
+///     acon_c(&x, &p1, &p2, &beta, Layout::Nchw)?.sum_all()?.to_scalar::<f64>()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(dbeta[1], (loss(2.0 + h)? - loss(2.0 - h)?) / (2.0 * h), max_relative = 1e-6);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn acon_c(
     x: &Tensor,
     p1: &Tensor,
@@ -341,6 +373,36 @@ pub struct ChannelGenTensors {
 /// meta-ACON-C with the channel-wise generator: `β = σ(W2·(W1·GAP(x) + b1) + b2)`
 /// per (sample, channel), `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`. Differentiable
 /// w.r.t. `x`, `p1`, `p2` (dims `(C,)`) and every generator tensor (see [`MetaAconCOp`]).
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::{meta_acon_c, ChannelGenTensors};
+/// use activation_kernels::Layout;
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x = Var::new(&[[[0.5f64, -1.0], [2.0, -0.25]], [[1.0, 0.0], [-3.0, 0.75]]], &dev)?; // (2, 2, 2)
+/// let (p1, p2) = (Var::new(&[1.0f64, 0.5], &dev)?, Var::new(&[0.0f64, 0.25], &dev)?);
+/// let w1 = Var::new(&[[0.5f64, -0.25]], &dev)?; // (width, C) = (1, 2)
+/// let w2 = Var::new(&[[1.0f64], [-2.0]], &dev)?; // (C, width)
+/// let gen = ChannelGenTensors { w1: w1.as_tensor().clone(), b1: None, w2: w2.as_tensor().clone(), b2: None };
+/// let y = meta_acon_c(&x, &p1, &p2, &gen, Layout::Nchw)?;
+/// assert_eq!(y.dims(), &[2, 2, 2]);
+///
+/// // Backward of L = Σ y: the generator's weights get gradients through β.
+/// let grads = y.sum_all()?.backward()?;
+/// let dw2 = grads.get(&w2).expect("dW2").flatten_all()?.to_vec1::<f64>()?;
+/// let loss = |w2_1: f64| -> candle_core::Result<f64> {
+///     let gen = ChannelGenTensors { w2: Tensor::new(&[[1.0f64], [w2_1]], &dev)?, ..gen.clone() };
+///     meta_acon_c(&x, &p1, &p2, &gen, Layout::Nchw)?.sum_all()?.to_scalar::<f64>()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(dw2[1], (loss(-2.0 + h)? - loss(-2.0 - h)?) / (2.0 * h), max_relative = 1e-6);
+/// assert!(grads.get(&w1).is_some() && grads.get(&p2).is_some());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn meta_acon_c(
     x: &Tensor,
     p1: &Tensor,
@@ -584,6 +646,48 @@ impl CustomOp3 for IieuBOp {
 /// `y = ς(s + ν)·x` (see [`IieuBOp`]). Differentiable w.r.t. all six tensors; the
 /// weight's gradient here is only its path through `r_w` (its path through the
 /// convolution is candle's conv backward).
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::{iieu_b, IieuOpts};
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x_pre = Tensor::arange(0.0f64, 18.0, &dev)?.affine(0.7, -5.0)?.sin()?.reshape((1, 2, 3, 3))?;
+/// let w = Var::from_tensor(&Tensor::arange(0.0f64, 36.0, &dev)?.affine(0.5, 1.0)?.cos()?.reshape((2, 2, 3, 3))?)?;
+/// let ln_weight = Var::new(&[0.01f64, 0.01], &dev)?;
+/// let ln_bias = Var::new(&[0.0f64, 0.0], &dev)?;
+/// let eta = Var::new(&[0.05f64, 0.05], &dev)?;
+/// // IIEU-B after a 3×3 conv with padding 1: the conv is candle's own.
+/// let x = x_pre.conv2d(&w, 1, 1, 1, 1)?;
+/// let opts = IieuOpts { padding: (1, 1), ..IieuOpts::default() };
+/// let y = iieu_b(&x, &x_pre, &w, &ln_weight, &ln_bias, &eta, opts)?;
+/// assert_eq!(y.dims(), &[1, 2, 3, 3]);
+///
+/// // Backward of L = Σ y: autograd adds the conv's path to IIEU-B's own (through x
+/// // and r_w); ∂L/∂W[0] and ∂L/∂γ̇[1] against central differences.
+/// let grads = y.sum_all()?.backward()?;
+/// let loss = |w: &Tensor, ln_weight: &Tensor| -> candle_core::Result<f64> {
+///     let x = x_pre.conv2d(w, 1, 1, 1, 1)?;
+///     iieu_b(&x, &x_pre, w, ln_weight, &ln_bias, &eta, opts)?.sum_all()?.to_scalar::<f64>()
+/// };
+/// let h = 1e-6;
+/// let w_at = |e: f64| -> candle_core::Result<Tensor> {
+///     let mut v = w.flatten_all()?.to_vec1::<f64>()?;
+///     v[0] += e;
+///     Tensor::new(v, &dev)?.reshape((2, 2, 3, 3))
+/// };
+/// let dw = grads.get(&w).expect("dW").flatten_all()?.to_vec1::<f64>()?;
+/// let fd = (loss(&w_at(h)?, &ln_weight)? - loss(&w_at(-h)?, &ln_weight)?) / (2.0 * h);
+/// assert_relative_eq!(dw[0], fd, max_relative = 1e-6);
+/// let gamma_at = |e: f64| Tensor::new(&[0.01f64, 0.01 + e], &dev);
+/// let d_gamma = grads.get(&ln_weight).expect("dγ̇").to_vec1::<f64>()?;
+/// let fd = (loss(&w, &gamma_at(h)?)? - loss(&w, &gamma_at(-h)?)?) / (2.0 * h);
+/// assert_relative_eq!(d_gamma[1], fd, epsilon = 1e-8, max_relative = 1e-6);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn iieu_b(
     x: &Tensor,
     x_pre: &Tensor,
@@ -777,6 +881,50 @@ pub struct DcTensors {
 
 /// IIEU-DC: `out = λ₀·x + λ₁·res` with `λ` from the coupler (see [`IieuDcOp`] and
 /// [`crate::cpu::iieu_dc`]). Differentiable w.r.t. `x`, `res` and all nine parameters.
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::{iieu_dc, DcTensors};
+/// use activation_kernels::cpu::iieu_dc::{DcConfig, DcParams};
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let x = Var::from_tensor(&Tensor::arange(0.0f64, 32.0, &dev)?.affine(0.1, -1.5)?.reshape((2, 4, 2, 2))?)?;
+/// let res = Var::from_tensor(&Tensor::arange(0.0f64, 32.0, &dev)?.affine(-0.05, 1.0)?.reshape((2, 4, 2, 2))?)?;
+/// // The authors' init for C = 4, r = 2 (hidden width 2), as candle tensors.
+/// let p = DcParams::<f64>::init(&DcConfig::new(2, 4, 2, 2, 2)?, 1)?;
+/// let t = |v: &[f64], dims: &[usize]| Tensor::new(v, &dev)?.reshape(dims);
+/// let w2 = Var::from_tensor(&t(&p.w2, &[4, 2])?)?;
+/// let params = DcTensors {
+///     ln1_weight: t(&p.ln1_weight, &[8])?,
+///     ln1_bias: t(&p.ln1_bias, &[8])?,
+///     w1: t(&p.w1, &[2, 4])?,
+///     gamma2: t(&p.gamma2, &[2, 2])?,
+///     beta2: t(&p.beta2, &[2, 2])?,
+///     eta2: t(&p.eta2, &[2])?,
+///     w2: w2.as_tensor().clone(),
+///     ln2_weight: t(&[1.0; 8], &[8])?, // a livelier mix than the init's 0.01
+///     ln2_bias: t(&p.ln2_bias, &[8])?,
+/// };
+/// let out = iieu_dc(&x, &res, &params)?;
+/// assert_eq!(out.dims(), &[2, 4, 2, 2]);
+///
+/// // Backward of L = Σ out²: ∂L/∂W2[0, 1] against a central difference.
+/// let grads = out.sqr()?.sum_all()?.backward()?;
+/// let dw2 = grads.get(&w2).expect("dW2").flatten_all()?.to_vec1::<f64>()?;
+/// let loss = |e: f64| -> candle_core::Result<f64> {
+///     let mut v = p.w2.clone();
+///     v[1] += e;
+///     let params = DcTensors { w2: t(&v, &[4, 2])?, ..params.clone() };
+///     iieu_dc(&x, &res, &params)?.sqr()?.sum_all()?.to_scalar::<f64>()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(dw2[1], (loss(h)? - loss(-h)?) / (2.0 * h), max_relative = 1e-6);
+/// assert_eq!(grads.get(&res).expect("dres").dims(), &[2, 4, 2, 2]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn iieu_dc(x: &Tensor, res: &Tensor, p: &DcTensors) -> CResult<Tensor> {
     check_float(x.dtype(), "iieu_dc")?;
     let (hd, c) = p.w1.dims2()?;
@@ -855,6 +1003,20 @@ impl CustomOp1 for TauOp {
 }
 
 /// TAU `A = F·[F > τ]`, differentiable w.r.t. `f`.
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::tau;
+/// use candle_core::{Device, Var};
+///
+/// let f = Var::new(&[-1.0f32, 0.25, 0.5, 2.0], &Device::Cpu)?;
+/// let a = tau(&f, 0.25)?;
+/// assert_eq!(a.to_vec1::<f32>()?, [0.0, 0.0, 0.5, 2.0]);
+/// let grads = (a * 3.0)?.sum_all()?.backward()?; // L = 3·Σ A
+/// assert_eq!(grads.get(&f).expect("dF").to_vec1::<f32>()?, [0.0, 0.0, 3.0, 3.0]); // 3·[F > τ]
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn tau(f: &Tensor, tau: f64) -> CResult<Tensor> {
     check_float(f.dtype(), "aiec_tau")?;
     f.contiguous()?.apply_op1(TauOp { tau })
@@ -988,6 +1150,36 @@ impl CustomOp2 for AiecLossOp {
 /// pre-activation `f`, decision weights `wd` `(K, C)`, `labels` and fixed consensus
 /// `masks` (`K × C`); differentiable w.r.t. `f` and `wd` (see [`AiecLossOp`]).
 /// [`super::nn::Aiec`] computes the masks from its counters and calls this.
+///
+/// # Example (forward and backward through candle's autograd)
+///
+/// ```
+/// use activation_kernels::candle::ops::aiec_loss;
+/// use activation_kernels::cpu::aiec::AiecConfig;
+/// use activation_kernels::Layout;
+/// use approx::assert_relative_eq;
+/// use candle_core::{Device, Tensor, Var};
+///
+/// let dev = Device::Cpu;
+/// let cfg = AiecConfig { lambda_gate: 2.0, ..AiecConfig::default() };
+/// let f = Var::new(&[[[0.5f64, -1.0], [2.0, 0.25]], [[1.0, 1.5], [-0.2, 0.7]]], &dev)?; // (N, C, H·W)
+/// let wd = Var::new(&[[0.5f64, -1.0], [-0.5, 0.75]], &dev)?; // (K, C) = (2, 2)
+/// let (labels, masks) = ([0, 1], [false, true, true, false]); // G, K × C
+/// let loss = aiec_loss(&f, &wd, &labels, &masks, cfg, Layout::Nchw)?;
+/// assert_eq!(loss.rank(), 0); // a scalar
+///
+/// // Backward: ∂loss/∂Wd[1, 0] against a central difference (masks are constants).
+/// let grads = loss.backward()?;
+/// let dwd = grads.get(&wd).expect("dWd").flatten_all()?.to_vec1::<f64>()?;
+/// let at = |e: f64| -> candle_core::Result<f64> {
+///     let wd = Tensor::new(&[[0.5f64, -1.0], [-0.5 + e, 0.75]], &dev)?;
+///     aiec_loss(&f, &wd, &labels, &masks, cfg, Layout::Nchw)?.to_scalar::<f64>()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(dwd[2], (at(h)? - at(-h)?) / (2.0 * h), max_relative = 1e-6);
+/// assert_eq!(grads.get(&f).expect("dF").dims(), &[2, 2, 2]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub fn aiec_loss(
     f: &Tensor,
     wd: &Tensor,

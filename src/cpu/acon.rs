@@ -712,6 +712,39 @@ fn check_params<T>(shape: &ActShape, what: &'static str, p: &[T]) -> Result<()> 
 ///
 /// Errors: `Empty` for a zero dimension, `LengthMismatch` for `x`, `p1`, `p2`
 /// or the β buffer.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::acon::{acon_c_backward, acon_c_forward, Beta};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// let shape = ActShape::nchw(1, 2, 1, 2); // N = 1, C = 2, 2 positions
+/// let x = [0.5, -1.0, 2.0, -0.25]; // channel 0: x[0..2], channel 1: x[2..4]
+/// let (p1, p2, beta) = ([1.0, 0.5], [0.0, 0.25], [1.0, 2.0]);
+/// let y = acon_c_forward(&shape, &x, &p1, &p2, Beta::PerChannel(&beta))?;
+/// // Element 2 (channel 1): d = (p1 − p2)·x = 0.5, y = d·σ(β·d) + p2·x.
+/// let sigma = |v: f64| 1.0 / (1.0 + (-v).exp());
+/// assert_relative_eq!(y[2], 0.5 * sigma(2.0 * 0.5) + 0.25 * 2.0, max_relative = 1e-12);
+///
+/// // Backward of L = Σ y (dy = 1): every gradient against a central difference.
+/// let g = acon_c_backward(&shape, &[1.0; 4], &x, &p1, &p2, Beta::PerChannel(&beta))?;
+/// let loss = |x: &[f64], p1: &[f64], p2: &[f64], b: &[f64]| -> f64 {
+///     acon_c_forward(&shape, x, p1, p2, Beta::PerChannel(b)).unwrap().iter().sum()
+/// };
+/// let h = 1e-6;
+/// let fd = |f: &dyn Fn(f64) -> f64| (f(h) - f(-h)) / (2.0 * h);
+/// let dx2 = fd(&|e| loss(&[0.5, -1.0, 2.0 + e, -0.25], &p1, &p2, &beta));
+/// let dp1 = fd(&|e| loss(&x, &[1.0, 0.5 + e], &p2, &beta));
+/// let dp2 = fd(&|e| loss(&x, &p1, &[0.0, 0.25 + e], &beta));
+/// let dbeta = fd(&|e| loss(&x, &p1, &p2, &[1.0, 2.0 + e]));
+/// assert_relative_eq!(g.dx[2], dx2, max_relative = 1e-6);
+/// assert_relative_eq!(g.dp1[1], dp1, max_relative = 1e-6);
+/// assert_relative_eq!(g.dp2[1], dp2, max_relative = 1e-6);
+/// assert_relative_eq!(g.dbeta[1], dbeta, max_relative = 1e-6);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn acon_c_forward<T: Real>(
     shape: &ActShape,
     x: &[T],
@@ -736,6 +769,9 @@ pub fn acon_c_forward<T: Real>(
 /// `Σ dy·x − dp1` in f64.
 ///
 /// Errors: as [`acon_c_forward`], plus `LengthMismatch` for `dy`.
+///
+/// Example: [`acon_c_forward`]'s runs the forward and this backward and checks every
+/// gradient against a central finite difference.
 pub fn acon_c_backward<T: Real>(
     shape: &ActShape,
     dy: &[T],
@@ -764,6 +800,30 @@ pub fn acon_c_backward<T: Real>(
 ///
 /// Errors: as [`acon_c_forward`], plus `LengthMismatch` for `y`. On `Err`, `y` is
 /// untouched.
+///
+/// # Example (forward and backward into reused buffers)
+///
+/// ```
+/// use activation_kernels::cpu::acon::{
+///     acon_c_backward, acon_c_backward_into, acon_c_forward, acon_c_forward_into, AconCGrads,
+///     Beta,
+/// };
+/// use activation_kernels::ActShape;
+///
+/// let shape = ActShape::nlc(1, 3, 2); // 3 tokens of 2 channels, channels last
+/// let x = [0.5f32, -1.0, 2.0, -0.25, 0.0, 3.0];
+/// let (p1, p2, beta) = ([1.0, 0.5], [0.0, 0.25], [1.0, 2.0]);
+/// let (mut y, mut grads) = (vec![0.0f32; 6], AconCGrads::default());
+/// for step in 0..2 {
+///     // The same buffers every step: no allocation for y or dx after the first.
+///     acon_c_forward_into(&shape, &x, &p1, &p2, Beta::PerChannel(&beta), &mut y)?;
+///     acon_c_backward_into(&shape, &y, &x, &p1, &p2, Beta::PerChannel(&beta), &mut grads)?;
+/// }
+/// // Same bits as the allocating ops.
+/// assert_eq!(y, acon_c_forward(&shape, &x, &p1, &p2, Beta::PerChannel(&beta))?);
+/// assert_eq!(grads, acon_c_backward(&shape, &y, &x, &p1, &p2, Beta::PerChannel(&beta))?);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn acon_c_forward_into<T: Real>(
     shape: &ActShape,
     x: &[T],
@@ -787,6 +847,8 @@ pub fn acon_c_forward_into<T: Real>(
 /// Same formulas, same bits as [`acon_c_backward`].
 ///
 /// Errors: as [`acon_c_backward`]. On `Err`, `grads` is untouched.
+///
+/// Example: [`acon_c_forward_into`]'s runs both `_into` ops.
 pub fn acon_c_backward_into<T: Real>(
     shape: &ActShape,
     dy: &[T],
@@ -813,6 +875,32 @@ pub fn acon_c_backward_into<T: Real>(
 /// (ACON-C with `p1 = 1`, `p2 = p`).
 ///
 /// Errors: `Empty`, or `LengthMismatch` for `x`, `p` or the β buffer.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::acon::{acon_b_backward, acon_b_forward, Beta};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// let shape = ActShape::nchw(2, 1, 1, 1); // two samples, one channel, one pixel
+/// let (x, p) = ([1.5, -2.0], [0.25]);
+/// let beta = [3.0, 0.5]; // one β per sample
+/// let y = acon_b_forward(&shape, &x, &p, Beta::PerSample(&beta))?;
+/// // Sample 1: d = (1 − p)·x = −1.5, y = d·σ(β·d) + p·x.
+/// let sigma = |v: f64| 1.0 / (1.0 + (-v).exp());
+/// assert_relative_eq!(y[1], -1.5 * sigma(0.5 * -1.5) + 0.25 * -2.0, max_relative = 1e-12);
+///
+/// // Backward of L = Σ y: ∂L/∂p against a central difference.
+/// let g = acon_b_backward(&shape, &[1.0, 1.0], &x, &p, Beta::PerSample(&beta))?;
+/// let loss = |p: f64| -> f64 {
+///     acon_b_forward(&shape, &x, &[p], Beta::PerSample(&beta)).unwrap().iter().sum()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(g.dp[0], (loss(0.25 + h) - loss(0.25 - h)) / (2.0 * h), max_relative = 1e-6);
+/// assert_eq!((g.dx.len(), g.dbeta.len()), (2, 2));
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn acon_b_forward<T: Real>(
     shape: &ActShape,
     x: &[T],
@@ -831,6 +919,8 @@ pub fn acon_b_forward<T: Real>(
 /// `dp = Σ dy·(x − x·∂y/∂d)`, `dβ = Σ dy·d²·s(1 − s)`, `d = (1 − p)·x`.
 ///
 /// Errors: as [`acon_b_forward`], plus `LengthMismatch` for `dy`.
+///
+/// Example: [`acon_b_forward`]'s runs the forward and this backward.
 pub fn acon_b_backward<T: Real>(
     shape: &ActShape,
     dy: &[T],
@@ -854,6 +944,31 @@ pub fn acon_b_backward<T: Real>(
 /// ACON-A (Swish) forward: `y = x·σ(β·x)` (ACON-C with `p1 = 1`, `p2 = 0`).
 ///
 /// Errors: `Empty`, or `LengthMismatch` for `x` or the β buffer.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::acon::{acon_a_backward, acon_a_forward, Beta};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// let shape = ActShape::nchw(1, 1, 2, 2);
+/// let x = [1.0, -1.0, 0.0, 2.0];
+/// let y = acon_a_forward(&shape, &x, Beta::PerChannel(&[1.0]))?; // Swish (SiLU) at β = 1
+/// assert_relative_eq!(y[0], 1.0 / (1.0 + (-1.0f64).exp()), max_relative = 1e-12);
+/// assert_eq!(y[2], 0.0);
+///
+/// // Backward of L = Σ y: ∂L/∂β against a central difference.
+/// let g = acon_a_backward(&shape, &[1.0; 4], &x, Beta::PerChannel(&[1.0]))?;
+/// let loss = |b: f64| -> f64 {
+///     acon_a_forward(&shape, &x, Beta::PerChannel(&[b])).unwrap().iter().sum()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(g.dbeta[0], (loss(1.0 + h) - loss(1.0 - h)) / (2.0 * h), max_relative = 1e-6);
+/// // SiLU'(0) = 1/2.
+/// assert_relative_eq!(g.dx[2], 0.5);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn acon_a_forward<T: Real>(shape: &ActShape, x: &[T], beta: Beta<'_, T>) -> Result<Vec<T>> {
     shape.validate("x", x.len())?;
     beta.validate(shape)?;
@@ -867,6 +982,8 @@ pub fn acon_a_forward<T: Real>(shape: &ActShape, x: &[T], beta: Beta<'_, T>) -> 
 /// [`Beta::PixelWise`]) and `dβ = Σ dy·x²·s(1 − s)`.
 ///
 /// Errors: as [`acon_a_forward`], plus `LengthMismatch` for `dy`.
+///
+/// Example: [`acon_a_forward`]'s runs the forward and this backward.
 pub fn acon_a_backward<T: Real>(
     shape: &ActShape,
     dy: &[T],
@@ -1116,6 +1233,38 @@ impl<T: Real> ChannelGen<T> {
     /// Errors: `Empty`/`LengthMismatch` for `x`; `Shape` if the generator's `C`
     /// differs from the tensor's; `Empty` for width 0; `LengthMismatch` for
     /// `w1`, `w2`, `b1`, `b2`.
+    ///
+    /// # Example (forward and backward)
+    ///
+    /// ```
+    /// use activation_kernels::cpu::acon::ChannelGen;
+    /// use activation_kernels::ActShape;
+    /// use approx::assert_relative_eq;
+    ///
+    /// let gen = ChannelGen::<f64>::init(4, 2, true, 7)?; // C = 4, width max(2, 4/2) = 2
+    /// let shape = ActShape::nchw(2, 4, 1, 2);
+    /// let x: Vec<f64> = (0..16).map(|i| (i as f64 - 7.5) / 4.0).collect();
+    /// let (beta, saved) = gen.forward(&shape, &x)?;
+    /// assert_eq!(beta.len(), 2 * 4); // one β per (sample, channel), each in (0, 1)
+    /// assert!(beta.iter().all(|&b| b > 0.0 && b < 1.0));
+    ///
+    /// // Backward of L = Σ β: ∂L/∂x[0] and ∂L/∂W1[0] against central differences.
+    /// let g = gen.backward(&shape, &[1.0; 8], &saved)?;
+    /// assert_eq!((g.dw1.len(), g.dw2.len(), g.db1.as_ref().map(Vec::len)), (8, 8, Some(2)));
+    /// let loss = |gen: &ChannelGen<f64>, x: &[f64]| -> f64 {
+    ///     gen.forward(&shape, x).unwrap().0.iter().sum()
+    /// };
+    /// let h = 1e-6;
+    /// let (mut xp, mut xm) = (x.clone(), x.clone());
+    /// xp[0] += h;
+    /// xm[0] -= h;
+    /// let (mut gp, mut gm) = (gen.clone(), gen.clone());
+    /// gp.w1[0] += h;
+    /// gm.w1[0] -= h;
+    /// assert_relative_eq!(g.dx[0], (loss(&gen, &xp) - loss(&gen, &xm)) / (2.0 * h), max_relative = 1e-6);
+    /// assert_relative_eq!(g.dw1[0], (loss(&gp, &x) - loss(&gm, &x)) / (2.0 * h), max_relative = 1e-6);
+    /// # Ok::<(), activation_kernels::Error>(())
+    /// ```
     pub fn forward(&self, shape: &ActShape, x: &[T]) -> Result<(Vec<T>, ChannelGenSaved)> {
         shape.validate("x", x.len())?;
         self.validate(shape)?;
@@ -1172,6 +1321,8 @@ impl<T: Real> ChannelGen<T> {
     ///
     /// Errors: `LengthMismatch` for `dbeta` (`N × C`); `Shape` if `saved` came from
     /// another shape or width; as [`ChannelGen::forward`] for the generator.
+    ///
+    /// Example: [`ChannelGen::forward`]'s runs the forward and this backward.
     pub fn backward(
         &self,
         shape: &ActShape,
@@ -1250,6 +1401,25 @@ impl<T: Real> ChannelGen<T> {
 /// eq. in §3.1). Returns β of length `N` (use as [`Beta::PerSample`]); computed in f64.
 ///
 /// Errors: `Empty`/`LengthMismatch` for `x`.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::acon::{layer_gen_backward, layer_gen_forward};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// let shape = ActShape::nchw(1, 2, 1, 2);
+/// let x = [1.0, 3.0, -1.0, 0.0]; // channel means 2 and −0.5
+/// let beta = layer_gen_forward(&shape, &x)?;
+/// assert_relative_eq!(beta[0], 1.0 / (1.0 + (-1.5f64).exp()), max_relative = 1e-12);
+///
+/// // Backward of L = β[0]: dx = β(1 − β)/S at every element (S = 2).
+/// let dx = layer_gen_backward(&shape, &[1.0], &beta)?;
+/// let want = beta[0] * (1.0 - beta[0]) / 2.0;
+/// assert!(dx.iter().all(|&d| (d - want).abs() < 1e-15));
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn layer_gen_forward<T: Real>(shape: &ActShape, x: &[T]) -> Result<Vec<T>> {
     shape.validate("x", x.len())?;
     let gap = gap_f64(shape, x);
@@ -1263,6 +1433,8 @@ pub fn layer_gen_forward<T: Real>(shape: &ActShape, x: &[T]) -> Result<Vec<T>> {
 /// `dx[n, c, s] = dβ[n]·β[n](1 − β[n]) / S`.
 ///
 /// Errors: `Empty` for a zero dimension, `LengthMismatch` for `dbeta` or `beta`.
+///
+/// Example: [`layer_gen_forward`]'s runs the forward and this backward.
 pub fn layer_gen_backward<T: Real>(shape: &ActShape, dbeta: &[T], beta: &[T]) -> Result<Vec<T>> {
     shape.numel()?;
     check_nonzero("batch N", shape.n)?;
@@ -1350,6 +1522,33 @@ fn kind_of<T>(gen: &MetaGen<'_, T>) -> u8 {
 /// meta-ACON-C forward: `β = G(x)` from `gen`, then [`acon_c_forward`] with that β.
 ///
 /// Errors: those of [`acon_c_forward`] and of the generator.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::acon::{meta_acon_c_backward, meta_acon_c_forward, MetaGen};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// let shape = ActShape::nchw(2, 2, 1, 2);
+/// let x = [0.5, -1.0, 2.0, -0.25, 1.0, 0.0, -3.0, 0.75];
+/// let (p1, p2) = ([1.0, 0.5], [0.0, 0.25]);
+/// // Layer-wise generator: β[n] = σ(Σ_c GAP(x)[n, c]), then ACON-C with that β.
+/// let (y, saved) = meta_acon_c_forward(&shape, &x, &p1, &p2, MetaGen::Layer)?;
+/// assert_eq!((y.len(), saved.beta().len()), (8, 2));
+///
+/// // Backward of L = Σ y: dx includes the path through the generator.
+/// let g = meta_acon_c_backward(&shape, &[1.0; 8], &x, &p1, &p2, MetaGen::Layer, &saved)?;
+/// let loss = |x: &[f64]| -> f64 {
+///     meta_acon_c_forward(&shape, x, &p1, &p2, MetaGen::Layer).unwrap().0.iter().sum()
+/// };
+/// let h = 1e-6;
+/// let (mut xp, mut xm) = (x, x);
+/// xp[3] += h;
+/// xm[3] -= h;
+/// assert_relative_eq!(g.dx[3], (loss(&xp) - loss(&xm)) / (2.0 * h), max_relative = 1e-6);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn meta_acon_c_forward<T: Real>(
     shape: &ActShape,
     x: &[T],
@@ -1392,6 +1591,8 @@ pub fn meta_acon_c_forward<T: Real>(
 ///
 /// Errors: those of [`acon_c_backward`] and of the generator; `Shape` if `saved`
 /// came from another shape or another generator kind.
+///
+/// Example: [`meta_acon_c_forward`]'s runs the forward and this backward.
 pub fn meta_acon_c_backward<T: Real>(
     shape: &ActShape,
     dy: &[T],

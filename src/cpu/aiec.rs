@@ -132,6 +132,19 @@ fn tau1<T: Real>(v: T, tau: T) -> T {
 /// forward's strict inequality). NaN inputs give 0 (the comparison is false).
 ///
 /// Errors: `InvalidParam` if `τ` is negative, NaN or infinite; `Empty` if `x` is empty.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::{tau_backward, tau_forward};
+///
+/// let f = [-1.0f32, 0.25, 0.5, 2.0];
+/// let a = tau_forward(&f, 0.25)?; // keep F > τ, zero the rest
+/// assert_eq!(a, [0.0, 0.0, 0.5, 2.0]);
+/// let df = tau_backward(&[1.0, 2.0, 3.0, 4.0], &f, 0.25)?; // dF = dA·[F > τ]
+/// assert_eq!(df, [0.0, 0.0, 3.0, 4.0]); // 0 at F == τ, as the strict forward
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn tau_forward<T: Real>(x: &[T], tau: T) -> Result<Vec<T>> {
     check_tau(tau.to_f64())?;
     check_nonzero("x", x.len())?;
@@ -149,6 +162,8 @@ pub fn tau_forward<T: Real>(x: &[T], tau: T) -> Result<Vec<T>> {
 /// TAU backward: `dF = dA·[F > τ]`.
 ///
 /// Errors: as [`tau_forward`], plus `LengthMismatch` if `dy` and `x` differ in length.
+///
+/// Example: [`tau_forward`]'s runs the forward and this backward.
 pub fn tau_backward<T: Real>(dy: &[T], x: &[T], tau: T) -> Result<Vec<T>> {
     check_tau(tau.to_f64())?;
     check_nonzero("x", x.len())?;
@@ -357,6 +372,27 @@ fn feature_pass<T: Real>(
 ///
 /// Errors: `Empty`/`LengthMismatch` from the shape; `Shape` for `ClassToken` on
 /// NCHW; `InvalidParam` for a token index `≥ L`.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::{global_feature, global_feature_backward, Pool};
+/// use activation_kernels::ActShape;
+///
+/// let shape = ActShape::nlc(1, 2, 3); // 2 tokens of 3 channels
+/// let a = [1.0, 0.0, 4.0, 3.0, 2.0, 0.0];
+/// assert_eq!(global_feature(&shape, &a, Pool::Mean)?, [2.0, 1.0, 2.0]); // token mean
+/// assert_eq!(global_feature(&shape, &a, Pool::ClassToken(1))?, [3.0, 2.0, 0.0]);
+///
+/// let da = [1.0, 2.0, 4.0]; // ∂L/∂a
+/// // Mean: da/L at every token; class token: da at token 1, 0 elsewhere.
+/// assert_eq!(global_feature_backward(&shape, &da, Pool::Mean)?, [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]);
+/// assert_eq!(
+///     global_feature_backward(&shape, &da, Pool::ClassToken(1))?,
+///     [0.0, 0.0, 0.0, 1.0, 2.0, 4.0]
+/// );
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn global_feature<T: Real>(shape: &ActShape, a: &[T], pool: Pool) -> Result<Vec<T>> {
     shape.validate("A", a.len())?;
     check_pool(shape, pool)?;
@@ -368,6 +404,8 @@ pub fn global_feature<T: Real>(shape: &ActShape, a: &[T], pool: Pool) -> Result<
 /// token `i` and 0 elsewhere for [`Pool::ClassToken(i)`](Pool::ClassToken).
 ///
 /// Errors: as [`global_feature`], plus `LengthMismatch` if `da` is not `N × C`.
+///
+/// Example: [`global_feature`]'s runs the forward and this backward.
 pub fn global_feature_backward<T: Real>(shape: &ActShape, da: &[T], pool: Pool) -> Result<Vec<T>> {
     shape.validate("A", shape.numel()?)?;
     check_pool(shape, pool)?;
@@ -717,6 +755,34 @@ pub struct DmuGrads<T> {
 ///
 /// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
 /// `wd` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::{dmu_backward, dmu_forward, AiecDims};
+/// use approx::assert_relative_eq;
+///
+/// let dims = AiecDims::new(2, 2, 3); // N = 2 samples, C = 2 channels, K = 3 classes
+/// let a = [1.0f64, 0.5, 0.0, 2.0];
+/// let wd = [1.0, -1.0, 0.5, 0.5, -1.0, 1.0]; // K × C
+/// let labels = [0, 2];
+/// let out = dmu_forward(&a, &wd, &labels, dims)?;
+/// assert_eq!(out.logits, [0.5, 0.75, -0.5, -2.0, 1.0, 2.0]); // z = a·Wdᵀ
+/// assert_eq!(out.correct, [false, true]); // argmax: class 1, class 2
+/// assert_relative_eq!(out.loss[1], -out.probs[5].ln(), max_relative = 1e-12);
+///
+/// // Backward of L = Σ_n L_aux[n]: ∂L/∂Wd[0, 1] against a central difference.
+/// let g = dmu_backward(&a, &wd, &out.probs, &labels, &[1.0, 1.0], dims)?;
+/// let loss = |w01: f64| -> f64 {
+///     let mut w = wd;
+///     w[1] = w01;
+///     dmu_forward(&a, &w, &labels, dims).unwrap().loss.iter().sum()
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(g.dwd[1], (loss(-1.0 + h) - loss(-1.0 - h)) / (2.0 * h), max_relative = 1e-6);
+/// assert_eq!(g.da.len(), 4);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn dmu_forward<T: Real>(
     a: &[T],
     wd: &[T],
@@ -785,6 +851,8 @@ fn dmu_forward_unchecked<T: Real>(
 ///
 /// Errors: as [`dmu_forward`], plus `LengthMismatch` if `probs` is not `N × K` or
 /// `dloss` not `N`.
+///
+/// Example: [`dmu_forward`]'s runs the forward and this backward.
 pub fn dmu_backward<T: Real>(
     a: &[T],
     wd: &[T],
@@ -870,6 +938,8 @@ fn dmu_bwd_into<T: Real>(
 /// `Wd` gives `false`. Masks are piecewise constant and carry no gradient.
 ///
 /// Errors: `Empty` if `v` is empty; `LengthMismatch` if `wd` differs in length.
+///
+/// Example: [`gate_loss`]'s forms masks with this function.
 pub fn gate_masks<T: Real>(v: &[T], wd: &[T]) -> Result<Vec<bool>> {
     check_nonzero("v", v.len())?;
     check_len("wd", v.len(), wd.len())?;
@@ -901,6 +971,25 @@ fn mask_counts(masks: &[bool], c: usize) -> Vec<usize> {
 ///
 /// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
 /// `masks` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+///
+/// # Example (masks, forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::{gate_loss, gate_loss_backward, gate_masks, AiecDims};
+///
+/// let dims = AiecDims::new(1, 3, 2); // N = 1, C = 3, K = 2
+/// let v = [-0.5, 0.5, 0.0, 1.0, -1.0, 0.0]; // relative firing rates, K × C
+/// let wd = [-1.0, -1.0, -0.5, 1.0, 1.0, 1.0]; // decision weights, K × C
+/// let masks = gate_masks(&v, &wd)?; // G = [v ≤ 0] ∧ [Wd ≤ 0]
+/// assert_eq!(masks, [true, false, true, false, false, false]);
+///
+/// let a = [2.0, 7.0, -1.0]; // global feature of one sample of class 0
+/// let l = gate_loss(&a, &masks, &[0], dims)?; // Σ_c |a·G| / Σ_c G = (2 + 1) / 2
+/// assert_eq!(l, [1.5]);
+/// let da = gate_loss_backward(&a, &masks, &[0], &[1.0], dims)?; // G·sign(a) / Σ_c G
+/// assert_eq!(da, [0.5, 0.0, -0.5]);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn gate_loss<T: Real>(
     a: &[T],
     masks: &[bool],
@@ -944,6 +1033,8 @@ fn gate_loss_unchecked<T: Real>(
 /// `Σ_c G[y_n,c] = 0` (never NaN). The masks are constants (no gradient).
 ///
 /// Errors: as [`gate_loss`], plus `LengthMismatch` if `dloss` is not `N`.
+///
+/// Example: [`gate_loss`]'s runs the forward and this backward.
 pub fn gate_loss_backward<T: Real>(
     a: &[T],
     masks: &[bool],
@@ -1199,6 +1290,44 @@ fn layer_back<T: Real>(
 /// config; `Empty`/`LengthMismatch` from the shape; `Shape`/`InvalidParam` for a
 /// bad pool; `Shape` if the counters' channels differ from `C`; `LengthMismatch`
 /// for `wd` or `labels`; `LabelOutOfRange` for a label `≥ K`.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::{
+///     train_backward, train_forward, train_forward_with_masks, AiecConfig, Counters,
+/// };
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// let cfg = AiecConfig { tau: 0.1, lambda_gate: 2.0, ..AiecConfig::default() };
+/// let shape = ActShape::nchw(2, 3, 1, 2); // N = 2, C = 3, 2 pixels
+/// let f = [0.5, -1.0, 2.0, 0.05, -0.3, 0.4, 1.0, 1.5, -0.2, 0.3, 0.0, 0.7];
+/// let wd = [0.5, -0.25, -1.0, -0.5, 0.75, 0.25]; // K = 2 classes × C
+/// let labels = [0, 1];
+/// let mut counters = Counters::new(2, 3)?;
+/// let step = train_forward(&cfg, &shape, &f, &wd, &labels, &mut counters)?;
+/// assert_eq!(step.out[0..4], [0.5, 0.0, 2.0, 0.0]); // A = TAU(F), τ = 0.1
+/// // Only correctly predicted samples are counted.
+/// let counted = step.saved.correct().iter().filter(|&&c| c).count() as u64;
+/// assert_eq!(counters.phi().iter().sum::<u64>(), counted);
+///
+/// // Backward of L = Σ A + this layer's loss: ∂L/∂F[2] against a central difference
+/// // of the same function with the step's masks held fixed (they carry no gradient).
+/// let g = train_backward(&cfg, &shape, &[1.0; 12], 1.0, &f, &wd, &step.saved)?;
+/// let masks = step.saved.masks();
+/// let loss = |f2: f64| -> f64 {
+///     let mut f = f;
+///     f[2] = f2;
+///     let o = train_forward_with_masks(&cfg, &shape, &f, &wd, &labels, masks).unwrap();
+///     o.out.iter().sum::<f64>() + o.losses.total_aux_gate
+/// };
+/// let h = 1e-6;
+/// assert_relative_eq!(g.df[2], (loss(2.0 + h) - loss(2.0 - h)) / (2.0 * h), max_relative = 1e-6);
+/// assert_eq!(g.df[1], 0.0); // F ≤ τ: no gradient
+/// assert_eq!(g.dwd.len(), 6);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn train_forward<T: Real>(
     cfg: &AiecConfig,
     shape: &ActShape,
@@ -1227,6 +1356,9 @@ pub fn train_forward<T: Real>(
 ///
 /// Errors: as [`train_forward`]; `Shape` if `wd.len()` is not a positive multiple
 /// of `C`; `LengthMismatch` if `masks` is not `K × C`.
+///
+/// Example: [`train_forward`]'s checks [`train_backward`] against a finite difference
+/// of this function.
 pub fn train_forward_with_masks<T: Real>(
     cfg: &AiecConfig,
     shape: &ActShape,
@@ -1281,6 +1413,8 @@ pub fn train_forward_with_masks<T: Real>(
 /// Errors: `InvalidParam` if `cfg` differs from the forward's; the forward's shape
 /// errors; `Shape` if `shape` does not match the saved dims; `LengthMismatch` for
 /// `d_out`, `f` or `wd`.
+///
+/// Example: [`train_forward`]'s runs the forward and this backward.
 pub fn train_backward<T: Real>(
     cfg: &AiecConfig,
     shape: &ActShape,
@@ -1342,6 +1476,18 @@ pub fn train_backward<T: Real>(
 /// DMU and CGU are training-time only). Gradient as [`tau_backward`].
 ///
 /// Errors: `InvalidParam` for a bad config; `Empty` if `f` is empty.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::{infer_forward, tau_backward, AiecConfig};
+///
+/// let cfg = AiecConfig { tau: 0.5, ..AiecConfig::default() };
+/// let f = [0.25, 0.75, -2.0];
+/// assert_eq!(infer_forward(&cfg, &f)?, [0.0, 0.75, 0.0]);
+/// assert_eq!(tau_backward(&[1.0; 3], &f, cfg.tau)?, [0.0, 1.0, 0.0]); // its gradient
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn infer_forward<T: Real>(cfg: &AiecConfig, f: &[T]) -> Result<Vec<T>> {
     cfg.validate()?;
     tau_forward(f, T::of(cfg.tau))

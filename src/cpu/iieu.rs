@@ -901,6 +901,8 @@ pub(crate) fn patch_norms_checked<T: Real>(
 ///
 /// Errors: invalid geometry ([`Error::Geometry`] / [`Error::Empty`]), wrong `w` length
 /// ([`Error::LengthMismatch`]).
+///
+/// Example: [`forward`]'s uses it (and [`patch_inv_norm`]) to check term-S.
 pub fn filter_inv_norm<T: Real>(cfg: &IieuConfig, w: &[T]) -> Result<Vec<T>> {
     let d = Dims::new(cfg)?;
     check_len("w", d.w_len(), w.len())?;
@@ -913,6 +915,8 @@ pub fn filter_inv_norm<T: Real>(cfg: &IieuConfig, w: &[T]) -> Result<Vec<T>> {
 /// `q` — never a convolution.
 ///
 /// Errors: invalid geometry, wrong `x_pre` length.
+///
+/// Example: [`forward`]'s uses it (and [`filter_inv_norm`]) to check term-S.
 pub fn patch_inv_norm<T: Real>(cfg: &IieuConfig, x_pre: &[T]) -> Result<Vec<T>> {
     let d = Dims::new(cfg)?;
     check_len("x_pre", d.x_pre_len(), x_pre.len())?;
@@ -931,6 +935,60 @@ pub fn patch_inv_norm<T: Real>(cfg: &IieuConfig, x_pre: &[T]) -> Result<Vec<T>> 
 ///
 /// Errors: invalid geometry ([`Error::Geometry`], [`Error::Empty`]); any buffer or
 /// parameter of the wrong length ([`Error::LengthMismatch`]).
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::iieu::{
+///     backward, filter_inv_norm, forward, patch_inv_norm, IieuConfig, IieuParams,
+/// };
+/// use activation_kernels::cpu::iieu_conv::conv2d;
+/// use activation_kernels::Conv2dGeometry;
+/// use approx::assert_relative_eq;
+///
+/// // A 3×3 conv (padding 1) from 2 to 2 channels on one 3×3 image, then IIEU-B.
+/// let geo = Conv2dGeometry::new(1, 2, 3, 3, 2, 3, 3).with_padding(1, 1);
+/// let cfg = IieuConfig::new(geo);
+/// let x_pre: Vec<f64> = (0..18).map(|i| ((i * 7 % 11) as f64 - 5.0) / 4.0).collect();
+/// let w: Vec<f64> = (0..36).map(|i| ((i * 5 % 13) as f64 - 6.0) / 8.0).collect();
+/// let x = conv2d(&geo, &x_pre, &w)?; // (1, 2, 3, 3)
+/// let params = IieuParams::init(2); // γ̇ = 0.01, β̇ = 0, η = 0.05
+/// let (y, saved) = forward(&cfg, &x, &x_pre, &w, &params)?;
+///
+/// // term-S is the cosine between W[o] and its patch, so |s| ≤ 1; element 4 of
+/// // channel 1 by the formula: ρ̂ = s + ν, y = ς(ρ̂)·x.
+/// let (r_w, r_x) = (filter_inv_norm(&cfg, &w)?, patch_inv_norm(&cfg, &x_pre)?);
+/// for (i, xi) in x.iter().enumerate() {
+///     assert!((xi * r_w[i / 9] * r_x[i % 9]).abs() <= 1.0 + 1e-12);
+/// }
+/// let i = 9 + 4;
+/// let rho = x[i] * r_w[1] * r_x[4] + saved.nu()[1];
+/// let eta = params.eta[1];
+/// let adj = if rho >= eta { rho } else { eta * (rho - eta).exp() };
+/// assert_relative_eq!(y[i], adj * x[i], max_relative = 1e-12);
+///
+/// // Backward of L = Σ y, the three tensors taken as independent inputs (as the op
+/// // does; the conv's own chain rule is cpu::iieu_conv's job): central differences.
+/// let g = backward(&cfg, &vec![1.0; 18], &x, &x_pre, &w, &params, &saved)?;
+/// let loss = |x: &[f64], x_pre: &[f64], p: &IieuParams<f64>| -> f64 {
+///     forward(&cfg, x, x_pre, &w, p).unwrap().0.iter().sum()
+/// };
+/// let h = 1e-6;
+/// let nudge = |v: &[f64], j: usize, e: f64| {
+///     let mut v = v.to_vec();
+///     v[j] += e;
+///     v
+/// };
+/// let fd_x = (loss(&nudge(&x, i, h), &x_pre, &params) - loss(&nudge(&x, i, -h), &x_pre, &params)) / (2.0 * h);
+/// let fd_xp = (loss(&x, &nudge(&x_pre, 4, h), &params) - loss(&x, &nudge(&x_pre, 4, -h), &params)) / (2.0 * h);
+/// let with_gamma = |e: f64| IieuParams { ln_weight: nudge(&params.ln_weight, 0, e), ..params.clone() };
+/// let fd_gamma = (loss(&x, &x_pre, &with_gamma(h)) - loss(&x, &x_pre, &with_gamma(-h))) / (2.0 * h);
+/// assert_relative_eq!(g.dx[i], fd_x, max_relative = 1e-6);
+/// assert_relative_eq!(g.dx_pre[4], fd_xp, max_relative = 1e-6);
+/// assert_relative_eq!(g.d_ln_weight[0], fd_gamma, max_relative = 1e-6);
+/// assert_eq!((g.dw.len(), g.d_ln_bias.len(), g.d_eta.len()), (36, 2, 2));
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward<T: Real>(
     cfg: &IieuConfig,
     x: &[T],
@@ -955,6 +1013,33 @@ pub fn forward<T: Real>(
 /// and `y` each cross memory once.
 ///
 /// Errors: as [`forward`], plus a `y` of the wrong length ([`Error::LengthMismatch`]).
+///
+/// # Example (forward and backward into reused buffers)
+///
+/// ```
+/// use activation_kernels::cpu::iieu::{
+///     backward, backward_into, forward, forward_into, IieuConfig, IieuGrads, IieuParams,
+/// };
+/// use activation_kernels::Conv2dGeometry;
+///
+/// // IIEU-B after a 1×1 conv, 3 → 2 channels, on a 2×2 image (x given directly).
+/// let cfg = IieuConfig::new(Conv2dGeometry::new(1, 3, 2, 2, 2, 1, 1));
+/// let x_pre = [0.5f32, -1.0, 2.0, 0.0, 1.0, 1.5, -0.5, 0.25, -2.0, 0.75, 1.0, -1.0];
+/// let w = [0.3f32, -0.2, 0.9, -0.5, 0.1, 0.4];
+/// let x = [0.2f32, -0.7, 1.1, 0.4, -0.3, 0.8, -1.2, 0.05];
+/// let params = IieuParams::init(2);
+/// let (mut y, mut grads) = (vec![0.0f32; 8], IieuGrads::default());
+/// for _step in 0..2 {
+///     // The same buffers every step: nothing activation-sized allocated after the first.
+///     let saved = forward_into(&cfg, &x, &x_pre, &w, &params, &mut y)?;
+///     backward_into(&cfg, &y, &x, &x_pre, &w, &params, &saved, &mut grads)?;
+/// }
+/// // Same bits as the allocating ops.
+/// let (y1, saved) = forward(&cfg, &x, &x_pre, &w, &params)?;
+/// assert_eq!(y, y1);
+/// assert_eq!(grads, backward(&cfg, &y, &x, &x_pre, &w, &params, &saved)?);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward_into<T: Real>(
     cfg: &IieuConfig,
     x: &[T],
@@ -1055,6 +1140,9 @@ pub fn forward_into<T: Real>(
 ///
 /// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and
 /// `saved` produced for a different config ([`Error::Shape`]).
+///
+/// Example: [`forward`]'s runs the forward and this backward and checks gradients
+/// against central differences.
 pub fn backward<T: Real>(
     cfg: &IieuConfig,
     dy: &[T],
@@ -1076,6 +1164,8 @@ pub fn backward<T: Real>(
 /// [`backward`]. On `Err` the buffers are left untouched.
 ///
 /// Errors: as [`backward`].
+///
+/// Example: [`forward_into`]'s runs both `_into` ops.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into<T: Real>(
     cfg: &IieuConfig,

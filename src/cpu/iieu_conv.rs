@@ -760,6 +760,48 @@ fn check_inputs<T: Real>(d: &Dims, x_pre: &[T], w: &[T], params: &IieuConvParams
 /// else in `params` changes.
 ///
 /// Errors: see the module docs; all checked before any work.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::iieu::{self, IieuConfig};
+/// use activation_kernels::cpu::iieu_conv::{backward, conv2d, forward, IieuConvParams, Psi};
+/// use activation_kernels::Conv2dGeometry;
+/// use approx::assert_relative_eq;
+///
+/// // 3×3 conv (padding 1), 2 → 2 channels, 4×4 image, ψ = per-channel bias, IIEU-B.
+/// let geo = Conv2dGeometry::new(1, 2, 4, 4, 2, 3, 3).with_padding(1, 1);
+/// let cfg = IieuConfig::new(geo);
+/// let x_pre: Vec<f64> = (0..32).map(|i| ((i * 7 % 11) as f64 - 5.0) / 4.0).collect();
+/// let w: Vec<f64> = (0..36).map(|i| ((i * 5 % 13) as f64 - 6.0) / 8.0).collect();
+/// let mut params = IieuConvParams::init(2, Psi::Bias(vec![0.1, -0.2]));
+/// let (y, saved) = forward(&cfg, &x_pre, &w, &mut params)?;
+///
+/// // The fused op equals the unfused chain conv → + bias → cpu::iieu::forward.
+/// let mut x = conv2d(&geo, &x_pre, &w)?;
+/// x.iter_mut().enumerate().for_each(|(i, v)| *v += [0.1, -0.2][i / 16]);
+/// let (y_ref, _) = iieu::forward(&cfg, &x, &x_pre, &w, &params.iieu)?;
+/// for (a, b) in y.iter().zip(&y_ref) {
+///     assert_relative_eq!(a, b, epsilon = 1e-12, max_relative = 1e-12);
+/// }
+///
+/// // Backward of L = Σ y: ∂L/∂W (through the conv and r_w) and ∂L/∂bias against
+/// // central differences.
+/// let g = backward(&cfg, &vec![1.0; 32], &x_pre, &w, &params, &saved)?;
+/// let loss = |w: &[f64], bias: [f64; 2]| -> f64 {
+///     let mut p = IieuConvParams::init(2, Psi::Bias(bias.to_vec()));
+///     forward(&cfg, &x_pre, w, &mut p).unwrap().0.iter().sum()
+/// };
+/// let h = 1e-6;
+/// let (mut wp, mut wm) = (w.clone(), w.clone());
+/// wp[5] += h;
+/// wm[5] -= h;
+/// assert_relative_eq!(g.dw[5], (loss(&wp, [0.1, -0.2]) - loss(&wm, [0.1, -0.2])) / (2.0 * h), max_relative = 1e-6);
+/// let fd_b = (loss(&w, [0.1, -0.2 + h]) - loss(&w, [0.1, -0.2 - h])) / (2.0 * h);
+/// assert_relative_eq!(g.d_psi_shift[1], fd_b, max_relative = 1e-6);
+/// assert_eq!(g.dx_pre.len(), 32);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward<T: Real>(
     cfg: &IieuConfig,
     x_pre: &[T],
@@ -1027,6 +1069,9 @@ fn conv_sample<T: Real>(
 ///
 /// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]), and a
 /// `saved` from another config or another ψ ([`Error::Shape`]).
+///
+/// Example: [`forward`]'s runs the forward and this backward and checks gradients
+/// against central differences.
 pub fn backward<T: Real>(
     cfg: &IieuConfig,
     dy: &[T],
@@ -1187,6 +1232,25 @@ fn backward_with<T: Real>(
 ///
 /// Errors: invalid geometry ([`Error::Geometry`], [`Error::Empty`]), `x_pre` or `w` of
 /// the wrong length ([`Error::LengthMismatch`]); all checked before any work.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::iieu_conv::{conv2d, conv2d_backward};
+/// use activation_kernels::Conv2dGeometry;
+///
+/// let geo = Conv2dGeometry::new(1, 1, 3, 3, 1, 2, 2); // one 3×3 image, one 2×2 filter
+/// let x_pre = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0];
+/// let w = [1.0f32, 0.0, 0.0, -1.0]; // c[h', w'] = x[h', w'] − x[h' + 1, w' + 1]
+/// assert_eq!(conv2d(&geo, &x_pre, &w)?, [-4.0; 4]);
+///
+/// // Backward of L = Σ c: dW[i, j] sums the taps each weight sees, dx_pre[h, w] the
+/// // weights that see (h, w).
+/// let (dx_pre, dw) = conv2d_backward(&geo, &[1.0; 4], &x_pre, &w)?;
+/// assert_eq!(dw, [1.0 + 2.0 + 4.0 + 5.0, 2.0 + 3.0 + 5.0 + 6.0, 4.0 + 5.0 + 7.0 + 8.0, 5.0 + 6.0 + 8.0 + 9.0]);
+/// assert_eq!(dx_pre, [1.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, -1.0, -1.0]);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn conv2d<T: Real>(geo: &Conv2dGeometry, x_pre: &[T], w: &[T]) -> Result<Vec<T>> {
     conv2d_with(geo, x_pre, w, true)
 }
@@ -1223,6 +1287,8 @@ fn conv2d_with<T: Real>(
 /// the rayon thread count.
 ///
 /// Errors: as [`conv2d`], plus a `dc` of the wrong length ([`Error::LengthMismatch`]).
+///
+/// Example: [`conv2d`]'s runs the forward and this backward.
 pub fn conv2d_backward<T: Real>(
     geo: &Conv2dGeometry,
     dc: &[T],

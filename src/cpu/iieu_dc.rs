@@ -295,6 +295,19 @@ pub struct DcGrads<T> {
 ///
 /// Gradient: `∂ς/∂ρ̂ = 1` (upper) or `η·exp(ρ̂ − η)` (lower);
 /// `∂ς/∂η = 0` (upper) or `(1 − η)·exp(ρ̂ − η)` (lower).
+///
+/// ```
+/// use activation_kernels::cpu::iieu_dc::adjuster;
+/// use approx::assert_relative_eq;
+///
+/// assert_eq!(adjuster(0.3, 0.1), 0.3); // upper branch: ρ̂
+/// assert_eq!(adjuster(0.1, 0.1), 0.1); // the tie takes the upper branch
+/// assert_relative_eq!(adjuster(-0.9, 0.1), 0.1 * (-1.0f64).exp(), max_relative = 1e-15); // η·e^(ρ̂ − η)
+/// // ∂ς/∂ρ̂ on the lower branch is η·e^(ρ̂ − η): a central difference agrees.
+/// let h = 1e-6;
+/// let fd = (adjuster(-0.9 + h, 0.1) - adjuster(-0.9 - h, 0.1)) / (2.0 * h);
+/// assert_relative_eq!(fd, 0.1 * (-1.0f64).exp(), max_relative = 1e-8);
+/// ```
 #[inline]
 pub fn adjuster<T: Real>(rho: T, eta: T) -> T {
     if rho >= eta {
@@ -718,6 +731,47 @@ simd_fn! {
 ///
 /// Errors: `Empty`/`Shape` for a bad `cfg`; `LengthMismatch` for `x`, `res` or any
 /// parameter of the wrong length.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::iieu_dc::{backward, forward, DcConfig, DcParams};
+/// use approx::assert_relative_eq;
+///
+/// let cfg = DcConfig::new(2, 4, 2, 2, 2)?; // x, res: (2, 4, 2, 2); hidden = 4 / 2
+/// let x: Vec<f64> = (0..32).map(|i| ((i * 7 % 11) as f64 - 5.0) / 4.0).collect();
+/// let res: Vec<f64> = (0..32).map(|i| ((i * 5 % 13) as f64 - 6.0) / 3.0).collect();
+/// let mut params = DcParams::init(&cfg, 1)?;
+/// params.ln2_weight = vec![1.0; 8]; // a livelier mix than the init's 0.01
+/// let (out, saved) = forward(&cfg, &x, &res, &params)?;
+///
+/// // out = λ0·x + λ1·res per (sample, channel), with λ0 + λ1 = 1.
+/// let lam = saved.lambda(); // (N, 2, C)
+/// let (l0, l1) = (lam[8 + 1], lam[8 + 4 + 1]); // sample 1, channel 1
+/// assert_relative_eq!(l0 + l1, 1.0, epsilon = 1e-12);
+/// let i = 16 + 4 + 3; // sample 1, channel 1, position 3
+/// assert_relative_eq!(out[i], l0 * x[i] + l1 * res[i], max_relative = 1e-12);
+///
+/// // Backward of L = Σ out·dy: ∂L/∂x (through the mix and the GAPs), ∂L/∂W1 and
+/// // ∂L/∂η₂ against central differences.
+/// let dy: Vec<f64> = (0..32).map(|i| ((i * 3 % 7) as f64 - 3.0) / 2.0).collect();
+/// let g = backward(&cfg, &dy, &x, &res, &params, &saved)?;
+/// let loss = |x: &[f64], p: &DcParams<f64>| -> f64 {
+///     let out = forward(&cfg, x, &res, p).unwrap().0;
+///     out.iter().zip(&dy).map(|(o, d)| o * d).sum()
+/// };
+/// let h = 1e-6;
+/// let (mut xp, mut xm) = (x.clone(), x.clone());
+/// xp[i] += h;
+/// xm[i] -= h;
+/// assert_relative_eq!(g.dx[i], (loss(&xp, &params) - loss(&xm, &params)) / (2.0 * h), max_relative = 1e-6);
+/// let (mut pp, mut pm) = (params.clone(), params.clone());
+/// pp.w1[2] += h;
+/// pm.w1[2] -= h;
+/// assert_relative_eq!(g.d_w1[2], (loss(&x, &pp) - loss(&x, &pm)) / (2.0 * h), max_relative = 1e-6);
+/// assert_eq!((g.dres.len(), g.d_eta2.len(), g.d_ln2_bias.len()), (32, 2, 8));
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward<T: Real>(
     cfg: &DcConfig,
     x: &[T],
@@ -737,6 +791,29 @@ pub fn forward<T: Real>(
 ///
 /// Errors: as [`forward`], plus an `out` of the wrong length (`LengthMismatch`); on
 /// `Err`, `out` is untouched.
+///
+/// # Example (forward and backward into reused buffers)
+///
+/// ```
+/// use activation_kernels::cpu::iieu_dc::{
+///     backward, backward_into, forward, forward_into, DcConfig, DcGrads, DcParams,
+/// };
+///
+/// let cfg = DcConfig::new(1, 2, 1, 3, 1)?; // x, res: (1, 2, 1, 3); hidden = 2
+/// let x = [0.5f32, -1.0, 2.0, 0.0, 1.5, -0.5];
+/// let res = [1.0f32, 0.25, -0.75, 2.0, -1.0, 0.5];
+/// let params = DcParams::init(&cfg, 3)?;
+/// let (mut out, mut grads) = (vec![0.0f32; 6], DcGrads::default());
+/// for _step in 0..2 {
+///     let saved = forward_into(&cfg, &x, &res, &params, &mut out)?;
+///     backward_into(&cfg, &out, &x, &res, &params, &saved, &mut grads)?;
+/// }
+/// // Same bits as the allocating ops.
+/// let (out1, saved) = forward(&cfg, &x, &res, &params)?;
+/// assert_eq!(out, out1);
+/// assert_eq!(grads, backward(&cfg, &out, &x, &res, &params, &saved)?);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward_into<T: Real>(
     cfg: &DcConfig,
     x: &[T],
@@ -793,6 +870,9 @@ pub fn forward_into<T: Real>(
 /// Errors: as [`forward`], plus `LengthMismatch` for `dy` and for a `saved` that does
 /// not match `cfg`. (`saved` must come from `forward` with the same `x`, `res` and
 /// `params`; that is not checked.)
+///
+/// Example: [`forward`]'s runs the forward and this backward and checks gradients
+/// against central differences.
 pub fn backward<T: Real>(
     cfg: &DcConfig,
     dy: &[T],
@@ -813,6 +893,8 @@ pub fn backward<T: Real>(
 /// [`backward`]. On `Err` the buffers are left untouched.
 ///
 /// Errors: as [`backward`].
+///
+/// Example: [`forward_into`]'s runs both `_into` ops.
 pub fn backward_into<T: Real>(
     cfg: &DcConfig,
     dy: &[T],

@@ -390,6 +390,47 @@ fn check_params(shape: &ActShape, what: &'static str, p: usize) -> Result<()> {
 ///
 /// Errors: `Empty` for a zero dimension, `LengthMismatch` for `x`, `p1`, `p2`
 /// or the β buffer.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cuda::{acon, real_driver_present, CudaContext};
+/// use activation_kernels::{cpu, ActShape};
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let shape = ActShape::nchw(1, 2, 1, 2);
+/// let (x, dy) = ([0.5f32, -1.0, 2.0, -0.25], [1.0f32, -0.5, 0.25, 2.0]);
+/// let (p1, p2, beta) = ([1.0f32, 0.5], [0.0f32, 0.25], [1.0f32, 2.0]);
+/// let (xd, dyd) = (stream.clone_htod(&x)?, stream.clone_htod(&dy)?);
+/// let (p1d, p2d, bd) = (stream.clone_htod(&p1)?, stream.clone_htod(&p2)?, stream.clone_htod(&beta)?);
+/// let y = acon::acon_c_forward(&stream, &shape, &xd, &p1d, &p2d, acon::Beta::PerChannel(&bd))?;
+/// let g = acon::acon_c_backward(&stream, &shape, &dyd, &xd, &p1d, &p2d, acon::Beta::PerChannel(&bd))?;
+///
+/// let cpu_beta = cpu::acon::Beta::PerChannel(&beta);
+/// let y_ref = cpu::acon::acon_c_forward(&shape, &x, &p1, &p2, cpu_beta)?;
+/// let g_ref = cpu::acon::acon_c_backward(&shape, &dy, &x, &p1, &p2, cpu_beta)?;
+/// let pairs = [
+///     (stream.clone_dtoh(&y)?, y_ref),
+///     (stream.clone_dtoh(&g.dx)?, g_ref.dx),
+///     (stream.clone_dtoh(&g.dp1)?, g_ref.dp1),
+///     (stream.clone_dtoh(&g.dp2)?, g_ref.dp2),
+///     (stream.clone_dtoh(g.dbeta.as_ref().unwrap())?, g_ref.dbeta),
+/// ];
+/// for (gpu, reference) in pairs {
+///     for (a, b) in gpu.iter().zip(&reference) {
+///         assert_relative_eq!(a, b, epsilon = 1e-6, max_relative = 1e-5); // __expf: a few ulp
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn acon_c_forward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -414,6 +455,8 @@ pub fn acon_c_forward<T: DType>(
 /// (bitwise reproducible).
 ///
 /// Errors: as [`acon_c_forward`], plus `LengthMismatch` for `dy`.
+///
+/// Example: [`acon_c_forward`]'s runs the forward and this backward on the device.
 pub fn acon_c_backward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -442,6 +485,38 @@ pub fn acon_c_backward<T: DType>(
 /// `p2 = p`; [`crate::cpu::acon::acon_b_forward`]).
 ///
 /// Errors: `Empty`, or `LengthMismatch` for `x`, `p` or the β buffer.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cuda::{acon, real_driver_present, CudaContext};
+/// use activation_kernels::{cpu, ActShape};
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let shape = ActShape::nlc(2, 1, 2); // 2 samples of 1 token, 2 channels (last)
+/// let (x, p, beta) = ([1.5f32, -2.0, 0.5, 3.0], [0.25f32, -0.5], [3.0f32, 0.5]);
+/// let (xd, pd, bd) = (stream.clone_htod(&x)?, stream.clone_htod(&p)?, stream.clone_htod(&beta)?);
+/// let y = acon::acon_b_forward(&stream, &shape, &xd, &pd, acon::Beta::PerSample(&bd))?;
+/// let g = acon::acon_b_backward(&stream, &shape, &xd, &xd, &pd, acon::Beta::PerSample(&bd))?;
+///
+/// let cpu_beta = cpu::acon::Beta::PerSample(&beta);
+/// let y_ref = cpu::acon::acon_b_forward(&shape, &x, &p, cpu_beta)?;
+/// let g_ref = cpu::acon::acon_b_backward(&shape, &x, &x, &p, cpu_beta)?; // dy = x
+/// for (gpu, reference) in [(stream.clone_dtoh(&y)?, y_ref), (stream.clone_dtoh(&g.dp)?, g_ref.dp)] {
+///     for (a, b) in gpu.iter().zip(&reference) {
+///         assert_relative_eq!(a, b, epsilon = 1e-6, max_relative = 1e-5);
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn acon_b_forward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -461,6 +536,8 @@ pub fn acon_b_forward<T: DType>(
 /// ([`crate::cpu::acon::acon_b_backward`]).
 ///
 /// Errors: as [`acon_b_forward`], plus `LengthMismatch` for `dy`.
+///
+/// Example: [`acon_b_forward`]'s runs the forward and this backward on the device.
 pub fn acon_b_backward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -485,6 +562,42 @@ pub fn acon_b_backward<T: DType>(
 /// ACON-A (Swish) forward: `y = x·σ(β·x)` ([`crate::cpu::acon::acon_a_forward`]).
 ///
 /// Errors: `Empty`, or `LengthMismatch` for `x` or the β buffer.
+///
+/// # Example (forward and backward in f16 storage)
+///
+/// ```
+/// use activation_kernels::cuda::{acon, real_driver_present, CudaContext};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+/// use half::f16;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let shape = ActShape::nchw(1, 1, 1, 3);
+/// let x = [1.0f32, 0.0, -2.0].map(f16::from_f32); // f16 storage, f32 arithmetic
+/// let xd = stream.clone_htod(&x)?;
+/// let bd = stream.clone_htod(&[1.0f32])?; // β per channel, always f32
+/// let y = acon::acon_a_forward(&stream, &shape, &xd, acon::Beta::PerChannel(&bd))?;
+/// let dy = stream.clone_htod(&[f16::ONE; 3])?;
+/// let g = acon::acon_a_backward(&stream, &shape, &dy, &xd, acon::Beta::PerChannel(&bd))?;
+///
+/// let (y, dx) = (stream.clone_dtoh(&y)?, stream.clone_dtoh(&g.dx)?);
+/// let silu = |v: f32| v / (1.0 + (-v).exp()); // Swish at β = 1
+/// assert_relative_eq!(y[0].to_f32(), silu(1.0), max_relative = 1e-3); // f16: 2^-11
+/// assert_eq!(y[1].to_f32(), 0.0);
+/// assert_eq!(dx[1].to_f32(), 0.5); // SiLU'(0) = 1/2
+/// let dbeta = stream.clone_dtoh(g.dbeta.as_ref().unwrap())?; // Σ dy·x²·s(1 − s)
+/// let s = |v: f32| 1.0 / (1.0 + (-v).exp());
+/// let want: f32 = [1.0f32, -2.0].iter().map(|&v| v * v * s(v) * (1.0 - s(v))).sum();
+/// assert_relative_eq!(dbeta[0], want, max_relative = 1e-5);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn acon_a_forward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -502,6 +615,8 @@ pub fn acon_a_forward<T: DType>(
 /// ([`crate::cpu::acon::acon_a_backward`]).
 ///
 /// Errors: as [`acon_a_forward`], plus `LengthMismatch` for `dy`.
+///
+/// Example: [`acon_a_forward`]'s runs the forward and this backward on the device.
 pub fn acon_a_backward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -709,6 +824,45 @@ impl ChannelGen {
     /// Errors: `Empty`/`LengthMismatch` for `x`; `Shape` if the generator's `C`
     /// differs from the tensor's; `Empty` for width 0; `LengthMismatch` for
     /// `w1`, `w2`, `b1`, `b2`.
+    ///
+    /// # Example (forward and backward, against the CPU reference)
+    ///
+    /// ```
+    /// use activation_kernels::cuda::{acon, real_driver_present, CudaContext};
+    /// use activation_kernels::{cpu, ActShape};
+    /// use approx::assert_relative_eq;
+    ///
+    /// # #[cfg(not(feature = "emulate"))]
+    /// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+    /// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+    /// #[cfg(feature = "emulate")]
+    /// if !real_driver_present() {
+    ///     activation_kernels::emu::install().expect("the emulated device");
+    /// }
+    /// let stream = CudaContext::new(0)?.default_stream();
+    /// let host_gen = cpu::acon::ChannelGen::<f32>::init(4, 2, true, 7)?; // C = 4, width 2
+    /// let gen = acon::ChannelGen::from_host(&stream, &host_gen)?;
+    /// let shape = ActShape::nchw(2, 4, 1, 2);
+    /// let x: Vec<f32> = (0..16).map(|i| (i as f32 - 7.5) / 4.0).collect();
+    /// let (beta, saved) = gen.forward(&stream, &shape, &stream.clone_htod(&x)?)?;
+    /// let dbeta = stream.clone_htod(&[1.0f32; 8])?;
+    /// let g: acon::ChannelGenGrads<f32> = gen.backward(&stream, &shape, &dbeta, &saved)?;
+    ///
+    /// let (beta_ref, saved_ref) = host_gen.forward(&shape, &x)?;
+    /// let g_ref = host_gen.backward(&shape, &[1.0; 8], &saved_ref)?;
+    /// let pairs = [
+    ///     (stream.clone_dtoh(&beta)?, beta_ref),
+    ///     (stream.clone_dtoh(&g.dx)?, g_ref.dx),
+    ///     (stream.clone_dtoh(&g.dw1)?, g_ref.dw1),
+    ///     (stream.clone_dtoh(&g.dw2)?, g_ref.dw2),
+    /// ];
+    /// for (gpu, reference) in pairs {
+    ///     for (a, b) in gpu.iter().zip(&reference) {
+    ///         assert_relative_eq!(a, b, epsilon = 1e-6, max_relative = 1e-5);
+    ///     }
+    /// }
+    /// # Ok::<(), activation_kernels::Error>(())
+    /// ```
     pub fn forward<T: DType>(
         &self,
         stream: &Arc<CudaStream>,
@@ -763,6 +917,9 @@ impl ChannelGen {
     ///
     /// Errors: `LengthMismatch` for `dbeta` (`N × C`); `Shape` if `saved` came
     /// from another shape or width; as [`ChannelGen::forward`] for the generator.
+    ///
+    /// Example: [`ChannelGen::forward`]'s runs the forward and this backward on the
+    /// device.
     pub fn backward<T: DType>(
         &self,
         stream: &Arc<CudaStream>,
@@ -885,6 +1042,35 @@ fn check_batch_grid(shape: &ActShape) -> Result<()> {
 /// [`Beta::PerSample`]).
 ///
 /// Errors: `Empty`/`LengthMismatch` for `x`.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cuda::{acon, real_driver_present, CudaContext, CudaSlice};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let shape = ActShape::nchw(1, 2, 1, 2);
+/// let x = stream.clone_htod(&[1.0f32, 3.0, -1.0, 0.0])?; // channel means 2 and −0.5
+/// let beta = acon::layer_gen_forward(&stream, &shape, &x)?;
+/// let b = stream.clone_dtoh(&beta)?[0];
+/// assert_relative_eq!(b, 1.0 / (1.0 + (-1.5f32).exp()), max_relative = 1e-6);
+/// // Backward of L = β[0]: dx = β(1 − β)/S everywhere (S = 2).
+/// let dbeta = stream.clone_htod(&[1.0f32])?;
+/// let dx: CudaSlice<f32> = acon::layer_gen_backward(&stream, &shape, &dbeta, &beta)?;
+/// for d in stream.clone_dtoh(&dx)? {
+///     assert_relative_eq!(d, b * (1.0 - b) / 2.0, max_relative = 1e-6);
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn layer_gen_forward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -936,6 +1122,8 @@ fn layer_backward_add<T: DType>(
 /// `dx[n, c, s] = dβ[n]·β[n](1 − β[n]) / S` (storage `T`).
 ///
 /// Errors: `Empty` for a zero dimension, `LengthMismatch` for `dbeta` or `beta`.
+///
+/// Example: [`layer_gen_forward`]'s runs the forward and this backward on the device.
 pub fn layer_gen_backward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -1021,6 +1209,44 @@ pub struct MetaAconCGrads<T> {
 /// generator's GAP and hidden layer).
 ///
 /// Errors: those of [`acon_c_forward`] and of the generator.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cuda::{acon, real_driver_present, CudaContext};
+/// use activation_kernels::{cpu, ActShape};
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let shape = ActShape::nchw(2, 2, 1, 2);
+/// let x = [0.5f32, -1.0, 2.0, -0.25, 1.0, 0.0, -3.0, 0.75];
+/// let (p1, p2) = ([1.0f32, 0.5], [0.0f32, 0.25]);
+/// let (xd, p1d, p2d) = (stream.clone_htod(&x)?, stream.clone_htod(&p1)?, stream.clone_htod(&p2)?);
+/// let (y, saved) = acon::meta_acon_c_forward(&stream, &shape, &xd, &p1d, &p2d, acon::MetaGen::Layer)?;
+/// let g = acon::meta_acon_c_backward(&stream, &shape, &xd, &xd, &p1d, &p2d, acon::MetaGen::Layer, &saved)?;
+///
+/// let layer = cpu::acon::MetaGen::Layer;
+/// let (y_ref, saved_ref) = cpu::acon::meta_acon_c_forward(&shape, &x, &p1, &p2, layer)?;
+/// let g_ref = cpu::acon::meta_acon_c_backward(&shape, &x, &x, &p1, &p2, layer, &saved_ref)?; // dy = x
+/// let pairs = [
+///     (stream.clone_dtoh(&y)?, y_ref),
+///     (stream.clone_dtoh(&g.dx)?, g_ref.dx),
+///     (stream.clone_dtoh(&g.dp2)?, g_ref.dp2),
+/// ];
+/// for (gpu, reference) in pairs {
+///     for (a, b) in gpu.iter().zip(&reference) {
+///         assert_relative_eq!(a, b, epsilon = 1e-6, max_relative = 1e-5);
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn meta_acon_c_forward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -1070,6 +1296,8 @@ pub fn meta_acon_c_forward<T: DType>(
 ///
 /// Errors: those of [`acon_c_backward`] and of the generator; `Shape` if `saved`
 /// came from another shape or generator kind.
+///
+/// Example: [`meta_acon_c_forward`]'s runs the forward and this backward on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn meta_acon_c_backward<T: DType>(
     stream: &Arc<CudaStream>,

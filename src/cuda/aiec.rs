@@ -131,6 +131,28 @@ fn vec_elems<T>() -> usize {
 /// CPU mirror: [`crate::cpu::aiec::tau_forward`]. τ is rounded to f32.
 ///
 /// Errors: `InvalidParam` if `τ` is negative, NaN or infinite; `Empty` if `x` is empty.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cuda::{aiec, real_driver_present, CudaContext};
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let f = stream.clone_htod(&[-1.0f32, 0.25, 0.5, 2.0])?;
+/// let a = aiec::tau_forward(&stream, &f, 0.25)?;
+/// assert_eq!(stream.clone_dtoh(&a)?, [0.0, 0.0, 0.5, 2.0]);
+/// let da = stream.clone_htod(&[1.0f32, 2.0, 3.0, 4.0])?;
+/// let df = aiec::tau_backward(&stream, &da, &f, 0.25)?; // dF = dA·[F > τ]
+/// assert_eq!(stream.clone_dtoh(&df)?, [0.0, 0.0, 3.0, 4.0]);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn tau_forward<T: DType>(
     stream: &Arc<CudaStream>,
     x: &impl DeviceInput<T>,
@@ -154,6 +176,8 @@ pub fn tau_forward<T: DType>(
 /// [`crate::cpu::aiec::tau_backward`].
 ///
 /// Errors: as [`tau_forward`], plus `LengthMismatch` if `dy` and `x` differ in length.
+///
+/// Example: [`tau_forward`]'s runs the forward and this backward on the device.
 pub fn tau_backward<T: DType>(
     stream: &Arc<CudaStream>,
     dy: &impl DeviceInput<T>,
@@ -179,6 +203,29 @@ pub fn tau_backward<T: DType>(
 /// CPU mirror: [`crate::cpu::aiec::infer_forward`].
 ///
 /// Errors: `InvalidParam` for a bad config; `Empty` if `f` is empty.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::AiecConfig;
+/// use activation_kernels::cuda::{aiec, real_driver_present, CudaContext};
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let cfg = AiecConfig { tau: 0.5, ..AiecConfig::default() };
+/// let f = stream.clone_htod(&[0.25f32, 0.75, -2.0])?;
+/// let a = aiec::infer_forward(&stream, &cfg, &f)?;
+/// assert_eq!(stream.clone_dtoh(&a)?, [0.0, 0.75, 0.0]);
+/// let df = aiec::tau_backward(&stream, &stream.clone_htod(&[1.0f32; 3])?, &f, 0.5)?; // its gradient
+/// assert_eq!(stream.clone_dtoh(&df)?, [0.0, 1.0, 0.0]);
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn infer_forward<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &AiecConfig,
@@ -271,6 +318,31 @@ fn feature_pass<T: DType>(
 ///
 /// Errors: `Empty`/`LengthMismatch` from the shape; `Shape` for `ClassToken` on
 /// NCHW; `InvalidParam` for a token index `≥ L`.
+///
+/// # Example (forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::Pool;
+/// use activation_kernels::cuda::{aiec, real_driver_present, CudaContext, CudaSlice};
+/// use activation_kernels::ActShape;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let shape = ActShape::nlc(1, 2, 3); // 2 tokens of 3 channels
+/// let a = stream.clone_htod(&[1.0f32, 0.0, 4.0, 3.0, 2.0, 0.0])?;
+/// let feat = aiec::global_feature(&stream, &shape, &a, Pool::Mean)?; // token mean
+/// assert_eq!(stream.clone_dtoh(&feat)?, [2.0, 1.0, 2.0]);
+/// let da = stream.clone_htod(&[1.0f32, 2.0, 4.0])?;
+/// let d_a: CudaSlice<f32> = aiec::global_feature_backward(&stream, &shape, &da, Pool::Mean)?;
+/// assert_eq!(stream.clone_dtoh(&d_a)?, [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]); // da / L
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn global_feature<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -357,6 +429,8 @@ fn backward_pass<T: DType>(
 /// [`Pool::ClassToken`]. CPU mirror: [`crate::cpu::aiec::global_feature_backward`].
 ///
 /// Errors: as [`global_feature`], plus `LengthMismatch` if `da` is not `N × C`.
+///
+/// Example: [`global_feature`]'s runs the forward and this backward on the device.
 pub fn global_feature_backward<T: DType>(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -627,6 +701,45 @@ fn dmu_forward_dev(
 ///
 /// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
 /// `wd` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cpu::{self, aiec::AiecDims};
+/// use activation_kernels::cuda::{aiec, real_driver_present, CudaContext};
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let dims = AiecDims::new(2, 2, 3); // N = 2, C = 2, K = 3
+/// let (a, wd, labels) = ([1.0f32, 0.5, 0.0, 2.0], [1.0f32, -1.0, 0.5, 0.5, -1.0, 1.0], [0, 2]);
+/// let (ad, wdd) = (stream.clone_htod(&a)?, stream.clone_htod(&wd)?);
+/// let out = aiec::dmu_forward(&stream, &ad, &wdd, &labels, dims)?;
+/// assert_eq!(stream.clone_dtoh(&out.logits)?, [0.5, 0.75, -0.5, -2.0, 1.0, 2.0]); // z = a·Wdᵀ
+/// assert_eq!(stream.clone_dtoh(&out.correct)?, [0, 1]);
+/// let dloss = stream.clone_htod(&[1.0f32, 1.0])?;
+/// let g = aiec::dmu_backward(&stream, &ad, &wdd, &out.probs, &labels, &dloss, dims)?;
+///
+/// let out_ref = cpu::aiec::dmu_forward(&a, &wd, &labels, dims)?;
+/// let g_ref = cpu::aiec::dmu_backward(&a, &wd, &out_ref.probs, &labels, &[1.0, 1.0], dims)?;
+/// let pairs = [
+///     (stream.clone_dtoh(&out.loss)?, out_ref.loss),
+///     (stream.clone_dtoh(&g.da)?, g_ref.da),
+///     (stream.clone_dtoh(&g.dwd)?, g_ref.dwd),
+/// ];
+/// for (gpu, reference) in pairs {
+///     for (x, y) in gpu.iter().zip(&reference) {
+///         assert_relative_eq!(x, y, epsilon = 1e-6, max_relative = 1e-5);
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn dmu_forward(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
@@ -746,6 +859,8 @@ fn dwd_dev(
 ///
 /// Errors: as [`dmu_forward`], plus `LengthMismatch` if `probs` is not `N × K` or
 /// `dloss` not `N`.
+///
+/// Example: [`dmu_forward`]'s runs the forward and this backward on the device.
 pub fn dmu_backward(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
@@ -787,6 +902,8 @@ pub fn dmu_backward(
 /// Masks carry no gradient. CPU mirror: [`crate::cpu::aiec::gate_masks`].
 ///
 /// Errors: `Empty` if `v` is empty; `LengthMismatch` if `wd` differs in length.
+///
+/// Example: [`gate_loss`]'s forms masks with this function.
 pub fn gate_masks(
     stream: &Arc<CudaStream>,
     v: &impl DeviceInput<f32>,
@@ -849,6 +966,35 @@ fn gate_loss_dev(
 ///
 /// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
 /// `masks` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+///
+/// # Example (masks, forward and backward)
+///
+/// ```
+/// use activation_kernels::cpu::aiec::AiecDims;
+/// use activation_kernels::cuda::{aiec, real_driver_present, CudaContext};
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let dims = AiecDims::new(1, 3, 2); // N = 1, C = 3, K = 2
+/// let v = stream.clone_htod(&[-0.5f32, 0.5, 0.0, 1.0, -1.0, 0.0])?; // K × C
+/// let wd = stream.clone_htod(&[-1.0f32, -1.0, -0.5, 1.0, 1.0, 1.0])?;
+/// let masks = aiec::gate_masks(&stream, &v, &wd)?; // G = [v ≤ 0] ∧ [Wd ≤ 0]
+/// assert_eq!(stream.clone_dtoh(&masks)?, [1, 0, 1, 0, 0, 0]);
+///
+/// let a = stream.clone_htod(&[2.0f32, 7.0, -1.0])?; // one sample of class 0
+/// let l = aiec::gate_loss(&stream, &a, &masks, &[0], dims)?; // (|2| + |−1|) / 2
+/// assert_eq!(stream.clone_dtoh(&l)?, [1.5]);
+/// let dloss = stream.clone_htod(&[1.0f32])?;
+/// let da = aiec::gate_loss_backward(&stream, &a, &masks, &[0], &dloss, dims)?;
+/// assert_eq!(stream.clone_dtoh(&da)?, [0.5, 0.0, -0.5]); // G·sign(a) / Σ_c G
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn gate_loss(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
@@ -868,6 +1014,8 @@ pub fn gate_loss(
 /// [`crate::cpu::aiec::gate_loss_backward`].
 ///
 /// Errors: as [`gate_loss`], plus `LengthMismatch` if `dloss` is not `N`.
+///
+/// Example: [`gate_loss`]'s runs the forward and this backward on the device.
 pub fn gate_loss_backward(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
@@ -1007,6 +1155,48 @@ pub struct DeviceGrads<T> {
 /// if the counters' channels differ from `C`; `InvalidParam` for a bad config;
 /// `Empty`/`LengthMismatch` from the shape; `Shape`/`InvalidParam` for a bad pool;
 /// `LengthMismatch` for `labels` or `wd`; `LabelOutOfRange` for a label `≥ K`.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cpu::{self, aiec::{AiecConfig, Counters}};
+/// use activation_kernels::cuda::{aiec, real_driver_present, CudaContext};
+/// use activation_kernels::ActShape;
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let cfg = AiecConfig { tau: 0.1, lambda_gate: 2.0, ..AiecConfig::default() };
+/// let shape = ActShape::nchw(2, 3, 1, 2); // N = 2, C = 3, 2 pixels
+/// let f = [0.5f32, -1.0, 2.0, 0.05, -0.3, 0.4, 1.0, 1.5, -0.2, 0.3, 0.0, 0.7];
+/// let wd = [0.5f32, -0.25, -1.0, -0.5, 0.75, 0.25]; // K = 2 classes × C
+/// let labels = [0, 1];
+/// let (fd, wdd) = (stream.clone_htod(&f)?, stream.clone_htod(&wd)?);
+/// let mut counters = aiec::DeviceCounters::new(&stream, 2, 3)?;
+/// let step = aiec::train_forward(&stream, &cfg, &shape, &fd, &wdd, &labels, &mut counters)?;
+/// let d_out = stream.clone_htod(&[1.0f32; 12])?;
+/// let g = aiec::train_backward(&stream, &cfg, &shape, &d_out, 1.0, &fd, &wdd, &step.saved)?;
+///
+/// let mut host_counters = Counters::new(2, 3)?;
+/// let step_ref = cpu::aiec::train_forward(&cfg, &shape, &f, &wd, &labels, &mut host_counters)?;
+/// let g_ref = cpu::aiec::train_backward(&cfg, &shape, &[1.0; 12], 1.0, &f, &wd, &step_ref.saved)?;
+/// assert_eq!(counters.to_host(&stream)?, host_counters); // the same integer counts
+/// assert_eq!(stream.clone_dtoh(&step.out)?, step_ref.out); // TAU is exact
+/// let (_, _, total) = step.losses.means_to_host(&stream)?;
+/// assert_relative_eq!(total, step_ref.losses.total_aux_gate, max_relative = 1e-5);
+/// for (gpu, reference) in [(stream.clone_dtoh(&g.df)?, g_ref.df), (stream.clone_dtoh(&g.dwd)?, g_ref.dwd)] {
+///     for (x, y) in gpu.iter().zip(&reference) {
+///         assert_relative_eq!(x, y, epsilon = 1e-6, max_relative = 1e-5);
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn train_forward<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &AiecConfig,
@@ -1118,6 +1308,8 @@ pub fn train_forward<T: DType>(
 /// Errors: `InvalidParam` if `cfg` differs from the forward's; the forward's shape
 /// errors; `Shape` if `shape` does not match the saved dims; `LengthMismatch` for
 /// `d_out`, `f` or `wd`.
+///
+/// Example: [`train_forward`]'s runs the forward and this backward on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn train_backward<T: DType>(
     stream: &Arc<CudaStream>,

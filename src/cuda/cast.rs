@@ -16,6 +16,32 @@ use crate::error::{check_len, check_nonzero, Result};
 ///
 /// Errors: an empty `src` ([`crate::Error::Empty`]), driver errors
 /// ([`crate::Error::Driver`]).
+///
+/// # Example (both directions)
+///
+/// ```
+/// use activation_kernels::cuda::{cast, real_driver_present, CudaContext};
+/// use half::bf16;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let src = stream.clone_htod(&[1.5f32, -0.1, 3.0e38].map(bf16::from_f32))?;
+/// let wide = cast::to_f32(&stream, &src)?; // exact
+/// assert_eq!(stream.clone_dtoh(&wide)?, [1.5, bf16::from_f32(-0.1).to_f32(), bf16::from_f32(3.0e38).to_f32()]);
+///
+/// // And back, rounding to nearest even as `half` does on the host.
+/// let grads = stream.clone_htod(&[0.1f32, 1.0 / 3.0, -2.0])?;
+/// let mut out = stream.alloc_zeros::<bf16>(3)?;
+/// cast::from_f32_into(&stream, &grads, &mut out.slice_mut(..))?;
+/// assert_eq!(stream.clone_dtoh(&out)?, [0.1f32, 1.0 / 3.0, -2.0].map(bf16::from_f32));
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn to_f32<T: DType>(
     stream: &Arc<CudaStream>,
     src: &impl DeviceInput<T>,
@@ -38,6 +64,8 @@ pub fn to_f32<T: DType>(
 /// `src` rounded to `T` into `dst` (same length; empty: nothing to do).
 ///
 /// Errors: a length mismatch ([`crate::Error::LengthMismatch`]), driver errors.
+///
+/// Example: [`to_f32`]'s casts both ways.
 pub fn from_f32_into<T: DType>(
     stream: &Arc<CudaStream>,
     src: &impl DeviceInput<f32>,

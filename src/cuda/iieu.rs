@@ -343,6 +343,8 @@ pub(crate) fn launch_patch_norm<T: DType>(
 /// Errors: invalid geometry ([`Error::Geometry`] / [`Error::Empty`] / [`Error::Shape`]
 /// for i32 overflow), wrong `w` length ([`Error::LengthMismatch`]), driver errors
 /// ([`Error::Driver`]).
+///
+/// Example: [`forward`]'s reads both inverse norms back.
 pub fn filter_inv_norm<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &IieuConfig,
@@ -360,6 +362,8 @@ pub fn filter_inv_norm<T: DType>(
 /// strided/dilated window sum of `q` with zero padding — never a convolution.
 ///
 /// Errors: as [`filter_inv_norm`], for `x_pre`.
+///
+/// Example: [`forward`]'s reads both inverse norms back.
 pub fn patch_inv_norm<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &IieuConfig,
@@ -384,6 +388,57 @@ pub fn patch_inv_norm<T: DType>(
 ///
 /// Errors: invalid geometry; any buffer or parameter of the wrong length
 /// ([`Error::LengthMismatch`]); driver errors.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cpu::iieu::{IieuConfig, IieuParams};
+/// use activation_kernels::cuda::{iieu, real_driver_present, CudaContext};
+/// use activation_kernels::{cpu, Conv2dGeometry};
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// // IIEU-B after a 3×3 conv (padding 1), 2 → 2 channels, one 3×3 image.
+/// let cfg = IieuConfig::new(Conv2dGeometry::new(1, 2, 3, 3, 2, 3, 3).with_padding(1, 1));
+/// let x_pre: Vec<f32> = (0..18).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+/// let w: Vec<f32> = (0..36).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
+/// let x = cpu::iieu_conv::conv2d(&cfg.geometry, &x_pre, &w)?;
+/// let dy: Vec<f32> = (0..18).map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0).collect();
+/// let params = IieuParams::<f32>::init(2);
+///
+/// let (xd, xpd, wd, dyd) = (stream.clone_htod(&x)?, stream.clone_htod(&x_pre)?, stream.clone_htod(&w)?, stream.clone_htod(&dy)?);
+/// let pd = iieu::IieuDeviceParams::from_host(&stream, &params)?;
+/// let (y, saved) = iieu::forward(&stream, &cfg, &xd, &xpd, &wd, &pd)?;
+/// let g = iieu::backward(&stream, &cfg, &dyd, &xd, &xpd, &wd, &pd, &saved)?;
+/// let (r_w, r_x) = (iieu::filter_inv_norm(&stream, &cfg, &wd)?, iieu::patch_inv_norm(&stream, &cfg, &xpd)?);
+///
+/// let (y_ref, saved_ref) = cpu::iieu::forward(&cfg, &x, &x_pre, &w, &params)?;
+/// let g_ref = cpu::iieu::backward(&cfg, &dy, &x, &x_pre, &w, &params, &saved_ref)?;
+/// let pairs = [
+///     (stream.clone_dtoh(&y)?, y_ref),
+///     (stream.clone_dtoh(&r_w)?, cpu::iieu::filter_inv_norm(&cfg, &w)?),
+///     (stream.clone_dtoh(&r_x)?, cpu::iieu::patch_inv_norm(&cfg, &x_pre)?),
+///     (stream.clone_dtoh(&g.dx)?, g_ref.dx),
+///     (stream.clone_dtoh(&g.dx_pre)?, g_ref.dx_pre),
+///     (stream.clone_dtoh(&g.dw)?, g_ref.dw),
+///     (stream.clone_dtoh(&g.d_ln_weight)?, g_ref.d_ln_weight),
+/// ];
+/// for (gpu, reference) in pairs {
+///     for (a, b) in gpu.iter().zip(&reference) {
+///         // f32 on both sides, different summation orders; the parity suites
+///         // (tests/parity_*.rs) hold the tight bounds against an f64 reference.
+///         assert_relative_eq!(a, b, epsilon = 1e-4, max_relative = 1e-4);
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &IieuConfig,
@@ -518,6 +573,8 @@ pub(crate) fn finish_forward<T: DType>(
 ///
 /// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and a
 /// `saved` from a different config ([`Error::Shape`]).
+///
+/// Example: [`forward`]'s runs the forward and this backward on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: DType>(
     stream: &Arc<CudaStream>,

@@ -397,6 +397,58 @@ fn check_inputs(
 /// driver error in a later launch can leave them updated); nothing else changes.
 ///
 /// Errors: see the module docs; all checked before any allocation or launch.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cpu::iieu::IieuConfig;
+/// use activation_kernels::cpu::iieu_conv::{BatchNorm, IieuConvParams, Psi};
+/// use activation_kernels::cuda::{iieu_conv, real_driver_present, CudaContext};
+/// use activation_kernels::{cpu, Conv2dGeometry};
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// // 3×3 conv (padding 1), 2 → 2 channels, two 4×4 images, BatchNorm (training), IIEU-B.
+/// let cfg = IieuConfig::new(Conv2dGeometry::new(2, 2, 4, 4, 2, 3, 3).with_padding(1, 1));
+/// let x_pre: Vec<f32> = (0..64).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+/// let w: Vec<f32> = (0..36).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
+/// let dy: Vec<f32> = (0..64).map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0).collect();
+/// let mut params = IieuConvParams::init(2, Psi::BatchNorm(BatchNorm::init(2)));
+///
+/// let (xpd, wd, dyd) = (stream.clone_htod(&x_pre)?, stream.clone_htod(&w)?, stream.clone_htod(&dy)?);
+/// let mut pd = iieu_conv::IieuConvDeviceParams::from_host(&stream, &params)?;
+/// let (y, saved) = iieu_conv::forward(&stream, &cfg, &xpd, &wd, &mut pd)?; // updates running stats
+/// let g = iieu_conv::backward(&stream, &cfg, &dyd, &xpd, &wd, &pd, &saved)?;
+///
+/// let (y_ref, saved_ref) = cpu::iieu_conv::forward(&cfg, &x_pre, &w, &mut params)?;
+/// let g_ref = cpu::iieu_conv::backward(&cfg, &dy, &x_pre, &w, &params, &saved_ref)?;
+/// let (Psi::BatchNorm(bn), iieu_conv::DevicePsi::BatchNorm(bn_dev)) = (&params.psi, &pd.psi) else {
+///     unreachable!()
+/// };
+/// let pairs = [
+///     (stream.clone_dtoh(&y)?, y_ref),
+///     (stream.clone_dtoh(&bn_dev.running_mean)?, bn.running_mean.clone()),
+///     (stream.clone_dtoh(&g.dx_pre)?, g_ref.dx_pre),
+///     (stream.clone_dtoh(&g.dw)?, g_ref.dw),
+///     (stream.clone_dtoh(g.d_psi_scale.as_ref().unwrap())?, g_ref.d_psi_scale),
+///     (stream.clone_dtoh(&g.d_eta)?, g_ref.d_eta),
+/// ];
+/// for (gpu, reference) in pairs {
+///     for (a, b) in gpu.iter().zip(&reference) {
+///         // f32 on both sides, different summation orders; the parity suites
+///         // (tests/parity_*.rs) hold the tight bounds against an f64 reference.
+///         assert_relative_eq!(a, b, epsilon = 1e-4, max_relative = 1e-4);
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &IieuConfig,
@@ -570,6 +622,8 @@ pub fn forward<T: DType>(
 ///
 /// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and a
 /// `saved` from another config or ψ ([`Error::Shape`]).
+///
+/// Example: [`forward`]'s runs the forward and this backward on the device.
 pub fn backward<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &IieuConfig,

@@ -286,6 +286,53 @@ fn func(stream: &Arc<CudaStream>, name: &str) -> Result<CudaFunction> {
 /// (including a configuration whose coupler does not fit in shared memory, see the
 /// module docs); `LengthMismatch` for `x`, `res` or any parameter of the wrong length;
 /// `Driver` if the device fails.
+///
+/// # Example (forward and backward, against the CPU reference)
+///
+/// ```
+/// use activation_kernels::cpu::iieu_dc::{DcConfig, DcParams};
+/// use activation_kernels::cuda::{iieu_dc, real_driver_present, CudaContext};
+/// use activation_kernels::cpu;
+/// use approx::assert_relative_eq;
+///
+/// # #[cfg(not(feature = "emulate"))]
+/// # if !real_driver_present() { return Ok(()); } // no GPU and no emulator: nothing to run on
+/// // Without a GPU, the emulated device (feature `emulate`) stands in for one.
+/// #[cfg(feature = "emulate")]
+/// if !real_driver_present() {
+///     activation_kernels::emu::install().expect("the emulated device");
+/// }
+/// let stream = CudaContext::new(0)?.default_stream();
+/// let cfg = DcConfig::new(2, 4, 2, 2, 2)?; // x, res: (2, 4, 2, 2); hidden = 2
+/// let x: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+/// let res: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 3.0).collect();
+/// let dy: Vec<f32> = (0..32).map(|i| ((i * 3 % 7) as f32 - 3.0) / 2.0).collect();
+/// let params = DcParams::<f32>::init(&cfg, 1)?;
+///
+/// let (xd, rd, dyd) = (stream.clone_htod(&x)?, stream.clone_htod(&res)?, stream.clone_htod(&dy)?);
+/// let pd = iieu_dc::DcDeviceParams::upload(&stream, &cfg, &params)?;
+/// let (out, saved) = iieu_dc::forward(&stream, &cfg, &xd, &rd, &pd)?;
+/// let g = iieu_dc::backward(&stream, &cfg, &dyd, &xd, &rd, &pd, &saved)?;
+///
+/// let (out_ref, saved_ref) = cpu::iieu_dc::forward(&cfg, &x, &res, &params)?;
+/// let g_ref = cpu::iieu_dc::backward(&cfg, &dy, &x, &res, &params, &saved_ref)?;
+/// let pairs = [
+///     (stream.clone_dtoh(&out)?, out_ref),
+///     (stream.clone_dtoh(saved.lambda())?, saved_ref.lambda().to_vec()),
+///     (stream.clone_dtoh(&g.dx)?, g_ref.dx),
+///     (stream.clone_dtoh(&g.dres)?, g_ref.dres),
+///     (stream.clone_dtoh(&g.d_w1)?, g_ref.d_w1),
+///     (stream.clone_dtoh(&g.d_ln2_weight)?, g_ref.d_ln2_weight),
+/// ];
+/// for (gpu, reference) in pairs {
+///     for (a, b) in gpu.iter().zip(&reference) {
+///         // f32 on both sides, different summation orders; the parity suites
+///         // (tests/parity_*.rs) hold the tight bounds against an f64 reference.
+///         assert_relative_eq!(a, b, epsilon = 1e-4, max_relative = 1e-4);
+///     }
+/// }
+/// # Ok::<(), activation_kernels::Error>(())
+/// ```
 pub fn forward<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &DcConfig,
@@ -380,6 +427,8 @@ fn push_params<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, p: &'a DcDeviceParams
 /// Errors (before any allocation or launch): as [`forward`], plus `LengthMismatch` for
 /// `dy` and for a `saved` whose buffers do not match `cfg`. (`saved` must come from
 /// [`forward`] with the same `x`, `res` and `params`; that is not checked.)
+///
+/// Example: [`forward`]'s runs the forward and this backward on the device.
 pub fn backward<T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &DcConfig,

@@ -1,6 +1,7 @@
 //! Shared test helpers: seeded random data and f64 central finite differences.
 #![allow(dead_code)]
 
+use approx::abs_diff_eq;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -54,8 +55,13 @@ pub fn numeric_grad(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
         .collect()
 }
 
-/// Asserts `|a − n| <= atol + rtol·max(|a|, |n|)` element-wise, naming the worst
-/// offender. Defaults used by the gradient checks: `atol = 1e-8, rtol = 1e-6`.
+/// Asserts `|a − n| <= atol + rtol·max(|a|, |n|)` element-wise (approx's
+/// `abs_diff_eq!` with that epsilon), naming the worst offender. Defaults used by the
+/// gradient checks: `atol = 1e-8, rtol = 1e-6`.
+///
+/// Not `relative_eq!(epsilon = atol, max_relative = rtol)`: that passes when either
+/// bound holds (`max(atol, rtol·max)`, up to twice as tight as this sum, which the
+/// checks' margins were set against) and lets `∞ == ∞` through.
 ///
 /// Every element on both sides must be finite: a NaN or an infinity on either side
 /// (NaN vs finite, NaN vs ±∞, ±∞ vs finite, and also NaN vs NaN and ∞ vs ∞) fails,
@@ -76,10 +82,12 @@ pub fn assert_close(name: &str, analytic: &[f64], numeric: &[f64], atol: f64, rt
             a.is_finite() && n.is_finite(),
             "{name}[{i}]: non-finite value: analytic {a} vs numeric {n}"
         );
-        let err = (a - n).abs();
         let bound = atol + rtol * a.abs().max(n.abs());
-        if err > bound && err - bound > worst.1 {
-            worst = (i, err - bound);
+        if !abs_diff_eq!(a, n, epsilon = bound) {
+            let excess = (a - n).abs() - bound;
+            if excess > worst.1 {
+                worst = (i, excess);
+            }
         }
     }
     if worst.1 > 0.0 {
@@ -96,6 +104,42 @@ pub fn assert_close(name: &str, analytic: &[f64], numeric: &[f64], atol: f64, rt
 #[track_caller]
 pub fn check_grad(name: &str, analytic: &[f64], numeric: &[f64]) {
     assert_close(name, analytic, numeric, 1e-8, 1e-6);
+}
+
+/// Per-element f32 relative term of the GPU parity suites: 2^-21 (8 f32 ulps).
+pub const E_REL: f64 = 1.0 / 2097152.0;
+
+/// The GPU parity bound, element-wise and relative to the tensor's largest magnitude:
+/// every `|got_i − want_i| ≤ (u + E_REL)·|want_i| + r·max|want|` (approx's
+/// `abs_diff_eq!` with that epsilon; a NaN on either side fails). `u` is the storage
+/// dtype's unit roundoff (0 for f32), `r` the suite's max-relative term. An
+/// identically zero reference is refused (it would verify nothing). With
+/// `PARITY_MEASURE` set, prints the smallest `r` that would pass,
+/// `MEASURE|{family}|{dtype}|r={r}|{tensor}|{need}|ratio {r/need}`, reading the dtype
+/// and tensor from a `name` of the form `"<dtype> …: <tensor>"`.
+#[track_caller]
+pub fn assert_parity(family: &str, name: &str, got: &[f64], want: &[f64], u: f64, r: f64) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let max = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    assert!(max > 0.0, "{name}: reference is identically zero");
+    let mut need = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = (u + E_REL) * w.abs() + r * max;
+        let err = (g - w).abs();
+        need = need.max((err - (u + E_REL) * w.abs()).max(0.0) / max);
+        assert!(
+            abs_diff_eq!(g, w, epsilon = tol),
+            "{name}[{i}]: gpu {g} vs ref {w} (err {err:.3e} > tol {tol:.3e}, max|ref| {max:.3e})"
+        );
+    }
+    if std::env::var_os("PARITY_MEASURE").is_some() {
+        let what = name.rsplit(": ").next().unwrap();
+        let dt = name.split(' ').next().unwrap();
+        eprintln!(
+            "MEASURE|{family}|{dt}|r={r}|{what}|{need:.3e}|ratio {:.1}",
+            r / need.max(1e-300)
+        );
+    }
 }
 
 #[cfg(any(feature = "cuda", feature = "emulate"))]

@@ -118,7 +118,7 @@ if ! command -v nvidia-smi >/dev/null; then
   echo "gpu-check: no nvidia-smi: not a GPU machine (see --dry-run for the plan)" >&2
   exit 1
 fi
-if ! gpu="$(nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>&1 | head -1)" \
+if ! gpu="$(nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader 2>&1 | sed -n 1p)" \
    || ! [[ "$gpu" =~ ^[^,]+,\ *[0-9.]+,\ *[0-9]+\.[0-9]+, ]]; then
   echo "gpu-check: nvidia-smi found no usable GPU: $gpu" >&2
   exit 1
@@ -126,7 +126,7 @@ fi
 IFS=',' read -r device driver cap mem <<< "$gpu"
 device="$(echo "$device" | xargs)"; driver="$(echo "$driver" | xargs)"; mem="$(echo "$mem" | xargs)"
 cap="$(echo "$cap" | tr -d ' .')"
-cuda_ver="$(nvidia-smi -q 2>/dev/null | sed -n 's/^ *CUDA Version *: *//p' | head -1)"
+cuda_ver="$(nvidia-smi -q 2>/dev/null | sed -n 's/^ *CUDA Version *: *//p' | sed -n 1p || true)"
 stamp="$(date -u '+%Y-%m-%d %H:%M UTC')"
 say "device: $device (sm_$cap, $mem), driver $driver, CUDA ${cuda_ver:-?}"
 
@@ -141,7 +141,7 @@ elif [ "$mode" = none ]; then
   exit 1
 fi
 man="$pack/manifest.txt"
-mget() { sed -n "s/^$1=//p" "$man" | head -1; }
+mget() { sed -n "s/^$1=//p" "$man" | sed -n 1p; }
 work="$(mktemp -d "${TMPDIR:-/tmp}/ak-gpu-check.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/bin"
@@ -182,7 +182,7 @@ export RUST_BACKTRACE=1
   echo; echo "## pack manifest"; cat "$man"
   echo; echo "## nvidia-smi"; nvidia-smi 2>&1 || true
   echo; echo "## nvidia-smi -q (excerpt)"
-  nvidia-smi -q 2>&1 | grep -E '^(Driver Version|CUDA Version)|Product Name|Product Architecture|Product Brand|VBIOS|Bus Id|MIG Mode|Current *:|Pending *:|Persistence Mode|Compute Mode|Total *:|Used *:|Free *:|Max Clocks|Graphics *:|SM *:|Memory *:|Power Limit|Current Power|GPU Current Temp|Clocks Event Reasons Active|ECC' | head -60 || true
+  nvidia-smi -q 2>&1 | grep -E '^(Driver Version|CUDA Version)|Product Name|Product Architecture|Product Brand|VBIOS|Bus Id|MIG Mode|Current *:|Pending *:|Persistence Mode|Compute Mode|Total *:|Used *:|Free *:|Max Clocks|Graphics *:|SM *:|Memory *:|Power Limit|Current Power|GPU Current Temp|Clocks Event Reasons Active|ECC' | sed -n 1,60p || true
   echo; echo "## tools"
   for t in nvcc compute-sanitizer python3; do
     if command -v "$t" >/dev/null; then
@@ -231,8 +231,8 @@ if [ "$tests" = 1 ]; then
     rc=${PIPESTATUS[0]}
     set -e
     dt=$(( $(date +%s) - t0 ))
-    p=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$log" | head -1)
-    f=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$log" | head -1)
+    p=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\1/p' "$log" | sed -n 1p)
+    f=$(sed -n 's/^test result: .* \([0-9]*\) passed; \([0-9]*\) failed.*/\2/p' "$log" | sed -n 1p)
     sk=$(grep -c 'SKIPPED' "$log" || true)
     skipped=$((skipped + sk))
     t_pass=$((t_pass + ${p:-0})); t_fail=$((t_fail + ${f:-0}))

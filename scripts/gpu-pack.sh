@@ -12,12 +12,13 @@
 #   scripts/gpu-pack.sh [--archs 90] [--out gpu-pack] [--max-mib 56] [--with-candle]
 #
 #   --with-candle  also tests/candle_cuda.rs with `--features candle-cuda` (builds
-#                  candle-kernels with nvcc: long). It links candle's CUDA libraries
-#                  (cuda, nvrtc, curand, cublas, cublasLt), so it needs AK_CUDA_LINK_DIR=
-#                  a folder holding libcuda.so, libnvrtc.so, libcurand.so, libcublas.so,
-#                  libcublasLt.so (the toolkit's lib64 + lib64/stubs, or symlinks to
-#                  PyPI wheels' libraries); gpu-check.sh then finds the real ones on the
-#                  GPU machine (see its header). Not run on the dev machine so far.
+#                  candle and candle-kernels with nvcc: long). candle-core links the CUDA
+#                  libraries (cuda, nvrtc, curand, cublas, cublasLt, cudart). To link
+#                  without them, stub libraries with the CUDA 13 sonames are generated
+#                  from cudarc's bindings (libcudart is the toolchain's real one); set
+#                  AK_CUDA_LINK_DIR to a folder with the real libraries to use those
+#                  instead. gpu-check.sh finds the real ones on the GPU machine (toolkit
+#                  lib64, python3's NVIDIA wheels).
 #
 # NVCC: $NVCC, else .cuda-toolchain/ of this checkout or of the main worktree, else
 # scripts/install-cuda-toolchain.sh. CARGO_TARGET_DIR is honoured.
@@ -56,7 +57,7 @@ fi
 export NVCC
 export AK_CUDA_ARCHS="$archs"
 unset CUDA_COMPUTE_CAP  # AK_CUDA_ARCHS decides; candle-kernels gets its own below
-nvcc_version="$("$NVCC" --version | grep -o 'release [0-9.]*' | head -1 | cut -d' ' -f2)"
+nvcc_version="$("$NVCC" --version | grep -o 'release [0-9.]*' | sed -n 1p | cut -d' ' -f2)"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 echo "gpu-pack: archs sm_${archs//,/ sm_}, nvcc $nvcc_version ($NVCC), target dir $target_dir" >&2
 
@@ -69,13 +70,32 @@ trap 'rm -f "$msgs"' EXIT
 cargo test --release --features cuda --no-run "${tests[@]}" --message-format=json-render-diagnostics >> "$msgs"
 cargo bench --features cuda --no-run --bench cuda_ops --message-format=json-render-diagnostics >> "$msgs"
 if [ "$candle" = 1 ]; then
-  [ -n "${AK_CUDA_LINK_DIR:-}" ] || {
-    echo "gpu-pack --with-candle: set AK_CUDA_LINK_DIR (see --help)" >&2; exit 1; }
   tk="$(dirname "$(dirname "$NVCC")")"
-  CUDA_COMPUTE_CAP="${archs##*,}" NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$tk/include/cccl" \
-    RUSTFLAGS="${RUSTFLAGS:-} -L native=$AK_CUDA_LINK_DIR" \
+  link_root="$target_dir/cuda-link-stubs"
+  if [ -n "${AK_CUDA_LINK_DIR:-}" ]; then
+    rm -rf "$link_root"; mkdir -p "$link_root"; ln -s "$AK_CUDA_LINK_DIR" "$link_root/lib64"
+  else
+    # cudarc links by name (cargo:rustc-link-lib=dylib=cublas ...) and searches
+    # $CUDA_PATH/lib64: give it stubs that define every function its bindings declare,
+    # with the sonames of CUDA 13's libraries, which the GPU machine resolves at run time.
+    ver="$(sed -n '/^name = "cudarc"$/{n;s/^version = "\(.*\)"$/\1/p}' Cargo.lock)"
+    cudarc=""
+    for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$ver"; do cudarc="$d"; done
+    [ -d "$cudarc/src" ] || { echo "gpu-pack: cudarc's source not found ($cudarc)" >&2; exit 1; }
+    rm -rf "$link_root"; mkdir -p "$link_root/lib64"
+    for spec in cuda:driver:libcuda.so.1 nvrtc:nvrtc:libnvrtc.so.13 curand:curand:libcurand.so.10 \
+                cublas:cublas:libcublas.so.13 cublasLt:cublaslt:libcublasLt.so.13; do
+      IFS=: read -r lib dir soname <<< "$spec"
+      grep -ohE '^ +fn [A-Za-z_][A-Za-z0-9_]*\(' "$cudarc/src/$dir/sys/"*.rs | sed -E 's/^ +fn ([^(]*)\(/void \1(void) {}/' | sort -u > "$link_root/$lib.c"
+      cc -shared -fPIC -w -Wl,-soname,"$soname" -o "$link_root/lib64/lib$lib.so" "$link_root/$lib.c"
+    done
+    ln -s "$tk/lib/libcudart.so.13" "$link_root/lib64/libcudart.so"
+  fi
+  CUDA_PATH="$link_root" CUDA_COMPUTE_CAP="${archs##*,}" \
+    NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$tk/include/cccl" \
     cargo test --release --features candle-cuda --no-run --test candle_cuda \
     --message-format=json-render-diagnostics >> "$msgs"
+  AK_CUDA_LINK_DIR="$link_root/lib64"
 fi
 t1=$(date +%s)
 

@@ -88,8 +88,10 @@ if [ "$candle" = 1 ]; then
       IFS=: read -r lib dir soname <<< "$spec"
       grep -ohE '^ +fn [A-Za-z_][A-Za-z0-9_]*\(' "$cudarc/src/$dir/sys/"*.rs | sed -E 's/^ +fn ([^(]*)\(/void \1(void) {}/' | sort -u > "$link_root/$lib.c"
       cc -shared -fPIC -w -Wl,-soname,"$soname" -o "$link_root/lib64/lib$lib.so" "$link_root/$lib.c"
+      ln -s "lib$lib.so" "$link_root/lib64/$soname"  # for `--list` below
     done
     ln -s "$tk/lib/libcudart.so.13" "$link_root/lib64/libcudart.so"
+    ln -s "$tk/lib/libcudart.so.13" "$link_root/lib64/libcudart.so.13"
   fi
   CUDA_PATH="$link_root" CUDA_COMPUTE_CAP="${archs##*,}" \
     NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$tk/include/cccl" \
@@ -135,8 +137,8 @@ while read -r name exe; do
   raw=$(stat -c %s "$out/$name")
   # The test names, for gpu-check's progress lines (`--list` runs no test, needs no GPU).
   if [ "$name" != cuda_ops ]; then
-    list="$(LD_LIBRARY_PATH="${AK_CUDA_LINK_DIR:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" AK_SKIP_GPU_TESTS=1 \
-      "$exe" --list 2>/dev/null | sed -n 's/: test$//p' | tr '\n' ' ')"
+    list="$( (LD_LIBRARY_PATH="${AK_CUDA_LINK_DIR:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" AK_SKIP_GPU_TESTS=1 \
+      "$exe" --list 2>/dev/null || echo "gpu-pack: warning: $exe --list failed" >&2) | sed -n 's/: test$//p' | tr '\n' ' ')"
     echo "tests.$name=${list% }" >> "$out/manifest.txt"
   fi
   gzip -9 -n "$out/$name"

@@ -4,7 +4,7 @@
 # * gpu-pack/ present (made by scripts/gpu-pack.sh on a machine with cargo; the
 #   device tool's GPU machines have no Rust toolchain and no network): runs the
 #   prebuilt binaries, no cargo. The call (docs/gpu-runs.md): device `run` with
-#   carry ["gpu-pack"], command "scripts/gpu-check.sh", timeout_s 480.
+#   carry ["gpu-pack"], command "bash scripts/gpu-check.sh", timeout_s 480.
 # * no gpu-pack/, cargo present (a normal GPU machine): builds that pack first for this
 #   GPU's arch (scripts/gpu-pack.sh into target/gpu-pack-local), then the same.
 #
@@ -134,7 +134,7 @@ say "device: $device (sm_$cap, $mem), driver $driver, CUDA ${cuda_ver:-?}"
 if [ "$mode" = cargo ]; then
   say "no gpu-pack/: building one for sm_$cap with cargo (scripts/gpu-pack.sh)"
   pack="$root/target/gpu-pack-local"
-  scripts/gpu-pack.sh --archs "$cap" --out "$pack" --max-mib 100000
+  bash scripts/gpu-pack.sh --archs "$cap" --out "$pack" --max-mib 100000
   t_start=$(date +%s)  # the budget covers the runs, not the build
 elif [ "$mode" = none ]; then
   echo "gpu-check: no gpu-pack/ and no cargo: build the pack with scripts/gpu-pack.sh on a machine with cargo, carry it" >&2
@@ -268,7 +268,8 @@ if [ "$bench" = 1 ]; then
       bench_note="skipped by the binary: $(grep -m1 'skipped' "$out/bench.log")"; brc=1
     fi
     say "benches: $bench_note"
-    AK_GPU_NAME="$device" scripts/gpu-bench.sh --no-run --criterion "$CRITERION_HOME" --out "$out/bench-table.md" > /dev/null
+    AK_GPU_NAME="$device" bash scripts/gpu-bench.sh --no-run --criterion "$CRITERION_HOME" \
+      --out "$out/bench-table.md" > /dev/null || bench_note="$bench_note; the table script failed"
     [ "$done_n" = 0 ] || tar czf "$out/criterion.tgz" -C "$work" --exclude='*/base/*' --exclude='*/report/*' criterion
     [ "$brc" = 0 ] || rc_all=1
   fi

@@ -197,18 +197,23 @@ mod gpu {
         }
     }
 
-    fn configure<'a>(
-        c: &'a mut Criterion,
-        env: &Env,
-        name: String,
-    ) -> BenchmarkGroup<'a, WallTime> {
-        let mut g = c.benchmark_group(name);
-        if !env.emulated {
-            g.sample_size(20)
-                .warm_up_time(Duration::from_millis(500))
-                .measurement_time(Duration::from_secs(2));
+    impl Env {
+        /// Criterion for this run. On a GPU: 20 samples, 0.5 s warm-up and 2 s of
+        /// measurement per bench, set as defaults *before* the command line is read,
+        /// so `--sample-size`, `--warm-up-time` and `--measurement-time` override them
+        /// (scripts/gpu-check.sh runs the 210 benches with shorter times). On the
+        /// emulated device: criterion's defaults (`--test` mode runs each bench once).
+        pub fn criterion(&self) -> Criterion {
+            let c = Criterion::default();
+            let c = if self.emulated {
+                c
+            } else {
+                c.sample_size(20)
+                    .warm_up_time(Duration::from_millis(500))
+                    .measurement_time(Duration::from_secs(2))
+            };
+            c.configure_from_args()
         }
-        g
     }
 
     /// ACON-C forward and backward on `x` (per-channel β).
@@ -397,7 +402,7 @@ mod gpu {
         let x: CudaSlice<T> = env.upload(&randv(&mut r, numel, -2.0, 2.0));
         let dy: CudaSlice<T> = env.upload(&randv(&mut r, numel, -1.0, 1.0));
         let shape = ActShape::nchw(n, ch, h, w);
-        let mut g = configure(c, env, format!("cuda_nchw_{n}x{ch}x{h}x{w}_{}", T::NAME));
+        let mut g = c.benchmark_group(format!("cuda_nchw_{n}x{ch}x{h}x{w}_{}", T::NAME));
         copy_floor(&mut g, env, &x);
         acon_c(&mut g, env, &shape, &x, &dy);
         iieu_b(&mut g, env, &mut r, dims, "3x3", 3, 1, &x, &dy);
@@ -412,7 +417,7 @@ mod gpu {
         let x: CudaSlice<T> = env.upload(&randv(&mut r, numel, -2.0, 2.0));
         let dy: CudaSlice<T> = env.upload(&randv(&mut r, numel, -1.0, 1.0));
         let shape = ActShape::nlc(n, l, ch);
-        let mut g = configure(c, env, format!("cuda_nlc_{n}x{l}x{ch}_{}", T::NAME));
+        let mut g = c.benchmark_group(format!("cuda_nlc_{n}x{l}x{ch}_{}", T::NAME));
         copy_floor(&mut g, env, &x);
         acon_c(&mut g, env, &shape, &x, &dy);
         aiec_step(&mut g, env, &mut r, &shape, &x, &dy);
@@ -446,7 +451,7 @@ mod gpu {
             geo.kh,
             T::NAME
         );
-        let mut g = configure(c, env, name);
+        let mut g = c.benchmark_group(name);
         g.throughput(Throughput::Elements(flops));
         g.bench_function("iieu_conv_fwd", |bch| {
             bch.iter_custom(|it| {
@@ -526,7 +531,7 @@ fn main() {
     let Some(env) = gpu::open() else {
         return;
     };
-    let mut c = criterion::Criterion::default().configure_from_args();
+    let mut c = env.criterion();
     gpu::run(&mut c, &env);
     c.final_summary();
 }

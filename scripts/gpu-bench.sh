@@ -2,14 +2,18 @@
 # Runs the CUDA benchmarks (benches/cuda_ops.rs) on this machine's GPU and prints a
 # markdown table: op, shape, dtype, time, GB/s of compulsory traffic, ratio to the
 # device-to-device copy floor of the same tensor, and the fraction of the device's
-# peak memory bandwidth (for known devices). Writes target/gpu-bench.md.
+# peak memory bandwidth (for known devices). Writes target/gpu-bench.md (or --out FILE).
 #
-#   scripts/gpu-bench.sh [--docs] [--no-run] [-- <criterion args, e.g. a filter>]
+#   scripts/gpu-bench.sh [--docs] [--no-run] [--criterion DIR] [--out FILE] [-- <criterion args, e.g. a filter>]
 #
 #   --docs     also replace the "GPU benchmarks" subsection of docs/performance.md between
 #              the <!-- gpubench:begin --> / <!-- gpubench:end --> markers (appended at
 #              the end of the file if absent); `--readme` is an alias (its old name)
-#   --no-run   only rebuild the table from existing target/criterion results
+#   --no-run   only rebuild the table from existing criterion results (needs no cargo;
+#              scripts/gpu-check.sh uses it after running the prebuilt bench binary)
+#   --criterion DIR  criterion's output folder (default: $CRITERION_HOME, else
+#              $CARGO_TARGET_DIR/criterion, else target/criterion: where criterion writes)
+#   --out FILE the table's file (default target/gpu-bench.md)
 #
 # Uses NVCC=.cuda-toolchain/nvidia/cu13/bin/nvcc when that exists and NVCC is unset,
 # and CUDA_COMPUTE_CAP from nvidia-smi (so nvcc builds only this GPU's arch) when
@@ -20,13 +24,17 @@ cd "$root"
 
 docs=0
 run=1
+crit_dir="${CRITERION_HOME:-${CARGO_TARGET_DIR:-target}/criterion}"
+table=target/gpu-bench.md
 crit_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --docs|--readme) docs=1 ;;
     --no-run) run=0 ;;
     --) shift; crit_args=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --criterion) crit_dir="$2"; shift ;;
+    --out) table="$2"; shift ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -50,16 +58,16 @@ if [ "$run" = 1 ]; then
     echo "!!! nvidia-smi found no GPU: the bench will report whether a CUDA driver is present !!!" >&2
   fi
   # Stale results of a previous run must not mix into this table.
-  rm -rf target/criterion/cuda_*
+  rm -rf "$crit_dir"/cuda_*
   echo "device: ${device:-unknown}; NVCC=${NVCC:-<PATH>}; CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-<default archs>}" >&2
   cargo bench --features cuda --bench cuda_ops -- "${crit_args[@]}"
 fi
 
-mkdir -p target
-python3 - "$device" "$(date -u +%Y-%m-%d)" > target/gpu-bench.md <<'PY'
+mkdir -p "$(dirname "$table")"
+python3 - "$device" "$(date -u +%Y-%m-%d)" "$crit_dir" > "$table" <<'PY'
 import glob, json, os, re, sys
 
-device, date = sys.argv[1], sys.argv[2]
+device, date, crit = sys.argv[1], sys.argv[2], sys.argv[3]
 
 def peak_bw(name):
     """Peak memory bandwidth (B/s) of known devices, else None."""
@@ -89,7 +97,7 @@ def peak_bw(name):
 peak = peak_bw(device) if device else None
 group_re = re.compile(r"^cuda_(nchw|nlc)_([0-9x]+)_(f32|f16|bf16)$")
 rows = {}
-for bj in glob.glob("target/criterion/cuda_*/*/new/benchmark.json"):
+for bj in glob.glob(os.path.join(crit, "cuda_*/*/new/benchmark.json")):
     d = os.path.dirname(bj)
     with open(bj) as fh:
         meta = json.load(fh)
@@ -103,8 +111,8 @@ for bj in glob.glob("target/criterion/cuda_*/*/new/benchmark.json"):
     tp = meta.get("throughput") or {}
     rows.setdefault(m.groups(), {})[meta["function_id"]] = (ns, tp.get("Bytes"))
 
-if not rows and not glob.glob("target/criterion/cuda_conv_*/*/new/benchmark.json"):
-    print("No CUDA benchmark results under target/criterion/cuda_* (no GPU run yet).")
+if not rows and not glob.glob(os.path.join(crit, "cuda_conv_*/*/new/benchmark.json")):
+    print(f"No CUDA benchmark results under {crit}/cuda_* (no GPU run yet).")
     sys.exit(0)
 
 def fmt_time(ns):
@@ -152,7 +160,7 @@ for key in sorted(rows, key=shape_key):
 # IieuConv2d groups: cuda_conv_<N>x<C>x<H>x<W>_to_<O>_k<K>_<dtype>, throughput = FLOPs.
 conv_re = re.compile(r"^cuda_conv_([0-9x]+)_to_([0-9]+)_k([0-9]+)_(f32|f16|bf16)$")
 conv = {}
-for bj in glob.glob("target/criterion/cuda_conv_*/*/new/benchmark.json"):
+for bj in glob.glob(os.path.join(crit, "cuda_conv_*/*/new/benchmark.json")):
     d = os.path.dirname(bj)
     with open(bj) as fh:
         meta = json.load(fh)
@@ -188,15 +196,15 @@ if conv:
         u_t, _ = cell("unfused_iieu_b_fwd")
         print(f"| {shape}→{o} | {kk}×{kk} | {dt} | {f_t} | {f_r} | {b_t} | {b_r} | {u_t} |")
 PY
-cat target/gpu-bench.md
+cat "$table"
 
 if [ "$docs" = 1 ]; then
-  python3 - docs/performance.md <<'PY'
+  python3 - docs/performance.md "$table" <<'PY'
 import sys
 doc = sys.argv[1]
 begin, end = "<!-- gpubench:begin -->", "<!-- gpubench:end -->"
 text = open(doc).read()
-body = open("target/gpu-bench.md").read().rstrip("\n")
+body = open(sys.argv[2]).read().rstrip("\n")
 block = (f"{begin}\n### GPU benchmarks\n\n"
          "Generated by `scripts/gpu-bench.sh --docs` (do not edit by hand).\n\n"
          f"{body}\n{end}")

@@ -1,6 +1,7 @@
 //! candle ops on candle's CUDA device (feature `candle-cuda`), run on the emulated
 //! device (feature `emulate`: the test binary is linked against the emulated driver
-//! and stub CUDA libraries, see build.rs): forward (`cuda_fwd`) and backward (the
+//! and stub CUDA libraries, see build.rs) or, built without `emulate`, on the real
+//! GPU (`scripts/gpu-pack.sh --with-candle`, then `scripts/gpu-check.sh`): forward (`cuda_fwd`) and backward (the
 //! ops' `bwd`, which applies a CUDA backward op) of every op with a CUDA path,
 //! f32 / f16 / bf16, ragged shapes, against the CPU ops in f64 on the same
 //! dtype-rounded inputs; bad input is an `Err`.
@@ -26,7 +27,7 @@
 //! IIEU adjusters switch branch at `ρ̂ = η`; the data are fixed, and an element within
 //! f32-vs-f64 distance (~1e-6) of η would show as a `dx` mismatch — none is, and both
 //! branches are taken (the reference `dη` is non-zero).
-#![cfg(all(feature = "candle-cuda", feature = "emulate"))]
+#![cfg(feature = "candle-cuda")]
 
 use activation_kernels::candle::cuda::{
     AconABwdOp, AconBBwdOp, AconCBwdOp, AiecLossBwdOp, IieuBBwdOp, IieuConvBwdOp, IieuDcBwdOp,
@@ -46,12 +47,16 @@ const E_ELEM: f64 = 1e-5;
 const E_RED: f64 = 1e-4;
 
 fn dev() -> Device {
-    activation_kernels::emu::install().expect("emulated device");
-    assert!(
-        !activation_kernels::cuda::real_driver_present(),
-        "the emulator must not count as a real driver"
-    );
-    Device::new_cuda(0).expect("candle CudaDevice on the emulated driver")
+    #[cfg(feature = "emulate")]
+    {
+        activation_kernels::emu::install().expect("emulated device");
+        assert!(
+            !activation_kernels::cuda::real_driver_present(),
+            "the emulator must not count as a real driver"
+        );
+    }
+    Device::new_cuda(0)
+        .expect("candle CudaDevice (emulated driver, or the real one without `emulate`)")
 }
 
 fn unit(dt: DType) -> f64 {

@@ -34,9 +34,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{grid_for, to_i32, ArgOpt, DType, DeviceInput, Kernels, BLOCK};
+use super::handles::kernel_fn;
+use super::{grid_for, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
 use crate::cpu::aiec::{AiecConfig, AiecDims, Counters, Pool};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
@@ -87,10 +88,6 @@ fn check_shape(shape: &ActShape, what: &'static str, len: usize) -> Result<(i64,
 // ---------------------------------------------------------------------------
 // launch helpers
 
-fn kernel(stream: &Arc<CudaStream>, op: &str) -> Result<CudaFunction> {
-    Kernels::get(stream.context())?.function(op)
-}
-
 fn cfg1(grid: u32, block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid, 1, 1),
@@ -140,7 +137,7 @@ pub fn tau_forward<T: DType>(
     let x = x.view();
     check_nonzero("x", x.len())?;
     let n = to_i64("x", x.len())?;
-    let f = kernel(stream, &format!("aiec_tau_fwd_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "aiec_tau_fwd", T)?;
     // SAFETY: every element is written by the kernel before it is read back.
     let mut y = unsafe { stream.alloc::<T>(x.len()) }?;
     let mut b = stream.launch_builder(&f);
@@ -165,7 +162,7 @@ pub fn tau_backward<T: DType>(
     check_nonzero("x", x.len())?;
     check_len("dy", x.len(), dy.len())?;
     let n = to_i64("x", x.len())?;
-    let f = kernel(stream, &format!("aiec_tau_bwd_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "aiec_tau_bwd", T)?;
     // SAFETY: every element is written by the kernel before it is read back.
     let mut dx = unsafe { stream.alloc::<T>(x.len()) }?;
     let mut b = stream.launch_builder(&f);
@@ -210,7 +207,7 @@ fn feature_pass<T: DType>(
     };
     match shape.layout {
         Layout::Nchw => {
-            let f = kernel(stream, &format!("aiec_feat_nchw_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_feat_nchw", T)?;
             let planes = to_i64("N x C", nc)?;
             let s = to_i64("positions S", shape.s)?;
             let mut b = stream.launch_builder(&f);
@@ -231,7 +228,7 @@ fn feature_pass<T: DType>(
             }?;
         }
         Layout::Nlc => {
-            let f = kernel(stream, &format!("aiec_feat_nlc_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_feat_nlc", T)?;
             let n = to_i32("batch N", shape.n)?;
             let l = to_i32("tokens L", shape.s)?;
             let c = to_i32("channels C", shape.c)?;
@@ -300,7 +297,7 @@ fn backward_pass<T: DType>(
     let mut df = unsafe { stream.alloc::<T>(numel) }?;
     match shape.layout {
         Layout::Nchw => {
-            let f = kernel(stream, &format!("aiec_df_nchw_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_df_nchw", T)?;
             let planes = to_i64("N x C", shape.n * shape.c)?;
             let s = to_i64("positions S", shape.s)?;
             let inv_s = 1.0f32 / shape.s as f32;
@@ -323,7 +320,7 @@ fn backward_pass<T: DType>(
             }?;
         }
         Layout::Nlc => {
-            let f = kernel(stream, &format!("aiec_df_nlc_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_df_nlc", T)?;
             let l = to_i32("tokens L", shape.s)?;
             let c = to_i32("channels C", shape.c)?;
             let token = match pool {
@@ -502,7 +499,7 @@ impl DeviceCounters {
         correct: &cudarc::driver::CudaView<'_, u8>,
         n: usize,
     ) -> Result<()> {
-        let f = kernel(stream, "aiec_count_f32")?;
+        let f = kernel_fn!(stream, "aiec_count_f32")?;
         let (ni, ci) = (to_i32("batch N", n)?, to_i32("channels C", self.channels)?);
         let mut b = stream.launch_builder(&f);
         b.arg(a)
@@ -539,7 +536,7 @@ impl DeviceCounters {
         v: Option<&mut CudaSlice<f32>>,
         masks: Option<&mut CudaSlice<u8>>,
     ) -> Result<()> {
-        let f = kernel(stream, "aiec_rate_masks_f32")?;
+        let f = kernel_fn!(stream, "aiec_rate_masks_f32")?;
         let (k, c) = (
             to_i32("classes K", self.classes)?,
             to_i32("channels C", self.channels)?,
@@ -592,7 +589,7 @@ fn dmu_forward_dev(
     dims: AiecDims,
 ) -> Result<DeviceDmuOut> {
     let (n, c, k) = dims_i32(dims)?;
-    let f = kernel(stream, "aiec_dmu_fwd_f32")?;
+    let f = kernel_fn!(stream, "aiec_dmu_fwd_f32")?;
     // SAFETY (allocs): the kernel writes every logit, probability, loss and flag.
     let mut logits = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
     let mut probs = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
@@ -659,7 +656,7 @@ fn da_dev(
     dims: AiecDims,
 ) -> Result<CudaSlice<f32>> {
     let (n, c, k) = dims_i32(dims)?;
-    let f = kernel(stream, "aiec_da_f32")?;
+    let f = kernel_fn!(stream, "aiec_da_f32")?;
     // SAFETY: the kernel writes every da entry.
     let mut da = unsafe { stream.alloc::<f32>(dims.n * dims.c) }?;
     let mut b = stream.launch_builder(&f);
@@ -705,7 +702,7 @@ fn dwd_dev(
     })?;
     // SAFETY: stage 1 writes every partial (chunk b, i < K·C).
     let mut partial = unsafe { stream.alloc::<f32>(part_len) }?;
-    let f1 = kernel(stream, "aiec_dwd_partial_f32")?;
+    let f1 = kernel_fn!(stream, "aiec_dwd_partial_f32")?;
     let spb_i = to_i32("samples per block", spb)?;
     let mut b = stream.launch_builder(&f1);
     b.arg(a).arg(probs).arg(labels);
@@ -727,7 +724,7 @@ fn dwd_dev(
     // (N·K), labels / dl (N), with labels < K; writes partial[x·K·C + i], i < K·C,
     // x < chunks.
     unsafe { b.launch(cfg) }?;
-    let f2 = kernel(stream, "aiec_dwd_reduce_f32")?;
+    let f2 = kernel_fn!(stream, "aiec_dwd_reduce_f32")?;
     // SAFETY: stage 2 writes every dWd entry.
     let mut dwd = unsafe { stream.alloc::<f32>(kc) }?;
     let chunks_i = to_i32("chunks", chunks)?;
@@ -796,7 +793,7 @@ pub fn gate_masks(
     check_nonzero("v", v.len())?;
     check_len("wd", v.len(), wd.len())?;
     let total = to_i64("v", v.len())?;
-    let f = kernel(stream, "aiec_gate_masks_f32")?;
+    let f = kernel_fn!(stream, "aiec_gate_masks_f32")?;
     // SAFETY: the kernel writes every mask.
     let mut m = unsafe { stream.alloc::<u8>(v.len()) }?;
     let mut b = stream.launch_builder(&f);
@@ -828,7 +825,7 @@ fn gate_loss_dev(
     dims: AiecDims,
 ) -> Result<CudaSlice<f32>> {
     let (n, c, _) = dims_i32(dims)?;
-    let f = kernel(stream, "aiec_gate_loss_f32")?;
+    let f = kernel_fn!(stream, "aiec_gate_loss_f32")?;
     // SAFETY: the kernel writes every loss.
     let mut loss = unsafe { stream.alloc::<f32>(dims.n) }?;
     let mut b = stream.launch_builder(&f);
@@ -1067,7 +1064,7 @@ pub fn train_forward<T: DType>(
         dims,
     )?;
 
-    let fm = kernel(stream, "aiec_loss_means_f32")?;
+    let fm = kernel_fn!(stream, "aiec_loss_means_f32")?;
     // SAFETY: the kernel writes the 3 means.
     let mut means = unsafe { stream.alloc::<f32>(3) }?;
     let (la, lg) = (cfg.lambda_aux as f32, cfg.lambda_gate as f32);

@@ -700,7 +700,7 @@ fn iieu_dc_forward_backward() {
 
 /// An AIEC loss op for `n` samples, `k` classes, `c` channels: ragged labels and
 /// masks with one all-false class row (its gate term is 0).
-fn aiec_op(n: usize, k: usize, c: usize, layout: Layout, pool: Pool) -> AiecLossOp {
+fn aiec_op(n: usize, k: usize, c: usize, layout: Layout, pool: Pool, d: &Device) -> AiecLossOp {
     AiecLossOp {
         cfg: AiecConfig {
             tau: 0.5,
@@ -709,8 +709,22 @@ fn aiec_op(n: usize, k: usize, c: usize, layout: Layout, pool: Pool) -> AiecLoss
             pool,
         },
         layout,
-        labels: (0..n).map(|i| (i * 2 + 1) % k).collect(),
-        masks: (0..k * c).map(|i| i / c != 1 && (i * 7) % 3 != 0).collect(),
+        labels: Tensor::from_vec(
+            (0..n)
+                .map(|i| ((i * 2 + 1) % k) as u32)
+                .collect::<Vec<u32>>(),
+            n,
+            d,
+        )
+        .unwrap(),
+        masks: Tensor::from_vec(
+            (0..k * c)
+                .map(|i| u8::from(i / c != 1 && (i * 7) % 3 != 0))
+                .collect::<Vec<u8>>(),
+            k * c,
+            d,
+        )
+        .unwrap(),
     }
 }
 
@@ -726,7 +740,7 @@ fn aiec_loss_forward_backward() {
             (vec![3, 6, 4], Layout::Nlc, 4, Pool::ClassToken(2)),
         ] {
             let n: usize = dims.iter().product();
-            let op = aiec_op(dims[0], k, c, layout, pool);
+            let op = aiec_op(dims[0], k, c, layout, pool, &d);
             let (f, fc) = input(&data(n, 80), &dims, dt, &d);
             let (wd, wdc) = input(&data(k * c, 81), &[k, c], dt, &d);
             let l = f.apply_op2_no_bwd(&wd, &op).unwrap();
@@ -909,15 +923,23 @@ fn bad_input_is_an_error() {
         dy: g_bad.clone(),
     };
     assert!(x.apply_op3_no_bwd(&x, &dp, &bop).is_err());
-    // AIEC loss: a label out of range, masks of the wrong length, a non-scalar dL.
+    // AIEC loss: masks of the wrong length, labels of the wrong count or dtype, a
+    // non-scalar dL. A device label out of range cannot be seen by the host: the
+    // kernels flag it (NaN loss) instead of following it.
     let (wd, _) = input(&data(9, 6), &[3, 3], DType::F32, &d);
-    let aop = aiec_op(2, 3, 3, nchw, Pool::Mean);
+    let aop = aiec_op(2, 3, 3, nchw, Pool::Mean, &d);
     x.apply_op2_no_bwd(&wd, &aop).unwrap();
     let mut bad = aop.clone();
-    bad.labels[1] = 3;
+    bad.labels = Tensor::from_vec(vec![1u32, 3], 2, &d).unwrap();
+    assert!(host(&x.apply_op2_no_bwd(&wd, &bad).unwrap())[0].is_nan());
+    let mut bad = aop.clone();
+    bad.labels = Tensor::from_vec(vec![1u32, 0, 2], 3, &d).unwrap();
     assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
     let mut bad = aop.clone();
-    bad.masks.pop();
+    bad.labels = Tensor::from_vec(vec![1i64, 0], 2, &d).unwrap();
+    assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
+    let mut bad = aop.clone();
+    bad.masks = bad.masks.narrow(0, 0, 8).unwrap();
     assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
     let bop = AiecLossBwdOp { fwd: aop };
     assert!(x.apply_op3_no_bwd(&wd, &b3, &bop).is_err());

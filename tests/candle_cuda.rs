@@ -974,3 +974,72 @@ fn bad_input_is_an_error() {
     let err = xp.apply_op3_no_bwd(&w, &pk, &bop).unwrap_err();
     assert!(err.to_string().contains("dy"), "{err}");
 }
+
+/// The `Aiec` module on CUDA tensors (counters on the device, labels as a device
+/// tensor) against the same module on the CPU, over three training steps: counters
+/// (exact), masks (exact), the loss value and the logged statistics (f32 sums:
+/// `E_RED`), then `reset_counters`.
+#[test]
+fn aiec_module_matches_cpu() {
+    use activation_kernels::candle::nn::Aiec;
+    use std::collections::HashMap;
+    let d = dev();
+    let (n, c, h, w, k) = (6usize, 5usize, 3usize, 2usize, 3usize);
+    let cfg = AiecConfig {
+        tau: 0.2,
+        lambda_aux: 1.0,
+        lambda_gate: 5.0,
+        pool: Pool::Mean,
+    };
+    let wdv: Vec<f32> = data(k * c, 90).iter().map(|&v| (v / 3.0) as f32).collect();
+    let module = |dev: &Device| {
+        let wd = Tensor::from_vec(wdv.clone(), (k, c), dev).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(
+            HashMap::from([("wd".to_string(), wd)]),
+            DType::F32,
+            dev,
+        );
+        Aiec::new(vb, c, k, cfg).unwrap()
+    };
+    let (gpu, cpu) = (module(&d), module(&Device::Cpu));
+    for step in 0..3u64 {
+        let fv: Vec<f32> = data(n * c * h * w, 91 + step)
+            .iter()
+            .map(|&v| (v / 2.0) as f32)
+            .collect();
+        let labels: Vec<u32> = (0..n as u32)
+            .map(|i| (i + step as u32) % k as u32)
+            .collect();
+        let f = Tensor::from_vec(fv.clone(), (n, c, h, w), &d).unwrap();
+        let fc = Tensor::from_vec(fv, (n, c, h, w), &Device::Cpu).unwrap();
+        let lab = Tensor::from_vec(labels.clone(), n, &d).unwrap();
+        let labc = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+        let (a, loss) = gpu.forward_train_labels(&f, &lab).unwrap();
+        let (ac, lossc) = cpu.forward_train_labels(&fc, &labc).unwrap();
+        let what = format!("aiec module step {step}");
+        check(&format!("{what} A"), &host(&a), &host(&ac), 0.0, 0.0);
+        assert_eq!(
+            gpu.counters().unwrap(),
+            cpu.counters().unwrap(),
+            "{what} counters"
+        );
+        assert_eq!(host(&loss.masks), host(&lossc.masks), "{what} masks");
+        check(
+            &format!("{what} total"),
+            &host(&loss.total),
+            &host(&lossc.total),
+            0.0,
+            E_RED,
+        );
+        check(
+            &format!("{what} stats"),
+            &host(&loss.stats),
+            &host(&lossc.stats),
+            0.0,
+            E_RED,
+        );
+    }
+    assert!(gpu.counters().unwrap().phi().iter().sum::<u64>() > 0);
+    gpu.reset_counters().unwrap();
+    assert!(gpu.counters().unwrap().phi().iter().all(|&p| p == 0));
+}

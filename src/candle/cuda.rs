@@ -11,9 +11,12 @@
 //!   [`super::ops::MetaAconCOp`], layer-/pixel-wise [`super::ops::MetaAconCGenOp`]),
 //!   IIEU-B, IIEU-DC and the AIEC loss.
 //! * Parameter packs arrive in the activation's dtype (as on the CPU); the kernels take
-//!   f32 parameters, so the pack (`3·C` values for ACON-C) is widened to f32 through
-//!   the host: one small synchronous copy each way per call. IIEU-B's conv weight `W`
+//!   f32 parameters, so the pack (`3·C` values for ACON-C) is widened to f32 on the
+//!   device ([`kc::cast`], one small launch per parameter). IIEU-B's conv weight `W`
 //!   (the head of its pack) is used in place, in the storage dtype.
+//! * No host round trip: no op, forward or backward, copies between host and device
+//!   or synchronises the stream (`tests/no_host_roundtrip.rs` counts the emulated
+//!   driver's copies and synchronisations over a forward + backward of every op).
 //! * Backward: candle keeps no state between forward and backward, so the backward
 //!   op recomputes what the CUDA backward needs. It outputs ONE packed 1-D tensor —
 //!   the gradient of every input, flattened and concatenated in input order, in the
@@ -23,9 +26,14 @@
 //!   three-input forward (channel-wise meta-ACON-C, IIEU-B, IIEU-DC) hold `dy` in the
 //!   op ([`MetaAconCBwdOp::dy`]), as candle ops take at most three tensors.
 //! * AIEC loss: no fused CUDA entry point takes fixed masks, so the op is assembled
-//!   from the pieces of [`crate::cuda::aiec`] (TAU, global feature, DMU, gate loss and
-//!   their backwards); the two loss means (N values each) and the sum of the DMU and
-//!   gate `∂L/∂a` (`N × C`) are computed on the host.
+//!   from the pieces of [`crate::cuda::aiec`] (TAU, global feature, DMU, gate loss,
+//!   [`crate::cuda::aiec::aux_gate_backward`]); the labels (`U32`) and masks (`U8`)
+//!   are tensors on the device held by the op, the loss means are reduced on the
+//!   device and the upstream gradient `dL` is read by a kernel. A label `≥ K` cannot
+//!   be checked by the host: the kernels flag it (NaN loss, no gradient, never
+//!   counted) instead of following it.
+//! * The `Aiec` module's counter / mask step ([`super::nn::Aiec`]) runs on the device
+//!   with its counters there ([`crate::cuda::aiec::DeviceCounters`]).
 //!
 //! Tested on the emulated device (features `emulate` + `candle-cuda`,
 //! `tests/candle_cuda.rs`): forward and backward ops against the CPU reference. A

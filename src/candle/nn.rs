@@ -406,7 +406,7 @@ enum CounterStore {
     Host(Counters),
     #[cfg(feature = "candle-cuda")]
     Device(
-        crate::cuda::aiec::DeviceCounters,
+        Box<crate::cuda::aiec::DeviceCounters>,
         std::sync::Arc<crate::cuda::CudaStream>,
     ),
 }
@@ -477,7 +477,7 @@ impl Aiec {
             candle_core::Device::Cuda(dev) => {
                 let st = dev.cuda_stream();
                 let d = crate::cuda::aiec::DeviceCounters::new(&st, k, c).map_err(cerr)?;
-                CounterStore::Device(d, st)
+                CounterStore::Device(Box::new(d), st)
             }
             _ => CounterStore::Host(counters),
         };

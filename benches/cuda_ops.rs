@@ -602,6 +602,17 @@ mod gpu {
                 })
             })
         });
+        // The same step with the labels already on the device (no upload per call).
+        let dlabels = s.clone_htod(&[1u32, 3]).expect("labels");
+        g.bench_function("aiec_train_fwd_f32_2x2x8_device_labels", |bch| {
+            bch.iter_custom(|it| {
+                wall(it, &mut || {
+                    let o =
+                        aiec::train_forward(s, &acfg, &ashape, &x, &wd, &dlabels, &mut counters);
+                    black_box(o.expect("aiec"));
+                })
+            })
+        });
         g.finish();
         #[cfg(feature = "emulate")]
         if let Some(prev) = saved_checks {

@@ -345,6 +345,49 @@ fn no_host_round_trip_in_steady_state() {
     assert_eq!(cnt.classes(), K);
 }
 
+/// The crate's own CUDA API in a training step (no candle): the AIEC layer with its
+/// labels as a device buffer and its counters on the device, forward and backward,
+/// and an ACON-C forward/backward — no copy and no synchronisation in steady state.
+#[test]
+fn cuda_api_training_step_has_no_host_round_trip() {
+    use activation_kernels::cpu::acon::AconCParams;
+    use activation_kernels::cuda::{acon, aiec};
+    use activation_kernels::ActShape;
+    let d = dev();
+    let st = d.as_cuda_device().expect("cuda device").cuda_stream();
+    let shape = ActShape::nchw(N, C, H, W);
+    let numel = N * C * H * W;
+    let f = st.clone_htod(&data(numel, 40, -2.0, 2.0)).expect("f");
+    let dy = st.clone_htod(&data(numel, 41, -1.0, 1.0)).expect("dy");
+    let wd = st.clone_htod(&data(K * C, 42, -0.5, 0.5)).expect("wd");
+    let labels = st.clone_htod(&[1u32, 2]).expect("labels");
+    let hp = AconCParams::<f32>::init_reference(C, 3).expect("params");
+    let (p1, p2, beta) = (
+        st.clone_htod(&hp.p1).expect("p1"),
+        st.clone_htod(&hp.p2).expect("p2"),
+        st.clone_htod(&hp.beta).expect("beta"),
+    );
+    let mut counters = aiec::DeviceCounters::new(&st, K, C).expect("counters");
+    let cfg = aiec_cfg();
+    let mut step = || {
+        let o = aiec::train_forward(&st, &cfg, &shape, &f, &wd, &labels, &mut counters)
+            .expect("aiec forward");
+        let g = aiec::train_backward(&st, &cfg, &shape, &dy, 1.0, &f, &wd, &o.saved)
+            .expect("aiec backward");
+        let b = acon::Beta::PerChannel(&beta);
+        let y = acon::acon_c_forward(&st, &shape, &o.out, &p1, &p2, b).expect("acon_c");
+        let b = acon::Beta::PerChannel(&beta);
+        let ga = acon::acon_c_backward(&st, &shape, &dy, &o.out, &p1, &p2, b).expect("bwd");
+        (o, g, y, ga)
+    };
+    drop(step());
+    emu::reset_transfers();
+    let kept = step();
+    let t = emu::transfers().expect("counters");
+    assert_eq!(t, Transfers::default(), "{t:?}");
+    drop(kept);
+}
+
 /// Out-of-range labels on the device are flagged, never followed: the loss is NaN,
 /// nothing is counted, and the gradients stay finite.
 #[test]

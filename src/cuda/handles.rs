@@ -136,11 +136,15 @@ fn same(w: &Weak<CudaContext>, ctx: &Arc<CudaContext>) -> bool {
 /// [`Kernels::get`]) on the process's first use of `ctx`.
 fn with_table<R>(ctx: &Arc<CudaContext>, f: impl FnOnce(&Table) -> Result<R>) -> Result<R> {
     let mut f = Some(f);
-    let hit = LOCAL.with(|l| {
-        let l = l.borrow();
-        let t = l.iter().find(|(w, _)| same(w, ctx))?;
-        f.take().map(|f| f(&t.1))
-    });
+    // `try_with`: during thread teardown the thread-local is gone; take the slow path.
+    let hit = LOCAL
+        .try_with(|l| {
+            let l = l.try_borrow().ok()?;
+            let t = l.iter().find(|(w, _)| same(w, ctx))?;
+            f.take().map(|f| f(&t.1))
+        })
+        .ok()
+        .flatten();
     if let Some(r) = hit {
         return r;
     }
@@ -156,10 +160,11 @@ fn with_table<R>(ctx: &Arc<CudaContext>, f: impl FnOnce(&Table) -> Result<R>) ->
             }
         }
     };
-    LOCAL.with(|l| {
-        let mut l = l.borrow_mut();
-        l.retain(|(w, _)| w.strong_count() > 0);
-        l.push((Arc::downgrade(ctx), table.clone()));
+    let _ = LOCAL.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            l.retain(|(w, _)| w.strong_count() > 0);
+            l.push((Arc::downgrade(ctx), table.clone()));
+        }
     });
     match f.take() {
         Some(f) => f(&table),

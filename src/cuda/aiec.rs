@@ -16,8 +16,10 @@
 //! The activation tensors `F`, `A`, `d_out`, `dF` are device buffers of the storage
 //! dtype `T` (f32, f16, bf16). The small tensors — the feature `a` (`N × C`), `Wd`
 //! (`K × C`), logits / probabilities (`N × K`), per-sample losses, `v`, `dWd` —
-//! are always f32; masks and correctness flags are `u8` (0 / 1); labels are given
-//! as a host slice (validated on the host, then uploaded as `u32`). All arithmetic
+//! are always f32; masks and correctness flags are `u8` (0 / 1); labels are
+//! [`Labels`]: a host slice (validated on the host, then uploaded as `u32`) or `u32`
+//! labels already on the device (no copy; a label `≥ K` is flagged by the kernels —
+//! NaN losses, never counted, no gradient — never followed). All arithmetic
 //! and accumulation is f32 (the CPU reference accumulates in f64), except `v`,
 //! which is formed from the integer counters in f64 exactly like the CPU.
 //!

@@ -363,27 +363,38 @@ __device__ void dmu_fwd_impl(const float* __restrict__ a, const float* __restric
     float* p = probs + (long long)nn * k;
     for (int kk = threadIdx.x; kk < k; kk += blockDim.x) p[kk] = expf(z[kk] - m) / sum;
     if (threadIdx.x == 0) {
-      const int y = (int)labels[nn];
-      loss[nn] = logf(sum) - (z[y] - m);
-      correct[nn] = (!any_nan && bi == y) ? 1 : 0;
+      // A label >= K (possible only for labels given on the device, which the host
+      // cannot check) is flagged, never followed: NaN loss, never correct.
+      const unsigned yu = labels[nn];
+      if (yu < (unsigned)k) {
+        const int y = (int)yu;
+        loss[nn] = logf(sum) - (z[y] - m);
+        correct[nn] = (!any_nan && bi == y) ? 1 : 0;
+      } else {
+        loss[nn] = NAN;
+        correct[nn] = 0;
+      }
     }
     __syncthreads();  // z reads done before the next sample's block iteration
   }
 }
 
-// ACU counter update: thread per (n, c), only for correctly predicted samples:
+// ACU counter update: thread per (n, c), only for correctly predicted samples with a
+// label < K:
 // θ[y,c] += [a > 0], η[y,c] += [a == 0], φ[y] += 1 (by the c = 0 thread).
 // Integer atomics: the result is independent of order. Wraps at 2^64 (the CPU
 // saturates; unreachable in practice).
 __device__ void count_impl(const float* __restrict__ a, const unsigned* __restrict__ labels,
                            const unsigned char* __restrict__ correct, unsigned long long* theta,
-                           unsigned long long* eta, unsigned long long* phi, int n, int c) {
+                           unsigned long long* eta, unsigned long long* phi, int n, int c, int k) {
   const long long total = (long long)n * c;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     const int nn = (int)(i / c), cc = (int)(i - (long long)nn * c);
     if (!correct[nn]) continue;
-    const long long y = labels[nn];
+    const unsigned yu = labels[nn];
+    if (yu >= (unsigned)k) continue;  // out-of-range device label: not counted
+    const long long y = yu;
     const float v = a[i];
     if (v > 0.0f)
       atomicAdd(&theta[y * c + cc], 1ull);
@@ -419,14 +430,20 @@ __device__ void gate_masks_impl(const float* __restrict__ v, const float* __rest
     masks[i] = (v[i] <= 0.0f && wd[i] <= 0.0f) ? 1 : 0;
 }
 
-// L_gate[n] = Σ_c |a[n,c]|·G[y,c] / Σ_c G[y,c] (0 when the count is 0): one
+// L_gate[n] = Σ_c |a[n,c]|·G[y,c] / Σ_c G[y,c] (0 when the count is 0; NaN for a
+// label >= K): one
 // block per sample (grid-stride), two block sums. Reads the mask row G[y] and
 // a[n,c] only where G[y,c] is set.
 __device__ void gate_loss_impl(const float* __restrict__ a, const unsigned char* __restrict__ masks,
-                               const unsigned* __restrict__ labels, float* __restrict__ loss, int n, int c) {
+                               const unsigned* __restrict__ labels, float* __restrict__ loss, int n, int c, int k) {
   SHARED_ARRAY(float, scratch, 32);
   for (int nn = blockIdx.x; nn < n; nn += gridDim.x) {
-    const long long y = labels[nn];
+    const unsigned yu = labels[nn];
+    if (yu >= (unsigned)k) {  // out-of-range device label: flagged (uniform per block)
+      if (threadIdx.x == 0) loss[nn] = NAN;
+      continue;
+    }
+    const long long y = yu;
     const unsigned char* g = masks + y * c;
     const float* arow = a + (long long)nn * c;
     float cnt = 0.0f, s = 0.0f;
@@ -442,21 +459,37 @@ __device__ void gate_loss_impl(const float* __restrict__ a, const unsigned char*
   }
 }
 
-// out = [mean(aux), mean(gate), λ_aux·mean(aux) + λ_gate·mean(gate)]: one block.
-__device__ void loss_means_impl(const float* __restrict__ aux, const float* __restrict__ gate, float* __restrict__ out,
-                                int n, float lambda_aux, float lambda_gate) {
+// out = [mean(aux), mean(gate), λ_aux·mean(aux) + λ_gate·mean(gate)] and, when
+// `correct` is given, out[3] = mean(correct) (the DMU's accuracy): one block.
+__device__ void loss_means_impl(const float* __restrict__ aux, const float* __restrict__ gate,
+                                const unsigned char* __restrict__ correct, float* __restrict__ out, int n,
+                                float lambda_aux, float lambda_gate) {
   SHARED_ARRAY(float, scratch, 32);
-  float sa = 0.0f, sg = 0.0f;
+  float sa = 0.0f, sg = 0.0f, sc = 0.0f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     sa += aux[i];
     sg += gate[i];
+    if (correct) sc += correct[i] ? 1.0f : 0.0f;
   }
   sa = ak::block_sum(sa, scratch) / (float)n;
   sg = ak::block_sum(sg, scratch) / (float)n;
+  if (correct) sc = ak::block_sum(sc, scratch) / (float)n;
   if (threadIdx.x == 0) {
     out[0] = sa;
     out[1] = sg;
     out[2] = lambda_aux * sa + lambda_gate * sg;
+    if (correct) out[3] = sc;
+  }
+}
+
+// Per-sample loss weights from a device scalar (the upstream gradient of the loss):
+// w[i] = s[0]·c_aux and w[n + i] = s[0]·c_gate for i < n (w holds 2n values).
+__device__ void loss_weights_impl(const float* __restrict__ s, float* __restrict__ w, int n, float c_aux,
+                                  float c_gate) {
+  const float v = s[0];
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    w[i] = v * c_aux;
+    w[(long long)n + i] = v * c_gate;
   }
 }
 
@@ -465,6 +498,7 @@ __device__ void loss_means_impl(const float* __restrict__ aux, const float* __re
 //             g = 0 skipped like the CPU),  g[n,k] = sa·(p[n,k] − [k = y_n]),
 //   + sg·G[y,c]·sign(a[n,c]) / Σ_c G[y,c]               (masks given, count > 0),
 // sa = aux_scale·(dl_aux ? dl_aux[n] : 1), sg = gate_scale·(dl_gate ? dl_gate[n] : 1).
+// A sample with a label >= K gets a zero row.
 // Reads Wd per sample (cache), writes da once.
 __device__ void da_impl(const float* __restrict__ a, const float* __restrict__ wd, const float* __restrict__ probs,
                         const unsigned* __restrict__ labels, const unsigned char* __restrict__ masks,
@@ -472,6 +506,10 @@ __device__ void da_impl(const float* __restrict__ a, const float* __restrict__ w
                         float gate_scale, float* __restrict__ da, int n, int c, int k) {
   SHARED_ARRAY(float, scratch, 32);
   for (int nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    if (labels[nn] >= (unsigned)k) {  // out-of-range device label: no gradient
+      for (int cc = threadIdx.x; cc < c; cc += blockDim.x) da[(long long)nn * c + cc] = 0.0f;
+      continue;
+    }
     const int y = (int)labels[nn];
     const unsigned char* g = masks ? masks + (long long)y * c : nullptr;
     float cnt = 0.0f;
@@ -511,6 +549,7 @@ __device__ void dwd_partial_impl(const float* __restrict__ a, const float* __res
     const int kk = (int)(i / c), cc = (int)(i - (long long)kk * c);
     float acc = 0.0f;
     for (int nn = n0; nn < n1; ++nn) {
+      if (labels[nn] >= (unsigned)k) continue;  // out-of-range device label: skipped
       const float sa = aux_scale * (dl_aux ? dl_aux[nn] : 1.0f);
       const float gk = sa * (probs[(long long)nn * k + kk] - ((int)labels[nn] == kk ? 1.0f : 0.0f));
       acc += gk * a[(long long)nn * c + cc];
@@ -576,8 +615,8 @@ EMU_REGISTER(aiec_dmu_fwd_f32)
 
 AK_KERNEL void aiec_count_f32(const float* a, const unsigned* labels, const unsigned char* correct,
                                           unsigned long long* theta, unsigned long long* eta, unsigned long long* phi,
-                                          int n, int c) {
-  ak_aiec::count_impl(a, labels, correct, theta, eta, phi, n, c);
+                                          int n, int c, int k) {
+  ak_aiec::count_impl(a, labels, correct, theta, eta, phi, n, c, k);
 }
 EMU_REGISTER(aiec_count_f32)
 
@@ -595,16 +634,21 @@ AK_KERNEL void aiec_gate_masks_f32(const float* v, const float* wd, unsigned cha
 EMU_REGISTER(aiec_gate_masks_f32)
 
 AK_KERNEL void aiec_gate_loss_f32(const float* a, const unsigned char* masks, const unsigned* labels,
-                                              float* loss, int n, int c) {
-  ak_aiec::gate_loss_impl(a, masks, labels, loss, n, c);
+                                              float* loss, int n, int c, int k) {
+  ak_aiec::gate_loss_impl(a, masks, labels, loss, n, c, k);
 }
 EMU_REGISTER(aiec_gate_loss_f32)
 
-AK_KERNEL void aiec_loss_means_f32(const float* aux, const float* gate, float* out, int n,
-                                               float lambda_aux, float lambda_gate) {
-  ak_aiec::loss_means_impl(aux, gate, out, n, lambda_aux, lambda_gate);
+AK_KERNEL void aiec_loss_means_f32(const float* aux, const float* gate, const unsigned char* correct,
+                                               float* out, int n, float lambda_aux, float lambda_gate) {
+  ak_aiec::loss_means_impl(aux, gate, correct, out, n, lambda_aux, lambda_gate);
 }
 EMU_REGISTER(aiec_loss_means_f32)
+
+AK_KERNEL void aiec_loss_weights_f32(const float* s, float* w, int n, float c_aux, float c_gate) {
+  ak_aiec::loss_weights_impl(s, w, n, c_aux, c_gate);
+}
+EMU_REGISTER(aiec_loss_weights_f32)
 
 AK_KERNEL void aiec_da_f32(const float* a, const float* wd, const float* probs, const unsigned* labels,
                                        const unsigned char* masks, const float* dl_aux, const float* dl_gate,

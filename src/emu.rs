@@ -218,3 +218,73 @@ pub fn set_kernel_regs(kernel: &str, regs: u32) -> bool {
     // SAFETY: name is a NUL-terminated string that outlives the call.
     unsafe { f(name.as_ptr(), regs.min(255) as i32) != 0 }
 }
+
+/// Host↔device traffic the calling thread asked the emulated driver for since the
+/// last [`reset_transfers`] (or the thread's start): what a GPU training step must not
+/// do in steady state (issue 16: no host round trip in any GPU op).
+///
+/// The counts are per thread (the driver calls of other threads, e.g. tests running
+/// in parallel, are not included) and count driver calls, not bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transfers {
+    /// Host-to-device copies (`cuMemcpyHtoD_v2` and `cuMemcpyHtoDAsync_v2`).
+    pub htod: u64,
+    /// Device-to-host copies (`cuMemcpyDtoH_v2` and `cuMemcpyDtoHAsync_v2`).
+    pub dtoh: u64,
+    /// `cuStreamSynchronize` calls.
+    pub stream_syncs: u64,
+    /// `cuCtxSynchronize` calls.
+    pub ctx_syncs: u64,
+    /// `cuEventSynchronize` calls.
+    pub event_syncs: u64,
+}
+
+impl Transfers {
+    /// Copies in either direction.
+    pub fn copies(&self) -> u64 {
+        self.htod + self.dtoh
+    }
+
+    /// Host-blocking synchronisations of any kind (stream, context, event).
+    pub fn syncs(&self) -> u64 {
+        self.stream_syncs + self.ctx_syncs + self.event_syncs
+    }
+}
+
+/// The calling thread's [`Transfers`] (`None` if the emulated device is not installed).
+pub fn transfers() -> Option<Transfers> {
+    let f = sym::<unsafe extern "C" fn(*mut i64, i32) -> i32>(b"emu_traffic_counts\0")?;
+    let mut v = [0i64; 5];
+    // SAFETY: the emulator writes at most 5 values into the 5-element buffer.
+    let n = unsafe { f(v.as_mut_ptr(), v.len() as i32) };
+    if n != 5 {
+        return None;
+    }
+    let u = |x: i64| x.max(0) as u64;
+    Some(Transfers {
+        htod: u(v[0]),
+        dtoh: u(v[1]),
+        stream_syncs: u(v[2]),
+        ctx_syncs: u(v[3]),
+        event_syncs: u(v[4]),
+    })
+}
+
+/// Clears the calling thread's [`Transfers`] (no-op if not installed).
+pub fn reset_transfers() {
+    if let Some(f) = sym::<unsafe extern "C" fn()>(b"emu_reset_traffic_counts\0") {
+        // SAFETY: clears thread-local integers in the emulator.
+        unsafe { f() }
+    }
+}
+
+/// Dry run: while on, launches are checked (limits, trace) but no kernel runs, so the
+/// time of a call is the host-side cost of the safe API alone (validation, kernel
+/// handle, argument packing, allocation, the launch call). For benchmarks only:
+/// outputs are left unwritten (turn initcheck off). Returns the setting in force
+/// after the call (`None` if not installed).
+pub fn set_dry_run(on: bool) -> Option<bool> {
+    let f = sym::<unsafe extern "C" fn(i32) -> i32>(b"emu_dry_run\0")?;
+    // SAFETY: plain store of a flag in the emulator.
+    Some(unsafe { f(i32::from(on)) } != 0)
+}

@@ -705,7 +705,7 @@ fn iieu_dc_forward_backward() {
 
 /// An AIEC loss op for `n` samples, `k` classes, `c` channels: ragged labels and
 /// masks with one all-false class row (its gate term is 0).
-fn aiec_op(n: usize, k: usize, c: usize, layout: Layout, pool: Pool) -> AiecLossOp {
+fn aiec_op(n: usize, k: usize, c: usize, layout: Layout, pool: Pool, d: &Device) -> AiecLossOp {
     AiecLossOp {
         cfg: AiecConfig {
             tau: 0.5,
@@ -714,8 +714,22 @@ fn aiec_op(n: usize, k: usize, c: usize, layout: Layout, pool: Pool) -> AiecLoss
             pool,
         },
         layout,
-        labels: (0..n).map(|i| (i * 2 + 1) % k).collect(),
-        masks: (0..k * c).map(|i| i / c != 1 && (i * 7) % 3 != 0).collect(),
+        labels: Tensor::from_vec(
+            (0..n)
+                .map(|i| ((i * 2 + 1) % k) as u32)
+                .collect::<Vec<u32>>(),
+            n,
+            d,
+        )
+        .unwrap(),
+        masks: Tensor::from_vec(
+            (0..k * c)
+                .map(|i| u8::from(i / c != 1 && (i * 7) % 3 != 0))
+                .collect::<Vec<u8>>(),
+            k * c,
+            d,
+        )
+        .unwrap(),
     }
 }
 
@@ -731,7 +745,7 @@ fn aiec_loss_forward_backward() {
             (vec![3, 6, 4], Layout::Nlc, 4, Pool::ClassToken(2)),
         ] {
             let n: usize = dims.iter().product();
-            let op = aiec_op(dims[0], k, c, layout, pool);
+            let op = aiec_op(dims[0], k, c, layout, pool, &d);
             let (f, fc) = input(&data(n, 80), &dims, dt, &d);
             let (wd, wdc) = input(&data(k * c, 81), &[k, c], dt, &d);
             let l = f.apply_op2_no_bwd(&wd, &op).unwrap();
@@ -914,15 +928,23 @@ fn bad_input_is_an_error() {
         dy: g_bad.clone(),
     };
     assert!(x.apply_op3_no_bwd(&x, &dp, &bop).is_err());
-    // AIEC loss: a label out of range, masks of the wrong length, a non-scalar dL.
+    // AIEC loss: masks of the wrong length, labels of the wrong count or dtype, a
+    // non-scalar dL. A device label out of range cannot be seen by the host: the
+    // kernels flag it (NaN loss) instead of following it.
     let (wd, _) = input(&data(9, 6), &[3, 3], DType::F32, &d);
-    let aop = aiec_op(2, 3, 3, nchw, Pool::Mean);
+    let aop = aiec_op(2, 3, 3, nchw, Pool::Mean, &d);
     x.apply_op2_no_bwd(&wd, &aop).unwrap();
     let mut bad = aop.clone();
-    bad.labels[1] = 3;
+    bad.labels = Tensor::from_vec(vec![1u32, 3], 2, &d).unwrap();
+    assert!(host(&x.apply_op2_no_bwd(&wd, &bad).unwrap())[0].is_nan());
+    let mut bad = aop.clone();
+    bad.labels = Tensor::from_vec(vec![1u32, 0, 2], 3, &d).unwrap();
     assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
     let mut bad = aop.clone();
-    bad.masks.pop();
+    bad.labels = Tensor::from_vec(vec![1i64, 0], 2, &d).unwrap();
+    assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
+    let mut bad = aop.clone();
+    bad.masks = bad.masks.narrow(0, 0, 8).unwrap();
     assert!(x.apply_op2_no_bwd(&wd, &bad).is_err());
     let bop = AiecLossBwdOp { fwd: aop };
     assert!(x.apply_op3_no_bwd(&wd, &b3, &bop).is_err());
@@ -956,4 +978,73 @@ fn bad_input_is_an_error() {
     };
     let err = xp.apply_op3_no_bwd(&w, &pk, &bop).unwrap_err();
     assert!(err.to_string().contains("dy"), "{err}");
+}
+
+/// The `Aiec` module on CUDA tensors (counters on the device, labels as a device
+/// tensor) against the same module on the CPU, over three training steps: counters
+/// (exact), masks (exact), the loss value and the logged statistics (f32 sums:
+/// `E_RED`), then `reset_counters`.
+#[test]
+fn aiec_module_matches_cpu() {
+    use activation_kernels::candle::nn::Aiec;
+    use std::collections::HashMap;
+    let d = dev();
+    let (n, c, h, w, k) = (6usize, 5usize, 3usize, 2usize, 3usize);
+    let cfg = AiecConfig {
+        tau: 0.2,
+        lambda_aux: 1.0,
+        lambda_gate: 5.0,
+        pool: Pool::Mean,
+    };
+    let wdv: Vec<f32> = data(k * c, 90).iter().map(|&v| (v / 3.0) as f32).collect();
+    let module = |dev: &Device| {
+        let wd = Tensor::from_vec(wdv.clone(), (k, c), dev).unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(
+            HashMap::from([("wd".to_string(), wd)]),
+            DType::F32,
+            dev,
+        );
+        Aiec::new(vb, c, k, cfg).unwrap()
+    };
+    let (gpu, cpu) = (module(&d), module(&Device::Cpu));
+    for step in 0..3u64 {
+        let fv: Vec<f32> = data(n * c * h * w, 91 + step)
+            .iter()
+            .map(|&v| (v / 2.0) as f32)
+            .collect();
+        let labels: Vec<u32> = (0..n as u32)
+            .map(|i| (i + step as u32) % k as u32)
+            .collect();
+        let f = Tensor::from_vec(fv.clone(), (n, c, h, w), &d).unwrap();
+        let fc = Tensor::from_vec(fv, (n, c, h, w), &Device::Cpu).unwrap();
+        let lab = Tensor::from_vec(labels.clone(), n, &d).unwrap();
+        let labc = Tensor::from_vec(labels, n, &Device::Cpu).unwrap();
+        let (a, loss) = gpu.forward_train_labels(&f, &lab).unwrap();
+        let (ac, lossc) = cpu.forward_train_labels(&fc, &labc).unwrap();
+        let what = format!("aiec module step {step}");
+        check(&format!("{what} A"), &host(&a), &host(&ac), 0.0, 0.0);
+        assert_eq!(
+            gpu.counters().unwrap(),
+            cpu.counters().unwrap(),
+            "{what} counters"
+        );
+        assert_eq!(host(&loss.masks), host(&lossc.masks), "{what} masks");
+        check(
+            &format!("{what} total"),
+            &host(&loss.total),
+            &host(&lossc.total),
+            0.0,
+            E_RED,
+        );
+        check(
+            &format!("{what} stats"),
+            &host(&loss.stats),
+            &host(&lossc.stats),
+            0.0,
+            E_RED,
+        );
+    }
+    assert!(gpu.counters().unwrap().phi().iter().sum::<u64>() > 0);
+    gpu.reset_counters().unwrap();
+    assert!(gpu.counters().unwrap().phi().iter().all(|&p| p == 0));
 }

@@ -1094,3 +1094,146 @@ fn bad_input() {
     assert_eq!(counters.to_host(&s).unwrap(), before, "counters untouched");
     let _ = Layout::Nchw;
 }
+
+// ---------------------------------------------------------------------------
+// labels on the device, the fixed-mask loss backward with a device scale
+
+/// `train_forward` with the labels as a device buffer gives the same bits as with
+/// host labels; `aux_gate_backward` (scale read on the device) matches the DMU and
+/// gate backwards with host-made weights; out-of-range device labels are flagged
+/// (NaN losses, never correct, never counted, zero gradient rows), never followed.
+#[test]
+fn device_labels_and_aux_gate_backward() {
+    let Some(g) = gpu() else { return };
+    let s = g.ctx.default_stream();
+    let shape = ActShape::nchw(5, 4, 2, 3);
+    let (n, c, k) = (shape.n, shape.c, 3usize);
+    let cfg = AiecConfig {
+        tau: 0.1,
+        lambda_aux: 1.0,
+        lambda_gate: 5.0,
+        pool: Pool::Mean,
+    };
+    let mut r = common::rng(901);
+    let f32v = |v: Vec<f64>| -> Vec<f32> { v.iter().map(|&x| x as f32).collect() };
+    let f = f32v(uniform(&mut r, shape.numel().unwrap(), -1.0, 1.0));
+    let wd = f32v(uniform(&mut r, k * c, -1.0, 1.0));
+    let labels: Vec<usize> = (0..n).map(|i| (2 * i + 1) % k).collect();
+    let lab32: Vec<u32> = labels.iter().map(|&y| y as u32).collect();
+    let dims = AiecDims::new(n, c, k);
+    let run = |device: bool| {
+        let (df, dwd) = (s.clone_htod(&f).unwrap(), s.clone_htod(&wd).unwrap());
+        let dlab = s.clone_htod(&lab32).unwrap();
+        let mut counters = dev::DeviceCounters::new(&s, k, c).unwrap();
+        let o = if device {
+            dev::train_forward::<f32>(&s, &cfg, &shape, &df, &dwd, &dlab, &mut counters)
+        } else {
+            dev::train_forward::<f32>(&s, &cfg, &shape, &df, &dwd, &labels, &mut counters)
+        }
+        .unwrap();
+        assert_eq!(o.saved.labels().is_none(), device);
+        let (m0, m1, m2) = o.losses.means_to_host(&s).unwrap();
+        (
+            dl(&s, &o.out),
+            s.clone_dtoh(o.saved.masks()).unwrap(),
+            (m0.to_bits(), m1.to_bits(), m2.to_bits()),
+            s.clone_dtoh(&o.losses.means).unwrap()[3].to_bits(),
+            counters.to_host(&s).unwrap(),
+        )
+    };
+    let host = g.check_schedules(|| run(false));
+    let device = g.check_schedules(|| run(true));
+    assert_eq!(host, device, "device labels change nothing");
+    // The accuracy (4th mean) is the fraction of counted samples.
+    let phi: u64 = host.4.phi().iter().sum();
+    assert_eq!(f32::from_bits(host.3), phi as f32 / n as f32);
+
+    // aux_gate_backward vs dmu_backward + gate_loss_backward with host-made weights.
+    let a = f32v(uniform(&mut r, n * c, -1.0, 1.0));
+    let masks: Vec<u8> = (0..k * c).map(|i| u8::from(i % 3 != 1)).collect();
+    let scale = 0.75f32;
+    let (got, want) = g.check_schedules(|| {
+        let (da_, dw) = (s.clone_htod(&a).unwrap(), s.clone_htod(&wd).unwrap());
+        let dm = s.clone_htod(&masks).unwrap();
+        let dlab = s.clone_htod(&lab32).unwrap();
+        let o = dev::dmu_forward(&s, &da_, &dw, &dlab, dims).unwrap();
+        let sc = s.clone_htod(&[scale]).unwrap();
+        let lam = (cfg.lambda_aux, cfg.lambda_gate);
+        let gr =
+            dev::aux_gate_backward(&s, &da_, &dw, &o.probs, &dm, &dlab, &sc, lam, dims).unwrap();
+        let w = |l: f64| {
+            s.clone_htod(&vec![(scale as f64 * l / n as f64) as f32; n])
+                .unwrap()
+        };
+        let (wa, wg) = (w(cfg.lambda_aux), w(cfg.lambda_gate));
+        let g1 = dev::dmu_backward(&s, &da_, &dw, &o.probs, &labels, &wa, dims).unwrap();
+        let g2 = dev::gate_loss_backward(&s, &da_, &dm, &labels, &wg, dims).unwrap();
+        let (d1, d2) = (from_bits(&dl(&s, &g1.da)), from_bits(&dl(&s, &g2)));
+        let sum_bits: Vec<u32> = d1
+            .iter()
+            .zip(&d2)
+            .map(|(x, y)| (*x as f32 + *y as f32).to_bits())
+            .collect();
+        let got = (dl(&s, &gr.da), dl(&s, &gr.dwd));
+        (got, (sum_bits, dl(&s, &g1.dwd)))
+    });
+    close(
+        "aux_gate da",
+        &from_bits(&got.0),
+        &from_bits(&want.0),
+        0.0,
+        F32,
+    );
+    close(
+        "aux_gate dWd",
+        &from_bits(&got.1),
+        &from_bits(&want.1),
+        0.0,
+        F32,
+    );
+
+    // Out-of-range labels on the device: sample 1 has label K, sample 3 u32::MAX.
+    let mut bad = lab32.clone();
+    bad[1] = k as u32;
+    bad[3] = u32::MAX;
+    let (loss, correct, gate, da_bad, phi_bad) = g.check_schedules(|| {
+        let (da_, dw) = (s.clone_htod(&a).unwrap(), s.clone_htod(&wd).unwrap());
+        let dm = s.clone_htod(&masks).unwrap();
+        let dlab = s.clone_htod(&bad).unwrap();
+        let o = dev::dmu_forward(&s, &da_, &dw, &dlab, dims).unwrap();
+        let gl = dev::gate_loss(&s, &da_, &dm, &dlab, dims).unwrap();
+        let sc = s.clone_htod(&[scale]).unwrap();
+        let gr = dev::aux_gate_backward(&s, &da_, &dw, &o.probs, &dm, &dlab, &sc, (1.0, 5.0), dims)
+            .unwrap();
+        let mut counters = dev::DeviceCounters::new(&s, k, c).unwrap();
+        let all = s.clone_htod(&vec![1u8; n]).unwrap();
+        counters.update(&s, &da_, &dlab, &all).unwrap();
+        let phi = counters.to_host(&s).unwrap().phi().iter().sum::<u64>();
+        (
+            dl(&s, &o.loss),
+            s.clone_dtoh(&o.correct).unwrap(),
+            dl(&s, &gl),
+            dl(&s, &gr.da),
+            phi,
+        )
+    });
+    let (loss, gate, da_bad) = (from_bits(&loss), from_bits(&gate), from_bits(&da_bad));
+    for i in 0..n {
+        let flagged = i == 1 || i == 3;
+        assert_eq!(loss[i].is_nan(), flagged, "L_aux[{i}]");
+        assert_eq!(gate[i].is_nan(), flagged, "L_gate[{i}]");
+        if flagged {
+            assert_eq!(correct[i], 0);
+            assert!(da_bad[i * c..(i + 1) * c].iter().all(|&v| v == 0.0));
+        }
+    }
+    assert_eq!(phi_bad, (n - 2) as u64, "flagged samples are not counted");
+    // A device label buffer of the wrong length is an error before any launch.
+    let short = s.clone_htod(&lab32[..n - 1]).unwrap();
+    let da_ = s.clone_htod(&a).unwrap();
+    let dw = s.clone_htod(&wd).unwrap();
+    assert!(matches!(
+        dev::dmu_forward(&s, &da_, &dw, &short, dims),
+        Err(Error::LengthMismatch { .. })
+    ));
+}

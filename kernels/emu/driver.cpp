@@ -287,6 +287,40 @@ CUresult release(CUdeviceptr p) {
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
+// ---- host<->device traffic counters and the dry-run switch (src/emu.rs `transfers`,
+// `set_dry_run`) ----
+// Each counter counts the driver calls made by the calling thread (thread-local, so
+// tests running in parallel in one process do not see each other's calls): copies
+// between host and device (synchronous and asynchronous entry points alike) and
+// host-blocking synchronisations (stream, context, event). A test proves "no host
+// round trip in steady state" by reading them around a training step.
+namespace {
+enum Traffic : int { T_HTOD, T_DTOH, T_STREAM_SYNC, T_CTX_SYNC, T_EVENT_SYNC, T_COUNT };
+thread_local long long tl_traffic[T_COUNT] = {0, 0, 0, 0, 0};
+inline void count_traffic(Traffic t) { ++tl_traffic[t]; }
+// Dry run: launches are checked (limits, trace, launch counter) but no kernel runs —
+// for measuring the host-side cost per call of the safe API (benches/cuda_ops.rs
+// `host_cost`). Outputs are left unwritten; never on in tests that read results.
+std::atomic<bool> g_dry_run{false};
+}  // namespace
+
+// Writes the calling thread's counters into out[0..n) in the order HtoD copies, DtoH
+// copies, stream syncs, context syncs, event syncs; returns how many it wrote.
+EXPORT int emu_traffic_counts(long long* out, int n) {
+  int m = 0;
+  for (; out && m < n && m < T_COUNT; ++m) out[m] = tl_traffic[m];
+  return m;
+}
+// Clears the calling thread's counters.
+EXPORT void emu_reset_traffic_counts() {
+  for (long long& c : tl_traffic) c = 0;
+}
+// Sets (0/1) or, with -1, only reads the dry-run switch; returns the value in force.
+EXPORT int emu_dry_run(int set) {
+  if (set >= 0) g_dry_run.store(set != 0);
+  return g_dry_run.load() ? 1 : 0;
+}
+
 // ---- device, context ----
 EXPORT CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
 EXPORT CUresult cuDriverGetVersion(int* v) {
@@ -352,7 +386,10 @@ EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
   *d = 0;
   return CUDA_SUCCESS;
 }
-EXPORT CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+EXPORT CUresult cuCtxSynchronize() {
+  count_traffic(T_CTX_SYNC);
+  return CUDA_SUCCESS;
+}
 
 // ---- streams and events: everything is synchronous ----
 EXPORT CUresult cuStreamCreate(CUstream* s, unsigned) {
@@ -367,7 +404,10 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
   delete static_cast<int*>(s);
   return CUDA_SUCCESS;
 }
-EXPORT CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamSynchronize(CUstream) {
+  count_traffic(T_STREAM_SYNC);
+  return CUDA_SUCCESS;
+}
 EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
 EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
 EXPORT CUresult cuEventCreate(CUevent* e, unsigned) {
@@ -379,7 +419,10 @@ EXPORT CUresult cuEventDestroy_v2(CUevent e) {
   return CUDA_SUCCESS;
 }
 EXPORT CUresult cuEventRecord(CUevent, CUstream) { return CUDA_SUCCESS; }
-EXPORT CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+EXPORT CUresult cuEventSynchronize(CUevent) {
+  count_traffic(T_EVENT_SYNC);
+  return CUDA_SUCCESS;
+}
 EXPORT CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
 EXPORT CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
   *ms = 0.f;
@@ -401,6 +444,7 @@ EXPORT CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
   return CUDA_SUCCESS;
 }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t b) {
+  count_traffic(T_HTOD);  // also counts cuMemcpyHtoDAsync_v2, which calls this
   if (!emu::host_write(d, b, "host-to-device copy")) return CUDA_ERROR_INVALID_VALUE;
   if (b) std::memcpy((void*)(uintptr_t)d, s, b);
   return CUDA_SUCCESS;
@@ -411,6 +455,7 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t b, CUs
 // A copy to the host of bytes no kernel or copy ever wrote fails (initcheck): an
 // output buffer the kernels were meant to fill, and did not fully.
 EXPORT CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t b) {
+  count_traffic(T_DTOH);  // also counts cuMemcpyDtoHAsync_v2, which calls this
   if (!emu::host_read(s, b, "device-to-host copy")) return CUDA_ERROR_ILLEGAL_ADDRESS;
   if (b) std::memcpy(d, (const void*)(uintptr_t)s, b);
   return CUDA_SUCCESS;
@@ -565,6 +610,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   emu::Launch L;
   L.k = k;
   emu::trace_launch(k->name, dim3(gx, gy, gz), dim3(bx, by, bz), smem);
+  if (g_dry_run.load(std::memory_order_relaxed)) return CUDA_SUCCESS;  // see emu_dry_run
   L.params = params;
   L.grid = dim3(gx, gy, gz);
   L.block = dim3(bx, by, bz);

@@ -11,9 +11,12 @@
 //!   [`super::ops::MetaAconCOp`], layer-/pixel-wise [`super::ops::MetaAconCGenOp`]),
 //!   IIEU-B, IIEU-DC and the AIEC loss.
 //! * Parameter packs arrive in the activation's dtype (as on the CPU); the kernels take
-//!   f32 parameters, so the pack (`3·C` values for ACON-C) is widened to f32 through
-//!   the host: one small synchronous copy each way per call. IIEU-B's conv weight `W`
+//!   f32 parameters, so the pack (`3·C` values for ACON-C) is widened to f32 on the
+//!   device ([`kc::cast`], one small launch per parameter). IIEU-B's conv weight `W`
 //!   (the head of its pack) is used in place, in the storage dtype.
+//! * No host round trip: no op, forward or backward, copies between host and device
+//!   or synchronises the stream (`tests/no_host_roundtrip.rs` counts the emulated
+//!   driver's copies and synchronisations over a forward + backward of every op).
 //! * Backward: candle keeps no state between forward and backward, so the backward
 //!   op recomputes what the CUDA backward needs. It outputs ONE packed 1-D tensor —
 //!   the gradient of every input, flattened and concatenated in input order, in the
@@ -23,9 +26,14 @@
 //!   three-input forward (channel-wise meta-ACON-C, IIEU-B, IIEU-DC) hold `dy` in the
 //!   op ([`MetaAconCBwdOp::dy`]), as candle ops take at most three tensors.
 //! * AIEC loss: no fused CUDA entry point takes fixed masks, so the op is assembled
-//!   from the pieces of [`crate::cuda::aiec`] (TAU, global feature, DMU, gate loss and
-//!   their backwards); the two loss means (N values each) and the sum of the DMU and
-//!   gate `∂L/∂a` (`N × C`) are computed on the host.
+//!   from the pieces of [`crate::cuda::aiec`] (TAU, global feature, DMU, gate loss,
+//!   [`crate::cuda::aiec::aux_gate_backward`]); the labels (`U32`) and masks (`U8`)
+//!   are tensors on the device held by the op, the loss means are reduced on the
+//!   device and the upstream gradient `dL` is read by a kernel. A label `≥ K` cannot
+//!   be checked by the host: the kernels flag it (NaN loss, no gradient, never
+//!   counted) instead of following it.
+//! * The `Aiec` module's counter / mask step ([`super::nn::Aiec`]) runs on the device
+//!   with its counters there ([`crate::cuda::aiec::DeviceCounters`]).
 //!
 //! Tested on the emulated device (features `emulate` + `candle-cuda`,
 //! `tests/candle_cuda.rs`): forward and backward ops against the CPU reference. A
@@ -85,18 +93,32 @@ fn view<'a, T: CudaEl>(op: &str, s: &'a CudaStorage, l: &CLayout) -> CResult<Cud
     }
 }
 
-/// Device `T` values widened to f32 on the host (parameter packs).
-fn host_f32<T: CudaEl>(st: &Arc<CudaStream>, v: &CudaView<'_, T>) -> CResult<Vec<f32>> {
-    let host = st.clone_dtoh(v).map_err(kc_err)?;
-    Ok(host.iter().map(|x| x.to_f32()).collect())
-}
-
-/// Uploads consecutive pieces of `v` of the given lengths as f32 device buffers.
-fn upload_parts(st: &Arc<CudaStream>, v: &[f32], lens: &[usize]) -> CResult<Vec<CudaSlice<f32>>> {
-    let parts = super::ops::split("upload", v, lens)?;
-    parts
-        .into_iter()
-        .map(|p| st.clone_htod(p).map_err(kc_err))
+/// Consecutive pieces of the parameter pack `v` (lengths `lens`, adding up to its
+/// length; every length nonzero) widened to f32 on the device ([`kc::cast`]: no host
+/// copy). The lengths are checked before anything runs.
+fn f32_parts<T: CudaEl>(
+    name: &str,
+    st: &Arc<CudaStream>,
+    v: &CudaView<'_, T>,
+    lens: &[usize],
+) -> CResult<Vec<CudaSlice<f32>>> {
+    let total: usize = lens.iter().sum();
+    if total != v.len() || lens.contains(&0) {
+        return Err(op_err(
+            name,
+            format!(
+                "packed parameters have {} elements, expected {total} in parts {lens:?}",
+                v.len()
+            ),
+        ));
+    }
+    let mut at = 0;
+    lens.iter()
+        .map(|&l| {
+            let part = kc::cast::to_f32(st, &v.slice(at..at + l)).map_err(cerr);
+            at += l;
+            part
+        })
         .collect()
 }
 
@@ -257,8 +279,8 @@ fn acon_c_inputs<'a, T: CudaEl>(
     check_dims(name, "p = [p1; p2; beta]", l2.dims(), &[3, c])?;
     let st = stream(s1);
     let x = view::<T>(name, s1, l1)?;
-    let p = host_f32(&st, &view::<T>(name, s2, l2)?)?;
-    Ok((shape, x, upload_parts(&st, &p, &[c, c, c])?))
+    let p = f32_parts(name, &st, &view::<T>(name, s2, l2)?, &[c, c, c])?;
+    Ok((shape, x, p))
 }
 
 fn acon_c_fwd_t<T: CudaEl>(
@@ -378,7 +400,7 @@ pub(crate) fn acon_c_bwd(
 // Shared helpers of the ops below.
 
 /// `x`'s [`crate::ActShape`] and view, and the parameter pack (input 2, dims
-/// `pdims(C)`) widened to f32 and uploaded in pieces of the given lengths.
+/// `pdims(C)`) widened to f32 on the device in pieces of the given lengths.
 #[allow(clippy::type_complexity)]
 fn x_and_params<'a, T: CudaEl>(
     name: &str,
@@ -392,8 +414,8 @@ fn x_and_params<'a, T: CudaEl>(
     check_dims(name, "parameter pack", l2.dims(), pdims)?;
     let st = stream(s1);
     let x = view::<T>(name, s1, l1)?;
-    let p = host_f32(&st, &view::<T>(name, s2, l2)?)?;
-    Ok((shape, x, upload_parts(&st, &p, lens)?))
+    let p = f32_parts(name, &st, &view::<T>(name, s2, l2)?, lens)?;
+    Ok((shape, x, p))
 }
 
 /// `CustomOp3` for a CUDA-only backward op of `(x, params, dy)`: `cpu_fwd` is an
@@ -605,10 +627,22 @@ pub(crate) fn acon_b_bwd(
 /// The CUDA storage and layout of a tensor an op holds (a backward op's fourth
 /// input: candle ops take at most three tensors).
 fn held_cuda<'a>(name: &str, t: &'a Tensor) -> CResult<(candle_core::StorageRef<'a>, &'a CLayout)> {
+    held_cuda_what(name, "dy", t)
+}
+
+/// [`held_cuda`] for any held tensor, named `what` in the error.
+fn held_cuda_what<'a>(
+    name: &str,
+    what: &str,
+    t: &'a Tensor,
+) -> CResult<(candle_core::StorageRef<'a>, &'a CLayout)> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         candle_core::Storage::Cuda(_) => Ok((s, l)),
-        _ => Err(op_err(name, "dy must be on the same CUDA device")),
+        _ => Err(op_err(
+            name,
+            format!("{what} must be on the same CUDA device"),
+        )),
     }
 }
 
@@ -731,17 +765,26 @@ fn meta_inputs<'a, T: CudaEl>(
     let (shape, xv, pp) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
     let st = stream(x.0);
     let lens = op.lens(c);
-    let gv = host_f32(&st, &view::<T>(name, gp.0, gp.1)?)?;
-    let parts = super::ops::split(name, &gv, &lens)?;
-    // Absent biases are empty parts: not uploaded (no zero-length allocations).
-    let up = |v: &[f32]| st.clone_htod(v).map_err(kc_err);
+    let gv = view::<T>(name, gp.0, gp.1)?;
+    // Absent biases are empty parts: not cast (no zero-length allocations).
+    let present: Vec<usize> = lens.iter().copied().filter(|&l| l > 0).collect();
+    let mut parts = f32_parts(name, &st, &gv, &present)?.into_iter();
+    let mut next = || {
+        parts
+            .next()
+            .ok_or_else(|| op_err(name, "generator parameters"))
+    };
+    let w1 = next()?;
+    let b1 = if op.b1 { Some(next()?) } else { None };
+    let w2 = next()?;
+    let b2 = if op.b2 { Some(next()?) } else { None };
     let gen = kc::acon::ChannelGen {
         c,
         width: op.width,
-        w1: up(parts[0])?,
-        b1: op.b1.then(|| up(parts[1])).transpose()?,
-        w2: up(parts[2])?,
-        b2: op.b2.then(|| up(parts[3])).transpose()?,
+        w1,
+        b1,
+        w2,
+        b2,
     };
     Ok((shape, xv, pp, gen))
 }
@@ -948,8 +991,7 @@ fn iieu_inputs<'a, T: CudaEl>(
             ),
         ));
     }
-    let ph = host_f32(&st, &pv.slice(wl..))?;
-    let mut parts = upload_parts(&st, &ph, &[o, o, o])?.into_iter();
+    let mut parts = f32_parts(name, &st, &pv.slice(wl..), &[o, o, o])?.into_iter();
     let mut next = || parts.next().ok_or_else(|| op_err(name, "parameters"));
     let params = kc::iieu::IieuDeviceParams {
         ln_weight: next()?,
@@ -1057,11 +1099,25 @@ fn dc_inputs<'a, T: CudaEl>(
 )> {
     let cfg = op.config(x.1.dims())?;
     check_dims(name, "res", r.1.dims(), x.1.dims())?;
+    cfg.validate().map_err(cerr)?;
     let st = stream(x.0);
     let (xv, rv) = (view::<T>(name, x.0, x.1)?, view::<T>(name, r.0, r.1)?);
-    let ph = host_f32(&st, &view::<T>(name, p.0, p.1)?)?;
-    let params = op.params::<f32>(cfg.c, &ph)?;
-    let dp = kc::iieu_dc::DcDeviceParams::upload(&st, &cfg, &params).map_err(cerr)?;
+    let (c2, hd) = (2 * cfg.c, cfg.hidden);
+    let lens = [c2, c2, hd * cfg.c, 2 * hd, 2 * hd, hd, cfg.c * hd, c2, c2];
+    let pv = view::<T>(name, p.0, p.1)?;
+    let mut parts = f32_parts(name, &st, &pv, &lens)?.into_iter();
+    let mut next = || parts.next().ok_or_else(|| op_err(name, "parameters"));
+    let dp = kc::iieu_dc::DcDeviceParams {
+        ln1_weight: next()?,
+        ln1_bias: next()?,
+        w1: next()?,
+        gamma2: next()?,
+        beta2: next()?,
+        eta2: next()?,
+        w2: next()?,
+        ln2_weight: next()?,
+        ln2_bias: next()?,
+    };
     Ok((cfg, [xv, rv], dp))
 }
 
@@ -1154,21 +1210,63 @@ pub(crate) fn dc_bwd(
 // ---------------------------------------------------------------------------
 // AIEC loss (fixed masks)
 
+/// A contiguous integer tensor an op holds (labels, masks) as a device view of `len`
+/// values of `T` (dtype `dt`).
+fn held_int<'a, T: CudaDType + cudarc::driver::DeviceRepr>(
+    name: &str,
+    what: &str,
+    dt: CDType,
+    (s, l): (&'a CudaStorage, &CLayout),
+    len: usize,
+) -> CResult<CudaView<'a, T>> {
+    if s.dtype() != dt {
+        return Err(op_err(
+            name,
+            format!(
+                "{what} must be {dt:?} on the CUDA device, got {:?}",
+                s.dtype()
+            ),
+        ));
+    }
+    let slice = s.as_cuda_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= slice.len() && b - a == len => Ok(slice.slice(a..b)),
+        _ => Err(op_err(
+            name,
+            format!("{what} must be {len} contiguous values"),
+        )),
+    }
+}
+
 /// What the AIEC loss forward computes on the device: `a = GAP(τ(F))` (f32 `N × C`),
-/// the DMU output, and the inputs as the kernels take them.
+/// the DMU output, and `Wd` widened to f32.
 struct AiecFront {
     shape: crate::ActShape,
     dims: crate::cpu::aiec::AiecDims,
     wd: CudaSlice<f32>,
-    masks: CudaSlice<u8>,
     a: CudaSlice<f32>,
     dmu: kc::aiec::DeviceDmuOut,
+}
+
+/// The labels (`U32`, `N`) and masks (`U8`, `K·C`) of an AIEC loss op as device views.
+#[allow(clippy::type_complexity)]
+fn aiec_held<'a>(
+    name: &str,
+    op: &'a super::ops::AiecLossOp,
+) -> CResult<(
+    (candle_core::StorageRef<'a>, &'a CLayout),
+    (candle_core::StorageRef<'a>, &'a CLayout),
+)> {
+    let lab = held_cuda_what(name, "labels", &op.labels)?;
+    let masks = held_cuda_what(name, "masks", &op.masks)?;
+    Ok((lab, masks))
 }
 
 fn aiec_front<T: CudaEl>(
     name: &str,
     op: &super::ops::AiecLossOp,
     f: &CudaView<'_, T>,
+    labels: &CudaView<'_, u32>,
     (s1, l1): Sl<'_>,
     (s2, l2): Sl<'_>,
 ) -> CResult<AiecFront> {
@@ -1176,18 +1274,14 @@ fn aiec_front<T: CudaEl>(
     op.cfg.validate().map_err(cerr)?;
     let dims = crate::cpu::aiec::AiecDims::new(shape.n, shape.c, l2.dims()[0]);
     let st = stream(s1);
-    let wd = host_f32(&st, &view::<T>(name, s2, l2)?)?;
-    let wd = st.clone_htod(&wd).map_err(kc_err)?;
-    let m: Vec<u8> = op.masks.iter().map(|&b| u8::from(b)).collect();
-    let masks = st.clone_htod(&m).map_err(kc_err)?;
+    let wd = kc::cast::to_f32(&st, &view::<T>(name, s2, l2)?).map_err(cerr)?;
     let act = kc::aiec::tau_forward(&st, f, op.cfg.tau as f32).map_err(cerr)?;
     let a = kc::aiec::global_feature(&st, &shape, &act, op.cfg.pool).map_err(cerr)?;
-    let dmu = kc::aiec::dmu_forward(&st, &a, &wd, &op.labels, dims).map_err(cerr)?;
+    let dmu = kc::aiec::dmu_forward(&st, &a, &wd, labels.slice(..), dims).map_err(cerr)?;
     Ok(AiecFront {
         shape,
         dims,
         wd,
-        masks,
         a,
         dmu,
     })
@@ -1199,18 +1293,28 @@ fn aiec_loss_fwd_t<T: CudaEl>(
     w: Sl<'_>,
 ) -> CResult<(CudaStorage, Shape)> {
     let name = "aiec_loss";
+    let shape = op.check(x.1.dims(), w.1.dims())?;
+    let kc_len = op.masks.elem_count();
+    let ((ls, ll), (ms, ml)) = aiec_held(name, op)?;
+    let labels = held_int::<u32>(name, "labels", CDType::U32, (as_cuda(&ls), ll), shape.n)?;
+    let masks = held_int::<u8>(name, "masks", CDType::U8, (as_cuda(&ms), ml), kc_len)?;
     let f = view::<T>(name, x.0, x.1)?;
-    let fr = aiec_front::<T>(name, op, &f, x, w)?;
+    let fr = aiec_front::<T>(name, op, &f, &labels, x, w)?;
     let st = stream(x.0);
-    let gate = kc::aiec::gate_loss(&st, &fr.a, &fr.masks, &op.labels, fr.dims).map_err(cerr)?;
-    // λ_aux·mean(L_aux) + λ_gate·mean(L_gate), the means in f64 on the host (N values
-    // each), as the CPU op.
-    let mean = |v: &CudaSlice<f32>| -> CResult<f64> {
-        let h = st.clone_dtoh(v).map_err(kc_err)?;
-        Ok(h.iter().map(|&x| x as f64).sum::<f64>() / fr.dims.n as f64)
-    };
-    let total = op.cfg.lambda_aux * mean(&fr.dmu.loss)? + op.cfg.lambda_gate * mean(&gate)?;
-    let out = st.clone_htod(&[T::from_f64(total)]).map_err(kc_err)?;
+    let gate = kc::aiec::gate_loss(&st, &fr.a, &masks, labels.slice(..), fr.dims).map_err(cerr)?;
+    // [mean L_aux, mean L_gate, λ_aux·mean L_aux + λ_gate·mean L_gate] on the device
+    // (f32, fixed order); the total rounded to T on the device.
+    let means = kc::aiec::loss_means_dev(
+        &st,
+        &fr.dmu.loss.as_view(),
+        &gate.as_view(),
+        None,
+        (op.cfg.lambda_aux, op.cfg.lambda_gate),
+        fr.dims.n,
+    )
+    .map_err(cerr)?;
+    let mut out = st.alloc_zeros::<T>(1).map_err(kc_err)?;
+    kc::cast::from_f32_into(&st, &means.slice(2..3), &mut out.slice_mut(..)).map_err(cerr)?;
     Ok((wrap(x.0, out), Shape::from(())))
 }
 
@@ -1231,10 +1335,11 @@ pub(crate) fn aiec_loss_fwd(
 
 /// AIEC loss backward as an op of `(F, Wd, dL)` (`dL` the scalar upstream gradient):
 /// output the packed `[dF; dWd]` (1-D, `numel(F) + K·C`). Assembled from the device
-/// pieces: `τ` + global feature, DMU and gate-loss forward, then
-/// `da = dmu_backward + gate_loss_backward` (per-sample weights `dL·λ/N`; the two
-/// `N × C` f32 parts are added on the host), `dF = [F > τ]·global_feature_backward(da)`.
-#[derive(Debug, Clone, PartialEq)]
+/// pieces: `τ` + global feature and DMU forward, then
+/// [`kc::aiec::aux_gate_backward`] (DMU and gate terms of `∂L/∂a` in one pass, and
+/// `∂L/∂Wd`, with the per-sample weights `dL·λ/N` formed on the device from `dL`),
+/// `dF = [F > τ]·global_feature_backward(∂L/∂a)`. Nothing is copied to or from the host.
+#[derive(Debug, Clone)]
 pub struct AiecLossBwdOp {
     /// The forward op.
     pub fwd: super::ops::AiecLossOp,
@@ -1253,30 +1358,32 @@ fn aiec_loss_bwd_t<T: CudaEl>(
             format!("dL has dims {:?}, expected a scalar", g.1.dims()),
         ));
     }
+    let shape = op.check(x.1.dims(), w.1.dims())?;
+    let kc_len = op.masks.elem_count();
+    let ((ls, ll), (ms, ml)) = aiec_held(name, op)?;
+    let labels = held_int::<u32>(name, "labels", CDType::U32, (as_cuda(&ls), ll), shape.n)?;
+    let masks = held_int::<u8>(name, "masks", CDType::U8, (as_cuda(&ms), ml), kc_len)?;
     let f = view::<T>(name, x.0, x.1)?;
-    let fr = aiec_front::<T>(name, op, &f, x, w)?;
+    let gv = view::<T>(name, g.0, g.1)?;
+    let fr = aiec_front::<T>(name, op, &f, &labels, x, w)?;
     let st = stream(x.0);
-    let scale = host_f32(&st, &view::<T>(name, g.0, g.1)?)?[0] as f64;
-    let nf = fr.dims.n as f64;
-    let weights = |lambda: f64| {
-        st.clone_htod(&vec![(scale * lambda / nf) as f32; fr.dims.n])
-            .map_err(kc_err)
-    };
-    let (w_aux, w_gate) = (weights(op.cfg.lambda_aux)?, weights(op.cfg.lambda_gate)?);
-    let (a, labels, dims) = (&fr.a, &op.labels, fr.dims);
-    let dmu = kc::aiec::dmu_backward(&st, a, &fr.wd, &fr.dmu.probs, labels, &w_aux, dims)
+    let scale = kc::cast::to_f32(&st, &gv).map_err(cerr)?;
+    let gr = kc::aiec::aux_gate_backward(
+        &st,
+        &fr.a,
+        &fr.wd,
+        &fr.dmu.probs,
+        &masks,
+        labels.slice(..),
+        &scale,
+        (op.cfg.lambda_aux, op.cfg.lambda_gate),
+        fr.dims,
+    )
+    .map_err(cerr)?;
+    let d_act = kc::aiec::global_feature_backward::<T>(&st, &fr.shape, &gr.da, op.cfg.pool)
         .map_err(cerr)?;
-    let dgate =
-        kc::aiec::gate_loss_backward(&st, a, &fr.masks, labels, &w_gate, dims).map_err(cerr)?;
-    let mut da = st.clone_dtoh(&dmu.da).map_err(kc_err)?;
-    for (d, e) in da.iter_mut().zip(st.clone_dtoh(&dgate).map_err(kc_err)?) {
-        *d += e;
-    }
-    let da = st.clone_htod(&da).map_err(kc_err)?;
-    let d_act =
-        kc::aiec::global_feature_backward::<T>(&st, &fr.shape, &da, op.cfg.pool).map_err(cerr)?;
     let df = kc::aiec::tau_backward(&st, &d_act, &f, op.cfg.tau as f32).map_err(cerr)?;
-    packed_out(x.0, &st, &[Part::Dev(&df), Part::F32(&dmu.dwd)])
+    packed_out(x.0, &st, &[Part::Dev(&df), Part::F32(&gr.dwd)])
 }
 
 cuda_bwd_op3!(
@@ -1482,4 +1589,92 @@ pub(crate) fn iieu_conv_bwd(
     let packed = xp.apply_op3_no_bwd(w, p, &bop)?;
     let mut v = unpack(&packed, &[xp.shape(), w.shape(), p.shape()])?.into_iter();
     Ok((v.next(), v.next(), v.next()))
+}
+
+// ---------------------------------------------------------------------------
+// The `Aiec` module's training step on the device
+
+/// `nn::Aiec`'s counter / mask step on a CUDA device (SPEC §3 order, counters on the
+/// device, nothing copied between host and device): runs
+/// [`kc::aiec::train_forward`]'s kernels without writing `A` and returns the masks
+/// (`U8`, dims of `Wd`) and the loss stats (`F32`, `(4,)`: mean `L_aux`, mean
+/// `L_gate`, their weighted total, DMU accuracy) as tensors on the device.
+pub(crate) fn aiec_module_step(
+    cfg: &crate::cpu::aiec::AiecConfig,
+    layout: crate::Layout,
+    f: &Tensor,
+    wd: &Tensor,
+    labels: &Tensor,
+    counters: &mut kc::aiec::DeviceCounters,
+) -> CResult<(Tensor, Tensor)> {
+    let name = "aiec";
+    cfg.validate().map_err(cerr)?;
+    let shape = act_shape(name, f.dims(), layout)?;
+    check_dims(
+        name,
+        "wd",
+        wd.dims(),
+        &[counters.classes(), counters.channels()],
+    )?;
+    if counters.channels() != shape.c {
+        return Err(op_err(
+            name,
+            format!("F has {} channels, Wd {}", shape.c, counters.channels()),
+        ));
+    }
+    if labels.dims() != [shape.n] {
+        return Err(op_err(
+            name,
+            format!(
+                "labels have dims {:?}, expected ({},)",
+                labels.dims(),
+                shape.n
+            ),
+        ));
+    }
+    let (f, wd, labels) = (f.contiguous()?, wd.contiguous()?, labels.contiguous()?);
+    let fs = held_cuda_what(name, "F", &f)?;
+    let ws = held_cuda_what(name, "wd", &wd)?;
+    let ls = held_cuda_what(name, "labels", &labels)?;
+    let (fst, wst, lst) = (as_cuda(&fs.0), as_cuda(&ws.0), as_cuda(&ls.0));
+    let lv = held_int::<u32>(name, "labels", CDType::U32, (lst, ls.1), shape.n)?;
+    let (masks, stats) = by_cuda_dtype!(
+        fst.dtype(),
+        name,
+        aiec_step_t(cfg, &shape, (fst, fs.1), (wst, ws.1), lv, counters)
+    )?;
+    let dev = fst.device().clone();
+    let k = counters.classes();
+    let wrap_t = |s: CudaStorage, shape: Shape| {
+        Tensor::from_storage(
+            candle_core::Storage::Cuda(s),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        )
+    };
+    let masks = wrap_t(
+        CudaStorage::wrap_cuda_slice(masks, dev.clone()),
+        Shape::from((k, shape.c)),
+    );
+    let stats = wrap_t(CudaStorage::wrap_cuda_slice(stats, dev), Shape::from(4));
+    Ok((masks, stats))
+}
+
+fn aiec_step_t<T: CudaEl>(
+    cfg: &crate::cpu::aiec::AiecConfig,
+    shape: &crate::ActShape,
+    f: Sl<'_>,
+    wd: Sl<'_>,
+    labels: CudaView<'_, u32>,
+    counters: &mut kc::aiec::DeviceCounters,
+) -> CResult<(CudaSlice<u8>, CudaSlice<f32>)> {
+    let name = "aiec";
+    let fv = view::<T>(name, f.0, f.1)?;
+    let wv = view::<T>(name, wd.0, wd.1)?;
+    let st = stream(f.0);
+    let wd32 = kc::cast::to_f32(&st, &wv).map_err(cerr)?;
+    let (_, losses, saved) =
+        kc::aiec::train_step(&st, cfg, shape, &fv, &wd32, labels, counters, false).map_err(cerr)?;
+    Ok((saved.into_masks(), losses.means))
 }

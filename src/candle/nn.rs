@@ -358,33 +358,86 @@ pub struct AiecLoss {
     /// `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)`, a scalar tensor differentiable
     /// w.r.t. `F` and `Wd`: add it to the task loss (averaged over AIEC layers).
     pub total: Tensor,
-    /// `mean_n L_aux[n]` (for logging).
-    pub aux_mean: f64,
-    /// `mean_n L_gate[n]` (for logging).
-    pub gate_mean: f64,
-    /// Fraction of the batch the DMU predicted correctly (the samples that were counted).
-    pub dmu_accuracy: f64,
+    /// For logging, on the device of `F` (no host copy during the step):
+    /// `[mean_n L_aux[n], mean_n L_gate[n], λ_aux·mean L_aux + λ_gate·mean L_gate,
+    /// DMU accuracy]`, dims `(4,)` — f32 on a CUDA device, f64 on the CPU. The DMU
+    /// accuracy is the fraction of the batch the DMU predicted correctly (the samples
+    /// that were counted). Read it with [`AiecLoss::aux_mean`] & co. (each a
+    /// device-to-host copy on a GPU: read it when you log, not every step).
+    pub stats: Tensor,
+    /// The consensus masks `G` of this step (`U8`, dims of `Wd`, on its device), held
+    /// constant by [`AiecLoss::total`] (with the labels: [`ops::AiecLossOp`]).
+    pub masks: Tensor,
+}
+
+impl AiecLoss {
+    fn stat(&self, i: usize) -> Result<f64> {
+        let v = self
+            .stats
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        v.get(i).copied().ok_or_else(|| {
+            candle_core::Error::Msg("aiec: loss stats hold fewer than 4 values".into())
+        })
+    }
+
+    /// `mean_n L_aux[n]` (copies [`AiecLoss::stats`] to the host).
+    pub fn aux_mean(&self) -> Result<f64> {
+        self.stat(0)
+    }
+
+    /// `mean_n L_gate[n]` (copies [`AiecLoss::stats`] to the host).
+    pub fn gate_mean(&self) -> Result<f64> {
+        self.stat(1)
+    }
+
+    /// Fraction of the batch the DMU predicted correctly (copies
+    /// [`AiecLoss::stats`] to the host).
+    pub fn dmu_accuracy(&self) -> Result<f64> {
+        self.stat(3)
+    }
+}
+
+/// Where an [`Aiec`] module keeps its ACU counters: on the host for a CPU module, on
+/// the device for a CUDA module (feature `candle-cuda`).
+#[derive(Debug)]
+enum CounterStore {
+    Host(Counters),
+    #[cfg(feature = "candle-cuda")]
+    Device(
+        Box<crate::cuda::aiec::DeviceCounters>,
+        std::sync::Arc<crate::cuda::CudaStream>,
+    ),
 }
 
 /// AIEC (SPEC §3) in place of a ReLU: `A = TAU(F)` plus, in training, the DMU, the ACU
 /// counters and the consensus gate.
 ///
 /// How one training step ([`Aiec::forward_train`]) maps to SPEC §3:
-/// 1. under the counters' lock, [`aiec::train_forward`] runs the SPEC order on the CPU:
-///    TAU → global feature `a` → logits `z = a·Wdᵀ` → correctness → counter update
-///    (θ, η, φ, only correctly predicted samples) → `v = (θ − η)/φ` →
-///    `G = [v ≤ 0] ∧ [Wd ≤ 0]`;
+/// 1. under the counters' lock, the SPEC order runs — on the CPU
+///    ([`aiec::train_forward`]) for a CPU module, on the device
+///    ([`crate::cuda::aiec::train_forward`]'s kernels, counters on the device, nothing
+///    copied to or from the host) for a CUDA module: TAU → global feature `a` →
+///    logits `z = a·Wdᵀ` → correctness → counter update (θ, η, φ, only correctly
+///    predicted samples) → `v = (θ − η)/φ` → `G = [v ≤ 0] ∧ [Wd ≤ 0]`;
 /// 2. the output `A = TAU(F)` is the candle op [`ops::tau`] (gradient `[F > τ]`);
-/// 3. the loss is the candle op [`ops::aiec_loss`] on `(F, Wd)` with the labels and
-///    the masks `G` of step 1 held constant (masks carry no gradient): its value is
-///    `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)` and its gradient flows into `F` through
-///    the global feature and TAU, and into `Wd` through the DMU.
+/// 3. the loss is the candle op [`ops::aiec_loss_tensors`] on `(F, Wd)` with the
+///    labels and the masks `G` of step 1 held constant (masks carry no gradient): its
+///    value is `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)` and its gradient flows into
+///    `F` through the global feature and TAU, and into `Wd` through the DMU.
 ///
 /// With several AIEC layers, SPEC's total is `L_task + mean over layers of each
 /// layer's total`; add `sum(totals)/layers` to the task loss. Inference
 /// ([`Module::forward`], or [`Aiec::forward_t`] with `train = false`) is TAU only.
-/// Counters live in the module (a `Mutex`, so `&self` forwards can update them) and
-/// are cleared by [`Aiec::reset_counters`] at the start of every epoch.
+/// Counters live in the module (a `Mutex`, so `&self` forwards can update them; on the
+/// device of `Wd`) and are cleared by [`Aiec::reset_counters`] at the start of every
+/// epoch.
+///
+/// Labels: [`Aiec::forward_train_labels`] takes them as a tensor on `F`'s device
+/// (`U32` on a CUDA device; a label `≥ K` there is flagged by the kernels — NaN
+/// losses, never counted, no gradient — since the host never reads it);
+/// [`Aiec::forward_train`] takes a host slice and copies it to the device.
 ///
 /// Variables: `wd` `(K, C)`, uniform `±1/sqrt(C)` (PyTorch `nn.Linear`'s default; the
 /// SPEC does not fix an init for the decision weights).
@@ -393,8 +446,8 @@ pub struct Aiec {
     wd: Tensor,
     cfg: AiecConfig,
     layout: Layout,
-    counters: Mutex<Counters>,
-    labels: Mutex<Option<Vec<usize>>>,
+    counters: Mutex<CounterStore>,
+    labels: Mutex<Option<Tensor>>,
     last: Mutex<Option<AiecLoss>>,
 }
 
@@ -403,11 +456,33 @@ fn lock<'a, T>(m: &'a Mutex<T>) -> Result<MutexGuard<'a, T>> {
         .map_err(|_| candle_core::Error::Msg("aiec: a lock was poisoned".into()))
 }
 
+/// Host labels as a `U32` tensor on `dev`.
+fn labels_tensor(labels: &[usize], dev: &candle_core::Device) -> Result<Tensor> {
+    let v = labels
+        .iter()
+        .map(|&y| u32::try_from(y).map_err(|_| op_err("aiec", format!("label {y} exceeds u32"))))
+        .collect::<Result<Vec<u32>>>()?;
+    let n = v.len();
+    Tensor::from_vec(v, n, dev)
+}
+
 impl Aiec {
-    /// `c` channels, `k` classes; `cfg` holds τ, λ_aux, λ_gate and the pooling.
+    /// `c` channels, `k` classes; `cfg` holds τ, λ_aux, λ_gate and the pooling. The
+    /// counters live on the device of `vb` (zeroed).
     pub fn new(vb: VarBuilder, c: usize, k: usize, cfg: AiecConfig) -> Result<Self> {
         cfg.validate().map_err(cerr)?;
         let counters = Counters::new(k, c).map_err(cerr)?;
+        #[cfg(feature = "candle-cuda")]
+        let counters = match vb.device() {
+            candle_core::Device::Cuda(dev) => {
+                let st = dev.cuda_stream();
+                let d = crate::cuda::aiec::DeviceCounters::new(&st, k, c).map_err(cerr)?;
+                CounterStore::Device(Box::new(d), st)
+            }
+            _ => CounterStore::Host(counters),
+        };
+        #[cfg(not(feature = "candle-cuda"))]
+        let counters = CounterStore::Host(counters);
         Ok(Self {
             wd: vb.get_with_hints((k, c), "wd", uniform(c))?,
             cfg,
@@ -435,45 +510,89 @@ impl Aiec {
         &self.cfg
     }
 
-    /// A copy of the ACU counters (θ, η, φ).
+    /// A copy of the ACU counters (θ, η, φ) on the host (for a CUDA module: a
+    /// device-to-host copy that waits for the device).
     pub fn counters(&self) -> Result<Counters> {
-        Ok(lock(&self.counters)?.clone())
+        match &*lock(&self.counters)? {
+            CounterStore::Host(c) => Ok(c.clone()),
+            #[cfg(feature = "candle-cuda")]
+            CounterStore::Device(d, st) => d.to_host(st).map_err(cerr),
+        }
     }
 
-    /// Clears the counters (call at the start of every epoch).
+    /// Clears the counters (call at the start of every epoch; a device memset for a
+    /// CUDA module).
     pub fn reset_counters(&self) -> Result<()> {
-        lock(&self.counters)?.reset();
+        match &mut *lock(&self.counters)? {
+            CounterStore::Host(c) => c.reset(),
+            #[cfg(feature = "candle-cuda")]
+            CounterStore::Device(d, st) => d.reset(st).map_err(cerr)?,
+        }
         Ok(())
     }
 
-    /// One training step: returns `A = TAU(F)` and this layer's losses (see the type's
-    /// docs for the order and the gradients). Updates the counters.
+    /// One training step with labels on the host: copies them to `F`'s device, then
+    /// [`Aiec::forward_train_labels`].
     pub fn forward_train(&self, f: &Tensor, labels: &[usize]) -> Result<(Tensor, AiecLoss)> {
-        let (masks, aux_mean, gate_mean, acc) = match f.dtype() {
-            DType::F32 => self.count::<f32>(f, labels)?,
-            DType::F64 => self.count::<f64>(f, labels)?,
-            dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "aiec")),
+        let labels = labels_tensor(labels, f.device())?;
+        self.forward_train_labels(f, &labels)
+    }
+
+    /// One training step: returns `A = TAU(F)` and this layer's losses (see the type's
+    /// docs for the order and the gradients). Updates the counters. `labels`: `(N,)`
+    /// class indices on `F`'s device (`U32`; on the CPU any integer dtype). For a CUDA
+    /// module nothing is copied between host and device.
+    pub fn forward_train_labels(&self, f: &Tensor, labels: &Tensor) -> Result<(Tensor, AiecLoss)> {
+        let (masks, stats) = {
+            let mut store = lock(&self.counters)?;
+            match &mut *store {
+                CounterStore::Host(cnt) => {
+                    let host: Vec<usize> = labels
+                        .to_dtype(DType::U32)?
+                        .flatten_all()?
+                        .to_vec1::<u32>()?
+                        .into_iter()
+                        .map(|y| y as usize)
+                        .collect();
+                    let (masks, aux, gate, acc) = match f.dtype() {
+                        DType::F32 => self.count::<f32>(f, &host, cnt)?,
+                        DType::F64 => self.count::<f64>(f, &host, cnt)?,
+                        dt => return Err(candle_core::Error::UnsupportedDTypeForOp(dt, "aiec")),
+                    };
+                    let m: Vec<u8> = masks.iter().map(|&b| u8::from(b)).collect();
+                    let masks = Tensor::from_vec(m, self.wd.dims(), f.device())?;
+                    let total = self.cfg.lambda_aux * aux + self.cfg.lambda_gate * gate;
+                    let stats = Tensor::new(&[aux, gate, total, acc], f.device())?;
+                    (masks, stats)
+                }
+                #[cfg(feature = "candle-cuda")]
+                CounterStore::Device(d, _) => {
+                    super::cuda::aiec_module_step(&self.cfg, self.layout, f, &self.wd, labels, d)?
+                }
+            }
         };
         let a = ops::tau(f, self.cfg.tau)?;
-        let total = ops::aiec_loss(f, &self.wd, labels, &masks, self.cfg, self.layout)?;
+        let total = ops::aiec_loss_tensors(f, &self.wd, labels, &masks, self.cfg, self.layout)?;
         Ok((
             a,
             AiecLoss {
                 total,
-                aux_mean,
-                gate_mean,
-                dmu_accuracy: acc,
+                stats,
+                masks,
             },
         ))
     }
 
-    /// Steps 1 of the SPEC order on the CPU: counters updated, masks returned.
-    fn count<T: El>(&self, f: &Tensor, labels: &[usize]) -> Result<(Vec<bool>, f64, f64, f64)> {
+    /// Step 1 of the SPEC order on the CPU: counters updated, masks returned.
+    fn count<T: El>(
+        &self,
+        f: &Tensor,
+        labels: &[usize],
+        cnt: &mut Counters,
+    ) -> Result<(Vec<bool>, f64, f64, f64)> {
         let shape = act_shape("aiec", f.dims(), self.layout)?;
         let (fv, wdv) = (host::<T>(f)?, host::<T>(&self.wd)?);
-        let mut cnt = lock(&self.counters)?;
-        let out =
-            aiec::train_forward(&self.cfg, &shape, &fv, &wdv, labels, &mut cnt).map_err(cerr)?;
+        let out = aiec::train_forward(&self.cfg, &shape, &fv, &wdv, labels, cnt).map_err(cerr)?;
         let ok = out.saved.correct().iter().filter(|&&b| b).count();
         Ok((
             out.saved.masks().to_vec(),
@@ -484,9 +603,16 @@ impl Aiec {
     }
 
     /// Sets the labels the next `forward_t(x, true)` uses (for models whose forward
-    /// takes only the input).
+    /// takes only the input), copied to the device of `Wd`.
     pub fn set_labels(&self, labels: &[usize]) -> Result<()> {
-        *lock(&self.labels)? = Some(labels.to_vec());
+        let t = labels_tensor(labels, self.wd.device())?;
+        *lock(&self.labels)? = Some(t);
+        Ok(())
+    }
+
+    /// [`Aiec::set_labels`] with a label tensor already on the device (no copy).
+    pub fn set_labels_tensor(&self, labels: &Tensor) -> Result<()> {
+        *lock(&self.labels)? = Some(labels.clone());
         Ok(())
     }
 
@@ -499,7 +625,7 @@ impl Aiec {
         let labels = lock(&self.labels)?
             .clone()
             .ok_or_else(|| op_err("aiec", "forward_t(train = true) needs set_labels first"))?;
-        let (a, loss) = self.forward_train(f, &labels)?;
+        let (a, loss) = self.forward_train_labels(f, &labels)?;
         *lock(&self.last)? = Some(loss);
         Ok(a)
     }

@@ -1028,22 +1028,30 @@ pub fn tau(f: &Tensor, tau: f64) -> CResult<Tensor> {
 /// `L_gate[n] = Σ_c |a[n,c]·G[y_n,c]| / Σ_c G[y_n,c]` for the given masks `G`
 /// ([`aiec::train_forward_with_masks`]). Inputs `F` (`(N, C, ...)` or `(N, L, C)`) and
 /// `Wd` (`(K, C)`); output dims `()`. The labels and masks are constants of the op (the
-/// masks carry no gradient, SPEC §3). Gradients ([`aiec::train_backward`] with
+/// masks carry no gradient, SPEC §3), held as tensors on the device of `F` so that the
+/// CUDA path reads them in place. Gradients ([`aiec::train_backward`] with
 /// `d_out = 0` and `loss_scale` = the upstream scalar gradient): `dF` through the
 /// global feature and TAU, `dWd` through the DMU.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Labels: `N` class indices, dtype `U32` (on the CPU any integer dtype; checked:
+/// every label `< K`). On a CUDA device their values are not read by the host; a label
+/// `≥ K` is flagged by the kernels instead of followed (its sample's losses are NaN, so
+/// the op's value is NaN, and it contributes no gradient). Masks: `K·C` values, dtype
+/// `U8`, nonzero = gated.
+#[derive(Debug, Clone)]
 pub struct AiecLossOp {
     /// τ, λ_aux, λ_gate and the pooling.
     pub cfg: AiecConfig,
     /// Channel axis of `F`.
     pub layout: Layout,
-    /// Class labels `y_n` (`N`, each `< K`).
-    pub labels: Vec<usize>,
-    /// Consensus masks `G` (`K × C`, row-major).
-    pub masks: Vec<bool>,
+    /// Class labels `y_n` (`(N,)`, `U32`, on the device of `F`).
+    pub labels: Tensor,
+    /// Consensus masks `G` (`K × C` values, row-major, `U8`, on the device of `F`).
+    pub masks: Tensor,
 }
 
 impl AiecLossOp {
+    /// Checks the dims of `F`, `Wd`, the labels and the masks; returns `F`'s shape.
     pub(crate) fn check(
         &self,
         f_dims: &[usize],
@@ -1057,13 +1065,43 @@ impl AiecLossOp {
             ));
         };
         check_dims("aiec_loss", "wd", wd_dims, &[k, shape.c])?;
-        if self.masks.len() != k * c {
+        if self.masks.elem_count() != k * c {
             return Err(op_err(
                 "aiec_loss",
-                format!("{} masks for a ({k}, {c}) Wd", self.masks.len()),
+                format!("{} masks for a ({k}, {c}) Wd", self.masks.elem_count()),
+            ));
+        }
+        if self.labels.dims() != [shape.n] {
+            return Err(op_err(
+                "aiec_loss",
+                format!(
+                    "labels have dims {:?}, expected ({},)",
+                    self.labels.dims(),
+                    shape.n
+                ),
             ));
         }
         Ok(shape)
+    }
+
+    /// The labels and masks on the host (CPU path).
+    fn host_labels_masks(&self) -> CResult<(Vec<usize>, Vec<bool>)> {
+        let labels = self
+            .labels
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|y| y as usize)
+            .collect();
+        let masks = self
+            .masks
+            .flatten_all()?
+            .to_dtype(DType::U8)?
+            .to_vec1::<u8>()?
+            .into_iter()
+            .map(|m| m != 0)
+            .collect();
+        Ok((labels, masks))
     }
 }
 
@@ -1077,8 +1115,9 @@ fn aiec_loss_fwd<T: El>(
     let shape = op.check(l1.dims(), l2.dims())?;
     let f = cpu_data::<T>("aiec_loss", s1, l1)?;
     let wd = cpu_data::<T>("aiec_loss", s2, l2)?;
-    let out = aiec::train_forward_with_masks(&op.cfg, &shape, &f, &wd, &op.labels, &op.masks)
-        .map_err(cerr)?;
+    let (labels, masks) = op.host_labels_masks()?;
+    let out =
+        aiec::train_forward_with_masks(&op.cfg, &shape, &f, &wd, &labels, &masks).map_err(cerr)?;
     Ok((
         T::to_cpu_storage_owned(vec![out.losses.total_aux_gate]),
         Shape::from(()),
@@ -1097,7 +1136,8 @@ fn aiec_loss_bwd<T: El>(
         .first()
         .copied()
         .ok_or_else(|| op_err("aiec_loss", "empty upstream gradient"))?;
-    let out = aiec::train_forward_with_masks(&op.cfg, &shape, &fv, &wdv, &op.labels, &op.masks)
+    let (labels, masks) = op.host_labels_masks()?;
+    let out = aiec::train_forward_with_masks(&op.cfg, &shape, &fv, &wdv, &labels, &masks)
         .map_err(cerr)?;
     let d_out = vec![T::zero(); fv.len()];
     let gr = aiec::train_backward(&op.cfg, &shape, &d_out, scale, &fv, &wdv, &out.saved)
@@ -1148,7 +1188,9 @@ impl CustomOp2 for AiecLossOp {
 
 /// The AIEC auxiliary + gate loss scalar `λ_aux·mean(L_aux) + λ_gate·mean(L_gate)` for
 /// pre-activation `f`, decision weights `wd` `(K, C)`, `labels` and fixed consensus
-/// `masks` (`K × C`); differentiable w.r.t. `f` and `wd` (see [`AiecLossOp`]).
+/// `masks` (`K × C`) given on the host; differentiable w.r.t. `f` and `wd` (see
+/// [`AiecLossOp`]). The labels and masks are copied to `f`'s device on every call: on a
+/// GPU use [`aiec_loss_tensors`] with tensors already there (no host copy).
 /// [`super::nn::Aiec`] computes the masks from its counters and calls this.
 ///
 /// # Example (forward and backward through candle's autograd)
@@ -1189,11 +1231,42 @@ pub fn aiec_loss(
     layout: Layout,
 ) -> CResult<Tensor> {
     check_float(f.dtype(), "aiec_loss")?;
+    let lab = labels
+        .iter()
+        .map(|&y| {
+            u32::try_from(y).map_err(|_| op_err("aiec_loss", format!("label {y} exceeds u32")))
+        })
+        .collect::<CResult<Vec<u32>>>()?;
+    let m: Vec<u8> = masks.iter().map(|&b| u8::from(b)).collect();
+    let (nl, nm) = (lab.len(), m.len());
+    let labels = Tensor::from_vec(lab, nl, f.device())?;
+    let masks = Tensor::from_vec(m, nm, f.device())?;
+    aiec_loss_tensors(f, wd, &labels, &masks, cfg, layout)
+}
+
+/// [`aiec_loss`] with the labels (`(N,)`, `U32`; on the CPU any integer dtype) and
+/// the masks (`K·C` values, `U8`) as tensors on `f`'s device: on a CUDA device nothing
+/// is copied between host and device (see [`AiecLossOp`] for out-of-range labels).
+pub fn aiec_loss_tensors(
+    f: &Tensor,
+    wd: &Tensor,
+    labels: &Tensor,
+    masks: &Tensor,
+    cfg: AiecConfig,
+    layout: Layout,
+) -> CResult<Tensor> {
+    check_float(f.dtype(), "aiec_loss")?;
+    if !labels.device().same_device(f.device()) || !masks.device().same_device(f.device()) {
+        return Err(op_err(
+            "aiec_loss",
+            "labels and masks must be on the device of f",
+        ));
+    }
     let op = AiecLossOp {
         cfg,
         layout,
-        labels: labels.to_vec(),
-        masks: masks.to_vec(),
+        labels: labels.contiguous()?,
+        masks: masks.contiguous()?,
     };
     f.contiguous()?.apply_op2(&wd.contiguous()?, op)
 }

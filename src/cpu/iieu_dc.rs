@@ -135,7 +135,7 @@ impl DcConfig {
 
     /// Checks every dimension is non-zero and all derived sizes fit in `usize`;
     /// returns `numel`.
-    fn validate(&self) -> Result<usize> {
+    pub(crate) fn validate(&self) -> Result<usize> {
         check_nonzero("batch N", self.n)?;
         check_nonzero("channels C", self.c)?;
         check_nonzero("positions S (H·W)", self.s)?;

@@ -26,7 +26,8 @@ use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 
-use super::{ArgOpt, DType, DeviceInput, Kernels};
+use super::handles::kernel_fn;
+use super::{ArgOpt, DType, DeviceInput};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
 
@@ -150,21 +151,26 @@ impl<'p> Params<'p> {
         }
     }
 
-    fn letter(&self) -> char {
+    /// The forward kernel of this ACON variant for storage dtype `T`.
+    fn fwd_kernel<T: DType>(&self, stream: &Arc<CudaStream>) -> Result<CudaFunction> {
         match self {
-            Params::A => 'a',
-            Params::B(_) => 'b',
-            Params::C(..) => 'c',
+            Params::A => kernel_fn!(stream, "acon_a_fwd", T),
+            Params::B(_) => kernel_fn!(stream, "acon_b_fwd", T),
+            Params::C(..) => kernel_fn!(stream, "acon_c_fwd", T),
         }
     }
-}
 
-fn func<T: DType>(stream: &Arc<CudaStream>, op: &str) -> Result<CudaFunction> {
-    Kernels::get(stream.context())?.function(&format!("{op}_{}", T::NAME))
-}
-
-fn func_f32(stream: &Arc<CudaStream>, name: &str) -> Result<CudaFunction> {
-    Kernels::get(stream.context())?.function(name)
+    /// The backward kernel of this ACON variant for the layout (`nlc`) and `T`.
+    fn bwd_kernel<T: DType>(&self, stream: &Arc<CudaStream>, nlc: bool) -> Result<CudaFunction> {
+        match (self, nlc) {
+            (Params::A, true) => kernel_fn!(stream, "acon_a_bwd_nlc", T),
+            (Params::B(_), true) => kernel_fn!(stream, "acon_b_bwd_nlc", T),
+            (Params::C(..), true) => kernel_fn!(stream, "acon_c_bwd_nlc", T),
+            (Params::A, false) => kernel_fn!(stream, "acon_a_bwd_nchw", T),
+            (Params::B(_), false) => kernel_fn!(stream, "acon_b_bwd_nchw", T),
+            (Params::C(..), false) => kernel_fn!(stream, "acon_c_bwd_nchw", T),
+        }
+    }
 }
 
 fn cfg(grid: usize, block: u32, smem: u32) -> LaunchConfig {
@@ -216,7 +222,7 @@ fn reduce_tiles(
     scale: f32,
 ) -> Result<CudaSlice<f32>> {
     let total = ns * shape.n * shape.c;
-    let f = func_f32(stream, "acon_reduce_tiles")?;
+    let f = kernel_fn!(stream, "acon_reduce_tiles")?;
     // SAFETY: every element of `tot` is written by the kernel below.
     let mut tot = unsafe { stream.alloc::<f32>(total) }?;
     let (n, c, _, nlc) = dims(shape);
@@ -253,7 +259,7 @@ fn core_forward<T: DType>(
     beta: &Beta<'_>,
 ) -> Result<CudaSlice<T>> {
     let numel = x.len();
-    let f = func::<T>(stream, &format!("acon_{}_fwd", params.letter()))?;
+    let f = params.fwd_kernel::<T>(stream)?;
     // SAFETY: the kernel writes every element of `y` (flat loop over all numel).
     let mut y = unsafe { stream.alloc::<T>(numel) }?;
     let (n, c, s, nlc) = dims(shape);
@@ -294,7 +300,7 @@ fn core_backward<T: DType>(
         let (rows, tps, ntiles) = nlc_geometry(shape);
         // SAFETY: every tile writes its 3·C partials.
         let mut part = unsafe { stream.alloc::<f32>(ntiles * 3 * shape.c) }?;
-        let f = func::<T>(stream, &format!("acon_{}_bwd_nlc", params.letter()))?;
+        let f = params.bwd_kernel::<T>(stream, true)?;
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&f);
         b.arg(dy).arg(x).arg(&mut dx);
@@ -317,7 +323,7 @@ fn core_backward<T: DType>(
         let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
         // SAFETY: every tile writes its 3 partials.
         let mut part = unsafe { stream.alloc::<f32>(ntiles * 3) }?;
-        let f = func::<T>(stream, &format!("acon_{}_bwd_nchw", params.letter()))?;
+        let f = params.bwd_kernel::<T>(stream, false)?;
         let (tpp_i, tile_i) = (tpp as i64, tile as i64);
         let mut b = stream.launch_builder(&f);
         b.arg(dy).arg(x).arg(&mut dx);
@@ -355,7 +361,7 @@ fn core_backward<T: DType>(
     } else {
         None
     };
-    let f = func_f32(stream, "acon_reduce_params")?;
+    let f = kernel_fn!(stream, "acon_reduce_params")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&tot);
     b.arg_opt(dp1.as_mut());
@@ -650,7 +656,7 @@ fn gap<T: DType>(
         let (rows, tps, ntiles) = nlc_geometry(shape);
         // SAFETY: every tile writes its C partials.
         let mut part = unsafe { stream.alloc::<f32>(ntiles * shape.c) }?;
-        let f = func::<T>(stream, "acon_gap_nlc")?;
+        let f = kernel_fn!(stream, "acon_gap_nlc", T)?;
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&f);
         b.arg(x).arg(&n).arg(&s).arg(&c).arg(&rows_i).arg(&mut part);
@@ -662,7 +668,7 @@ fn gap<T: DType>(
         let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
         // SAFETY: every tile writes its partial.
         let mut part = unsafe { stream.alloc::<f32>(ntiles) }?;
-        let f = func::<T>(stream, "acon_gap_nchw")?;
+        let f = kernel_fn!(stream, "acon_gap_nchw", T)?;
         let (tpp_i, tile_i) = (tpp as i64, tile as i64);
         let mut b = stream.launch_builder(&f);
         b.arg(x)
@@ -690,7 +696,7 @@ fn gap_add<T: DType>(
     scale: f32,
 ) -> Result<()> {
     let (n, c, s, nlc) = dims(shape);
-    let f = func::<T>(stream, "acon_gap_add")?;
+    let f = kernel_fn!(stream, "acon_gap_add", T)?;
     let ps = i32::from(per_sample);
     let numel = dx.len();
     let mut b = stream.launch_builder(&f);
@@ -885,7 +891,7 @@ impl ChannelGen {
         // SAFETY: acon_gen_fc_fwd writes all N·width hidden values and N·C βs.
         let mut h = unsafe { stream.alloc::<f32>(shape.n * self.width) }?;
         let mut beta = unsafe { stream.alloc::<f32>(shape.n * shape.c) }?;
-        let f = func_f32(stream, "acon_gen_fc_fwd")?;
+        let f = kernel_fn!(stream, "acon_gen_fc_fwd")?;
         let (c, wd) = (shape.c as i64, self.width as i64);
         let mut b = stream.launch_builder(&f);
         b.arg(&g).arg(&self.w1);
@@ -960,7 +966,7 @@ impl ChannelGen {
         let mut dg = unsafe { stream.alloc::<f32>(nn * cc) }?;
         let (n, c, wd) = (nn as i64, cc as i64, wdu as i64);
         let scale = 1.0 / shape.s as f32;
-        let f = func_f32(stream, "acon_gen_fc_bwd")?;
+        let f = kernel_fn!(stream, "acon_gen_fc_bwd")?;
         let mut b = stream.launch_builder(&f);
         b.arg(dbeta)
             .arg(&saved.beta)
@@ -987,7 +993,7 @@ impl ChannelGen {
             Some(_) => Some(unsafe { stream.alloc::<f32>(cc) }?),
             None => None,
         };
-        let f = func_f32(stream, "acon_gen_wgrad")?;
+        let f = kernel_fn!(stream, "acon_gen_wgrad")?;
         let mut b = stream.launch_builder(&f);
         b.arg(&dz)
             .arg(&dh)
@@ -1091,7 +1097,7 @@ fn layer_forward_inner<T: DType>(
     // SAFETY: acon_layer_gen_fwd writes β[n] for every block n < N.
     let mut beta = unsafe { stream.alloc::<f32>(shape.n) }?;
     let c = shape.c as i64;
-    let f = func_f32(stream, "acon_layer_gen_fwd")?;
+    let f = kernel_fn!(stream, "acon_layer_gen_fwd")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&g).arg(&c).arg(&mut beta);
     // SAFETY: block n reads gap[n·C..][..C] and writes β[n].
@@ -1110,7 +1116,7 @@ fn layer_backward_add<T: DType>(
     // SAFETY: acon_layer_gen_bwd writes dg[0..N).
     let mut dg = unsafe { stream.alloc::<f32>(shape.n) }?;
     let n = shape.n as i64;
-    let f = func_f32(stream, "acon_layer_gen_bwd")?;
+    let f = kernel_fn!(stream, "acon_layer_gen_bwd")?;
     let mut b = stream.launch_builder(&f);
     b.arg(dbeta).arg(beta).arg(&n).arg(&mut dg);
     // SAFETY: dβ, β and dg have N elements (validated).

@@ -16,8 +16,10 @@
 //! The activation tensors `F`, `A`, `d_out`, `dF` are device buffers of the storage
 //! dtype `T` (f32, f16, bf16). The small tensors — the feature `a` (`N × C`), `Wd`
 //! (`K × C`), logits / probabilities (`N × K`), per-sample losses, `v`, `dWd` —
-//! are always f32; masks and correctness flags are `u8` (0 / 1); labels are given
-//! as a host slice (validated on the host, then uploaded as `u32`). All arithmetic
+//! are always f32; masks and correctness flags are `u8` (0 / 1); labels are
+//! [`Labels`]: a host slice (validated on the host, then uploaded as `u32`) or `u32`
+//! labels already on the device (no copy; a label `≥ K` is flagged by the kernels —
+//! NaN losses, never counted, no gradient — never followed). All arithmetic
 //! and accumulation is f32 (the CPU reference accumulates in f64), except `v`,
 //! which is formed from the integer counters in f64 exactly like the CPU.
 //!
@@ -34,9 +36,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{grid_for, to_i32, ArgOpt, DType, DeviceInput, Kernels, BLOCK};
+use super::handles::kernel_fn;
+use super::{grid_for, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
 use crate::cpu::aiec::{AiecConfig, AiecDims, Counters, Pool};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
@@ -52,6 +55,89 @@ fn check_labels(labels: &[usize], n: usize, k: usize) -> Result<Vec<u32>> {
     crate::cpu::aiec::check_labels(labels, n, k)?;
     // k fits in i32 (checked by the callers through `dims_i32`), so every label does.
     Ok(labels.iter().map(|&y| y as u32).collect())
+}
+
+/// Class labels of a batch, as the AIEC entry points take them.
+///
+/// * [`Labels::Host`]: a host slice, validated on the host (count `N`, each `< K`:
+///   `LabelOutOfRange` before any launch) and uploaded as `u32` — one small
+///   host-to-device copy per call.
+/// * [`Labels::Device`]: `N` `u32` labels already on the device (e.g. the batch's
+///   label tensor): no copy. Their count is checked on the host; their values cannot
+///   be, so the kernels check them: a sample whose label is `≥ K` is never followed
+///   out of bounds — its `L_aux` and `L_gate` are NaN (so a loss mean turns NaN), it
+///   is never correct and never counted, and it contributes no gradient.
+///
+/// Converts from `&[usize]`, `&Vec<usize>`, `&[usize; N]` (host) and `&CudaSlice<u32>`,
+/// `CudaView<u32>` (device).
+#[derive(Debug)]
+pub enum Labels<'a> {
+    /// Labels on the host.
+    Host(&'a [usize]),
+    /// `u32` labels on the device.
+    Device(CudaView<'a, u32>),
+}
+
+impl<'a> From<&'a [usize]> for Labels<'a> {
+    fn from(v: &'a [usize]) -> Self {
+        Labels::Host(v)
+    }
+}
+impl<'a> From<&'a Vec<usize>> for Labels<'a> {
+    fn from(v: &'a Vec<usize>) -> Self {
+        Labels::Host(v)
+    }
+}
+impl<'a, const N: usize> From<&'a [usize; N]> for Labels<'a> {
+    fn from(v: &'a [usize; N]) -> Self {
+        Labels::Host(v)
+    }
+}
+impl<'a> From<&'a CudaSlice<u32>> for Labels<'a> {
+    fn from(v: &'a CudaSlice<u32>) -> Self {
+        Labels::Device(v.as_view())
+    }
+}
+impl<'a> From<CudaView<'a, u32>> for Labels<'a> {
+    fn from(v: CudaView<'a, u32>) -> Self {
+        Labels::Device(v)
+    }
+}
+
+/// Labels ready for a launch: uploaded from the host, or the caller's device buffer.
+enum LabelsOnDevice<'a> {
+    Uploaded(CudaSlice<u32>),
+    Given(CudaView<'a, u32>),
+}
+
+impl LabelsOnDevice<'_> {
+    fn view(&self) -> CudaView<'_, u32> {
+        match self {
+            LabelsOnDevice::Uploaded(s) => s.as_view(),
+            LabelsOnDevice::Given(v) => v.slice(..),
+        }
+    }
+}
+
+/// Checks `labels` for `n` samples of `k` classes (host labels: every value; device
+/// labels: the count) and puts them on the device (host labels: one upload).
+fn labels_on_device<'a>(
+    stream: &Arc<CudaStream>,
+    labels: Labels<'a>,
+    n: usize,
+    k: usize,
+) -> Result<LabelsOnDevice<'a>> {
+    match labels {
+        Labels::Host(h) => {
+            let lab = check_labels(h, n, k)?;
+            Ok(LabelsOnDevice::Uploaded(stream.clone_htod(&lab)?))
+        }
+        Labels::Device(v) => {
+            check_nonzero("labels", v.len())?;
+            check_len("labels", n, v.len())?;
+            Ok(LabelsOnDevice::Given(v))
+        }
+    }
 }
 
 /// `(n, c, k)` as i32 after checking that `N·C`, `K·C` and `N·K` fit the kernels'
@@ -86,10 +172,6 @@ fn check_shape(shape: &ActShape, what: &'static str, len: usize) -> Result<(i64,
 
 // ---------------------------------------------------------------------------
 // launch helpers
-
-fn kernel(stream: &Arc<CudaStream>, op: &str) -> Result<CudaFunction> {
-    Kernels::get(stream.context())?.function(op)
-}
 
 fn cfg1(grid: u32, block: u32) -> LaunchConfig {
     LaunchConfig {
@@ -162,7 +244,7 @@ pub fn tau_forward<T: DType>(
     let x = x.view();
     check_nonzero("x", x.len())?;
     let n = to_i64("x", x.len())?;
-    let f = kernel(stream, &format!("aiec_tau_fwd_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "aiec_tau_fwd", T)?;
     // SAFETY: every element is written by the kernel before it is read back.
     let mut y = unsafe { stream.alloc::<T>(x.len()) }?;
     let mut b = stream.launch_builder(&f);
@@ -189,7 +271,7 @@ pub fn tau_backward<T: DType>(
     check_nonzero("x", x.len())?;
     check_len("dy", x.len(), dy.len())?;
     let n = to_i64("x", x.len())?;
-    let f = kernel(stream, &format!("aiec_tau_bwd_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "aiec_tau_bwd", T)?;
     // SAFETY: every element is written by the kernel before it is read back.
     let mut dx = unsafe { stream.alloc::<T>(x.len()) }?;
     let mut b = stream.launch_builder(&f);
@@ -257,7 +339,7 @@ fn feature_pass<T: DType>(
     };
     match shape.layout {
         Layout::Nchw => {
-            let f = kernel(stream, &format!("aiec_feat_nchw_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_feat_nchw", T)?;
             let planes = to_i64("N x C", nc)?;
             let s = to_i64("positions S", shape.s)?;
             let mut b = stream.launch_builder(&f);
@@ -278,7 +360,7 @@ fn feature_pass<T: DType>(
             }?;
         }
         Layout::Nlc => {
-            let f = kernel(stream, &format!("aiec_feat_nlc_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_feat_nlc", T)?;
             let n = to_i32("batch N", shape.n)?;
             let l = to_i32("tokens L", shape.s)?;
             let c = to_i32("channels C", shape.c)?;
@@ -372,7 +454,7 @@ fn backward_pass<T: DType>(
     let mut df = unsafe { stream.alloc::<T>(numel) }?;
     match shape.layout {
         Layout::Nchw => {
-            let f = kernel(stream, &format!("aiec_df_nchw_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_df_nchw", T)?;
             let planes = to_i64("N x C", shape.n * shape.c)?;
             let s = to_i64("positions S", shape.s)?;
             let inv_s = 1.0f32 / shape.s as f32;
@@ -395,7 +477,7 @@ fn backward_pass<T: DType>(
             }?;
         }
         Layout::Nlc => {
-            let f = kernel(stream, &format!("aiec_df_nlc_{}", T::NAME))?;
+            let f = kernel_fn!(stream, "aiec_df_nlc", T)?;
             let l = to_i32("tokens L", shape.s)?;
             let c = to_i32("channels C", shape.c)?;
             let token = match pool {
@@ -546,25 +628,30 @@ impl DeviceCounters {
     /// atomics): for every sample with `correct[n] != 0`, `θ[y,c] += [a[n,c] > 0]`,
     /// `η[y,c] += [a[n,c] == 0]`, `φ[y] += 1`. CPU mirror: [`Counters::update`].
     ///
+    /// Labels: [`Labels`] (host or device; a device label `≥ K` is not counted).
+    ///
     /// Errors (all before any counter changes): `Empty` for `N = 0`;
     /// `LengthMismatch` if `a` is not `N × C` or `correct` not `N`
-    /// (`N = labels.len()`); `LabelOutOfRange` for a label `≥ K`.
-    pub fn update(
+    /// (`N = labels.len()`); `LabelOutOfRange` for a host label `≥ K`.
+    pub fn update<'l>(
         &mut self,
         stream: &Arc<CudaStream>,
         a: &impl DeviceInput<f32>,
-        labels: &[usize],
+        labels: impl Into<Labels<'l>>,
         correct: &impl DeviceInput<u8>,
     ) -> Result<()> {
-        let n = labels.len();
+        let labels = labels.into();
+        let n = match &labels {
+            Labels::Host(h) => h.len(),
+            Labels::Device(v) => v.len(),
+        };
         let dims = AiecDims::new(n, self.channels, self.classes);
         dims_i32(dims)?;
         let (a, correct) = (a.view(), correct.view());
         check_len("a", n * self.channels, a.len())?;
         check_len("correct", n, correct.len())?;
-        let lab = check_labels(labels, n, self.classes)?;
-        let lab = stream.clone_htod(&lab)?;
-        self.update_dev(stream, &a, &lab, &correct, n)
+        let lab = labels_on_device(stream, labels, n, self.classes)?;
+        self.update_dev(stream, &a, &lab.view(), &correct, n)
     }
 
     /// [`DeviceCounters::update`] on validated device inputs.
@@ -572,12 +659,13 @@ impl DeviceCounters {
         &mut self,
         stream: &Arc<CudaStream>,
         a: &cudarc::driver::CudaView<'_, f32>,
-        labels: &CudaSlice<u32>,
+        labels: &CudaView<'_, u32>,
         correct: &cudarc::driver::CudaView<'_, u8>,
         n: usize,
     ) -> Result<()> {
-        let f = kernel(stream, "aiec_count_f32")?;
+        let f = kernel_fn!(stream, "aiec_count_f32")?;
         let (ni, ci) = (to_i32("batch N", n)?, to_i32("channels C", self.channels)?);
+        let ki = to_i32("classes K", self.classes)?;
         let mut b = stream.launch_builder(&f);
         b.arg(a)
             .arg(labels)
@@ -586,9 +674,10 @@ impl DeviceCounters {
             .arg(&mut self.eta)
             .arg(&mut self.phi)
             .arg(&ni)
-            .arg(&ci);
-        // SAFETY: a is N·C, labels and correct are N; every label is < K (validated
-        // on the host), so θ/η indices y·C + c < K·C and φ index y < K.
+            .arg(&ci)
+            .arg(&ki);
+        // SAFETY: a is N·C, labels and correct are N; the kernel skips a label ≥ K,
+        // so θ/η indices y·C + c < K·C and φ index y < K.
         unsafe { b.launch(elementwise(n * self.channels, 1)) }?;
         Ok(())
     }
@@ -613,7 +702,7 @@ impl DeviceCounters {
         v: Option<&mut CudaSlice<f32>>,
         masks: Option<&mut CudaSlice<u8>>,
     ) -> Result<()> {
-        let f = kernel(stream, "aiec_rate_masks_f32")?;
+        let f = kernel_fn!(stream, "aiec_rate_masks_f32")?;
         let (k, c) = (
             to_i32("classes K", self.classes)?,
             to_i32("channels C", self.channels)?,
@@ -662,11 +751,11 @@ fn dmu_forward_dev(
     stream: &Arc<CudaStream>,
     a: &cudarc::driver::CudaView<'_, f32>,
     wd: &cudarc::driver::CudaView<'_, f32>,
-    labels: &CudaSlice<u32>,
+    labels: &CudaView<'_, u32>,
     dims: AiecDims,
 ) -> Result<DeviceDmuOut> {
     let (n, c, k) = dims_i32(dims)?;
-    let f = kernel(stream, "aiec_dmu_fwd_f32")?;
+    let f = kernel_fn!(stream, "aiec_dmu_fwd_f32")?;
     // SAFETY (allocs): the kernel writes every logit, probability, loss and flag.
     let mut logits = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
     let mut probs = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
@@ -683,7 +772,7 @@ fn dmu_forward_dev(
         .arg(&n)
         .arg(&c)
         .arg(&k);
-    // SAFETY: a is N·C, wd K·C, labels N with every label < K (host-validated);
+    // SAFETY: a is N·C, wd K·C, labels N (the kernel reads z[y] only for y < K);
     // block rows n < N touch a[n·C..], z/p[n·K..n·K+K), loss/correct[n].
     unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(32 * dims.k))) }?;
     Ok(DeviceDmuOut {
@@ -699,8 +788,11 @@ fn dmu_forward_dev(
 /// correctness `argmax_k z[n,k] == y_n` (first maximal index; a NaN logit ⇒ not
 /// correct). Gradient: [`dmu_backward`]. CPU mirror: [`crate::cpu::aiec::dmu_forward`].
 ///
+/// Labels: [`Labels`] (host, validated; or device: a label `≥ K` gives a NaN loss
+/// and is never correct).
+///
 /// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
-/// `wd` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+/// `wd` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a host label `≥ K`.
 ///
 /// # Example (forward and backward, against the CPU reference)
 ///
@@ -740,20 +832,19 @@ fn dmu_forward_dev(
 /// }
 /// # Ok::<(), activation_kernels::Error>(())
 /// ```
-pub fn dmu_forward(
+pub fn dmu_forward<'l>(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
     wd: &impl DeviceInput<f32>,
-    labels: &[usize],
+    labels: impl Into<Labels<'l>>,
     dims: AiecDims,
 ) -> Result<DeviceDmuOut> {
     dims_i32(dims)?;
     let (a, wd) = (a.view(), wd.view());
     check_len("a", dims.n * dims.c, a.len())?;
     check_len("wd", dims.k * dims.c, wd.len())?;
-    let lab = check_labels(labels, dims.n, dims.k)?;
-    let lab = stream.clone_htod(&lab)?;
-    dmu_forward_dev(stream, &a, &wd, &lab, dims)
+    let lab = labels_on_device(stream, labels.into(), dims.n, dims.k)?;
+    dmu_forward_dev(stream, &a, &wd, &lab.view(), dims)
 }
 
 /// Feature gradient (aux and / or gate terms) on validated inputs.
@@ -763,7 +854,7 @@ fn da_dev(
     a: &cudarc::driver::CudaView<'_, f32>,
     wd: &cudarc::driver::CudaView<'_, f32>,
     probs: Option<&cudarc::driver::CudaView<'_, f32>>,
-    labels: &CudaSlice<u32>,
+    labels: &CudaView<'_, u32>,
     masks: Option<&cudarc::driver::CudaView<'_, u8>>,
     dl_aux: Option<&cudarc::driver::CudaView<'_, f32>>,
     dl_gate: Option<&cudarc::driver::CudaView<'_, f32>>,
@@ -772,7 +863,7 @@ fn da_dev(
     dims: AiecDims,
 ) -> Result<CudaSlice<f32>> {
     let (n, c, k) = dims_i32(dims)?;
-    let f = kernel(stream, "aiec_da_f32")?;
+    let f = kernel_fn!(stream, "aiec_da_f32")?;
     // SAFETY: the kernel writes every da entry.
     let mut da = unsafe { stream.alloc::<f32>(dims.n * dims.c) }?;
     let mut b = stream.launch_builder(&f);
@@ -788,8 +879,8 @@ fn da_dev(
         .arg(&n)
         .arg(&c)
         .arg(&k);
-    // SAFETY: a, da are N·C; wd and masks K·C; probs N·K; labels, dl_* N; every
-    // label < K (host-validated), so mask rows y·C.. and probs rows are in bounds.
+    // SAFETY: a, da are N·C; wd and masks K·C; probs N·K; labels, dl_* N; a label
+    // ≥ K gets a zero row and is not followed, so mask rows y·C.. are in bounds.
     unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
     Ok(da)
 }
@@ -800,7 +891,7 @@ fn dwd_dev(
     stream: &Arc<CudaStream>,
     a: &cudarc::driver::CudaView<'_, f32>,
     probs: &cudarc::driver::CudaView<'_, f32>,
-    labels: &CudaSlice<u32>,
+    labels: &CudaView<'_, u32>,
     dl_aux: Option<&cudarc::driver::CudaView<'_, f32>>,
     aux_scale: f32,
     dims: AiecDims,
@@ -818,7 +909,7 @@ fn dwd_dev(
     })?;
     // SAFETY: stage 1 writes every partial (chunk b, i < K·C).
     let mut partial = unsafe { stream.alloc::<f32>(part_len) }?;
-    let f1 = kernel(stream, "aiec_dwd_partial_f32")?;
+    let f1 = kernel_fn!(stream, "aiec_dwd_partial_f32")?;
     let spb_i = to_i32("samples per block", spb)?;
     let mut b = stream.launch_builder(&f1);
     b.arg(a).arg(probs).arg(labels);
@@ -837,10 +928,10 @@ fn dwd_dev(
         shared_mem_bytes: 0,
     };
     // SAFETY: block x reads samples [x·spb, min(N, x·spb + spb)) of a (N·C), probs
-    // (N·K), labels / dl (N), with labels < K; writes partial[x·K·C + i], i < K·C,
-    // x < chunks.
+    // (N·K), labels / dl (N) (a label ≥ K is skipped); writes partial[x·K·C + i],
+    // i < K·C, x < chunks.
     unsafe { b.launch(cfg) }?;
-    let f2 = kernel(stream, "aiec_dwd_reduce_f32")?;
+    let f2 = kernel_fn!(stream, "aiec_dwd_reduce_f32")?;
     // SAFETY: stage 2 writes every dWd entry.
     let mut dwd = unsafe { stream.alloc::<f32>(kc) }?;
     let chunks_i = to_i32("chunks", chunks)?;
@@ -861,12 +952,12 @@ fn dwd_dev(
 /// `dloss` not `N`.
 ///
 /// Example: [`dmu_forward`]'s runs the forward and this backward on the device.
-pub fn dmu_backward(
+pub fn dmu_backward<'l>(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
     wd: &impl DeviceInput<f32>,
     probs: &impl DeviceInput<f32>,
-    labels: &[usize],
+    labels: impl Into<Labels<'l>>,
     dloss: &impl DeviceInput<f32>,
     dims: AiecDims,
 ) -> Result<DeviceDmuGrads> {
@@ -876,8 +967,8 @@ pub fn dmu_backward(
     check_len("wd", dims.k * dims.c, wd.len())?;
     check_len("probs", dims.n * dims.k, probs.len())?;
     check_len("dloss", dims.n, dloss.len())?;
-    let lab = check_labels(labels, dims.n, dims.k)?;
-    let lab = stream.clone_htod(&lab)?;
+    let lab = labels_on_device(stream, labels.into(), dims.n, dims.k)?;
+    let lab = lab.view();
     let da = da_dev(
         stream,
         &a,
@@ -913,7 +1004,7 @@ pub fn gate_masks(
     check_nonzero("v", v.len())?;
     check_len("wd", v.len(), wd.len())?;
     let total = to_i64("v", v.len())?;
-    let f = kernel(stream, "aiec_gate_masks_f32")?;
+    let f = kernel_fn!(stream, "aiec_gate_masks_f32")?;
     // SAFETY: the kernel writes every mask.
     let mut m = unsafe { stream.alloc::<u8>(v.len()) }?;
     let mut b = stream.launch_builder(&f);
@@ -923,17 +1014,18 @@ pub fn gate_masks(
     Ok(m)
 }
 
-/// Checks of the gate-loss entry points (host only); returns the labels as `u32`.
-fn check_gate(
+/// Checks of the gate-loss entry points; returns the labels on the device.
+fn check_gate<'a>(
+    stream: &Arc<CudaStream>,
     a_len: usize,
     masks_len: usize,
-    labels: &[usize],
+    labels: Labels<'a>,
     dims: AiecDims,
-) -> Result<Vec<u32>> {
+) -> Result<LabelsOnDevice<'a>> {
     dims_i32(dims)?;
     check_len("a", dims.n * dims.c, a_len)?;
     check_len("masks", dims.k * dims.c, masks_len)?;
-    check_labels(labels, dims.n, dims.k)
+    labels_on_device(stream, labels, dims.n, dims.k)
 }
 
 /// Launches the gate-loss kernel on validated inputs.
@@ -941,11 +1033,11 @@ fn gate_loss_dev(
     stream: &Arc<CudaStream>,
     a: &cudarc::driver::CudaView<'_, f32>,
     masks: &cudarc::driver::CudaView<'_, u8>,
-    labels: &CudaSlice<u32>,
+    labels: &CudaView<'_, u32>,
     dims: AiecDims,
 ) -> Result<CudaSlice<f32>> {
-    let (n, c, _) = dims_i32(dims)?;
-    let f = kernel(stream, "aiec_gate_loss_f32")?;
+    let (n, c, k) = dims_i32(dims)?;
+    let f = kernel_fn!(stream, "aiec_gate_loss_f32")?;
     // SAFETY: the kernel writes every loss.
     let mut loss = unsafe { stream.alloc::<f32>(dims.n) }?;
     let mut b = stream.launch_builder(&f);
@@ -954,8 +1046,10 @@ fn gate_loss_dev(
         .arg(labels)
         .arg(&mut loss)
         .arg(&n)
-        .arg(&c);
-    // SAFETY: a is N·C, masks K·C with labels < K (host-validated), loss N.
+        .arg(&c)
+        .arg(&k);
+    // SAFETY: a is N·C, masks K·C (the kernel reads mask row y only for a label
+    // y < K), loss N.
     unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
     Ok(loss)
 }
@@ -964,8 +1058,10 @@ fn gate_loss_dev(
 /// G[y_n,c]`, 0 when the class has no gated channel (block per sample, f32).
 /// Gradient: [`gate_loss_backward`]. CPU mirror: [`crate::cpu::aiec::gate_loss`].
 ///
+/// Labels: [`Labels`] (a device label `≥ K` gives a NaN loss).
+///
 /// Errors: `Empty` for a zero dimension; `LengthMismatch` if `a` is not `N × C`,
-/// `masks` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a label `≥ K`.
+/// `masks` not `K × C`, `labels` not `N`; `LabelOutOfRange` for a host label `≥ K`.
 ///
 /// # Example (masks, forward and backward)
 ///
@@ -995,17 +1091,16 @@ fn gate_loss_dev(
 /// assert_eq!(stream.clone_dtoh(&da)?, [0.5, 0.0, -0.5]); // G·sign(a) / Σ_c G
 /// # Ok::<(), activation_kernels::Error>(())
 /// ```
-pub fn gate_loss(
+pub fn gate_loss<'l>(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
     masks: &impl DeviceInput<u8>,
-    labels: &[usize],
+    labels: impl Into<Labels<'l>>,
     dims: AiecDims,
 ) -> Result<CudaSlice<f32>> {
     let (a, masks) = (a.view(), masks.view());
-    let lab = check_gate(a.len(), masks.len(), labels, dims)?;
-    let lab = stream.clone_htod(&lab)?;
-    gate_loss_dev(stream, &a, &masks, &lab, dims)
+    let lab = check_gate(stream, a.len(), masks.len(), labels.into(), dims)?;
+    gate_loss_dev(stream, &a, &masks, &lab.view(), dims)
 }
 
 /// Backward of [`gate_loss`] for `L = Σ_n dloss[n]·L_gate[n]`:
@@ -1016,18 +1111,18 @@ pub fn gate_loss(
 /// Errors: as [`gate_loss`], plus `LengthMismatch` if `dloss` is not `N`.
 ///
 /// Example: [`gate_loss`]'s runs the forward and this backward on the device.
-pub fn gate_loss_backward(
+pub fn gate_loss_backward<'l>(
     stream: &Arc<CudaStream>,
     a: &impl DeviceInput<f32>,
     masks: &impl DeviceInput<u8>,
-    labels: &[usize],
+    labels: impl Into<Labels<'l>>,
     dloss: &impl DeviceInput<f32>,
     dims: AiecDims,
 ) -> Result<CudaSlice<f32>> {
     let (a, masks, dloss) = (a.view(), masks.view(), dloss.view());
-    let lab = check_gate(a.len(), masks.len(), labels, dims)?;
     check_len("dloss", dims.n, dloss.len())?;
-    let lab = stream.clone_htod(&lab)?;
+    let lab = check_gate(stream, a.len(), masks.len(), labels.into(), dims)?;
+    let lab = lab.view();
     // The DMU weights are not read without probs; pass `a` as a placeholder of the
     // right type (never dereferenced by the kernel when probs is null).
     da_dev(
@@ -1045,6 +1140,107 @@ pub fn gate_loss_backward(
     )
 }
 
+/// Backward of the fixed-mask AIEC loss `L = s·(λ_aux·mean_n L_aux[n] + λ_gate·mean_n
+/// L_gate[n])` with the scale `s` read on the device (`scale`: one f32, e.g. the
+/// upstream gradient of the loss — no host copy): `∂L/∂a` (DMU and gate terms in one
+/// pass) and `∂L/∂Wd`. `probs` are [`dmu_forward`]'s. The per-sample weights
+/// `s·λ/N` are formed on the device. CPU mirror: the `a` / `Wd` part of
+/// [`crate::cpu::aiec::train_backward`].
+///
+/// Errors: as [`dmu_backward`] and [`gate_loss_backward`], plus `LengthMismatch` if
+/// `scale` is not one value and `InvalidParam` for a non-finite λ.
+#[allow(clippy::too_many_arguments)]
+pub fn aux_gate_backward<'l>(
+    stream: &Arc<CudaStream>,
+    a: &impl DeviceInput<f32>,
+    wd: &impl DeviceInput<f32>,
+    probs: &impl DeviceInput<f32>,
+    masks: &impl DeviceInput<u8>,
+    labels: impl Into<Labels<'l>>,
+    scale: &impl DeviceInput<f32>,
+    (lambda_aux, lambda_gate): (f64, f64),
+    dims: AiecDims,
+) -> Result<DeviceDmuGrads> {
+    let (n, _, _) = dims_i32(dims)?;
+    let (a, wd, probs, masks, scale) = (
+        a.view(),
+        wd.view(),
+        probs.view(),
+        masks.view(),
+        scale.view(),
+    );
+    check_len("wd", dims.k * dims.c, wd.len())?;
+    check_len("probs", dims.n * dims.k, probs.len())?;
+    check_len("scale", 1, scale.len())?;
+    for (what, l) in [("lambda_aux", lambda_aux), ("lambda_gate", lambda_gate)] {
+        if !l.is_finite() {
+            return Err(Error::InvalidParam {
+                what,
+                msg: format!("{l} is not finite"),
+            });
+        }
+    }
+    let lab = check_gate(stream, a.len(), masks.len(), labels.into(), dims)?;
+    let lab = lab.view();
+    let nf = dims.n as f64;
+    let (ca, cg) = ((lambda_aux / nf) as f32, (lambda_gate / nf) as f32);
+    let f = kernel_fn!(stream, "aiec_loss_weights_f32")?;
+    // SAFETY: the kernel writes all 2N weights.
+    let mut w = unsafe { stream.alloc::<f32>(2 * dims.n) }?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&scale).arg(&mut w).arg(&n).arg(&ca).arg(&cg);
+    // SAFETY: reads scale[0]; writes w[i] and w[N + i] for i < N (w holds 2N).
+    unsafe { b.launch(elementwise(dims.n, 1)) }?;
+    let (w_aux, w_gate) = (w.slice(..dims.n), w.slice(dims.n..));
+    let da = da_dev(
+        stream,
+        &a,
+        &wd,
+        Some(&probs),
+        &lab,
+        Some(&masks),
+        Some(&w_aux),
+        Some(&w_gate),
+        1.0,
+        1.0,
+        dims,
+    )?;
+    let dwd = dwd_dev(stream, &a, &probs, &lab, Some(&w_aux), 1.0, dims)?;
+    Ok(DeviceDmuGrads { da, dwd })
+}
+
+/// `[mean(aux), mean(gate), λ_aux·mean(aux) + λ_gate·mean(gate)]` and, with
+/// `correct`, a fourth value `mean(correct)` (the DMU's accuracy), on the device (one
+/// block, fixed order). `aux`, `gate` (and `correct`) hold `n` values.
+pub(crate) fn loss_means_dev(
+    stream: &Arc<CudaStream>,
+    aux: &CudaView<'_, f32>,
+    gate: &CudaView<'_, f32>,
+    correct: Option<&CudaView<'_, u8>>,
+    (lambda_aux, lambda_gate): (f64, f64),
+    n: usize,
+) -> Result<CudaSlice<f32>> {
+    check_nonzero("batch N", n)?;
+    check_len("aux", n, aux.len())?;
+    check_len("gate", n, gate.len())?;
+    if let Some(c) = correct {
+        check_len("correct", n, c.len())?;
+    }
+    let n_i = to_i32("batch N", n)?;
+    let fm = kernel_fn!(stream, "aiec_loss_means_f32")?;
+    // SAFETY: the kernel writes the 3 means (and the accuracy when `correct` is given).
+    let mut means = unsafe { stream.alloc::<f32>(3 + usize::from(correct.is_some())) }?;
+    let (la, lg) = (lambda_aux as f32, lambda_gate as f32);
+    let mut b = stream.launch_builder(&fm);
+    b.arg(aux).arg(gate);
+    b.arg_opt(correct);
+    b.arg(&mut means).arg(&n_i).arg(&la).arg(&lg);
+    // SAFETY: aux, gate (and correct) hold N values, means 3 (4 with correct); one
+    // block reads [0, N).
+    unsafe { b.launch(cfg1(1, block_for(n))) }?;
+    Ok(means)
+}
+
 // ---------------------------------------------------------------------------
 // the whole layer
 
@@ -1055,8 +1251,9 @@ pub struct DeviceLosses {
     pub aux: CudaSlice<f32>,
     /// `L_gate[n]` (`N`).
     pub gate: CudaSlice<f32>,
-    /// `[mean(L_aux), mean(L_gate), λ_aux·mean(L_aux) + λ_gate·mean(L_gate)]`
-    /// (3 values; one-block fixed-order reduction).
+    /// `[mean(L_aux), mean(L_gate), λ_aux·mean(L_aux) + λ_gate·mean(L_gate), DMU
+    /// accuracy]` (4 values; the accuracy is the fraction of samples the DMU predicted
+    /// correctly, i.e. that were counted; one-block fixed-order reduction).
     pub means: CudaSlice<f32>,
 }
 
@@ -1065,8 +1262,8 @@ impl DeviceLosses {
     pub fn means_to_host(&self, stream: &Arc<CudaStream>) -> Result<(f32, f32, f32)> {
         let m = stream.clone_dtoh(&self.means)?;
         match m.as_slice() {
-            [a, g, t] => Ok((*a, *g, *t)),
-            _ => Err(Error::Driver("loss means: expected 3 values".into())),
+            [a, g, t, ..] => Ok((*a, *g, *t)),
+            _ => Err(Error::Driver("loss means: expected 4 values".into())),
         }
     }
 }
@@ -1082,7 +1279,7 @@ pub struct DeviceSaved {
     probs: CudaSlice<f32>,
     correct: CudaSlice<u8>,
     masks: CudaSlice<u8>,
-    labels: Vec<usize>,
+    labels: Option<Vec<usize>>,
     labels_dev: CudaSlice<u32>,
 }
 
@@ -1107,13 +1304,24 @@ impl DeviceSaved {
     pub fn masks(&self) -> &CudaSlice<u8> {
         &self.masks
     }
-    /// The labels of the batch (host copy).
-    pub fn labels(&self) -> &[usize] {
-        &self.labels
+    /// The labels of the batch: a host copy when they were given on the host, `None`
+    /// when they were given on the device (see [`DeviceSaved::labels_device`]).
+    pub fn labels(&self) -> Option<&[usize]> {
+        self.labels.as_deref()
+    }
+    /// The labels of the batch on the device (`N`, u32; a device-to-device copy of
+    /// labels given on the device).
+    pub fn labels_device(&self) -> &CudaSlice<u32> {
+        &self.labels_dev
     }
     /// Dimensions `(N, C, K)`.
     pub fn dims(&self) -> AiecDims {
         self.dims
+    }
+    /// The masks, taking the saved state apart (the candle module keeps only them).
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    pub(crate) fn into_masks(self) -> CudaSlice<u8> {
+        self.masks
     }
 }
 
@@ -1139,12 +1347,15 @@ pub struct DeviceGrads<T> {
 
 /// One training step of an AIEC layer on the device, in SPEC order: fused TAU +
 /// pooling → DMU logits → correctness → counter update (integer atomics) → `v` →
-/// masks → losses. Everything after the label upload runs on the device; nothing
-/// is copied back.
+/// masks → losses. Everything runs on the device and nothing is copied back; with
+/// [`Labels::Device`] nothing is copied to the device either (host labels: one
+/// upload).
 ///
 /// * `f`: pre-activation `F` (dtype `T`) of shape `shape`;
 /// * `wd`: DMU weights `K × C` (f32), `K = counters.classes()`;
-/// * `labels`: `N` labels in `0..K` (host slice; validated, then uploaded as u32);
+/// * `labels`: `N` labels in `0..K` ([`Labels`]: a host slice, validated then uploaded
+///   as u32; or u32 labels on the device, whose values the kernels check: a label
+///   `≥ K` gives NaN losses and is never counted);
 /// * `counters`: this layer's device counters, updated with this batch's correctly
 ///   predicted samples *before* the masks are formed (as on the CPU).
 ///
@@ -1154,7 +1365,7 @@ pub struct DeviceGrads<T> {
 /// Errors (all checked on the host before any launch or counter change): `Shape`
 /// if the counters' channels differ from `C`; `InvalidParam` for a bad config;
 /// `Empty`/`LengthMismatch` from the shape; `Shape`/`InvalidParam` for a bad pool;
-/// `LengthMismatch` for `labels` or `wd`; `LabelOutOfRange` for a label `≥ K`.
+/// `LengthMismatch` for `labels` or `wd`; `LabelOutOfRange` for a host label `≥ K`.
 ///
 /// # Example (forward and backward, against the CPU reference)
 ///
@@ -1197,15 +1408,33 @@ pub struct DeviceGrads<T> {
 /// }
 /// # Ok::<(), activation_kernels::Error>(())
 /// ```
-pub fn train_forward<T: DType>(
+pub fn train_forward<'l, T: DType>(
     stream: &Arc<CudaStream>,
     cfg: &AiecConfig,
     shape: &ActShape,
     f: &impl DeviceInput<T>,
     wd: &impl DeviceInput<f32>,
-    labels: &[usize],
+    labels: impl Into<Labels<'l>>,
     counters: &mut DeviceCounters,
 ) -> Result<DeviceTrainOut<T>> {
+    let (out, losses, saved) = train_step(stream, cfg, shape, f, wd, labels, counters, true)?;
+    let out = out.ok_or_else(|| Error::Driver("aiec train_forward: no output".into()))?;
+    Ok(DeviceTrainOut { out, losses, saved })
+}
+
+/// [`train_forward`], writing `A = TAU(F)` only when `want_out` (the candle module
+/// computes `A` with its own differentiable op).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_step<'l, T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AiecConfig,
+    shape: &ActShape,
+    f: &impl DeviceInput<T>,
+    wd: &impl DeviceInput<f32>,
+    labels: impl Into<Labels<'l>>,
+    counters: &mut DeviceCounters,
+    want_out: bool,
+) -> Result<(Option<CudaSlice<T>>, DeviceLosses, DeviceSaved)> {
     let k = counters.classes();
     if counters.channels() != shape.c {
         return Err(Error::Shape {
@@ -1223,62 +1452,63 @@ pub fn train_forward<T: DType>(
     check_shape(shape, "f", f.len())?;
     check_pool(shape, cfg.pool)?;
     let dims = AiecDims::new(shape.n, shape.c, k);
-    let (n_i, _, _) = dims_i32(dims)?;
-    let lab = check_labels(labels, shape.n, k)?;
+    dims_i32(dims)?;
     check_len("wd", k * shape.c, wd.len())?;
+    let labels = labels.into();
+    let host_labels = match &labels {
+        Labels::Host(h) => Some(h.to_vec()),
+        Labels::Device(_) => None,
+    };
+    let lab = labels_on_device(stream, labels, shape.n, k)?;
+    let labels_dev = match lab {
+        LabelsOnDevice::Uploaded(s) => s,
+        LabelsOnDevice::Given(v) => stream.clone_dtod(&v)?,
+    };
 
-    let labels_dev = stream.clone_htod(&lab)?;
-    // SAFETY: the fused pass writes every element of A.
-    let mut out = unsafe { stream.alloc::<T>(f.len()) }?;
+    let mut out = if want_out {
+        // SAFETY: the fused pass writes every element of A.
+        Some(unsafe { stream.alloc::<T>(f.len()) }?)
+    } else {
+        None
+    };
     let feature = feature_pass(
         stream,
         shape,
         &f,
         cfg.pool,
         Some(cfg.tau as f32),
-        Some(&mut out),
+        out.as_mut(),
     )?;
-    let dmu = dmu_forward_dev(stream, &feature.as_view(), &wd, &labels_dev, dims)?;
+    let lv = labels_dev.as_view();
+    let dmu = dmu_forward_dev(stream, &feature.as_view(), &wd, &lv, dims)?;
     counters.update_dev(
         stream,
         &feature.as_view(),
-        &labels_dev,
+        &lv,
         &dmu.correct.as_view(),
         dims.n,
     )?;
     // SAFETY: the v + masks kernel writes all K·C masks.
     let mut masks = unsafe { stream.alloc::<u8>(dims.k * dims.c) }?;
     counters.rate_masks(stream, Some(&wd), None, Some(&mut masks))?;
-    let gate = gate_loss_dev(
+    let gate = gate_loss_dev(stream, &feature.as_view(), &masks.as_view(), &lv, dims)?;
+    let means = loss_means_dev(
         stream,
-        &feature.as_view(),
-        &masks.as_view(),
-        &labels_dev,
-        dims,
+        &dmu.loss.as_view(),
+        &gate.as_view(),
+        Some(&dmu.correct.as_view()),
+        (cfg.lambda_aux, cfg.lambda_gate),
+        dims.n,
     )?;
 
-    let fm = kernel(stream, "aiec_loss_means_f32")?;
-    // SAFETY: the kernel writes the 3 means.
-    let mut means = unsafe { stream.alloc::<f32>(3) }?;
-    let (la, lg) = (cfg.lambda_aux as f32, cfg.lambda_gate as f32);
-    let mut b = stream.launch_builder(&fm);
-    b.arg(&dmu.loss)
-        .arg(&gate)
-        .arg(&mut means)
-        .arg(&n_i)
-        .arg(&la)
-        .arg(&lg);
-    // SAFETY: aux and gate hold N values, means 3; one block reads [0, N).
-    unsafe { b.launch(cfg1(1, block_for(dims.n))) }?;
-
-    Ok(DeviceTrainOut {
+    Ok((
         out,
-        losses: DeviceLosses {
+        DeviceLosses {
             aux: dmu.loss,
             gate,
             means,
         },
-        saved: DeviceSaved {
+        DeviceSaved {
             cfg: *cfg,
             dims,
             feature,
@@ -1286,10 +1516,10 @@ pub fn train_forward<T: DType>(
             probs: dmu.probs,
             correct: dmu.correct,
             masks,
-            labels: labels.to_vec(),
+            labels: host_labels,
             labels_dev,
         },
-    })
+    ))
 }
 
 /// Backward of one AIEC training step on the device. With `s = loss_scale` and
@@ -1352,7 +1582,7 @@ pub fn train_backward<T: DType>(
         &feat,
         &wd,
         Some(&probs),
-        &saved.labels_dev,
+        &saved.labels_dev.as_view(),
         Some(&saved.masks.as_view()),
         None,
         None,
@@ -1364,7 +1594,7 @@ pub fn train_backward<T: DType>(
         stream,
         &feat,
         &probs,
-        &saved.labels_dev,
+        &saved.labels_dev.as_view(),
         None,
         aux_scale,
         dims,

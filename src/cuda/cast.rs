@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, PushKernelArg};
 
+use crate::cuda::handles::kernel_fn;
 use crate::cuda::iieu::elementwise;
-use crate::cuda::{DType, DeviceInput, Kernels};
+use crate::cuda::{DType, DeviceInput};
 use crate::error::{check_len, check_nonzero, Result};
 
 /// `src` widened to a new f32 device buffer (exact).
@@ -51,8 +52,7 @@ pub fn to_f32<T: DType>(
     check_nonzero("cast source", n)?;
     // SAFETY: the kernel writes every element of `out` (length n) before any read.
     let mut out = unsafe { stream.alloc::<f32>(n) }?;
-    let k = Kernels::get(stream.context())?;
-    let f = k.function(&format!("cast_to_f32_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "cast_to_f32", T)?;
     let n64 = n as i64;
     let mut b = stream.launch_builder(&f);
     b.arg(&v).arg(&mut out).arg(&n64);
@@ -77,8 +77,7 @@ pub fn from_f32_into<T: DType>(
     if n == 0 {
         return Ok(());
     }
-    let k = Kernels::get(stream.context())?;
-    let f = k.function(&format!("cast_from_f32_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "cast_from_f32", T)?;
     let n64 = n as i64;
     let mut b = stream.launch_builder(&f);
     b.arg(&v).arg(dst).arg(&n64);

@@ -30,7 +30,8 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, 
 
 use crate::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
 use crate::cuda::abi::IieuGeom;
-use crate::cuda::{grid_for, to_i32, ArgOpt, DType, DeviceInput, Kernels, BLOCK};
+use crate::cuda::handles::kernel_fn;
+use crate::cuda::{grid_for, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
 use crate::error::{check_len, Error, Result};
 
 // ------------------------------------------------------------------------------------
@@ -291,11 +292,10 @@ pub(crate) fn check_saved(d: &Dims, cfg: &IieuConfig, saved: &IieuDeviceSaved) -
 /// `(r_w, ‖W‖)`.
 pub(crate) fn launch_filter_norm<T: DType>(
     stream: &Arc<CudaStream>,
-    k: &Kernels,
     d: &Dims,
     w: &impl DeviceInput<T>,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-    let f = k.function(&format!("iieu_filter_norm_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_filter_norm", T)?;
     let mut r_w = scratch::<f32>(stream, d.o)?;
     let mut w_norm = scratch::<f32>(stream, d.o)?;
     let wv = w.view();
@@ -310,12 +310,11 @@ pub(crate) fn launch_filter_norm<T: DType>(
 /// `(r_x, ‖P‖)`: q = Σ_c x_pre² per patch plane, then the window sum.
 pub(crate) fn launch_patch_norm<T: DType>(
     stream: &Arc<CudaStream>,
-    k: &Kernels,
     d: &Dims,
     x_pre: &impl DeviceInput<T>,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-    let f_sq = k.function(&format!("iieu_patch_sq_{}", T::NAME))?;
-    let f_win = k.function("iieu_patch_window")?;
+    let f_sq = kernel_fn!(stream, "iieu_patch_sq", T)?;
+    let f_win = kernel_fn!(stream, "iieu_patch_window")?;
     let mut q = scratch::<f32>(stream, d.q_len)?;
     let xv = x_pre.view();
     let mut b = stream.launch_builder(&f_sq);
@@ -352,8 +351,7 @@ pub fn filter_inv_norm<T: DType>(
 ) -> Result<CudaSlice<f32>> {
     let d = Dims::new(cfg)?;
     check_len("w", d.w_len, w.view().len())?;
-    let k = Kernels::get(stream.context())?;
-    Ok(launch_filter_norm(stream, &k, &d, w)?.0)
+    Ok(launch_filter_norm(stream, &d, w)?.0)
 }
 
 /// Patch inverse norms `r_x[n, grp, h', w'] = 1/(‖P‖₂ + EPS)`, `(N, G', H', W')`, as
@@ -371,8 +369,7 @@ pub fn patch_inv_norm<T: DType>(
 ) -> Result<CudaSlice<f32>> {
     let d = Dims::new(cfg)?;
     check_len("x_pre", d.x_pre_len, x_pre.view().len())?;
-    let k = Kernels::get(stream.context())?;
-    Ok(launch_patch_norm(stream, &k, &d, x_pre)?.0)
+    Ok(launch_patch_norm(stream, &d, x_pre)?.0)
 }
 
 /// IIEU-B forward (see [`crate::cpu::iieu::forward`] for the full definition):
@@ -453,15 +450,14 @@ pub fn forward<T: DType>(
     check_len("w", d.w_len, w.view().len())?;
     params.check(d.o)?;
 
-    let k = Kernels::get(stream.context())?;
-    let (r_w, w_norm) = launch_filter_norm(stream, &k, &d, w)?;
-    let (r_x, x_norm) = launch_patch_norm(stream, &k, &d, x_pre)?;
+    let (r_w, w_norm) = launch_filter_norm(stream, &d, w)?;
+    let (r_x, x_norm) = launch_patch_norm(stream, &d, x_pre)?;
     let xv = x.view();
     let no = d.n * d.o;
 
     // term-B: GAP per (n,o) plane.
     let mut m = scratch::<f32>(stream, no)?;
-    let f = k.function(&format!("iieu_gap_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_gap", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&xv).arg(&mut m).arg(&d.g);
     // SAFETY: blocks grid-stride over planes pl < N·O, reading x[pl·P .. (pl+1)·P)
@@ -473,7 +469,7 @@ pub fn forward<T: DType>(
         r_x,
         x_norm,
     };
-    finish_forward(stream, &k, cfg, &d, &xv, None, &m, params, norms)
+    finish_forward(stream, cfg, &d, &xv, None, &m, params, norms)
 }
 
 /// The inverse norms and norms of one forward (all f32 on the device).
@@ -491,7 +487,6 @@ pub(crate) struct Norms {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finish_forward<T: DType>(
     stream: &Arc<CudaStream>,
-    k: &Kernels,
     cfg: &IieuConfig,
     d: &Dims,
     xv: &CudaView<'_, T>,
@@ -511,7 +506,7 @@ pub(crate) fn finish_forward<T: DType>(
     let mut m_hat = scratch::<f32>(stream, no)?;
     let mut rstd = scratch::<f32>(stream, d.n)?;
     let mut nu = scratch::<f32>(stream, no)?;
-    let f = k.function("iieu_ln_fwd")?;
+    let f = kernel_fn!(stream, "iieu_ln_fwd")?;
     let mut b = stream.launch_builder(&f);
     b.arg(m)
         .arg(&params.ln_weight)
@@ -526,7 +521,7 @@ pub(crate) fn finish_forward<T: DType>(
 
     // Adjuster.
     let mut y = scratch::<T>(stream, d.x_len)?;
-    let f = k.function(&format!("iieu_fwd_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_fwd", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(xv)
         .arg_opt(lin)
@@ -594,16 +589,14 @@ pub fn backward<T: DType>(
     params.check(d.o)?;
     check_saved(&d, cfg, saved)?;
 
-    let k = Kernels::get(stream.context())?;
     let views = (dy.view(), x.view(), x_pre.view(), w.view());
-    backward_core(stream, &k, &d, views, None, params, saved)
+    backward_core(stream, &d, views, None, params, saved)
 }
 
 /// The backward shared with IieuConv2d (every length validated by the caller): `x` is
 /// IIEU-B's input, or with `lin` the conv output `c` (see [`finish_forward`]).
 pub(crate) fn backward_core<T: DType>(
     stream: &Arc<CudaStream>,
-    k: &Kernels,
     d: &Dims,
     (dyv, xv, xpv, wv): (
         CudaView<'_, T>,
@@ -620,7 +613,7 @@ pub(crate) fn backward_core<T: DType>(
 
     // Stage 1: per-(n,o) [Σg, Σ g·x·r_x, Σ dη-term].
     let mut part = scratch::<f32>(stream, 3 * no)?;
-    let f = k.function(&format!("iieu_bwd_sums_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_bwd_sums", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&dyv)
         .arg(&xv)
@@ -639,7 +632,7 @@ pub(crate) fn backward_core<T: DType>(
     // term-B backward per sample.
     let mut dz = scratch::<f32>(stream, no)?;
     let mut dm = scratch::<f32>(stream, no)?;
-    let f = k.function("iieu_ln_bwd")?;
+    let f = kernel_fn!(stream, "iieu_ln_bwd")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part)
         .arg(&s.nu)
@@ -658,7 +651,7 @@ pub(crate) fn backward_core<T: DType>(
     let mut d_beta = scratch::<f32>(stream, d.o)?;
     let mut d_eta = scratch::<f32>(stream, d.o)?;
     let mut dw = scratch::<T>(stream, d.w_len)?;
-    let f = k.function(&format!("iieu_bwd_params_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_bwd_params", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&wv)
         .arg(&part)
@@ -679,7 +672,7 @@ pub(crate) fn backward_core<T: DType>(
     // dx and the patch-norm coefficients.
     let mut dx = scratch::<T>(stream, d.x_len)?;
     let mut coef = scratch::<f32>(stream, d.rx_len)?;
-    let f = k.function(&format!("iieu_bwd_dx_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_bwd_dx", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&dyv)
         .arg(&xv)
@@ -700,7 +693,7 @@ pub(crate) fn backward_core<T: DType>(
 
     // dx_pre: gather over windows.
     let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
-    let f = k.function(&format!("iieu_bwd_dxpre_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_bwd_dxpre", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&xpv).arg(&coef).arg(&mut dx_pre).arg(&d.g);
     // SAFETY: threads cover e = (n·G' + grp)·HW + pix < N·G'·HW; for each of the C/G'

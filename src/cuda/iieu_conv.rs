@@ -68,11 +68,12 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use crate::cpu::iieu::{IieuConfig, PatchNorm};
 use crate::cpu::iieu_conv::{IieuConvParams, Psi};
 use crate::cuda::abi::ConvGeom;
+use crate::cuda::handles::kernel_fn;
 use crate::cuda::iieu::{
     self as iieu_dev, elementwise, per_block, scratch, Dims, IieuDeviceParams, IieuDeviceSaved,
     Norms,
 };
-use crate::cuda::{to_i32, ArgOpt, DType, DeviceInput, Kernels};
+use crate::cuda::{to_i32, ArgOpt, DType, DeviceInput};
 use crate::error::{check_len, Error, Result};
 
 /// GEMM tile rows / columns / depth and threads of `kernels/iieu_conv.cu`.
@@ -464,8 +465,7 @@ pub fn forward<T: DType>(
     let no = d.n * d.o;
     let mt = g.mtiles as usize;
 
-    let k = Kernels::get(stream.context())?;
-    let (r_w, w_norm) = iieu_dev::launch_filter_norm(stream, &k, d, &wv)?;
+    let (r_w, w_norm) = iieu_dev::launch_filter_norm(stream, d, &wv)?;
 
     // The fused convolution.
     let mut conv = scratch::<T>(stream, d.x_len)?;
@@ -477,7 +477,7 @@ pub fn forward<T: DType>(
     };
     let mut st_mean = scratch::<f32>(stream, no * mt)?;
     let mut st_m2 = scratch::<f32>(stream, no * mt)?;
-    let f = k.function(&format!("iieu_conv_fwd_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_conv_fwd", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&xpv)
         .arg(&wv)
@@ -499,7 +499,7 @@ pub fn forward<T: DType>(
         Some(sq) => {
             let mut r_x = scratch::<f32>(stream, d.rx_len)?;
             let mut x_norm = scratch::<f32>(stream, d.rx_len)?;
-            let f = k.function("iieu_conv_rx")?;
+            let f = kernel_fn!(stream, "iieu_conv_rx")?;
             let mut b = stream.launch_builder(&f);
             b.arg(sq).arg(&mut x_norm).arg(&mut r_x).arg(&g);
             // SAFETY: threads cover e < N·G'·P = r_x.len() = x_norm.len() (all written);
@@ -507,13 +507,13 @@ pub fn forward<T: DType>(
             unsafe { b.launch(elementwise(d.rx_len, 1)) }?;
             (r_x, x_norm)
         }
-        None => iieu_dev::launch_patch_norm(stream, &k, d, &xpv)?,
+        None => iieu_dev::launch_patch_norm(stream, d, &xpv)?,
     };
 
     // Per-(n, o) statistics of c.
     let mut mean_c = scratch::<f32>(stream, no)?;
     let mut m2_c = scratch::<f32>(stream, no)?;
-    let f = k.function("iieu_conv_plane_stats")?;
+    let f = kernel_fn!(stream, "iieu_conv_plane_stats")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&st_mean)
         .arg(&st_m2)
@@ -540,7 +540,7 @@ pub fn forward<T: DType>(
         None
     };
     let (mut momentum, mut bn_eps) = (0.0f32, 1.0f32);
-    let f = k.function("iieu_conv_psi")?;
+    let f = kernel_fn!(stream, "iieu_conv_psi")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&mean_c).arg(&m2_c).arg(&mode);
     match &mut params.psi {
@@ -592,7 +592,6 @@ pub fn forward<T: DType>(
     };
     let (y, iieu) = iieu_dev::finish_forward(
         stream,
-        &k,
         cfg,
         d,
         &conv.as_view(),
@@ -668,11 +667,9 @@ pub fn backward<T: DType>(
     let d = &cd.d;
     let g = cd.g;
 
-    let k = Kernels::get(stream.context())?;
     // IIEU-B backward with x = ψ(c) read through lin.
     let ig = iieu_dev::backward_core(
         stream,
-        &k,
         d,
         (dyv, saved.conv.as_view(), xpv.slice(..), wv.slice(..)),
         Some(&saved.lin),
@@ -685,14 +682,14 @@ pub fn backward<T: DType>(
     let (d_scale, d_shift, dc_own) = if mode == 0 {
         (None, None, None)
     } else {
-        let (a, b, dc) = psi_backward::<T>(stream, &k, d, &g, mode, &ig.dx, saved)?;
+        let (a, b, dc) = psi_backward::<T>(stream, d, &g, mode, &ig.dx, saved)?;
         (a, b, Some(dc))
     };
     let dc = dc_own.as_ref().unwrap_or(&ig.dx);
 
     // dx_pre = conv-transpose(dc, W) + the r_x path.
     let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
-    let f = k.function(&format!("iieu_conv_dgrad_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_conv_dgrad", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(dc).arg(&wv).arg(&ig.dx_pre).arg(&mut dx_pre).arg(&g);
     // SAFETY: block (n·itiles + it, grp·ctiles + ct) reads dc of sample n at channels
@@ -704,7 +701,7 @@ pub fn backward<T: DType>(
 
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
-    let f = k.function(&format!("iieu_conv_wgrad_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_conv_wgrad", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(dc).arg(&xpv).arg(&mut part).arg(&g);
     // SAFETY: block (grp·otiles + ot, kt, s) reads dc at (n·O + grp·O/g + o)·P + p
@@ -713,7 +710,7 @@ pub fn backward<T: DType>(
     // k < K — with all (s, grp, ot, kt) every element of the splits·O·K buffer once.
     unsafe { b.launch(gemm_launch(cd.wgrad_grid, splits as u32)) }?;
     let mut dw = scratch::<T>(stream, d.w_len)?;
-    let f = k.function(&format!("iieu_conv_wgrad_reduce_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_conv_wgrad_reduce", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part).arg(&ig.dw).arg(&mut dw).arg(&g);
     // SAFETY: threads cover e < O·K (dw, add: length O·K; all dw written), reading
@@ -738,7 +735,6 @@ type PsiGrads<T> = (Option<CudaSlice<f32>>, Option<CudaSlice<f32>>, CudaSlice<T>
 /// dψ shift, dc)` from `dx`, three launches. Lengths validated by the caller.
 fn psi_backward<T: DType>(
     stream: &Arc<CudaStream>,
-    k: &Kernels,
     d: &Dims,
     g: &ConvGeom,
     mode: i32,
@@ -748,7 +744,7 @@ fn psi_backward<T: DType>(
     let no = d.n * d.o;
     // Stage 1: per-(n, o) [Σ dx, Σ dx·x̂].
     let mut part2 = scratch::<f32>(stream, 2 * no)?;
-    let f = k.function(&format!("iieu_conv_psi_bwd_sums_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_conv_psi_bwd_sums", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(dx)
         .arg(&saved.conv)
@@ -769,7 +765,7 @@ fn psi_backward<T: DType>(
     };
     let mut d_shift = Some(scratch::<f32>(stream, d.o)?);
     let mut coef = scratch::<f32>(stream, 3 * d.o)?;
-    let f = k.function("iieu_conv_psi_bwd_params")?;
+    let f = kernel_fn!(stream, "iieu_conv_psi_bwd_params")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part2)
         .arg(&saved.lin)
@@ -785,7 +781,7 @@ fn psi_backward<T: DType>(
 
     // dc = A·dx + B·x̂ + C.
     let mut dc = scratch::<T>(stream, d.x_len)?;
-    let f = k.function(&format!("iieu_conv_dc_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_conv_dc", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(dx)
         .arg(&saved.conv)

@@ -30,9 +30,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{grid_for, to_i32, CudaSlice, CudaStream, DType, DeviceInput, Kernels, BLOCK};
+use super::handles::kernel_fn;
+use super::{grid_for, to_i32, CudaSlice, CudaStream, DType, DeviceInput, BLOCK};
 use crate::cpu::iieu_dc::{DcConfig, DcParams};
 use crate::error::{check_len, check_nonzero, Error, Result};
 
@@ -271,10 +272,6 @@ fn elementwise_grid<T>(numel: usize) -> u32 {
     grid_for(numel.div_ceil(w), BLOCK as usize)
 }
 
-fn func(stream: &Arc<CudaStream>, name: &str) -> Result<CudaFunction> {
-    Kernels::get(stream.context())?.function(name)
-}
-
 /// IIEU-DC forward on the GPU: `out = λ[n,0,c]·x + λ[n,1,c]·res` with `λ` from the
 /// coupler (formulas: [`crate::cpu::iieu_dc::forward`]). `x`, `res`: NCHW
 /// `(N, C, H, W)` in `T` with `S = H·W = cfg.s`.
@@ -354,7 +351,7 @@ pub fn forward<T: DType>(
     // (one write per (plane, branch): n·2C + k and n·2C + C + k for all planes).
     let mut gap = unsafe { stream.alloc::<f32>(nc2) }?;
     let (grid, warp_mode) = plane_grid(cfg.n * cfg.c, cfg.s);
-    let f = func(stream, &format!("iieu_dc_gap_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_dc_gap", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&x)
         .arg(&res)
@@ -372,7 +369,7 @@ pub fn forward<T: DType>(
     // (2) Coupler.
     // SAFETY: the coupler writes λ[n·2C + k] and λ[n·2C + C + k] for every n < N, k < C.
     let mut lambda = unsafe { stream.alloc::<f32>(nc2) }?;
-    let f = func(stream, "iieu_dc_coupler_fwd_f32")?;
+    let f = kernel_fn!(stream, "iieu_dc_coupler_fwd_f32")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&gap);
     push_params(&mut b, params);
@@ -387,7 +384,7 @@ pub fn forward<T: DType>(
     // (3) Mix.
     // SAFETY: the mix kernel writes every element of out (vector body + scalar tail).
     let mut out = unsafe { stream.alloc::<T>(p.numel) }?;
-    let f = func(stream, &format!("iieu_dc_mix_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_dc_mix", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&x)
         .arg(&res)
@@ -454,7 +451,7 @@ pub fn backward<T: DType>(
     // SAFETY: written for every (plane, branch) by the dots kernel before use.
     let mut pd = unsafe { stream.alloc::<f32>(nc2) }?;
     let (grid, warp_mode) = plane_grid(cfg.n * cfg.c, cfg.s);
-    let f = func(stream, &format!("iieu_dc_dots_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_dc_dots", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&dy)
         .arg(&x)
@@ -479,7 +476,7 @@ pub fn backward<T: DType>(
     // and dgap[n·2C + i] for every n < N, i < 2C.
     let mut part = unsafe { stream.alloc::<f32>(rows * p.part_len) }?;
     let mut dgap = unsafe { stream.alloc::<f32>(nc2) }?;
-    let f = func(stream, "iieu_dc_coupler_bwd_f32")?;
+    let f = kernel_fn!(stream, "iieu_dc_coupler_bwd_f32")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&saved.gap).arg(&pd);
     push_params(&mut b, params);
@@ -506,7 +503,7 @@ pub fn backward<T: DType>(
     let mut g_w2 = unsafe { stream.alloc::<f32>(c * hd) }?;
     let mut g_l2w = unsafe { stream.alloc::<f32>(2 * c) }?;
     let mut g_l2b = unsafe { stream.alloc::<f32>(2 * c) }?;
-    let f = func(stream, "iieu_dc_param_sum_f32")?;
+    let f = kernel_fn!(stream, "iieu_dc_param_sum_f32")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part)
         .arg(&rows_i32)
@@ -532,7 +529,7 @@ pub fn backward<T: DType>(
     let mut dx = unsafe { stream.alloc::<T>(p.numel) }?;
     let mut dres = unsafe { stream.alloc::<T>(p.numel) }?;
     let inv_s = (1.0 / cfg.s as f64) as f32;
-    let f = func(stream, &format!("iieu_dc_dx_{}", T::NAME))?;
+    let f = kernel_fn!(stream, "iieu_dc_dx", T)?;
     let mut b = stream.launch_builder(&f);
     b.arg(&dy)
         .arg(&saved.lambda)

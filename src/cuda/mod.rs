@@ -16,6 +16,7 @@ pub mod acon;
 pub mod aiec;
 pub mod cast;
 pub mod dtype;
+pub(crate) mod handles;
 pub mod iieu;
 pub mod iieu_conv;
 pub mod iieu_dc;

@@ -82,21 +82,30 @@ fn load(ctx: &Arc<CudaContext>) -> Result<(Arc<CudaModule>, Origin)> {
     let arch = u32::try_from(major * 10 + minor)
         .map_err(|_| Error::Driver(format!("bad compute capability {major}.{minor}")))?;
     let target = rtc::Target::Cubin(arch);
-    let rtc_err = match rtc::compile_for_driver(target, driver, true) {
-        Ok(c) => match ctx.load_module(Ptx::from_binary(c.image.clone())) {
-            Ok(m) => return Ok((m, c.origin())),
-            // A cached image the driver refuses (e.g. written by a broken earlier
-            // run): compile once more, replacing it.
-            Err(_) if c.from_cache => match rtc::compile_for_driver(target, driver, false) {
-                Ok(c) => match ctx.load_module(Ptx::from_binary(c.image.clone())) {
-                    Ok(m) => return Ok((m, c.origin())),
-                    Err(e) => format!("the driver refused its sm_{arch} image ({e})"),
-                },
-                Err(e) => e.to_string(),
-            },
-            Err(e) => format!("the driver refused its sm_{arch} image ({e})"),
+    // Compiles (or reads from the cache) and loads; Err(from_cache, why) on failure.
+    let attempt =
+        |read_cache: bool| -> std::result::Result<(Arc<CudaModule>, Origin), (bool, String)> {
+            let c = rtc::compile_for_driver(target, driver, read_cache)
+                .map_err(|e| (false, e.to_string()))?;
+            let origin = c.origin();
+            ctx.load_module(Ptx::from_binary(c.image))
+                .map(|m| (m, origin))
+                .map_err(|e| {
+                    (
+                        c.from_cache,
+                        format!("the driver refused its sm_{arch} image ({e})"),
+                    )
+                })
+        };
+    let rtc_err = match attempt(true) {
+        Ok(loaded) => return Ok(loaded),
+        // A cached image the driver refuses (e.g. written by a broken earlier run):
+        // compile once more, replacing it.
+        Err((true, _)) => match attempt(false) {
+            Ok(loaded) => return Ok(loaded),
+            Err((_, why)) => why,
         },
-        Err(e) => e.to_string(),
+        Err((false, why)) => why,
     };
     Err(Error::Driver(format!(
         "cannot load the kernels on this GPU (sm_{arch}): the driver supports CUDA {} and \

@@ -2,7 +2,9 @@
 //! memory-bound ReLU floor on the same tensor in the same run, so an op's cost can
 //! be read as a ratio to the floor.
 //!
-//! `cargo bench --bench cpu_ops` (threads: RAYON_NUM_THREADS; default all cores).
+//! `cargo bench --bench cpu_ops` (threads: RAYON_NUM_THREADS; default all cores;
+//! SIMD level: the CPU's best, or `AK_SIMD=avx2|scalar` to force a lower one for the
+//! ops and the floor alike — printed on stderr at the start).
 //! `scripts/perf-report.sh` runs them and writes the performance table of docs/performance.md.
 //!
 //! Throughput is reported as **bytes of compulsory traffic**: the f32 tensors an op
@@ -23,14 +25,14 @@
 //!   and AIEC;
 //! * `rn50_32x{256x56x56,512x28x28,1024x14x14,2048x7x7}`: ResNet-50 stages at batch
 //!   32, IIEU-B after a 3x3 and after a 1x1 conv (C → C).
-use activation_kernels::cpu::{acon, aiec, iieu, iieu_dc};
+use activation_kernels::cpu::{acon, aiec, iieu, iieu_dc, relu};
+use activation_kernels::fastmath::simd_level_report;
 use activation_kernels::{ActShape, Conv2dGeometry};
 use criterion::{
     black_box, criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 use std::time::Duration;
 
 type Group<'a> = BenchmarkGroup<'a, criterion::measurement::WallTime>;
@@ -39,41 +41,32 @@ fn randv(r: &mut SmallRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| r.gen_range(lo..hi)).collect()
 }
 
-/// The floor: a parallel ReLU that allocates its output like the ops do.
+/// The floor: the crate's ReLU (`cpu::relu`), written with the ops' own policies
+/// (runtime SIMD dispatch at `fastmath::simd_level`, 16 KB software prefetch, rayon
+/// tasks), allocating its output like the ops do.
 fn relu_fwd(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(1 << 16)
-        .zip(x.par_chunks(1 << 16))
-        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0)));
-    y
+    relu::forward(x).expect("relu forward")
 }
 
 fn relu_bwd(dy: &[f32], x: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0.0f32; x.len()];
-    relu_bwd_into(dy, x, &mut dx);
-    dx
+    relu::backward(dy, x).expect("relu backward")
 }
 
 /// The floor writing into a caller-owned buffer (compared with the ops' `_into` forms).
 fn relu_fwd_into(x: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(1 << 16)
-        .zip(x.par_chunks(1 << 16))
-        .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(o, &v)| *o = v.max(0.0)));
+    relu::forward_into(x, y).expect("relu forward_into")
 }
 
 fn relu_bwd_into(dy: &[f32], x: &[f32], dx: &mut [f32]) {
-    dx.par_chunks_mut(1 << 16)
-        .zip(x.par_chunks(1 << 16).zip(dy.par_chunks(1 << 16)))
-        .for_each(|(o, (x, g))| {
-            for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
-                *o = if v > 0.0 { g } else { 0.0 };
-            }
-        });
+    relu::backward_into(dy, x, dx).expect("relu backward_into")
 }
 
 /// A group with the fixed settings the report relies on (10 samples; short
 /// warm-up and measurement windows so the whole suite fits in a few minutes).
 fn group<'a>(c: &'a mut Criterion, name: &str) -> Group<'a> {
+    // Once per run, on stderr (scripts/perf-report.sh records it with the table).
+    static LEVEL: std::sync::Once = std::sync::Once::new();
+    LEVEL.call_once(|| eprintln!("SIMD level: {}", simd_level_report()));
     let mut g = c.benchmark_group(name);
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))

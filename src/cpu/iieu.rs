@@ -45,7 +45,7 @@ use rayon::prelude::*;
 
 use crate::cpu::common::{fit, layer_norm_bwd, layer_norm_fwd, sigmoid};
 use crate::error::{check_len, Error, Result};
-use crate::fastmath::simd_fn;
+use crate::fastmath::{prefetch_ahead, simd_fn};
 use crate::geometry::Conv2dGeometry;
 use crate::real::Real;
 
@@ -429,7 +429,7 @@ const LANES: usize = 32;
 /// `Σ f(v)` over `all[start..start + len]` in f64 (fixed lanes): lane = position mod
 /// `LANES` counted from `start`, the last `len mod LANES` elements in lane 0, lanes
 /// combined in order, so the sum is deterministic and the loop vectorises. Prefetches
-/// [`AHEAD`] bytes ahead within `all`, so a sweep over consecutive planes keeps
+/// [`AHEAD`](crate::fastmath::AHEAD) bytes ahead within `all`, so a sweep over consecutive planes keeps
 /// reading ahead across plane boundaries.
 #[inline(always)]
 fn lane_fold<T: Real>(all: &[T], start: usize, len: usize, f: impl Fn(f64) -> f64) -> f64 {
@@ -459,49 +459,6 @@ fn plane_sum_impl<T: Real>(all: &[T], start: usize, len: usize) -> f64 {
 #[inline(always)]
 fn lane_sum_sq_impl<T: Real>(v: &[T]) -> f64 {
     lane_fold(v, 0, v.len(), |a| a * a)
-}
-
-/// How far ahead of their reads the streaming loops (patch sum of squares, GAP,
-/// backward adjuster, `dx_pre` scaling) prefetch, in bytes. On the benchmark machine
-/// (AMD Zen 5, 2 cores) one thread sweeping `q += x_pre²` over a 26 MB tensor that is
-/// not in cache read 22 GB/s on the hardware prefetcher alone and 32 GB/s prefetching
-/// 16 KB ahead (4 KB: 27, 8 KB: 31), against 36 GB/s for a plain sum over the same
-/// tensor: every read there comes with a read-modify-write of `q`, which shortens how
-/// far ahead the core runs. In the whole 1x1 forward (2 threads, 32x64x56x56), 16 KB
-/// beat 8 KB by 3–5% in interleaved runs and 32 KB gained nothing more. In the
-/// backward (the adjuster's `x` and `dy`, the `dx_pre` pass's `x_pre`) it took the
-/// 1x1 `backward_into` from 3.9–4.0 ms to 3.5–3.6 ms.
-const AHEAD: usize = 16384;
-
-/// Hints the cache lines of `s[i + A..i + A + len]` into L1, `A` being [`AHEAD`]
-/// bytes in elements of `T`: called once per block of `len` elements that a loop is
-/// about to read at `s[i..]`. Lines past the end of `s` are skipped.
-#[inline(always)]
-fn prefetch_ahead<T>(s: &[T], i: usize, len: usize) {
-    let size = std::mem::size_of::<T>();
-    let at = i + AHEAD / size;
-    for l in (0..len).step_by(64 / size) {
-        prefetch(s, at + l);
-    }
-}
-
-/// Hints the cache line holding `s[i]` into L1; nothing when `i` is out of bounds (or
-/// off x86-64).
-#[inline(always)]
-fn prefetch<T>(s: &[T], i: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if i < s.len() {
-        // `_mm_prefetch` is a safe fn in newer std (SSE is baseline on x86-64).
-        #[allow(unused_unsafe)]
-        // SAFETY: `i < s.len()`, so the pointer stays inside `s`; a prefetch is only a
-        // hint to the cache: it never faults and never writes.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(i).cast::<i8>());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (s, i);
 }
 
 /// Elements per branch decision of the backward adjuster (a chunk whose `ρ̂` are all
@@ -714,7 +671,7 @@ simd_fn! {
 
 /// `q += v²` (in f64) over the `pi`-long channel planes of `xs`, one channel plane
 /// per sweep of `q` (channels added in order), in blocks of [`CHUNK`] that prefetch
-/// [`AHEAD`] bytes ahead within `xs`. Squares of f32 are exact in f64; the order of
+/// [`AHEAD`](crate::fastmath::AHEAD) bytes ahead within `xs`. Squares of f32 are exact in f64; the order of
 /// the additions is fixed.
 #[inline(always)]
 fn sum_sq_impl<T: Real>(xs: &[T], q: &mut [f64]) {
@@ -736,7 +693,7 @@ fn sum_sq_impl<T: Real>(xs: &[T], q: &mut [f64]) {
 }
 
 /// `out[c, i] = x[c, i]·a[i]` over the `a.len()`-long channel planes, prefetching `x`
-/// [`AHEAD`] bytes ahead across the planes.
+/// [`AHEAD`](crate::fastmath::AHEAD) bytes ahead across the planes.
 #[inline(always)]
 fn scale_planes_impl<T: Real>(out: &mut [T], x: &[T], a: &[f64]) {
     for (c, (dch, xch)) in out

@@ -12,3 +12,4 @@ pub mod common;
 pub mod iieu;
 pub mod iieu_conv;
 pub mod iieu_dc;
+pub mod relu;

@@ -83,10 +83,25 @@ pub fn exp_nonpos_f32(x: f32) -> f32 {
     }
 }
 
-/// Logistic sigmoid `1/(1 + e^{−x})` on top of [`exp_f32`]; relative error ≤ 3 ulp.
+/// Logistic sigmoid `1/(1 + e^{−x})` on top of [`exp_f32`]'s reduction: the same bits
+/// as `1/(1 + exp_f32(−x))` for `x ≥ −88` (relative error ≤ 3 ulp where σ is a normal
+/// number), and 0 below (where σ < 6.1·10⁻³⁹ is subnormal; absolute error <
+/// `f32::MIN_POSITIVE`). `e^{−x}` is only needed where it is a normal
+/// number: for `x > 87`, `1 + e^{−x}` rounds to 1 whatever tiny `e^{−x}` is, so the
+/// argument is clamped to `[−87, 88]` and `2^n` applied as one factor — one select
+/// instead of `exp_f32`'s three and one scaling instead of two (7 fewer vector
+/// instructions per 8 lanes in the ACON loops). NaN propagates.
 #[inline(always)]
 pub fn sigmoid_f32(x: f32) -> f32 {
-    1.0 / (1.0 + exp_f32(-x))
+    // clamp propagates NaN (then every step below is NaN).
+    let (er, ni) = exp_reduced((-x).clamp(-87.0, 88.0));
+    let e = er * f32::from_bits(((ni + 127) as u32) << 23);
+    let s = 1.0 / (1.0 + e);
+    if x < -88.0 {
+        0.0
+    } else {
+        s
+    }
 }
 
 /// Whether this CPU can run the AVX2 + FMA versions of the hot loops (x86 and
@@ -411,5 +426,35 @@ mod tests {
         }
         assert_eq!(sigmoid_f32(-200.0), 0.0);
         assert_eq!(sigmoid_f32(200.0), 1.0);
+        assert!(sigmoid_f32(f32::NAN).is_nan());
+        assert_eq!(sigmoid_f32(f32::INFINITY), 1.0);
+        assert_eq!(sigmoid_f32(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn sigmoid_has_the_bits_of_the_exp_f32_form_above_minus_88() {
+        // Every 97th f32 in [−88, 200] (both signs of the clamp, the subnormal e^{−x}).
+        let (lo, hi) = (-88.0f32, 200.0f32);
+        let mut checked = 0;
+        let mut x = lo;
+        while x <= hi {
+            let want = 1.0 / (1.0 + exp_f32(-x));
+            assert_eq!(sigmoid_f32(x).to_bits(), want.to_bits(), "x = {x}");
+            checked += 1;
+            x = if x < 0.0 {
+                f32::from_bits(x.to_bits() - 97)
+            } else if x == 0.0 {
+                f32::from_bits(97)
+            } else {
+                f32::from_bits(x.to_bits() + 97)
+            };
+            if x > -1e-30 && x < 0.0 {
+                x = 0.0;
+            }
+        }
+        assert!(checked > 1_000_000, "{checked}");
+        // Below −88: 0 instead of a subnormal below 6.1e-39.
+        assert_eq!(sigmoid_f32(-88.5), 0.0);
+        assert!(1.0 / (1.0 + exp_f32(88.5)) < 6.1e-39);
     }
 }

@@ -310,7 +310,10 @@ fn bad_inputs_are_errors() -> R {
     let x = t(&[0.5; 2 * 3 * 4], &[2, 3, 4]);
     let p3 = t(&[1.0; 3], &[3]);
     let p4 = t(&[1.0; 4], &[4]);
+    // (N, C) = (2, 3) is a per-(sample, channel) β for NCHW (candle::BetaShape); with
+    // N = 3 it fits neither layout.
     let p23 = t(&[1.0; 6], &[2, 3]);
+    let p32 = t(&[1.0; 6], &[3, 2]);
     for layout in LAYOUTS {
         let c_ok = match layout {
             Layout::Nchw => &p3,
@@ -324,9 +327,13 @@ fn bad_inputs_are_errors() -> R {
         assert!(ops::acon_b(&x, c_ok, c_ok, layout).is_ok());
         assert!(ops::meta_acon_c_layer(&x, c_ok, c_ok, layout).is_ok());
         assert!(ops::meta_acon_c_pixel(&x, c_ok, c_ok, layout).is_ok());
-        // Parameter length ≠ C (each parameter in turn), or a 2-D parameter.
+        // Parameter length ≠ C (each parameter in turn), or a 2-D β of other dims.
         assert!(ops::acon_a(&x, c_bad, layout).is_err());
-        assert!(ops::acon_a(&x, &p23, layout).is_err());
+        assert!(ops::acon_a(&x, &p32, layout).is_err());
+        assert_eq!(
+            ops::acon_a(&x, &p23, layout).is_ok(),
+            layout == Layout::Nchw
+        );
         assert!(ops::acon_b(&x, c_bad, c_ok, layout).is_err());
         assert!(ops::acon_b(&x, c_ok, c_bad, layout).is_err());
         assert!(ops::acon_b(&x, c_bad, c_bad, layout).is_err());

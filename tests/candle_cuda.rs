@@ -38,6 +38,7 @@ use activation_kernels::candle::ops::{
     MetaAconCOp, MetaGenKind, TauOp,
 };
 use activation_kernels::candle::ops::{IieuConvOp, IieuConvPsiSpec};
+use activation_kernels::candle::BetaShape;
 use activation_kernels::cpu::aiec::{AiecConfig, Pool};
 use activation_kernels::cpu::iieu::PatchNorm;
 use activation_kernels::Layout;
@@ -128,6 +129,23 @@ fn act_cases() -> Vec<(Vec<usize>, Layout, usize)> {
     ]
 }
 
+/// Every β layout of the ACON ops (β as a tensor: per channel, per (sample,
+/// channel), per sample).
+const BETAS: [BetaShape; 3] = [
+    BetaShape::PerChannel,
+    BetaShape::PerSampleChannel,
+    BetaShape::PerSample,
+];
+
+/// Elements of a β of layout `beta` for `n` samples and `c` channels.
+fn beta_len(beta: BetaShape, n: usize, c: usize) -> usize {
+    match beta {
+        BetaShape::PerChannel => c,
+        BetaShape::PerSampleChannel => n * c,
+        BetaShape::PerSample => n,
+    }
+}
+
 /// `n` test values made positive (β > 0): `|v| + 0.1`.
 fn positive(n: usize, seed: u64) -> Vec<f64> {
     data(n, seed).iter().map(|b| b.abs() + 0.1).collect()
@@ -186,33 +204,37 @@ fn acon_c_forward_backward() {
                 dims[1]
             };
             let (x, xc) = input(&data(n, 3), &dims, dt, &d);
-            let mut pv = data(3 * c, 4);
-            for b in &mut pv[2 * c..] {
-                *b = b.abs() + 0.1; // β > 0
-            }
-            let (p, pc) = input(&pv, &[3, c], dt, &d);
             let (g, gc) = input(&data(n, 5), &dims, dt, &d);
-            let op = AconCOp { layout };
-            let y = x.apply_op2_no_bwd(&p, &op).unwrap();
-            assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
-            let yc = xc.apply_op2_no_bwd(&pc, &op).unwrap();
-            let u = unit(dt);
-            check(
-                &format!("acon_c y {dt:?} {dims:?}"),
-                &host(&y),
-                &host(&yc),
-                u,
-                E_ELEM,
-            );
-            let (dx, dp) = op.bwd(&x, &p, &y, &g).unwrap();
-            let (dxc, dpc) = op.bwd(&xc, &pc, &yc, &gc).unwrap();
-            let (dx, dp) = (dx.unwrap(), dp.unwrap());
-            assert_eq!(dx.dims(), &dims[..]);
-            assert_eq!(dp.dims(), &[3, c]);
-            check("acon_c dx", &host(&dx), &host(&dxc.unwrap()), u, E_ELEM);
-            check("acon_c dp", &host(&dp), &host(&dpc.unwrap()), u, E_RED);
-            let packed = x.apply_op3_no_bwd(&p, &g, &AconCBwdOp { fwd: op }).unwrap();
-            assert_eq!(packed.dims(), &[n + 3 * c]);
+            for (bi, beta) in BETAS.into_iter().enumerate() {
+                let blen = beta_len(beta, dims[0], c);
+                let mut pv = data(2 * c + blen, 4 + bi as u64);
+                for b in &mut pv[2 * c..] {
+                    *b = b.abs() + 0.1; // β > 0
+                }
+                let plen = pv.len();
+                let (p, pc) = input(&pv, &[plen], dt, &d);
+                let op = AconCOp { layout, beta };
+                let y = x.apply_op2_no_bwd(&p, &op).unwrap();
+                assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+                let yc = xc.apply_op2_no_bwd(&pc, &op).unwrap();
+                let u = unit(dt);
+                check(
+                    &format!("acon_c y {dt:?} {dims:?}"),
+                    &host(&y),
+                    &host(&yc),
+                    u,
+                    E_ELEM,
+                );
+                let (dx, dp) = op.bwd(&x, &p, &y, &g).unwrap();
+                let (dxc, dpc) = op.bwd(&xc, &pc, &yc, &gc).unwrap();
+                let (dx, dp) = (dx.unwrap(), dp.unwrap());
+                assert_eq!(dx.dims(), &dims[..]);
+                assert_eq!(dp.dims(), &[plen]);
+                check("acon_c dx", &host(&dx), &host(&dxc.unwrap()), u, E_ELEM);
+                check("acon_c dp", &host(&dp), &host(&dpc.unwrap()), u, E_RED);
+                let packed = x.apply_op3_no_bwd(&p, &g, &AconCBwdOp { fwd: op }).unwrap();
+                assert_eq!(packed.dims(), &[n + plen]);
+            }
         }
     }
 }
@@ -224,35 +246,38 @@ fn acon_a_forward_backward() {
         for (dims, layout, c) in act_cases() {
             let n: usize = dims.iter().product();
             let (x, xc) = input(&data(n, 6), &dims, dt, &d);
-            let (b, bc) = input(&positive(c, 7), &[c], dt, &d);
             let (g, gc) = input(&data(n, 8), &dims, dt, &d);
-            let op = AconAOp { layout };
-            let y = x.apply_op2_no_bwd(&b, &op).unwrap();
-            assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
-            let yc = xc.apply_op2_no_bwd(&bc, &op).unwrap();
-            let u = unit(dt);
-            let what = format!("acon_a {dt:?} {dims:?}");
-            check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
-            let (dx, db) = op.bwd(&x, &b, &y, &g).unwrap();
-            let (dxc, dbc) = op.bwd(&xc, &bc, &yc, &gc).unwrap();
-            let (dx, db) = (dx.unwrap(), db.unwrap());
-            assert_eq!((dx.dims(), db.dims()), (&dims[..], &[c][..]));
-            check(
-                &format!("{what} dx"),
-                &host(&dx),
-                &host(&dxc.unwrap()),
-                u,
-                E_ELEM,
-            );
-            check(
-                &format!("{what} dbeta"),
-                &host(&db),
-                &host(&dbc.unwrap()),
-                u,
-                E_RED,
-            );
-            let packed = x.apply_op3_no_bwd(&b, &g, &AconABwdOp { fwd: op }).unwrap();
-            assert_eq!(packed.dims(), &[n + c]);
+            for (bi, beta) in BETAS.into_iter().enumerate() {
+                let blen = beta_len(beta, dims[0], c);
+                let (b, bc) = input(&positive(blen, 7 + bi as u64), &[blen], dt, &d);
+                let op = AconAOp { layout, beta };
+                let y = x.apply_op2_no_bwd(&b, &op).unwrap();
+                assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+                let yc = xc.apply_op2_no_bwd(&bc, &op).unwrap();
+                let u = unit(dt);
+                let what = format!("acon_a {dt:?} {dims:?}");
+                check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
+                let (dx, db) = op.bwd(&x, &b, &y, &g).unwrap();
+                let (dxc, dbc) = op.bwd(&xc, &bc, &yc, &gc).unwrap();
+                let (dx, db) = (dx.unwrap(), db.unwrap());
+                assert_eq!((dx.dims(), db.dims()), (&dims[..], &[blen][..]));
+                check(
+                    &format!("{what} dx"),
+                    &host(&dx),
+                    &host(&dxc.unwrap()),
+                    u,
+                    E_ELEM,
+                );
+                check(
+                    &format!("{what} dbeta"),
+                    &host(&db),
+                    &host(&dbc.unwrap()),
+                    u,
+                    E_RED,
+                );
+                let packed = x.apply_op3_no_bwd(&b, &g, &AconABwdOp { fwd: op }).unwrap();
+                assert_eq!(packed.dims(), &[n + blen]);
+            }
         }
     }
 }
@@ -264,37 +289,41 @@ fn acon_b_forward_backward() {
         for (dims, layout, c) in act_cases() {
             let n: usize = dims.iter().product();
             let (x, xc) = input(&data(n, 9), &dims, dt, &d);
-            let mut pv = data(c, 10);
-            pv.extend(positive(c, 11));
-            let (p, pc) = input(&pv, &[2, c], dt, &d);
             let (g, gc) = input(&data(n, 12), &dims, dt, &d);
-            let op = AconBOp { layout };
-            let y = x.apply_op2_no_bwd(&p, &op).unwrap();
-            assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
-            let yc = xc.apply_op2_no_bwd(&pc, &op).unwrap();
-            let u = unit(dt);
-            let what = format!("acon_b {dt:?} {dims:?}");
-            check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
-            let (dx, dp) = op.bwd(&x, &p, &y, &g).unwrap();
-            let (dxc, dpc) = op.bwd(&xc, &pc, &yc, &gc).unwrap();
-            let (dx, dp) = (dx.unwrap(), dp.unwrap());
-            assert_eq!((dx.dims(), dp.dims()), (&dims[..], &[2, c][..]));
-            check(
-                &format!("{what} dx"),
-                &host(&dx),
-                &host(&dxc.unwrap()),
-                u,
-                E_ELEM,
-            );
-            check(
-                &format!("{what} dp"),
-                &host(&dp),
-                &host(&dpc.unwrap()),
-                u,
-                E_RED,
-            );
-            let packed = x.apply_op3_no_bwd(&p, &g, &AconBBwdOp { fwd: op }).unwrap();
-            assert_eq!(packed.dims(), &[n + 2 * c]);
+            for (bi, beta) in BETAS.into_iter().enumerate() {
+                let blen = beta_len(beta, dims[0], c);
+                let mut pv = data(c, 10);
+                pv.extend(positive(blen, 11 + bi as u64));
+                let plen = pv.len();
+                let (p, pc) = input(&pv, &[plen], dt, &d);
+                let op = AconBOp { layout, beta };
+                let y = x.apply_op2_no_bwd(&p, &op).unwrap();
+                assert_eq!((y.dtype(), y.dims()), (dt, &dims[..]));
+                let yc = xc.apply_op2_no_bwd(&pc, &op).unwrap();
+                let u = unit(dt);
+                let what = format!("acon_b {dt:?} {dims:?}");
+                check(&format!("{what} y"), &host(&y), &host(&yc), u, E_ELEM);
+                let (dx, dp) = op.bwd(&x, &p, &y, &g).unwrap();
+                let (dxc, dpc) = op.bwd(&xc, &pc, &yc, &gc).unwrap();
+                let (dx, dp) = (dx.unwrap(), dp.unwrap());
+                assert_eq!((dx.dims(), dp.dims()), (&dims[..], &[plen][..]));
+                check(
+                    &format!("{what} dx"),
+                    &host(&dx),
+                    &host(&dxc.unwrap()),
+                    u,
+                    E_ELEM,
+                );
+                check(
+                    &format!("{what} dp"),
+                    &host(&dp),
+                    &host(&dpc.unwrap()),
+                    u,
+                    E_RED,
+                );
+                let packed = x.apply_op3_no_bwd(&p, &g, &AconBBwdOp { fwd: op }).unwrap();
+                assert_eq!(packed.dims(), &[n + plen]);
+            }
         }
     }
 }
@@ -800,7 +829,8 @@ fn bad_input_is_an_error() {
         .apply_op2_no_bwd(
             &p,
             &AconCOp {
-                layout: Layout::Nchw
+                layout: Layout::Nchw,
+                beta: BetaShape::PerChannel,
             }
         )
         .is_err());
@@ -811,42 +841,73 @@ fn bad_input_is_an_error() {
         .apply_op2_no_bwd(
             &p3,
             &AconCOp {
-                layout: Layout::Nchw
+                layout: Layout::Nchw,
+                beta: BetaShape::PerChannel,
             }
         )
         .is_err());
     // Mixed dtypes.
-    let (p16, _) = input(&data(9, 1), &[3, 3], DType::F16, &d);
+    let (p16, _) = input(&data(9, 1), &[9], DType::F16, &d);
     assert!(x
         .apply_op2_no_bwd(
             &p16,
             &AconCOp {
-                layout: Layout::Nchw
+                layout: Layout::Nchw,
+                beta: BetaShape::PerChannel,
             }
         )
         .is_err());
     // ACON-A / ACON-B: wrong parameter dims, mixed dtypes, f64, and dy of the wrong dims.
     let nchw = Layout::Nchw;
     let (b4, _) = input(&data(4, 1), &[4], DType::F32, &d);
-    assert!(x.apply_op2_no_bwd(&b4, &AconAOp { layout: nchw }).is_err());
+    assert!(x
+        .apply_op2_no_bwd(
+            &b4,
+            &AconAOp {
+                layout: nchw,
+                beta: BetaShape::PerChannel,
+            }
+        )
+        .is_err());
     let (b3_16, _) = input(&data(3, 1), &[3], DType::F16, &d);
     assert!(x
-        .apply_op2_no_bwd(&b3_16, &AconAOp { layout: nchw })
+        .apply_op2_no_bwd(
+            &b3_16,
+            &AconAOp {
+                layout: nchw,
+                beta: BetaShape::PerChannel,
+            }
+        )
         .is_err());
-    let (pb, _) = input(&data(6, 1), &[2, 3], DType::F32, &d);
-    assert!(x.apply_op2_no_bwd(&p, &AconBOp { layout: nchw }).is_err());
+    let (pb, _) = input(&data(6, 1), &[6], DType::F32, &d);
+    assert!(x
+        .apply_op2_no_bwd(
+            &p,
+            &AconBOp {
+                layout: nchw,
+                beta: BetaShape::PerChannel,
+            }
+        )
+        .is_err());
     assert!(x
         .apply_op2_no_bwd(
             &pb,
             &AconBOp {
-                layout: Layout::Nlc
+                layout: Layout::Nlc,
+                beta: BetaShape::PerChannel,
             }
         )
         .is_err());
     let x64 = Tensor::zeros((2, 3, 5), DType::F64, &d).unwrap();
-    let pb64 = Tensor::zeros((2, 3), DType::F64, &d).unwrap();
+    let pb64 = Tensor::zeros(6, DType::F64, &d).unwrap();
     let err = x64
-        .apply_op2_no_bwd(&pb64, &AconBOp { layout: nchw })
+        .apply_op2_no_bwd(
+            &pb64,
+            &AconBOp {
+                layout: nchw,
+                beta: BetaShape::PerChannel,
+            },
+        )
         .unwrap_err();
     assert!(
         matches!(err, candle_core::Error::UnsupportedDTypeForOp(..)),
@@ -854,16 +915,23 @@ fn bad_input_is_an_error() {
     );
     let (b3, _) = input(&data(3, 1), &[3], DType::F32, &d);
     let (g_bad, _) = input(&data(30, 1), &[2, 5, 3], DType::F32, &d);
-    let fwd = AconAOp { layout: nchw };
+    let fwd = AconAOp {
+        layout: nchw,
+        beta: BetaShape::PerChannel,
+    };
     assert!(x
         .apply_op3_no_bwd(&b3, &g_bad, &AconABwdOp { fwd })
         .is_err());
-    let fwd = AconBOp { layout: nchw };
+    let fwd = AconBOp {
+        layout: nchw,
+        beta: BetaShape::PerChannel,
+    };
     assert!(x
         .apply_op3_no_bwd(&pb, &g_bad, &AconBBwdOp { fwd })
         .is_err());
     // meta-ACON-C: generator pack of the wrong length, dy on the CPU or of the
     // wrong dims, f64.
+    let (pm, _) = input(&data(6, 1), &[2, 3], DType::F32, &d);
     let meta = MetaAconCOp {
         layout: nchw,
         width: 2,
@@ -871,27 +939,27 @@ fn bad_input_is_an_error() {
         b2: true,
     };
     let (gp_bad, _) = input(&data(10, 1), &[10], DType::F32, &d);
-    assert!(x.apply_op3_no_bwd(&pb, &gp_bad, &meta).is_err());
+    assert!(x.apply_op3_no_bwd(&pm, &gp_bad, &meta).is_err());
     let (gp, _) = input(&data(17, 1), &[17], DType::F32, &d);
-    x.apply_op3_no_bwd(&pb, &gp, &meta).unwrap();
+    x.apply_op3_no_bwd(&pm, &gp, &meta).unwrap();
     let dy_cpu = Tensor::zeros((2, 3, 5), DType::F32, &Device::Cpu).unwrap();
     let bop = MetaAconCBwdOp {
         fwd: meta,
         dy: dy_cpu,
     };
-    assert!(x.apply_op3_no_bwd(&pb, &gp, &bop).is_err());
+    assert!(x.apply_op3_no_bwd(&pm, &gp, &bop).is_err());
     let bop = MetaAconCBwdOp {
         fwd: meta,
         dy: g_bad.clone(),
     };
-    assert!(x.apply_op3_no_bwd(&pb, &gp, &bop).is_err());
+    assert!(x.apply_op3_no_bwd(&pm, &gp, &bop).is_err());
     let gen = MetaAconCGenOp {
         layout: nchw,
         gen: MetaGenKind::Layer,
     };
     assert!(x.apply_op2_no_bwd(&b3, &gen).is_err());
     assert!(x
-        .apply_op3_no_bwd(&pb, &g_bad, &MetaAconCGenBwdOp { fwd: gen })
+        .apply_op3_no_bwd(&pm, &g_bad, &MetaAconCGenBwdOp { fwd: gen })
         .is_err());
     let err = x64.apply_op2_no_bwd(&pb64, &gen).unwrap_err();
     assert!(

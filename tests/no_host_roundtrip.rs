@@ -21,6 +21,7 @@ use activation_kernels::candle::ops::{
     AconAOp, AconBOp, AconCOp, AiecLossOp, IieuBOp, IieuConvOp, IieuConvPsiSpec, IieuDcOp,
     IieuOpts, MetaAconCGenOp, MetaAconCOp, MetaGenKind, TauOp,
 };
+use activation_kernels::candle::BetaShape;
 use activation_kernels::cpu::aiec::{AiecConfig, Pool};
 use activation_kernels::cpu::iieu::PatchNorm;
 use activation_kernels::emu::{self, Transfers};
@@ -56,8 +57,12 @@ struct Inputs {
     x: Tensor,
     g: Tensor,
     p3: Tensor,
+    // ACON-C with β per (sample, channel): 1-D [p1; p2; β (N·C)]
+    pnc: Tensor,
     p1: Tensor,
     p2: Tensor,
+    // ACON-B: 1-D [p; β]
+    pb: Tensor,
     gen: Tensor,
     // IIEU-B: x (N, O, H, W), x_pre (N, C, H, W), [W; γ̇; β̇; η], dy
     ix: Tensor,
@@ -113,9 +118,11 @@ fn inputs(d: &Device) -> Inputs {
     Inputs {
         x: t(d, &dims, 1, -3.0, 3.0),
         g: t(d, &dims, 2, -1.0, 1.0),
-        p3: Tensor::from_vec(p3, (3, C), d).expect("upload"),
+        p3: Tensor::from_vec(p3, 3 * C, d).expect("upload"),
+        pnc: t(d, &[2 * C + N * C], 12, 0.5, 1.5),
         p1: t(d, &[C], 5, 0.5, 1.5),
         p2: t(d, &[2, C], 6, -1.0, 1.0),
+        pb: t(d, &[2 * C], 6, -1.0, 1.0),
         gen: t(d, &[glen], 7, -0.5, 0.5),
         ix: t(d, &dims, 8, -2.0, 2.0),
         ixp: t(d, &dims, 9, -2.0, 2.0),
@@ -164,17 +171,24 @@ fn every_op(i: &Inputs, aiec: &Aiec) -> Vec<Tensor> {
     let y = i.x.apply_op1_no_bwd(&op).expect("tau");
     keep(op.bwd(&i.x, &y, &i.g).expect("tau bwd"));
     keep(Some(y));
-    // ACON-C, ACON-A, ACON-B
-    let op = AconCOp {
-        layout: Layout::Nchw,
-    };
-    let y = i.x.apply_op2_no_bwd(&i.p3, &op).expect("acon_c");
-    let (a, b) = op.bwd(&i.x, &i.p3, &y, &i.g).expect("acon_c bwd");
-    keep(a);
-    keep(b);
-    keep(Some(y));
+    // ACON-C (β per channel, and per (sample, channel) as a tensor), ACON-A, ACON-B
+    for (beta, p) in [
+        (BetaShape::PerChannel, &i.p3),
+        (BetaShape::PerSampleChannel, &i.pnc),
+    ] {
+        let op = AconCOp {
+            layout: Layout::Nchw,
+            beta,
+        };
+        let y = i.x.apply_op2_no_bwd(p, &op).expect("acon_c");
+        let (a, b) = op.bwd(&i.x, p, &y, &i.g).expect("acon_c bwd");
+        keep(a);
+        keep(b);
+        keep(Some(y));
+    }
     let op = AconAOp {
         layout: Layout::Nchw,
+        beta: BetaShape::PerChannel,
     };
     let y = i.x.apply_op2_no_bwd(&i.p1, &op).expect("acon_a");
     let (a, b) = op.bwd(&i.x, &i.p1, &y, &i.g).expect("acon_a bwd");
@@ -183,9 +197,10 @@ fn every_op(i: &Inputs, aiec: &Aiec) -> Vec<Tensor> {
     keep(Some(y));
     let op = AconBOp {
         layout: Layout::Nchw,
+        beta: BetaShape::PerChannel,
     };
-    let y = i.x.apply_op2_no_bwd(&i.p2, &op).expect("acon_b");
-    let (a, b) = op.bwd(&i.x, &i.p2, &y, &i.g).expect("acon_b bwd");
+    let y = i.x.apply_op2_no_bwd(&i.pb, &op).expect("acon_b");
+    let (a, b) = op.bwd(&i.x, &i.pb, &y, &i.g).expect("acon_b bwd");
     keep(a);
     keep(b);
     keep(Some(y));

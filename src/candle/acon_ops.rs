@@ -18,8 +18,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout as CLayout, Shape, Tensor};
 
-use super::{act_shape, cerr, check_dims, check_float, cpu_data, host, El};
-use crate::cpu::acon::{self, Beta, MetaGen};
+use super::{act_shape, cerr, check_dims, check_float, check_numel, cpu_data, host, BetaShape, El};
+use crate::cpu::acon::{self, MetaGen};
 use crate::layout::Layout;
 
 type CResult<T> = candle_core::Result<T>;
@@ -28,15 +28,19 @@ type Grads2 = (Option<Tensor>, Option<Tensor>);
 // ---------------------------------------------------------------------------
 // ACON-A
 
-/// ACON-A (Swish with a learnable per-channel β, SPEC §2): inputs `x` and `β` of dims
-/// `(C,)`; output `y = x·σ(β·x)` ([`acon::acon_a_forward`]). Gradients, with
-/// `s = σ(β·x)`: `dx = dy·(s + β·x·s(1 − s))` and `dβ[c] = Σ dy·x²·s(1 − s)` summed
-/// over N and positions ([`acon::acon_a_backward`]: f64 sums, deterministic).
+/// ACON-A (Swish with a learnable β, SPEC §2): inputs `x` and `β` (per channel, per
+/// (sample, channel) or per sample, as [`Self::beta`] says); output `y = x·σ(β·x)`
+/// ([`acon::acon_a_forward`]). Gradients, with `s = σ(β·x)`:
+/// `dx = dy·(s + β·x·s(1 − s))` and `dβ = Σ dy·x²·s(1 − s)` summed over what shares
+/// one β (N and positions for a per-channel β; [`acon::acon_a_backward`]: f64 sums,
+/// deterministic), of β's own dims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AconAOp {
     /// Where the channel axis is: [`Layout::Nchw`] `(N, C, ...)` or [`Layout::Nlc`]
     /// `(N, L, C)`.
     pub layout: Layout,
+    /// How β is laid out.
+    pub beta: BetaShape,
 }
 
 fn acon_a_fwd<T: El>(
@@ -48,17 +52,17 @@ fn acon_a_fwd<T: El>(
 ) -> CResult<(CpuStorage, Shape)> {
     let name = "acon_a";
     let shape = act_shape(name, l1.dims(), op.layout)?;
-    check_dims(name, "beta", l2.dims(), &[shape.c])?;
+    check_numel(name, "beta", l2.dims(), op.beta.len(&shape))?;
     let x = cpu_data::<T>(name, s1, l1)?;
     let beta = cpu_data::<T>(name, s2, l2)?;
-    let y = acon::acon_a_forward(&shape, &x, Beta::PerChannel(&beta)).map_err(cerr)?;
+    let y = acon::acon_a_forward(&shape, &x, op.beta.cpu(&beta)).map_err(cerr)?;
     Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
 }
 
 fn acon_a_bwd<T: El>(op: &AconAOp, x: &Tensor, beta: &Tensor, g: &Tensor) -> CResult<Grads2> {
     let shape = act_shape("acon_a", x.dims(), op.layout)?;
     let (xv, bv, gv) = (host::<T>(x)?, host::<T>(beta)?, host::<T>(g)?);
-    let gr = acon::acon_a_backward(&shape, &gv, &xv, Beta::PerChannel(&bv)).map_err(cerr)?;
+    let gr = acon::acon_a_backward(&shape, &gv, &xv, op.beta.cpu(&bv)).map_err(cerr)?;
     Ok((
         Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
         Some(Tensor::from_vec(gr.dbeta, beta.shape(), beta.device())?),
@@ -97,8 +101,10 @@ impl CustomOp2 for AconAOp {
     }
 }
 
-/// ACON-A: `y = x·σ(β·x)` with `beta` of dims `(C,)` (Swish for β = 1).
-/// Differentiable w.r.t. `x` and `beta` (see [`AconAOp`] for the gradients).
+/// ACON-A: `y = x·σ(β·x)` (Swish for β = 1) with `beta` per channel `(C,)`, per
+/// (sample, channel) `(N, C)` / `(N, C, 1, 1)` or per sample `(N, 1)`
+/// ([`BetaShape`]). Differentiable w.r.t. `x` and `beta` (see [`AconAOp`] for the
+/// gradients).
 ///
 /// # Example (forward and backward through candle's autograd)
 ///
@@ -125,15 +131,19 @@ impl CustomOp2 for AconAOp {
 /// ```
 pub fn acon_a(x: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
     check_float(x.dtype(), "acon_a")?;
-    x.contiguous()?
-        .apply_op2(&beta.contiguous()?, AconAOp { layout })
+    let shape = act_shape("acon_a", x.dims(), layout)?;
+    let op = AconAOp {
+        layout,
+        beta: BetaShape::of("acon_a", beta.dims(), &shape)?,
+    };
+    x.contiguous()?.apply_op2(&beta.contiguous()?, op)
 }
 
 // ---------------------------------------------------------------------------
 // ACON-B
 
-/// ACON-B with per-channel parameters (SPEC §2): inputs `x` and the pack of dims
-/// `[2, C]` = `[p; β]`; output `y = (1 − p)·x·σ(β(1 − p)·x) + p·x`
+/// ACON-B (SPEC §2): inputs `x` and the 1-D pack `[p (C); β]`, β laid out as
+/// [`Self::beta`] says (`C`, `N·C` or `N` values); output `y = (1 − p)·x·σ(β(1 − p)·x) + p·x`
 /// ([`acon::acon_b_forward`], i.e. ACON-C with `p1 = 1`, `p2 = p`). Gradients, with
 /// `d = (1 − p)·x`, `s = σ(β·d)`, `∂y/∂d = s + β·d·s(1 − s)`:
 /// `dx = dy·((1 − p)·∂y/∂d + p)`, `dp[c] = Σ dy·(x − x·∂y/∂d)`,
@@ -143,6 +153,8 @@ pub fn acon_a(x: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
 pub struct AconBOp {
     /// Channel axis of `x`.
     pub layout: Layout,
+    /// How the pack's β part is laid out.
+    pub beta: BetaShape,
 }
 
 fn acon_b_fwd<T: El>(
@@ -155,10 +167,10 @@ fn acon_b_fwd<T: El>(
     let name = "acon_b";
     let shape = act_shape(name, l1.dims(), op.layout)?;
     let c = shape.c;
-    check_dims(name, "[p; beta]", l2.dims(), &[2, c])?;
+    check_dims(name, "[p; beta]", l2.dims(), &[c + op.beta.len(&shape)])?;
     let x = cpu_data::<T>(name, s1, l1)?;
     let pb = cpu_data::<T>(name, s2, l2)?;
-    let y = acon::acon_b_forward(&shape, &x, &pb[..c], Beta::PerChannel(&pb[c..])).map_err(cerr)?;
+    let y = acon::acon_b_forward(&shape, &x, &pb[..c], op.beta.cpu(&pb[c..])).map_err(cerr)?;
     Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
 }
 
@@ -166,15 +178,15 @@ fn acon_b_bwd<T: El>(op: &AconBOp, x: &Tensor, pb: &Tensor, g: &Tensor) -> CResu
     let name = "acon_b";
     let shape = act_shape(name, x.dims(), op.layout)?;
     let c = shape.c;
-    check_dims(name, "[p; beta]", pb.dims(), &[2, c])?;
+    check_dims(name, "[p; beta]", pb.dims(), &[c + op.beta.len(&shape)])?;
     let (xv, pv, gv) = (host::<T>(x)?, host::<T>(pb)?, host::<T>(g)?);
-    let gr = acon::acon_b_backward(&shape, &gv, &xv, &pv[..c], Beta::PerChannel(&pv[c..]))
-        .map_err(cerr)?;
+    let gr =
+        acon::acon_b_backward(&shape, &gv, &xv, &pv[..c], op.beta.cpu(&pv[c..])).map_err(cerr)?;
     let mut dpb = gr.dp;
     dpb.extend(gr.dbeta);
     Ok((
         Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
-        Some(Tensor::from_vec(dpb, (2, c), pb.device())?),
+        Some(Tensor::from_vec(dpb, pb.shape(), pb.device())?),
     ))
 }
 
@@ -210,8 +222,10 @@ impl CustomOp2 for AconBOp {
     }
 }
 
-/// ACON-B: `y = (1 − p)·x·σ(β(1 − p)·x) + p·x` with `p`, `beta` of dims `(C,)`.
-/// Differentiable w.r.t. `x`, `p` and `beta` (see [`AconBOp`] for the gradients).
+/// ACON-B: `y = (1 − p)·x·σ(β(1 − p)·x) + p·x` with `p` of dims `(C,)` and `beta`
+/// per channel `(C,)`, per (sample, channel) `(N, C)` / `(N, C, 1, 1)` or per sample
+/// `(N, 1)` ([`BetaShape`]). Differentiable w.r.t. `x`, `p` and `beta` (see
+/// [`AconBOp`] for the gradients).
 ///
 /// # Example (forward and backward through candle's autograd)
 ///
@@ -242,9 +256,13 @@ impl CustomOp2 for AconBOp {
 /// ```
 pub fn acon_b(x: &Tensor, p: &Tensor, beta: &Tensor, layout: Layout) -> CResult<Tensor> {
     check_float(x.dtype(), "acon_b")?;
-    let pb = Tensor::stack(&[p, beta], 0)?;
-    x.contiguous()?
-        .apply_op2(&pb.contiguous()?, AconBOp { layout })
+    let shape = act_shape("acon_b", x.dims(), layout)?;
+    let op = AconBOp {
+        layout,
+        beta: BetaShape::of("acon_b", beta.dims(), &shape)?,
+    };
+    let pb = Tensor::cat(&[p.flatten_all()?, beta.flatten_all()?], 0)?;
+    x.contiguous()?.apply_op2(&pb.contiguous()?, op)
 }
 
 // ---------------------------------------------------------------------------

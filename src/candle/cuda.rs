@@ -275,11 +275,11 @@ fn acon_c_inputs<'a, T: CudaEl>(
     l2: &CLayout,
 ) -> CResult<(crate::ActShape, CudaView<'a, T>, Vec<CudaSlice<f32>>)> {
     let shape = act_shape(name, l1.dims(), op.layout)?;
-    let c = shape.c;
-    check_dims(name, "p = [p1; p2; beta]", l2.dims(), &[3, c])?;
+    let lens = op.lens(&shape);
+    check_dims(name, "p = [p1; p2; beta]", l2.dims(), &[lens.iter().sum()])?;
     let st = stream(s1);
     let x = view::<T>(name, s1, l1)?;
-    let p = f32_parts(name, &st, &view::<T>(name, s2, l2)?, &[c, c, c])?;
+    let p = f32_parts(name, &st, &view::<T>(name, s2, l2)?, &lens)?;
     Ok((shape, x, p))
 }
 
@@ -292,7 +292,7 @@ fn acon_c_fwd_t<T: CudaEl>(
 ) -> CResult<(CudaStorage, Shape)> {
     let (shape, x, p) = acon_c_inputs::<T>("acon_c", op, s1, l1, s2, l2)?;
     let st = stream(s1);
-    let beta = kc::acon::Beta::PerChannel(&p[2]);
+    let beta = op.beta.cuda(&p[2]);
     let y = kc::acon::acon_c_forward(&st, &shape, &x, &p[0], &p[1], beta).map_err(cerr)?;
     Ok((wrap(s1, y), l1.shape().clone()))
 }
@@ -309,7 +309,7 @@ pub(crate) fn acon_c_fwd(
 }
 
 /// ACON-C backward as an op of `(x, p, dy)`: output the packed `[dx; dp]` (1-D,
-/// `numel(x) + 3·C`), `dp` = `[dp1; dp2; dβ]`.
+/// `numel(x) + 2·C + len(β)`), `dp` = `[dp1; dp2; dβ]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AconCBwdOp {
     /// The forward op.
@@ -330,12 +330,9 @@ fn acon_c_bwd_t<T: CudaEl>(
     check_dims(name, "dy", l3.dims(), l1.dims())?;
     let dy = view::<T>(name, s3, l3)?;
     let st = stream(s1);
-    let beta = kc::acon::Beta::PerChannel(&p[2]);
+    let beta = op.beta.cuda(&p[2]);
     let g = kc::acon::acon_c_backward(&st, &shape, &dy, &x, &p[0], &p[1], beta).map_err(cerr)?;
-    let dbeta = g
-        .dbeta
-        .as_ref()
-        .ok_or_else(|| op_err(name, "no dbeta from a per-channel beta"))?;
+    let dbeta = need(name, &g.dbeta, "dbeta")?;
     let out = pack(
         &st,
         &[
@@ -490,16 +487,29 @@ type Sl<'a> = (&'a CudaStorage, &'a CLayout);
 // ---------------------------------------------------------------------------
 // ACON-A
 
+/// ACON-A's `x` and β (any [`super::BetaShape`]; β's dims are free as long as its
+/// element count fits: the public function checked them).
+fn acon_a_inputs<'a, T: CudaEl>(
+    name: &str,
+    op: &super::acon_ops::AconAOp,
+    x: Sl<'a>,
+    p: Sl<'_>,
+) -> CResult<(crate::ActShape, CudaView<'a, T>, Vec<CudaSlice<f32>>)> {
+    let shape = act_shape(name, x.1.dims(), op.layout)?;
+    let len = op.beta.len(&shape);
+    super::check_numel(name, "beta", p.1.dims(), len)?;
+    let p_dims = p.1.dims().to_vec();
+    x_and_params::<T>(name, op.layout, x, p, &p_dims, &[len])
+}
+
 fn acon_a_fwd_t<T: CudaEl>(
     op: &super::acon_ops::AconAOp,
     x: Sl<'_>,
     p: Sl<'_>,
 ) -> CResult<(CudaStorage, Shape)> {
-    let c = act_shape("acon_a", x.1.dims(), op.layout)?.c;
-    let (shape, xv, b) = x_and_params::<T>("acon_a", op.layout, x, p, &[c], &[c])?;
+    let (shape, xv, b) = acon_a_inputs::<T>("acon_a", op, x, p)?;
     let st = stream(x.0);
-    let y = kc::acon::acon_a_forward(&st, &shape, &xv, kc::acon::Beta::PerChannel(&b[0]))
-        .map_err(cerr)?;
+    let y = kc::acon::acon_a_forward(&st, &shape, &xv, op.beta.cuda(&b[0])).map_err(cerr)?;
     Ok((wrap(x.0, y), x.1.shape().clone()))
 }
 
@@ -515,7 +525,7 @@ pub(crate) fn acon_a_fwd(
 }
 
 /// ACON-A backward as an op of `(x, β, dy)`: output the packed `[dx; dβ]` (1-D,
-/// `numel(x) + C`).
+/// `numel(x) + len(β)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AconABwdOp {
     /// The forward op.
@@ -529,12 +539,10 @@ fn acon_a_bwd_t<T: CudaEl>(
     dy: Sl<'_>,
 ) -> CResult<(CudaStorage, Shape)> {
     let name = "acon_a_bwd";
-    let c = act_shape(name, x.1.dims(), op.layout)?.c;
-    let (shape, xv, b) = x_and_params::<T>(name, op.layout, x, p, &[c], &[c])?;
+    let (shape, xv, b) = acon_a_inputs::<T>(name, op, x, p)?;
     let dyv = dy_view::<T>(name, dy, x.1)?;
     let st = stream(x.0);
-    let g = kc::acon::acon_a_backward(&st, &shape, &dyv, &xv, kc::acon::Beta::PerChannel(&b[0]))
-        .map_err(cerr)?;
+    let g = kc::acon::acon_a_backward(&st, &shape, &dyv, &xv, op.beta.cuda(&b[0])).map_err(cerr)?;
     let db = need(name, &g.dbeta, "dbeta")?;
     packed_out(x.0, &st, &[Part::Dev(&g.dx), Part::F32(db)])
 }
@@ -556,16 +564,27 @@ pub(crate) fn acon_a_bwd(
 // ---------------------------------------------------------------------------
 // ACON-B
 
+/// ACON-B's `x` and the 1-D pack `[p (C); β]` split into two f32 buffers.
+fn acon_b_inputs<'a, T: CudaEl>(
+    name: &str,
+    op: &super::acon_ops::AconBOp,
+    x: Sl<'a>,
+    p: Sl<'_>,
+) -> CResult<(crate::ActShape, CudaView<'a, T>, Vec<CudaSlice<f32>>)> {
+    let shape = act_shape(name, x.1.dims(), op.layout)?;
+    let (c, len) = (shape.c, op.beta.len(&shape));
+    x_and_params::<T>(name, op.layout, x, p, &[c + len], &[c, len])
+}
+
 fn acon_b_fwd_t<T: CudaEl>(
     op: &super::acon_ops::AconBOp,
     x: Sl<'_>,
     p: Sl<'_>,
 ) -> CResult<(CudaStorage, Shape)> {
     let name = "acon_b";
-    let c = act_shape(name, x.1.dims(), op.layout)?.c;
-    let (shape, xv, pb) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
+    let (shape, xv, pb) = acon_b_inputs::<T>(name, op, x, p)?;
     let st = stream(x.0);
-    let beta = kc::acon::Beta::PerChannel(&pb[1]);
+    let beta = op.beta.cuda(&pb[1]);
     let y = kc::acon::acon_b_forward(&st, &shape, &xv, &pb[0], beta).map_err(cerr)?;
     Ok((wrap(x.0, y), x.1.shape().clone()))
 }
@@ -582,7 +601,7 @@ pub(crate) fn acon_b_fwd(
 }
 
 /// ACON-B backward as an op of `(x, [p; β], dy)`: output the packed `[dx; dp; dβ]`
-/// (1-D, `numel(x) + 2·C`).
+/// (1-D, `numel(x) + C + len(β)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AconBBwdOp {
     /// The forward op.
@@ -596,11 +615,10 @@ fn acon_b_bwd_t<T: CudaEl>(
     dy: Sl<'_>,
 ) -> CResult<(CudaStorage, Shape)> {
     let name = "acon_b_bwd";
-    let c = act_shape(name, x.1.dims(), op.layout)?.c;
-    let (shape, xv, pb) = x_and_params::<T>(name, op.layout, x, p, &[2, c], &[c, c])?;
+    let (shape, xv, pb) = acon_b_inputs::<T>(name, op, x, p)?;
     let dyv = dy_view::<T>(name, dy, x.1)?;
     let st = stream(x.0);
-    let beta = kc::acon::Beta::PerChannel(&pb[1]);
+    let beta = op.beta.cuda(&pb[1]);
     let g = kc::acon::acon_b_backward(&st, &shape, &dyv, &xv, &pb[0], beta).map_err(cerr)?;
     let db = need(name, &g.dbeta, "dbeta")?;
     packed_out(

@@ -156,3 +156,107 @@ pub(crate) fn check_dims(
         ))
     }
 }
+
+/// `Err` unless a tensor of dims `dims` has `want` elements.
+pub(crate) fn check_numel(
+    op: &str,
+    what: &str,
+    dims: &[usize],
+    want: usize,
+) -> candle_core::Result<()> {
+    let n: usize = dims.iter().product();
+    if n == want {
+        Ok(())
+    } else {
+        Err(op_err(
+            op,
+            format!("{what} has dims {dims:?} ({n} elements), expected {want} elements"),
+        ))
+    }
+}
+
+/// How an ACON op's β tensor is laid out, read from its dims by the public functions
+/// ([`ops::acon_a`], [`ops::acon_b`], [`ops::acon_c`]), so β can come from any
+/// generator built from candle's own layers (e.g. the authors' fc → BN → fc → BN → σ
+/// on the GAP, whose output is `(N, C, 1, 1)`) and receive its gradient:
+///
+/// | β dims | meaning | CPU [`crate::cpu::acon::Beta`] |
+/// |---|---|---|
+/// | `(C,)` | one β per channel | `PerChannel` |
+/// | `(N, C)`, `(N, C, 1, 1)`, `(N, 1, C)` — `N` then dims whose product is `C` | one β per (sample, channel) | `PerSampleChannel` |
+/// | `(N, 1)`, `(N, 1, 1, 1)` — `N` then dims whose product is 1 | one β per sample | `PerSample` |
+///
+/// A per-sample β must keep a trailing dim (`(N, 1)`, not `(N,)`): a rank-1 β is
+/// per channel. With `C = 1` the last two rows mean the same and `PerSampleChannel`
+/// is used. Any other dims are an error naming them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BetaShape {
+    /// `(C,)`.
+    PerChannel,
+    /// `(N, …)` with `C` elements per sample.
+    PerSampleChannel,
+    /// `(N, …)` with one element per sample.
+    PerSample,
+}
+
+impl BetaShape {
+    /// The layout of a β of dims `dims` for an activation of shape `shape` (see the
+    /// table above); `Err` naming the dims if it is none of them.
+    pub fn of(op: &str, dims: &[usize], shape: &ActShape) -> candle_core::Result<Self> {
+        let bad = || {
+            op_err(
+                op,
+                format!(
+                    "beta has dims {dims:?}; expected ({c},) per channel, ({n}, {c}) per \
+                     (sample, channel) or ({n}, 1) per sample (trailing dims of size 1 allowed)",
+                    n = shape.n,
+                    c = shape.c
+                ),
+            )
+        };
+        match dims {
+            [c] if *c == shape.c => Ok(BetaShape::PerChannel),
+            [n, rest @ ..] if !rest.is_empty() && *n == shape.n => {
+                let r: usize = rest.iter().product();
+                if r == shape.c {
+                    Ok(BetaShape::PerSampleChannel)
+                } else if r == 1 {
+                    Ok(BetaShape::PerSample)
+                } else {
+                    Err(bad())
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// Elements of such a β: `C`, `N·C` or `N`.
+    pub fn len(self, shape: &ActShape) -> usize {
+        match self {
+            BetaShape::PerChannel => shape.c,
+            BetaShape::PerSampleChannel => shape.n * shape.c,
+            BetaShape::PerSample => shape.n,
+        }
+    }
+
+    /// The CPU backend's β over the flat values `v` (length [`Self::len`]).
+    pub(crate) fn cpu<T>(self, v: &[T]) -> crate::cpu::acon::Beta<'_, T> {
+        use crate::cpu::acon::Beta;
+        match self {
+            BetaShape::PerChannel => Beta::PerChannel(v),
+            BetaShape::PerSampleChannel => Beta::PerSampleChannel(v),
+            BetaShape::PerSample => Beta::PerSample(v),
+        }
+    }
+
+    /// The CUDA launchers' β over the f32 device buffer `v` (length [`Self::len`]).
+    #[cfg(feature = "candle-cuda")]
+    pub(crate) fn cuda(self, v: &cudarc::driver::CudaSlice<f32>) -> crate::cuda::acon::Beta<'_> {
+        use crate::cuda::acon::Beta;
+        match self {
+            BetaShape::PerChannel => Beta::PerChannel(v),
+            BetaShape::PerSampleChannel => Beta::PerSampleChannel(v),
+            BetaShape::PerSample => Beta::PerSample(v),
+        }
+    }
+}

@@ -21,8 +21,8 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout as CLayout, Shape, Tensor,
 };
 
-use super::{act_shape, cerr, check_dims, check_float, cpu_data, host, op_err, El};
-use crate::cpu::acon::{self, Beta, ChannelGen, MetaGen};
+use super::{act_shape, cerr, check_dims, check_float, cpu_data, host, op_err, BetaShape, El};
+use crate::cpu::acon::{self, ChannelGen, MetaGen};
 use crate::cpu::aiec::{self, AiecConfig};
 use crate::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
 use crate::cpu::iieu_dc::{self, DcConfig, DcParams};
@@ -64,15 +64,25 @@ pub(crate) fn split<'a, T>(op: &str, v: &'a [T], lens: &[usize]) -> CResult<Vec<
 // ---------------------------------------------------------------------------
 // ACON-C
 
-/// ACON-C with per-channel parameters (SPEC §2): inputs `x` and the pack `p` of dims
-/// `[3, C]` = `[p1; p2; β]`; output `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`
-/// ([`acon::acon_c_forward`]). Gradients: `dx` and `dp` (`[3, C]`) from
-/// [`acon::acon_c_backward`].
+/// ACON-C (SPEC §2): inputs `x` and the 1-D pack `p = [p1 (C); p2 (C); β]`, β laid
+/// out as [`Self::beta`] says (`C`, `N·C` or `N` values); output
+/// `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x` ([`acon::acon_c_forward`]). Gradients:
+/// `dx` and `dp = [dp1; dp2; dβ]` from [`acon::acon_c_backward`] (`dβ` of β's length;
+/// sums over N and positions in f64, deterministic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AconCOp {
     /// Where the channel axis is: [`Layout::Nchw`] `(N, C, ...)` or [`Layout::Nlc`]
     /// `(N, L, C)`.
     pub layout: Layout,
+    /// How the pack's β part is laid out.
+    pub beta: BetaShape,
+}
+
+impl AconCOp {
+    /// The lengths of the pack's parts `[p1, p2, β]` for `shape`.
+    pub(crate) fn lens(&self, shape: &crate::ActShape) -> [usize; 3] {
+        [shape.c, shape.c, self.beta.len(shape)]
+    }
 }
 
 fn acon_c_fwd<T: El>(
@@ -84,18 +94,12 @@ fn acon_c_fwd<T: El>(
 ) -> CResult<(CpuStorage, Shape)> {
     let name = "acon_c";
     let shape = act_shape(name, l1.dims(), op.layout)?;
-    let c = shape.c;
-    check_dims(name, "p = [p1; p2; beta]", l2.dims(), &[3, c])?;
+    let lens = op.lens(&shape);
+    check_dims(name, "p = [p1; p2; beta]", l2.dims(), &[lens.iter().sum()])?;
     let x = cpu_data::<T>(name, s1, l1)?;
     let p = cpu_data::<T>(name, s2, l2)?;
-    let y = acon::acon_c_forward(
-        &shape,
-        &x,
-        &p[..c],
-        &p[c..2 * c],
-        Beta::PerChannel(&p[2 * c..]),
-    )
-    .map_err(cerr)?;
+    let pp = split(name, &p, &lens)?;
+    let y = acon::acon_c_forward(&shape, &x, pp[0], pp[1], op.beta.cpu(pp[2])).map_err(cerr)?;
     Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
 }
 
@@ -105,24 +109,18 @@ fn acon_c_bwd<T: El>(
     p: &Tensor,
     g: &Tensor,
 ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-    let shape = act_shape("acon_c", x.dims(), op.layout)?;
-    let c = shape.c;
+    let name = "acon_c";
+    let shape = act_shape(name, x.dims(), op.layout)?;
     let (xv, pv, gv) = (host::<T>(x)?, host::<T>(p)?, host::<T>(g)?);
-    let gr = acon::acon_c_backward(
-        &shape,
-        &gv,
-        &xv,
-        &pv[..c],
-        &pv[c..2 * c],
-        Beta::PerChannel(&pv[2 * c..]),
-    )
-    .map_err(cerr)?;
+    let pp = split(name, &pv, &op.lens(&shape))?;
+    let gr =
+        acon::acon_c_backward(&shape, &gv, &xv, pp[0], pp[1], op.beta.cpu(pp[2])).map_err(cerr)?;
     let mut dp = gr.dp1;
     dp.extend(gr.dp2);
     dp.extend(gr.dbeta);
     Ok((
         Some(Tensor::from_vec(gr.dx, x.shape(), x.device())?),
-        Some(Tensor::from_vec(dp, (3, c), p.device())?),
+        Some(Tensor::from_vec(dp, p.shape(), p.device())?),
     ))
 }
 
@@ -164,8 +162,11 @@ impl CustomOp2 for AconCOp {
     }
 }
 
-/// ACON-C: `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, with `p1`, `p2`, `beta` of dims
-/// `(C,)`. Differentiable w.r.t. `x`, `p1`, `p2` and `beta` (see [`AconCOp`]).
+/// ACON-C: `y = d·σ(β·d) + p2·x`, `d = (p1 − p2)·x`, with `p1`, `p2` of dims `(C,)`
+/// and `beta` per channel `(C,)`, per (sample, channel) `(N, C)` / `(N, C, 1, 1)`, or
+/// per sample `(N, 1)` ([`BetaShape`]): β may be the output of any generator built
+/// from candle layers, and its gradient flows back into that generator.
+/// Differentiable w.r.t. `x`, `p1`, `p2` and `beta` (see [`AconCOp`]).
 ///
 /// # Example (forward and backward through candle's autograd)
 ///
@@ -206,9 +207,17 @@ pub fn acon_c(
     layout: Layout,
 ) -> CResult<Tensor> {
     check_float(x.dtype(), "acon_c")?;
-    let p = Tensor::stack(&[p1, p2, beta], 0)?;
-    x.contiguous()?
-        .apply_op2(&p.contiguous()?, AconCOp { layout })
+    let shape = act_shape("acon_c", x.dims(), layout)?;
+    let beta_shape = BetaShape::of("acon_c", beta.dims(), &shape)?;
+    let p = Tensor::cat(
+        &[p1.flatten_all()?, p2.flatten_all()?, beta.flatten_all()?],
+        0,
+    )?;
+    let op = AconCOp {
+        layout,
+        beta: beta_shape,
+    };
+    x.contiguous()?.apply_op2(&p.contiguous()?, op)
 }
 
 // ---------------------------------------------------------------------------

@@ -7,19 +7,22 @@
 //! Heuristic, per `__device__` / kernel function of `kernels/*.cu`: a `/`, `%`, `/=` or
 //! `%=` whose divisor is not a literal or an upper-case constant, on a line that names
 //! a variable the function declares as 64-bit (`long long`, `int64_t`, `size_t`,
-//! `uint64_t`, `unsigned long long`) or casts to one. Each kernel is charged with the
-//! flagged lines of the functions it calls (transitively, by name). It over-reports
-//! (a flagged line may run once per thread, not per element) and cannot see divisions
-//! the compiler introduces; the SASS check on a real toolchain is the stronger test.
+//! `uint64_t`, `unsigned long long`) or casts to one — counted only where it runs per
+//! iteration: inside a loop of its function (`for`, `while`, `do`, the loop header
+//! included), or anywhere in a function called from inside a loop. Each kernel is
+//! charged with the counted lines of the functions it calls (transitively, by name: a
+//! name shared by two functions merges them, which can over-report). Per-thread setup
+//! before a grid-stride loop is not counted. Divisions the compiler introduces are not
+//! seen; the SASS check on a real toolchain is the stronger test.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A function body found in a `.cu` file.
 struct Func {
-    /// Names of the functions its body calls.
-    calls: BTreeSet<String>,
-    /// Flagged lines: `file:line`.
-    flagged: Vec<String>,
+    /// Names of the functions its body calls, and whether from inside a loop.
+    calls: BTreeSet<(String, bool)>,
+    /// Flagged lines: `file:line`, and whether inside a loop of the function.
+    flagged: Vec<(String, bool)>,
 }
 
 const WIDE: [&str; 5] = [
@@ -187,18 +190,47 @@ fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
         }
         let mut calls = BTreeSet::new();
         let mut flagged = Vec::new();
+        // Loop bodies: a stack of open braces, each marked whether it opened a loop
+        // body (`for (` / `while (` / `do` seen since the last statement).
+        let mut braces: Vec<bool> = Vec::new();
+        let mut pending_loop = false;
         for (ln, lj) in &body {
+            let header =
+                lj.contains("for (") || lj.contains("while (") || lj.trim_start().starts_with("do");
+            if header {
+                pending_loop = true;
+            }
+            let in_loop = header || braces.iter().any(|&b| b);
+            for ch in lj.chars() {
+                match ch {
+                    '{' => {
+                        braces.push(pending_loop);
+                        pending_loop = false;
+                    }
+                    '}' => {
+                        braces.pop();
+                    }
+                    ';' if !header => pending_loop = false,
+                    _ => {}
+                }
+            }
+            // A one-statement loop (`for (...) stmt;` on one line) ends with its line; a
+            // header whose parentheses are still open continues on the next line.
+            let open = lj.matches('(').count() as i64 - lj.matches(')').count() as i64;
+            if header && open <= 0 && lj.trim_end().ends_with(';') {
+                pending_loop = false;
+            }
             for w in idents(lj) {
-                calls.insert(w.to_string());
+                calls.insert((w.to_string(), in_loop));
             }
             let casts =
                 lj.contains("(long long)") || lj.contains("(size_t)") || lj.contains("(int64_t)");
             let names_wide = idents(lj).iter().any(|w| wide.contains(*w));
             if (casts || names_wide) && runtime_division(lj) {
-                flagged.push(format!("{file}:{ln}"));
+                flagged.push((format!("{file}:{ln}"), in_loop));
             }
         }
-        calls.remove(&name);
+        calls.retain(|(c, _)| *c != name);
         out.entry(name)
             .and_modify(|f: &mut Func| {
                 f.calls.extend(calls.iter().cloned());
@@ -234,18 +266,25 @@ pub fn div64(
         } else {
             base
         };
+        // (function, reached from inside a loop): in a function reached from a loop,
+        // every flagged line runs per iteration; otherwise only those in its own loops.
         let mut seen = BTreeSet::new();
-        let mut stack = vec![start.to_string()];
+        let mut stack = vec![(start.to_string(), false)];
         let mut lines = BTreeSet::new();
-        while let Some(f) = stack.pop() {
-            if !seen.insert(f.clone()) {
+        while let Some((f, looped)) = stack.pop() {
+            if !seen.insert((f.clone(), looped)) {
                 continue;
             }
             if let Some(func) = funcs.get(&f) {
-                lines.extend(func.flagged.iter().cloned());
-                for c in &func.calls {
-                    if funcs.contains_key(c) && !seen.contains(c) {
-                        stack.push(c.clone());
+                for (line, in_loop) in &func.flagged {
+                    if looped || *in_loop {
+                        lines.insert(line.clone());
+                    }
+                }
+                for (c, in_loop) in &func.calls {
+                    let next = (c.clone(), looped || *in_loop);
+                    if funcs.contains_key(c) && !seen.contains(&next) {
+                        stack.push(next);
                     }
                 }
             }

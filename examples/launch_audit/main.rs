@@ -476,7 +476,6 @@ fn real_main() -> Result<bool> {
     let cases = std::mem::take(&mut su.cases);
     drop(su);
     emu::set_dry_run(false);
-    let t_suite = t0.elapsed().as_secs_f64();
 
     let ptxas = model::Ptxas::parse(&read(&format!("{ROOT}/kernels/emu/ptxas-table.tsv"))?);
     let mut rows = Vec::new();
@@ -624,14 +623,14 @@ fn real_main() -> Result<bool> {
     let misses_by_target = |t: &str| checks.iter().filter(|c| c.target == t && !c.pass).count();
     let checked_by_target = |t: &str| checks.iter().filter(|c| c.target == t).count();
     let mut sum = String::new();
-    let _ = writeln!(
+    let _ =
+        writeln!(
         sum,
-        "launch audit: {} op calls, {} launches ({} kernels) on the emulated device (dry run, {:.1} s); \
+        "launch audit: {} op calls, {} launches ({} kernels) on the emulated device (dry run); \
          models for {} (sm_{}) and {} (sm_{})",
         cases.len(),
         rows.len(),
         rows.iter().map(|r| r.rec.kernel.as_str()).collect::<BTreeSet<_>>().len(),
-        t_suite,
         GPUS[0].name,
         GPUS[0].sm,
         GPUS[1].name,
@@ -659,8 +658,8 @@ fn real_main() -> Result<bool> {
             n - misses_by_target(t)
         );
     }
-    let _ = writeln!(
-        sum,
+    print!("{sum}");
+    println!(
         "  misses: {} known (in {BASELINE}), {} new, {} worse than the baseline; {} baseline entries now pass, {} no longer occur",
         known.len(),
         new_misses.len(),
@@ -668,7 +667,6 @@ fn real_main() -> Result<bool> {
         fixed.len(),
         stale.len()
     );
-    print!("{sum}");
     if !unmodelled.is_empty() {
         println!(
             "FAIL: kernels with no bytes model (examples/launch_audit/model.rs): {unmodelled:?}"
@@ -686,10 +684,17 @@ fn real_main() -> Result<bool> {
         e.1 = e.1.min(ch.value);
         e.2 = e.2.max(ch.value);
     }
-    println!("misses by kernel family and target (count, value range; fill/blocks: ≥ 1 passes, ratio: ≤ 1.25, div64: 0):");
+    let _ = writeln!(
+        sum,
+        "misses by kernel family and target (count, value range; fill/blocks: ≥ 1 passes, ratio: ≤ 1.25, div64: 0):"
+    );
     for ((fam, t), (n, lo, hi)) in &groups {
-        println!("  {fam:<28} {t:<6} {n:>4}  {lo:.3} .. {hi:.3}");
+        let _ = writeln!(sum, "  {fam:<28} {t:<6} {n:>4}  {lo:.3} .. {hi:.3}");
     }
+    print!(
+        "{}",
+        &sum[sum.find("misses by kernel family").unwrap_or(sum.len())..]
+    );
     for ch in &new_misses {
         println!("NEW MISS {} {} = {:.4}", ch.key, ch.target, ch.value);
     }
@@ -723,7 +728,7 @@ fn real_main() -> Result<bool> {
         splice(
             &format!("{ROOT}/{DOC}"),
             "launch-audit",
-            &format!("{sum}\n{doc}"),
+            &format!("```text\n{sum}```\n{doc}"),
         )?;
         splice(&format!("{ROOT}/{README}"), "launch-audit", &readme)?;
         println!("wrote {DOC} and the README table");

@@ -278,13 +278,110 @@ pub fn reset_transfers() {
     }
 }
 
-/// Dry run: while on, launches are checked (limits, trace) but no kernel runs, so the
-/// time of a call is the host-side cost of the safe API alone (validation, kernel
-/// handle, argument packing, allocation, the launch call). For benchmarks only:
-/// outputs are left unwritten (turn initcheck off). Returns the setting in force
-/// after the call (`None` if not installed).
+/// Dry run: while on, launches are checked (limits, trace, [`set_launch_log`]) but no
+/// kernel runs, so the time of a call is the host-side cost of the safe API alone
+/// (validation, kernel handle, argument packing, allocation, the launch call), and a
+/// launch audit (`examples/launch_audit.rs`) can record the launches of model-size
+/// shapes. Allocations made while it is on are address ranges no memory backs, and
+/// copies and memsets while it is on (or into such a range) touch no memory, so a dry
+/// run of a multi-gigabyte op uses none; no executed kernel may use those buffers
+/// (copies into them outside a dry run are refused). For benchmarks and the audit only: outputs are left
+/// unwritten (turn initcheck off). Returns the setting in force after the call
+/// (`None` if not installed).
 pub fn set_dry_run(on: bool) -> Option<bool> {
     let f = sym::<unsafe extern "C" fn(i32) -> i32>(b"emu_dry_run\0")?;
+    // SAFETY: plain store of a flag in the emulator.
+    Some(unsafe { f(i32::from(on)) } != 0)
+}
+
+/// Number of dry-run allocations alive ([`set_dry_run`]); `None` if not installed.
+pub fn dry_live_allocations() -> Option<i64> {
+    let f = sym::<unsafe extern "C" fn() -> i64>(b"emu_dry_live_allocations\0")?;
+    // SAFETY: reads a map's size under the emulator's lock.
+    Some(unsafe { f() })
+}
+
+/// One launch as the emulated driver received it ([`take_launch_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchRecord {
+    /// The kernel's name (`acon_c_fwd_f32`, ...).
+    pub kernel: String,
+    /// Grid dimensions (x, y, z).
+    pub grid: [u32; 3],
+    /// Block dimensions (x, y, z).
+    pub block: [u32; 3],
+    /// Dynamic shared memory in bytes.
+    pub dyn_smem: u32,
+}
+
+impl LaunchRecord {
+    /// Blocks in the grid.
+    pub fn blocks(&self) -> u64 {
+        self.grid.iter().map(|&v| u64::from(v)).product()
+    }
+    /// Threads per block.
+    pub fn threads(&self) -> u64 {
+        self.block.iter().map(|&v| u64::from(v)).product()
+    }
+}
+
+/// Turns the launch log on (clearing it) or off; returns the setting in force (`None`
+/// if not installed). While on, every launch that passes the driver's checks is
+/// logged, whether it runs or not ([`set_dry_run`]).
+pub fn set_launch_log(on: bool) -> Option<bool> {
+    let f = sym::<unsafe extern "C" fn(i32) -> i32>(b"emu_launch_log\0")?;
+    // SAFETY: plain store of a flag (and a clear of a string) in the emulator.
+    Some(unsafe { f(i32::from(on)) } != 0)
+}
+
+/// Takes (and clears) the launches logged since the last call ([`set_launch_log`]), in
+/// launch order; empty if not installed.
+pub fn take_launch_log() -> Vec<LaunchRecord> {
+    let Some(f) =
+        sym::<unsafe extern "C" fn(*mut c_char, usize) -> usize>(b"emu_take_launch_log\0")
+    else {
+        return Vec::new();
+    };
+    // SAFETY: a null buffer only asks for the length.
+    let mut need = unsafe { f(std::ptr::null_mut(), 0) };
+    let text = loop {
+        let mut buf = vec![0u8; need + 4096];
+        // SAFETY: the emulator writes at most buf.len() bytes (the log and a NUL) into
+        // buf, and only when they fit.
+        let n = unsafe { f(buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= buf.len() {
+            buf.truncate(n.saturating_sub(1));
+            break String::from_utf8_lossy(&buf).into_owned();
+        }
+        need = n; // the log grew between the two calls
+    };
+    text.lines().filter_map(parse_launch).collect()
+}
+
+fn parse_launch(line: &str) -> Option<LaunchRecord> {
+    let mut it = line.split_whitespace();
+    let kernel = it.next()?.to_string();
+    let mut v = [0u32; 7];
+    for x in &mut v {
+        *x = it.next()?.parse().ok()?;
+    }
+    Some(LaunchRecord {
+        kernel,
+        grid: [v[0], v[1], v[2]],
+        block: [v[3], v[4], v[5]],
+        dyn_smem: v[6],
+    })
+}
+
+/// Asynchronous faults: while on, a launch whose kernel faults (a detector's hazard, a
+/// contract violation) returns success, as a launch on a GPU does, and the error
+/// (`CUDA_ERROR_LAUNCH_FAILED`) is returned once, by the next stream, context or event
+/// synchronisation or device-to-host copy — an unrelated later call, unless
+/// `AK_CUDA_SYNC_CHECK=1` ([`crate::cuda::sync_check`]) synchronises after each launch.
+/// Off by default: every launch's error is returned by the launch itself. Returns the
+/// setting in force (`None` if not installed).
+pub fn set_async_faults(on: bool) -> Option<bool> {
+    let f = sym::<unsafe extern "C" fn(i32) -> i32>(b"emu_async_faults\0")?;
     // SAFETY: plain store of a flag in the emulator.
     Some(unsafe { f(i32::from(on)) } != 0)
 }

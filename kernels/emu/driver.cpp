@@ -12,6 +12,7 @@
 // written by scripts/kernel-report.sh from an nvcc build; a kernel not in the table
 // is not register-checked).
 #include <algorithm>
+#include <map>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -272,15 +273,25 @@ const char* err_name(CUresult e) {
   }
 }
 
+bool dry_run_on();
+bool dry_alloc(size_t bytes, uint64_t* out);
+bool dry_free(uint64_t p);
+
 CUresult alloc(CUdeviceptr* p, size_t bytes) {
   if (!p) return CUDA_ERROR_INVALID_VALUE;
   uint64_t a = 0;
+  if (dry_run_on()) {
+    if (!dry_alloc(bytes, &a)) return CUDA_ERROR_OUT_OF_MEMORY;
+    *p = (CUdeviceptr)a;
+    return CUDA_SUCCESS;
+  }
   if (!emu::heap_alloc(bytes, &a)) return CUDA_ERROR_OUT_OF_MEMORY;
   *p = (CUdeviceptr)a;
   return CUDA_SUCCESS;
 }
 CUresult release(CUdeviceptr p) {
   if (!p) return CUDA_SUCCESS;
+  if (dry_free(p)) return CUDA_SUCCESS;
   return emu::heap_free(p) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 }  // namespace
@@ -302,6 +313,57 @@ inline void count_traffic(Traffic t) { ++tl_traffic[t]; }
 // for measuring the host-side cost per call of the safe API (benches/cuda_ops.rs
 // `host_cost`). Outputs are left unwritten; never on in tests that read results.
 std::atomic<bool> g_dry_run{false};
+
+// Dry-run allocations: an address range no memory backs (bit 62 set: never a host
+// address), so a dry run of a model-size op (a ResNet-50 stage at N = 256 moves
+// gigabytes) touches no memory and no shadow. Copies and memsets that involve such an
+// address, or happen while the dry run is on, do nothing (no kernel will read the
+// data); outside a dry run they are refused.
+constexpr uint64_t kDryBase = 1ull << 62, kDrySpan = 1ull << 52;
+std::mutex g_dry_mu;
+std::map<uint64_t, size_t> g_dry_live;
+uint64_t g_dry_bump = 256;
+
+// The launch log (emu_launch_log / emu_take_launch_log): one line per launch while on.
+std::atomic<bool> g_log_on{false};
+std::mutex g_log_mu;
+std::string g_log;
+
+// Asynchronous faults (emu_async_faults): while on, a launch whose kernel faults
+// returns CUDA_SUCCESS, as a GPU's asynchronous launch does, and the error is returned
+// by the next synchronisation or device-to-host copy (once).
+std::atomic<bool> g_async_faults{false};
+std::atomic<int> g_pending{0};
+CUresult take_pending() { return g_pending.exchange(0); }
+bool is_dry(uint64_t a) { return a >= kDryBase && a < kDryBase + kDrySpan; }
+}  // namespace
+
+namespace {
+bool dry_run_on() { return g_dry_run.load(std::memory_order_relaxed); }
+bool dry_alloc(size_t bytes, uint64_t* out) {
+  std::lock_guard<std::mutex> g(g_dry_mu);
+  const uint64_t span = ((std::max<uint64_t>(bytes, 1) + 255) & ~255ull) + 256;
+  if (g_dry_bump + span > kDrySpan) return false;
+  *out = kDryBase + g_dry_bump;
+  g_dry_bump += span;
+  g_dry_live[*out] = bytes;
+  return true;
+}
+bool dry_free(uint64_t p) {
+  if (!is_dry(p)) return false;
+  std::lock_guard<std::mutex> g(g_dry_mu);
+  g_dry_live.erase(p);
+  if (g_dry_live.empty()) g_dry_bump = 256;  // the address range is reused
+  return true;
+}
+// A copy or memset that must not touch memory: true (and `*r` = the result) when the
+// dry run is on or an address is a dry-run one.
+bool skip_data(uint64_t a, uint64_t b, CUresult* r) {
+  const bool dry = is_dry(a) || is_dry(b);
+  if (!dry && !dry_run_on()) return false;
+  *r = dry && !dry_run_on() ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
+  return true;
+}
 }  // namespace
 
 // Writes the calling thread's counters into out[0..n) in the order HtoD copies, DtoH
@@ -319,6 +381,40 @@ EXPORT void emu_reset_traffic_counts() {
 EXPORT int emu_dry_run(int set) {
   if (set >= 0) g_dry_run.store(set != 0);
   return g_dry_run.load() ? 1 : 0;
+}
+// Number of dry-run allocations alive (see dry_alloc).
+EXPORT long long emu_dry_live_allocations() {
+  std::lock_guard<std::mutex> g(g_dry_mu);
+  return (long long)g_dry_live.size();
+}
+// Sets (0/1) or, with -1, only reads whether launches are logged; returns the value in
+// force. Turning it on clears the log.
+EXPORT int emu_launch_log(int set) {
+  if (set >= 0) {
+    std::lock_guard<std::mutex> g(g_log_mu);
+    if (set) g_log.clear();
+    g_log_on.store(set != 0);
+  }
+  return g_log_on.load() ? 1 : 0;
+}
+// The launches logged since the last take, one line each: `kernel gx gy gz bx by bz
+// smem`. Returns the log's length plus one; when that fits in `len`, copies it with a
+// NUL into `buf` and clears the log (else leaves it, so the caller can grow `buf`).
+EXPORT size_t emu_take_launch_log(char* buf, size_t len) {
+  std::lock_guard<std::mutex> g(g_log_mu);
+  const size_t need = g_log.size() + 1;
+  if (buf && len >= need) {
+    memcpy(buf, g_log.c_str(), need);
+    g_log.clear();
+  }
+  return need;
+}
+// Sets (0/1) or, with -1, only reads the asynchronous-fault mode; returns the value in
+// force.
+EXPORT int emu_async_faults(int set) {
+  if (set >= 0) g_async_faults.store(set != 0);
+  if (set == 0) g_pending.store(0);
+  return g_async_faults.load() ? 1 : 0;
 }
 
 // ---- device, context ----
@@ -388,7 +484,7 @@ EXPORT CUresult cuCtxGetDevice(CUdevice* d) {
 }
 EXPORT CUresult cuCtxSynchronize() {
   count_traffic(T_CTX_SYNC);
-  return CUDA_SUCCESS;
+  return take_pending();
 }
 
 // ---- streams and events: everything is synchronous ----
@@ -406,7 +502,7 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
 }
 EXPORT CUresult cuStreamSynchronize(CUstream) {
   count_traffic(T_STREAM_SYNC);
-  return CUDA_SUCCESS;
+  return take_pending();
 }
 EXPORT CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
 EXPORT CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return CUDA_SUCCESS; }
@@ -421,7 +517,7 @@ EXPORT CUresult cuEventDestroy_v2(CUevent e) {
 EXPORT CUresult cuEventRecord(CUevent, CUstream) { return CUDA_SUCCESS; }
 EXPORT CUresult cuEventSynchronize(CUevent) {
   count_traffic(T_EVENT_SYNC);
-  return CUDA_SUCCESS;
+  return take_pending();
 }
 EXPORT CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
 EXPORT CUresult cuEventElapsedTime(float* ms, CUevent, CUevent) {
@@ -445,6 +541,8 @@ EXPORT CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
 }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t b) {
   count_traffic(T_HTOD);  // also counts cuMemcpyHtoDAsync_v2, which calls this
+  CUresult r;
+  if (skip_data(d, 0, &r)) return r;
   if (!emu::host_write(d, b, "host-to-device copy")) return CUDA_ERROR_INVALID_VALUE;
   if (b) std::memcpy((void*)(uintptr_t)d, s, b);
   return CUDA_SUCCESS;
@@ -456,12 +554,17 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t b, CUs
 // output buffer the kernels were meant to fill, and did not fully.
 EXPORT CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t b) {
   count_traffic(T_DTOH);  // also counts cuMemcpyDtoHAsync_v2, which calls this
+  if (CUresult p = take_pending()) return p;
+  CUresult r;
+  if (skip_data(s, 0, &r)) return r;
   if (!emu::host_read(s, b, "device-to-host copy")) return CUDA_ERROR_ILLEGAL_ADDRESS;
   if (b) std::memcpy(d, (const void*)(uintptr_t)s, b);
   return CUDA_SUCCESS;
 }
 EXPORT CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t b, CUstream) { return cuMemcpyDtoH_v2(d, s, b); }
 EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t b) {
+  CUresult r;
+  if (skip_data(d, s, &r)) return r;
   if (!emu::device_copy(d, s, b)) return CUDA_ERROR_INVALID_VALUE;
   if (b) std::memmove((void*)(uintptr_t)d, (const void*)(uintptr_t)s, b);
   return CUDA_SUCCESS;
@@ -470,12 +573,16 @@ EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t b, CUs
   return cuMemcpyDtoD_v2(d, s, b);
 }
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+  CUresult r;
+  if (skip_data(d, 0, &r)) return r;
   if (!emu::host_write(d, n, "memset")) return CUDA_ERROR_INVALID_VALUE;
   if (n) std::memset((void*)(uintptr_t)d, v, n);
   return CUDA_SUCCESS;
 }
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(d, v, n); }
 EXPORT CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+  CUresult r;
+  if (skip_data(d, 0, &r)) return r;
   if (!emu::host_write(d, n * 4, "memset")) return CUDA_ERROR_INVALID_VALUE;
   unsigned* p = (unsigned*)(uintptr_t)d;
   for (size_t i = 0; i < n; ++i) p[i] = v;
@@ -610,6 +717,12 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   emu::Launch L;
   L.k = k;
   emu::trace_launch(k->name, dim3(gx, gy, gz), dim3(bx, by, bz), smem);
+  if (g_log_on.load(std::memory_order_relaxed)) {
+    char line[320];
+    snprintf(line, sizeof line, "%s %u %u %u %u %u %u %u\n", k->name, gx, gy, gz, bx, by, bz, smem);
+    std::lock_guard<std::mutex> g(g_log_mu);
+    g_log += line;
+  }
   if (g_dry_run.load(std::memory_order_relaxed)) return CUDA_SUCCESS;  // see emu_dry_run
   L.params = params;
   L.grid = dim3(gx, gy, gz);
@@ -630,6 +743,10 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
     if (hw <= 0) hw = (int)std::max(1u, std::thread::hardware_concurrency());
     int nt = (int)std::min<long long>(std::min(hw, emu::kMaxRunners), blocks);
     ok = emu::run_launch(L, nt);
+  }
+  if (!ok && g_async_faults.load()) {
+    g_pending.store(CUDA_ERROR_LAUNCH_FAILED);
+    return CUDA_SUCCESS;
   }
   return ok ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
 }

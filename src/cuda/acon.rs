@@ -22,12 +22,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::handles::kernel_fn;
-use super::{ArgOpt, DType, DeviceInput};
+use super::handles::{kernel_fn, Kernel};
+use super::{launcher, ArgOpt, DType, DeviceInput};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
 
@@ -152,7 +150,7 @@ impl<'p> Params<'p> {
     }
 
     /// The forward kernel of this ACON variant for storage dtype `T`.
-    fn fwd_kernel<T: DType>(&self, stream: &Arc<CudaStream>) -> Result<CudaFunction> {
+    fn fwd_kernel<T: DType>(&self, stream: &Arc<CudaStream>) -> Result<Kernel> {
         match self {
             Params::A => kernel_fn!(stream, "acon_a_fwd", T),
             Params::B(_) => kernel_fn!(stream, "acon_b_fwd", T),
@@ -161,7 +159,7 @@ impl<'p> Params<'p> {
     }
 
     /// The backward kernel of this ACON variant for the layout (`nlc`) and `T`.
-    fn bwd_kernel<T: DType>(&self, stream: &Arc<CudaStream>, nlc: bool) -> Result<CudaFunction> {
+    fn bwd_kernel<T: DType>(&self, stream: &Arc<CudaStream>, nlc: bool) -> Result<Kernel> {
         match (self, nlc) {
             (Params::A, true) => kernel_fn!(stream, "acon_a_bwd_nlc", T),
             (Params::B(_), true) => kernel_fn!(stream, "acon_b_bwd_nlc", T),
@@ -227,7 +225,7 @@ fn reduce_tiles(
     let mut tot = unsafe { stream.alloc::<f32>(total) }?;
     let (n, c, _, nlc) = dims(shape);
     let (k, nsi) = (tiles_per as i64, ns as i32);
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(part)
         .arg(&mut tot)
         .arg(&n)
@@ -264,7 +262,7 @@ fn core_forward<T: DType>(
     let mut y = unsafe { stream.alloc::<T>(numel) }?;
     let (n, c, s, nlc) = dims(shape);
     let kind = beta.kind();
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(x).arg(&mut y);
     params.push(&mut b);
     b.arg_opt(beta.buf());
@@ -302,7 +300,7 @@ fn core_backward<T: DType>(
         let mut part = unsafe { stream.alloc::<f32>(ntiles * 3 * shape.c) }?;
         let f = params.bwd_kernel::<T>(stream, true)?;
         let rows_i = rows as i64;
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(dy).arg(x).arg(&mut dx);
         params.push(&mut b);
         b.arg_opt(beta.buf());
@@ -325,7 +323,7 @@ fn core_backward<T: DType>(
         let mut part = unsafe { stream.alloc::<f32>(ntiles * 3) }?;
         let f = params.bwd_kernel::<T>(stream, false)?;
         let (tpp_i, tile_i) = (tpp as i64, tile as i64);
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(dy).arg(x).arg(&mut dx);
         params.push(&mut b);
         b.arg_opt(beta.buf());
@@ -362,7 +360,7 @@ fn core_backward<T: DType>(
         None
     };
     let f = kernel_fn!(stream, "acon_reduce_params")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&tot);
     b.arg_opt(dp1.as_mut());
     b.arg_opt(dp2.as_mut());
@@ -658,7 +656,7 @@ fn gap<T: DType>(
         let mut part = unsafe { stream.alloc::<f32>(ntiles * shape.c) }?;
         let f = kernel_fn!(stream, "acon_gap_nlc", T)?;
         let rows_i = rows as i64;
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(x).arg(&n).arg(&s).arg(&c).arg(&rows_i).arg(&mut part);
         // SAFETY: x holds N·L·C elements (validated); tile (n, k) reads rows of
         // sample n and writes part[(n·tps + k)·C ..][..C]; smem blockDim·W floats.
@@ -670,7 +668,7 @@ fn gap<T: DType>(
         let mut part = unsafe { stream.alloc::<f32>(ntiles) }?;
         let f = kernel_fn!(stream, "acon_gap_nchw", T)?;
         let (tpp_i, tile_i) = (tpp as i64, tile as i64);
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(x)
             .arg(&n)
             .arg(&c)
@@ -699,7 +697,7 @@ fn gap_add<T: DType>(
     let f = kernel_fn!(stream, "acon_gap_add", T)?;
     let ps = i32::from(per_sample);
     let numel = dx.len();
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(dx)
         .arg(dg)
         .arg(&ps)
@@ -893,7 +891,7 @@ impl ChannelGen {
         let mut beta = unsafe { stream.alloc::<f32>(shape.n * shape.c) }?;
         let f = kernel_fn!(stream, "acon_gen_fc_fwd")?;
         let (c, wd) = (shape.c as i64, self.width as i64);
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(&g).arg(&self.w1);
         b.arg_opt(self.b1.as_ref());
         b.arg(&self.w2);
@@ -967,7 +965,7 @@ impl ChannelGen {
         let (n, c, wd) = (nn as i64, cc as i64, wdu as i64);
         let scale = 1.0 / shape.s as f32;
         let f = kernel_fn!(stream, "acon_gen_fc_bwd")?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(dbeta)
             .arg(&saved.beta)
             .arg(&self.w1)
@@ -994,7 +992,7 @@ impl ChannelGen {
             None => None,
         };
         let f = kernel_fn!(stream, "acon_gen_wgrad")?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(&dz)
             .arg(&dh)
             .arg(&saved.h)
@@ -1098,7 +1096,7 @@ fn layer_forward_inner<T: DType>(
     let mut beta = unsafe { stream.alloc::<f32>(shape.n) }?;
     let c = shape.c as i64;
     let f = kernel_fn!(stream, "acon_layer_gen_fwd")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&g).arg(&c).arg(&mut beta);
     // SAFETY: block n reads gap[n·C..][..C] and writes β[n].
     unsafe { b.launch(cfg_blocks(shape.n)) }?;
@@ -1117,7 +1115,7 @@ fn layer_backward_add<T: DType>(
     let mut dg = unsafe { stream.alloc::<f32>(shape.n) }?;
     let n = shape.n as i64;
     let f = kernel_fn!(stream, "acon_layer_gen_bwd")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(dbeta).arg(beta).arg(&n).arg(&mut dg);
     // SAFETY: dβ, β and dg have N elements (validated).
     unsafe { b.launch(cfg(shape.n.div_ceil(THREADS as usize), THREADS, 0)) }?;

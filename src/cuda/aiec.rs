@@ -39,7 +39,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 
 use super::handles::kernel_fn;
-use super::{grid_for, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
+use super::{grid_for, launcher, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
 use crate::cpu::aiec::{AiecConfig, AiecDims, Counters, Pool};
 use crate::error::{check_len, check_nonzero, Error, Result};
 use crate::layout::{ActShape, Layout};
@@ -247,7 +247,7 @@ pub fn tau_forward<T: DType>(
     let f = kernel_fn!(stream, "aiec_tau_fwd", T)?;
     // SAFETY: every element is written by the kernel before it is read back.
     let mut y = unsafe { stream.alloc::<T>(x.len()) }?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&x).arg(&mut y).arg(&n).arg(&tau);
     // SAFETY: the kernel touches x[0..n) and y[0..n), both of length n (x.len()).
     unsafe { b.launch(elementwise(x.len(), vec_elems::<T>())) }?;
@@ -274,7 +274,7 @@ pub fn tau_backward<T: DType>(
     let f = kernel_fn!(stream, "aiec_tau_bwd", T)?;
     // SAFETY: every element is written by the kernel before it is read back.
     let mut dx = unsafe { stream.alloc::<T>(x.len()) }?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&dy).arg(&x).arg(&mut dx).arg(&n).arg(&tau);
     // SAFETY: dy, x, dx all have n elements; the kernel touches [0, n) of each.
     unsafe { b.launch(elementwise(x.len(), vec_elems::<T>())) }?;
@@ -342,7 +342,7 @@ fn feature_pass<T: DType>(
             let f = kernel_fn!(stream, "aiec_feat_nchw", T)?;
             let planes = to_i64("N x C", nc)?;
             let s = to_i64("positions S", shape.s)?;
-            let mut b = stream.launch_builder(&f);
+            let mut b = launcher(stream, &f);
             b.arg(x);
             b.arg_opt(y);
             b.arg(&mut feat)
@@ -370,7 +370,7 @@ fn feature_pass<T: DType>(
             };
             let block = block_for(shape.c);
             let gy = shape.c.div_ceil(block as usize).min(65_535) as u32;
-            let mut b = stream.launch_builder(&f);
+            let mut b = launcher(stream, &f);
             b.arg(x);
             b.arg_opt(y);
             b.arg(&mut feat)
@@ -458,7 +458,7 @@ fn backward_pass<T: DType>(
             let planes = to_i64("N x C", shape.n * shape.c)?;
             let s = to_i64("positions S", shape.s)?;
             let inv_s = 1.0f32 / shape.s as f32;
-            let mut b = stream.launch_builder(&f);
+            let mut b = launcher(stream, &f);
             b.arg_opt(f_tau.map(|(fv, _)| fv));
             b.arg_opt(d_out);
             b.arg(da)
@@ -485,7 +485,7 @@ fn backward_pass<T: DType>(
                 Pool::ClassToken(i) => to_i32("pool", i)?,
             };
             let inv_l = 1.0f32 / shape.s as f32;
-            let mut b = stream.launch_builder(&f);
+            let mut b = launcher(stream, &f);
             b.arg_opt(f_tau.map(|(fv, _)| fv));
             b.arg_opt(d_out);
             b.arg(da)
@@ -666,7 +666,7 @@ impl DeviceCounters {
         let f = kernel_fn!(stream, "aiec_count_f32")?;
         let (ni, ci) = (to_i32("batch N", n)?, to_i32("channels C", self.channels)?);
         let ki = to_i32("classes K", self.classes)?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(a)
             .arg(labels)
             .arg(correct)
@@ -708,7 +708,7 @@ impl DeviceCounters {
             to_i32("channels C", self.channels)?,
         );
         let kc = self.classes * self.channels;
-        let mut b = stream.launch_builder(&f);
+        let mut b = launcher(stream, &f);
         b.arg(&self.theta).arg(&self.eta).arg(&self.phi);
         b.arg_opt(wd);
         b.arg_opt(v);
@@ -761,7 +761,7 @@ fn dmu_forward_dev(
     let mut probs = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
     let mut loss = unsafe { stream.alloc::<f32>(dims.n) }?;
     let mut correct = unsafe { stream.alloc::<u8>(dims.n) }?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(a)
         .arg(wd)
         .arg(labels)
@@ -866,7 +866,7 @@ fn da_dev(
     let f = kernel_fn!(stream, "aiec_da_f32")?;
     // SAFETY: the kernel writes every da entry.
     let mut da = unsafe { stream.alloc::<f32>(dims.n * dims.c) }?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(a).arg(wd);
     b.arg_opt(probs);
     b.arg(labels);
@@ -911,7 +911,7 @@ fn dwd_dev(
     let mut partial = unsafe { stream.alloc::<f32>(part_len) }?;
     let f1 = kernel_fn!(stream, "aiec_dwd_partial_f32")?;
     let spb_i = to_i32("samples per block", spb)?;
-    let mut b = stream.launch_builder(&f1);
+    let mut b = launcher(stream, &f1);
     b.arg(a).arg(probs).arg(labels);
     b.arg_opt(dl_aux);
     b.arg(&aux_scale)
@@ -936,7 +936,7 @@ fn dwd_dev(
     let mut dwd = unsafe { stream.alloc::<f32>(kc) }?;
     let chunks_i = to_i32("chunks", chunks)?;
     let kc_i = to_i64("K x C", kc)?;
-    let mut b = stream.launch_builder(&f2);
+    let mut b = launcher(stream, &f2);
     b.arg(&partial).arg(&mut dwd).arg(&chunks_i).arg(&kc_i);
     // SAFETY: reads partial[b·K·C + i] for b < chunks, i < K·C; writes dwd[i].
     unsafe { b.launch(elementwise(kc, 1)) }?;
@@ -1007,7 +1007,7 @@ pub fn gate_masks(
     let f = kernel_fn!(stream, "aiec_gate_masks_f32")?;
     // SAFETY: the kernel writes every mask.
     let mut m = unsafe { stream.alloc::<u8>(v.len()) }?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&v).arg(&wd).arg(&mut m).arg(&total);
     // SAFETY: v, wd, m all have `total` elements.
     unsafe { b.launch(elementwise(v.len(), 1)) }?;
@@ -1040,7 +1040,7 @@ fn gate_loss_dev(
     let f = kernel_fn!(stream, "aiec_gate_loss_f32")?;
     // SAFETY: the kernel writes every loss.
     let mut loss = unsafe { stream.alloc::<f32>(dims.n) }?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(a)
         .arg(masks)
         .arg(labels)
@@ -1187,7 +1187,7 @@ pub fn aux_gate_backward<'l>(
     let f = kernel_fn!(stream, "aiec_loss_weights_f32")?;
     // SAFETY: the kernel writes all 2N weights.
     let mut w = unsafe { stream.alloc::<f32>(2 * dims.n) }?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&scale).arg(&mut w).arg(&n).arg(&ca).arg(&cg);
     // SAFETY: reads scale[0]; writes w[i] and w[N + i] for i < N (w holds 2N).
     unsafe { b.launch(elementwise(dims.n, 1)) }?;
@@ -1231,7 +1231,7 @@ pub(crate) fn loss_means_dev(
     // SAFETY: the kernel writes the 3 means (and the accuracy when `correct` is given).
     let mut means = unsafe { stream.alloc::<f32>(3 + usize::from(correct.is_some())) }?;
     let (la, lg) = (lambda_aux as f32, lambda_gate as f32);
-    let mut b = stream.launch_builder(&fm);
+    let mut b = launcher(stream, &fm);
     b.arg(aux).arg(gate);
     b.arg_opt(correct);
     b.arg(&mut means).arg(&n_i).arg(&la).arg(&lg);

@@ -10,7 +10,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut, PushKernelArg};
 
 use crate::cuda::handles::kernel_fn;
 use crate::cuda::iieu::elementwise;
-use crate::cuda::{DType, DeviceInput};
+use crate::cuda::{launcher, DType, DeviceInput};
 use crate::error::{check_len, check_nonzero, Result};
 
 /// `src` widened to a new f32 device buffer (exact).
@@ -54,7 +54,7 @@ pub fn to_f32<T: DType>(
     let mut out = unsafe { stream.alloc::<f32>(n) }?;
     let f = kernel_fn!(stream, "cast_to_f32", T)?;
     let n64 = n as i64;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&v).arg(&mut out).arg(&n64);
     // SAFETY: threads cover i < n = src.len() = out.len() (grid-stride).
     unsafe { b.launch(elementwise(n, 1)) }?;
@@ -79,7 +79,7 @@ pub fn from_f32_into<T: DType>(
     }
     let f = kernel_fn!(stream, "cast_from_f32", T)?;
     let n64 = n as i64;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&v).arg(dst).arg(&n64);
     // SAFETY: threads cover i < n = src.len() = dst.len() (grid-stride).
     unsafe { b.launch(elementwise(n, 1)) }?;

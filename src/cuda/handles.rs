@@ -46,7 +46,7 @@ impl<const N: usize> Site<N> {
     }
 
     /// The kernel `names[i]` for `stream`'s context.
-    fn get_index(&self, stream: &Arc<CudaStream>, i: usize) -> Result<CudaFunction> {
+    fn get_index(&self, stream: &Arc<CudaStream>, i: usize) -> Result<Kernel> {
         let name = self.names[i];
         let base = *self
             .base
@@ -57,13 +57,14 @@ impl<const N: usize> Site<N> {
                 "kernel {name}: more than {SLOTS} kernel-handle slots in use"
             )));
         }
-        with_table(stream.context(), |t| t.function(slot, name))
+        let func = with_table(stream.context(), |t| t.function(slot, name))?;
+        Ok(Kernel { func, name })
     }
 }
 
 impl Site<1> {
     /// The site's kernel for `stream`'s context.
-    pub(crate) fn get(&self, stream: &Arc<CudaStream>) -> Result<CudaFunction> {
+    pub(crate) fn get(&self, stream: &Arc<CudaStream>) -> Result<Kernel> {
         self.get_index(stream, 0)
     }
 }
@@ -71,7 +72,7 @@ impl Site<1> {
 impl Site<3> {
     /// The site's kernel for storage dtype `T` (`<op>_<T::NAME>`) for `stream`'s
     /// context.
-    pub(crate) fn get_for<T: DType>(&self, stream: &Arc<CudaStream>) -> Result<CudaFunction> {
+    pub(crate) fn get_for<T: DType>(&self, stream: &Arc<CudaStream>) -> Result<Kernel> {
         let i = match T::NAME {
             "f32" => 0,
             "f16" => 1,
@@ -84,6 +85,27 @@ impl Site<3> {
             }
         };
         self.get_index(stream, i)
+    }
+}
+
+/// A kernel handle and the kernel's name (for errors: [`super::Launcher`] names the
+/// kernel when `AK_CUDA_SYNC_CHECK=1` finds a fault). Derefs to the [`CudaFunction`].
+pub(crate) struct Kernel {
+    func: CudaFunction,
+    name: &'static str,
+}
+
+impl Kernel {
+    /// The kernel's name, e.g. `acon_c_fwd_f32`.
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl std::ops::Deref for Kernel {
+    type Target = CudaFunction;
+    fn deref(&self) -> &CudaFunction {
+        &self.func
     }
 }
 
@@ -176,7 +198,7 @@ fn with_table<R>(ctx: &Arc<CudaContext>, f: impl FnOnce(&Table) -> Result<R>) ->
 /// per context ([`crate::cuda::handles`]): `kernel_fn!(stream, "iieu_ln_fwd")` for a
 /// kernel with one name, `kernel_fn!(stream, "aiec_tau_fwd", T)` for the family
 /// `aiec_tau_fwd_f32|f16|bf16` picked by the storage dtype `T`. Evaluates to
-/// `Result<CudaFunction>`.
+/// `Result<Kernel>` (the handle and its name; launch it with [`crate::cuda::launcher`]).
 macro_rules! kernel_fn {
     ($stream:expr, $name:literal, $t:ty) => {{
         static SITE: $crate::cuda::handles::Site<3> = $crate::cuda::handles::Site::new([

@@ -31,7 +31,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, 
 use crate::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
 use crate::cuda::abi::IieuGeom;
 use crate::cuda::handles::kernel_fn;
-use crate::cuda::{grid_for, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
+use crate::cuda::{grid_for, launcher, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
 use crate::error::{check_len, Error, Result};
 
 // ------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ pub(crate) fn launch_filter_norm<T: DType>(
     let mut r_w = scratch::<f32>(stream, d.o)?;
     let mut w_norm = scratch::<f32>(stream, d.o)?;
     let wv = w.view();
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&wv).arg(&mut r_w).arg(&mut w_norm).arg(&d.g);
     // SAFETY: blocks grid-stride over o < O; each reads w[o·w_per .. (o+1)·w_per)
     // (w.len() = O·w_per was validated) and writes r_w[o], w_norm[o] (length O).
@@ -317,14 +317,14 @@ pub(crate) fn launch_patch_norm<T: DType>(
     let f_win = kernel_fn!(stream, "iieu_patch_window")?;
     let mut q = scratch::<f32>(stream, d.q_len)?;
     let xv = x_pre.view();
-    let mut b = stream.launch_builder(&f_sq);
+    let mut b = launcher(stream, &f_sq);
     b.arg(&xv).arg(&mut q).arg(&d.g);
     // SAFETY: threads cover e < N·G'·H·W (= q.len(), every element written); they read
     // x_pre[(t·c_per + c)·HW + pix] < N·C·H·W = x_pre.len() (validated).
     unsafe { b.launch(elementwise(d.q_len, vec_width::<T>())) }?;
     let mut r_x = scratch::<f32>(stream, d.rx_len)?;
     let mut x_norm = scratch::<f32>(stream, d.rx_len)?;
-    let mut b = stream.launch_builder(&f_win);
+    let mut b = launcher(stream, &f_win);
     b.arg(&q).arg(&mut x_norm).arg(&mut r_x).arg(&d.g);
     // SAFETY: threads cover e < N·G'·H'·W' (= r_x.len() = x_norm.len()); q is read at
     // t·HW + hi·W + wi with 0 ≤ hi < H, 0 ≤ wi < W checked in the kernel.
@@ -458,7 +458,7 @@ pub fn forward<T: DType>(
     // term-B: GAP per (n,o) plane.
     let mut m = scratch::<f32>(stream, no)?;
     let f = kernel_fn!(stream, "iieu_gap", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&xv).arg(&mut m).arg(&d.g);
     // SAFETY: blocks grid-stride over planes pl < N·O, reading x[pl·P .. (pl+1)·P)
     // (x.len() = N·O·P validated) and writing m[pl] (m.len() = N·O).
@@ -507,7 +507,7 @@ pub(crate) fn finish_forward<T: DType>(
     let mut rstd = scratch::<f32>(stream, d.n)?;
     let mut nu = scratch::<f32>(stream, no)?;
     let f = kernel_fn!(stream, "iieu_ln_fwd")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(m)
         .arg(&params.ln_weight)
         .arg(&params.ln_bias)
@@ -522,7 +522,7 @@ pub(crate) fn finish_forward<T: DType>(
     // Adjuster.
     let mut y = scratch::<T>(stream, d.x_len)?;
     let f = kernel_fn!(stream, "iieu_fwd", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(xv)
         .arg_opt(lin)
         .arg(&r_w)
@@ -614,7 +614,7 @@ pub(crate) fn backward_core<T: DType>(
     // Stage 1: per-(n,o) [Σg, Σ g·x·r_x, Σ dη-term].
     let mut part = scratch::<f32>(stream, 3 * no)?;
     let f = kernel_fn!(stream, "iieu_bwd_sums", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&dyv)
         .arg(&xv)
         .arg_opt(lin)
@@ -633,7 +633,7 @@ pub(crate) fn backward_core<T: DType>(
     let mut dz = scratch::<f32>(stream, no)?;
     let mut dm = scratch::<f32>(stream, no)?;
     let f = kernel_fn!(stream, "iieu_ln_bwd")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&part)
         .arg(&s.nu)
         .arg(&params.ln_weight)
@@ -652,7 +652,7 @@ pub(crate) fn backward_core<T: DType>(
     let mut d_eta = scratch::<f32>(stream, d.o)?;
     let mut dw = scratch::<T>(stream, d.w_len)?;
     let f = kernel_fn!(stream, "iieu_bwd_params", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&wv)
         .arg(&part)
         .arg(&dz)
@@ -673,7 +673,7 @@ pub(crate) fn backward_core<T: DType>(
     let mut dx = scratch::<T>(stream, d.x_len)?;
     let mut coef = scratch::<f32>(stream, d.rx_len)?;
     let f = kernel_fn!(stream, "iieu_bwd_dx", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&dyv)
         .arg(&xv)
         .arg_opt(lin)
@@ -694,7 +694,7 @@ pub(crate) fn backward_core<T: DType>(
     // dx_pre: gather over windows.
     let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
     let f = kernel_fn!(stream, "iieu_bwd_dxpre", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&xpv).arg(&coef).arg(&mut dx_pre).arg(&d.g);
     // SAFETY: threads cover e = (n·G' + grp)·HW + pix < N·G'·HW; for each of the C/G'
     // channels they read/write (t·c_per + c)·HW + pix < N·C·HW (x_pre, dx_pre — every

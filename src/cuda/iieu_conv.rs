@@ -73,7 +73,7 @@ use crate::cuda::iieu::{
     self as iieu_dev, elementwise, per_block, scratch, Dims, IieuDeviceParams, IieuDeviceSaved,
     Norms,
 };
-use crate::cuda::{to_i32, ArgOpt, DType, DeviceInput};
+use crate::cuda::{launcher, to_i32, ArgOpt, DType, DeviceInput};
 use crate::error::{check_len, Error, Result};
 
 /// GEMM tile rows / columns / depth and threads of `kernels/iieu_conv.cu`.
@@ -478,7 +478,7 @@ pub fn forward<T: DType>(
     let mut st_mean = scratch::<f32>(stream, no * mt)?;
     let mut st_m2 = scratch::<f32>(stream, no * mt)?;
     let f = kernel_fn!(stream, "iieu_conv_fwd", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&xpv)
         .arg(&wv)
         .arg(&mut conv)
@@ -500,7 +500,7 @@ pub fn forward<T: DType>(
             let mut r_x = scratch::<f32>(stream, d.rx_len)?;
             let mut x_norm = scratch::<f32>(stream, d.rx_len)?;
             let f = kernel_fn!(stream, "iieu_conv_rx")?;
-            let mut b = stream.launch_builder(&f);
+            let mut b = launcher(stream, &f);
             b.arg(sq).arg(&mut x_norm).arg(&mut r_x).arg(&g);
             // SAFETY: threads cover e < N·G'·P = r_x.len() = x_norm.len() (all written);
             // sq is read at e (G' = g) or (n·g + grp)·P + p < N·g·P = sq.len().
@@ -514,7 +514,7 @@ pub fn forward<T: DType>(
     let mut mean_c = scratch::<f32>(stream, no)?;
     let mut m2_c = scratch::<f32>(stream, no)?;
     let f = kernel_fn!(stream, "iieu_conv_plane_stats")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&st_mean)
         .arg(&st_m2)
         .arg(&mut mean_c)
@@ -541,7 +541,7 @@ pub fn forward<T: DType>(
     };
     let (mut momentum, mut bn_eps) = (0.0f32, 1.0f32);
     let f = kernel_fn!(stream, "iieu_conv_psi")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&mean_c).arg(&m2_c).arg(&mode);
     match &mut params.psi {
         DevicePsi::None => {
@@ -690,7 +690,7 @@ pub fn backward<T: DType>(
     // dx_pre = conv-transpose(dc, W) + the r_x path.
     let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
     let f = kernel_fn!(stream, "iieu_conv_dgrad", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(dc).arg(&wv).arg(&ig.dx_pre).arg(&mut dx_pre).arg(&g);
     // SAFETY: block (n·itiles + it, grp·ctiles + ct) reads dc of sample n at channels
     // grp·O/g + ol < O and in-range (ho, wo) only (checked per tap), W at
@@ -702,7 +702,7 @@ pub fn backward<T: DType>(
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
     let f = kernel_fn!(stream, "iieu_conv_wgrad", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(dc).arg(&xpv).arg(&mut part).arg(&g);
     // SAFETY: block (grp·otiles + ot, kt, s) reads dc at (n·O + grp·O/g + o)·P + p
     // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
@@ -711,7 +711,7 @@ pub fn backward<T: DType>(
     unsafe { b.launch(gemm_launch(cd.wgrad_grid, splits as u32)) }?;
     let mut dw = scratch::<T>(stream, d.w_len)?;
     let f = kernel_fn!(stream, "iieu_conv_wgrad_reduce", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&part).arg(&ig.dw).arg(&mut dw).arg(&g);
     // SAFETY: threads cover e < O·K (dw, add: length O·K; all dw written), reading
     // part[s·O·K + e] for s < splits.
@@ -745,7 +745,7 @@ fn psi_backward<T: DType>(
     // Stage 1: per-(n, o) [Σ dx, Σ dx·x̂].
     let mut part2 = scratch::<f32>(stream, 2 * no)?;
     let f = kernel_fn!(stream, "iieu_conv_psi_bwd_sums", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(dx)
         .arg(&saved.conv)
         .arg(&saved.lin)
@@ -766,7 +766,7 @@ fn psi_backward<T: DType>(
     let mut d_shift = Some(scratch::<f32>(stream, d.o)?);
     let mut coef = scratch::<f32>(stream, 3 * d.o)?;
     let f = kernel_fn!(stream, "iieu_conv_psi_bwd_params")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&part2)
         .arg(&saved.lin)
         .arg(&mode)
@@ -782,7 +782,7 @@ fn psi_backward<T: DType>(
     // dc = A·dx + B·x̂ + C.
     let mut dc = scratch::<T>(stream, d.x_len)?;
     let f = kernel_fn!(stream, "iieu_conv_dc", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(dx)
         .arg(&saved.conv)
         .arg(&saved.lin)

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::handles::kernel_fn;
-use super::{grid_for, to_i32, CudaSlice, CudaStream, DType, DeviceInput, BLOCK};
+use super::{grid_for, launcher, to_i32, CudaSlice, CudaStream, DType, DeviceInput, BLOCK};
 use crate::cpu::iieu_dc::{DcConfig, DcParams};
 use crate::error::{check_len, check_nonzero, Error, Result};
 
@@ -352,7 +352,7 @@ pub fn forward<T: DType>(
     let mut gap = unsafe { stream.alloc::<f32>(nc2) }?;
     let (grid, warp_mode) = plane_grid(cfg.n * cfg.c, cfg.s);
     let f = kernel_fn!(stream, "iieu_dc_gap", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&x)
         .arg(&res)
         .arg(&mut gap)
@@ -370,7 +370,7 @@ pub fn forward<T: DType>(
     // SAFETY: the coupler writes λ[n·2C + k] and λ[n·2C + C + k] for every n < N, k < C.
     let mut lambda = unsafe { stream.alloc::<f32>(nc2) }?;
     let f = kernel_fn!(stream, "iieu_dc_coupler_fwd_f32")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&gap);
     push_params(&mut b, params);
     b.arg(&mut lambda).arg(&p.n).arg(&p.c).arg(&p.hd);
@@ -385,7 +385,7 @@ pub fn forward<T: DType>(
     // SAFETY: the mix kernel writes every element of out (vector body + scalar tail).
     let mut out = unsafe { stream.alloc::<T>(p.numel) }?;
     let f = kernel_fn!(stream, "iieu_dc_mix", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&x)
         .arg(&res)
         .arg(&lambda)
@@ -452,7 +452,7 @@ pub fn backward<T: DType>(
     let mut pd = unsafe { stream.alloc::<f32>(nc2) }?;
     let (grid, warp_mode) = plane_grid(cfg.n * cfg.c, cfg.s);
     let f = kernel_fn!(stream, "iieu_dc_dots", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&dy)
         .arg(&x)
         .arg(&res)
@@ -477,7 +477,7 @@ pub fn backward<T: DType>(
     let mut part = unsafe { stream.alloc::<f32>(rows * p.part_len) }?;
     let mut dgap = unsafe { stream.alloc::<f32>(nc2) }?;
     let f = kernel_fn!(stream, "iieu_dc_coupler_bwd_f32")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&saved.gap).arg(&pd);
     push_params(&mut b, params);
     b.arg(&mut dgap)
@@ -504,7 +504,7 @@ pub fn backward<T: DType>(
     let mut g_l2w = unsafe { stream.alloc::<f32>(2 * c) }?;
     let mut g_l2b = unsafe { stream.alloc::<f32>(2 * c) }?;
     let f = kernel_fn!(stream, "iieu_dc_param_sum_f32")?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&part)
         .arg(&rows_i32)
         .arg(&p.c)
@@ -530,7 +530,7 @@ pub fn backward<T: DType>(
     let mut dres = unsafe { stream.alloc::<T>(p.numel) }?;
     let inv_s = (1.0 / cfg.s as f64) as f32;
     let f = kernel_fn!(stream, "iieu_dc_dx", T)?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = launcher(stream, &f);
     b.arg(&dy)
         .arg(&saved.lambda)
         .arg(&dgap)

@@ -27,7 +27,12 @@ pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView};
 pub use dtype::DType;
 pub use module::{driver_version, Kernels, Origin};
 
-use cudarc::driver::{DriverError, LaunchArgs, PushKernelArg};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::{DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use handles::Kernel;
 
 impl From<DriverError> for crate::Error {
     fn from(e: DriverError) -> Self {
@@ -136,4 +141,97 @@ pub(crate) fn to_i32(what: &'static str, v: usize) -> crate::Result<i32> {
         what,
         msg: format!("{v} exceeds the kernels' 32-bit index range"),
     })
+}
+
+/// 0: not read yet; 1: off; 2: on.
+static SYNC_CHECK: AtomicU8 = AtomicU8::new(0);
+
+/// Whether every launch is followed by a synchronisation of its stream that names the
+/// kernel in any error (`AK_CUDA_SYNC_CHECK=1`, read once; [`set_sync_check`] overrides
+/// it). Off by default: a kernel's asynchronous fault then surfaces in a later,
+/// unrelated call (the next synchronisation or copy), as with any CUDA library. On, each
+/// op is slower (one host-blocking synchronisation per launch) and a fault is an
+/// [`crate::Error::Driver`] naming the kernel that caused it. For debugging only.
+pub fn sync_check() -> bool {
+    match SYNC_CHECK.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            let on = *ENV.get_or_init(|| {
+                std::env::var("AK_CUDA_SYNC_CHECK")
+                    .map(|v| !matches!(v.trim(), "" | "0" | "false" | "off"))
+                    .unwrap_or(false)
+            });
+            // A concurrent set_sync_check wins.
+            let _ = SYNC_CHECK.compare_exchange(
+                0,
+                1 + u8::from(on),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            SYNC_CHECK.load(Ordering::Relaxed) == 2
+        }
+    }
+}
+
+/// Turns the per-launch synchronisation check ([`sync_check`]) on or off for the rest
+/// of the process, whatever `AK_CUDA_SYNC_CHECK` says.
+pub fn set_sync_check(on: bool) {
+    SYNC_CHECK.store(1 + u8::from(on), Ordering::Relaxed);
+}
+
+/// A [`LaunchArgs`] that knows its stream and its kernel's name: every launch site
+/// builds its arguments on one (it derefs to the [`LaunchArgs`]) and launches with
+/// [`Launcher::launch`], which adds the [`sync_check`].
+pub(crate) struct Launcher<'a> {
+    args: LaunchArgs<'a>,
+    stream: &'a CudaStream,
+    name: &'static str,
+}
+
+/// The launch builder for kernel `k` on `stream`.
+pub(crate) fn launcher<'a>(stream: &'a Arc<CudaStream>, k: &'a Kernel) -> Launcher<'a> {
+    Launcher {
+        args: stream.launch_builder(k),
+        stream,
+        name: k.name(),
+    }
+}
+
+impl Launcher<'_> {
+    /// Launches the kernel with the arguments pushed so far. With [`sync_check`] on,
+    /// then synchronises the stream; an error of either step names the kernel.
+    ///
+    /// # Safety
+    /// As [`LaunchArgs::launch`]: the pushed arguments match the kernel's parameters,
+    /// and every access the kernel makes under `cfg` is inside the buffers passed.
+    pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> crate::Result<()> {
+        // SAFETY: the caller upholds LaunchArgs::launch's contract (above).
+        let r = unsafe { self.args.launch(cfg) };
+        if !sync_check() {
+            r?;
+            return Ok(());
+        }
+        let name = self.name;
+        r.map_err(|e| crate::Error::Driver(format!("kernel {name}: launch failed: {e}")))?;
+        self.stream.synchronize().map_err(|e| {
+            crate::Error::Driver(format!(
+                "kernel {name} failed (found by AK_CUDA_SYNC_CHECK's synchronisation after its launch): {e}"
+            ))
+        })
+    }
+}
+
+impl<'a> std::ops::Deref for Launcher<'a> {
+    type Target = LaunchArgs<'a>;
+    fn deref(&self) -> &LaunchArgs<'a> {
+        &self.args
+    }
+}
+
+impl<'a> std::ops::DerefMut for Launcher<'a> {
+    fn deref_mut(&mut self) -> &mut LaunchArgs<'a> {
+        &mut self.args
+    }
 }

@@ -1,0 +1,295 @@
+//! Source lint for 64-bit integer division and modulo in the kernels (issue 15 item 2:
+//! "no per-element 64-bit division"). A GPU has no integer divider: a 64-bit `/` or `%`
+//! by a value not known at compile time is a call to a ~70-instruction subroutine
+//! (`__internal_udiv64`-like, the `I2F.U64.RP` sequence in sm_86 SASS); 32-bit ones are
+//! a short inline sequence, and division by a constant is a multiply.
+//!
+//! Heuristic, per `__device__` / kernel function of `kernels/*.cu`: a `/`, `%`, `/=` or
+//! `%=` whose divisor is not a literal or an upper-case constant, on a line that names
+//! a variable the function declares as 64-bit (`long long`, `int64_t`, `size_t`,
+//! `uint64_t`, `unsigned long long`) or casts to one — counted only where it runs per
+//! iteration: inside a loop of its function (`for`, `while`, `do`, the loop header
+//! included), or anywhere in a function called from inside a loop. Each kernel is
+//! charged with the counted lines of the functions it calls (transitively, by name: a
+//! name shared by two functions merges them, which can over-report). Per-thread setup
+//! before a grid-stride loop is not counted. Divisions the compiler introduces are not
+//! seen; the SASS check on a real toolchain is the stronger test.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A function body found in a `.cu` file.
+struct Func {
+    /// Names of the functions its body calls, and whether from inside a loop.
+    calls: BTreeSet<(String, bool)>,
+    /// Flagged lines: `file:line`, and whether inside a loop of the function.
+    flagged: Vec<(String, bool)>,
+}
+
+const WIDE: [&str; 5] = [
+    "unsigned long long",
+    "long long",
+    "int64_t",
+    "uint64_t",
+    "size_t",
+];
+
+fn strip_comments(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let b = src.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'/' && i + 1 < b.len() && b[i + 1] == b'/' {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if b[i] == b'/' && i + 1 < b.len() && b[i + 1] == b'*' {
+            i += 2;
+            while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                if b[i] == b'\n' {
+                    out.push('\n');
+                }
+                i += 1;
+            }
+            i += 2;
+        } else {
+            out.push(b[i] as char);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn ident_at(s: &str, start: usize) -> &str {
+    let end = s[start..]
+        .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .map_or(s.len(), |e| start + e);
+    &s[start..end]
+}
+
+fn idents(line: &str) -> Vec<&str> {
+    line.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// Whether `line` divides by a run-time value (not a literal / upper-case constant).
+fn runtime_division(line: &str) -> bool {
+    let bytes = line.as_bytes();
+    for (i, &ch) in bytes.iter().enumerate() {
+        if ch != b'/' && ch != b'%' {
+            continue;
+        }
+        let mut j = i + 1;
+        if j < bytes.len() && bytes[j] == b'=' {
+            j += 1;
+        }
+        while j < bytes.len() && (bytes[j] == b' ' || bytes[j] == b'(') {
+            j += 1;
+        }
+        if j >= bytes.len() {
+            continue;
+        }
+        let next = bytes[j] as char;
+        if next.is_ascii_digit() {
+            continue;
+        }
+        // A float dividend (`1.0f / …`) makes it a float division.
+        let left: String = line[..i]
+            .trim_end()
+            .chars()
+            .rev()
+            .take_while(|ch| ch.is_ascii_alphanumeric() || *ch == '.' || *ch == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if left.starts_with(|ch: char| ch.is_ascii_digit())
+            && (left.contains('.') || left.ends_with('f'))
+        {
+            continue;
+        }
+        let id = ident_at(line, j);
+        if id.is_empty() {
+            continue;
+        }
+        let first = id.chars().next().unwrap_or('a');
+        // A divisor cast to a float type makes it a float division.
+        let float_cast = matches!(id, "float" | "double");
+        let constant = float_cast
+            || first.is_ascii_uppercase()
+            || (id.starts_with('k') && id.chars().nth(1).is_some_and(|c| c.is_ascii_uppercase()))
+            || id == "sizeof";
+        if !constant {
+            return true;
+        }
+    }
+    false
+}
+
+/// Parses every function of one file (name -> body facts).
+fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
+    let text = strip_comments(src);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let l = lines[i];
+        let is_def =
+            (l.contains("__device__") || l.contains("AK_KERNEL") || l.contains("__global__"))
+                && l.contains('(')
+                && !l.trim_start().starts_with('#');
+        if !is_def {
+            i += 1;
+            continue;
+        }
+        // The name: the identifier right before the first '('.
+        let open = l.find('(').unwrap_or(0);
+        // Macro-generated entry points are named `<family>_##DT` (any parameter name).
+        let mut head = l[..open].trim_end().to_string();
+        if let Some(p) = head.find("##") {
+            head.truncate(p);
+        }
+        let name_start = head
+            .rfind(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .map_or(0, |p| p + 1);
+        let name = head[name_start..].to_string();
+        // The body: from this line to the matching closing brace.
+        let mut depth = 0i32;
+        let mut started = false;
+        let mut body = Vec::new();
+        let mut j = i;
+        while j < lines.len() {
+            let lj = lines[j];
+            body.push((j + 1, lj));
+            for ch in lj.chars() {
+                if ch == '{' {
+                    depth += 1;
+                    started = true;
+                } else if ch == '}' {
+                    depth -= 1;
+                }
+            }
+            if (started && depth <= 0) || (!started && lj.trim_end().ends_with(';')) {
+                break;
+            }
+            j += 1;
+        }
+        let mut wide: BTreeSet<String> = BTreeSet::new();
+        for (_, lj) in &body {
+            for w in WIDE {
+                let mut rest = *lj;
+                while let Some(p) = rest.find(w) {
+                    let after = rest[p + w.len()..].trim_start();
+                    let after = after.trim_start_matches(['*', '&', ' ']);
+                    let id = ident_at(after, 0);
+                    if !id.is_empty() && id != "const" {
+                        wide.insert(id.to_string());
+                    }
+                    rest = &rest[p + w.len()..];
+                }
+            }
+        }
+        let mut calls = BTreeSet::new();
+        let mut flagged = Vec::new();
+        // Loop bodies: a stack of open braces, each marked whether it opened a loop
+        // body (`for (` / `while (` / `do` seen since the last statement).
+        let mut braces: Vec<bool> = Vec::new();
+        let mut pending_loop = false;
+        for (ln, lj) in &body {
+            let header =
+                lj.contains("for (") || lj.contains("while (") || lj.trim_start().starts_with("do");
+            if header {
+                pending_loop = true;
+            }
+            let in_loop = header || braces.iter().any(|&b| b);
+            for ch in lj.chars() {
+                match ch {
+                    '{' => {
+                        braces.push(pending_loop);
+                        pending_loop = false;
+                    }
+                    '}' => {
+                        braces.pop();
+                    }
+                    ';' if !header => pending_loop = false,
+                    _ => {}
+                }
+            }
+            // A one-statement loop (`for (...) stmt;` on one line) ends with its line; a
+            // header whose parentheses are still open continues on the next line.
+            let open = lj.matches('(').count() as i64 - lj.matches(')').count() as i64;
+            if header && open <= 0 && lj.trim_end().ends_with(';') {
+                pending_loop = false;
+            }
+            for w in idents(lj) {
+                calls.insert((w.to_string(), in_loop));
+            }
+            let casts =
+                lj.contains("(long long)") || lj.contains("(size_t)") || lj.contains("(int64_t)");
+            let names_wide = idents(lj).iter().any(|w| wide.contains(*w));
+            if (casts || names_wide) && runtime_division(lj) {
+                flagged.push((format!("{file}:{ln}"), in_loop));
+            }
+        }
+        calls.retain(|(c, _)| *c != name);
+        out.entry(name)
+            .and_modify(|f: &mut Func| {
+                f.calls.extend(calls.iter().cloned());
+                f.flagged.extend(flagged.iter().cloned());
+            })
+            .or_insert(Func { calls, flagged });
+        i = j + 1;
+    }
+}
+
+/// For every kernel family name registered in the ptxas table (`kernels`), the
+/// flagged lines of its body and of every function it calls.
+pub fn div64(
+    sources: &[(String, String)],
+    kernels: &BTreeSet<String>,
+) -> BTreeMap<String, Vec<String>> {
+    let mut funcs = HashMap::new();
+    for (file, src) in sources {
+        functions(file, src, &mut funcs);
+    }
+    let mut res = BTreeMap::new();
+    for k in kernels {
+        // Entry points are defined per dtype through a macro (`name_##DT`): look the
+        // family up without its suffix too.
+        let base = ["_f32", "_f16", "_bf16"]
+            .iter()
+            .find_map(|s| k.strip_suffix(s))
+            .unwrap_or(k);
+        let start = if funcs.contains_key(k.as_str()) {
+            k.as_str()
+        } else if let Some(stripped) = funcs.keys().find(|f| f.as_str() == format!("{base}_")) {
+            stripped.as_str()
+        } else {
+            base
+        };
+        // (function, reached from inside a loop): in a function reached from a loop,
+        // every flagged line runs per iteration; otherwise only those in its own loops.
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![(start.to_string(), false)];
+        let mut lines = BTreeSet::new();
+        while let Some((f, looped)) = stack.pop() {
+            if !seen.insert((f.clone(), looped)) {
+                continue;
+            }
+            if let Some(func) = funcs.get(&f) {
+                for (line, in_loop) in &func.flagged {
+                    if looped || *in_loop {
+                        lines.insert(line.clone());
+                    }
+                }
+                for (c, in_loop) in &func.calls {
+                    let next = (c.clone(), looped || *in_loop);
+                    if funcs.contains_key(c) && !seen.contains(&next) {
+                        stack.push(next);
+                    }
+                }
+            }
+        }
+        res.insert(k.clone(), lines.into_iter().collect());
+    }
+    res
+}

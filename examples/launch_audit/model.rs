@@ -1,0 +1,510 @@
+//! The launch audit's models: the two GPUs, the occupancy calculator, the per-kernel
+//! bytes model and the time model. Pure arithmetic on the launch log; no device.
+
+use std::collections::HashMap;
+
+/// One GPU as the audit models it.
+pub struct Gpu {
+    /// Short name for the tables.
+    pub name: &'static str,
+    /// The ptxas table's arch (registers and static shared memory per kernel).
+    pub sm: u32,
+    /// Streaming multiprocessors.
+    pub sms: u64,
+    /// DRAM bandwidth, bytes per second.
+    pub bw: f64,
+    /// FP32 CUDA-core peak, FLOP per second (the implicit-GEMM kernels use no tensor cores).
+    pub fp32: f64,
+    /// Resident threads per SM.
+    pub threads_sm: u64,
+    /// Resident blocks per SM.
+    pub blocks_sm: u64,
+    /// 32-bit registers per SM.
+    pub regs_sm: u64,
+    /// Shared memory per SM usable by blocks, bytes.
+    pub smem_sm: u64,
+}
+
+/// RTX A6000 (GA102, sm_86): 84 SMs, 768 GB/s, 6 MB L2, 38.7 TFLOP/s FP32.
+pub const A6000: Gpu = Gpu {
+    name: "A6000",
+    sm: 86,
+    sms: 84,
+    bw: 768e9,
+    fp32: 38.7e12,
+    threads_sm: 1536,
+    blocks_sm: 16,
+    regs_sm: 65536,
+    smem_sm: 102_400,
+};
+
+/// H100 SXM (sm_90): 132 SMs, 3.35 TB/s, 50 MB L2, 66.9 TFLOP/s FP32.
+pub const H100: Gpu = Gpu {
+    name: "H100",
+    sm: 90,
+    sms: 132,
+    bw: 3.35e12,
+    fp32: 66.9e12,
+    threads_sm: 2048,
+    blocks_sm: 32,
+    regs_sm: 65536,
+    smem_sm: 233_472,
+};
+
+/// The two modelled devices, in table order.
+pub const GPUS: [&Gpu; 2] = [&A6000, &H100];
+
+/// Registers per thread and static shared memory per block of every kernel, per arch
+/// (`kernels/emu/ptxas-table.tsv`).
+pub struct Ptxas(pub HashMap<(String, u32), (u64, u64)>);
+
+impl Ptxas {
+    /// Parses the table (lines `kernel<TAB>sm<TAB>registers<TAB>static smem`; `#` comments).
+    pub fn parse(text: &str) -> Self {
+        let mut m = HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.len() < 4 {
+                continue;
+            }
+            if let (Ok(sm), Ok(r), Ok(s)) = (f[1].parse(), f[2].parse(), f[3].parse()) {
+                m.insert((f[0].to_string(), sm), (r, s));
+            }
+        }
+        Ptxas(m)
+    }
+
+    /// (registers, static smem) of `kernel` on `sm`, if ptxas reported it.
+    pub fn get(&self, kernel: &str, sm: u32) -> Option<(u64, u64)> {
+        self.0.get(&(kernel.to_string(), sm)).copied()
+    }
+}
+
+/// Occupancy of one launch on one GPU.
+#[derive(Clone, Copy, Debug)]
+pub struct Occupancy {
+    /// Resident blocks per SM.
+    pub blocks_per_sm: u64,
+    /// What limits it: `threads`, `regs`, `smem` or `blocks`.
+    pub limiter: &'static str,
+    /// Resident warps / the SM's maximum warps.
+    pub occupancy: f64,
+    /// Grid blocks / (SMs × resident blocks per SM), fractional.
+    pub waves: f64,
+}
+
+/// CUDA's occupancy calculation for sm_80+: warps per block rounded up; registers
+/// allocated per warp in units of 256 (so `⌈regs·32/256⌉·256` per warp) from the SM's
+/// 64 K; shared memory per block = static + dynamic + 1 KB the driver reserves per
+/// block; resident blocks = the minimum over threads, registers, shared memory and the
+/// block limit.
+pub fn occupancy(g: &Gpu, threads: u64, regs: u64, smem: u64, blocks: u64) -> Occupancy {
+    let warps = threads.div_ceil(32).max(1);
+    let by_threads = g.threads_sm / (warps * 32);
+    let by_regs = if regs == 0 {
+        u64::MAX
+    } else {
+        let per_warp = (regs * 32).div_ceil(256) * 256;
+        (g.regs_sm / per_warp) / warps
+    };
+    let by_smem = g.smem_sm / (smem + 1024);
+    let mut best = (g.blocks_sm, "blocks");
+    for (v, what) in [
+        (by_threads, "threads"),
+        (by_regs, "regs"),
+        (by_smem, "smem"),
+    ] {
+        if v < best.0 {
+            best = (v, what);
+        }
+    }
+    let r = best.0;
+    Occupancy {
+        blocks_per_sm: r,
+        limiter: best.1,
+        occupancy: (r * warps * 32) as f64 / g.threads_sm as f64,
+        waves: blocks as f64 / (g.sms * r.max(1)) as f64,
+    }
+}
+
+/// Lower-bound time of one launch on `g`, in seconds: the largest of
+/// * `dram / bandwidth` — the bytes at the full DRAM bandwidth;
+/// * the busiest SM's share: blocks are spread evenly, so one SM runs
+///   `⌈blocks / SMs⌉` blocks of `bytes / blocks` bytes each, and an SM is granted at
+///   most its share `bandwidth / SMs` — so a grid of fewer blocks than SMs, or a
+///   ragged last wave, cannot use the whole device;
+/// * `flops / FP32 peak` (implicit-GEMM kernels only).
+///
+/// Launch overhead, latency, caches and occupancy below what hides latency are not
+/// modelled (occupancy is reported, not timed): it is a lower bound, not a prediction
+/// of the measured time.
+pub fn time_s(g: &Gpu, dram: f64, flops: f64, blocks: u64) -> f64 {
+    let bw_time = dram / g.bw;
+    let per_sm = blocks.div_ceil(g.sms) as f64;
+    let sm_time = per_sm * (dram / blocks.max(1) as f64) / (g.bw / g.sms as f64);
+    bw_time.max(sm_time).max(flops / g.fp32)
+}
+
+/// The shapes a case's kernels are modelled on. Element counts are in elements,
+/// storage size `b` in bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Dims {
+    /// Storage bytes per element of the activation dtype.
+    pub b: f64,
+    /// Batch N.
+    pub n: f64,
+    /// Channels of the activation tensor (IIEU: O, the conv's output channels).
+    pub c: f64,
+    /// Positions per (sample, channel): H·W, L tokens, or IIEU's H'·W'.
+    pub s: f64,
+    /// IIEU: input channels C, input plane H·W, kernel KH·KW, patch-norm planes G'.
+    pub cin: f64,
+    /// IIEU: input plane H·W.
+    pub hw_in: f64,
+    /// IIEU: KH·KW.
+    pub taps: f64,
+    /// IIEU: patch-norm planes per sample (1 for all-channels or one group).
+    pub gp: f64,
+    /// IIEU-DC hidden width; meta-ACON generator width.
+    pub hd: f64,
+    /// AIEC classes K.
+    pub k: f64,
+    /// AIEC: the step writes `A = TAU(F)` (train) — the feature and dF passes move it.
+    pub aiec_train: bool,
+}
+
+impl Dims {
+    /// Activation elements N·C·S.
+    pub fn e(&self) -> f64 {
+        self.n * self.c * self.s
+    }
+    /// IIEU: `x_pre` elements N·C·H·W.
+    pub fn epre(&self) -> f64 {
+        self.n * self.cin * self.hw_in
+    }
+    /// IIEU: weight elements O·C·KH·KW (groups = 1).
+    pub fn wlen(&self) -> f64 {
+        self.c * self.cin * self.taps
+    }
+}
+
+/// What one launch moves: `bytes` (every global load and store the code issues, L1/L2
+/// re-reads included — docs/kernels.md's "bytes moved"), `min` (each input read once,
+/// each output written once — that table's "minimum"), `dram` (what the time model
+/// charges at DRAM bandwidth: `bytes`, except the implicit-GEMM kernels, whose tile
+/// re-reads are on-chip by design: their unique bytes) and `flops`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Traffic {
+    /// Bytes the code loads and stores.
+    pub bytes: f64,
+    /// The kernel's minimum bytes.
+    pub min: f64,
+    /// Bytes charged at DRAM bandwidth.
+    pub dram: f64,
+    /// Floating-point operations (GEMM kernels; 0 elsewhere).
+    pub flops: f64,
+}
+
+fn t(bytes: f64, min: f64) -> Traffic {
+    Traffic {
+        bytes,
+        min,
+        dram: bytes,
+        flops: 0.0,
+    }
+}
+
+/// The kernel family: the name without its `_f32|_f16|_bf16` storage suffix (kernels
+/// that exist in f32 only keep `_f32`).
+pub fn family(kernel: &str) -> &str {
+    for sfx in ["_f16", "_bf16", "_f32"] {
+        if let Some(f) = kernel.strip_suffix(sfx) {
+            if FAMILIES_WITH_DTYPE.contains(&f) {
+                return f;
+            }
+        }
+    }
+    kernel
+}
+
+const FAMILIES_WITH_DTYPE: &[&str] = &[
+    "acon_a_fwd",
+    "acon_b_fwd",
+    "acon_c_fwd",
+    "acon_a_bwd_nchw",
+    "acon_b_bwd_nchw",
+    "acon_c_bwd_nchw",
+    "acon_a_bwd_nlc",
+    "acon_b_bwd_nlc",
+    "acon_c_bwd_nlc",
+    "acon_gap_nchw",
+    "acon_gap_nlc",
+    "acon_gap_add",
+    "aiec_tau_fwd",
+    "aiec_tau_bwd",
+    "aiec_feat_nchw",
+    "aiec_feat_nlc",
+    "aiec_df_nchw",
+    "aiec_df_nlc",
+    "iieu_filter_norm",
+    "iieu_patch_sq",
+    "iieu_gap",
+    "iieu_fwd",
+    "iieu_bwd_sums",
+    "iieu_bwd_params",
+    "iieu_bwd_dx",
+    "iieu_bwd_dxpre",
+    "iieu_dc_gap",
+    "iieu_dc_mix",
+    "iieu_dc_dots",
+    "iieu_dc_dx",
+    "iieu_conv_fwd",
+    "iieu_conv_dgrad",
+    "iieu_conv_wgrad",
+    "iieu_conv_psi_bwd_sums",
+    "iieu_conv_dc",
+    "iieu_conv_wgrad_reduce",
+    "cast_to_f32",
+    "cast_from_f32",
+];
+
+/// Families held to the `bytes ≤ 1.25 × minimum` target (issue 15 item 2): ACON, AIEC's
+/// TAU and feature passes, IIEU-B's adjuster passes.
+pub fn ratio_target(fam: &str) -> bool {
+    fam.starts_with("acon_a_")
+        || fam.starts_with("acon_b_")
+        || fam.starts_with("acon_c_")
+        || fam.starts_with("acon_gap_")
+        || matches!(
+            fam,
+            "aiec_tau_fwd"
+                | "aiec_tau_bwd"
+                | "aiec_feat_nchw"
+                | "aiec_feat_nlc"
+                | "aiec_df_nchw"
+                | "aiec_df_nlc"
+                | "iieu_gap"
+                | "iieu_fwd"
+                | "iieu_bwd_sums"
+                | "iieu_bwd_dx"
+        )
+}
+
+/// State a case carries from one launch to the next (a second-stage kernel reads what
+/// the first stage wrote: its partials' size and count).
+#[derive(Default)]
+pub struct Carry {
+    /// Bytes of tile partials the last ACON tile kernel wrote, and whether it was a
+    /// backward (3 sums) or a GAP (1 sum).
+    acon_partials: (f64, f64),
+    /// Blocks of the last `iieu_dc_coupler_bwd` (its partial rows).
+    dc_rows: f64,
+    /// Chunks of the last `aiec_dwd_partial`.
+    dwd_chunks: f64,
+    /// Split-K slabs of the last `iieu_conv_wgrad`.
+    wgrad_splits: f64,
+}
+
+/// The bytes model of one launch: `docs/kernels.md`'s "Bytes moved per element" table,
+/// multiplied out for the case's shape. `blocks` and `grid` are the launch's (the number
+/// of tiles, chunks or partial rows a kernel writes is its grid). `None` for a kernel
+/// the model does not know (the audit fails on it: every kernel must be modelled).
+pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Option<Traffic> {
+    let fam = family(kernel);
+    let b = d.b;
+    let (n, c, s, e) = (d.n, d.c, d.s, d.e());
+    let nc = n * c;
+    let blocks = f64::from(grid[0]) * f64::from(grid[1]) * f64::from(grid[2]);
+    let out = match fam {
+        // ACON: x -> y (parameters per channel from L1).
+        "acon_a_fwd" | "acon_b_fwd" | "acon_c_fwd" => t(2.0 * b * e, 2.0 * b * e),
+        // dy, x -> dx, plus 3 f32 partials per tile (one tile per block).
+        "acon_a_bwd_nchw" | "acon_b_bwd_nchw" | "acon_c_bwd_nchw" => {
+            carry.acon_partials = (12.0 * blocks, 3.0);
+            t(3.0 * b * e + 12.0 * blocks, 3.0 * b * e)
+        }
+        // As above with 3·C partials per tile of rows.
+        "acon_a_bwd_nlc" | "acon_b_bwd_nlc" | "acon_c_bwd_nlc" => {
+            carry.acon_partials = (12.0 * c * blocks, 3.0);
+            t(3.0 * b * e + 12.0 * c * blocks, 3.0 * b * e)
+        }
+        "acon_gap_nchw" => {
+            carry.acon_partials = (4.0 * blocks, 1.0);
+            t(b * e + 4.0 * blocks, b * e)
+        }
+        "acon_gap_nlc" => {
+            carry.acon_partials = (4.0 * c * blocks, 1.0);
+            t(b * e + 4.0 * c * blocks, b * e)
+        }
+        "acon_gap_add" => t(2.0 * b * e, 2.0 * b * e),
+        // Tile partials -> ns·N·C totals.
+        "acon_reduce_tiles" => {
+            let (p, ns) = carry.acon_partials;
+            let v = p + 4.0 * ns * nc;
+            t(v, v)
+        }
+        // 3·N·C totals (+ a re-read row for per-(n,c)/per-sample β) -> C-sized grads.
+        "acon_reduce_params" => t(16.0 * nc + 12.0 * c, 12.0 * nc + 12.0 * c),
+        // Per sample: GAP row, W1 and W2 (L2), hidden -> β row.
+        "acon_gen_fc_fwd" => t(
+            n * (8.0 * c + 8.0 * c * d.hd + 4.0 * d.hd),
+            n * (8.0 * c + 4.0 * d.hd) + 8.0 * c * d.hd,
+        ),
+        "acon_gen_fc_bwd" => t(
+            n * (16.0 * c + 8.0 * c * d.hd + 4.0 * d.hd),
+            n * (16.0 * c + 4.0 * d.hd) + 8.0 * c * d.hd,
+        ),
+        "acon_gen_wgrad" => {
+            let w = 4.0 * (2.0 * c * d.hd + c + d.hd);
+            t(
+                16.0 * nc * d.hd + 4.0 * n * (c + d.hd) + w,
+                8.0 * n * (c + d.hd) + w,
+            )
+        }
+        "acon_layer_gen_fwd" => t(4.0 * nc + 4.0 * n, 4.0 * nc + 4.0 * n),
+        "acon_layer_gen_bwd" => t(12.0 * n, 12.0 * n),
+        // AIEC.
+        "aiec_tau_fwd" => t(2.0 * b * e, 2.0 * b * e),
+        "aiec_tau_bwd" => t(3.0 * b * e, 3.0 * b * e),
+        "aiec_feat_nchw" | "aiec_feat_nlc" => {
+            let v = if d.aiec_train { 2.0 * b * e } else { b * e } + 4.0 * nc;
+            t(v, v)
+        }
+        "aiec_df_nchw" | "aiec_df_nlc" => {
+            let v = if d.aiec_train { 3.0 * b * e } else { b * e } + 4.0 * nc;
+            t(v, v)
+        }
+        "aiec_dmu_fwd_f32" => t(
+            n * (4.0 * c + 4.0 * d.k * c + 8.0 * d.k + 5.0),
+            4.0 * nc + 4.0 * d.k * c + n * (8.0 * d.k + 5.0),
+        ),
+        "aiec_count_f32" => t(20.0 * nc, 20.0 * nc),
+        "aiec_rate_masks_f32" => t(25.0 * d.k * c, 25.0 * d.k * c),
+        "aiec_gate_masks_f32" => t(9.0 * d.k * c, 9.0 * d.k * c),
+        // Mask row of the label's class + a where masked (at most every channel).
+        "aiec_gate_loss_f32" => t(n * (5.0 * c + 4.0), n * (5.0 * c + 4.0)),
+        "aiec_loss_means_f32" | "aiec_loss_weights_f32" => t(8.0 * n + 12.0, 8.0 * n + 12.0),
+        "aiec_da_f32" => t(
+            n * (4.0 * d.k * c + 4.0 * d.k + 6.0 * c),
+            4.0 * n * (c + d.k) + 4.0 * d.k * c + 4.0 * nc,
+        ),
+        // One chunk of samples per grid x: `a` re-read per class, chunks·K·C partials.
+        "aiec_dwd_partial_f32" => {
+            let chunks = f64::from(grid[0]);
+            carry.dwd_chunks = chunks;
+            t(
+                4.0 * d.k * nc + 4.0 * chunks * d.k * c,
+                4.0 * nc + 4.0 * n * d.k + 4.0 * d.k * c,
+            )
+        }
+        "aiec_dwd_reduce_f32" => {
+            let v = 4.0 * carry.dwd_chunks * d.k * c + 4.0 * d.k * c;
+            t(v, v)
+        }
+        // IIEU-B (x: N·O·P elements with O = c, P = s; x_pre: N·C·H·W; G' planes).
+        "iieu_filter_norm" => t(b * d.wlen() + 8.0 * c, b * d.wlen() + 8.0 * c),
+        "iieu_patch_sq" => {
+            let q = 4.0 * n * d.gp * d.hw_in;
+            t(b * d.epre() + q, b * d.epre() + q)
+        }
+        "iieu_patch_window" => {
+            let outs = n * d.gp * s;
+            t(
+                4.0 * d.taps * outs + 8.0 * outs,
+                4.0 * n * d.gp * d.hw_in + 8.0 * outs,
+            )
+        }
+        "iieu_gap" => t(b * e + 4.0 * nc, b * e + 4.0 * nc),
+        "iieu_ln_fwd" => t(28.0 * nc + 4.0 * n, 20.0 * nc + 4.0 * n),
+        // r_x is loaded per element (each value by the O/G' channels of its plane, L2).
+        "iieu_fwd" => t((2.0 * b + 4.0) * e, 2.0 * b * e + 4.0 * n * d.gp * s),
+        "iieu_bwd_sums" => t(
+            (2.0 * b + 4.0) * e + 12.0 * nc,
+            2.0 * b * e + 4.0 * n * d.gp * s + 12.0 * nc,
+        ),
+        "iieu_ln_bwd" => t(40.0 * nc, 24.0 * nc),
+        "iieu_bwd_params" => {
+            let v = 16.0 * nc + 2.0 * b * d.wlen() + 20.0 * c;
+            t(v, v)
+        }
+        "iieu_bwd_dx" => {
+            let v = 3.0 * b * e + 12.0 * n * d.gp * s;
+            t(v, v)
+        }
+        "iieu_bwd_dxpre" => t(
+            2.0 * b * d.epre() + 4.0 * d.taps * n * d.gp * d.hw_in,
+            2.0 * b * d.epre() + 4.0 * n * d.gp * s,
+        ),
+        // IIEU-DC (x, res: N·C·S; hidden Hd; len floats per partial row).
+        "iieu_dc_gap" => t(2.0 * b * e + 8.0 * nc, 2.0 * b * e + 8.0 * nc),
+        "iieu_dc_coupler_fwd_f32" => t(
+            n * (16.0 * c + 32.0 * c * d.hd),
+            16.0 * nc + 16.0 * c * d.hd,
+        ),
+        "iieu_dc_mix" | "iieu_dc_dots" => t(3.0 * b * e + 8.0 * nc, 3.0 * b * e + 8.0 * nc),
+        "iieu_dc_coupler_bwd_f32" => {
+            let len = 8.0 * c + 2.0 * c * d.hd + 5.0 * d.hd;
+            let rows = blocks;
+            carry.dc_rows = rows;
+            t(
+                n * (24.0 * c + 32.0 * c * d.hd)
+                    + 4.0 * rows * len
+                    + 8.0 * (n - rows).max(0.0) * len,
+                24.0 * nc + 4.0 * len,
+            )
+        }
+        "iieu_dc_param_sum_f32" => {
+            let len = 8.0 * c + 2.0 * c * d.hd + 5.0 * d.hd;
+            let v = 4.0 * carry.dc_rows * len + 4.0 * len;
+            t(v, v)
+        }
+        "iieu_dc_dx" => t(3.0 * b * e + 16.0 * nc, 3.0 * b * e + 16.0 * nc),
+        // IieuConv2d: implicit GEMMs (64×64×16 tiles; tile re-reads are on-chip by
+        // design, so the DRAM charge is the unique bytes) and the small passes.
+        "iieu_conv_fwd" => {
+            let mtiles = s / 64.0;
+            let v = b * (d.epre() + d.wlen() + e) + 4.0 * n * d.gp * s + 8.0 * nc * mtiles.ceil();
+            gemm(d, v)
+        }
+        "iieu_conv_dgrad" => gemm(d, b * (e + d.wlen() + d.epre())),
+        "iieu_conv_wgrad" => {
+            let splits = f64::from(grid[2]);
+            carry.wgrad_splits = splits;
+            gemm(d, b * (d.epre() + e) + 4.0 * splits * d.wlen())
+        }
+        "iieu_conv_wgrad_reduce_f32" | "iieu_conv_wgrad_reduce" => {
+            let v = 4.0 * carry.wgrad_splits.max(1.0) * d.wlen() + b * d.wlen();
+            t(v, v)
+        }
+        "iieu_conv_rx_f32" | "iieu_conv_rx" => {
+            let v = 12.0 * n * d.gp * s;
+            t(v, v)
+        }
+        "iieu_conv_plane_stats_f32" | "iieu_conv_plane_stats" => {
+            let v = 8.0 * nc * (s / 64.0).ceil() + 8.0 * nc;
+            t(v, v)
+        }
+        "iieu_conv_psi_f32"
+        | "iieu_conv_psi"
+        | "iieu_conv_psi_bwd_params_f32"
+        | "iieu_conv_psi_bwd_params" => {
+            let v = 16.0 * nc + 32.0 * c;
+            t(v, v)
+        }
+        "iieu_conv_psi_bwd_sums" => t(2.0 * b * e + 8.0 * nc, 2.0 * b * e + 8.0 * nc),
+        "iieu_conv_dc" => t(3.0 * b * e, 3.0 * b * e),
+        _ => return None,
+    };
+    Some(out)
+}
+
+/// An implicit-GEMM launch: `unique` bytes, 2·M·N·K FLOPs (M·N = the output elements
+/// N·O·H'·W', K = C·KH·KW).
+fn gemm(d: &Dims, unique: f64) -> Traffic {
+    Traffic {
+        bytes: unique,
+        min: unique,
+        dram: unique,
+        flops: 2.0 * d.e() * d.cin * d.taps,
+    }
+}

@@ -281,7 +281,7 @@ pub fn reset_transfers() {
 /// Dry run: while on, launches are checked (limits, trace, [`set_launch_log`]) but no
 /// kernel runs, so the time of a call is the host-side cost of the safe API alone
 /// (validation, kernel handle, argument packing, allocation, the launch call), and a
-/// launch audit (`examples/launch_audit.rs`) can record the launches of model-size
+/// launch audit (`examples/launch_audit/main.rs`) can record the launches of model-size
 /// shapes. Allocations made while it is on are address ranges no memory backs, and
 /// copies and memsets while it is on (or into such a range) touch no memory, so a dry
 /// run of a multi-gigabyte op uses none; no executed kernel may use those buffers

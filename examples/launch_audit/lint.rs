@@ -195,8 +195,12 @@ fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
         let mut braces: Vec<bool> = Vec::new();
         let mut pending_loop = false;
         for (ln, lj) in &body {
-            let header =
-                lj.contains("for (") || lj.contains("while (") || lj.trim_start().starts_with("do");
+            // `do` as a word (`do {`), not `done = …` or `double …`.
+            let t = lj.trim_start();
+            let is_do = t == "do"
+                || t.strip_prefix("do")
+                    .is_some_and(|r| r.starts_with(|c: char| c == '{' || c.is_whitespace()));
+            let header = lj.contains("for (") || lj.contains("while (") || is_do;
             if header {
                 pending_loop = true;
             }

@@ -94,8 +94,9 @@ pub struct Occupancy {
 }
 
 /// CUDA's occupancy calculation for sm_80+: warps per block rounded up; registers
-/// allocated per warp in units of 256 (so `⌈regs·32/256⌉·256` per warp) from the SM's
-/// 64 K; shared memory per block = static + dynamic + 1 KB the driver reserves per
+/// allocated per warp in units of 256 (so `⌈regs·32/256⌉·256` per warp) from each of
+/// the SM's 4 sub-partitions' 16 K (so `⌊16 K / per-warp⌋·4` warps fit, as
+/// `cuda_occupancy.h` counts them); shared memory per block = static + dynamic + 1 KB the driver reserves per
 /// block; resident blocks = the minimum over threads, registers, shared memory and the
 /// block limit.
 pub fn occupancy(g: &Gpu, threads: u64, regs: u64, smem: u64, blocks: u64) -> Occupancy {
@@ -105,7 +106,7 @@ pub fn occupancy(g: &Gpu, threads: u64, regs: u64, smem: u64, blocks: u64) -> Oc
         u64::MAX
     } else {
         let per_warp = (regs * 32).div_ceil(256) * 256;
-        (g.regs_sm / per_warp) / warps
+        ((g.regs_sm / 4 / per_warp) * 4) / warps
     };
     let by_smem = g.smem_sm / (smem + 1024);
     let mut best = (g.blocks_sm, "blocks");
@@ -123,7 +124,12 @@ pub fn occupancy(g: &Gpu, threads: u64, regs: u64, smem: u64, blocks: u64) -> Oc
         blocks_per_sm: r,
         limiter: best.1,
         occupancy: (r * warps * 32) as f64 / g.threads_sm as f64,
-        waves: blocks as f64 / (g.sms * r.max(1)) as f64,
+        // No block fits (the launch would fail): 0 waves, so every fill check fails.
+        waves: if r == 0 {
+            0.0
+        } else {
+            blocks as f64 / (g.sms * r) as f64
+        },
     }
 }
 
@@ -135,9 +141,13 @@ pub fn occupancy(g: &Gpu, threads: u64, regs: u64, smem: u64, blocks: u64) -> Oc
 ///   ragged last wave, cannot use the whole device;
 /// * `flops / FP32 peak` (implicit-GEMM kernels only).
 ///
-/// Launch overhead, latency, caches and occupancy below what hides latency are not
-/// modelled (occupancy is reported, not timed): it is a lower bound, not a prediction
-/// of the measured time.
+/// Launch overhead, latency and occupancy below what hides latency are not modelled
+/// (occupancy is reported, not timed). Caches are not either: the bytes a kernel
+/// re-reads from L2 (e.g. AIEC's `Wd` read once per sample, which fits an H100's
+/// 50 MB L2) are charged at DRAM bandwidth, and one SM is held to its `1/SMs` share of
+/// the bandwidth although it can draw more. So it is a model time, a lower bound only
+/// for kernels whose bytes all come from DRAM once — not a prediction of the measured
+/// time.
 pub fn time_s(g: &Gpu, dram: f64, flops: f64, blocks: u64) -> f64 {
     let bw_time = dram / g.bw;
     let per_sm = blocks.div_ceil(g.sms) as f64;
@@ -370,9 +380,15 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             let v = if d.aiec_train { 2.0 * b * e } else { b * e } + 4.0 * nc;
             t(v, v)
         }
-        "aiec_df_nchw" | "aiec_df_nlc" => {
+        "aiec_df_nchw" => {
             let v = if d.aiec_train { 3.0 * b * e } else { b * e } + 4.0 * nc;
             t(v, v)
+        }
+        // The NLC kernel loads `da[n, c]` (f32) once per element (from L1/L2), which
+        // the bytes count as the other rows count their re-reads.
+        "aiec_df_nlc" => {
+            let v = if d.aiec_train { 3.0 * b * e } else { b * e } + 4.0 * e;
+            t(v, if d.aiec_train { 3.0 * b * e } else { b * e } + 4.0 * nc)
         }
         "aiec_dmu_fwd_f32" => t(
             n * (4.0 * c + 4.0 * d.k * c + 8.0 * d.k + 5.0),

@@ -89,7 +89,9 @@ impl Site<3> {
 }
 
 /// A kernel handle and the kernel's name (for errors: [`super::Launcher`] names the
-/// kernel when `AK_CUDA_SYNC_CHECK=1` finds a fault). Derefs to the [`CudaFunction`].
+/// kernel when `AK_CUDA_SYNC_CHECK=1` finds a fault). It does not deref to its
+/// [`CudaFunction`]: the only way to launch it is [`super::launcher`], so no launch
+/// can skip the sync check.
 pub(crate) struct Kernel {
     func: CudaFunction,
     name: &'static str,
@@ -100,11 +102,9 @@ impl Kernel {
     pub(crate) fn name(&self) -> &'static str {
         self.name
     }
-}
 
-impl std::ops::Deref for Kernel {
-    type Target = CudaFunction;
-    fn deref(&self) -> &CudaFunction {
+    /// The function handle, for [`super::launcher`] only.
+    pub(crate) fn func(&self) -> &CudaFunction {
         &self.func
     }
 }

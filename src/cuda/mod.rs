@@ -160,7 +160,7 @@ pub fn sync_check() -> bool {
             static ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
             let on = *ENV.get_or_init(|| {
                 std::env::var("AK_CUDA_SYNC_CHECK")
-                    .map(|v| !matches!(v.trim(), "" | "0" | "false" | "off"))
+                    .map(|v| sync_check_value(&v))
                     .unwrap_or(false)
             });
             // A concurrent set_sync_check wins.
@@ -173,6 +173,15 @@ pub fn sync_check() -> bool {
             SYNC_CHECK.load(Ordering::Relaxed) == 2
         }
     }
+}
+
+/// Whether an `AK_CUDA_SYNC_CHECK` value turns the check on: `1`, `true`, `on` or `yes`
+/// (ASCII case ignored); anything else (`0`, `no`, empty, …) leaves it off.
+fn sync_check_value(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "on" | "yes"
+    )
 }
 
 /// Turns the per-launch synchronisation check ([`sync_check`]) on or off for the rest
@@ -193,7 +202,7 @@ pub(crate) struct Launcher<'a> {
 /// The launch builder for kernel `k` on `stream`.
 pub(crate) fn launcher<'a>(stream: &'a Arc<CudaStream>, k: &'a Kernel) -> Launcher<'a> {
     Launcher {
-        args: stream.launch_builder(k),
+        args: stream.launch_builder(k.func()),
         stream,
         name: k.name(),
     }
@@ -217,7 +226,9 @@ impl Launcher<'_> {
         r.map_err(|e| crate::Error::Driver(format!("kernel {name}: launch failed: {e}")))?;
         self.stream.synchronize().map_err(|e| {
             crate::Error::Driver(format!(
-                "kernel {name} failed (found by AK_CUDA_SYNC_CHECK's synchronisation after its launch): {e}"
+                "kernel {name} failed (found by AK_CUDA_SYNC_CHECK's synchronisation right \
+                 after launching it; a fault of work queued before it on this context, e.g. \
+                 another library's kernel, would surface here too): {e}"
             ))
         })
     }
@@ -233,5 +244,18 @@ impl<'a> std::ops::Deref for Launcher<'a> {
 impl<'a> std::ops::DerefMut for Launcher<'a> {
     fn deref_mut(&mut self) -> &mut LaunchArgs<'a> {
         &mut self.args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sync_check_values() {
+        for on in ["1", "true", "ON", " yes "] {
+            assert!(super::sync_check_value(on), "{on}");
+        }
+        for off in ["", "0", "false", "off", "no", "2"] {
+            assert!(!super::sync_check_value(off), "{off}");
+        }
     }
 }

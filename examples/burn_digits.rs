@@ -342,7 +342,7 @@ fn accuracy(net: &Net, split: &Split, device: &Device) -> Res<f64> {
         .argmax(1)
         .into_data()
         .convert::<i64>()
-        .to_vec::<i64>()
+        .try_to_vec::<i64>()
         .map_err(|e| format!("{e:?}"))?;
     let ok = pred
         .iter()

@@ -48,7 +48,7 @@ fn t<const D: usize>(v: &[f64], dims: [usize; D], d: &Device) -> Tensor<D> {
 }
 
 fn host<const D: usize>(x: Tensor<D>) -> Vec<f64> {
-    x.into_data().to_vec::<f64>().expect("f64 tensor")
+    x.into_data().try_to_vec::<f64>().expect("f64 tensor")
 }
 
 fn grad<const D: usize>(x: &Tensor<D>, g: &burn::tensor::Gradients) -> Vec<f64> {
@@ -429,7 +429,7 @@ fn modules_start_at_spec_inits_and_train() {
 }
 
 fn host_f32<const D: usize>(x: Tensor<D>) -> Vec<f32> {
-    x.into_data().to_vec::<f32>().expect("f32 tensor")
+    x.into_data().try_to_vec::<f32>().expect("f32 tensor")
 }
 
 // ---------------------------------------------------------------------------

@@ -31,11 +31,11 @@ use activation_kernels::burn::nn::{
     AconC, AconConfig, Aiec, AiecModuleConfig, IieuB, IieuBConfig, IieuDc, IieuDcConfig, MetaAconC,
     MetaAconCConfig,
 };
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;

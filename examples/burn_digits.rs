@@ -427,8 +427,7 @@ fn main() -> Res<()> {
     }
     let (tr, te) = load()?;
     println!(
-        "digits (burn {}, Flex + Autodiff): {} train / {} test (every 5th sample is test), batch {BATCH}, AdamW lr {LR}, {epochs} epochs, seed {SEED}",
-        "0.22",
+        "digits (burn 0.22, Flex + Autodiff): {} train / {} test (every 5th sample is test), batch {BATCH}, AdamW lr {LR}, {epochs} epochs, seed {SEED}",
         tr.y.len(),
         te.y.len()
     );

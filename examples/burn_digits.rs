@@ -136,6 +136,9 @@ struct Ctx<'a> {
     aux: Vec<Tensor<1>>,
 }
 
+// A handful of these exist per model, built once: the variants' size difference costs
+// nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 enum Act {
     Relu(Relu),

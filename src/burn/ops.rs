@@ -389,8 +389,8 @@ pub fn aiec_train<const D: usize>(
         [numel + 1],
         vec![f.into_dispatch(), wd.into_dispatch()],
     )?;
-    let out = flat.clone().slice([0..numel]).reshape(dims);
-    let loss = flat.slice([numel..numel + 1]);
+    let out = flat.clone().narrow(0, 0, numel).reshape(dims);
+    let loss = flat.narrow(0, numel, 1);
     let stats = stats
         .lock()
         .map(|s| s.unwrap_or_default())

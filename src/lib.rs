@@ -17,6 +17,8 @@
 // that need a crate feature ("Available on crate feature … only").
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "burn")]
+pub mod burn;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod cpu;

@@ -20,9 +20,8 @@ use super::backend::AkBackend;
 pub use super::kernel::{AiecStats, BetaAxis};
 use super::kernel::{HostOp, OpKind, MAX_INPUTS};
 use crate::cpu::aiec::{AiecConfig, Counters};
-use crate::cpu::iieu::{IieuConfig, PatchNorm};
 use crate::cpu::iieu_dc::DcConfig;
-use crate::{ActShape, Conv2dGeometry, Error, Result};
+use crate::{ActShape, Error, Result};
 
 /// ACON's switching factor β as a tensor that receives its gradient (any generator
 /// built from burn layers composes with the ACON ops through it); see
@@ -228,32 +227,7 @@ pub fn tau<const D: usize>(f: Tensor<D>, tau: f64) -> Result<Tensor<D>> {
     run(OpKind::Tau { tau }, dims, vec![f.into_dispatch()])
 }
 
-/// Convolution geometry of an IIEU-B (the conv that produced `x` from `x_pre`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IieuOpts {
-    /// `(stride_h, stride_w)`.
-    pub stride: (usize, usize),
-    /// `(pad_h, pad_w)`.
-    pub padding: (usize, usize),
-    /// `(dilation_h, dilation_w)`.
-    pub dilation: (usize, usize),
-    /// Channel groups.
-    pub groups: usize,
-    /// Patch-norm convention (SPEC §1.2).
-    pub patch_norm: PatchNorm,
-}
-
-impl Default for IieuOpts {
-    fn default() -> Self {
-        Self {
-            stride: (1, 1),
-            padding: (0, 0),
-            dilation: (1, 1),
-            groups: 1,
-            patch_norm: PatchNorm::PerGroup,
-        }
-    }
-}
+pub use crate::cpu::iieu::IieuOpts;
 
 /// IIEU-B (SPEC §1) on a conv output `x` `(N, O, H', W')` computed from `x_pre`
 /// `(N, C, H, W)` with weight `w` `(O, C/g, KH, KW)`; `ln_weight` (γ̇), `ln_bias` (β̇),
@@ -271,12 +245,7 @@ pub fn iieu_b(
 ) -> Result<Tensor<4>> {
     let [n, c_in, h, wd] = x_pre.dims();
     let [c_out, _, kh, kw] = w.dims();
-    let mut geo = Conv2dGeometry::new(n, c_in, h, wd, c_out, kh, kw);
-    geo.stride = opts.stride;
-    geo.padding = opts.padding;
-    geo.dilation = opts.dilation;
-    geo.groups = opts.groups;
-    let cfg = IieuConfig::new(geo).with_patch_norm(opts.patch_norm);
+    let cfg = opts.config(n, c_in, h, wd, c_out, kh, kw);
     cfg.validate()?;
     let dims = x.dims();
     run(

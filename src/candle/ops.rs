@@ -26,7 +26,6 @@ use crate::cpu::acon::{self, ChannelGen, MetaGen};
 use crate::cpu::aiec::{self, AiecConfig};
 use crate::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
 use crate::cpu::iieu_dc::{self, DcConfig, DcParams};
-use crate::geometry::Conv2dGeometry;
 use crate::layout::Layout;
 
 type CResult<T> = candle_core::Result<T>;
@@ -440,34 +439,7 @@ pub fn meta_acon_c(
 // ---------------------------------------------------------------------------
 // IIEU-B
 
-/// Convolution settings an IIEU-B needs besides the tensor dims: the conv's stride,
-/// padding, dilation and groups (they define the patch each output sees) and the
-/// patch-norm convention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IieuOpts {
-    /// Stride (vertical, horizontal).
-    pub stride: (usize, usize),
-    /// Zero padding (vertical, horizontal).
-    pub padding: (usize, usize),
-    /// Dilation (vertical, horizontal).
-    pub dilation: (usize, usize),
-    /// Groups.
-    pub groups: usize,
-    /// Patch-norm convention (default [`PatchNorm::PerGroup`]).
-    pub patch_norm: PatchNorm,
-}
-
-impl Default for IieuOpts {
-    fn default() -> Self {
-        Self {
-            stride: (1, 1),
-            padding: (0, 0),
-            dilation: (1, 1),
-            groups: 1,
-            patch_norm: PatchNorm::PerGroup,
-        }
-    }
-}
+pub use crate::cpu::iieu::IieuOpts;
 
 impl IieuOpts {
     /// The settings of a `candle_nn::Conv2d` (symmetric stride, padding, dilation).
@@ -519,20 +491,7 @@ pub(crate) fn iieu_config(
             ),
         ));
     }
-    let geom = Conv2dGeometry {
-        n,
-        c_in: c,
-        h,
-        w,
-        c_out: o,
-        kh,
-        kw,
-        stride: opts.stride,
-        padding: opts.padding,
-        dilation: opts.dilation,
-        groups: opts.groups,
-    };
-    Ok(IieuConfig::new(geom).with_patch_norm(opts.patch_norm))
+    Ok(opts.config(n, c, h, w, o, kh, kw))
 }
 
 impl IieuBOp {

@@ -88,6 +88,61 @@ pub struct IieuConfig {
     pub patch_norm: PatchNorm,
 }
 
+/// Convolution settings an IIEU-B needs besides the tensor dims: the conv's stride,
+/// padding, dilation and groups (they define the patch each output sees) and the
+/// patch-norm convention — what the candle and burn ops take (`candle::ops::IieuOpts`,
+/// `burn::ops::IieuOpts` are this type); [`IieuOpts::config`] makes the full
+/// [`IieuConfig`] once the tensor dims are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IieuOpts {
+    /// Stride (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// Zero padding (vertical, horizontal).
+    pub padding: (usize, usize),
+    /// Dilation (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// Groups.
+    pub groups: usize,
+    /// Patch-norm convention (default [`PatchNorm::PerGroup`]).
+    pub patch_norm: PatchNorm,
+}
+
+impl Default for IieuOpts {
+    fn default() -> Self {
+        Self {
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+            patch_norm: PatchNorm::PerGroup,
+        }
+    }
+}
+
+impl IieuOpts {
+    /// The [`IieuConfig`] of a conv on `x_pre` of dims `(n, c_in, h, w)` with a weight of
+    /// dims `(c_out, c_in / groups, kh, kw)` under these settings (not validated here:
+    /// the ops validate it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn config(
+        &self,
+        n: usize,
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        kh: usize,
+        kw: usize,
+    ) -> IieuConfig {
+        let mut geo = Conv2dGeometry::new(n, c_in, h, w, c_out, kh, kw);
+        geo.stride = self.stride;
+        geo.padding = self.padding;
+        geo.dilation = self.dilation;
+        geo.groups = self.groups;
+        IieuConfig::new(geo).with_patch_norm(self.patch_norm)
+    }
+}
+
 impl IieuConfig {
     /// Config with the default [`PatchNorm::PerGroup`].
     pub fn new(geometry: Conv2dGeometry) -> Self {

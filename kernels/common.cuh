@@ -89,6 +89,19 @@ typedef unsigned long uintptr_t;
 
 namespace ak {
 
+// Bytes of dynamic shared memory this launch was given (for AK_EXPECT: a kernel states
+// what it needs, so a launcher that passes too little fails under AK_DEVICE_CHECKS on a
+// GPU, not only under the emulator's shared-memory bounds checks).
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+#ifdef __CUDACC__
+  unsigned r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+#else
+  return (unsigned)emu::dynamic_smem_bytes();
+#endif
+}
+
 // ---- storage <-> f32 ----
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }

@@ -787,6 +787,35 @@ fn kernel_contract_violation_fails_the_launch() {
     );
 }
 
+/// A kernel that states the dynamic shared memory it needs (AK_EXPECT on
+/// `ak::dynamic_smem_bytes()`): given less, the launch fails with the contract in the
+/// report (before the first out-of-bounds access); given enough, it runs.
+#[test]
+fn kernel_contract_dynamic_smem_size() {
+    let run = |bytes: u32| {
+        let (_g, ctx, m) = setup();
+        let f = m.load_function("emu_selftest_dyn_smem_expect").unwrap();
+        let s = ctx.default_stream();
+        let mut y = s.alloc_zeros::<f32>(1).unwrap();
+        let n = 64i32;
+        let mut b = s.launch_builder(&f);
+        b.arg(&mut y).arg(&n);
+        // SAFETY: one block writes n floats of its dynamic shared memory (after checking
+        // it has them) and y[0].
+        let r = unsafe { b.launch(cfg((1, 1, 1), 64, bytes)) };
+        let v = s.clone_dtoh(&y).ok();
+        (r, v)
+    };
+    let (r, _) = run(128);
+    assert_has(
+        &fault_of(r),
+        &["kernel contract violated: ak::dynamic_smem_bytes() >= (unsigned)n * sizeof(float)"],
+    );
+    let (r, v) = run(256);
+    r.unwrap();
+    assert_eq!(v, Some(vec![63.0]));
+}
+
 #[test]
 fn launch_limit_registers_times_threads() {
     // ptxas never sees the self-test kernels: pose as it had reported 128 registers.

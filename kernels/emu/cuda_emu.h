@@ -60,6 +60,8 @@ uint64_t* warp_slots();
 int lane_id();
 // Dynamic shared memory of the current block (launch's sharedMemBytes).
 void* dynamic_smem();
+// Bytes of dynamic shared memory the running launch was given.
+size_t dynamic_smem_bytes();
 // Static shared memory of the current block: one allocation per declaration
 // (`key`), made by the first thread that reaches it, shared by the whole block.
 void* static_smem(const void* key, const char* name, size_t bytes, size_t align);

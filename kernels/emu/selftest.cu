@@ -158,6 +158,17 @@ extern "C" __global__ void emu_selftest_dyn_smem(float* y, int n) {
 }
 EMU_REGISTER(emu_selftest_dyn_smem)
 
+// States the dynamic shared memory it needs (n floats) as the crate's kernels do
+// (AK_EXPECT + ak::dynamic_smem_bytes, common.cuh), then touches it.
+extern "C" __global__ void emu_selftest_dyn_smem_expect(float* y, int n) {
+  AK_EXPECT(ak::dynamic_smem_bytes() >= (unsigned)n * sizeof(float));
+  DYNAMIC_SHARED(float, d);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = (float)i;
+  __syncthreads();
+  if (threadIdx.x == 0) y[blockIdx.x] = d[n - 1];
+}
+EMU_REGISTER(emu_selftest_dyn_smem_expect)
+
 // Spin-waits on a flag nothing sets: a hang the watchdog must turn into a failure.
 extern "C" __global__ void emu_selftest_spin(int* flag) {
   while (atomicAdd(flag, 0) == 0) {

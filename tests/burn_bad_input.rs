@@ -188,3 +188,57 @@ fn unsupported_dtype_is_an_error() {
         );
     }
 }
+
+/// IieuConv2d: a ψ / IIEU-B vector of the wrong length, a geometry with no output,
+/// `x_pre` channels that do not match `W`, and a bad module config are errors.
+#[test]
+fn iieu_conv2d_bad_vectors_geometry_and_config() {
+    use activation_kernels::burn::nn::{IieuConv2dConfig, IieuConvPsiKind};
+    for d in devices() {
+        let call = |xp: [usize; 4], w: [usize; 4], bias: usize, eta: usize, pad: usize| {
+            ops::iieu_conv2d(
+                t(xp, &d),
+                t(w, &d),
+                ops::ConvPsi::Bias(t([bias], &d)),
+                t([w[0]], &d),
+                t([w[0]], &d),
+                t([eta], &d),
+                IieuOpts {
+                    padding: (pad, pad),
+                    ..Default::default()
+                },
+            )
+        };
+        assert!(call([2, 4, 5, 5], [3, 4, 3, 3], 3, 3, 1).is_ok());
+        let e = call([2, 4, 5, 5], [3, 4, 3, 3], 2, 3, 1);
+        assert!(
+            matches!(
+                &e,
+                Err(Error::Shape {
+                    what: "psi bias",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let e = call([2, 4, 5, 5], [3, 4, 3, 3], 3, 4, 1);
+        assert!(matches!(&e, Err(Error::Shape { what: "eta", .. })), "{e:?}");
+        // A 3×3 filter on a 2×2 input without padding: no output position.
+        let e = call([2, 4, 2, 2], [3, 4, 3, 3], 3, 3, 0);
+        assert!(e.is_err(), "{e:?}");
+        // x_pre has 5 channels, W expects 4 (groups 1).
+        let e = call([2, 5, 5, 5], [3, 4, 3, 3], 3, 3, 1);
+        assert!(e.is_err(), "{e:?}");
+        // Module configs.
+        assert!(IieuConv2dConfig::new(4, 6, (3, 3))
+            .with_groups(4)
+            .init(&d)
+            .is_err());
+        assert!(IieuConv2dConfig::new(0, 6, (3, 3)).init(&d).is_err());
+        assert!(IieuConv2dConfig::new(4, 6, (3, 3))
+            .with_psi(IieuConvPsiKind::BatchNorm)
+            .with_bn_eps(0.0)
+            .init(&d)
+            .is_err());
+    }
+}

@@ -8,10 +8,10 @@
 use std::sync::{Arc, Mutex};
 
 use ::burn::config::Config;
-use ::burn::module::{Module, Param};
+use ::burn::module::{Module, Param, RunningState};
 use ::burn::tensor::{Device, Tensor, TensorData};
 
-use super::ops::{self, AiecOut, BetaTensor, DcTensors, IieuOpts};
+use super::ops::{self, AiecOut, BetaTensor, ConvPsi, DcTensors, IieuOpts};
 use crate::cpu::acon::ChannelGen;
 use crate::cpu::aiec::{AiecConfig, Counters};
 use crate::cpu::iieu::PatchNorm;
@@ -332,6 +332,229 @@ impl IieuB {
             self.eta.val(),
             self.opts,
         )
+    }
+}
+
+/// Which ψ an [`IieuConv2d`] applies between its convolution and IIEU-B.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum IieuConvPsiKind {
+    /// `x = c` (no parameters).
+    None,
+    /// `x = c + bias[o]` (`bias` uniform `±1/sqrt(fan_in)`, PyTorch's conv bias init).
+    Bias,
+    /// BatchNorm2d (PyTorch semantics): `bn_weight` (init 1), `bn_bias` (init 0), running
+    /// mean (0) and variance (1) as burn `RunningState`s (saved with the module, no
+    /// gradient).
+    BatchNorm,
+}
+
+/// Config of [`IieuConv2d`]: a `KH×KW` convolution from `in_channels` to
+/// `out_channels`, ψ, then IIEU-B.
+#[derive(Config, Debug)]
+pub struct IieuConv2dConfig {
+    /// Input channels C.
+    pub in_channels: usize,
+    /// Output channels O.
+    pub out_channels: usize,
+    /// `(KH, KW)`.
+    pub kernel_size: (usize, usize),
+    /// `(stride_h, stride_w)`.
+    #[config(default = "(1, 1)")]
+    pub stride: (usize, usize),
+    /// `(pad_h, pad_w)`.
+    #[config(default = "(0, 0)")]
+    pub padding: (usize, usize),
+    /// `(dilation_h, dilation_w)`.
+    #[config(default = "(1, 1)")]
+    pub dilation: (usize, usize),
+    /// Groups.
+    #[config(default = 1)]
+    pub groups: usize,
+    /// ψ.
+    #[config(default = "IieuConvPsiKind::None")]
+    pub psi: IieuConvPsiKind,
+    /// BatchNorm's running-stat momentum (PyTorch's 0.1).
+    #[config(default = 0.1)]
+    pub bn_momentum: f64,
+    /// BatchNorm's eps (PyTorch's 1e-5).
+    #[config(default = 1e-5)]
+    pub bn_eps: f64,
+    /// Normalise each patch over all input channels instead of per group.
+    #[config(default = false)]
+    pub patch_norm_all_channels: bool,
+    /// Seed of the weight (and bias) init.
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+/// Convolution → ψ → IIEU-B as ONE fused op ([`ops::iieu_conv2d`], SPEC §1, §1.5):
+///
+/// ```text
+/// c = conv(x_pre, W),  x = ψ(c),  y = ς(ρ̂)·x,  ρ̂ = x·r_w[o]·r_x + ν[n,o]
+/// ```
+///
+/// Parameters: `weight` `(O, C/g, KH, KW)` (Kaiming normal, `std = sqrt(2/fan_in)`, from
+/// the config's seed), ψ's ([`IieuConvPsiKind`]), `ln_weight` γ̇ (0.01), `ln_bias` β̇ (0),
+/// `eta` η (0.05), each `(O)`. Gradients for every parameter and `x_pre`:
+/// [`crate::cpu::iieu_conv::backward`]. BatchNorm trains (batch statistics, running
+/// statistics updated once per forward) when the input is on an autodiff device, as
+/// burn's `BatchNorm` does; [`IieuConv2d::forward_t`] picks the mode explicitly.
+#[derive(Module, Debug)]
+pub struct IieuConv2d {
+    /// Conv weight `(O, C/g, KH, KW)`.
+    pub weight: Param<Tensor<4>>,
+    /// ψ's bias ([`IieuConvPsiKind::Bias`]).
+    pub bias: Option<Param<Tensor<1>>>,
+    /// BatchNorm's γ ([`IieuConvPsiKind::BatchNorm`]).
+    pub bn_weight: Option<Param<Tensor<1>>>,
+    /// BatchNorm's β.
+    pub bn_bias: Option<Param<Tensor<1>>>,
+    /// BatchNorm's running mean.
+    pub running_mean: Option<RunningState<Tensor<1>>>,
+    /// BatchNorm's running variance.
+    pub running_var: Option<RunningState<Tensor<1>>>,
+    /// γ̇, `(O)`.
+    pub ln_weight: Param<Tensor<1>>,
+    /// β̇, `(O)`.
+    pub ln_bias: Param<Tensor<1>>,
+    /// η, `(O)`.
+    pub eta: Param<Tensor<1>>,
+    /// Conv settings and patch-norm convention.
+    #[module(skip)]
+    pub opts: IieuOpts,
+    /// BatchNorm's `(momentum, eps)`.
+    #[module(skip)]
+    pub bn_momentum_eps: (f64, f64),
+}
+
+/// A standard normal draw (Box–Muller on [`uniform01`]).
+fn normal01(state: &mut u64) -> f64 {
+    let u1 = uniform01(state).max(f64::MIN_POSITIVE);
+    let u2 = uniform01(state);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl IieuConv2dConfig {
+    /// Builds the module. Errors: a zero size, channels not multiples of `groups`, or
+    /// a bad BatchNorm momentum / eps.
+    pub fn init(&self, device: &Device) -> crate::Result<IieuConv2d> {
+        let (c, o, (kh, kw)) = (self.in_channels, self.out_channels, self.kernel_size);
+        for (what, v) in [
+            ("in_channels", c),
+            ("out_channels", o),
+            ("kernel_size", kh.min(kw)),
+            ("stride", self.stride.0.min(self.stride.1)),
+            ("dilation", self.dilation.0.min(self.dilation.1)),
+            ("groups", self.groups),
+        ] {
+            nonzero(what, v)?;
+        }
+        if c % self.groups != 0 || o % self.groups != 0 {
+            return Err(AkError::InvalidParam {
+                what: "groups",
+                msg: format!(
+                    "in_channels {c} and out_channels {o} must be multiples of groups {}",
+                    self.groups
+                ),
+            });
+        }
+        let bn = self.psi == IieuConvPsiKind::BatchNorm;
+        if bn && !((0.0..=1.0).contains(&self.bn_momentum) && self.bn_eps > 0.0) {
+            return Err(AkError::InvalidParam {
+                what: "bn_momentum / bn_eps",
+                msg: format!(
+                    "momentum in [0, 1] and eps > 0, got {} and {}",
+                    self.bn_momentum, self.bn_eps
+                ),
+            });
+        }
+        let fan_in = c / self.groups * kh * kw;
+        let mut st = self.seed;
+        let std = (2.0 / fan_in as f64).sqrt();
+        let w = (0..o * fan_in)
+            .map(|_| (normal01(&mut st) * std) as f32)
+            .collect();
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let bias = (self.psi == IieuConvPsiKind::Bias).then(|| {
+            let b = (0..o)
+                .map(|_| ((2.0 * uniform01(&mut st) - 1.0) * bound) as f32)
+                .collect();
+            param(b, [o], device)
+        });
+        let state =
+            |v: f32| RunningState::new(Tensor::from_data(TensorData::new(vec![v; o], [o]), device));
+        Ok(IieuConv2d {
+            weight: param(w, [o, c / self.groups, kh, kw], device),
+            bias,
+            bn_weight: bn.then(|| full(o, 1.0, device)),
+            bn_bias: bn.then(|| full(o, 0.0, device)),
+            running_mean: bn.then(|| state(0.0)),
+            running_var: bn.then(|| state(1.0)),
+            ln_weight: full(o, 0.01, device),
+            ln_bias: full(o, 0.0, device),
+            eta: full(o, 0.05, device),
+            opts: IieuOpts {
+                stride: self.stride,
+                padding: self.padding,
+                dilation: self.dilation,
+                groups: self.groups,
+                patch_norm: if self.patch_norm_all_channels {
+                    PatchNorm::AllChannels
+                } else {
+                    PatchNorm::PerGroup
+                },
+            },
+            bn_momentum_eps: (self.bn_momentum, self.bn_eps),
+        })
+    }
+}
+
+impl IieuConv2d {
+    /// [`IieuConv2d::forward_t`], training when `x_pre` is on an autodiff device.
+    pub fn forward(&self, x_pre: Tensor<4>) -> crate::Result<Tensor<4>> {
+        let train = x_pre.device().is_autodiff();
+        self.forward_t(x_pre, train)
+    }
+
+    /// `y = IIEU-B(ψ(conv(x_pre)))`, `x_pre` `(N, C, H, W)` → `(N, O, H', W')`. `train`:
+    /// BatchNorm uses the batch statistics and updates the running ones once; otherwise
+    /// it uses the running ones and updates nothing (no effect without BatchNorm).
+    pub fn forward_t(&self, x_pre: Tensor<4>, train: bool) -> crate::Result<Tensor<4>> {
+        let psi = match (
+            &self.bias,
+            &self.bn_weight,
+            &self.bn_bias,
+            &self.running_mean,
+            &self.running_var,
+        ) {
+            (_, Some(w), Some(b), Some(m), Some(v)) => ConvPsi::BatchNorm {
+                weight: w.val(),
+                bias: b.val(),
+                running_mean: m.value_sync(),
+                running_var: v.value_sync(),
+                momentum: self.bn_momentum_eps.0,
+                eps: self.bn_momentum_eps.1,
+                training: train,
+            },
+            (Some(b), ..) => ConvPsi::Bias(b.val()),
+            _ => ConvPsi::None,
+        };
+        let out = ops::iieu_conv2d(
+            x_pre,
+            self.weight.val(),
+            psi,
+            self.ln_weight.val(),
+            self.ln_bias.val(),
+            self.eta.val(),
+            self.opts,
+        )?;
+        if let (Some(m), Some(v), Some((nm, nv))) =
+            (&self.running_mean, &self.running_var, out.running)
+        {
+            m.update(nm);
+            v.update(nv);
+        }
+        Ok(out.y)
     }
 }
 

@@ -14,11 +14,11 @@
 use std::sync::{Arc, Mutex};
 
 use ::burn::backend::{Dispatch, DispatchTensor};
-use ::burn::tensor::Tensor;
+use ::burn::tensor::{Tensor, TensorCreationOptions, TensorData};
 
 use super::backend::AkBackend;
 pub use super::kernel::{AiecStats, BetaAxis};
-use super::kernel::{HostOp, OpKind, MAX_INPUTS};
+use super::kernel::{ConvPsiKind, HostOp, OpKind, RunningSlot, MAX_INPUTS};
 use crate::cpu::aiec::{AiecConfig, Counters};
 use crate::cpu::iieu_dc::DcConfig;
 use crate::{ActShape, Error, Result};
@@ -260,6 +260,156 @@ pub fn iieu_b(
             eta.into_dispatch(),
         ],
     )
+}
+
+/// The per-channel map ψ between the convolution and IIEU-B in [`iieu_conv2d`]
+/// ([`crate::cpu::iieu_conv::Psi`]); every tensor is `(O)`.
+// Built once per call and consumed at once: boxing BatchNorm's tensors would only
+// cost the caller an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum ConvPsi {
+    /// `x = c`.
+    None,
+    /// `x = c + bias[o]`.
+    Bias(Tensor<1>),
+    /// `x = scale[o]·c + shift[o]`.
+    Affine {
+        /// `a[o]`.
+        scale: Tensor<1>,
+        /// `b[o]`.
+        shift: Tensor<1>,
+    },
+    /// BatchNorm2d (PyTorch semantics): `x = γ·(c − μ)/sqrt(var + eps) + β` with the
+    /// batch statistics (training; the running ones are updated and returned in
+    /// [`IieuConvOut::running`]) or the running ones (eval). The running statistics get
+    /// no gradient.
+    BatchNorm {
+        /// `γ`.
+        weight: Tensor<1>,
+        /// `β`.
+        bias: Tensor<1>,
+        /// Running mean (used in eval mode).
+        running_mean: Tensor<1>,
+        /// Running (unbiased) variance (used in eval mode).
+        running_var: Tensor<1>,
+        /// Running-stat momentum in `[0, 1]`.
+        momentum: f64,
+        /// `eps > 0` added to the variance.
+        eps: f64,
+        /// Training (batch statistics) or eval (running statistics).
+        training: bool,
+    },
+}
+
+/// What [`iieu_conv2d`] returns.
+#[derive(Debug, Clone)]
+pub struct IieuConvOut {
+    /// `y`, `(N, O, H', W')`.
+    pub y: Tensor<4>,
+    /// BatchNorm in training mode: the updated `(running_mean, running_var)`, `(O)`
+    /// each, detached, in `x_pre`'s dtype and device (store them in the module);
+    /// `None` otherwise.
+    pub running: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+/// The fused IieuConv2d (SPEC §1, §1.5) — convolution, ψ and IIEU-B as ONE op:
+///
+/// ```text
+/// c = conv(x_pre, W),  x = ψ(c),  y = ς(ρ̂)·x,  ρ̂ = x·r_w[o]·r_x + ν[n,o]
+/// ```
+///
+/// `x_pre` `(N, C, H, W)`, `w` `(O, C/g, KH, KW)`, ψ's tensors and `ln_weight` (γ̇),
+/// `ln_bias` (β̇), `eta` (η) `(O)`; conv settings and patch-norm convention in `opts`.
+/// Formula: [`crate::cpu::iieu_conv::forward`]; gradients for `x_pre` and `W` (through
+/// the conv and through `r_x`, `r_w`), ψ's learnable tensors, γ̇, β̇ and η:
+/// [`crate::cpu::iieu_conv::backward`] (the per-channel vectors travel packed in one
+/// tensor, a `Tensor::cat` burn differentiates back onto each).
+///
+/// Errors: a vector not `(O)`, a bad geometry, or any error of the CPU op.
+pub fn iieu_conv2d(
+    x_pre: Tensor<4>,
+    w: Tensor<4>,
+    psi: ConvPsi,
+    ln_weight: Tensor<1>,
+    ln_bias: Tensor<1>,
+    eta: Tensor<1>,
+    opts: IieuOpts,
+) -> Result<IieuConvOut> {
+    let [n, c_in, h, wd] = x_pre.dims();
+    let [c_out, _, kh, kw] = w.dims();
+    let cfg = opts.config(n, c_in, h, wd, c_out, kh, kw);
+    let (oh, ow) = cfg.validate()?;
+    let (dtype, device) = (x_pre.dtype(), x_pre.device());
+    let mut vecs: Vec<(&'static str, Tensor<1>)> = Vec::new();
+    let mut running = Vec::new();
+    let kind = match psi {
+        ConvPsi::None => ConvPsiKind::None,
+        ConvPsi::Bias(b) => {
+            vecs.push(("psi bias", b));
+            ConvPsiKind::Bias
+        }
+        ConvPsi::Affine { scale, shift } => {
+            vecs.extend([("psi scale", scale), ("psi shift", shift)]);
+            ConvPsiKind::Affine
+        }
+        ConvPsi::BatchNorm {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            training,
+        } => {
+            vecs.extend([("bn weight", weight), ("bn bias", bias)]);
+            running.extend([
+                ("running_mean", running_mean.detach()),
+                ("running_var", running_var.detach()),
+            ]);
+            ConvPsiKind::BatchNorm {
+                momentum,
+                eps,
+                training,
+            }
+        }
+    };
+    vecs.extend([("ln_weight", ln_weight), ("ln_bias", ln_bias), ("eta", eta)]);
+    vecs.extend(running);
+    for (what, t) in &vecs {
+        if t.dims() != [c_out] {
+            return Err(Error::Shape {
+                what,
+                msg: format!("expected dims [{c_out}], got {:?}", t.dims()),
+            });
+        }
+    }
+    let pack = Tensor::cat(vecs.into_iter().map(|(_, t)| t).collect(), 0);
+    let slot: RunningSlot = Arc::new(Mutex::new(None));
+    let y = run(
+        OpKind::IieuConv {
+            cfg,
+            psi: kind,
+            running_out: Arc::clone(&slot),
+        },
+        [n, c_out, oh, ow],
+        vec![
+            x_pre.into_dispatch(),
+            w.into_dispatch(),
+            pack.into_dispatch(),
+        ],
+    )?;
+    let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let running = taken.map(|(m, v)| {
+        let t = |v: Vec<f64>| {
+            Tensor::from_data(
+                TensorData::new(v, [c_out]),
+                TensorCreationOptions::new(device.clone()).with_dtype(dtype),
+            )
+        };
+        (t(m), t(v))
+    });
+    Ok(IieuConvOut { y, running })
 }
 
 /// IIEU-DC parameters as tensors, in [`crate::cpu::iieu_dc::DcParams`] order

@@ -25,7 +25,7 @@ use activation_kernels::cpu::acon::{self, Beta, ChannelGen};
 use activation_kernels::cpu::aiec::{self, AiecConfig, Counters};
 use activation_kernels::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_dc::{self, DcConfig, DcParams};
-use activation_kernels::{ActShape, Conv2dGeometry};
+use activation_kernels::{ActShape, Conv2dGeometry, Layout};
 use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use common::{assert_close, check_grad, numeric_grad, randn, rng, uniform};
 
@@ -126,7 +126,7 @@ fn acon_c_every_beta_matches_cpu_backward() {
             }
             _ => (BetaTensor::PixelWise, Beta::PixelWise, None, None),
         };
-        let y = ops::acon_c(x.clone(), p1.clone(), p2.clone(), bt).expect("acon_c");
+        let y = ops::acon_c(x.clone(), p1.clone(), p2.clone(), bt, Layout::Nchw).expect("acon_c");
         let yv = acon::acon_c_forward(&sh, &xv, &p1v, &p2v, beta).expect("cpu");
         same(&format!("{name}: y"), &host(y.clone()), &yv);
         let g = wsum(y, &wv, &d).backward();
@@ -158,6 +158,7 @@ fn acon_a_b_match_cpu_backward() {
         x.clone(),
         p.clone(),
         BetaTensor::PerSampleChannel(b.clone()),
+        Layout::Nchw,
     )
     .unwrap();
     let g = wsum(y, &wv, &d).backward();
@@ -167,7 +168,7 @@ fn acon_a_b_match_cpu_backward() {
     same("acon_b dbeta", &grad(&b, &g), &want.dbeta);
 
     let (x, b) = (t(&xv, dims4(), &d), t(&bv[..2], [2], &d));
-    let y = ops::acon_a(x.clone(), BetaTensor::PerSample(b.clone())).unwrap();
+    let y = ops::acon_a(x.clone(), BetaTensor::PerSample(b.clone()), Layout::Nchw).unwrap();
     let g = wsum(y, &wv, &d).backward();
     let want = acon::acon_a_backward(&sh, &wv, &xv, Beta::PerSample(&bv[..2])).unwrap();
     same("acon_a dx", &grad(&x, &g), &want.dx);
@@ -195,6 +196,7 @@ fn meta_acon_generators_match_cpu_backward() {
         w1.clone(),
         w2.clone(),
         Some((b1.clone(), b2.clone())),
+        Layout::Nchw,
     )
     .unwrap();
     let (bv, saved) = gen.forward(&sh, &xv).unwrap();
@@ -210,12 +212,13 @@ fn meta_acon_generators_match_cpu_backward() {
     // Layer-wise generator composed with ACON-C: dx sums both paths.
     let (p1v, p2v) = (vec![1.2, 0.9, 1.1], vec![0.1, -0.2, 0.05]);
     let (x, p1, p2) = (t(&xv, dims4(), &d), t(&p1v, [3], &d), t(&p2v, [3], &d));
-    let beta = ops::layer_gen(x.clone()).unwrap();
+    let beta = ops::layer_gen(x.clone(), Layout::Nchw).unwrap();
     let y = ops::acon_c(
         x.clone(),
         p1.clone(),
         p2.clone(),
         BetaTensor::PerSample(beta),
+        Layout::Nchw,
     )
     .unwrap();
     let g = wsum(y, &wv, &d).backward();
@@ -358,7 +361,8 @@ fn aiec_and_tau_match_cpu_backward() {
     let loss_scale = 0.7;
     let counters = Arc::new(Mutex::new(Counters::new(k, 3).unwrap()));
     let (f, wd) = (t(&fv, dims4(), &d), t(&wdv, [k, 3], &d));
-    let out = ops::aiec_train(f.clone(), wd.clone(), &labels, cfg, &counters).unwrap();
+    let out =
+        ops::aiec_train(f.clone(), wd.clone(), &labels, cfg, &counters, Layout::Nchw).unwrap();
     let lw = Tensor::<1>::from_data(TensorData::new(vec![loss_scale], [1]), opts(&d));
     let total = wsum(out.out.clone(), &dav, &d) + out.loss.clone() * lw;
     let g = total.backward();
@@ -466,6 +470,7 @@ fn finite_differences_through_burn() {
                 t(gen.b1.as_ref().unwrap(), [wd], dd),
                 t(gen.b2.as_ref().unwrap(), [3], dd),
             )),
+            Layout::Nchw,
         )
         .unwrap();
         let y = ops::acon_c(
@@ -473,6 +478,7 @@ fn finite_differences_through_burn() {
             t(&p1v, [3], dd),
             t(&p2v, [3], dd),
             BetaTensor::PerSampleChannel(b),
+            Layout::Nchw,
         )
         .unwrap();
         wsum(y, &wv, dd)
@@ -535,7 +541,7 @@ fn finite_differences_through_burn() {
     };
     let aiec_l = |f: Tensor<4>, wdt: Tensor<2>, dd: &Device| {
         let cnt = Arc::new(Mutex::new(Counters::new(k, 3).unwrap()));
-        let out = ops::aiec_train(f, wdt, &labels, cfg, &cnt).unwrap();
+        let out = ops::aiec_train(f, wdt, &labels, cfg, &cnt, Layout::Nchw).unwrap();
         wsum(out.out, &wv, dd) + out.loss
     };
     let (f, wdt) = (t(&xv, sh, &d), t(&wdv, [k, 3], &d));
@@ -802,4 +808,104 @@ fn iieu_conv2d_module_trains_and_updates_running_stats() {
             .unwrap_or_else(|| panic!("{name} has no gradient"));
         assert_eq!(gp.dims(), [3], "{name}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Tokens (N, L, C): the NLC layout
+
+/// ACON-C (per-channel and per-(sample, channel) β) and the layer generator on tokens
+/// `(2, 5, 3)` (L = 5 ragged): burn's gradients equal the CPU backward on the NLC
+/// shape; an NCHW reading of the same buffer would give other values (checked, so the
+/// layout cannot be ignored silently).
+#[test]
+fn nlc_tokens_match_cpu_backward() {
+    let d = dev();
+    let (n, l, c) = (2, 5, 3);
+    let sh = ActShape::nlc(n, l, c);
+    let mut r = rng(21);
+    let xv = randn(&mut r, n * l * c);
+    let dyv = randn(&mut r, n * l * c);
+    let (p1v, p2v) = (uniform(&mut r, c, 0.5, 1.5), uniform(&mut r, c, -0.5, 0.5));
+    let bcv = uniform(&mut r, c, 0.5, 1.5);
+    let bncv = uniform(&mut r, n * c, 0.5, 1.5);
+    for (name, beta) in [
+        ("per channel", Beta::PerChannel(&bcv[..])),
+        ("per (sample, channel)", Beta::PerSampleChannel(&bncv[..])),
+    ] {
+        let (x, p1, p2) = (t(&xv, [n, l, c], &d), t(&p1v, [c], &d), t(&p2v, [c], &d));
+        let bt = match beta {
+            Beta::PerChannel(_) => t(&bcv, [c], &d),
+            _ => t(&bncv, [n * c], &d),
+        };
+        let b = match beta {
+            Beta::PerChannel(_) => BetaTensor::PerChannel(bt.clone()),
+            _ => BetaTensor::PerSampleChannel(bt.clone().reshape([n, c])),
+        };
+        let y = ops::acon_c(x.clone(), p1.clone(), p2.clone(), b, Layout::Nlc).unwrap();
+        let want_y = acon::acon_c_forward(&sh, &xv, &p1v, &p2v, beta).unwrap();
+        same(&format!("nlc {name} y"), &host(y.clone()), &want_y);
+        // The same buffer read as (N, C, L): same sizes, other channel of each value.
+        let other =
+            acon::acon_c_forward(&ActShape::nchw(n, c, l, 1), &xv, &p1v, &p2v, beta).unwrap();
+        assert_ne!(other, want_y, "the layout changes the result");
+        let g = wsum(y, &dyv, &d).backward();
+        let want = acon::acon_c_backward(&sh, &dyv, &xv, &p1v, &p2v, beta).unwrap();
+        same(&format!("nlc {name} dx"), &grad(&x, &g), &want.dx);
+        same(&format!("nlc {name} dp1"), &grad(&p1, &g), &want.dp1);
+        same(&format!("nlc {name} dp2"), &grad(&p2, &g), &want.dp2);
+        same(&format!("nlc {name} dβ"), &grad(&bt, &g), &want.dbeta);
+    }
+    // The layer-wise generator reads the token layout too.
+    let x = t(&xv, [n, l, c], &d);
+    let beta = ops::layer_gen(x.clone(), Layout::Nlc).unwrap();
+    same(
+        "nlc layer_gen",
+        &host(beta),
+        &acon::layer_gen_forward(&sh, &xv).unwrap(),
+    );
+    // A rank-4 tensor is not tokens.
+    let e = ops::layer_gen(t(&xv, [n, l, c, 1], &d), Layout::Nlc);
+    assert!(
+        matches!(e, Err(activation_kernels::Error::Shape { .. })),
+        "{e:?}"
+    );
+}
+
+/// AIEC on tokens with the labels as an integer tensor: the same output, loss,
+/// counters and gradients as the CPU step on the NLC shape.
+#[test]
+fn aiec_nlc_with_label_tensor_matches_cpu() {
+    use burn::tensor::Int;
+    let d = dev();
+    let (n, l, c, k) = (3, 4, 5, 6);
+    let sh = ActShape::nlc(n, l, c);
+    let mut r = rng(22);
+    let fv = randn(&mut r, n * l * c);
+    let dav = randn(&mut r, n * l * c);
+    let wdv = uniform(&mut r, k * c, -0.6, 0.6);
+    let labels = [5usize, 0, 2];
+    let cfg = AiecConfig {
+        tau: 0.1,
+        lambda_gate: 2.0,
+        ..Default::default()
+    };
+    let counters = Arc::new(Mutex::new(Counters::new(k, c).unwrap()));
+    let (f, wd) = (t(&fv, [n, l, c], &d), t(&wdv, [k, c], &d));
+    let lab = Tensor::<1, Int>::from_data(TensorData::new(vec![5i64, 0, 2], [3]), &d);
+    let out =
+        ops::aiec_train_labels(f.clone(), wd.clone(), lab, cfg, &counters, Layout::Nlc).unwrap();
+    let total = wsum(out.out.clone(), &dav, &d) + out.loss.clone();
+    let g = total.backward();
+    let mut cnt = Counters::new(k, c).unwrap();
+    let want_fwd = aiec::train_forward(&cfg, &sh, &fv, &wdv, &labels, &mut cnt).unwrap();
+    assert_eq!(*counters.lock().unwrap(), cnt);
+    same("aiec nlc A", &host(out.out), &want_fwd.out);
+    same(
+        "aiec nlc loss",
+        &host(out.loss),
+        &[want_fwd.losses.total_aux_gate],
+    );
+    let want = aiec::train_backward(&cfg, &sh, &dav, 1.0, &fv, &wdv, &want_fwd.saved).unwrap();
+    same("aiec nlc dF", &grad(&f, &g), &want.df);
+    same("aiec nlc dWd", &grad(&wd, &g), &want.dwd);
 }

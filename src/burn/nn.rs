@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use ::burn::config::Config;
 use ::burn::module::{Module, Param, RunningState};
-use ::burn::tensor::{Device, Tensor, TensorData};
+use ::burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::ops::{self, AiecOut, BetaTensor, ConvPsi, DcTensors, IieuOpts};
 use crate::cpu::acon::ChannelGen;
@@ -17,6 +17,7 @@ use crate::cpu::aiec::{AiecConfig, Counters};
 use crate::cpu::iieu::PatchNorm;
 use crate::cpu::iieu_dc::{DcConfig, DcParams};
 use crate::Error as AkError;
+use crate::Layout;
 
 fn param<const D: usize>(v: Vec<f32>, dims: [usize; D], device: &Device) -> Param<Tensor<D>> {
     Param::from_tensor(Tensor::from_data(TensorData::new(v, dims), device))
@@ -37,11 +38,33 @@ fn nonzero(what: &'static str, v: usize) -> crate::Result<()> {
 // ---------------------------------------------------------------------------
 // ACON
 
-/// Config of [`AconC`], [`AconB`] and [`AconA`]: channel count.
+/// Where a module's input has its channel axis (the `Config` form of
+/// [`crate::Layout`]).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum ChannelAxis {
+    /// `(N, C, ...)`: images (the default).
+    Nchw,
+    /// `(N, L, C)`: tokens, channels last (a ViT's activations).
+    Nlc,
+}
+
+impl From<ChannelAxis> for Layout {
+    fn from(a: ChannelAxis) -> Self {
+        match a {
+            ChannelAxis::Nchw => Layout::Nchw,
+            ChannelAxis::Nlc => Layout::Nlc,
+        }
+    }
+}
+
+/// Config of [`AconC`], [`AconB`] and [`AconA`]: channel count and layout.
 #[derive(Config, Debug)]
 pub struct AconConfig {
     /// Channels C.
     pub channels: usize,
+    /// Where the input's channel axis is.
+    #[config(default = "ChannelAxis::Nchw")]
+    pub layout: ChannelAxis,
 }
 
 /// ACON-C with per-channel `p1`, `p2`, `β` (each `(C)`, paper init `p1 = β = 1`,
@@ -55,6 +78,9 @@ pub struct AconC {
     pub p2: Param<Tensor<1>>,
     /// β, `(C)`.
     pub beta: Param<Tensor<1>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl AconConfig {
@@ -66,6 +92,7 @@ impl AconConfig {
             p1: full(c, 1.0, device),
             p2: full(c, 0.0, device),
             beta: full(c, 1.0, device),
+            layout: self.layout.into(),
         })
     }
 
@@ -76,6 +103,7 @@ impl AconConfig {
         Ok(AconB {
             p: full(c, 0.0, device),
             beta: full(c, 1.0, device),
+            layout: self.layout.into(),
         })
     }
 
@@ -84,18 +112,20 @@ impl AconConfig {
         nonzero("channels C", self.channels)?;
         Ok(AconA {
             beta: full(self.channels, 1.0, device),
+            layout: self.layout.into(),
         })
     }
 }
 
 impl AconC {
-    /// ACON-C of `x` `(N, C, ...)`.
+    /// ACON-C of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
         ops::acon_c(
             x,
             self.p1.val(),
             self.p2.val(),
             BetaTensor::PerChannel(self.beta.val()),
+            self.layout,
         )
     }
 
@@ -106,7 +136,7 @@ impl AconC {
         x: Tensor<D>,
         beta: BetaTensor,
     ) -> crate::Result<Tensor<D>> {
-        ops::acon_c(x, self.p1.val(), self.p2.val(), beta)
+        ops::acon_c(x, self.p1.val(), self.p2.val(), beta, self.layout)
     }
 }
 
@@ -118,12 +148,20 @@ pub struct AconB {
     pub p: Param<Tensor<1>>,
     /// β, `(C)`.
     pub beta: Param<Tensor<1>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl AconB {
-    /// ACON-B of `x` `(N, C, ...)`.
+    /// ACON-B of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
-        ops::acon_b(x, self.p.val(), BetaTensor::PerChannel(self.beta.val()))
+        ops::acon_b(
+            x,
+            self.p.val(),
+            BetaTensor::PerChannel(self.beta.val()),
+            self.layout,
+        )
     }
 }
 
@@ -133,12 +171,15 @@ impl AconB {
 pub struct AconA {
     /// β, `(C)`.
     pub beta: Param<Tensor<1>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl AconA {
-    /// ACON-A of `x` `(N, C, ...)`.
+    /// ACON-A of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
-        ops::acon_a(x, BetaTensor::PerChannel(self.beta.val()))
+        ops::acon_a(x, BetaTensor::PerChannel(self.beta.val()), self.layout)
     }
 }
 
@@ -170,6 +211,9 @@ pub struct MetaAconCConfig {
     /// Seed of the generator's init ([`ChannelGen::init`]).
     #[config(default = 0)]
     pub seed: u64,
+    /// Where the input's channel axis is.
+    #[config(default = "ChannelAxis::Nchw")]
+    pub layout: ChannelAxis,
 }
 
 /// meta-ACON-C: ACON-C (`p1`, `p2` `(C)`, paper init) with β from a generator
@@ -193,6 +237,9 @@ pub struct MetaAconC {
     /// The generator kind.
     #[module(skip)]
     pub generator: MetaGenKind,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl MetaAconCConfig {
@@ -216,6 +263,7 @@ impl MetaAconCConfig {
             b1,
             b2,
             generator: self.generator,
+            layout: self.layout.into(),
         })
     }
 }
@@ -235,17 +283,23 @@ impl MetaAconC {
                     (Some(b1), Some(b2)) => Some((b1.val(), b2.val())),
                     _ => None,
                 };
-                BetaTensor::PerSampleChannel(ops::channel_gen(x, w1.val(), w2.val(), bias)?)
+                BetaTensor::PerSampleChannel(ops::channel_gen(
+                    x,
+                    w1.val(),
+                    w2.val(),
+                    bias,
+                    self.layout,
+                )?)
             }
-            MetaGenKind::Layer => BetaTensor::PerSample(ops::layer_gen(x)?),
+            MetaGenKind::Layer => BetaTensor::PerSample(ops::layer_gen(x, self.layout)?),
             MetaGenKind::Pixel => BetaTensor::PixelWise,
         })
     }
 
-    /// meta-ACON-C of `x` `(N, C, ...)`.
+    /// meta-ACON-C of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
         let beta = self.beta(x.clone())?;
-        ops::acon_c(x, self.p1.val(), self.p2.val(), beta)
+        ops::acon_c(x, self.p1.val(), self.p2.val(), beta, self.layout)
     }
 }
 
@@ -666,6 +720,9 @@ pub struct AiecModuleConfig {
     /// Seed of the `Wd` init.
     #[config(default = 0)]
     pub seed: u64,
+    /// Where the input's channel axis is.
+    #[config(default = "ChannelAxis::Nchw")]
+    pub layout: ChannelAxis,
 }
 
 /// AIEC (SPEC §3) in place of a ReLU: `A = TAU(F)`, plus in training the DMU, the ACU
@@ -683,6 +740,9 @@ pub struct Aiec {
     /// The ACU counters.
     #[module(skip)]
     pub counters: Arc<Mutex<Counters>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 /// splitmix64 uniform in `[0, 1)` (deterministic init of `Wd`).
@@ -716,6 +776,7 @@ impl AiecModuleConfig {
             wd: param(wd, [k, c], device),
             cfg,
             counters: Arc::new(Mutex::new(counters)),
+            layout: self.layout.into(),
         })
     }
 }
@@ -728,7 +789,32 @@ impl Aiec {
         f: Tensor<D>,
         labels: &[usize],
     ) -> crate::Result<AiecOut<D>> {
-        ops::aiec_train(f, self.wd.val(), labels, self.cfg, &self.counters)
+        ops::aiec_train(
+            f,
+            self.wd.val(),
+            labels,
+            self.cfg,
+            &self.counters,
+            self.layout,
+        )
+    }
+
+    /// [`Aiec::forward_train`] with the labels as an integer tensor `(N)` (read to the
+    /// host: the CPU step needs them there). A negative label or one `≥ K` is an
+    /// `Err`, as in [`ops::aiec_train_labels`].
+    pub fn forward_train_labels<const D: usize>(
+        &self,
+        f: Tensor<D>,
+        labels: Tensor<1, Int>,
+    ) -> crate::Result<AiecOut<D>> {
+        ops::aiec_train_labels(
+            f,
+            self.wd.val(),
+            labels,
+            self.cfg,
+            &self.counters,
+            self.layout,
+        )
     }
 
     /// Inference: `A = TAU(F)`.

@@ -333,18 +333,21 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             carry.acon_partials = (12.0 * blocks, 3.0);
             t(3.0 * b * e + 12.0 * blocks, 3.0 * b * e)
         }
-        // As above with 3·C partials per tile of rows.
+        // As above with 3·C partials per tile of rows: the grid is (tiles of rows,
+        // column chunks), and the chunks of a tile write its C-length rows together.
         "acon_a_bwd_nlc" | "acon_b_bwd_nlc" | "acon_c_bwd_nlc" => {
-            carry.acon_partials = (12.0 * c * blocks, 3.0);
-            t(3.0 * b * e + 12.0 * c * blocks, 3.0 * b * e)
+            let tiles = f64::from(grid[0]);
+            carry.acon_partials = (12.0 * c * tiles, 3.0);
+            t(3.0 * b * e + 12.0 * c * tiles, 3.0 * b * e)
         }
         "acon_gap_nchw" => {
             carry.acon_partials = (4.0 * blocks, 1.0);
             t(b * e + 4.0 * blocks, b * e)
         }
         "acon_gap_nlc" => {
-            carry.acon_partials = (4.0 * c * blocks, 1.0);
-            t(b * e + 4.0 * c * blocks, b * e)
+            let tiles = f64::from(grid[0]);
+            carry.acon_partials = (4.0 * c * tiles, 1.0);
+            t(b * e + 4.0 * c * tiles, b * e)
         }
         "acon_gap_add" => t(2.0 * b * e, 2.0 * b * e),
         // Tile partials -> ns·N·C totals.

@@ -708,60 +708,89 @@ EMU_REGISTER(acon_reduce_params)
 #define AK_LAUNCH_BOUND 256
 
 // ---- meta-ACON generators (f32) ----------------------------------------------
-// Channel-wise forward, one block per sample n (blockDim a multiple of 32):
-// h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c] (a warp per j, lanes over c), then
-// β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]) (a warp per c, lanes over j).
-// b1, b2 may be null. Reads W1, W2 once per sample (L2-resident).
-ACON_KERNEL void acon_gen_fc_fwd(const float* gap, const float* w1, const float* b1, const float* w2,
-                                           const float* b2, long long c, long long wd, float* h, float* beta) {
-  const long long nn = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const float* g = gap + nn * c;
-  float* hn = h + nn * wd;
-  for (long long j = warp; j < wd; j += nw) {
-    float acc = 0.0f;
-    for (long long ch = lane; ch < c; ch += 32) acc += w1[j * c + ch] * g[ch];
-    acc = ak::warp_sum(acc);
-    if (lane == 0) hn[j] = (b1 ? b1[j] : 0.0f) + acc;
-  }
-  __syncthreads();  // h of this sample (global) complete and visible to the block
-  for (long long ch = warp; ch < c; ch += nw) {
-    float acc = 0.0f;
-    for (long long j = lane; j < wd; j += 32) acc += w2[ch * wd + j] * hn[j];
-    acc = ak::warp_sum(acc);
-    if (lane == 0) beta[nn * c + ch] = ak::sigmoidf((b2 ? b2[ch] : 0.0f) + acc);
+// Channel-wise fc layers, each a grid (samples, output slices) with grid-stride
+// loops in both dimensions so that a batch of 64 fills the device (one block per
+// sample, as before, gave 64 blocks). blockDim is a multiple of 32; every sum is a
+// fixed-order lane loop plus warp_sum (or a sequential loop), as before.
+// Stage 1 of the forward: h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c], a warp per
+// (n, j), lanes over c (grid.y: slices of blockDim/32 values of j). b1 may be null.
+ACON_KERNEL void acon_gen_fc_h(const float* gap, const float* w1, const float* b1, long long n, long long c,
+                               long long wd, float* h) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
+  const int lane = threadIdx.x & 31;
+  const long long nw = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    const float* g = gap + nn * c;
+    for (long long j = blockIdx.y * nw + warp; j < wd; j += (long long)gridDim.y * nw) {
+      float acc = 0.0f;
+      for (long long ch = lane; ch < c; ch += 32) acc += w1[j * c + ch] * g[ch];
+      acc = ak::warp_sum(acc);
+      if (lane == 0) h[nn * wd + j] = (b1 ? b1[j] : 0.0f) + acc;
+    }
   }
 }
-EMU_REGISTER(acon_gen_fc_fwd)
+EMU_REGISTER(acon_gen_fc_h)
 
-// Channel-wise backward, one block per sample: dz = dβ·β(1 − β) (N × C),
-// dh[j] = Σ_c W2[c, j]·dz[c] (warp per j), dg[c] = scale·Σ_j W1[j, c]·dh[j]
-// (thread per c; scale = 1/S folds in the GAP backward).
-ACON_KERNEL void acon_gen_fc_bwd(const float* dbeta, const float* beta, const float* w1, const float* w2,
-                                           long long c, long long wd, float scale, float* dz, float* dh, float* dg) {
-  const long long nn = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  float* z = dz + nn * c;
-  float* hh = dh + nn * wd;
-  for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) {
-    const float b = beta[nn * c + ch];
-    z[ch] = dbeta[nn * c + ch] * b * (1.0f - b);
-  }
-  __syncthreads();
-  for (long long j = warp; j < wd; j += nw) {
-    float acc = 0.0f;
-    for (long long ch = lane; ch < c; ch += 32) acc += w2[ch * wd + j] * z[ch];
-    acc = ak::warp_sum(acc);
-    if (lane == 0) hh[j] = acc;
-  }
-  __syncthreads();
-  for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) {
-    float acc = 0.0f;
-    for (long long j = 0; j < wd; ++j) acc += w1[j * c + ch] * hh[j];
-    dg[nn * c + ch] = acc * scale;
+// Stage 2 of the forward: β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]), a warp per
+// (n, c), lanes over j (grid.y: slices of blockDim/32 channels). b2 may be null.
+ACON_KERNEL void acon_gen_fc_beta(const float* h, const float* w2, const float* b2, long long n, long long c,
+                                  long long wd, float* beta) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
+  const int lane = threadIdx.x & 31;
+  const long long nw = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    const float* hn = h + nn * wd;
+    for (long long ch = blockIdx.y * nw + warp; ch < c; ch += (long long)gridDim.y * nw) {
+      float acc = 0.0f;
+      for (long long j = lane; j < wd; j += 32) acc += w2[ch * wd + j] * hn[j];
+      acc = ak::warp_sum(acc);
+      if (lane == 0) beta[nn * c + ch] = ak::sigmoidf((b2 ? b2[ch] : 0.0f) + acc);
+    }
   }
 }
-EMU_REGISTER(acon_gen_fc_bwd)
+EMU_REGISTER(acon_gen_fc_beta)
+
+// dz = dβ·β(1 − β) for one element.
+__device__ __forceinline__ float gen_dz(const float* dbeta, const float* beta, long long i) {
+  const float b = beta[i];
+  return dbeta[i] * b * (1.0f - b);
+}
+
+// Stage 1 of the backward: dh[n, j] = Σ_c W2[c, j]·dz[n, c] with dz recomputed from
+// dβ and β (a warp per (n, j), lanes over c; grid.y: slices of j).
+ACON_KERNEL void acon_gen_fc_dh(const float* dbeta, const float* beta, const float* w2, long long n, long long c,
+                                long long wd, float* dh) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
+  const int lane = threadIdx.x & 31;
+  const long long nw = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    for (long long j = blockIdx.y * nw + warp; j < wd; j += (long long)gridDim.y * nw) {
+      float acc = 0.0f;
+      for (long long ch = lane; ch < c; ch += 32) acc += w2[ch * wd + j] * gen_dz(dbeta, beta, nn * c + ch);
+      acc = ak::warp_sum(acc);
+      if (lane == 0) dh[nn * wd + j] = acc;
+    }
+  }
+}
+EMU_REGISTER(acon_gen_fc_dh)
+
+// Stage 2 of the backward, a thread per (n, c) (grid.y: slices of blockDim
+// channels): dz[n, c] = dβ·β(1 − β) (kept for the weight gradients) and
+// dg[n, c] = scale·Σ_j W1[j, c]·dh[n, j] (scale = 1/S folds in the GAP backward).
+ACON_KERNEL void acon_gen_fc_dg(const float* dbeta, const float* beta, const float* w1, const float* dh, long long n,
+                                long long c, long long wd, float scale, float* dz, float* dg) {
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    const float* hh = dh + nn * wd;
+    for (long long ch = (long long)blockIdx.y * blockDim.x + threadIdx.x; ch < c;
+         ch += (long long)gridDim.y * blockDim.x) {
+      dz[nn * c + ch] = gen_dz(dbeta, beta, nn * c + ch);
+      float acc = 0.0f;
+      for (long long j = 0; j < wd; ++j) acc += w1[j * c + ch] * hh[j];
+      dg[nn * c + ch] = acc * scale;
+    }
+  }
+}
+EMU_REGISTER(acon_gen_fc_dg)
 
 // Weight gradients, summed over samples in order (stage 2 of the per-sample
 // dz, dh): dW2[c, j] = Σ_n dz[n, c]·h[n, j], db2[c] = Σ_n dz[n, c],

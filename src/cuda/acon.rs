@@ -923,8 +923,9 @@ impl ChannelGen {
     }
 
     /// Forward: returns β (`N × C` f32, use as [`Beta::PerSampleChannel`]) and the
-    /// saved state. GAP by block reductions (fixed order), then both fc layers
-    /// and σ in one block per sample; all f32.
+    /// saved state. GAP by block reductions (fixed order), then the fc layers as
+    /// two kernels over (sample, slice of outputs) — `h`, then `β` with σ — each
+    /// output a fixed-order warp reduction; all f32.
     ///
     /// Errors: `Empty`/`LengthMismatch` for `x`; `Shape` if the generator's `C`
     /// differs from the tensor's; `Empty` for width 0; `LengthMismatch` for
@@ -987,21 +988,27 @@ impl ChannelGen {
         x: &CudaView<'_, T>,
     ) -> Result<(CudaSlice<f32>, ChannelGenSaved)> {
         let g = gap(stream, shape, x)?;
-        // SAFETY: acon_gen_fc_fwd writes all N·width hidden values and N·C βs.
+        // SAFETY: acon_gen_fc_h writes all N·width hidden values, acon_gen_fc_beta
+        // all N·C βs.
         let mut h = unsafe { stream.alloc::<f32>(shape.n * self.width) }?;
         let mut beta = unsafe { stream.alloc::<f32>(shape.n * shape.c) }?;
-        let f = kernel_fn!(stream, "acon_gen_fc_fwd")?;
-        let (c, wd) = (shape.c as i64, self.width as i64);
+        let (n, c, wd) = (shape.n as i64, shape.c as i64, self.width as i64);
+        let f = kernel_fn!(stream, "acon_gen_fc_h")?;
         let mut b = launcher(stream, &f);
         b.arg(&g).arg(&self.w1);
         b.arg_opt(self.b1.as_ref());
-        b.arg(&self.w2);
+        b.arg(&n).arg(&c).arg(&wd).arg(&mut h);
+        // SAFETY: (n, j) for n < N, j < width reads gap[n·C..][..C], W1 (width·C,
+        // validated), b1 (width) when present, and writes h[n·width + j].
+        unsafe { b.launch(cfg_gen(shape.n, self.width.div_ceil(WARPS))) }?;
+        let f = kernel_fn!(stream, "acon_gen_fc_beta")?;
+        let mut b = launcher(stream, &f);
+        b.arg(&h).arg(&self.w2);
         b.arg_opt(self.b2.as_ref());
-        b.arg(&c).arg(&wd).arg(&mut h).arg(&mut beta);
-        // SAFETY: block n < N reads gap[n·C..][..C], W1/W2 (width·C, validated),
-        // b1 (width) / b2 (C) when present, writes h[n·width..][..width] and
-        // β[n·C..][..C].
-        unsafe { b.launch(cfg_blocks(shape.n)) }?;
+        b.arg(&n).arg(&c).arg(&wd).arg(&mut beta);
+        // SAFETY: (n, c) for n < N, c < C reads h[n·width..][..width], W2 (C·width,
+        // validated), b2 (C) when present, and writes β[n·C + c].
+        unsafe { b.launch(cfg_gen(shape.n, shape.c.div_ceil(WARPS))) }?;
         Ok((
             beta.clone(),
             ChannelGenSaved {
@@ -1015,8 +1022,8 @@ impl ChannelGen {
     }
 
     /// Backward through σ, both fc layers and GAP (f32; per-sample products in
-    /// one block per sample, weight gradients summed over samples in fixed
-    /// order): with `z = W2·h + b2`, `h = W1·g + b1`, `g = GAP(x)`:
+    /// two kernels over (sample, slice of outputs), weight gradients summed over
+    /// samples in fixed order): with `z = W2·h + b2`, `h = W1·g + b1`, `g = GAP(x)`:
     /// `dz = dβ·β(1 − β)`, `dW2 = Σ_n dz ⊗ h`, `db2 = Σ_n dz`, `dh = W2ᵀ·dz`,
     /// `dW1 = Σ_n dh ⊗ g`, `db1 = Σ_n dh`, `dx[n, c, s] = (W1ᵀ·dh)[n, c] / S`.
     ///
@@ -1059,27 +1066,40 @@ impl ChannelGen {
         saved: &ChannelGenSaved,
     ) -> Result<GenInner> {
         let (nn, cc, wdu) = (shape.n, shape.c, self.width);
-        // SAFETY: acon_gen_fc_bwd writes all of dz (N·C), dh (N·width), dg (N·C).
+        // SAFETY: acon_gen_fc_dh writes all of dh (N·width), acon_gen_fc_dg all of
+        // dz and dg (N·C).
         let mut dz = unsafe { stream.alloc::<f32>(nn * cc) }?;
         let mut dh = unsafe { stream.alloc::<f32>(nn * wdu) }?;
         let mut dg = unsafe { stream.alloc::<f32>(nn * cc) }?;
         let (n, c, wd) = (nn as i64, cc as i64, wdu as i64);
         let scale = 1.0 / shape.s as f32;
-        let f = kernel_fn!(stream, "acon_gen_fc_bwd")?;
+        let f = kernel_fn!(stream, "acon_gen_fc_dh")?;
+        let mut b = launcher(stream, &f);
+        b.arg(dbeta)
+            .arg(&saved.beta)
+            .arg(&self.w2)
+            .arg(&n)
+            .arg(&c)
+            .arg(&wd)
+            .arg(&mut dh);
+        // SAFETY: (n, j) reads row n of dβ, β (C) and W2 (C·width, validated),
+        // writes dh[n·width + j].
+        unsafe { b.launch(cfg_gen(nn, wdu.div_ceil(WARPS))) }?;
+        let f = kernel_fn!(stream, "acon_gen_fc_dg")?;
         let mut b = launcher(stream, &f);
         b.arg(dbeta)
             .arg(&saved.beta)
             .arg(&self.w1)
-            .arg(&self.w2)
+            .arg(&dh)
+            .arg(&n)
             .arg(&c)
             .arg(&wd)
             .arg(&scale)
             .arg(&mut dz)
-            .arg(&mut dh)
             .arg(&mut dg);
-        // SAFETY: block n < N touches row n of dβ, β, dz, dg (C) and dh (width);
-        // W1, W2 have width·C elements (validated).
-        unsafe { b.launch(cfg_blocks(nn)) }?;
+        // SAFETY: (n, c) reads dβ, β at n·C + c, W1 (width·C, validated) and row n
+        // of dh (width), writes dz and dg at n·C + c.
+        unsafe { b.launch(cfg_gen(nn, cc.div_ceil(THREADS as usize))) }?;
         // SAFETY: acon_gen_wgrad writes every element of dW1, dW2 and, when
         // present, db1, db2.
         let mut dw1 = unsafe { stream.alloc::<f32>(wdu * cc) }?;
@@ -1116,6 +1136,22 @@ impl ChannelGen {
             dw2,
             db2,
         })
+    }
+}
+
+/// Warps per block of [`THREADS`].
+const WARPS: usize = THREADS as usize / 32;
+
+/// The channel-wise generator's fc kernels: blocks of [`THREADS`] over (sample,
+/// slice of outputs), both dimensions capped (the kernels' loops are grid-stride in
+/// both). ViT-B (64, 197, 768) with width 48: 384 blocks for `h` and `dh`, 6144 for
+/// `β`, 192 for `dg` (was 64, one per sample).
+fn cfg_gen(n: usize, slices: usize) -> LaunchConfig {
+    let cap = super::grid_cap();
+    LaunchConfig {
+        grid_dim: (n.clamp(1, cap) as u32, slices.clamp(1, cap) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

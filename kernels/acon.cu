@@ -406,7 +406,8 @@ __device__ __forceinline__ void nlc_tiles_w(const T* dy, const T* x, T* dx, long
         // This thread's rows r0 + grp + m·g, m < mine (32-bit trip count, one
         // 64-bit offset advanced by g·C).
         const long long first = r0 + grp;
-        const int mine = first < r1 ? (int)((r1 - first + g - 1) / g) : 0;
+        const unsigned span = first < r1 ? (unsigned)(r1 - first) : 0u;  // < rows of a tile
+        const int mine = (int)((span + g - 1) / g);
         const long long step = (long long)g * c;
         long long i = ((long long)nn * l + first) * c + col * W;
 #pragma unroll 1
@@ -528,8 +529,10 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // 64 registers, sm_75/sm_86 spill 8-28 bytes).
 #undef AK_LAUNCH_BOUND
 #define AK_LAUNCH_BOUND 256
-#define ACON_KERNEL AK_KERNEL __launch_bounds__(256)
-#define ACON_KERNEL_NLC_BWD AK_KERNEL __launch_bounds__(256, 3)
+// (The wrappers' names contain AK_KERNEL: the launch audit's source lint,
+// examples/launch_audit/lint.rs, finds kernels by that word.)
+#define ACON_AK_KERNEL AK_KERNEL __launch_bounds__(256)
+#define ACON_AK_KERNEL_NLC_BWD AK_KERNEL __launch_bounds__(256, 3)
 
 // =============================================================================
 // Kernels. Bytes per element (storage size b = 4 / 2 / 2) vs the minimum:
@@ -548,12 +551,12 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 
 // Forward: y = d·σ(β·d) + p2·x (flat, both layouts; nlc = 1 for (N, L, C)).
 #define ACON_FWD(dt, T)                                                                                             \
-  ACON_KERNEL void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
+  ACON_AK_KERNEL void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
                                              int kind, long long n, long long c, long long s, int nlc) {            \
     ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                       \
   }                                                                                                                 \
   EMU_REGISTER(acon_c_fwd_##dt)                                                                                     \
-  ACON_KERNEL void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
+  ACON_AK_KERNEL void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
                                              long long n, long long c, long long s, int nlc) {                      \
     ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                   \
   }                                                                                                                 \
@@ -569,19 +572,19 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // Backward, NCHW: dx plus per-tile partials part[tile·3 + q] of
 // (dy·x·∂y/∂d, dy·x·(1 − ∂y/∂d), dy·∂y/∂β).
 #define ACON_BWD_NCHW(dt, T)                                                                                        \
-  ACON_KERNEL void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+  ACON_AK_KERNEL void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
                                                   const float* beta, int kind, long long n, long long c,            \
                                                   long long s, long long tpp, long long tile_elems, float* part) {  \
     ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);           \
   }                                                                                                                 \
   EMU_REGISTER(acon_c_bwd_nchw_##dt)                                                                                \
-  ACON_KERNEL void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+  ACON_AK_KERNEL void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
                                                   const float* beta, int kind, long long n, long long c,            \
                                                   long long s, long long tpp, long long tile_elems, float* part) {  \
     ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);       \
   }                                                                                                                 \
   EMU_REGISTER(acon_b_bwd_nchw_##dt)                                                                                \
-  ACON_KERNEL void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+  ACON_AK_KERNEL void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
                                                   long long n, long long c, long long s, long long tpp,             \
                                                   long long tile_elems, float* part) {                              \
     ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part); \
@@ -591,19 +594,19 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // Backward, (N, L, C): dx plus per-tile C-length partials
 // part[((n·tps + k)·3 + q)·C + ch]; dynamic shared memory blockDim.x·3·W floats.
 #define ACON_BWD_NLC(dt, T)                                                                                        \
-  ACON_KERNEL_NLC_BWD void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+  ACON_AK_KERNEL_NLC_BWD void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
                                                  const float* beta, int kind, long long n, long long l,            \
                                                  long long c, int cc, long long rows, float* part) {               \
     ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, cc, rows, part);                      \
   }                                                                                                                \
   EMU_REGISTER(acon_c_bwd_nlc_##dt)                                                                                \
-  ACON_KERNEL_NLC_BWD void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+  ACON_AK_KERNEL_NLC_BWD void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
                                                  const float* beta, int kind, long long n, long long l,            \
                                                  long long c, int cc, long long rows, float* part) {               \
     ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, cc, rows, part);                  \
   }                                                                                                                \
   EMU_REGISTER(acon_b_bwd_nlc_##dt)                                                                                \
-  ACON_KERNEL_NLC_BWD void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+  ACON_AK_KERNEL_NLC_BWD void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
                                                  long long n, long long l, long long c, int cc, long long rows,    \
                                                  float* part) {                                                    \
     ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, cc, rows, part);            \
@@ -612,17 +615,17 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 
 // GAP partial sums (meta-ACON generators) and the in-place GAP backward.
 #define ACON_GAP(dt, T)                                                                                           \
-  ACON_KERNEL void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
+  ACON_AK_KERNEL void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
                                                 long long tile_elems, float* part) {                              \
     ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                \
   }                                                                                                               \
   EMU_REGISTER(acon_gap_nchw_##dt)                                                                                \
-  ACON_KERNEL void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, int cc, long long rows, \
+  ACON_AK_KERNEL void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, int cc, long long rows, \
                                                float* part) {                                                     \
     ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, cc, rows, ak_acon::GapOp{}, part);                        \
   }                                                                                                               \
   EMU_REGISTER(acon_gap_nlc_##dt)                                                                                 \
-  ACON_KERNEL void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
+  ACON_AK_KERNEL void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
                                                long long c, long long s, int nlc) {                               \
     ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                \
     ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                           \
@@ -714,7 +717,7 @@ EMU_REGISTER(acon_reduce_params)
 // fixed-order lane loop plus warp_sum (or a sequential loop), as before.
 // Stage 1 of the forward: h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c], a warp per
 // (n, j), lanes over c (grid.y: slices of blockDim/32 values of j). b1 may be null.
-ACON_KERNEL void acon_gen_fc_h(const float* gap, const float* w1, const float* b1, long long n, long long c,
+ACON_AK_KERNEL void acon_gen_fc_h(const float* gap, const float* w1, const float* b1, long long n, long long c,
                                long long wd, float* h) {
   AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
   const int lane = threadIdx.x & 31;
@@ -733,7 +736,7 @@ EMU_REGISTER(acon_gen_fc_h)
 
 // Stage 2 of the forward: β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]), a warp per
 // (n, c), lanes over j (grid.y: slices of blockDim/32 channels). b2 may be null.
-ACON_KERNEL void acon_gen_fc_beta(const float* h, const float* w2, const float* b2, long long n, long long c,
+ACON_AK_KERNEL void acon_gen_fc_beta(const float* h, const float* w2, const float* b2, long long n, long long c,
                                   long long wd, float* beta) {
   AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
   const int lane = threadIdx.x & 31;
@@ -758,7 +761,7 @@ __device__ __forceinline__ float gen_dz(const float* dbeta, const float* beta, l
 
 // Stage 1 of the backward: dh[n, j] = Σ_c W2[c, j]·dz[n, c] with dz recomputed from
 // dβ and β (a warp per (n, j), lanes over c; grid.y: slices of j).
-ACON_KERNEL void acon_gen_fc_dh(const float* dbeta, const float* beta, const float* w2, long long n, long long c,
+ACON_AK_KERNEL void acon_gen_fc_dh(const float* dbeta, const float* beta, const float* w2, long long n, long long c,
                                 long long wd, float* dh) {
   AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
   const int lane = threadIdx.x & 31;
@@ -777,7 +780,7 @@ EMU_REGISTER(acon_gen_fc_dh)
 // Stage 2 of the backward, a thread per (n, c) (grid.y: slices of blockDim
 // channels): dz[n, c] = dβ·β(1 − β) (kept for the weight gradients) and
 // dg[n, c] = scale·Σ_j W1[j, c]·dh[n, j] (scale = 1/S folds in the GAP backward).
-ACON_KERNEL void acon_gen_fc_dg(const float* dbeta, const float* beta, const float* w1, const float* dh, long long n,
+ACON_AK_KERNEL void acon_gen_fc_dg(const float* dbeta, const float* beta, const float* w1, const float* dh, long long n,
                                 long long c, long long wd, float scale, float* dz, float* dg) {
   for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
     const float* hh = dh + nn * wd;
@@ -847,7 +850,7 @@ EMU_REGISTER(acon_layer_gen_fwd)
 
 // Layer-wise backward: dg[n] = dβ[n]·β[n](1 − β[n]) (then acon_gap_add_* with
 // per_sample = 1 and scale 1/S).
-ACON_KERNEL void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
+ACON_AK_KERNEL void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
     const float b = beta[i];
     dg[i] = dbeta[i] * b * (1.0f - b);
@@ -855,7 +858,7 @@ ACON_KERNEL void acon_layer_gen_bwd(const float* dbeta, const float* beta, long 
 }
 EMU_REGISTER(acon_layer_gen_bwd)
 
-#undef ACON_KERNEL
-#undef ACON_KERNEL_NLC_BWD
+#undef ACON_AK_KERNEL
+#undef ACON_AK_KERNEL_NLC_BWD
 #undef AK_LAUNCH_BOUND
 #define AK_LAUNCH_BOUND 1024  // the default of kernels/common.cuh, for the files after this one

@@ -15,10 +15,10 @@
 //                16-byte-aligned interior, scalar head/tail, block_sum, one f32
 //                partial per tile and sum.
 // * nlc_tiles  — reductions per channel for (N, L, C): a block owns a chunk of
-//                rows of one sample; each thread owns one column (a vector of
-//                channels when C is a multiple of the vector width and the
-//                pointers are aligned) and walks rows; row-groups are combined in
-//                fixed order through shared memory; C-length partials per tile.
+//                rows of one sample and a chunk of columns; each thread owns one
+//                column (4 channels when C is a multiple of 4 and the pointers are
+//                aligned) and walks rows; row groups are combined in fixed order
+//                through shared memory; C-length partials per tile of rows.
 // Stage 2 (acon_reduce_tiles, acon_reduce_params) sums partials in fixed order.
 // No atomics: every result is bitwise reproducible for a given launch geometry
 // (which the host derives from the shape only).
@@ -298,92 +298,173 @@ __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long 
   }
 }
 
-// NLC: tile t = (sample nn, row chunk k of `rows` rows); tps tiles per sample.
-// part[((nn·tps + k)·NS + q)·C + ch]. `sm` holds blockDim.x·NS·W floats.
+// NLC column vectors: 4 elements per thread (16 bytes of f32, 8 bytes of f16 /
+// bf16). Four, not a 128-bit vector of 8 halves: a thread keeps NS·4 sums and 4
+// channels' parameters live over its rows (with 8 halves the backward needed
+// 131-146 registers, one 256-thread block per SM). The store is an st.global.v2 /
+// .v4 through inline PTX (a plain uint2 / float4 store is split into 32-bit STGs by
+// nvcc 13 here) *without* a "memory" clobber, unlike ak::st16_v4: dx is written only,
+// never read by the kernel and aliases neither x nor dy, so the next row's loads may
+// be issued ahead of the store. Under the emulator: memcpy.
+constexpr int NLC_W = 4;
+template <class T>
+struct Vec4 {  // __half / __nv_bfloat16: 8 bytes
+  static __device__ __forceinline__ void load(const T* p, float* v) {
+    uint2 u;
+#ifdef __CUDACC__
+    u = *reinterpret_cast<const uint2*>(p);
+#else
+    std::memcpy(&u, p, 8);
+#endif
+    v[0] = ak::Bits16<T>::to_f32(u.x & 0xffffu);
+    v[1] = ak::Bits16<T>::to_f32(u.x >> 16);
+    v[2] = ak::Bits16<T>::to_f32(u.y & 0xffffu);
+    v[3] = ak::Bits16<T>::to_f32(u.y >> 16);
+  }
+  static __device__ __forceinline__ void store(T* p, const float* v) {
+    uint2 u;
+    u.x = ak::Bits16<T>::from_f32(v[0]) | (ak::Bits16<T>::from_f32(v[1]) << 16);
+    u.y = ak::Bits16<T>::from_f32(v[2]) | (ak::Bits16<T>::from_f32(v[3]) << 16);
+#ifdef __CUDACC__
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(u.x), "r"(u.y));
+#else
+    std::memcpy(p, &u, 8);
+#endif
+  }
+};
+template <>
+struct Vec4<float> {  // 16 bytes
+  static __device__ __forceinline__ void load(const float* p, float* v) { ak::Vec16<float>::load(p, v); }
+  static __device__ __forceinline__ void store(float* p, const float* v) {
+#ifdef __CUDACC__
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3]));
+#else
+    std::memcpy(p, v, 16);
+#endif
+  }
+};
+template <class T>
+__device__ __forceinline__ bool aligned_nlc(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (NLC_W * sizeof(T) - 1)) == 0;
+}
+template <class T, int W>
+__device__ __forceinline__ void nlc_load(const T* p, long long i, float* v) {
+  if constexpr (W == 1) {
+    v[0] = ak::to_f32(p[i]);
+  } else {
+    Vec4<T>::load(p + i, v);
+  }
+}
+template <class T, int W>
+__device__ __forceinline__ void nlc_store(T* p, long long i, const float* v) {
+  if constexpr (W == 1) {
+    p[i] = ak::from_f32<T>(v[0]);
+  } else {
+    Vec4<T>::store(p + i, v);
+  }
+}
+
+// NLC: a tile is (sample nn, row chunk k of `rows` rows, column chunk of `cc`
+// columns), a column being W channels. Tiles of rows are blockIdx.x (grid-stride
+// over N·tps, tps = ⌈L / rows⌉ per sample), column chunks blockIdx.y (grid-stride
+// over ⌈(C/W) / cc⌉). Thread tid owns column lane = tid mod cc of the chunk in row
+// group grp = tid / cc (g = blockDim.x / cc groups; cc divides blockDim.x), walking
+// rows r0 + grp, r0 + grp + g, ... The g groups' sums are combined in fixed order
+// (group 0 first) through shared memory (blockDim.x·NS·W floats), and the tile
+// writes its chunk of the C-length partials part[((nn·tps + k)·NS + q)·C + ch].
+// Each (nn, k) row of partials is written by its chunks together, once.
 template <class T, int W, class F>
 __device__ __forceinline__ void nlc_tiles_w(const T* dy, const T* x, T* dx, long long n, long long l, long long c,
-                                            long long rows, const F& f, float* part, float* sm) {
+                                            int cc, long long rows, const F& f, float* part, float* sm) {
   constexpr int NS = F::NS;
   const long long cols = c / W;
-  const long long bd = blockDim.x, tid = threadIdx.x;
-  const long long groups = cols >= bd ? 1 : bd / cols;
-  const long long tps = (l + rows - 1) / rows;
-  const long long ntiles = n * tps;
+  const unsigned ucc = (unsigned)cc, bd = blockDim.x, tid = threadIdx.x;
+  const unsigned g = bd / ucc, lane = tid % ucc, grp = tid / ucc;
+  const unsigned tps = (unsigned)((l + rows - 1) / rows);
+  const unsigned ntr = (unsigned)n * tps;
+  const unsigned chunks = (unsigned)((cols + cc - 1) / cc);
+  const unsigned ccw = ucc * W;  // channels per chunk
   using P = decltype(f.prm(0, 0));
-  // One column's walk over rows r0 + g, r0 + g + step, ... < r1.
-  auto column = [&](long long nn, long long col, long long r0, long long r1, long long step, float (*acc)[W]) {
-    P pr[W];
+  for (unsigned chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const long long col = (long long)chunk * cc + lane;
+    // Channels of this chunk that exist: [0, valid) of the ccw.
+    const long long left = c - (long long)chunk * ccw;
+    const unsigned valid = left < (long long)ccw ? (unsigned)left : ccw;
+    for (unsigned t = blockIdx.x; t < ntr; t += gridDim.x) {
+      const unsigned nn = t / tps, k = t - nn * tps;
+      const long long r0 = (long long)k * rows;
+      const long long r1 = r0 + rows < l ? r0 + rows : l;
+      float acc[NS][W];
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      pr[j] = f.prm(nn, col * W + j);
+      for (int q = 0; q < NS; ++q)
 #pragma unroll
-      for (int q = 0; q < NS; ++q) acc[q][j] = 0.0f;
-    }
-    for (long long r = r0; r < r1; r += step) {
-      const long long i = (nn * l + r) * c + col * W;
-      float xv[W], g[W], o[W];
-      load_n<T, W>(x, i, xv);
-      if (F::HAS_DY) load_n<T, W>(dy, i, g);
+        for (int j = 0; j < W; ++j) acc[q][j] = 0.0f;
+      if (col < cols) {
+        P pr[W];
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        float sv[NS];
-        o[j] = f.elem(pr[j], F::HAS_DY ? g[j] : 0.0f, xv[j], sv);
-#pragma unroll
-        for (int q = 0; q < NS; ++q) acc[q][j] += sv[q];
-      }
-      if (F::HAS_OUT) store_n<T, W>(dx, i, o);
-    }
-  };
-  for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
-    const long long nn = t / tps, k = t - nn * tps;
-    const long long r0 = k * rows;
-    const long long r1 = r0 + rows < l ? r0 + rows : l;
-    float* pt = part + (nn * tps + k) * NS * c;
-    if (groups == 1) {
-      for (long long col = tid; col < cols; col += bd) {
-        float acc[NS][W];
-        column(nn, col, r0, r1, 1, acc);
-#pragma unroll
-        for (int q = 0; q < NS; ++q)
-#pragma unroll
-          for (int j = 0; j < W; ++j) pt[q * c + col * W + j] = acc[q][j];
-      }
-    } else {
-      const long long col = tid % cols, g = tid / cols;
-      if (g < groups) {
-        float acc[NS][W];
-        column(nn, col, r0 + g, r1, groups, acc);
-#pragma unroll
-        for (int q = 0; q < NS; ++q)
-#pragma unroll
-          for (int j = 0; j < W; ++j) sm[((g * cols + col) * NS + q) * W + j] = acc[q][j];
-      }
-      __syncthreads();
-      if (tid < cols) {
-#pragma unroll
-        for (int q = 0; q < NS; ++q)
+        for (int j = 0; j < W; ++j) pr[j] = f.prm(nn, col * W + j);
+        // This thread's rows r0 + grp + m·g, m < mine (32-bit trip count, one
+        // 64-bit offset advanced by g·C).
+        const long long first = r0 + grp;
+        const unsigned span = first < r1 ? (unsigned)(r1 - first) : 0u;  // < rows of a tile
+        const int mine = (int)((span + g - 1) / g);
+        const long long step = (long long)g * c;
+        long long i = ((long long)nn * l + first) * c + col * W;
+#pragma unroll 1
+        for (int m = 0; m < mine; ++m, i += step) {
+          float xv[W], gv[W], o[W];
+          nlc_load<T, W>(x, i, xv);
+          if (F::HAS_DY) nlc_load<T, W>(dy, i, gv);
 #pragma unroll
           for (int j = 0; j < W; ++j) {
-            float v = 0.0f;
-            for (long long gg = 0; gg < groups; ++gg) v += sm[((gg * cols + tid) * NS + q) * W + j];
-            pt[q * c + tid * W + j] = v;
+            float sv[NS];
+            o[j] = f.elem(pr[j], F::HAS_DY ? gv[j] : 0.0f, xv[j], sv);
+#pragma unroll
+            for (int q = 0; q < NS; ++q) acc[q][j] += sv[q];
           }
+          if (F::HAS_OUT) nlc_store<T, W>(dx, i, o);
+        }
       }
-      __syncthreads();  // sm is reused by the next tile
+      float* pt = part + (long long)t * NS * c + (long long)chunk * ccw;
+      if (g == 1) {
+        if (col < cols) {
+#pragma unroll
+          for (int q = 0; q < NS; ++q)
+#pragma unroll
+            for (int j = 0; j < W; ++j) pt[q * c + lane * W + j] = acc[q][j];
+        }
+      } else {
+        // sm[(grp·NS + q)·ccw + lane·W + j]; output m of sum q: Σ_grp in order.
+#pragma unroll
+        for (int q = 0; q < NS; ++q)
+#pragma unroll
+          for (int j = 0; j < W; ++j) sm[(grp * NS + q) * ccw + lane * W + j] = acc[q][j];
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < NS; ++q) {
+          for (unsigned m = tid; m < valid; m += bd) {
+            float v = 0.0f;
+            for (unsigned gg = 0; gg < g; ++gg) v += sm[(gg * NS + q) * ccw + m];
+            pt[q * c + m] = v;
+          }
+        }
+        __syncthreads();  // sm is reused by the next tile
+      }
     }
   }
 }
 
 template <class T, class F>
-__device__ __forceinline__ void nlc_tiles(const T* dy, const T* x, T* dx, long long n, long long l, long long c,
+__device__ __forceinline__ void nlc_tiles(const T* dy, const T* x, T* dx, long long n, long long l, long long c, int cc,
                                           long long rows, const F& f, float* part) {
+  AK_EXPECT(cc > 0 && blockDim.x % (unsigned)cc == 0 && blockDim.y == 1 && blockDim.z == 1);
   DYNAMIC_SHARED(float, sm);
-  constexpr int W = ak::Vec16<T>::N;
-  const bool vec = c % W == 0 && ak::aligned16(x) && (!F::HAS_DY || ak::aligned16(dy)) && (!F::HAS_OUT || ak::aligned16(dx));
+  const bool vec = c % NLC_W == 0 && aligned_nlc<T>(x) && (!F::HAS_DY || aligned_nlc<T>(dy)) &&
+                   (!F::HAS_OUT || aligned_nlc<T>(dx));
   if (vec) {
-    nlc_tiles_w<T, W>(dy, x, dx, n, l, c, rows, f, part, sm);
+    nlc_tiles_w<T, NLC_W>(dy, x, dx, n, l, c, cc, rows, f, part, sm);
   } else {
-    nlc_tiles_w<T, 1>(dy, x, dx, n, l, c, rows, f, part, sm);
+    nlc_tiles_w<T, 1>(dy, x, dx, n, l, c, cc, rows, f, part, sm);
   }
 }
 
@@ -428,12 +509,30 @@ __device__ __forceinline__ void bwd_nchw(const T* dy, const T* x, T* dx, const f
 template <class T, int MODE>
 __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const float* p1, const float* p2,
                                         const float* beta, int kind, long long n, long long l, long long c,
-                                        long long rows, float* part) {
+                                        int cc, long long rows, float* part) {
   BwdOp<MODE> f{{p1, p2, beta, kind, c}, kind == BETA_PIX};
-  nlc_tiles(dy, x, dx, n, l, c, rows, f, part);
+  nlc_tiles(dy, x, dx, n, l, c, cc, rows, f, part);
 }
 
 }  // namespace ak_acon
+
+// Launch bounds. Every launcher of this file uses at most 256 threads per block
+// (src/cuda/acon.rs THREADS), so the kernels declare __launch_bounds__(256) (except
+// acon_a_fwd_*, acon_reduce_tiles, acon_reduce_params, acon_gen_wgrad and
+// acon_layer_gen_fwd, where it cost registers on sm_86 or sm_90; acon_gap_add_f32
+// and acon_b_bwd_nchw_f32 gain one register on sm_86, within the same 256-register
+// per-warp allocation, and keep it), and AK_LAUNCH_BOUND (what the emulated device
+// records at EMU_REGISTER and enforces, kernels/common.cuh) is 256 for the bounded
+// kernels and 1024 (the default) around the others. The (N, L, C) backward
+// kernels also ask for 3 resident blocks per SM: ptxas then keeps them at 60-78
+// registers with no spill on sm_75..sm_90 (uncapped: 64-88; with 4 blocks, i.e.
+// 64 registers, sm_75/sm_86 spill 8-28 bytes).
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
+// (The wrappers' names contain AK_KERNEL: the launch audit's source lint,
+// examples/launch_audit/lint.rs, finds kernels by that word.)
+#define ACON_AK_KERNEL AK_KERNEL __launch_bounds__(256)
+#define ACON_AK_KERNEL_NLC_BWD AK_KERNEL __launch_bounds__(256, 3)
 
 // =============================================================================
 // Kernels. Bytes per element (storage size b = 4 / 2 / 2) vs the minimum:
@@ -442,8 +541,9 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // * acon_{a,b,c}_bwd_nchw_* : read x, dy (2b), write dx (b) = 3b — the minimum;
 //   acon_{a,b,c}_bwd_nlc_*    plus f32 partials: 3 floats per NCHW tile (a
 //                             tile is one plane, or a 1024·W-element chunk of a
-//                             large plane), 3·C floats per NLC tile of
-//                             R = max(8, ⌈8192/C⌉) rows (≈ 3/R floats per element).
+//                             large plane), 3·C floats per NLC tile of R rows
+//                             (R ≥ 32 when L ≥ 32; host nlc_geometry) —
+//                             ≈ 3/R floats per element.
 // * acon_gap_nchw_*, acon_gap_nlc_* : read x (b) = minimum; tiny partials.
 // * acon_gap_add_*          : read dx (b) + write dx (b): the backward of GAP
 //                             added in place (2b; the minimum for an in-place add).
@@ -451,16 +551,18 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 
 // Forward: y = d·σ(β·d) + p2·x (flat, both layouts; nlc = 1 for (N, L, C)).
 #define ACON_FWD(dt, T)                                                                                             \
-  AK_KERNEL void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
+  ACON_AK_KERNEL void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
                                              int kind, long long n, long long c, long long s, int nlc) {            \
     ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                       \
   }                                                                                                                 \
   EMU_REGISTER(acon_c_fwd_##dt)                                                                                     \
-  AK_KERNEL void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
+  ACON_AK_KERNEL void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
                                              long long n, long long c, long long s, int nlc) {                      \
     ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                   \
   }                                                                                                                 \
-  EMU_REGISTER(acon_b_fwd_##dt)                                                                                     \
+  EMU_REGISTER(acon_b_fwd_##dt)
+// ACON-A forward: no __launch_bounds__ (with it, f16 on sm_90 gains a register).
+#define ACON_A_FWD(dt, T)                                                                                           \
   AK_KERNEL void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n,            \
                                              long long c, long long s, int nlc) {                                   \
     ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                             \
@@ -470,19 +572,19 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // Backward, NCHW: dx plus per-tile partials part[tile·3 + q] of
 // (dy·x·∂y/∂d, dy·x·(1 − ∂y/∂d), dy·∂y/∂β).
 #define ACON_BWD_NCHW(dt, T)                                                                                        \
-  AK_KERNEL void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+  ACON_AK_KERNEL void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
                                                   const float* beta, int kind, long long n, long long c,            \
                                                   long long s, long long tpp, long long tile_elems, float* part) {  \
     ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);           \
   }                                                                                                                 \
   EMU_REGISTER(acon_c_bwd_nchw_##dt)                                                                                \
-  AK_KERNEL void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+  ACON_AK_KERNEL void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
                                                   const float* beta, int kind, long long n, long long c,            \
                                                   long long s, long long tpp, long long tile_elems, float* part) {  \
     ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);       \
   }                                                                                                                 \
   EMU_REGISTER(acon_b_bwd_nchw_##dt)                                                                                \
-  AK_KERNEL void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+  ACON_AK_KERNEL void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
                                                   long long n, long long c, long long s, long long tpp,             \
                                                   long long tile_elems, float* part) {                              \
     ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part); \
@@ -492,38 +594,38 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // Backward, (N, L, C): dx plus per-tile C-length partials
 // part[((n·tps + k)·3 + q)·C + ch]; dynamic shared memory blockDim.x·3·W floats.
 #define ACON_BWD_NLC(dt, T)                                                                                        \
-  AK_KERNEL void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+  ACON_AK_KERNEL_NLC_BWD void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
                                                  const float* beta, int kind, long long n, long long l,            \
-                                                 long long c, long long rows, float* part) {                       \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, rows, part);                      \
+                                                 long long c, int cc, long long rows, float* part) {               \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, cc, rows, part);                      \
   }                                                                                                                \
   EMU_REGISTER(acon_c_bwd_nlc_##dt)                                                                                \
-  AK_KERNEL void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+  ACON_AK_KERNEL_NLC_BWD void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
                                                  const float* beta, int kind, long long n, long long l,            \
-                                                 long long c, long long rows, float* part) {                       \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, rows, part);                  \
+                                                 long long c, int cc, long long rows, float* part) {               \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, cc, rows, part);                  \
   }                                                                                                                \
   EMU_REGISTER(acon_b_bwd_nlc_##dt)                                                                                \
-  AK_KERNEL void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
-                                                 long long n, long long l, long long c, long long rows,            \
+  ACON_AK_KERNEL_NLC_BWD void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+                                                 long long n, long long l, long long c, int cc, long long rows,    \
                                                  float* part) {                                                    \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, rows, part);            \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, cc, rows, part);            \
   }                                                                                                                \
   EMU_REGISTER(acon_a_bwd_nlc_##dt)
 
 // GAP partial sums (meta-ACON generators) and the in-place GAP backward.
 #define ACON_GAP(dt, T)                                                                                           \
-  AK_KERNEL void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
+  ACON_AK_KERNEL void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
                                                 long long tile_elems, float* part) {                              \
     ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                \
   }                                                                                                               \
   EMU_REGISTER(acon_gap_nchw_##dt)                                                                                \
-  AK_KERNEL void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, long long rows,  \
+  ACON_AK_KERNEL void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, int cc, long long rows, \
                                                float* part) {                                                     \
-    ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, rows, ak_acon::GapOp{}, part);                            \
+    ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, cc, rows, ak_acon::GapOp{}, part);                        \
   }                                                                                                               \
   EMU_REGISTER(acon_gap_nlc_##dt)                                                                                 \
-  AK_KERNEL void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
+  ACON_AK_KERNEL void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
                                                long long c, long long s, int nlc) {                               \
     ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                \
     ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                           \
@@ -540,10 +642,21 @@ ACON_ALL(f32, float)
 ACON_ALL(f16, __half)
 ACON_ALL(bf16, __nv_bfloat16)
 
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024  // no __launch_bounds__ on these: see the comments
+ACON_A_FWD(f32, float)
+ACON_A_FWD(f16, __half)
+ACON_A_FWD(bf16, __nv_bfloat16)
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
+
 // ---- stage 2 (f32 only) ------------------------------------------------------
 // tot[(q·N + n)·C + c] = scale · Σ_k part(n, c, k, q), k in order. NCHW partials
 // part[((n·C + c)·K + k)·NS + q], NLC part[((n·K + k)·NS + q)·C + c].
-// Reads NS·N·C·K floats, writes NS·N·C.
+// Reads NS·N·C·K floats, writes NS·N·C. No __launch_bounds__: with (256) ptxas
+// gives it 26 registers on sm_90 instead of 24.
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024
 AK_KERNEL void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
                                              int ns, int nlc, float scale) {
   const long long total = (long long)ns * n * c;
@@ -558,10 +671,15 @@ AK_KERNEL void acon_reduce_tiles(const float* part, float* tot, long long n, lon
   }
 }
 EMU_REGISTER(acon_reduce_tiles)
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
 
 // From tot (3 × N × C): dp1[c] = Σ_n tot[0], dp2[c] = Σ_n tot[1] (either may be
 // null), dβ by kind: per channel Σ_n tot[2]; per (n, c) tot[2]; per sample
 // Σ_c tot[2]; none for pixel-wise. Fixed-order sequential sums.
+// No __launch_bounds__: with (256) ptxas gives it 42 registers on sm_86 instead of 39.
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024
 AK_KERNEL void acon_reduce_params(const float* tot, float* dp1, float* dp2, float* dbeta, int kind,
                                               long long n, long long c) {
   const long long stride = (long long)gridDim.x * blockDim.x;
@@ -589,66 +707,101 @@ AK_KERNEL void acon_reduce_params(const float* tot, float* dp1, float* dp2, floa
   }
 }
 EMU_REGISTER(acon_reduce_params)
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
 
 // ---- meta-ACON generators (f32) ----------------------------------------------
-// Channel-wise forward, one block per sample n (blockDim a multiple of 32):
-// h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c] (a warp per j, lanes over c), then
-// β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]) (a warp per c, lanes over j).
-// b1, b2 may be null. Reads W1, W2 once per sample (L2-resident).
-AK_KERNEL void acon_gen_fc_fwd(const float* gap, const float* w1, const float* b1, const float* w2,
-                                           const float* b2, long long c, long long wd, float* h, float* beta) {
-  const long long nn = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const float* g = gap + nn * c;
-  float* hn = h + nn * wd;
-  for (long long j = warp; j < wd; j += nw) {
-    float acc = 0.0f;
-    for (long long ch = lane; ch < c; ch += 32) acc += w1[j * c + ch] * g[ch];
-    acc = ak::warp_sum(acc);
-    if (lane == 0) hn[j] = (b1 ? b1[j] : 0.0f) + acc;
-  }
-  __syncthreads();  // h of this sample (global) complete and visible to the block
-  for (long long ch = warp; ch < c; ch += nw) {
-    float acc = 0.0f;
-    for (long long j = lane; j < wd; j += 32) acc += w2[ch * wd + j] * hn[j];
-    acc = ak::warp_sum(acc);
-    if (lane == 0) beta[nn * c + ch] = ak::sigmoidf((b2 ? b2[ch] : 0.0f) + acc);
+// Channel-wise fc layers, each a grid (samples, output slices) with grid-stride
+// loops in both dimensions so that a batch of 64 fills the device (one block per
+// sample, as before, gave 64 blocks). blockDim is a multiple of 32; every sum is a
+// fixed-order lane loop plus warp_sum (or a sequential loop), as before.
+// Stage 1 of the forward: h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c], a warp per
+// (n, j), lanes over c (grid.y: slices of blockDim/32 values of j). b1 may be null.
+ACON_AK_KERNEL void acon_gen_fc_h(const float* gap, const float* w1, const float* b1, long long n, long long c,
+                               long long wd, float* h) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
+  const int lane = threadIdx.x & 31;
+  const long long nw = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    const float* g = gap + nn * c;
+    for (long long j = blockIdx.y * nw + warp; j < wd; j += (long long)gridDim.y * nw) {
+      float acc = 0.0f;
+      for (long long ch = lane; ch < c; ch += 32) acc += w1[j * c + ch] * g[ch];
+      acc = ak::warp_sum(acc);
+      if (lane == 0) h[nn * wd + j] = (b1 ? b1[j] : 0.0f) + acc;
+    }
   }
 }
-EMU_REGISTER(acon_gen_fc_fwd)
+EMU_REGISTER(acon_gen_fc_h)
 
-// Channel-wise backward, one block per sample: dz = dβ·β(1 − β) (N × C),
-// dh[j] = Σ_c W2[c, j]·dz[c] (warp per j), dg[c] = scale·Σ_j W1[j, c]·dh[j]
-// (thread per c; scale = 1/S folds in the GAP backward).
-AK_KERNEL void acon_gen_fc_bwd(const float* dbeta, const float* beta, const float* w1, const float* w2,
-                                           long long c, long long wd, float scale, float* dz, float* dh, float* dg) {
-  const long long nn = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  float* z = dz + nn * c;
-  float* hh = dh + nn * wd;
-  for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) {
-    const float b = beta[nn * c + ch];
-    z[ch] = dbeta[nn * c + ch] * b * (1.0f - b);
-  }
-  __syncthreads();
-  for (long long j = warp; j < wd; j += nw) {
-    float acc = 0.0f;
-    for (long long ch = lane; ch < c; ch += 32) acc += w2[ch * wd + j] * z[ch];
-    acc = ak::warp_sum(acc);
-    if (lane == 0) hh[j] = acc;
-  }
-  __syncthreads();
-  for (long long ch = threadIdx.x; ch < c; ch += blockDim.x) {
-    float acc = 0.0f;
-    for (long long j = 0; j < wd; ++j) acc += w1[j * c + ch] * hh[j];
-    dg[nn * c + ch] = acc * scale;
+// Stage 2 of the forward: β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]), a warp per
+// (n, c), lanes over j (grid.y: slices of blockDim/32 channels). b2 may be null.
+ACON_AK_KERNEL void acon_gen_fc_beta(const float* h, const float* w2, const float* b2, long long n, long long c,
+                                  long long wd, float* beta) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
+  const int lane = threadIdx.x & 31;
+  const long long nw = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    const float* hn = h + nn * wd;
+    for (long long ch = blockIdx.y * nw + warp; ch < c; ch += (long long)gridDim.y * nw) {
+      float acc = 0.0f;
+      for (long long j = lane; j < wd; j += 32) acc += w2[ch * wd + j] * hn[j];
+      acc = ak::warp_sum(acc);
+      if (lane == 0) beta[nn * c + ch] = ak::sigmoidf((b2 ? b2[ch] : 0.0f) + acc);
+    }
   }
 }
-EMU_REGISTER(acon_gen_fc_bwd)
+EMU_REGISTER(acon_gen_fc_beta)
+
+// dz = dβ·β(1 − β) for one element.
+__device__ __forceinline__ float gen_dz(const float* dbeta, const float* beta, long long i) {
+  const float b = beta[i];
+  return dbeta[i] * b * (1.0f - b);
+}
+
+// Stage 1 of the backward: dh[n, j] = Σ_c W2[c, j]·dz[n, c] with dz recomputed from
+// dβ and β (a warp per (n, j), lanes over c; grid.y: slices of j).
+ACON_AK_KERNEL void acon_gen_fc_dh(const float* dbeta, const float* beta, const float* w2, long long n, long long c,
+                                long long wd, float* dh) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
+  const int lane = threadIdx.x & 31;
+  const long long nw = blockDim.x >> 5, warp = threadIdx.x >> 5;
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    for (long long j = blockIdx.y * nw + warp; j < wd; j += (long long)gridDim.y * nw) {
+      float acc = 0.0f;
+      for (long long ch = lane; ch < c; ch += 32) acc += w2[ch * wd + j] * gen_dz(dbeta, beta, nn * c + ch);
+      acc = ak::warp_sum(acc);
+      if (lane == 0) dh[nn * wd + j] = acc;
+    }
+  }
+}
+EMU_REGISTER(acon_gen_fc_dh)
+
+// Stage 2 of the backward, a thread per (n, c) (grid.y: slices of blockDim
+// channels): dz[n, c] = dβ·β(1 − β) (kept for the weight gradients) and
+// dg[n, c] = scale·Σ_j W1[j, c]·dh[n, j] (scale = 1/S folds in the GAP backward).
+ACON_AK_KERNEL void acon_gen_fc_dg(const float* dbeta, const float* beta, const float* w1, const float* dh, long long n,
+                                long long c, long long wd, float scale, float* dz, float* dg) {
+  for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
+    const float* hh = dh + nn * wd;
+    for (long long ch = (long long)blockIdx.y * blockDim.x + threadIdx.x; ch < c;
+         ch += (long long)gridDim.y * blockDim.x) {
+      dz[nn * c + ch] = gen_dz(dbeta, beta, nn * c + ch);
+      float acc = 0.0f;
+      for (long long j = 0; j < wd; ++j) acc += w1[j * c + ch] * hh[j];
+      dg[nn * c + ch] = acc * scale;
+    }
+  }
+}
+EMU_REGISTER(acon_gen_fc_dg)
 
 // Weight gradients, summed over samples in order (stage 2 of the per-sample
 // dz, dh): dW2[c, j] = Σ_n dz[n, c]·h[n, j], db2[c] = Σ_n dz[n, c],
 // dW1[j, c] = Σ_n dh[n, j]·g[n, c], db1[j] = Σ_n dh[n, j] (db1, db2 may be null).
+// No __launch_bounds__: with (256) ptxas gives it 40 registers on sm_90 instead of
+// 32 (6 resident 256-thread blocks per SM instead of 8).
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024
 AK_KERNEL void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
                                           long long n, long long c, long long wd, float* dw1, float* db1, float* dw2,
                                           float* db2) {
@@ -676,8 +829,13 @@ AK_KERNEL void acon_gen_wgrad(const float* dz, const float* dh, const float* h, 
   }
 }
 EMU_REGISTER(acon_gen_wgrad)
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
 
 // Layer-wise forward, one block per sample: β[n] = σ(Σ_c gap[n, c]).
+// No __launch_bounds__: with (256) ptxas gives it 14 registers on sm_86 instead of 13.
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024
 AK_KERNEL void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
   SHARED_ARRAY(float, scratch, 32);
   const long long nn = blockIdx.x;
@@ -687,13 +845,20 @@ AK_KERNEL void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
   if (threadIdx.x == 0) beta[nn] = ak::sigmoidf(acc);
 }
 EMU_REGISTER(acon_layer_gen_fwd)
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
 
 // Layer-wise backward: dg[n] = dβ[n]·β[n](1 − β[n]) (then acon_gap_add_* with
 // per_sample = 1 and scale 1/S).
-AK_KERNEL void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
+ACON_AK_KERNEL void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
     const float b = beta[i];
     dg[i] = dbeta[i] * b * (1.0f - b);
   }
 }
 EMU_REGISTER(acon_layer_gen_bwd)
+
+#undef ACON_AK_KERNEL
+#undef ACON_AK_KERNEL_NLC_BWD
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 1024  // the default of kernels/common.cuh, for the files after this one

@@ -867,42 +867,61 @@ fn acon_path_flat_scalar_grid_stride() {
     );
 }
 
-/// The (N, L, C) backward's one-column-group path: a block has THREADS = 256 threads
-/// and C / W columns (W = 4 for f32 when C is a multiple of 4 and the rows are aligned,
-/// else 1); with at least 256 columns there is one row group and each thread walks
-/// columns `tid, tid + 256, ...` — 2 trips for the first threads here: C = 301 (scalar
-/// columns, 301 > 256) and C = 1100 (275 vector columns). Every existing NLC case has
-/// fewer than 256 columns (several row groups combined through shared memory). Also
-/// f16 with C = 2056 (257 vector columns of 8).
-/// Rows per tile max(8, ⌈8192/C⌉) = 28 and 8: two tiles per sample, summed in stage 2.
+/// The `(N, L, C)` tile geometry of src/cuda/acon.rs `nlc_geometry`, recomputed from
+/// its constants: (columns per chunk cc, row groups, rows per tile, tiles per sample,
+/// chunks).
+fn nlc_geom(sh: &ActShape) -> (usize, usize, usize, usize, usize) {
+    let threads = paths::src_const(ACON_SRC, "THREADS");
+    let w = paths::src_const(ACON_SRC, "NLC_W");
+    let min_rows = paths::src_const(ACON_SRC, "NLC_MIN_ROWS");
+    let rpt = paths::src_const(ACON_SRC, "NLC_ROWS_PER_THREAD");
+    let cols = if sh.c % w == 0 { sh.c / w } else { sh.c };
+    let mut cc = cols.next_power_of_two().min(8);
+    let mut idle = cols.div_ceil(cc) * cc - cols;
+    let mut k = 16;
+    while k <= threads {
+        let i = cols.div_ceil(k) * k - cols;
+        if i <= idle {
+            (cc, idle) = (k, i);
+        }
+        k *= 2;
+    }
+    let groups = threads / cc;
+    let tps0 = (sh.s / min_rows.max(rpt * groups)).max(1);
+    let rows = sh.s.div_ceil(tps0);
+    (cc, groups, rows, sh.s.div_ceil(rows), cols.div_ceil(cc))
+}
+
+/// The `(N, L, C)` backward and GAP tile paths (kernels/acon.cu `nlc_tiles_w`): one row
+/// group (cc = THREADS columns, partials written straight from registers) — f32 with
+/// C = 1024 (256 columns of 4, L = 64: 2 tiles of 32 rows); several column chunks on the grid's y with row groups
+/// combined through shared memory and a ragged last chunk — C = 301 (scalar columns,
+/// cc = 16, 19 chunks, 3 lanes idle) and f16 C = 2056 (514 columns, cc = 8);
+/// several tiles of rows per sample, summed in stage 2. Under CI's grid cap
+/// (`AK_EMU_GRID_CAP=2`) both grid dimensions stride.
 #[test]
-fn acon_path_nlc_single_row_group() {
+fn acon_path_nlc_tiles() {
     let Some(g) = gpu() else { return };
     let threads = paths::src_const(ACON_SRC, "THREADS");
-    let tile = paths::src_const(ACON_SRC, "NLC_TILE_ELEMS");
     let t = std::time::Instant::now();
-    for (sh, w) in [
-        (ActShape::nlc(2, 30, 301), 1),
-        (ActShape::nlc(2, 10, 1100), 4),
-    ] {
-        assert_eq!(sh.c % 4 == 0, w == 4, "f32 column width of C = {}", sh.c);
-        assert!(
-            sh.c / w > threads,
-            "C = {}: one trip over the columns",
-            sh.c
-        );
-        let rows = tile.div_ceil(sh.c).max(8);
-        assert!(sh.s > rows, "one tile per sample");
-        case::<f32>(&g, Var::C, Bk::Ch, sh, 41, 0);
-        case::<f32>(&g, Var::B, Bk::Pix, sh, 42, 0);
+    let one_group = ActShape::nlc(1, 64, 1024);
+    let (cc, groups, _, tps, chunks) = nlc_geom(&one_group);
+    assert_eq!((cc, groups, chunks), (threads, 1, 1), "one row group");
+    assert!(tps >= 2, "two tiles of rows per sample");
+    case::<f32>(&g, Var::C, Bk::Ch, one_group, 41, 0);
+    case::<Bf16>(&g, Var::A, Bk::Nc, one_group, 44, 0);
+    let scalar = ActShape::nlc(2, 70, 301);
+    let (cc, groups, _, tps, chunks) = nlc_geom(&scalar);
+    assert!(groups > 1 && chunks > 2 && chunks * cc > 301 && tps >= 2);
+    case::<f32>(&g, Var::B, Bk::Pix, scalar, 42, 0);
+    let wide = ActShape::nlc(2, 10, 2056);
+    let (_, groups, _, _, chunks) = nlc_geom(&wide);
+    assert!(groups > 1 && chunks > 2);
+    case::<F16>(&g, Var::C, Bk::Nc, wide, 43, 0);
+    for gen in [Gen::Channel(true), Gen::Layer] {
+        meta_case::<F16>(&g, gen, ActShape::nlc(2, 130, 96), 45);
     }
-    // f16: 2056 / 8 = 257 vector columns.
-    assert!(2056 % 8 == 0 && 2056 / 8 > threads);
-    case::<F16>(&g, Var::C, Bk::Nc, ActShape::nlc(2, 10, 2056), 43, 0);
-    eprintln!(
-        "acon_path_nlc_single_row_group: {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("acon_path_nlc_tiles: {:.1} s", t.elapsed().as_secs_f64());
 }
 
 // ---------------------------------------------------------------------------

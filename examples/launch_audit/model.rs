@@ -333,18 +333,21 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             carry.acon_partials = (12.0 * blocks, 3.0);
             t(3.0 * b * e + 12.0 * blocks, 3.0 * b * e)
         }
-        // As above with 3·C partials per tile of rows.
+        // As above with 3·C partials per tile of rows: the grid is (tiles of rows,
+        // column chunks), and the chunks of a tile write its C-length rows together.
         "acon_a_bwd_nlc" | "acon_b_bwd_nlc" | "acon_c_bwd_nlc" => {
-            carry.acon_partials = (12.0 * c * blocks, 3.0);
-            t(3.0 * b * e + 12.0 * c * blocks, 3.0 * b * e)
+            let tiles = f64::from(grid[0]);
+            carry.acon_partials = (12.0 * c * tiles, 3.0);
+            t(3.0 * b * e + 12.0 * c * tiles, 3.0 * b * e)
         }
         "acon_gap_nchw" => {
             carry.acon_partials = (4.0 * blocks, 1.0);
             t(b * e + 4.0 * blocks, b * e)
         }
         "acon_gap_nlc" => {
-            carry.acon_partials = (4.0 * c * blocks, 1.0);
-            t(b * e + 4.0 * c * blocks, b * e)
+            let tiles = f64::from(grid[0]);
+            carry.acon_partials = (4.0 * c * tiles, 1.0);
+            t(b * e + 4.0 * c * tiles, b * e)
         }
         "acon_gap_add" => t(2.0 * b * e, 2.0 * b * e),
         // Tile partials -> ns·N·C totals.
@@ -355,14 +358,28 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         }
         // 3·N·C totals (+ a re-read row for per-(n,c)/per-sample β) -> C-sized grads.
         "acon_reduce_params" => t(16.0 * nc + 12.0 * c, 12.0 * nc + 12.0 * c),
-        // Per sample: GAP row, W1 and W2 (L2), hidden -> β row.
-        "acon_gen_fc_fwd" => t(
-            n * (8.0 * c + 8.0 * c * d.hd + 4.0 * d.hd),
-            n * (8.0 * c + 4.0 * d.hd) + 8.0 * c * d.hd,
+        // Channel-wise generator fc layers, a warp (h, β, dh) or a thread (dg) per
+        // output: every lane load counted (rows of W1/W2 and the sample's row re-read
+        // per output from L1/L2; the minimum reads each input once).
+        // h[n, j]: W1 row and GAP row per (n, j) -> h.
+        "acon_gen_fc_h" => t(
+            n * (8.0 * c * d.hd + 4.0 * d.hd),
+            4.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,
         ),
-        "acon_gen_fc_bwd" => t(
-            n * (16.0 * c + 8.0 * c * d.hd + 4.0 * d.hd),
-            n * (16.0 * c + 4.0 * d.hd) + 8.0 * c * d.hd,
+        // β[n, c]: W2 row and h row per (n, c) -> β.
+        "acon_gen_fc_beta" => t(
+            n * (8.0 * c * d.hd + 4.0 * c),
+            4.0 * n * d.hd + 4.0 * c * d.hd + 4.0 * nc,
+        ),
+        // dh[n, j]: W2 column, dβ and β rows per (n, j) -> dh.
+        "acon_gen_fc_dh" => t(
+            n * (12.0 * c * d.hd + 4.0 * d.hd),
+            8.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,
+        ),
+        // dz, dg[n, c]: dβ, β, W1 column and dh row per (n, c) -> dz, dg.
+        "acon_gen_fc_dg" => t(
+            n * (16.0 * c + 8.0 * c * d.hd),
+            16.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,
         ),
         "acon_gen_wgrad" => {
             let w = 4.0 * (2.0 * c * d.hd + c + d.hd);

@@ -13,7 +13,11 @@
 //! * backward: one pass over `x` and `dy` writing `dx` and per-tile f32 partials
 //!   of `dp1`, `dp2`, `dβ` (`acon_{a,b,c}_bwd_{nchw,nlc}_<dtype>`), then two small
 //!   fixed-order stage-2 kernels (`acon_reduce_tiles`, `acon_reduce_params`).
-//!   No atomics: every gradient has the same bits on every run.
+//!   No atomics: every gradient has the same bits on every run. The tiling (and
+//!   so the summation order) is chosen from the shape only, never from the
+//!   device's SM count: results are the same bits on every GPU. `(N, L, C)` tiles
+//!   are at least 32 rows (or as many as `L` has), so the partials' round trip
+//!   adds at most 24/32 bytes per element (+12.5 % of the f16 minimum of 6 bytes).
 //! * σ uses the `__expf` intrinsic: relative error ≈ 2^-22·(2 + 1.16|u|) in σ,
 //!   i.e. a few f32 ulp for the usual |β·d| ≲ 10.
 //!
@@ -33,8 +37,17 @@ use crate::layout::{ActShape, Layout};
 const THREADS: u32 = 256;
 /// Vectors per thread per NCHW tile (kernels/acon.cu `TILE_UNROLL`).
 const TILE_UNROLL: usize = 4;
-/// Target elements per NLC tile (rows per tile = max(8, ⌈this / C⌉)).
-const NLC_TILE_ELEMS: usize = 8192;
+/// Channels per column of the `(N, L, C)` tile kernels (kernels/acon.cu `NLC_W`):
+/// a thread owns 4 channels (16 bytes of f32, 8 of f16/bf16) when `C` is a
+/// multiple of 4 and the buffers are aligned, else one.
+const NLC_W: usize = 4;
+/// Least rows per `(N, L, C)` tile: each tile writes 3·C (backward) or C (GAP) f32
+/// partials that stage 2 reads back, ≤ 24 / 32 bytes per element for the backward
+/// (12.5 % of its f16 minimum of 6 bytes).
+const NLC_MIN_ROWS: usize = 32;
+/// Least rows each thread walks per `(N, L, C)` tile (rows per tile ≥ this × the
+/// row groups of a block), so the shared-memory combine stays a small share.
+const NLC_ROWS_PER_THREAD: usize = 2;
 
 const BETA_CH: i32 = 0;
 const BETA_NC: i32 = 1;
@@ -203,11 +216,87 @@ fn nchw_geometry<T: DType>(shape: &ActShape) -> (u32, usize, usize, usize) {
     (threads as u32, tile, tpp, shape.n * shape.c * tpp)
 }
 
-/// NLC tile geometry: (rows per tile, tiles per sample, tiles).
-fn nlc_geometry(shape: &ActShape) -> (usize, usize, usize) {
-    let rows = NLC_TILE_ELEMS.div_ceil(shape.c).max(8);
-    let tps = shape.s.div_ceil(rows);
-    (rows, tps, shape.n * tps)
+/// `(N, L, C)` tile geometry (kernels/acon.cu `nlc_tiles_w`), from the shape only
+/// (never from the device: results are the same bits on every GPU).
+struct NlcGeom {
+    /// Columns (of [`NLC_W`] channels) per column chunk: a power of two dividing
+    /// [`THREADS`]; the block has `THREADS / cc` row groups.
+    cc: usize,
+    /// Rows per tile.
+    rows: usize,
+    /// Tiles of rows per sample, `⌈L / rows⌉`.
+    tps: usize,
+    /// Column chunks `⌈(C / NLC_W) / cc⌉` (the grid's y).
+    chunks: usize,
+}
+
+impl NlcGeom {
+    /// Tiles of rows, `N · tps` (the grid's x; stage 2 sums `tps` partials).
+    fn row_tiles(&self, shape: &ActShape) -> usize {
+        shape.n * self.tps
+    }
+
+    /// The launch: `(N·tps, chunks)` blocks of [`THREADS`], each grid dimension
+    /// capped (the kernel's loops are grid-stride in both), `smem` bytes.
+    fn cfg(&self, shape: &ActShape, smem: u32) -> LaunchConfig {
+        let cap = super::grid_cap();
+        LaunchConfig {
+            grid_dim: (
+                self.row_tiles(shape).clamp(1, cap) as u32,
+                self.chunks.clamp(1, cap) as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        }
+    }
+}
+
+/// `(N, L, C)` tile geometry. Columns: `C / 4` when 4 divides `C`, else `C` (the
+/// kernel takes its scalar path, with the same `cc`). `cc`: the power of two in
+/// 8..=256 (or `cols` rounded up to one, below 8) leaving the fewest idle lanes in
+/// the last chunk, the larger on a tie (e.g. C = 768: 192 columns, cc = 64, 3
+/// chunks; C = 192: 48 columns, cc = 16). Rows: `⌊L / R₀⌋` tiles per sample (at
+/// least one) of `⌈L / tiles⌉` rows, `R₀` = the larger of [`NLC_MIN_ROWS`] and
+/// [`NLC_ROWS_PER_THREAD`] per row group, so a tile has at least `R₀` rows when
+/// `L ≥ R₀` (L = 197 at cc = 64: 6 tiles of 33 rows). At ViT-B (64, 197, 768)
+/// that is 384 × 3 blocks; the partials add 3·C·6 floats per sample.
+fn nlc_geometry(shape: &ActShape) -> NlcGeom {
+    let threads = THREADS as usize;
+    let cols = if shape.c % NLC_W == 0 {
+        shape.c / NLC_W
+    } else {
+        shape.c
+    };
+    let mut cc = cols.next_power_of_two().min(8);
+    let mut idle = cols.div_ceil(cc) * cc - cols;
+    let mut k = 16;
+    while k <= threads {
+        let i = cols.div_ceil(k) * k - cols;
+        if i <= idle {
+            (cc, idle) = (k, i);
+        }
+        k *= 2;
+    }
+    let groups = threads / cc;
+    let rows0 = NLC_MIN_ROWS.max(NLC_ROWS_PER_THREAD * groups);
+    let tps0 = (shape.s / rows0).max(1);
+    let rows = shape.s.div_ceil(tps0);
+    NlcGeom {
+        cc,
+        rows,
+        tps: shape.s.div_ceil(rows),
+        chunks: cols.div_ceil(cc),
+    }
+}
+
+/// The `(N, L, C)` kernels index tiles of rows and column chunks with 32-bit
+/// integers: `N · tps` and `C` must fit (they do for any tensor that fits a
+/// device: a tile has at least 32 rows).
+fn check_nlc_tiles(shape: &ActShape, g: &NlcGeom) -> Result<()> {
+    super::to_i32("(N, L, C) tiles of rows", g.row_tiles(shape))?;
+    super::to_i32("channels", shape.c)?;
+    Ok(())
 }
 
 /// Sums the tile partials: returns `ns × N × C` totals (times `scale`).
@@ -290,16 +379,17 @@ fn core_backward<T: DType>(
     let (n, c, s, _) = dims(shape);
     let kind = beta.kind();
     let nlc = shape.layout == Layout::Nlc;
-    let w = vec_width::<T>();
     // SAFETY: the backward kernel writes every element of dx (each tile covers
     // its plane / rows fully; the tiles cover the tensor).
     let mut dx = unsafe { stream.alloc::<T>(numel) }?;
     let (part, tiles_per) = if nlc {
-        let (rows, tps, ntiles) = nlc_geometry(shape);
-        // SAFETY: every tile writes its 3·C partials.
-        let mut part = unsafe { stream.alloc::<f32>(ntiles * 3 * shape.c) }?;
+        let g = nlc_geometry(shape);
+        check_nlc_tiles(shape, &g)?;
+        // SAFETY: every (sample, row tile) has its 3·C partials written, each
+        // column chunk its channels.
+        let mut part = unsafe { stream.alloc::<f32>(g.row_tiles(shape) * 3 * shape.c) }?;
         let f = params.bwd_kernel::<T>(stream, true)?;
-        let rows_i = rows as i64;
+        let (cc_i, rows_i) = (g.cc as i32, g.rows as i64);
         let mut b = launcher(stream, &f);
         b.arg(dy).arg(x).arg(&mut dx);
         params.push(&mut b);
@@ -308,15 +398,17 @@ fn core_backward<T: DType>(
             .arg(&n)
             .arg(&s)
             .arg(&c)
+            .arg(&cc_i)
             .arg(&rows_i)
             .arg(&mut part);
-        let smem = (THREADS as usize * 3 * w * 4) as u32;
+        let smem = (THREADS as usize * 3 * NLC_W * 4) as u32;
         // SAFETY: x, dy, dx hold N·L·C elements (validated), parameters C, β as
-        // its kind (validated); tile (n, k) touches rows [k·rows, min(L, ..))
-        // of sample n < N and writes part[(n·tps + k)·3·C ..][..3·C] inside the
-        // N·tps·3·C buffer; the dynamic shared memory is blockDim·3·W floats.
-        unsafe { b.launch(cfg(ntiles, THREADS, smem)) }?;
-        (part, tps)
+        // its kind (validated); tile (n, k, chunk) touches rows [k·rows, min(L, ..))
+        // of sample n < N, channels of its chunk < C, and writes those channels of
+        // part[(n·tps + k)·3·C ..][..3·C] inside the N·tps·3·C buffer; cc divides
+        // the block; the dynamic shared memory is blockDim·3·NLC_W floats.
+        unsafe { b.launch(g.cfg(shape, smem)) }?;
+        (part, g.tps)
     } else {
         let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
         // SAFETY: every tile writes its 3 partials.
@@ -649,19 +741,28 @@ fn gap<T: DType>(
     x: &CudaView<'_, T>,
 ) -> Result<CudaSlice<f32>> {
     let (n, c, s, _) = dims(shape);
-    let w = vec_width::<T>();
     let (part, tiles_per) = if shape.layout == Layout::Nlc {
-        let (rows, tps, ntiles) = nlc_geometry(shape);
-        // SAFETY: every tile writes its C partials.
-        let mut part = unsafe { stream.alloc::<f32>(ntiles * shape.c) }?;
+        let g = nlc_geometry(shape);
+        check_nlc_tiles(shape, &g)?;
+        // SAFETY: every (sample, row tile) has its C partials written, each
+        // column chunk its channels.
+        let mut part = unsafe { stream.alloc::<f32>(g.row_tiles(shape) * shape.c) }?;
         let f = kernel_fn!(stream, "acon_gap_nlc", T)?;
-        let rows_i = rows as i64;
+        let (cc_i, rows_i) = (g.cc as i32, g.rows as i64);
         let mut b = launcher(stream, &f);
-        b.arg(x).arg(&n).arg(&s).arg(&c).arg(&rows_i).arg(&mut part);
-        // SAFETY: x holds N·L·C elements (validated); tile (n, k) reads rows of
-        // sample n and writes part[(n·tps + k)·C ..][..C]; smem blockDim·W floats.
-        unsafe { b.launch(cfg(ntiles, THREADS, (THREADS as usize * w * 4) as u32)) }?;
-        (part, tps)
+        b.arg(x)
+            .arg(&n)
+            .arg(&s)
+            .arg(&c)
+            .arg(&cc_i)
+            .arg(&rows_i)
+            .arg(&mut part);
+        // SAFETY: x holds N·L·C elements (validated); tile (n, k, chunk) reads rows
+        // of sample n, channels of its chunk, and writes those channels of
+        // part[(n·tps + k)·C ..][..C]; cc divides the block; smem blockDim·NLC_W
+        // floats.
+        unsafe { b.launch(g.cfg(shape, (THREADS as usize * NLC_W * 4) as u32)) }?;
+        (part, g.tps)
     } else {
         let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
         // SAFETY: every tile writes its partial.
@@ -822,8 +923,9 @@ impl ChannelGen {
     }
 
     /// Forward: returns β (`N × C` f32, use as [`Beta::PerSampleChannel`]) and the
-    /// saved state. GAP by block reductions (fixed order), then both fc layers
-    /// and σ in one block per sample; all f32.
+    /// saved state. GAP by block reductions (fixed order), then the fc layers as
+    /// two kernels over (sample, slice of outputs) — `h`, then `β` with σ — each
+    /// output a fixed-order warp reduction; all f32.
     ///
     /// Errors: `Empty`/`LengthMismatch` for `x`; `Shape` if the generator's `C`
     /// differs from the tensor's; `Empty` for width 0; `LengthMismatch` for
@@ -886,21 +988,27 @@ impl ChannelGen {
         x: &CudaView<'_, T>,
     ) -> Result<(CudaSlice<f32>, ChannelGenSaved)> {
         let g = gap(stream, shape, x)?;
-        // SAFETY: acon_gen_fc_fwd writes all N·width hidden values and N·C βs.
+        // SAFETY: acon_gen_fc_h writes all N·width hidden values, acon_gen_fc_beta
+        // all N·C βs.
         let mut h = unsafe { stream.alloc::<f32>(shape.n * self.width) }?;
         let mut beta = unsafe { stream.alloc::<f32>(shape.n * shape.c) }?;
-        let f = kernel_fn!(stream, "acon_gen_fc_fwd")?;
-        let (c, wd) = (shape.c as i64, self.width as i64);
+        let (n, c, wd) = (shape.n as i64, shape.c as i64, self.width as i64);
+        let f = kernel_fn!(stream, "acon_gen_fc_h")?;
         let mut b = launcher(stream, &f);
         b.arg(&g).arg(&self.w1);
         b.arg_opt(self.b1.as_ref());
-        b.arg(&self.w2);
+        b.arg(&n).arg(&c).arg(&wd).arg(&mut h);
+        // SAFETY: (n, j) for n < N, j < width reads gap[n·C..][..C], W1 (width·C,
+        // validated), b1 (width) when present, and writes h[n·width + j].
+        unsafe { b.launch(cfg_gen(shape.n, self.width.div_ceil(WARPS))) }?;
+        let f = kernel_fn!(stream, "acon_gen_fc_beta")?;
+        let mut b = launcher(stream, &f);
+        b.arg(&h).arg(&self.w2);
         b.arg_opt(self.b2.as_ref());
-        b.arg(&c).arg(&wd).arg(&mut h).arg(&mut beta);
-        // SAFETY: block n < N reads gap[n·C..][..C], W1/W2 (width·C, validated),
-        // b1 (width) / b2 (C) when present, writes h[n·width..][..width] and
-        // β[n·C..][..C].
-        unsafe { b.launch(cfg_blocks(shape.n)) }?;
+        b.arg(&n).arg(&c).arg(&wd).arg(&mut beta);
+        // SAFETY: (n, c) for n < N, c < C reads h[n·width..][..width], W2 (C·width,
+        // validated), b2 (C) when present, and writes β[n·C + c].
+        unsafe { b.launch(cfg_gen(shape.n, shape.c.div_ceil(WARPS))) }?;
         Ok((
             beta.clone(),
             ChannelGenSaved {
@@ -914,8 +1022,8 @@ impl ChannelGen {
     }
 
     /// Backward through σ, both fc layers and GAP (f32; per-sample products in
-    /// one block per sample, weight gradients summed over samples in fixed
-    /// order): with `z = W2·h + b2`, `h = W1·g + b1`, `g = GAP(x)`:
+    /// two kernels over (sample, slice of outputs), weight gradients summed over
+    /// samples in fixed order): with `z = W2·h + b2`, `h = W1·g + b1`, `g = GAP(x)`:
     /// `dz = dβ·β(1 − β)`, `dW2 = Σ_n dz ⊗ h`, `db2 = Σ_n dz`, `dh = W2ᵀ·dz`,
     /// `dW1 = Σ_n dh ⊗ g`, `db1 = Σ_n dh`, `dx[n, c, s] = (W1ᵀ·dh)[n, c] / S`.
     ///
@@ -958,27 +1066,40 @@ impl ChannelGen {
         saved: &ChannelGenSaved,
     ) -> Result<GenInner> {
         let (nn, cc, wdu) = (shape.n, shape.c, self.width);
-        // SAFETY: acon_gen_fc_bwd writes all of dz (N·C), dh (N·width), dg (N·C).
+        // SAFETY: acon_gen_fc_dh writes all of dh (N·width), acon_gen_fc_dg all of
+        // dz and dg (N·C).
         let mut dz = unsafe { stream.alloc::<f32>(nn * cc) }?;
         let mut dh = unsafe { stream.alloc::<f32>(nn * wdu) }?;
         let mut dg = unsafe { stream.alloc::<f32>(nn * cc) }?;
         let (n, c, wd) = (nn as i64, cc as i64, wdu as i64);
         let scale = 1.0 / shape.s as f32;
-        let f = kernel_fn!(stream, "acon_gen_fc_bwd")?;
+        let f = kernel_fn!(stream, "acon_gen_fc_dh")?;
+        let mut b = launcher(stream, &f);
+        b.arg(dbeta)
+            .arg(&saved.beta)
+            .arg(&self.w2)
+            .arg(&n)
+            .arg(&c)
+            .arg(&wd)
+            .arg(&mut dh);
+        // SAFETY: (n, j) reads row n of dβ, β (C) and W2 (C·width, validated),
+        // writes dh[n·width + j].
+        unsafe { b.launch(cfg_gen(nn, wdu.div_ceil(WARPS))) }?;
+        let f = kernel_fn!(stream, "acon_gen_fc_dg")?;
         let mut b = launcher(stream, &f);
         b.arg(dbeta)
             .arg(&saved.beta)
             .arg(&self.w1)
-            .arg(&self.w2)
+            .arg(&dh)
+            .arg(&n)
             .arg(&c)
             .arg(&wd)
             .arg(&scale)
             .arg(&mut dz)
-            .arg(&mut dh)
             .arg(&mut dg);
-        // SAFETY: block n < N touches row n of dβ, β, dz, dg (C) and dh (width);
-        // W1, W2 have width·C elements (validated).
-        unsafe { b.launch(cfg_blocks(nn)) }?;
+        // SAFETY: (n, c) reads dβ, β at n·C + c, W1 (width·C, validated) and row n
+        // of dh (width), writes dz and dg at n·C + c.
+        unsafe { b.launch(cfg_gen(nn, cc.div_ceil(THREADS as usize))) }?;
         // SAFETY: acon_gen_wgrad writes every element of dW1, dW2 and, when
         // present, db1, db2.
         let mut dw1 = unsafe { stream.alloc::<f32>(wdu * cc) }?;
@@ -1015,6 +1136,22 @@ impl ChannelGen {
             dw2,
             db2,
         })
+    }
+}
+
+/// Warps per block of [`THREADS`].
+const WARPS: usize = THREADS as usize / 32;
+
+/// The channel-wise generator's fc kernels: blocks of [`THREADS`] over (sample,
+/// slice of outputs), both dimensions capped (the kernels' loops are grid-stride in
+/// both). ViT-B (64, 197, 768) with width 48: 384 blocks for `h` and `dh`, 6144 for
+/// `β`, 192 for `dg` (was 64, one per sample).
+fn cfg_gen(n: usize, slices: usize) -> LaunchConfig {
+    let cap = super::grid_cap();
+    LaunchConfig {
+        grid_dim: (n.clamp(1, cap) as u32, slices.clamp(1, cap) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

@@ -611,7 +611,8 @@ __device__ void mask_count_impl(const unsigned char* __restrict__ masks, const u
 
 // Feature gradient as a tiled GEMM: block (DA_TX, DA_TY) = (32 channels, 4 sample
 // rows) = 128 threads computes a tile of 32 channels × 4·J samples (J = `rows` ≤
-// DA_MAXJ per thread, chosen by the launcher to fill the device); blockIdx.x = channel
+// DA_MAXJ = 4 per thread — 8 took 76–103 registers, below 50 % occupancy — chosen by
+// the launcher to fill the device); blockIdx.x = channel
 // tile, blockIdx.y = sample tile (grid-stride):
 //   da[n,c] = Σ_k g[n,k]·Wd[k,c]                      (probs given; terms with
 //             g = 0 skipped like the CPU),  g[n,k] = sa·(p[n,k] − [k = y_n]),
@@ -622,7 +623,7 @@ __device__ void mask_count_impl(const unsigned char* __restrict__ masks, const u
 // channels), so Wd is read once per sample tile, probs once per channel tile. Each
 // da is one f32 sum over k = 0..K−1 in order (as before: deterministic). A sample
 // with a label >= K gets a zero row.
-constexpr int DA_TX = 32, DA_TY = 4, DA_TK = 32, DA_MAXJ = 8;
+constexpr int DA_TX = 32, DA_TY = 4, DA_TK = 32, DA_MAXJ = 4;
 
 __device__ void da_impl(const float* __restrict__ a, const float* __restrict__ wd, const float* __restrict__ probs,
                         const unsigned* __restrict__ labels, const unsigned char* __restrict__ masks,
@@ -631,38 +632,40 @@ __device__ void da_impl(const float* __restrict__ a, const float* __restrict__ w
                         int n, int c, int k, int rows) {
   SHARED_ARRAY(float, gs, DA_TY * DA_MAXJ * (DA_TK + 1));
   SHARED_ARRAY(float, ws, DA_TK * DA_TX);
+  SHARED_ARRAY(float, sas, DA_TY * DA_MAXJ);  // per sample of the tile: sa
+  SHARED_ARRAY(int, ys, DA_TY * DA_MAXJ);     // its label, −1 when out of range / past N
   AK_EXPECT(blockDim.x == DA_TX && blockDim.y == DA_TY && blockDim.z == 1 && rows >= 1 && rows <= DA_MAXJ);
   AK_EXPECT(masks == nullptr || cnt != nullptr);
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * DA_TX + tx;
-  constexpr int NT = DA_TX * DA_TY;
   const int tn = DA_TY * rows;
   const int ctiles = (c + DA_TX - 1) / DA_TX, ntiles = (n + tn - 1) / tn;
   for (int nt = blockIdx.y; nt < ntiles; nt += gridDim.y) {
     const int n0 = nt * tn;
     for (int ct = blockIdx.x; ct < ctiles; ct += gridDim.x) {
       const int cc = ct * DA_TX + tx;
+      if (tid < tn) {
+        const int nn = n0 + tid;
+        const unsigned yu = nn < n ? labels[nn] : 0xffffffffu;
+        ys[tid] = yu < (unsigned)k ? (int)yu : -1;
+        sas[tid] = nn < n ? aux_scale * (dl_aux ? dl_aux[nn] : 1.0f) : 0.0f;
+      }
+      __syncthreads();
       float acc[DA_MAXJ];
 #pragma unroll
       for (int j = 0; j < DA_MAXJ; ++j) acc[j] = 0.0f;
       if (probs) {
         for (int kb = 0; kb < k; kb += DA_TK) {
-          const int kw = min(DA_TK, k - kb);
-          for (int e = tid; e < tn * DA_TK; e += NT) {
-            const int r = e / DA_TK, q = e - r * DA_TK, nn = n0 + r, kk = kb + q;
+          const int kw = min(DA_TK, k - kb), kk = kb + tx;
+          // Stage g (rows ty, ty + 4, … of the tile, class kb + tx) and Wd rows
+          // kb + ty, kb + ty + 4, … (channel cc).
+          for (int r = ty; r < tn; r += DA_TY) {
+            const int y = ys[r];
             float gk = 0.0f;
-            if (nn < n && q < kw) {
-              const unsigned yu = labels[nn];
-              if (yu < (unsigned)k) {
-                const float sa = aux_scale * (dl_aux ? dl_aux[nn] : 1.0f);
-                gk = sa * (probs[(long long)nn * k + kk] - (kk == (int)yu ? 1.0f : 0.0f));
-              }
-            }
-            gs[r * (DA_TK + 1) + q] = gk;
+            if (y >= 0 && tx < kw) gk = sas[r] * (probs[(long long)(n0 + r) * k + kk] - (kk == y ? 1.0f : 0.0f));
+            gs[r * (DA_TK + 1) + tx] = gk;
           }
-          for (int e = tid; e < DA_TK * DA_TX; e += NT) {
-            const int r = e / DA_TX, q = e - r * DA_TX, ch = ct * DA_TX + q;
-            ws[e] = (r < kw && ch < c) ? wd[(long long)(kb + r) * c + ch] : 0.0f;
-          }
+          for (int r = ty; r < DA_TK; r += DA_TY)
+            ws[r * DA_TX + tx] = (r < kw && cc < c) ? wd[(long long)(kb + r) * c + cc] : 0.0f;
           __syncthreads();
           for (int q = 0; q < kw; ++q) {
             const float w = ws[q * DA_TX + tx];
@@ -680,25 +683,26 @@ __device__ void da_impl(const float* __restrict__ a, const float* __restrict__ w
       if (cc < c) {
 #pragma unroll
         for (int j = 0; j < DA_MAXJ; ++j) {
-          const int nn = n0 + ty + DA_TY * j;
+          const int r = ty + DA_TY * j, nn = n0 + r;
           if (j >= rows || nn >= n) continue;
           const long long i = (long long)nn * c + cc;
-          const unsigned yu = labels[nn];
-          if (yu >= (unsigned)k) {  // out-of-range device label: no gradient
+          const int y = ys[r];
+          if (y < 0) {  // out-of-range device label: no gradient
             da[i] = 0.0f;
             continue;
           }
-          float r = acc[j];
+          float v = acc[j];
           if (masks) {
             const float ct_ = cnt[nn];
-            if (ct_ > 0.0f && masks[(long long)yu * c + cc]) {
+            if (ct_ > 0.0f && masks[(long long)y * c + cc]) {
               const float sg = gate_scale * (dl_gate ? dl_gate[nn] : 1.0f) / ct_;
-              r += sg * sign0(a[i]);
+              v += sg * sign0(a[i]);
             }
           }
-          da[i] = r;
+          da[i] = v;
         }
       }
+      __syncthreads();  // ys / sas read before the next tile overwrites them
     }
   }
 }
@@ -797,24 +801,26 @@ __device__ void dwd_reduce_impl(const float* __restrict__ partial, float* __rest
 // carries __launch_bounds__(B), B = the largest block its launcher
 // (src/cuda/aiec.rs) uses, and the emulated device registers the same bound
 // (EMU_REGISTER reads AK_LAUNCH_BOUND) and refuses a larger block. Kernels for which
-// a bound made ptxas's result worse (measured with nvcc 13, sm_86 / sm_90, against
-// the same code without a bound) keep the crate default (AK_KERNEL, 1024):
+// a bound made ptxas's result worse (measured with nvcc 13 for sm_75 / 80 / 86 / 89 /
+// 90, against the same code without a bound) keep the crate default (AK_KERNEL, 1024):
 //   aiec_feat_nlc_*     +1 to +2 registers (sm_86 f16/bf16, sm_90 all dtypes);
 //   aiec_df_nlc_*       +2 registers (sm_90 f16/bf16; sm_86 f32);
-//   aiec_feat_nchw_f32  +1 register (sm_90);
+//   aiec_feat_nchw_*    +1 register (f32, sm_90), +3 / +6 (bf16 / f16, sm_80);
+//   aiec_tau_{fwd,bwd}_bf16  +4 registers (sm_75);
+//   aiec_count_f32      +1 register (sm_75);
 //   aiec_dwd_partial_f32 48 instead of 40 registers (sm_86);
-//   aiec_da_f32         8 bytes of spill (sm_86; ptxas caps it at 72 registers
-//                       under __launch_bounds__(128), 83 without).
+//   aiec_da_f32         8 bytes of spill (sm_80, sm_90) and +7 registers (sm_86 / 89)
+//                       under __launch_bounds__(128).
 // The bound is restored to the crate default at the end of the file (all families
 // share one nvcc translation unit).
 #define AIEC_KERNEL extern "C" __global__ __launch_bounds__(AK_LAUNCH_BOUND)
 
-#define AIEC_TAU_KERNELS(T, DT)                                                                 \
-  AIEC_KERNEL void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {               \
+#define AIEC_TAU_KERNELS(KW, T, DT)                                                             \
+  KW void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {                        \
     ak_aiec::tau_fwd_impl<T>(x, y, n, tau);                                                     \
   }                                                                                             \
   EMU_REGISTER(aiec_tau_fwd_##DT)                                                               \
-  AIEC_KERNEL void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) { \
+  KW void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) {          \
     ak_aiec::tau_bwd_impl<T>(dy, x, dx, n, tau);                                                \
   }                                                                                             \
   EMU_REGISTER(aiec_tau_bwd_##DT)
@@ -849,11 +855,8 @@ __device__ void dwd_reduce_impl(const float* __restrict__ partial, float* __rest
 #undef AK_LAUNCH_BOUND
 #define AK_LAUNCH_BOUND 256
 
-AIEC_TAU_KERNELS(float, f32)
-AIEC_TAU_KERNELS(__half, f16)
-AIEC_TAU_KERNELS(__nv_bfloat16, bf16)
-AIEC_FEAT_NCHW_KERNEL(AIEC_KERNEL, __half, f16)
-AIEC_FEAT_NCHW_KERNEL(AIEC_KERNEL, __nv_bfloat16, bf16)
+AIEC_TAU_KERNELS(AIEC_KERNEL, float, f32)
+AIEC_TAU_KERNELS(AIEC_KERNEL, __half, f16)
 AIEC_DF_NCHW_KERNEL(float, f32)
 AIEC_DF_NCHW_KERNEL(__half, f16)
 AIEC_DF_NCHW_KERNEL(__nv_bfloat16, bf16)
@@ -863,13 +866,6 @@ AIEC_KERNEL void aiec_dmu_fwd_f32(const float* logits, const unsigned* labels, f
   ak_aiec::dmu_fwd_impl(logits, labels, probs, loss, correct, n, k);
 }
 EMU_REGISTER(aiec_dmu_fwd_f32)
-
-AIEC_KERNEL void aiec_count_f32(const float* a, const unsigned* labels, const unsigned char* correct,
-                                unsigned long long* theta, unsigned long long* eta, unsigned long long* phi, int n,
-                                int c, int k) {
-  ak_aiec::count_impl(a, labels, correct, theta, eta, phi, n, c, k);
-}
-EMU_REGISTER(aiec_count_f32)
 
 AIEC_KERNEL void aiec_rate_masks_f32(const unsigned long long* theta, const unsigned long long* eta,
                                      const unsigned long long* phi, const float* wd, float* v, unsigned char* masks,
@@ -925,7 +921,17 @@ EMU_REGISTER(aiec_logits_f32)
 #undef AK_LAUNCH_BOUND
 #define AK_LAUNCH_BOUND 1024
 
+AIEC_TAU_KERNELS(AK_KERNEL, __nv_bfloat16, bf16)
 AIEC_FEAT_NCHW_KERNEL(AK_KERNEL, float, f32)
+AIEC_FEAT_NCHW_KERNEL(AK_KERNEL, __half, f16)
+AIEC_FEAT_NCHW_KERNEL(AK_KERNEL, __nv_bfloat16, bf16)
+
+AK_KERNEL void aiec_count_f32(const float* a, const unsigned* labels, const unsigned char* correct,
+                              unsigned long long* theta, unsigned long long* eta, unsigned long long* phi, int n, int c,
+                              int k) {
+  ak_aiec::count_impl(a, labels, correct, theta, eta, phi, n, c, k);
+}
+EMU_REGISTER(aiec_count_f32)
 AIEC_NLC_KERNELS(float, f32)
 AIEC_NLC_KERNELS(__half, f16)
 AIEC_NLC_KERNELS(__nv_bfloat16, bf16)

@@ -277,10 +277,10 @@ fn dmu_forward_backward_parity() {
     let s = g.ctx.default_stream();
     // (N, C, K, block target of the tiled kernels, see `dev::with_tile_target`). The
     // 37 × 70 × 45 cases span several ragged tiles of every GEMM (16-class / 32-class /
-    // 32-channel tiles, 32-column chunks of C, 16-sample stages of dWd): target 1 gives
-    // the largest sample tiles (logits 32, da 32 samples) and dWd in one stage, 9 the
-    // middle ones (logits 16, da 16), 132 the smallest tiles and dWd split into 10
-    // sample chunks (two stages). The small cases split dWd into 2 chunks.
+    // 32-channel tiles, 32-column chunks of C, 16-sample stages of dWd). Samples per
+    // tile (logits, da) and dWd chunks: target 1: (32, 16), one stage; 9: (16, 16), 2
+    // chunks; 12: (8, 8), 2 chunks; 132: (8, 4), 10 chunks. The small cases split dWd
+    // into 2 chunks.
     for &(n, c, k, target) in &[
         (5usize, 7usize, 3usize, 132usize),
         (5, 7, 10, 132),
@@ -288,6 +288,7 @@ fn dmu_forward_backward_parity() {
         (6, 7, 10, 132),
         (37, 70, 45, 1),
         (37, 70, 45, 9),
+        (37, 70, 45, 12),
         (37, 70, 45, 132),
     ] {
         // Random rows; retry seeds until every random sample has a robust argmax.

@@ -1014,7 +1014,7 @@ fn da_dev(
     };
     // GEMM tiles of 32 channels × 4·rows samples (DA_* in aiec.cu).
     let c_tiles = dims.c.div_ceil(32);
-    let rows = rows_per_thread(dims.n, 4, c_tiles, 8);
+    let rows = rows_per_thread(dims.n, 4, c_tiles, 4);
     let rows_i = to_i32("rows", rows)?;
     let f = kernel_fn!(stream, "aiec_da_f32")?;
     // SAFETY: the kernel writes every da entry.
@@ -1045,7 +1045,7 @@ fn da_dev(
     };
     // SAFETY: a, da are N·C; wd and masks K·C; probs N·K; labels, cnt, dl_* N; the
     // kernel touches n < N, c < C, k < K only; a label ≥ K gets a zero row and is
-    // not followed, so mask rows y·C.. are in bounds; 1 ≤ rows ≤ 8 (DA_MAXJ).
+    // not followed, so mask rows y·C.. are in bounds; 1 ≤ rows ≤ 4 (DA_MAXJ).
     unsafe { b.launch(cfg) }?;
     Ok(da)
 }

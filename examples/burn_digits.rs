@@ -24,7 +24,6 @@
 //! * AIEC: every act is AIEC (τ = 0, λ_aux = 1, λ_gate = 1); the layers' losses are
 //!   averaged and added to the cross-entropy; counters reset at every epoch.
 
-use std::io::Read;
 use std::time::Instant;
 
 use activation_kernels::burn::nn::{
@@ -41,51 +40,12 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-const DATA: &[u8] = include_bytes!("../data/digits.csv.gz");
-const SEED: u64 = 2024;
-const BATCH: usize = 64;
-const LR: f64 = 3e-3;
-/// AIEC's gate-loss weight, as in the candle example (SPEC's 200 drives this small
-/// BN-free network to chance level).
-const AIEC_LAMBDA_GATE: f64 = 1.0;
+#[path = "common/digits.rs"]
+mod common;
+use common::{Kind, RawSplit as Split, Res, Run, AIEC_LAMBDA_GATE, BATCH, LR, SEED};
 
 // ---------------------------------------------------------------------------
 // data
-
-struct Split {
-    x: Vec<f32>,
-    y: Vec<usize>,
-}
-
-fn load() -> Res<(Split, Split)> {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(DATA).read_to_string(&mut text)?;
-    let (mut tr, mut te) = (
-        Split {
-            x: vec![],
-            y: vec![],
-        },
-        Split {
-            x: vec![],
-            y: vec![],
-        },
-    );
-    for (i, line) in text.lines().enumerate() {
-        let v: Vec<f32> = line
-            .split(',')
-            .map(|s| s.trim().parse::<f32>())
-            .collect::<Result<_, _>>()?;
-        if v.len() != 65 {
-            return Err(format!("line {i}: {} fields, expected 65", v.len()).into());
-        }
-        let dst = if i % 5 == 0 { &mut te } else { &mut tr };
-        dst.x.extend(v[..64].iter().map(|p| p / 16.0));
-        dst.y.push(v[64] as usize);
-    }
-    Ok((tr, te))
-}
 
 fn images(split: &Split, idx: &[usize], device: &Device) -> Tensor<4> {
     let mut v = Vec::with_capacity(idx.len() * 64);
@@ -97,37 +57,6 @@ fn images(split: &Split, idx: &[usize], device: &Device) -> Tensor<4> {
 
 // ---------------------------------------------------------------------------
 // model
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Relu,
-    AconC,
-    MetaAconC,
-    IieuB,
-    IieuDc,
-    Aiec,
-}
-
-impl Kind {
-    const ALL: [Kind; 6] = [
-        Kind::Relu,
-        Kind::AconC,
-        Kind::MetaAconC,
-        Kind::IieuB,
-        Kind::IieuDc,
-        Kind::Aiec,
-    ];
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Relu => "ReLU",
-            Kind::AconC => "ACON-C",
-            Kind::MetaAconC => "meta-ACON-C",
-            Kind::IieuB => "IIEU-B",
-            Kind::IieuDc => "IIEU-DC",
-            Kind::Aiec => "AIEC",
-        }
-    }
-}
 
 /// Per-step context: training flag, labels (AIEC) and the AIEC losses collected.
 struct Ctx<'a> {
@@ -325,14 +254,6 @@ impl Net {
 // ---------------------------------------------------------------------------
 // training
 
-struct Run {
-    kind: Kind,
-    test_acc: Vec<f64>,
-    train_loss: Vec<f64>,
-    secs_per_epoch: f64,
-    params: usize,
-}
-
 fn accuracy(net: &Net, split: &Split, device: &Device) -> Res<f64> {
     let mut ctx = Ctx {
         train: false,
@@ -428,7 +349,7 @@ fn main() -> Res<()> {
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
-    let (tr, te) = load()?;
+    let (tr, te) = common::load()?;
     println!(
         "digits (burn 0.22, Flex + Autodiff): {} train / {} test (every 5th sample is test), batch {BATCH}, AdamW lr {LR}, {epochs} epochs, seed {SEED}",
         tr.y.len(),
@@ -443,32 +364,8 @@ fn main() -> Res<()> {
         runs.push(train(kind, &tr, &te, epochs)?);
     }
     println!();
-    println!("| activation | test accuracy (last epoch) | best test accuracy | epochs | s / epoch | params |");
-    println!("|---|---|---|---|---|---|");
-    for r in &runs {
-        let last = r.test_acc.last().copied().unwrap_or(0.0);
-        let best = r.test_acc.iter().copied().fold(0.0, f64::max);
-        println!(
-            "| {} | {:.1} % | {:.1} % | {} | {:.2} | {} |",
-            r.kind.name(),
-            100.0 * last,
-            100.0 * best,
-            r.test_acc.len(),
-            r.secs_per_epoch,
-            r.params,
-        );
-    }
-    println!(
-        "\ntotal {:.1} s; final train CE per variant: {}",
-        t0.elapsed().as_secs_f64(),
-        runs.iter()
-            .map(|r| format!(
-                "{} {:.3}",
-                r.kind.name(),
-                r.train_loss.last().copied().unwrap_or(0.0)
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    common::print_table(&runs, None);
+    println!();
+    common::print_totals(&runs, t0.elapsed().as_secs_f64());
     Ok(())
 }

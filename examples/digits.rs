@@ -27,7 +27,6 @@
 //!
 //! IIEU-B's convs have no bias (see `ConvAct::new`).
 
-use std::io::Read;
 use std::time::Instant;
 
 use activation_kernels::candle::nn::{AconC, Aiec, IieuConv2d, IieuDc, MetaAconC, PsiKind};
@@ -41,15 +40,9 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-const DATA: &[u8] = include_bytes!("../data/digits.csv.gz");
-const SEED: u64 = 2024;
-const BATCH: usize = 64;
-const LR: f64 = 3e-3;
-/// AIEC's gate-loss weight. SPEC's default 200 drove this small BN-free network to
-/// chance level (10 % test accuracy after 2 epochs in a trial run: the gate term,
-/// live on about half the channels while the counters are empty, switches them off);
-/// 1 is used here. λ_aux keeps its default 1.
-const AIEC_LAMBDA_GATE: f64 = 1.0;
+#[path = "common/digits.rs"]
+mod common;
+use common::{Kind, Run, AIEC_LAMBDA_GATE, BATCH, LR, SEED};
 
 // ---------------------------------------------------------------------------
 // data
@@ -60,26 +53,12 @@ struct Split {
 }
 
 fn load() -> std::result::Result<(Split, Split), Box<dyn std::error::Error>> {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(DATA).read_to_string(&mut text)?;
-    let (mut tr, mut te) = ((vec![], vec![]), (vec![], vec![]));
-    for (i, line) in text.lines().enumerate() {
-        let v: Vec<f32> = line
-            .split(',')
-            .map(|s| s.trim().parse::<f32>())
-            .collect::<std::result::Result<_, _>>()?;
-        if v.len() != 65 {
-            return Err(format!("line {i}: {} fields, expected 65", v.len()).into());
-        }
-        let dst = if i % 5 == 0 { &mut te } else { &mut tr };
-        dst.0.extend(v[..64].iter().map(|p| p / 16.0));
-        dst.1.push(v[64] as usize);
-    }
-    let mk = |(x, y): (Vec<f32>, Vec<usize>)| -> Result<Split> {
-        let n = y.len();
+    let (tr, te) = common::load()?;
+    let mk = |r: common::RawSplit| -> Result<Split> {
+        let n = r.y.len();
         Ok(Split {
-            x: Tensor::from_vec(x, (n, 1, 8, 8), &Device::Cpu)?,
-            y,
+            x: Tensor::from_vec(r.x, (n, 1, 8, 8), &Device::Cpu)?,
+            y: r.y,
         })
     };
     Ok((mk(tr)?, mk(te)?))
@@ -161,44 +140,15 @@ impl SimpleBackend for SeededVars {
 // ---------------------------------------------------------------------------
 // model
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Relu,
-    AconC,
-    MetaAconC,
-    IieuB,
-    IieuDc,
-    Aiec,
-}
-
-impl Kind {
-    const ALL: [Kind; 6] = [
-        Kind::Relu,
-        Kind::AconC,
-        Kind::MetaAconC,
-        Kind::IieuB,
-        Kind::IieuDc,
-        Kind::Aiec,
-    ];
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Relu => "ReLU",
-            Kind::AconC => "ACON-C",
-            Kind::MetaAconC => "meta-ACON-C",
-            Kind::IieuB => "IIEU-B",
-            Kind::IieuDc => "IIEU-DC",
-            Kind::Aiec => "AIEC",
-        }
-    }
-    fn colour(self) -> (RGBColor, &'static str) {
-        match self {
-            Kind::Relu => (RGBColor(0, 0, 0), "black"),
-            Kind::AconC => (RGBColor(31, 119, 180), "blue"),
-            Kind::MetaAconC => (RGBColor(44, 160, 44), "green"),
-            Kind::IieuB => (RGBColor(214, 39, 40), "red"),
-            Kind::IieuDc => (RGBColor(255, 127, 14), "orange"),
-            Kind::Aiec => (RGBColor(148, 103, 189), "purple"),
-        }
+/// Each variant's curve colour in the PNG (and its name for the table).
+fn colour(kind: Kind) -> (RGBColor, &'static str) {
+    match kind {
+        Kind::Relu => (RGBColor(0, 0, 0), "black"),
+        Kind::AconC => (RGBColor(31, 119, 180), "blue"),
+        Kind::MetaAconC => (RGBColor(44, 160, 44), "green"),
+        Kind::IieuB => (RGBColor(214, 39, 40), "red"),
+        Kind::IieuDc => (RGBColor(255, 127, 14), "orange"),
+        Kind::Aiec => (RGBColor(148, 103, 189), "purple"),
     }
 }
 
@@ -396,14 +346,6 @@ impl Net {
 // ---------------------------------------------------------------------------
 // training
 
-struct Run {
-    kind: Kind,
-    test_acc: Vec<f64>,
-    train_loss: Vec<f64>,
-    secs_per_epoch: f64,
-    params: usize,
-}
-
 fn accuracy(net: &Net, split: &Split) -> Result<f64> {
     let mut ctx = Ctx {
         train: false,
@@ -531,7 +473,7 @@ fn plot(runs: &[Run], path: &str) -> std::result::Result<(), Box<dyn std::error:
         chart.draw_series(LineSeries::new([(e, y0), (e, 1.0)], &grey))?;
     }
     for r in runs {
-        let (c, _) = r.kind.colour();
+        let (c, _) = colour(r.kind);
         let pts = r
             .test_acc
             .iter()
@@ -569,22 +511,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         runs.push(train(kind, &tr, &te, epochs)?);
     }
     println!();
-    println!("| activation | test accuracy (last epoch) | best test accuracy | epochs | s / epoch | params | curve colour |");
-    println!("|---|---|---|---|---|---|---|");
-    for r in &runs {
-        let last = r.test_acc.last().copied().unwrap_or(0.0);
-        let best = r.test_acc.iter().copied().fold(0.0, f64::max);
-        println!(
-            "| {} | {:.1} % | {:.1} % | {} | {:.2} | {} | {} |",
-            r.kind.name(),
-            100.0 * last,
-            100.0 * best,
-            r.test_acc.len(),
-            r.secs_per_epoch,
-            r.params,
-            r.kind.colour().1
-        );
-    }
+    common::print_table(&runs, Some(("curve colour", |k| colour(k).1)));
     if let Some(dir) = std::path::Path::new(&png).parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)?;
@@ -594,17 +521,6 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     println!(
         "\nlearning curves (test accuracy per epoch, y from the lowest value rounded down to 0.1 up to 1.0, grid every 0.05) -> {png}"
     );
-    println!(
-        "total {:.1} s; final train CE per variant: {}",
-        t0.elapsed().as_secs_f64(),
-        runs.iter()
-            .map(|r| format!(
-                "{} {:.3}",
-                r.kind.name(),
-                r.train_loss.last().copied().unwrap_or(0.0)
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    common::print_totals(&runs, t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -30,6 +30,7 @@ typedef unsigned long uintptr_t;
 #include <stdint.h>
 #endif
 #define EMU_REGISTER(name)
+#define EMU_REGISTER_BOUND(name, bound)
 #define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 // Static shared memory. Under the emulator each declaration is an exact-size,
 // redzoned allocation per block (cuda_emu.h), so overruns and races are seen.
@@ -43,18 +44,23 @@ typedef unsigned long uintptr_t;
 #include "abi.h"
 
 // Every kernel of the crate: C linkage (the Rust side loads it by name) and its
-// launch bound, AK_LAUNCH_BOUND threads per block, which the emulated device records
-// per kernel (EMU_REGISTER) and enforces like a GPU: a larger block fails the launch
-// and cuFuncGetAttribute(MAX_THREADS_PER_BLOCK) reports it. For now the bound is the
-// hardware's 1024 and nvcc gets no __launch_bounds__: with __launch_bounds__(256)
-// ptxas capped some kernels at 80 registers and 18 kernel/arch pairs spilled; with
-// (256, 1), 159 of 280 sm_86/sm_90 pairs gained registers (up to +57), which lowers
-// occupancy. Per-family bounds are the kernel-sizing work of the launch audit
-// (docs/kernels.md). No launcher uses more than 256 threads per block today.
+// launch bound (threads per block), which the emulated device records per kernel
+// (EMU_REGISTER) and enforces like a GPU: a larger block fails the launch and
+// cuFuncGetAttribute(MAX_THREADS_PER_BLOCK) reports it.
+//  * AK_KERNEL + EMU_REGISTER(name): no __launch_bounds__ for nvcc; the emulated
+//    device records AK_LAUNCH_BOUND (the hardware's 1024).
+//  * AK_KERNEL_BOUND(B) + EMU_REGISTER_BOUND(name, B): nvcc gets __launch_bounds__(B)
+//    (ptxas may then use up to 64 K / B registers per thread, and the driver refuses a
+//    larger block), the emulated device records and enforces the same B. Use one named
+//    constant for B in both places. B must be the largest block the launcher uses.
+// History: a blanket __launch_bounds__(256) capped some kernels at 80 registers and
+// 18 kernel/arch pairs spilled; (256, 1) raised registers on 159 of 280 sm_86/sm_90
+// pairs. Bounds are therefore set per kernel, each checked in the ptxas table.
 #ifndef AK_LAUNCH_BOUND
 #define AK_LAUNCH_BOUND 1024
 #endif
 #define AK_KERNEL extern "C" __global__
+#define AK_KERNEL_BOUND(B) extern "C" __global__ __launch_bounds__(B)
 
 // Device-side contract checks (what a kernel assumes of its launch, e.g. whole warps
 // for warp shuffles): always on for the emulated device, where a violation fails the
@@ -82,6 +88,19 @@ typedef unsigned long uintptr_t;
 #endif
 
 namespace ak {
+
+// Bytes of dynamic shared memory this launch was given (for AK_EXPECT: a kernel states
+// what it needs, so a launcher that passes too little fails under AK_DEVICE_CHECKS on a
+// GPU, not only under the emulator's shared-memory bounds checks).
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+#ifdef __CUDACC__
+  unsigned r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+#else
+  return (unsigned)emu::dynamic_smem_bytes();
+#endif
+}
 
 // ---- storage <-> f32 ----
 __device__ __forceinline__ float to_f32(float v) { return v; }

@@ -312,6 +312,10 @@ pub struct LaunchRecord {
     pub block: [u32; 3],
     /// Dynamic shared memory in bytes.
     pub dyn_smem: u32,
+    /// The kernel's launch bound (most threads per block): its `__launch_bounds__`
+    /// (`AK_KERNEL_BOUND` in `kernels/common.cuh`), or 1024 for a kernel declared
+    /// without one.
+    pub bound: u32,
 }
 
 impl LaunchRecord {
@@ -361,7 +365,7 @@ pub fn take_launch_log() -> Vec<LaunchRecord> {
 fn parse_launch(line: &str) -> Option<LaunchRecord> {
     let mut it = line.split_whitespace();
     let kernel = it.next()?.to_string();
-    let mut v = [0u32; 7];
+    let mut v = [0u32; 8];
     for x in &mut v {
         *x = it.next()?.parse().ok()?;
     }
@@ -370,6 +374,7 @@ fn parse_launch(line: &str) -> Option<LaunchRecord> {
         grid: [v[0], v[1], v[2]],
         block: [v[3], v[4], v[5]],
         dyn_smem: v[6],
+        bound: v[7],
     })
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use activation_kernels::burn::nn::{AconConfig, AiecModuleConfig, IieuDcConfig};
 use activation_kernels::burn::ops::{self, BetaTensor, IieuOpts};
 use activation_kernels::cpu::aiec::{AiecConfig, Counters};
-use activation_kernels::Error;
+use activation_kernels::{Error, Layout};
 use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 
 fn devices() -> [Device; 2] {
@@ -31,6 +31,7 @@ fn acon_wrong_parameter_and_beta_lengths() {
             t([4], &d),
             t([3], &d),
             BetaTensor::PerChannel(t([3], &d)),
+            Layout::Nchw,
         );
         assert!(
             matches!(
@@ -48,6 +49,7 @@ fn acon_wrong_parameter_and_beta_lengths() {
             t([3], &d),
             t([3], &d),
             BetaTensor::PerSample(t([3], &d)),
+            Layout::Nchw,
         );
         assert!(matches!(e, Err(Error::Shape { what: "beta", .. })), "{e:?}");
         // Right element count, wrong layout: (C, N) for an (N, C) β.
@@ -55,9 +57,10 @@ fn acon_wrong_parameter_and_beta_lengths() {
             x.clone(),
             t([3], &d),
             BetaTensor::PerSampleChannel(t([3, 2], &d)),
+            Layout::Nchw,
         );
         assert!(matches!(e, Err(Error::Shape { what: "beta", .. })), "{e:?}");
-        let e = ops::acon_a(t([3], &d), BetaTensor::PerChannel(t([3], &d)));
+        let e = ops::acon_a(t([3], &d), BetaTensor::PerChannel(t([3], &d)), Layout::Nchw);
         assert!(matches!(e, Err(Error::Shape { what: "x", .. })), "{e:?}");
     }
 }
@@ -71,11 +74,12 @@ fn empty_tensors_are_errors() {
             t([3], &d),
             t([3], &d),
             BetaTensor::PerChannel(t([3], &d)),
+            Layout::Nchw,
         );
         assert!(matches!(e, Err(Error::Empty { .. })), "{e:?}");
         let e = ops::tau(x.clone(), 0.0);
         assert!(matches!(e, Err(Error::Empty { what: "x" })), "{e:?}");
-        let e = ops::layer_gen(x);
+        let e = ops::layer_gen(x, Layout::Nchw);
         assert!(matches!(e, Err(Error::Empty { .. })), "{e:?}");
         assert!(matches!(
             AconConfig::new(0).init_acon_c(&d),
@@ -89,7 +93,14 @@ fn aiec_labels_out_of_range_and_wrong_count() {
     for d in devices() {
         let cnt = Arc::new(Mutex::new(Counters::new(4, 3).expect("counters")));
         let cfg = AiecConfig::default();
-        let e = ops::aiec_train(t([2, 3, 2, 2], &d), t([4, 3], &d), &[1, 4], cfg, &cnt);
+        let e = ops::aiec_train(
+            t([2, 3, 2, 2], &d),
+            t([4, 3], &d),
+            &[1, 4],
+            cfg,
+            &cnt,
+            Layout::Nchw,
+        );
         assert!(
             matches!(
                 e,
@@ -102,14 +113,28 @@ fn aiec_labels_out_of_range_and_wrong_count() {
             "{:?}",
             e.map(|o| o.stats)
         );
-        let e = ops::aiec_train(t([2, 3, 2, 2], &d), t([4, 3], &d), &[1], cfg, &cnt);
+        let e = ops::aiec_train(
+            t([2, 3, 2, 2], &d),
+            t([4, 3], &d),
+            &[1],
+            cfg,
+            &cnt,
+            Layout::Nchw,
+        );
         assert!(e.is_err(), "one label for two samples");
         // Nothing was counted by the failed steps.
         assert_eq!(
             *cnt.lock().expect("lock"),
             Counters::new(4, 3).expect("counters")
         );
-        let e = ops::aiec_train(t([2, 3, 2, 2], &d), t([4, 2], &d), &[1, 2], cfg, &cnt);
+        let e = ops::aiec_train(
+            t([2, 3, 2, 2], &d),
+            t([4, 2], &d),
+            &[1, 2],
+            cfg,
+            &cnt,
+            Layout::Nchw,
+        );
         assert!(e.is_err(), "Wd with the wrong channel count");
         let e = ops::tau(t([2, 3], &d), -1.0);
         assert!(
@@ -154,7 +179,13 @@ fn iieu_and_generator_shape_errors() {
             matches!(e, Err(Error::LengthMismatch { what: "x", .. })),
             "{e:?}"
         );
-        let e = ops::channel_gen(t([2, 3, 2, 2], &d), t([2, 3], &d), t([3, 4], &d), None);
+        let e = ops::channel_gen(
+            t([2, 3, 2, 2], &d),
+            t([2, 3], &d),
+            t([3, 4], &d),
+            None,
+            Layout::Nchw,
+        );
         assert!(
             matches!(
                 e,
@@ -184,6 +215,94 @@ fn unsupported_dtype_is_an_error() {
         let e = ops::tau(x, 0.0);
         assert!(
             matches!(e, Err(Error::InvalidParam { what: "dtype", .. })),
+            "{e:?}"
+        );
+    }
+}
+
+/// IieuConv2d: a ψ / IIEU-B vector of the wrong length, a geometry with no output,
+/// `x_pre` channels that do not match `W`, and a bad module config are errors.
+#[test]
+fn iieu_conv2d_bad_vectors_geometry_and_config() {
+    use activation_kernels::burn::nn::{IieuConv2dConfig, IieuConvPsiKind};
+    for d in devices() {
+        let call = |xp: [usize; 4], w: [usize; 4], bias: usize, eta: usize, pad: usize| {
+            ops::iieu_conv2d(
+                t(xp, &d),
+                t(w, &d),
+                ops::ConvPsi::Bias(t([bias], &d)),
+                t([w[0]], &d),
+                t([w[0]], &d),
+                t([eta], &d),
+                IieuOpts {
+                    padding: (pad, pad),
+                    ..Default::default()
+                },
+            )
+        };
+        assert!(call([2, 4, 5, 5], [3, 4, 3, 3], 3, 3, 1).is_ok());
+        let e = call([2, 4, 5, 5], [3, 4, 3, 3], 2, 3, 1);
+        assert!(
+            matches!(
+                &e,
+                Err(Error::Shape {
+                    what: "psi bias",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let e = call([2, 4, 5, 5], [3, 4, 3, 3], 3, 4, 1);
+        assert!(matches!(&e, Err(Error::Shape { what: "eta", .. })), "{e:?}");
+        // A 3×3 filter on a 2×2 input without padding: no output position.
+        let e = call([2, 4, 2, 2], [3, 4, 3, 3], 3, 3, 0);
+        assert!(e.is_err(), "{e:?}");
+        // x_pre has 5 channels, W expects 4 (groups 1).
+        let e = call([2, 5, 5, 5], [3, 4, 3, 3], 3, 3, 1);
+        assert!(e.is_err(), "{e:?}");
+        // Module configs.
+        assert!(IieuConv2dConfig::new(4, 6, (3, 3))
+            .with_groups(4)
+            .init(&d)
+            .is_err());
+        assert!(IieuConv2dConfig::new(0, 6, (3, 3)).init(&d).is_err());
+        assert!(IieuConv2dConfig::new(4, 6, (3, 3))
+            .with_psi(IieuConvPsiKind::BatchNorm)
+            .with_bn_eps(0.0)
+            .init(&d)
+            .is_err());
+    }
+}
+
+/// AIEC labels as a tensor: a negative label, a label ≥ K and a wrong count are errors.
+#[test]
+fn aiec_label_tensor_out_of_range_or_wrong_length() {
+    use burn::tensor::Int;
+    for d in devices() {
+        let counters = Arc::new(Mutex::new(Counters::new(4, 3).unwrap()));
+        let run = |labels: Vec<i64>| {
+            let n = labels.len();
+            let lab = Tensor::<1, Int>::from_data(TensorData::new(labels, [n]), &d);
+            ops::aiec_train_labels(
+                t([2, 3, 2, 2], &d),
+                t([4, 3], &d),
+                lab,
+                AiecConfig::default(),
+                &counters,
+                Layout::Nchw,
+            )
+        };
+        assert!(run(vec![1, 3]).is_ok());
+        let e = run(vec![1, -2]);
+        assert!(
+            matches!(&e, Err(Error::InvalidParam { what: "labels", .. })),
+            "{e:?}"
+        );
+        let e = run(vec![1, 4]);
+        assert!(matches!(&e, Err(Error::LabelOutOfRange { .. })), "{e:?}");
+        let e = run(vec![1, 2, 3]);
+        assert!(
+            matches!(&e, Err(Error::LengthMismatch { what: "labels", .. })),
             "{e:?}"
         );
     }

@@ -25,7 +25,7 @@ use activation_kernels::cpu::acon::{self, Beta, ChannelGen};
 use activation_kernels::cpu::aiec::{self, AiecConfig, Counters};
 use activation_kernels::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_dc::{self, DcConfig, DcParams};
-use activation_kernels::{ActShape, Conv2dGeometry};
+use activation_kernels::{ActShape, Conv2dGeometry, Layout};
 use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use common::{assert_close, check_grad, numeric_grad, randn, rng, uniform};
 
@@ -126,7 +126,7 @@ fn acon_c_every_beta_matches_cpu_backward() {
             }
             _ => (BetaTensor::PixelWise, Beta::PixelWise, None, None),
         };
-        let y = ops::acon_c(x.clone(), p1.clone(), p2.clone(), bt).expect("acon_c");
+        let y = ops::acon_c(x.clone(), p1.clone(), p2.clone(), bt, Layout::Nchw).expect("acon_c");
         let yv = acon::acon_c_forward(&sh, &xv, &p1v, &p2v, beta).expect("cpu");
         same(&format!("{name}: y"), &host(y.clone()), &yv);
         let g = wsum(y, &wv, &d).backward();
@@ -158,6 +158,7 @@ fn acon_a_b_match_cpu_backward() {
         x.clone(),
         p.clone(),
         BetaTensor::PerSampleChannel(b.clone()),
+        Layout::Nchw,
     )
     .unwrap();
     let g = wsum(y, &wv, &d).backward();
@@ -167,7 +168,7 @@ fn acon_a_b_match_cpu_backward() {
     same("acon_b dbeta", &grad(&b, &g), &want.dbeta);
 
     let (x, b) = (t(&xv, dims4(), &d), t(&bv[..2], [2], &d));
-    let y = ops::acon_a(x.clone(), BetaTensor::PerSample(b.clone())).unwrap();
+    let y = ops::acon_a(x.clone(), BetaTensor::PerSample(b.clone()), Layout::Nchw).unwrap();
     let g = wsum(y, &wv, &d).backward();
     let want = acon::acon_a_backward(&sh, &wv, &xv, Beta::PerSample(&bv[..2])).unwrap();
     same("acon_a dx", &grad(&x, &g), &want.dx);
@@ -195,6 +196,7 @@ fn meta_acon_generators_match_cpu_backward() {
         w1.clone(),
         w2.clone(),
         Some((b1.clone(), b2.clone())),
+        Layout::Nchw,
     )
     .unwrap();
     let (bv, saved) = gen.forward(&sh, &xv).unwrap();
@@ -210,12 +212,13 @@ fn meta_acon_generators_match_cpu_backward() {
     // Layer-wise generator composed with ACON-C: dx sums both paths.
     let (p1v, p2v) = (vec![1.2, 0.9, 1.1], vec![0.1, -0.2, 0.05]);
     let (x, p1, p2) = (t(&xv, dims4(), &d), t(&p1v, [3], &d), t(&p2v, [3], &d));
-    let beta = ops::layer_gen(x.clone()).unwrap();
+    let beta = ops::layer_gen(x.clone(), Layout::Nchw).unwrap();
     let y = ops::acon_c(
         x.clone(),
         p1.clone(),
         p2.clone(),
         BetaTensor::PerSample(beta),
+        Layout::Nchw,
     )
     .unwrap();
     let g = wsum(y, &wv, &d).backward();
@@ -358,7 +361,8 @@ fn aiec_and_tau_match_cpu_backward() {
     let loss_scale = 0.7;
     let counters = Arc::new(Mutex::new(Counters::new(k, 3).unwrap()));
     let (f, wd) = (t(&fv, dims4(), &d), t(&wdv, [k, 3], &d));
-    let out = ops::aiec_train(f.clone(), wd.clone(), &labels, cfg, &counters).unwrap();
+    let out =
+        ops::aiec_train(f.clone(), wd.clone(), &labels, cfg, &counters, Layout::Nchw).unwrap();
     let lw = Tensor::<1>::from_data(TensorData::new(vec![loss_scale], [1]), opts(&d));
     let total = wsum(out.out.clone(), &dav, &d) + out.loss.clone() * lw;
     let g = total.backward();
@@ -466,6 +470,7 @@ fn finite_differences_through_burn() {
                 t(gen.b1.as_ref().unwrap(), [wd], dd),
                 t(gen.b2.as_ref().unwrap(), [3], dd),
             )),
+            Layout::Nchw,
         )
         .unwrap();
         let y = ops::acon_c(
@@ -473,6 +478,7 @@ fn finite_differences_through_burn() {
             t(&p1v, [3], dd),
             t(&p2v, [3], dd),
             BetaTensor::PerSampleChannel(b),
+            Layout::Nchw,
         )
         .unwrap();
         wsum(y, &wv, dd)
@@ -535,7 +541,7 @@ fn finite_differences_through_burn() {
     };
     let aiec_l = |f: Tensor<4>, wdt: Tensor<2>, dd: &Device| {
         let cnt = Arc::new(Mutex::new(Counters::new(k, 3).unwrap()));
-        let out = ops::aiec_train(f, wdt, &labels, cfg, &cnt).unwrap();
+        let out = ops::aiec_train(f, wdt, &labels, cfg, &cnt, Layout::Nchw).unwrap();
         wsum(out.out, &wv, dd) + out.loss
     };
     let (f, wdt) = (t(&xv, sh, &d), t(&wdv, [k, 3], &d));
@@ -548,4 +554,358 @@ fn finite_differences_through_burn() {
         scalar(aiec_l(t(&xv, sh, &plain), t(v, [k, 3], &plain), &plain))
     });
     check_grad("AIEC dWd", &grad(&wdt, &g), &num);
+}
+
+// ---------------------------------------------------------------------------
+// IieuConv2d (conv → ψ → IIEU-B fused)
+
+/// `x_pre (2, 4, 5, 4)`, `W (3, 4, 3, 3)`, stride 1, padding 1: a ragged 5×4 plane.
+fn conv_case() -> (IieuConfig, [usize; 4], [usize; 4], IieuOpts) {
+    let mut geo = Conv2dGeometry::new(2, 4, 5, 4, 3, 3, 3);
+    geo.padding = (1, 1);
+    let o = IieuOpts {
+        padding: (1, 1),
+        ..Default::default()
+    };
+    (IieuConfig::new(geo), [2, 4, 5, 4], [3, 4, 3, 3], o)
+}
+
+/// Every ψ (none, bias, affine, BatchNorm training and eval): burn's gradients of
+/// `Σ w·y` for x_pre, W, ψ's vectors, γ̇, β̇, η equal the CPU backward's, and BatchNorm
+/// training returns the CPU forward's updated running statistics (eval returns none).
+#[test]
+fn iieu_conv2d_matches_cpu_backward() {
+    use activation_kernels::cpu::iieu_conv::{self, BatchNorm, IieuConvParams, Psi};
+    let d = dev();
+    let (cfg, pd, wdims, o) = conv_case();
+    let mut r = rng(11);
+    let xpv = randn(&mut r, 160);
+    let wv = randn(&mut r, 108);
+    let dyv = randn(&mut r, 2 * 3 * 5 * 4);
+    let iieu = IieuParams {
+        ln_weight: uniform(&mut r, 3, 0.5, 1.5),
+        ln_bias: uniform(&mut r, 3, -0.3, 0.3),
+        eta: uniform(&mut r, 3, 0.05, 0.5),
+    };
+    let (a, b) = (uniform(&mut r, 3, 0.5, 1.5), uniform(&mut r, 3, -0.5, 0.5));
+    let (rm, rv) = (uniform(&mut r, 3, -0.2, 0.2), uniform(&mut r, 3, 0.5, 2.0));
+    let bn = |training| {
+        Psi::BatchNorm(BatchNorm {
+            weight: a.clone(),
+            bias: b.clone(),
+            running_mean: rm.clone(),
+            running_var: rv.clone(),
+            momentum: 0.1,
+            eps: 1e-5,
+            training,
+        })
+    };
+    let cases = [
+        ("none", Psi::None),
+        ("bias", Psi::Bias(b.clone())),
+        (
+            "affine",
+            Psi::Affine {
+                scale: a.clone(),
+                shift: b.clone(),
+            },
+        ),
+        ("bn train", bn(true)),
+        ("bn eval", bn(false)),
+    ];
+    for (name, psi) in cases {
+        let (xp, w) = (t(&xpv, pd, &d), t(&wv, wdims, &d));
+        let (lw, lb, eta) = (
+            t(&iieu.ln_weight, [3], &d),
+            t(&iieu.ln_bias, [3], &d),
+            t(&iieu.eta, [3], &d),
+        );
+        let (ta, tb) = (t(&a, [3], &d), t(&b, [3], &d));
+        let bpsi = match &psi {
+            Psi::None => ops::ConvPsi::None,
+            Psi::Bias(_) => ops::ConvPsi::Bias(tb.clone()),
+            Psi::Affine { .. } => ops::ConvPsi::Affine {
+                scale: ta.clone(),
+                shift: tb.clone(),
+            },
+            Psi::BatchNorm(bn) => ops::ConvPsi::BatchNorm {
+                weight: ta.clone(),
+                bias: tb.clone(),
+                running_mean: t(&rm, [3], &d),
+                running_var: t(&rv, [3], &d),
+                momentum: bn.momentum,
+                eps: bn.eps,
+                training: bn.training,
+            },
+        };
+        let out = ops::iieu_conv2d(
+            xp.clone(),
+            w.clone(),
+            bpsi,
+            lw.clone(),
+            lb.clone(),
+            eta.clone(),
+            o,
+        )
+        .unwrap();
+        let mut params = IieuConvParams {
+            iieu: iieu.clone(),
+            psi: psi.clone(),
+        };
+        let (yv, saved) = iieu_conv::forward(&cfg, &xpv, &wv, &mut params).unwrap();
+        same(&format!("{name} y"), &host(out.y.clone()), &yv);
+        match (&params.psi, out.running) {
+            (Psi::BatchNorm(bn), Some((m, v))) if bn.training => {
+                same(&format!("{name} running mean"), &host(m), &bn.running_mean);
+                same(&format!("{name} running var"), &host(v), &bn.running_var);
+                assert_ne!(bn.running_mean, rm, "the CPU forward updated the mean");
+            }
+            (Psi::BatchNorm(bn), None) if !bn.training => {}
+            (Psi::BatchNorm(_), got) => panic!("{name}: running stats {got:?}"),
+            (_, got) => assert!(got.is_none(), "{name}: running stats without BatchNorm"),
+        }
+        let g = wsum(out.y, &dyv, &d).backward();
+        let want = iieu_conv::backward(&cfg, &dyv, &xpv, &wv, &params, &saved).unwrap();
+        same(&format!("{name} dx_pre"), &grad(&xp, &g), &want.dx_pre);
+        same(&format!("{name} dw"), &grad(&w, &g), &want.dw);
+        same(
+            &format!("{name} d_ln_weight"),
+            &grad(&lw, &g),
+            &want.d_ln_weight,
+        );
+        same(
+            &format!("{name} d_ln_bias"),
+            &grad(&lb, &g),
+            &want.d_ln_bias,
+        );
+        same(&format!("{name} d_eta"), &grad(&eta, &g), &want.d_eta);
+        match &psi {
+            Psi::None => {}
+            Psi::Bias(_) => same(&format!("{name} d_bias"), &grad(&tb, &g), &want.d_psi_shift),
+            _ => {
+                same(
+                    &format!("{name} d_scale"),
+                    &grad(&ta, &g),
+                    &want.d_psi_scale,
+                );
+                same(
+                    &format!("{name} d_shift"),
+                    &grad(&tb, &g),
+                    &want.d_psi_shift,
+                );
+            }
+        }
+    }
+}
+
+/// IieuConv2d with a training BatchNorm by finite differences through burn: `W`
+/// (through the conv, `r_w` and the batch statistics) and BatchNorm's γ.
+#[test]
+fn iieu_conv2d_finite_differences_through_burn() {
+    let d = dev();
+    let plain = Device::flex();
+    let (_, pd, wdims, o) = conv_case();
+    let mut r = rng(12);
+    let xpv = randn(&mut r, 160);
+    let wv = randn(&mut r, 108);
+    let dyv = randn(&mut r, 120);
+    let gv = vec![1.2, 0.7, 0.9];
+    let loss = |w: Tensor<4>, gamma: Tensor<1>, dd: &Device| {
+        let out = ops::iieu_conv2d(
+            t(&xpv, pd, dd),
+            w,
+            ops::ConvPsi::BatchNorm {
+                weight: gamma,
+                bias: t(&[0.1, -0.2, 0.0], [3], dd),
+                running_mean: t(&[0.0; 3], [3], dd),
+                running_var: t(&[1.0; 3], [3], dd),
+                momentum: 0.1,
+                eps: 1e-5,
+                training: true,
+            },
+            t(&[0.8, 1.1, 0.9], [3], dd),
+            t(&[0.1, -0.1, 0.0], [3], dd),
+            t(&[0.2, 0.3, 0.1], [3], dd),
+            o,
+        )
+        .unwrap();
+        wsum(out.y, &dyv, dd)
+    };
+    let (w, gamma) = (t(&wv, wdims, &d), t(&gv, [3], &d));
+    let g = loss(w.clone(), gamma.clone(), &d).backward();
+    let num = fd(&wv, |v| {
+        scalar(loss(t(v, wdims, &plain), t(&gv, [3], &plain), &plain))
+    });
+    check_grad("IieuConv2d dW", &grad(&w, &g), &num);
+    let num = fd(&gv, |v| {
+        scalar(loss(t(&wv, wdims, &plain), t(v, [3], &plain), &plain))
+    });
+    check_grad("IieuConv2d dγ (BatchNorm)", &grad(&gamma, &g), &num);
+}
+
+/// The module: SPEC inits, a training forward on the autodiff device updates the
+/// running statistics once (to the CPU forward's values), an eval forward leaves them,
+/// and every parameter gets a gradient.
+#[test]
+fn iieu_conv2d_module_trains_and_updates_running_stats() {
+    use activation_kernels::burn::nn::{IieuConv2dConfig, IieuConvPsiKind};
+    let d = Device::flex().autodiff();
+    let m = IieuConv2dConfig::new(4, 3, (3, 3))
+        .with_padding((1, 1))
+        .with_psi(IieuConvPsiKind::BatchNorm)
+        .init(&d)
+        .unwrap();
+    assert_eq!(host_f32(m.ln_weight.val()), vec![0.01f32; 3]);
+    assert_eq!(host_f32(m.eta.val()), vec![0.05f32; 3]);
+    let rm = m.running_mean.as_ref().unwrap();
+    let rv = m.running_var.as_ref().unwrap();
+    assert_eq!(host_f32(rm.value_sync()), vec![0.0f32; 3]);
+    assert_eq!(host_f32(rv.value_sync()), vec![1.0f32; 3]);
+    let mut r = rng(13);
+    let xv: Vec<f32> = randn(&mut r, 160).iter().map(|&v| v as f32).collect();
+    let x = Tensor::<4>::from_data(TensorData::new(xv.clone(), [2, 4, 5, 4]), &d);
+    let y = m.forward(x.clone()).unwrap();
+    assert_eq!(y.dims(), [2, 3, 5, 4]);
+    let after = host_f32(rm.value_sync());
+    assert!(
+        after.iter().any(|&v| v != 0.0),
+        "the training forward updated the mean"
+    );
+    // The CPU forward from the module's values gives the same running mean.
+    let mut params = activation_kernels::cpu::iieu_conv::IieuConvParams {
+        iieu: IieuParams {
+            ln_weight: vec![0.01f32; 3],
+            ln_bias: vec![0.0; 3],
+            eta: vec![0.05; 3],
+        },
+        psi: activation_kernels::cpu::iieu_conv::Psi::BatchNorm(
+            activation_kernels::cpu::iieu_conv::BatchNorm::init(3),
+        ),
+    };
+    let (cfg, ..) = conv_case();
+    let wv = host_f32(m.weight.val());
+    activation_kernels::cpu::iieu_conv::forward(&cfg, &xv, &wv, &mut params).unwrap();
+    let activation_kernels::cpu::iieu_conv::Psi::BatchNorm(bn) = &params.psi else {
+        unreachable!()
+    };
+    assert_eq!(after, bn.running_mean);
+    // Eval: nothing updated.
+    m.forward_t(x.clone(), false).unwrap();
+    assert_eq!(host_f32(rm.value_sync()), after);
+    // Gradients for every parameter, each of its parameter's dims.
+    let g = y.sum().backward();
+    let gw = m.weight.val().grad(&g).expect("weight has a gradient");
+    assert_eq!(gw.dims(), [3, 4, 3, 3]);
+    for (name, p) in [
+        ("bn_weight", m.bn_weight.as_ref().unwrap().val()),
+        ("bn_bias", m.bn_bias.as_ref().unwrap().val()),
+        ("ln_weight", m.ln_weight.val()),
+        ("ln_bias", m.ln_bias.val()),
+        ("eta", m.eta.val()),
+    ] {
+        let gp = p
+            .grad(&g)
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        assert_eq!(gp.dims(), [3], "{name}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tokens (N, L, C): the NLC layout
+
+/// ACON-C (per-channel and per-(sample, channel) β) and the layer generator on tokens
+/// `(2, 5, 3)` (L = 5 ragged): burn's gradients equal the CPU backward on the NLC
+/// shape; an NCHW reading of the same buffer would give other values (checked, so the
+/// layout cannot be ignored silently).
+#[test]
+fn nlc_tokens_match_cpu_backward() {
+    let d = dev();
+    let (n, l, c) = (2, 5, 3);
+    let sh = ActShape::nlc(n, l, c);
+    let mut r = rng(21);
+    let xv = randn(&mut r, n * l * c);
+    let dyv = randn(&mut r, n * l * c);
+    let (p1v, p2v) = (uniform(&mut r, c, 0.5, 1.5), uniform(&mut r, c, -0.5, 0.5));
+    let bcv = uniform(&mut r, c, 0.5, 1.5);
+    let bncv = uniform(&mut r, n * c, 0.5, 1.5);
+    for (name, beta) in [
+        ("per channel", Beta::PerChannel(&bcv[..])),
+        ("per (sample, channel)", Beta::PerSampleChannel(&bncv[..])),
+    ] {
+        let (x, p1, p2) = (t(&xv, [n, l, c], &d), t(&p1v, [c], &d), t(&p2v, [c], &d));
+        let bt = match beta {
+            Beta::PerChannel(_) => t(&bcv, [c], &d),
+            _ => t(&bncv, [n * c], &d),
+        };
+        let b = match beta {
+            Beta::PerChannel(_) => BetaTensor::PerChannel(bt.clone()),
+            _ => BetaTensor::PerSampleChannel(bt.clone().reshape([n, c])),
+        };
+        let y = ops::acon_c(x.clone(), p1.clone(), p2.clone(), b, Layout::Nlc).unwrap();
+        let want_y = acon::acon_c_forward(&sh, &xv, &p1v, &p2v, beta).unwrap();
+        same(&format!("nlc {name} y"), &host(y.clone()), &want_y);
+        // The same buffer read as (N, C, L): same sizes, other channel of each value.
+        let other =
+            acon::acon_c_forward(&ActShape::nchw(n, c, l, 1), &xv, &p1v, &p2v, beta).unwrap();
+        assert_ne!(other, want_y, "the layout changes the result");
+        let g = wsum(y, &dyv, &d).backward();
+        let want = acon::acon_c_backward(&sh, &dyv, &xv, &p1v, &p2v, beta).unwrap();
+        same(&format!("nlc {name} dx"), &grad(&x, &g), &want.dx);
+        same(&format!("nlc {name} dp1"), &grad(&p1, &g), &want.dp1);
+        same(&format!("nlc {name} dp2"), &grad(&p2, &g), &want.dp2);
+        same(&format!("nlc {name} dβ"), &grad(&bt, &g), &want.dbeta);
+    }
+    // The layer-wise generator reads the token layout too.
+    let x = t(&xv, [n, l, c], &d);
+    let beta = ops::layer_gen(x.clone(), Layout::Nlc).unwrap();
+    same(
+        "nlc layer_gen",
+        &host(beta),
+        &acon::layer_gen_forward(&sh, &xv).unwrap(),
+    );
+    // A rank-4 tensor is not tokens.
+    let e = ops::layer_gen(t(&xv, [n, l, c, 1], &d), Layout::Nlc);
+    assert!(
+        matches!(e, Err(activation_kernels::Error::Shape { .. })),
+        "{e:?}"
+    );
+}
+
+/// AIEC on tokens with the labels as an integer tensor: the same output, loss,
+/// counters and gradients as the CPU step on the NLC shape.
+#[test]
+fn aiec_nlc_with_label_tensor_matches_cpu() {
+    use burn::tensor::Int;
+    let d = dev();
+    let (n, l, c, k) = (3, 4, 5, 6);
+    let sh = ActShape::nlc(n, l, c);
+    let mut r = rng(22);
+    let fv = randn(&mut r, n * l * c);
+    let dav = randn(&mut r, n * l * c);
+    let wdv = uniform(&mut r, k * c, -0.6, 0.6);
+    let labels = [5usize, 0, 2];
+    let cfg = AiecConfig {
+        tau: 0.1,
+        lambda_gate: 2.0,
+        ..Default::default()
+    };
+    let counters = Arc::new(Mutex::new(Counters::new(k, c).unwrap()));
+    let (f, wd) = (t(&fv, [n, l, c], &d), t(&wdv, [k, c], &d));
+    let lab = Tensor::<1, Int>::from_data(TensorData::new(vec![5i64, 0, 2], [3]), &d);
+    let out =
+        ops::aiec_train_labels(f.clone(), wd.clone(), lab, cfg, &counters, Layout::Nlc).unwrap();
+    let total = wsum(out.out.clone(), &dav, &d) + out.loss.clone();
+    let g = total.backward();
+    let mut cnt = Counters::new(k, c).unwrap();
+    let want_fwd = aiec::train_forward(&cfg, &sh, &fv, &wdv, &labels, &mut cnt).unwrap();
+    assert_eq!(*counters.lock().unwrap(), cnt);
+    same("aiec nlc A", &host(out.out), &want_fwd.out);
+    same(
+        "aiec nlc loss",
+        &host(out.loss),
+        &[want_fwd.losses.total_aux_gate],
+    );
+    let want = aiec::train_backward(&cfg, &sh, &dav, 1.0, &fv, &wdv, &want_fwd.saved).unwrap();
+    same("aiec nlc dF", &grad(&f, &g), &want.df);
+    same("aiec nlc dWd", &grad(&wd, &g), &want.dwd);
 }

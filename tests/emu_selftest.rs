@@ -728,8 +728,8 @@ fn launch_limit_grid_and_block_dimensions() {
     );
 }
 
-/// A kernel's launch bound (AK_LAUNCH_BOUND at its EMU_REGISTER, as
-/// `__launch_bounds__` on a GPU): the emulated driver reports it as the function's
+/// A kernel's launch bound (AK_KERNEL_BOUND + EMU_REGISTER_BOUND, kernels/common.cuh,
+/// as `__launch_bounds__` on a GPU): the emulated driver reports it as the function's
 /// thread limit and refuses a larger block; the bound itself goes ahead.
 #[test]
 fn launch_limit_kernel_launch_bounds() {
@@ -758,12 +758,13 @@ fn launch_limit_kernel_launch_bounds() {
             "256 threads per block, above the kernel's __launch_bounds__(128)",
         ],
     );
-    // The crate's kernels have the hardware's bound for now (kernels/common.cuh).
+    // A crate kernel declared AK_KERNEL_BOUND(256) (kernels/cast.cu): the same bound
+    // reaches the emulated driver through EMU_REGISTER_BOUND.
     let k = m.load_function("cast_to_f32_f16").unwrap();
     let max = k
         .get_attribute(A::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
         .unwrap();
-    assert!(max > 256, "{max}");
+    assert_eq!(max, 256);
 }
 
 /// A kernel contract (AK_EXPECT in kernels/common.cuh) fails the launch on the emulated
@@ -784,6 +785,35 @@ fn kernel_contract_violation_fails_the_launch() {
         &fault_of(r),
         &["kernel contract violated: (blockDim.x & 31) == 0"],
     );
+}
+
+/// A kernel that states the dynamic shared memory it needs (AK_EXPECT on
+/// `ak::dynamic_smem_bytes()`): given less, the launch fails with the contract in the
+/// report (before the first out-of-bounds access); given enough, it runs.
+#[test]
+fn kernel_contract_dynamic_smem_size() {
+    let run = |bytes: u32| {
+        let (_g, ctx, m) = setup();
+        let f = m.load_function("emu_selftest_dyn_smem_expect").unwrap();
+        let s = ctx.default_stream();
+        let mut y = s.alloc_zeros::<f32>(1).unwrap();
+        let n = 64i32;
+        let mut b = s.launch_builder(&f);
+        b.arg(&mut y).arg(&n);
+        // SAFETY: one block writes n floats of its dynamic shared memory (after checking
+        // it has them) and y[0].
+        let r = unsafe { b.launch(cfg((1, 1, 1), 64, bytes)) };
+        let v = s.clone_dtoh(&y).ok();
+        (r, v)
+    };
+    let (r, _) = run(128);
+    assert_has(
+        &fault_of(r),
+        &["kernel contract violated: ak::dynamic_smem_bytes() >= (unsigned)n * sizeof(float)"],
+    );
+    let (r, v) = run(256);
+    r.unwrap();
+    assert_eq!(v, Some(vec![63.0]));
 }
 
 #[test]

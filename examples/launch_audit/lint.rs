@@ -126,6 +126,49 @@ fn runtime_division(line: &str) -> bool {
     false
 }
 
+/// Attribute-like macros that come before a function's name with their own parentheses
+/// (`AK_KERNEL_BOUND(256) void f(…)`, `__launch_bounds__(256, 2)`): not the name.
+const ATTRS: [&str; 2] = ["__launch_bounds__", "AK_KERNEL_BOUND"];
+
+/// The name a definition line defines: the identifier right before the first `(` that
+/// does not belong to an attribute-like macro ([`ATTRS`]). Macro-generated entry points
+/// are named `<family>_##DT` (any parameter name): the name is cut at `##`.
+fn def_name(l: &str) -> String {
+    let mut from = 0;
+    while let Some(rel) = l[from..].find('(') {
+        let open = from + rel;
+        let mut head = l[..open].trim_end().to_string();
+        if let Some(p) = head.find("##") {
+            head.truncate(p);
+        }
+        let start = head
+            .rfind(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .map_or(0, |p| p + 1);
+        let name = &head[start..];
+        if !ATTRS.contains(&name) {
+            return name.to_string();
+        }
+        // Skip the attribute's balanced parentheses.
+        let mut depth = 0i32;
+        let mut end = l.len();
+        for (k, ch) in l[open..].char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = open + k + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        from = end;
+    }
+    String::new()
+}
+
 /// Parses every function of one file (name -> body facts).
 fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
     let text = strip_comments(src);
@@ -141,17 +184,7 @@ fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
             i += 1;
             continue;
         }
-        // The name: the identifier right before the first '('.
-        let open = l.find('(').unwrap_or(0);
-        // Macro-generated entry points are named `<family>_##DT` (any parameter name).
-        let mut head = l[..open].trim_end().to_string();
-        if let Some(p) = head.find("##") {
-            head.truncate(p);
-        }
-        let name_start = head
-            .rfind(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-            .map_or(0, |p| p + 1);
-        let name = head[name_start..].to_string();
+        let name = def_name(l);
         // The body: from this line to the matching closing brace.
         let mut depth = 0i32;
         let mut started = false;
@@ -245,17 +278,25 @@ fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
     }
 }
 
+/// What [`div64`] found: per kernel, its flagged lines; and the kernels whose
+/// definition it could not find in the sources (a lint that sees no body would pass
+/// them vacuously: the audit fails on these).
+pub struct Div64 {
+    /// Kernel -> flagged `file:line`s.
+    pub lines: BTreeMap<String, Vec<String>>,
+    /// Kernels with no definition found.
+    pub missing: Vec<String>,
+}
+
 /// For every kernel family name registered in the ptxas table (`kernels`), the
 /// flagged lines of its body and of every function it calls.
-pub fn div64(
-    sources: &[(String, String)],
-    kernels: &BTreeSet<String>,
-) -> BTreeMap<String, Vec<String>> {
+pub fn div64(sources: &[(String, String)], kernels: &BTreeSet<String>) -> Div64 {
     let mut funcs = HashMap::new();
     for (file, src) in sources {
         functions(file, src, &mut funcs);
     }
     let mut res = BTreeMap::new();
+    let mut missing = Vec::new();
     for k in kernels {
         // Entry points are defined per dtype through a macro (`name_##DT`): look the
         // family up without its suffix too.
@@ -267,8 +308,11 @@ pub fn div64(
             k.as_str()
         } else if let Some(stripped) = funcs.keys().find(|f| f.as_str() == format!("{base}_")) {
             stripped.as_str()
-        } else {
+        } else if funcs.contains_key(base) {
             base
+        } else {
+            missing.push(k.clone());
+            continue;
         };
         // (function, reached from inside a loop): in a function reached from a loop,
         // every flagged line runs per iteration; otherwise only those in its own loops.
@@ -295,5 +339,30 @@ pub fn div64(
         }
         res.insert(k.clone(), lines.into_iter().collect());
     }
-    res
+    Div64 {
+        lines: res,
+        missing,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_skip_launch_bound_attributes() {
+        assert_eq!(
+            def_name("AK_KERNEL void iieu_fwd_##SUF(const T* x) {"),
+            "iieu_fwd_"
+        );
+        assert_eq!(
+            def_name("AK_KERNEL_BOUND(ak_cast::BLOCK) void cast_to_f32_##SUF(const T* in,"),
+            "cast_to_f32_"
+        );
+        assert_eq!(
+            def_name("extern \"C\" __global__ __launch_bounds__(256, 3) void k(int n) {"),
+            "k"
+        );
+        assert_eq!(def_name("__device__ void f(int a) {"), "f");
+    }
 }

@@ -60,6 +60,8 @@ uint64_t* warp_slots();
 int lane_id();
 // Dynamic shared memory of the current block (launch's sharedMemBytes).
 void* dynamic_smem();
+// Bytes of dynamic shared memory the running launch was given.
+size_t dynamic_smem_bytes();
 // Static shared memory of the current block: one allocation per declaration
 // (`key`), made by the first thread that reaches it, shared by the whole block.
 void* static_smem(const void* key, const char* name, size_t bytes, size_t align);
@@ -119,11 +121,15 @@ inline T exchange(unsigned mask, T v, F src_of) {
 }
 }  // namespace emu
 
-// AK_LAUNCH_BOUND at the point of registration is the kernel's __launch_bounds__
-// (kernels/common.cuh: every AK_KERNEL); the driver refuses larger blocks.
+// A kernel declared AK_KERNEL (kernels/common.cuh: no __launch_bounds__ for nvcc) is
+// registered with AK_LAUNCH_BOUND at this point (1024); the driver refuses larger blocks.
 #define EMU_REGISTER(name)                                                                     \
   static emu::Registrar emu_registrar_##name(#name, reinterpret_cast<void*>(&name), emu::tramp_for(&name), \
                                              AK_LAUNCH_BOUND);
+// A kernel declared AK_KERNEL_BOUND(bound) (common.cuh): registered with that bound.
+#define EMU_REGISTER_BOUND(name, bound)                                                        \
+  static emu::Registrar emu_registrar_##name(#name, reinterpret_cast<void*>(&name), emu::tramp_for(&name), \
+                                             (bound));
 
 #define threadIdx (emu::cur->tid)
 #define blockIdx (emu::cur->bid)

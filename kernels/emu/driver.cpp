@@ -398,7 +398,7 @@ EXPORT int emu_launch_log(int set) {
   return g_log_on.load() ? 1 : 0;
 }
 // The launches logged since the last take, one line each: `kernel gx gy gz bx by bz
-// smem`. Returns the log's length plus one; when that fits in `len`, copies it with a
+// smem bound` (bound: the kernel's launch bound, max threads per block). Returns the log's length plus one; when that fits in `len`, copies it with a
 // NUL into `buf` and clears the log (else leaves it, so the caller can grow `buf`).
 EXPORT size_t emu_take_launch_log(char* buf, size_t len) {
   std::lock_guard<std::mutex> g(g_log_mu);
@@ -719,7 +719,8 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   emu::trace_launch(k->name, dim3(gx, gy, gz), dim3(bx, by, bz), smem);
   if (g_log_on.load(std::memory_order_relaxed)) {
     char line[320];
-    snprintf(line, sizeof line, "%s %u %u %u %u %u %u %u\n", k->name, gx, gy, gz, bx, by, bz, smem);
+    snprintf(line, sizeof line, "%s %u %u %u %u %u %u %u %d\n", k->name, gx, gy, gz, bx, by, bz, smem,
+             k->max_threads);
     std::lock_guard<std::mutex> g(g_log_mu);
     g_log += line;
   }

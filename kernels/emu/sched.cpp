@@ -391,6 +391,7 @@ void warp_sync(unsigned mask) {
 uint64_t* warp_slots() { return tl->slots.data() + (size_t)(tl->current / 32) * 32; }
 int lane_id() { return tl->current % 32; }
 void* dynamic_smem() { return tl->dyn; }
+size_t dynamic_smem_bytes() { return tl->dyn_bytes; }
 
 void* static_smem(const void* key, const char* name, size_t bytes, size_t align) {
   Runner& r = *tl;

@@ -158,6 +158,17 @@ extern "C" __global__ void emu_selftest_dyn_smem(float* y, int n) {
 }
 EMU_REGISTER(emu_selftest_dyn_smem)
 
+// States the dynamic shared memory it needs (n floats) as the crate's kernels do
+// (AK_EXPECT + ak::dynamic_smem_bytes, common.cuh), then touches it.
+extern "C" __global__ void emu_selftest_dyn_smem_expect(float* y, int n) {
+  AK_EXPECT(ak::dynamic_smem_bytes() >= (unsigned)n * sizeof(float));
+  DYNAMIC_SHARED(float, d);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = (float)i;
+  __syncthreads();
+  if (threadIdx.x == 0) y[blockIdx.x] = d[n - 1];
+}
+EMU_REGISTER(emu_selftest_dyn_smem_expect)
+
 // Spin-waits on a flag nothing sets: a hang the watchdog must turn into a failure.
 extern "C" __global__ void emu_selftest_spin(int* flag) {
   while (atomicAdd(flag, 0) == 0) {
@@ -205,13 +216,11 @@ extern "C" __global__ void emu_selftest_cross_block(float* x, float* y, int mode
 }
 EMU_REGISTER(emu_selftest_cross_block)
 
-// A kernel registered with a launch bound of 128 threads (as __launch_bounds__(128)
-// would give it on a GPU): the driver must refuse a 256-thread block.
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 128
-extern "C" __global__ void emu_selftest_bounded(float* y, int n) {
+// A kernel with a launch bound of 128 threads, declared as the crate's kernels declare
+// theirs (AK_KERNEL_BOUND + EMU_REGISTER_BOUND, common.cuh): the driver must refuse a
+// 256-thread block, as a GPU refuses a block above __launch_bounds__(128).
+constexpr int EMU_SELFTEST_BOUND = 128;
+AK_KERNEL_BOUND(EMU_SELFTEST_BOUND) void emu_selftest_bounded(float* y, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = 1.0f;
 }
-EMU_REGISTER(emu_selftest_bounded)
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024
+EMU_REGISTER_BOUND(emu_selftest_bounded, EMU_SELFTEST_BOUND)

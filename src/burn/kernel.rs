@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::cpu::acon::{self, Beta, ChannelGen, ChannelGenSaved};
 use crate::cpu::aiec::{self, AiecConfig, AiecSaved, Counters};
 use crate::cpu::iieu::{self, IieuConfig, IieuParams, IieuSaved};
+use crate::cpu::iieu_conv::{self, BatchNorm, IieuConvParams, IieuConvSaved, Psi};
 use crate::cpu::iieu_dc::{self, DcConfig, DcParams, DcSaved};
 use crate::real::Real;
 use crate::{ActShape, Error, Result};
@@ -53,6 +54,43 @@ pub(crate) struct AiecStep {
     pub stats: Arc<Mutex<Option<AiecStats>>>,
 }
 
+/// Which ψ a fused IieuConv2d applies between its convolution and IIEU-B
+/// ([`crate::cpu::iieu_conv::Psi`]); the learnable vectors travel in the op's pack.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum ConvPsiKind {
+    /// `x = c` (no vectors).
+    None,
+    /// `x = c + b[o]` (pack: `b`).
+    Bias,
+    /// `x = a[o]·c + b[o]` (pack: `a`, `b`).
+    Affine,
+    /// BatchNorm (pack: `γ`, `β`, and at the end the running mean and variance, which
+    /// get a zero gradient).
+    BatchNorm {
+        momentum: f64,
+        eps: f64,
+        training: bool,
+    },
+}
+
+impl ConvPsiKind {
+    /// Learnable ψ vectors at the head of the pack.
+    pub(crate) fn n_vectors(self) -> usize {
+        match self {
+            ConvPsiKind::None => 0,
+            ConvPsiKind::Bias => 1,
+            ConvPsiKind::Affine | ConvPsiKind::BatchNorm { .. } => 2,
+        }
+    }
+    /// Running-statistics vectors at the tail of the pack.
+    pub(crate) fn n_running(self) -> usize {
+        usize::from(matches!(self, ConvPsiKind::BatchNorm { .. })) * 2
+    }
+}
+
+/// BatchNorm's running statistics after a training forward: `(mean, var)`, host f64.
+pub(crate) type RunningSlot = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
+
 /// Which CPU op runs, with its non-tensor arguments.
 #[derive(Debug, Clone)]
 pub(crate) enum OpKind {
@@ -76,6 +114,14 @@ pub(crate) enum OpKind {
     Iieu { cfg: IieuConfig },
     /// Inputs `x, res, packed parameters` (the nine of [`DcParams`], flattened, in field order).
     Dc { cfg: DcConfig },
+    /// Inputs `x_pre, W, pack` with pack `[ψ vectors; γ̇; β̇; η; running mean; running
+    /// var]` (ψ's as [`ConvPsiKind`] says, the running statistics for BatchNorm only);
+    /// a training BatchNorm leaves its updated statistics in `running_out`.
+    IieuConv {
+        cfg: IieuConfig,
+        psi: ConvPsiKind,
+        running_out: RunningSlot,
+    },
     /// Inputs `F, Wd`; output `[A (flat), total loss]`.
     Aiec(AiecStep),
 }
@@ -128,7 +174,7 @@ impl HostOp {
             OpKind::LayerGen { .. } | OpKind::Tau { .. } => 1,
             OpKind::ChannelGen { bias, .. } => 3 + 2 * usize::from(*bias),
             OpKind::Iieu { .. } => 6,
-            OpKind::Dc { .. } => 3,
+            OpKind::Dc { .. } | OpKind::IieuConv { .. } => 3,
             OpKind::Aiec(_) => 2,
         }
     }
@@ -145,6 +191,8 @@ enum Saved<T> {
     Iieu(Box<IieuSaved<T>>),
     Dc(Box<DcSaved<T>>),
     Aiec(Box<AiecSaved<T>>),
+    /// The forward's state and the parameters it ran with.
+    Conv(Box<(IieuConvSaved<T>, IieuConvParams<T>)>),
 }
 
 fn beta_of<T>(axis: BetaAxis, b: Option<&[T]>) -> Beta<'_, T> {
@@ -224,6 +272,54 @@ fn dc_unpack<T: Real>(cfg: &DcConfig, packed: &[T]) -> Result<DcParams<T>> {
     })
 }
 
+/// IieuConv2d's parameters from its pack (see [`OpKind::IieuConv`]).
+fn conv_unpack<T: Real>(
+    cfg: &IieuConfig,
+    psi: ConvPsiKind,
+    pack: &[T],
+) -> Result<IieuConvParams<T>> {
+    let o = cfg.geometry.c_out;
+    let k = psi.n_vectors();
+    let total = (k + 3 + psi.n_running()) * o;
+    if pack.len() != total {
+        return Err(Error::LengthMismatch {
+            what: "iieu_conv2d packed parameters",
+            expected: total,
+            got: pack.len(),
+        });
+    }
+    let v = |i: usize| pack[i * o..(i + 1) * o].to_vec();
+    let psi = match psi {
+        ConvPsiKind::None => Psi::None,
+        ConvPsiKind::Bias => Psi::Bias(v(0)),
+        ConvPsiKind::Affine => Psi::Affine {
+            scale: v(0),
+            shift: v(1),
+        },
+        ConvPsiKind::BatchNorm {
+            momentum,
+            eps,
+            training,
+        } => Psi::BatchNorm(BatchNorm {
+            weight: v(0),
+            bias: v(1),
+            running_mean: v(k + 3),
+            running_var: v(k + 4),
+            momentum,
+            eps,
+            training,
+        }),
+    };
+    Ok(IieuConvParams {
+        iieu: IieuParams {
+            ln_weight: v(k),
+            ln_bias: v(k + 1),
+            eta: v(k + 2),
+        },
+        psi,
+    })
+}
+
 fn dc_pack<T: Real>(g: iieu_dc::DcGrads<T>) -> Vec<T> {
     [
         g.d_ln1_weight,
@@ -281,6 +377,21 @@ pub(crate) fn forward<T: Real>(op: &HostOp, ins: &[&[T]]) -> Result<(Vec<T>, Sav
             let params = dc_unpack(cfg, ins[2])?;
             let (y, saved) = iieu_dc::forward(cfg, ins[0], ins[1], &params)?;
             (y, Saved::Dc(Box::new(saved)))
+        }
+        OpKind::IieuConv {
+            cfg,
+            psi,
+            running_out,
+        } => {
+            let mut params = conv_unpack(cfg, *psi, ins[2])?;
+            let (y, saved) = iieu_conv::forward(cfg, ins[0], ins[1], &mut params)?;
+            if let Psi::BatchNorm(bn) = &params.psi {
+                if bn.training {
+                    let f = |v: &[T]| v.iter().map(|&x| Real::to_f64(x)).collect::<Vec<f64>>();
+                    *lock(running_out) = Some((f(&bn.running_mean), f(&bn.running_var)));
+                }
+            }
+            (y, Saved::Conv(Box::new((saved, params))))
         }
         OpKind::Aiec(step) => {
             let mut counters = lock(&step.counters);
@@ -389,6 +500,21 @@ pub(crate) fn backward<T: Real>(
             let g = iieu_dc::backward(cfg, dout, ins[0], ins[1], &params, s)?;
             let (dx, dres) = (g.dx.clone(), g.dres.clone());
             vec![dx, dres, dc_pack(g)]
+        }
+        OpKind::IieuConv { cfg, .. } => {
+            let Saved::Conv(b) = saved else {
+                return Err(mismatch());
+            };
+            let (s, params) = &**b;
+            let g = iieu_conv::backward(cfg, dout, ins[0], ins[1], params, s)?;
+            let mut dp = g.d_psi_scale;
+            dp.extend(g.d_psi_shift);
+            dp.extend(g.d_ln_weight);
+            dp.extend(g.d_ln_bias);
+            dp.extend(g.d_eta);
+            // The running statistics are state, not parameters: zero gradient.
+            dp.resize(ins[2].len(), T::zero());
+            vec![g.dx_pre, g.dw, dp]
         }
         OpKind::Aiec(step) => {
             let Saved::Aiec(s) = saved else {

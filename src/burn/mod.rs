@@ -10,13 +10,13 @@
 //!   backward and registers a gradient for every input).
 //! * [`ops`] — `acon_c`, `acon_b`, `acon_a` (β per channel, per (sample, channel) or
 //!   per sample as a tensor that gets its gradient, or pixel-wise), the meta-ACON
-//!   generators `channel_gen` and `layer_gen`, `iieu_b`, `iieu_dc`, `tau` and
-//!   `aiec_train`. Every function returns `Result<Tensor, crate::Error>`: bad input
+//!   generators `channel_gen` and `layer_gen`, `iieu_b`, the fused `iieu_conv2d`
+//!   (convolution → ψ → IIEU-B as one op), `iieu_dc`, `tau` and `aiec_train`. Every function returns `Result<Tensor, crate::Error>`: bad input
 //!   (shapes, lengths, empty tensors, labels, parameters, dtype) is the CPU op's own
 //!   error, never a panic.
 //! * [`nn`] — `#[derive(Module)]` modules with a `Config` and `Param`s at the SPEC
 //!   inits: [`nn::AconC`], [`nn::AconB`], [`nn::AconA`], [`nn::MetaAconC`],
-//!   [`nn::IieuB`], [`nn::IieuDc`], [`nn::Aiec`], [`nn::Tau`].
+//!   [`nn::IieuB`], [`nn::IieuConv2d`], [`nn::IieuDc`], [`nn::Aiec`], [`nn::Tau`].
 //!
 //! Supported: `f32` and `f64` tensors on burn's `Flex` device, with or without
 //! autodiff (`Device::flex()`, `Device::flex().autodiff()`). A tensor on another

@@ -8,15 +8,16 @@
 use std::sync::{Arc, Mutex};
 
 use ::burn::config::Config;
-use ::burn::module::{Module, Param};
-use ::burn::tensor::{Device, Tensor, TensorData};
+use ::burn::module::{Module, Param, RunningState};
+use ::burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::ops::{self, AiecOut, BetaTensor, DcTensors, IieuOpts};
+use super::ops::{self, AiecOut, BetaTensor, ConvPsi, DcTensors, IieuOpts};
 use crate::cpu::acon::ChannelGen;
 use crate::cpu::aiec::{AiecConfig, Counters};
 use crate::cpu::iieu::PatchNorm;
 use crate::cpu::iieu_dc::{DcConfig, DcParams};
 use crate::Error as AkError;
+use crate::Layout;
 
 fn param<const D: usize>(v: Vec<f32>, dims: [usize; D], device: &Device) -> Param<Tensor<D>> {
     Param::from_tensor(Tensor::from_data(TensorData::new(v, dims), device))
@@ -37,11 +38,33 @@ fn nonzero(what: &'static str, v: usize) -> crate::Result<()> {
 // ---------------------------------------------------------------------------
 // ACON
 
-/// Config of [`AconC`], [`AconB`] and [`AconA`]: channel count.
+/// Where a module's input has its channel axis (the `Config` form of
+/// [`crate::Layout`]).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum ChannelAxis {
+    /// `(N, C, ...)`: images (the default).
+    Nchw,
+    /// `(N, L, C)`: tokens, channels last (a ViT's activations).
+    Nlc,
+}
+
+impl From<ChannelAxis> for Layout {
+    fn from(a: ChannelAxis) -> Self {
+        match a {
+            ChannelAxis::Nchw => Layout::Nchw,
+            ChannelAxis::Nlc => Layout::Nlc,
+        }
+    }
+}
+
+/// Config of [`AconC`], [`AconB`] and [`AconA`]: channel count and layout.
 #[derive(Config, Debug)]
 pub struct AconConfig {
     /// Channels C.
     pub channels: usize,
+    /// Where the input's channel axis is.
+    #[config(default = "ChannelAxis::Nchw")]
+    pub layout: ChannelAxis,
 }
 
 /// ACON-C with per-channel `p1`, `p2`, `β` (each `(C)`, paper init `p1 = β = 1`,
@@ -55,6 +78,9 @@ pub struct AconC {
     pub p2: Param<Tensor<1>>,
     /// β, `(C)`.
     pub beta: Param<Tensor<1>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl AconConfig {
@@ -66,6 +92,7 @@ impl AconConfig {
             p1: full(c, 1.0, device),
             p2: full(c, 0.0, device),
             beta: full(c, 1.0, device),
+            layout: self.layout.into(),
         })
     }
 
@@ -76,6 +103,7 @@ impl AconConfig {
         Ok(AconB {
             p: full(c, 0.0, device),
             beta: full(c, 1.0, device),
+            layout: self.layout.into(),
         })
     }
 
@@ -84,18 +112,20 @@ impl AconConfig {
         nonzero("channels C", self.channels)?;
         Ok(AconA {
             beta: full(self.channels, 1.0, device),
+            layout: self.layout.into(),
         })
     }
 }
 
 impl AconC {
-    /// ACON-C of `x` `(N, C, ...)`.
+    /// ACON-C of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
         ops::acon_c(
             x,
             self.p1.val(),
             self.p2.val(),
             BetaTensor::PerChannel(self.beta.val()),
+            self.layout,
         )
     }
 
@@ -106,7 +136,7 @@ impl AconC {
         x: Tensor<D>,
         beta: BetaTensor,
     ) -> crate::Result<Tensor<D>> {
-        ops::acon_c(x, self.p1.val(), self.p2.val(), beta)
+        ops::acon_c(x, self.p1.val(), self.p2.val(), beta, self.layout)
     }
 }
 
@@ -118,12 +148,20 @@ pub struct AconB {
     pub p: Param<Tensor<1>>,
     /// β, `(C)`.
     pub beta: Param<Tensor<1>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl AconB {
-    /// ACON-B of `x` `(N, C, ...)`.
+    /// ACON-B of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
-        ops::acon_b(x, self.p.val(), BetaTensor::PerChannel(self.beta.val()))
+        ops::acon_b(
+            x,
+            self.p.val(),
+            BetaTensor::PerChannel(self.beta.val()),
+            self.layout,
+        )
     }
 }
 
@@ -133,12 +171,15 @@ impl AconB {
 pub struct AconA {
     /// β, `(C)`.
     pub beta: Param<Tensor<1>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl AconA {
-    /// ACON-A of `x` `(N, C, ...)`.
+    /// ACON-A of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
-        ops::acon_a(x, BetaTensor::PerChannel(self.beta.val()))
+        ops::acon_a(x, BetaTensor::PerChannel(self.beta.val()), self.layout)
     }
 }
 
@@ -170,6 +211,9 @@ pub struct MetaAconCConfig {
     /// Seed of the generator's init ([`ChannelGen::init`]).
     #[config(default = 0)]
     pub seed: u64,
+    /// Where the input's channel axis is.
+    #[config(default = "ChannelAxis::Nchw")]
+    pub layout: ChannelAxis,
 }
 
 /// meta-ACON-C: ACON-C (`p1`, `p2` `(C)`, paper init) with β from a generator
@@ -193,6 +237,9 @@ pub struct MetaAconC {
     /// The generator kind.
     #[module(skip)]
     pub generator: MetaGenKind,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 impl MetaAconCConfig {
@@ -216,6 +263,7 @@ impl MetaAconCConfig {
             b1,
             b2,
             generator: self.generator,
+            layout: self.layout.into(),
         })
     }
 }
@@ -235,17 +283,23 @@ impl MetaAconC {
                     (Some(b1), Some(b2)) => Some((b1.val(), b2.val())),
                     _ => None,
                 };
-                BetaTensor::PerSampleChannel(ops::channel_gen(x, w1.val(), w2.val(), bias)?)
+                BetaTensor::PerSampleChannel(ops::channel_gen(
+                    x,
+                    w1.val(),
+                    w2.val(),
+                    bias,
+                    self.layout,
+                )?)
             }
-            MetaGenKind::Layer => BetaTensor::PerSample(ops::layer_gen(x)?),
+            MetaGenKind::Layer => BetaTensor::PerSample(ops::layer_gen(x, self.layout)?),
             MetaGenKind::Pixel => BetaTensor::PixelWise,
         })
     }
 
-    /// meta-ACON-C of `x` `(N, C, ...)`.
+    /// meta-ACON-C of `x` (`(N, C, ...)` or `(N, L, C)`, as configured).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> crate::Result<Tensor<D>> {
         let beta = self.beta(x.clone())?;
-        ops::acon_c(x, self.p1.val(), self.p2.val(), beta)
+        ops::acon_c(x, self.p1.val(), self.p2.val(), beta, self.layout)
     }
 }
 
@@ -332,6 +386,229 @@ impl IieuB {
             self.eta.val(),
             self.opts,
         )
+    }
+}
+
+/// Which ψ an [`IieuConv2d`] applies between its convolution and IIEU-B.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum IieuConvPsiKind {
+    /// `x = c` (no parameters).
+    None,
+    /// `x = c + bias[o]` (`bias` uniform `±1/sqrt(fan_in)`, PyTorch's conv bias init).
+    Bias,
+    /// BatchNorm2d (PyTorch semantics): `bn_weight` (init 1), `bn_bias` (init 0), running
+    /// mean (0) and variance (1) as burn `RunningState`s (saved with the module, no
+    /// gradient).
+    BatchNorm,
+}
+
+/// Config of [`IieuConv2d`]: a `KH×KW` convolution from `in_channels` to
+/// `out_channels`, ψ, then IIEU-B.
+#[derive(Config, Debug)]
+pub struct IieuConv2dConfig {
+    /// Input channels C.
+    pub in_channels: usize,
+    /// Output channels O.
+    pub out_channels: usize,
+    /// `(KH, KW)`.
+    pub kernel_size: (usize, usize),
+    /// `(stride_h, stride_w)`.
+    #[config(default = "(1, 1)")]
+    pub stride: (usize, usize),
+    /// `(pad_h, pad_w)`.
+    #[config(default = "(0, 0)")]
+    pub padding: (usize, usize),
+    /// `(dilation_h, dilation_w)`.
+    #[config(default = "(1, 1)")]
+    pub dilation: (usize, usize),
+    /// Groups.
+    #[config(default = 1)]
+    pub groups: usize,
+    /// ψ.
+    #[config(default = "IieuConvPsiKind::None")]
+    pub psi: IieuConvPsiKind,
+    /// BatchNorm's running-stat momentum (PyTorch's 0.1).
+    #[config(default = 0.1)]
+    pub bn_momentum: f64,
+    /// BatchNorm's eps (PyTorch's 1e-5).
+    #[config(default = 1e-5)]
+    pub bn_eps: f64,
+    /// Normalise each patch over all input channels instead of per group.
+    #[config(default = false)]
+    pub patch_norm_all_channels: bool,
+    /// Seed of the weight (and bias) init.
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+/// Convolution → ψ → IIEU-B as ONE fused op ([`ops::iieu_conv2d`], SPEC §1, §1.5):
+///
+/// ```text
+/// c = conv(x_pre, W),  x = ψ(c),  y = ς(ρ̂)·x,  ρ̂ = x·r_w[o]·r_x + ν[n,o]
+/// ```
+///
+/// Parameters: `weight` `(O, C/g, KH, KW)` (Kaiming normal, `std = sqrt(2/fan_in)`, from
+/// the config's seed), ψ's ([`IieuConvPsiKind`]), `ln_weight` γ̇ (0.01), `ln_bias` β̇ (0),
+/// `eta` η (0.05), each `(O)`. Gradients for every parameter and `x_pre`:
+/// [`crate::cpu::iieu_conv::backward`]. BatchNorm trains (batch statistics, running
+/// statistics updated once per forward) when the input is on an autodiff device, as
+/// burn's `BatchNorm` does; [`IieuConv2d::forward_t`] picks the mode explicitly.
+#[derive(Module, Debug)]
+pub struct IieuConv2d {
+    /// Conv weight `(O, C/g, KH, KW)`.
+    pub weight: Param<Tensor<4>>,
+    /// ψ's bias ([`IieuConvPsiKind::Bias`]).
+    pub bias: Option<Param<Tensor<1>>>,
+    /// BatchNorm's γ ([`IieuConvPsiKind::BatchNorm`]).
+    pub bn_weight: Option<Param<Tensor<1>>>,
+    /// BatchNorm's β.
+    pub bn_bias: Option<Param<Tensor<1>>>,
+    /// BatchNorm's running mean.
+    pub running_mean: Option<RunningState<Tensor<1>>>,
+    /// BatchNorm's running variance.
+    pub running_var: Option<RunningState<Tensor<1>>>,
+    /// γ̇, `(O)`.
+    pub ln_weight: Param<Tensor<1>>,
+    /// β̇, `(O)`.
+    pub ln_bias: Param<Tensor<1>>,
+    /// η, `(O)`.
+    pub eta: Param<Tensor<1>>,
+    /// Conv settings and patch-norm convention.
+    #[module(skip)]
+    pub opts: IieuOpts,
+    /// BatchNorm's `(momentum, eps)`.
+    #[module(skip)]
+    pub bn_momentum_eps: (f64, f64),
+}
+
+/// A standard normal draw (Box–Muller on [`uniform01`]).
+fn normal01(state: &mut u64) -> f64 {
+    let u1 = uniform01(state).max(f64::MIN_POSITIVE);
+    let u2 = uniform01(state);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl IieuConv2dConfig {
+    /// Builds the module. Errors: a zero size, channels not multiples of `groups`, or
+    /// a bad BatchNorm momentum / eps.
+    pub fn init(&self, device: &Device) -> crate::Result<IieuConv2d> {
+        let (c, o, (kh, kw)) = (self.in_channels, self.out_channels, self.kernel_size);
+        for (what, v) in [
+            ("in_channels", c),
+            ("out_channels", o),
+            ("kernel_size", kh.min(kw)),
+            ("stride", self.stride.0.min(self.stride.1)),
+            ("dilation", self.dilation.0.min(self.dilation.1)),
+            ("groups", self.groups),
+        ] {
+            nonzero(what, v)?;
+        }
+        if c % self.groups != 0 || o % self.groups != 0 {
+            return Err(AkError::InvalidParam {
+                what: "groups",
+                msg: format!(
+                    "in_channels {c} and out_channels {o} must be multiples of groups {}",
+                    self.groups
+                ),
+            });
+        }
+        let bn = self.psi == IieuConvPsiKind::BatchNorm;
+        if bn && !((0.0..=1.0).contains(&self.bn_momentum) && self.bn_eps > 0.0) {
+            return Err(AkError::InvalidParam {
+                what: "bn_momentum / bn_eps",
+                msg: format!(
+                    "momentum in [0, 1] and eps > 0, got {} and {}",
+                    self.bn_momentum, self.bn_eps
+                ),
+            });
+        }
+        let fan_in = c / self.groups * kh * kw;
+        let mut st = self.seed;
+        let std = (2.0 / fan_in as f64).sqrt();
+        let w = (0..o * fan_in)
+            .map(|_| (normal01(&mut st) * std) as f32)
+            .collect();
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let bias = (self.psi == IieuConvPsiKind::Bias).then(|| {
+            let b = (0..o)
+                .map(|_| ((2.0 * uniform01(&mut st) - 1.0) * bound) as f32)
+                .collect();
+            param(b, [o], device)
+        });
+        let state =
+            |v: f32| RunningState::new(Tensor::from_data(TensorData::new(vec![v; o], [o]), device));
+        Ok(IieuConv2d {
+            weight: param(w, [o, c / self.groups, kh, kw], device),
+            bias,
+            bn_weight: bn.then(|| full(o, 1.0, device)),
+            bn_bias: bn.then(|| full(o, 0.0, device)),
+            running_mean: bn.then(|| state(0.0)),
+            running_var: bn.then(|| state(1.0)),
+            ln_weight: full(o, 0.01, device),
+            ln_bias: full(o, 0.0, device),
+            eta: full(o, 0.05, device),
+            opts: IieuOpts {
+                stride: self.stride,
+                padding: self.padding,
+                dilation: self.dilation,
+                groups: self.groups,
+                patch_norm: if self.patch_norm_all_channels {
+                    PatchNorm::AllChannels
+                } else {
+                    PatchNorm::PerGroup
+                },
+            },
+            bn_momentum_eps: (self.bn_momentum, self.bn_eps),
+        })
+    }
+}
+
+impl IieuConv2d {
+    /// [`IieuConv2d::forward_t`], training when `x_pre` is on an autodiff device.
+    pub fn forward(&self, x_pre: Tensor<4>) -> crate::Result<Tensor<4>> {
+        let train = x_pre.device().is_autodiff();
+        self.forward_t(x_pre, train)
+    }
+
+    /// `y = IIEU-B(ψ(conv(x_pre)))`, `x_pre` `(N, C, H, W)` → `(N, O, H', W')`. `train`:
+    /// BatchNorm uses the batch statistics and updates the running ones once; otherwise
+    /// it uses the running ones and updates nothing (no effect without BatchNorm).
+    pub fn forward_t(&self, x_pre: Tensor<4>, train: bool) -> crate::Result<Tensor<4>> {
+        let psi = match (
+            &self.bias,
+            &self.bn_weight,
+            &self.bn_bias,
+            &self.running_mean,
+            &self.running_var,
+        ) {
+            (_, Some(w), Some(b), Some(m), Some(v)) => ConvPsi::BatchNorm {
+                weight: w.val(),
+                bias: b.val(),
+                running_mean: m.value_sync(),
+                running_var: v.value_sync(),
+                momentum: self.bn_momentum_eps.0,
+                eps: self.bn_momentum_eps.1,
+                training: train,
+            },
+            (Some(b), ..) => ConvPsi::Bias(b.val()),
+            _ => ConvPsi::None,
+        };
+        let out = ops::iieu_conv2d(
+            x_pre,
+            self.weight.val(),
+            psi,
+            self.ln_weight.val(),
+            self.ln_bias.val(),
+            self.eta.val(),
+            self.opts,
+        )?;
+        if let (Some(m), Some(v), Some((nm, nv))) =
+            (&self.running_mean, &self.running_var, out.running)
+        {
+            m.update(nm);
+            v.update(nv);
+        }
+        Ok(out.y)
     }
 }
 
@@ -443,6 +720,9 @@ pub struct AiecModuleConfig {
     /// Seed of the `Wd` init.
     #[config(default = 0)]
     pub seed: u64,
+    /// Where the input's channel axis is.
+    #[config(default = "ChannelAxis::Nchw")]
+    pub layout: ChannelAxis,
 }
 
 /// AIEC (SPEC §3) in place of a ReLU: `A = TAU(F)`, plus in training the DMU, the ACU
@@ -460,6 +740,9 @@ pub struct Aiec {
     /// The ACU counters.
     #[module(skip)]
     pub counters: Arc<Mutex<Counters>>,
+    /// Layout of the input.
+    #[module(skip)]
+    pub layout: Layout,
 }
 
 /// splitmix64 uniform in `[0, 1)` (deterministic init of `Wd`).
@@ -493,6 +776,7 @@ impl AiecModuleConfig {
             wd: param(wd, [k, c], device),
             cfg,
             counters: Arc::new(Mutex::new(counters)),
+            layout: self.layout.into(),
         })
     }
 }
@@ -505,7 +789,32 @@ impl Aiec {
         f: Tensor<D>,
         labels: &[usize],
     ) -> crate::Result<AiecOut<D>> {
-        ops::aiec_train(f, self.wd.val(), labels, self.cfg, &self.counters)
+        ops::aiec_train(
+            f,
+            self.wd.val(),
+            labels,
+            self.cfg,
+            &self.counters,
+            self.layout,
+        )
+    }
+
+    /// [`Aiec::forward_train`] with the labels as an integer tensor `(N)` (read to the
+    /// host: the CPU step needs them there). A negative label or one `≥ K` is an
+    /// `Err`, as in [`ops::aiec_train_labels`].
+    pub fn forward_train_labels<const D: usize>(
+        &self,
+        f: Tensor<D>,
+        labels: Tensor<1, Int>,
+    ) -> crate::Result<AiecOut<D>> {
+        ops::aiec_train_labels(
+            f,
+            self.wd.val(),
+            labels,
+            self.cfg,
+            &self.counters,
+            self.layout,
+        )
     }
 
     /// Inference: `A = TAU(F)`.

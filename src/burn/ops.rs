@@ -4,8 +4,9 @@
 //! ([`crate::cpu`]) and, under `Autodiff`, registers a backward node that runs the
 //! crate's CPU backward ([`super::AkBackend`]). Formulas and gradients are those of
 //! the CPU op each function names. Tensors are `f32` or `f64` (all inputs of one call
-//! the same dtype); activations are NCHW-like `(N, C, ...)` (`S` = product of the
-//! trailing dims, `1` for a rank-2 `(N, C)` input).
+//! the same dtype); the ACON ops, the meta-ACON generators and AIEC take activations
+//! in either [`Layout`]: NCHW-like `(N, C, ...)` (`S` = product of the trailing dims,
+//! `1` for a rank-2 `(N, C)` input) or tokens `(N, L, C)` (channels last, e.g. a ViT's).
 //!
 //! Errors: every function returns [`crate::Error`] for bad input (wrong shapes or
 //! lengths, empty tensors, labels out of range, bad parameters, another dtype) — the
@@ -14,13 +15,14 @@
 use std::sync::{Arc, Mutex};
 
 use ::burn::backend::{Dispatch, DispatchTensor};
-use ::burn::tensor::Tensor;
+use ::burn::tensor::{Int, Tensor, TensorCreationOptions, TensorData};
 
 use super::backend::AkBackend;
 pub use super::kernel::{AiecStats, BetaAxis};
-use super::kernel::{HostOp, OpKind, MAX_INPUTS};
+use super::kernel::{ConvPsiKind, HostOp, OpKind, RunningSlot, MAX_INPUTS};
 use crate::cpu::aiec::{AiecConfig, Counters};
 use crate::cpu::iieu_dc::DcConfig;
+pub use crate::Layout;
 use crate::{ActShape, Error, Result};
 
 /// ACON's switching factor β as a tensor that receives its gradient (any generator
@@ -65,27 +67,39 @@ impl BetaTensor {
     }
 }
 
-/// `(N, C, ...)` dims as an NCHW [`ActShape`] (`S` = product of the trailing dims).
-pub(crate) fn act_shape(dims: &[usize]) -> Result<ActShape> {
-    if dims.len() < 2 {
-        return Err(Error::Shape {
-            what: "x",
-            msg: format!("expected (N, C, ...), got rank {}", dims.len()),
-        });
+/// The [`ActShape`] of `dims` in `layout`: [`Layout::Nchw`] `(N, C, ...)` (`S` = product
+/// of the trailing dims) or [`Layout::Nlc`] `(N, L, C)` (tokens, channels last).
+pub(crate) fn act_shape(dims: &[usize], layout: Layout) -> Result<ActShape> {
+    match layout {
+        Layout::Nchw => {
+            if dims.len() < 2 {
+                return Err(Error::Shape {
+                    what: "x",
+                    msg: format!("expected (N, C, ...), got rank {}", dims.len()),
+                });
+            }
+            let s = dims[2..]
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| Error::Shape {
+                    what: "x",
+                    msg: "N·C·S overflows usize".into(),
+                })?;
+            Ok(ActShape {
+                n: dims[0],
+                c: dims[1],
+                s,
+                layout: Layout::Nchw,
+            })
+        }
+        Layout::Nlc => match dims {
+            &[n, l, c] => Ok(ActShape::nlc(n, l, c)),
+            _ => Err(Error::Shape {
+                what: "x",
+                msg: format!("expected (N, L, C), got dims {dims:?}"),
+            }),
+        },
     }
-    let s = dims[2..]
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| Error::Shape {
-            what: "x",
-            msg: "N·C·S overflows usize".into(),
-        })?;
-    Ok(ActShape {
-        n: dims[0],
-        c: dims[1],
-        s,
-        layout: crate::Layout::Nchw,
-    })
 }
 
 /// Runs `kind` through [`AkBackend::ak_host_op`] on `ins` (at least one, at most
@@ -130,9 +144,10 @@ pub fn acon_c<const D: usize>(
     p1: Tensor<1>,
     p2: Tensor<1>,
     beta: BetaTensor,
+    layout: Layout,
 ) -> Result<Tensor<D>> {
     let dims = x.dims();
-    let shape = act_shape(&dims)?;
+    let shape = act_shape(&dims, layout)?;
     let (axis, b) = beta.split(&shape)?;
     let ins = vec![x.into_dispatch(), p1.into_dispatch(), p2.into_dispatch()];
     run(OpKind::AconC { shape, beta: axis }, dims, with_beta(ins, b))
@@ -140,9 +155,14 @@ pub fn acon_c<const D: usize>(
 
 /// ACON-B, `y = (1 − p)·x·σ(β·(1 − p)·x) + p·x`, `p` of shape `(C)`. Gradients:
 /// [`crate::cpu::acon::acon_b_backward`].
-pub fn acon_b<const D: usize>(x: Tensor<D>, p: Tensor<1>, beta: BetaTensor) -> Result<Tensor<D>> {
+pub fn acon_b<const D: usize>(
+    x: Tensor<D>,
+    p: Tensor<1>,
+    beta: BetaTensor,
+    layout: Layout,
+) -> Result<Tensor<D>> {
     let dims = x.dims();
-    let shape = act_shape(&dims)?;
+    let shape = act_shape(&dims, layout)?;
     let (axis, b) = beta.split(&shape)?;
     let ins = vec![x.into_dispatch(), p.into_dispatch()];
     run(OpKind::AconB { shape, beta: axis }, dims, with_beta(ins, b))
@@ -150,9 +170,9 @@ pub fn acon_b<const D: usize>(x: Tensor<D>, p: Tensor<1>, beta: BetaTensor) -> R
 
 /// ACON-A (Swish with learnable β), `y = x·σ(β·x)`. Gradients:
 /// [`crate::cpu::acon::acon_a_backward`].
-pub fn acon_a<const D: usize>(x: Tensor<D>, beta: BetaTensor) -> Result<Tensor<D>> {
+pub fn acon_a<const D: usize>(x: Tensor<D>, beta: BetaTensor, layout: Layout) -> Result<Tensor<D>> {
     let dims = x.dims();
-    let shape = act_shape(&dims)?;
+    let shape = act_shape(&dims, layout)?;
     let (axis, b) = beta.split(&shape)?;
     run(
         OpKind::AconA { shape, beta: axis },
@@ -164,8 +184,8 @@ pub fn acon_a<const D: usize>(x: Tensor<D>, beta: BetaTensor) -> Result<Tensor<D
 /// Layer-wise meta-ACON generator, `β[n] = σ(Σ_c GAP(x)[n, c])`, shape `(N)`; feed it
 /// to an ACON op as [`BetaTensor::PerSample`]. Gradient:
 /// [`crate::cpu::acon::layer_gen_backward`].
-pub fn layer_gen<const D: usize>(x: Tensor<D>) -> Result<Tensor<1>> {
-    let shape = act_shape(&x.dims())?;
+pub fn layer_gen<const D: usize>(x: Tensor<D>, layout: Layout) -> Result<Tensor<1>> {
+    let shape = act_shape(&x.dims(), layout)?;
     run(
         OpKind::LayerGen { shape },
         [shape.n],
@@ -183,8 +203,9 @@ pub fn channel_gen<const D: usize>(
     w1: Tensor<2>,
     w2: Tensor<2>,
     bias: Option<(Tensor<1>, Tensor<1>)>,
+    layout: Layout,
 ) -> Result<Tensor<2>> {
-    let shape = act_shape(&x.dims())?;
+    let shape = act_shape(&x.dims(), layout)?;
     let [width, c1] = w1.dims();
     let [c2, width2] = w2.dims();
     if c1 != shape.c || c2 != shape.c || width2 != width {
@@ -260,6 +281,156 @@ pub fn iieu_b(
             eta.into_dispatch(),
         ],
     )
+}
+
+/// The per-channel map ψ between the convolution and IIEU-B in [`iieu_conv2d`]
+/// ([`crate::cpu::iieu_conv::Psi`]); every tensor is `(O)`.
+// Built once per call and consumed at once: boxing BatchNorm's tensors would only
+// cost the caller an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum ConvPsi {
+    /// `x = c`.
+    None,
+    /// `x = c + bias[o]`.
+    Bias(Tensor<1>),
+    /// `x = scale[o]·c + shift[o]`.
+    Affine {
+        /// `a[o]`.
+        scale: Tensor<1>,
+        /// `b[o]`.
+        shift: Tensor<1>,
+    },
+    /// BatchNorm2d (PyTorch semantics): `x = γ·(c − μ)/sqrt(var + eps) + β` with the
+    /// batch statistics (training; the running ones are updated and returned in
+    /// [`IieuConvOut::running`]) or the running ones (eval). The running statistics get
+    /// no gradient.
+    BatchNorm {
+        /// `γ`.
+        weight: Tensor<1>,
+        /// `β`.
+        bias: Tensor<1>,
+        /// Running mean (used in eval mode).
+        running_mean: Tensor<1>,
+        /// Running (unbiased) variance (used in eval mode).
+        running_var: Tensor<1>,
+        /// Running-stat momentum in `[0, 1]`.
+        momentum: f64,
+        /// `eps > 0` added to the variance.
+        eps: f64,
+        /// Training (batch statistics) or eval (running statistics).
+        training: bool,
+    },
+}
+
+/// What [`iieu_conv2d`] returns.
+#[derive(Debug, Clone)]
+pub struct IieuConvOut {
+    /// `y`, `(N, O, H', W')`.
+    pub y: Tensor<4>,
+    /// BatchNorm in training mode: the updated `(running_mean, running_var)`, `(O)`
+    /// each, detached, in `x_pre`'s dtype and device (store them in the module);
+    /// `None` otherwise.
+    pub running: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+/// The fused IieuConv2d (SPEC §1, §1.5) — convolution, ψ and IIEU-B as ONE op:
+///
+/// ```text
+/// c = conv(x_pre, W),  x = ψ(c),  y = ς(ρ̂)·x,  ρ̂ = x·r_w[o]·r_x + ν[n,o]
+/// ```
+///
+/// `x_pre` `(N, C, H, W)`, `w` `(O, C/g, KH, KW)`, ψ's tensors and `ln_weight` (γ̇),
+/// `ln_bias` (β̇), `eta` (η) `(O)`; conv settings and patch-norm convention in `opts`.
+/// Formula: [`crate::cpu::iieu_conv::forward`]; gradients for `x_pre` and `W` (through
+/// the conv and through `r_x`, `r_w`), ψ's learnable tensors, γ̇, β̇ and η:
+/// [`crate::cpu::iieu_conv::backward`] (the per-channel vectors travel packed in one
+/// tensor, a `Tensor::cat` burn differentiates back onto each).
+///
+/// Errors: a vector not `(O)`, a bad geometry, or any error of the CPU op.
+pub fn iieu_conv2d(
+    x_pre: Tensor<4>,
+    w: Tensor<4>,
+    psi: ConvPsi,
+    ln_weight: Tensor<1>,
+    ln_bias: Tensor<1>,
+    eta: Tensor<1>,
+    opts: IieuOpts,
+) -> Result<IieuConvOut> {
+    let [n, c_in, h, wd] = x_pre.dims();
+    let [c_out, _, kh, kw] = w.dims();
+    let cfg = opts.config(n, c_in, h, wd, c_out, kh, kw);
+    let (oh, ow) = cfg.validate()?;
+    let (dtype, device) = (x_pre.dtype(), x_pre.device());
+    let mut vecs: Vec<(&'static str, Tensor<1>)> = Vec::new();
+    let mut running = Vec::new();
+    let kind = match psi {
+        ConvPsi::None => ConvPsiKind::None,
+        ConvPsi::Bias(b) => {
+            vecs.push(("psi bias", b));
+            ConvPsiKind::Bias
+        }
+        ConvPsi::Affine { scale, shift } => {
+            vecs.extend([("psi scale", scale), ("psi shift", shift)]);
+            ConvPsiKind::Affine
+        }
+        ConvPsi::BatchNorm {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            training,
+        } => {
+            vecs.extend([("bn weight", weight), ("bn bias", bias)]);
+            running.extend([
+                ("running_mean", running_mean.detach()),
+                ("running_var", running_var.detach()),
+            ]);
+            ConvPsiKind::BatchNorm {
+                momentum,
+                eps,
+                training,
+            }
+        }
+    };
+    vecs.extend([("ln_weight", ln_weight), ("ln_bias", ln_bias), ("eta", eta)]);
+    vecs.extend(running);
+    for (what, t) in &vecs {
+        if t.dims() != [c_out] {
+            return Err(Error::Shape {
+                what,
+                msg: format!("expected dims [{c_out}], got {:?}", t.dims()),
+            });
+        }
+    }
+    let pack = Tensor::cat(vecs.into_iter().map(|(_, t)| t).collect(), 0);
+    let slot: RunningSlot = Arc::new(Mutex::new(None));
+    let y = run(
+        OpKind::IieuConv {
+            cfg,
+            psi: kind,
+            running_out: Arc::clone(&slot),
+        },
+        [n, c_out, oh, ow],
+        vec![
+            x_pre.into_dispatch(),
+            w.into_dispatch(),
+            pack.into_dispatch(),
+        ],
+    )?;
+    let taken = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let running = taken.map(|(m, v)| {
+        let t = |v: Vec<f64>| {
+            Tensor::from_data(
+                TensorData::new(v, [c_out]),
+                TensorCreationOptions::new(device.clone()).with_dtype(dtype),
+            )
+        };
+        (t(m), t(v))
+    });
+    Ok(IieuConvOut { y, running })
 }
 
 /// IIEU-DC parameters as tensors, in [`crate::cpu::iieu_dc::DcParams`] order
@@ -341,9 +512,10 @@ pub fn aiec_train<const D: usize>(
     labels: &[usize],
     cfg: AiecConfig,
     counters: &Arc<Mutex<Counters>>,
+    layout: Layout,
 ) -> Result<AiecOut<D>> {
     let dims = f.dims();
-    let shape = act_shape(&dims)?;
+    let shape = act_shape(&dims, layout)?;
     let numel = shape.numel()?;
     let stats = Arc::new(Mutex::new(None));
     let step = super::kernel::AiecStep {
@@ -365,4 +537,45 @@ pub fn aiec_train<const D: usize>(
         .map(|s| s.unwrap_or_default())
         .unwrap_or_default();
     Ok(AiecOut { out, loss, stats })
+}
+
+/// [`aiec_train`] with the labels as an integer tensor `(N)` (e.g. from a burn data
+/// loader's batch). The labels are read to the host (the CPU step needs them there).
+/// Errors: `labels` not `(N)`, a negative label (`InvalidParam`), a label `≥ K`
+/// (`LabelOutOfRange`, from the step), and every error of [`aiec_train`].
+pub fn aiec_train_labels<const D: usize>(
+    f: Tensor<D>,
+    wd: Tensor<2>,
+    labels: Tensor<1, Int>,
+    cfg: AiecConfig,
+    counters: &Arc<Mutex<Counters>>,
+    layout: Layout,
+) -> Result<AiecOut<D>> {
+    let n = act_shape(&f.dims(), layout)?.n;
+    let [got] = labels.dims();
+    if got != n {
+        return Err(Error::LengthMismatch {
+            what: "labels",
+            expected: n,
+            got,
+        });
+    }
+    let raw = labels
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .map_err(|e| Error::InvalidParam {
+            what: "labels",
+            msg: format!("not readable as integers: {e:?}"),
+        })?;
+    let host = raw
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| {
+            usize::try_from(l).map_err(|_| Error::InvalidParam {
+                what: "labels",
+                msg: format!("label {l} of sample {i} is negative"),
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    aiec_train(f, wd, &host, cfg, counters, layout)
 }

@@ -797,10 +797,10 @@ __device__ void dwd_reduce_impl(const float* __restrict__ partial, float* __rest
 }  // namespace ak_aiec
 
 // ---------------------------------------------------------------------------
-// extern "C" entry points, with their launch bounds. A kernel in a "bound B" section
-// carries __launch_bounds__(B), B = the largest block its launcher
-// (src/cuda/aiec.rs) uses, and the emulated device registers the same bound
-// (EMU_REGISTER reads AK_LAUNCH_BOUND) and refuses a larger block. Kernels for which
+// extern "C" entry points, with their launch bounds: AK_KERNEL_BOUND(B) +
+// EMU_REGISTER_BOUND(name, B) (common.cuh), B = the largest block its launcher
+// (src/cuda/aiec.rs) uses — AIEC_B256 for the BLOCK-sized element-wise / per-row
+// kernels, AIEC_B128 for the logits GEMM tile (LG_TX × LG_TY). Kernels for which
 // a bound made ptxas's result worse (measured with nvcc 13 for sm_75 / 80 / 86 / 89 /
 // 90, against the same code without a bound) keep the crate default (AK_KERNEL, 1024):
 //   aiec_feat_nlc_*     +1 to +2 registers (sm_86 f16/bf16, sm_90 all dtypes);
@@ -811,33 +811,44 @@ __device__ void dwd_reduce_impl(const float* __restrict__ partial, float* __rest
 //   aiec_dwd_partial_f32 48 instead of 40 registers (sm_86);
 //   aiec_da_f32         8 bytes of spill (sm_80, sm_90) and +7 registers (sm_86 / 89)
 //                       under __launch_bounds__(128).
-// The bound is restored to the crate default at the end of the file (all families
-// share one nvcc translation unit).
-#define AIEC_KERNEL extern "C" __global__ __launch_bounds__(AK_LAUNCH_BOUND)
+#define AIEC_B256 256
+#define AIEC_B128 128
+static_assert(ak_aiec::LG_TX * ak_aiec::LG_TY == AIEC_B128, "the logits tile is AIEC_B128 threads");
+// One macro per bound variant: the launch audit's lint finds a kernel by its
+// AK_KERNEL / AK_KERNEL_BOUND definition line.
+#define AIEC_TAU_KERNELS_B256(T, DT)                                                                       \
+  AK_KERNEL_BOUND(AIEC_B256) void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {            \
+    ak_aiec::tau_fwd_impl<T>(x, y, n, tau);                                                                \
+  }                                                                                                        \
+  EMU_REGISTER_BOUND(aiec_tau_fwd_##DT, AIEC_B256)                                                         \
+  AK_KERNEL_BOUND(AIEC_B256) void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) { \
+    ak_aiec::tau_bwd_impl<T>(dy, x, dx, n, tau);                                                           \
+  }                                                                                                        \
+  EMU_REGISTER_BOUND(aiec_tau_bwd_##DT, AIEC_B256)
 
-#define AIEC_TAU_KERNELS(KW, T, DT)                                                             \
-  KW void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {                        \
-    ak_aiec::tau_fwd_impl<T>(x, y, n, tau);                                                     \
-  }                                                                                             \
-  EMU_REGISTER(aiec_tau_fwd_##DT)                                                               \
-  KW void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) {          \
-    ak_aiec::tau_bwd_impl<T>(dy, x, dx, n, tau);                                                \
-  }                                                                                             \
+#define AIEC_TAU_KERNELS(T, DT)                                                                \
+  AK_KERNEL void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {                 \
+    ak_aiec::tau_fwd_impl<T>(x, y, n, tau);                                                    \
+  }                                                                                            \
+  EMU_REGISTER(aiec_tau_fwd_##DT)                                                              \
+  AK_KERNEL void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) {   \
+    ak_aiec::tau_bwd_impl<T>(dy, x, dx, n, tau);                                               \
+  }                                                                                            \
   EMU_REGISTER(aiec_tau_bwd_##DT)
 
-#define AIEC_FEAT_NCHW_KERNEL(KW, T, DT)                                                                 \
-  KW void aiec_feat_nchw_##DT(const T* x, T* y, float* feat, long long planes, long long s, float tau, \
-                              int apply_tau) {                                                          \
-    ak_aiec::feat_nchw_impl<T>(x, y, feat, planes, s, tau, apply_tau);                                  \
-  }                                                                                                     \
+#define AIEC_FEAT_NCHW_KERNEL(T, DT)                                                                      \
+  AK_KERNEL void aiec_feat_nchw_##DT(const T* x, T* y, float* feat, long long planes, long long s,       \
+                                     float tau, int apply_tau) {                                         \
+    ak_aiec::feat_nchw_impl<T>(x, y, feat, planes, s, tau, apply_tau);                                   \
+  }                                                                                                      \
   EMU_REGISTER(aiec_feat_nchw_##DT)
 
-#define AIEC_DF_NCHW_KERNEL(T, DT)                                                                              \
-  AIEC_KERNEL void aiec_df_nchw_##DT(const T* f, const T* dout, const float* da, T* df, long long planes,      \
-                                     long long s, float tau, float inv_s) {                                     \
-    ak_aiec::df_nchw_impl<T>(f, dout, da, df, planes, s, tau, inv_s);                                           \
-  }                                                                                                             \
-  EMU_REGISTER(aiec_df_nchw_##DT)
+#define AIEC_DF_NCHW_KERNEL(T, DT)                                                                             \
+  AK_KERNEL_BOUND(AIEC_B256) void aiec_df_nchw_##DT(const T* f, const T* dout, const float* da, T* df,         \
+                                                    long long planes, long long s, float tau, float inv_s) {   \
+    ak_aiec::df_nchw_impl<T>(f, dout, da, df, planes, s, tau, inv_s);                                          \
+  }                                                                                                            \
+  EMU_REGISTER_BOUND(aiec_df_nchw_##DT, AIEC_B256)
 
 #define AIEC_NLC_KERNELS(T, DT)                                                                                   \
   AK_KERNEL void aiec_feat_nlc_##DT(const T* x, T* y, float* feat, int n, int l, int c, int token, float tau,    \
@@ -851,80 +862,73 @@ __device__ void dwd_reduce_impl(const float* __restrict__ partial, float* __rest
   }                                                                                                               \
   EMU_REGISTER(aiec_df_nlc_##DT)
 
-// ---- bound 256: BLOCK-sized element-wise / per-row kernels --------------------------
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
+// ---- bound AIEC_B256: BLOCK-sized element-wise / per-row kernels -------------------
 
-AIEC_TAU_KERNELS(AIEC_KERNEL, float, f32)
-AIEC_TAU_KERNELS(AIEC_KERNEL, __half, f16)
+AIEC_TAU_KERNELS_B256(float, f32)
+AIEC_TAU_KERNELS_B256(__half, f16)
 AIEC_DF_NCHW_KERNEL(float, f32)
 AIEC_DF_NCHW_KERNEL(__half, f16)
 AIEC_DF_NCHW_KERNEL(__nv_bfloat16, bf16)
 
-AIEC_KERNEL void aiec_dmu_fwd_f32(const float* logits, const unsigned* labels, float* probs, float* loss,
+AK_KERNEL_BOUND(AIEC_B256) void aiec_dmu_fwd_f32(const float* logits, const unsigned* labels, float* probs, float* loss,
                                   unsigned char* correct, int n, int k) {
   ak_aiec::dmu_fwd_impl(logits, labels, probs, loss, correct, n, k);
 }
-EMU_REGISTER(aiec_dmu_fwd_f32)
+EMU_REGISTER_BOUND(aiec_dmu_fwd_f32, AIEC_B256)
 
-AIEC_KERNEL void aiec_rate_masks_f32(const unsigned long long* theta, const unsigned long long* eta,
+AK_KERNEL_BOUND(AIEC_B256) void aiec_rate_masks_f32(const unsigned long long* theta, const unsigned long long* eta,
                                      const unsigned long long* phi, const float* wd, float* v, unsigned char* masks,
                                      int k, int c) {
   ak_aiec::rate_masks_impl(theta, eta, phi, wd, v, masks, k, c);
 }
-EMU_REGISTER(aiec_rate_masks_f32)
+EMU_REGISTER_BOUND(aiec_rate_masks_f32, AIEC_B256)
 
-AIEC_KERNEL void aiec_gate_masks_f32(const float* v, const float* wd, unsigned char* masks, long long total) {
+AK_KERNEL_BOUND(AIEC_B256) void aiec_gate_masks_f32(const float* v, const float* wd, unsigned char* masks, long long total) {
   ak_aiec::gate_masks_impl(v, wd, masks, total);
 }
-EMU_REGISTER(aiec_gate_masks_f32)
+EMU_REGISTER_BOUND(aiec_gate_masks_f32, AIEC_B256)
 
-AIEC_KERNEL void aiec_gate_loss_f32(const float* a, const unsigned char* masks, const unsigned* labels, float* loss,
+AK_KERNEL_BOUND(AIEC_B256) void aiec_gate_loss_f32(const float* a, const unsigned char* masks, const unsigned* labels, float* loss,
                                     int n, int c, int k) {
   ak_aiec::gate_loss_impl(a, masks, labels, loss, n, c, k);
 }
-EMU_REGISTER(aiec_gate_loss_f32)
+EMU_REGISTER_BOUND(aiec_gate_loss_f32, AIEC_B256)
 
-AIEC_KERNEL void aiec_loss_means_f32(const float* aux, const float* gate, const unsigned char* correct, float* out,
+AK_KERNEL_BOUND(AIEC_B256) void aiec_loss_means_f32(const float* aux, const float* gate, const unsigned char* correct, float* out,
                                      int n, float lambda_aux, float lambda_gate) {
   ak_aiec::loss_means_impl(aux, gate, correct, out, n, lambda_aux, lambda_gate);
 }
-EMU_REGISTER(aiec_loss_means_f32)
+EMU_REGISTER_BOUND(aiec_loss_means_f32, AIEC_B256)
 
-AIEC_KERNEL void aiec_loss_weights_f32(const float* s, float* w, int n, float c_aux, float c_gate) {
+AK_KERNEL_BOUND(AIEC_B256) void aiec_loss_weights_f32(const float* s, float* w, int n, float c_aux, float c_gate) {
   ak_aiec::loss_weights_impl(s, w, n, c_aux, c_gate);
 }
-EMU_REGISTER(aiec_loss_weights_f32)
+EMU_REGISTER_BOUND(aiec_loss_weights_f32, AIEC_B256)
 
-AIEC_KERNEL void aiec_mask_count_f32(const unsigned char* masks, const unsigned* labels, float* cnt, int n, int c,
+AK_KERNEL_BOUND(AIEC_B256) void aiec_mask_count_f32(const unsigned char* masks, const unsigned* labels, float* cnt, int n, int c,
                                      int k) {
   ak_aiec::mask_count_impl(masks, labels, cnt, n, c, k);
 }
-EMU_REGISTER(aiec_mask_count_f32)
+EMU_REGISTER_BOUND(aiec_mask_count_f32, AIEC_B256)
 
-AIEC_KERNEL void aiec_dwd_reduce_f32(const float* partial, float* dwd, int chunks, int k, int c) {
+AK_KERNEL_BOUND(AIEC_B256) void aiec_dwd_reduce_f32(const float* partial, float* dwd, int chunks, int k, int c) {
   ak_aiec::dwd_reduce_impl(partial, dwd, chunks, k, c);
 }
-EMU_REGISTER(aiec_dwd_reduce_f32)
+EMU_REGISTER_BOUND(aiec_dwd_reduce_f32, AIEC_B256)
 
-// ---- bound 128: the logits GEMM tile (LG_TX × LG_TY) ---------------------------------
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 128
-static_assert(ak_aiec::LG_TX * ak_aiec::LG_TY == 128, "launch bound 128 is the logits tile");
+// ---- bound AIEC_B128: the logits GEMM tile (LG_TX × LG_TY) ---------------------------
 
-AIEC_KERNEL void aiec_logits_f32(const float* a, const float* wd, float* logits, int n, int c, int k, int rows) {
+AK_KERNEL_BOUND(AIEC_B128) void aiec_logits_f32(const float* a, const float* wd, float* logits, int n, int c, int k, int rows) {
   ak_aiec::logits_impl(a, wd, logits, n, c, k, rows);
 }
-EMU_REGISTER(aiec_logits_f32)
+EMU_REGISTER_BOUND(aiec_logits_f32, AIEC_B128)
 
 // ---- no bound (crate default 1024; see above) ----------------------------------------
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024
 
-AIEC_TAU_KERNELS(AK_KERNEL, __nv_bfloat16, bf16)
-AIEC_FEAT_NCHW_KERNEL(AK_KERNEL, float, f32)
-AIEC_FEAT_NCHW_KERNEL(AK_KERNEL, __half, f16)
-AIEC_FEAT_NCHW_KERNEL(AK_KERNEL, __nv_bfloat16, bf16)
+AIEC_TAU_KERNELS(__nv_bfloat16, bf16)
+AIEC_FEAT_NCHW_KERNEL(float, f32)
+AIEC_FEAT_NCHW_KERNEL(__half, f16)
+AIEC_FEAT_NCHW_KERNEL(__nv_bfloat16, bf16)
 
 AK_KERNEL void aiec_count_f32(const float* a, const unsigned* labels, const unsigned char* correct,
                               unsigned long long* theta, unsigned long long* eta, unsigned long long* phi, int n, int c,
@@ -949,4 +953,3 @@ AK_KERNEL void aiec_dwd_partial_f32(const float* a, const float* probs, const un
 }
 EMU_REGISTER(aiec_dwd_partial_f32)
 
-#undef AIEC_KERNEL

@@ -5,12 +5,13 @@
 //! * exact: TAU outputs and gradients (a copy or 0), correctness flags, masks,
 //!   counters (integers), `v` (formed in f64 from the counters, then rounded, like
 //!   the CPU's f32 path — compared bitwise against `relative_rate::<f32>`);
-//! * `F32`: f32 results of short f32 reductions (feature mean over ≤ 63 values,
-//!   logits over C ≤ 11 channels, softmax, losses, da, dWd over ≤ 6 samples): the
-//!   f32 accumulation error is a few ulps of the largest term, so 1e-6 of the
-//!   tensor's max magnitude; measured worst (the smallest term passing, given the
-//!   per-element term below; `PARITY_MEASURE=1 … -- --nocapture` prints it):
-//!   6.8e-8 (logits), a 15× margin;
+//! * `F32`: f32 results of short f32 reductions (feature mean over ≤ 300 values,
+//!   logits over C ≤ 70 channels, softmax over K ≤ 45, losses, da over K ≤ 45, dWd
+//!   over ≤ 37 samples): the f32 accumulation error is a few ulps of the largest
+//!   term, so 1e-6 of the tensor's max magnitude; measured worst (the smallest term
+//!   passing, given the per-element term below; `PARITY_MEASURE=1 … -- --nocapture`
+//!   prints it): 2.7e-7 (probs at N = 37, C = 70, K = 45), a 3.6× margin (6.8e-8
+//!   at the shapes of ≤ 11 channels);
 //! * every element is also bounded relative to itself: `E_REL = 2^-21` (8 f32
 //!   ulps) of `|ref_i|` for f32 arithmetic, plus, for storage outputs (dF in f16 /
 //!   bf16, rounded to storage once), 1 unit roundoff of the dtype (2^-11 f16,
@@ -246,6 +247,17 @@ fn feature_all<T: DType>(g: &Gpu) {
             feature_case::<T>(g, shape, pool);
         }
     }
+    // C a multiple of every dtype's vector (16-byte path), several ragged channel
+    // chunks (32 f32 / 64 f16 channels per block), L > 32 token lanes; and L > 256
+    // (two token chunks of the dF kernel).
+    for (shape, pool) in [
+        (ActShape::nlc(2, 40, 72), Pool::Mean),
+        (ActShape::nlc(2, 40, 72), Pool::ClassToken(37)),
+        (ActShape::nlc(1, 300, 16), Pool::Mean),
+        (ActShape::nlc(1, 300, 16), Pool::ClassToken(290)),
+    ] {
+        feature_case::<T>(g, shape, pool);
+    }
 }
 
 #[test]
@@ -263,7 +275,22 @@ fn global_feature_and_backward_all_dtypes() {
 fn dmu_forward_backward_parity() {
     let Some(g) = gpu() else { return };
     let s = g.ctx.default_stream();
-    for &(n, c, k) in &[(5usize, 7usize, 3usize), (5, 7, 10), (1, 11, 3), (6, 7, 10)] {
+    // (N, C, K, block target of the tiled kernels, see `dev::with_tile_target`). The
+    // 37 × 70 × 45 cases span several ragged tiles of every GEMM (16-class / 32-class /
+    // 32-channel tiles, 32-column chunks of C, 16-sample stages of dWd). Samples per
+    // tile (logits, da) and dWd chunks: target 1: (32, 16), one stage; 9: (16, 16), 2
+    // chunks; 12: (8, 8), 2 chunks; 132: (8, 4), 10 chunks. The small cases split dWd
+    // into 2 chunks.
+    for &(n, c, k, target) in &[
+        (5usize, 7usize, 3usize, 132usize),
+        (5, 7, 10, 132),
+        (1, 11, 3, 132),
+        (6, 7, 10, 132),
+        (37, 70, 45, 1),
+        (37, 70, 45, 9),
+        (37, 70, 45, 12),
+        (37, 70, 45, 132),
+    ] {
         // Random rows; retry seeds until every random sample has a robust argmax.
         let mut found = None;
         for seed in 0..200u64 {
@@ -302,22 +329,24 @@ fn dmu_forward_backward_parity() {
         let w32: Vec<f32> = wd.iter().map(|&v| v as f32).collect();
         let dl32: Vec<f32> = dloss.iter().map(|&v| v as f32).collect();
         let got = g.check_schedules(|| {
-            let da_ = s.clone_htod(&a32).unwrap();
-            let dw = s.clone_htod(&w32).unwrap();
-            let o = dev::dmu_forward(&s, &da_, &dw, &labels, dims).unwrap();
-            let dd = s.clone_htod(&dl32).unwrap();
-            let gr = dev::dmu_backward(&s, &da_, &dw, &o.probs, &labels, &dd, dims).unwrap();
-            (
-                dl(&s, &o.logits),
-                dl(&s, &o.probs),
-                dl(&s, &o.loss),
-                s.clone_dtoh(&o.correct).unwrap(),
-                dl(&s, &gr.da),
-                dl(&s, &gr.dwd),
-            )
+            dev::with_tile_target(target, || {
+                let da_ = s.clone_htod(&a32).unwrap();
+                let dw = s.clone_htod(&w32).unwrap();
+                let o = dev::dmu_forward(&s, &da_, &dw, &labels, dims).unwrap();
+                let dd = s.clone_htod(&dl32).unwrap();
+                let gr = dev::dmu_backward(&s, &da_, &dw, &o.probs, &labels, &dd, dims).unwrap();
+                (
+                    dl(&s, &o.logits),
+                    dl(&s, &o.probs),
+                    dl(&s, &o.loss),
+                    s.clone_dtoh(&o.correct).unwrap(),
+                    dl(&s, &gr.da),
+                    dl(&s, &gr.dwd),
+                )
+            })
         });
         let want = cpu::dmu_forward(&a, &wd, &labels, dims).unwrap();
-        let what = format!("N={n} C={c} K={k}");
+        let what = format!("N={n} C={c} K={k} target={target}");
         close(
             &format!("logits {what}"),
             &from_bits(&got.0),
@@ -405,12 +434,15 @@ fn dmu_forward_backward_parity() {
             af[5 * c + 2] = 0.5;
             let af32: Vec<f32> = af.iter().map(|&v| v as f32).collect();
             let (pf, dwf) = g.check_schedules(|| {
-                let da_ = s.clone_htod(&af32).unwrap();
-                let dw = s.clone_htod(&w32).unwrap();
-                let o = dev::dmu_forward(&s, &da_, &dw, &labels, dims).unwrap();
-                let dd = s.clone_htod(&dl32).unwrap();
-                let gr = dev::dmu_backward(&s, &da_, &dw, &o.probs, &labels, &dd, dims).unwrap();
-                (dl(&s, &o.probs), dl(&s, &gr.dwd))
+                dev::with_tile_target(target, || {
+                    let da_ = s.clone_htod(&af32).unwrap();
+                    let dw = s.clone_htod(&w32).unwrap();
+                    let o = dev::dmu_forward(&s, &da_, &dw, &labels, dims).unwrap();
+                    let dd = s.clone_htod(&dl32).unwrap();
+                    let gr =
+                        dev::dmu_backward(&s, &da_, &dw, &o.probs, &labels, &dd, dims).unwrap();
+                    (dl(&s, &o.probs), dl(&s, &gr.dwd))
+                })
             });
             let want_f =
                 cpu::dmu_backward(&af, &wd, &from_bits(&pf), &labels, &dloss_f32(&dl32), dims)
@@ -820,6 +852,11 @@ fn train_all<T: DType>(g: &Gpu) {
         correct += train_case::<T>(g, ActShape::nlc(n, 9, 7), Pool::Mean, k, tau);
         correct += train_case::<T>(g, ActShape::nlc(n, 9, 7), Pool::ClassToken(4), k, tau);
     }
+    // The 16-byte (N, L, C) path (C = 16) with L > 32 token lanes, and the tiled
+    // kernels' largest sample tiles (block target 1; da with the gate term).
+    correct += dev::with_tile_target(1, || {
+        train_case::<T>(g, ActShape::nlc(5, 40, 16), Pool::Mean, 10, 0.25)
+    });
     assert!(
         correct > 0,
         "some samples were correct: counters were exercised"

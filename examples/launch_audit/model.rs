@@ -401,35 +401,61 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             let v = if d.aiec_train { 3.0 * b * e } else { b * e } + 4.0 * nc;
             t(v, v)
         }
-        // The NLC kernel loads `da[n, c]` (f32) once per element (from L1/L2), which
-        // the bytes count as the other rows count their re-reads.
+        // The NLC kernel loads `da[n, c]` once per thread: each of the min(32, L) token
+        // lanes of each of the grid's token chunks (grid z) loads it (from L1/L2).
         "aiec_df_nlc" => {
-            let v = if d.aiec_train { 3.0 * b * e } else { b * e } + 4.0 * e;
-            t(v, if d.aiec_train { 3.0 * b * e } else { b * e } + 4.0 * nc)
+            let act = if d.aiec_train { 3.0 * b * e } else { b * e };
+            let lanes = s.min(32.0) * f64::from(grid[2]);
+            t(act + 4.0 * nc * lanes, act + 4.0 * nc)
         }
-        "aiec_dmu_fwd_f32" => t(
-            n * (4.0 * c + 4.0 * d.k * c + 8.0 * d.k + 5.0),
-            4.0 * nc + 4.0 * d.k * c + n * (8.0 * d.k + 5.0),
-        ),
+        "aiec_logits_f32" => {
+            // GEMM tiles: `a` read once per class tile (grid x), `Wd` once per sample
+            // tile (grid y), both through shared memory; z written once.
+            let v =
+                4.0 * nc * f64::from(grid[0]) + 4.0 * d.k * c * f64::from(grid[1]) + 4.0 * n * d.k;
+            Traffic {
+                flops: 2.0 * nc * d.k,
+                ..t(v, 4.0 * nc + 4.0 * d.k * c + 4.0 * n * d.k)
+            }
+        }
+        // Softmax stage: the logit row three times (argmax, Σ e, p), p written once;
+        // label, loss, flag per sample.
+        "aiec_dmu_fwd_f32" => t(n * (16.0 * d.k + 9.0), n * (8.0 * d.k + 9.0)),
         "aiec_count_f32" => t(20.0 * nc, 20.0 * nc),
         "aiec_rate_masks_f32" => t(25.0 * d.k * c, 25.0 * d.k * c),
         "aiec_gate_masks_f32" => t(9.0 * d.k * c, 9.0 * d.k * c),
         // Mask row of the label's class + a where masked (at most every channel).
         "aiec_gate_loss_f32" => t(n * (5.0 * c + 4.0), n * (5.0 * c + 4.0)),
         "aiec_loss_means_f32" | "aiec_loss_weights_f32" => t(8.0 * n + 12.0, 8.0 * n + 12.0),
-        "aiec_da_f32" => t(
-            n * (4.0 * d.k * c + 4.0 * d.k + 6.0 * c),
-            4.0 * n * (c + d.k) + 4.0 * d.k * c + 4.0 * nc,
-        ),
-        // One chunk of samples per grid x: `a` re-read per class, chunks·K·C partials.
-        "aiec_dwd_partial_f32" => {
-            let chunks = f64::from(grid[0]);
-            carry.dwd_chunks = chunks;
-            t(
-                4.0 * d.k * nc + 4.0 * chunks * d.k * c,
-                4.0 * nc + 4.0 * n * d.k + 4.0 * d.k * c,
-            )
+        "aiec_mask_count_f32" => t(n * (c + 8.0), n * (c + 8.0)),
+        // GEMM tiles: probs (+ label, dl) once per channel tile (grid x), `Wd` once per
+        // sample tile (grid y); the gate term reads a, the mask and the count once
+        // (the audit's train step has masks); da written once.
+        "aiec_da_f32" => {
+            let v = (4.0 * n * d.k + 8.0 * n) * f64::from(grid[0])
+                + 4.0 * d.k * c * f64::from(grid[1])
+                + 9.0 * nc
+                + 4.0 * n;
+            Traffic {
+                flops: 2.0 * nc * d.k,
+                ..t(v, 4.0 * n * d.k + 4.0 * d.k * c + 9.0 * nc + 12.0 * n)
+            }
         }
+        // GEMM tiles (32 × 32, grid x = channel tiles, y = class tiles, z = sample
+        // chunks): `a` read once per class tile, probs (+ label, dl) once per channel
+        // tile; chunks·K·C outputs (dWd itself with one chunk, else partials).
+        "aiec_dwd_partial_f32" => {
+            let chunks = f64::from(grid[2]);
+            carry.dwd_chunks = chunks;
+            let v = 4.0 * nc * f64::from(grid[1])
+                + (4.0 * n * d.k + 8.0 * n) * f64::from(grid[0])
+                + 4.0 * chunks * d.k * c;
+            Traffic {
+                flops: 2.0 * nc * d.k,
+                ..t(v, 4.0 * nc + 4.0 * n * d.k + 8.0 * n + 4.0 * d.k * c)
+            }
+        }
+        // Only with several chunks: the partials once, dWd written once.
         "aiec_dwd_reduce_f32" => {
             let v = 4.0 * carry.dwd_chunks * d.k * c + 4.0 * d.k * c;
             t(v, v)

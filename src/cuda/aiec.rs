@@ -30,7 +30,8 @@
 //! is `Err(Shape)`, a token index `≥ L` is `Err(InvalidParam)`.
 //!
 //! Determinism: no float atomics; every reduction has a fixed order (block trees
-//! for fixed block sizes, `dWd` in two stages), so the same input gives the same
+//! for fixed block sizes, in-order sums in the GEMM tiles, `dWd` in two stages when
+//! its samples are split), so the same input gives the same
 //! bits on every run. The counters use integer atomics, whose sums do not depend on
 //! order.
 
@@ -198,6 +199,78 @@ fn elementwise(work: usize, per: usize) -> LaunchConfig {
 /// Blocks of a one-block-per-row kernel (grid-stride beyond the cap).
 fn rows_grid(rows: usize) -> u32 {
     rows.clamp(1, 4096.min(super::grid_cap())) as u32
+}
+
+/// Grid dimension for `items` tiles / rows, capped (the kernels grid-stride over
+/// every dimension) at `limit` and the crate's grid cap.
+fn dim_grid(items: usize, limit: usize) -> u32 {
+    items.clamp(1, limit.min(super::grid_cap())) as u32
+}
+
+/// Blocks the tiled AIEC kernels aim for: one per SM of an H100 (the launch audit's
+/// `blocks` target), so small batches still spread over the device.
+const TARGET_BLOCKS: usize = 132;
+
+#[cfg(feature = "emulate")]
+thread_local! {
+    static TILE_TARGET: std::cell::Cell<usize> = const { std::cell::Cell::new(TARGET_BLOCKS) };
+}
+
+/// The block target of [`rows_per_thread`] and [`dwd_chunks`]: [`TARGET_BLOCKS`], or
+/// (feature `emulate`) the one [`with_tile_target`] set on this thread.
+fn target_blocks() -> usize {
+    #[cfg(feature = "emulate")]
+    {
+        TILE_TARGET.with(|t| t.get())
+    }
+    #[cfg(not(feature = "emulate"))]
+    {
+        TARGET_BLOCKS
+    }
+}
+
+/// Test hook (feature `emulate`): runs `f` with the tiled AIEC kernels' block target
+/// (normally 132, an H100's SMs) set to `blocks` on this thread, so that test shapes
+/// reach the large-batch tile sizes (target 1: the largest sample tiles, `dWd` in one
+/// stage) or the split `dWd` (a large target). Only the launch geometry changes;
+/// results stay within the parity tolerances (logits and `da` are bitwise unchanged:
+/// their sums run in the same order for every tile size).
+#[doc(hidden)]
+#[cfg(feature = "emulate")]
+pub fn with_tile_target<R>(blocks: usize, f: impl FnOnce() -> R) -> R {
+    let old = TILE_TARGET.with(|t| t.replace(blocks.max(1)));
+    let r = f();
+    TILE_TARGET.with(|t| t.set(old));
+    r
+}
+
+/// Rows per thread of a tiled kernel whose tile holds `lanes · rows` samples
+/// (`rows` a power of two `≤ max_rows`): the largest that still gives
+/// [`target_blocks`] blocks with `other_tiles` tiles along the other dimension (so
+/// large batches get big tiles — fewer re-reads of `Wd` — and small ones a full
+/// grid), 1 if none does.
+fn rows_per_thread(n: usize, lanes: usize, other_tiles: usize, max_rows: usize) -> usize {
+    let mut rows = max_rows;
+    let target = target_blocks();
+    while rows > 1 && n.div_ceil(lanes * rows) * other_tiles < target {
+        rows /= 2;
+    }
+    rows
+}
+
+/// Largest `dWd` partials buffer (bytes) of the two-stage reduction: the sample
+/// chunks are capped so that `chunks · K · C · 4` stays within it. See
+/// [`dwd_chunks`].
+pub const DWD_SCRATCH_BYTES: usize = 4 << 20;
+
+/// Sample chunks of the `dWd` kernel for `n` samples and `tiles` 32 × 32 output
+/// tiles: 1 (no partials, no second stage) when the tiles alone give
+/// [`target_blocks`] blocks, else enough chunks of at least 4 samples to reach it,
+/// at most [`DWD_SCRATCH_BYTES`] of partials (`kc` = K·C floats per chunk).
+fn dwd_chunks(n: usize, tiles: usize, kc: usize) -> usize {
+    let want = target_blocks().div_ceil(tiles.max(1));
+    let cap = (DWD_SCRATCH_BYTES / (4 * kc.max(1))).max(1);
+    want.min(n.div_ceil(4)).min(cap).max(1)
 }
 
 /// Bytes of one 16-byte vector in elements of `T`.
@@ -368,8 +441,6 @@ fn feature_pass<T: DType>(
                 Pool::Mean => -1i32,
                 Pool::ClassToken(i) => to_i32("pool", i)?,
             };
-            let block = block_for(shape.c);
-            let gy = shape.c.div_ceil(block as usize).min(65_535) as u32;
             let mut b = launcher(stream, &f);
             b.arg(x);
             b.arg_opt(y);
@@ -380,11 +451,7 @@ fn feature_pass<T: DType>(
                 .arg(&token)
                 .arg(&tau_v)
                 .arg(&apply);
-            let cfg = LaunchConfig {
-                grid_dim: (rows_grid(shape.n), gy, 1),
-                block_dim: (block, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = nlc_cfg::<T>(shape, 1);
             // SAFETY: x (and y) hold N·L·C elements (validated); the kernel reads
             // (n, t, c) with n < N, t < L (token < L checked), c < C; feat is N·C.
             unsafe { b.launch(cfg) }?;
@@ -437,6 +504,29 @@ pub fn global_feature<T: DType>(
     feature_pass(stream, shape, &a, pool, None, None)
 }
 
+/// Channels per block of the `(N, L, C)` feature and dF kernels: 8 groups of one
+/// 16-byte vector of `T` (`FEAT_GX` in aiec.cu).
+fn nlc_chunk<T>() -> usize {
+    8 * vec_elems::<T>()
+}
+
+/// Tokens per block of the `(N, L, C)` dF kernel (`DF_TOKENS` in aiec.cu).
+const DF_TOKENS: usize = 256;
+
+/// Launch shape of the `(N, L, C)` feature / dF kernels: blocks of 8 channel groups ×
+/// 32 token lanes; grid x = channel chunks, y = samples, z = `zt` token chunks.
+fn nlc_cfg<T>(shape: &ActShape, zt: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            dim_grid(shape.c.div_ceil(nlc_chunk::<T>()), 65_535),
+            dim_grid(shape.n, 65_535),
+            dim_grid(zt, 65_535),
+        ),
+        block_dim: (8, 32, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Launches the fused backward `dF = mask·(d_out + (∂a/∂A)ᵀ·da)` (mask = `[F > τ]`
 /// when `f_tau` is given, else 1; `d_out` = 0 when absent). Inputs validated.
 fn backward_pass<T: DType>(
@@ -448,7 +538,7 @@ fn backward_pass<T: DType>(
     d_out: Option<&cudarc::driver::CudaView<'_, T>>,
 ) -> Result<CudaSlice<T>> {
     let numel = shape.numel()?;
-    let total = to_i64("activation", numel)?;
+    to_i64("activation", numel)?;
     let tau = f_tau.map(|(_, t)| t).unwrap_or(0.0);
     // SAFETY: every element of dF is written by the kernel.
     let mut df = unsafe { stream.alloc::<T>(numel) }?;
@@ -484,22 +574,23 @@ fn backward_pass<T: DType>(
                 Pool::Mean => -1i32,
                 Pool::ClassToken(i) => to_i32("pool", i)?,
             };
+            let n = to_i32("batch N", shape.n)?;
             let inv_l = 1.0f32 / shape.s as f32;
             let mut b = launcher(stream, &f);
             b.arg_opt(f_tau.map(|(fv, _)| fv));
             b.arg_opt(d_out);
             b.arg(da)
                 .arg(&mut df)
-                .arg(&total)
+                .arg(&n)
                 .arg(&l)
                 .arg(&c)
                 .arg(&token)
                 .arg(&tau)
                 .arg(&inv_l);
-            // SAFETY: f, d_out (when given) and df hold `total` = N·L·C elements;
-            // element i maps to (n, c) = (i / (L·C), i mod C) with n < N, so the da
-            // index n·C + c < N·C = da.len().
-            unsafe { b.launch(elementwise(numel, vec_elems::<T>())) }?;
+            // SAFETY: f, d_out (when given) and df hold N·L·C elements (validated);
+            // the kernel touches (n, t, c) with n < N, t < L, c < C, and da[n·C + c]
+            // < N·C = da.len().
+            unsafe { b.launch(nlc_cfg::<T>(shape, shape.s.div_ceil(DF_TOKENS))) }?;
         }
     }
     Ok(df)
@@ -676,9 +767,20 @@ impl DeviceCounters {
             .arg(&ni)
             .arg(&ci)
             .arg(&ki);
-        // SAFETY: a is N·C, labels and correct are N; the kernel skips a label ≥ K,
-        // so θ/η indices y·C + c < K·C and φ index y < K.
-        unsafe { b.launch(elementwise(n * self.channels, 1)) }?;
+        let block = block_for(self.channels);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                dim_grid(self.channels.div_ceil(block as usize), 65_535),
+                dim_grid(n, 65_535),
+                1,
+            ),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: a is N·C, labels and correct are N (blockIdx.y = n < N, channel c
+        // < C); the kernel skips a label ≥ K, so θ/η indices y·C + c < K·C and φ
+        // index y < K.
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -707,16 +809,25 @@ impl DeviceCounters {
             to_i32("classes K", self.classes)?,
             to_i32("channels C", self.channels)?,
         );
-        let kc = self.classes * self.channels;
         let mut b = launcher(stream, &f);
         b.arg(&self.theta).arg(&self.eta).arg(&self.phi);
         b.arg_opt(wd);
         b.arg_opt(v);
         b.arg_opt(masks);
         b.arg(&k).arg(&c);
+        let block = block_for(self.channels);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                dim_grid(self.channels.div_ceil(block as usize), 65_535),
+                dim_grid(self.classes, 65_535),
+                1,
+            ),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: θ, η (and wd, v, masks when given) are K·C, φ is K; the kernel
-        // touches i < K·C and φ[i / C].
-        unsafe { b.launch(elementwise(kc, 1)) }?;
+        // touches (k, c) with k < K (blockIdx.y), c < C: index k·C + c < K·C, φ[k].
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 }
@@ -755,26 +866,48 @@ fn dmu_forward_dev(
     dims: AiecDims,
 ) -> Result<DeviceDmuOut> {
     let (n, c, k) = dims_i32(dims)?;
-    let f = kernel_fn!(stream, "aiec_dmu_fwd_f32")?;
-    // SAFETY (allocs): the kernel writes every logit, probability, loss and flag.
+    // SAFETY (allocs): the two kernels write every logit, probability, loss and flag.
     let mut logits = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
     let mut probs = unsafe { stream.alloc::<f32>(dims.n * dims.k) }?;
     let mut loss = unsafe { stream.alloc::<f32>(dims.n) }?;
     let mut correct = unsafe { stream.alloc::<u8>(dims.n) }?;
+    // Logits: GEMM tiles of 16 classes × 8·rows samples (LG_* in aiec.cu).
+    let k_tiles = dims.k.div_ceil(16);
+    let rows = rows_per_thread(dims.n, 8, k_tiles, 4);
+    let rows_i = to_i32("rows", rows)?;
+    let f = kernel_fn!(stream, "aiec_logits_f32")?;
     let mut b = launcher(stream, &f);
     b.arg(a)
         .arg(wd)
-        .arg(labels)
         .arg(&mut logits)
+        .arg(&n)
+        .arg(&c)
+        .arg(&k)
+        .arg(&rows_i);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            dim_grid(k_tiles, 65_535),
+            dim_grid(dims.n.div_ceil(8 * rows), 65_535),
+            1,
+        ),
+        block_dim: (16, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: a is N·C, wd K·C; the kernel reads a[n·C + c], wd[k·C + c] and writes
+    // logits[n·K + k] only for n < N, k < K, c < C; 1 ≤ rows ≤ 4 (LG_MAXJ).
+    unsafe { b.launch(cfg) }?;
+    let f = kernel_fn!(stream, "aiec_dmu_fwd_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&logits)
+        .arg(labels)
         .arg(&mut probs)
         .arg(&mut loss)
         .arg(&mut correct)
         .arg(&n)
-        .arg(&c)
         .arg(&k);
-    // SAFETY: a is N·C, wd K·C, labels N (the kernel reads z[y] only for y < K);
-    // block rows n < N touch a[n·C..], z/p[n·K..n·K+K), loss/correct[n].
-    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(32 * dims.k))) }?;
+    // SAFETY: logits and probs are N·K, labels, loss and correct N (the kernel reads
+    // z[y] only for y < K); block rows n < N touch z/p[n·K..n·K+K), loss/correct[n].
+    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.k))) }?;
     Ok(DeviceDmuOut {
         logits,
         probs,
@@ -783,7 +916,8 @@ fn dmu_forward_dev(
     })
 }
 
-/// DMU forward on the device: `z = a·Wdᵀ` (f32, warp per class), `p = softmax(z)`
+/// DMU forward on the device: `z = a·Wdᵀ` (f32, a tiled GEMM: shared-memory tiles of
+/// `a` and `Wd`, each logit one in-order sum over C), `p = softmax(z)`
 /// with the max subtracted, `L_aux[n] = log Σ_k e^{z_k − m} − (z_y − m)`, and the
 /// correctness `argmax_k z[n,k] == y_n` (first maximal index; a NaN logit ⇒ not
 /// correct). Gradient: [`dmu_backward`]. CPU mirror: [`crate::cpu::aiec::dmu_forward`].
@@ -863,6 +997,25 @@ fn da_dev(
     dims: AiecDims,
 ) -> Result<CudaSlice<f32>> {
     let (n, c, k) = dims_i32(dims)?;
+    // Gate term: the per-sample mask count Σ_c G[y_n, c] first (one block per sample).
+    let cnt = match masks {
+        Some(m) => {
+            // SAFETY: the kernel writes all N counts.
+            let mut cnt = unsafe { stream.alloc::<f32>(dims.n) }?;
+            let f = kernel_fn!(stream, "aiec_mask_count_f32")?;
+            let mut b = launcher(stream, &f);
+            b.arg(m).arg(labels).arg(&mut cnt).arg(&n).arg(&c).arg(&k);
+            // SAFETY: masks are K·C, labels and cnt N; a label ≥ K is not followed
+            // (count 0), so mask rows y·C.. are in bounds.
+            unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
+            Some(cnt)
+        }
+        None => None,
+    };
+    // GEMM tiles of 32 channels × 4·rows samples (DA_* in aiec.cu).
+    let c_tiles = dims.c.div_ceil(32);
+    let rows = rows_per_thread(dims.n, 4, c_tiles, 4);
+    let rows_i = to_i32("rows", rows)?;
     let f = kernel_fn!(stream, "aiec_da_f32")?;
     // SAFETY: the kernel writes every da entry.
     let mut da = unsafe { stream.alloc::<f32>(dims.n * dims.c) }?;
@@ -871,6 +1024,7 @@ fn da_dev(
     b.arg_opt(probs);
     b.arg(labels);
     b.arg_opt(masks);
+    b.arg_opt(cnt.as_ref());
     b.arg_opt(dl_aux);
     b.arg_opt(dl_gate);
     b.arg(&aux_scale)
@@ -878,15 +1032,29 @@ fn da_dev(
         .arg(&mut da)
         .arg(&n)
         .arg(&c)
-        .arg(&k);
-    // SAFETY: a, da are N·C; wd and masks K·C; probs N·K; labels, dl_* N; a label
-    // ≥ K gets a zero row and is not followed, so mask rows y·C.. are in bounds.
-    unsafe { b.launch(cfg1(rows_grid(dims.n), block_for(dims.c))) }?;
+        .arg(&k)
+        .arg(&rows_i);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            dim_grid(c_tiles, 65_535),
+            dim_grid(dims.n.div_ceil(4 * rows), 65_535),
+            1,
+        ),
+        block_dim: (32, 4, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: a, da are N·C; wd and masks K·C; probs N·K; labels, cnt, dl_* N; the
+    // kernel touches n < N, c < C, k < K only; a label ≥ K gets a zero row and is
+    // not followed, so mask rows y·C.. are in bounds; 1 ≤ rows ≤ 4 (DA_MAXJ).
+    unsafe { b.launch(cfg) }?;
     Ok(da)
 }
 
-/// `dWd[k,c] = Σ_n g[n,k]·a[n,c]`, `g = aux_scale·dl[n]·(p − onehot)`, in two
-/// deterministic stages (per-chunk partials, then a fixed-order sum).
+/// `dWd[k,c] = Σ_n g[n,k]·a[n,c]`, `g = aux_scale·dl[n]·(p − onehot)`: a tiled GEMM
+/// over samples (32 × 32 output tiles, samples staged 16 at a time in shared memory,
+/// summed in order). When the tiles alone do not fill the device, the samples are
+/// split into [`dwd_chunks`] chunks whose partials (at most [`DWD_SCRATCH_BYTES`])
+/// a second kernel sums in chunk order — fixed order, deterministic.
 fn dwd_dev(
     stream: &Arc<CudaStream>,
     a: &cudarc::driver::CudaView<'_, f32>,
@@ -898,54 +1066,70 @@ fn dwd_dev(
 ) -> Result<CudaSlice<f32>> {
     let (n, c, k) = dims_i32(dims)?;
     let kc = dims.k * dims.c;
-    // Chunks of samples: at most 64, at least 4 samples each (so N = 5 already
-    // exercises the second stage with 2 chunks).
-    let chunks = dims.n.div_ceil(4).clamp(1, 64);
+    let (c_tiles, k_tiles) = (dims.c.div_ceil(32), dims.k.div_ceil(32));
+    let chunks = dwd_chunks(dims.n, c_tiles * k_tiles, kc);
     let spb = dims.n.div_ceil(chunks);
     let chunks = dims.n.div_ceil(spb);
-    let part_len = chunks.checked_mul(kc).ok_or_else(|| Error::Shape {
-        what: "dwd",
-        msg: "partials overflow usize".into(),
-    })?;
-    // SAFETY: stage 1 writes every partial (chunk b, i < K·C).
-    let mut partial = unsafe { stream.alloc::<f32>(part_len) }?;
+    // SAFETY: every dWd entry is written: by stage 1 when chunks = 1 (k < K, c < C),
+    // else by stage 2.
+    let mut dwd = unsafe { stream.alloc::<f32>(kc) }?;
+    let mut partial = if chunks > 1 {
+        // SAFETY: stage 1 writes every partial (chunk z < chunks, k < K, c < C);
+        // chunks · K · C · 4 ≤ DWD_SCRATCH_BYTES (dwd_chunks).
+        Some(unsafe { stream.alloc::<f32>(chunks * kc) }?)
+    } else {
+        None
+    };
     let f1 = kernel_fn!(stream, "aiec_dwd_partial_f32")?;
     let spb_i = to_i32("samples per block", spb)?;
     let mut b = launcher(stream, &f1);
     b.arg(a).arg(probs).arg(labels);
     b.arg_opt(dl_aux);
-    b.arg(&aux_scale)
-        .arg(&mut partial)
-        .arg(&n)
-        .arg(&c)
-        .arg(&k)
-        .arg(&spb_i);
-    let block = block_for(kc);
-    let gy = kc.div_ceil(block as usize).clamp(1, 1024) as u32;
+    b.arg(&aux_scale);
+    match partial.as_mut() {
+        Some(p) => b.arg(p),
+        None => b.arg(&mut dwd),
+    };
+    b.arg(&n).arg(&c).arg(&k).arg(&spb_i);
     let cfg = LaunchConfig {
-        grid_dim: (chunks as u32, gy, 1),
-        block_dim: (block, 1, 1),
+        grid_dim: (
+            dim_grid(c_tiles, 65_535),
+            dim_grid(k_tiles, 65_535),
+            dim_grid(chunks, 65_535),
+        ),
+        block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: block x reads samples [x·spb, min(N, x·spb + spb)) of a (N·C), probs
-    // (N·K), labels / dl (N) (a label ≥ K is skipped); writes partial[x·K·C + i],
-    // i < K·C, x < chunks.
+    // SAFETY: chunk z reads samples [z·spb, min(N, z·spb + spb)) of a (N·C), probs
+    // (N·K), labels / dl (N) (a label ≥ K is skipped); writes out[z·K·C + k·C + c],
+    // k < K, c < C, z < chunks: within dwd (chunks = 1) or the partials.
     unsafe { b.launch(cfg) }?;
-    let f2 = kernel_fn!(stream, "aiec_dwd_reduce_f32")?;
-    // SAFETY: stage 2 writes every dWd entry.
-    let mut dwd = unsafe { stream.alloc::<f32>(kc) }?;
-    let chunks_i = to_i32("chunks", chunks)?;
-    let kc_i = to_i64("K x C", kc)?;
-    let mut b = launcher(stream, &f2);
-    b.arg(&partial).arg(&mut dwd).arg(&chunks_i).arg(&kc_i);
-    // SAFETY: reads partial[b·K·C + i] for b < chunks, i < K·C; writes dwd[i].
-    unsafe { b.launch(elementwise(kc, 1)) }?;
+    if let Some(partial) = partial {
+        let f2 = kernel_fn!(stream, "aiec_dwd_reduce_f32")?;
+        let chunks_i = to_i32("chunks", chunks)?;
+        let mut b = launcher(stream, &f2);
+        b.arg(&partial).arg(&mut dwd).arg(&chunks_i).arg(&k).arg(&c);
+        let block = block_for(dims.c);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                dim_grid(dims.c.div_ceil(block as usize), 65_535),
+                dim_grid(dims.k, 65_535),
+                1,
+            ),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads partial[z·K·C + k·C + c] for z < chunks, k < K, c < C;
+        // writes dwd[k·C + c].
+        unsafe { b.launch(cfg) }?;
+    }
     Ok(dwd)
 }
 
 /// DMU backward on the device for `L = Σ_n dloss[n]·L_aux[n]`, with `g[n,k] =
-/// dloss[n]·(p[n,k] − [k = y_n])`: `∂L/∂a = g·Wd` (thread per (n, c), loop over K)
-/// and `∂L/∂Wd = gᵀ·a` (two-stage deterministic reduction over samples). `probs`
+/// dloss[n]·(p[n,k] − [k = y_n])`: `∂L/∂a = g·Wd` and `∂L/∂Wd = gᵀ·a`, tiled GEMMs
+/// with in-order sums (`dWd` in two fixed-order stages when the batch is split, see
+/// [`DWD_SCRATCH_BYTES`]). `probs`
 /// are the forward's. CPU mirror: [`crate::cpu::aiec::dmu_backward`].
 ///
 /// Errors: as [`dmu_forward`], plus `LengthMismatch` if `probs` is not `N × K` or

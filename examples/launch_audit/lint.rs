@@ -176,10 +176,12 @@ fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
     let mut i = 0;
     while i < lines.len() {
         let l = lines[i];
-        let is_def =
-            (l.contains("__device__") || l.contains("AK_KERNEL") || l.contains("__global__"))
-                && l.contains('(')
-                && !l.trim_start().starts_with('#');
+        // A kernel entry point returns void: a line that merely mentions AK_KERNEL (a
+        // macro call passing it as an argument) is not a definition.
+        let kernel = (l.contains("AK_KERNEL") || l.contains("__global__")) && l.contains("void ");
+        let is_def = (l.contains("__device__") || kernel)
+            && l.contains('(')
+            && !l.trim_start().starts_with('#');
         if !is_def {
             i += 1;
             continue;
@@ -364,5 +366,14 @@ mod tests {
             "k"
         );
         assert_eq!(def_name("__device__ void f(int a) {"), "f");
+    }
+
+    #[test]
+    fn a_macro_call_mentioning_ak_kernel_is_not_a_definition() {
+        let src = "FAMILY(AK_KERNEL, f32)\nAK_KERNEL void k_##S(long long n) {\n  for (long long i = 0; i < n; ++i) { long long q = i / n; }\n}\n";
+        let mut funcs = HashMap::new();
+        functions("x.cu", src, &mut funcs);
+        assert!(!funcs.contains_key("FAMILY"));
+        assert_eq!(funcs.get("k_").map(|f| f.flagged.len()), Some(1));
     }
 }

@@ -497,7 +497,7 @@ __device__ void adj_bwd_impl(const float* __restrict__ h, float* __restrict__ dh
 // Linear 1 backward over (sample, channel chunk) items: thread k writes
 // da'[n,t,k] = Σ_j dh[t,j]·W1[j,k] + dr_x[t]·(−r_x²/‖a'[t]‖)·a'[t,k] for t = 0, 1 into
 // acc (N, 2C). dh of the sample in shared memory (2Hd floats, dynamic).
-__device__ void da_impl(const float* __restrict__ dh, const float* __restrict__ w1, const float* __restrict__ ap,
+__device__ void dc_da_impl(const float* __restrict__ dh, const float* __restrict__ w1, const float* __restrict__ ap,
                         const float* __restrict__ st, float* __restrict__ acc, int n, int c, int hd) {
   DYNAMIC_SHARED(float, sdh);
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -706,7 +706,7 @@ struct PlaneCursor {
   }
   // Advance by the stride d (a cursor made by init(stride): d.r < s, d.k < c, and
   // d.base = dn·2C + d.k for the dn whole samples of the stride).
-  __device__ __forceinline__ void adv(const PlaneCursor& d, long long s, int c) {
+  __device__ __forceinline__ void advance(const PlaneCursor& d, long long s, int c) {
     r += d.r;
     int carry = 0;
     if (r >= s) {
@@ -746,14 +746,14 @@ __device__ void mix_impl(const T* __restrict__ x, const T* __restrict__ res, con
       if (l + 1 < W) pc.step(s, c);
     }
     ak::Vec16<T>::store(out + v * W, fo);
-    pv.adv(dv, s, c);
+    pv.advance(dv, s, c);
   }
   PlaneCursor pc, d;
   pc.init(nv * W + tid, s, c);
   d.init(stride, s, c);
   for (long long i = nv * W + tid; i < numel; i += stride) {
     out[i] = ak::from_f32<T>(lam[pc.base] * ak::to_f32(x[i]) + lam[pc.base + c] * ak::to_f32(res[i]));
-    pc.adv(d, s, c);
+    pc.advance(d, s, c);
   }
 }
 
@@ -783,7 +783,7 @@ __device__ void dx_impl(const T* __restrict__ dy, const float* __restrict__ lam,
     }
     ak::Vec16<T>::store(dx + v * W, fx);
     ak::Vec16<T>::store(dres + v * W, fr);
-    pv.adv(dv, s, c);
+    pv.advance(dv, s, c);
   }
   PlaneCursor pc, d;
   pc.init(nv * W + tid, s, c);
@@ -792,7 +792,7 @@ __device__ void dx_impl(const T* __restrict__ dy, const float* __restrict__ lam,
     float g = ak::to_f32(dy[i]);
     dx[i] = ak::from_f32<T>(lam[pc.base] * g + dgap[pc.base] * inv_s);
     dres[i] = ak::from_f32<T>(lam[pc.base + c] * g + dgap[pc.base + c] * inv_s);
-    pc.adv(d, s, c);
+    pc.advance(d, s, c);
   }
 }
 
@@ -916,7 +916,7 @@ EMU_REGISTER(iieu_dc_out_f32)
 
 AK_KERNEL void __launch_bounds__(128) iieu_dc_da_f32(const float* dh, const float* w1, const float* ap,
                                                      const float* st, float* acc, int n, int c, int hd) {
-  ak_iieu_dc::da_impl(dh, w1, ap, st, acc, n, c, hd);
+  ak_iieu_dc::dc_da_impl(dh, w1, ap, st, acc, n, c, hd);
 }
 EMU_REGISTER(iieu_dc_da_f32)
 

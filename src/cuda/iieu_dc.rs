@@ -31,8 +31,8 @@
 //!
 //! # Scratch
 //! Per call, f32 device buffers of the coupler's per-sample intermediates: forward
-//! `5·N·2C + N·2·hidden + 8N + 2·hidden` floats (`â`, `a'`, `c`, …), backward about
-//! `(12C + 10·hidden + 8)·N` floats plus the stage-1 partials, `chunks × (8C +
+//! `N·(10C + 2·hidden + 8) + 2·hidden` floats (GAPs, `â`, `a'`, `c`, `λ`, `h`, …), backward
+//! `N·(20C + 12·hidden + 8) + 2·hidden` floats plus the stage-1 partials, `chunks × (8C +
 //! 2C·hidden + 6·hidden)` floats with `chunks ≤ N` and at most 64 MiB
 //! (`PARTIAL_BUDGET`; one chunk if a single row is larger) — all proportional to the
 //! saved GAPs (`N·2C`) or the parameters, never to `H·W`.

@@ -437,8 +437,8 @@ __device__ void dc_impl(const T* __restrict__ dx, const T* __restrict__ c, const
 }  // namespace ak_conv
 
 // Launch bounds (kernels/common.cuh): every kernel of this file is launched with at
-// most 256 threads (the GEMMs' THREADS, BLOCK for the small passes), so
-// __launch_bounds__(256) for nvcc and the same bound for the emulated device (which
+// most 256 threads (the GEMMs' THREADS, BLOCK for the small passes), so (all but
+// iieu_conv_plane_stats, see there) __launch_bounds__(256) for nvcc and the same bound for the emulated device (which
 // reads AK_LAUNCH_BOUND at each EMU_REGISTER); the default is restored at the end.
 #pragma push_macro("AK_LAUNCH_BOUND")
 #undef AK_LAUNCH_BOUND
@@ -470,9 +470,14 @@ AK_KERNEL void __launch_bounds__(256) iieu_conv_rx(const float* __restrict__ sq,
 }
 EMU_REGISTER(iieu_conv_rx)
 
+// No launch bound on this kernel (the default, AK_LAUNCH_BOUND from common.cuh, for the
+// emulated device too): under __launch_bounds__(256) ptxas 12.4 (the CUDA 12 path,
+// scripts/compat-check.sh) spills 52 bytes on sm_80..sm_90, where nvcc 13 does not.
+#pragma pop_macro("AK_LAUNCH_BOUND")
+
 // Per (n, o): Chan merge, in tile order, of the forward's per-tile (mean, M2) of c.
 // Thread per plane.
-AK_KERNEL void __launch_bounds__(256) iieu_conv_plane_stats(const float* __restrict__ st_mean, const float* __restrict__ st_m2,
+AK_KERNEL void iieu_conv_plane_stats(const float* __restrict__ st_mean, const float* __restrict__ st_m2,
                                                  float* __restrict__ mean_c, float* __restrict__ m2_c, ConvGeom g) {
   const int P = g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
@@ -495,6 +500,10 @@ AK_KERNEL void __launch_bounds__(256) iieu_conv_plane_stats(const float* __restr
   }
 }
 EMU_REGISTER(iieu_conv_plane_stats)
+
+#pragma push_macro("AK_LAUNCH_BOUND")
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
 
 // ψ per channel o (thread per o). mode: 0 none, 1 bias, 2 affine, 3 BatchNorm training,
 // 4 BatchNorm eval. a/b: bias (mode 1: b), scale/shift (2), γ/β (3, 4). Training:

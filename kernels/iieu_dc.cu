@@ -487,7 +487,8 @@ __device__ void adj_bwd_impl(const float* __restrict__ h, float* __restrict__ dh
       const float mdd = ak::warp_sum(sdd) / (float)hd;
       for (int j = lane; j < hd; j += 32) {
         const int i = t * hd + j;
-        dhd[off + i] = sdh[i] + ((shh[i] / denom + coef * (sh[i] - mu)) - mdd);
+        const float dhv = sdh[i] + ((shh[i] / denom + coef * (sh[i] - mu)) - mdd);
+        dhd[off + i] = dhv;
       }
       if (lane == 0) st[ni * ST + 3 + t] = sxs;
     }
@@ -521,7 +522,8 @@ __device__ void dc_da_impl(const float* __restrict__ dh, const float* __restrict
       float s[2] = {s0, s1};
       for (int t = 0; t < 2; ++t) {
         const float nx = sr[1 + t], rx = 1.0f / (nx + EPS_NORM);
-        if (nx > 0.0f) s[t] += (-sr[3 + t] * rx * rx / nx) * ap[off + t * c + k];
+        const float kx = nx > 0.0f ? -sr[3 + t] * rx * rx / nx : 0.0f;  // the r_x path's coefficient
+        if (nx > 0.0f) s[t] += kx * ap[off + t * c + k];
         acc[off + t * c + k] = s[t];
       }
     }

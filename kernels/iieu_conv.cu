@@ -124,7 +124,7 @@ __device__ __forceinline__ void load_w_tile(const T* __restrict__ w, const ConvG
 // Bytes: reads x_pre ~ntiles·KH·KW/(sh·sw) times through L1/L2 (the implicit im2col)
 // and W once per pixel tile; writes c once, 8 B per (n, o, tile) and 4 B per (n,grp,p).
 template <class T>
-__device__ void fwd_impl(const T* __restrict__ x_pre, const T* __restrict__ w, T* __restrict__ out,
+__device__ void conv_fwd_impl(const T* __restrict__ x_pre, const T* __restrict__ w, T* __restrict__ out,
                          float* __restrict__ sq, float* __restrict__ st_mean, float* __restrict__ st_m2, ConvGeom g) {
   SHARED_ARRAY(float, As, BK * BM);
   SHARED_ARRAY(float, Bs, BK * BN);
@@ -385,8 +385,10 @@ __device__ void psi_bwd_sums_impl(const T* __restrict__ dx, const T* __restrict_
   SHARED_ARRAY(float, scratch, 32);
   const long long P = (long long)g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
+  // o = no % O, advanced with the grid stride (no division per plane).
+  const int ostep = (int)(gridDim.x % (unsigned)g.o);
+  int o = (int)(blockIdx.x % (unsigned)g.o);
   for (long long no = blockIdx.x; no < planes; no += gridDim.x) {
-    const int o = (int)(no % g.o);
     float s1 = 0.0f, s2 = 0.0f;
     for (long long j = threadIdx.x; j < P; j += blockDim.x) {
       const float d = ak::to_f32(dx[no * P + j]);
@@ -399,6 +401,8 @@ __device__ void psi_bwd_sums_impl(const T* __restrict__ dx, const T* __restrict_
       part2[2 * no] = s1;
       part2[2 * no + 1] = s2;
     }
+    o += ostep;
+    if (o >= g.o) o -= g.o;
   }
 }
 
@@ -408,14 +412,37 @@ __device__ void dc_impl(const T* __restrict__ dx, const T* __restrict__ c, const
                         const float* __restrict__ coef, T* __restrict__ dc, ConvGeom g) {
   const long long P = (long long)g.oh * g.ow;
   const long long total = (long long)g.n * g.o * P;
-  for (long long e = grid_tid(); e < total; e += grid_stride()) {
-    const int o = (int)((e / P) % g.o);
+  // Channel o = (e / P) % O and position r = e % P of this thread's element, set once
+  // and advanced by the grid stride (dr = stride % P, dout = (stride / P) % O).
+  const long long e0 = grid_tid(), stride = grid_stride();
+  const long long pl0 = e0 / P, pls = stride / P;
+  long long r = e0 - pl0 * P;
+  const long long dr = stride - pls * P;
+  int o = (int)(pl0 % g.o);
+  const int dout = (int)(pls % g.o);
+  for (long long e = e0; e < total; e += stride) {
     const float v = fmaf(coef[3 * o], ak::to_f32(dx[e]), fmaf(coef[3 * o + 1], xhat(ak::to_f32(c[e]), lin, o), coef[3 * o + 2]));
     dc[e] = ak::from_f32<T>(v);
+    r += dr;
+    int carry = 0;
+    if (r >= P) {
+      r -= P;
+      carry = 1;
+    }
+    o += dout + carry;
+    if (o >= g.o) o -= g.o;
   }
 }
 
 }  // namespace ak_conv
+
+// Launch bounds (kernels/common.cuh): every kernel of this file is launched with at
+// most 256 threads (the GEMMs' THREADS, BLOCK for the small passes), so (all but
+// iieu_conv_plane_stats, see there) __launch_bounds__(256) for nvcc and the same bound for the emulated device (which
+// reads AK_LAUNCH_BOUND at each EMU_REGISTER); the default is restored at the end.
+#pragma push_macro("AK_LAUNCH_BOUND")
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
 
 // =====================================================================================
 // f32-only kernels
@@ -423,7 +450,7 @@ __device__ void dc_impl(const T* __restrict__ dx, const T* __restrict__ c, const
 // ‖P‖ = sqrt(Σ sq) and r_x = 1/(‖P‖ + eps) per (n, grp', p): PerGroup (gp == groups)
 // reads its own group's partial; AllChannels (gp == 1) sums the groups' partials in
 // group order. NaN propagates (no fmaxf). Thread per output.
-AK_KERNEL void iieu_conv_rx(const float* __restrict__ sq, float* __restrict__ x_norm,
+AK_KERNEL void __launch_bounds__(256) iieu_conv_rx(const float* __restrict__ sq, float* __restrict__ x_norm,
                                         float* __restrict__ r_x, ConvGeom g) {
   const long long P = (long long)g.oh * g.ow;
   const long long total = (long long)g.n * g.gp * P;
@@ -442,6 +469,11 @@ AK_KERNEL void iieu_conv_rx(const float* __restrict__ sq, float* __restrict__ x_
   }
 }
 EMU_REGISTER(iieu_conv_rx)
+
+// No launch bound on this kernel (the default, AK_LAUNCH_BOUND from common.cuh, for the
+// emulated device too): under __launch_bounds__(256) ptxas 12.4 (the CUDA 12 path,
+// scripts/compat-check.sh) spills 52 bytes on sm_80..sm_90, where nvcc 13 does not.
+#pragma pop_macro("AK_LAUNCH_BOUND")
 
 // Per (n, o): Chan merge, in tile order, of the forward's per-tile (mean, M2) of c.
 // Thread per plane.
@@ -469,12 +501,16 @@ AK_KERNEL void iieu_conv_plane_stats(const float* __restrict__ st_mean, const fl
 }
 EMU_REGISTER(iieu_conv_plane_stats)
 
+#pragma push_macro("AK_LAUNCH_BOUND")
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND 256
+
 // ψ per channel o (thread per o). mode: 0 none, 1 bias, 2 affine, 3 BatchNorm training,
 // 4 BatchNorm eval. a/b: bias (mode 1: b), scale/shift (2), γ/β (3, 4). Training:
 // batch mean/var of c over N·H'·W' (merge of the per-sample (mean, M2) in sample order),
 // written to bmean/bvar, and running_mean/var updated in place (PyTorch rule, unbiased
 // variance). Writes lin[o] = (sub, k, scale, add) and GAP(x)[n,o] = ψ(mean_c[n,o]).
-AK_KERNEL void iieu_conv_psi(const float* __restrict__ mean_c, const float* __restrict__ m2_c, int mode,
+AK_KERNEL void __launch_bounds__(256) iieu_conv_psi(const float* __restrict__ mean_c, const float* __restrict__ m2_c, int mode,
                                          const float* __restrict__ a, const float* __restrict__ b,
                                          float* __restrict__ run_mean, float* __restrict__ run_var, float momentum,
                                          float bn_eps, float* __restrict__ lin, float* __restrict__ bmean,
@@ -532,7 +568,7 @@ EMU_REGISTER(iieu_conv_psi)
 // Stage 2 of ψ's backward, thread per o: S1 = Σ_n Σdx, S2 = Σ_n Σdx·x̂ (sample order);
 // d_shift = S1, d_scale = S2 (each optional); coef = (A, B, C) of dc = A·dx + B·x̂ + C:
 // A = scale·k; for BatchNorm training also B = −A·S2/M, C = −A·S1/M (M = N·H'·W').
-AK_KERNEL void iieu_conv_psi_bwd_params(const float* __restrict__ part2, const float* __restrict__ lin,
+AK_KERNEL void __launch_bounds__(256) iieu_conv_psi_bwd_params(const float* __restrict__ part2, const float* __restrict__ lin,
                                                     int mode, float* __restrict__ d_scale,
                                                     float* __restrict__ d_shift, float* __restrict__ coef,
                                                     ConvGeom g) {
@@ -559,30 +595,30 @@ EMU_REGISTER(iieu_conv_psi_bwd_params)
 // per-dtype entry points
 
 #define IIEU_CONV_KERNELS(SUF, T)                                                                                \
-  AK_KERNEL void iieu_conv_fwd_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, \
+  AK_KERNEL void __launch_bounds__(256) iieu_conv_fwd_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, \
                                                  float* st_m2, ConvGeom g) {                                    \
-    ak_conv::fwd_impl<T>(x_pre, w, out, sq, st_mean, st_m2, g);                                                  \
+    ak_conv::conv_fwd_impl<T>(x_pre, w, out, sq, st_mean, st_m2, g);                                                  \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_fwd_##SUF)                                                                              \
-  AK_KERNEL void iieu_conv_dgrad_##SUF(const T* dc, const T* w, const T* add, T* dx_pre,            \
+  AK_KERNEL void __launch_bounds__(256) iieu_conv_dgrad_##SUF(const T* dc, const T* w, const T* add, T* dx_pre,            \
                                                    ConvGeom g) {                                                \
     ak_conv::dgrad_impl<T>(dc, w, add, dx_pre, g);                                                               \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_dgrad_##SUF)                                                                            \
-  AK_KERNEL void iieu_conv_wgrad_##SUF(const T* dc, const T* x_pre, float* part, ConvGeom g) {      \
+  AK_KERNEL void __launch_bounds__(256) iieu_conv_wgrad_##SUF(const T* dc, const T* x_pre, float* part, ConvGeom g) {      \
     ak_conv::wgrad_impl<T>(dc, x_pre, part, g);                                                                  \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_wgrad_##SUF)                                                                            \
-  AK_KERNEL void iieu_conv_wgrad_reduce_##SUF(const float* part, const T* add, T* dw, ConvGeom g) { \
+  AK_KERNEL void __launch_bounds__(256) iieu_conv_wgrad_reduce_##SUF(const float* part, const T* add, T* dw, ConvGeom g) { \
     ak_conv::wgrad_reduce_impl<T>(part, add, dw, g);                                                             \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_wgrad_reduce_##SUF)                                                                     \
-  AK_KERNEL void iieu_conv_psi_bwd_sums_##SUF(const T* dx, const T* c, const float* lin,            \
+  AK_KERNEL void __launch_bounds__(256) iieu_conv_psi_bwd_sums_##SUF(const T* dx, const T* c, const float* lin,            \
                                                           float* part2, ConvGeom g) {                           \
     ak_conv::psi_bwd_sums_impl<T>(dx, c, lin, part2, g);                                                         \
   }                                                                                                              \
   EMU_REGISTER(iieu_conv_psi_bwd_sums_##SUF)                                                                     \
-  AK_KERNEL void iieu_conv_dc_##SUF(const T* dx, const T* c, const float* lin, const float* coef,   \
+  AK_KERNEL void __launch_bounds__(256) iieu_conv_dc_##SUF(const T* dx, const T* c, const float* lin, const float* coef,   \
                                                 T* dc, ConvGeom g) {                                            \
     ak_conv::dc_impl<T>(dx, c, lin, coef, dc, g);                                                                \
   }                                                                                                              \
@@ -591,3 +627,5 @@ EMU_REGISTER(iieu_conv_psi_bwd_params)
 IIEU_CONV_KERNELS(f32, float)
 IIEU_CONV_KERNELS(f16, __half)
 IIEU_CONV_KERNELS(bf16, __nv_bfloat16)
+
+#pragma pop_macro("AK_LAUNCH_BOUND")

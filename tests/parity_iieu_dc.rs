@@ -434,9 +434,9 @@ fn parity_bf16() {
 /// Kernel paths the standard grid does not reach: 4×4 planes (vectorised plane
 /// reductions: S a multiple of 4 and of 8), 33×33 planes (one block per plane instead of
 /// one warp), 32×33 = 1056 with f16 (one block per plane with 128-bit loads), hidden = 1
-/// (std taken as 0), N = 70 > 64 coupler-backward blocks (blocks accumulate several
-/// samples into their partial row), and unaligned views (scalar elementwise and
-/// reduction paths).
+/// (std taken as 0), N = 70 (the parameter-gradient stage 1 splits the samples into
+/// ⌈264 / element blocks⌉ chunks of several samples each, summed in order by stage 2),
+/// and unaligned views (scalar elementwise and reduction paths).
 #[test]
 fn parity_kernel_paths() {
     parity::<f32>(2, 32, 4, 4, 16, 200, 0);
@@ -585,11 +585,12 @@ fn bad_input() {
         ));
     }
 
-    // C too large for the coupler's shared-memory plan: Err(Shape), not a launch failure.
-    // (The check precedes the length checks, so the small buffers are never touched.)
+    // hidden too large for the adjuster backward's shared-memory plan (10·hidden floats):
+    // Err(Shape), not a launch failure. (The check precedes the length checks, so the
+    // small buffers are never touched.)
     for big in [
-        DcConfig::new(1, 4096, 1, 1, 16).unwrap(),
-        DcConfig::new(1, 2048, 1, 1, 4).unwrap(),
+        DcConfig::new(1, 4096, 1, 1, 2).unwrap(),
+        DcConfig::new(1, 2048, 1, 1, 1).unwrap(),
     ] {
         g.check_schedules(|| {
             let e = gpu_dc::forward(&s, &big, &x, &x, &dp).unwrap_err();
@@ -619,10 +620,11 @@ fn coupler_threads(c: usize) -> usize {
     (2 * c).div_ceil(32).saturating_mul(32).clamp(64, max)
 }
 
-/// Asserts what a path case claims about the coupler's launch for `C`, `hidden`: the
-/// block-strided loops over the 2C LayerNorm elements run `⌈2C/threads⌉ ≥ trips_2c`
-/// trips, the warp-strided loops over the hidden units (`j = lane; j < hidden; j += 32`)
-/// `⌈hidden/32⌉ ≥ trips_hd`, and the shared-memory plan still fits.
+/// Asserts what a path case claims about the coupler's launches for `C`, `hidden`: the
+/// block-strided loops of the per-sample kernels over the 2C LayerNorm elements run
+/// `⌈2C/threads⌉ ≥ trips_2c` trips, the warp-strided loops over the hidden units
+/// (`j = lane; j < hidden; j += 32`) `⌈hidden/32⌉ ≥ trips_hd`, and the shared-memory plan
+/// (10·hidden floats in the adjuster backward) still fits.
 fn assert_coupler_trips(c: usize, hd: usize, trips_2c: usize, trips_hd: usize) {
     let t = coupler_threads(c);
     assert!(
@@ -634,7 +636,7 @@ fn assert_coupler_trips(c: usize, hd: usize, trips_2c: usize, trips_hd: usize) {
         hd.div_ceil(32) >= trips_hd,
         "hidden = {hd}: fewer than {trips_hd} warp-strided trips"
     );
-    assert!((4 * c + 13 * hd) * 4 <= gpu_dc::MAX_COUPLER_SMEM_BYTES);
+    assert!(10 * hd * 4 <= gpu_dc::MAX_COUPLER_SMEM_BYTES);
 }
 
 /// IIEU-DC at C = 256, r = 4 (hidden 64), N = 2, 2×2 planes (f32, bf16). Reaches:
@@ -643,8 +645,8 @@ fn assert_coupler_trips(c: usize, hd: usize, trips_2c: usize, trips_hd: usize) {
 ///   LayerNorm-1/-2 statistics, `c = W2·h'`, both LayerNorm backwards and dgap run
 ///   2 trips and every block_sum combines 8 warps (the standard grid: ≤ 3 warps, 1 trip);
 /// * hidden = 64 > 32: the warp-strided loops over the hidden units (mean / std of h and
-///   their backward) run 2 trips, `row_norms` (a warp per W1 row over 8 warps) 8 trips,
-///   the warp-per-(t, j) products `h = W1·a'`, `dh' = dc·W2` 2·64/8 = 16 trips;
+///   their backward) run 2 trips, the channel chunks of `iieu_dc_out` / `iieu_dc_da`
+///   2 per sample (C = 256 over 128 threads);
 /// * S = 4: the 128-bit plane reductions, with 2C·S = 2048 elements per sample.
 #[test]
 fn parity_path_dc_c256() {
@@ -655,13 +657,13 @@ fn parity_path_dc_c256() {
     eprintln!("parity_path_dc_c256: {:.1} s", t.elapsed().as_secs_f64());
 }
 
-/// IIEU-DC at C = 2048, r = 8 (hidden 256), N = 2, 2×2 planes (f32): ResNet-50's last
-/// stage width with the largest coupler the shared-memory plan admits at C = 2048
-/// ((4·2048 + 13·256)·4 = 46 080 bytes). Reaches: the block-strided loops over 2C
+/// IIEU-DC at C = 2048, r = 8 (hidden 256), N = 1, 2×2 planes (f32): ResNet-50's last
+/// stage width with a wide coupler. Reaches: the block-strided loops over 2C
 /// (16 trips of 256 threads) and over C (`λ`, LayerNorm-2 backward: 8 trips); the
-/// warp-strided loops over the hidden units 8 trips; `row_norms` 32 rows per warp;
-/// the block-strided `dW2`/`dW1` loops over C·hidden = 2^19 entries 2048 trips; and
-/// f32 dots of length 2048 and LayerNorms over 4096 values inside the tolerances.
+/// warp-strided loops over the hidden units 8 trips; 16 channel chunks per sample in
+/// `iieu_dc_out` / `iieu_dc_da`; the parameter-gradient stage 1 over 2·C·hidden = 2^20
+/// outer-product entries in one chunk; and f32 dots of length 2048 and LayerNorms
+/// over 4096 values inside the tolerances.
 #[test]
 fn parity_path_dc_c2048() {
     assert_coupler_trips(2048, 256, 16, 8);
@@ -670,20 +672,18 @@ fn parity_path_dc_c2048() {
     eprintln!("parity_path_dc_c2048: {:.1} s", t.elapsed().as_secs_f64());
 }
 
-/// The coupler forward's several-samples-per-block path: N = 1025 > `MAX_FWD_BLOCKS`
-/// (1024) blocks, so block 0 runs samples 0 and 1024, reusing its shared A/B/h after
-/// the end-of-sample barrier (the thread-order check would catch that barrier
-/// missing). Forward only (out, GAPs, λ): the backward's several-samples path (blocks
-/// accumulating samples into their partial row) is `parity_kernel_paths`' N = 70 > 64
-/// case, and the backward at N = 1025 costs ~3× the forward on the emulator (a
-/// 64-thread block per sample, ~100 barriers and shuffles each). C = 2, r = 1
+/// The per-sample coupler kernels' several-samples-per-block path: N = 1025 >
+/// `MAX_SAMPLE_BLOCKS` (1024) blocks, so block 0 of LayerNorm-1 / LayerNorm-2 runs
+/// samples 0 and 1024, reusing its block-sum scratch (the thread-order check would catch
+/// a missing barrier). Forward only (out, GAPs, λ): the backward's per-sample kernels
+/// share the loop shape and cost ~3× the forward on the emulator. C = 2, r = 1
 /// (hidden 2), 1×1 planes keep the plane reductions small (2050 planes). Run under the
 /// identity and reversed thread orders only ([`paths::two_orders`]): all four cost ~40 s.
 #[test]
 fn parity_path_dc_coupler_fwd_several_samples_per_block() {
     let Some(g) = gpu() else { return };
     let n = 1025;
-    let fwd_blocks = paths::src_const(DC_SRC, "MAX_FWD_BLOCKS");
+    let fwd_blocks = paths::src_const(DC_SRC, "MAX_SAMPLE_BLOCKS");
     assert!(
         n > fwd_blocks,
         "N = {n} must exceed the {fwd_blocks} forward blocks"
@@ -825,8 +825,8 @@ fn nonfinite_inputs_match_cpu() {
 /// The coupler's block-strided loops over the hidden units (`j = tid; j < hidden;
 /// j += threads`: the adjuster / term-B backward per hidden unit) and over the 2·hidden
 /// entries of term-S / the adjuster forward past one trip: hidden = C/r must exceed the
-/// 256 threads, which within the shared-memory plan needs a small r: C = 1024, r = 2
-/// (hidden 512, (4·1024 + 13·512)·4 = 43 008 bytes). N = 1, 1×1 planes (f32). With
+/// 256 threads of the per-sample block: C = 1024, r = 2 (hidden 512; the adjuster
+/// backward's 10·512 floats = 20 480 bytes of shared memory). N = 1, 1×1 planes (f32). With
 /// N = 1 each hidden unit has only two ρ̂ values for `pick_eta` to separate; seeds 440,
 /// 441 and 443 put two within its 1e-3 margin, 447 does not.
 #[test]

@@ -307,7 +307,7 @@ pub struct Carry {
     /// Bytes of tile partials the last ACON tile kernel wrote, and whether it was a
     /// backward (3 sums) or a GAP (1 sum).
     acon_partials: (f64, f64),
-    /// Blocks of the last `iieu_dc_coupler_bwd` (its partial rows).
+    /// Sample chunks of the last `iieu_dc_param_part` (its partial rows).
     dc_rows: f64,
     /// Chunks of the last `aiec_dwd_partial`.
     dwd_chunks: f64,
@@ -496,26 +496,63 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         ),
         // IIEU-DC (x, res: N·C·S; hidden Hd; len floats per partial row).
         "iieu_dc_gap" => t(2.0 * b * e + 8.0 * nc, 2.0 * b * e + 8.0 * nc),
-        "iieu_dc_coupler_fwd_f32" => t(
-            n * (16.0 * c + 32.0 * c * d.hd),
-            16.0 * nc + 16.0 * c * d.hd,
-        ),
         "iieu_dc_mix" | "iieu_dc_dots" => t(3.0 * b * e + 8.0 * nc, 3.0 * b * e + 8.0 * nc),
-        "iieu_dc_coupler_bwd_f32" => {
-            let len = 8.0 * c + 2.0 * c * d.hd + 5.0 * d.hd;
-            let rows = blocks;
-            carry.dc_rows = rows;
+        // The coupler's stages (hidden Hd; per-sample rows of 2C / 2Hd f32; parameter
+        // re-reads per sample or item charged as issued, L1/L2 hits included).
+        "iieu_dc_w1_norms_f32" => t(4.0 * c * d.hd + 8.0 * d.hd, 4.0 * c * d.hd + 8.0 * d.hd),
+        // gap 3 passes, LN-1 affine, â and a' written, 3 scalars.
+        "iieu_dc_ln1_f32" => t(n * (56.0 * c + 12.0), n * (24.0 * c + 12.0) + 16.0 * c),
+        // Warp per (n, j): a W1 row (or W2 column) and the sample's two 2C rows' halves.
+        "iieu_dc_hidden_f32" | "iieu_dc_dhp_f32" => t(
+            n * d.hd * (12.0 * c + 8.0),
+            n * (8.0 * c + 8.0 * d.hd) + 4.0 * c * d.hd,
+        ),
+        // Per (n, 128-channel chunk): h statistics and h' (~64·Hd bytes of h, st and the
+        // term-B / adjuster parameters), then per channel a W2 row and 2 outputs.
+        "iieu_dc_out_f32" => {
+            let chunks = (c / 128.0).ceil();
             t(
-                n * (24.0 * c + 32.0 * c * d.hd)
-                    + 4.0 * rows * len
-                    + 8.0 * (n - rows).max(0.0) * len,
-                24.0 * nc + 4.0 * len,
+                n * chunks * 64.0 * d.hd + n * (4.0 * c * d.hd + 8.0 * c),
+                n * (8.0 * d.hd + 8.0 * c) + 4.0 * c * d.hd + 28.0 * d.hd,
             )
         }
+        // c twice (statistics) and once more, LN-2 affine, λ written.
+        "iieu_dc_ln2_f32" => t(n * 48.0 * c, n * 16.0 * c + 16.0 * c),
+        // c and pd once (c cached in shared memory), LN-2 affine, dc and vrow's
+        // l2w | l2b written.
+        "iieu_dc_ln2_bwd_f32" => t(n * 56.0 * c, n * 40.0 * c + 16.0 * c),
+        // h, dh' in; γ₂/β₂/η₂/norms per hidden unit; dh, h', vrow's g2|b2|η|wc, dr_x out.
+        "iieu_dc_adj_bwd_f32" => t(
+            n * (92.0 * d.hd + 16.0),
+            n * (56.0 * d.hd + 16.0) + 28.0 * d.hd,
+        ),
+        // Per (n, chunk): dh into shared memory; per channel a W1 column, a', st, da' out.
+        "iieu_dc_da_f32" => {
+            let chunks = (c / 128.0).ceil();
+            t(
+                n * chunks * 8.0 * d.hd + n * c * (4.0 * d.hd + 32.0),
+                n * (8.0 * d.hd + 16.0 * c) + 4.0 * c * d.hd,
+            )
+        }
+        // da' and â read once (da cached), vrow's l1w | l1b and dgap written.
+        "iieu_dc_ln1_bwd_f32" => t(n * (56.0 * c + 4.0), n * (40.0 * c + 4.0) + 8.0 * c),
+        // Stage 1 (grid y = chunks): per sample, one f32 per vector entry (8C + 6Hd) and
+        // four per outer-product entry (2·C·Hd); one partial row of PL floats per chunk.
+        "iieu_dc_param_part_f32" => {
+            let chunks = f64::from(grid[1]);
+            let pl = 8.0 * c + 2.0 * c * d.hd + 6.0 * d.hd;
+            carry.dc_rows = chunks;
+            t(
+                n * (4.0 * (8.0 * c + 6.0 * d.hd) + 32.0 * c * d.hd) + 4.0 * chunks * pl,
+                n * (4.0 * (8.0 * c + 6.0 * d.hd) + 16.0 * (c + d.hd)) + 4.0 * pl,
+            )
+        }
+        // Stage 2: the rows in order (+ the r_w coefficients and W1 for the W1 region).
         "iieu_dc_param_sum_f32" => {
-            let len = 8.0 * c + 2.0 * c * d.hd + 5.0 * d.hd;
-            let v = 4.0 * carry.dc_rows * len + 4.0 * len;
-            t(v, v)
+            let glen = 8.0 * c + 2.0 * c * d.hd + 5.0 * d.hd;
+            let rows = carry.dc_rows.max(1.0);
+            let v = 4.0 * rows * glen + 4.0 * rows * c * d.hd + 4.0 * c * d.hd + 4.0 * glen;
+            t(v, 4.0 * rows * (glen + d.hd) + 4.0 * c * d.hd + 4.0 * glen)
         }
         "iieu_dc_dx" => t(3.0 * b * e + 16.0 * nc, 3.0 * b * e + 16.0 * nc),
         // IieuConv2d: implicit GEMMs (64×64×16 tiles; tile re-reads are on-chip by

@@ -73,7 +73,7 @@ use crate::cuda::iieu::{
     self as iieu_dev, elementwise, per_block, scratch, Dims, IieuDeviceParams, IieuDeviceSaved,
     Norms,
 };
-use crate::cuda::{launcher, to_i32, ArgOpt, DType, DeviceInput};
+use crate::cuda::{grid_for, launcher, to_i32, ArgOpt, DType, DeviceInput, BLOCK};
 use crate::error::{check_len, Error, Result};
 
 /// GEMM tile rows / columns / depth and threads of `kernels/iieu_conv.cu`.
@@ -365,6 +365,26 @@ impl ConvDims {
     }
 }
 
+/// Blocks a thread-per-item small pass aims for (two per H100 SM).
+const SMALL_PASS_BLOCKS: usize = 264;
+
+/// Launch of a thread-per-item small pass over `work` items (`iieu_conv_plane_stats`:
+/// per-(n, o) planes; `iieu_conv_wgrad_reduce`: dW elements): blocks of [`BLOCK`]
+/// threads, halved down to 64 while the grid has fewer than [`SMALL_PASS_BLOCKS`]
+/// blocks, so that a pass of a few thousand items still reaches every SM (64-thread
+/// blocks keep the theoretical occupancy: 16 / 32 resident blocks of 2 warps).
+fn small_pass(work: usize) -> LaunchConfig {
+    let mut block = BLOCK;
+    while block > 64 && work.div_ceil(block as usize) < SMALL_PASS_BLOCKS {
+        block /= 2;
+    }
+    LaunchConfig {
+        grid_dim: (grid_for(work, block as usize), 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn gemm_launch((x, y): (u32, u32), z: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (x, y, z),
@@ -522,7 +542,7 @@ pub fn forward<T: DType>(
         .arg(&g);
     // SAFETY: threads cover no < N·O (mean_c, m2_c: all written), reading
     // no·mtiles + mt < N·O·mtiles (the forward wrote all of st_mean, st_m2).
-    unsafe { b.launch(elementwise(no, 1)) }?;
+    unsafe { b.launch(small_pass(no)) }?;
 
     // ψ per channel, GAP(x).
     let mode = params.psi.mode();
@@ -715,7 +735,7 @@ pub fn backward<T: DType>(
     b.arg(&part).arg(&ig.dw).arg(&mut dw).arg(&g);
     // SAFETY: threads cover e < O·K (dw, add: length O·K; all dw written), reading
     // part[s·O·K + e] for s < splits.
-    unsafe { b.launch(elementwise(d.w_len, 1)) }?;
+    unsafe { b.launch(small_pass(d.w_len)) }?;
 
     Ok(IieuConvDeviceGrads {
         dx_pre,

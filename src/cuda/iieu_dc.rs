@@ -13,20 +13,37 @@
 //!
 //! # Kernels (kernels/iieu_dc.cu)
 //! Forward: `iieu_dc_gap_<T>` (plane means of x and res, one warp per plane for
-//! `H·W ≤ 1024`, else one block per plane), `iieu_dc_coupler_fwd_f32` (one block per
-//! sample, the whole coupler in shared memory), `iieu_dc_mix_<T>` (elementwise, 128-bit
-//! vectors when aligned). Backward: `iieu_dc_dots_<T>` (plane sums `Σ dy·x`, `Σ dy·res`),
-//! `iieu_dc_coupler_bwd_f32` (coupler backward; per-block parameter-gradient partials,
-//! stage 1), `iieu_dc_param_sum_f32` (stage 2: fixed-order sum over the blocks),
-//! `iieu_dc_dx_<T>` (elementwise `dx`, `dres`). No atomics: results are bit-identical
-//! from run to run.
+//! `H·W ≤ 1024`, else one block per plane); the coupler in GEMM-shaped stages —
+//! `iieu_dc_w1_norms_f32` (`‖W1[j]‖`, `r_w[j]` once per call), `iieu_dc_ln1_f32`
+//! (LayerNorm-1, a block per sample), `iieu_dc_hidden_f32` (`h = a'·W1ᵀ`, a warp per
+//! (sample, hidden unit)), `iieu_dc_out_f32` (`h' = ς·h` and `c = h'·W2ᵀ`, a block per
+//! (sample, 128 channels)), `iieu_dc_ln2_f32` (LayerNorm-2 and `λ`, a block per sample);
+//! then `iieu_dc_mix_<T>` (elementwise, 128-bit vectors when aligned). Backward:
+//! `iieu_dc_dots_<T>` (plane sums `Σ dy·x`, `Σ dy·res`), the forward's coupler stages
+//! again (recomputed bit-identically), `iieu_dc_ln2_bwd_f32`, `iieu_dc_dhp_f32`
+//! (`dh' = dc·W2`), `iieu_dc_adj_bwd_f32` (adjuster, term-B, term-S and the std
+//! normalisation), `iieu_dc_da_f32` (`da' = dh·W1` + the `r_x` path),
+//! `iieu_dc_ln1_bwd_f32` (→ `dgap`), the parameter gradients as a fixed-order two-stage
+//! reduction over sample chunks (`iieu_dc_param_part_f32`: grid x over the gradient
+//! elements, grid y over chunks sized so that the grid has ≥ 264 blocks where `N`
+//! allows; `iieu_dc_param_sum_f32`: the chunks in order), and `iieu_dc_dx_<T>`
+//! (elementwise `dx`, `dres`). No atomics: results are bit-identical from run to run.
+//!
+//! # Scratch
+//! Per call, f32 device buffers of the coupler's per-sample intermediates: forward
+//! `N·(10C + 2·hidden + 8) + 2·hidden` floats (GAPs, `â`, `a'`, `c`, `λ`, `h`, …), backward
+//! `N·(20C + 12·hidden + 8) + 2·hidden` floats plus the stage-1 partials, `chunks × (8C +
+//! 2C·hidden + 6·hidden)` floats with `chunks ≤ N` and at most 64 MiB
+//! (`PARTIAL_BUDGET`; one chunk if a single row is larger) — all proportional to the
+//! saved GAPs (`N·2C`) or the parameters, never to `H·W`.
 //!
 //! # Limits
-//! The coupler keeps `(4C + 13·hidden)` f32 values of one sample in shared memory and
-//! must fit the default 48 KiB per block (`C = 2048` with `r = 16` or `r = 8` fits):
-//! larger configurations are refused with [`Error::Shape`] before anything is launched.
-//! `C`, `hidden`, `N` and the coupler's per-sample sizes must fit the kernels' 32-bit
-//! indices; tensor offsets are 64-bit.
+//! The adjuster's backward keeps `10·hidden` f32 values of one sample in shared memory
+//! and the LayerNorm-2 backward `4C`; both must fit the default 48 KiB per block
+//! (`hidden ≤ 1222`, `C ≤ 3056`): larger configurations are refused with
+//! [`Error::Shape`] before anything is launched. `C`, `hidden`, `N·2C`,
+//! `N·hidden` and the parameter-gradient length must fit the kernels' 32-bit indices;
+//! tensor offsets are 64-bit.
 
 use std::sync::Arc;
 
@@ -52,12 +69,20 @@ fn coupler_block(c: usize) -> u32 {
 /// Dynamic shared memory the coupler may use: the default 48 KiB per block, less a
 /// margin for the kernels' static shared memory (block-sum scratch and scalars).
 pub const MAX_COUPLER_SMEM_BYTES: usize = 48 * 1024 - 256;
-/// At most this many blocks run the coupler forward (samples are grid-strided).
-const MAX_FWD_BLOCKS: usize = 1024;
-/// At most this many blocks (and partial rows) run the coupler backward.
-const MAX_BWD_BLOCKS: usize = 64;
+/// At most this many blocks run a one-block-per-sample coupler kernel (samples are
+/// grid-strided).
+const MAX_SAMPLE_BLOCKS: usize = 1024;
+/// Threads per block of the (sample, output) item kernels (`iieu_dc_hidden`,
+/// `iieu_dc_dhp`: a warp per item; `iieu_dc_out`, `iieu_dc_da`: a thread per channel of
+/// a 128-channel chunk). Their `__launch_bounds__` in kernels/iieu_dc.cu.
+const ITEM_BLOCK: u32 = 128;
+/// Blocks the parameter-gradient stage 1 aims for (two per H100 SM): the sample chunks
+/// are sized so that element blocks × chunks reaches it where `N` allows.
+const PARAM_TARGET_BLOCKS: usize = 264;
 /// Budget of the stage-1 partial buffer, in f32 values (64 MiB).
 const PARTIAL_BUDGET: usize = 16 << 20;
+/// Per-sample scalars of the coupler (`ST` in kernels/iieu_dc.cu).
+const ST: usize = 8;
 /// Planes of at most this many positions are reduced by one warp each.
 const WARP_PLANE_MAX: usize = 1024;
 
@@ -178,20 +203,19 @@ struct Plan {
     c: i32,
     hd: i32,
     s: i64,
-    planes: i64,
-    /// Length of one stage-1 partial row (every parameter gradient).
+    planes: i32,
+    /// Length of one stage-1 partial row (every parameter gradient, then the `r_w`
+    /// path's `hidden` coefficients).
     part_len: usize,
-    smem_fwd: u32,
-    smem_bwd: u32,
-}
-
-/// Shared-memory bytes of the coupler kernels: `(4C + 6·hidden)` floats forward,
-/// `(4C + 13·hidden)` backward (layout in kernels/iieu_dc.cu).
-fn coupler_smem(c: usize, hd: usize) -> Option<(usize, usize)> {
-    let base = c.checked_mul(4)?;
-    let fwd = base.checked_add(hd.checked_mul(6)?)?.checked_mul(4)?;
-    let bwd = base.checked_add(hd.checked_mul(13)?)?.checked_mul(4)?;
-    Some((fwd, bwd))
+    /// Length of one per-sample parameter-gradient row (`vrow`): `8C + 6·hidden`.
+    vrow_len: usize,
+    /// Dynamic shared memory of `iieu_dc_out` / `iieu_dc_da` (2·hidden floats) and of
+    /// `iieu_dc_adj_bwd` (10·hidden floats).
+    smem_item: u32,
+    smem_adj: u32,
+    /// Dynamic shared memory of `iieu_dc_ln2_bwd` (4C floats; `iieu_dc_ln1_bwd` uses
+    /// half of it).
+    smem_ln: u32,
 }
 
 /// Every check on `cfg` (as the CPU side's, plus the GPU plan's limits), before any
@@ -208,19 +232,37 @@ fn plan(cfg: &DcConfig) -> Result<Plan> {
     let numel = cfg.numel()?;
     let c2 = cfg.c.checked_mul(2).ok_or_else(over)?;
     let chd = cfg.c.checked_mul(cfg.hidden).ok_or_else(over)?;
-    cfg.n.checked_mul(c2).ok_or_else(over)?;
+    let nc2 = cfg.n.checked_mul(c2).ok_or_else(over)?;
+    let nhd = cfg.n.checked_mul(cfg.hidden).ok_or_else(over)?;
     let part_len = c2
         .checked_mul(4)
         .and_then(|v| v.checked_add(chd.checked_mul(2)?))
-        .and_then(|v| v.checked_add(cfg.hidden.checked_mul(5)?))
+        .and_then(|v| v.checked_add(cfg.hidden.checked_mul(6)?))
         .ok_or_else(over)?;
-    let (smem_fwd, smem_bwd) = coupler_smem(cfg.c, cfg.hidden).ok_or_else(over)?;
-    if smem_bwd > MAX_COUPLER_SMEM_BYTES {
+    let vrow_len = cfg
+        .c
+        .checked_mul(8)
+        .and_then(|v| v.checked_add(cfg.hidden.checked_mul(6)?))
+        .ok_or_else(over)?;
+    let smem_adj = cfg.hidden.checked_mul(10 * 4).ok_or_else(over)?;
+    let smem_ln = cfg.c.checked_mul(4 * 4).ok_or_else(over)?;
+    if smem_ln > MAX_COUPLER_SMEM_BYTES {
         return Err(Error::Shape {
             what: "DcConfig",
             msg: format!(
-                "C = {}, hidden = {}: the coupler needs {smem_bwd} bytes of shared memory per \
-                 block (4C + 13·hidden floats), more than the supported {MAX_COUPLER_SMEM_BYTES}",
+                "C = {}: the coupler's LayerNorm-2 backward needs {smem_ln} bytes of shared \
+                 memory per block (4C floats), more than the supported {MAX_COUPLER_SMEM_BYTES}",
+                cfg.c
+            ),
+        });
+    }
+    if smem_adj > MAX_COUPLER_SMEM_BYTES {
+        return Err(Error::Shape {
+            what: "DcConfig",
+            msg: format!(
+                "C = {}, hidden = {}: the coupler backward needs {smem_adj} bytes of shared \
+                 memory per block (10·hidden floats), more than the supported \
+                 {MAX_COUPLER_SMEM_BYTES}",
                 cfg.c, cfg.hidden
             ),
         });
@@ -228,11 +270,11 @@ fn plan(cfg: &DcConfig) -> Result<Plan> {
     let n = to_i32("batch N", cfg.n)?;
     let c = to_i32("channels C", cfg.c)?;
     let hd = to_i32("hidden width", cfg.hidden)?;
-    to_i32("2·C", c2)?;
+    let planes = to_i32("N·2C", nc2)?;
+    to_i32("N·hidden", nhd)?;
     to_i32("C·hidden", chd)?;
     to_i32("parameter-gradient row", part_len)?;
     let s = i64::try_from(cfg.s).map_err(|_| over())?;
-    let planes = i64::try_from(cfg.n * cfg.c).map_err(|_| over())?;
     i64::try_from(numel).map_err(|_| over())?;
     Ok(Plan {
         numel,
@@ -240,10 +282,13 @@ fn plan(cfg: &DcConfig) -> Result<Plan> {
         c,
         hd,
         s,
-        planes,
+        // N·C planes (N·2C fits i32, checked above).
+        planes: planes / 2,
         part_len,
-        smem_fwd: smem_fwd as u32,
-        smem_bwd: smem_bwd as u32,
+        vrow_len,
+        smem_item: (2 * cfg.hidden * 4) as u32,
+        smem_adj: smem_adj as u32,
+        smem_ln: smem_ln as u32,
     })
 }
 
@@ -366,20 +411,22 @@ pub fn forward<T: DType>(
     // for n < N, k < C (length N·2C).
     unsafe { b.launch(launch_cfg(grid, BLOCK, 0)) }?;
 
-    // (2) Coupler.
-    // SAFETY: the coupler writes λ[n·2C + k] and λ[n·2C + C + k] for every n < N, k < C.
+    // (2) Coupler (the GEMM-shaped stages), then LayerNorm-2 and λ.
+    let cf = coupler_forward(stream, &p, cfg, &gap, params)?;
+    // SAFETY: the LayerNorm-2 kernel writes λ[n·2C + k] and λ[n·2C + C + k] for every
+    // n < N, k < C.
     let mut lambda = unsafe { stream.alloc::<f32>(nc2) }?;
-    let f = kernel_fn!(stream, "iieu_dc_coupler_fwd_f32")?;
+    let f = kernel_fn!(stream, "iieu_dc_ln2_f32")?;
     let mut b = launcher(stream, &f);
-    b.arg(&gap);
-    push_params(&mut b, params);
-    b.arg(&mut lambda).arg(&p.n).arg(&p.c).arg(&p.hd);
-    let grid = cfg.n.min(MAX_FWD_BLOCKS) as u32;
-    // SAFETY: gap and λ have N·2C elements (n < N, indices < 2C); the parameters were
-    // checked against C and hidden (ln 2C, W1 hidden·C, γ₂/β₂ 2·hidden, η₂ hidden,
-    // W2 C·hidden); the shared memory holds the 4C + 6·hidden floats the forward
-    // carves (checked against the limit in `plan`).
-    unsafe { b.launch(launch_cfg(grid, coupler_block(cfg.c), p.smem_fwd)) }?;
+    b.arg(&cf.cpre)
+        .arg(&params.ln2_weight)
+        .arg(&params.ln2_bias)
+        .arg(&mut lambda)
+        .arg(&p.n)
+        .arg(&p.c);
+    // SAFETY: c and λ have N·2C elements (rows n < N, indices < 2C); ln2 weight and
+    // bias have 2C (validated).
+    unsafe { b.launch(launch_cfg(sample_grid(cfg.n), coupler_block(cfg.c), 0)) }?;
 
     // (3) Mix.
     // SAFETY: the mix kernel writes every element of out (vector body + scalar tail).
@@ -400,16 +447,121 @@ pub fn forward<T: DType>(
     Ok((out, DcDeviceSaved { gap, lambda }))
 }
 
-fn push_params<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, p: &'a DcDeviceParams) {
-    b.arg(&p.ln1_weight)
-        .arg(&p.ln1_bias)
-        .arg(&p.w1)
-        .arg(&p.gamma2)
-        .arg(&p.beta2)
-        .arg(&p.eta2)
-        .arg(&p.w2)
-        .arg(&p.ln2_weight)
-        .arg(&p.ln2_bias);
+/// Grid of a one-block-per-sample kernel (samples grid-strided beyond it).
+fn sample_grid(n: usize) -> u32 {
+    grid_for(n, 1).min(MAX_SAMPLE_BLOCKS as u32)
+}
+
+/// The coupler's forward intermediates of one call (f32 device buffers).
+struct CouplerFwd {
+    /// `‖W1[j]‖` then `r_w[j]`, `2·hidden`.
+    nrw: CudaSlice<f32>,
+    /// `â` (LayerNorm-1 output before its affine), `(N, 2C)`.
+    ah: CudaSlice<f32>,
+    /// `a' = ln1_w·â + ln1_b`, `(N, 2C)`.
+    ap: CudaSlice<f32>,
+    /// Per-sample scalars, `(N, ST)`: rstd1, `‖a'[0]‖`, `‖a'[1]‖` (the backward adds
+    /// `dr_x[0]`, `dr_x[1]`).
+    st: CudaSlice<f32>,
+    /// `h = a'·W1ᵀ`, `(N, 2·hidden)`.
+    h: CudaSlice<f32>,
+    /// `c = h'·W2ᵀ` before LayerNorm-2, `(N, 2C)`.
+    cpre: CudaSlice<f32>,
+}
+
+/// Runs the coupler's stages up to `c` (before LayerNorm-2): W1 norms, LayerNorm-1,
+/// `h`, `h'` and `c`. The same launches in [`forward`] and [`backward`] (hence the
+/// backward's recomputed values are bit-identical to the forward's).
+fn coupler_forward(
+    stream: &Arc<CudaStream>,
+    p: &Plan,
+    cfg: &DcConfig,
+    gap: &CudaSlice<f32>,
+    params: &DcDeviceParams,
+) -> Result<CouplerFwd> {
+    let (n, c, hd) = (cfg.n, cfg.c, cfg.hidden);
+    // SAFETY (all six): each is written in full by the stage that produces it before
+    // any read (norms: every j < hidden; LayerNorm-1: â, a' at every n·2C + i and
+    // st[n·ST + 0..3); hidden: h at every (n, t, j); out: c at every (n, t, k)). The
+    // slots st[n·ST + 3..8) are written by the backward's adjuster kernel or never read.
+    let mut nrw = unsafe { stream.alloc::<f32>(2 * hd) }?;
+    let mut ah = unsafe { stream.alloc::<f32>(n * 2 * c) }?;
+    let mut ap = unsafe { stream.alloc::<f32>(n * 2 * c) }?;
+    let mut st = unsafe { stream.alloc::<f32>(n * ST) }?;
+    let mut h = unsafe { stream.alloc::<f32>(n * 2 * hd) }?;
+    let mut cpre = unsafe { stream.alloc::<f32>(n * 2 * c) }?;
+
+    let f = kernel_fn!(stream, "iieu_dc_w1_norms_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&params.w1).arg(&mut nrw).arg(&p.c).arg(&p.hd);
+    // SAFETY: reads W1[j·C + k] for j < hidden, k < C (its validated length) and writes
+    // nrw[j], nrw[hidden + j] (length 2·hidden).
+    unsafe { b.launch(launch_cfg(grid_for(hd, (BLOCK / 32) as usize), BLOCK, 0)) }?;
+
+    let f = kernel_fn!(stream, "iieu_dc_ln1_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(gap)
+        .arg(&params.ln1_weight)
+        .arg(&params.ln1_bias)
+        .arg(&mut ah)
+        .arg(&mut ap)
+        .arg(&mut st)
+        .arg(&p.n)
+        .arg(&p.c);
+    // SAFETY: gap, â, a' have N·2C elements, st N·ST; rows n < N of 2C (ST) values;
+    // the LayerNorm-1 affine has 2C (validated).
+    unsafe { b.launch(launch_cfg(sample_grid(n), coupler_block(c), 0)) }?;
+
+    let f = kernel_fn!(stream, "iieu_dc_hidden_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&ap)
+        .arg(&params.w1)
+        .arg(&mut h)
+        .arg(&p.n)
+        .arg(&p.c)
+        .arg(&p.hd);
+    // SAFETY: items (n, j) < N·hidden (fits i32, checked in `plan`); reads a'[n·2C + t·C
+    // + k] and W1[j·C + k] (k < C), writes h[n·2·hidden + t·hidden + j].
+    unsafe {
+        b.launch(launch_cfg(
+            grid_for(n * hd, (ITEM_BLOCK / 32) as usize),
+            ITEM_BLOCK,
+            0,
+        ))
+    }?;
+
+    let f = kernel_fn!(stream, "iieu_dc_out_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&h)
+        .arg(&st)
+        .arg(&params.gamma2)
+        .arg(&params.beta2)
+        .arg(&params.eta2)
+        .arg(&nrw)
+        .arg(&params.w2)
+        .arg(&mut cpre)
+        .arg(&p.n)
+        .arg(&p.c)
+        .arg(&p.hd);
+    // SAFETY: items (n, chunk) < N·⌈C/128⌉ ≤ N·C (fits i32); reads h, γ₂, β₂ at
+    // t·hidden + j (< 2·hidden per sample), η₂ and nrw at j, hidden + j, st at
+    // n·ST + 1..3, W2[k·hidden + j] (k < C); writes c[n·2C + t·C + k]; the shared
+    // memory holds the 2·hidden h' values.
+    unsafe {
+        b.launch(launch_cfg(
+            grid_for(n * c.div_ceil(ITEM_BLOCK as usize), 1),
+            ITEM_BLOCK,
+            p.smem_item,
+        ))
+    }?;
+    Ok(CouplerFwd {
+        nrw,
+        ah,
+        ap,
+        st,
+        h,
+        cpre,
+    })
 }
 
 /// IIEU-DC backward on the GPU: gradients w.r.t. `x`, `res` (through the mix and through
@@ -417,9 +569,10 @@ fn push_params<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, p: &'a DcDeviceParams
 /// inputs, parameters and [`DcDeviceSaved`] (formulas: [`crate::cpu::iieu_dc::backward`];
 /// nothing is detached). `dx`, `dres` are returned in `T`, parameter gradients in f32.
 ///
-/// Parameter gradients are two-stage: each coupler block writes a partial row for the
-/// samples it handled (the block count depends only on `cfg`), then the rows are summed
-/// in block order — bit-identical on every run, no atomics.
+/// Parameter gradients are two-stage: stage 1 sums each sample chunk's per-sample
+/// contributions in sample order into a partial row (the chunking depends only on
+/// `cfg`), stage 2 sums the rows in chunk order — bit-identical on every run, no
+/// atomics.
 ///
 /// Errors (before any allocation or launch): as [`forward`], plus `LengthMismatch` for
 /// `dy` and for a `saved` whose buffers do not match `cfg`. (`saved` must come from
@@ -465,33 +618,168 @@ pub fn backward<T: DType>(
     // pd[n·2C + k], pd[n·2C + C + k] for n < N, k < C (length N·2C).
     unsafe { b.launch(launch_cfg(grid, BLOCK, 0)) }?;
 
-    // (b) Coupler backward, stage 1.
-    let rows = cfg
-        .n
-        .min(MAX_BWD_BLOCKS)
-        .min((PARTIAL_BUDGET / p.part_len).max(1));
-    let rows_i32 = to_i32("partial rows", rows)?;
-    // SAFETY: block b < rows writes every element of its row b·len .. (b+1)·len when
-    // it handles its first sample (each block handles at least one since rows <= N),
-    // and dgap[n·2C + i] for every n < N, i < 2C.
-    let mut part = unsafe { stream.alloc::<f32>(rows * p.part_len) }?;
-    let mut dgap = unsafe { stream.alloc::<f32>(nc2) }?;
-    let f = kernel_fn!(stream, "iieu_dc_coupler_bwd_f32")?;
+    // (b) The coupler's forward values again (same kernels: bit-identical to forward's).
+    let CouplerFwd {
+        nrw,
+        ah,
+        ap,
+        mut st,
+        h,
+        cpre,
+    } = coupler_forward(stream, &p, cfg, &saved.gap, params)?;
+
+    // (c) Softmax + LayerNorm-2 backward: dc and the l2w | l2b contributions.
+    // SAFETY: dc is written at every n·2C + i by the LayerNorm-2 backward; vrow's regions
+    // by their kernels before stage 1 reads them: l2w | l2b here, g2 | b2 | η₂ | wc by
+    // the adjuster backward, l1w | l1b by the LayerNorm-1 backward (8C + 6·hidden per
+    // sample, all of it); hp by the adjuster backward at every (n, t, j).
+    let mut dc = unsafe { stream.alloc::<f32>(nc2) }?;
+    let mut vrow = unsafe { stream.alloc::<f32>(cfg.n * p.vrow_len) }?;
+    let mut hp = unsafe { stream.alloc::<f32>(cfg.n * 2 * hd) }?;
+    let f = kernel_fn!(stream, "iieu_dc_ln2_bwd_f32")?;
     let mut b = launcher(stream, &f);
-    b.arg(&saved.gap).arg(&pd);
-    push_params(&mut b, params);
-    b.arg(&mut dgap)
-        .arg(&mut part)
+    b.arg(&cpre)
+        .arg(&pd)
+        .arg(&params.ln2_weight)
+        .arg(&params.ln2_bias)
+        .arg(&mut dc)
+        .arg(&mut vrow)
         .arg(&p.n)
         .arg(&p.c)
         .arg(&p.hd);
-    // SAFETY: gap, pd, dgap have N·2C elements; the parameters were checked against C
-    // and hidden; part has rows·len elements and block b < rows = grid writes row b only;
-    // the shared memory holds the 4C + 13·hidden floats the kernel carves (checked in
-    // `plan`).
-    unsafe { b.launch(launch_cfg(rows as u32, coupler_block(cfg.c), p.smem_bwd)) }?;
+    // SAFETY: c, pd, dc have N·2C elements (rows n < N of 2C); vrow N·(8C + 6·hidden)
+    // with this kernel writing row n's l2w | l2b region (4C at 4C + 6·hidden); the
+    // shared memory holds the 4C floats the kernel carves (checked in `plan`).
+    unsafe { b.launch(launch_cfg(sample_grid(cfg.n), coupler_block(c), p.smem_ln)) }?;
 
-    // (c) Stage 2: fixed-order sum over the rows into the nine gradients.
+    // (d) dh' = dc·W2 (written into dhd, which the adjuster backward turns into dh).
+    // SAFETY: written at every (n, t, j) by the dh' kernel.
+    let mut dhd = unsafe { stream.alloc::<f32>(cfg.n * 2 * hd) }?;
+    let f = kernel_fn!(stream, "iieu_dc_dhp_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&dc)
+        .arg(&params.w2)
+        .arg(&mut dhd)
+        .arg(&p.n)
+        .arg(&p.c)
+        .arg(&p.hd);
+    // SAFETY: items (n, j) < N·hidden; reads dc[n·2C + t·C + k], W2[k·hidden + j];
+    // writes dhd[n·2·hidden + t·hidden + j].
+    unsafe {
+        b.launch(launch_cfg(
+            grid_for(cfg.n * hd, (ITEM_BLOCK / 32) as usize),
+            ITEM_BLOCK,
+            0,
+        ))
+    }?;
+
+    // (e) Adjuster, term-B, term-S and std backward: dh (in place), h', dr_x, vrow.
+    let f = kernel_fn!(stream, "iieu_dc_adj_bwd_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&h)
+        .arg(&mut dhd)
+        .arg(&mut hp)
+        .arg(&mut st)
+        .arg(&params.gamma2)
+        .arg(&params.beta2)
+        .arg(&params.eta2)
+        .arg(&nrw)
+        .arg(&mut vrow)
+        .arg(&p.n)
+        .arg(&p.hd)
+        .arg(&p.c);
+    // SAFETY: h, dhd, hp have N·2·hidden elements, st N·ST (reads slots 1, 2, writes
+    // 3, 4), vrow rows of 8C + 6·hidden (writes g2 | b2 | η₂ | wc at 4C .. 4C + 6·hidden);
+    // γ₂, β₂ 2·hidden, η₂ hidden, nrw 2·hidden; the shared memory holds 10·hidden floats
+    // (checked against the limit in `plan`).
+    unsafe { b.launch(launch_cfg(sample_grid(cfg.n), coupler_block(c), p.smem_adj)) }?;
+
+    // (f) da' = dh·W1 + the r_x path, into the dead c buffer.
+    let mut acc = cpre;
+    let f = kernel_fn!(stream, "iieu_dc_da_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&dhd)
+        .arg(&params.w1)
+        .arg(&ap)
+        .arg(&st)
+        .arg(&mut acc)
+        .arg(&p.n)
+        .arg(&p.c)
+        .arg(&p.hd);
+    // SAFETY: items (n, chunk) < N·⌈C/128⌉; reads dh (2·hidden per sample, into the
+    // 2·hidden floats of shared memory), W1[j·C + k], a'[n·2C + t·C + k], st[n·ST + 1..5);
+    // writes acc[n·2C + t·C + k] (N·2C long) for every k < C, t < 2.
+    unsafe {
+        b.launch(launch_cfg(
+            grid_for(cfg.n * c.div_ceil(ITEM_BLOCK as usize), 1),
+            ITEM_BLOCK,
+            p.smem_item,
+        ))
+    }?;
+
+    // (g) LayerNorm-1 backward: dgap and the l1w | l1b contributions.
+    // SAFETY: written at every n·2C + i by the LayerNorm-1 backward.
+    let mut dgap = unsafe { stream.alloc::<f32>(nc2) }?;
+    let f = kernel_fn!(stream, "iieu_dc_ln1_bwd_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&acc)
+        .arg(&ah)
+        .arg(&params.ln1_weight)
+        .arg(&st)
+        .arg(&mut dgap)
+        .arg(&mut vrow)
+        .arg(&p.n)
+        .arg(&p.c)
+        .arg(&p.hd);
+    // SAFETY: acc, â, dgap have N·2C elements, st N·ST (slot 0), ln1 weight 2C; vrow
+    // rows of 8C + 6·hidden (writes l1w | l1b, the first 4C); the shared memory holds
+    // the 2C floats of da.
+    unsafe {
+        b.launch(launch_cfg(
+            sample_grid(cfg.n),
+            coupler_block(c),
+            p.smem_ln / 2,
+        ))
+    }?;
+
+    // (h) Parameter gradients, stage 1: chunks of samples (grid y) × gradient elements.
+    let eblocks = p.part_len.div_ceil(BLOCK as usize);
+    let want = PARAM_TARGET_BLOCKS.div_ceil(eblocks);
+    let chunks0 = want
+        .min((PARTIAL_BUDGET / p.part_len).max(1))
+        .min(cfg.n)
+        .clamp(1, 65_535);
+    let per = cfg.n.div_ceil(chunks0);
+    let chunks = cfg.n.div_ceil(per);
+    let per_i32 = to_i32("samples per chunk", per)?;
+    let rows_i32 = to_i32("partial rows", chunks)?;
+    // SAFETY: stage 1 writes every (chunk, e) of the chunks × part_len partials once.
+    let mut part = unsafe { stream.alloc::<f32>(chunks * p.part_len) }?;
+    let f = kernel_fn!(stream, "iieu_dc_param_part_f32")?;
+    let mut b = launcher(stream, &f);
+    b.arg(&vrow)
+        .arg(&dhd)
+        .arg(&ap)
+        .arg(&dc)
+        .arg(&hp)
+        .arg(&mut part)
+        .arg(&p.n)
+        .arg(&p.c)
+        .arg(&p.hd)
+        .arg(&per_i32);
+    // SAFETY: chunk y < chunks covers samples y·per .. min(N, (y+1)·per) (< N); element
+    // e < part_len reads vrow[n·(8C + 6·hidden) + …] below its row length, dh / h' at
+    // n·2·hidden + t·hidden + j, a' / dc at n·2C + t·C + k (j < hidden, k < C), and
+    // writes part[y·part_len + e] (chunks·part_len long).
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (grid_for(p.part_len, BLOCK as usize), chunks as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }?;
+
+    // (i) Stage 2: fixed-order sum over the chunks into the nine gradients.
     // SAFETY (all nine): the stage-2 kernel writes every element of each (its region of
     // the row, offsets computed from C and hidden as on the host).
     let mut g_l1w = unsafe { stream.alloc::<f32>(2 * c) }?;
@@ -509,6 +797,7 @@ pub fn backward<T: DType>(
         .arg(&rows_i32)
         .arg(&p.c)
         .arg(&p.hd)
+        .arg(&params.w1)
         .arg(&mut g_l1w)
         .arg(&mut g_l1b)
         .arg(&mut g_w1)
@@ -518,11 +807,13 @@ pub fn backward<T: DType>(
         .arg(&mut g_w2)
         .arg(&mut g_l2w)
         .arg(&mut g_l2b);
-    // SAFETY: reads part[r·len + e] for r < rows, e < len (its length rows·len); each
-    // element e < len is written to exactly one output at e − (region offset), below
-    // that output's length (2C, 2C, hidden·C, 2·hidden, 2·hidden, hidden, C·hidden,
-    // 2C, 2C).
-    unsafe { b.launch(launch_cfg(grid_for(p.part_len, BLOCK as usize), BLOCK, 0)) }?;
+    // SAFETY: reads part[r·part_len + e] for r < rows, e < part_len (its length
+    // rows·part_len) and W1 at the W1 region's q < hidden·C; each element e of the
+    // gradient row (part_len − hidden long) is written to exactly one output at
+    // e − (region offset), below that output's length (2C, 2C, hidden·C, 2·hidden,
+    // 2·hidden, hidden, C·hidden, 2C, 2C).
+    let glen = p.part_len - hd;
+    unsafe { b.launch(launch_cfg(grid_for(glen, BLOCK as usize), BLOCK, 0)) }?;
 
     // (d) dx, dres.
     // SAFETY: the dx kernel writes every element of dx and dres.
@@ -564,12 +855,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn smem_plan_fits_resnet_sizes_and_refuses_huge_ones() {
+    fn smem_plan_fits_resnet_sizes_and_refuses_huge_hidden_widths() {
         let ok = |c: usize, r: usize| plan(&DcConfig::new(2, c, 7, 7, r).unwrap()).is_ok();
         assert!(ok(2048, 16));
         assert!(ok(2048, 8));
+        assert!(ok(2048, 2));
         assert!(ok(256, 1));
-        assert!(!ok(2048, 4));
-        assert!(!ok(4096, 16));
+        // hidden = 1222 is the last width whose 10·hidden floats fit.
+        assert!(ok(1222, 1));
+        assert!(!ok(1223, 1));
+        assert!(!ok(4096, 2));
+        assert!(ok(3056, 16));
+        assert!(!ok(3072, 16));
     }
 }

@@ -10,8 +10,8 @@
 // Pipeline (one launch per line):
 //   forward : filter_norm  -> r_w, ‖W‖           (one block per filter, block reduce)
 //             patch_sq     -> q partials: Σ_{c∈chunk} x_pre² per channel chunk of a group
-//             patch_window -> ‖P‖, r_x            (q = Σ of the chunk partials, fixed order;
-//                                                  KH×KW strided/dilated window sum of q)
+//             sum_chunks   -> q = Σ of the chunk partials (fixed order; splits > 1 only)
+//             patch_window -> ‖P‖, r_x            (KH×KW strided/dilated window sum of q)
 //             gap          -> m[n,o]              (one block per (n,o) plane)
 //             ln_fwd       -> m̂, rstd, ν          (one block per sample)
 //             fwd          -> y                   (elementwise adjuster)
@@ -37,26 +37,34 @@
 //   plane with many channels (N = 32, 7×7, C = 2048: 1 568 pixels) still gets ≥ 2 SMs'
 //   worth of blocks. patch_sq and bwd_dx write per-chunk partials to a bounded
 //   f32 scratch (splits ≤ 64 and splits·items ≤ 2·2^16 when splits > 1, see
-//   src/cuda/iieu.rs) that the consumer sums in chunk order (patch_window, coef_reduce):
+//   src/cuda/iieu.rs) that the consumer sums in chunk order (sum_chunks, coef_reduce):
 //   no atomics, bitwise reproducible. bwd_dxpre is parallel per channel chunk (each
 //   chunk recomputes the ≤ KH·KW-tap coef gather of its pixels, from L1/L2).
 // * Index math is 32-bit: the launchers prove every work-item count ≤ INT32_MAX, so a
 //   flat item index is an `unsigned` (no wrap: + the stride ≤ 65 535·256 stays < 2^32)
 //   and is split by 32-bit division (a short inline sequence; a 64-bit `/` or `%` is a
 //   ~70-instruction call). Tensor offsets stay 64-bit (products only).
-// * Every kernel is compiled with __launch_bounds__(IIEU_THREADS): its launchers use at
-//   most BLOCK = 256 threads per block (src/cuda/mod.rs).
+// * Launch bound 256 (IIEU_THREADS, below): the launchers use at most BLOCK = 256
+//   threads per block (src/cuda/mod.rs).
 // No float atomics anywhere; every reduction has a fixed order, so results are
 // bitwise reproducible.
 #include "common.cuh"
 
 // Threads per block of every IIEU-B launch: at most BLOCK = 256 (src/cuda/mod.rs;
 // `elementwise` and `per_block` in src/cuda/iieu.rs, which IieuConv2d's launches of
-// these kernels share). nvcc gets it as __launch_bounds__; the emulated device, which
-// compiles this file as its own translation unit, records it per kernel through
-// AK_LAUNCH_BOUND at each EMU_REGISTER and refuses larger blocks, as a GPU would.
-// (nvcc and NVRTC compile every family in one unit, but there EMU_REGISTER is empty
-// and AK_LAUNCH_BOUND unused, so this file's value does not leak into another's.)
+// these kernels share). The emulated device, which compiles this file as its own
+// translation unit, records it for every kernel here through AK_LAUNCH_BOUND at each
+// EMU_REGISTER and refuses larger blocks, as a GPU would. (nvcc and NVRTC compile every
+// family in one unit, but there EMU_REGISTER is empty and AK_LAUNCH_BOUND unused, so this
+// file's value does not leak into another's.)
+// nvcc gets it as __launch_bounds__ (IIEU_BOUNDS) on the kernels where ptxas then
+// allocates no more registers than without it (nvcc 13, sm_80/86/90, 2026-12-07):
+// filter_norm, gap, fwd, bwd_params, bwd_dx, coef_reduce, sum_chunks, ln_fwd, ln_bwd
+// (equal or 1–11 fewer; filter_norm_f16 +1 on sm_80 only, the same per-warp
+// allocation). It is left off where it hurt: bwd_dxpre_f32 spilled on sm_80 under it
+// (capped at 32 registers, 20 bytes of spill), as did bwd_sums_f32 when it reduced 8
+// planes per block (80 registers, 24 bytes; not re-measured at 4), patch_sq took 44
+// registers instead of 32–40 and patch_window 40 instead of 32 on sm_90.
 #define IIEU_THREADS 256
 #define IIEU_BOUNDS __launch_bounds__(IIEU_THREADS)
 #ifndef __CUDACC__
@@ -88,9 +96,12 @@ __device__ __forceinline__ void store_f32(float* p, const float* v) {
 }
 
 // Output channels per fwd thread and planes per bwd_sums block (src/cuda/iieu.rs
-// mirrors both to size the grids; a unit test there checks they agree).
+// mirrors both to size the grids; a unit test there checks they agree). bwd_sums keeps
+// 3 sums per plane in registers: with 8 planes it took 92–115 registers (33 % occupancy
+// on sm_86, below the launch audit's fill target at N = 32); 4 planes re-read r_x 1 B per
+// f32 element instead of 0.5 B.
 constexpr int FWD_CH = 8;
-constexpr int SUMS_CH = 8;
+constexpr int SUMS_CH = 4;
 
 // 32-bit flat work-item index and stride of a grid-stride loop (see the file header:
 // item counts ≤ INT32_MAX are proved on the host, the stride is ≤ 65 535·256).
@@ -188,7 +199,7 @@ __device__ void filter_norm_impl(const T* __restrict__ w, float* __restrict__ r_
 // G' planes of C/G' channels; chunk s = channels [s·chunk, min((s+1)·chunk, C/G'))).
 // Work item (n·G' + grp, s, pixel vector), pixel fastest (coalesced); 8/4 pixels with
 // 128-bit loads when H·W allows, one pixel otherwise (the same item count per pixel, so
-// the scalar grid is no smaller). patch_window sums the `splits` partials.
+// the scalar grid is no smaller). sum_chunks sums the `splits` partials (if > 1).
 // Bytes: reads x_pre once, writes 4 B per (n, grp, pixel) and chunk.
 template <class T>
 __device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q_part, IieuGeom g,
@@ -600,22 +611,34 @@ __device__ void bwd_dxpre_impl(const T* __restrict__ x_pre, const float* __restr
 // =====================================================================================
 // f32-only kernels (operate on f32 intermediates: one instance, no dtype suffix)
 
+// out[e] = Σ_s part[s·len + e] for e < len, s < splits, in chunk order: q from
+// patch_sq's channel-chunk partials (launched only when splits > 1). Thread per element
+// (32-bit index). Bytes: 4·splits read + 4 written per element.
+AK_KERNEL IIEU_BOUNDS void iieu_sum_chunks(const float* __restrict__ part, float* __restrict__ out,
+                                           int len, int splits) {
+  const unsigned total = len;
+  for (unsigned e = ak_iieu::tid32(); e < total; e += ak_iieu::stride32()) {
+    float acc = part[e];
+    for (int s = 1; s < splits; ++s) acc += part[(long long)s * len + e];
+    out[e] = acc;
+  }
+}
+EMU_REGISTER(iieu_sum_chunks)
+
 // ‖P‖ and r_x = 1/(‖P‖+eps) per (n,grp,h',w'): KH×KW window sum of q with the conv's
 // stride/padding and the patch dilation (g.dh, g.dw), zero outside the image — never a
-// convolution — where q = Σ_s q_part[s] (the `splits` channel-chunk partials of
-// patch_sq, summed in chunk order). Thread per output position (32-bit item index).
-// Bytes: ≤ KH·KW·splits cached q_part reads, 8 B written.
-AK_KERNEL IIEU_BOUNDS void iieu_patch_window(const float* __restrict__ q_part, float* __restrict__ x_norm,
-                                             float* __restrict__ r_x, IieuGeom g, int splits) {
+// convolution. Thread per output position (32-bit item index).
+// Bytes: ≤ KH·KW cached q reads, 8 B written.
+AK_KERNEL void iieu_patch_window(const float* __restrict__ q, float* __restrict__ x_norm,
+                                 float* __restrict__ r_x, IieuGeom g) {
   const int hw = g.h * g.w;
   const int P = g.oh * g.ow;
-  const long long q_len = (long long)g.n * g.gp * hw;
   const unsigned total = (unsigned)(g.n * g.gp) * (unsigned)P;
   for (unsigned e = ak_iieu::tid32(); e < total; e += ak_iieu::stride32()) {
     const unsigned tq = e / (unsigned)P;
     const int p = (int)(e - tq * P);
     const int ho = p / g.ow, wo = p - ho * g.ow;
-    const float* qp = q_part + (long long)tq * hw;
+    const float* qp = q + (long long)tq * hw;
     const int h0 = ho * g.sh - g.ph, w0 = wo * g.sw - g.pw;
     float acc = 0.0f;
     for (int a = 0; a < g.kh; ++a) {
@@ -624,10 +647,7 @@ AK_KERNEL IIEU_BOUNDS void iieu_patch_window(const float* __restrict__ q_part, f
       const float* row = qp + hi * g.w;
       for (int b = 0; b < g.kw; ++b) {
         const int wi = w0 + b * g.dw;
-        if (wi < 0 || wi >= g.w) continue;
-        float q = row[wi];
-        for (int s = 1; s < splits; ++s) q += row[s * q_len + wi];
-        acc += q;
+        if (wi >= 0 && wi < g.w) acc += row[wi];
       }
     }
     // Not fmaxf(acc, 0): that returns 0 for a NaN acc, turning a NaN in x_pre into a
@@ -728,7 +748,7 @@ EMU_REGISTER(iieu_ln_bwd)
     ak_iieu::filter_norm_impl<T>(w, r_w, w_norm, g);                                               \
   }                                                                                                \
   EMU_REGISTER(iieu_filter_norm_##SUF)                                                             \
-  AK_KERNEL IIEU_BOUNDS void iieu_patch_sq_##SUF(const T* x_pre, float* q_part, IieuGeom g, int chunk,       \
+  AK_KERNEL void iieu_patch_sq_##SUF(const T* x_pre, float* q_part, IieuGeom g, int chunk,       \
                                        int splits) {                                               \
     ak_iieu::patch_sq_impl<T>(x_pre, q_part, g, chunk, splits);                                    \
   }                                                                                                \
@@ -740,7 +760,7 @@ EMU_REGISTER(iieu_ln_bwd)
     ak_iieu::fwd_impl<T>(x, lin, r_w, r_x, nu, eta, y, g);                                         \
   }                                                                                                \
   EMU_REGISTER(iieu_fwd_##SUF)                                                                     \
-  AK_KERNEL IIEU_BOUNDS void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin, const float* r_w, \
+  AK_KERNEL void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin, const float* r_w, \
                                        const float* r_x, const float* nu, const float* eta,        \
                                        float* part, IieuGeom g) {                                  \
     ak_iieu::bwd_sums_impl<T>(dy, x, lin, r_w, r_x, nu, eta, part, g);                             \
@@ -761,7 +781,7 @@ EMU_REGISTER(iieu_ln_bwd)
                             splits);                                                               \
   }                                                                                                \
   EMU_REGISTER(iieu_bwd_dx_##SUF)                                                                  \
-  AK_KERNEL IIEU_BOUNDS void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre, IieuGeom g,  \
+  AK_KERNEL void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre, IieuGeom g,  \
                                         int chunk, int splits) {                                   \
     ak_iieu::bwd_dxpre_impl<T>(x_pre, coef, dx_pre, g, chunk, splits);                             \
   }                                                                                                \

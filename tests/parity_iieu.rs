@@ -409,9 +409,9 @@ fn combined_groups_stride_dilation_asymmetric() {
 
 /// The chunked kernels with ragged chunks (src/cuda/iieu.rs `Split`, kernels/iieu.cu
 /// FWD_CH / SUMS_CH): 26 channels per group split into chunks of 9, 9, 8 (`patch_sq`,
-/// `bwd_dx`, `bwd_dxpre`, partials summed by `patch_window` / `coef_reduce`) and 8, 8,
-/// 8, 2 (`fwd`, `bwd_sums`); with 2 groups (per-group patch norms), 17 channels per
-/// group in chunks of 9, 8 and 8, 8, 1. Planes of 16 pixels take every vector path (f32,
+/// `bwd_dx`, `bwd_dxpre`, partials summed by `sum_chunks` / `coef_reduce`), 8, 8, 8, 2
+/// (`fwd`) and 4 × 6, 2 (`bwd_sums`); with 2 groups (per-group patch norms), 17
+/// channels per group in chunks of 9, 8, of 8, 8, 1 and of 4 × 4, 1. Planes of 16 pixels take every vector path (f32,
 /// f16, bf16), planes of 30 the scalar ones.
 #[test]
 fn channel_split_ragged_chunks() {
@@ -663,11 +663,11 @@ fn path_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64) {
 ///   on a 256-thread block: 18 trips (the small cases: ≤ 36 entries, 1 trip);
 /// * `ln_fwd` / `ln_bwd`, the term-B LayerNorm over O = 512 on a 256-thread block:
 ///   2 trips per pass, block_sum over 8 warps (the small cases: O ≤ 6, one warp);
-/// * the scalar paths of `fwd` (8 channels per thread), `bwd_sums` (8 planes per block)
+/// * the scalar paths of `fwd` (8 channels per thread), `bwd_sums` (4 planes per block)
 ///   and of the channel-split kernels (H'·W' = 49 is not a multiple of 4);
 /// * the channel splits: `patch_sq` and `bwd_dxpre` over 512 input channels and
 ///   `bwd_dx` over 512 output channels in 64 chunks of 8, the partials summed by
-///   `patch_window` (window sums of 9 taps: f32 sums of 4608 squares within 1e-5) and
+///   `sum_chunks` (then window sums of 9 taps: f32 sums of 4608 squares within 1e-5) and
 ///   `coef_reduce`. (The grid-stride loops past their first trip: the CI run with
 ///   `AK_EMU_GRID_CAP=2`.)
 #[test]

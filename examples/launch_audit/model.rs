@@ -448,25 +448,29 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             let splits = iieu_splits(d, d.cin / d.gp, d.hw_in);
             t(b * d.epre() + splits * q, b * d.epre() + q)
         }
-        // Each tap sums the `splits` partials of q (L1/L2).
+        // (splits > 1 only) q = Σ of patch_sq's chunk partials.
+        "iieu_sum_chunks" => {
+            let q = 4.0 * n * d.gp * d.hw_in;
+            let splits = iieu_splits(d, d.cin / d.gp, d.hw_in);
+            t((splits + 1.0) * q, (splits + 1.0) * q)
+        }
         "iieu_patch_window" => {
             let outs = n * d.gp * s;
-            let splits = iieu_splits(d, d.cin / d.gp, d.hw_in);
             t(
-                4.0 * d.taps * splits * outs + 8.0 * outs,
+                4.0 * d.taps * outs + 8.0 * outs,
                 4.0 * n * d.gp * d.hw_in + 8.0 * outs,
             )
         }
         "iieu_gap" => t(b * e + 4.0 * nc, b * e + 4.0 * nc),
         "iieu_ln_fwd" => t(28.0 * nc + 4.0 * n, 20.0 * nc + 4.0 * n),
-        // r_x is loaded once per pixel and chunk of 8 channels of a group (FWD_CH,
-        // SUMS_CH in kernels/iieu.cu).
+        // r_x is loaded once per pixel and chunk of 8 (fwd: FWD_CH) or 4 (bwd_sums:
+        // SUMS_CH) channels of a group (kernels/iieu.cu).
         "iieu_fwd" => {
             let rx = 4.0 * n * d.gp * (c / d.gp / 8.0).ceil() * s;
             t(2.0 * b * e + rx, 2.0 * b * e + 4.0 * n * d.gp * s)
         }
         "iieu_bwd_sums" => {
-            let rx = 4.0 * n * d.gp * (c / d.gp / 8.0).ceil() * s;
+            let rx = 4.0 * n * d.gp * (c / d.gp / 4.0).ceil() * s;
             t(
                 2.0 * b * e + rx + 12.0 * nc,
                 2.0 * b * e + 4.0 * n * d.gp * s + 12.0 * nc,

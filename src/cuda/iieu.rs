@@ -151,8 +151,9 @@ pub(crate) struct Dims {
 /// Output channels per `iieu_fwd` thread (`FWD_CH` in kernels/iieu.cu): `r_x` is loaded
 /// once per 8 channels, 0.5 B of re-read per f32 element instead of 4 B.
 const FWD_CH: usize = 8;
-/// Planes per `iieu_bwd_sums` block (`SUMS_CH` in kernels/iieu.cu), for the same reason.
-const SUMS_CH: usize = 8;
+/// Planes per `iieu_bwd_sums` block (`SUMS_CH` in kernels/iieu.cu), for the same reason
+/// (4, not 8: its 3 sums per plane live in registers).
+const SUMS_CH: usize = 4;
 /// Channel-split target: a split kernel's channels are cut into chunks until it has
 /// about this many work items (threads): 256 blocks of [`BLOCK`], ≥ 1.9 blocks per SM
 /// on a 132-SM H100, ≥ 3 on an 84-SM A6000. A fixed number, not the device's SM count:
@@ -417,10 +418,11 @@ pub(crate) fn launch_filter_norm<T: DType>(
 }
 
 /// `(r_x, ‖P‖)`: per-chunk partials of q = Σ_c x_pre² per patch plane (channel-split
-/// grid, [`Dims::in_split`]), then the window sum of q = Σ of the partials.
+/// grid, [`Dims::in_split`]), their fixed-order sum q (only with several chunks), then the
+/// window sum of q.
 ///
 /// Scratch: `splits · N·G'·H·W` f32 partials — `q` itself when `splits = 1`, else less
-/// than 2²⁰ floats (4 MiB; see [`Split`]), freed when this returns.
+/// than 2²⁰ floats (4 MiB; see [`Split`]) plus q, freed when this returns.
 pub(crate) fn launch_patch_norm<T: DType>(
     stream: &Arc<CudaStream>,
     d: &Dims,
@@ -448,17 +450,25 @@ pub(crate) fn launch_patch_norm<T: DType>(
             1,
         ))
     }?;
+    let q = if sp.splits == 1 {
+        q_part
+    } else {
+        let f = kernel_fn!(stream, "iieu_sum_chunks")?;
+        let mut q = scratch::<f32>(stream, d.q_len)?;
+        let len = to_i32("patch planes N·G'·H·W", d.q_len)?;
+        let mut b = launcher(stream, &f);
+        b.arg(&q_part).arg(&mut q).arg(&len).arg(&sp.splits);
+        // SAFETY: threads cover e < len = N·G'·HW = q.len() (every element written) and
+        // read q_part[s·len + e] for s < splits (length splits·len).
+        unsafe { b.launch(elementwise(d.q_len, 1)) }?;
+        q
+    };
     let mut r_x = scratch::<f32>(stream, d.rx_len)?;
     let mut x_norm = scratch::<f32>(stream, d.rx_len)?;
     let mut b = launcher(stream, &f_win);
-    b.arg(&q_part)
-        .arg(&mut x_norm)
-        .arg(&mut r_x)
-        .arg(&d.g)
-        .arg(&sp.splits);
-    // SAFETY: threads cover e < N·G'·H'·W' (= r_x.len() = x_norm.len()); q_part is read
-    // at s·N·G'·HW + t·HW + hi·W + wi with s < splits, 0 ≤ hi < H, 0 ≤ wi < W checked
-    // in the kernel.
+    b.arg(&q).arg(&mut x_norm).arg(&mut r_x).arg(&d.g);
+    // SAFETY: threads cover e < N·G'·H'·W' (= r_x.len() = x_norm.len()); q is read at
+    // t·HW + hi·W + wi with 0 ≤ hi < H, 0 ≤ wi < W checked in the kernel.
     unsafe { b.launch(elementwise(d.rx_len, 1)) }?;
     Ok((r_x, x_norm))
 }
@@ -511,8 +521,9 @@ pub fn patch_inv_norm<T: DType>(
 /// `x`: `(N, O, H', W')`, `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`, all `T`;
 /// `params`: f32 `(O,)` each. Returns `y` (`T`, `(N, O, H', W')`) and the f32 state
 /// [`backward`] needs ([`IieuDeviceSaved`]: `r_w`, `‖W‖`, `r_x`, `‖P‖`, `ν`, `m̂`,
-/// `rstd`). Six launches: filter norms, patch squares (per-chunk partials over a
-/// channel-split grid), patch window sums, GAP, LayerNorm + sigmoid, and the adjuster
+/// `rstd`). Six or seven launches: filter norms, patch squares (per-chunk partials over a
+/// channel-split grid, then their sum when split), patch window sums, GAP, LayerNorm +
+/// sigmoid, and the adjuster
 /// (one thread per pixel vector and 8 channels, 128-bit when `H'·W'` allows).
 ///
 /// Errors: invalid geometry; any buffer or parameter of the wrong length
@@ -697,7 +708,7 @@ pub(crate) fn finish_forward<T: DType>(
 /// `ρ̂` is recomputed from the saved f32 `r_w`, `r_x`, `ν` by the same expression as in
 /// [`forward`], so every element takes the forward's branch. Parameter gradients are
 /// two-stage (per-(n,o) partials, then a fixed-order reduction over `n` per channel).
-/// Five or six launches: per-plane sums (8 planes per block), LayerNorm backward, parameter
+/// Five or six launches: per-plane sums (4 planes per block), LayerNorm backward, parameter
 /// gradients + `dW`, `dx` + per-chunk partials of `dr_x` (channel-split grid), their
 /// fixed-order sum into the patch coefficients (only when the split has several chunks;
 /// else `dx`'s kernel writes them), `dx_pre` (channel-split grid). The split scratch is
@@ -761,11 +772,16 @@ pub(crate) fn backward_core<T: DType>(
         .arg(&params.eta)
         .arg(&mut part)
         .arg(&d.g);
+    // A power-of-two block (32..=256 threads): at the kernel's 64–80 registers an SM holds
+    // 24–32 warps, which 1, 2, 4 or 8-warp blocks fill evenly (7-warp blocks of a 784-pixel
+    // plane left an H100 at 44 % occupancy and 1.9 waves at N = 32, O = 128).
+    let mut cfg = per_block(d.sums_rows(), d.plane_out / vec_width::<T>());
+    cfg.block_dim.0 = cfg.block_dim.0.next_power_of_two().min(BLOCK);
     // SAFETY: blocks grid-stride over rows (n·G' + grp, chunk of SUMS_CH planes), each
     // plane no = n·O + o < N·O in exactly one row, reading dy/x[no·P .. (no+1)·P)
     // (lengths N·O·P validated), r_x[(n·G'+grp)·P + p] (saved length N·G'·P checked),
     // r_w/eta at o < O, nu at no; writing part[3·no .. 3·no+3) (length 3·N·O).
-    unsafe { b.launch(per_block(d.sums_rows(), d.plane_out / vec_width::<T>())) }?;
+    unsafe { b.launch(cfg) }?;
 
     // term-B backward per sample.
     let mut dz = scratch::<f32>(stream, no)?;
@@ -928,7 +944,7 @@ mod tests {
             for base in [1, 49, 1568, 25_088, 65_535, 65_536, 1 << 20] {
                 let s = Split::new(per, base);
                 let (chunk, splits) = (s.chunk as usize, s.splits as usize);
-                assert!(chunk >= 1 && splits >= 1 && splits <= SPLIT_MAX);
+                assert!(chunk >= 1 && (1..=SPLIT_MAX).contains(&splits));
                 // Every chunk non-empty, together exactly `per` channels.
                 assert!((splits - 1) * chunk < per && splits * chunk >= per);
                 if splits > 1 {

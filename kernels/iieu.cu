@@ -9,7 +9,8 @@
 //
 // Pipeline (one launch per line):
 //   forward : filter_norm  -> r_w, ‖W‖           (one block per filter, block reduce)
-//             patch_sq     -> q[n,grp,h,w] = Σ_{c∈grp} x_pre²
+//             patch_sq     -> q partials: Σ_{c∈chunk} x_pre² per channel chunk of a group
+//             sum_chunks   -> q = Σ of the chunk partials (fixed order; splits > 1 only)
 //             patch_window -> ‖P‖, r_x            (KH×KW strided/dilated window sum of q)
 //             gap          -> m[n,o]              (one block per (n,o) plane)
 //             ln_fwd       -> m̂, rstd, ν          (one block per sample)
@@ -17,11 +18,59 @@
 //   backward: bwd_sums     -> per-(n,o) [Σg, Σg·x·r_x, Σ dη-term]   (stage 1)
 //             ln_bwd       -> dz, dm              (one block per sample)
 //             bwd_params   -> dγ̇, dβ̇, dη, dW      (one block per o: stage 2, fixed order)
-//             bwd_dx       -> dx, coef = dr_x·(−r_x²/‖P‖)  (gather over the group's channels)
+//             bwd_dx       -> dx, dr_x partials  (per channel chunk of a group; with one
+//                                                  chunk, coef = dr_x·(−r_x²/‖P‖) directly)
+//             coef_reduce  -> coef = Σ partials·(−r_x²/‖P‖)  (fixed order; splits > 1 only)
 //             bwd_dxpre    -> dx_pre              (gather over the windows containing a tap)
+//
+// Work decomposition (issue 15 item 3). The big tensors are (n, channel, pixel); the
+// patch statistics r_x / ‖P‖ / q / coef are shared by the channels of a group. So:
+// * fwd: a thread takes one pixel vector of FWD_CH output channels of one group, and
+//   loads r_x once for them (not once per channel: 4 B per element of r_x re-reads
+//   becomes 4/FWD_CH), while the grid keeps N·G'·⌈O/(G'·FWD_CH)⌉·(H'W'/V) threads —
+//   ≥ 2 waves at every ResNet-50 stage shape.
+// * bwd_sums: a block covers SUMS_CH planes o of one (n, group): r_x read once per
+//   block pixel, per-plane fixed-order block reductions (block_sums).
+// * patch_sq, bwd_dx, bwd_dxpre: channel-split grids — work items (n, group, channel
+//   chunk, pixel vector), the chunk count `splits` chosen by the launcher from the
+//   shape only (never the device: the bits must not depend on the GPU) so that a small
+//   plane with many channels (N = 32, 7×7, C = 2048: 1 568 pixels) still gets ≥ 2 SMs'
+//   worth of blocks. patch_sq and bwd_dx write per-chunk partials to a bounded
+//   f32 scratch (splits ≤ 64 and splits·items ≤ 2·2^16 when splits > 1, see
+//   src/cuda/iieu.rs) that the consumer sums in chunk order (sum_chunks, coef_reduce):
+//   no atomics, bitwise reproducible. bwd_dxpre is parallel per channel chunk (each
+//   chunk recomputes the ≤ KH·KW-tap coef gather of its pixels, from L1/L2).
+// * Index math is 32-bit: the launchers prove every work-item count ≤ INT32_MAX, so a
+//   flat item index is an `unsigned` (no wrap: + the stride ≤ 65 535·256 stays < 2^32)
+//   and is split by 32-bit division (a short inline sequence; a 64-bit `/` or `%` is a
+//   ~70-instruction call). Tensor offsets stay 64-bit (products only).
+// * Launch bound 256 (IIEU_THREADS, below): the launchers use at most BLOCK = 256
+//   threads per block (src/cuda/mod.rs).
 // No float atomics anywhere; every reduction has a fixed order, so results are
 // bitwise reproducible.
 #include "common.cuh"
+
+// Threads per block of every IIEU-B launch: at most BLOCK = 256 (src/cuda/mod.rs;
+// `elementwise` and `per_block` in src/cuda/iieu.rs, which IieuConv2d's launches of
+// these kernels share). The emulated device, which compiles this file as its own
+// translation unit, records it for every kernel here through AK_LAUNCH_BOUND at each
+// EMU_REGISTER and refuses larger blocks, as a GPU would. (nvcc and NVRTC compile every
+// family in one unit, but there EMU_REGISTER is empty and AK_LAUNCH_BOUND unused, so this
+// file's value does not leak into another's.)
+// nvcc gets it as __launch_bounds__ (IIEU_BOUNDS) on the kernels where ptxas then
+// allocates no more registers than without it (nvcc 13, sm_80/86/90, 2026-12-07):
+// filter_norm, gap, fwd, bwd_params, bwd_dx, coef_reduce, sum_chunks, ln_fwd, ln_bwd
+// (equal or 1–11 fewer; filter_norm_f16 +1 on sm_80 only, the same per-warp
+// allocation). It is left off where it hurt: bwd_dxpre_f32 spilled on sm_80 under it
+// (capped at 32 registers, 20 bytes of spill), as did bwd_sums_f32 when it reduced 8
+// planes per block (80 registers, 24 bytes; not re-measured at 4), patch_sq took 44
+// registers instead of 32–40 and patch_window 40 instead of 32 on sm_90.
+#define IIEU_THREADS 256
+#define IIEU_BOUNDS __launch_bounds__(IIEU_THREADS)
+#ifndef __CUDACC__
+#undef AK_LAUNCH_BOUND
+#define AK_LAUNCH_BOUND IIEU_THREADS
+#endif
 
 // The Rust mirror (src/cuda/abi.rs) pins the same size and offsets.
 static_assert(sizeof(IieuGeom) == 80, "IieuGeom layout drifted from src/cuda/abi.rs");
@@ -46,10 +95,39 @@ __device__ __forceinline__ void store_f32(float* p, const float* v) {
   for (int k = 0; k < N; k += 4) ak::Vec16<float>::store(p + k, v + k);
 }
 
-__device__ __forceinline__ long long grid_tid() {
-  return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+// Output channels per fwd thread and planes per bwd_sums block (src/cuda/iieu.rs
+// mirrors both to size the grids; a unit test there checks they agree). bwd_sums keeps
+// 3 sums per plane in registers: with 8 planes it took 92–115 registers (33 % occupancy
+// on sm_86, below the launch audit's fill target at N = 32); 4 planes re-read r_x 1 B per
+// f32 element instead of 0.5 B.
+constexpr int FWD_CH = 8;
+constexpr int SUMS_CH = 4;
+
+// 32-bit flat work-item index and stride of a grid-stride loop (see the file header:
+// item counts ≤ INT32_MAX are proved on the host, the stride is ≤ 65 535·256).
+__device__ __forceinline__ unsigned tid32() { return blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ unsigned stride32() { return gridDim.x * blockDim.x; }
+
+// K block-wide sums at once (blockDim.x a multiple of 32): each warp reduces its K
+// values by shuffles, warp 0 reduces the per-warp values. The totals are valid in warp
+// 0 only (thread 0 writes them). `scratch` holds 32·K floats. Fixed reduction tree:
+// bitwise reproducible for a given blockDim. Callable repeatedly (syncs first).
+template <int K>
+__device__ __forceinline__ void block_sums(float (&v)[K], float* scratch) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1 && blockDim.z == 1);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  __syncthreads();  // scratch may still be read by the previous call
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const float s = ak::warp_sum(v[k]);
+    if (lane == 0) scratch[k * 32 + warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = ak::warp_sum(lane < nw ? scratch[k * 32 + lane] : 0.0f);
+  }
 }
-__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
 
 // σ(z) with the accurate expf (not __expf): ν enters every ρ̂.
 __device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
@@ -117,41 +195,48 @@ __device__ void filter_norm_impl(const T* __restrict__ w, float* __restrict__ r_
   }
 }
 
-// q[n,grp,h,w] = Σ_{c∈grp} x_pre[n,c,h,w]² (grp over G' planes of C/G' channels).
-// Thread per pixel (8/4 pixels with 128-bit loads when H·W allows), loop over the
-// plane's channels. Bytes: reads x_pre once, writes 4 B per (n,grp,pixel) — minimum.
+// q partials: q_part[s][n,grp,h,w] = Σ_{c ∈ chunk s of grp} x_pre[n,c,h,w]² (grp over
+// G' planes of C/G' channels; chunk s = channels [s·chunk, min((s+1)·chunk, C/G'))).
+// Work item (n·G' + grp, s, pixel vector), pixel fastest (coalesced); 8/4 pixels with
+// 128-bit loads when H·W allows, one pixel otherwise (the same item count per pixel, so
+// the scalar grid is no smaller). sum_chunks sums the `splits` partials (if > 1).
+// Bytes: reads x_pre once, writes 4 B per (n, grp, pixel) and chunk.
 template <class T>
-__device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q, IieuGeom g) {
+__device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q_part, IieuGeom g,
+                              int chunk, int splits) {
   constexpr int V = ak::Vec16<T>::N;
-  const long long hw = (long long)g.h * g.w;
-  const long long total = (long long)g.n * g.gp * hw;
+  const int hw = g.h * g.w;
+  const long long q_len = (long long)g.n * g.gp * hw;
   const bool vec = (hw % V == 0) && ak::aligned16(x_pre);
-  if (vec) {
-    for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
-      const long long e = i * V, t = e / hw, pix = e - t * hw;
-      // n·C + grp·(C/G') = (n·G' + grp)·(C/G') = t·c_per
-      const T* src = x_pre + t * g.c_per * hw + pix;
+  const unsigned pv = vec ? hw / V : hw;  // items per (plane, chunk)
+  const unsigned spl = splits;
+  const unsigned total = (unsigned)(g.n * g.gp) * spl * pv;
+  for (unsigned i = tid32(); i < total; i += stride32()) {
+    const unsigned r = i / pv, tq = r / spl;
+    const int j = (int)(i - r * pv), s = (int)(r - tq * spl);
+    const int c0 = s * chunk, cn = min(chunk, g.c_per - c0);
+    const int pix = vec ? j * V : j;
+    // n·C + grp·(C/G') + c0 = (n·G' + grp)·(C/G') + c0
+    const T* src = x_pre + ((long long)tq * g.c_per + c0) * hw + pix;
+    float* dst = q_part + s * q_len + (long long)tq * hw + pix;
+    if (vec) {
       float acc[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) acc[k] = 0.0f;
-      for (int c = 0; c < g.c_per; ++c) {
+      for (int c = 0; c < cn; ++c) {
         float v[V];
         ak::Vec16<T>::load(src + (long long)c * hw, v);
 #pragma unroll
         for (int k = 0; k < V; ++k) acc[k] = fmaf(v[k], v[k], acc[k]);
       }
-      store_f32<V>(q + e, acc);
-    }
-  } else {
-    for (long long e = grid_tid(); e < total; e += grid_stride()) {
-      const long long t = e / hw, pix = e - t * hw;
-      const T* src = x_pre + t * g.c_per * hw + pix;
+      store_f32<V>(dst, acc);
+    } else {
       float acc = 0.0f;
-      for (int c = 0; c < g.c_per; ++c) {
+      for (int c = 0; c < cn; ++c) {
         const float v = ak::to_f32(src[(long long)c * hw]);
         acc = fmaf(v, v, acc);
       }
-      q[e] = acc;
+      *dst = acc;
     }
   }
 }
@@ -184,46 +269,58 @@ __device__ void gap_impl(const T* __restrict__ x, float* __restrict__ m, IieuGeo
 }
 
 // y = ς(ρ̂)·x, ρ̂ = x·r_w[o]·r_x[n,grp(o),h',w'] + ν[n,o]; ς(ρ̂) = ρ̂ if ρ̂ ≥ η[o]
-// (tie: upper), else η·exp(ρ̂ − η). Elementwise, 128-bit when H'·W' allows.
-// Bytes per element: reads x (sizeof T) + r_x (4 B, shared by the O/G' channels of a
-// group: re-read from L2 per channel), writes y (sizeof T). Minimum is x + y; the r_x
-// re-read is the price of not materialising s.
+// (tie: upper), else η·exp(ρ̂ − η). Work item (n·G' + grp, chunk of FWD_CH output
+// channels of the group, pixel vector), pixel fastest: r_x is loaded once per item and
+// applied to its ≤ FWD_CH channels. 128-bit when H'·W' allows, else one pixel per item
+// (same items per pixel: the scalar grid is as large as the vector one).
+// Bytes per element: reads x (sizeof T), writes y (sizeof T), + r_x 4 B per item pixel,
+// i.e. 4/FWD_CH B per element (ν, r_w, η per (n, o): L1). Minimum: x + y + r_x once.
 template <class T>
 __device__ void fwd_impl(const T* __restrict__ x, const float* __restrict__ lin, const float* __restrict__ r_w,
                          const float* __restrict__ r_x, const float* __restrict__ nu,
                          const float* __restrict__ eta, T* __restrict__ y, IieuGeom g) {
   constexpr int V = ak::Vec16<T>::N;
-  const long long P = (long long)g.oh * g.ow;
-  const long long total = (long long)g.n * g.o * P;
+  const int P = g.oh * g.ow;
   const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(y);
-  if (vec) {
-    for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
-      const long long e = i * V, no = e / P, p = e - no * P;
-      const int o = (int)(no % g.o), n = (int)(no / g.o);
-      const long long t = (long long)n * g.gp + o / g.o_per;
-      float xv[V], rx[V], out[V];
-      ak::Vec16<T>::load(x + e, xv);
-      if (lin != nullptr)
+  const unsigned pv = vec ? P / V : P;
+  const unsigned nch = (g.o_per + FWD_CH - 1) / FWD_CH;
+  const unsigned gp = g.gp;
+  const unsigned total = (unsigned)(g.n * g.gp) * nch * pv;
+  for (unsigned i = tid32(); i < total; i += stride32()) {
+    const unsigned r = i / pv, tq = r / nch, nq = tq / gp;
+    const int j = (int)(i - r * pv), ch = (int)(r - tq * nch), grp = (int)(tq - nq * gp), n = (int)nq;
+    const int p = vec ? j * V : j;
+    const int o0 = grp * g.o_per + ch * FWD_CH, on = min(FWD_CH, g.o_per - ch * FWD_CH);
+    const float* rxp = r_x + (long long)tq * P + p;
+    if (vec) {
+      float rx[V];
+      load_f32<V>(rxp, rx);
+      for (int k = 0; k < on; ++k) {
+        const int o = o0 + k;
+        const long long no = (long long)n * g.o + o, e = no * P + p;
+        float xv[V], out[V];
+        ak::Vec16<T>::load(x + e, xv);
+        if (lin != nullptr)
 #pragma unroll
-        for (int k = 0; k < V; ++k) xv[k] = psi_x<T>(xv[k], lin, o);
-      load_f32<V>(r_x + t * P + p, rx);
-      const float rw = r_w[o], nv = nu[no], et = eta[o];
+          for (int m = 0; m < V; ++m) xv[m] = psi_x<T>(xv[m], lin, o);
+        const float rw = r_w[o], nv = nu[no], et = eta[o];
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float r = rho_of(xv[k], rw, rx[k], nv);
-        out[k] = r >= et ? r * xv[k] : et * expf(r - et) * xv[k];
+        for (int m = 0; m < V; ++m) {
+          const float rh = rho_of(xv[m], rw, rx[m], nv);
+          out[m] = rh >= et ? rh * xv[m] : et * expf(rh - et) * xv[m];
+        }
+        ak::Vec16<T>::store(y + e, out);
       }
-      ak::Vec16<T>::store(y + e, out);
-    }
-  } else {
-    for (long long e = grid_tid(); e < total; e += grid_stride()) {
-      const long long no = e / P, p = e - no * P;
-      const int o = (int)(no % g.o), n = (int)(no / g.o);
-      const long long t = (long long)n * g.gp + o / g.o_per;
-      const float xv = psi_x<T>(ak::to_f32(x[e]), lin, o);
-      const float r = rho_of(xv, r_w[o], r_x[t * P + p], nu[no]);
-      const float et = eta[o];
-      y[e] = ak::from_f32<T>(r >= et ? r * xv : et * expf(r - et) * xv);
+    } else {
+      const float rx = *rxp;
+      for (int k = 0; k < on; ++k) {
+        const int o = o0 + k;
+        const long long no = (long long)n * g.o + o, e = no * P + p;
+        const float xv = psi_x<T>(ak::to_f32(x[e]), lin, o);
+        const float rh = rho_of(xv, r_w[o], rx, nu[no]);
+        const float et = eta[o];
+        y[e] = ak::from_f32<T>(rh >= et ? rh * xv : et * expf(rh - et) * xv);
+      }
     }
   }
 }
@@ -255,59 +352,82 @@ __device__ __forceinline__ Adj adj_bwd(float dy, float x, float rw, float rx, fl
 }
 
 // Stage 1 of every per-(n,o) reduction: part[no] = [Σg, Σ g·x·r_x, Σ dη-term] over
-// the (n,o) plane. One block per plane. Bytes: reads dy, x once (+ r_x, 4 B/elem),
-// writes 12 B per plane.
+// the (n,o) plane. One block per (n, grp, chunk of SUMS_CH planes o of the group),
+// grid-stride over those rows: each block pixel (vector) loads r_x once for its ≤
+// SUMS_CH planes; the 3·SUMS_CH sums are reduced per plane in a fixed order
+// (block_sums). Bytes: reads dy, x once, r_x once per block row (4/SUMS_CH B per
+// element), writes 12 B per plane.
 template <class T>
 __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
                               const float* __restrict__ lin, const float* __restrict__ r_w, const float* __restrict__ r_x,
                               const float* __restrict__ nu, const float* __restrict__ eta,
                               float* __restrict__ part, IieuGeom g) {
-  SHARED_ARRAY(float, scratch, 32);
+  SHARED_ARRAY(float, scratch, 32 * 3 * SUMS_CH);
   constexpr int V = ak::Vec16<T>::N;
-  const long long P = (long long)g.oh * g.ow;
-  const long long planes = (long long)g.n * g.o;
+  const int P = g.oh * g.ow;
   const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(dy);
-  for (long long no = blockIdx.x; no < planes; no += gridDim.x) {
-    const int o = (int)(no % g.o), n = (int)(no / g.o);
-    const long long t = (long long)n * g.gp + o / g.o_per;
-    const float* rxp = r_x + t * P;
-    const T* xp = x + no * P;
-    const T* dyp = dy + no * P;
-    const float rw = r_w[o], nv = nu[no], et = eta[o];
-    float sg = 0.0f, sgr = 0.0f, se = 0.0f;
-    if (vec) {
-      for (long long j = threadIdx.x; j < P / V; j += blockDim.x) {
-        float xv[V], dv[V], rx[V];
-        ak::Vec16<T>::load(xp + j * V, xv);
-        if (lin != nullptr)
+  const int pv = vec ? P / V : P;
+  const unsigned nch = (g.o_per + SUMS_CH - 1) / SUMS_CH;
+  const unsigned gp = g.gp;
+  const unsigned rows = (unsigned)(g.n * g.gp) * nch;
+  for (unsigned r = blockIdx.x; r < rows; r += gridDim.x) {
+    const unsigned tq = r / nch, nq = tq / gp;
+    const int ch = (int)(r - tq * nch), grp = (int)(tq - nq * gp), n = (int)nq;
+    const int o0 = grp * g.o_per + ch * SUMS_CH, on = min(SUMS_CH, g.o_per - ch * SUMS_CH);
+    const long long no0 = (long long)n * g.o + o0;
+    const float* rxp = r_x + (long long)tq * P;
+    float acc[3 * SUMS_CH];
 #pragma unroll
-          for (int k = 0; k < V; ++k) xv[k] = psi_x<T>(xv[k], lin, o);
-        ak::Vec16<T>::load(dyp + j * V, dv);
+    for (int k = 0; k < 3 * SUMS_CH; ++k) acc[k] = 0.0f;
+    for (int j = threadIdx.x; j < pv; j += blockDim.x) {
+      if (vec) {
+        float rx[V];
         load_f32<V>(rxp + j * V, rx);
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-          const Adj a = adj_bwd(dv[k], xv[k], rw, rx[k], nv, et);
-          sg += a.g;
-          sgr += a.g * xv[k] * rx[k];
-          se += a.deta;
+        for (int k = 0; k < SUMS_CH; ++k) {
+          if (k < on) {
+            const int o = o0 + k;
+            const long long base = (no0 + k) * P + j * V;
+            const float rw = r_w[o], nv = nu[no0 + k], et = eta[o];
+            float xv[V], dv[V];
+            ak::Vec16<T>::load(x + base, xv);
+            if (lin != nullptr)
+#pragma unroll
+              for (int m = 0; m < V; ++m) xv[m] = psi_x<T>(xv[m], lin, o);
+            ak::Vec16<T>::load(dy + base, dv);
+#pragma unroll
+            for (int m = 0; m < V; ++m) {
+              const Adj a = adj_bwd(dv[m], xv[m], rw, rx[m], nv, et);
+              acc[3 * k] += a.g;
+              acc[3 * k + 1] += a.g * xv[m] * rx[m];
+              acc[3 * k + 2] += a.deta;
+            }
+          }
+        }
+      } else {
+        const float rx = rxp[j];
+#pragma unroll
+        for (int k = 0; k < SUMS_CH; ++k) {
+          if (k < on) {
+            const int o = o0 + k;
+            const long long idx = (no0 + k) * P + j;
+            const float xv = psi_x<T>(ak::to_f32(x[idx]), lin, o);
+            const Adj a = adj_bwd(ak::to_f32(dy[idx]), xv, r_w[o], rx, nu[no0 + k], eta[o]);
+            acc[3 * k] += a.g;
+            acc[3 * k + 1] += a.g * xv * rx;
+            acc[3 * k + 2] += a.deta;
+          }
         }
       }
-    } else {
-      for (long long j = threadIdx.x; j < P; j += blockDim.x) {
-        const float xv = psi_x<T>(ak::to_f32(xp[j]), lin, o), rx = rxp[j];
-        const Adj a = adj_bwd(ak::to_f32(dyp[j]), xv, rw, rx, nv, et);
-        sg += a.g;
-        sgr += a.g * xv * rx;
-        se += a.deta;
-      }
     }
-    sg = ak::block_sum(sg, scratch);
-    sgr = ak::block_sum(sgr, scratch);
-    se = ak::block_sum(se, scratch);
+    block_sums<3 * SUMS_CH>(acc, scratch);
     if (threadIdx.x == 0) {
-      part[no * 3 + 0] = sg;
-      part[no * 3 + 1] = sgr;
-      part[no * 3 + 2] = se;
+#pragma unroll
+      for (int k = 0; k < SUMS_CH; ++k)
+        if (k < on) {
+#pragma unroll
+          for (int m = 0; m < 3; ++m) part[(no0 + k) * 3 + m] = acc[3 * k + m];
+        }
     }
   }
 }
@@ -349,32 +469,44 @@ __device__ void bwd_params_impl(const T* __restrict__ w, const float* __restrict
   }
 }
 
-// dx = dy·ς(ρ̂) + g·r_w·r_x + dm[n,o]/(H'W'), and the patch-norm adjoint coefficient
-// coef[n,grp,h',w'] = dr_x·(−r_x²/‖P‖) with dr_x = Σ_{o∈grp} g·x·r_w[o] — a gather over
-// the group's O/G' channels (thread per (n,grp,pixel), no atomics). Bytes per element
-// of x: reads dy, x once, writes dx once (the minimum); plus r_x, ‖P‖ read and coef
-// written once per (n,grp,pixel).
+// dx = dy·ς(ρ̂) + g·r_w·r_x + dm[n,o]/(H'W'), and the partials of the patch-norm
+// adjoint dr_x = Σ_{o∈grp} g·x·r_w[o]: coef_part[s][n,grp,h',w'] = the sum over chunk s
+// of the group's output channels (chunk s = [s·chunk, min((s+1)·chunk, O/G'))). Work
+// item (n·G' + grp, s, pixel vector), pixel fastest; no atomics. With splits > 1,
+// coef_reduce sums the partials in chunk order and applies −r_x²/‖P‖; with one chunk
+// (splits = 1: large planes, or few channels per group, e.g. depthwise) this kernel
+// applies it and writes coef itself (x_norm is read only then).
+// Bytes per element of x: reads dy, x once, writes dx once (the minimum); plus r_x read
+// and a partial written once per (n, grp, pixel) and chunk (and ‖P‖ read if splits = 1).
 template <class T>
 __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
                             const float* __restrict__ lin, const float* __restrict__ r_w, const float* __restrict__ r_x,
                             const float* __restrict__ x_norm, const float* __restrict__ nu,
                             const float* __restrict__ eta, const float* __restrict__ dm,
-                            T* __restrict__ dx, float* __restrict__ coef, IieuGeom g) {
+                            T* __restrict__ dx, float* __restrict__ coef_part, IieuGeom g,
+                            int chunk, int splits) {
   constexpr int V = ak::Vec16<T>::N;
-  const long long P = (long long)g.oh * g.ow;
-  const long long total = (long long)g.n * g.gp * P;
+  const int P = g.oh * g.ow;
+  const long long rx_len = (long long)g.n * g.gp * P;
   const float inv_p = 1.0f / (float)P;
   const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(dy) && ak::aligned16(dx);
-  if (vec) {
-    for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
-      const long long e = i * V, t = e / P, p = e - t * P;  // e = t·P + p
-      const int n = (int)(t / g.gp), grp = (int)(t - (long long)n * g.gp);
+  const unsigned pv = vec ? P / V : P;
+  const unsigned spl = splits, gp = g.gp;
+  const unsigned total = (unsigned)(g.n * g.gp) * spl * pv;
+  for (unsigned i = tid32(); i < total; i += stride32()) {
+    const unsigned r = i / pv, tq = r / spl, nq = tq / gp;
+    const int j = (int)(i - r * pv), s = (int)(r - tq * spl), grp = (int)(tq - nq * gp), n = (int)nq;
+    const int p = vec ? j * V : j;
+    const int o0 = grp * g.o_per + s * chunk, on = min(chunk, g.o_per - s * chunk);
+    const long long e = (long long)tq * P + p;  // (n·G' + grp)·P + p
+    float* cp = coef_part + s * rx_len + e;
+    if (vec) {
       float rx[V], acc[V];
       load_f32<V>(r_x + e, rx);
 #pragma unroll
       for (int k = 0; k < V; ++k) acc[k] = 0.0f;
-      for (int ol = 0; ol < g.o_per; ++ol) {
-        const int o = grp * g.o_per + ol;
+      for (int ol = 0; ol < on; ++ol) {
+        const int o = o0 + ol;
         const long long no = (long long)n * g.o + o, base = no * P + p;
         const float rw = r_w[o], nv = nu[no], et = eta[o], add = dm[no] * inv_p;
         float xv[V], dv[V], out[V];
@@ -391,20 +523,18 @@ __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
         }
         ak::Vec16<T>::store(dx + base, out);
       }
-      float nm[V];
-      load_f32<V>(x_norm + e, nm);
+      if (splits == 1) {
+        float nm[V];
+        load_f32<V>(x_norm + e, nm);
 #pragma unroll
-      for (int k = 0; k < V; ++k) acc[k] *= inv_norm_slope(nm[k], rx[k]);
-      store_f32<V>(coef + e, acc);
-    }
-  } else {
-    for (long long e = grid_tid(); e < total; e += grid_stride()) {
-      const long long t = e / P, p = e - t * P;
-      const int n = (int)(t / g.gp), grp = (int)(t - (long long)n * g.gp);
+        for (int k = 0; k < V; ++k) acc[k] *= inv_norm_slope(nm[k], rx[k]);
+      }
+      store_f32<V>(cp, acc);
+    } else {
       const float rx = r_x[e];
       float acc = 0.0f;
-      for (int ol = 0; ol < g.o_per; ++ol) {
-        const int o = grp * g.o_per + ol;
+      for (int ol = 0; ol < on; ++ol) {
+        const int o = o0 + ol;
         const long long no = (long long)n * g.o + o, idx = no * P + p;
         const float rw = r_w[o];
         const float xv = psi_x<T>(ak::to_f32(x[idx]), lin, o), dv = ak::to_f32(dy[idx]);
@@ -412,7 +542,7 @@ __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
         dx[idx] = ak::from_f32<T>(dv * a.sc + a.g * rw * rx + dm[no] * inv_p);
         acc += a.g * xv * rw;
       }
-      coef[e] = acc * inv_norm_slope(x_norm[e], rx);
+      *cp = splits == 1 ? acc * inv_norm_slope(x_norm[e], rx) : acc;
     }
   }
 }
@@ -422,50 +552,54 @@ __device__ void bwd_dx_impl(const T* __restrict__ dy, const T* __restrict__ x,
 __device__ __forceinline__ float window_gather(const float* __restrict__ cf, int h, int w, const IieuGeom& g) {
   float acc = 0.0f;
   for_windows(h, g.kh, g.sh, g.ph, g.dh, g.oh, [&](int ho) {
-    const float* row = cf + (long long)ho * g.ow;
+    const float* row = cf + ho * g.ow;
     for_windows(w, g.kw, g.sw, g.pw, g.dw, g.ow, [&](int wo) { acc += row[wo]; });
   });
   return acc;
 }
 
-// dx_pre[n,c,h,w] = x_pre[n,c,h,w]·Σ_{windows ∋ (h,w)} coef[n,grp(c),window]: the window
-// sum computed once per (n,grp,pixel) as a gather (no atomics), then applied to the
-// C/G' channels of the plane. Bytes: reads x_pre once, writes dx_pre once (minimum),
-// plus ≤ KH·KW cached coef reads per (n,grp,pixel).
+// dx_pre[n,c,h,w] = x_pre[n,c,h,w]·Σ_{windows ∋ (h,w)} coef[n,grp(c),window]. Work item
+// (n·G' + grp, chunk s of the group's input channels, pixel vector), pixel fastest: the
+// window sum is gathered once per item (no atomics), then applied to the chunk's
+// channels. Bytes: reads x_pre once, writes dx_pre once (minimum), plus ≤ KH·KW cached
+// coef reads per (n, grp, pixel) and chunk.
 template <class T>
 __device__ void bwd_dxpre_impl(const T* __restrict__ x_pre, const float* __restrict__ coef,
-                               T* __restrict__ dx_pre, IieuGeom g) {
+                               T* __restrict__ dx_pre, IieuGeom g, int chunk, int splits) {
   constexpr int V = ak::Vec16<T>::N;
-  const long long hw = (long long)g.h * g.w;
-  const long long P = (long long)g.oh * g.ow;
-  const long long total = (long long)g.n * g.gp * hw;
+  const int hw = g.h * g.w;
+  const int P = g.oh * g.ow;
   const bool vec = (hw % V == 0) && ak::aligned16(x_pre) && ak::aligned16(dx_pre);
-  if (vec) {
-    for (long long i = grid_tid(); i < total / V; i += grid_stride()) {
-      const long long e = i * V, t = e / hw, pix = e - t * hw;
-      const float* cf = coef + t * P;
+  const unsigned pv = vec ? hw / V : hw;
+  const unsigned spl = splits;
+  const unsigned total = (unsigned)(g.n * g.gp) * spl * pv;
+  for (unsigned i = tid32(); i < total; i += stride32()) {
+    const unsigned r = i / pv, tq = r / spl;
+    const int j = (int)(i - r * pv), s = (int)(r - tq * spl);
+    const int c0 = s * chunk, cn = min(chunk, g.c_per - c0);
+    const int pix = vec ? j * V : j;
+    const float* cf = coef + (long long)tq * P;
+    const long long base0 = ((long long)tq * g.c_per + c0) * hw + pix;
+    if (vec) {
       float acc[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const int px = (int)(pix + k), h = px / g.w, w = px - h * g.w;
+        const int px = pix + k, h = px / g.w, w = px - h * g.w;
         acc[k] = window_gather(cf, h, w, g);
       }
-      for (int c = 0; c < g.c_per; ++c) {
-        const long long base = (t * g.c_per + c) * hw + pix;
+      for (int c = 0; c < cn; ++c) {
+        const long long base = base0 + (long long)c * hw;
         float v[V];
         ak::Vec16<T>::load(x_pre + base, v);
 #pragma unroll
         for (int k = 0; k < V; ++k) v[k] *= acc[k];
         ak::Vec16<T>::store(dx_pre + base, v);
       }
-    }
-  } else {
-    for (long long e = grid_tid(); e < total; e += grid_stride()) {
-      const long long t = e / hw, pix = e - t * hw;
-      const int h = (int)(pix / g.w), w = (int)(pix - (long long)h * g.w);
-      const float acc = window_gather(coef + t * P, h, w, g);
-      for (int c = 0; c < g.c_per; ++c) {
-        const long long idx = (t * g.c_per + c) * hw + pix;
+    } else {
+      const int h = pix / g.w, w = pix - h * g.w;
+      const float acc = window_gather(cf, h, w, g);
+      for (int c = 0; c < cn; ++c) {
+        const long long idx = base0 + (long long)c * hw;
         dx_pre[idx] = ak::from_f32<T>(ak::to_f32(x_pre[idx]) * acc);
       }
     }
@@ -477,24 +611,40 @@ __device__ void bwd_dxpre_impl(const T* __restrict__ x_pre, const float* __restr
 // =====================================================================================
 // f32-only kernels (operate on f32 intermediates: one instance, no dtype suffix)
 
+// out[e] = Σ_s part[s·len + e] for e < len, s < splits, in chunk order: q from
+// patch_sq's channel-chunk partials (launched only when splits > 1). Thread per element
+// (32-bit index). Bytes: 4·splits read + 4 written per element.
+AK_KERNEL IIEU_BOUNDS void iieu_sum_chunks(const float* __restrict__ part, float* __restrict__ out,
+                                           int len, int splits) {
+  const unsigned total = len;
+  for (unsigned e = ak_iieu::tid32(); e < total; e += ak_iieu::stride32()) {
+    float acc = part[e];
+    for (int s = 1; s < splits; ++s) acc += part[(long long)s * len + e];
+    out[e] = acc;
+  }
+}
+EMU_REGISTER(iieu_sum_chunks)
+
 // ‖P‖ and r_x = 1/(‖P‖+eps) per (n,grp,h',w'): KH×KW window sum of q with the conv's
 // stride/padding and the patch dilation (g.dh, g.dw), zero outside the image — never a
-// convolution. Thread per output position. Bytes: ≤ KH·KW cached q reads, 8 B written.
+// convolution. Thread per output position (32-bit item index).
+// Bytes: ≤ KH·KW cached q reads, 8 B written.
 AK_KERNEL void iieu_patch_window(const float* __restrict__ q, float* __restrict__ x_norm,
-                                             float* __restrict__ r_x, IieuGeom g) {
-  const long long hw = (long long)g.h * g.w;
-  const long long P = (long long)g.oh * g.ow;
-  const long long total = (long long)g.n * g.gp * P;
-  for (long long e = ak_iieu::grid_tid(); e < total; e += ak_iieu::grid_stride()) {
-    const long long t = e / P, p = e - t * P;
-    const int ho = (int)(p / g.ow), wo = (int)(p - (long long)ho * g.ow);
-    const float* qp = q + t * hw;
+                                 float* __restrict__ r_x, IieuGeom g) {
+  const int hw = g.h * g.w;
+  const int P = g.oh * g.ow;
+  const unsigned total = (unsigned)(g.n * g.gp) * (unsigned)P;
+  for (unsigned e = ak_iieu::tid32(); e < total; e += ak_iieu::stride32()) {
+    const unsigned tq = e / (unsigned)P;
+    const int p = (int)(e - tq * P);
+    const int ho = p / g.ow, wo = p - ho * g.ow;
+    const float* qp = q + (long long)tq * hw;
     const int h0 = ho * g.sh - g.ph, w0 = wo * g.sw - g.pw;
     float acc = 0.0f;
     for (int a = 0; a < g.kh; ++a) {
       const int hi = h0 + a * g.dh;
       if (hi < 0 || hi >= g.h) continue;
-      const float* row = qp + (long long)hi * g.w;
+      const float* row = qp + hi * g.w;
       for (int b = 0; b < g.kw; ++b) {
         const int wi = w0 + b * g.dw;
         if (wi >= 0 && wi < g.w) acc += row[wi];
@@ -509,11 +659,28 @@ AK_KERNEL void iieu_patch_window(const float* __restrict__ q, float* __restrict_
 }
 EMU_REGISTER(iieu_patch_window)
 
+// coef[n,grp,h',w'] = dr_x·(−r_x²/‖P‖) (0 where ‖P‖ = 0), dr_x = Σ_s coef_part[s] (the
+// `splits` output-channel-chunk partials of bwd_dx, summed in chunk order). Thread per
+// (n, grp, h', w') (32-bit item index). Bytes: reads 4·(splits + 2) B, writes 4 B per
+// (n, grp, h', w').
+AK_KERNEL IIEU_BOUNDS void iieu_coef_reduce(const float* __restrict__ coef_part, const float* __restrict__ r_x,
+                                            const float* __restrict__ x_norm, float* __restrict__ coef,
+                                            IieuGeom g, int splits) {
+  const long long rx_len = (long long)g.n * g.gp * g.oh * g.ow;
+  const unsigned total = (unsigned)rx_len;
+  for (unsigned e = ak_iieu::tid32(); e < total; e += ak_iieu::stride32()) {
+    float acc = coef_part[e];
+    for (int s = 1; s < splits; ++s) acc += coef_part[s * rx_len + e];
+    coef[e] = acc * ak_iieu::inv_norm_slope(x_norm[e], r_x[e]);
+  }
+}
+EMU_REGISTER(iieu_coef_reduce)
+
 // term-B LayerNorm over O per sample (biased variance, eps_ln), then
 // ν = σ(γ̇·m̂ + β̇). One block per sample, two-pass statistics.
 // Bytes per (n,o): reads m three times (mean, variance, normalisation; the re-reads
 // hit L1/L2), γ̇ and β̇ once; writes m̂, ν (4 B each); plus rstd per sample.
-AK_KERNEL void iieu_ln_fwd(const float* __restrict__ m, const float* __restrict__ gamma,
+AK_KERNEL IIEU_BOUNDS void iieu_ln_fwd(const float* __restrict__ m, const float* __restrict__ gamma,
                                        const float* __restrict__ beta, float* __restrict__ m_hat,
                                        float* __restrict__ rstd, float* __restrict__ nu, IieuGeom g) {
   SHARED_ARRAY(float, scratch, 32);
@@ -544,7 +711,7 @@ EMU_REGISTER(iieu_ln_fwd)
 // dm = rstd·(dm̂ − mean(dm̂) − m̂·mean(dm̂·m̂)). One block per sample.
 // Bytes: reads part[·,0] (Σg), ν, γ̇, m̂ in each of the two passes (the second from
 // L1/L2); writes dz, dm.
-AK_KERNEL void iieu_ln_bwd(const float* __restrict__ part, const float* __restrict__ nu,
+AK_KERNEL IIEU_BOUNDS void iieu_ln_bwd(const float* __restrict__ part, const float* __restrict__ nu,
                                        const float* __restrict__ gamma, const float* __restrict__ m_hat,
                                        const float* __restrict__ rstd, float* __restrict__ dz,
                                        float* __restrict__ dm, IieuGeom g) {
@@ -576,51 +743,54 @@ EMU_REGISTER(iieu_ln_bwd)
 // =====================================================================================
 // per-dtype entry points
 
-#define IIEU_KERNELS(SUF, T)                                                                              \
-  AK_KERNEL void iieu_filter_norm_##SUF(const T* w, float* r_w, float* w_norm, IieuGeom g) { \
-    ak_iieu::filter_norm_impl<T>(w, r_w, w_norm, g);                                                      \
-  }                                                                                                       \
-  EMU_REGISTER(iieu_filter_norm_##SUF)                                                                    \
-  AK_KERNEL void iieu_patch_sq_##SUF(const T* x_pre, float* q, IieuGeom g) {                 \
-    ak_iieu::patch_sq_impl<T>(x_pre, q, g);                                                               \
-  }                                                                                                       \
-  EMU_REGISTER(iieu_patch_sq_##SUF)                                                                       \
-  AK_KERNEL void iieu_gap_##SUF(const T* x, float* m, IieuGeom g) {                          \
-    ak_iieu::gap_impl<T>(x, m, g);                                                                        \
-  }                                                                                                       \
-  EMU_REGISTER(iieu_gap_##SUF)                                                                            \
-  AK_KERNEL void iieu_fwd_##SUF(const T* x, const float* lin, const float* r_w,              \
-                                            const float* r_x, const float* nu, const float* eta, T* y,   \
-                                            IieuGeom g) {                                                \
-    ak_iieu::fwd_impl<T>(x, lin, r_w, r_x, nu, eta, y, g);                                                \
-  }                                                                                                       \
-  EMU_REGISTER(iieu_fwd_##SUF)                                                                            \
-  AK_KERNEL void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin,              \
-                                                 const float* r_w, const float* r_x, const float* nu,    \
-                                                 const float* eta, float* part, IieuGeom g) {            \
-    ak_iieu::bwd_sums_impl<T>(dy, x, lin, r_w, r_x, nu, eta, part, g);                                    \
-  }                                                                                                       \
-  EMU_REGISTER(iieu_bwd_sums_##SUF)                                                                       \
-  AK_KERNEL void iieu_bwd_params_##SUF(const T* w, const float* part, const float* dz,       \
-                                                   const float* m_hat, const float* r_w,                 \
-                                                   const float* w_norm, float* d_gamma, float* d_beta,   \
-                                                   float* d_eta, T* dw, IieuGeom g) {                    \
-    ak_iieu::bwd_params_impl<T>(w, part, dz, m_hat, r_w, w_norm, d_gamma, d_beta, d_eta, dw, g);          \
-  }                                                                                                       \
-  EMU_REGISTER(iieu_bwd_params_##SUF)                                                                     \
-  AK_KERNEL void iieu_bwd_dx_##SUF(const T* dy, const T* x, const float* lin,                \
-                                               const float* r_w, const float* r_x, const float* x_norm,  \
-                                               const float* nu, const float* eta, const float* dm, T* dx,\
-                                               float* coef, IieuGeom g) {                                \
-    ak_iieu::bwd_dx_impl<T>(dy, x, lin, r_w, r_x, x_norm, nu, eta, dm, dx, coef, g);                      \
-  }                                                                                                       \
-  EMU_REGISTER(iieu_bwd_dx_##SUF)                                                                         \
-  AK_KERNEL void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre,          \
-                                                  IieuGeom g) {                                          \
-    ak_iieu::bwd_dxpre_impl<T>(x_pre, coef, dx_pre, g);                                                   \
-  }                                                                                                       \
+#define IIEU_KERNELS(SUF, T)                                                                       \
+  AK_KERNEL IIEU_BOUNDS void iieu_filter_norm_##SUF(const T* w, float* r_w, float* w_norm, IieuGeom g) {     \
+    ak_iieu::filter_norm_impl<T>(w, r_w, w_norm, g);                                               \
+  }                                                                                                \
+  EMU_REGISTER(iieu_filter_norm_##SUF)                                                             \
+  AK_KERNEL void iieu_patch_sq_##SUF(const T* x_pre, float* q_part, IieuGeom g, int chunk,       \
+                                       int splits) {                                               \
+    ak_iieu::patch_sq_impl<T>(x_pre, q_part, g, chunk, splits);                                    \
+  }                                                                                                \
+  EMU_REGISTER(iieu_patch_sq_##SUF)                                                                \
+  AK_KERNEL IIEU_BOUNDS void iieu_gap_##SUF(const T* x, float* m, IieuGeom g) { ak_iieu::gap_impl<T>(x, m, g); } \
+  EMU_REGISTER(iieu_gap_##SUF)                                                                     \
+  AK_KERNEL IIEU_BOUNDS void iieu_fwd_##SUF(const T* x, const float* lin, const float* r_w, const float* r_x, \
+                                  const float* nu, const float* eta, T* y, IieuGeom g) {           \
+    ak_iieu::fwd_impl<T>(x, lin, r_w, r_x, nu, eta, y, g);                                         \
+  }                                                                                                \
+  EMU_REGISTER(iieu_fwd_##SUF)                                                                     \
+  AK_KERNEL void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin, const float* r_w, \
+                                       const float* r_x, const float* nu, const float* eta,        \
+                                       float* part, IieuGeom g) {                                  \
+    ak_iieu::bwd_sums_impl<T>(dy, x, lin, r_w, r_x, nu, eta, part, g);                             \
+  }                                                                                                \
+  EMU_REGISTER(iieu_bwd_sums_##SUF)                                                                \
+  AK_KERNEL IIEU_BOUNDS void iieu_bwd_params_##SUF(const T* w, const float* part, const float* dz,           \
+                                         const float* m_hat, const float* r_w, const float* w_norm, \
+                                         float* d_gamma, float* d_beta, float* d_eta, T* dw,       \
+                                         IieuGeom g) {                                             \
+    ak_iieu::bwd_params_impl<T>(w, part, dz, m_hat, r_w, w_norm, d_gamma, d_beta, d_eta, dw, g);   \
+  }                                                                                                \
+  EMU_REGISTER(iieu_bwd_params_##SUF)                                                              \
+  AK_KERNEL IIEU_BOUNDS void iieu_bwd_dx_##SUF(const T* dy, const T* x, const float* lin, const float* r_w,  \
+                                     const float* r_x, const float* x_norm, const float* nu,       \
+                                     const float* eta, const float* dm, T* dx, float* coef_part,   \
+                                     IieuGeom g, int chunk, int splits) {                          \
+    ak_iieu::bwd_dx_impl<T>(dy, x, lin, r_w, r_x, x_norm, nu, eta, dm, dx, coef_part, g, chunk,    \
+                            splits);                                                               \
+  }                                                                                                \
+  EMU_REGISTER(iieu_bwd_dx_##SUF)                                                                  \
+  AK_KERNEL void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre, IieuGeom g,  \
+                                        int chunk, int splits) {                                   \
+    ak_iieu::bwd_dxpre_impl<T>(x_pre, coef, dx_pre, g, chunk, splits);                             \
+  }                                                                                                \
   EMU_REGISTER(iieu_bwd_dxpre_##SUF)
 
 IIEU_KERNELS(f32, float)
 IIEU_KERNELS(f16, __half)
 IIEU_KERNELS(bf16, __nv_bfloat16)
+
+#undef IIEU_KERNELS
+#undef IIEU_BOUNDS
+#undef IIEU_THREADS

@@ -407,6 +407,26 @@ fn combined_groups_stride_dilation_asymmetric() {
     );
 }
 
+/// The chunked kernels with ragged chunks (src/cuda/iieu.rs `Split`, kernels/iieu.cu
+/// FWD_CH / SUMS_CH): 26 channels per group split into chunks of 9, 9, 8 (`patch_sq`,
+/// `bwd_dx`, `bwd_dxpre`, partials summed by `sum_chunks` / `coef_reduce`), 8, 8, 8, 2
+/// (`fwd`) and 4 × 6, 2 (`bwd_sums`); with 2 groups (per-group patch norms), 17
+/// channels per group in chunks of 9, 8, of 8, 8, 1 and of 4 × 4, 1. Planes of 16 pixels take every vector path (f32,
+/// f16, bf16), planes of 30 the scalar ones.
+#[test]
+fn channel_split_ragged_chunks() {
+    all(
+        Conv2dGeometry::new(2, 26, 4, 4, 26, 3, 3).with_padding(1, 1),
+        12,
+    );
+    all(
+        Conv2dGeometry::new(2, 34, 5, 6, 34, 3, 3)
+            .with_padding(1, 1)
+            .with_groups(2),
+        13,
+    );
+}
+
 // ------------------------------------------------------------------------------------
 // Bad input: every validation path returns its Err before any allocation or launch.
 
@@ -562,13 +582,22 @@ fn per_block_threads(per_item: usize) -> usize {
     (per_item.div_ceil(32) * 32).clamp(32, block)
 }
 
-/// Asserts that `fwd` on `x_len` elements with planes of `p` takes its scalar path
-/// (`p` not a multiple of the f32 vector width 4) and grid-strides at least twice: the
-/// `elementwise` launch sizes its grid for 4-wide vectors.
-fn assert_scalar_fwd_strides(x_len: usize, p: usize) {
-    let block = paths::src_const(include_str!("../src/cuda/mod.rs"), "BLOCK");
-    let grid = x_len.div_ceil(block * 4);
-    assert!(p % 4 != 0 && x_len > grid * block, "fwd runs one trip");
+/// Asserts that the elementwise kernels on planes of `p` pixels take their scalar path
+/// (`p` not a multiple of the f32 vector width 4), and that the channel-split kernels
+/// over `per` channels per group split them into chunks (src/cuda/iieu.rs `Split`: a
+/// plane this small is far below the split target, so there are ⌊per/SPLIT_MIN_CHUNK⌋
+/// chunks, at most SPLIT_MAX).
+fn assert_scalar_and_split(p: usize, per: usize) {
+    let src = include_str!("../src/cuda/iieu.rs");
+    let (max, min_chunk) = (
+        paths::src_const(src, "SPLIT_MAX"),
+        paths::src_const(src, "SPLIT_MIN_CHUNK"),
+    );
+    assert!(p % 4 != 0, "planes of {p} pixels take the vector path");
+    assert!(
+        (per / min_chunk).min(max) >= 2,
+        "{per} channels are not split"
+    );
 }
 
 /// Forward + backward once on the device (no standalone norm helpers, no second
@@ -634,17 +663,20 @@ fn path_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, seed: u64) {
 ///   on a 256-thread block: 18 trips (the small cases: ≤ 36 entries, 1 trip);
 /// * `ln_fwd` / `ln_bwd`, the term-B LayerNorm over O = 512 on a 256-thread block:
 ///   2 trips per pass, block_sum over 8 warps (the small cases: O ≤ 6, one warp);
-/// * `fwd`'s grid-stride loop: its grid is sized for 4-wide vectors (⌈25088/1024⌉ = 25
-///   blocks) but H'·W' = 49 is not a multiple of 4, so the scalar loop takes 4 trips;
-/// * `patch_sq`'s channel loop over 512 channels, `bwd_dx`'s gather over 512 output
-///   channels, window sums of 9 taps (f32 sums of 4608 squares within 1e-5).
+/// * the scalar paths of `fwd` (8 channels per thread), `bwd_sums` (4 planes per block)
+///   and of the channel-split kernels (H'·W' = 49 is not a multiple of 4);
+/// * the channel splits: `patch_sq` and `bwd_dxpre` over 512 input channels and
+///   `bwd_dx` over 512 output channels in 64 chunks of 8, the partials summed by
+///   `sum_chunks` (then window sums of 9 taps: f32 sums of 4608 squares within 1e-5) and
+///   `coef_reduce`. (The grid-stride loops past their first trip: the CI run with
+///   `AK_EMU_GRID_CAP=2`.)
 #[test]
 fn path_resnet_late_stage_512_3x3() {
     let geo = Conv2dGeometry::new(1, 512, 7, 7, 512, 3, 3).with_padding(1, 1);
     let w_per: usize = 512 * 9;
     assert!(w_per.div_ceil(per_block_threads(w_per)) >= 2);
     assert!(512usize.div_ceil(per_block_threads(512)) >= 2);
-    assert_scalar_fwd_strides(512 * 49, 49);
+    assert_scalar_and_split(49, 512);
     let t = std::time::Instant::now();
     path_case::<f32>(geo, PatchNorm::PerGroup, 600);
     eprintln!(
@@ -655,16 +687,16 @@ fn path_resnet_late_stage_512_3x3() {
 
 /// ResNet-50's last stage, the bottleneck's first 1×1 conv: C = 2048 → O = 512, 7×7,
 /// N = 1 (f32). Reaches `filter_norm` / `bwd_params` over 2048-entry filters (8 trips
-/// of 256 threads), the O = 512 LayerNorm (2 trips), `patch_sq`'s loop over 2048
-/// channels (f32 sums of 2048 squares per pixel within 1e-5), the 4-trip scalar `fwd`
-/// loop as above. (O = 2048 would take the LayerNorm loops to 8 trips, the same code,
+/// of 256 threads), the O = 512 LayerNorm (2 trips), `patch_sq` over 2048 channels in
+/// 64 chunks of 32 (f32 sums of 2048 squares per pixel within 1e-5), the scalar paths
+/// as above. (O = 2048 would take the LayerNorm loops to 8 trips, the same code,
 /// at 4× the emulator time: `filter_norm` and `bwd_params` run O blocks of 256 threads.)
 #[test]
 fn path_resnet50_late_stage_2048_to_512_1x1() {
     let geo = Conv2dGeometry::new(1, 2048, 7, 7, 512, 1, 1);
     assert!(2048usize.div_ceil(per_block_threads(2048)) >= 2);
     assert!(512usize.div_ceil(per_block_threads(512)) >= 2);
-    assert_scalar_fwd_strides(512 * 49, 49);
+    assert_scalar_and_split(49, 2048);
     let t = std::time::Instant::now();
     path_case::<f32>(geo, PatchNorm::PerGroup, 610);
     eprintln!(

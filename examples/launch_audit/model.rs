@@ -300,6 +300,29 @@ pub fn ratio_target(fam: &str) -> bool {
         )
 }
 
+/// IIEU-B's channel split (mirrors `Split::new` and `plane_items` of src/cuda/iieu.rs):
+/// the chunk count for `per` channels per group over `plane` pixels per (n, group),
+/// vector width `16 / b`. A split kernel's grid has `splits · N·G' · plane / V` items.
+pub fn iieu_splits(d: &Dims, per: f64, plane: f64) -> f64 {
+    const TARGET: f64 = 65_536.0;
+    const MAX: f64 = 64.0;
+    const MIN_CHUNK: f64 = 8.0;
+    let v = (16.0 / d.b).round();
+    let items = if plane % v == 0.0 { plane / v } else { plane };
+    let base = d.n * d.gp * items;
+    let want = if base >= TARGET {
+        1.0
+    } else {
+        (TARGET / base.max(1.0))
+            .ceil()
+            .min(MAX)
+            .min((per / MIN_CHUNK).floor())
+            .max(1.0)
+    };
+    let chunk = (per / want).ceil().max(1.0);
+    (per / chunk).ceil().max(1.0)
+}
+
 /// State a case carries from one launch to the next (a second-stage kernel reads what
 /// the first stage wrote: its partials' size and count).
 #[derive(Default)]
@@ -462,9 +485,17 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         }
         // IIEU-B (x: N·O·P elements with O = c, P = s; x_pre: N·C·H·W; G' planes).
         "iieu_filter_norm" => t(b * d.wlen() + 8.0 * c, b * d.wlen() + 8.0 * c),
+        // One f32 partial of q per (n, grp, pixel) and channel chunk.
         "iieu_patch_sq" => {
             let q = 4.0 * n * d.gp * d.hw_in;
-            t(b * d.epre() + q, b * d.epre() + q)
+            let splits = iieu_splits(d, d.cin / d.gp, d.hw_in);
+            t(b * d.epre() + splits * q, b * d.epre() + q)
+        }
+        // (splits > 1 only) q = Σ of patch_sq's chunk partials.
+        "iieu_sum_chunks" => {
+            let q = 4.0 * n * d.gp * d.hw_in;
+            let splits = iieu_splits(d, d.cin / d.gp, d.hw_in);
+            t((splits + 1.0) * q, (splits + 1.0) * q)
         }
         "iieu_patch_window" => {
             let outs = n * d.gp * s;
@@ -475,25 +506,50 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         }
         "iieu_gap" => t(b * e + 4.0 * nc, b * e + 4.0 * nc),
         "iieu_ln_fwd" => t(28.0 * nc + 4.0 * n, 20.0 * nc + 4.0 * n),
-        // r_x is loaded per element (each value by the O/G' channels of its plane, L2).
-        "iieu_fwd" => t((2.0 * b + 4.0) * e, 2.0 * b * e + 4.0 * n * d.gp * s),
-        "iieu_bwd_sums" => t(
-            (2.0 * b + 4.0) * e + 12.0 * nc,
-            2.0 * b * e + 4.0 * n * d.gp * s + 12.0 * nc,
-        ),
+        // r_x is loaded once per pixel and chunk of 8 (fwd: FWD_CH) or 4 (bwd_sums:
+        // SUMS_CH) channels of a group (kernels/iieu.cu).
+        "iieu_fwd" => {
+            let rx = 4.0 * n * d.gp * (c / d.gp / 8.0).ceil() * s;
+            t(2.0 * b * e + rx, 2.0 * b * e + 4.0 * n * d.gp * s)
+        }
+        "iieu_bwd_sums" => {
+            let rx = 4.0 * n * d.gp * (c / d.gp / 4.0).ceil() * s;
+            t(
+                2.0 * b * e + rx + 12.0 * nc,
+                2.0 * b * e + 4.0 * n * d.gp * s + 12.0 * nc,
+            )
+        }
         "iieu_ln_bwd" => t(40.0 * nc, 24.0 * nc),
         "iieu_bwd_params" => {
             let v = 16.0 * nc + 2.0 * b * d.wlen() + 20.0 * c;
             t(v, v)
         }
+        // Per (n, grp, pixel) and output-channel chunk: r_x read, a dr_x partial
+        // written; with one chunk: r_x, ‖P‖ read and coef written, the minimum.
         "iieu_bwd_dx" => {
-            let v = 3.0 * b * e + 12.0 * n * d.gp * s;
-            t(v, v)
+            let rx = n * d.gp * s;
+            let splits = iieu_splits(d, c / d.gp, s);
+            let v = 3.0 * b * e + 12.0 * rx;
+            if splits > 1.0 {
+                t(3.0 * b * e + 8.0 * splits * rx, v)
+            } else {
+                t(v, v)
+            }
         }
-        "iieu_bwd_dxpre" => t(
-            2.0 * b * d.epre() + 4.0 * d.taps * n * d.gp * d.hw_in,
-            2.0 * b * d.epre() + 4.0 * n * d.gp * s,
-        ),
+        // (splits > 1 only) The partials, r_x and ‖P‖ read, coef written.
+        "iieu_coef_reduce" => {
+            let rx = n * d.gp * s;
+            let splits = iieu_splits(d, c / d.gp, s);
+            t(4.0 * (splits + 3.0) * rx, 16.0 * rx)
+        }
+        // Per (n, grp, pixel) and input-channel chunk: the ≤ KH·KW-tap coef gather.
+        "iieu_bwd_dxpre" => {
+            let splits = iieu_splits(d, d.cin / d.gp, d.hw_in);
+            t(
+                2.0 * b * d.epre() + 4.0 * d.taps * splits * n * d.gp * d.hw_in,
+                2.0 * b * d.epre() + 4.0 * n * d.gp * s,
+            )
+        }
         // IIEU-DC (x, res: N·C·S; hidden Hd; len floats per partial row).
         "iieu_dc_gap" => t(2.0 * b * e + 8.0 * nc, 2.0 * b * e + 8.0 * nc),
         "iieu_dc_mix" | "iieu_dc_dots" => t(3.0 * b * e + 8.0 * nc, 3.0 * b * e + 8.0 * nc),

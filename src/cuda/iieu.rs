@@ -17,12 +17,15 @@
 //! geometry [`crate::Conv2dGeometry::validate`] accepts are supported, with one extra
 //! limit: every dimension, `H + 2·pad_h`, `W + 2·pad_w`, the dilated kernel extents,
 //! `H·W`, `H'·W'` and `C/g·KH·KW` must fit in `i32` (the kernels' per-axis index type;
-//! flat tensor offsets are 64-bit). Violations are [`Error::Shape`].
+//! flat tensor offsets are 64-bit), and so must the kernels' work-item counts —
+//! `N·G'·H·W` and `N·G'·H'·W'` plus 2¹⁹, and `N·G'·⌈O/(8·G')⌉·H'·W'` (flat 32-bit item
+//! indices, no 64-bit division in the kernels). Violations are [`Error::Shape`].
 //!
 //! Every argument is validated on the host before any allocation or launch, with the
 //! same [`Error`] variants as the CPU functions. Results are bitwise deterministic: no
-//! float atomics, every reduction (block reductions, two-stage parameter gradients)
-//! has a fixed order.
+//! float atomics, every reduction (block reductions, two-stage parameter gradients,
+//! the channel-chunk partials of the split kernels) has a fixed order, and the channel
+//! splits depend on the shape and dtype only, never on the device.
 
 use std::sync::Arc;
 
@@ -140,6 +143,70 @@ pub(crate) struct Dims {
     pub(crate) w_len: usize,
     pub(crate) rx_len: usize,
     pub(crate) q_len: usize,
+    /// N·G': the (sample, patch group) pairs.
+    ng: usize,
+    plane_in: usize,
+}
+
+/// Output channels per `iieu_fwd` thread (`FWD_CH` in kernels/iieu.cu): `r_x` is loaded
+/// once per 8 channels, 0.5 B of re-read per f32 element instead of 4 B.
+const FWD_CH: usize = 8;
+/// Planes per `iieu_bwd_sums` block (`SUMS_CH` in kernels/iieu.cu), for the same reason
+/// (4, not 8: its 3 sums per plane live in registers).
+const SUMS_CH: usize = 4;
+/// Channel-split target: a split kernel's channels are cut into chunks until it has
+/// about this many work items (threads): 256 blocks of [`BLOCK`], ≥ 1.9 blocks per SM
+/// on a 132-SM H100, ≥ 3 on an 84-SM A6000. A fixed number, not the device's SM count:
+/// the split, and so the bits of every result, depend on the shape only.
+const SPLIT_TARGET: usize = 1 << 16;
+/// At most this many chunks per group.
+const SPLIT_MAX: usize = 64;
+/// At least this many channels per chunk (below it the per-chunk `r_x` / window re-reads
+/// and partials stop being small next to the channel traffic).
+const SPLIT_MIN_CHUNK: usize = 8;
+
+/// How a channel loop of `per` channels is cut into `splits` chunks of `chunk` channels
+/// (the last one may be shorter; none is empty; with `splits > 1`, `chunk` ≥
+/// [`SPLIT_MIN_CHUNK`]). The split kernels write one f32
+/// partial per work item and chunk: with `splits > 1` the scratch holds
+/// `splits · base · V` floats for `base` pixel vectors of V pixels, less than
+/// `2 · SPLIT_TARGET · 8` floats (4 MiB); with `splits = 1` it is the unsplit output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Split {
+    pub(crate) chunk: i32,
+    pub(crate) splits: i32,
+}
+
+impl Split {
+    /// The split of `per` channels for a grid of `base` work items per chunk.
+    fn new(per: usize, base: usize) -> Self {
+        let want = if base >= SPLIT_TARGET {
+            1
+        } else {
+            SPLIT_TARGET
+                .div_ceil(base.max(1))
+                .min(SPLIT_MAX)
+                .min(per / SPLIT_MIN_CHUNK)
+                .max(1)
+        };
+        let chunk = per.div_ceil(want).max(1);
+        let splits = per.div_ceil(chunk).max(1);
+        // per < 2^31 (validated), so both fit.
+        Self {
+            chunk: chunk as i32,
+            splits: splits as i32,
+        }
+    }
+}
+
+/// Work items per plane of a kernel on planes of `plane` pixels: `plane / V` 128-bit
+/// vectors when `plane` is a multiple of the vector width `V`, else one pixel each.
+fn plane_items(plane: usize, v: usize) -> usize {
+    if plane % v == 0 {
+        plane / v
+    } else {
+        plane
+    }
 }
 
 fn fits_i32(what: &'static str, v: Option<usize>) -> Result<i32> {
@@ -153,6 +220,33 @@ fn fits_i32(what: &'static str, v: Option<usize>) -> Result<i32> {
 }
 
 impl Dims {
+    /// Channel split of `iieu_patch_sq` and `iieu_bwd_dxpre` (over the C/G' input
+    /// channels of a group) for vector width `v`.
+    pub(crate) fn in_split(&self, v: usize) -> Split {
+        Split::new(
+            self.g.c_per as usize,
+            self.ng * plane_items(self.plane_in, v),
+        )
+    }
+
+    /// Channel split of `iieu_bwd_dx` (over the O/G' output channels of a group).
+    pub(crate) fn out_split(&self, v: usize) -> Split {
+        Split::new(
+            self.g.o_per as usize,
+            self.ng * plane_items(self.plane_out, v),
+        )
+    }
+
+    /// Work items of `iieu_fwd`: pixel vectors × chunks of [`FWD_CH`] channels.
+    fn fwd_items(&self, v: usize) -> usize {
+        self.ng * (self.g.o_per as usize).div_ceil(FWD_CH) * plane_items(self.plane_out, v)
+    }
+
+    /// Blocks of `iieu_bwd_sums`: chunks of [`SUMS_CH`] planes of one (n, group).
+    fn sums_rows(&self) -> usize {
+        self.ng * (self.g.o_per as usize).div_ceil(SUMS_CH)
+    }
+
     pub(crate) fn new(cfg: &IieuConfig) -> Result<Self> {
         let (oh, ow) = cfg.validate()?;
         let geo = &cfg.geometry;
@@ -213,6 +307,20 @@ impl Dims {
         // Every length below is bounded by a tensor size validate() proved finite.
         let plane_out = oh * ow;
         let plane_in = geo.h * geo.w;
+        let ng = geo.n * gp;
+        // The kernels' flat 32-bit work-item indices (kernels/iieu.cu): every item count
+        // fits in i32 at its scalar path's (largest) value. A split kernel has
+        // N·G'·plane items unsplit; split (only when N·G'·plane/V < SPLIT_TARGET), at
+        // most SPLIT_TARGET·V + N·G'·plane with V ≤ 8.
+        let split_slack = SPLIT_TARGET * 8;
+        let with_slack = |v: usize| ng.checked_mul(v).and_then(|v| v.checked_add(split_slack));
+        fits_i32("input work items N·G'·H·W", with_slack(plane_in))?;
+        fits_i32("output work items N·G'·H'·W'", with_slack(plane_out))?;
+        fits_i32(
+            "output work items N·G'·⌈O/(8·G')⌉·H'·W'",
+            ng.checked_mul((geo.c_out / gp).div_ceil(FWD_CH))
+                .and_then(|v| v.checked_mul(plane_out)),
+        )?;
         Ok(Self {
             g,
             n: geo.n,
@@ -223,6 +331,8 @@ impl Dims {
             w_len: geo.c_out * geo.cin_per_group() * geo.kh * geo.kw,
             rx_len: geo.n * gp * plane_out,
             q_len: geo.n * gp * plane_in,
+            ng,
+            plane_in,
         })
     }
 }
@@ -307,7 +417,12 @@ pub(crate) fn launch_filter_norm<T: DType>(
     Ok((r_w, w_norm))
 }
 
-/// `(r_x, ‖P‖)`: q = Σ_c x_pre² per patch plane, then the window sum.
+/// `(r_x, ‖P‖)`: per-chunk partials of q = Σ_c x_pre² per patch plane (channel-split
+/// grid, [`Dims::in_split`]), their fixed-order sum q (only with several chunks), then the
+/// window sum of q.
+///
+/// Scratch: `splits · N·G'·H·W` f32 partials — `q` itself when `splits = 1`, else less
+/// than 2²⁰ floats (4 MiB; see [`Split`]) plus q, freed when this returns.
 pub(crate) fn launch_patch_norm<T: DType>(
     stream: &Arc<CudaStream>,
     d: &Dims,
@@ -315,13 +430,39 @@ pub(crate) fn launch_patch_norm<T: DType>(
 ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
     let f_sq = kernel_fn!(stream, "iieu_patch_sq", T)?;
     let f_win = kernel_fn!(stream, "iieu_patch_window")?;
-    let mut q = scratch::<f32>(stream, d.q_len)?;
+    let v = vec_width::<T>();
+    let sp = d.in_split(v);
+    let mut q_part = scratch::<f32>(stream, sp.splits as usize * d.q_len)?;
     let xv = x_pre.view();
     let mut b = launcher(stream, &f_sq);
-    b.arg(&xv).arg(&mut q).arg(&d.g);
-    // SAFETY: threads cover e < N·G'·H·W (= q.len(), every element written); they read
-    // x_pre[(t·c_per + c)·HW + pix] < N·C·H·W = x_pre.len() (validated).
-    unsafe { b.launch(elementwise(d.q_len, vec_width::<T>())) }?;
+    b.arg(&xv)
+        .arg(&mut q_part)
+        .arg(&d.g)
+        .arg(&sp.chunk)
+        .arg(&sp.splits);
+    // SAFETY: items (t = n·G' + grp, s, pixel vector) cover every (s, t, pixel): each
+    // writes q_part[s·N·G'·HW + t·HW + pix] (every element of the splits·N·G'·HW
+    // written) and reads x_pre[(t·c_per + c)·HW + pix] for c < c_per, < N·C·H·W =
+    // x_pre.len() (validated); item counts fit i32 (Dims::new).
+    unsafe {
+        b.launch(elementwise(
+            sp.splits as usize * d.ng * plane_items(d.plane_in, v),
+            1,
+        ))
+    }?;
+    let q = if sp.splits == 1 {
+        q_part
+    } else {
+        let f = kernel_fn!(stream, "iieu_sum_chunks")?;
+        let mut q = scratch::<f32>(stream, d.q_len)?;
+        let len = to_i32("patch planes N·G'·H·W", d.q_len)?;
+        let mut b = launcher(stream, &f);
+        b.arg(&q_part).arg(&mut q).arg(&len).arg(&sp.splits);
+        // SAFETY: threads cover e < len = N·G'·HW = q.len() (every element written) and
+        // read q_part[s·len + e] for s < splits (length splits·len).
+        unsafe { b.launch(elementwise(d.q_len, 1)) }?;
+        q
+    };
     let mut r_x = scratch::<f32>(stream, d.rx_len)?;
     let mut x_norm = scratch::<f32>(stream, d.rx_len)?;
     let mut b = launcher(stream, &f_win);
@@ -380,8 +521,10 @@ pub fn patch_inv_norm<T: DType>(
 /// `x`: `(N, O, H', W')`, `x_pre`: `(N, C, H, W)`, `w`: `(O, C/g, KH, KW)`, all `T`;
 /// `params`: f32 `(O,)` each. Returns `y` (`T`, `(N, O, H', W')`) and the f32 state
 /// [`backward`] needs ([`IieuDeviceSaved`]: `r_w`, `‖W‖`, `r_x`, `‖P‖`, `ν`, `m̂`,
-/// `rstd`). Six launches: filter norms, patch squares, patch window sums, GAP,
-/// LayerNorm + sigmoid, and the elementwise adjuster (128-bit when `H'·W'` allows).
+/// `rstd`). Six or seven launches: filter norms, patch squares (per-chunk partials over a
+/// channel-split grid, then their sum when split), patch window sums, GAP, LayerNorm +
+/// sigmoid, and the adjuster
+/// (one thread per pixel vector and 8 channels, 128-bit when `H'·W'` allows).
 ///
 /// Errors: invalid geometry; any buffer or parameter of the wrong length
 /// ([`Error::LengthMismatch`]); driver errors.
@@ -531,9 +674,11 @@ pub(crate) fn finish_forward<T: DType>(
         .arg(&params.eta)
         .arg(&mut y)
         .arg(&d.g);
-    // SAFETY: threads cover e < N·O·P = x.len() = y.len() (every y written); lin (if
-    // any) at 4·o + 3 < 4·O; r_x is read at (n·G' + o/o_per)·P + p < N·G'·P, r_w/eta at o < O, nu at n·O + o < N·O.
-    unsafe { b.launch(elementwise(d.x_len, vec_width::<T>())) }?;
+    // SAFETY: items (n·G' + grp, chunk of FWD_CH channels, pixel vector) cover every
+    // (n, o, pixel) once: e < N·O·P = x.len() = y.len() (every y written); lin (if any)
+    // at 4·o + 3 < 4·O; r_x is read at (n·G' + grp)·P + p < N·G'·P, r_w/eta at o < O,
+    // nu at n·O + o < N·O; the item count fits i32 (Dims::new).
+    unsafe { b.launch(elementwise(d.fwd_items(vec_width::<T>()), 1)) }?;
 
     Ok((
         y,
@@ -563,8 +708,11 @@ pub(crate) fn finish_forward<T: DType>(
 /// `ρ̂` is recomputed from the saved f32 `r_w`, `r_x`, `ν` by the same expression as in
 /// [`forward`], so every element takes the forward's branch. Parameter gradients are
 /// two-stage (per-(n,o) partials, then a fixed-order reduction over `n` per channel).
-/// Five launches: per-plane sums, LayerNorm backward, parameter gradients + `dW`,
-/// `dx` + patch coefficients, `dx_pre`.
+/// Five or six launches: per-plane sums (4 planes per block), LayerNorm backward, parameter
+/// gradients + `dW`, `dx` + per-chunk partials of `dr_x` (channel-split grid), their
+/// fixed-order sum into the patch coefficients (only when the split has several chunks;
+/// else `dx`'s kernel writes them), `dx_pre` (channel-split grid). The split scratch is
+/// bounded (< 4 MiB) and freed before return.
 ///
 /// Errors: as [`forward`], plus a wrong `dy` length ([`Error::LengthMismatch`]) and a
 /// `saved` from a different config ([`Error::Shape`]).
@@ -624,10 +772,16 @@ pub(crate) fn backward_core<T: DType>(
         .arg(&params.eta)
         .arg(&mut part)
         .arg(&d.g);
-    // SAFETY: blocks grid-stride over planes no < N·O, reading dy/x[no·P .. (no+1)·P)
+    // A power-of-two block (32..=256 threads): at the kernel's 64–80 registers an SM holds
+    // 24–32 warps, which 1, 2, 4 or 8-warp blocks fill evenly (7-warp blocks of a 784-pixel
+    // plane left an H100 at 44 % occupancy and 1.9 waves at N = 32, O = 128).
+    let mut cfg = per_block(d.sums_rows(), d.plane_out / vec_width::<T>());
+    cfg.block_dim.0 = cfg.block_dim.0.next_power_of_two().min(BLOCK);
+    // SAFETY: blocks grid-stride over rows (n·G' + grp, chunk of SUMS_CH planes), each
+    // plane no = n·O + o < N·O in exactly one row, reading dy/x[no·P .. (no+1)·P)
     // (lengths N·O·P validated), r_x[(n·G'+grp)·P + p] (saved length N·G'·P checked),
     // r_w/eta at o < O, nu at no; writing part[3·no .. 3·no+3) (length 3·N·O).
-    unsafe { b.launch(per_block(no, d.plane_out / vec_width::<T>())) }?;
+    unsafe { b.launch(cfg) }?;
 
     // term-B backward per sample.
     let mut dz = scratch::<f32>(stream, no)?;
@@ -669,9 +823,13 @@ pub(crate) fn backward_core<T: DType>(
     // d_*[o] (length O) and all of dw[o·w_per .. (o+1)·w_per) (length O·w_per).
     unsafe { b.launch(per_block(d.o, d.n.max(d.g.w_per as usize))) }?;
 
-    // dx and the patch-norm coefficients.
+    // dx and the per-chunk partials of dr_x (channel-split grid), or with one chunk the
+    // patch coefficients themselves. Scratch: splits·N·G'·P f32 partials (< 2²⁰ floats
+    // when splits > 1, see Split), freed at return.
+    let v = vec_width::<T>();
+    let sp = d.out_split(v);
     let mut dx = scratch::<T>(stream, d.x_len)?;
-    let mut coef = scratch::<f32>(stream, d.rx_len)?;
+    let mut coef_part = scratch::<f32>(stream, sp.splits as usize * d.rx_len)?;
     let f = kernel_fn!(stream, "iieu_bwd_dx", T)?;
     let mut b = launcher(stream, &f);
     b.arg(&dyv)
@@ -684,22 +842,63 @@ pub(crate) fn backward_core<T: DType>(
         .arg(&params.eta)
         .arg(&dm)
         .arg(&mut dx)
-        .arg(&mut coef)
-        .arg(&d.g);
-    // SAFETY: threads cover e = (n·G' + grp)·P + p < N·G'·P (r_x, x_norm, coef — every
-    // coef written); for each o in the group's O/G' channels they read/write
-    // (n·O + o)·P + p < N·O·P (dy, x, dx — together every dx element) and o < O, n·O + o.
-    unsafe { b.launch(elementwise(d.rx_len, vec_width::<T>())) }?;
+        .arg(&mut coef_part)
+        .arg(&d.g)
+        .arg(&sp.chunk)
+        .arg(&sp.splits);
+    // SAFETY: items (t = n·G' + grp, s, pixel vector) cover every (s, t, pixel): each
+    // reads r_x[t·P + p] (and x_norm there if splits = 1) < N·G'·P and writes coef_part[s·N·G'·P + t·P + p] (every
+    // partial written); for each o of chunk s of the group's O/G' channels it reads/
+    // writes (n·O + o)·P + p < N·O·P (dy, x, dx — together every dx element) and reads
+    // o < O, n·O + o; the item count fits i32 (Dims::new).
+    unsafe {
+        b.launch(elementwise(
+            sp.splits as usize * d.ng * plane_items(d.plane_out, v),
+            1,
+        ))
+    }?;
 
-    // dx_pre: gather over windows.
+    // The patch-norm coefficients: Σ of the partials times −r_x²/‖P‖ (with one chunk,
+    // bwd_dx wrote them).
+    let coef = if sp.splits == 1 {
+        coef_part
+    } else {
+        let mut coef = scratch::<f32>(stream, d.rx_len)?;
+        let f = kernel_fn!(stream, "iieu_coef_reduce")?;
+        let mut b = launcher(stream, &f);
+        b.arg(&coef_part)
+            .arg(&s.r_x)
+            .arg(&s.x_norm)
+            .arg(&mut coef)
+            .arg(&d.g)
+            .arg(&sp.splits);
+        // SAFETY: threads cover e < N·G'·P (r_x, x_norm, coef — every coef written) and
+        // read coef_part[s·N·G'·P + e] for s < splits (length splits·N·G'·P).
+        unsafe { b.launch(elementwise(d.rx_len, 1)) }?;
+        coef
+    };
+
+    // dx_pre: gather over windows, channel-split grid.
+    let sp = d.in_split(v);
     let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
     let f = kernel_fn!(stream, "iieu_bwd_dxpre", T)?;
     let mut b = launcher(stream, &f);
-    b.arg(&xpv).arg(&coef).arg(&mut dx_pre).arg(&d.g);
-    // SAFETY: threads cover e = (n·G' + grp)·HW + pix < N·G'·HW; for each of the C/G'
-    // channels they read/write (t·c_per + c)·HW + pix < N·C·HW (x_pre, dx_pre — every
-    // element written); coef is read at t·P + ho·W' + wo with ho < H', wo < W' checked.
-    unsafe { b.launch(elementwise(d.q_len, vec_width::<T>())) }?;
+    b.arg(&xpv)
+        .arg(&coef)
+        .arg(&mut dx_pre)
+        .arg(&d.g)
+        .arg(&sp.chunk)
+        .arg(&sp.splits);
+    // SAFETY: items (t = n·G' + grp, s, pixel vector) cover every (t, s, pixel); for each
+    // channel c of chunk s they read/write (t·c_per + c)·HW + pix < N·C·HW (x_pre,
+    // dx_pre — every element written); coef is read at t·P + ho·W' + wo with ho < H',
+    // wo < W' checked; the item count fits i32 (Dims::new).
+    unsafe {
+        b.launch(elementwise(
+            sp.splits as usize * d.ng * plane_items(d.plane_in, v),
+            1,
+        ))
+    }?;
 
     Ok(IieuDeviceGrads {
         dx,
@@ -729,6 +928,34 @@ mod tests {
         assert_eq!((d.g.gp, d.g.c_per, d.g.o_per), (1, 4, 6));
         assert_eq!((d.g.dh, d.g.dw, d.g.mode), (1, 1, 1));
         assert_eq!((d.rx_len, d.q_len), (2 * d.plane_out, 2 * 35));
+    }
+
+    #[test]
+    fn kernel_chunk_constants_match() {
+        let cu = include_str!("../../kernels/iieu.cu");
+        assert!(cu.contains(&format!("constexpr int FWD_CH = {FWD_CH};")));
+        assert!(cu.contains(&format!("constexpr int SUMS_CH = {SUMS_CH};")));
+        assert!(cu.contains(&format!("#define IIEU_THREADS {BLOCK}")));
+    }
+
+    #[test]
+    fn splits_cover_every_channel_and_bound_the_scratch() {
+        for per in [1, 2, 7, 8, 9, 20, 64, 512, 2048] {
+            for base in [1, 49, 1568, 25_088, 65_535, 65_536, 1 << 20] {
+                let s = Split::new(per, base);
+                let (chunk, splits) = (s.chunk as usize, s.splits as usize);
+                assert!(chunk >= 1 && (1..=SPLIT_MAX).contains(&splits));
+                // Every chunk non-empty, together exactly `per` channels.
+                assert!((splits - 1) * chunk < per && splits * chunk >= per);
+                if splits > 1 {
+                    assert!(chunk >= SPLIT_MIN_CHUNK && base < SPLIT_TARGET);
+                    assert!(splits * base < 2 * SPLIT_TARGET);
+                }
+            }
+        }
+        // ResNet-50's last stage at N = 32 (7×7, C = 2048): ≥ 256 blocks of 256.
+        let s = Split::new(2048, 32 * 49);
+        assert!(s.splits as usize * 32 * 49 >= 256 * BLOCK as usize);
     }
 
     #[test]

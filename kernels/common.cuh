@@ -53,6 +53,11 @@ typedef unsigned long uintptr_t;
 //    (ptxas may then use up to 64 K / B registers per thread, and the driver refuses a
 //    larger block), the emulated device records and enforces the same B. Use one named
 //    constant for B in both places. B must be the largest block the launcher uses.
+//  * Equivalently, a family may write `__launch_bounds__(B)` itself and set
+//    AK_LAUNCH_BOUND to B around those kernels' EMU_REGISTERs (#pragma push_macro /
+//    pop_macro, as iieu_dc.cu and iieu_conv.cu do). Either way the bound the emulated
+//    device records must be the one nvcc compiled: the launch audit's `bound` target
+//    reads it.
 // History: a blanket __launch_bounds__(256) capped some kernels at 80 registers and
 // 18 kernel/arch pairs spilled; (256, 1) raised registers on 159 of 280 sm_86/sm_90
 // pairs. Bounds are therefore set per kernel, each checked in the ptxas table.

@@ -550,7 +550,7 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 //   acon_{a,b,c}_bwd_nlc_*    plus f32 partials: 3 floats per NCHW tile (a
 //                             tile is one plane, or a 1024·W-element chunk of a
 //                             large plane), 3·C floats per NLC tile of R rows
-//                             (R ≥ 32 when L ≥ 32; host nlc_geometry) —
+//                             (R ≥ 32 when L ≥ 32; host nlc_tiling) —
 //                             ≈ 3/R floats per element.
 // * acon_gap_nchw_*, acon_gap_nlc_* : read x (b) = minimum; tiny partials.
 // * acon_gap_add_*          : read dx (b) + write dx (b): the backward of GAP
@@ -558,86 +558,86 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // =============================================================================
 
 // Forward: y = d·σ(β·d) + p2·x (flat, both layouts; nlc = 1 for (N, L, C)).
-#define ACON_FWD(dt, T)                                                                                             \
+#define ACON_FWD(dt, T)                                                                                                   \
   AK_KERNEL_BOUND(ACON_BLOCK) void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
-                                             int kind, long long n, long long c, long long s, int nlc) {            \
-    ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                       \
-  }                                                                                                                 \
-  EMU_REGISTER_BOUND(acon_c_fwd_##dt, ACON_BLOCK)                                                                                     \
+                                             int kind, long long n, long long c, long long s, int nlc) {                  \
+    ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                             \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_c_fwd_##dt, ACON_BLOCK)                                                                         \
   AK_KERNEL_BOUND(ACON_BLOCK) void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
-                                             long long n, long long c, long long s, int nlc) {                      \
-    ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                   \
-  }                                                                                                                 \
+                                             long long n, long long c, long long s, int nlc) {                            \
+    ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                         \
+  }                                                                                                                       \
   EMU_REGISTER_BOUND(acon_b_fwd_##dt, ACON_BLOCK)
 // ACON-A forward: (256, 5), see "Launch bounds" above.
-#define ACON_A_FWD(dt, T)                                                                                           \
-  AK_KERNEL_BOUND(ACON_BOUNDS(5)) void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n,            \
-                                             long long c, long long s, int nlc) {                                   \
-    ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                             \
-  }                                                                                                                 \
+#define ACON_A_FWD(dt, T)                                                                                          \
+  AK_KERNEL_BOUND(ACON_BOUNDS(5)) void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n, \
+                                             long long c, long long s, int nlc) {                                  \
+    ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                            \
+  }                                                                                                                \
   EMU_REGISTER_BOUND(acon_a_fwd_##dt, ACON_BLOCK)
 
 // Backward, NCHW: dx plus per-tile partials part[tile·3 + q] of
 // (dy·x·∂y/∂d, dy·x·(1 − ∂y/∂d), dy·∂y/∂β).
-#define ACON_BWD_NCHW(dt, T)                                                                                        \
+#define ACON_BWD_NCHW(dt, T)                                                                                              \
   AK_KERNEL_BOUND(ACON_BLOCK) void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
-                                                  const float* beta, int kind, long long n, long long c,            \
-                                                  long long s, long long tpp, long long tile_elems, float* part) {  \
-    ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);           \
-  }                                                                                                                 \
-  EMU_REGISTER_BOUND(acon_c_bwd_nchw_##dt, ACON_BLOCK)                                                                                \
+                                                  const float* beta, int kind, long long n, long long c,                  \
+                                                  long long s, long long tpp, long long tile_elems, float* part) {        \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);                 \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_c_bwd_nchw_##dt, ACON_BLOCK)                                                                    \
   AK_KERNEL_BOUND(ACON_BLOCK) void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
-                                                  const float* beta, int kind, long long n, long long c,            \
-                                                  long long s, long long tpp, long long tile_elems, float* part) {  \
-    ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);       \
-  }                                                                                                                 \
-  EMU_REGISTER_BOUND(acon_b_bwd_nchw_##dt, ACON_BLOCK)                                                                                \
+                                                  const float* beta, int kind, long long n, long long c,                  \
+                                                  long long s, long long tpp, long long tile_elems, float* part) {        \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);             \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_b_bwd_nchw_##dt, ACON_BLOCK)                                                                    \
   AK_KERNEL_BOUND(ACON_BLOCK) void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
-                                                  long long n, long long c, long long s, long long tpp,             \
-                                                  long long tile_elems, float* part) {                              \
-    ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part); \
-  }                                                                                                                 \
+                                                  long long n, long long c, long long s, long long tpp,                   \
+                                                  long long tile_elems, float* part) {                                    \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part);       \
+  }                                                                                                                       \
   EMU_REGISTER_BOUND(acon_a_bwd_nchw_##dt, ACON_BLOCK)
 
 // Backward, (N, L, C): dx plus per-tile C-length partials
 // part[((n·tps + k)·3 + q)·C + ch]; dynamic shared memory blockDim.x·3·W floats.
-#define ACON_BWD_NLC(dt, T)                                                                                        \
+#define ACON_BWD_NLC(dt, T)                                                                                                                        \
   AK_KERNEL_BOUND(ACON_BOUNDS(ACON_NLC_BWD_MIN_BLOCKS)) void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
-                                                 const float* beta, int kind, long long n, long long l,            \
-                                                 long long c, int cc, long long rows, float* part) {               \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, cc, rows, part);                      \
-  }                                                                                                                \
-  EMU_REGISTER_BOUND(acon_c_bwd_nlc_##dt, ACON_BLOCK)                                                                                \
+                                                 const float* beta, int kind, long long n, long long l,                                            \
+                                                 long long c, int cc, long long rows, float* part) {                                               \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, cc, rows, part);                                                  \
+  }                                                                                                                                                \
+  EMU_REGISTER_BOUND(acon_c_bwd_nlc_##dt, ACON_BLOCK)                                                                                              \
   AK_KERNEL_BOUND(ACON_BOUNDS(ACON_NLC_BWD_MIN_BLOCKS)) void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
-                                                 const float* beta, int kind, long long n, long long l,            \
-                                                 long long c, int cc, long long rows, float* part) {               \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, cc, rows, part);                  \
-  }                                                                                                                \
-  EMU_REGISTER_BOUND(acon_b_bwd_nlc_##dt, ACON_BLOCK)                                                                                \
+                                                 const float* beta, int kind, long long n, long long l,                                            \
+                                                 long long c, int cc, long long rows, float* part) {                                               \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, cc, rows, part);                                              \
+  }                                                                                                                                                \
+  EMU_REGISTER_BOUND(acon_b_bwd_nlc_##dt, ACON_BLOCK)                                                                                              \
   AK_KERNEL_BOUND(ACON_BOUNDS(ACON_NLC_BWD_MIN_BLOCKS)) void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
-                                                 long long n, long long l, long long c, int cc, long long rows,    \
-                                                 float* part) {                                                    \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, cc, rows, part);            \
-  }                                                                                                                \
+                                                 long long n, long long l, long long c, int cc, long long rows,                                    \
+                                                 float* part) {                                                                                    \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, cc, rows, part);                                        \
+  }                                                                                                                                                \
   EMU_REGISTER_BOUND(acon_a_bwd_nlc_##dt, ACON_BLOCK)
 
 // GAP partial sums (meta-ACON generators) and the in-place GAP backward.
-#define ACON_GAP(dt, T)                                                                                           \
-  AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
-                                                long long tile_elems, float* part) {                              \
-    ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                \
-  }                                                                                                               \
-  EMU_REGISTER_BOUND(acon_gap_nchw_##dt, ACON_BLOCK)                                                                                \
+#define ACON_GAP(dt, T)                                                                                                         \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp,         \
+                                                long long tile_elems, float* part) {                                            \
+    ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                              \
+  }                                                                                                                             \
+  EMU_REGISTER_BOUND(acon_gap_nchw_##dt, ACON_BLOCK)                                                                            \
   AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, int cc, long long rows, \
-                                               float* part) {                                                     \
-    ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, cc, rows, ak_acon::GapOp{}, part);                        \
-  }                                                                                                               \
-  EMU_REGISTER_BOUND(acon_gap_nlc_##dt, ACON_BLOCK)                                                                                 \
-  AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
-                                               long long c, long long s, int nlc) {                               \
-    ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                \
-    ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                           \
-  }                                                                                                               \
+                                               float* part) {                                                                   \
+    ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, cc, rows, ak_acon::GapOp{}, part);                                      \
+  }                                                                                                                             \
+  EMU_REGISTER_BOUND(acon_gap_nlc_##dt, ACON_BLOCK)                                                                             \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,          \
+                                               long long c, long long s, int nlc) {                                             \
+    ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                              \
+    ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                                         \
+  }                                                                                                                             \
   EMU_REGISTER_BOUND(acon_gap_add_##dt, ACON_BLOCK)
 
 #define ACON_ALL(dt, T) \

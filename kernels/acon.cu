@@ -530,10 +530,16 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 //   registers, no spill on sm_75..sm_90 (uncapped: 64-88; with 4 blocks, i.e. 64
 //   registers, sm_75/sm_86 spill 8-28 bytes);
 // * kernels where a plain (256) raised ptxas's count (it may then use up to 255),
-//   with m chosen so the cap is at least their unbounded count on every arch:
-//   acon_a_fwd_* 5 (48; unbounded 40-48), acon_reduce_params and acon_gen_wgrad 6
-//   (40; unbounded 32-40), acon_reduce_tiles 8 (32; unbounded 24-32),
-//   acon_layer_gen_fwd 8 (32; unbounded 13-14).
+//   with m chosen so the cap is at least their unbounded count on every arch. ptxas
+//   lowers m to what the arch can hold (sm_75: 1024 threads per SM, 4 blocks of 256;
+//   sm_86/89: 1536, 6; sm_80/90: 2048, 8), so one m gives a per-arch cap:
+//   acon_a_fwd_* 5 (cap 64 / 48; unbounded 47-54 on sm_75..89, 40-48 on sm_90;
+//   f32 on sm_90 6, cap 40: with 5 it took 48 instead of 40), acon_reduce_params 6
+//   (64 / 40 / 40; unbounded 64 / 39-48 / 40), acon_gen_wgrad 8 (64 / 40 on sm_86/89
+//   / 32 on sm_80/90; unbounded 64 / 40 / 32), acon_layer_gen_fwd 8 (unbounded
+//   13-14), acon_reduce_tiles 8 (unbounded 48 / 30-32 / 24 on sm_90: no m pins
+//   sm_86/89 below 40 or sm_90 below 32, and ptxas takes 38 / 29 there; the resident
+//   blocks are unchanged, 6 and 8 per SM, limited by threads, not registers).
 // The others take ACON_BLOCK alone (acon_gap_add_f32 and acon_b_bwd_nchw_f32 gain
 // one register on sm_86 with it, within the same 8-register allocation unit).
 #define ACON_BLOCK 256
@@ -541,6 +547,14 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // The pair (threads, min blocks) as AK_KERNEL_BOUND's one argument (nvcc's and the
 // emulator's __launch_bounds__ take variadic arguments).
 #define ACON_BOUNDS(min_blocks) ACON_BLOCK, min_blocks
+// acon_a_fwd_f32: 40 registers on sm_90 unbounded (6 blocks of 256 fit), 48 elsewhere.
+// (__CUDA_ARCH__ is defined in nvcc's / NVRTC's device passes only; the host pass and
+// the emulator do not use the value.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ACON_A_FWD_F32_MIN_BLOCKS 6
+#else
+#define ACON_A_FWD_F32_MIN_BLOCKS 5
+#endif
 
 // =============================================================================
 // Kernels. Bytes per element (storage size b = 4 / 2 / 2) vs the minimum:
@@ -569,9 +583,9 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
     ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                         \
   }                                                                                                                       \
   EMU_REGISTER_BOUND(acon_b_fwd_##dt, ACON_BLOCK)
-// ACON-A forward: (256, 5), see "Launch bounds" above.
-#define ACON_A_FWD(dt, T)                                                                                          \
-  AK_KERNEL_BOUND(ACON_BOUNDS(5)) void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n, \
+// ACON-A forward: (256, 5) (f32 on sm_90: 6), see "Launch bounds" above.
+#define ACON_A_FWD(dt, T, mb)                                                                                         \
+  AK_KERNEL_BOUND(ACON_BOUNDS(mb)) void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n, \
                                              long long c, long long s, int nlc) {                                  \
     ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                            \
   }                                                                                                                \
@@ -650,15 +664,15 @@ ACON_ALL(f32, float)
 ACON_ALL(f16, __half)
 ACON_ALL(bf16, __nv_bfloat16)
 
-ACON_A_FWD(f32, float)
-ACON_A_FWD(f16, __half)
-ACON_A_FWD(bf16, __nv_bfloat16)
+ACON_A_FWD(f32, float, ACON_A_FWD_F32_MIN_BLOCKS)
+ACON_A_FWD(f16, __half, 5)
+ACON_A_FWD(bf16, __nv_bfloat16, 5)
 
 // ---- stage 2 (f32 only) ------------------------------------------------------
 // tot[(q·N + n)·C + c] = scale · Σ_k part(n, c, k, q), k in order. NCHW partials
 // part[((n·C + c)·K + k)·NS + q], NLC part[((n·K + k)·NS + q)·C + c].
-// Reads NS·N·C·K floats, writes NS·N·C. Bound (256, 8): with (256) alone ptxas
-// gave it 26 registers on sm_90 instead of 24.
+// Reads NS·N·C·K floats, writes NS·N·C. Bound (256, 8): see "Launch bounds" (with
+// (256) alone ptxas gave it 26 registers on sm_90 instead of 24).
 AK_KERNEL_BOUND(ACON_BOUNDS(8)) void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
                                              int ns, int nlc, float scale) {
   const long long total = (long long)ns * n * c;
@@ -819,9 +833,10 @@ EMU_REGISTER_BOUND(acon_gen_fc_dg, ACON_BLOCK)
 // Weight gradients, summed over samples in order (stage 2 of the per-sample
 // dz, dh): dW2[c, j] = Σ_n dz[n, c]·h[n, j], db2[c] = Σ_n dz[n, c],
 // dW1[j, c] = Σ_n dh[n, j]·g[n, c], db1[j] = Σ_n dh[n, j] (db1, db2 may be null).
-// Bound (256, 6): with (256) alone ptxas gave it 40 registers on sm_90 instead of
-// 32 (6 resident 256-thread blocks per SM instead of 8).
-AK_KERNEL_BOUND(ACON_BOUNDS(6)) void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
+// Bound (256, 8): with (256) alone ptxas gave it 40 registers on sm_90 instead of
+// 32 (6 resident 256-thread blocks per SM instead of 8); (256, 6) gave 40 on sm_80
+// and sm_90.
+AK_KERNEL_BOUND(ACON_BOUNDS(8)) void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
                                           long long n, long long c, long long wd, float* dw1, float* db1, float* dw2,
                                           float* db2) {
   const long long cw = c * wd, total = 2 * cw + c + wd;
@@ -872,6 +887,7 @@ AK_KERNEL_BOUND(ACON_BLOCK) void acon_layer_gen_bwd(const float* dbeta, const fl
 EMU_REGISTER_BOUND(acon_layer_gen_bwd, ACON_BLOCK)
 
 #undef ACON_BOUNDS
+#undef ACON_A_FWD_F32_MIN_BLOCKS
 #undef ACON_NLC_BWD_MIN_BLOCKS
 #undef ACON_BLOCK
 

@@ -770,21 +770,24 @@ __device__ __forceinline__ float gen_dz(const float* dbeta, const float* beta, l
 }
 
 // Stage 1 of the backward: dz[n, c] = dβ·β(1 − β) (kept for the weight gradients)
-// and dh[n, j] = Σ_c W2[c, j]·dz[n, c]. A block per (sample n, group of 32 outputs
-// j0 + lane; grid.y: the groups). Warp w takes the 32-channel slabs c0 = 32·w,
-// 32·(w + nw), ...: each lane computes dz of one channel of the slab once (coalesced
-// dβ, β), the block with group 0 stores it, and the slab's 32 values are broadcast
-// by shuffles while the lanes read row c of W2 at j0 + lane (coalesced). The warps'
-// sums are combined in fixed order (warp 0 first) through shared memory.
+// and dh[n, j] = Σ_c W2[c, j]·dz[n, c]. A block per (sample n, group of 8 outputs
+// j0..j0+8; grid.y: the groups, so that ViT-B's 64 samples with width 48 make 384
+// blocks). Warp w takes the 32-channel slabs c0 = 32·w, 32·(w + nw), ...: each lane
+// computes dz of one channel of the slab once (coalesced dβ, β; the block of group 0
+// stores it), then lane (sub = lane / 8, jl = lane mod 8) accumulates channels c0 + 4i
+// + sub of the slab, dz broadcast by a shuffle, reading W2[c, j0 + jl]: 4 rows × 8
+// consecutive floats (32-byte sectors) per step. The 4 sub-lanes are added in order,
+// then the warps in order (warp 0 first) through shared memory.
 AK_KERNEL_BOUND(ACON_BLOCK) void acon_gen_fc_dh(const float* dbeta, const float* beta, const float* w2, long long n,
                                                 long long c, long long wd, float* dz, float* dh) {
   AK_EXPECT((blockDim.x & 31) == 0 && blockDim.x <= ACON_BLOCK && blockDim.y == 1 && blockDim.z == 1);
-  SHARED_ARRAY(float, red, ACON_BLOCK);
+  SHARED_ARRAY(float, red, ACON_BLOCK / 4);
   const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const long long groups = (wd + 31) / 32;
+  const unsigned jl = lane & 7, sub = lane >> 3;
+  const long long groups = (wd + 7) / 8;
   for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
     for (long long jg = blockIdx.y; jg < groups; jg += gridDim.y) {
-      const long long j = jg * 32 + lane;
+      const long long j = jg * 8 + jl;
       float acc = 0.0f;
       for (long long c0 = (long long)warp * 32; c0 < c; c0 += (long long)nw * 32) {
         const long long ch = c0 + lane;
@@ -794,16 +797,20 @@ AK_KERNEL_BOUND(ACON_BLOCK) void acon_gen_fc_dh(const float* dbeta, const float*
           if (jg == 0) dz[nn * c + ch] = z;
         }
         const int m = c - c0 < 32 ? (int)(c - c0) : 32;  // warp-uniform
-        for (int k = 0; k < m; ++k) {
+        for (int k0 = 0; k0 < m; k0 += 4) {
+          const int k = k0 + (int)sub;  // < 32
           const float zk = __shfl_sync(0xffffffffu, z, k);
-          if (j < wd) acc += w2[(c0 + k) * wd + j] * zk;
+          if (k < m && j < wd) acc += w2[(c0 + k) * wd + j] * zk;
         }
       }
-      red[threadIdx.x] = acc;
+      const float a1 = __shfl_sync(0xffffffffu, acc, (int)jl + 8);
+      const float a2 = __shfl_sync(0xffffffffu, acc, (int)jl + 16);
+      const float a3 = __shfl_sync(0xffffffffu, acc, (int)jl + 24);
+      if (sub == 0) red[warp * 8 + jl] = ((acc + a1) + a2) + a3;
       __syncthreads();
-      if (warp == 0) {
+      if (warp == 0 && sub == 0) {
         float v = 0.0f;
-        for (unsigned w = 0; w < nw; ++w) v += red[w * 32 + lane];
+        for (unsigned w = 0; w < nw; ++w) v += red[w * 8 + jl];
         if (j < wd) dh[nn * wd + j] = v;
       }
       __syncthreads();  // red is reused by the next (n, group)

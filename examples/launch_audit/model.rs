@@ -380,11 +380,11 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             n * (8.0 * c * d.hd + 4.0 * c),
             4.0 * n * d.hd + 4.0 * c * d.hd + 4.0 * nc,
         ),
-        // dz, dh[n, j]: a block per (n, group of 32 j) reads the dβ and β rows once
+        // dz, dh[n, j]: a block per (n, group of 8 j) reads the dβ and β rows once
         // (dz once per channel, stored by group 0) and W2's columns of its group
-        // (rows of 32 coalesced floats) -> dz, dh.
+        // (rows of 8 consecutive floats, 32-byte sectors) -> dz, dh.
         "acon_gen_fc_dh" => {
-            let groups = (d.hd / 32.0).ceil();
+            let groups = (d.hd / 8.0).ceil();
             t(
                 n * (8.0 * c * groups + 4.0 * c * d.hd + 4.0 * d.hd + 4.0 * c),
                 12.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,

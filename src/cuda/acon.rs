@@ -1155,11 +1155,11 @@ impl ChannelGen {
             .arg(&wd)
             .arg(&mut dz)
             .arg(&mut dh);
-        // SAFETY: block (n, group of 32 outputs) reads row n of dβ, β (C) and W2
+        // SAFETY: block (n, group of 8 outputs) reads row n of dβ, β (C) and W2
         // (C·width, validated) at columns < width, writes dz[n·C + c] (group 0) and
         // dh[n·width + j] for j < width; THREADS is a multiple of 32 and the
         // kernel's bound.
-        unsafe { b.launch(cfg_gen(nn, wdu.div_ceil(32))) }?;
+        unsafe { b.launch(cfg_gen(nn, wdu.div_ceil(8))) }?;
         let f = kernel_fn!(stream, "acon_gen_fc_dg")?;
         let mut b = launcher(stream, &f);
         b.arg(&self.w1)
@@ -1216,8 +1216,8 @@ const WARPS: usize = THREADS as usize / 32;
 
 /// The channel-wise generator's fc kernels: blocks of [`THREADS`] over (sample,
 /// slice of outputs), both dimensions capped (the kernels' loops are grid-stride in
-/// both). ViT-B (64, 197, 768) with width 48: 384 blocks for `h`, 128 for `dh`
-/// (groups of 32 outputs), 6144 for `β`, 192 for `dg` (was 64, one per sample).
+/// both). ViT-B (64, 197, 768) with width 48: 384 blocks for `h` and `dh` (groups
+/// of 8 outputs), 6144 for `β`, 192 for `dg` (was 64, one per sample).
 fn cfg_gen(n: usize, slices: usize) -> LaunchConfig {
     let cap = super::grid_cap();
     LaunchConfig {

@@ -227,8 +227,8 @@ fn nchw_geometry<T: DType>(shape: &ActShape) -> (u32, usize, usize, usize) {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NlcGeom {
-    /// Columns (of [`NLC_W`] channels) per column chunk: a power of two dividing
-    /// [`THREADS`]; the block has `THREADS / cc` row groups.
+    /// Columns (of `NLC_W` channels) per column chunk: a power of two dividing
+    /// `THREADS`; the block has `THREADS / cc` row groups.
     pub cc: usize,
     /// Rows per tile.
     pub rows: usize,
@@ -272,7 +272,7 @@ fn nlc_geometry(shape: &ActShape) -> NlcGeom {
 static NLC_FLOOR_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Sets the block floor of [`nlc_tiling`] (feature `emulate`, tests only; 0: the
-/// default [`NLC_MIN_BLOCKS`]); returns the previous setting. Process-wide: the GPU
+/// default `NLC_MIN_BLOCKS`); returns the previous setting. Process-wide: the GPU
 /// tests hold their device lock around it and restore it.
 #[cfg(feature = "emulate")]
 #[doc(hidden)]
@@ -299,12 +299,12 @@ fn nlc_min_blocks() -> usize {
 /// one, below 8) leaving the fewest idle lanes in the last chunk, the larger on a tie
 /// (e.g. C = 768: 192 columns, cc = 64, 3 chunks; C = 192: 48 columns, cc = 16), and
 /// `⌊L / R₀⌋` tiles per sample (at least one) of `⌈L / tiles⌉` rows, `R₀` = the larger
-/// of [`NLC_MIN_ROWS`] and [`NLC_ROWS_PER_THREAD`] per row group, so a tile has at
+/// of `NLC_MIN_ROWS` and `NLC_ROWS_PER_THREAD` per row group, so a tile has at
 /// least `R₀` rows when `L ≥ R₀` (L = 197 at cc = 64: 6 tiles of 33 rows).
 ///
-/// Block floor: while `N · tps · chunks` is below [`NLC_MIN_BLOCKS`] (792), the next
+/// Block floor: while `N · tps · chunks` is below `NLC_MIN_BLOCKS` (792), the next
 /// candidate is tried, in order: `cc` halved (down to 8; never more idle lanes), and
-/// at each `cc` first `R₀`, then `R₀` = [`NLC_MIN_ROWS`] (1 row per thread at cc = 8).
+/// at each `cc` first `R₀`, then `R₀` = `NLC_MIN_ROWS` (1 row per thread at cc = 8).
 /// The first candidate reaching the floor is taken, else the one with the most
 /// blocks (the first on a tie). Tiles keep ≥ 32 rows when `L ≥ 32`, so the f32
 /// partials stay ≤ 12·C bytes per 32 rows: bytes ≤ 1.0625 × the f16 backward's

@@ -461,6 +461,10 @@ __device__ __forceinline__ void nlc_tiles(const T* dy, const T* x, T* dx, long l
   DYNAMIC_SHARED(float, sm);
   const bool vec = c % NLC_W == 0 && aligned_nlc<T>(x) && (!F::HAS_DY || aligned_nlc<T>(dy)) &&
                    (!F::HAS_OUT || aligned_nlc<T>(dx));
+  // nlc_tiles_w indexes sm[0, g·NS·cc·W) = [0, blockDim.x·NS·W) when it has several
+  // row groups (g = blockDim.x / cc > 1), none with one.
+  AK_EXPECT(blockDim.x == (unsigned)cc ||
+            ak::dynamic_smem_bytes() >= blockDim.x * (unsigned)F::NS * (vec ? NLC_W : 1u) * sizeof(float));
   if (vec) {
     nlc_tiles_w<T, NLC_W>(dy, x, dx, n, l, c, cc, rows, f, part, sm);
   } else {
@@ -516,23 +520,41 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 
 }  // namespace ak_acon
 
-// Launch bounds. Every launcher of this file uses at most 256 threads per block
-// (src/cuda/acon.rs THREADS), so the kernels declare __launch_bounds__(256) (except
-// acon_a_fwd_*, acon_reduce_tiles, acon_reduce_params, acon_gen_wgrad and
-// acon_layer_gen_fwd, where it cost registers on sm_86 or sm_90; acon_gap_add_f32
-// and acon_b_bwd_nchw_f32 gain one register on sm_86, within the same 256-register
-// per-warp allocation, and keep it), and AK_LAUNCH_BOUND (what the emulated device
-// records at EMU_REGISTER and enforces, kernels/common.cuh) is 256 for the bounded
-// kernels and 1024 (the default) around the others. The (N, L, C) backward
-// kernels also ask for 3 resident blocks per SM: ptxas then keeps them at 60-78
-// registers with no spill on sm_75..sm_90 (uncapped: 64-88; with 4 blocks, i.e.
-// 64 registers, sm_75/sm_86 spill 8-28 bytes).
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
-// (The wrappers' names contain AK_KERNEL: the launch audit's source lint,
-// examples/launch_audit/lint.rs, finds kernels by that word.)
-#define ACON_AK_KERNEL AK_KERNEL __launch_bounds__(256)
-#define ACON_AK_KERNEL_NLC_BWD AK_KERNEL __launch_bounds__(256, 3)
+// Launch bounds. Every launcher of this file uses at most ACON_BLOCK = 256 threads
+// per block (src/cuda/acon.rs THREADS): every kernel is declared
+// AK_KERNEL_BOUND(...) + EMU_REGISTER_BOUND(name, ACON_BLOCK) (kernels/common.cuh),
+// so nvcc gets __launch_bounds__(256[, min blocks]) and the emulated device records
+// and enforces 256. A second argument (ACON_BOUNDS(m): at least m resident blocks
+// per SM) caps ptxas at 65536 / (256·m) registers, allocated in units of 8:
+// * the (N, L, C) backward kernels, m = ACON_NLC_BWD_MIN_BLOCKS = 3 (85 → 80): 60-78
+//   registers, no spill on sm_75..sm_90 (uncapped: 64-88; with 4 blocks, i.e. 64
+//   registers, sm_75/sm_86 spill 8-28 bytes);
+// * kernels where a plain (256) raised ptxas's count (it may then use up to 255),
+//   with m chosen so the cap is at least their unbounded count on every arch. ptxas
+//   lowers m to what the arch can hold (sm_75: 1024 threads per SM, 4 blocks of 256;
+//   sm_86/89: 1536, 6; sm_80/90: 2048, 8), so one m gives a per-arch cap:
+//   acon_a_fwd_* 5 (cap 64 / 48; unbounded 47-54 on sm_75..89, 40-48 on sm_90;
+//   f32 on sm_90 6, cap 40: with 5 it took 48 instead of 40), acon_reduce_params 6
+//   (64 / 40 / 40; unbounded 64 / 39-48 / 40), acon_gen_wgrad 8 (64 / 40 on sm_86/89
+//   / 32 on sm_80/90; unbounded 64 / 40 / 32), acon_layer_gen_fwd 8 (unbounded
+//   13-14), acon_reduce_tiles 8 (unbounded 48 / 30-32 / 24 on sm_90: no m pins
+//   sm_86/89 below 40 or sm_90 below 32, and ptxas takes 38 / 29 there; the resident
+//   blocks are unchanged, 6 and 8 per SM, limited by threads, not registers).
+// The others take ACON_BLOCK alone (acon_gap_add_f32 and acon_b_bwd_nchw_f32 gain
+// one register on sm_86 with it, within the same 8-register allocation unit).
+#define ACON_BLOCK 256
+#define ACON_NLC_BWD_MIN_BLOCKS 3
+// The pair (threads, min blocks) as AK_KERNEL_BOUND's one argument (nvcc's and the
+// emulator's __launch_bounds__ take variadic arguments).
+#define ACON_BOUNDS(min_blocks) ACON_BLOCK, min_blocks
+// acon_a_fwd_f32: 40 registers on sm_90 unbounded (6 blocks of 256 fit), 48 elsewhere.
+// (__CUDA_ARCH__ is defined in nvcc's / NVRTC's device passes only; the host pass and
+// the emulator do not use the value.)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ACON_A_FWD_F32_MIN_BLOCKS 6
+#else
+#define ACON_A_FWD_F32_MIN_BLOCKS 5
+#endif
 
 // =============================================================================
 // Kernels. Bytes per element (storage size b = 4 / 2 / 2) vs the minimum:
@@ -542,7 +564,7 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 //   acon_{a,b,c}_bwd_nlc_*    plus f32 partials: 3 floats per NCHW tile (a
 //                             tile is one plane, or a 1024·W-element chunk of a
 //                             large plane), 3·C floats per NLC tile of R rows
-//                             (R ≥ 32 when L ≥ 32; host nlc_geometry) —
+//                             (R ≥ 32 when L ≥ 32; host nlc_tiling) —
 //                             ≈ 3/R floats per element.
 // * acon_gap_nchw_*, acon_gap_nlc_* : read x (b) = minimum; tiny partials.
 // * acon_gap_add_*          : read dx (b) + write dx (b): the backward of GAP
@@ -550,87 +572,87 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 // =============================================================================
 
 // Forward: y = d·σ(β·d) + p2·x (flat, both layouts; nlc = 1 for (N, L, C)).
-#define ACON_FWD(dt, T)                                                                                             \
-  ACON_AK_KERNEL void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
-                                             int kind, long long n, long long c, long long s, int nlc) {            \
-    ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                       \
-  }                                                                                                                 \
-  EMU_REGISTER(acon_c_fwd_##dt)                                                                                     \
-  ACON_AK_KERNEL void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
-                                             long long n, long long c, long long s, int nlc) {                      \
-    ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                   \
-  }                                                                                                                 \
-  EMU_REGISTER(acon_b_fwd_##dt)
-// ACON-A forward: no __launch_bounds__ (with it, f16 on sm_90 gains a register).
-#define ACON_A_FWD(dt, T)                                                                                           \
-  AK_KERNEL void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n,            \
-                                             long long c, long long s, int nlc) {                                   \
-    ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                             \
-  }                                                                                                                 \
-  EMU_REGISTER(acon_a_fwd_##dt)
+#define ACON_FWD(dt, T)                                                                                                   \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_c_fwd_##dt(const T* x, T* y, const float* p1, const float* p2, const float* beta, \
+                                             int kind, long long n, long long c, long long s, int nlc) {                  \
+    ak_acon::fwd<T, ak_acon::MODE_C>(x, y, p1, p2, beta, kind, n, c, s, nlc);                                             \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_c_fwd_##dt, ACON_BLOCK)                                                                         \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_b_fwd_##dt(const T* x, T* y, const float* p, const float* beta, int kind,         \
+                                             long long n, long long c, long long s, int nlc) {                            \
+    ak_acon::fwd<T, ak_acon::MODE_B>(x, y, nullptr, p, beta, kind, n, c, s, nlc);                                         \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_b_fwd_##dt, ACON_BLOCK)
+// ACON-A forward: (256, 5) (f32 on sm_90: 6), see "Launch bounds" above.
+#define ACON_A_FWD(dt, T, mb)                                                                                         \
+  AK_KERNEL_BOUND(ACON_BOUNDS(mb)) void acon_a_fwd_##dt(const T* x, T* y, const float* beta, int kind, long long n, \
+                                             long long c, long long s, int nlc) {                                  \
+    ak_acon::fwd<T, ak_acon::MODE_A>(x, y, nullptr, nullptr, beta, kind, n, c, s, nlc);                            \
+  }                                                                                                                \
+  EMU_REGISTER_BOUND(acon_a_fwd_##dt, ACON_BLOCK)
 
 // Backward, NCHW: dx plus per-tile partials part[tile·3 + q] of
 // (dy·x·∂y/∂d, dy·x·(1 − ∂y/∂d), dy·∂y/∂β).
-#define ACON_BWD_NCHW(dt, T)                                                                                        \
-  ACON_AK_KERNEL void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
-                                                  const float* beta, int kind, long long n, long long c,            \
-                                                  long long s, long long tpp, long long tile_elems, float* part) {  \
-    ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);           \
-  }                                                                                                                 \
-  EMU_REGISTER(acon_c_bwd_nchw_##dt)                                                                                \
-  ACON_AK_KERNEL void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
-                                                  const float* beta, int kind, long long n, long long c,            \
-                                                  long long s, long long tpp, long long tile_elems, float* part) {  \
-    ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);       \
-  }                                                                                                                 \
-  EMU_REGISTER(acon_b_bwd_nchw_##dt)                                                                                \
-  ACON_AK_KERNEL void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
-                                                  long long n, long long c, long long s, long long tpp,             \
-                                                  long long tile_elems, float* part) {                              \
-    ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part); \
-  }                                                                                                                 \
-  EMU_REGISTER(acon_a_bwd_nchw_##dt)
+#define ACON_BWD_NCHW(dt, T)                                                                                              \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_c_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+                                                  const float* beta, int kind, long long n, long long c,                  \
+                                                  long long s, long long tpp, long long tile_elems, float* part) {        \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, c, s, tpp, tile_elems, part);                 \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_c_bwd_nchw_##dt, ACON_BLOCK)                                                                    \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_b_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+                                                  const float* beta, int kind, long long n, long long c,                  \
+                                                  long long s, long long tpp, long long tile_elems, float* part) {        \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, c, s, tpp, tile_elems, part);             \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_b_bwd_nchw_##dt, ACON_BLOCK)                                                                    \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_a_bwd_nchw_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+                                                  long long n, long long c, long long s, long long tpp,                   \
+                                                  long long tile_elems, float* part) {                                    \
+    ak_acon::bwd_nchw<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, c, s, tpp, tile_elems, part);       \
+  }                                                                                                                       \
+  EMU_REGISTER_BOUND(acon_a_bwd_nchw_##dt, ACON_BLOCK)
 
 // Backward, (N, L, C): dx plus per-tile C-length partials
 // part[((n·tps + k)·3 + q)·C + ch]; dynamic shared memory blockDim.x·3·W floats.
-#define ACON_BWD_NLC(dt, T)                                                                                        \
-  ACON_AK_KERNEL_NLC_BWD void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
-                                                 const float* beta, int kind, long long n, long long l,            \
-                                                 long long c, int cc, long long rows, float* part) {               \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, cc, rows, part);                      \
-  }                                                                                                                \
-  EMU_REGISTER(acon_c_bwd_nlc_##dt)                                                                                \
-  ACON_AK_KERNEL_NLC_BWD void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
-                                                 const float* beta, int kind, long long n, long long l,            \
-                                                 long long c, int cc, long long rows, float* part) {               \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, cc, rows, part);                  \
-  }                                                                                                                \
-  EMU_REGISTER(acon_b_bwd_nlc_##dt)                                                                                \
-  ACON_AK_KERNEL_NLC_BWD void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
-                                                 long long n, long long l, long long c, int cc, long long rows,    \
-                                                 float* part) {                                                    \
-    ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, cc, rows, part);            \
-  }                                                                                                                \
-  EMU_REGISTER(acon_a_bwd_nlc_##dt)
+#define ACON_BWD_NLC(dt, T)                                                                                                                        \
+  AK_KERNEL_BOUND(ACON_BOUNDS(ACON_NLC_BWD_MIN_BLOCKS)) void acon_c_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p1, const float* p2, \
+                                                 const float* beta, int kind, long long n, long long l,                                            \
+                                                 long long c, int cc, long long rows, float* part) {                                               \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_C>(dy, x, dx, p1, p2, beta, kind, n, l, c, cc, rows, part);                                                  \
+  }                                                                                                                                                \
+  EMU_REGISTER_BOUND(acon_c_bwd_nlc_##dt, ACON_BLOCK)                                                                                              \
+  AK_KERNEL_BOUND(ACON_BOUNDS(ACON_NLC_BWD_MIN_BLOCKS)) void acon_b_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* p,                   \
+                                                 const float* beta, int kind, long long n, long long l,                                            \
+                                                 long long c, int cc, long long rows, float* part) {                                               \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_B>(dy, x, dx, nullptr, p, beta, kind, n, l, c, cc, rows, part);                                              \
+  }                                                                                                                                                \
+  EMU_REGISTER_BOUND(acon_b_bwd_nlc_##dt, ACON_BLOCK)                                                                                              \
+  AK_KERNEL_BOUND(ACON_BOUNDS(ACON_NLC_BWD_MIN_BLOCKS)) void acon_a_bwd_nlc_##dt(const T* dy, const T* x, T* dx, const float* beta, int kind,      \
+                                                 long long n, long long l, long long c, int cc, long long rows,                                    \
+                                                 float* part) {                                                                                    \
+    ak_acon::bwd_nlc<T, ak_acon::MODE_A>(dy, x, dx, nullptr, nullptr, beta, kind, n, l, c, cc, rows, part);                                        \
+  }                                                                                                                                                \
+  EMU_REGISTER_BOUND(acon_a_bwd_nlc_##dt, ACON_BLOCK)
 
 // GAP partial sums (meta-ACON generators) and the in-place GAP backward.
-#define ACON_GAP(dt, T)                                                                                           \
-  ACON_AK_KERNEL void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp, \
-                                                long long tile_elems, float* part) {                              \
-    ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                \
-  }                                                                                                               \
-  EMU_REGISTER(acon_gap_nchw_##dt)                                                                                \
-  ACON_AK_KERNEL void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, int cc, long long rows, \
-                                               float* part) {                                                     \
-    ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, cc, rows, ak_acon::GapOp{}, part);                        \
-  }                                                                                                               \
-  EMU_REGISTER(acon_gap_nlc_##dt)                                                                                 \
-  ACON_AK_KERNEL void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,  \
-                                               long long c, long long s, int nlc) {                               \
-    ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                \
-    ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                           \
-  }                                                                                                               \
-  EMU_REGISTER(acon_gap_add_##dt)
+#define ACON_GAP(dt, T)                                                                                                         \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_nchw_##dt(const T* x, long long n, long long c, long long s, long long tpp,         \
+                                                long long tile_elems, float* part) {                                            \
+    ak_acon::nchw_tiles<T>(nullptr, x, nullptr, n, c, s, tpp, tile_elems, ak_acon::GapOp{}, part);                              \
+  }                                                                                                                             \
+  EMU_REGISTER_BOUND(acon_gap_nchw_##dt, ACON_BLOCK)                                                                            \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_nlc_##dt(const T* x, long long n, long long l, long long c, int cc, long long rows, \
+                                               float* part) {                                                                   \
+    ak_acon::nlc_tiles<T>(nullptr, x, nullptr, n, l, c, cc, rows, ak_acon::GapOp{}, part);                                      \
+  }                                                                                                                             \
+  EMU_REGISTER_BOUND(acon_gap_nlc_##dt, ACON_BLOCK)                                                                             \
+  AK_KERNEL_BOUND(ACON_BLOCK) void acon_gap_add_##dt(T* dx, const float* dg, int per_sample, float scale, long long n,          \
+                                               long long c, long long s, int nlc) {                                             \
+    ak_acon::GapAddOp f{dg, c, per_sample, scale};                                                                              \
+    ak_acon::flat_map_any<T>(dx, dx, n * c * s, nlc ? s : c, nlc ? c : s, nlc != 0, f);                                         \
+  }                                                                                                                             \
+  EMU_REGISTER_BOUND(acon_gap_add_##dt, ACON_BLOCK)
 
 #define ACON_ALL(dt, T) \
   ACON_FWD(dt, T)       \
@@ -642,22 +664,16 @@ ACON_ALL(f32, float)
 ACON_ALL(f16, __half)
 ACON_ALL(bf16, __nv_bfloat16)
 
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024  // no __launch_bounds__ on these: see the comments
-ACON_A_FWD(f32, float)
-ACON_A_FWD(f16, __half)
-ACON_A_FWD(bf16, __nv_bfloat16)
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
+ACON_A_FWD(f32, float, ACON_A_FWD_F32_MIN_BLOCKS)
+ACON_A_FWD(f16, __half, 5)
+ACON_A_FWD(bf16, __nv_bfloat16, 5)
 
 // ---- stage 2 (f32 only) ------------------------------------------------------
 // tot[(q·N + n)·C + c] = scale · Σ_k part(n, c, k, q), k in order. NCHW partials
 // part[((n·C + c)·K + k)·NS + q], NLC part[((n·K + k)·NS + q)·C + c].
-// Reads NS·N·C·K floats, writes NS·N·C. No __launch_bounds__: with (256) ptxas
-// gives it 26 registers on sm_90 instead of 24.
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024
-AK_KERNEL void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
+// Reads NS·N·C·K floats, writes NS·N·C. Bound (256, 8): see "Launch bounds" (with
+// (256) alone ptxas gave it 26 registers on sm_90 instead of 24).
+AK_KERNEL_BOUND(ACON_BOUNDS(8)) void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
                                              int ns, int nlc, float scale) {
   const long long total = (long long)ns * n * c;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -670,17 +686,13 @@ AK_KERNEL void acon_reduce_tiles(const float* part, float* tot, long long n, lon
     tot[i] = acc * scale;
   }
 }
-EMU_REGISTER(acon_reduce_tiles)
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
+EMU_REGISTER_BOUND(acon_reduce_tiles, ACON_BLOCK)
 
 // From tot (3 × N × C): dp1[c] = Σ_n tot[0], dp2[c] = Σ_n tot[1] (either may be
 // null), dβ by kind: per channel Σ_n tot[2]; per (n, c) tot[2]; per sample
 // Σ_c tot[2]; none for pixel-wise. Fixed-order sequential sums.
-// No __launch_bounds__: with (256) ptxas gives it 42 registers on sm_86 instead of 39.
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024
-AK_KERNEL void acon_reduce_params(const float* tot, float* dp1, float* dp2, float* dbeta, int kind,
+// Bound (256, 6): with (256) alone ptxas gave it 42 registers on sm_86 instead of 39.
+AK_KERNEL_BOUND(ACON_BOUNDS(6)) void acon_reduce_params(const float* tot, float* dp1, float* dp2, float* dbeta, int kind,
                                               long long n, long long c) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   const long long t0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -706,9 +718,7 @@ AK_KERNEL void acon_reduce_params(const float* tot, float* dp1, float* dp2, floa
     }
   }
 }
-EMU_REGISTER(acon_reduce_params)
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
+EMU_REGISTER_BOUND(acon_reduce_params, ACON_BLOCK)
 
 // ---- meta-ACON generators (f32) ----------------------------------------------
 // Channel-wise fc layers, each a grid (samples, output slices) with grid-stride
@@ -717,7 +727,7 @@ EMU_REGISTER(acon_reduce_params)
 // fixed-order lane loop plus warp_sum (or a sequential loop), as before.
 // Stage 1 of the forward: h[n, j] = b1[j] + Σ_c W1[j, c]·g[n, c], a warp per
 // (n, j), lanes over c (grid.y: slices of blockDim/32 values of j). b1 may be null.
-ACON_AK_KERNEL void acon_gen_fc_h(const float* gap, const float* w1, const float* b1, long long n, long long c,
+AK_KERNEL_BOUND(ACON_BLOCK) void acon_gen_fc_h(const float* gap, const float* w1, const float* b1, long long n, long long c,
                                long long wd, float* h) {
   AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
   const int lane = threadIdx.x & 31;
@@ -732,11 +742,11 @@ ACON_AK_KERNEL void acon_gen_fc_h(const float* gap, const float* w1, const float
     }
   }
 }
-EMU_REGISTER(acon_gen_fc_h)
+EMU_REGISTER_BOUND(acon_gen_fc_h, ACON_BLOCK)
 
 // Stage 2 of the forward: β[n, c] = σ(b2[c] + Σ_j W2[c, j]·h[n, j]), a warp per
 // (n, c), lanes over j (grid.y: slices of blockDim/32 channels). b2 may be null.
-ACON_AK_KERNEL void acon_gen_fc_beta(const float* h, const float* w2, const float* b2, long long n, long long c,
+AK_KERNEL_BOUND(ACON_BLOCK) void acon_gen_fc_beta(const float* h, const float* w2, const float* b2, long long n, long long c,
                                   long long wd, float* beta) {
   AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
   const int lane = threadIdx.x & 31;
@@ -751,7 +761,7 @@ ACON_AK_KERNEL void acon_gen_fc_beta(const float* h, const float* w2, const floa
     }
   }
 }
-EMU_REGISTER(acon_gen_fc_beta)
+EMU_REGISTER_BOUND(acon_gen_fc_beta, ACON_BLOCK)
 
 // dz = dβ·β(1 − β) for one element.
 __device__ __forceinline__ float gen_dz(const float* dbeta, const float* beta, long long i) {
@@ -759,50 +769,81 @@ __device__ __forceinline__ float gen_dz(const float* dbeta, const float* beta, l
   return dbeta[i] * b * (1.0f - b);
 }
 
-// Stage 1 of the backward: dh[n, j] = Σ_c W2[c, j]·dz[n, c] with dz recomputed from
-// dβ and β (a warp per (n, j), lanes over c; grid.y: slices of j).
-ACON_AK_KERNEL void acon_gen_fc_dh(const float* dbeta, const float* beta, const float* w2, long long n, long long c,
-                                long long wd, float* dh) {
-  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.y == 1);
-  const int lane = threadIdx.x & 31;
-  const long long nw = blockDim.x >> 5, warp = threadIdx.x >> 5;
+// Stage 1 of the backward: dz[n, c] = dβ·β(1 − β) (kept for the weight gradients)
+// and dh[n, j] = Σ_c W2[c, j]·dz[n, c]. A block per (sample n, group of 8 outputs
+// j0..j0+8; grid.y: the groups, so that ViT-B's 64 samples with width 48 make 384
+// blocks). Warp w takes the 32-channel slabs c0 = 32·w, 32·(w + nw), ...: each lane
+// computes dz of one channel of the slab once (coalesced dβ, β; the block of group 0
+// stores it), then lane (sub = lane / 8, jl = lane mod 8) accumulates channels c0 + 4i
+// + sub of the slab, dz broadcast by a shuffle, reading W2[c, j0 + jl]: 4 rows × 8
+// consecutive floats (32-byte sectors) per step. The 4 sub-lanes are added in order,
+// then the warps in order (warp 0 first) through shared memory.
+AK_KERNEL_BOUND(ACON_BLOCK) void acon_gen_fc_dh(const float* dbeta, const float* beta, const float* w2, long long n,
+                                                long long c, long long wd, float* dz, float* dh) {
+  AK_EXPECT((blockDim.x & 31) == 0 && blockDim.x <= ACON_BLOCK && blockDim.y == 1 && blockDim.z == 1);
+  SHARED_ARRAY(float, red, ACON_BLOCK / 4);
+  const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const unsigned jl = lane & 7, sub = lane >> 3;
+  const long long groups = (wd + 7) / 8;
   for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
-    for (long long j = blockIdx.y * nw + warp; j < wd; j += (long long)gridDim.y * nw) {
+    for (long long jg = blockIdx.y; jg < groups; jg += gridDim.y) {
+      const long long j = jg * 8 + jl;
       float acc = 0.0f;
-      for (long long ch = lane; ch < c; ch += 32) acc += w2[ch * wd + j] * gen_dz(dbeta, beta, nn * c + ch);
-      acc = ak::warp_sum(acc);
-      if (lane == 0) dh[nn * wd + j] = acc;
+      for (long long c0 = (long long)warp * 32; c0 < c; c0 += (long long)nw * 32) {
+        const long long ch = c0 + lane;
+        float z = 0.0f;
+        if (ch < c) {
+          z = gen_dz(dbeta, beta, nn * c + ch);
+          if (jg == 0) dz[nn * c + ch] = z;
+        }
+        const int m = c - c0 < 32 ? (int)(c - c0) : 32;  // warp-uniform
+        for (int k0 = 0; k0 < m; k0 += 4) {
+          const int k = k0 + (int)sub;  // < 32
+          const float zk = __shfl_sync(0xffffffffu, z, k);
+          if (k < m && j < wd) acc += w2[(c0 + k) * wd + j] * zk;
+        }
+      }
+      const float a1 = __shfl_sync(0xffffffffu, acc, (int)jl + 8);
+      const float a2 = __shfl_sync(0xffffffffu, acc, (int)jl + 16);
+      const float a3 = __shfl_sync(0xffffffffu, acc, (int)jl + 24);
+      if (sub == 0) red[warp * 8 + jl] = ((acc + a1) + a2) + a3;
+      __syncthreads();
+      if (warp == 0 && sub == 0) {
+        float v = 0.0f;
+        for (unsigned w = 0; w < nw; ++w) v += red[w * 8 + jl];
+        if (j < wd) dh[nn * wd + j] = v;
+      }
+      __syncthreads();  // red is reused by the next (n, group)
     }
   }
 }
-EMU_REGISTER(acon_gen_fc_dh)
+EMU_REGISTER_BOUND(acon_gen_fc_dh, ACON_BLOCK)
 
 // Stage 2 of the backward, a thread per (n, c) (grid.y: slices of blockDim
-// channels): dz[n, c] = dβ·β(1 − β) (kept for the weight gradients) and
-// dg[n, c] = scale·Σ_j W1[j, c]·dh[n, j] (scale = 1/S folds in the GAP backward).
-ACON_AK_KERNEL void acon_gen_fc_dg(const float* dbeta, const float* beta, const float* w1, const float* dh, long long n,
-                                long long c, long long wd, float scale, float* dz, float* dg) {
+// channels): dg[n, c] = scale·Σ_j W1[j, c]·dh[n, j] (scale = 1/S folds in the GAP
+// backward; W1 rows coalesced across c).
+AK_KERNEL_BOUND(ACON_BLOCK) void acon_gen_fc_dg(const float* w1, const float* dh, long long n, long long c, long long wd,
+                                                float scale, float* dg) {
+  AK_EXPECT(blockDim.y == 1 && blockDim.z == 1);
   for (long long nn = blockIdx.x; nn < n; nn += gridDim.x) {
     const float* hh = dh + nn * wd;
     for (long long ch = (long long)blockIdx.y * blockDim.x + threadIdx.x; ch < c;
          ch += (long long)gridDim.y * blockDim.x) {
-      dz[nn * c + ch] = gen_dz(dbeta, beta, nn * c + ch);
       float acc = 0.0f;
       for (long long j = 0; j < wd; ++j) acc += w1[j * c + ch] * hh[j];
       dg[nn * c + ch] = acc * scale;
     }
   }
 }
-EMU_REGISTER(acon_gen_fc_dg)
+EMU_REGISTER_BOUND(acon_gen_fc_dg, ACON_BLOCK)
 
 // Weight gradients, summed over samples in order (stage 2 of the per-sample
 // dz, dh): dW2[c, j] = Σ_n dz[n, c]·h[n, j], db2[c] = Σ_n dz[n, c],
 // dW1[j, c] = Σ_n dh[n, j]·g[n, c], db1[j] = Σ_n dh[n, j] (db1, db2 may be null).
-// No __launch_bounds__: with (256) ptxas gives it 40 registers on sm_90 instead of
-// 32 (6 resident 256-thread blocks per SM instead of 8).
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024
-AK_KERNEL void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
+// Bound (256, 8): with (256) alone ptxas gave it 40 registers on sm_90 instead of
+// 32 (6 resident 256-thread blocks per SM instead of 8); (256, 6) gave 40 on sm_80
+// and sm_90.
+AK_KERNEL_BOUND(ACON_BOUNDS(8)) void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
                                           long long n, long long c, long long wd, float* dw1, float* db1, float* dw2,
                                           float* db2) {
   const long long cw = c * wd, total = 2 * cw + c + wd;
@@ -828,15 +869,11 @@ AK_KERNEL void acon_gen_wgrad(const float* dz, const float* dh, const float* h, 
     }
   }
 }
-EMU_REGISTER(acon_gen_wgrad)
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
+EMU_REGISTER_BOUND(acon_gen_wgrad, ACON_BLOCK)
 
 // Layer-wise forward, one block per sample: β[n] = σ(Σ_c gap[n, c]).
-// No __launch_bounds__: with (256) ptxas gives it 14 registers on sm_86 instead of 13.
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024
-AK_KERNEL void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
+// Bound (256, 8): with (256) alone ptxas gave it 14 registers on sm_86 instead of 13.
+AK_KERNEL_BOUND(ACON_BOUNDS(8)) void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
   SHARED_ARRAY(float, scratch, 32);
   const long long nn = blockIdx.x;
   float acc = 0.0f;
@@ -844,21 +881,20 @@ AK_KERNEL void acon_layer_gen_fwd(const float* gap, long long c, float* beta) {
   acc = ak::block_sum(acc, scratch);
   if (threadIdx.x == 0) beta[nn] = ak::sigmoidf(acc);
 }
-EMU_REGISTER(acon_layer_gen_fwd)
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
+EMU_REGISTER_BOUND(acon_layer_gen_fwd, ACON_BLOCK)
 
 // Layer-wise backward: dg[n] = dβ[n]·β[n](1 − β[n]) (then acon_gap_add_* with
 // per_sample = 1 and scale 1/S).
-ACON_AK_KERNEL void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
+AK_KERNEL_BOUND(ACON_BLOCK) void acon_layer_gen_bwd(const float* dbeta, const float* beta, long long n, float* dg) {
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
     const float b = beta[i];
     dg[i] = dbeta[i] * b * (1.0f - b);
   }
 }
-EMU_REGISTER(acon_layer_gen_bwd)
+EMU_REGISTER_BOUND(acon_layer_gen_bwd, ACON_BLOCK)
 
-#undef ACON_AK_KERNEL
-#undef ACON_AK_KERNEL_NLC_BWD
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 1024  // the default of kernels/common.cuh, for the files after this one
+#undef ACON_BOUNDS
+#undef ACON_A_FWD_F32_MIN_BLOCKS
+#undef ACON_NLC_BWD_MIN_BLOCKS
+#undef ACON_BLOCK
+

@@ -564,12 +564,22 @@ fn generators_standalone() {
 }
 
 /// Backward twice gives identical bits (on a real GPU too; the emulator also
-/// permutes thread orders inside `check_schedules`).
+/// permutes thread orders inside `check_schedules`): NCHW tiles, and `(N, L, C)` tiles
+/// with several tiles of rows and column chunks (scalar and vector columns).
 #[test]
 fn backward_is_deterministic() {
     let Some(g) = gpu() else { return };
+    for sh in [
+        ActShape::nchw(2, 6, 11, 13),
+        ActShape::nlc(2, 70, 301),
+        ActShape::nlc(2, 66, 1000),
+    ] {
+        backward_twice(&g, sh);
+    }
+}
+
+fn backward_twice(g: &Gpu, sh: ActShape) {
     let s = g.ctx.default_stream();
-    let sh = ActShape::nchw(2, 6, 11, 13);
     let numel = sh.n * sh.c * sh.s;
     let mut r = common::rng(77);
     let (x, _) = round32(&common::randn(&mut r, numel));
@@ -867,61 +877,163 @@ fn acon_path_flat_scalar_grid_stride() {
     );
 }
 
-/// The `(N, L, C)` tile geometry of src/cuda/acon.rs `nlc_geometry`, recomputed from
-/// its constants: (columns per chunk cc, row groups, rows per tile, tiles per sample,
-/// chunks).
-fn nlc_geom(sh: &ActShape) -> (usize, usize, usize, usize, usize) {
-    let threads = paths::src_const(ACON_SRC, "THREADS");
-    let w = paths::src_const(ACON_SRC, "NLC_W");
-    let min_rows = paths::src_const(ACON_SRC, "NLC_MIN_ROWS");
-    let rpt = paths::src_const(ACON_SRC, "NLC_ROWS_PER_THREAD");
-    let cols = if sh.c % w == 0 { sh.c / w } else { sh.c };
-    let mut cc = cols.next_power_of_two().min(8);
-    let mut idle = cols.div_ceil(cc) * cc - cols;
-    let mut k = 16;
-    while k <= threads {
-        let i = cols.div_ceil(k) * k - cols;
-        if i <= idle {
-            (cc, idle) = (k, i);
-        }
-        k *= 2;
-    }
-    let groups = threads / cc;
-    let tps0 = (sh.s / min_rows.max(rpt * groups)).max(1);
-    let rows = sh.s.div_ceil(tps0);
-    (cc, groups, rows, sh.s.div_ceil(rows), cols.div_ceil(cc))
+/// The grid cap in force (src/cuda/mod.rs `grid_cap`: 65 535, or `AK_EMU_GRID_CAP`).
+#[cfg(feature = "emulate")]
+fn grid_cap() -> usize {
+    std::env::var("AK_EMU_GRID_CAP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(65_535)
+        .min(65_535)
 }
 
-/// The `(N, L, C)` backward and GAP tile paths (kernels/acon.cu `nlc_tiles_w`): one row
-/// group (cc = THREADS columns, partials written straight from registers) — f32 with
-/// C = 1024 (256 columns of 4, L = 64: 2 tiles of 32 rows); several column chunks on the grid's y with row groups
+/// The launch of the `(N, L, C)` backward tile kernel that `run` made (the emulator's
+/// launch log; every launch of it identical, e.g. under several thread orders), checked
+/// against the launcher's tiling [`nlc_tiling`]: grid (N·tps, chunks), each capped,
+/// blocks of `THREADS` with launch bound `THREADS`. Returns the tiling.
+#[cfg(feature = "emulate")]
+fn launched_nlc_tiling(sh: &ActShape, run: impl FnOnce()) -> NlcGeom {
+    use activation_kernels::emu;
+    let threads = paths::src_const(ACON_SRC, "THREADS") as u32;
+    assert_eq!(emu::set_launch_log(true), Some(true));
+    let _ = emu::take_launch_log();
+    run();
+    let log = emu::take_launch_log();
+    emu::set_launch_log(false);
+    let bwd: Vec<_> = log
+        .iter()
+        .filter(|r| r.kernel.contains("_bwd_nlc_"))
+        .collect();
+    assert!(
+        !bwd.is_empty(),
+        "{sh:?}: no (N, L, C) backward launch in {log:?}"
+    );
+    assert!(bwd.iter().all(|r| *r == bwd[0]), "{sh:?}: {bwd:?}");
+    let r = bwd[0];
+    let g = nlc_tiling(sh.n, sh.s, sh.c);
+    let cap = grid_cap();
+    assert_eq!(
+        (r.grid[0] as usize, r.grid[1] as usize, r.grid[2]),
+        ((sh.n * g.tps).min(cap), g.chunks.min(cap), 1),
+        "{sh:?}: launched grid vs the tiling {g:?}"
+    );
+    assert_eq!((r.block, r.bound), ([threads, 1, 1], threads), "{sh:?}");
+    if cap == 65_535 {
+        // Uncapped, the launch itself shows the tiling.
+        assert_eq!(r.blocks() as usize, sh.n * g.tps * g.chunks, "{sh:?}");
+    }
+    g
+}
+
+/// Blocks of an `(N, L, C)` tiling.
+#[cfg(feature = "emulate")]
+fn nlc_blocks(sh: &ActShape, g: &NlcGeom) -> usize {
+    sh.n * g.tps * g.chunks
+}
+
+/// The `(N, L, C)` backward and GAP tile paths (kernels/acon.cu `nlc_tiles_w`), each
+/// geometry asserted on what the emulated driver launched (`launched_nlc_tiling`).
+/// With the block floor lowered to 1 (`set_nlc_min_blocks`: the preferred tiling,
+/// which model-size shapes get): one row group (cc = THREADS columns, partials
+/// written straight from registers) — f32 / bf16 with C = 1024 (256 columns of 4, L =
+/// 64: 2 tiles of 32 rows); several column chunks on the grid's y with row groups
 /// combined through shared memory and a ragged last chunk — C = 301 (scalar columns,
-/// cc = 16, 19 chunks, 3 lanes idle) and f16 C = 2056 (514 columns, cc = 8);
-/// several tiles of rows per sample, summed in stage 2. Under CI's grid cap
-/// (`AK_EMU_GRID_CAP=2`) both grid dimensions stride.
+/// cc = 16, 19 chunks, 3 lanes idle) and f16 C = 2056 (514 columns, cc = 8). With the
+/// default floor (792 blocks, more than these shapes allow: the tiling with the most
+/// blocks): f16 C = 301 (scalar, ragged) and bf16 C = 1000 (vector columns, the last
+/// chunk 2 of 8 columns), each with several tiles of rows and many chunks. Under CI's
+/// grid cap (`AK_EMU_GRID_CAP=2`) both grid dimensions stride. (Emulated device
+/// only: the launch log and the floor's test hook are the emulator's.)
+#[cfg(feature = "emulate")]
 #[test]
 fn acon_path_nlc_tiles() {
     let Some(g) = gpu() else { return };
     let threads = paths::src_const(ACON_SRC, "THREADS");
     let t = std::time::Instant::now();
+    // The preferred tilings (no block floor).
+    let prev = set_nlc_min_blocks(1);
     let one_group = ActShape::nlc(1, 64, 1024);
-    let (cc, groups, _, tps, chunks) = nlc_geom(&one_group);
-    assert_eq!((cc, groups, chunks), (threads, 1, 1), "one row group");
-    assert!(tps >= 2, "two tiles of rows per sample");
-    case::<f32>(&g, Var::C, Bk::Ch, one_group, 41, 0);
-    case::<Bf16>(&g, Var::A, Bk::Nc, one_group, 44, 0);
+    let geo = launched_nlc_tiling(&one_group, || {
+        case::<f32>(&g, Var::C, Bk::Ch, one_group, 41, 0)
+    });
+    assert_eq!((geo.cc, geo.chunks), (threads, 1), "one row group: {geo:?}");
+    assert!(geo.tps >= 2, "two tiles of rows per sample: {geo:?}");
+    launched_nlc_tiling(&one_group, || {
+        case::<Bf16>(&g, Var::A, Bk::Nc, one_group, 44, 0)
+    });
     let scalar = ActShape::nlc(2, 70, 301);
-    let (cc, groups, _, tps, chunks) = nlc_geom(&scalar);
-    assert!(groups > 1 && chunks > 2 && chunks * cc > 301 && tps >= 2);
-    case::<f32>(&g, Var::B, Bk::Pix, scalar, 42, 0);
+    let geo = launched_nlc_tiling(&scalar, || case::<f32>(&g, Var::B, Bk::Pix, scalar, 42, 0));
+    assert!(threads / geo.cc > 1 && geo.chunks > 2 && geo.chunks * geo.cc > 301 && geo.tps >= 2);
+    let preferred_scalar = geo;
     let wide = ActShape::nlc(2, 10, 2056);
-    let (_, groups, _, _, chunks) = nlc_geom(&wide);
-    assert!(groups > 1 && chunks > 2);
-    case::<F16>(&g, Var::C, Bk::Nc, wide, 43, 0);
+    let geo = launched_nlc_tiling(&wide, || case::<F16>(&g, Var::C, Bk::Nc, wide, 43, 0));
+    assert!(threads / geo.cc > 1 && geo.chunks > 2, "{geo:?}");
+    let preferred_vec = nlc_tiling(2, 66, 1000);
+    set_nlc_min_blocks(prev);
+    // The default floor: f16 / bf16, ragged C, several tiles of rows and chunks.
+    let geo = launched_nlc_tiling(&scalar, || case::<F16>(&g, Var::C, Bk::Ch, scalar, 46, 0));
+    assert!(
+        geo.tps >= 2 && geo.chunks > 2 && geo.chunks * geo.cc > 301,
+        "{geo:?}"
+    );
+    assert!(
+        nlc_blocks(&scalar, &geo) > nlc_blocks(&scalar, &preferred_scalar),
+        "the floor raised the blocks: {geo:?} vs {preferred_scalar:?}"
+    );
+    let vec = ActShape::nlc(2, 66, 1000);
+    let geo = launched_nlc_tiling(&vec, || case::<Bf16>(&g, Var::C, Bk::Nc, vec, 47, 0));
+    assert!(
+        geo.tps >= 2 && geo.chunks > 2 && geo.chunks * geo.cc * 4 > 1000,
+        "{geo:?}"
+    );
+    assert!(
+        nlc_blocks(&vec, &geo) > nlc_blocks(&vec, &preferred_vec),
+        "{geo:?}"
+    );
     for gen in [Gen::Channel(true), Gen::Layer] {
         meta_case::<F16>(&g, gen, ActShape::nlc(2, 130, 96), 45);
     }
     eprintln!("acon_path_nlc_tiles: {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// The block floor at model shapes whose preferred tiling has few blocks, on what the
+/// emulated driver launched in a dry run (no kernel executes): (32, 49, 2048) (64
+/// blocks without the floor) and (8, 197, 768) (144) reach 792 blocks, each with
+/// several column chunks; ViT-B (64, 197, 768) keeps its tiling (384 × 3).
+#[cfg(feature = "emulate")]
+#[test]
+fn acon_nlc_block_floor_at_model_shapes() {
+    use activation_kernels::emu;
+    let Some(g) = gpu() else { return };
+    let s = g.ctx.default_stream();
+    assert_eq!(emu::set_dry_run(true), Some(true));
+    for (n, l, c) in [(32, 49, 2048), (8, 197, 768), (64, 197, 768)] {
+        let sh = ActShape::nlc(n, l, c);
+        let numel = n * l * c;
+        let x = s.alloc_zeros::<F16>(numel).unwrap();
+        let dy = s.alloc_zeros::<F16>(numel).unwrap();
+        let p = s.alloc_zeros::<f32>(c).unwrap();
+        let geo = launched_nlc_tiling(&sh, || {
+            acon_c_backward(&s, &sh, &dy, &x, &p, &p, Beta::PerChannel(&p)).unwrap();
+        });
+        assert!(
+            nlc_blocks(&sh, &geo) >= 792 && geo.chunks >= 2,
+            "{sh:?}: {geo:?}"
+        );
+        if l == 197 {
+            assert!(geo.tps >= 2 && geo.rows >= 32, "{sh:?}: {geo:?}");
+        }
+        if n == 64 {
+            assert_eq!(
+                (geo.cc, geo.tps, geo.chunks),
+                (64, 6, 3),
+                "ViT-B keeps its tiling"
+            );
+        }
+    }
+    assert_eq!(emu::set_dry_run(false), Some(false));
+    s.synchronize().unwrap();
 }
 
 // ---------------------------------------------------------------------------

@@ -352,6 +352,14 @@ fn suite(su: &mut Suite) -> Result<()> {
         }
     }
     aiec_cases::<f16>(su, &ActShape::nchw(32, 2048, 7, 7), 1000)?;
+    // (N, L, C) shapes whose preferred ACON tiling has few blocks (the tiling's block
+    // floor: src/cuda/acon.rs nlc_tiling): 32 × 49 × 2048 (one 49-row tile per
+    // sample, 2 chunks: 64 blocks without it), 8 × 197 × 768 (144 without it).
+    for (n, l, c) in [(32, 49, 2048), (8, 197, 768)] {
+        let shape = ActShape::nlc(n, l, c);
+        acon_cases::<f32>(su, &shape, false)?;
+        acon_cases::<f16>(su, &shape, false)?;
+    }
     // ViT-B/16 tokens, and the benches' ViT-Tiny width.
     for (l, c) in [(197, 768), (197, 192)] {
         let shape = ActShape::nlc(64, l, c);

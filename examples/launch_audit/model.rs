@@ -323,6 +323,14 @@ pub fn iieu_splits(d: &Dims, per: f64, plane: f64) -> f64 {
     (per / chunk).ceil().max(1.0)
 }
 
+/// Tiles of rows `N · tps` of an ACON `(N, L, C)` tile launch, from the launcher's own
+/// tiling function (`activation_kernels::cuda::acon::nlc_tiling`): the grid's x is that
+/// count capped at 65 535, so it cannot be read off the launch.
+fn acon_nlc_row_tiles(d: &Dims) -> f64 {
+    let g = activation_kernels::cuda::acon::nlc_tiling(d.n as usize, d.s as usize, d.c as usize);
+    d.n * g.tps as f64
+}
+
 /// State a case carries from one launch to the next (a second-stage kernel reads what
 /// the first stage wrote: its partials' size and count).
 #[derive(Default)]
@@ -356,10 +364,11 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             carry.acon_partials = (12.0 * blocks, 3.0);
             t(3.0 * b * e + 12.0 * blocks, 3.0 * b * e)
         }
-        // As above with 3·C partials per tile of rows: the grid is (tiles of rows,
-        // column chunks), and the chunks of a tile write its C-length rows together.
+        // As above with 3·C partials per tile of rows (N·tps tiles: the launcher's
+        // tiling, not the grid, which is capped at 65 535), the column chunks of a
+        // tile writing its C-length rows together.
         "acon_a_bwd_nlc" | "acon_b_bwd_nlc" | "acon_c_bwd_nlc" => {
-            let tiles = f64::from(grid[0]);
+            let tiles = acon_nlc_row_tiles(d);
             carry.acon_partials = (12.0 * c * tiles, 3.0);
             t(3.0 * b * e + 12.0 * c * tiles, 3.0 * b * e)
         }
@@ -368,7 +377,7 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             t(b * e + 4.0 * blocks, b * e)
         }
         "acon_gap_nlc" => {
-            let tiles = f64::from(grid[0]);
+            let tiles = acon_nlc_row_tiles(d);
             carry.acon_partials = (4.0 * c * tiles, 1.0);
             t(b * e + 4.0 * c * tiles, b * e)
         }
@@ -394,15 +403,20 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             n * (8.0 * c * d.hd + 4.0 * c),
             4.0 * n * d.hd + 4.0 * c * d.hd + 4.0 * nc,
         ),
-        // dh[n, j]: W2 column, dβ and β rows per (n, j) -> dh.
-        "acon_gen_fc_dh" => t(
-            n * (12.0 * c * d.hd + 4.0 * d.hd),
-            8.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,
-        ),
-        // dz, dg[n, c]: dβ, β, W1 column and dh row per (n, c) -> dz, dg.
+        // dz, dh[n, j]: a block per (n, group of 8 j) reads the dβ and β rows once
+        // (dz once per channel, stored by group 0) and W2's columns of its group
+        // (rows of 8 consecutive floats, 32-byte sectors) -> dz, dh.
+        "acon_gen_fc_dh" => {
+            let groups = (d.hd / 8.0).ceil();
+            t(
+                n * (8.0 * c * groups + 4.0 * c * d.hd + 4.0 * d.hd + 4.0 * c),
+                12.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,
+            )
+        }
+        // dg[n, c]: W1 column and dh row per (n, c) -> dg.
         "acon_gen_fc_dg" => t(
-            n * (16.0 * c + 8.0 * c * d.hd),
-            16.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,
+            n * (8.0 * c * d.hd + 4.0 * c),
+            4.0 * nc + 4.0 * c * d.hd + 4.0 * n * d.hd,
         ),
         "acon_gen_wgrad" => {
             let w = 4.0 * (2.0 * c * d.hd + c + d.hd);

@@ -48,6 +48,11 @@ const NLC_MIN_ROWS: usize = 32;
 /// Least rows each thread walks per `(N, L, C)` tile (rows per tile ≥ this × the
 /// row groups of a block), so the shared-memory combine stays a small share.
 const NLC_ROWS_PER_THREAD: usize = 2;
+/// Blocks an `(N, L, C)` tile launch aims for (the floor of [`nlc_tiling`]): two
+/// waves of 3 resident 256-thread blocks (the backward's `__launch_bounds__(256, 3)`)
+/// on a 132-SM H100. A fixed constant, never the device's: the tiling, and so the
+/// bits of every result, depend on the shape only.
+const NLC_MIN_BLOCKS: usize = 2 * 132 * 3;
 
 const BETA_CH: i32 = 0;
 const BETA_NC: i32 = 1;
@@ -217,17 +222,20 @@ fn nchw_geometry<T: DType>(shape: &ActShape) -> (u32, usize, usize, usize) {
 }
 
 /// `(N, L, C)` tile geometry (kernels/acon.cu `nlc_tiles_w`), from the shape only
-/// (never from the device: results are the same bits on every GPU).
-struct NlcGeom {
-    /// Columns (of [`NLC_W`] channels) per column chunk: a power of two dividing
-    /// [`THREADS`]; the block has `THREADS / cc` row groups.
-    cc: usize,
+/// (never from the device: results are the same bits on every GPU). Public only
+/// for the launch audit's bytes model and the tests ([`nlc_tiling`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NlcGeom {
+    /// Columns (of `NLC_W` channels) per column chunk: a power of two dividing
+    /// `THREADS`; the block has `THREADS / cc` row groups.
+    pub cc: usize,
     /// Rows per tile.
-    rows: usize,
+    pub rows: usize,
     /// Tiles of rows per sample, `⌈L / rows⌉`.
-    tps: usize,
+    pub tps: usize,
     /// Column chunks `⌈(C / NLC_W) / cc⌉` (the grid's y).
-    chunks: usize,
+    pub chunks: usize,
 }
 
 impl NlcGeom {
@@ -252,22 +260,63 @@ impl NlcGeom {
     }
 }
 
-/// `(N, L, C)` tile geometry. Columns: `C / 4` when 4 divides `C`, else `C` (the
-/// kernel takes its scalar path, with the same `cc`). `cc`: the power of two in
-/// 8..=256 (or `cols` rounded up to one, below 8) leaving the fewest idle lanes in
-/// the last chunk, the larger on a tie (e.g. C = 768: 192 columns, cc = 64, 3
-/// chunks; C = 192: 48 columns, cc = 16). Rows: `⌊L / R₀⌋` tiles per sample (at
-/// least one) of `⌈L / tiles⌉` rows, `R₀` = the larger of [`NLC_MIN_ROWS`] and
-/// [`NLC_ROWS_PER_THREAD`] per row group, so a tile has at least `R₀` rows when
-/// `L ≥ R₀` (L = 197 at cc = 64: 6 tiles of 33 rows). At ViT-B (64, 197, 768)
-/// that is 384 × 3 blocks; the partials add 3·C·6 floats per sample.
+/// `(N, L, C)` tile geometry of the launcher ([`nlc_tiling`] of the shape).
 fn nlc_geometry(shape: &ActShape) -> NlcGeom {
+    nlc_tiling(shape.n, shape.s, shape.c)
+}
+
+/// Test hook (feature `emulate`): the block floor of [`nlc_tiling`] in force, 0
+/// restoring [`NLC_MIN_BLOCKS`]. The parity tests lower it to 1 to run the tilings
+/// that only model-size shapes get (one row group, `cc` = 256) at small shapes.
+#[cfg(feature = "emulate")]
+static NLC_FLOOR_OVERRIDE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the block floor of [`nlc_tiling`] (feature `emulate`, tests only; 0: the
+/// default `NLC_MIN_BLOCKS`); returns the previous setting. Process-wide: the GPU
+/// tests hold their device lock around it and restore it.
+#[cfg(feature = "emulate")]
+#[doc(hidden)]
+pub fn set_nlc_min_blocks(blocks: usize) -> usize {
+    NLC_FLOOR_OVERRIDE.swap(blocks, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The block floor in force ([`NLC_MIN_BLOCKS`] unless a test lowered it).
+fn nlc_min_blocks() -> usize {
+    #[cfg(feature = "emulate")]
+    {
+        let v = NLC_FLOOR_OVERRIDE.load(std::sync::atomic::Ordering::SeqCst);
+        if v > 0 {
+            return v;
+        }
+    }
+    NLC_MIN_BLOCKS
+}
+
+/// `(N, L, C)` tile geometry from the shape `(n, l, c)` only. Columns: `C / 4` when 4
+/// divides `C`, else `C` (the kernel takes its scalar path, with the same `cc`).
+///
+/// Preferred tiling: `cc` = the power of two in 8..=256 (or `cols` rounded up to
+/// one, below 8) leaving the fewest idle lanes in the last chunk, the larger on a tie
+/// (e.g. C = 768: 192 columns, cc = 64, 3 chunks; C = 192: 48 columns, cc = 16), and
+/// `⌊L / R₀⌋` tiles per sample (at least one) of `⌈L / tiles⌉` rows, `R₀` = the larger
+/// of `NLC_MIN_ROWS` and `NLC_ROWS_PER_THREAD` per row group, so a tile has at
+/// least `R₀` rows when `L ≥ R₀` (L = 197 at cc = 64: 6 tiles of 33 rows).
+///
+/// Block floor: while `N · tps · chunks` is below `NLC_MIN_BLOCKS` (792), the next
+/// candidate is tried, in order: `cc` halved (down to 8; never more idle lanes), and
+/// at each `cc` first `R₀`, then `R₀` = `NLC_MIN_ROWS` (1 row per thread at cc = 8).
+/// The first candidate reaching the floor is taken, else the one with the most
+/// blocks (the first on a tie). Tiles keep ≥ 32 rows when `L ≥ 32`, so the f32
+/// partials stay ≤ 12·C bytes per 32 rows: bytes ≤ 1.0625 × the f16 backward's
+/// minimum (6 bytes per element; GAP: ≤ 1.0625 × 2 bytes), within the audit's 1.25.
+/// E.g. (32, 49, 2048): cc 256 → 16, 32 chunks × 32 tiles = 1024 blocks (was 64);
+/// (8, 197, 768): cc 64 → 8 with 33-row tiles, 24 × 48 = 1152 blocks (was 144);
+/// ViT-B (64, 197, 768) already has 384 × 3 and keeps cc = 64.
+#[doc(hidden)]
+pub fn nlc_tiling(n: usize, l: usize, c: usize) -> NlcGeom {
     let threads = THREADS as usize;
-    let cols = if shape.c % NLC_W == 0 {
-        shape.c / NLC_W
-    } else {
-        shape.c
-    };
+    let (n, l) = (n.max(1), l.max(1));
+    let cols = if c % NLC_W == 0 { c / NLC_W } else { c }.max(1);
     let mut cc = cols.next_power_of_two().min(8);
     let mut idle = cols.div_ceil(cc) * cc - cols;
     let mut k = 16;
@@ -278,16 +327,39 @@ fn nlc_geometry(shape: &ActShape) -> NlcGeom {
         }
         k *= 2;
     }
-    let groups = threads / cc;
-    let rows0 = NLC_MIN_ROWS.max(NLC_ROWS_PER_THREAD * groups);
-    let tps0 = (shape.s / rows0).max(1);
-    let rows = shape.s.div_ceil(tps0);
-    NlcGeom {
-        cc,
-        rows,
-        tps: shape.s.div_ceil(rows),
-        chunks: cols.div_ceil(cc),
+    let geom = |cc: usize, min_rows: usize| {
+        let tps0 = (l / min_rows).max(1);
+        let rows = l.div_ceil(tps0);
+        NlcGeom {
+            cc,
+            rows,
+            tps: l.div_ceil(rows),
+            chunks: cols.div_ceil(cc),
+        }
+    };
+    let blocks = |g: &NlcGeom| n.saturating_mul(g.tps).saturating_mul(g.chunks);
+    let floor = nlc_min_blocks();
+    // (blocks, geometry) of the best candidate so far; every candidate has ≥ 1 block.
+    let mut best = (0usize, geom(cc, NLC_MIN_ROWS));
+    let mut k = cc;
+    loop {
+        let r0 = NLC_MIN_ROWS.max(NLC_ROWS_PER_THREAD * (threads / k));
+        for r in [r0, NLC_MIN_ROWS] {
+            let g = geom(k, r);
+            let b = blocks(&g);
+            if b >= floor {
+                return g;
+            }
+            if b > best.0 {
+                best = (b, g);
+            }
+        }
+        if k <= 8 {
+            break;
+        }
+        k /= 2;
     }
+    best.1
 }
 
 /// The `(N, L, C)` kernels index tiles of rows and column chunks with 32-bit
@@ -1066,8 +1138,8 @@ impl ChannelGen {
         saved: &ChannelGenSaved,
     ) -> Result<GenInner> {
         let (nn, cc, wdu) = (shape.n, shape.c, self.width);
-        // SAFETY: acon_gen_fc_dh writes all of dh (N·width), acon_gen_fc_dg all of
-        // dz and dg (N·C).
+        // SAFETY: acon_gen_fc_dh writes all of dz (N·C) and dh (N·width),
+        // acon_gen_fc_dg all of dg (N·C).
         let mut dz = unsafe { stream.alloc::<f32>(nn * cc) }?;
         let mut dh = unsafe { stream.alloc::<f32>(nn * wdu) }?;
         let mut dg = unsafe { stream.alloc::<f32>(nn * cc) }?;
@@ -1081,24 +1153,24 @@ impl ChannelGen {
             .arg(&n)
             .arg(&c)
             .arg(&wd)
+            .arg(&mut dz)
             .arg(&mut dh);
-        // SAFETY: (n, j) reads row n of dβ, β (C) and W2 (C·width, validated),
-        // writes dh[n·width + j].
-        unsafe { b.launch(cfg_gen(nn, wdu.div_ceil(WARPS))) }?;
+        // SAFETY: block (n, group of 8 outputs) reads row n of dβ, β (C) and W2
+        // (C·width, validated) at columns < width, writes dz[n·C + c] (group 0) and
+        // dh[n·width + j] for j < width; THREADS is a multiple of 32 and the
+        // kernel's bound.
+        unsafe { b.launch(cfg_gen(nn, wdu.div_ceil(8))) }?;
         let f = kernel_fn!(stream, "acon_gen_fc_dg")?;
         let mut b = launcher(stream, &f);
-        b.arg(dbeta)
-            .arg(&saved.beta)
-            .arg(&self.w1)
+        b.arg(&self.w1)
             .arg(&dh)
             .arg(&n)
             .arg(&c)
             .arg(&wd)
             .arg(&scale)
-            .arg(&mut dz)
             .arg(&mut dg);
-        // SAFETY: (n, c) reads dβ, β at n·C + c, W1 (width·C, validated) and row n
-        // of dh (width), writes dz and dg at n·C + c.
+        // SAFETY: (n, c) reads W1 (width·C, validated) and row n of dh (width),
+        // writes dg at n·C + c.
         unsafe { b.launch(cfg_gen(nn, cc.div_ceil(THREADS as usize))) }?;
         // SAFETY: acon_gen_wgrad writes every element of dW1, dW2 and, when
         // present, db1, db2.
@@ -1144,8 +1216,8 @@ const WARPS: usize = THREADS as usize / 32;
 
 /// The channel-wise generator's fc kernels: blocks of [`THREADS`] over (sample,
 /// slice of outputs), both dimensions capped (the kernels' loops are grid-stride in
-/// both). ViT-B (64, 197, 768) with width 48: 384 blocks for `h` and `dh`, 6144 for
-/// `β`, 192 for `dg` (was 64, one per sample).
+/// both). ViT-B (64, 197, 768) with width 48: 384 blocks for `h` and `dh` (groups
+/// of 8 outputs), 6144 for `β`, 192 for `dg` (was 64, one per sample).
 fn cfg_gen(n: usize, slices: usize) -> LaunchConfig {
     let cap = super::grid_cap();
     LaunchConfig {

@@ -186,7 +186,13 @@ fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
             i += 1;
             continue;
         }
-        let name = def_name(l);
+        // The name may be on the next line (`AK_KERNEL void __launch_bounds__(256) \`
+        // then `name_##SUF(…`, in a macro).
+        let mut name = def_name(l);
+        if name.is_empty() && i + 1 < lines.len() {
+            let joined = format!("{} {}", l.trim_end().trim_end_matches('\\'), lines[i + 1]);
+            name = def_name(&joined);
+        }
         // The body: from this line to the matching closing brace.
         let mut depth = 0i32;
         let mut started = false;
@@ -366,6 +372,19 @@ mod tests {
             "k"
         );
         assert_eq!(def_name("__device__ void f(int a) {"), "f");
+    }
+
+    #[test]
+    fn a_name_on_the_next_line_is_found() {
+        let src = "#define F(S, T) \\\n  AK_KERNEL void __launch_bounds__(256) \\\n      k_##S(long long n) { \\\n    for (long long i = 0; i < n; ++i) { long long q = i % n; } \\\n  }\n";
+        let mut funcs = HashMap::new();
+        functions("x.cu", src, &mut funcs);
+        assert_eq!(
+            funcs.get("k_").map(|f| f.flagged.len()),
+            Some(1),
+            "{:?}",
+            funcs.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]

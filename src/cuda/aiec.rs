@@ -259,8 +259,8 @@ fn rows_per_thread(n: usize, lanes: usize, other_tiles: usize, max_rows: usize) 
 }
 
 /// Largest `dWd` partials buffer (bytes) of the two-stage reduction: the sample
-/// chunks are capped so that `chunks · K · C · 4` stays within it. See
-/// [`dwd_chunks`].
+/// chunks are capped so that `chunks · K · C · 4` stays within it (one stage, no
+/// partials, when the `K × C` output tiles alone give enough blocks).
 pub const DWD_SCRATCH_BYTES: usize = 4 << 20;
 
 /// Sample chunks of the `dWd` kernel for `n` samples and `tiles` 32 × 32 output

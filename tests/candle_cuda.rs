@@ -574,7 +574,7 @@ fn iieu_conv_forward_backward() {
                 IieuConvPsiSpec::None
             };
             // One op per device: an op keeps the running statistics its last forward left.
-            let op = IieuConvOp::new(opts, wd, spec.clone());
+            let op = IieuConvOp::new(opts, wd, spec);
             let opc = IieuConvOp::new(opts, wd, spec);
             let y = xp.apply_op3_no_bwd(&wt, &p, &op).unwrap();
             assert_eq!((y.dtype(), y.dims()), (dt, &yd[..]));

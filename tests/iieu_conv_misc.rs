@@ -19,6 +19,7 @@ mod naive;
 use activation_kernels::cpu::iieu::{self, IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_conv::{
     backward, conv2d, conv2d_backward, forward, BatchNorm, IieuConvGrads, IieuConvParams, Psi,
+    PsiKind,
 };
 use activation_kernels::{Conv2dGeometry, Error};
 use cnaive::{Kind, KINDS};
@@ -880,5 +881,60 @@ fn one_by_one_direct_path_bits_independent_of_thread_count() {
         let a = pool(1).install(run);
         assert_eq!(a, pool(2).install(run), "{mode:?}: 2-thread run differs");
         assert_eq!(a, run(), "{mode:?}: default-pool run differs");
+    }
+}
+
+/// The flat pack the framework ops hand over ([`PsiKind`]): each vector lands in its
+/// field, the gradients come back in the same order with zeros for the running
+/// statistics, and a pack of the wrong length is `Err(LengthMismatch)`.
+#[test]
+fn pack_layout_round_trips_and_rejects_wrong_lengths() {
+    let o = 3;
+    let bn = PsiKind::BatchNorm {
+        momentum: 0.25,
+        eps: 1e-3,
+        training: false,
+    };
+    for kind in [PsiKind::None, PsiKind::Bias, PsiKind::Affine, bn] {
+        let len = kind.pack_len(o);
+        let pack: Vec<f64> = (0..len).map(|i| i as f64).collect();
+        let p = IieuConvParams::from_pack(kind, o, &pack).unwrap();
+        let at = |i: usize| pack[i * o..(i + 1) * o].to_vec();
+        let k = kind.n_vectors();
+        assert_eq!(p.iieu.ln_weight, at(k));
+        assert_eq!(p.iieu.ln_bias, at(k + 1));
+        assert_eq!(p.iieu.eta, at(k + 2));
+        match (&p.psi, kind) {
+            (Psi::None, PsiKind::None) => {}
+            (Psi::Bias(b), PsiKind::Bias) => assert_eq!(*b, at(0)),
+            (Psi::Affine { scale, shift }, PsiKind::Affine) => {
+                assert_eq!((scale, shift), (&at(0), &at(1)));
+            }
+            (Psi::BatchNorm(b), PsiKind::BatchNorm { .. }) => {
+                assert_eq!((&b.weight, &b.bias), (&at(0), &at(1)));
+                assert_eq!((&b.running_mean, &b.running_var), (&at(5), &at(6)));
+                assert_eq!((b.momentum, b.eps, b.training), (0.25, 1e-3, false));
+            }
+            (psi, kind) => panic!("{kind:?} unpacked as {psi:?}"),
+        }
+        // Gradients in pack order: dψ (scale, shift), dγ̇, dβ̇, dη, zeros.
+        let v = |base: f64| vec![base; o];
+        let mut g = IieuConvGrads::<f64> {
+            d_ln_weight: v(3.0),
+            d_ln_bias: v(4.0),
+            d_eta: v(5.0),
+            d_psi_scale: if k == 2 { v(1.0) } else { vec![] },
+            d_psi_shift: if k >= 1 { v(2.0) } else { vec![] },
+            ..Default::default()
+        };
+        let dp = g.take_pack(len);
+        let mut want: Vec<f64> = [1.0, 2.0][2 - k..].iter().flat_map(|&b| v(b)).collect();
+        want.extend([3.0, 4.0, 5.0].iter().flat_map(|&b| v(b)));
+        want.resize(len, 0.0);
+        assert_eq!(dp, want, "{kind:?}");
+        for bad in [len - 1, len + 1] {
+            let e = IieuConvParams::from_pack(kind, o, &vec![0.0f64; bad]).unwrap_err();
+            assert!(matches!(e, Error::LengthMismatch { .. }), "{e:?}");
+        }
     }
 }

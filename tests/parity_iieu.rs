@@ -550,6 +550,20 @@ fn bad_input() {
         gpu::filter_inv_norm(&s, &huge, &f(1)),
         Err(Error::Shape { .. })
     ));
+    // Work items beyond the kernels' flat 32-bit indices: N·H·W = 2^32 input pixels
+    // (each axis fits i32, the product does not). Err(Shape) from the shape alone,
+    // before the length checks (the small buffers are never read) and before any launch.
+    let items = IieuConfig::new(Conv2dGeometry::new(1 << 16, 1, 256, 256, 1, 1, 1));
+    let e = gpu::forward(&s, &items, &x, &xp, &w, &p).unwrap_err();
+    assert!(
+        matches!(&e, Error::Shape { what, .. } if what.contains("work items")),
+        "{e:?}"
+    );
+    let e = gpu::backward(&s, &items, &dy, &x, &xp, &w, &p, &saved).unwrap_err();
+    assert!(
+        matches!(&e, Error::Shape { what, .. } if what.contains("work items")),
+        "{e:?}"
+    );
 
     // Saved state from a different config: another patch-norm mode, another geometry
     // with the same tensor lengths (stride/padding trade), another batch.

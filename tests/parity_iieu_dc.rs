@@ -602,6 +602,17 @@ fn bad_input() {
             assert!(matches!(e, Error::Shape { .. }), "{e:?}");
         });
     }
+
+    // N·2C GAP planes beyond the kernels' 32-bit plane index (N = 600 000, C = 2048:
+    // 2.46·10⁹ > 2³¹ − 1), with every other size in range: Err(Shape) naming N·2C,
+    // before the length checks and before any launch.
+    let wide = DcConfig::new(600_000, 2048, 1, 1, 16).unwrap();
+    g.check_schedules(|| {
+        let e = gpu_dc::forward(&s, &wide, &x, &x, &dp).unwrap_err();
+        assert!(matches!(&e, Error::Shape { what: "N·2C", .. }), "{e:?}");
+        let e = gpu_dc::backward(&s, &wide, &x, &x, &x, &dp, &saved).unwrap_err();
+        assert!(matches!(&e, Error::Shape { what: "N·2C", .. }), "{e:?}");
+    });
 }
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::cpu::acon::{self, Beta, ChannelGen, ChannelGenSaved};
 use crate::cpu::aiec::{self, AiecConfig, AiecSaved, Counters};
 use crate::cpu::iieu::{self, IieuConfig, IieuParams, IieuSaved};
-use crate::cpu::iieu_conv::{self, BatchNorm, IieuConvParams, IieuConvSaved, Psi};
+use crate::cpu::iieu_conv::{self, IieuConvParams, IieuConvSaved, Psi, PsiKind};
 use crate::cpu::iieu_dc::{self, DcConfig, DcParams, DcSaved};
 use crate::real::Real;
 use crate::{ActShape, Error, Result};
@@ -54,40 +54,6 @@ pub(crate) struct AiecStep {
     pub stats: Arc<Mutex<Option<AiecStats>>>,
 }
 
-/// Which ψ a fused IieuConv2d applies between its convolution and IIEU-B
-/// ([`crate::cpu::iieu_conv::Psi`]); the learnable vectors travel in the op's pack.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum ConvPsiKind {
-    /// `x = c` (no vectors).
-    None,
-    /// `x = c + b[o]` (pack: `b`).
-    Bias,
-    /// `x = a[o]·c + b[o]` (pack: `a`, `b`).
-    Affine,
-    /// BatchNorm (pack: `γ`, `β`, and at the end the running mean and variance, which
-    /// get a zero gradient).
-    BatchNorm {
-        momentum: f64,
-        eps: f64,
-        training: bool,
-    },
-}
-
-impl ConvPsiKind {
-    /// Learnable ψ vectors at the head of the pack.
-    pub(crate) fn n_vectors(self) -> usize {
-        match self {
-            ConvPsiKind::None => 0,
-            ConvPsiKind::Bias => 1,
-            ConvPsiKind::Affine | ConvPsiKind::BatchNorm { .. } => 2,
-        }
-    }
-    /// Running-statistics vectors at the tail of the pack.
-    pub(crate) fn n_running(self) -> usize {
-        usize::from(matches!(self, ConvPsiKind::BatchNorm { .. })) * 2
-    }
-}
-
 /// BatchNorm's running statistics after a training forward: `(mean, var)`, host f64.
 pub(crate) type RunningSlot = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
 
@@ -115,11 +81,11 @@ pub(crate) enum OpKind {
     /// Inputs `x, res, packed parameters` (the nine of [`DcParams`], flattened, in field order).
     Dc { cfg: DcConfig },
     /// Inputs `x_pre, W, pack` with pack `[ψ vectors; γ̇; β̇; η; running mean; running
-    /// var]` (ψ's as [`ConvPsiKind`] says, the running statistics for BatchNorm only);
+    /// var]` (ψ's as [`PsiKind`] says, the running statistics for BatchNorm only);
     /// a training BatchNorm leaves its updated statistics in `running_out`.
     IieuConv {
         cfg: IieuConfig,
-        psi: ConvPsiKind,
+        psi: PsiKind,
         running_out: RunningSlot,
     },
     /// Inputs `F, Wd`; output `[A (flat), total loss]`.
@@ -272,54 +238,6 @@ fn dc_unpack<T: Real>(cfg: &DcConfig, packed: &[T]) -> Result<DcParams<T>> {
     })
 }
 
-/// IieuConv2d's parameters from its pack (see [`OpKind::IieuConv`]).
-fn conv_unpack<T: Real>(
-    cfg: &IieuConfig,
-    psi: ConvPsiKind,
-    pack: &[T],
-) -> Result<IieuConvParams<T>> {
-    let o = cfg.geometry.c_out;
-    let k = psi.n_vectors();
-    let total = (k + 3 + psi.n_running()) * o;
-    if pack.len() != total {
-        return Err(Error::LengthMismatch {
-            what: "iieu_conv2d packed parameters",
-            expected: total,
-            got: pack.len(),
-        });
-    }
-    let v = |i: usize| pack[i * o..(i + 1) * o].to_vec();
-    let psi = match psi {
-        ConvPsiKind::None => Psi::None,
-        ConvPsiKind::Bias => Psi::Bias(v(0)),
-        ConvPsiKind::Affine => Psi::Affine {
-            scale: v(0),
-            shift: v(1),
-        },
-        ConvPsiKind::BatchNorm {
-            momentum,
-            eps,
-            training,
-        } => Psi::BatchNorm(BatchNorm {
-            weight: v(0),
-            bias: v(1),
-            running_mean: v(k + 3),
-            running_var: v(k + 4),
-            momentum,
-            eps,
-            training,
-        }),
-    };
-    Ok(IieuConvParams {
-        iieu: IieuParams {
-            ln_weight: v(k),
-            ln_bias: v(k + 1),
-            eta: v(k + 2),
-        },
-        psi,
-    })
-}
-
 fn dc_pack<T: Real>(g: iieu_dc::DcGrads<T>) -> Vec<T> {
     [
         g.d_ln1_weight,
@@ -383,7 +301,7 @@ pub(crate) fn forward<T: Real>(op: &HostOp, ins: &[&[T]]) -> Result<(Vec<T>, Sav
             psi,
             running_out,
         } => {
-            let mut params = conv_unpack(cfg, *psi, ins[2])?;
+            let mut params = IieuConvParams::from_pack(*psi, cfg.geometry.c_out, ins[2])?;
             let (y, saved) = iieu_conv::forward(cfg, ins[0], ins[1], &mut params)?;
             if let Psi::BatchNorm(bn) = &params.psi {
                 if bn.training {
@@ -506,14 +424,9 @@ pub(crate) fn backward<T: Real>(
                 return Err(mismatch());
             };
             let (s, params) = &**b;
-            let g = iieu_conv::backward(cfg, dout, ins[0], ins[1], params, s)?;
-            let mut dp = g.d_psi_scale;
-            dp.extend(g.d_psi_shift);
-            dp.extend(g.d_ln_weight);
-            dp.extend(g.d_ln_bias);
-            dp.extend(g.d_eta);
+            let mut g = iieu_conv::backward(cfg, dout, ins[0], ins[1], params, s)?;
             // The running statistics are state, not parameters: zero gradient.
-            dp.resize(ins[2].len(), T::zero());
+            let dp = g.take_pack(ins[2].len());
             vec![g.dx_pre, g.dw, dp]
         }
         OpKind::Aiec(step) => {

@@ -306,6 +306,27 @@ impl MetaAconC {
 // ---------------------------------------------------------------------------
 // IIEU-B, IIEU-DC
 
+/// The conv settings both IIEU configs carry, as [`IieuOpts`].
+fn conv_opts(
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+    patch_norm_all_channels: bool,
+) -> IieuOpts {
+    IieuOpts {
+        stride,
+        padding,
+        dilation,
+        groups,
+        patch_norm: if patch_norm_all_channels {
+            PatchNorm::AllChannels
+        } else {
+            PatchNorm::PerGroup
+        },
+    }
+}
+
 /// Config of [`IieuB`]: output channels of the conv it follows, and that conv's geometry.
 #[derive(Config, Debug)]
 pub struct IieuBConfig {
@@ -354,17 +375,13 @@ impl IieuBConfig {
             ln_weight: full(o, 0.01, device),
             ln_bias: full(o, 0.0, device),
             eta: full(o, 0.05, device),
-            opts: IieuOpts {
-                stride: self.stride,
-                padding: self.padding,
-                dilation: self.dilation,
-                groups: self.groups,
-                patch_norm: if self.patch_norm_all_channels {
-                    PatchNorm::AllChannels
-                } else {
-                    PatchNorm::PerGroup
-                },
-            },
+            opts: conv_opts(
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                self.patch_norm_all_channels,
+            ),
         })
     }
 }
@@ -547,17 +564,13 @@ impl IieuConv2dConfig {
             ln_weight: full(o, 0.01, device),
             ln_bias: full(o, 0.0, device),
             eta: full(o, 0.05, device),
-            opts: IieuOpts {
-                stride: self.stride,
-                padding: self.padding,
-                dilation: self.dilation,
-                groups: self.groups,
-                patch_norm: if self.patch_norm_all_channels {
-                    PatchNorm::AllChannels
-                } else {
-                    PatchNorm::PerGroup
-                },
-            },
+            opts: conv_opts(
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                self.patch_norm_all_channels,
+            ),
             bn_momentum_eps: (self.bn_momentum, self.bn_eps),
         })
     }

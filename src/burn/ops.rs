@@ -19,8 +19,9 @@ use ::burn::tensor::{Int, Tensor, TensorCreationOptions, TensorData};
 
 use super::backend::AkBackend;
 pub use super::kernel::{AiecStats, BetaAxis};
-use super::kernel::{ConvPsiKind, HostOp, OpKind, RunningSlot, MAX_INPUTS};
+use super::kernel::{HostOp, OpKind, RunningSlot, MAX_INPUTS};
 use crate::cpu::aiec::{AiecConfig, Counters};
+use crate::cpu::iieu_conv::PsiKind;
 use crate::cpu::iieu_dc::DcConfig;
 pub use crate::Layout;
 use crate::{ActShape, Error, Result};
@@ -365,14 +366,14 @@ pub fn iieu_conv2d(
     let mut vecs: Vec<(&'static str, Tensor<1>)> = Vec::new();
     let mut running = Vec::new();
     let kind = match psi {
-        ConvPsi::None => ConvPsiKind::None,
+        ConvPsi::None => PsiKind::None,
         ConvPsi::Bias(b) => {
             vecs.push(("psi bias", b));
-            ConvPsiKind::Bias
+            PsiKind::Bias
         }
         ConvPsi::Affine { scale, shift } => {
             vecs.extend([("psi scale", scale), ("psi shift", shift)]);
-            ConvPsiKind::Affine
+            PsiKind::Affine
         }
         ConvPsi::BatchNorm {
             weight,
@@ -388,7 +389,7 @@ pub fn iieu_conv2d(
                 ("running_mean", running_mean.detach()),
                 ("running_var", running_var.detach()),
             ]);
-            ConvPsiKind::BatchNorm {
+            PsiKind::BatchNorm {
                 momentum,
                 eps,
                 training,

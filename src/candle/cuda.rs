@@ -1453,14 +1453,13 @@ fn iieu_conv_inputs<'a, T: CudaEl>(
     );
     let o = op.w_dims[0];
     let k = op.psi.n_vectors();
-    let count = k + 3 + op.psi.n_running();
-    if pv.len() != count * o {
+    let plen = op.psi.pack_len(o);
+    if pv.len() != plen {
         return Err(op_err(
             name,
             format!(
-                "packed parameters have {} elements, expected {}",
-                pv.len(),
-                count * o
+                "packed parameters have {} elements, expected {plen}",
+                pv.len()
             ),
         ));
     }

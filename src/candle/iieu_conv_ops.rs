@@ -28,10 +28,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout as CLayout, Shape, Tensor};
 
-use super::ops::{split, IieuOpts};
+use super::ops::IieuOpts;
 use super::{cerr, check_dims, cpu_data, host, op_err, El};
-use crate::cpu::iieu::{IieuConfig, IieuParams};
-use crate::cpu::iieu_conv::{self, BatchNorm, IieuConvParams, Psi};
+use crate::cpu::iieu::IieuConfig;
+use crate::cpu::iieu_conv::{self, IieuConvParams, Psi, PsiKind};
 use crate::real::Real;
 
 type CResult<T> = candle_core::Result<T>;
@@ -40,45 +40,8 @@ type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 const NAME: &str = "iieu_conv2d";
 
 /// Which ψ an [`IieuConvOp`] applies, with BatchNorm's non-learnable state (its
-/// learnable vectors are in the op's parameter pack).
-#[derive(Debug, Clone, PartialEq)]
-pub enum IieuConvPsiSpec {
-    /// `x = c` (pack: no ψ vectors).
-    None,
-    /// `x = c + b[o]` (pack: `b`).
-    Bias,
-    /// `x = a[o]·c + b[o]` (pack: `a`, `b`).
-    Affine,
-    /// BatchNorm (pack: `γ`, `β`): `x = γ·(c − μ)/sqrt(var + eps) + β` with the batch
-    /// statistics (training) or the running ones (eval).
-    /// The running statistics are the last `2·O` values of the pack.
-    BatchNorm {
-        /// Running-stat momentum in `[0, 1]`.
-        momentum: f64,
-        /// `eps > 0` added to the variance.
-        eps: f64,
-        /// Training (batch statistics, running stats updated) or eval.
-        training: bool,
-    },
-}
-
-impl IieuConvPsiSpec {
-    /// Number of learnable ψ vectors at the head of the pack (each `(O,)`).
-    pub(crate) fn n_vectors(&self) -> usize {
-        match self {
-            IieuConvPsiSpec::None => 0,
-            IieuConvPsiSpec::Bias => 1,
-            IieuConvPsiSpec::Affine | IieuConvPsiSpec::BatchNorm { .. } => 2,
-        }
-    }
-    /// Number of running-statistics vectors at the tail of the pack.
-    pub(crate) fn n_running(&self) -> usize {
-        match self {
-            IieuConvPsiSpec::BatchNorm { .. } => 2,
-            _ => 0,
-        }
-    }
-}
+/// learnable vectors are in the op's parameter pack, laid out as [`PsiKind`] says).
+pub type IieuConvPsiSpec = PsiKind;
 
 /// The fused IieuConv2d as a candle op (SPEC §1, §1.5; formula and gradients in
 /// [`crate::cpu::iieu_conv`]):
@@ -161,39 +124,7 @@ impl IieuConvOp {
 
     /// Splits the pack into ψ and IIEU-B's parameters.
     fn params<T: El>(&self, p: &[T]) -> CResult<IieuConvParams<T>> {
-        let o = self.w_dims[0];
-        let k = self.psi.n_vectors();
-        let parts = split(NAME, p, &vec![o; k + 3 + self.psi.n_running()])?;
-        let v = |i: usize| parts[i].to_vec();
-        let psi = match &self.psi {
-            IieuConvPsiSpec::None => Psi::None,
-            IieuConvPsiSpec::Bias => Psi::Bias(v(0)),
-            IieuConvPsiSpec::Affine => Psi::Affine {
-                scale: v(0),
-                shift: v(1),
-            },
-            IieuConvPsiSpec::BatchNorm {
-                momentum,
-                eps,
-                training,
-            } => Psi::BatchNorm(BatchNorm {
-                weight: v(0),
-                bias: v(1),
-                running_mean: v(k + 3),
-                running_var: v(k + 4),
-                momentum: *momentum,
-                eps: *eps,
-                training: *training,
-            }),
-        };
-        Ok(IieuConvParams {
-            iieu: IieuParams {
-                ln_weight: v(k),
-                ln_bias: v(k + 1),
-                eta: v(k + 2),
-            },
-            psi,
-        })
+        IieuConvParams::from_pack(self.psi, self.w_dims[0], p).map_err(cerr)
     }
 }
 
@@ -244,13 +175,9 @@ fn conv_bwd<T: El>(
     let mut params = op.params(&pv)?;
     let (_, saved) = iieu_conv::forward(&cfg, &xpv, &wv, &mut params).map_err(cerr)?;
     let gr = iieu_conv::backward(&cfg, &gv, &xpv, &wv, &params, &saved).map_err(cerr)?;
-    let mut dp = gr.d_psi_scale;
-    dp.extend(gr.d_psi_shift);
-    dp.extend(gr.d_ln_weight);
-    dp.extend(gr.d_ln_bias);
-    dp.extend(gr.d_eta);
-    // The running statistics are not differentiated.
-    dp.resize(dp.len() + op.psi.n_running() * op.w_dims[0], T::zero());
+    let mut gr = gr;
+    // The running statistics are not differentiated (zeros in the pack).
+    let dp = gr.take_pack(op.psi.pack_len(op.w_dims[0]));
     Ok((
         Some(Tensor::from_vec(gr.dx_pre, xp.shape(), xp.device())?),
         Some(Tensor::from_vec(gr.dw, w.shape(), w.device())?),

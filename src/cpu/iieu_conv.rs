@@ -293,6 +293,117 @@ pub struct IieuConvGrads<T> {
     pub d_psi_shift: Vec<T>,
 }
 
+/// Which ψ, without its vectors: how ψ and IIEU-B's parameters lie in one flat pack,
+/// the form the framework ops (candle, burn) hand to the CPU op.
+///
+/// Pack layout, each vector `(O,)`: `[ψ scale; ψ shift; γ̇; β̇; η; running_mean;
+/// running_var]` — ψ's vectors as the variant says ([`PsiKind::n_vectors`]), the
+/// running statistics for BatchNorm only ([`PsiKind::n_running`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PsiKind {
+    /// `x = c` (pack: no ψ vectors).
+    None,
+    /// `x = c + b[o]` (pack: `b`).
+    Bias,
+    /// `x = a[o]·c + b[o]` (pack: `a`, `b`).
+    Affine,
+    /// BatchNorm (pack: `γ`, `β`): `x = γ·(c − μ)/sqrt(var + eps) + β` with the batch
+    /// statistics (training) or the running ones (eval). The running statistics are
+    /// the last `2·O` values of the pack.
+    BatchNorm {
+        /// Running-stat momentum in `[0, 1]`.
+        momentum: f64,
+        /// `eps > 0` added to the variance.
+        eps: f64,
+        /// Training (batch statistics, running stats updated) or eval.
+        training: bool,
+    },
+}
+
+impl PsiKind {
+    /// Number of learnable ψ vectors at the head of the pack.
+    pub fn n_vectors(self) -> usize {
+        match self {
+            PsiKind::None => 0,
+            PsiKind::Bias => 1,
+            PsiKind::Affine | PsiKind::BatchNorm { .. } => 2,
+        }
+    }
+
+    /// Number of running-statistics vectors at the tail of the pack (2 for BatchNorm).
+    pub fn n_running(self) -> usize {
+        usize::from(matches!(self, PsiKind::BatchNorm { .. })) * 2
+    }
+
+    /// Length of the pack for `c_out` channels.
+    pub fn pack_len(self, c_out: usize) -> usize {
+        (self.n_vectors() + 3 + self.n_running()) * c_out
+    }
+}
+
+impl<T: Real> IieuConvParams<T> {
+    /// The parameters from a flat pack laid out as [`PsiKind`] says, for `c_out`
+    /// channels. `Err(LengthMismatch)` when the pack has the wrong length.
+    pub fn from_pack(kind: PsiKind, c_out: usize, pack: &[T]) -> Result<Self> {
+        check_len(
+            "iieu_conv2d packed parameters",
+            kind.pack_len(c_out),
+            pack.len(),
+        )?;
+        let k = kind.n_vectors();
+        let v = |i: usize| pack[i * c_out..(i + 1) * c_out].to_vec();
+        let psi = match kind {
+            PsiKind::None => Psi::None,
+            PsiKind::Bias => Psi::Bias(v(0)),
+            PsiKind::Affine => Psi::Affine {
+                scale: v(0),
+                shift: v(1),
+            },
+            PsiKind::BatchNorm {
+                momentum,
+                eps,
+                training,
+            } => Psi::BatchNorm(BatchNorm {
+                weight: v(0),
+                bias: v(1),
+                running_mean: v(k + 3),
+                running_var: v(k + 4),
+                momentum,
+                eps,
+                training,
+            }),
+        };
+        Ok(Self {
+            iieu: IieuParams {
+                ln_weight: v(k),
+                ln_bias: v(k + 1),
+                eta: v(k + 2),
+            },
+            psi,
+        })
+    }
+}
+
+impl<T: Real> IieuConvGrads<T> {
+    /// The parameter gradients as one pack of `pack_len` values in [`PsiKind`]'s layout
+    /// (`dψ`, `dγ̇`, `dβ̇`, `dη`), with zeros for the running statistics (state, not
+    /// parameters). Moves the vectors out; `dx_pre` and `dw` stay.
+    pub fn take_pack(&mut self, pack_len: usize) -> Vec<T> {
+        let mut dp = Vec::with_capacity(pack_len);
+        for v in [
+            &mut self.d_psi_scale,
+            &mut self.d_psi_shift,
+            &mut self.d_ln_weight,
+            &mut self.d_ln_bias,
+            &mut self.d_eta,
+        ] {
+            dp.append(v);
+        }
+        dp.resize(pack_len, T::zero());
+        dp
+    }
+}
+
 /// ψ of one channel as `x = ((c − sub)·k)·scale + add` (f64).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Lin {

@@ -169,8 +169,13 @@ fn def_name(l: &str) -> String {
     String::new()
 }
 
-/// Parses every function of one file (name -> body facts).
-fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
+/// Every function definition: name -> file -> body facts. Same-named functions of
+/// one file (overloads) are merged; those of different files stay apart, so a call
+/// resolves to the caller's own file first ([`div64`]).
+type Funcs = HashMap<String, BTreeMap<String, Func>>;
+
+/// Parses every function of one file into `out`.
+fn functions(file: &str, src: &str, out: &mut Funcs) {
     let text = strip_comments(src);
     let lines: Vec<&str> = text.lines().collect();
     let mut i = 0;
@@ -277,6 +282,8 @@ fn functions(file: &str, src: &str, out: &mut HashMap<String, Func>) {
         }
         calls.retain(|(c, _)| *c != name);
         out.entry(name)
+            .or_default()
+            .entry(file.to_string())
             .and_modify(|f: &mut Func| {
                 f.calls.extend(calls.iter().cloned());
                 f.flagged.extend(flagged.iter().cloned());
@@ -299,7 +306,7 @@ pub struct Div64 {
 /// For every kernel family name registered in the ptxas table (`kernels`), the
 /// flagged lines of its body and of every function it calls.
 pub fn div64(sources: &[(String, String)], kernels: &BTreeSet<String>) -> Div64 {
-    let mut funcs = HashMap::new();
+    let mut funcs = Funcs::new();
     for (file, src) in sources {
         functions(file, src, &mut funcs);
     }
@@ -322,25 +329,31 @@ pub fn div64(sources: &[(String, String)], kernels: &BTreeSet<String>) -> Div64 
             missing.push(k.clone());
             continue;
         };
-        // (function, reached from inside a loop): in a function reached from a loop,
-        // every flagged line runs per iteration; otherwise only those in its own loops.
+        // (function, the caller's file, reached from inside a loop): in a function
+        // reached from a loop, every flagged line runs per iteration; otherwise only
+        // those in its own loops. A call resolves to the definition in the caller's
+        // own file when there is one, else to every definition of that name (headers
+        // are shared; when in doubt the lint over-reports rather than misses).
         let mut seen = BTreeSet::new();
-        let mut stack = vec![(start.to_string(), false)];
+        let mut stack = vec![(start.to_string(), None::<String>, false)];
         let mut lines = BTreeSet::new();
-        while let Some((f, looped)) = stack.pop() {
-            if !seen.insert((f.clone(), looped)) {
+        while let Some((f, caller_file, looped)) = stack.pop() {
+            let Some(defs) = funcs.get(&f) else {
                 continue;
-            }
-            if let Some(func) = funcs.get(&f) {
+            };
+            let own = caller_file.as_ref().filter(|cf| defs.contains_key(*cf));
+            for (file, func) in defs {
+                if own.is_some_and(|cf| cf != file) || !seen.insert((f.clone(), file, looped)) {
+                    continue;
+                }
                 for (line, in_loop) in &func.flagged {
                     if looped || *in_loop {
                         lines.insert(line.clone());
                     }
                 }
                 for (c, in_loop) in &func.calls {
-                    let next = (c.clone(), looped || *in_loop);
-                    if funcs.contains_key(c) && !seen.contains(&next) {
-                        stack.push(next);
+                    if funcs.contains_key(c) {
+                        stack.push((c.clone(), Some(file.clone()), looped || *in_loop));
                     }
                 }
             }
@@ -377,10 +390,13 @@ mod tests {
     #[test]
     fn a_name_on_the_next_line_is_found() {
         let src = "#define F(S, T) \\\n  AK_KERNEL void __launch_bounds__(256) \\\n      k_##S(long long n) { \\\n    for (long long i = 0; i < n; ++i) { long long q = i % n; } \\\n  }\n";
-        let mut funcs = HashMap::new();
+        let mut funcs = Funcs::new();
         functions("x.cu", src, &mut funcs);
         assert_eq!(
-            funcs.get("k_").map(|f| f.flagged.len()),
+            funcs
+                .get("k_")
+                .and_then(|d| d.get("x.cu"))
+                .map(|f| f.flagged.len()),
             Some(1),
             "{:?}",
             funcs.keys().collect::<Vec<_>>()
@@ -390,9 +406,38 @@ mod tests {
     #[test]
     fn a_macro_call_mentioning_ak_kernel_is_not_a_definition() {
         let src = "FAMILY(AK_KERNEL, f32)\nAK_KERNEL void k_##S(long long n) {\n  for (long long i = 0; i < n; ++i) { long long q = i / n; }\n}\n";
-        let mut funcs = HashMap::new();
+        let mut funcs = Funcs::new();
         functions("x.cu", src, &mut funcs);
         assert!(!funcs.contains_key("FAMILY"));
-        assert_eq!(funcs.get("k_").map(|f| f.flagged.len()), Some(1));
+        assert_eq!(
+            funcs
+                .get("k_")
+                .and_then(|d| d.get("x.cu"))
+                .map(|f| f.flagged.len()),
+            Some(1)
+        );
+    }
+
+    /// Two files each define `helper`; only b.cu's divides by a 64-bit value in a loop.
+    /// A kernel calls the helper of its own file: a.cu's kernel is clean, b.cu's is
+    /// flagged. A helper defined only in a shared header resolves from every file.
+    #[test]
+    fn a_call_resolves_to_the_callers_own_file() {
+        let a = "__device__ float helper(int n) { return n * 2.0f; }\nAK_KERNEL void ka(int n) { for (int i = 0; i < n; ++i) helper(i); }\n";
+        let b = "__device__ float helper(long long n) { for (int i = 0; i < 4; ++i) { long long q = n / i; } return 0.f; }\nAK_KERNEL void kb(int n) { helper(n); }\n";
+        let h = "__device__ int shared_helper(long long n, long long d) { return (int)(n / d); }\n";
+        let c =
+            "AK_KERNEL void kc(long long n) { for (int i = 0; i < 3; ++i) shared_helper(n, i); }\n";
+        let sources: Vec<(String, String)> =
+            [("a.cu", a), ("b.cu", b), ("common.cuh", h), ("c.cu", c)]
+                .iter()
+                .map(|(f, s)| (f.to_string(), s.to_string()))
+                .collect();
+        let kernels: BTreeSet<String> = ["ka", "kb", "kc"].iter().map(|k| k.to_string()).collect();
+        let d = div64(&sources, &kernels);
+        assert!(d.missing.is_empty());
+        assert_eq!(d.lines["ka"], Vec::<String>::new());
+        assert_eq!(d.lines["kb"], vec!["b.cu:1".to_string()]);
+        assert_eq!(d.lines["kc"], vec!["common.cuh:1".to_string()]);
     }
 }

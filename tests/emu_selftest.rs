@@ -1194,7 +1194,13 @@ fn mma_matches_a_naive_product_for_every_shape_type_and_fragment_load() {
             let loads: &[(i32, &str)] = if op == 3 {
                 &[(0, "by hand")]
             } else {
-                &[(0, "by hand"), (1, "ldmatrix"), (2, "ldmatrix.trans")]
+                &[
+                    (0, "by hand"),
+                    (1, "ldmatrix"),
+                    (2, "ldmatrix.trans"),
+                    (4, "A ldmatrix, B ldmatrix.trans"),
+                    (5, "A ldmatrix.trans, B ldmatrix"),
+                ]
             };
             for &(load, how) in loads {
                 let e = mma_error(op, load, shape, Schedule::Identity);

@@ -237,7 +237,10 @@ EMU_REGISTER_BOUND(emu_selftest_bounded, EMU_SELFTEST_BOUND)
 //   1 ldmatrix (x4/x2 A from a row-major tile, x2/x1 B from an n-major tile);
 //   2 ldmatrix .trans (A from a k-major tile, B from a k-major tile);
 //   3 by hand with the B fragment transposed (B[g][2t] instead of B[2t][g]): a seeded
-//     fragment-index bug, whose result must differ.
+//     fragment-index bug, whose result must differ;
+//   4 A by ldmatrix, B by ldmatrix .trans; 5 A by ldmatrix .trans, B by ldmatrix — mixed,
+//     so that a mistake in one form cannot cancel out (a swap of the k-pairs in both
+//     A and B, as one ldmatrix bug used for both would make, leaves A·B unchanged).
 extern "C" __global__ void emu_selftest_mma(int op, int load, const void* A, const void* B, const float* C, float* D,
                                             int M, int N, int K) {
   SHARED_ARRAY(uint16_t, sa, 16 * 24);
@@ -289,35 +292,30 @@ extern "C" __global__ void emu_selftest_mma(int op, int load, const void* A, con
     } else {
       // Stage the 16×16 A tile and the 16×8 B tile in shared memory (rows 16-byte
       // aligned), then load the fragments with ldmatrix.
+      const bool a_trans = load == 2 || load == 5, b_trans = load == 2 || load == 4;
       for (int e = lane; e < 16 * 16; e += 32) {
         int r = e / 16, c = e % 16;
-        if (load == 1) sa[r * 24 + c] = (uint16_t)a16(r, k0 + c);  // [m][k]
-        else sa[c * 24 + r] = (uint16_t)a16(r, k0 + c);            // [k][m]
+        if (!a_trans) sa[r * 24 + c] = (uint16_t)a16(r, k0 + c);  // [m][k]
+        else sa[c * 24 + r] = (uint16_t)a16(r, k0 + c);           // [k][m]
       }
       for (int e = lane; e < 16 * 8; e += 32) {
         int k = e / 8, n = e % 8;
-        if (load == 1) sb[n * 24 + k] = (uint16_t)b16(k0 + k, n);  // [n][k]
-        else sb[k * 8 + n] = (uint16_t)b16(k0 + k, n);             // [k][n]
+        if (!b_trans) sb[n * 24 + k] = (uint16_t)b16(k0 + k, n);  // [n][k]
+        else sb[k * 8 + n] = (uint16_t)b16(k0 + k, n);            // [k][n]
       }
       __syncwarp();
       const int i = lane / 8, r8 = lane % 8;
       if (KS == 16) {
-        if (load == 1) {
-          ak::mma::ldmatrix_x4(a, &sa[((i & 1) * 8 + r8) * 24 + (i >> 1) * 8]);
-          ak::mma::ldmatrix_x2(b, &sb[r8 * 24 + (i & 1) * 8]);
-        } else {
-          ak::mma::ldmatrix_x4_trans(a, &sa[((i >> 1) * 8 + r8) * 24 + (i & 1) * 8]);
-          ak::mma::ldmatrix_x2_trans(b, &sb[((i & 1) * 8 + r8) * 8]);
-        }
+        if (!a_trans) ak::mma::ldmatrix_x4(a, &sa[((i & 1) * 8 + r8) * 24 + (i >> 1) * 8]);
+        else ak::mma::ldmatrix_x4_trans(a, &sa[((i >> 1) * 8 + r8) * 24 + (i & 1) * 8]);
+        if (!b_trans) ak::mma::ldmatrix_x2(b, &sb[r8 * 24 + (i & 1) * 8]);
+        else ak::mma::ldmatrix_x2_trans(b, &sb[((i & 1) * 8 + r8) * 8]);
       } else {
         uint32_t a2[2], b1[1];
-        if (load == 1) {
-          ak::mma::ldmatrix_x2(a2, &sa[((i & 1) * 8 + r8) * 24]);
-          ak::mma::ldmatrix_x1(b1, &sb[r8 * 24]);
-        } else {
-          ak::mma::ldmatrix_x2_trans(a2, &sa[r8 * 24 + (i & 1) * 8]);
-          ak::mma::ldmatrix_x1_trans(b1, &sb[r8 * 8]);
-        }
+        if (!a_trans) ak::mma::ldmatrix_x2(a2, &sa[((i & 1) * 8 + r8) * 24]);
+        else ak::mma::ldmatrix_x2_trans(a2, &sa[r8 * 24 + (i & 1) * 8]);
+        if (!b_trans) ak::mma::ldmatrix_x1(b1, &sb[r8 * 24]);
+        else ak::mma::ldmatrix_x1_trans(b1, &sb[r8 * 8]);
         a[0] = a2[0];
         a[1] = a2[1];
         b[0] = b1[0];

@@ -1070,3 +1070,259 @@ fn memcheck_use_after_free() {
     let msg = fault_of(unsafe { b.launch(cfg((1, 1, 1), 64, 0)) });
     assert_has(&msg, &["memcheck:", "thread (0,0,0)", "out of bounds"]);
 }
+
+// ---- tensor-core primitives (kernels/mma.cuh, kernels/emu/selftest.cu) ----
+
+/// mma ops of `emu_selftest_mma`: (op, name, k-step).
+const MMA_OPS: [(i32, &str, usize); 4] = [
+    (0, "m16n8k16 f16", 16),
+    (1, "m16n8k16 bf16", 16),
+    (2, "m16n8k8 f16", 8),
+    (3, "m16n8k8 tf32", 8),
+];
+
+/// Seeded uniform values in [-2, 2).
+fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            ((r >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+/// The operands as the kernel reads them (raw bits) and as the reference multiplies
+/// them (the exact value of those bits: f16/bf16 exactly, tf32 = the f32 with its 13
+/// low mantissa bits dropped, as the emulated tensor core reads a .tf32 operand).
+fn mma_operand(op: i32, x: f32) -> (u32, f64) {
+    match op {
+        0 | 2 => {
+            let h = half::f16::from_f32(x);
+            (u32::from(h.to_bits()), h.to_f64())
+        }
+        1 => {
+            let h = half::bf16::from_f32(x);
+            (u32::from(h.to_bits()), h.to_f64())
+        }
+        _ => (
+            x.to_bits(),
+            f64::from(f32::from_bits(x.to_bits() & 0xffff_e000)),
+        ),
+    }
+}
+
+/// D = A·B + C through `emu_selftest_mma` (op, load mode), and the largest error
+/// against the naive f64 product of the same operands, in units of the element's
+/// tolerance: the emulated mma rounds to f32 once per k-step, so each element is
+/// within steps·2⁻²⁴·(|c| + Σ|a·b|) of the f64 product (bound doubled).
+fn mma_error(op: i32, load: i32, (m, n, k): (usize, usize, usize), schedule: Schedule) -> f64 {
+    let (_g, ctx, module) = setup();
+    emu::set_schedule(schedule);
+    let f = module.load_function("emu_selftest_mma").unwrap();
+    let s = ctx.default_stream();
+    let seed = (op * 10 + load) as u64 + 1;
+    let (a_bits, a): (Vec<u32>, Vec<f64>) = uniform(m * k, seed)
+        .iter()
+        .map(|&x| mma_operand(op, x))
+        .unzip();
+    let (b_bits, b): (Vec<u32>, Vec<f64>) = uniform(k * n, seed + 100)
+        .iter()
+        .map(|&x| mma_operand(op, x))
+        .unzip();
+    let c = uniform(m * n, seed + 200);
+    let (da, db) = if op == 3 {
+        (
+            s.clone_htod(&a_bits).unwrap(),
+            s.clone_htod(&b_bits).unwrap(),
+        )
+    } else {
+        // 16-bit operands: two per u32 word, little-endian, as the kernel's u16 view.
+        let pack = |v: &[u32]| -> Vec<u32> {
+            v.chunks(2)
+                .map(|p| p[0] | p.get(1).map_or(0, |&h| h << 16))
+                .collect()
+        };
+        (
+            s.clone_htod(&pack(&a_bits)).unwrap(),
+            s.clone_htod(&pack(&b_bits)).unwrap(),
+        )
+    };
+    let dc = s.clone_htod(&c).unwrap();
+    let mut dd = s.alloc_zeros::<f32>(m * n).unwrap();
+    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+    let mut l = s.launch_builder(&f);
+    l.arg(&op)
+        .arg(&load)
+        .arg(&da)
+        .arg(&db)
+        .arg(&dc)
+        .arg(&mut dd);
+    l.arg(&mi).arg(&ni).arg(&ki);
+    let grid = ((n as u32).div_ceil(8), (m as u32).div_ceil(16), 1);
+    // SAFETY: one warp per 16×8 tile reads A[m·k], B[k·n] (as 16-bit or 32-bit
+    // elements: the u32 buffers hold ceil(m·k/2) / m·k words) and C, writes D[m·n].
+    let r = unsafe { l.launch(cfg(grid, 32, 0)) };
+    emu::set_schedule(Schedule::Identity);
+    r.unwrap();
+    let d = s.clone_dtoh(&dd).unwrap();
+    let steps = k.div_ceil(MMA_OPS[op as usize].2) as f64;
+    let mut worst = 0.0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let (mut exact, mut abs) = (f64::from(c[i * n + j]), f64::from(c[i * n + j]).abs());
+            for kk in 0..k {
+                exact += a[i * k + kk] * b[kk * n + j];
+                abs += (a[i * k + kk] * b[kk * n + j]).abs();
+            }
+            let tol = 2.0 * steps * abs * 2f64.powi(-24) + 1e-30;
+            worst = worst.max((f64::from(d[i * n + j]) - exact).abs() / tol);
+        }
+    }
+    worst
+}
+
+#[test]
+fn mma_matches_a_naive_product_for_every_shape_type_and_fragment_load() {
+    // 16×8×16: one tile, one k-step; 37×21×40: ragged in M, N and K (zero-padded
+    // tiles, 40 not a multiple of 16).
+    for shape in [(16, 8, 16), (37, 21, 40)] {
+        for (op, name, _) in MMA_OPS {
+            // ldmatrix (b16) only for the 16-bit operands.
+            let loads: &[(i32, &str)] = if op == 3 {
+                &[(0, "by hand")]
+            } else {
+                &[
+                    (0, "by hand"),
+                    (1, "ldmatrix"),
+                    (2, "ldmatrix.trans"),
+                    (4, "A ldmatrix, B ldmatrix.trans"),
+                    (5, "A ldmatrix.trans, B ldmatrix"),
+                ]
+            };
+            for &(load, how) in loads {
+                let e = mma_error(op, load, shape, Schedule::Identity);
+                assert!(
+                    e <= 1.0,
+                    "{name}, fragments {how}, {shape:?}: error {e} tolerances"
+                );
+            }
+        }
+    }
+    // The collectives under the interleaving schedule (warps drift at each one).
+    let e = mma_error(0, 1, (37, 21, 40), Schedule::Random(5));
+    assert!(e <= 1.0, "ldmatrix + mma under Schedule::Random: {e}");
+}
+
+#[test]
+fn mma_with_a_transposed_b_fragment_gives_a_wrong_result() {
+    for (op, name, _) in MMA_OPS {
+        let e = mma_error(op, 3, (37, 21, 40), Schedule::Identity);
+        assert!(
+            e > 1e3,
+            "{name}: a B fragment loaded transposed must give a wrong result (error {e} tolerances)"
+        );
+    }
+}
+
+fn mma_divergent(mode: i32, block: u32) -> Result<Vec<f32>, String> {
+    let (_g, ctx, m) = setup();
+    let f = m.load_function("emu_selftest_mma_divergent").unwrap();
+    let s = ctx.default_stream();
+    let mut y = s.alloc_zeros::<f32>(block as usize).unwrap();
+    let mut b = s.launch_builder(&f);
+    b.arg(&mut y).arg(&mode);
+    // SAFETY: one block writes y[0..block).
+    let r = unsafe { b.launch(cfg((1, 1, 1), block, 0)) };
+    if r.is_err() {
+        return Err(fault_of(r));
+    }
+    Ok(s.clone_dtoh(&y).unwrap())
+}
+
+#[test]
+fn mma_from_a_diverged_or_partial_warp_fails_the_launch() {
+    // Control: the whole warp at one site, A = B = 1 (f16), K = 16.
+    assert_eq!(mma_divergent(2, 32).unwrap(), vec![16.0; 32]);
+    let msg = mma_divergent(0, 32).unwrap_err();
+    assert_has(&msg, &["emu_selftest_mma_divergent", "exited lane 16"]);
+    let msg = mma_divergent(1, 32).unwrap_err();
+    assert_has(
+        &msg,
+        &[
+            "different warp-collective instructions",
+            "selftest.cu",
+            "warp-divergent",
+        ],
+    );
+    let msg = mma_divergent(2, 48).unwrap_err();
+    assert_has(&msg, &["does not exist"]);
+}
+
+/// `emu_selftest_cp_async` in `mode` with `n` elements of x (x[i] = i + 0.5), one
+/// block of 64 threads; y[0..128) on success, else the fault.
+fn cp_async_run(mode: i32, n: usize, c: Checks) -> Result<Vec<f32>, String> {
+    let (_g, ctx, m) = setup();
+    let _d = Detectors::set(c);
+    let f = m.load_function("emu_selftest_cp_async").unwrap();
+    let s = ctx.default_stream();
+    let x: Vec<f32> = (0..n).map(|i| i as f32 + 0.5).collect();
+    let dx = s.clone_htod(&x).unwrap();
+    let mut y = s.alloc_zeros::<f32>(128).unwrap();
+    let ni = n as i32;
+    let mut b = s.launch_builder(&f);
+    b.arg(&dx).arg(&mut y).arg(&ni).arg(&mode);
+    // SAFETY: reads x[0..n) (mode 3: deliberately past it, which the emulator
+    // catches before any access), writes y[0..128).
+    let r = unsafe { b.launch(cfg((1, 1, 1), 64, 0)) };
+    if r.is_err() {
+        return Err(fault_of(r));
+    }
+    Ok(s.clone_dtoh(&y).unwrap())
+}
+
+#[test]
+fn cp_async_lands_at_its_wait_group() {
+    // Two groups in flight, wait_group<1> retires the older, wait_group<0> the other.
+    let y = cp_async_run(0, 128, ALL).unwrap();
+    let want: Vec<f32> = (0..128)
+        .map(|i| ((i / 64) * 64 + 63 - i % 64) as f32 + 0.5)
+        .collect();
+    assert_eq!(y, want);
+    // Zero-fill (src-size < cp-size): 37 elements, the rest of the 64 zeros.
+    let y = cp_async_run(4, 37, ALL).unwrap();
+    let want: Vec<f32> = (0..64)
+        .map(|i| if i < 37 { i as f32 + 0.5 } else { 0.0 })
+        .chain(std::iter::repeat(0.0).take(64))
+        .collect();
+    assert_eq!(y, want);
+}
+
+/// (Needs the detectors, which the AddressSanitizer build has not: there an
+/// out-of-bounds source is ASan's to report.)
+#[cfg(not(ak_emu_asan))]
+#[test]
+fn cp_async_read_before_its_wait_group_fails_the_launch() {
+    // No wait at all: racecheck, and initcheck when racecheck is off.
+    let msg = cp_async_run(1, 128, ALL).unwrap_err();
+    assert_has(&msg, &["racecheck: RAW", "`s0`", "cp.async", "in flight"]);
+    let init_only = Checks {
+        race: false,
+        init: true,
+        mem: true,
+    };
+    let msg = cp_async_run(1, 128, init_only).unwrap_err();
+    assert_has(&msg, &["initcheck", "`s0`", "cp.async", "in flight"]);
+    // wait_group<1> with two groups in flight retires only the older: s0 is read
+    // fine, s1 (the newer group) is still in flight.
+    let msg = cp_async_run(2, 128, ALL).unwrap_err();
+    assert_has(&msg, &["racecheck: RAW", "`s1`", "in flight"]);
+    // After the issuer's wait, another warp's read needs a __syncthreads.
+    let msg = cp_async_run(5, 128, ALL).unwrap_err();
+    assert_has(&msg, &["racecheck: RAW", "`s0`"]);
+    // An out-of-bounds source is memcheck's.
+    let msg = cp_async_run(3, 128, ALL).unwrap_err();
+    assert_has(&msg, &["memcheck", "out of bounds"]);
+}

@@ -56,6 +56,30 @@ void syncthreads();
 void warp_sync(unsigned mask);
 // 32 exchange slots of the calling thread's warp.
 uint64_t* warp_slots();
+// ---- the tensor-core primitives' runtime (kernels/mma.cuh) ----
+// Words of warp scratch per lane (warp_scratch()).
+constexpr int kWarpScratchWords = 16;
+// 32 × kWarpScratchWords words of the calling thread's warp (lane l at l·kWarpScratchWords).
+uint32_t* warp_scratch();
+// A warp collective of an `.aligned` instruction (mma.sync, ldmatrix) at source site
+// file:line: waits until every lane in `mask` has arrived (an exited lane or a lane of
+// a partial warp fails the launch, as for the shuffles), and fails the launch when the
+// lanes arrived at different sites (a warp-divergent call). Unlike the shuffles it
+// orders no memory accesses for racecheck: the hardware instructions give no ordering.
+void warp_converge(unsigned mask, const char* file, int line);
+// Whether [p, p+n) lies inside the running block's shared-memory window (its buffers
+// and their redzones: an overrun is memcheck's to report).
+bool in_block_smem(const void* p, size_t n);
+// cp.async of `cp_size` (4, 8, 16) bytes from global `src` to shared `dst`; bytes past
+// `src_size` (0..cp_size) are zeros. The source is read (and checked) now; the
+// destination is checked as a write now, filled with 0xFF and marked in flight — any
+// access before a cp_async_wait retires it is reported — and written at that wait.
+void cp_async(void* dst, const void* src, int cp_size, int src_size);
+// cp.async.commit_group: closes the thread's open group of cp.async.
+void cp_async_commit();
+// cp.async.wait_group n: retires (writes) every cp.async of the thread's committed
+// groups except the n most recent ones; uncommitted cp.async stay in flight.
+void cp_async_wait(int n);
 // This thread's lane (0..31).
 int lane_id();
 // Dynamic shared memory of the current block (launch's sharedMemBytes).

@@ -65,11 +65,28 @@ bool instrumented();
 // ---- a launch and the host thread that runs its blocks ----
 enum State { READY, AT_BLOCK, AT_WARP, DONE };
 
+// One cp.async in flight (issued, not yet retired by cp.async.wait_group): the
+// source bytes were read at issue; the destination is written when a wait retires it.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+  int bytes;        // cp-size: 4, 8 or 16 (bytes past src-size are zeros)
+  uint64_t group;   // the thread's commit count at issue: committed once commits > group
+};
+
 struct Fiber {
   ucontext_t uc;
   ThreadCtx tc;
   State state;
   unsigned mask;
+  // The warp collective this fiber waits at: nullptr for the shuffles, votes and
+  // __syncwarp (any two meet), else the source site of an `.aligned` instruction
+  // (mma.sync, ldmatrix: kernels/mma.cuh), which every lane must reach at the same site.
+  const char* site_file;
+  int site_line;
+  // cp.async of this thread not yet retired, in issue order, and its commit count.
+  std::vector<AsyncCopy> async;
+  uint64_t async_commits;
   char* stack;  // usable region (above the guard page)
 };
 
@@ -98,6 +115,7 @@ struct Runner {
   int index = 0;  // shared-memory slot
   std::vector<Fiber> fibers;
   std::vector<uint64_t> slots;  // 32 per warp
+  std::vector<uint32_t> wscratch;  // kWarpScratchWords per lane (warp_scratch)
   ucontext_t sched;
   Launch* L = nullptr;
   int current = -1;

@@ -181,7 +181,9 @@ int release_warps(Runner& r, int n, int only_warp) {
       }
     if (first < 0) continue;
     unsigned m = r.fibers[base + first].mask;
+    const Fiber& f0 = r.fibers[base + first];
     bool ready = true;
+    int other_site = -1;  // a lane at the same mask but another `.aligned` site
     for (int l = 0; l < 32; ++l) {
       if (!((m >> l) & 1u)) continue;
       if (l >= lanes) {
@@ -196,7 +198,26 @@ int release_warps(Runner& r, int n, int only_warp) {
                   " of warp " + std::to_string(w);
         return -1;
       }
-      if (s != AT_WARP || r.fibers[base + l].mask != m) ready = false;
+      const Fiber& fl = r.fibers[base + l];
+      if (s != AT_WARP || fl.mask != m) {
+        ready = false;
+      } else if ((fl.site_file || f0.site_file) &&
+                 (!fl.site_file || !f0.site_file || fl.site_line != f0.site_line ||
+                  std::strcmp(fl.site_file, f0.site_file) != 0)) {
+        other_site = l;
+      }
+    }
+    if (ready && other_site >= 0) {
+      auto site = [](const Fiber& f) {
+        return f.site_file ? std::string(f.site_file) + ":" + std::to_string(f.site_line)
+                           : std::string("a warp shuffle, vote or __syncwarp");
+      };
+      r.fault = block_name(r.fibers[base].tc) + ": lanes of warp " + std::to_string(w) +
+                " reached different warp-collective instructions (lane " + std::to_string(first) + " at " +
+                site(f0) + ", lane " + std::to_string(other_site) + " at " + site(r.fibers[base + other_site]) +
+                "): mma.sync and ldmatrix are .aligned — every lane of the warp must execute the same one "
+                "(a warp-divergent call)";
+      return -1;
     }
     if (ready) {
       for (int l = 0; l < lanes; ++l)
@@ -205,7 +226,7 @@ int release_warps(Runner& r, int n, int only_warp) {
       // racecheck; a partial mask orders nothing (a miss there is a false positive,
       // never a false negative).
       unsigned all = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
-      if ((m & all) == all) ++r.wcnt[w];
+      if ((m & all) == all && !f0.site_file) ++r.wcnt[w];
       ++released;
     }
   }
@@ -232,6 +253,7 @@ bool run_block(Runner& r, uint3 bid, long long lin) {
     }
   }
   r.slots.assign((size_t)nwarps * 32, 0);
+  r.wscratch.assign((size_t)nwarps * 32 * kWarpScratchWords, 0);
   r.wcnt.assign(nwarps, 0);
   r.block_lin = lin;
   begin_block_smem(r, L.smem);
@@ -248,6 +270,10 @@ bool run_block(Runner& r, uint3 bid, long long lin) {
     f.tc.gdim = L.grid;
     f.state = READY;
     f.mask = 0;
+    f.site_file = nullptr;
+    f.site_line = 0;
+    f.async.clear();
+    f.async_commits = 0;
     getcontext(&f.uc);
     f.uc.uc_stack.ss_sp = f.stack;
     f.uc.uc_stack.ss_size = kStack;
@@ -302,8 +328,8 @@ bool run_block(Runner& r, uint3 bid, long long lin) {
       continue;
     }
     r.fault = block_name(r.fibers[0].tc) +
-              ": deadlock — threads wait at __syncthreads while others wait at a warp collective or have "
-              "exited, or warp collectives with mismatched masks";
+              ": deadlock — threads wait at __syncthreads while others wait at a warp collective (shuffle, "
+              "vote, mma.sync, ldmatrix) or have exited, or warp collectives with mismatched masks";
     return false;
   }
 }
@@ -385,7 +411,29 @@ void warp_sync(unsigned mask) {
   if (!((mask >> lane_id()) & 1u)) fault("warp collective called by a lane that is not in its mask");
   f.state = AT_WARP;
   f.mask = mask;
+  f.site_file = nullptr;
   to_sched(f);
+}
+
+void warp_converge(unsigned mask, const char* file, int line) {
+  Fiber& f = tl->fibers[tl->current];
+  if (!((mask >> lane_id()) & 1u)) fault("warp collective called by a lane that is not in its mask");
+  f.state = AT_WARP;
+  f.mask = mask;
+  f.site_file = file ? file : "?";
+  f.site_line = line;
+  to_sched(f);
+  f.site_file = nullptr;
+}
+
+uint32_t* warp_scratch() { return tl->wscratch.data() + (size_t)(tl->current / 32) * 32 * kWarpScratchWords; }
+
+// The block's shared-memory window (its runner's slot, redzones included: an access
+// past a buffer is then memcheck's to report, with the buffer named).
+bool in_block_smem(const void* p, size_t n) {
+  const Runner& r = *tl;
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  return c >= r.arena && c + n <= r.arena + kSlotBytes;
 }
 
 uint64_t* warp_slots() { return tl->slots.data() + (size_t)(tl->current / 32) * 32; }

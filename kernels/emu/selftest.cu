@@ -2,6 +2,7 @@
 // emulator catches what it claims (missing barrier, out-of-bounds write) and
 // implements warp collectives correctly for full and partial warps.
 #include "../common.cuh"
+#include "../mma.cuh"
 
 
 // Sum of x[0..n) per block of blockDim.x threads using only warp shuffles; the
@@ -224,3 +225,175 @@ AK_KERNEL_BOUND(EMU_SELFTEST_BOUND) void emu_selftest_bounded(float* y, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) y[i] = 1.0f;
 }
 EMU_REGISTER_BOUND(emu_selftest_bounded, EMU_SELFTEST_BOUND)
+
+// ---- tensor-core primitives (kernels/mma.cuh) ----
+// The same source compiles under nvcc (scripts/mma-check.sh checks its SASS).
+
+// D = A·B + C for A [M][K], B [K][N] row-major (raw f16/bf16 bits for op 0..2, f32 for
+// op 3), C and D [M][N] f32, any M, N, K (tiles past the edges are zero-padded): one
+// warp per 16×8 tile of D, blockIdx = (n tile, m tile). op: 0 m16n8k16 f16, 1 m16n8k16
+// bf16, 2 m16n8k8 f16, 3 m16n8k8 tf32. load: how the fragments are loaded —
+//   0 by hand, from the PTX layouts' lane indices;
+//   1 ldmatrix (x4/x2 A from a row-major tile, x2/x1 B from an n-major tile);
+//   2 ldmatrix .trans (A from a k-major tile, B from a k-major tile);
+//   3 by hand with the B fragment transposed (B[g][2t] instead of B[2t][g]): a seeded
+//     fragment-index bug, whose result must differ;
+//   4 A by ldmatrix, B by ldmatrix .trans; 5 A by ldmatrix .trans, B by ldmatrix — mixed,
+//     so that a mistake in one form cannot cancel out (a swap of the k-pairs in both
+//     A and B, as one ldmatrix bug used for both would make, leaves A·B unchanged).
+extern "C" __global__ void emu_selftest_mma(int op, int load, const void* A, const void* B, const float* C, float* D,
+                                            int M, int N, int K) {
+  SHARED_ARRAY(uint16_t, sa, 16 * 24);
+  SHARED_ARRAY(uint16_t, sb, 16 * 24);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.y * 16, n0 = blockIdx.x * 8;
+  const int KS = op <= 1 ? 16 : 8;
+  const uint16_t* A16 = static_cast<const uint16_t*>(A);
+  const uint16_t* B16 = static_cast<const uint16_t*>(B);
+  const uint32_t* A32 = static_cast<const uint32_t*>(A);
+  const uint32_t* B32 = static_cast<const uint32_t*>(B);
+  auto a16 = [&](int m, int k) -> uint32_t { return (m0 + m < M && k < K) ? A16[(m0 + m) * K + k] : 0u; };
+  auto b16 = [&](int k, int n) -> uint32_t { return (k < K && n0 + n < N) ? B16[k * N + n0 + n] : 0u; };
+  auto a32 = [&](int m, int k) -> uint32_t { return (m0 + m < M && k < K) ? A32[(m0 + m) * K + k] : 0u; };
+  auto b32 = [&](int k, int n) -> uint32_t { return (k < K && n0 + n < N) ? B32[k * N + n0 + n] : 0u; };
+  float acc[4];
+  for (int i = 0; i < 4; ++i) {
+    int m = m0 + g + (i >= 2 ? 8 : 0), n = n0 + 2 * t + (i & 1);
+    acc[i] = (m < M && n < N) ? C[m * N + n] : 0.0f;
+  }
+  for (int k0 = 0; k0 < K; k0 += KS) {
+    if (op == 3) {
+      uint32_t a[4] = {a32(g, k0 + t), a32(g + 8, k0 + t), a32(g, k0 + t + 4), a32(g + 8, k0 + t + 4)};
+      uint32_t b[2];
+      if (load == 3) {
+        b[0] = b32(k0 + g, t);
+        b[1] = b32(k0 + g, t + 4);
+      } else {
+        b[0] = b32(k0 + t, g);
+        b[1] = b32(k0 + t + 4, g);
+      }
+      ak::mma::mma_m16n8k8_tf32(acc, a, b, acc);
+      continue;
+    }
+    uint32_t a[4] = {0u, 0u, 0u, 0u}, b[2] = {0u, 0u};
+    if (load == 0 || load == 3) {
+      auto pa = [&](int m, int k) { return a16(m, k0 + k) | a16(m, k0 + k + 1) << 16; };
+      a[0] = pa(g, 2 * t);
+      a[1] = pa(g + 8, 2 * t);
+      a[2] = pa(g, 2 * t + 8);
+      a[3] = pa(g + 8, 2 * t + 8);
+      if (load == 0) {
+        b[0] = b16(k0 + 2 * t, g) | b16(k0 + 2 * t + 1, g) << 16;
+        b[1] = b16(k0 + 2 * t + 8, g) | b16(k0 + 2 * t + 9, g) << 16;
+      } else {
+        b[0] = b16(k0 + g, 2 * t) | b16(k0 + g, 2 * t + 1) << 16;
+        b[1] = b16(k0 + g + 8, 2 * t) | b16(k0 + g + 8, 2 * t + 1) << 16;
+      }
+    } else {
+      // Stage the 16×16 A tile and the 16×8 B tile in shared memory (rows 16-byte
+      // aligned), then load the fragments with ldmatrix.
+      const bool a_trans = load == 2 || load == 5, b_trans = load == 2 || load == 4;
+      for (int e = lane; e < 16 * 16; e += 32) {
+        int r = e / 16, c = e % 16;
+        if (!a_trans) sa[r * 24 + c] = (uint16_t)a16(r, k0 + c);  // [m][k]
+        else sa[c * 24 + r] = (uint16_t)a16(r, k0 + c);           // [k][m]
+      }
+      for (int e = lane; e < 16 * 8; e += 32) {
+        int k = e / 8, n = e % 8;
+        if (!b_trans) sb[n * 24 + k] = (uint16_t)b16(k0 + k, n);  // [n][k]
+        else sb[k * 8 + n] = (uint16_t)b16(k0 + k, n);            // [k][n]
+      }
+      __syncwarp();
+      const int i = lane / 8, r8 = lane % 8;
+      if (KS == 16) {
+        if (!a_trans) ak::mma::ldmatrix_x4(a, &sa[((i & 1) * 8 + r8) * 24 + (i >> 1) * 8]);
+        else ak::mma::ldmatrix_x4_trans(a, &sa[((i >> 1) * 8 + r8) * 24 + (i & 1) * 8]);
+        if (!b_trans) ak::mma::ldmatrix_x2(b, &sb[r8 * 24 + (i & 1) * 8]);
+        else ak::mma::ldmatrix_x2_trans(b, &sb[((i & 1) * 8 + r8) * 8]);
+      } else {
+        uint32_t a2[2], b1[1];
+        if (!a_trans) ak::mma::ldmatrix_x2(a2, &sa[((i & 1) * 8 + r8) * 24]);
+        else ak::mma::ldmatrix_x2_trans(a2, &sa[r8 * 24 + (i & 1) * 8]);
+        if (!b_trans) ak::mma::ldmatrix_x1(b1, &sb[r8 * 24]);
+        else ak::mma::ldmatrix_x1_trans(b1, &sb[r8 * 8]);
+        a[0] = a2[0];
+        a[1] = a2[1];
+        b[0] = b1[0];
+      }
+      __syncwarp();  // the next k-step's staging overwrites what ldmatrix read
+    }
+    if (op == 0) {
+      ak::mma::mma_m16n8k16_f16(acc, a, b, acc);
+    } else if (op == 1) {
+      ak::mma::mma_m16n8k16_bf16(acc, a, b, acc);
+    } else {
+      const uint32_t a2[2] = {a[0], a[1]}, b1[1] = {b[0]};
+      ak::mma::mma_m16n8k8_f16(acc, a2, b1, acc);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    int m = m0 + g + (i >= 2 ? 8 : 0), n = n0 + 2 * t + (i & 1);
+    if (m < M && n < N) D[m * N + n] = acc[i];
+  }
+}
+EMU_REGISTER(emu_selftest_mma)
+
+// mma.sync called by part of a warp: mode 0 — lanes 16..31 exit first; mode 1 — the
+// two half-warps call it at two different sites; mode 2 — every lane at one site
+// (the control, which must pass). y[32] receives d[0] of each lane.
+extern "C" __global__ void emu_selftest_mma_divergent(float* y, int mode) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t a[4] = {0x3c003c00u, 0x3c003c00u, 0x3c003c00u, 0x3c003c00u};  // f16 1.0 pairs
+  const uint32_t b[2] = {0x3c003c00u, 0x3c003c00u};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (mode == 0 && lane >= 16) return;
+  if (mode == 1 && lane < 16) {
+    ak::mma::mma_m16n8k16_f16(d, a, b, d);
+  } else {
+    ak::mma::mma_m16n8k16_f16(d, a, b, d);
+  }
+  y[threadIdx.x] = d[0];
+}
+EMU_REGISTER(emu_selftest_mma_divergent)
+
+// cp.async through two groups, 64 threads, x[0..n) (n ≥ 128 except mode 4): group 0 —
+// thread t copies x[t] (4 bytes, .ca) to s0[t]; group 1 — threads 0..15 copy x[64+4t..]
+// (16 bytes, .cg) to s1[4t..]. Then y[t] = s0[63−t] and y[64+t] = s1[63−t]:
+//   mode 0: wait_group<1> (retires group 0), __syncthreads, read s0; wait_group<0>,
+//           __syncthreads, read s1 — correct;
+//   mode 1: reads s0 without any wait (a read of an in-flight cp.async);
+//   mode 2: after wait_group<1>, reads s1 (group 1 is still in flight);
+//   mode 3: group 0 copies from x[t + n] (out of bounds of x);
+//   mode 4: zero-fill — thread t copies min(16, 4·(n − 4t)) bytes of x[4t..4t+4) into
+//           s0[4t..] (16-byte cp.async, the rest zero) for 4t < 64; y[t] = s0[t];
+//   mode 5: as mode 0 with a __syncwarp in place of the first __syncthreads: thread t
+//           reads s0[63−t], copied by a thread of the other warp, after that thread's
+//           wait but unordered with it (racecheck RAW).
+extern "C" __global__ void emu_selftest_cp_async(const float* x, float* y, int n, int mode) {
+  SHARED_ARRAY(float, s0, 64);
+  SHARED_ARRAY(float, s1, 64);
+  const int t = threadIdx.x;
+  if (mode == 4) {
+    if (t < 16) {
+      int left = n - 4 * t, bytes = left <= 0 ? 0 : (left >= 4 ? 16 : 4 * left);
+      ak::mma::cp_async_ca_zfill<16>(&s0[4 * t], bytes > 0 ? &x[4 * t] : x, bytes);
+    }
+    ak::mma::cp_async_commit_group();
+    ak::mma::cp_async_wait_group<0>();
+    __syncthreads();
+    y[t] = s0[t];
+    return;
+  }
+  ak::mma::cp_async_ca<4>(&s0[t], &x[mode == 3 ? t + n : t]);
+  ak::mma::cp_async_commit_group();
+  if (t < 16) ak::mma::cp_async_cg(&s1[4 * t], &x[64 + 4 * t]);
+  ak::mma::cp_async_commit_group();
+  if (mode != 1) ak::mma::cp_async_wait_group<1>();
+  if (mode == 5) __syncwarp();
+  else __syncthreads();
+  y[t] = mode == 2 ? s1[63 - t] : s0[63 - t];
+  ak::mma::cp_async_wait_group<0>();
+  __syncthreads();
+  y[64 + t] = s1[63 - t];
+}
+EMU_REGISTER(emu_selftest_cp_async)

@@ -66,6 +66,9 @@ constexpr uint64_t kTidMask = 0x3ff;
 constexpr int kWcShift = 44;
 constexpr uint64_t kWcMask = (1ull << 16) - 1;
 constexpr uint64_t kAtomic = 1ull << 62, kInit = 1ull << 63;                      // in w
+// In w: the destination of a cp.async in flight (issued, not yet retired by a
+// cp.async.wait_group of its thread); the record is the issuing thread's.
+constexpr uint64_t kPending = 1ull << 61;
 constexpr uint64_t kWarpReaders = 1ull << 61, kCrossReaders = 1ull << 62, kAddr = 1ull << 63;  // in r
 
 constexpr size_t kHeapBytes = (size_t)16 << 30;
@@ -375,6 +378,19 @@ __attribute__((noinline)) void check_access(uintptr_t a, size_t n, Kind kind) {
                stats().oob);
       return;  // not addressable and not checked: nothing to record
     }
+    if ((x.w & kPending) && (ck & (CHECK_RACE | CHECK_INIT))) {
+      int issuer = (int)((x.w >> kTidShift) & kTidMask);
+      std::string me_name = thread_name(*r->L, r->block_lin, r->current);
+      std::string tail = std::string(", the destination of a cp.async by ") +
+                         (issuer == r->current ? "the same thread" : thread_name(*r->L, r->block_lin, issuer)) +
+                         " still in flight (no cp.async.wait_group of that thread has retired it)";
+      if (ck & CHECK_RACE)
+        report(std::string("racecheck: ") + (writes ? "WAW" : "RAW") + " hazard on " + where(a + i) + ": " + me_name +
+                   " " + (writes ? "writes" : "reads") + " it" + tail,
+               stats().races);
+      report(std::string("initcheck: ") + me_name + " " + (writes ? "writes" : "reads") + " " + where(a + i) + tail,
+             stats().uninit);
+    }
     if (kind != WRITE && (ck & CHECK_INIT) && !(x.w & kInit))
       report(std::string("initcheck: ") + thread_name(*r->L, r->block_lin, r->current) + " reads " +
                  where(a + i) + ", which was never written",
@@ -428,7 +444,85 @@ inline void access(const volatile void* p, size_t n, Kind kind) {
   if (!g_checks.load(std::memory_order_relaxed)) return;
   check_access(a, n, kind);
 }
+
+// Whether the running launch keeps shadow records (checked, detectors on).
+bool shadowed(uintptr_t a, size_t n) {
+  Runner* r = tl;
+  return r && r->current >= 0 && r->L && r->L->checked && g_checks.load(std::memory_order_relaxed) &&
+         in_region(a, n);
+}
 }  // namespace
+
+// ---- cp.async (kernels/mma.cuh) ----
+// Issue: the source is read and checked now (bounds, init, races, as a read by this
+// thread); the destination is checked as a write now (bounds; WAR/WAW against the
+// accesses before it), filled with 0xFF (NaN in f32, f16, bf16: a read before the
+// wait is visible even with the detectors off) and marked in flight, so any access
+// to it before a wait retires it is reported. The bytes land at the wait.
+void cp_async(void* dst, const void* src, int cp_size, int src_size) {
+  poll();
+  Runner* r = tl;
+  Fiber& f = r->fibers[r->current];
+  if (cp_size != 4 && cp_size != 8 && cp_size != 16) fault("cp.async: cp-size must be 4, 8 or 16 bytes");
+  if (src_size < 0 || src_size > cp_size) fault("cp.async: src-size must be between 0 and cp-size");
+  if (!in_block_smem(dst, (size_t)cp_size)) fault("cp.async: the destination is not the block's shared memory");
+  if ((uintptr_t)dst % (uintptr_t)cp_size || (uintptr_t)src % (uintptr_t)cp_size)
+    fault(("cp.async: source and destination must be aligned to cp-size (" + std::to_string(cp_size) +
+           " bytes): misaligned address")
+              .c_str());
+  AsyncCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  c.bytes = cp_size;
+  c.group = f.async_commits;
+  std::memset(c.data, 0, sizeof c.data);
+  if (src_size > 0) {
+    access(src, (size_t)src_size, READ);
+    std::memcpy(c.data, src, (size_t)src_size);
+  }
+  access(dst, (size_t)cp_size, WRITE);
+  std::memset(dst, 0xFF, (size_t)cp_size);
+  uintptr_t a = (uintptr_t)dst;
+  if (shadowed(a, (size_t)cp_size)) {
+    Cell* x = cell(a);
+    for (int i = 0; i < cp_size; ++i)
+      if (x[i].r & kAddr) x[i].w = (x[i].w & ~kInit) | kPending;
+  }
+  f.async.push_back(c);
+}
+
+void cp_async_commit() {
+  poll();
+  ++tl->fibers[tl->current].async_commits;
+}
+
+void cp_async_wait(int n) {
+  poll();
+  Runner* r = tl;
+  Fiber& f = r->fibers[r->current];
+  if (n < 0) fault("cp.async.wait_group: negative group count");
+  if (f.async_commits < (uint64_t)n) return;
+  uint64_t limit = f.async_commits - (uint64_t)n;  // groups below it are retired
+  size_t keep = 0;
+  for (size_t i = 0; i < f.async.size(); ++i) {
+    AsyncCopy& c = f.async[i];
+    if (c.group >= limit) {
+      f.async[keep++] = c;
+      continue;
+    }
+    std::memcpy(c.dst, c.data, (size_t)c.bytes);
+    uintptr_t a = (uintptr_t)c.dst;
+    if (shadowed(a, (size_t)c.bytes)) {
+      // Written now, by this thread, in the current barrier interval: other threads
+      // need a __syncthreads (or, in the warp, a __syncwarp) after this wait to read it.
+      uint64_t rec = (r->seg & kSegMask) | ((uint64_t)r->current << kTidShift) |
+                     ((uint64_t)(r->wcnt[r->current >> 5] & kWcMask) << kWcShift);
+      Cell* x = cell(a);
+      for (int i = 0; i < c.bytes; ++i)
+        if (x[i].r & kAddr) x[i] = Cell{kInit | rec, kAddr};
+    }
+  }
+  f.async.resize(keep);
+}
 
 // ---- host-side copies ----
 namespace {

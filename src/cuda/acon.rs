@@ -373,8 +373,9 @@ fn check_nlc_tiles(shape: &ActShape, g: &NlcGeom) -> Result<()> {
 
 /// The NCHW tile kernels index tiles, planes, samples and channels with 32-bit
 /// integers (kernels/acon.cu `nchw_tiles`: no 64-bit division per tile): the `N·C·tpp`
-/// tiles must fit in an `i32`. A tile has at least one element, so only tensors of
-/// more than 2^31 − 1 planes are refused.
+/// tiles must fit in an `i32`. A tile has at least one element (and, for planes of
+/// several tiles, thousands), so only tensors of more than 2^31 − 1 elements can be
+/// refused.
 fn check_nchw_tiles(ntiles: usize) -> Result<()> {
     super::to_i32("NCHW tiles (N·C planes × tiles per plane)", ntiles)?;
     Ok(())

@@ -232,7 +232,10 @@ constexpr int TILE_UNROLL = 4;
 
 // NCHW: tile t = (plane, k); a plane with S elements has tpp tiles of
 // `tile_elems` elements (tile_elems = blockDim.x·TILE_UNROLL·W, from the host).
-// part[t·NS + q] = Σ over the tile of term q.
+// part[t·NS + q] = Σ over the tile of term q. Tile, plane, sample and channel indices
+// are 32-bit (the host checks that the N·C·tpp tiles fit in an int32,
+// src/cuda/acon.rs check_nchw_tiles): a tile's (plane, k) and (n, c) cost two 32-bit
+// divisions, no 64-bit one; element offsets stay 64-bit.
 template <class T, class F>
 __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long long n, long long c, long long s,
                                            long long tpp, long long tile_elems, const F& f, float* part) {
@@ -240,11 +243,15 @@ __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long 
   constexpr int W = ak::Vec16<T>::N;
   SHARED_ARRAY(float, scratch, 32);
   const bool vec = ak::aligned16(x) && (!F::HAS_DY || ak::aligned16(dy)) && (!F::HAS_OUT || ak::aligned16(dx));
+  AK_EXPECT(n * c * tpp <= 0x7fffffffLL);
+  const unsigned uc = (unsigned)c, utpp = (unsigned)tpp;
   const long long ntiles = n * c * tpp;
   const long long vpt = tile_elems / W;
   for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
-    const long long plane = t / tpp, k = t - plane * tpp;
-    const long long nn = plane / c, ch = plane - nn * c;
+    const unsigned ut = (unsigned)t;
+    const unsigned up = ut / utpp, un = up / uc;
+    const long long plane = up, k = ut - up * utpp;
+    const long long nn = un, ch = up - un * uc;
     const auto pr = f.prm(nn, ch);
     float acc[NS];
 #pragma unroll
@@ -538,8 +545,9 @@ __device__ __forceinline__ void bwd_nlc(const T* dy, const T* x, T* dx, const fl
 //   (64 / 40 / 40; unbounded 64 / 39-48 / 40), acon_gen_wgrad 8 (64 / 40 on sm_86/89
 //   / 32 on sm_80/90; unbounded 64 / 40 / 32), acon_layer_gen_fwd 8 (unbounded
 //   13-14), acon_reduce_tiles 8 (unbounded 48 / 30-32 / 24 on sm_90: no m pins
-//   sm_86/89 below 40 or sm_90 below 32, and ptxas takes 38 / 29 there; the resident
-//   blocks are unchanged, 6 and 8 per SM, limited by threads, not registers).
+//   sm_86/89 below 40 or sm_90 below 32, and ptxas takes 32 on both with the 32-bit
+//   indices, 38 / 29 before them; the resident blocks are unchanged, 6 and 8 per
+//   SM, limited by threads, not registers).
 // The others take ACON_BLOCK alone (acon_gap_add_f32 and acon_b_bwd_nchw_f32 gain
 // one register on sm_86 with it, within the same 8-register allocation unit).
 #define ACON_BLOCK 256
@@ -675,14 +683,17 @@ ACON_A_FWD(bf16, __nv_bfloat16, 5)
 // (256) alone ptxas gave it 26 registers on sm_90 instead of 24).
 AK_KERNEL_BOUND(ACON_BOUNDS(8)) void acon_reduce_tiles(const float* part, float* tot, long long n, long long c, long long k,
                                              int ns, int nlc, float scale) {
-  const long long total = (long long)ns * n * c;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long ch = i % c, q = i / (n * c), nn = (i / c) % n;
+  // 32-bit output indices: the host checks ns·N·C ≤ 2^31 − 1 (check_totals).
+  AK_EXPECT(ns * n * c <= 0x7fffffffLL);
+  const unsigned un = (unsigned)n, uc = (unsigned)c, unc = un * uc, total = (unsigned)ns * unc;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const unsigned q = i / unc, j = i - q * unc;  // j = n·C + c
+    const unsigned nn = j / uc, ch = j - nn * uc;
+    // Partial kk of (n, c, q) at p[kk·step], in order.
+    const float* p = nlc ? part + ((long long)nn * k * ns + q) * c + ch : part + (long long)j * k * ns + q;
+    const long long step = nlc ? (long long)ns * c : ns;
     float acc = 0.0f;
-    for (long long kk = 0; kk < k; ++kk) {
-      acc += nlc ? part[((nn * k + kk) * ns + q) * c + ch] : part[((nn * c + ch) * k + kk) * ns + q];
-    }
+    for (long long kk = 0; kk < k; ++kk) acc += p[kk * step];
     tot[i] = acc * scale;
   }
 }
@@ -840,30 +851,33 @@ EMU_REGISTER_BOUND(acon_gen_fc_dg, ACON_BLOCK)
 // Weight gradients, summed over samples in order (stage 2 of the per-sample
 // dz, dh): dW2[c, j] = Σ_n dz[n, c]·h[n, j], db2[c] = Σ_n dz[n, c],
 // dW1[j, c] = Σ_n dh[n, j]·g[n, c], db1[j] = Σ_n dh[n, j] (db1, db2 may be null).
+// One output per thread; output indices are 32-bit (the host checks that the
+// 2·C·width + C + width outputs fit in an int32): (c, j) of an output costs one 32-bit
+// division, no 64-bit one.
 // Bound (256, 8): with (256) alone ptxas gave it 40 registers on sm_90 instead of
 // 32 (6 resident 256-thread blocks per SM instead of 8); (256, 6) gave 40 on sm_80
 // and sm_90.
 AK_KERNEL_BOUND(ACON_BOUNDS(8)) void acon_gen_wgrad(const float* dz, const float* dh, const float* h, const float* gap,
                                           long long n, long long c, long long wd, float* dw1, float* db1, float* dw2,
                                           float* db2) {
-  const long long cw = c * wd, total = 2 * cw + c + wd;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
+  AK_EXPECT(2 * c * wd + c + wd <= 0x7fffffffLL);
+  const unsigned uc = (unsigned)c, uwd = (unsigned)wd, cw = uc * uwd, total = 2 * cw + uc + uwd;
+  for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
     float acc = 0.0f;
     if (i < cw) {  // dW2[c, j]
-      const long long ch = i / wd, j = i - ch * wd;
+      const unsigned ch = i / uwd, j = i - ch * uwd;
       for (long long nn = 0; nn < n; ++nn) acc += dz[nn * c + ch] * h[nn * wd + j];
       dw2[i] = acc;
     } else if (i < 2 * cw) {  // dW1[j, c]
-      const long long r = i - cw, j = r / c, ch = r - j * c;
+      const unsigned r = i - cw, j = r / uc, ch = r - j * uc;
       for (long long nn = 0; nn < n; ++nn) acc += dh[nn * wd + j] * gap[nn * c + ch];
       dw1[r] = acc;
     } else if (i < 2 * cw + c) {
-      const long long ch = i - 2 * cw;
+      const unsigned ch = i - 2 * cw;
       for (long long nn = 0; nn < n; ++nn) acc += dz[nn * c + ch];
       if (db2) db2[ch] = acc;
     } else {
-      const long long j = i - 2 * cw - c;
+      const unsigned j = i - 2 * cw - uc;
       for (long long nn = 0; nn < n; ++nn) acc += dh[nn * wd + j];
       if (db1) db1[j] = acc;
     }

@@ -1036,6 +1036,84 @@ fn acon_nlc_block_floor_at_model_shapes() {
     s.synchronize().unwrap();
 }
 
+/// The 32-bit tile and total indices of the NCHW tile kernels, of stage 2
+/// (`acon_reduce_tiles`) and of `acon_gen_wgrad` (kernels/acon.cu has no 64-bit
+/// division per tile or output): shapes past them are refused with `Error::Shape`
+/// before any launch, on the emulated driver's dry run (no memory behind the huge
+/// tensors, nothing executes). Totals: NCHW 65 536 × 32 768 one-element planes (N·C =
+/// 2^31) in the backward and in the GAP of the layer-wise generator, `(N, L, C)` with
+/// 3·N·C = 3·2^30 backward totals, and 65 535 × 32 768 planes in the backward (3·N·C
+/// too many) while their GAP (N·C = 2^31 − 2^15) is accepted and launched. Tiles: the
+/// GAP of 2^30 f16 planes of 8193 elements (2 tiles of 8192 each: 2^31 tiles). A
+/// channel generator whose weight-gradient outputs (2·C·width + C + width) pass
+/// 2^31 − 1 is refused by its forward already.
+#[cfg(feature = "emulate")]
+#[test]
+fn acon_32bit_tile_indices_refuse_larger_shapes() {
+    use activation_kernels::emu;
+    let Some(g) = gpu() else { return };
+    let s = g.ctx.default_stream();
+    assert_eq!(emu::set_dry_run(true), Some(true));
+    assert_eq!(emu::set_launch_log(true), Some(true));
+    let _ = emu::take_launch_log();
+    let refused = |sh: ActShape| {
+        let numel = sh.n * sh.c * sh.s;
+        let x = s.alloc_zeros::<F16>(numel).unwrap();
+        let p = s.alloc_zeros::<f32>(sh.c).unwrap();
+        shape_err(acon_c_backward(
+            &s,
+            &sh,
+            &x,
+            &x,
+            &p,
+            &p,
+            Beta::PerChannel(&p),
+        ));
+        let log = emu::take_launch_log();
+        assert!(log.is_empty(), "{sh:?}: launched {log:?}");
+        x
+    };
+    let x = refused(ActShape::nchw(1 << 16, 1 << 15, 1, 1));
+    shape_err(layer_gen_forward(
+        &s,
+        &ActShape::nchw(1 << 16, 1 << 15, 1, 1),
+        &x,
+    ));
+    assert!(emu::take_launch_log().is_empty());
+    refused(ActShape::nlc(1 << 16, 1, 1 << 14));
+    // A channel generator with C = width = 2^15: 2^31 + 2^16 weight-gradient outputs.
+    let (c, wd) = (1usize << 15, 1usize << 15);
+    let big = ChannelGen {
+        c,
+        width: wd,
+        w1: s.alloc_zeros::<f32>(c * wd).unwrap(),
+        b1: None,
+        w2: s.alloc_zeros::<f32>(c * wd).unwrap(),
+        b2: None,
+    };
+    let sh = ActShape::nchw(1, c, 1, 1);
+    let xg = s.alloc_zeros::<f32>(c).unwrap();
+    shape_err(big.forward(&s, &sh, &xg));
+    assert!(emu::take_launch_log().is_empty());
+    // 2^30 planes of two f16 tiles (kernels/acon.cu: 256 threads × 4 × 8 elements).
+    let two_tiles = ActShape::nchw(1 << 15, 1 << 15, 1, 8193);
+    let x2 = s
+        .alloc_zeros::<F16>(two_tiles.n * two_tiles.c * two_tiles.s)
+        .unwrap();
+    shape_err(layer_gen_forward(&s, &two_tiles, &x2));
+    assert!(emu::take_launch_log().is_empty());
+    drop(x2);
+    let below = ActShape::nchw((1 << 16) - 1, 1 << 15, 1, 1);
+    let x = refused(below);
+    layer_gen_forward(&s, &below, &x).unwrap();
+    assert!(emu::take_launch_log()
+        .iter()
+        .any(|r| r.kernel.starts_with("acon_gap_nchw_")));
+    emu::set_launch_log(false);
+    assert_eq!(emu::set_dry_run(false), Some(false));
+    s.synchronize().unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // NaN / ±Inf inputs on the device
 

@@ -371,7 +371,26 @@ fn check_nlc_tiles(shape: &ActShape, g: &NlcGeom) -> Result<()> {
     Ok(())
 }
 
-/// Sums the tile partials: returns `ns × N × C` totals (times `scale`).
+/// The NCHW tile kernels index tiles, planes, samples and channels with 32-bit
+/// integers (kernels/acon.cu `nchw_tiles`: no 64-bit division per tile): the `N·C·tpp`
+/// tiles must fit in an `i32`. A tile has at least one element (and, for planes of
+/// several tiles, thousands), so only tensors of more than 2^31 − 1 elements can be
+/// refused.
+fn check_nchw_tiles(ntiles: usize) -> Result<()> {
+    super::to_i32("NCHW tiles (N·C planes × tiles per plane)", ntiles)?;
+    Ok(())
+}
+
+/// Stage 2 (`acon_reduce_tiles`) indexes its `ns × N × C` totals with 32-bit integers
+/// (no 64-bit division per total): `ns·N·C` must fit in an `i32`. Checked before the
+/// first launch of an op.
+fn check_totals(shape: &ActShape, ns: usize) -> Result<()> {
+    super::to_i32("ACON totals (sums × N × C)", ns * shape.n * shape.c)?;
+    Ok(())
+}
+
+/// Sums the tile partials: returns `ns × N × C` totals (times `scale`; `ns·N·C`
+/// checked by [`check_totals`]).
 fn reduce_tiles(
     stream: &Arc<CudaStream>,
     shape: &ActShape,
@@ -381,6 +400,7 @@ fn reduce_tiles(
     scale: f32,
 ) -> Result<CudaSlice<f32>> {
     let total = ns * shape.n * shape.c;
+    check_totals(shape, ns)?;
     let f = kernel_fn!(stream, "acon_reduce_tiles")?;
     // SAFETY: every element of `tot` is written by the kernel below.
     let mut tot = unsafe { stream.alloc::<f32>(total) }?;
@@ -451,6 +471,7 @@ fn core_backward<T: DType>(
     let (n, c, s, _) = dims(shape);
     let kind = beta.kind();
     let nlc = shape.layout == Layout::Nlc;
+    check_totals(shape, 3)?;
     // SAFETY: the backward kernel writes every element of dx (each tile covers
     // its plane / rows fully; the tiles cover the tensor).
     let mut dx = unsafe { stream.alloc::<T>(numel) }?;
@@ -483,6 +504,7 @@ fn core_backward<T: DType>(
         (part, g.tps)
     } else {
         let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
+        check_nchw_tiles(ntiles)?;
         // SAFETY: every tile writes its 3 partials.
         let mut part = unsafe { stream.alloc::<f32>(ntiles * 3) }?;
         let f = params.bwd_kernel::<T>(stream, false)?;
@@ -622,7 +644,9 @@ pub fn acon_c_forward<T: DType>(
 /// over the elements sharing each β. Sums are f32, two-stage, fixed order
 /// (bitwise reproducible).
 ///
-/// Errors: as [`acon_c_forward`], plus `LengthMismatch` for `dy`.
+/// Errors: as [`acon_c_forward`], plus `LengthMismatch` for `dy`; `Shape` past the
+/// kernels' 32-bit tile indices: more than 2^31 − 1 NCHW tiles (`N·C` planes times
+/// tiles per plane) or `3·N·C` above 2^31 − 1.
 ///
 /// Example: [`acon_c_forward`]'s runs the forward and this backward on the device.
 pub fn acon_c_backward<T: DType>(
@@ -703,7 +727,9 @@ pub fn acon_b_forward<T: DType>(
 /// `dp = Σ dy·x·(1 − ∂y/∂d)`, `dβ = Σ dy·d²·s(1 − s)`, `d = (1 − p)·x`
 /// ([`crate::cpu::acon::acon_b_backward`]).
 ///
-/// Errors: as [`acon_b_forward`], plus `LengthMismatch` for `dy`.
+/// Errors: as [`acon_b_forward`], plus `LengthMismatch` for `dy`; `Shape` past the
+/// kernels' 32-bit tile indices: more than 2^31 − 1 NCHW tiles (`N·C` planes times
+/// tiles per plane) or `3·N·C` above 2^31 − 1.
 ///
 /// Example: [`acon_b_forward`]'s runs the forward and this backward on the device.
 pub fn acon_b_backward<T: DType>(
@@ -782,7 +808,9 @@ pub fn acon_a_forward<T: DType>(
 /// (+ `dy·x²·s(1 − s)·σ(x)(1 − σ(x))` pixel-wise), `dβ = Σ dy·x²·s(1 − s)`
 /// ([`crate::cpu::acon::acon_a_backward`]).
 ///
-/// Errors: as [`acon_a_forward`], plus `LengthMismatch` for `dy`.
+/// Errors: as [`acon_a_forward`], plus `LengthMismatch` for `dy`; `Shape` past the
+/// kernels' 32-bit tile indices: more than 2^31 − 1 NCHW tiles (`N·C` planes times
+/// tiles per plane) or `3·N·C` above 2^31 − 1.
 ///
 /// Example: [`acon_a_forward`]'s runs the forward and this backward on the device.
 pub fn acon_a_backward<T: DType>(
@@ -813,6 +841,7 @@ fn gap<T: DType>(
     x: &CudaView<'_, T>,
 ) -> Result<CudaSlice<f32>> {
     let (n, c, s, _) = dims(shape);
+    check_totals(shape, 1)?;
     let (part, tiles_per) = if shape.layout == Layout::Nlc {
         let g = nlc_geometry(shape);
         check_nlc_tiles(shape, &g)?;
@@ -837,6 +866,7 @@ fn gap<T: DType>(
         (part, g.tps)
     } else {
         let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
+        check_nchw_tiles(ntiles)?;
         // SAFETY: every tile writes its partial.
         let mut part = unsafe { stream.alloc::<f32>(ntiles) }?;
         let f = kernel_fn!(stream, "acon_gap_nchw", T)?;
@@ -967,7 +997,9 @@ impl ChannelGen {
         })
     }
 
-    /// Checks the generator's own buffers and that it matches `shape`.
+    /// Checks the generator's own buffers and that it matches `shape`, and that its
+    /// `2·C·width + C + width` weight-gradient outputs fit the 32-bit indices of
+    /// `acon_gen_wgrad` (no 64-bit division per output; `Error::Shape` otherwise).
     fn validate(&self, shape: &ActShape) -> Result<()> {
         crate::cpu::acon::check_gen_dims(
             self.c,
@@ -978,7 +1010,15 @@ impl ChannelGen {
                 self.b1.as_ref().map(|b| b.len()),
                 self.b2.as_ref().map(|b| b.len()),
             ],
-        )
+        )?;
+        let outputs = self
+            .c
+            .saturating_mul(self.width)
+            .saturating_mul(2)
+            .saturating_add(self.c)
+            .saturating_add(self.width);
+        super::to_i32("channel generator weights (2·C·width + C + width)", outputs)?;
+        Ok(())
     }
 
     fn check_saved(&self, shape: &ActShape, saved: &ChannelGenSaved) -> Result<()> {
@@ -1000,8 +1040,9 @@ impl ChannelGen {
     /// output a fixed-order warp reduction; all f32.
     ///
     /// Errors: `Empty`/`LengthMismatch` for `x`; `Shape` if the generator's `C`
-    /// differs from the tensor's; `Empty` for width 0; `LengthMismatch` for
-    /// `w1`, `w2`, `b1`, `b2`.
+    /// differs from the tensor's, or if `2·C·width + C + width` (its weight gradients)
+    /// or `N·C` exceed 2^31 − 1 (the kernels' 32-bit indices); `Empty` for width 0;
+    /// `LengthMismatch` for `w1`, `w2`, `b1`, `b2`.
     ///
     /// # Example (forward and backward, against the CPU reference)
     ///
@@ -1254,7 +1295,8 @@ fn check_batch_grid(shape: &ActShape) -> Result<()> {
 /// ([`crate::cpu::acon::layer_gen_forward`]); returns β (length `N`, f32; use as
 /// [`Beta::PerSample`]).
 ///
-/// Errors: `Empty`/`LengthMismatch` for `x`.
+/// Errors: `Empty`/`LengthMismatch` for `x`; `Shape` for more than 2^31 − 1 planes
+/// `N·C` (the GAP kernels' 32-bit tile indices).
 ///
 /// # Example (forward and backward)
 ///

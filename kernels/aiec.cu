@@ -797,23 +797,77 @@ __device__ void dwd_reduce_impl(const float* __restrict__ partial, float* __rest
 }  // namespace ak_aiec
 
 // ---------------------------------------------------------------------------
-// extern "C" entry points, with their launch bounds: AK_KERNEL_BOUND(B) +
+// extern "C" entry points, with their launch bounds: AK_KERNEL_BOUND(...) +
 // EMU_REGISTER_BOUND(name, B) (common.cuh), B = the largest block its launcher
 // (src/cuda/aiec.rs) uses — AIEC_B256 for the BLOCK-sized element-wise / per-row
-// kernels, AIEC_B128 for the logits GEMM tile (LG_TX × LG_TY). Kernels for which
-// a bound made ptxas's result worse (measured with nvcc 13 for sm_75 / 80 / 86 / 89 /
-// 90, against the same code without a bound) keep the crate default (AK_KERNEL, 1024):
-//   aiec_feat_nlc_*     +1 to +2 registers (sm_86 f16/bf16, sm_90 all dtypes);
-//   aiec_df_nlc_*       +2 registers (sm_90 f16/bf16; sm_86 f32);
-//   aiec_feat_nchw_*    +1 register (f32, sm_90), +3 / +6 (bf16 / f16, sm_80);
-//   aiec_tau_{fwd,bwd}_bf16  +4 registers (sm_75);
-//   aiec_count_f32      +1 register (sm_75);
-//   aiec_dwd_partial_f32 48 instead of 40 registers (sm_86);
-//   aiec_da_f32         8 bytes of spill (sm_80, sm_90) and +7 registers (sm_86 / 89)
-//                       under __launch_bounds__(128).
+// kernels and the (8 × 32)-thread (N, L, C) / (32 × 8) dWd tiles, AIEC_B128 for the
+// logits GEMM tile (LG_TX × LG_TY) and the (32 × 4) dA tile. The emulated device
+// records and enforces B.
+//
+// A plain __launch_bounds__(B) lets ptxas use up to 255 registers, and for some
+// kernels it then took more than without a bound (nvcc 13: aiec_feat_nlc_* +1 to +2
+// on sm_86 / sm_90, aiec_df_nlc_* +2 on sm_90, aiec_dwd_partial_f32 48 instead of 40
+// on sm_90, aiec_da_f32 +1 to +3 on sm_86 / sm_90 — 8 bytes of spill on sm_80 /
+// sm_90 in an earlier version — aiec_count_f32 +1 on sm_75 / sm_80, ...). Those
+// kernels take a second argument, AIEC_BOUNDS(B, m): at least m resident blocks per
+// SM, which caps ptxas at 65536 / (B·m) registers (in units of 8). m is the number
+// of blocks the kernel holds per SM without a bound (registers vs the SM's 64 K,
+// threads vs its 1024 / 2048 / 1536 / 1536 / 2048 on sm_75 / 80 / 86 / 89 / 90), so
+// the cap is the most registers that keep that occupancy: ptxas may not trade
+// resident blocks for registers (it may use more registers within that cap: the
+// resident blocks stay the same). m differs per arch where the register counts do
+// (AIEC_MB(sm_75, sm_80, sm_86 and sm_89, sm_90) picks it by __CUDA_ARCH__); ptxas
+// lowers an m above what the arch can hold (8 blocks of 256 on sm_75 is 4). The
+// before → after registers per arch are at each kernel's AIEC_*_MB below (measured
+// 2026-12-07: nvcc 13, the ptxas table; NVRTC + ptxas 12.4, scripts/compat-check.sh,
+// spills nothing either and gives the same counts within a few registers).
 #define AIEC_B256 256
 #define AIEC_B128 128
 static_assert(ak_aiec::LG_TX * ak_aiec::LG_TY == AIEC_B128, "the logits tile is AIEC_B128 threads");
+// (threads, min blocks) as AK_KERNEL_BOUND's one argument (nvcc's and the emulator's
+// __launch_bounds__ take variadic arguments).
+#define AIEC_BOUNDS(B, m) B, m
+// The min-blocks argument per arch. __CUDA_ARCH__ is defined in nvcc's / NVRTC's device
+// passes only; the host pass and the emulator do not use the value (the PTX of the
+// newest arch, JIT-compiled for later GPUs, carries the sm_90 value).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define AIEC_MB(m75, m80, m86, m90) m90
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 860
+#define AIEC_MB(m75, m80, m86, m90) m86
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define AIEC_MB(m75, m80, m86, m90) m80
+#else
+#define AIEC_MB(m75, m80, m86, m90) m75
+#endif
+// Resident blocks of 256 threads per SM with up to 32 / 40 / 48 / 64 / 80 registers:
+// 8 / 6 / 5 / 4 / 3 (sm_80 / sm_90 hold at most 8, sm_86 / sm_89 6, sm_75 4).
+// Registers below: sm_75 / 80 / 86 / 89 / 90, nvcc 13, unbounded → bound.
+// aiec_tau_{fwd,bwd}_bf16 (plain (256): +4 on sm_75): 8 → cap 64 / 32 / 40 / 40 / 32;
+// fwd 26/18/18/18/22 → 30/18/18/18/22, bwd 26/25/25/25/27 → 30/25/25/25/29 (sm_75
+// holds its 4 blocks of 256 up to 64 registers).
+#define AIEC_TAU_BF16_MB 8
+// aiec_feat_nchw_*: 8 → cap 64 / 32 / 40 / 40 / 32; f32 38/29/40/40/31 → 34/32/36/36/32,
+// f16 31/23/30/30/29 → 30/29/28/28/29, bf16 37/24/30/30/29 → 35/27/27/27/29.
+#define AIEC_FEAT_NCHW_MB 8
+// aiec_feat_nlc_f32: 8, 36/32/35/35/29 → 36/28/34/34/31; aiec_feat_nlc_{f16,bf16}: 6
+// → cap 64 / 40 / 40 / 40 / 40, f16 50/40/39/39/36 → 48/40/40/40/39, bf16 → 45/40/40/40/39.
+#define AIEC_FEAT_NLC_F32_MB 8
+#define AIEC_FEAT_NLC_F16_MB 6
+// aiec_df_nlc_f32: 6, 42/39/35/35/36 → 31/32/31/31/32; aiec_df_nlc_{f16,bf16}: 4 / 5 /
+// 4 / 4 → cap 64 / 48 / 64 / 64 / 64, f16 54/46/51/51/52 → 51/46/51/51/52, bf16
+// 54/48/50/50/52 → 51/45/51/51/52.
+#define AIEC_DF_NLC_F32_MB 6
+#define AIEC_DF_NLC_F16_MB AIEC_MB(4, 5, 4, 4)
+// aiec_count_f32: 8, 19/19/19/19/18 → 20/18/18/18/18.
+#define AIEC_COUNT_MB 8
+// aiec_dwd_partial_f32: 4 / 5 / 6 / 6 → cap 64 / 48 / 40 / 40 / 40, 59/48/40/40/40 →
+// 64/48/40/40/40 (plain (256): 48 on sm_90).
+#define AIEC_DWD_PARTIAL_MB AIEC_MB(4, 5, 6, 6)
+// aiec_da_f32, blocks of 128 (sm_75 holds 8, sm_86 / 89 12, sm_80 / 90 16): 8 / 8 / 9 /
+// 11 → cap 64 / 64 / 56 / 56 / 40, 60/59/49/49/47 → 46/56/54/54/39 (sm_86/89: 9 blocks
+// either way). sm_90 at 10 blocks (cap 48) spills 8 bytes (ptxas 12.4: 20); at 11 (cap
+// 40) neither spills and the SM holds 12 blocks instead of 10.
+#define AIEC_DA_MB AIEC_MB(8, 8, 9, 11)
 // One macro per bound variant: the launch audit's lint finds a kernel by its
 // AK_KERNEL / AK_KERNEL_BOUND definition line.
 #define AIEC_TAU_KERNELS_B256(T, DT)                                                                       \
@@ -826,22 +880,23 @@ static_assert(ak_aiec::LG_TX * ak_aiec::LG_TY == AIEC_B128, "the logits tile is 
   }                                                                                                        \
   EMU_REGISTER_BOUND(aiec_tau_bwd_##DT, AIEC_B256)
 
-#define AIEC_TAU_KERNELS(T, DT)                                                                \
-  AK_KERNEL void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) {                 \
-    ak_aiec::tau_fwd_impl<T>(x, y, n, tau);                                                    \
-  }                                                                                            \
-  EMU_REGISTER(aiec_tau_fwd_##DT)                                                              \
-  AK_KERNEL void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, float tau) {   \
-    ak_aiec::tau_bwd_impl<T>(dy, x, dx, n, tau);                                               \
-  }                                                                                            \
-  EMU_REGISTER(aiec_tau_bwd_##DT)
+#define AIEC_TAU_KERNELS_MB(T, DT, MB)                                                                     \
+  AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B256, MB)) void aiec_tau_fwd_##DT(const T* x, T* y, long long n, float tau) { \
+    ak_aiec::tau_fwd_impl<T>(x, y, n, tau);                                                                \
+  }                                                                                                        \
+  EMU_REGISTER_BOUND(aiec_tau_fwd_##DT, AIEC_B256)                                                         \
+  AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B256, MB)) void aiec_tau_bwd_##DT(const T* dy, const T* x, T* dx, long long n, \
+                                                                    float tau) {                           \
+    ak_aiec::tau_bwd_impl<T>(dy, x, dx, n, tau);                                                           \
+  }                                                                                                        \
+  EMU_REGISTER_BOUND(aiec_tau_bwd_##DT, AIEC_B256)
 
-#define AIEC_FEAT_NCHW_KERNEL(T, DT)                                                                      \
-  AK_KERNEL void aiec_feat_nchw_##DT(const T* x, T* y, float* feat, long long planes, long long s,       \
-                                     float tau, int apply_tau) {                                         \
-    ak_aiec::feat_nchw_impl<T>(x, y, feat, planes, s, tau, apply_tau);                                   \
-  }                                                                                                      \
-  EMU_REGISTER(aiec_feat_nchw_##DT)
+#define AIEC_FEAT_NCHW_KERNEL(T, DT)                                                                          \
+  AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B256, AIEC_FEAT_NCHW_MB)) void aiec_feat_nchw_##DT(                       \
+      const T* x, T* y, float* feat, long long planes, long long s, float tau, int apply_tau) {             \
+    ak_aiec::feat_nchw_impl<T>(x, y, feat, planes, s, tau, apply_tau);                                       \
+  }                                                                                                          \
+  EMU_REGISTER_BOUND(aiec_feat_nchw_##DT, AIEC_B256)
 
 #define AIEC_DF_NCHW_KERNEL(T, DT)                                                                             \
   AK_KERNEL_BOUND(AIEC_B256) void aiec_df_nchw_##DT(const T* f, const T* dout, const float* da, T* df,         \
@@ -850,25 +905,32 @@ static_assert(ak_aiec::LG_TX * ak_aiec::LG_TY == AIEC_B128, "the logits tile is 
   }                                                                                                            \
   EMU_REGISTER_BOUND(aiec_df_nchw_##DT, AIEC_B256)
 
-#define AIEC_NLC_KERNELS(T, DT)                                                                                   \
-  AK_KERNEL void aiec_feat_nlc_##DT(const T* x, T* y, float* feat, int n, int l, int c, int token, float tau,    \
-                                    int apply_tau) {                                                              \
-    ak_aiec::feat_nlc_impl<T>(x, y, feat, n, l, c, token, tau, apply_tau);                                        \
-  }                                                                                                               \
-  EMU_REGISTER(aiec_feat_nlc_##DT)                                                                                \
-  AK_KERNEL void aiec_df_nlc_##DT(const T* f, const T* dout, const float* da, T* df, int n, int l, int c,        \
-                                  int token, float tau, float inv_l) {                                            \
-    ak_aiec::df_nlc_impl<T>(f, dout, da, df, n, l, c, token, tau, inv_l);                                         \
-  }                                                                                                               \
-  EMU_REGISTER(aiec_df_nlc_##DT)
-
-// ---- bound AIEC_B256: BLOCK-sized element-wise / per-row kernels -------------------
+#define AIEC_NLC_KERNELS(T, DT, FEAT_MB, DF_MB)                                                                 \
+  AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B256, FEAT_MB)) void aiec_feat_nlc_##DT(                                    \
+      const T* x, T* y, float* feat, int n, int l, int c, int token, float tau, int apply_tau) {              \
+    ak_aiec::feat_nlc_impl<T>(x, y, feat, n, l, c, token, tau, apply_tau);                                     \
+  }                                                                                                            \
+  EMU_REGISTER_BOUND(aiec_feat_nlc_##DT, AIEC_B256)                                                            \
+  AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B256, DF_MB)) void aiec_df_nlc_##DT(                                        \
+      const T* f, const T* dout, const float* da, T* df, int n, int l, int c, int token, float tau, float inv_l) { \
+    ak_aiec::df_nlc_impl<T>(f, dout, da, df, n, l, c, token, tau, inv_l);                                      \
+  }                                                                                                            \
+  EMU_REGISTER_BOUND(aiec_df_nlc_##DT, AIEC_B256)
 
 AIEC_TAU_KERNELS_B256(float, f32)
 AIEC_TAU_KERNELS_B256(__half, f16)
+AIEC_TAU_KERNELS_MB(__nv_bfloat16, bf16, AIEC_TAU_BF16_MB)
 AIEC_DF_NCHW_KERNEL(float, f32)
 AIEC_DF_NCHW_KERNEL(__half, f16)
 AIEC_DF_NCHW_KERNEL(__nv_bfloat16, bf16)
+AIEC_FEAT_NCHW_KERNEL(float, f32)
+AIEC_FEAT_NCHW_KERNEL(__half, f16)
+AIEC_FEAT_NCHW_KERNEL(__nv_bfloat16, bf16)
+AIEC_NLC_KERNELS(float, f32, AIEC_FEAT_NLC_F32_MB, AIEC_DF_NLC_F32_MB)
+AIEC_NLC_KERNELS(__half, f16, AIEC_FEAT_NLC_F16_MB, AIEC_DF_NLC_F16_MB)
+AIEC_NLC_KERNELS(__nv_bfloat16, bf16, AIEC_FEAT_NLC_F16_MB, AIEC_DF_NLC_F16_MB)
+
+// ---- bound AIEC_B256: BLOCK-sized element-wise / per-row kernels -------------------
 
 AK_KERNEL_BOUND(AIEC_B256) void aiec_dmu_fwd_f32(const float* logits, const unsigned* labels, float* probs, float* loss,
                                   unsigned char* correct, int n, int k) {
@@ -923,33 +985,29 @@ AK_KERNEL_BOUND(AIEC_B128) void aiec_logits_f32(const float* a, const float* wd,
 }
 EMU_REGISTER_BOUND(aiec_logits_f32, AIEC_B128)
 
-// ---- no bound (crate default 1024; see above) ----------------------------------------
-
-AIEC_TAU_KERNELS(__nv_bfloat16, bf16)
-AIEC_FEAT_NCHW_KERNEL(float, f32)
-AIEC_FEAT_NCHW_KERNEL(__half, f16)
-AIEC_FEAT_NCHW_KERNEL(__nv_bfloat16, bf16)
-
-AK_KERNEL void aiec_count_f32(const float* a, const unsigned* labels, const unsigned char* correct,
-                              unsigned long long* theta, unsigned long long* eta, unsigned long long* phi, int n, int c,
-                              int k) {
+AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B256, AIEC_COUNT_MB)) void aiec_count_f32(
+    const float* a, const unsigned* labels, const unsigned char* correct, unsigned long long* theta,
+    unsigned long long* eta, unsigned long long* phi, int n, int c, int k) {
   ak_aiec::count_impl(a, labels, correct, theta, eta, phi, n, c, k);
 }
-EMU_REGISTER(aiec_count_f32)
-AIEC_NLC_KERNELS(float, f32)
-AIEC_NLC_KERNELS(__half, f16)
-AIEC_NLC_KERNELS(__nv_bfloat16, bf16)
+EMU_REGISTER_BOUND(aiec_count_f32, AIEC_B256)
 
-AK_KERNEL void aiec_da_f32(const float* a, const float* wd, const float* probs, const unsigned* labels,
-                           const unsigned char* masks, const float* cnt, const float* dl_aux, const float* dl_gate,
-                           float aux_scale, float gate_scale, float* da, int n, int c, int k, int rows) {
+// ---- bound (AIEC_B128, min blocks): the dA GEMM tile (32 × 4) -----------------------
+
+AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B128, AIEC_DA_MB)) void aiec_da_f32(
+    const float* a, const float* wd, const float* probs, const unsigned* labels, const unsigned char* masks,
+    const float* cnt, const float* dl_aux, const float* dl_gate, float aux_scale, float gate_scale, float* da, int n,
+    int c, int k, int rows) {
   ak_aiec::da_impl(a, wd, probs, labels, masks, cnt, dl_aux, dl_gate, aux_scale, gate_scale, da, n, c, k, rows);
 }
-EMU_REGISTER(aiec_da_f32)
+EMU_REGISTER_BOUND(aiec_da_f32, AIEC_B128)
 
-AK_KERNEL void aiec_dwd_partial_f32(const float* a, const float* probs, const unsigned* labels, const float* dl_aux,
-                                    float aux_scale, float* out, int n, int c, int k, int spb) {
+// ---- bound (AIEC_B256, min blocks): the dWd partial tile (32 × 8) -------------------
+
+AK_KERNEL_BOUND(AIEC_BOUNDS(AIEC_B256, AIEC_DWD_PARTIAL_MB)) void aiec_dwd_partial_f32(
+    const float* a, const float* probs, const unsigned* labels, const float* dl_aux, float aux_scale, float* out, int n,
+    int c, int k, int spb) {
   ak_aiec::dwd_partial_impl(a, probs, labels, dl_aux, aux_scale, out, n, c, k, spb);
 }
-EMU_REGISTER(aiec_dwd_partial_f32)
+EMU_REGISTER_BOUND(aiec_dwd_partial_f32, AIEC_B256)
 

@@ -61,14 +61,60 @@
 // allocates no more registers than without it (nvcc 13, sm_80/86/90, 2026-12-07):
 // filter_norm, gap, fwd, bwd_params, bwd_dx, coef_reduce, sum_chunks, ln_fwd, ln_bwd
 // (equal or 1–11 fewer; filter_norm_f16 +1 on sm_80 only, the same per-warp
-// allocation). It is left off where it hurt: bwd_dxpre_f32 spilled on sm_80 under it
-// (capped at 32 registers, 20 bytes of spill), as did bwd_sums_f32 when it reduced 8
-// planes per block (80 registers, 24 bytes; not re-measured at 4), patch_sq took 44
-// registers instead of 32–40 and patch_window 40 instead of 32 on sm_90. Those four
-// are registered with the emulated device as unbounded (1024, as a GPU sees them), so
-// the launch audit's `bound` target lists them.
+// allocation). Where a plain bound hurt (bwd_dxpre_f32 spilled on sm_80 under it,
+// capped at 32 registers, 20 bytes of spill; bwd_sums_f32 spilled 24 bytes at 80
+// registers when it reduced 8 planes per block; patch_window took 40 registers instead
+// of 32 on sm_90), the kernel takes __launch_bounds__(IIEU_THREADS, m) instead: at
+// least m resident blocks per SM, which caps ptxas at 65536 / (256·m) registers (in
+// units of 8). m is the number of blocks
+// the kernel holds per SM without a bound (by registers, and by threads: sm_75 holds 4
+// blocks of 256, sm_86 / sm_89 6, sm_80 / sm_90 8), so the cap is the most registers
+// that keep that occupancy; IIEU_MB(sm_75, sm_80, sm_86 and sm_89, sm_90) picks m per
+// arch by __CUDA_ARCH__ (ptxas lowers an m above what the arch can hold). The values
+// and the registers they gave are at each kernel's IIEU_*_MB below (nvcc 13; NVRTC +
+// ptxas 12.4, scripts/compat-check.sh, spills nothing either). The emulated device
+// records IIEU_THREADS for every kernel of this file (AK_LAUNCH_BOUND) but patch_sq.
+// patch_sq has no bound, and is registered as unbounded (1024, as a GPU sees it), so the
+// launch audit's `bound` target lists it: under a plain (256) it took 44 registers
+// instead of 32–40 on sm_90, and with the occupancy-keeping m (sm_75 / 80 / 86-89 / 90:
+// f32 4 / 6 / 6 / 8, f16 4 / 6 / 5 / 6, bf16 4 / 6 / 5 / 8; unbounded f32 61/40/40/40/32,
+// f16 50/38/44/44/36, bf16 46/34/44/44/32) ptxas spills at the cap (nvcc 13: f32 20 bytes
+// on sm_80/86/89 and 36 on sm_90, f16 12 on sm_80 / sm_90, bf16 12 on sm_90; ptxas 12.4:
+// f32 20 on sm_80/86/89, f16 12 on sm_80) — one step less of m would cost resident
+// blocks instead.
 #define IIEU_THREADS 256
 #define IIEU_BOUNDS __launch_bounds__(IIEU_THREADS)
+// The min-blocks argument per arch. __CUDA_ARCH__ is defined in nvcc's / NVRTC's device
+// passes only; the host pass and the emulator do not use the value (the PTX of the
+// newest arch, JIT-compiled for later GPUs, carries the sm_90 value).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define IIEU_MB(m75, m80, m86, m90) m90
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 860
+#define IIEU_MB(m75, m80, m86, m90) m86
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define IIEU_MB(m75, m80, m86, m90) m80
+#else
+#define IIEU_MB(m75, m80, m86, m90) m75
+#endif
+// Blocks of 256 threads per SM with up to 32 / 40 / 48 / 64 / 80 registers: 8 / 6 / 5 /
+// 4 / 3 (capped by threads). Registers on sm_75 / 80 / 86 / 89 / 90 (nvcc 13),
+// unbounded → bound:
+// patch_window: caps 64 / 32 / 48 / 48 / 32, 63/31/44/44/32 → 60/32/47/47/32.
+#define IIEU_PATCH_WINDOW_MB IIEU_MB(4, 8, 5, 8)
+// bwd_sums (launched with power-of-two blocks of 32..256 threads, so the register
+// count sets the resident warps, not only the blocks of 256): f32 4 → cap 64, 71/72/72/
+// 72/64 → 64/64/64/64/64, no spill in either toolchain (4 blocks of 256 on every arch
+// instead of 3); f16 / bf16 3 / 3 / 3 / 4 → caps 80 / 80 / 80 / 80 / 64, f16
+// 79/80/80/80/72 → 79/80/80/80/64, bf16 80/79/80/80/72 → 79/80/80/80/63 (at cap 64
+// sm_75..sm_89 spill 84-116 bytes; on sm_90, m = 3 took 80 registers: 24 resident warps
+// instead of 28 for blocks under 256 threads).
+#define IIEU_BWD_SUMS_MB_f32 4
+#define IIEU_BWD_SUMS_MB_f16 IIEU_MB(3, 3, 3, 4)
+#define IIEU_BWD_SUMS_MB_bf16 IIEU_MB(3, 3, 3, 4)
+// bwd_dxpre: 6 (sm_75: 4) → caps 64 / 40 / 40 / 40 / 40, f32 40/40/40/40/38 →
+// 37/38/38/38/38, f16 39/36/40/40/38 → 42/40/40/40/40, bf16 38/34/38/38/38 →
+// 39/40/40/40/40.
+#define IIEU_BWD_DXPRE_MB 6
 #ifndef __CUDACC__
 #undef AK_LAUNCH_BOUND
 #define AK_LAUNCH_BOUND IIEU_THREADS
@@ -631,8 +677,8 @@ EMU_REGISTER(iieu_sum_chunks)
 // stride/padding and the patch dilation (g.dh, g.dw), zero outside the image — never a
 // convolution. Thread per output position (32-bit item index).
 // Bytes: ≤ KH·KW cached q reads, 8 B written.
-AK_KERNEL void iieu_patch_window(const float* __restrict__ q, float* __restrict__ x_norm,
-                                 float* __restrict__ r_x, IieuGeom g) {
+AK_KERNEL __launch_bounds__(IIEU_THREADS, IIEU_PATCH_WINDOW_MB) void iieu_patch_window(
+    const float* __restrict__ q, float* __restrict__ x_norm, float* __restrict__ r_x, IieuGeom g) {
   const int hw = g.h * g.w;
   const int P = g.oh * g.ow;
   const unsigned total = (unsigned)(g.n * g.gp) * (unsigned)P;
@@ -659,7 +705,7 @@ AK_KERNEL void iieu_patch_window(const float* __restrict__ q, float* __restrict_
     r_x[e] = 1.0f / (nm + ak_iieu::EPS);
   }
 }
-EMU_REGISTER_BOUND(iieu_patch_window, 1024)
+EMU_REGISTER(iieu_patch_window)
 
 // coef[n,grp,h',w'] = dr_x·(−r_x²/‖P‖) (0 where ‖P‖ = 0), dr_x = Σ_s coef_part[s] (the
 // `splits` output-channel-chunk partials of bwd_dx, summed in chunk order). Thread per
@@ -745,13 +791,13 @@ EMU_REGISTER(iieu_ln_bwd)
 // =====================================================================================
 // per-dtype entry points
 
-#define IIEU_KERNELS(SUF, T)                                                                       \
+#define IIEU_KERNELS(SUF, T, SUMS_MB)                                                                     \
   AK_KERNEL IIEU_BOUNDS void iieu_filter_norm_##SUF(const T* w, float* r_w, float* w_norm, IieuGeom g) {     \
     ak_iieu::filter_norm_impl<T>(w, r_w, w_norm, g);                                               \
   }                                                                                                \
   EMU_REGISTER(iieu_filter_norm_##SUF)                                                             \
-  AK_KERNEL void iieu_patch_sq_##SUF(const T* x_pre, float* q_part, IieuGeom g, int chunk,       \
-                                       int splits) {                                               \
+  AK_KERNEL void iieu_patch_sq_##SUF(const T* x_pre, float* q_part, IieuGeom g, int chunk,         \
+                                     int splits) {                                                 \
     ak_iieu::patch_sq_impl<T>(x_pre, q_part, g, chunk, splits);                                    \
   }                                                                                                \
   EMU_REGISTER_BOUND(iieu_patch_sq_##SUF, 1024)                                                                \
@@ -762,12 +808,13 @@ EMU_REGISTER(iieu_ln_bwd)
     ak_iieu::fwd_impl<T>(x, lin, r_w, r_x, nu, eta, y, g);                                         \
   }                                                                                                \
   EMU_REGISTER(iieu_fwd_##SUF)                                                                     \
-  AK_KERNEL void iieu_bwd_sums_##SUF(const T* dy, const T* x, const float* lin, const float* r_w, \
+  AK_KERNEL __launch_bounds__(IIEU_THREADS, SUMS_MB) void iieu_bwd_sums_##SUF(                    \
+                                       const T* dy, const T* x, const float* lin, const float* r_w, \
                                        const float* r_x, const float* nu, const float* eta,        \
                                        float* part, IieuGeom g) {                                  \
     ak_iieu::bwd_sums_impl<T>(dy, x, lin, r_w, r_x, nu, eta, part, g);                             \
   }                                                                                                \
-  EMU_REGISTER_BOUND(iieu_bwd_sums_##SUF, 1024)                                                                \
+  EMU_REGISTER(iieu_bwd_sums_##SUF)                                                                \
   AK_KERNEL IIEU_BOUNDS void iieu_bwd_params_##SUF(const T* w, const float* part, const float* dz,           \
                                          const float* m_hat, const float* r_w, const float* w_norm, \
                                          float* d_gamma, float* d_beta, float* d_eta, T* dw,       \
@@ -783,16 +830,23 @@ EMU_REGISTER(iieu_ln_bwd)
                             splits);                                                               \
   }                                                                                                \
   EMU_REGISTER(iieu_bwd_dx_##SUF)                                                                  \
-  AK_KERNEL void iieu_bwd_dxpre_##SUF(const T* x_pre, const float* coef, T* dx_pre, IieuGeom g,  \
+  AK_KERNEL __launch_bounds__(IIEU_THREADS, IIEU_BWD_DXPRE_MB) void iieu_bwd_dxpre_##SUF(         \
+                                        const T* x_pre, const float* coef, T* dx_pre, IieuGeom g,  \
                                         int chunk, int splits) {                                   \
     ak_iieu::bwd_dxpre_impl<T>(x_pre, coef, dx_pre, g, chunk, splits);                             \
   }                                                                                                \
-  EMU_REGISTER_BOUND(iieu_bwd_dxpre_##SUF, 1024)
+  EMU_REGISTER(iieu_bwd_dxpre_##SUF)
 
-IIEU_KERNELS(f32, float)
-IIEU_KERNELS(f16, __half)
-IIEU_KERNELS(bf16, __nv_bfloat16)
+IIEU_KERNELS(f32, float, IIEU_BWD_SUMS_MB_f32)
+IIEU_KERNELS(f16, __half, IIEU_BWD_SUMS_MB_f16)
+IIEU_KERNELS(bf16, __nv_bfloat16, IIEU_BWD_SUMS_MB_bf16)
 
 #undef IIEU_KERNELS
 #undef IIEU_BOUNDS
 #undef IIEU_THREADS
+#undef IIEU_MB
+#undef IIEU_PATCH_WINDOW_MB
+#undef IIEU_BWD_SUMS_MB_f32
+#undef IIEU_BWD_SUMS_MB_f16
+#undef IIEU_BWD_SUMS_MB_bf16
+#undef IIEU_BWD_DXPRE_MB

@@ -437,9 +437,10 @@ __device__ void dc_impl(const T* __restrict__ dx, const T* __restrict__ c, const
 }  // namespace ak_conv
 
 // Launch bounds (kernels/common.cuh): every kernel of this file is launched with at
-// most 256 threads (the GEMMs' THREADS, BLOCK for the small passes), so (all but
-// iieu_conv_plane_stats, see there) __launch_bounds__(256) for nvcc and the same bound for the emulated device (which
-// reads AK_LAUNCH_BOUND at each EMU_REGISTER); the default is restored at the end.
+// most 256 threads (the GEMMs' THREADS, BLOCK for the small passes), so
+// __launch_bounds__(256) for nvcc (iieu_conv_plane_stats with a min-blocks argument, see
+// there) and the same bound for the emulated device (which reads AK_LAUNCH_BOUND at each
+// EMU_REGISTER); the default is restored at the end.
 #pragma push_macro("AK_LAUNCH_BOUND")
 #undef AK_LAUNCH_BOUND
 #define AK_LAUNCH_BOUND 256
@@ -470,15 +471,20 @@ AK_KERNEL void __launch_bounds__(256) iieu_conv_rx(const float* __restrict__ sq,
 }
 EMU_REGISTER(iieu_conv_rx)
 
-// No launch bound on this kernel (the default, AK_LAUNCH_BOUND from common.cuh, for the
-// emulated device too): under __launch_bounds__(256) ptxas 12.4 (the CUDA 12 path,
-// scripts/compat-check.sh) spills 52 bytes on sm_80..sm_90, where nvcc 13 does not.
-#pragma pop_macro("AK_LAUNCH_BOUND")
+// iieu_conv_plane_stats: a plain __launch_bounds__(256) made ptxas 12.4 (the CUDA 12
+// path, scripts/compat-check.sh) spill 52 bytes on sm_80..sm_90, where nvcc 13 does
+// not. With a second argument, at least 5 resident blocks of 256 per SM (what the
+// kernel holds unbounded: 44-46 registers on sm_80..sm_90 under nvcc 13; sm_75, 50,
+// holds 4, and ptxas lowers the 5 to that), ptxas is capped at 48 registers (sm_75: 64)
+// and neither toolchain spills. nvcc 13, sm_75 / 80 / 86 / 89 / 90: 50/44/44/44/46 →
+// 48/46/46/46/47 (5 resident blocks either way; sm_75 4).
+#define IIEU_CONV_PLANE_STATS_MB 5
 
 // Per (n, o): Chan merge, in tile order, of the forward's per-tile (mean, M2) of c.
 // Thread per plane.
-AK_KERNEL void iieu_conv_plane_stats(const float* __restrict__ st_mean, const float* __restrict__ st_m2,
-                                                 float* __restrict__ mean_c, float* __restrict__ m2_c, ConvGeom g) {
+AK_KERNEL void __launch_bounds__(256, IIEU_CONV_PLANE_STATS_MB)
+    iieu_conv_plane_stats(const float* __restrict__ st_mean, const float* __restrict__ st_m2,
+                          float* __restrict__ mean_c, float* __restrict__ m2_c, ConvGeom g) {
   const int P = g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
   for (long long no = ak_conv::grid_tid(); no < planes; no += ak_conv::grid_stride()) {
@@ -500,10 +506,6 @@ AK_KERNEL void iieu_conv_plane_stats(const float* __restrict__ st_mean, const fl
   }
 }
 EMU_REGISTER(iieu_conv_plane_stats)
-
-#pragma push_macro("AK_LAUNCH_BOUND")
-#undef AK_LAUNCH_BOUND
-#define AK_LAUNCH_BOUND 256
 
 // ψ per channel o (thread per o). mode: 0 none, 1 bias, 2 affine, 3 BatchNorm training,
 // 4 BatchNorm eval. a/b: bias (mode 1: b), scale/shift (2), γ/β (3, 4). Training:

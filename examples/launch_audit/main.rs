@@ -54,7 +54,7 @@ use activation_kernels::cuda::{
 };
 use activation_kernels::emu::{self, LaunchRecord};
 use activation_kernels::{ActShape, Conv2dGeometry, Error, Result};
-use half::f16;
+use half::{bf16, f16};
 use model::{Carry, Dims, Traffic, GPUS};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -225,19 +225,23 @@ fn aiec_cases<T: DType>(su: &mut Suite, shape: &ActShape, k: usize) -> Result<()
     Ok(())
 }
 
-/// IIEU-B after a `k`×`k` convolution (padding `k / 2`), C = O = `ch`, f32.
-fn iieu_cases(su: &mut Suite, (n, ch, hw): (usize, usize, usize), k: usize) -> Result<()> {
+/// IIEU-B after a `k`×`k` convolution (padding `k / 2`), C = O = `ch`, storage `T`.
+fn iieu_cases<T: DType>(
+    su: &mut Suite,
+    (n, ch, hw): (usize, usize, usize),
+    k: usize,
+) -> Result<()> {
     let geo = Conv2dGeometry::new(n, ch, hw, hw, ch, k, k).with_padding(k / 2, k / 2);
     let cfg = ciieu::IieuConfig::new(geo);
     let numel = n * ch * hw * hw;
-    let x = su.buf::<f32>(numel)?;
-    let dy = su.buf::<f32>(numel)?;
-    let x_pre = su.buf::<f32>(numel)?;
-    let wt = su.buf::<f32>(ch * ch * k * k)?;
+    let x = su.buf::<T>(numel)?;
+    let dy = su.buf::<T>(numel)?;
+    let x_pre = su.buf::<T>(numel)?;
+    let wt = su.buf::<T>(ch * ch * k * k)?;
     let p = iieu::IieuDeviceParams::init(&su.stream, ch)?;
-    let label = format!("iieu_b {k}x{k} nchw {n}x{ch}x{hw}x{hw} f32");
+    let label = format!("iieu_b {k}x{k} nchw {n}x{ch}x{hw}x{hw} {}", T::NAME);
     let d = Dims {
-        b: 4.0,
+        b: std::mem::size_of::<T>() as f64,
         n: n as f64,
         c: ch as f64,
         s: (hw * hw) as f64,
@@ -256,18 +260,19 @@ fn iieu_cases(su: &mut Suite, (n, ch, hw): (usize, usize, usize), k: usize) -> R
     Ok(())
 }
 
-/// IIEU-DC (r = 16) on `x` and a residual of the same shape, f32.
-fn dc_cases(su: &mut Suite, (n, ch, hw): (usize, usize, usize)) -> Result<()> {
+/// IIEU-DC (r = 16) on `x` and a residual of the same shape, storage `T` (f32
+/// parameters and coupler).
+fn dc_cases<T: DType>(su: &mut Suite, (n, ch, hw): (usize, usize, usize)) -> Result<()> {
     let cfg = cdc::DcConfig::new(n, ch, hw, hw, 16)?;
     let hp = cdc::DcParams::<f32>::init(&cfg, 1)?;
     let p = iieu_dc::DcDeviceParams::upload(&su.stream, &cfg, &hp)?;
     let numel = n * ch * hw * hw;
-    let x = su.buf::<f32>(numel)?;
-    let res = su.buf::<f32>(numel)?;
-    let dy = su.buf::<f32>(numel)?;
-    let label = format!("iieu_dc nchw {n}x{ch}x{hw}x{hw} f32");
+    let x = su.buf::<T>(numel)?;
+    let res = su.buf::<T>(numel)?;
+    let dy = su.buf::<T>(numel)?;
+    let label = format!("iieu_dc nchw {n}x{ch}x{hw}x{hw} {}", T::NAME);
     let d = Dims {
-        b: 4.0,
+        b: std::mem::size_of::<T>() as f64,
         n: n as f64,
         c: ch as f64,
         s: (hw * hw) as f64,
@@ -283,23 +288,31 @@ fn dc_cases(su: &mut Suite, (n, ch, hw): (usize, usize, usize)) -> Result<()> {
     Ok(())
 }
 
-/// IieuConv2d (conv → BatchNorm training → IIEU-B, all-channels patch norms), f32.
-fn conv_cases(su: &mut Suite, geo: Conv2dGeometry) -> Result<()> {
+/// IieuConv2d (conv → BatchNorm training → IIEU-B, all-channels patch norms), storage
+/// `T` (f32 parameters).
+fn conv_cases<T: DType>(su: &mut Suite, geo: Conv2dGeometry) -> Result<()> {
     use activation_kernels::cpu::iieu_conv::{BatchNorm, IieuConvParams, Psi};
     let cfg = ciieu::IieuConfig::new(geo).with_patch_norm(ciieu::PatchNorm::AllChannels);
     let (oh, ow) = geo.validate()?;
     let out = geo.n * geo.c_out * oh * ow;
-    let x_pre = su.buf::<f32>(geo.input_len())?;
-    let wt = su.buf::<f32>(geo.weight_len())?;
-    let dy = su.buf::<f32>(out)?;
+    let x_pre = su.buf::<T>(geo.input_len())?;
+    let wt = su.buf::<T>(geo.weight_len())?;
+    let dy = su.buf::<T>(out)?;
     let host = IieuConvParams::init(geo.c_out, Psi::BatchNorm(BatchNorm::init(geo.c_out)));
     let mut p = iieu_conv::IieuConvDeviceParams::from_host(&su.stream, &host)?;
     let label = format!(
-        "iieu_conv {}x{} nchw {}x{}x{}x{}->{} f32",
-        geo.kh, geo.kw, geo.n, geo.c_in, geo.h, geo.w, geo.c_out
+        "iieu_conv {}x{} nchw {}x{}x{}x{}->{} {}",
+        geo.kh,
+        geo.kw,
+        geo.n,
+        geo.c_in,
+        geo.h,
+        geo.w,
+        geo.c_out,
+        T::NAME
     );
     let d = Dims {
-        b: 4.0,
+        b: std::mem::size_of::<T>() as f64,
         n: geo.n as f64,
         c: geo.c_out as f64,
         s: (oh * ow) as f64,
@@ -331,9 +344,17 @@ fn suite(su: &mut Suite) -> Result<()> {
                 acon_cases::<f16>(su, &shape, false)?;
                 tau_cases::<f32>(su, &shape)?;
             }
-            iieu_cases(su, (n, ch, hw), 3)?;
-            iieu_cases(su, (n, ch, hw), 1)?;
-            dc_cases(su, (n, ch, hw))?;
+            // IIEU families in every storage type (f32 math; f16 / bf16 halve the
+            // tensor bytes, not the f32 intermediates).
+            iieu_cases::<f32>(su, (n, ch, hw), 3)?;
+            iieu_cases::<f32>(su, (n, ch, hw), 1)?;
+            dc_cases::<f32>(su, (n, ch, hw))?;
+            iieu_cases::<f16>(su, (n, ch, hw), 3)?;
+            iieu_cases::<f16>(su, (n, ch, hw), 1)?;
+            dc_cases::<f16>(su, (n, ch, hw))?;
+            iieu_cases::<bf16>(su, (n, ch, hw), 3)?;
+            iieu_cases::<bf16>(su, (n, ch, hw), 1)?;
+            dc_cases::<bf16>(su, (n, ch, hw))?;
         }
         aiec_cases::<f32>(su, &ActShape::nchw(n, 2048, 7, 7), 1000)?;
         let g3 = |c, hw| Conv2dGeometry::new(n, c, hw, hw, c, 3, 3).with_padding(1, 1);
@@ -348,7 +369,9 @@ fn suite(su: &mut Suite) -> Result<()> {
             g1(1024, 14, 256),
             g1(2048, 7, 512),
         ] {
-            conv_cases(su, geo)?;
+            conv_cases::<f32>(su, geo)?;
+            conv_cases::<f16>(su, geo)?;
+            conv_cases::<bf16>(su, geo)?;
         }
     }
     aiec_cases::<f16>(su, &ActShape::nchw(32, 2048, 7, 7), 1000)?;

@@ -138,8 +138,10 @@ fn def_name(l: &str) -> String {
     while let Some(rel) = l[from..].find('(') {
         let open = from + rel;
         let mut head = l[..open].trim_end().to_string();
-        if let Some(p) = head.find("##") {
-            head.truncate(p);
+        // Only a `##` after the skipped attributes cuts the name (an attribute's
+        // argument may paste tokens too: `__launch_bounds__(256, MB_##SUF)`).
+        if let Some(p) = head.get(from..).and_then(|h| h.find("##")) {
+            head.truncate(from + p);
         }
         let start = head
             .rfind(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
@@ -385,6 +387,10 @@ mod tests {
             "k"
         );
         assert_eq!(def_name("__device__ void f(int a) {"), "f");
+        assert_eq!(
+            def_name("AK_KERNEL void __launch_bounds__(256, MB_##SUF) k_##SUF(int n) {"),
+            "k_"
+        );
     }
 
     #[test]

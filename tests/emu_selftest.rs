@@ -921,11 +921,13 @@ fn function_attributes_come_from_the_ptxas_table() {
     let mut seen = 0;
     for line in table.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = line.split('\t').collect();
-        // iieu_bwd_sums_*: no launch bound, 72–80 registers (the register file limits
-        // the block); iieu_conv_fwd_*: declared __launch_bounds__(256) (the bound does).
-        let bound = if f[0].starts_with("iieu_bwd_sums_") {
+        // iieu_patch_sq_*: no launch bound (the 1024-thread block limit or the
+        // register file limits the block); iieu_conv_fwd_* (__launch_bounds__(256)) and
+        // iieu_bwd_sums_* (__launch_bounds__(256, minBlocks), 64–80 registers): the
+        // bound does.
+        let bound = if f[0].starts_with("iieu_patch_sq_") {
             1024
-        } else if f[0].starts_with("iieu_conv_fwd_") {
+        } else if f[0].starts_with("iieu_conv_fwd_") || f[0].starts_with("iieu_bwd_sums_") {
             256
         } else {
             continue;
@@ -944,8 +946,8 @@ fn function_attributes_come_from_the_ptxas_table() {
         seen += 1;
     }
     assert!(
-        seen >= 6,
-        "the table lacks iieu_bwd_sums / iieu_conv_fwd kernels for sm_{sm}"
+        seen >= 9,
+        "the table lacks iieu_patch_sq / iieu_bwd_sums / iieu_conv_fwd kernels for sm_{sm}"
     );
 }
 

@@ -472,12 +472,17 @@ fn core_backward<T: DType>(
     let kind = beta.kind();
     let nlc = shape.layout == Layout::Nlc;
     check_totals(shape, 3)?;
+    // Every shape check before the first allocation.
+    if nlc {
+        check_nlc_tiles(shape, &nlc_geometry(shape))?;
+    } else {
+        check_nchw_tiles(nchw_geometry::<T>(shape).3)?;
+    }
     // SAFETY: the backward kernel writes every element of dx (each tile covers
     // its plane / rows fully; the tiles cover the tensor).
     let mut dx = unsafe { stream.alloc::<T>(numel) }?;
     let (part, tiles_per) = if nlc {
         let g = nlc_geometry(shape);
-        check_nlc_tiles(shape, &g)?;
         // SAFETY: every (sample, row tile) has its 3·C partials written, each
         // column chunk its channels.
         let mut part = unsafe { stream.alloc::<f32>(g.row_tiles(shape) * 3 * shape.c) }?;
@@ -504,7 +509,6 @@ fn core_backward<T: DType>(
         (part, g.tps)
     } else {
         let (threads, tile, tpp, ntiles) = nchw_geometry::<T>(shape);
-        check_nchw_tiles(ntiles)?;
         // SAFETY: every tile writes its 3 partials.
         let mut part = unsafe { stream.alloc::<f32>(ntiles * 3) }?;
         let f = params.bwd_kernel::<T>(stream, false)?;

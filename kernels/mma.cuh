@@ -278,12 +278,15 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (
 }
 
 // f32 → tf32 (cvt.rna.tf32.f32: nearest, ties away from zero; the result is an f32
-// bit pattern with the 13 low mantissa bits zero). NaN and ±Inf pass through.
+// bit pattern with the 13 low mantissa bits zero). ±Inf pass through; a NaN becomes
+// the canonical NaN 0x7fffffff (a NaN whose payload sat only in the 13 low bits would
+// otherwise read as ±Inf once an mma ignores those bits).
 __device__ __forceinline__ uint32_t to_tf32(float x) {
 #if AK_MMA_EMULATED
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // Inf / NaN
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffffffu;  // NaN: canonical
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;           // ±Inf
   return (u + 0x1000u) & 0xffffe000u;              // carries into the exponent as rounding does
 #elif AK_MMA_SM80
   uint32_t u;

@@ -406,25 +406,23 @@ void syncthreads() {
   to_sched(f);
 }
 
-void warp_sync(unsigned mask) {
+// The calling lane arrives at a warp collective of `mask`: `file` null for the
+// shuffles, votes and __syncwarp (any two meet), else the site of an `.aligned`
+// instruction (every lane must reach the same one; release_warps checks).
+static void arrive_at_warp(unsigned mask, const char* file, int line) {
   Fiber& f = tl->fibers[tl->current];
   if (!((mask >> lane_id()) & 1u)) fault("warp collective called by a lane that is not in its mask");
   f.state = AT_WARP;
   f.mask = mask;
-  f.site_file = nullptr;
-  to_sched(f);
-}
-
-void warp_converge(unsigned mask, const char* file, int line) {
-  Fiber& f = tl->fibers[tl->current];
-  if (!((mask >> lane_id()) & 1u)) fault("warp collective called by a lane that is not in its mask");
-  f.state = AT_WARP;
-  f.mask = mask;
-  f.site_file = file ? file : "?";
+  f.site_file = file;
   f.site_line = line;
   to_sched(f);
   f.site_file = nullptr;
 }
+
+void warp_sync(unsigned mask) { arrive_at_warp(mask, nullptr, 0); }
+
+void warp_converge(unsigned mask, const char* file, int line) { arrive_at_warp(mask, file ? file : "?", line); }
 
 uint32_t* warp_scratch() { return tl->wscratch.data() + (size_t)(tl->current / 32) * 32 * kWarpScratchWords; }
 

@@ -2,7 +2,8 @@
 # After `cargo build --features cuda`: prints the ptxas table (registers, spill
 # bytes, shared memory per kernel and arch) from the build's ptxas -v output, fails
 # on any spill, and checks in the SASS that the f32 elementwise kernels use 128-bit
-# global loads (LDG.E.128). Writes target/kernel-report.md. Checks that
+# global loads (LDG.E.128) and that the tensor-core kernels have HMMA, LDSM and LDGSTS
+# on sm_80/86/90 (with their occupancy per arch in the report). Writes target/kernel-report.md. Checks that
 # kernels/emu/ptxas-table.tsv (registers the emulated driver checks launches
 # against) matches this build; `--write-table` rewrites it.
 #

@@ -910,9 +910,9 @@ IIEU_CONV_KERNELS(bf16, __nv_bfloat16)
 
 // Tensor-core forward (f16 / bf16, sm_80+; the sm_75 build traps, never launched there).
 #define IIEU_CONV_TC_KERNELS(SUF, T)                                                                   \
-  AK_KERNEL_BOUND(ak_conv::tc::THREADS)                                                                \
-  void iieu_conv_fwd_tc_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, float* st_m2, \
-                              ConvGeom g) {                                                            \
+  AK_KERNEL_BOUND(ak_conv::tc::THREADS) void                                                           \
+  iieu_conv_fwd_tc_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, float* st_m2,     \
+                         ConvGeom g) {                                                                 \
     ak_conv::tc::conv_fwd_tc_impl<T>(x_pre, w, out, sq, st_mean, st_m2, g);                            \
   }                                                                                                    \
   EMU_REGISTER_BOUND(iieu_conv_fwd_tc_##SUF, ak_conv::tc::THREADS)

@@ -224,10 +224,11 @@ __device__ void conv_fwd_impl(const T* __restrict__ x_pre, const T* __restrict__
 // Pipeline: while the MMAs consume stage kt % 2, stage kt+1 is in flight: W (k
 // contiguous per filter) by cp.async.cg 16 B with zero-fill past O/g and K when
 // K % 8 == 0 and W is 16-byte aligned (else scalar loads staged in registers); the
-// im2col of x_pre (NCHW: a tap's pixels are neither contiguous nor 4-byte aligned
-// in general, so no cp.async size fits) by scalar loads issued before the MMAs into
-// registers and stored to the other stage after them (zeros for the padding and the
-// ragged edges). One __syncthreads per stage.
+// im2col of x_pre by cp.async.cg 16 B (zero-fill past P and K) for a 1×1, stride-1,
+// unpadded layer with H·W % 8 == 0, else (NCHW: a tap's pixels are neither contiguous
+// nor 4-byte aligned in general, so no cp.async size fits) by scalar loads issued
+// before the MMAs into registers and stored to the other stage after them (zeros for
+// the padding and the ragged edges). One __syncthreads per stage.
 // ‖P‖² from the shared A stage (threads 0..63, pixel tid, k in order: the same fmaf
 // chain as conv_fwd_impl, so sq is bitwise the CUDA-core path's). Epilogue: c rounded
 // to T into a shared 64 × 68 f32 tile, then coalesced stores of c and the per-tile
@@ -288,6 +289,12 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   const T* wg = w + (long long)grp * g.og * g.kdim;
   const int KT = (g.kdim + BK - 1) / BK;
 
+  // A by cp.async: a 1×1, stride-1, unpadded layer with H·W % 8 == 0 (then a tap's
+  // pixels are the input plane itself, 8 of them one aligned 16-byte chunk, all in or
+  // all out of the plane). Chunk (k row id/8, pixels 8·(id%8) ..), id = tid + 128q.
+  const bool avec = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
+                    ak::aligned16(x_pre);
+
   T areg[16], breg[16];
   // This thread's taps k = k0 + ak0 + 2r: (cl, i, jj) decomposed once per stage and
   // stepped by 2 (no division per element).
@@ -314,6 +321,16 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
           }
         }
       }
+    }
+  };
+  auto issue_a = [&](int k0, int st) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int id = tid + THREADS * q, kk = id >> 3, pp = (id & 7) * 8;
+      const int k = k0 + kk, p = mt * BM + pp;
+      const bool in = k < g.kdim && p < P;
+      const T* src = in ? xg + (long long)k * P + p : x_pre;
+      ak::mma::cp_async_cg_zfill(&As[st * A_STAGE + a_off(kk, pp)], src, in ? 16 : 0);
     }
   };
   auto store_a = [&](int st) {
@@ -353,7 +370,8 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   float sqacc = 0.0f;
 
   // Prologue: stage 0.
-  load_a(0);
+  if (avec) issue_a(0, 0);
+  else load_a(0);
   if (bvec) {
     issue_b(0, 0);
   } else {
@@ -361,7 +379,7 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
     store_b(0);
   }
   ak::mma::cp_async_commit_group();
-  store_a(0);
+  if (!avec) store_a(0);
   ak::mma::cp_async_wait_group<0>();
   __syncthreads();
 
@@ -372,7 +390,8 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
     if (more) {
       if (bvec) issue_b((kt + 1) * BK, nxt);
       else load_b((kt + 1) * BK);
-      load_a((kt + 1) * BK);
+      if (avec) issue_a((kt + 1) * BK, nxt);
+      else load_a((kt + 1) * BK);
     }
     ak::mma::cp_async_commit_group();
     const T* as = As + cur * A_STAGE;
@@ -410,7 +429,7 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
         for (int ni = 0; ni < 4; ++ni) mma16816(zero, acc[mi][ni], af[mi], bf[ni]);
     }
     if (more) {
-      store_a(nxt);
+      if (!avec) store_a(nxt);
       if (!bvec) store_b(nxt);
     }
     ak::mma::cp_async_wait_group<0>();

@@ -479,7 +479,8 @@ fn resnet_stage4_512_3x3() {
 // ------------------------------------------------------------------------------------
 // The tensor-core forward (`iieu_conv_fwd_tc_f16` / `_bf16`: mma.sync.m16n8k16, f32
 // accumulation; 64 pixels × 64 filters × 32 deep block tiles, 16-byte cp.async of W when
-// K % 8 == 0, scalar staging otherwise).
+// K % 8 == 0 and of x_pre for 1×1 stride-1 unpadded layers with H·W % 8 == 0, scalar
+// staging otherwise: the cases below take each of the four combinations).
 //
 // Tolerance of c, derived (per element, Q = Σ_k |a_k·b_k| from the same inputs, S =
 // ⌈K/16⌉ mma k-steps): the f16 / bf16 inputs are exact in f32 and every product is exact
@@ -606,6 +607,17 @@ fn tensor_cores_groups_stride_dilation() {
     tc_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 93);
     let geo = Conv2dGeometry::new(3, 40, 9, 9, 11, 1, 1).with_stride(2, 2);
     tc_case(geo, PatchNorm::AllChannels, Kind::Bias, 94);
+}
+
+/// 1×1, stride 1, unpadded, H·W % 8 == 0: x_pre by 16-byte cp.async too. H·W = 72 (2
+/// pixel tiles, the second 8 wide), K = 40 (W by cp.async, 2 k-tiles), O = 70; then
+/// groups 2 with K = 13 per group (W by scalar loads) and H·W = 64, AllChannels.
+#[test]
+fn tensor_cores_pointwise_cp_async_x() {
+    let geo = Conv2dGeometry::new(2, 40, 8, 9, 70, 1, 1);
+    tc_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 95);
+    let geo = Conv2dGeometry::new(1, 26, 8, 8, 18, 1, 1).with_groups(2);
+    tc_case(geo, PatchNorm::AllChannels, Kind::None, 96);
 }
 
 // ------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@
 //!
 //! On compute capability ≥ 8.0 the f16 / bf16 convolution runs on tensor cores
 //! (`iieu_conv_fwd_tc_*`: `mma.sync.m16n8k16` with f32 accumulation, `ldmatrix` from
-//! swizzled shared stages, `W` by `cp.async`; the same tiles, sums and statistics, see
+//! swizzled shared stages, `W` and (1×1 stride-1 layers) `x_pre` by `cp.async`; the same
+//! tiles, sums and statistics, see
 //! docs/iieu-conv.md); f32 and older GPUs use the CUDA-core kernel.
 //!
 //! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give

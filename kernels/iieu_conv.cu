@@ -29,7 +29,11 @@
 // reproducible. The GEMMs use CUDA-core FMA on 64×64×16 shared-memory tiles, 256
 // threads, 4×4 outputs per thread; the tile loaders, the MMA step (mma_tile) and the
 // epilogues are separate functions so the MMA step can become mma.sync.
+// The forward also has a tensor-core kernel (fwd_tc, f16 / bf16 on sm_80+:
+// mma.sync.m16n8k16 from kernels/mma.cuh, see tc::conv_fwd_tc_impl), chosen by the
+// launcher; dgrad and wgrad are CUDA-core only so far.
 #include "common.cuh"
+#include "mma.cuh"
 
 static_assert(sizeof(ConvGeom) == 88, "ConvGeom layout drifted from src/cuda/abi.rs");
 #ifndef __CUDACC_RTC__  // NVRTC has no offsetof; nvcc and the emulator check it
@@ -202,6 +206,299 @@ __device__ void conv_fwd_impl(const T* __restrict__ x_pre, const T* __restrict__
   }
   if (do_sq && tid < BM && ap < P) sq[((long long)n * g.groups + grp) * P + ap] = sqacc;
 }
+
+// ---------------------------------------------------------------------------------
+// forward on tensor cores (f16 / bf16 storage, sm_80+): the same c, sq, st_mean and
+// st_m2 as conv_fwd_impl, from mma.sync.m16n8k16 with f32 accumulation.
+// grid (N·mtiles, g·ntiles) as conv_fwd_impl (the same 64-pixel × 64-filter block tile,
+// so the per-(n, o, tile) statistics mean the same), 128 threads = 4 warps, each a
+// 32-pixel × 32-filter warp tile (2 m16 × 4 n8 fragments, 32 f32 accumulators), BK = 32
+// (two k16 steps per stage), 2 shared-memory stages.
+//
+// Shared layouts (16-byte chunks XOR-swizzled so that every ldmatrix phase — 8 rows of
+// 16 bytes — touches 8 distinct 4-bank groups, and the stores below are conflict-free):
+//   A stage: As[k][p], k-major (BK rows of 64 pixels, 128 B), chunk p/8 ^ (k % 8);
+//            the A fragments come from ldmatrix .x4 .trans (A is pixels × k).
+//   B stage: Bs[o][k], o-major (64 rows of BK = 32 k, 64 B), chunk k/8 ^ ((o/2) % 4);
+//            the B fragments ("col": B stored per column o) from ldmatrix .x4.
+// Pipeline: while the MMAs consume stage kt % 2, stage kt+1 is in flight: W (k
+// contiguous per filter) by cp.async.cg 16 B with zero-fill past O/g and K when
+// K % 8 == 0 and W is 16-byte aligned (else scalar loads staged in registers); the
+// im2col of x_pre by cp.async.cg 16 B (zero-fill past P and K) for a 1×1, stride-1,
+// unpadded layer with H·W % 8 == 0, else (NCHW: a tap's pixels are neither contiguous
+// nor 4-byte aligned in general, so no cp.async size fits) by scalar loads issued
+// before the MMAs into registers and stored to the other stage after them (zeros for
+// the padding and the ragged edges). One __syncthreads per stage.
+// ‖P‖² from the shared A stage (threads 0..63, pixel tid, k in order: the same fmaf
+// chain as conv_fwd_impl, so sq is bitwise the CUDA-core path's). Epilogue: c rounded
+// to T into a shared 64 × 68 f32 tile, then coalesced stores of c and the per-tile
+// (mean, M2) by the same half-warp tree as conv_fwd_impl (each half-warp: one filter,
+// 4 pixels per lane) — for equal c, equal statistics bits.
+namespace tc {
+constexpr int BM = 64, BN = 64, BK = 32;
+constexpr int THREADS = 128;  // 4 warps, 2 × 2 warp tiles of 32 × 32
+// __launch_bounds__(THREADS): 128 registers (nvcc 13, sm_80..90), 4 blocks = 16 warps
+// per SM. A minimum of 5 blocks per SM (96 registers) spills 8 bytes; 6 (80) more.
+constexpr int A_STAGE = BK * BM;  // halves
+constexpr int B_STAGE = BN * BK;  // halves
+constexpr int PIPE_BYTES = 2 * (A_STAGE + B_STAGE) * 2;
+constexpr int CS_LD = BM + 4;  // epilogue tile row (floats): conflict-free fragment stores
+constexpr int EPI_BYTES = BN * CS_LD * 4;
+constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
+static_assert(BM == ak_conv::BM && BN == ak_conv::BN, "the tile statistics assume 64-pixel tiles");
+static_assert(A_STAGE == 16 * THREADS && B_STAGE == 16 * THREADS, "16 elements per thread per operand");
+static_assert(SMEM_BYTES % 16 == 0, "uint4 storage");
+
+__device__ __forceinline__ int a_off(int k, int p) { return k * BM + ((((p >> 3) ^ (k & 7))) << 3) + (p & 7); }
+__device__ __forceinline__ int b_off(int o, int k) { return o * BK + ((((k >> 3) ^ ((o >> 1) & 3))) << 3) + (k & 7); }
+
+__device__ __forceinline__ void mma16816(__half, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  ak::mma::mma_m16n8k16_f16(d, a, b, d);
+}
+__device__ __forceinline__ void mma16816(__nv_bfloat16, float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  ak::mma::mma_m16n8k16_bf16(d, a, b, d);
+}
+
+template <class T>
+__device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restrict__ w, T* __restrict__ out,
+                                 float* __restrict__ sq, float* __restrict__ st_mean, float* __restrict__ st_m2,
+                                 ConvGeom g) {
+#if AK_MMA_SM80
+  SHARED_ARRAY(uint4, smem, SMEM_BYTES / 16);
+  T* const As = reinterpret_cast<T*>(smem);          // 2 stages of A_STAGE
+  T* const Bs = As + 2 * A_STAGE;                    // 2 stages of B_STAGE
+  float* const Cs = reinterpret_cast<float*>(smem);  // epilogue (after the last stage)
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp & 1, wn = warp >> 1;  // warp tile: pixels wm·32.., filters wn·32..
+  const int P = g.oh * g.ow;
+  const int ntiles = (g.og + BN - 1) / BN;
+  const int n = (int)(blockIdx.x / g.mtiles), mt = (int)(blockIdx.x - (unsigned)n * g.mtiles);
+  const int grp = (int)(blockIdx.y / ntiles), nt = (int)(blockIdx.y - (unsigned)grp * ntiles);
+  const bool do_sq = sq != nullptr && nt == 0;
+  const T* xs = x_pre + (long long)n * g.c * g.h * g.w;
+  const T zero = ak::from_f32<T>(0.0f);
+
+  // A loads: pixel am (fixed), k = ak0 + 2r (r < 16): a warp reads 32 consecutive pixels.
+  const int am = tid & (BM - 1), ak0 = tid >> 6;
+  const int ap = mt * BM + am;
+  const int aho = ap / g.ow, awo = ap - aho * g.ow;
+  // B loads. Vector: chunk (row tid/4 + 32q, chunk tid%4), q < 2. Scalar: k = tid%32,
+  // row tid/32 + 4r, r < 16.
+  const bool bvec = (g.kdim & 7) == 0 && ak::aligned16(w);
+  const T* wg = w + (long long)grp * g.og * g.kdim;
+  const int KT = (g.kdim + BK - 1) / BK;
+
+  // A by cp.async: a 1×1, stride-1, unpadded layer with H·W % 8 == 0 (then a tap's
+  // pixels are the input plane itself, 8 of them one aligned 16-byte chunk, all in or
+  // all out of the plane). Chunk (k row id/8, pixels 8·(id%8) ..), id = tid + 128q.
+  const bool avec = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
+                    ak::aligned16(x_pre);
+
+  T areg[16], breg[16];
+  // This thread's taps k = k0 + ak0 + 2r: (cl, i, jj) decomposed once per stage and
+  // stepped by 2 (no division per element).
+  const int taps = g.kh * g.kw;
+  const int hi0 = aho * g.sh - g.ph, wi0 = awo * g.sw - g.pw;
+  const T* xg = xs + (long long)grp * g.cg * g.h * g.w;
+  auto load_a = [&](int k0) {
+    const int kf = k0 + ak0;
+    int cl = kf / taps, rr = kf - cl * taps;
+    int i = rr / g.kw, jj = rr - i * g.kw;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int k = kf + 2 * r;
+      const int hi = hi0 + i * g.dh, wi = wi0 + jj * g.dw;
+      const bool in = ap < P && k < g.kdim && hi >= 0 && hi < g.h && wi >= 0 && wi < g.w;
+      areg[r] = in ? xg[((long long)cl * g.h + hi) * g.w + wi] : zero;
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {  // k += 1, twice (KW may be 1)
+        if (++jj == g.kw) {
+          jj = 0;
+          if (++i == g.kh) {
+            i = 0;
+            ++cl;
+          }
+        }
+      }
+    }
+  };
+  auto issue_a = [&](int k0, int st) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int id = tid + THREADS * q, kk = id >> 3, pp = (id & 7) * 8;
+      const int k = k0 + kk, p = mt * BM + pp;
+      const bool in = k < g.kdim && p < P;
+      const T* src = in ? xg + (long long)k * P + p : x_pre;
+      ak::mma::cp_async_cg_zfill(&As[st * A_STAGE + a_off(kk, pp)], src, in ? 16 : 0);
+    }
+  };
+  auto store_a = [&](int st) {
+#pragma unroll
+    for (int r = 0; r < 16; ++r) As[st * A_STAGE + a_off(ak0 + 2 * r, am)] = areg[r];
+  };
+  auto load_b = [&](int k0) {
+    const int kk = tid & 31, k = k0 + kk;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int o = nt * BN + (tid >> 5) + 4 * r;
+      breg[r] = (o < g.og && k < g.kdim) ? wg[(long long)o * g.kdim + k] : zero;
+    }
+  };
+  auto store_b = [&](int st) {
+#pragma unroll
+    for (int r = 0; r < 16; ++r) Bs[st * B_STAGE + b_off((tid >> 5) + 4 * r, tid & 31)] = breg[r];
+  };
+  auto issue_b = [&](int k0, int st) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int oo = (tid >> 2) + 32 * q, kk = (tid & 3) * 8;
+      const int o = nt * BN + oo, k = k0 + kk;
+      const bool in = o < g.og && k < g.kdim;  // K % 8 == 0: a chunk is all in or all out
+      const T* src = in ? wg + (long long)o * g.kdim + k : w;
+      ak::mma::cp_async_cg_zfill(&Bs[st * B_STAGE + b_off(oo, kk)], src, in ? 16 : 0);
+    }
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  float sqacc = 0.0f;
+
+  // Prologue: stage 0.
+  if (avec) issue_a(0, 0);
+  else load_a(0);
+  if (bvec) {
+    issue_b(0, 0);
+  } else {
+    load_b(0);
+    store_b(0);
+  }
+  ak::mma::cp_async_commit_group();
+  if (!avec) store_a(0);
+  ak::mma::cp_async_wait_group<0>();
+  __syncthreads();
+
+  const int lr = lane & 7, lj = lane >> 3;  // ldmatrix: this lane's row of matrix lj
+  for (int kt = 0; kt < KT; ++kt) {
+    const int cur = kt & 1, nxt = cur ^ 1;
+    const bool more = kt + 1 < KT;
+    if (more) {
+      if (bvec) issue_b((kt + 1) * BK, nxt);
+      else load_b((kt + 1) * BK);
+      if (avec) issue_a((kt + 1) * BK, nxt);
+      else load_a((kt + 1) * BK);
+    }
+    ak::mma::cp_async_commit_group();
+    const T* as = As + cur * A_STAGE;
+    const T* bs = Bs + cur * B_STAGE;
+    if (do_sq && tid < BM) {
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        const float v = ak::to_f32(as[a_off(kk, tid)]);
+        sqacc = fmaf(v, v, sqacc);
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      uint32_t af[2][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        // matrix lj: pixels m0 + (lj&1)·8 .., k ks + (lj>>1)·8 + lr (stored k-major).
+        const int m0 = wm * 32 + mi * 16;
+        ak::mma::ldmatrix_x4_trans(af[mi], &as[a_off(ks + (lj >> 1) * 8 + lr, m0 + (lj & 1) * 8)]);
+      }
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        // matrix lj: filters n0 + (lj>>1)·8 + lr, k ks + (lj&1)·8 ..
+        const int n0 = wn * 32 + nj * 16;
+        uint32_t r[4];
+        ak::mma::ldmatrix_x4(r, &bs[b_off(n0 + (lj >> 1) * 8 + lr, ks + (lj & 1) * 8)]);
+        bf[2 * nj][0] = r[0];
+        bf[2 * nj][1] = r[1];
+        bf[2 * nj + 1][0] = r[2];
+        bf[2 * nj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816(zero, acc[mi][ni], af[mi], bf[ni]);
+    }
+    if (more) {
+      if (!avec) store_a(nxt);
+      if (!bvec) store_b(nxt);
+    }
+    ak::mma::cp_async_wait_group<0>();
+    __syncthreads();
+  }
+
+  // Epilogue 1: accumulators → rounded to T → Cs[o][p] (f32).
+  {
+    const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = wm * 32 + mi * 16 + gq + (e >= 2 ? 8 : 0);
+          const int o = wn * 32 + ni * 8 + 2 * tq + (e & 1);
+          Cs[o * CS_LD + m] = ak::to_f32(ak::from_f32<T>(acc[mi][ni][e]));
+        }
+  }
+  __syncthreads();
+  // Epilogue 2: c, coalesced (64 consecutive pixels per filter row).
+  {
+    const int p = mt * BM + (tid & 63);
+#pragma unroll 4
+    for (int r = 0; r < BN / 2; ++r) {
+      const int ol = 2 * r + (tid >> 6), o = nt * BN + ol;
+      if (o < g.og && p < P) out[((long long)n * g.o + grp * g.og + o) * P + p] = ak::from_f32<T>(Cs[ol * CS_LD + (tid & 63)]);
+    }
+  }
+  // Epilogue 3: per-(n, o, tile) (mean, M2): half-warp hw = one filter, lane rm = 4
+  // pixels rm·4 .. +3 (conv_fwd_impl's order and tree).
+  {
+    const int rm = tid & 15, hw = tid >> 4;
+    const int p0 = mt * BM + rm * 4;
+    const int cnt = P - mt * BM < BM ? P - mt * BM : BM;
+#pragma unroll 1
+    for (int r = 0; r < BN / 8; ++r) {
+      const int ol = 8 * r + hw, o = nt * BN + ol;
+      const bool col = o < g.og;
+      float v[4], s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        v[i] = Cs[ol * CS_LD + rm * 4 + i];
+        if (col && p0 + i < P) s += v[i];
+      }
+      const float mean = ak_conv::half_warp_sum(s) / (float)cnt;
+      float d2 = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float d = v[i] - mean;
+        if (col && p0 + i < P) d2 = fmaf(d, d, d2);
+      }
+      d2 = ak_conv::half_warp_sum(d2);
+      if (col && rm == 0) {
+        const long long idx = ((long long)n * g.o + grp * g.og + o) * g.mtiles + mt;
+        st_mean[idx] = mean;
+        st_m2[idx] = d2;
+      }
+    }
+  }
+  if (do_sq && tid < BM && ap < P) sq[((long long)n * g.groups + grp) * P + ap] = sqacc;
+#else
+  // Never launched below sm_80 (the launcher checks the compute capability).
+  (void)x_pre, (void)w, (void)out, (void)sq, (void)st_mean, (void)st_m2, (void)g;
+  __trap();
+#endif
+}
+}  // namespace tc
 
 // ---------------------------------------------------------------------------------
 // data gradient: dx_pre[n, grp·cg + c', h, w] = Σ_{o∈grp, i, jj} dc[n,o,ho,wo]·W[o,c',i,jj]
@@ -631,3 +928,15 @@ IIEU_CONV_KERNELS(f16, __half)
 IIEU_CONV_KERNELS(bf16, __nv_bfloat16)
 
 #pragma pop_macro("AK_LAUNCH_BOUND")
+
+// Tensor-core forward (f16 / bf16, sm_80+; the sm_75 build traps, never launched there).
+#define IIEU_CONV_TC_KERNELS(SUF, T)                                                                   \
+  AK_KERNEL_BOUND(ak_conv::tc::THREADS) void                                                           \
+  iieu_conv_fwd_tc_##SUF(const T* x_pre, const T* w, T* out, float* sq, float* st_mean, float* st_m2,     \
+                         ConvGeom g) {                                                                 \
+    ak_conv::tc::conv_fwd_tc_impl<T>(x_pre, w, out, sq, st_mean, st_m2, g);                            \
+  }                                                                                                    \
+  EMU_REGISTER_BOUND(iieu_conv_fwd_tc_##SUF, ak_conv::tc::THREADS)
+
+IIEU_CONV_TC_KERNELS(f16, __half)
+IIEU_CONV_TC_KERNELS(bf16, __nv_bfloat16)

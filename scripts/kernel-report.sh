@@ -2,7 +2,8 @@
 # After `cargo build --features cuda`: prints the ptxas table (registers, spill
 # bytes, shared memory per kernel and arch) from the build's ptxas -v output, fails
 # on any spill, and checks in the SASS that the f32 elementwise kernels use 128-bit
-# global loads (LDG.E.128). Writes target/kernel-report.md. Checks that
+# global loads (LDG.E.128) and that the tensor-core kernels have HMMA, LDSM and LDGSTS
+# on sm_80/86/90 (with their occupancy per arch in the report). Writes target/kernel-report.md. Checks that
 # kernels/emu/ptxas-table.tsv (registers the emulated driver checks launches
 # against) matches this build; `--write-table` rewrites it.
 #
@@ -57,6 +58,31 @@ for k in sorted(by):
     print(f"| {k} | {regs} | {spill} | {smem} |")
 spills = [r for r in rows if r["spill"]]
 print(f"\n{len(by)} kernels, {len(rows)} kernel/arch pairs, {len(spills)} with spills.")
+# Tensor-core kernels: the resulting theoretical occupancy per arch (threads per block
+# from their launchers; per SM: 64 K registers allocated per warp in units of 256,
+# shared memory + 1 KiB reserved per block on sm_80+, the arch's warp and block limits).
+TC_THREADS = {"iieu_conv_fwd_tc_f16": 128, "iieu_conv_fwd_tc_bf16": 128}
+LIMITS = {  # max warps, max blocks, shared memory per SM (B), reserved per block (B)
+    "sm_75": (32, 16, 65536, 0), "sm_80": (64, 32, 167936, 1024), "sm_86": (48, 16, 102400, 1024),
+    "sm_89": (48, 24, 102400, 1024), "sm_90": (64, 32, 233472, 1024)}
+tcs = [k for k in sorted(by) if k in TC_THREADS]
+if tcs:
+    print("\nTensor-core kernels: registers / static smem per block / resident blocks and warps per SM "
+          "(theoretical occupancy). sm_75 has no body (the launcher needs sm_80).\n")
+    print("| kernel | threads | " + " | ".join(a for a in archs if a != "sm_75") + " |")
+    print("|---|---:|" + "---|" * len([a for a in archs if a != "sm_75"]))
+    for k in tcs:
+        cells = []
+        for a in archs:
+            if a == "sm_75" or a not in by[k]:
+                continue
+            r = by[k][a]
+            w = TC_THREADS[k] // 32
+            mw, mb, sm, res = LIMITS[a]
+            rpw = -(-int(r["regs"]) * 32 // 256) * 256
+            blocks = min(65536 // (rpw * w), mw // w, mb, sm // (r["smem"] + res) if r["smem"] + res else mb)
+            cells.append(f'{r["regs"]} r / {r["smem"]} B / {blocks} blk, {blocks * w} warps ({100 * blocks * w // mw} %)')
+        print(f"| {k} | {TC_THREADS[k]} | " + " | ".join(cells) + " |")
 if spills:
     sys.exit(1)
 PY
@@ -82,6 +108,25 @@ if [ -x "$tc/cuobjdump" ]; then
     fi
   done
   [ "$missing" = 0 ] || { echo "an f32 elementwise kernel (or the conv weight-tile loader) lacks 128-bit loads" >&2; exit 1; }
+  # The tensor-core kernels (issue 17) on sm_80, sm_86, sm_90: mma.sync m16n8k16 (HMMA),
+  # ldmatrix (LDSM, plain for B and .trans for A), cp.async of W (LDGSTS, zero-fill by
+  # predicate) with its commit / wait (LDGDEPBAR / DEPBAR.LE).
+  for arch in 80 86 90; do
+    sass="$("$tc/cuobjdump" -sass -arch "sm_$arch" "$fatbin" 2>/dev/null || true)"
+    for k in iieu_conv_fwd_tc_f16 iieu_conv_fwd_tc_bf16; do
+      body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
+      hmma=HMMA.16816.F32
+      [ "${k%bf16}" != "$k" ] && hmma=HMMA.16816.F32.BF16
+      for pat in "$hmma" LDSM.16.M88.4 LDSM.16.MT88.4 LDGSTS.E.BYPASS.128 LDGDEPBAR DEPBAR.LE; do
+        if [ "$(grep -cE "[[:space:]]${pat//./\\.}[[:space:];]" <<<"$body")" -gt 0 ]; then
+          echo "SASS sm_$arch $k: $pat present"
+        else
+          echo "SASS sm_$arch $k: $pat MISSING"; missing=1
+        fi
+      done
+    done
+  done
+  [ "$missing" = 0 ] || { echo "a tensor-core kernel lost its HMMA / LDSM / LDGSTS" >&2; exit 1; }
 fi
 # --docs: put the table into docs/kernels.md between the ptxas markers.
 if [ "$docs" = 1 ]; then

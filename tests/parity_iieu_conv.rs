@@ -13,6 +13,10 @@
 //! dilation (the window-sum fallback), and ResNet-50's last 3×3 layer (512 → 512 at 7×7,
 //! K = 4608).
 //!
+//! The f16 / bf16 forward convolution has two paths: the shapes above run on the CUDA-core
+//! GEMM (forced with `set_gemm_path`), the `tensor_cores_*` cases on the tensor-core
+//! kernel (mma.sync; its own tolerance derivation for `c` is stated there).
+//!
 //! Every GPU computation runs under `Gpu::check_schedules` (bitwise identical under four
 //! thread orders, race / init / bounds detectors on, no leaked allocation), and backward
 //! runs twice inside it and must give identical bits.
@@ -53,7 +57,9 @@ use std::sync::Arc;
 
 use activation_kernels::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_conv::{self as cpu, IieuConvParams, Psi};
-use activation_kernels::cuda::iieu_conv::{self as gpu, DevicePsi, IieuConvDeviceParams};
+use activation_kernels::cuda::iieu_conv::{
+    self as gpu, set_gemm_path, DevicePsi, GemmPath, IieuConvDeviceParams,
+};
 use activation_kernels::cuda::{CudaSlice, CudaStream, DType};
 use activation_kernels::{Conv2dGeometry, Error};
 use cnaive::Kind;
@@ -301,8 +307,24 @@ fn run_device<T: Storage>(s: &Arc<CudaStream>, c: &Case<T>) -> (Vals, Out) {
     (vals, out)
 }
 
-fn parity_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64, two: bool) {
+/// Restores the forward's GEMM path when dropped (the device lock is held meanwhile).
+struct PathGuard(GemmPath);
+impl Drop for PathGuard {
+    fn drop(&mut self) {
+        set_gemm_path(self.0);
+    }
+}
+
+fn parity_case<T: Storage>(
+    geo: Conv2dGeometry,
+    mode: PatchNorm,
+    kind: Kind,
+    seed: u64,
+    two: bool,
+    path: GemmPath,
+) {
     let Some(dev) = open_gpu() else { return };
+    let _path = PathGuard(set_gemm_path(path));
     let c = Case::<T>::new(geo, mode, kind, seed);
     let stream = dev.ctx.default_stream();
     let vals = std::cell::RefCell::new(Vec::new());
@@ -367,10 +389,13 @@ fn parity_case<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, see
     }
 }
 
+/// Every dtype on the CUDA-core GEMMs (the tensor-core forward of f16 / bf16 has its
+/// own cases below: `tensor_cores_*`).
 fn all_dtypes(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
-    parity_case::<f32>(geo, mode, kind, seed, false);
-    parity_case::<half::f16>(geo, mode, kind, seed, false);
-    parity_case::<half::bf16>(geo, mode, kind, seed, false);
+    let cc = GemmPath::CudaCores;
+    parity_case::<f32>(geo, mode, kind, seed, false, cc);
+    parity_case::<half::f16>(geo, mode, kind, seed, false, cc);
+    parity_case::<half::bf16>(geo, mode, kind, seed, false, cc);
 }
 
 /// Ragged everywhere: M = 2·9·11 = 198 (4 tiles), O = 7, K = 5·9 = 45; every ψ.
@@ -388,8 +413,9 @@ fn ragged_3x3_every_psi() {
 #[test]
 fn multi_tile_every_dimension() {
     let geo = Conv2dGeometry::new(2, 67, 9, 9, 70, 3, 3).with_padding(1, 1);
-    parity_case::<f32>(geo, PatchNorm::PerGroup, Kind::BnTrain, 21, false);
-    parity_case::<half::bf16>(geo, PatchNorm::AllChannels, Kind::Affine, 22, false);
+    let cc = GemmPath::CudaCores;
+    parity_case::<f32>(geo, PatchNorm::PerGroup, Kind::BnTrain, 21, false, cc);
+    parity_case::<half::bf16>(geo, PatchNorm::AllChannels, Kind::Affine, 22, false, cc);
 }
 
 #[test]
@@ -440,7 +466,158 @@ fn pointwise_1x1_stride2() {
 #[test]
 fn resnet_stage4_512_3x3() {
     let geo = Conv2dGeometry::new(1, 512, 7, 7, 512, 3, 3).with_padding(1, 1);
-    parity_case::<f32>(geo, PatchNorm::AllChannels, Kind::BnTrain, 81, true);
+    parity_case::<f32>(
+        geo,
+        PatchNorm::AllChannels,
+        Kind::BnTrain,
+        81,
+        true,
+        GemmPath::Auto,
+    );
+}
+
+// ------------------------------------------------------------------------------------
+// The tensor-core forward (`iieu_conv_fwd_tc_f16` / `_bf16`: mma.sync.m16n8k16, f32
+// accumulation; 64 pixels × 64 filters × 32 deep block tiles, 16-byte cp.async of W when
+// K % 8 == 0 and of x_pre for 1×1 stride-1 unpadded layers with H·W % 8 == 0, scalar
+// staging otherwise: the cases below take each of the four combinations).
+//
+// Tolerance of c, derived (per element, Q = Σ_k |a_k·b_k| from the same inputs, S =
+// ⌈K/16⌉ mma k-steps): the f16 / bf16 inputs are exact in f32 and every product is exact
+// (≤ 22 significant bits). One m16n8k16 on hardware aligns its 16 products and C to the
+// largest exponent and truncates (kernels/mma.cuh): error ≤ a few ulp of f32 of
+// |C| + Σ|a·b|, taken here as 8 ulp = 2^-20 relative. Over S steps, |C| ≤ Q at every
+// step, so the f32 sum s differs from the exact one by |δ| ≤ (S + 1)·2^-20·Q (the
+// emulator's one rounding per step, ≤ S·2^-24·Q, is inside). The stored c is s rounded
+// to T: |c − c_ref| ≤ u_T·|c_ref| + (1 + u_T)·(S + 1)·2^-20·Q.
+// Every other result is then checked at the suite's tolerances (unchanged), which hold
+// because the accumulation error is asserted to be below one rounding of c to T
+// ((S + 1)·2^-20·max Q ≤ u_T·max|c_ref|): the f16 / bf16 derivation above already
+// budgets roundings of c.
+// ‖P‖² is summed from the shared A tile in the CUDA-core kernel's order: r_x is bitwise
+// the CUDA-core path's.
+
+/// Forward on both paths: the launch log names the kernel each took, c within the
+/// derived bound, r_x bitwise equal across the paths.
+fn tc_forward_checks<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let _path = PathGuard(set_gemm_path(GemmPath::Auto));
+    let c = Case::<T>::new(geo, mode, kind, seed);
+    let s = dev.ctx.default_stream();
+    let xp = s.clone_htod(&c.x_pre).unwrap();
+    let w = s.clone_htod(&c.w).unwrap();
+    let fwd = |path: GemmPath, kernel: &str| {
+        set_gemm_path(path);
+        let mut p = IieuConvDeviceParams::from_host(&s, &c.p32).unwrap();
+        #[cfg(feature = "emulate")]
+        activation_kernels::emu::set_launch_log(true);
+        let (_, saved) = gpu::forward(&s, &c.cfg, &xp, &w, &mut p).unwrap();
+        #[cfg(feature = "emulate")]
+        {
+            let log = activation_kernels::emu::take_launch_log();
+            activation_kernels::emu::set_launch_log(false);
+            assert!(
+                log.iter().any(|l| l.kernel == kernel),
+                "{path:?}: {kernel} not launched ({:?})",
+                log.iter().map(|l| &l.kernel).collect::<Vec<_>>()
+            );
+        }
+        #[cfg(not(feature = "emulate"))]
+        let _ = kernel;
+        let cv = to_f64(&s.clone_dtoh(saved.conv_out()).unwrap());
+        let rx: Vec<u32> = s
+            .clone_dtoh(saved.iieu().r_x())
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        (cv, rx)
+    };
+    let (c_tc, rx_tc) = fwd(
+        GemmPath::TensorCores,
+        &format!("iieu_conv_fwd_tc_{}", T::NAME),
+    );
+    let (_, rx_cc) = fwd(GemmPath::CudaCores, &format!("iieu_conv_fwd_{}", T::NAME));
+    assert_eq!(rx_tc, rx_cc, "r_x: tensor-core and CUDA-core paths differ");
+
+    let (xp64, w64) = (to_f64(&c.x_pre), to_f64(&c.w));
+    let want = naive::conv(&geo, &xp64, &w64);
+    let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+    let q = naive::conv(&geo, &abs(&xp64), &abs(&w64));
+    let k = geo.cin_per_group() * geo.kh * geo.kw;
+    let acc = (k.div_ceil(16) + 1) as f64 * 2f64.powi(-20);
+    let u = T::U;
+    let (qmax, cmax) = q
+        .iter()
+        .zip(&want)
+        .fold((0.0f64, 0.0f64), |(a, b), (x, y)| {
+            (a.max(*x), b.max(y.abs()))
+        });
+    assert!(
+        acc * qmax <= u * cmax,
+        "accumulation bound {:.3e} above one rounding of c ({:.3e}): the suite's tolerances \
+         would not cover this shape",
+        acc * qmax,
+        u * cmax
+    );
+    for (i, ((g, w), q)) in c_tc.iter().zip(&want).zip(&q).enumerate() {
+        let tol = u * w.abs() + (1.0 + u) * acc * q + 1e-12 * cmax;
+        assert!(
+            (g - w).abs() <= tol,
+            "{} {geo:?} c[{i}]: tensor cores {g} vs ref {w} (err {:.3e} > tol {tol:.3e})",
+            T::NAME,
+            (g - w).abs()
+        );
+    }
+}
+
+fn tc_case(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    let tc = GemmPath::TensorCores;
+    parity_case::<half::f16>(geo, mode, kind, seed, false, tc);
+    parity_case::<half::bf16>(geo, mode, kind, seed, false, tc);
+    tc_forward_checks::<half::f16>(geo, mode, kind, seed);
+    tc_forward_checks::<half::bf16>(geo, mode, kind, seed);
+}
+
+/// K = 8·9 = 72 (W by 16-byte cp.async; 2 k-tiles of 32 + a ragged 8), O = 70 (2 filter
+/// tiles, the second 6 wide), H'·W' = 81 (2 pixel tiles, the second 17 high).
+#[test]
+fn tensor_cores_cp_async_multi_tile() {
+    let geo = Conv2dGeometry::new(1, 8, 9, 9, 70, 3, 3).with_padding(1, 1);
+    tc_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 91);
+}
+
+/// K = 5·9 = 45 (odd: W by scalar loads), M = 2·9·11 = 198, O = 7.
+#[test]
+fn tensor_cores_scalar_w_ragged() {
+    let geo = Conv2dGeometry::new(2, 5, 9, 11, 7, 3, 3).with_padding(1, 1);
+    tc_case(geo, PatchNorm::PerGroup, Kind::Affine, 92);
+}
+
+/// Groups 2 (K = 8·9 = 72 per group), stride 2, padding (2, 1), dilation 2, AllChannels
+/// with dilation (r_x from the window sums) — and a 1×1 stride-2 layer with K = 40 and
+/// AllChannels over the fused ‖P‖².
+#[test]
+fn tensor_cores_groups_stride_dilation() {
+    let geo = Conv2dGeometry::new(2, 16, 11, 10, 12, 3, 3)
+        .with_padding(2, 1)
+        .with_stride(2, 2)
+        .with_dilation(2, 2)
+        .with_groups(2);
+    tc_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 93);
+    let geo = Conv2dGeometry::new(3, 40, 9, 9, 11, 1, 1).with_stride(2, 2);
+    tc_case(geo, PatchNorm::AllChannels, Kind::Bias, 94);
+}
+
+/// 1×1, stride 1, unpadded, H·W % 8 == 0: x_pre by 16-byte cp.async too. H·W = 72 (2
+/// pixel tiles, the second 8 wide), K = 40 (W by cp.async, 2 k-tiles), O = 70; then
+/// groups 2 with K = 13 per group (W by scalar loads) and H·W = 64, AllChannels.
+#[test]
+fn tensor_cores_pointwise_cp_async_x() {
+    let geo = Conv2dGeometry::new(2, 40, 8, 9, 70, 1, 1);
+    tc_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 95);
+    let geo = Conv2dGeometry::new(1, 26, 8, 8, 18, 1, 1).with_groups(2);
+    tc_case(geo, PatchNorm::AllChannels, Kind::None, 96);
 }
 
 // ------------------------------------------------------------------------------------

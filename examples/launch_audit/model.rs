@@ -269,6 +269,7 @@ const FAMILIES_WITH_DTYPE: &[&str] = &[
     "iieu_dc_dots",
     "iieu_dc_dx",
     "iieu_conv_fwd",
+    "iieu_conv_fwd_tc",
     "iieu_conv_dgrad",
     "iieu_conv_wgrad",
     "iieu_conv_psi_bwd_sums",
@@ -627,7 +628,9 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         "iieu_dc_dx" => t(3.0 * b * e + 16.0 * nc, 3.0 * b * e + 16.0 * nc),
         // IieuConv2d: implicit GEMMs (64×64×16 tiles; tile re-reads are on-chip by
         // design, so the DRAM charge is the unique bytes) and the small passes.
-        "iieu_conv_fwd" => {
+        // The tensor-core forward (f16 / bf16, sm_80+) has the same 64×64 output tiles,
+        // reads and writes (its 32-deep stages change the on-chip re-reads only).
+        "iieu_conv_fwd" | "iieu_conv_fwd_tc" => {
             let mtiles = s / 64.0;
             let v = b * (d.epre() + d.wlen() + e) + 4.0 * n * d.gp * s + 8.0 * nc * mtiles.ceil();
             gemm(d, v)

@@ -19,6 +19,12 @@
 //! pass for ψ (BatchNorm batch statistics and running-stat update, `GAP(x) = ψ(GAP(c))`);
 //! term-B's LayerNorm and ν; one elementwise pass `y = ς(ρ̂)·ψ(c)`.
 //!
+//! On compute capability ≥ 8.0 the f16 / bf16 convolution runs on tensor cores
+//! (`iieu_conv_fwd_tc_*`: `mma.sync.m16n8k16` with f32 accumulation, `ldmatrix` from
+//! swizzled shared stages, `W` and (1×1 stride-1 layers) `x_pre` by `cp.async`; the same
+//! tiles, sums and statistics, see
+//! docs/iieu-conv.md); f32 and older GPUs use the CUDA-core kernel.
+//!
 //! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give
 //! `dx = ∂L/∂x`, the `r_x` path of `dx_pre`, the `r_w` path of `dW` and `dγ̇`, `dβ̇`,
 //! `dη`; ψ's backward is two small reductions and one elementwise pass forming
@@ -80,6 +86,62 @@ use crate::error::{check_len, Error, Result};
 const TILE: usize = 64;
 const TILE_K: usize = 16;
 const GEMM_THREADS: u32 = 256;
+/// Threads and depth of the tensor-core forward (`iieu_conv_fwd_tc_*`: 64×64×32 block
+/// tiles, 4 warps of 32×32; its pixel and filter tiles are [`TILE`], as the CUDA-core
+/// forward's, so the per-tile statistics mean the same).
+const TC_THREADS: u32 = 128;
+const TC_TILE_K: usize = 32;
+
+/// Which GEMM path the forward convolution takes (see [`set_gemm_path`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPath {
+    /// Tensor cores for f16 / bf16 on compute capability ≥ 8.0, else CUDA cores (the
+    /// default).
+    Auto,
+    /// CUDA cores for every dtype and device.
+    CudaCores,
+    /// Tensor cores for f16 / bf16 wherever the device has them (≥ 8.0; CUDA cores
+    /// below, and for f32).
+    TensorCores,
+}
+
+/// 0: Auto, 1: CudaCores, 2: TensorCores.
+static GEMM_PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Test hook: forces the forward convolution's GEMM path ([`GemmPath::Auto`] restores
+/// the default); returns the previous setting. Process-wide: the parity tests hold
+/// their device lock around it and restore it. Both paths compute the same quantities
+/// (f32 accumulation; the sums are ordered differently, so `c` may differ in the last
+/// bits of T).
+#[doc(hidden)]
+pub fn set_gemm_path(p: GemmPath) -> GemmPath {
+    let v = match p {
+        GemmPath::Auto => 0,
+        GemmPath::CudaCores => 1,
+        GemmPath::TensorCores => 2,
+    };
+    match GEMM_PATH.swap(v, std::sync::atomic::Ordering::SeqCst) {
+        1 => GemmPath::CudaCores,
+        2 => GemmPath::TensorCores,
+        _ => GemmPath::Auto,
+    }
+}
+
+/// Whether the forward of storage dtype `T` runs on tensor cores on `stream`'s device:
+/// f16 / bf16 on compute capability ≥ 8.0 (`mma.sync.m16n8k16`, `cp.async`), unless a
+/// test forced [`GemmPath::CudaCores`]. f32 always takes the CUDA-core path.
+fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
+    if T::NAME == "f32" || GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+        return Ok(false);
+    }
+    let (major, _) = stream
+        .context()
+        .compute_capability()
+        .map_err(|e| Error::Driver(format!("compute capability: {e}")))?;
+    Ok(major >= 8)
+}
+
 /// The weight-gradient reduction is split until about this many blocks run (a fixed
 /// number, not the device's SM count: the split, and so the bits, depend on the shape
 /// only).
@@ -291,7 +353,7 @@ impl ConvDims {
         )?;
         to_i32(
             "GEMM depth C/g·KH·KW",
-            (d.g.w_per as usize).saturating_add(TILE_K),
+            (d.g.w_per as usize).saturating_add(TILE_K.max(TC_TILE_K)),
         )?;
         to_i32("output plane H'·W'", p.saturating_add(TILE))?;
         to_i32("input plane H·W", hw.saturating_add(TILE))?;
@@ -497,7 +559,12 @@ pub fn forward<T: DType>(
     };
     let mut st_mean = scratch::<f32>(stream, no * mt)?;
     let mut st_m2 = scratch::<f32>(stream, no * mt)?;
-    let f = kernel_fn!(stream, "iieu_conv_fwd", T)?;
+    let tc = use_tensor_cores::<T>(stream)?;
+    let f = match (tc, T::NAME) {
+        (true, "f16") => kernel_fn!(stream, "iieu_conv_fwd_tc_f16")?,
+        (true, _) => kernel_fn!(stream, "iieu_conv_fwd_tc_bf16")?,
+        (false, _) => kernel_fn!(stream, "iieu_conv_fwd", T)?,
+    };
     let mut b = launcher(stream, &f);
     b.arg(&xpv)
         .arg(&wv)
@@ -512,8 +579,18 @@ pub fn forward<T: DType>(
     // k < C/g·KH·KW (w.len() validated); it writes c at (n·O + grp·O/g + o)·P + p with
     // o < O/g, p < P (every c element is written by exactly one block), stats at
     // (n·O + grp·O/g + o)·mtiles + mt (all N·O·mtiles written), and sq[(n·g + grp)·P + p]
-    // (all N·g·P written by the nt = 0 blocks) when sq is given.
-    unsafe { b.launch(gemm_launch(cd.fwd_grid, 1)) }?;
+    // (all N·g·P written by the nt = 0 blocks) when sq is given. The tensor-core kernel
+    // (f16 / bf16 only, chosen only on compute capability ≥ 8.0, the arch its body is
+    // compiled for) has the same grid, reads and writes, with TC_THREADS threads.
+    let cfg_fwd = if tc {
+        LaunchConfig {
+            block_dim: (TC_THREADS, 1, 1),
+            ..gemm_launch(cd.fwd_grid, 1)
+        }
+    } else {
+        gemm_launch(cd.fwd_grid, 1)
+    };
+    unsafe { b.launch(cfg_fwd) }?;
 
     let (r_x, x_norm) = match &sq {
         Some(sq) => {

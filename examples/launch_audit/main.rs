@@ -545,7 +545,7 @@ fn real_main() -> Result<bool> {
                     s + u64::from(rec.dyn_smem),
                     rec.blocks(),
                 );
-                time[gi] = model::time_s(g, tr.dram, tr.flops, rec.blocks());
+                time[gi] = model::time_s(g, &tr, rec.blocks());
             }
             rows.push(Row {
                 case: ci,
@@ -972,6 +972,10 @@ fn tables(
         let _ = writeln!(doc, "| `{f}` | {} |", v.join(", "));
     }
 
+    // Tensor-core launches against the dense f16 peak.
+    let (tc_doc, tc_readme) = tensor_core_table(cases, rows);
+    doc.push_str(&tc_doc);
+
     // README: one row per op call at reference shapes, forward and backward.
     let mut readme = String::from(
         "| op call (fwd / bwd) | MB moved (op min) | A6000 bound, µs (at BW) | H100 bound, µs (at BW) | misses |\n|---|---|---|---|---|\n",
@@ -1007,6 +1011,91 @@ fn tables(
             num(b.2 / model::H100.bw),
             f.4 + b.4
         );
+    }
+    readme.push_str(&tc_readme);
+    (doc, readme)
+}
+
+/// The tensor-core kernels' launches (`*_tc`): FLOPs, the model's lower-bound time on
+/// each GPU, the fraction of the dense f16 tensor peak that time means, and what bounds
+/// it. Returns the docs table (every such launch) and the README's rows (the f16 3×3
+/// ResNet-50 layers at N = 32), each with an empty "measured" cell for
+/// `scripts/gpu-bench.sh` to fill.
+fn tensor_core_table(cases: &[Case], rows: &[Row]) -> (String, String) {
+    let mut doc = String::from(
+        "\n### Tensor-core launches against the dense f16 peak (prediction)\n\n\
+         Lower-bound time of each tensor-core launch (`model::time_s`: DRAM bytes at full \
+         bandwidth, the busiest SM's share of bytes and of the FLOPs at the dense f16 tensor \
+         peak — 154.8 TFLOP/s A6000, 989.4 TFLOP/s H100 — with `⌈blocks / SMs⌉` blocks on \
+         it), the fraction of that peak it means, and the bound that sets it (`bw`: \
+         bandwidth, `waves`: the last wave's idle SMs, `mma`: the peak itself). The H100 \
+         peak is `wgmma`'s; `mma.sync` reaches part of it, so the H100 column is looser \
+         still. A model, not a measurement.\n\n\
+         | op call | phase | kernel | GFLOP | blocks | A6000 µs | A6000 % peak | bound | H100 µs | H100 % peak | bound |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut readme = String::from(
+        "\nIieuConv2d's tensor-core forward (f16, N = 32): the model's lower bound on the time and \
+         the fraction of the dense f16 tensor peak that bound would mean. A measured time will \
+         be longer (the bound ignores issue rates, the register-staged patch gather and the \
+         epilogue; on an H100 the peak is `wgmma`'s, which `mma.sync` does not reach).\n\n\
+         | IieuConv2d forward on tensor cores | GFLOP | A6000 lower bound, µs (% of dense f16 peak) | H100 lower bound, µs (% of peak) | measured |\n\
+         |---|---|---|---|---|\n",
+    );
+    for r in rows
+        .iter()
+        .filter(|r| model::family(&r.rec.kernel).ends_with("_tc"))
+    {
+        let c = &cases[r.case];
+        let mut cells = Vec::new();
+        for (gi, g) in model::GPUS.iter().enumerate() {
+            let t = r.time[gi];
+            let pct = 100.0 * r.tr.tc_flops / t / g.tc16;
+            let blocks = r.rec.blocks();
+            // The busiest SM's blocks over the average: > 1 when the last wave is ragged.
+            let share = blocks.div_ceil(g.sms) as f64 * g.sms as f64 / blocks.max(1) as f64;
+            let bytes_bound = r.tr.dram / g.bw * share;
+            let bound = if bytes_bound >= t * 0.999_999 {
+                "bw"
+            } else if share > 1.000_001 {
+                "waves"
+            } else {
+                "mma"
+            };
+            cells.push((t, pct, bound));
+        }
+        let gflop = r.tr.tc_flops / 1e9;
+        let _ = writeln!(
+            doc,
+            "| {} | {} | `{}` | {:.1} | {} | {} | {:.0} % | {} | {} | {:.0} % | {} |",
+            c.label,
+            c.phase,
+            r.rec.kernel,
+            gflop,
+            r.rec.blocks(),
+            us(cells[0].0),
+            cells[0].1,
+            cells[0].2,
+            us(cells[1].0),
+            cells[1].1,
+            cells[1].2
+        );
+        if c.label.starts_with("iieu_conv 3x3")
+            && c.label.starts_with("iieu_conv 3x3 nchw 32x")
+            && c.label.ends_with(" f16")
+        {
+            let _ = writeln!(
+                readme,
+                "| {} ({}) | {:.1} | {:.0} ({:.0} %) | {:.0} ({:.0} %) | — (no GPU yet) |",
+                c.label,
+                c.phase,
+                gflop,
+                cells[0].0 * 1e6,
+                cells[0].1,
+                cells[1].0 * 1e6,
+                cells[1].1
+            );
+        }
     }
     (doc, readme)
 }

@@ -13,8 +13,11 @@ pub struct Gpu {
     pub sms: u64,
     /// DRAM bandwidth, bytes per second.
     pub bw: f64,
-    /// FP32 CUDA-core peak, FLOP per second (the implicit-GEMM kernels use no tensor cores).
+    /// FP32 CUDA-core peak, FLOP per second (the CUDA-core implicit-GEMM kernels).
     pub fp32: f64,
+    /// Dense f16 / bf16 tensor-core peak with f32 accumulation, FLOP per second (the
+    /// `*_tc` kernels: `mma.sync.m16n8k16`).
+    pub tc16: f64,
     /// Resident threads per SM.
     pub threads_sm: u64,
     /// Resident blocks per SM.
@@ -25,26 +28,32 @@ pub struct Gpu {
     pub smem_sm: u64,
 }
 
-/// RTX A6000 (GA102, sm_86): 84 SMs, 768 GB/s, 6 MB L2, 38.7 TFLOP/s FP32.
+/// RTX A6000 (GA102, sm_86): 84 SMs, 768 GB/s, 6 MB L2, 38.7 TFLOP/s FP32, 154.8
+/// TFLOP/s dense f16 tensor with f32 accumulation (NVIDIA's RTX A6000 datasheet; the
+/// professional GA102 runs f32 accumulation at the full rate).
 pub const A6000: Gpu = Gpu {
     name: "A6000",
     sm: 86,
     sms: 84,
     bw: 768e9,
     fp32: 38.7e12,
+    tc16: 154.8e12,
     threads_sm: 1536,
     blocks_sm: 16,
     regs_sm: 65536,
     smem_sm: 102_400,
 };
 
-/// H100 SXM (sm_90): 132 SMs, 3.35 TB/s, 50 MB L2, 66.9 TFLOP/s FP32.
+/// H100 SXM (sm_90): 132 SMs, 3.35 TB/s, 50 MB L2, 66.9 TFLOP/s FP32, 989.4 TFLOP/s
+/// dense f16 / bf16 tensor (NVIDIA's H100 datasheet; that figure is for `wgmma`, and
+/// Ampere-style `mma.sync` on sm_90 reaches a fraction of it — so the bound is loose there).
 pub const H100: Gpu = Gpu {
     name: "H100",
     sm: 90,
     sms: 132,
     bw: 3.35e12,
     fp32: 66.9e12,
+    tc16: 989.4e12,
     threads_sm: 2048,
     blocks_sm: 32,
     regs_sm: 65536,
@@ -139,7 +148,10 @@ pub fn occupancy(g: &Gpu, threads: u64, regs: u64, smem: u64, blocks: u64) -> Oc
 ///   `⌈blocks / SMs⌉` blocks of `bytes / blocks` bytes each, and an SM is granted at
 ///   most its share `bandwidth / SMs` — so a grid of fewer blocks than SMs, or a
 ///   ragged last wave, cannot use the whole device;
-/// * `flops / FP32 peak` (implicit-GEMM kernels only).
+/// * the busiest SM's share of the arithmetic: `⌈blocks / SMs⌉` blocks of
+///   `flops / blocks` each at `peak / SMs`, with `peak` the FP32 CUDA-core peak for
+///   `flops` and the dense f16 tensor-core peak for `tc_flops` (implicit-GEMM kernels
+///   only) — so a grid that leaves part of the last wave's SMs idle is charged for it.
 ///
 /// Launch overhead, latency and occupancy below what hides latency are not modelled
 /// (occupancy is reported, not timed). Caches are not either: the bytes a kernel
@@ -148,11 +160,13 @@ pub fn occupancy(g: &Gpu, threads: u64, regs: u64, smem: u64, blocks: u64) -> Oc
 /// the bandwidth although it can draw more. So it is a model time, a lower bound only
 /// for kernels whose bytes all come from DRAM once — not a prediction of the measured
 /// time.
-pub fn time_s(g: &Gpu, dram: f64, flops: f64, blocks: u64) -> f64 {
-    let bw_time = dram / g.bw;
+pub fn time_s(g: &Gpu, tr: &Traffic, blocks: u64) -> f64 {
+    let bw_time = tr.dram / g.bw;
     let per_sm = blocks.div_ceil(g.sms) as f64;
-    let sm_time = per_sm * (dram / blocks.max(1) as f64) / (g.bw / g.sms as f64);
-    bw_time.max(sm_time).max(flops / g.fp32)
+    let share = per_sm / blocks.max(1) as f64 * g.sms as f64;
+    let sm_time = share * tr.dram / g.bw;
+    let math = share * (tr.flops / g.fp32 + tr.tc_flops / g.tc16);
+    bw_time.max(sm_time).max(math)
 }
 
 /// The shapes a case's kernels are modelled on. Element counts are in elements,
@@ -211,8 +225,10 @@ pub struct Traffic {
     pub min: f64,
     /// Bytes charged at DRAM bandwidth.
     pub dram: f64,
-    /// Floating-point operations (GEMM kernels; 0 elsewhere).
+    /// Floating-point operations on CUDA cores (GEMM kernels; 0 elsewhere).
     pub flops: f64,
+    /// Floating-point operations on tensor cores (the `*_tc` GEMM kernels; 0 elsewhere).
+    pub tc_flops: f64,
 }
 
 fn t(bytes: f64, min: f64) -> Traffic {
@@ -221,6 +237,7 @@ fn t(bytes: f64, min: f64) -> Traffic {
         min,
         dram: bytes,
         flops: 0.0,
+        tc_flops: 0.0,
     }
 }
 
@@ -664,6 +681,16 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         "iieu_conv_dc" => t(3.0 * b * e, 3.0 * b * e),
         _ => return None,
     };
+    // The tensor-core kernels' GEMM FLOPs run on tensor cores.
+    let out = if fam.ends_with("_tc") {
+        Traffic {
+            tc_flops: out.tc_flops + out.flops,
+            flops: 0.0,
+            ..out
+        }
+    } else {
+        out
+    };
     Some(out)
 }
 
@@ -675,5 +702,6 @@ fn gemm(d: &Dims, unique: f64) -> Traffic {
         min: unique,
         dram: unique,
         flops: 2.0 * d.e() * d.cin * d.taps,
+        tc_flops: 0.0,
     }
 }

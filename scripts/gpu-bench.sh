@@ -4,11 +4,13 @@
 # device-to-device copy floor of the same tensor, and the fraction of the device's
 # peak memory bandwidth (for known devices). Writes target/gpu-bench.md (or --out FILE).
 #
-#   scripts/gpu-bench.sh [--docs] [--no-run] [--criterion DIR] [--out FILE] [-- <criterion args, e.g. a filter>]
+#   scripts/gpu-bench.sh [--docs] [--with-candle] [--no-run] [--criterion DIR] [--out FILE] [-- <criterion args, e.g. a filter>]
 #
 #   --docs     also replace the "GPU benchmarks" subsection of docs/performance.md between
 #              the <!-- gpubench:begin --> / <!-- gpubench:end --> markers (appended at
 #              the end of the file if absent); `--readme` is an alias (its old name)
+#   --with-candle  also run benches/candle_cuda_conv.rs (feature candle-cuda: the fused
+#              IieuConv2d against candle's CUDA conv2d; builds candle-kernels with nvcc)
 #   --no-run   only rebuild the table from existing criterion results (needs no cargo;
 #              scripts/gpu-check.sh uses it after running the prebuilt bench binary)
 #   --criterion DIR  criterion's output folder (default: $CRITERION_HOME, else
@@ -23,6 +25,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 docs=0
+candle=0
 run=1
 crit_dir="${CRITERION_HOME:-${CARGO_TARGET_DIR:-target}/criterion}"
 table=target/gpu-bench.md
@@ -30,11 +33,12 @@ crit_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --docs|--readme) docs=1 ;;
+    --with-candle) candle=1 ;;
     --no-run) run=0 ;;
     --) shift; crit_args=("$@"); break ;;
     --criterion) crit_dir="$2"; shift ;;
     --out) table="$2"; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -58,9 +62,12 @@ if [ "$run" = 1 ]; then
     echo "!!! nvidia-smi found no GPU: the bench will report whether a CUDA driver is present !!!" >&2
   fi
   # Stale results of a previous run must not mix into this table.
-  rm -rf "$crit_dir"/cuda_*
+  rm -rf "$crit_dir"/cuda_* "$crit_dir"/candle_conv_*
   echo "device: ${device:-unknown}; NVCC=${NVCC:-<PATH>}; CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-<default archs>}" >&2
   cargo bench --features cuda --bench cuda_ops -- "${crit_args[@]}"
+  if [ "$candle" = 1 ]; then
+    cargo bench --features candle-cuda --bench candle_cuda_conv -- "${crit_args[@]}"
+  fi
 fi
 
 mkdir -p "$(dirname "$table")"
@@ -94,7 +101,25 @@ def peak_bw(name):
         return 1008e9
     return None
 
+def peak_tc16(name):
+    """Dense f16 tensor-core peak with f32 accumulation (FLOP/s) of known devices, else None."""
+    n = name.upper()
+    if "H200" in n:
+        return 989.4e12
+    if "H100" in n:
+        if "PCIE" in n:
+            return 756.5e12
+        if "SXM" in n or "HBM3" in n:
+            return 989.4e12
+        return None
+    if "A100" in n:
+        return 312e12
+    if "RTX A6000" in n:
+        return 154.8e12
+    return None
+
 peak = peak_bw(device) if device else None
+peak16 = peak_tc16(device) if device else None
 group_re = re.compile(r"^cuda_(nchw|nlc)_([0-9x]+)_(f32|f16|bf16)$")
 rows = {}
 for bj in glob.glob(os.path.join(crit, "cuda_*/*/new/benchmark.json")):
@@ -111,7 +136,8 @@ for bj in glob.glob(os.path.join(crit, "cuda_*/*/new/benchmark.json")):
     tp = meta.get("throughput") or {}
     rows.setdefault(m.groups(), {})[meta["function_id"]] = (ns, tp.get("Bytes"))
 
-if not rows and not glob.glob(os.path.join(crit, "cuda_conv_*/*/new/benchmark.json")):
+if not rows and not glob.glob(os.path.join(crit, "cuda_conv_*/*/new/benchmark.json")) \
+        and not glob.glob(os.path.join(crit, "candle_conv_*/*/new/benchmark.json")):
     print(f"No CUDA benchmark results under {crit}/cuda_* (no GPU run yet).")
     sys.exit(0)
 
@@ -195,6 +221,52 @@ if conv:
         b_t, b_r = cell("iieu_conv_bwd")
         u_t, _ = cell("unfused_iieu_b_fwd")
         print(f"| {shape}→{o} | {kk}×{kk} | {dt} | {f_t} | {f_r} | {b_t} | {b_r} | {u_t} |")
+
+# The fused op against candle's CUDA conv2d (benches/candle_cuda_conv.rs):
+# candle_conv_<N>x<C>x<H>x<W>_to_<O>_k<K>_<dtype>, throughput = FLOPs.
+cc_re = re.compile(r"^candle_conv_([0-9x]+)_to_([0-9]+)_k([0-9]+)_(f32|f16|bf16)$")
+cc = {}
+for bj in glob.glob(os.path.join(crit, "candle_conv_*/*/new/benchmark.json")):
+    d = os.path.dirname(bj)
+    with open(bj) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(d, "estimates.json")) as fh:
+        est = json.load(fh)
+    m = cc_re.match(meta.get("group_id", ""))
+    if not m:
+        continue
+    ns = (est.get("slope") or est["mean"])["point_estimate"]
+    tp = meta.get("throughput") or {}
+    cc.setdefault(m.groups(), {})[meta["function_id"]] = (ns, tp.get("Elements"))
+if cc:
+    print()
+    print("IieuConv2d through candle (`iieu_conv2d`: conv → BatchNorm training → IIEU-B, one op)")
+    print("against candle's own CUDA `conv2d` alone and conv2d → `BatchNorm::forward_train` →")
+    print("the unfused IIEU-B, on candle's CUDA device (benches/candle_cuda_conv.rs; host wall")
+    print("time per call, synchronised). TFLOP/s of the convolution's FLOPs; % peak: of the")
+    print("device's dense f16 tensor peak (f32 accumulation)" + (f", {peak16 / 1e12:.1f} TFLOP/s" if peak16 else ", unknown for this device") + ".")
+    print("fused / conv2d: the fused forward's time over the bare convolution's (goal ≤ 1.3 in f16).")
+    print()
+    print("| layer | dtype | fused fwd | TFLOP/s | % peak | candle conv2d | TFLOP/s | fused / conv2d | candle unfused fwd | fused fwd+bwd | candle unfused fwd+bwd |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def cckey(k):
+        shape, o, kk, dt = k
+        return (["f16", "bf16", "f32"].index(dt), [int(v) for v in shape.split("x")][1])
+    for key in sorted(cc, key=cckey):
+        shape, o, kk, dt = key
+        ops = cc[key]
+        def t(op):
+            return fmt_time(ops[op][0]) if op in ops else "-"
+        def rate(op):
+            if op not in ops or not ops[op][1]:
+                return None
+            return ops[op][1] / ops[op][0] * 1e9  # FLOP/s
+        fr, cr = rate("fused_fwd"), rate("candle_conv2d")
+        pct = f"{100 * fr / peak16:.1f}%" if fr and peak16 and dt != "f32" else "-"
+        ratio = f"{ops['fused_fwd'][0] / ops['candle_conv2d'][0]:.2f}" if "fused_fwd" in ops and "candle_conv2d" in ops else "-"
+        print(f"| {shape}→{o} {kk}×{kk} | {dt} | {t('fused_fwd')} | {fr / 1e12:.1f} | {pct} | {t('candle_conv2d')} | "
+              f"{(cr / 1e12) if cr else float('nan'):.1f} | {ratio} | {t('candle_unfused_fwd')} | {t('fused_fwd_bwd')} | {t('candle_unfused_fwd_bwd')} |"
+              if fr else f"| {shape}→{o} {kk}×{kk} | {dt} | - | - | - | {t('candle_conv2d')} | - | - | {t('candle_unfused_fwd')} | {t('fused_fwd_bwd')} | {t('candle_unfused_fwd_bwd')} |")
 PY
 cat "$table"
 

@@ -16,7 +16,7 @@
 # compute-sanitizer memcheck and racecheck (real inter-warp races, which the emulator
 # cannot see). Everything lands flat in ONE folder, ${OUT:-target/gpu-check}:
 #   gpu-runs-section.md  the section to append to docs/gpu-runs.md (summary + tables)
-#   tests.log  sanitizer.log  bench.log  bench-table.md  env.txt (nvidia-smi -q
+#   tests.log  sanitizer.log  bench.log  bench-candle.log  bench-table.md  env.txt (nvidia-smi -q
 #   excerpt, manifest, versions)  criterion.tgz (criterion's estimates)
 #
 # Time on one H100 (an estimate: no run yet; the machine's start, 1-2 min of device
@@ -64,7 +64,7 @@ say() { echo "== [+$(( $(date +%s) - t_start ))s] $*"; }
 
 out="${OUT:-$root/target/gpu-check}"
 mkdir -p "$out"
-files=(gpu-runs-section.md tests.log sanitizer.log bench.log bench-table.md env.txt criterion.tgz)
+files=(gpu-runs-section.md tests.log sanitizer.log bench.log bench-candle.log bench-table.md env.txt criterion.tgz)
 for f in "${files[@]}"; do rm -f "${out:?}/$f"; done
 
 # Small parity tests for compute-sanitizer: (suite test), most shared-memory-heavy first.
@@ -253,6 +253,21 @@ if [ "$bench" = 1 ]; then
     bench_note="not run: the budget (--budget $budget) was spent"
   else
     export CRITERION_HOME="$work/criterion"
+    candle_note=""
+    if [ -x "$work/bin/candle_cuda_conv" ]; then
+      # The fused IieuConv2d against candle's CUDA conv2d (+ BatchNorm + unfused IIEU-B),
+      # 6 layers x 6 jobs: first, so that the budget cannot leave it out; at most a third.
+      clim=$(( lim / 3 ))
+      say "candle benches: candle_cuda_conv, timeout ${clim}s"
+      set +e
+      timeout -k 5 "$clim" "$work/bin/candle_cuda_conv" --bench --warm-up-time "$warm" \
+        --measurement-time "$measure" --noplot > "$out/bench-candle.log" 2>&1
+      crc=$?
+      set -e
+      candle_note="; candle_cuda_conv exit $crc (bench-candle.log)"
+      [ "$crc" = 0 ] || rc_all=1
+      lim=$(( $(left) - reserve ))
+    fi
     say "benches: $n_benches x (warm-up ${warm}s + ${measure}s), timeout ${lim}s"
     t0=$(date +%s)
     set +e
@@ -261,12 +276,13 @@ if [ "$bench" = 1 ]; then
     brc=$?
     set -e
     dt=$(( $(date +%s) - t0 ))
-    done_n=$( (find "$CRITERION_HOME" -path '*/new/estimates.json' 2>/dev/null || true) | wc -l)
+    done_n=$( (find "$CRITERION_HOME" -path '*/cuda_*/new/estimates.json' 2>/dev/null || true) | wc -l)
     bench_note="$done_n of $n_benches benches in ${dt} s (exit $brc)"
     [ "$brc" != 124 ] || bench_note="$done_n of $n_benches benches in ${dt} s (stopped at the budget)"
     if grep -q 'CUDA benches skipped' "$out/bench.log"; then
       bench_note="skipped by the binary: $(grep -m1 'skipped' "$out/bench.log")"; brc=1
     fi
+    bench_note="$bench_note$candle_note"
     say "benches: $bench_note"
     AK_GPU_NAME="$device" bash scripts/gpu-bench.sh --no-run --criterion "$CRITERION_HOME" \
       --out "$out/bench-table.md" > /dev/null || bench_note="$bench_note; the table script failed"

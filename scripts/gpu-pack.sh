@@ -11,7 +11,8 @@
 #
 #   scripts/gpu-pack.sh [--archs 90] [--out gpu-pack] [--max-mib 56] [--with-candle]
 #
-#   --with-candle  also tests/candle_cuda.rs with `--features candle-cuda` (builds
+#   --with-candle  also tests/candle_cuda.rs and benches/candle_cuda_conv.rs (the fused
+#                  IieuConv2d against candle's CUDA conv2d) with `--features candle-cuda` (builds
 #                  candle and candle-kernels with nvcc: long). candle-core links the CUDA
 #                  libraries (cuda, nvrtc, curand, cublas, cublasLt, cudart). To link
 #                  without them, stub libraries with the CUDA 13 sonames are generated
@@ -97,6 +98,10 @@ if [ "$candle" = 1 ]; then
     NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$tk/include/cccl" \
     cargo test --release --features candle-cuda --no-run --test candle_cuda \
     --message-format=json-render-diagnostics >> "$msgs"
+  CUDA_PATH="$link_root" CUDA_COMPUTE_CAP="${archs##*,}" \
+    NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -I$tk/include/cccl" \
+    cargo bench --features candle-cuda --no-run --bench candle_cuda_conv \
+    --message-format=json-render-diagnostics >> "$msgs"
   AK_CUDA_LINK_DIR="$link_root/lib64"
 fi
 t1=$(date +%s)
@@ -117,7 +122,7 @@ for line in open(sys.argv[1]):
 for name, exe in sorted(seen.items()):
     print(name, exe)
 PY
-want=$(( ${#tests[@]} / 2 + 1 + candle ))
+want=$(( ${#tests[@]} / 2 + 1 + 2 * candle ))
 got=$(wc -l < "$out/.list")
 [ "$got" = "$want" ] || { echo "gpu-pack: expected $want executables, cargo reported $got:" >&2; cat "$out/.list" >&2; exit 1; }
 
@@ -136,7 +141,7 @@ while read -r name exe; do
   strip --strip-debug -o "$out/$name" "$exe"
   raw=$(stat -c %s "$out/$name")
   # The test names, for gpu-check's progress lines (`--list` runs no test, needs no GPU).
-  if [ "$name" != cuda_ops ]; then
+  if [ "$name" != cuda_ops ] && [ "$name" != candle_cuda_conv ]; then
     list="$( (LD_LIBRARY_PATH="${AK_CUDA_LINK_DIR:-}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" AK_SKIP_GPU_TESTS=1 \
       "$exe" --list 2>/dev/null || echo "gpu-pack: warning: $exe --list failed" >&2) | sed -n 's/: test$//p' | tr '\n' ' ')"
     echo "tests.$name=${list% }" >> "$out/manifest.txt"

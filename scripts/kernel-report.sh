@@ -25,7 +25,12 @@ for arg in "$@"; do
   esac
 done
 profile_dir="target/debug"
-report="$(ls -t "$profile_dir"/build/activation-kernels-*/out/ptxas.txt 2>/dev/null | head -n1)"
+# The newest report of a build for every arch (a candle-cuda build with CUDA_COMPUTE_CAP
+# set compiles one arch only: its report is not the one to read).
+report=""
+for r in $(ls -t "$profile_dir"/build/activation-kernels-*/out/ptxas.txt 2>/dev/null); do
+  if grep -q "for 'sm_75'" "$r" && grep -q "for 'sm_90'" "$r"; then report="$r"; break; fi
+done
 fatbin="$(dirname "$report")/kernels.fatbin"
 [ -f "$report" ] || { echo "no ptxas report: run cargo build --features cuda first" >&2; exit 1; }
 python3 - "$report" > target/kernel-report.md <<'PY'
@@ -94,9 +99,20 @@ if [ "$write_table" = 1 ]; then
 else
   python3 scripts/ptxas-table.py "$report" --check
 fi
-tc="$root/.cuda-toolchain/nvidia/cu13/bin"
-if [ -x "$tc/cuobjdump" ]; then
-  sass="$("$tc/cuobjdump" -sass -arch sm_86 "$fatbin" 2>/dev/null || true)"
+# cuobjdump: next to $NVCC, else this checkout's (or the main worktree's) .cuda-toolchain,
+# else PATH. Without one the SASS checks cannot run: said loudly, and an error in CI.
+cuobjdump=""
+main_wt="$(dirname "$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null || echo "$root/.git")")"
+for cand in ${NVCC:+"$(dirname "$NVCC")/cuobjdump"} "$root/.cuda-toolchain/nvidia/cu13/bin/cuobjdump" \
+            "$main_wt/.cuda-toolchain/nvidia/cu13/bin/cuobjdump" "$(command -v cuobjdump || true)"; do
+  if [ -n "$cand" ] && [ -x "$cand" ]; then cuobjdump="$cand"; break; fi
+done
+if [ -z "$cuobjdump" ]; then
+  echo "!!! SASS checks SKIPPED: no cuobjdump next to NVCC=${NVCC:-<unset>}, in .cuda-toolchain or on PATH !!!" >&2
+  [ "${CI:-}" != true ] || { echo "kernel-report: CI needs the SASS checks" >&2; exit 1; }
+else
+  echo "SASS checks with $cuobjdump"
+  sass="$("$cuobjdump" -sass -arch sm_86 "$fatbin" 2>/dev/null || true)"
   missing=0
   for k in $(grep -oE '^\| (acon_[a-z_]*fwd_f32|aiec_tau_(fwd|bwd)_f32|iieu_fwd_f32|iieu_dc_mix_f32|iieu_dc_dx_f32|iieu_conv_fwd_f32) ' target/kernel-report.md | tr -d '| ' | sort -u); do
     body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
@@ -112,7 +128,7 @@ if [ -x "$tc/cuobjdump" ]; then
   # ldmatrix (LDSM, plain for B and .trans for A), cp.async of W (LDGSTS, zero-fill by
   # predicate) with its commit / wait (LDGDEPBAR / DEPBAR.LE).
   for arch in 80 86 90; do
-    sass="$("$tc/cuobjdump" -sass -arch "sm_$arch" "$fatbin" 2>/dev/null || true)"
+    sass="$("$cuobjdump" -sass -arch "sm_$arch" "$fatbin" 2>/dev/null || true)"
     for k in iieu_conv_fwd_tc_f16 iieu_conv_fwd_tc_bf16; do
       body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
       hmma=HMMA.16816.F32

@@ -260,11 +260,42 @@ __device__ __forceinline__ void mma16816(__nv_bfloat16, float (&d)[4], const uin
   ak::mma::mma_m16n8k16_bf16(d, a, b, d);
 }
 
-template <class T>
+// The Turing form (SM75 = true, f16 only: sm_75 has m16n8k8 f16 and ldmatrix, no bf16
+// mma and no cp.async): every operand staged through registers (the scalar paths
+// below), each m16n8k16 step as two m16n8k8 over its k halves (the fragment of
+// m16n8k16 is the two m16n8k8 fragments side by side: a0,a1 | a2,a3 and b0 | b1).
+template <bool SM75>
+__device__ __forceinline__ void mma_step(__half zero, float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  if constexpr (SM75) {
+    const uint32_t lo[2] = {a[0], a[1]}, hi[2] = {a[2], a[3]};
+    const uint32_t b0[1] = {b[0]}, b1[1] = {b[1]};
+    ak::mma::mma_m16n8k8_f16(d, lo, b0, d);
+    ak::mma::mma_m16n8k8_f16(d, hi, b1, d);
+  } else {
+    mma16816(zero, d, a, b);
+  }
+}
+template <bool SM75>
+__device__ __forceinline__ void mma_step(__nv_bfloat16 zero, float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  static_assert(!SM75, "bf16 mma needs sm_80");
+  mma16816(zero, d, a, b);
+}
+
+template <class T, bool SM75 = false>
 __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restrict__ w, T* __restrict__ out,
                                  float* __restrict__ sq, float* __restrict__ st_mean, float* __restrict__ st_m2,
                                  ConvGeom g) {
-#if AK_MMA_SM80
+  // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
+  // compute capability); its cp.async / m16n8k16 would trap.
+  if constexpr (!SM75) {
+#if !AK_MMA_SM80
+    __trap();
+    return;
+#endif
+  }
+#if AK_MMA_SM75
   SHARED_ARRAY(uint4, smem, SMEM_BYTES / 16);
   T* const As = reinterpret_cast<T*>(smem);          // 2 stages of A_STAGE
   T* const Bs = As + 2 * A_STAGE;                    // 2 stages of B_STAGE
@@ -285,14 +316,18 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   const int aho = ap / g.ow, awo = ap - aho * g.ow;
   // B loads. Vector: chunk (row tid/4 + 32q, chunk tid%4), q < 2. Scalar: k = tid%32,
   // row tid/32 + 4r, r < 16.
-  const bool bvec = (g.kdim & 7) == 0 && ak::aligned16(w);
+  // The Turing form never takes a cp.async path: `g.kdim < 0` is a run-time false (K ≥ 1
+  // always). A compile-time false let ptxas hoist all of the next stage's staged loads
+  // and take 204 registers (2 blocks per SM); with it, 128 under (128, 4), no spill.
+  const bool async_ok = SM75 ? g.kdim < 0 : true;
+  const bool bvec = async_ok && (g.kdim & 7) == 0 && ak::aligned16(w);
   const T* wg = w + (long long)grp * g.og * g.kdim;
   const int KT = (g.kdim + BK - 1) / BK;
 
   // A by cp.async: a 1×1, stride-1, unpadded layer with H·W % 8 == 0 (then a tap's
   // pixels are the input plane itself, 8 of them one aligned 16-byte chunk, all in or
   // all out of the plane). Chunk (k row id/8, pixels 8·(id%8) ..), id = tid + 128q.
-  const bool avec = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
+  const bool avec = async_ok && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
                     ak::aligned16(x_pre);
 
   T areg[16], breg[16];
@@ -378,9 +413,9 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
     load_b(0);
     store_b(0);
   }
-  ak::mma::cp_async_commit_group();
+  if constexpr (!SM75) ak::mma::cp_async_commit_group();
   if (!avec) store_a(0);
-  ak::mma::cp_async_wait_group<0>();
+  if constexpr (!SM75) ak::mma::cp_async_wait_group<0>();
   __syncthreads();
 
   const int lr = lane & 7, lj = lane >> 3;  // ldmatrix: this lane's row of matrix lj
@@ -393,7 +428,7 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
       if (avec) issue_a((kt + 1) * BK, nxt);
       else load_a((kt + 1) * BK);
     }
-    ak::mma::cp_async_commit_group();
+    if constexpr (!SM75) ak::mma::cp_async_commit_group();
     const T* as = As + cur * A_STAGE;
     const T* bs = Bs + cur * B_STAGE;
     if (do_sq && tid < BM) {
@@ -426,13 +461,13 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) mma16816(zero, acc[mi][ni], af[mi], bf[ni]);
+        for (int ni = 0; ni < 4; ++ni) mma_step<SM75>(zero, acc[mi][ni], af[mi], bf[ni]);
     }
     if (more) {
       if (!avec) store_a(nxt);
       if (!bvec) store_b(nxt);
     }
-    ak::mma::cp_async_wait_group<0>();
+    if constexpr (!SM75) ak::mma::cp_async_wait_group<0>();
     __syncthreads();
   }
 
@@ -493,7 +528,7 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   }
   if (do_sq && tid < BM && ap < P) sq[((long long)n * g.groups + grp) * P + ap] = sqacc;
 #else
-  // Never launched below sm_80 (the launcher checks the compute capability).
+  // No tensor cores below sm_75 (no such arch is built).
   (void)x_pre, (void)w, (void)out, (void)sq, (void)st_mean, (void)st_m2, (void)g;
   __trap();
 #endif
@@ -940,3 +975,14 @@ IIEU_CONV_KERNELS(bf16, __nv_bfloat16)
 
 IIEU_CONV_TC_KERNELS(f16, __half)
 IIEU_CONV_TC_KERNELS(bf16, __nv_bfloat16)
+
+// The Turing form of the tensor-core forward (f16 only; launched on sm_75, where
+// iieu_conv_fwd_tc_* would trap; valid on every arch built).
+// (128, 4): ≤ 128 registers, no spill (143 without the minimum on sm_75); 4 blocks =
+// 16 warps per SM on sm_80+, 3 on sm_75 (its 64 KB of shared memory per SM).
+AK_KERNEL void __launch_bounds__(128, 4) iieu_conv_fwd_tc75_f16(const __half* x_pre, const __half* w, __half* out,
+                                                               float* sq, float* st_mean, float* st_m2, ConvGeom g) {
+  static_assert(ak_conv::tc::THREADS == 128, "the launch bound above");
+  ak_conv::tc::conv_fwd_tc_impl<__half, true>(x_pre, w, out, sq, st_mean, st_m2, g);
+}
+EMU_REGISTER_BOUND(iieu_conv_fwd_tc75_f16, ak_conv::tc::THREADS)

@@ -66,20 +66,26 @@ print(f"\n{len(by)} kernels, {len(rows)} kernel/arch pairs, {len(spills)} with s
 # Tensor-core kernels: the resulting theoretical occupancy per arch (threads per block
 # from their launchers; per SM: 64 K registers allocated per warp in units of 256,
 # shared memory + 1 KiB reserved per block on sm_80+, the arch's warp and block limits).
-TC_THREADS = {"iieu_conv_fwd_tc_f16": 128, "iieu_conv_fwd_tc_bf16": 128}
+TC_THREADS = {"iieu_conv_fwd_tc_f16": 128, "iieu_conv_fwd_tc_bf16": 128, "iieu_conv_fwd_tc75_f16": 128}
+# Kernels that run on sm_75 too (the Turing forms); the others trap there, never launched.
+TC_SM75 = {"iieu_conv_fwd_tc75_f16"}
 LIMITS = {  # max warps, max blocks, shared memory per SM (B), reserved per block (B)
     "sm_75": (32, 16, 65536, 0), "sm_80": (64, 32, 167936, 1024), "sm_86": (48, 16, 102400, 1024),
     "sm_89": (48, 24, 102400, 1024), "sm_90": (64, 32, 233472, 1024)}
 tcs = [k for k in sorted(by) if k in TC_THREADS]
 if tcs:
     print("\nTensor-core kernels: registers / static smem per block / resident blocks and warps per SM "
-          "(theoretical occupancy). sm_75 has no body (the launcher needs sm_80).\n")
-    print("| kernel | threads | " + " | ".join(a for a in archs if a != "sm_75") + " |")
-    print("|---|---:|" + "---|" * len([a for a in archs if a != "sm_75"]))
+          "(theoretical occupancy). On sm_75 only the Turing forms (`*_tc75_*`) have a body; the "
+          "others trap there and are never launched.\n")
+    print("| kernel | threads | " + " | ".join(archs) + " |")
+    print("|---|---:|" + "---|" * len(archs))
     for k in tcs:
         cells = []
         for a in archs:
-            if a == "sm_75" or a not in by[k]:
+            if a not in by[k]:
+                continue
+            if a == "sm_75" and k not in TC_SM75:
+                cells.append("—")
                 continue
             r = by[k][a]
             w = TC_THREADS[k] // 32
@@ -140,6 +146,20 @@ else
           echo "SASS sm_$arch $k: $pat MISSING"; missing=1
         fi
       done
+    done
+  done
+  # The Turing form on sm_75 and sm_86: m16n8k8 (HMMA.1688) and ldmatrix (its cp.async
+  # branch is compiled on sm_80+ but never taken: a run-time false).
+  for arch in 75 86; do
+    sass="$("$cuobjdump" -sass -arch "sm_$arch" "$fatbin" 2>/dev/null || true)"
+    k=iieu_conv_fwd_tc75_f16
+    body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
+    for pat in HMMA.1688.F32 LDSM.16.M88.4 LDSM.16.MT88.4; do
+      if [ "$(grep -cE "[[:space:]]${pat//./\\.}[[:space:];]" <<<"$body")" -gt 0 ]; then
+        echo "SASS sm_$arch $k: $pat present"
+      else
+        echo "SASS sm_$arch $k: $pat MISSING"; missing=1
+      fi
     done
   done
   [ "$missing" = 0 ] || { echo "a tensor-core kernel lost its HMMA / LDSM / LDGSTS" >&2; exit 1; }

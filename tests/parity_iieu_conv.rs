@@ -496,10 +496,20 @@ fn resnet_stage4_512_3x3() {
 // budgets roundings of c.
 // ‖P‖² is summed from the shared A tile in the CUDA-core kernel's order: r_x is bitwise
 // the CUDA-core path's.
+// The Turing form (`iieu_conv_fwd_tc75_f16`, f16 only): each m16n8k16 step is two
+// m16n8k8, each aligning 8 products and C with the same ≤ 8-ulp error, so S = 2·⌈K/16⌉
+// steps in the same bound.
 
 /// Forward on both paths: the launch log names the kernel each took, c within the
-/// derived bound, r_x bitwise equal across the paths.
-fn tc_forward_checks<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+/// derived bound, r_x bitwise equal across the paths. `turing`: the m16n8k8 form
+/// (`GemmPath::TuringTensorCores`, f16 only).
+fn tc_forward_checks<T: Storage>(
+    geo: Conv2dGeometry,
+    mode: PatchNorm,
+    kind: Kind,
+    seed: u64,
+    turing: bool,
+) {
     let Some(dev) = open_gpu() else { return };
     let _path = PathGuard(set_gemm_path(GemmPath::Auto));
     let c = Case::<T>::new(geo, mode, kind, seed);
@@ -533,10 +543,14 @@ fn tc_forward_checks<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kin
             .collect();
         (cv, rx)
     };
-    let (c_tc, rx_tc) = fwd(
-        GemmPath::TensorCores,
-        &format!("iieu_conv_fwd_tc_{}", T::NAME),
-    );
+    let (c_tc, rx_tc) = if turing {
+        fwd(GemmPath::TuringTensorCores, "iieu_conv_fwd_tc75_f16")
+    } else {
+        fwd(
+            GemmPath::TensorCores,
+            &format!("iieu_conv_fwd_tc_{}", T::NAME),
+        )
+    };
     let (_, rx_cc) = fwd(GemmPath::CudaCores, &format!("iieu_conv_fwd_{}", T::NAME));
     assert_eq!(rx_tc, rx_cc, "r_x: tensor-core and CUDA-core paths differ");
 
@@ -545,7 +559,8 @@ fn tc_forward_checks<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kin
     let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
     let q = naive::conv(&geo, &abs(&xp64), &abs(&w64));
     let k = geo.cin_per_group() * geo.kh * geo.kw;
-    let acc = (k.div_ceil(16) + 1) as f64 * 2f64.powi(-20);
+    let steps = k.div_ceil(16) * if turing { 2 } else { 1 };
+    let acc = (steps + 1) as f64 * 2f64.powi(-20);
     let u = T::U;
     let (qmax, cmax) = q
         .iter()
@@ -575,8 +590,34 @@ fn tc_case(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
     let tc = GemmPath::TensorCores;
     parity_case::<half::f16>(geo, mode, kind, seed, false, tc);
     parity_case::<half::bf16>(geo, mode, kind, seed, false, tc);
-    tc_forward_checks::<half::f16>(geo, mode, kind, seed);
-    tc_forward_checks::<half::bf16>(geo, mode, kind, seed);
+    tc_forward_checks::<half::f16>(geo, mode, kind, seed, false);
+    tc_forward_checks::<half::bf16>(geo, mode, kind, seed, false);
+}
+
+/// The Turing form (f16; every operand staged through registers, two m16n8k8 per
+/// k-step): the whole op's parity, then the forward checks.
+fn tc75_case(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    parity_case::<half::f16>(geo, mode, kind, seed, false, GemmPath::TuringTensorCores);
+    tc_forward_checks::<half::f16>(geo, mode, kind, seed, true);
+}
+
+/// The Turing form on the shapes of the sm_80 cases: multi-tile with K % 8 == 0 (which
+/// sm_80 loads by cp.async), odd K, groups / stride / dilation, and the 1×1 layer that
+/// sm_80 reads by cp.async.
+#[test]
+fn tensor_cores_turing_m16n8k8() {
+    let geo = Conv2dGeometry::new(1, 8, 9, 9, 70, 3, 3).with_padding(1, 1);
+    tc75_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 97);
+    let geo = Conv2dGeometry::new(2, 5, 9, 11, 7, 3, 3).with_padding(1, 1);
+    tc75_case(geo, PatchNorm::AllChannels, Kind::Affine, 98);
+    let geo = Conv2dGeometry::new(2, 16, 11, 10, 12, 3, 3)
+        .with_padding(2, 1)
+        .with_stride(2, 2)
+        .with_dilation(2, 2)
+        .with_groups(2);
+    tc75_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 99);
+    let geo = Conv2dGeometry::new(2, 40, 8, 9, 70, 1, 1);
+    tc75_case(geo, PatchNorm::PerGroup, Kind::Bias, 100);
 }
 
 /// K = 8·9 = 72 (W by 16-byte cp.async; 2 k-tiles of 32 + a ragged 8), O = 70 (2 filter

@@ -23,7 +23,9 @@
 //! (`iieu_conv_fwd_tc_*`: `mma.sync.m16n8k16` with f32 accumulation, `ldmatrix` from
 //! swizzled shared stages, `W` and (1×1 stride-1 layers) `x_pre` by `cp.async`; the same
 //! tiles, sums and statistics, see
-//! docs/iieu-conv.md); f32 and older GPUs use the CUDA-core kernel.
+//! docs/iieu-conv.md); on compute capability 7.5 – 7.x the f16 convolution runs the
+//! Turing form (`iieu_conv_fwd_tc75_f16`: two `mma.sync.m16n8k8` per k-step, no
+//! `cp.async`); f32, bf16 below 8.0 and older GPUs use the CUDA-core kernel.
 //!
 //! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give
 //! `dx = ∂L/∂x`, the `r_x` path of `dx_pre`, the `r_w` path of `dW` and `dγ̇`, `dβ̇`,
@@ -96,17 +98,21 @@ const TC_TILE_K: usize = 32;
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmPath {
-    /// Tensor cores for f16 / bf16 on compute capability ≥ 8.0, else CUDA cores (the
-    /// default).
+    /// Tensor cores for f16 / bf16 on compute capability ≥ 8.0 and for f16 on 7.5 – 7.x
+    /// (the Turing form), else CUDA cores (the default).
     Auto,
     /// CUDA cores for every dtype and device.
     CudaCores,
     /// Tensor cores for f16 / bf16 wherever the device has them (≥ 8.0; CUDA cores
     /// below, and for f32).
     TensorCores,
+    /// The Turing form of the tensor-core forward (`iieu_conv_fwd_tc75_f16`:
+    /// `mma.sync.m16n8k8`, no `cp.async`) for f16 on any device with tensor cores
+    /// (≥ 7.5), as [`GemmPath::Auto`] picks it on a 7.x device; bf16 and f32 as `Auto`.
+    TuringTensorCores,
 }
 
-/// 0: Auto, 1: CudaCores, 2: TensorCores.
+/// 0: Auto, 1: CudaCores, 2: TensorCores, 3: TuringTensorCores.
 static GEMM_PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Test hook: forces the forward convolution's GEMM path ([`GemmPath::Auto`] restores
@@ -120,10 +126,12 @@ pub fn set_gemm_path(p: GemmPath) -> GemmPath {
         GemmPath::Auto => 0,
         GemmPath::CudaCores => 1,
         GemmPath::TensorCores => 2,
+        GemmPath::TuringTensorCores => 3,
     };
     match GEMM_PATH.swap(v, std::sync::atomic::Ordering::SeqCst) {
         1 => GemmPath::CudaCores,
         2 => GemmPath::TensorCores,
+        3 => GemmPath::TuringTensorCores,
         _ => GemmPath::Auto,
     }
 }
@@ -132,14 +140,31 @@ pub fn set_gemm_path(p: GemmPath) -> GemmPath {
 /// f16 / bf16 on compute capability ≥ 8.0 (`mma.sync.m16n8k16`, `cp.async`), unless a
 /// test forced [`GemmPath::CudaCores`]. f32 always takes the CUDA-core path.
 fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
-    if T::NAME == "f32" || GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+    if T::NAME == "f32" || matches!(GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst), 1 | 3) {
         return Ok(false);
     }
-    let (major, _) = stream
+    let (major, _) = compute_capability(stream)?;
+    Ok(major >= 8)
+}
+
+/// Whether the forward of storage dtype `T` runs the Turing form of the tensor-core
+/// forward (`iieu_conv_fwd_tc75_f16`): f16 on compute capability 7.5 – 7.x (the
+/// m16n8k8 shape; sm_75 has no bf16 `mma` and no `cp.async`), or forced by
+/// [`GemmPath::TuringTensorCores`] on any device ≥ 7.5.
+fn use_turing_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
+    let path = GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst);
+    if T::NAME != "f16" || path == 1 {
+        return Ok(false);
+    }
+    let cc = compute_capability(stream)?;
+    Ok(cc >= (7, 5) && (cc.0 < 8 || path == 3))
+}
+
+fn compute_capability(stream: &Arc<CudaStream>) -> Result<(i32, i32)> {
+    stream
         .context()
         .compute_capability()
-        .map_err(|e| Error::Driver(format!("compute capability: {e}")))?;
-    Ok(major >= 8)
+        .map_err(|e| Error::Driver(format!("compute capability: {e}")))
 }
 
 /// The weight-gradient reduction is split until about this many blocks run (a fixed
@@ -559,11 +584,13 @@ pub fn forward<T: DType>(
     };
     let mut st_mean = scratch::<f32>(stream, no * mt)?;
     let mut st_m2 = scratch::<f32>(stream, no * mt)?;
-    let tc = use_tensor_cores::<T>(stream)?;
-    let f = match (tc, T::NAME) {
-        (true, "f16") => kernel_fn!(stream, "iieu_conv_fwd_tc_f16")?,
-        (true, _) => kernel_fn!(stream, "iieu_conv_fwd_tc_bf16")?,
-        (false, _) => kernel_fn!(stream, "iieu_conv_fwd", T)?,
+    let tc75 = use_turing_tensor_cores::<T>(stream)?;
+    let tc = tc75 || use_tensor_cores::<T>(stream)?;
+    let f = match (tc75, tc, T::NAME) {
+        (true, _, _) => kernel_fn!(stream, "iieu_conv_fwd_tc75_f16")?,
+        (false, true, "f16") => kernel_fn!(stream, "iieu_conv_fwd_tc_f16")?,
+        (false, true, _) => kernel_fn!(stream, "iieu_conv_fwd_tc_bf16")?,
+        (false, false, _) => kernel_fn!(stream, "iieu_conv_fwd", T)?,
     };
     let mut b = launcher(stream, &f);
     b.arg(&xpv)
@@ -579,9 +606,11 @@ pub fn forward<T: DType>(
     // k < C/g·KH·KW (w.len() validated); it writes c at (n·O + grp·O/g + o)·P + p with
     // o < O/g, p < P (every c element is written by exactly one block), stats at
     // (n·O + grp·O/g + o)·mtiles + mt (all N·O·mtiles written), and sq[(n·g + grp)·P + p]
-    // (all N·g·P written by the nt = 0 blocks) when sq is given. The tensor-core kernel
-    // (f16 / bf16 only, chosen only on compute capability ≥ 8.0, the arch its body is
-    // compiled for) has the same grid, reads and writes, with TC_THREADS threads.
+    // (all N·g·P written by the nt = 0 blocks) when sq is given. The tensor-core kernels
+    // (f16 / bf16 only; iieu_conv_fwd_tc_* chosen only on compute capability ≥ 8.0, the
+    // arch its body is compiled for, iieu_conv_fwd_tc75_f16 only for f16 on ≥ 7.5, where
+    // m16n8k8 and ldmatrix exist) have the same grid, reads and writes, with TC_THREADS
+    // threads.
     let cfg_fwd = if tc {
         LaunchConfig {
             block_dim: (TC_THREADS, 1, 1),

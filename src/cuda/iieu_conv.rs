@@ -30,7 +30,9 @@
 //! `dη`; ψ's backward is two small reductions and one elementwise pass forming
 //! `dc = A[o]·dx + B[o]·x̂ + C[o]` (`A = scale·k`; BatchNorm training also
 //! `B = −A·mean(dx·x̂)`, `C = −A·mean(dx)`); the **data-gradient implicit GEMM** adds
-//! the `r_x` path in its epilogue; the **weight-gradient implicit GEMM** writes f32
+//! the `r_x` path in its epilogue (f16 / bf16 on compute capability ≥ 8.0: on tensor
+//! cores, `iieu_conv_dgrad_tc_*`, the forward's tiles and pipeline; `W` by `cp.async`
+//! for 1×1 kernels, `dc` too for 1×1 stride-1 layers); the **weight-gradient implicit GEMM** writes f32
 //! partials per fixed chunk of the `N·H'·W'` reduction, summed in chunk order with the
 //! `r_w` path added (no float atomics anywhere: bitwise reproducible).
 //!

@@ -31,7 +31,8 @@
 // epilogues are separate functions so the MMA step can become mma.sync.
 // The forward also has a tensor-core kernel (fwd_tc, f16 / bf16 on sm_80+:
 // mma.sync.m16n8k16 from kernels/mma.cuh, see tc::conv_fwd_tc_impl), chosen by the
-// launcher; dgrad and wgrad are CUDA-core only so far.
+// launcher; so has the data gradient (dgrad_tc, see tc::dgrad_tc_impl); wgrad is
+// CUDA-core only so far.
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -533,6 +534,238 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   __trap();
 #endif
 }
+
+// ---------------------------------------------------------------------------------
+// data gradient on tensor cores (f16 / bf16 storage, sm_80+): the same dx_pre as
+// dgrad_impl (below, outside this namespace), from mma.sync.m16n8k16 with f32
+// accumulation. grid (N·itiles, g·ctiles) as dgrad_impl: rows = 64 input pixels q of
+// sample n, columns = 64 input channels c' of group grp, K = O/g·KH·KW in dgrad_impl's
+// order (k = ol·KH·KW + t). 128 threads = 4 warps of 32 × 32 (2 m16 × 4 n8 fragments),
+// BK = 32, 2 shared-memory stages — conv_fwd_tc_impl's tiles, pipeline and shared
+// budget; only the operands' sources differ:
+//   A stage: As[k][q], k-major with a_off, the fragments by ldmatrix .x4 .trans (as the
+//            forward's A): A[q][k] = dc[n, grp·O/g + ol, ho, wo] with ho·sh = h + ph −
+//            i·dh, wo·sw = w + pw − jj·dw (0 in the stride / padding / dilation holes
+//            and past the plane). Gathered by scalar loads staged in registers, except
+//            for a 1×1, stride-1, unpadded layer with H·W % 8 == 0 (A = dc's planes
+//            themselves): 16-byte cp.async.cg with zero-fill past H·W and K.
+//   B stage: Bs[k][c'], k-major with a_off too (W is (O, C/g, KH, KW): along c' it is
+//            contiguous only for a 1×1 kernel), the fragments ("col") by ldmatrix .x4
+//            .trans. B[k][c'] = W[grp·O/g + ol][c'][t]: 16-byte cp.async.cg (zero-fill
+//            past C/g and K) when KH·KW == 1, C/g % 8 == 0 and W is 16-byte aligned;
+//            else scalar loads staged in registers (thread → c' = tid % 64, so the
+//            shared stores of a warp are one 64-byte run of a row: conflict-free).
+// Epilogue: the f32 accumulators into a shared 64 × 68 f32 tile Cs[c'][q], then
+// coalesced stores dx_pre = T(acc + add) (64 consecutive pixels per channel row; the
+// same f32 add and rounding as dgrad_impl).
+template <class T>
+__device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w, const T* __restrict__ add,
+                              T* __restrict__ dx_pre, ConvGeom g) {
+#if AK_MMA_SM80
+  SHARED_ARRAY(uint4, smem, SMEM_BYTES / 16);
+  T* const As = reinterpret_cast<T*>(smem);          // 2 stages of A_STAGE
+  T* const Bs = As + 2 * A_STAGE;                    // 2 stages of B_STAGE
+  float* const Cs = reinterpret_cast<float*>(smem);  // epilogue (after the last stage)
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp & 1, wn = warp >> 1;  // warp tile: pixels wm·32.., channels wn·32..
+  const int HW = g.h * g.w, P = g.oh * g.ow, taps = g.kh * g.kw;
+  const int itiles = (HW + BM - 1) / BM, ctiles = (g.cg + BN - 1) / BN;
+  const int K2 = g.og * taps;
+  const int n = (int)(blockIdx.x / itiles), it = (int)(blockIdx.x - (unsigned)n * itiles);
+  const int grp = (int)(blockIdx.y / ctiles), ct = (int)(blockIdx.y - (unsigned)grp * ctiles);
+  const T* dcs = dc + ((long long)n * g.o + grp * g.og) * P;
+  const T* wg = w + (long long)grp * g.og * g.cg * taps;
+  const T zero = ak::from_f32<T>(0.0f);
+
+  // A loads: pixel am (fixed), k = ak0 + 2r (r < 16): a warp reads 32 consecutive pixels.
+  const int am = tid & (BM - 1), ak0 = tid >> 6;
+  const int aq = it * BM + am;
+  const int ah = aq / g.w, aw = aq - ah * g.w;
+  // A by cp.async: 1×1, stride 1, unpadded (then P = H·W and A[q][k] = dc[n, grp·O/g +
+  // k, q]), H·W % 8 == 0 (8 pixels: one aligned 16-byte chunk, all in or all out).
+  const bool avec = taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (HW & 7) == 0 &&
+                    ak::aligned16(dc);
+  // B by cp.async: W[grp·O/g + k][c'] contiguous in c' (KH·KW == 1), C/g % 8 == 0.
+  const bool bvec = taps == 1 && (g.cg & 7) == 0 && ak::aligned16(w);
+  const int KT = (K2 + BK - 1) / BK;
+
+  T areg[16], breg[16];
+  // This thread's k = k0 + ak0 + 2r: (ol, i, jj) decomposed once per stage and stepped
+  // by 2 (no division per element but the stride's).
+  const int th0 = ah + g.ph, tw0 = aw + g.pw;
+  auto load_a = [&](int k0) {
+    const int kf = k0 + ak0;
+    int ol = kf / taps, rr = kf - ol * taps;
+    int i = rr / g.kw, jj = rr - i * g.kw;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int k = kf + 2 * r;
+      const int th = th0 - i * g.dh, tw = tw0 - jj * g.dw;
+      T v = zero;
+      if (aq < HW && k < K2 && th >= 0 && tw >= 0) {
+        const int ho = th / g.sh, wo = tw / g.sw;
+        if (ho * g.sh == th && wo * g.sw == tw && ho < g.oh && wo < g.ow) v = dcs[(long long)ol * P + ho * g.ow + wo];
+      }
+      areg[r] = v;
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {  // k += 1, twice (KW may be 1)
+        if (++jj == g.kw) {
+          jj = 0;
+          if (++i == g.kh) {
+            i = 0;
+            ++ol;
+          }
+        }
+      }
+    }
+  };
+  auto issue_a = [&](int k0, int st) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int id = tid + THREADS * q, kk = id >> 3, pp = (id & 7) * 8;
+      const int k = k0 + kk, p = it * BM + pp;
+      const bool in = k < K2 && p < HW;
+      const T* src = in ? dcs + (long long)k * P + p : dc;
+      ak::mma::cp_async_cg_zfill(&As[st * A_STAGE + a_off(kk, pp)], src, in ? 16 : 0);
+    }
+  };
+  auto store_a = [&](int st) {
+#pragma unroll
+    for (int r = 0; r < 16; ++r) As[st * A_STAGE + a_off(ak0 + 2 * r, am)] = areg[r];
+  };
+  // Scalar B: column c' = tid % 64 (fixed), k = ak0 + 2r.
+  const int bc = ct * BN + am;
+  auto load_b = [&](int k0) {
+    const int kf = k0 + ak0;
+    int ol = kf / taps, t = kf - ol * taps;
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int k = kf + 2 * r;
+      breg[r] = (k < K2 && bc < g.cg) ? wg[((long long)ol * g.cg + bc) * taps + t] : zero;
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {  // k += 1, twice (KH·KW may be 1)
+        if (++t == taps) {
+          t = 0;
+          ++ol;
+        }
+      }
+    }
+  };
+  auto store_b = [&](int st) {
+#pragma unroll
+    for (int r = 0; r < 16; ++r) Bs[st * B_STAGE + a_off(ak0 + 2 * r, am)] = breg[r];
+  };
+  auto issue_b = [&](int k0, int st) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int id = tid + THREADS * q, kk = id >> 3, cc = (id & 7) * 8;
+      const int k = k0 + kk, c = ct * BN + cc;
+      const bool in = k < K2 && c < g.cg;  // C/g % 8 == 0: a chunk is all in or all out
+      const T* src = in ? wg + (long long)k * g.cg + c : w;
+      ak::mma::cp_async_cg_zfill(&Bs[st * B_STAGE + a_off(kk, cc)], src, in ? 16 : 0);
+    }
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  // Prologue: stage 0.
+  if (avec) issue_a(0, 0);
+  else load_a(0);
+  if (bvec) issue_b(0, 0);
+  else load_b(0);
+  ak::mma::cp_async_commit_group();
+  if (!avec) store_a(0);
+  if (!bvec) store_b(0);
+  ak::mma::cp_async_wait_group<0>();
+  __syncthreads();
+
+  const int lr = lane & 7, lj = lane >> 3;  // ldmatrix: this lane's row of matrix lj
+  for (int kt = 0; kt < KT; ++kt) {
+    const int cur = kt & 1, nxt = cur ^ 1;
+    const bool more = kt + 1 < KT;
+    if (more) {
+      if (bvec) issue_b((kt + 1) * BK, nxt);
+      else load_b((kt + 1) * BK);
+      if (avec) issue_a((kt + 1) * BK, nxt);
+      else load_a((kt + 1) * BK);
+    }
+    ak::mma::cp_async_commit_group();
+    const T* as = As + cur * A_STAGE;
+    const T* bs = Bs + cur * B_STAGE;
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      uint32_t af[2][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        // matrix lj: pixels m0 + (lj&1)·8 .., k ks + (lj>>1)·8 + lr (stored k-major).
+        const int m0 = wm * 32 + mi * 16;
+        ak::mma::ldmatrix_x4_trans(af[mi], &as[a_off(ks + (lj >> 1) * 8 + lr, m0 + (lj & 1) * 8)]);
+      }
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        // matrix lj: k ks + (lj&1)·8 + lr, channels n0 + (lj>>1)·8 .. (stored k-major;
+        // .trans gives lane l the k pair 2(l%4)..+1 of channel l/4: a "col" B register).
+        const int n0 = wn * 32 + nj * 16;
+        uint32_t r[4];
+        ak::mma::ldmatrix_x4_trans(r, &bs[a_off(ks + (lj & 1) * 8 + lr, n0 + (lj >> 1) * 8)]);
+        bf[2 * nj][0] = r[0];
+        bf[2 * nj][1] = r[1];
+        bf[2 * nj + 1][0] = r[2];
+        bf[2 * nj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816(zero, acc[mi][ni], af[mi], bf[ni]);
+    }
+    if (more) {
+      if (!avec) store_a(nxt);
+      if (!bvec) store_b(nxt);
+    }
+    ak::mma::cp_async_wait_group<0>();
+    __syncthreads();
+  }
+
+  // Epilogue 1: accumulators → Cs[c'][q] (f32, unrounded: the add comes first).
+  {
+    const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = wm * 32 + mi * 16 + gq + (e >= 2 ? 8 : 0);
+          const int c = wn * 32 + ni * 8 + 2 * tq + (e & 1);
+          Cs[c * CS_LD + m] = acc[mi][ni][e];
+        }
+  }
+  __syncthreads();
+  // Epilogue 2: dx_pre = T(acc + add), coalesced (64 consecutive pixels per channel row).
+  {
+    const int q = it * BM + am;
+#pragma unroll 4
+    for (int r = 0; r < BN / 2; ++r) {
+      const int cl = 2 * r + (tid >> 6), c = ct * BN + cl;
+      if (c < g.cg && q < HW) {
+        const long long e = ((long long)n * g.c + grp * g.cg + c) * HW + q;
+        const float extra = add != nullptr ? ak::to_f32(add[e]) : 0.0f;
+        dx_pre[e] = ak::from_f32<T>(Cs[cl * CS_LD + am] + extra);
+      }
+    }
+  }
+#else
+  // Never launched below sm_80 (the launcher checks the compute capability).
+  (void)dc, (void)w, (void)add, (void)dx_pre, (void)g;
+  __trap();
+#endif
+}
 }  // namespace tc
 
 // ---------------------------------------------------------------------------------
@@ -975,6 +1208,18 @@ IIEU_CONV_KERNELS(bf16, __nv_bfloat16)
 
 IIEU_CONV_TC_KERNELS(f16, __half)
 IIEU_CONV_TC_KERNELS(bf16, __nv_bfloat16)
+
+// Tensor-core data gradient (f16 / bf16, sm_80+; the sm_75 build traps, never launched
+// there).
+#define IIEU_CONV_TC_DGRAD_KERNELS(SUF, T)                                                             \
+  AK_KERNEL_BOUND(ak_conv::tc::THREADS) void                                                           \
+  iieu_conv_dgrad_tc_##SUF(const T* dc, const T* w, const T* add, T* dx_pre, ConvGeom g) {             \
+    ak_conv::tc::dgrad_tc_impl<T>(dc, w, add, dx_pre, g);                                              \
+  }                                                                                                    \
+  EMU_REGISTER_BOUND(iieu_conv_dgrad_tc_##SUF, ak_conv::tc::THREADS)
+
+IIEU_CONV_TC_DGRAD_KERNELS(f16, __half)
+IIEU_CONV_TC_DGRAD_KERNELS(bf16, __nv_bfloat16)
 
 // The Turing form of the tensor-core forward (f16 only; launched on sm_75, where
 // iieu_conv_fwd_tc_* would trap; valid on every arch built).

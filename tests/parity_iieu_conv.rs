@@ -13,9 +13,10 @@
 //! dilation (the window-sum fallback), and ResNet-50's last 3×3 layer (512 → 512 at 7×7,
 //! K = 4608).
 //!
-//! The f16 / bf16 forward convolution has two paths: the shapes above run on the CUDA-core
-//! GEMM (forced with `set_gemm_path`), the `tensor_cores_*` cases on the tensor-core
-//! kernel (mma.sync; its own tolerance derivation for `c` is stated there).
+//! The f16 / bf16 forward convolution and data gradient have two paths: the shapes above
+//! run on the CUDA-core GEMMs (forced with `set_gemm_path`), the `tensor_cores_*` cases
+//! on the tensor-core kernels (mma.sync; their own tolerance derivations for `c` and
+//! `dx_pre` are stated there).
 //!
 //! Every GPU computation runs under `Gpu::check_schedules` (bitwise identical under four
 //! thread orders, race / init / bounds detectors on, no leaked allocation), and backward
@@ -389,8 +390,8 @@ fn parity_case<T: Storage>(
     }
 }
 
-/// Every dtype on the CUDA-core GEMMs (the tensor-core forward of f16 / bf16 has its
-/// own cases below: `tensor_cores_*`).
+/// Every dtype on the CUDA-core GEMMs (the tensor-core forward and data gradient of
+/// f16 / bf16 have their own cases below: `tensor_cores_*`).
 fn all_dtypes(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
     let cc = GemmPath::CudaCores;
     parity_case::<f32>(geo, mode, kind, seed, false, cc);
@@ -592,6 +593,7 @@ fn tc_case(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
     parity_case::<half::bf16>(geo, mode, kind, seed, false, tc);
     tc_forward_checks::<half::f16>(geo, mode, kind, seed, false);
     tc_forward_checks::<half::bf16>(geo, mode, kind, seed, false);
+    tc_dgrad_case(geo, seed);
 }
 
 /// The Turing form (f16; every operand staged through registers, two m16n8k8 per
@@ -618,6 +620,129 @@ fn tensor_cores_turing_m16n8k8() {
     tc75_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 99);
     let geo = Conv2dGeometry::new(2, 40, 8, 9, 70, 1, 1);
     tc75_case(geo, PatchNorm::PerGroup, Kind::Bias, 100);
+}
+
+// ------------------------------------------------------------------------------------
+// The tensor-core data gradient (`iieu_conv_dgrad_tc_f16` / `_bf16`: the same tiles,
+// pipeline and f32 accumulation as the forward; rows = 64 input pixels, columns = 64
+// input channels, K = O/g·KH·KW; W by 16-byte cp.async when KH·KW == 1 and C/g % 8 == 0,
+// dc by 16-byte cp.async for 1×1 stride-1 unpadded layers with H·W % 8 == 0, scalar
+// staging otherwise; the cases take each combination). The `tensor_cores_*` parity
+// cases run the whole backward through it at the suite's tolerances (`tc_case`); here
+// the GEMM alone (`dgrad_gemm`, the backward's own launch) on exact T inputs.
+//
+// Tolerance of dx_pre = T(Σ_k dc·W + add), derived as for c above (per element, Q =
+// conv-transpose(|dc|, |W|) + |add| from the same inputs, S = ⌈K/16⌉ mma k-steps,
+// K = O/g·KH·KW): every product is exact, each m16n8k16 step on hardware errs by
+// ≤ 2^-20·(|C| + Σ|a·b|) ≤ 2^-20·Q, the accumulator starts exact (0), and the f32 add
+// of `add` in the epilogue rounds once more (≤ 2^-24·Q ≤ 2^-20·Q): |δ| ≤ (S + 2)·2^-20·Q
+// before the rounding to T, so |dx − dx_ref| ≤ u_T·|dx_ref| + (1 + u_T)·(S + 2)·2^-20·Q.
+// The accumulation term is asserted below one rounding of dx_pre to T ((S + 2)·2^-20·
+// max Q ≤ u_T·max|dx_ref|), which is what the suite's dx_pre tolerance budgets for the
+// GEMM in the tensor-core parity cases (filters scaled as there).
+
+/// The data-gradient GEMM alone on the tensor-core path (launch log: the tc kernel ran)
+/// against the f64 conv-transpose of the same T inputs, at the derived bound above; with
+/// and without `add`. Then one full backward on the tensor-core path names the same
+/// kernel in its launch log.
+fn tc_dgrad_checks<T: Storage>(geo: Conv2dGeometry, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let _path = PathGuard(set_gemm_path(GemmPath::TensorCores));
+    let (oh, ow) = geo.validate().unwrap();
+    let cfg = IieuConfig::new(geo);
+    let mut r = rng(seed);
+    let k = (geo.cin_per_group() * geo.kh * geo.kw) as f64;
+    let dc = to_t::<T>(&randn(&mut r, geo.n * geo.c_out * oh * ow));
+    let w64: Vec<f64> = randn(&mut r, geo.weight_len())
+        .iter()
+        .map(|v| v * 1.5 / k.sqrt())
+        .collect();
+    let w = to_t::<T>(&w64);
+    let add = to_t::<T>(&randn(&mut r, geo.input_len()));
+    let s = dev.ctx.default_stream();
+    let (dcd, wd, addd) = (
+        s.clone_htod(&dc).unwrap(),
+        s.clone_htod(&w).unwrap(),
+        s.clone_htod(&add).unwrap(),
+    );
+    let kernel = format!("iieu_conv_dgrad_tc_{}", T::NAME);
+    let logged = |what: &str| {
+        #[cfg(feature = "emulate")]
+        {
+            let log = activation_kernels::emu::take_launch_log();
+            activation_kernels::emu::set_launch_log(false);
+            assert!(
+                log.iter().any(|l| l.kernel == kernel),
+                "{what}: {kernel} not launched ({:?})",
+                log.iter().map(|l| &l.kernel).collect::<Vec<_>>()
+            );
+        }
+        #[cfg(not(feature = "emulate"))]
+        let _ = (what, &kernel);
+    };
+
+    let (dc64, w64, add64) = (to_f64(&dc), to_f64(&w), to_f64(&add));
+    let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+    let zeros = vec![0.0; geo.input_len()];
+    let (base, _) = cnaive::conv_bwd(&geo, &zeros, &w64, &dc64);
+    let (qbase, _) = cnaive::conv_bwd(&geo, &zeros, &abs(&w64), &abs(&dc64));
+    let kdim = geo.c_out / geo.groups * geo.kh * geo.kw;
+    let acc = (kdim.div_ceil(16) + 2) as f64 * 2f64.powi(-20);
+    let u = T::U;
+    for with_add in [false, true] {
+        #[cfg(feature = "emulate")]
+        activation_kernels::emu::set_launch_log(true);
+        let got = gpu::dgrad_gemm(&s, &cfg, &dcd, &wd, with_add.then_some(&addd)).unwrap();
+        logged("dgrad_gemm");
+        let got = to_f64(&s.clone_dtoh(&got).unwrap());
+        let (want, q): (Vec<f64>, Vec<f64>) = if with_add {
+            (
+                base.iter().zip(&add64).map(|(a, b)| a + b).collect(),
+                qbase.iter().zip(&add64).map(|(a, b)| a + b.abs()).collect(),
+            )
+        } else {
+            (base.clone(), qbase.clone())
+        };
+        let (qmax, dmax) = q
+            .iter()
+            .zip(&want)
+            .fold((0.0f64, 0.0f64), |(a, b), (x, y)| {
+                (a.max(*x), b.max(y.abs()))
+            });
+        assert!(
+            acc * qmax <= u * dmax,
+            "accumulation bound {:.3e} above one rounding of dx_pre ({:.3e})",
+            acc * qmax,
+            u * dmax
+        );
+        for (i, ((g, w), q)) in got.iter().zip(&want).zip(&q).enumerate() {
+            let tol = u * w.abs() + (1.0 + u) * acc * q + 1e-12 * dmax;
+            assert!(
+                (g - w).abs() <= tol,
+                "{} {geo:?} add {with_add} dx_pre[{i}]: tensor cores {g} vs ref {w} (err {:.3e} > \
+                 tol {tol:.3e})",
+                T::NAME,
+                (g - w).abs()
+            );
+        }
+    }
+
+    // The full backward takes the same kernel.
+    let c = Case::<T>::new(geo, PatchNorm::PerGroup, Kind::BnTrain, seed);
+    let xp = s.clone_htod(&c.x_pre).unwrap();
+    let wc = s.clone_htod(&c.w).unwrap();
+    let dy = s.clone_htod(&c.dy).unwrap();
+    let mut p = IieuConvDeviceParams::from_host(&s, &c.p32).unwrap();
+    let (_, saved) = gpu::forward(&s, &c.cfg, &xp, &wc, &mut p).unwrap();
+    #[cfg(feature = "emulate")]
+    activation_kernels::emu::set_launch_log(true);
+    gpu::backward(&s, &c.cfg, &dy, &xp, &wc, &p, &saved).unwrap();
+    logged("backward");
+}
+
+fn tc_dgrad_case(geo: Conv2dGeometry, seed: u64) {
+    tc_dgrad_checks::<half::f16>(geo, seed);
+    tc_dgrad_checks::<half::bf16>(geo, seed);
 }
 
 /// K = 8·9 = 72 (W by 16-byte cp.async; 2 k-tiles of 32 + a ragged 8), O = 70 (2 filter
@@ -659,6 +784,24 @@ fn tensor_cores_pointwise_cp_async_x() {
     tc_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 95);
     let geo = Conv2dGeometry::new(1, 26, 8, 8, 18, 1, 1).with_groups(2);
     tc_case(geo, PatchNorm::AllChannels, Kind::None, 96);
+}
+
+/// The data gradient's own tile raggedness: C/g = 72 (2 channel tiles, the second 8
+/// wide; W by cp.async), H·W = 20 (dc by scalar loads: H·W % 8 ≠ 0), K = 20; C/g = 67
+/// with a 3×3 kernel (2 channel tiles, W by scalar loads), K = 9·9 = 81 (3 k-tiles),
+/// H·W = 81 (2 pixel tiles); stride 2 with padding, whose holes leave some input
+/// pixels no tap at all (dx_pre = add there).
+#[test]
+fn tensor_cores_dgrad_channel_tiles() {
+    tc_dgrad_case(Conv2dGeometry::new(2, 72, 4, 5, 20, 1, 1), 97);
+    tc_dgrad_case(
+        Conv2dGeometry::new(1, 67, 9, 9, 9, 3, 3).with_padding(1, 1),
+        98,
+    );
+    tc_dgrad_case(
+        Conv2dGeometry::new(2, 24, 10, 9, 16, 1, 1).with_stride(3, 2),
+        99,
+    );
 }
 
 // ------------------------------------------------------------------------------------

@@ -1035,11 +1035,11 @@ fn tensor_core_table(cases: &[Case], rows: &[Row]) -> (String, String) {
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut readme = String::from(
-        "\nIieuConv2d's tensor-core forward (f16, N = 32): the model's lower bound on the time and \
+        "\nIieuConv2d's tensor-core kernels (f16, N = 32, ResNet-50's 3×3 layers): the model's lower bound on the time and \
          the fraction of the dense f16 tensor peak that bound would mean. A measured time will \
          be longer (the bound ignores issue rates, the register-staged patch gather and the \
          epilogue; on an H100 the peak is `wgmma`'s, which `mma.sync` does not reach).\n\n\
-         | IieuConv2d forward on tensor cores | GFLOP | A6000 lower bound, µs (% of dense f16 peak) | H100 lower bound, µs (% of peak) | measured |\n\
+         | IieuConv2d on tensor cores (phase: kernel) | GFLOP | A6000 lower bound, µs (% of dense f16 peak) | H100 lower bound, µs (% of peak) | measured |\n\
          |---|---|---|---|---|\n",
     );
     for r in rows
@@ -1086,9 +1086,10 @@ fn tensor_core_table(cases: &[Case], rows: &[Row]) -> (String, String) {
         {
             let _ = writeln!(
                 readme,
-                "| {} ({}) | {:.1} | {:.0} ({:.0} %) | {:.0} ({:.0} %) | — (no GPU yet) |",
+                "| {} ({}: `{}`) | {:.1} | {:.0} ({:.0} %) | {:.0} ({:.0} %) | — (no GPU yet) |",
                 c.label,
                 c.phase,
+                model::family(&r.rec.kernel),
                 gflop,
                 cells[0].0 * 1e6,
                 cells[0].1,

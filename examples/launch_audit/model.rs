@@ -288,6 +288,7 @@ const FAMILIES_WITH_DTYPE: &[&str] = &[
     "iieu_conv_fwd",
     "iieu_conv_fwd_tc",
     "iieu_conv_dgrad",
+    "iieu_conv_dgrad_tc",
     "iieu_conv_wgrad",
     "iieu_conv_psi_bwd_sums",
     "iieu_conv_dc",
@@ -652,7 +653,10 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
             let v = b * (d.epre() + d.wlen() + e) + 4.0 * n * d.gp * s + 8.0 * nc * mtiles.ceil();
             gemm(d, v)
         }
-        "iieu_conv_dgrad" => gemm(d, b * (e + d.wlen() + d.epre())),
+        // Data gradient: dc and W read, the r_x path `add` read and dx_pre written (both
+        // N·C·H·W). The tensor-core data gradient (f16 / bf16, sm_80+) likewise: the same
+        // 64×64 output tiles, reads and writes.
+        "iieu_conv_dgrad" | "iieu_conv_dgrad_tc" => gemm(d, b * (e + d.wlen() + 2.0 * d.epre())),
         "iieu_conv_wgrad" => {
             let splits = f64::from(grid[2]);
             carry.wgrad_splits = splits;

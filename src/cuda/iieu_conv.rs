@@ -32,7 +32,9 @@
 //! `dη`; ψ's backward is two small reductions and one elementwise pass forming
 //! `dc = A[o]·dx + B[o]·x̂ + C[o]` (`A = scale·k`; BatchNorm training also
 //! `B = −A·mean(dx·x̂)`, `C = −A·mean(dx)`); the **data-gradient implicit GEMM** adds
-//! the `r_x` path in its epilogue; the **weight-gradient implicit GEMM** writes f32
+//! the `r_x` path in its epilogue (f16 / bf16 on compute capability ≥ 8.0: on tensor
+//! cores, `iieu_conv_dgrad_tc_*`, the forward's tiles and pipeline; `W` by `cp.async`
+//! for 1×1 kernels, `dc` too for 1×1 stride-1 layers); the **weight-gradient implicit GEMM** writes f32
 //! partials per fixed chunk of the `N·H'·W'` reduction, summed in chunk order with the
 //! `r_w` path added (no float atomics anywhere: bitwise reproducible).
 //!
@@ -71,7 +73,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 
 use crate::cpu::iieu::{IieuConfig, PatchNorm};
 use crate::cpu::iieu_conv::{IieuConvParams, Psi};
@@ -94,7 +96,8 @@ const GEMM_THREADS: u32 = 256;
 const TC_THREADS: u32 = 128;
 const TC_TILE_K: usize = 32;
 
-/// Which GEMM path the forward convolution takes (see [`set_gemm_path`]).
+/// Which GEMM path the forward convolution and the data gradient take (see
+/// [`set_gemm_path`]; the weight gradient is CUDA-core only).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmPath {
@@ -115,11 +118,11 @@ pub enum GemmPath {
 /// 0: Auto, 1: CudaCores, 2: TensorCores, 3: TuringTensorCores.
 static GEMM_PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Test hook: forces the forward convolution's GEMM path ([`GemmPath::Auto`] restores
-/// the default); returns the previous setting. Process-wide: the parity tests hold
-/// their device lock around it and restore it. Both paths compute the same quantities
-/// (f32 accumulation; the sums are ordered differently, so `c` may differ in the last
-/// bits of T).
+/// Test hook: forces the GEMM path of the forward convolution and of the data gradient
+/// ([`GemmPath::Auto`] restores the default); returns the previous setting.
+/// Process-wide: the parity tests hold their device lock around it and restore it. Both
+/// paths compute the same quantities (f32 accumulation; the sums are ordered
+/// differently, so `c` and `dx_pre` may differ in the last bits of T).
 #[doc(hidden)]
 pub fn set_gemm_path(p: GemmPath) -> GemmPath {
     let v = match p {
@@ -136,7 +139,8 @@ pub fn set_gemm_path(p: GemmPath) -> GemmPath {
     }
 }
 
-/// Whether the forward of storage dtype `T` runs on tensor cores on `stream`'s device:
+/// Whether the forward convolution and the data gradient of storage dtype `T` run on
+/// tensor cores on `stream`'s device:
 /// f16 / bf16 on compute capability ≥ 8.0 (`mma.sync.m16n8k16`, `cp.async`), unless a
 /// test forced [`GemmPath::CudaCores`]. f32 always takes the CUDA-core path.
 fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
@@ -814,16 +818,7 @@ pub fn backward<T: DType>(
     let dc = dc_own.as_ref().unwrap_or(&ig.dx);
 
     // dx_pre = conv-transpose(dc, W) + the r_x path.
-    let mut dx_pre = scratch::<T>(stream, d.x_pre_len)?;
-    let f = kernel_fn!(stream, "iieu_conv_dgrad", T)?;
-    let mut b = launcher(stream, &f);
-    b.arg(dc).arg(&wv).arg(&ig.dx_pre).arg(&mut dx_pre).arg(&g);
-    // SAFETY: block (n·itiles + it, grp·ctiles + ct) reads dc of sample n at channels
-    // grp·O/g + ol < O and in-range (ho, wo) only (checked per tap), W at
-    // ((grp·O/g + ol)·C/g + c')·KH·KW + t < O·C/g·KH·KW = w.len(), add (N·C·H·W);
-    // it writes dx_pre[(n·C + grp·C/g + c')·H·W + q] for c' < C/g, q < H·W — every
-    // element exactly once.
-    unsafe { b.launch(gemm_launch(cd.dgrad_grid, 1)) }?;
+    let dx_pre = launch_dgrad(stream, &cd, &dc.as_view(), &wv, Some(&ig.dx_pre.as_view()))?;
 
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
@@ -852,6 +847,68 @@ pub fn backward<T: DType>(
         d_psi_scale: d_scale,
         d_psi_shift: d_shift,
     })
+}
+
+/// The data-gradient implicit GEMM `dx_pre = conv-transpose(dc, W) + add` (`add`: the
+/// `r_x` path, or none), on tensor cores where [`use_tensor_cores`] says so (the
+/// forward's switch), else on CUDA cores. Lengths validated by the caller: `dc` is
+/// `N·O·H'·W'`, `w` `O·C/g·KH·KW`, `add` `N·C·H·W`.
+fn launch_dgrad<T: DType>(
+    stream: &Arc<CudaStream>,
+    cd: &ConvDims,
+    dc: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    add: Option<&CudaView<'_, T>>,
+) -> Result<CudaSlice<T>> {
+    let mut dx_pre = scratch::<T>(stream, cd.d.x_pre_len)?;
+    let tc = use_tensor_cores::<T>(stream)?;
+    let f = match (tc, T::NAME) {
+        (true, "f16") => kernel_fn!(stream, "iieu_conv_dgrad_tc_f16")?,
+        (true, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc_bf16")?,
+        (false, _) => kernel_fn!(stream, "iieu_conv_dgrad", T)?,
+    };
+    let mut b = launcher(stream, &f);
+    b.arg(dc).arg(w).arg_opt(add).arg(&mut dx_pre).arg(&cd.g);
+    // SAFETY: block (n·itiles + it, grp·ctiles + ct) reads dc of sample n at channels
+    // grp·O/g + ol < O and in-range (ho, wo) only (checked per tap), W at
+    // ((grp·O/g + ol)·C/g + c')·KH·KW + t < O·C/g·KH·KW = w.len(), add (N·C·H·W) when
+    // given; it writes dx_pre[(n·C + grp·C/g + c')·H·W + q] for c' < C/g, q < H·W —
+    // every element exactly once. The tensor-core kernel (f16 / bf16 only, chosen only
+    // on compute capability ≥ 8.0, the arch its body is compiled for) has the same grid,
+    // reads and writes, with TC_THREADS threads.
+    let cfg = if tc {
+        LaunchConfig {
+            block_dim: (TC_THREADS, 1, 1),
+            ..gemm_launch(cd.dgrad_grid, 1)
+        }
+    } else {
+        gemm_launch(cd.dgrad_grid, 1)
+    };
+    unsafe { b.launch(cfg) }?;
+    Ok(dx_pre)
+}
+
+/// Test hook: the data-gradient GEMM of [`backward`] alone, `dx_pre =
+/// conv-transpose(dc, W) + add` rounded to `T`, on the path [`set_gemm_path`] selects
+/// (the same launch as [`backward`]'s). `dc`: `(N, O, H', W')`, `w`: `(O, C/g, KH, KW)`,
+/// `add`: `(N, C, H, W)` or none. Errors: the geometry's, and any length mismatch.
+#[doc(hidden)]
+pub fn dgrad_gemm<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &IieuConfig,
+    dc: &impl DeviceInput<T>,
+    w: &impl DeviceInput<T>,
+    add: Option<&CudaSlice<T>>,
+) -> Result<CudaSlice<T>> {
+    let cd = ConvDims::new(cfg)?;
+    let (dcv, wv) = (dc.view(), w.view());
+    check_len("dc", cd.d.x_len, dcv.len())?;
+    check_len("w", cd.d.w_len, wv.len())?;
+    if let Some(a) = add {
+        check_len("add", cd.d.x_pre_len, a.len())?;
+    }
+    let addv = add.map(|a| a.as_view());
+    launch_dgrad(stream, &cd, &dcv, &wv, addv.as_ref())
 }
 
 /// `(dψ scale, dψ shift, dc)`.

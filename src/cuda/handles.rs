@@ -103,6 +103,14 @@ impl Kernel {
         self.name
     }
 
+    /// The virtual architecture the loaded code was compiled for (`__CUDA_ARCH__ / 10`;
+    /// below the device's when the driver JIT-compiled older PTX).
+    pub(crate) fn ptx_version(&self) -> Result<i32> {
+        self.func
+            .ptx_version()
+            .map_err(|e| Error::Driver(format!("kernel {}: PTX version: {e}", self.name)))
+    }
+
     /// The function handle, for [`super::launcher`] only.
     pub(crate) fn func(&self) -> &CudaFunction {
         &self.func

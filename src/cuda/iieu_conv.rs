@@ -106,12 +106,14 @@ pub enum GemmPath {
     Auto,
     /// CUDA cores for every dtype and device.
     CudaCores,
-    /// Tensor cores for f16 / bf16 wherever the device has them (≥ 8.0; CUDA cores
-    /// below, and for f32).
+    /// The sm_80 tensor-core kernels (`mma.sync.m16n8k16`) for f16 / bf16 wherever they
+    /// can run (≥ 8.0, and a kernel image built for ≥ 8.0); CUDA cores elsewhere (never
+    /// the Turing form), and for f32.
     TensorCores,
     /// The Turing form of the tensor-core forward (`iieu_conv_fwd_tc75_f16`:
     /// `mma.sync.m16n8k8`, no `cp.async`) for f16 on any device with tensor cores
-    /// (≥ 7.5), as [`GemmPath::Auto`] picks it on a 7.x device; bf16 and f32 as `Auto`.
+    /// (≥ 7.5), as [`GemmPath::Auto`] picks it on a 7.x device; everything else (the bf16
+    /// forward, every data gradient, f32) on CUDA cores.
     TuringTensorCores,
 }
 
@@ -142,26 +144,42 @@ pub fn set_gemm_path(p: GemmPath) -> GemmPath {
 /// Whether the forward convolution and the data gradient of storage dtype `T` run on
 /// tensor cores on `stream`'s device:
 /// f16 / bf16 on compute capability ≥ 8.0 (`mma.sync.m16n8k16`, `cp.async`), unless a
-/// test forced [`GemmPath::CudaCores`]. f32 always takes the CUDA-core path.
+/// test forced [`GemmPath::CudaCores`] or [`GemmPath::TuringTensorCores`]. f32 always
+/// takes the CUDA-core path. The loaded kernels must also have been compiled for ≥ 8.0:
+/// a build for sm_75 only (`AK_CUDA_ARCHS=75`) carries `compute_75` PTX, which a newer
+/// driver JIT-compiles for an 8.x device with `__CUDA_ARCH__` = 750, where these
+/// kernels' bodies are a trap — so the PTX version of the loaded function decides too.
 fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
     if T::NAME == "f32" || matches!(GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst), 1 | 3) {
         return Ok(false);
     }
     let (major, _) = compute_capability(stream)?;
-    Ok(major >= 8)
+    if major < 8 {
+        return Ok(false);
+    }
+    let f = kernel_fn!(stream, "iieu_conv_fwd_tc_f16")?;
+    Ok(f.ptx_version()? >= 80)
 }
 
 /// Whether the forward of storage dtype `T` runs the Turing form of the tensor-core
 /// forward (`iieu_conv_fwd_tc75_f16`): f16 on compute capability 7.5 – 7.x (the
 /// m16n8k8 shape; sm_75 has no bf16 `mma` and no `cp.async`), or forced by
-/// [`GemmPath::TuringTensorCores`] on any device ≥ 7.5.
+/// [`GemmPath::TuringTensorCores`] on any device ≥ 7.5 — and, on a device ≥ 8.0 whose
+/// loaded kernels were compiled for a virtual arch below 8.0 (see
+/// [`use_tensor_cores`]), as the tensor-core forward that can run there. Never under
+/// [`GemmPath::CudaCores`] or [`GemmPath::TensorCores`].
 fn use_turing_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
     let path = GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst);
-    if T::NAME != "f16" || path == 1 {
+    if T::NAME != "f16" || matches!(path, 1 | 2) {
         return Ok(false);
     }
     let cc = compute_capability(stream)?;
-    Ok(cc >= (7, 5) && (cc.0 < 8 || path == 3))
+    if cc < (7, 5) {
+        return Ok(false);
+    }
+    let f = kernel_fn!(stream, "iieu_conv_fwd_tc75_f16")?;
+    let ptx = f.ptx_version()?;
+    Ok(ptx >= 75 && (path == 3 || cc.0 < 8 || ptx < 80))
 }
 
 fn compute_capability(stream: &Arc<CudaStream>) -> Result<(i32, i32)> {
@@ -378,7 +396,8 @@ impl ConvDims {
         // 16-deep slab of either GEMM depth stay below 2^31.
         to_i32(
             "GEMM depth O/g·KH·KW",
-            og.saturating_mul(taps).saturating_add(TILE_K),
+            og.saturating_mul(taps)
+                .saturating_add(TILE_K.max(TC_TILE_K)),
         )?;
         to_i32(
             "GEMM depth C/g·KH·KW",

@@ -23,7 +23,10 @@
 //! (`iieu_conv_fwd_tc_*`: `mma.sync.m16n8k16` with f32 accumulation, `ldmatrix` from
 //! swizzled shared stages, `W` and (1×1 stride-1 layers) `x_pre` by `cp.async`; the same
 //! tiles, sums and statistics, see
-//! docs/iieu-conv.md); f32 and older GPUs use the CUDA-core kernel.
+//! docs/iieu-conv.md), and so does the weight gradient (`iieu_conv_wgrad_tc_*`: the same
+//! grid, reduction chunks and f32 partials as the CUDA-core `iieu_conv_wgrad`, so the
+//! ordered chunk sum is unchanged); f32 and older GPUs use the CUDA-core kernels. The
+//! data gradient is CUDA-core only so far.
 //!
 //! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give
 //! `dx = ∂L/∂x`, the `r_x` path of `dx_pre`, the `r_w` path of `dW` and `dγ̇`, `dβ̇`,
@@ -92,7 +95,8 @@ const GEMM_THREADS: u32 = 256;
 const TC_THREADS: u32 = 128;
 const TC_TILE_K: usize = 32;
 
-/// Which GEMM path the forward convolution takes (see [`set_gemm_path`]).
+/// Which GEMM path the forward convolution and the weight gradient take (see
+/// [`set_gemm_path`]).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmPath {
@@ -109,11 +113,12 @@ pub enum GemmPath {
 /// 0: Auto, 1: CudaCores, 2: TensorCores.
 static GEMM_PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Test hook: forces the forward convolution's GEMM path ([`GemmPath::Auto`] restores
-/// the default); returns the previous setting. Process-wide: the parity tests hold
-/// their device lock around it and restore it. Both paths compute the same quantities
-/// (f32 accumulation; the sums are ordered differently, so `c` may differ in the last
-/// bits of T).
+/// Test hook: forces the GEMM path of the forward convolution and of the weight
+/// gradient ([`GemmPath::Auto`] restores the default); returns the previous setting.
+/// Process-wide: the parity tests hold their device lock around it and restore it. Both
+/// paths compute the same quantities (f32 accumulation; the sums are ordered
+/// differently, so `c` and `dW` may differ in their last bits; each path alone is
+/// bitwise reproducible).
 #[doc(hidden)]
 pub fn set_gemm_path(p: GemmPath) -> GemmPath {
     let v = match p {
@@ -128,7 +133,8 @@ pub fn set_gemm_path(p: GemmPath) -> GemmPath {
     }
 }
 
-/// Whether the forward of storage dtype `T` runs on tensor cores on `stream`'s device:
+/// Whether the forward convolution and the weight gradient of storage dtype `T` run on
+/// tensor cores on `stream`'s device:
 /// f16 / bf16 on compute capability ≥ 8.0 (`mma.sync.m16n8k16`, `cp.async`), unless a
 /// test forced [`GemmPath::CudaCores`]. f32 always takes the CUDA-core path.
 fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
@@ -798,14 +804,30 @@ pub fn backward<T: DType>(
 
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
-    let f = kernel_fn!(stream, "iieu_conv_wgrad", T)?;
+    let tc = use_tensor_cores::<T>(stream)?;
+    let f = match (tc, T::NAME) {
+        (true, "f16") => kernel_fn!(stream, "iieu_conv_wgrad_tc_f16")?,
+        (true, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc_bf16")?,
+        (false, _) => kernel_fn!(stream, "iieu_conv_wgrad", T)?,
+    };
     let mut b = launcher(stream, &f);
     b.arg(dc).arg(&xpv).arg(&mut part).arg(&g);
     // SAFETY: block (grp·otiles + ot, kt, s) reads dc at (n·O + grp·O/g + o)·P + p
     // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
     // grp·C/g + cl < C; it writes part[s·O·K + (grp·O/g + o)·K + k] for o < O/g,
     // k < K — with all (s, grp, ot, kt) every element of the splits·O·K buffer once.
-    unsafe { b.launch(gemm_launch(cd.wgrad_grid, splits as u32)) }?;
+    // The tensor-core kernel (f16 / bf16 only, chosen only on compute capability
+    // ≥ 8.0, the arch its body is compiled for) has the same grid, chunks, reads and
+    // writes, with TC_THREADS threads.
+    let cfg_wgrad = if tc {
+        LaunchConfig {
+            block_dim: (TC_THREADS, 1, 1),
+            ..gemm_launch(cd.wgrad_grid, splits as u32)
+        }
+    } else {
+        gemm_launch(cd.wgrad_grid, splits as u32)
+    };
+    unsafe { b.launch(cfg_wgrad) }?;
     let mut dw = scratch::<T>(stream, d.w_len)?;
     let f = kernel_fn!(stream, "iieu_conv_wgrad_reduce", T)?;
     let mut b = launcher(stream, &f);

@@ -1167,9 +1167,12 @@ IIEU_CONV_TC_KERNELS(f16, __half)
 IIEU_CONV_TC_KERNELS(bf16, __nv_bfloat16)
 
 // Tensor-core weight gradient (f16 / bf16, sm_80+; the sm_75 build traps, never launched
-// there).
+// there). __launch_bounds__(THREADS, 4): at least 4 resident blocks (16 warps) per SM,
+// i.e. at most 128 registers. nvcc 13 lands on 128 unbounded too; ptxas 12.4 (the CUDA 12
+// path, scripts/compat-check.sh) took 146 on sm_80..89 (134 on sm_90), 3 blocks per SM.
+#define IIEU_CONV_TC_WGRAD_MIN_BLOCKS 4
 #define IIEU_CONV_TC_WGRAD_KERNELS(SUF, T)                                                        \
-  AK_KERNEL_BOUND(ak_conv::tc::THREADS) void                                                     \
+  AK_KERNEL void __launch_bounds__(ak_conv::tc::THREADS, IIEU_CONV_TC_WGRAD_MIN_BLOCKS)            \
   iieu_conv_wgrad_tc_##SUF(const T* dc, const T* x_pre, float* part, ConvGeom g) {                 \
     ak_conv::tc::wgrad_tc_impl<T>(dc, x_pre, part, g);                                           \
   }                                                                                              \

@@ -91,7 +91,9 @@ const TILE_K: usize = 16;
 const GEMM_THREADS: u32 = 256;
 /// Threads and depth of the tensor-core forward (`iieu_conv_fwd_tc_*`: 64×64×32 block
 /// tiles, 4 warps of 32×32; its pixel and filter tiles are [`TILE`], as the CUDA-core
-/// forward's, so the per-tile statistics mean the same).
+/// forward's, so the per-tile statistics mean the same). The tensor-core weight
+/// gradient (`iieu_conv_wgrad_tc_*`) runs TC_THREADS threads on the CUDA-core weight
+/// gradient's grid and chunks (64 × 64 tiles, 32 pixels of the reduction per stage).
 const TC_THREADS: u32 = 128;
 const TC_TILE_K: usize = 32;
 

@@ -31,8 +31,8 @@
 // epilogues are separate functions so the MMA step can become mma.sync.
 // The forward also has a tensor-core kernel (fwd_tc, f16 / bf16 on sm_80+:
 // mma.sync.m16n8k16 from kernels/mma.cuh, see tc::conv_fwd_tc_impl), chosen by the
-// launcher; so has the data gradient (dgrad_tc, see tc::dgrad_tc_impl); wgrad is
-// CUDA-core only so far.
+// launcher; so have the data gradient (dgrad_tc, see tc::dgrad_tc_impl) and the
+// weight gradient (wgrad_tc, the same chunks and partials, see tc::wgrad_tc_impl).
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -766,6 +766,230 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
   __trap();
 #endif
 }
+// ---------------------------------------------------------------------------------
+// weight gradient on tensor cores (f16 / bf16 storage, sm_80+): the same f32 partials
+// as wgrad_impl, part[s][grp·og + o][k] = Σ_{r ∈ chunk s} dc[n, grp·og + o, p]·
+// im2col(x_pre)[n, p, k] (r = n·P + p), from mma.sync.m16n8k16 with f32 accumulation.
+// grid (g·otiles, ktiles, splits) and the chunks of wgrad_impl (per = ⌈slabs/splits⌉
+// 16-pixel slabs per chunk, the same r ranges), so wgrad_reduce and the split logic
+// are unchanged; 128 threads = 4 warps, each a 32-filter × 32-weight-entry warp tile
+// (2 m16 × 4 n8 fragments), 32 pixels of the reduction per stage (two k16 steps; a
+// chunk of an odd number of slabs ends with a half stage of zeros), 2 shared stages.
+// The MMA's K dimension is the pixel index r: A = dc (filters × pixels, row-major) and
+// B = im2col (pixels × weight entries, "col": stored per weight entry) are both kept
+// pixel-contiguous per row, As[o][r] and Bs[k][r] (64 rows of 32 pixels, 64 B, chunk
+// r/8 ^ ((row/2) % 4): b_off), so both fragments come from plain ldmatrix .x4 (no
+// .trans: each 8×8 matrix row is 8 consecutive pixels of one filter / weight entry).
+// Pipeline as conv_fwd_tc_impl (while the MMAs consume stage cur, stage cur^1 is in
+// flight; one __syncthreads per stage): dc (pixels contiguous per (n, o)) by cp.async.cg
+// 16 B (zero-fill past O/g and the chunk's end) when P % 8 == 0 and dc is 16-byte
+// aligned — chunk starts are multiples of 16 pixels, so an 8-pixel chunk is then one
+// sample's, aligned, all in or all out; else scalar loads staged in registers (lane =
+// pixel, a warp reads 32 consecutive pixels of one filter). The im2col of x_pre by
+// cp.async 16 B for a 1×1, stride-1, unpadded layer with H·W % 8 == 0 (a weight entry is
+// a channel, 8 pixels one aligned chunk of its plane), else register-staged (lane =
+// pixel, the tap of each of the block's 64 weight entries from a shared table built
+// once per block: no division per element). Deterministic: each part entry is one
+// fixed sequence of mma k-steps.
+constexpr int W_STAGE = BM * BK;  // halves per operand stage: 64 rows × 32 pixels
+static_assert(W_STAGE == 16 * THREADS, "16 elements per thread per operand");
+static_assert(ak_conv::BK * 2 == BK, "a stage is two 16-pixel slabs of the chunking");
+
+template <class T>
+__device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_pre, float* __restrict__ part,
+                              ConvGeom g) {
+#if AK_MMA_SM80
+  SHARED_ARRAY(uint4, smem, 4 * W_STAGE * 2 / 16);
+  SHARED_ARRAY(int, tab, 4 * BN);  // per weight entry kk: (cl, i·dh − ph, jj·dw − pw, valid)
+  T* const As = reinterpret_cast<T*>(smem);  // 2 stages of dc: As[o][r]
+  T* const Bs = As + 2 * W_STAGE;            // 2 stages of im2col: Bs[kk][r]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp & 1, wn = warp >> 1;  // warp tile: filters wm·32.., weight entries wn·32..
+  const int P = g.oh * g.ow;
+  const int otiles = (g.og + BM - 1) / BM;
+  const int grp = (int)(blockIdx.x / otiles), ot = (int)(blockIdx.x - (unsigned)grp * otiles);
+  const int kt = (int)blockIdx.y, s = (int)blockIdx.z;
+  // The chunk: wgrad_impl's (16-pixel slabs, the same split).
+  const long long R = (long long)g.n * P;
+  const long long slabs = (R + ak_conv::BK - 1) / ak_conv::BK;
+  const long long per = (slabs + g.splits - 1) / g.splits;
+  const long long r_begin = (long long)s * per * ak_conv::BK;
+  const long long r_end0 = r_begin + per * ak_conv::BK;
+  const long long r_end = r_end0 < R ? r_end0 : R;
+  const long long nst = r_end > r_begin ? (r_end - r_begin + BK - 1) / BK : 0;
+  const T zero = ak::from_f32<T>(0.0f);
+  const long long chw = (long long)g.c * g.h * g.w;
+  const T* xg = x_pre + (long long)grp * g.cg * g.h * g.w;
+  const T* dcg = dc + (long long)(grp * g.og + ot * BM) * P;  // + n·O·P + o·P + p
+
+  if (tid < BN) {
+    const int k = kt * BN + tid;
+    const int taps = g.kh * g.kw;
+    const int cl = k / taps, rr = k - cl * taps, i = rr / g.kw, jj = rr - i * g.kw;
+    tab[4 * tid] = cl;
+    tab[4 * tid + 1] = i * g.dh - g.ph;
+    tab[4 * tid + 2] = jj * g.dw - g.pw;
+    tab[4 * tid + 3] = k < g.kdim;
+  }
+
+  const bool avec = (P & 7) == 0 && ak::aligned16(dc);
+  const bool bvec = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
+                    ak::aligned16(x_pre);
+  T areg[16], breg[16];
+  // Register staging: this lane's pixel r0 + lane, rows warp + 4j (j < 16).
+  auto load_a = [&](long long r0) {
+    const long long r = r0 + lane;
+    const bool in = r < r_end;
+    const int n = in ? (int)(r / P) : 0;
+    const int p = in ? (int)(r - (long long)n * P) : 0;
+    const T* src = dcg + (long long)n * g.o * P + p;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int o = warp + 4 * j;
+      areg[j] = (in && ot * BM + o < g.og) ? src[(long long)o * P] : zero;
+    }
+  };
+  auto store_a = [&](int st) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) As[st * W_STAGE + b_off(warp + 4 * j, lane)] = areg[j];
+  };
+  auto load_b = [&](long long r0) {
+    const long long r = r0 + lane;
+    const bool in = r < r_end;
+    const int n = in ? (int)(r / P) : 0;
+    const int p = in ? (int)(r - (long long)n * P) : 0;
+    const int ho = p / g.ow, wo = p - ho * g.ow;
+    const int hb = ho * g.sh, wb = wo * g.sw;
+    const T* xs = xg + (long long)n * chw;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int* t = &tab[4 * (warp + 4 * j)];
+      const int hi = hb + t[1], wi = wb + t[2];
+      const bool ok = in && t[3] != 0 && hi >= 0 && hi < g.h && wi >= 0 && wi < g.w;
+      breg[j] = ok ? xs[((long long)t[0] * g.h + hi) * g.w + wi] : zero;
+    }
+  };
+  auto store_b = [&](int st) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) Bs[st * W_STAGE + b_off(warp + 4 * j, lane)] = breg[j];
+  };
+  // cp.async: chunk (row id/4, pixels r0 + 8·(id%4) ..), id = tid + 128q, q < 2.
+  auto issue_a = [&](long long r0, int st) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int id = tid + THREADS * q, row = id >> 2, c = (id & 3) * 8;
+      const long long r = r0 + c;
+      const bool in = r < r_end && ot * BM + row < g.og;
+      const int n = in ? (int)(r / P) : 0;
+      const int p = in ? (int)(r - (long long)n * P) : 0;
+      const T* src = in ? dcg + ((long long)n * g.o + row) * P + p : dc;
+      ak::mma::cp_async_cg_zfill(&As[st * W_STAGE + b_off(row, c)], src, in ? 16 : 0);
+    }
+  };
+  auto issue_b = [&](long long r0, int st) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int id = tid + THREADS * q, row = id >> 2, c = (id & 3) * 8;
+      const long long r = r0 + c;
+      const int k = kt * BN + row;  // 1×1: the weight entry is the channel
+      const bool in = r < r_end && k < g.kdim;
+      const int n = in ? (int)(r / P) : 0;
+      const int p = in ? (int)(r - (long long)n * P) : 0;
+      const T* src = in ? xg + (long long)n * chw + (long long)k * P + p : x_pre;
+      ak::mma::cp_async_cg_zfill(&Bs[st * W_STAGE + b_off(row, c)], src, in ? 16 : 0);
+    }
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  __syncthreads();  // the tap table
+
+  if (nst > 0) {
+    // Prologue: stage 0.
+    if (avec) issue_a(r_begin, 0);
+    else load_a(r_begin);
+    if (bvec) issue_b(r_begin, 0);
+    else load_b(r_begin);
+    ak::mma::cp_async_commit_group();
+    if (!avec) store_a(0);
+    if (!bvec) store_b(0);
+    ak::mma::cp_async_wait_group<0>();
+    __syncthreads();
+
+    const int lr = lane & 7, lj = lane >> 3;  // ldmatrix: this lane's row of matrix lj
+    for (long long it = 0; it < nst; ++it) {
+      const int cur = (int)(it & 1), nxt = cur ^ 1;
+      const bool more = it + 1 < nst;
+      const long long rn = r_begin + (it + 1) * BK;
+      if (more) {
+        if (avec) issue_a(rn, nxt);
+        else load_a(rn);
+        if (bvec) issue_b(rn, nxt);
+        else load_b(rn);
+      }
+      ak::mma::cp_async_commit_group();
+      const T* as = As + cur * W_STAGE;
+      const T* bs = Bs + cur * W_STAGE;
+#pragma unroll
+      for (int ks = 0; ks < BK; ks += 16) {
+        uint32_t af[2][4], bf[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          // matrix lj: filters m0 + (lj&1)·8 + lr, pixels ks + (lj>>1)·8 .. (a[0..3]).
+          const int m0 = wm * 32 + mi * 16;
+          ak::mma::ldmatrix_x4(af[mi], &as[b_off(m0 + (lj & 1) * 8 + lr, ks + (lj >> 1) * 8)]);
+        }
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+          // matrix lj: weight entries n0 + (lj>>1)·8 + lr, pixels ks + (lj&1)·8 ..
+          const int n0 = wn * 32 + nj * 16;
+          uint32_t r[4];
+          ak::mma::ldmatrix_x4(r, &bs[b_off(n0 + (lj >> 1) * 8 + lr, ks + (lj & 1) * 8)]);
+          bf[2 * nj][0] = r[0];
+          bf[2 * nj][1] = r[1];
+          bf[2 * nj + 1][0] = r[2];
+          bf[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) mma16816(zero, acc[mi][ni], af[mi], bf[ni]);
+      }
+      if (more) {
+        if (!avec) store_a(nxt);
+        if (!bvec) store_b(nxt);
+      }
+      ak::mma::cp_async_wait_group<0>();
+      __syncthreads();
+    }
+  }
+
+  // Epilogue: every (o < O/g, k < K) entry of this block's tile (zeros for an empty
+  // chunk), straight from the fragments (a quad writes 8 consecutive floats of a row).
+  float* dst = part + (long long)s * g.o * g.kdim + (long long)grp * g.og * g.kdim;
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int o = ot * BM + wm * 32 + mi * 16 + gq + (e >= 2 ? 8 : 0);
+        const int k = kt * BN + wn * 32 + ni * 8 + 2 * tq + (e & 1);
+        if (o < g.og && k < g.kdim) dst[(long long)o * g.kdim + k] = acc[mi][ni][e];
+      }
+#else
+  // Never launched below sm_80 (the launcher checks the compute capability).
+  (void)dc, (void)x_pre, (void)part, (void)g;
+  __trap();
+#endif
+}
+
 }  // namespace tc
 
 // ---------------------------------------------------------------------------------
@@ -1231,3 +1455,18 @@ AK_KERNEL void __launch_bounds__(128, 4) iieu_conv_fwd_tc75_f16(const __half* x_
   ak_conv::tc::conv_fwd_tc_impl<__half, true>(x_pre, w, out, sq, st_mean, st_m2, g);
 }
 EMU_REGISTER_BOUND(iieu_conv_fwd_tc75_f16, ak_conv::tc::THREADS)
+
+// Tensor-core weight gradient (f16 / bf16, sm_80+; the sm_75 build traps, never launched
+// there). __launch_bounds__(THREADS, 4): at least 4 resident blocks (16 warps) per SM,
+// i.e. at most 128 registers. nvcc 13 lands on 128 unbounded too; ptxas 12.4 (the CUDA 12
+// path, scripts/compat-check.sh) took 146 on sm_80..89 (134 on sm_90), 3 blocks per SM.
+#define IIEU_CONV_TC_WGRAD_MIN_BLOCKS 4
+#define IIEU_CONV_TC_WGRAD_KERNELS(SUF, T)                                                        \
+  AK_KERNEL void __launch_bounds__(ak_conv::tc::THREADS, IIEU_CONV_TC_WGRAD_MIN_BLOCKS)            \
+  iieu_conv_wgrad_tc_##SUF(const T* dc, const T* x_pre, float* part, ConvGeom g) {                 \
+    ak_conv::tc::wgrad_tc_impl<T>(dc, x_pre, part, g);                                           \
+  }                                                                                              \
+  EMU_REGISTER_BOUND(iieu_conv_wgrad_tc_##SUF, ak_conv::tc::THREADS)
+
+IIEU_CONV_TC_WGRAD_KERNELS(f16, __half)
+IIEU_CONV_TC_WGRAD_KERNELS(bf16, __nv_bfloat16)

@@ -67,7 +67,8 @@ print(f"\n{len(by)} kernels, {len(rows)} kernel/arch pairs, {len(spills)} with s
 # from their launchers; per SM: 64 K registers allocated per warp in units of 256,
 # shared memory + 1 KiB reserved per block on sm_80+, the arch's warp and block limits).
 TC_THREADS = {"iieu_conv_fwd_tc_f16": 128, "iieu_conv_fwd_tc_bf16": 128, "iieu_conv_fwd_tc75_f16": 128,
-              "iieu_conv_dgrad_tc_f16": 128, "iieu_conv_dgrad_tc_bf16": 128}
+              "iieu_conv_dgrad_tc_f16": 128, "iieu_conv_dgrad_tc_bf16": 128,
+              "iieu_conv_wgrad_tc_f16": 128, "iieu_conv_wgrad_tc_bf16": 128}
 # Kernels that run on sm_75 too (the Turing forms); the others trap there, never launched.
 TC_SM75 = {"iieu_conv_fwd_tc75_f16"}
 LIMITS = {  # max warps, max blocks, shared memory per SM (B), reserved per block (B)
@@ -133,16 +134,19 @@ else
   [ "$missing" = 0 ] || { echo "an f32 elementwise kernel (or the conv weight-tile loader) lacks 128-bit loads" >&2; exit 1; }
   # The tensor-core kernels (issue 17) on sm_80, sm_86, sm_90: mma.sync m16n8k16 (HMMA),
   # ldmatrix (LDSM: the forward plain for B and .trans for A, the data gradient .trans
-  # for both), cp.async of W (LDGSTS, zero-fill by predicate) with its commit / wait
-  # (LDGDEPBAR / DEPBAR.LE).
+  # for both, the weight gradient plain for both, its operands being pixel-contiguous),
+  # cp.async (LDGSTS, zero-fill by predicate; forward: W, weight gradient: dc) with its
+  # commit / wait (LDGDEPBAR / DEPBAR.LE).
   for arch in 80 86 90; do
     sass="$("$cuobjdump" -sass -arch "sm_$arch" "$fatbin" 2>/dev/null || true)"
-    for k in iieu_conv_fwd_tc_f16 iieu_conv_fwd_tc_bf16 iieu_conv_dgrad_tc_f16 iieu_conv_dgrad_tc_bf16; do
+    for k in iieu_conv_fwd_tc_f16 iieu_conv_fwd_tc_bf16 iieu_conv_dgrad_tc_f16 iieu_conv_dgrad_tc_bf16 \
+             iieu_conv_wgrad_tc_f16 iieu_conv_wgrad_tc_bf16; do
       body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
       hmma=HMMA.16816.F32
       [ "${k%bf16}" != "$k" ] && hmma=HMMA.16816.F32.BF16
       ldsm="LDSM.16.M88.4 LDSM.16.MT88.4"
       [ "${k#iieu_conv_dgrad_tc}" != "$k" ] && ldsm=LDSM.16.MT88.4
+      [ "${k#iieu_conv_wgrad_tc}" != "$k" ] && ldsm=LDSM.16.M88.4
       for pat in "$hmma" $ldsm LDGSTS.E.BYPASS.128 LDGDEPBAR DEPBAR.LE; do
         if [ "$(grep -cE "[[:space:]]${pat//./\\.}[[:space:];]" <<<"$body")" -gt 0 ]; then
           echo "SASS sm_$arch $k: $pat present"

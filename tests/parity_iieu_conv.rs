@@ -13,10 +13,10 @@
 //! dilation (the window-sum fallback), and ResNet-50's last 3×3 layer (512 → 512 at 7×7,
 //! K = 4608).
 //!
-//! The f16 / bf16 forward convolution and data gradient have two paths: the shapes above
-//! run on the CUDA-core GEMMs (forced with `set_gemm_path`), the `tensor_cores_*` cases
-//! on the tensor-core kernels (mma.sync; their own tolerance derivations for `c` and
-//! `dx_pre` are stated there).
+//! The f16 / bf16 forward convolution, data gradient and weight gradient have two
+//! paths: the shapes above run on the CUDA-core GEMMs (forced with `set_gemm_path`), the
+//! `tensor_cores_*` cases on the tensor-core kernels (mma.sync; their own tolerance
+//! derivations for `c`, `dx_pre` and `dW` are stated there).
 //!
 //! Every GPU computation runs under `Gpu::check_schedules` (bitwise identical under four
 //! thread orders, race / init / bounds detectors on, no leaked allocation), and backward
@@ -56,7 +56,7 @@ mod paths;
 
 use std::sync::Arc;
 
-use activation_kernels::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
+use activation_kernels::cpu::iieu::{self as cpu_iieu, IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_conv::{self as cpu, IieuConvParams, Psi};
 use activation_kernels::cuda::iieu_conv::{
     self as gpu, set_gemm_path, DevicePsi, GemmPath, IieuConvDeviceParams,
@@ -587,6 +587,130 @@ fn tc_forward_checks<T: Storage>(
     }
 }
 
+// The tensor-core weight gradient (`iieu_conv_wgrad_tc_f16` / `_bf16`: the same grid,
+// reduction chunks and f32 partials as `iieu_conv_wgrad`, each chunk's partial summed by
+// mma.sync.m16n8k16 k-steps of 16 pixels; dc by 16-byte cp.async when H'·W' % 8 == 0,
+// x_pre when the layer is 1×1 stride-1 unpadded with H·W % 8 == 0, scalar staging
+// otherwise). `parity_case` on `GemmPath::TensorCores` checks its dW against the f64
+// reference at the suite's tolerance; `tc_backward_checks` adds, from ONE forward (so
+// both backward paths see the same dc bits):
+// * the launch log names the tensor-core kernel on `TensorCores` and `iieu_conv_wgrad_T`
+//   on `CudaCores`; the tensor-core dW has the same bits on two runs;
+// * tolerance, derived. Per dW entry let Q = Σ_r |dc_r|·|im2col(x_pre)_r| (r over the
+//   N·H'·W' pixels; the launcher's split: `splits` chunks of `per` 16-pixel slabs).
+//   Tensor-core partial of a chunk: S = 2·⌈per/2⌉ mma k-steps (32-pixel stages), each
+//   with hardware error ≤ 8 ulp of f32 of |C| + Σ|a·b| ≤ Q (as for the forward), so
+//   ≤ (S + 1)·2^-20·Q; the ordered f32 sum of the chunks adds ≤ splits·2^-24·Q:
+//   acc_tc = (S + 1)·2^-20 + splits·2^-24. CUDA-core path: an f32 fmaf chain over
+//   16·per terms, then the same chunk sum: acc_cc = (16·per + splits)·2^-24. The r_w term is the
+//   same f32 value on both paths (≤ 2^-24·|dW| more each), and each dW is rounded to T
+//   once (≤ u_T·|dW|), so |dW_tc − dW_cc| ≤ (u_T + 2^-23)·(|dW_tc| + |dW_cc|) +
+//   (acc_tc + acc_cc)·Q. Q is taken from the f64 reference dc inflated by the suite's
+//   max-relative term (|dc| + R_T·max|dc|: the device dc is within that of the
+//   reference, as the suite's derivation budgets).
+// * the accumulation error is asserted below one rounding of dW to T
+//   (acc_tc·max Q ≤ u_T·max|dW_ref|), so the suite's f16 / bf16 tolerances (which budget
+//   roundings of dW) cover the tensor-core dW — checked against the reference too.
+
+/// Backward on both weight-gradient paths from one forward: launch log, bits on two
+/// runs, tensor-core dW within the derived bound of the CUDA-core dW and within the
+/// suite's tolerance of the f64 reference.
+fn tc_backward_checks<T: Storage>(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let _path = PathGuard(set_gemm_path(GemmPath::CudaCores));
+    let c = Case::<T>::new(geo, mode, kind, seed);
+    let s = dev.ctx.default_stream();
+    let xp = s.clone_htod(&c.x_pre).unwrap();
+    let w = s.clone_htod(&c.w).unwrap();
+    let dy = s.clone_htod(&c.dy).unwrap();
+    let mut p = IieuConvDeviceParams::from_host(&s, &c.p32).unwrap();
+    let (_, saved) = gpu::forward(&s, &c.cfg, &xp, &w, &mut p).unwrap();
+    let bwd = |path: GemmPath, kernel: &str| {
+        set_gemm_path(path);
+        #[cfg(feature = "emulate")]
+        activation_kernels::emu::set_launch_log(true);
+        let g = gpu::backward(&s, &c.cfg, &dy, &xp, &w, &p, &saved).unwrap();
+        #[cfg(feature = "emulate")]
+        {
+            let log = activation_kernels::emu::take_launch_log();
+            activation_kernels::emu::set_launch_log(false);
+            assert!(
+                log.iter().any(|l| l.kernel == kernel),
+                "{path:?}: {kernel} not launched ({:?})",
+                log.iter().map(|l| &l.kernel).collect::<Vec<_>>()
+            );
+        }
+        #[cfg(not(feature = "emulate"))]
+        let _ = kernel;
+        s.clone_dtoh(&g.dw).unwrap()
+    };
+    let tc_name = format!("iieu_conv_wgrad_tc_{}", T::NAME);
+    let dw_tc = bwd(GemmPath::TensorCores, &tc_name);
+    let dw_tc2 = bwd(GemmPath::TensorCores, &tc_name);
+    assert_eq!(
+        bits(&dw_tc),
+        bits(&dw_tc2),
+        "tensor-core dW: two runs differ"
+    );
+    let dw_cc = bwd(GemmPath::CudaCores, &format!("iieu_conv_wgrad_{}", T::NAME));
+    let (dw_tc, dw_cc) = (to_f64(&dw_tc), to_f64(&dw_cc));
+
+    // f64 reference: dW, and dc (textbook ψ, then IIEU-B's backward) for Q.
+    let (xp64, w64, dy64) = (to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let mut p64 = c.p64.clone();
+    let (_, saved64) = cpu::forward(&c.cfg, &xp64, &w64, &mut p64).unwrap();
+    let want = cpu::backward(&c.cfg, &dy64, &xp64, &w64, &p64, &saved64)
+        .unwrap()
+        .dw;
+    let (oh, ow) = geo.validate().unwrap();
+    let plane = oh * ow;
+    let cv = naive::conv(&geo, &xp64, &w64);
+    let x = cnaive::psi_fwd(&c.p64.psi, &cv, geo.n, geo.c_out, plane);
+    let (_, isaved) = cpu_iieu::forward(&c.cfg, &x, &xp64, &w64, &c.p64.iieu).unwrap();
+    let ib = cpu_iieu::backward(&c.cfg, &dy64, &x, &xp64, &w64, &c.p64.iieu, &isaved).unwrap();
+    let (dc, _, _) = cnaive::psi_bwd(&c.p64.psi, &cv, &ib.dx, geo.n, geo.c_out, plane);
+    let dcmax = dc.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let dc_abs: Vec<f64> = dc.iter().map(|v| v.abs() + T::R * dcmax).collect();
+    let xp_abs: Vec<f64> = xp64.iter().map(|v| v.abs()).collect();
+    let (_, q) = cnaive::conv_bwd(&geo, &xp_abs, &w64, &dc_abs);
+
+    // The launcher's split (src/cuda/iieu_conv.rs `wgrad_splits`: about 256 blocks, at
+    // most 64 chunks, at least one 16-pixel slab each; a function of the shape only).
+    let (og, kdim) = (geo.cout_per_group(), geo.cin_per_group() * geo.kh * geo.kw);
+    let tiles = geo.groups * og.div_ceil(64) * kdim.div_ceil(64);
+    let slabs = (geo.n * plane).div_ceil(16);
+    let splits = 256usize.div_ceil(tiles).clamp(1, 64.min(slabs.max(1)));
+    let per = slabs.div_ceil(splits); // slabs per chunk
+    let steps = 2 * per.div_ceil(2); // mma k-steps per chunk (32-pixel stages)
+    let acc_tc = (steps + 1) as f64 * 2f64.powi(-20) + splits as f64 * 2f64.powi(-24);
+    let acc_cc = (16 * per + splits) as f64 * 2f64.powi(-24);
+    let u = T::U;
+    let (qmax, wmax) = q
+        .iter()
+        .zip(&want)
+        .fold((0.0f64, 0.0f64), |(a, b), (x, y)| {
+            (a.max(*x), b.max(y.abs()))
+        });
+    assert!(
+        acc_tc * qmax <= u * wmax,
+        "accumulation bound {:.3e} above one rounding of dW ({:.3e}): the suite's tolerances \
+         would not cover this shape",
+        acc_tc * qmax,
+        u * wmax
+    );
+    for (i, ((a, b), q)) in dw_tc.iter().zip(&dw_cc).zip(&q).enumerate() {
+        let tol = (u + 2f64.powi(-23)) * (a.abs() + b.abs()) + (acc_tc + acc_cc) * q;
+        assert!(
+            (a - b).abs() <= tol,
+            "{} {geo:?} dW[{i}]: tensor cores {a} vs CUDA cores {b} (diff {:.3e} > tol {tol:.3e})",
+            T::NAME,
+            (a - b).abs()
+        );
+    }
+    let tag = format!("{} {mode:?} {kind:?} {geo:?}: dw (tensor cores)", T::NAME);
+    assert_parity("iieu_conv", &tag, &dw_tc, &want, u, T::R);
+}
+
 fn tc_case(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
     let tc = GemmPath::TensorCores;
     parity_case::<half::f16>(geo, mode, kind, seed, false, tc);
@@ -594,6 +718,8 @@ fn tc_case(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
     tc_forward_checks::<half::f16>(geo, mode, kind, seed, false);
     tc_forward_checks::<half::bf16>(geo, mode, kind, seed, false);
     tc_dgrad_case(geo, seed);
+    tc_backward_checks::<half::f16>(geo, mode, kind, seed);
+    tc_backward_checks::<half::bf16>(geo, mode, kind, seed);
 }
 
 /// The Turing form (f16; every operand staged through registers, two m16n8k8 per
@@ -802,6 +928,21 @@ fn tensor_cores_dgrad_channel_tiles() {
         Conv2dGeometry::new(2, 24, 10, 9, 16, 1, 1).with_stride(3, 2),
         99,
     );
+}
+
+/// The weight gradient's chunking on tensor cores: N·H'·W' = 4·400 = 1600 pixels = 100
+/// slabs of 16, one 64 × 64 tile, so 64 chunks of 2 slabs (one full 32-pixel stage
+/// each) — 50 carry pixels and 14 are empty (their partials must be written as zeros);
+/// 1×1 stride 1 unpadded with H·W % 8 == 0: dc and x_pre both by cp.async; O = 10,
+/// K = 12. Then a 3×3 padded layer with H'·W' = 64 (dc by cp.async, x_pre staged) over
+/// 2 samples: 8 slabs, K = 6·9 = 54 (one ragged tile), O = 9, 8 chunks of one slab
+/// (each a half stage of zeros), AllChannels, BatchNorm training.
+#[test]
+fn tensor_cores_wgrad_chunks() {
+    let geo = Conv2dGeometry::new(4, 12, 20, 20, 10, 1, 1);
+    tc_case(geo, PatchNorm::PerGroup, Kind::Affine, 97);
+    let geo = Conv2dGeometry::new(2, 6, 8, 8, 9, 3, 3).with_padding(1, 1);
+    tc_case(geo, PatchNorm::AllChannels, Kind::BnTrain, 98);
 }
 
 // ------------------------------------------------------------------------------------

@@ -290,6 +290,7 @@ const FAMILIES_WITH_DTYPE: &[&str] = &[
     "iieu_conv_dgrad",
     "iieu_conv_dgrad_tc",
     "iieu_conv_wgrad",
+    "iieu_conv_wgrad_tc",
     "iieu_conv_psi_bwd_sums",
     "iieu_conv_dc",
     "iieu_conv_wgrad_reduce",
@@ -657,7 +658,9 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         // N·C·H·W). The tensor-core data gradient (f16 / bf16, sm_80+) likewise: the same
         // 64×64 output tiles, reads and writes.
         "iieu_conv_dgrad" | "iieu_conv_dgrad_tc" => gemm(d, b * (e + d.wlen() + 2.0 * d.epre())),
-        "iieu_conv_wgrad" => {
+        // The tensor-core weight gradient (f16 / bf16, sm_80+): the same grid, chunks,
+        // reads and f32 partials (its 32-pixel stages change the on-chip re-reads only).
+        "iieu_conv_wgrad" | "iieu_conv_wgrad_tc" => {
             let splits = f64::from(grid[2]);
             carry.wgrad_splits = splits;
             gemm(d, b * (d.epre() + e) + 4.0 * splits * d.wlen())

@@ -23,9 +23,12 @@
 //! (`iieu_conv_fwd_tc_*`: `mma.sync.m16n8k16` with f32 accumulation, `ldmatrix` from
 //! swizzled shared stages, `W` and (1×1 stride-1 layers) `x_pre` by `cp.async`; the same
 //! tiles, sums and statistics, see
-//! docs/iieu-conv.md); on compute capability 7.5 – 7.x the f16 convolution runs the
-//! Turing form (`iieu_conv_fwd_tc75_f16`: two `mma.sync.m16n8k8` per k-step, no
-//! `cp.async`); f32, bf16 below 8.0 and older GPUs use the CUDA-core kernel.
+//! docs/iieu-conv.md), and so do the data gradient (`iieu_conv_dgrad_tc_*`) and the
+//! weight gradient (`iieu_conv_wgrad_tc_*`: the same grid, reduction chunks and f32
+//! partials as the CUDA-core `iieu_conv_wgrad`, so the ordered chunk sum is unchanged);
+//! on compute capability 7.5 – 7.x the f16 forward runs the Turing form
+//! (`iieu_conv_fwd_tc75_f16`: two `mma.sync.m16n8k8` per k-step, no `cp.async`); f32,
+//! the rest below 8.0 and older GPUs use the CUDA-core kernels.
 //!
 //! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give
 //! `dx = ∂L/∂x`, the `r_x` path of `dx_pre`, the `r_w` path of `dW` and `dγ̇`, `dβ̇`,
@@ -92,12 +95,14 @@ const TILE_K: usize = 16;
 const GEMM_THREADS: u32 = 256;
 /// Threads and depth of the tensor-core forward (`iieu_conv_fwd_tc_*`: 64×64×32 block
 /// tiles, 4 warps of 32×32; its pixel and filter tiles are [`TILE`], as the CUDA-core
-/// forward's, so the per-tile statistics mean the same).
+/// forward's, so the per-tile statistics mean the same). The tensor-core weight
+/// gradient (`iieu_conv_wgrad_tc_*`) runs TC_THREADS threads on the CUDA-core weight
+/// gradient's grid and chunks (64 × 64 tiles, 32 pixels of the reduction per stage).
 const TC_THREADS: u32 = 128;
 const TC_TILE_K: usize = 32;
 
-/// Which GEMM path the forward convolution and the data gradient take (see
-/// [`set_gemm_path`]; the weight gradient is CUDA-core only).
+/// Which GEMM path the forward convolution, the data gradient and the weight gradient
+/// take (see [`set_gemm_path`]).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmPath {
@@ -113,18 +118,19 @@ pub enum GemmPath {
     /// The Turing form of the tensor-core forward (`iieu_conv_fwd_tc75_f16`:
     /// `mma.sync.m16n8k8`, no `cp.async`) for f16 on any device with tensor cores
     /// (≥ 7.5), as [`GemmPath::Auto`] picks it on a 7.x device; everything else (the bf16
-    /// forward, every data gradient, f32) on CUDA cores.
+    /// forward, every data and weight gradient, f32) on CUDA cores.
     TuringTensorCores,
 }
 
 /// 0: Auto, 1: CudaCores, 2: TensorCores, 3: TuringTensorCores.
 static GEMM_PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Test hook: forces the GEMM path of the forward convolution and of the data gradient
-/// ([`GemmPath::Auto`] restores the default); returns the previous setting.
-/// Process-wide: the parity tests hold their device lock around it and restore it. Both
-/// paths compute the same quantities (f32 accumulation; the sums are ordered
-/// differently, so `c` and `dx_pre` may differ in the last bits of T).
+/// Test hook: forces the GEMM path of the forward convolution, the data gradient and
+/// the weight gradient ([`GemmPath::Auto`] restores the default); returns the previous
+/// setting. Process-wide: the parity tests hold their device lock around it and restore
+/// it. Both paths compute the same quantities (f32 accumulation; the sums are ordered
+/// differently, so `c`, `dx_pre` and `dW` may differ in their last bits; each path alone
+/// is bitwise reproducible).
 #[doc(hidden)]
 pub fn set_gemm_path(p: GemmPath) -> GemmPath {
     let v = match p {
@@ -141,7 +147,8 @@ pub fn set_gemm_path(p: GemmPath) -> GemmPath {
     }
 }
 
-/// Whether the forward convolution and the data gradient of storage dtype `T` run on
+/// Whether the forward convolution, the data gradient and the weight gradient of
+/// storage dtype `T` run on
 /// tensor cores on `stream`'s device:
 /// f16 / bf16 on compute capability ≥ 8.0 (`mma.sync.m16n8k16`, `cp.async`), unless a
 /// test forced [`GemmPath::CudaCores`] or [`GemmPath::TuringTensorCores`]. f32 always
@@ -841,14 +848,30 @@ pub fn backward<T: DType>(
 
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
-    let f = kernel_fn!(stream, "iieu_conv_wgrad", T)?;
+    let tc = use_tensor_cores::<T>(stream)?;
+    let f = match (tc, T::NAME) {
+        (true, "f16") => kernel_fn!(stream, "iieu_conv_wgrad_tc_f16")?,
+        (true, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc_bf16")?,
+        (false, _) => kernel_fn!(stream, "iieu_conv_wgrad", T)?,
+    };
     let mut b = launcher(stream, &f);
     b.arg(dc).arg(&xpv).arg(&mut part).arg(&g);
     // SAFETY: block (grp·otiles + ot, kt, s) reads dc at (n·O + grp·O/g + o)·P + p
     // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
     // grp·C/g + cl < C; it writes part[s·O·K + (grp·O/g + o)·K + k] for o < O/g,
     // k < K — with all (s, grp, ot, kt) every element of the splits·O·K buffer once.
-    unsafe { b.launch(gemm_launch(cd.wgrad_grid, splits as u32)) }?;
+    // The tensor-core kernel (f16 / bf16 only, chosen only on compute capability
+    // ≥ 8.0, the arch its body is compiled for) has the same grid, chunks, reads and
+    // writes, with TC_THREADS threads.
+    let cfg_wgrad = if tc {
+        LaunchConfig {
+            block_dim: (TC_THREADS, 1, 1),
+            ..gemm_launch(cd.wgrad_grid, splits as u32)
+        }
+    } else {
+        gemm_launch(cd.wgrad_grid, splits as u32)
+    };
+    unsafe { b.launch(cfg_wgrad) }?;
     let mut dw = scratch::<T>(stream, d.w_len)?;
     let f = kernel_fn!(stream, "iieu_conv_wgrad_reduce", T)?;
     let mut b = launcher(stream, &f);

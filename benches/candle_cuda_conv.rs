@@ -165,7 +165,7 @@ impl Block {
         };
         let mut pv = vec![1.0; o];
         for v in [0.0, 0.01, 0.0, 0.05, 0.0, 1.0] {
-            pv.extend(std::iter::repeat_n(v, o));
+            pv.resize(pv.len() + o, v);
         }
         let pack = up(pv, &[7 * o])?.as_tensor().clone();
         let spec = IieuConvPsiSpec::BatchNorm {

@@ -943,6 +943,11 @@ fn tensor_cores_wgrad_chunks() {
     tc_case(geo, PatchNorm::PerGroup, Kind::Affine, 97);
     let geo = Conv2dGeometry::new(2, 6, 8, 8, 9, 3, 3).with_padding(1, 1);
     tc_case(geo, PatchNorm::AllChannels, Kind::BnTrain, 98);
+    // N·H'·W' = 3·24 = 72 ≡ 8 (mod 16): dc by cp.async (P % 8 == 0) and the last chunk
+    // ends at R, half-way through a 16-pixel slab, so its final 8-pixel copy must
+    // zero-fill while the 8 before it load (a second reader's suggestion).
+    let geo = Conv2dGeometry::new(3, 8, 6, 4, 10, 1, 1);
+    tc_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 101);
 }
 
 // ------------------------------------------------------------------------------------

@@ -132,6 +132,15 @@ else
     fi
   done
   [ "$missing" = 0 ] || { echo "an f32 elementwise kernel (or the conv weight-tile loader) lacks 128-bit loads" >&2; exit 1; }
+  # sass_has PAT: the SASS of kernel $k on sm_$arch ($body) has instruction PAT (a
+  # whole mnemonic); else MISSING, and the script fails below.
+  sass_has() {
+    if [ "$(grep -cE "[[:space:]]${1//./\\.}[[:space:];]" <<<"$body")" -gt 0 ]; then
+      echo "SASS sm_$arch $k: $1 present"
+    else
+      echo "SASS sm_$arch $k: $1 MISSING"; missing=1
+    fi
+  }
   # The tensor-core kernels (issue 17) on sm_80, sm_86, sm_90: mma.sync m16n8k16 (HMMA),
   # ldmatrix (LDSM: the forward plain for B and .trans for A, the data gradient .trans
   # for both, the weight gradient plain for both, its operands being pixel-contiguous),
@@ -148,11 +157,7 @@ else
       [ "${k#iieu_conv_dgrad_tc}" != "$k" ] && ldsm=LDSM.16.MT88.4
       [ "${k#iieu_conv_wgrad_tc}" != "$k" ] && ldsm=LDSM.16.M88.4
       for pat in "$hmma" $ldsm LDGSTS.E.BYPASS.128 LDGDEPBAR DEPBAR.LE; do
-        if [ "$(grep -cE "[[:space:]]${pat//./\\.}[[:space:];]" <<<"$body")" -gt 0 ]; then
-          echo "SASS sm_$arch $k: $pat present"
-        else
-          echo "SASS sm_$arch $k: $pat MISSING"; missing=1
-        fi
+        sass_has "$pat"
       done
     done
   done
@@ -163,11 +168,7 @@ else
     k=iieu_conv_fwd_tc75_f16
     body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
     for pat in HMMA.1688.F32 LDSM.16.M88.4 LDSM.16.MT88.4; do
-      if [ "$(grep -cE "[[:space:]]${pat//./\\.}[[:space:];]" <<<"$body")" -gt 0 ]; then
-        echo "SASS sm_$arch $k: $pat present"
-      else
-        echo "SASS sm_$arch $k: $pat MISSING"; missing=1
-      fi
+      sass_has "$pat"
     done
   done
   [ "$missing" = 0 ] || { echo "a tensor-core kernel lost its HMMA / LDSM / LDGSTS" >&2; exit 1; }

@@ -986,6 +986,28 @@ fn live() -> Option<i64> {
     None
 }
 
+/// The `dgrad_gemm` hook refuses wrong lengths of `dc`, `w` and `add` with an `Err`
+/// naming the argument, before any launch.
+#[test]
+fn dgrad_gemm_bad_lengths() {
+    let Some(dev) = open_gpu() else { return };
+    let s = dev.ctx.default_stream();
+    let geo = Conv2dGeometry::new(2, 4, 5, 6, 6, 3, 3).with_padding(1, 1);
+    let cfg = IieuConfig::new(geo);
+    let (oh, ow) = geo.validate().unwrap();
+    let f = |n: usize| s.clone_htod(&vec![0.5f32; n]).unwrap();
+    let (dc, w, add) = (
+        f(geo.n * geo.c_out * oh * ow),
+        f(geo.weight_len()),
+        f(geo.input_len()),
+    );
+    let (dc1, w1, add1) = (f(dc.len() - 1), f(w.len() + 1), f(add.len() - 1));
+    len_err(gpu::dgrad_gemm(&s, &cfg, &dc1, &w, None), "dc");
+    len_err(gpu::dgrad_gemm(&s, &cfg, &dc, &w1, None), "w");
+    len_err(gpu::dgrad_gemm(&s, &cfg, &dc, &w, Some(&add1)), "add");
+    assert!(gpu::dgrad_gemm(&s, &cfg, &dc, &w, Some(&add)).is_ok());
+}
+
 #[test]
 fn bad_input() {
     let Some(dev) = open_gpu() else { return };

@@ -73,15 +73,15 @@
 // arch by __CUDA_ARCH__ (ptxas lowers an m above what the arch can hold). The values
 // and the registers they gave are at each kernel's IIEU_*_MB below (nvcc 13; NVRTC +
 // ptxas 12.4, scripts/compat-check.sh, spills nothing either). The emulated device
-// records IIEU_THREADS for every kernel of this file (AK_LAUNCH_BOUND) but patch_sq.
-// patch_sq has no bound, and is registered as unbounded (1024, as a GPU sees it), so the
-// launch audit's `bound` target lists it: under a plain (256) it took 44 registers
-// instead of 32–40 on sm_90, and with the occupancy-keeping m (sm_75 / 80 / 86-89 / 90:
-// f32 4 / 6 / 6 / 8, f16 4 / 6 / 5 / 6, bf16 4 / 6 / 5 / 8; unbounded f32 61/40/40/40/32,
-// f16 50/38/44/44/36, bf16 46/34/44/44/32) ptxas spills at the cap (nvcc 13: f32 20 bytes
-// on sm_80/86/89 and 36 on sm_90, f16 12 on sm_80 / sm_90, bf16 12 on sm_90; ptxas 12.4:
-// f32 20 on sm_80/86/89, f16 12 on sm_80) — one step less of m would cost resident
-// blocks instead.
+// records IIEU_THREADS for every kernel of this file (AK_LAUNCH_BOUND). patch_sq takes
+// the plain bound with its channel loop unrolled twice (`#pragma unroll 2`): left to
+// itself ptxas unrolled it further (unbounded f32 / f16 / bf16 on sm_75 61/50/46,
+// sm_80 40/38/34, sm_86 40/44/44, sm_90 32/36/32 registers) and, under a bare
+// __launch_bounds__(256), took more (44 on sm_90), while the occupancy-keeping m spilled
+// at its cap (12–36 bytes); unrolled twice under the plain bound it takes 51/39/41,
+// 32/32/32, 40/40/40, 32/32/32 (nvcc 13, 0 spills) — equal or fewer everywhere. Two
+// 16-byte loads in flight per thread at up to 2048 threads per SM is 64 KB per SM,
+// several times the ~15 KB that H100's bandwidth × latency asks of each SM.
 #define IIEU_THREADS 256
 #define IIEU_BOUNDS __launch_bounds__(IIEU_THREADS)
 // The min-blocks argument per arch. __CUDA_ARCH__ is defined in nvcc's / NVRTC's device
@@ -271,6 +271,7 @@ __device__ void patch_sq_impl(const T* __restrict__ x_pre, float* __restrict__ q
       float acc[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) acc[k] = 0.0f;
+#pragma unroll 2  // registers: see IIEU_BOUNDS above
       for (int c = 0; c < cn; ++c) {
         float v[V];
         ak::Vec16<T>::load(src + (long long)c * hw, v);
@@ -796,11 +797,11 @@ EMU_REGISTER(iieu_ln_bwd)
     ak_iieu::filter_norm_impl<T>(w, r_w, w_norm, g);                                               \
   }                                                                                                \
   EMU_REGISTER(iieu_filter_norm_##SUF)                                                             \
-  AK_KERNEL void iieu_patch_sq_##SUF(const T* x_pre, float* q_part, IieuGeom g, int chunk,         \
+  AK_KERNEL IIEU_BOUNDS void iieu_patch_sq_##SUF(const T* x_pre, float* q_part, IieuGeom g, int chunk,         \
                                      int splits) {                                                 \
     ak_iieu::patch_sq_impl<T>(x_pre, q_part, g, chunk, splits);                                    \
   }                                                                                                \
-  EMU_REGISTER_BOUND(iieu_patch_sq_##SUF, 1024)                                                                \
+  EMU_REGISTER(iieu_patch_sq_##SUF)                                                                \
   AK_KERNEL IIEU_BOUNDS void iieu_gap_##SUF(const T* x, float* m, IieuGeom g) { ak_iieu::gap_impl<T>(x, m, g); } \
   EMU_REGISTER(iieu_gap_##SUF)                                                                     \
   AK_KERNEL IIEU_BOUNDS void iieu_fwd_##SUF(const T* x, const float* lin, const float* r_w, const float* r_x, \

@@ -605,7 +605,9 @@ pub fn forward<T: DType>(
     b.arg(&xv).arg(&mut m).arg(&d.g);
     // SAFETY: blocks grid-stride over planes pl < N·O, reading x[pl·P .. (pl+1)·P)
     // (x.len() = N·O·P validated) and writing m[pl] (m.len() = N·O).
-    unsafe { b.launch(per_block(no, d.plane_out / vec_width::<T>())) }?;
+    // Threads per plane item: a vector of the plane, or one pixel where the plane is
+    // not a whole number of vectors (the kernel's scalar path then walks P pixels).
+    unsafe { b.launch(per_block(no, plane_items(d.plane_out, vec_width::<T>()))) }?;
     let norms = Norms {
         r_w,
         w_norm,
@@ -774,8 +776,11 @@ pub(crate) fn backward_core<T: DType>(
         .arg(&d.g);
     // A power-of-two block (32..=256 threads): at the kernel's 64–80 registers an SM holds
     // 24–32 warps, which 1, 2, 4 or 8-warp blocks fill evenly (7-warp blocks of a 784-pixel
-    // plane left an H100 at 44 % occupancy and 1.9 waves at N = 32, O = 128).
-    let mut cfg = per_block(d.sums_rows(), d.plane_out / vec_width::<T>());
+    // plane left an H100 at 44 % occupancy and 1.9 waves at N = 32, O = 128). Sized by
+    // the items the kernel walks: a 14×14 plane in f16 / bf16 (196 % 8 ≠ 0) takes the
+    // scalar path, 196 pixels, not 196 / 8 vectors (32-thread blocks there held an A6000
+    // at 33 % occupancy, 1.5 waves).
+    let mut cfg = per_block(d.sums_rows(), plane_items(d.plane_out, vec_width::<T>()));
     cfg.block_dim.0 = cfg.block_dim.0.next_power_of_two().min(BLOCK);
     // SAFETY: blocks grid-stride over rows (n·G' + grp, chunk of SUMS_CH planes), each
     // plane no = n·O + o < N·O in exactly one row, reading dy/x[no·P .. (no+1)·P)

@@ -33,6 +33,8 @@
 // mma.sync.m16n8k16 from kernels/mma.cuh, see tc::conv_fwd_tc_impl), chosen by the
 // launcher; so have the data gradient (dgrad_tc, see tc::dgrad_tc_impl) and the
 // weight gradient (wgrad_tc, the same chunks and partials, see tc::wgrad_tc_impl).
+// Each has a Turing form for f16 on sm_75 (fwd_tc75, dgrad_tc75, wgrad_tc75: the same
+// body with SM75 = true, mma.sync.m16n8k8, no cp.async).
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -558,10 +560,20 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
 // Epilogue: the f32 accumulators into a shared 64 × 68 f32 tile Cs[c'][q], then
 // coalesced stores dx_pre = T(acc + add) (64 consecutive pixels per channel row; the
 // same f32 add and rounding as dgrad_impl).
-template <class T>
+// SM75 = true: the Turing form (f16 only), as conv_fwd_tc_impl's — both operands
+// register-staged (no cp.async on sm_75), each k16 step two m16n8k8 (mma_step).
+template <class T, bool SM75 = false>
 __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w, const T* __restrict__ add,
                               T* __restrict__ dx_pre, ConvGeom g) {
-#if AK_MMA_SM80
+  // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
+  // compute capability and the loaded code's PTX version); cp.async / m16n8k16 trap.
+  if constexpr (!SM75) {
+#if !AK_MMA_SM80
+    __trap();
+    return;
+#endif
+  }
+#if AK_MMA_SM75
   SHARED_ARRAY(uint4, smem, SMEM_BYTES / 16);
   T* const As = reinterpret_cast<T*>(smem);          // 2 stages of A_STAGE
   T* const Bs = As + 2 * A_STAGE;                    // 2 stages of B_STAGE
@@ -581,12 +593,15 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
   const int am = tid & (BM - 1), ak0 = tid >> 6;
   const int aq = it * BM + am;
   const int ah = aq / g.w, aw = aq - ah * g.w;
+  // The Turing form never takes a cp.async path: `g.kdim < 0` is a run-time false (as
+  // in conv_fwd_tc_impl: a compile-time false lets ptxas hoist the staged loads).
+  const bool async_ok = SM75 ? g.kdim < 0 : true;
   // A by cp.async: 1×1, stride 1, unpadded (then P = H·W and A[q][k] = dc[n, grp·O/g +
   // k, q]), H·W % 8 == 0 (8 pixels: one aligned 16-byte chunk, all in or all out).
-  const bool avec = taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (HW & 7) == 0 &&
+  const bool avec = async_ok && taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (HW & 7) == 0 &&
                     ak::aligned16(dc);
   // B by cp.async: W[grp·O/g + k][c'] contiguous in c' (KH·KW == 1), C/g % 8 == 0.
-  const bool bvec = taps == 1 && (g.cg & 7) == 0 && ak::aligned16(w);
+  const bool bvec = async_ok && taps == 1 && (g.cg & 7) == 0 && ak::aligned16(w);
   const int KT = (K2 + BK - 1) / BK;
 
   T areg[16], breg[16];
@@ -679,10 +694,10 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
   else load_a(0);
   if (bvec) issue_b(0, 0);
   else load_b(0);
-  ak::mma::cp_async_commit_group();
+  if constexpr (!SM75) ak::mma::cp_async_commit_group();
   if (!avec) store_a(0);
   if (!bvec) store_b(0);
-  ak::mma::cp_async_wait_group<0>();
+  if constexpr (!SM75) ak::mma::cp_async_wait_group<0>();
   __syncthreads();
 
   const int lr = lane & 7, lj = lane >> 3;  // ldmatrix: this lane's row of matrix lj
@@ -695,7 +710,7 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
       if (avec) issue_a((kt + 1) * BK, nxt);
       else load_a((kt + 1) * BK);
     }
-    ak::mma::cp_async_commit_group();
+    if constexpr (!SM75) ak::mma::cp_async_commit_group();
     const T* as = As + cur * A_STAGE;
     const T* bs = Bs + cur * B_STAGE;
 #pragma unroll
@@ -722,13 +737,13 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) mma16816(zero, acc[mi][ni], af[mi], bf[ni]);
+        for (int ni = 0; ni < 4; ++ni) mma_step<SM75>(zero, acc[mi][ni], af[mi], bf[ni]);
     }
     if (more) {
       if (!avec) store_a(nxt);
       if (!bvec) store_b(nxt);
     }
-    ak::mma::cp_async_wait_group<0>();
+    if constexpr (!SM75) ak::mma::cp_async_wait_group<0>();
     __syncthreads();
   }
 
@@ -761,7 +776,7 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
     }
   }
 #else
-  // Never launched below sm_80 (the launcher checks the compute capability).
+  // No tensor cores below sm_75 (no such arch is built).
   (void)dc, (void)w, (void)add, (void)dx_pre, (void)g;
   __trap();
 #endif
@@ -795,10 +810,21 @@ constexpr int W_STAGE = BM * BK;  // halves per operand stage: 64 rows × 32 pix
 static_assert(W_STAGE == 16 * THREADS, "16 elements per thread per operand");
 static_assert(ak_conv::BK * 2 == BK, "a stage is two 16-pixel slabs of the chunking");
 
-template <class T>
+// SM75 = true: the Turing form (f16 only), as conv_fwd_tc_impl's — both operands
+// register-staged (no cp.async on sm_75), each 16-pixel k-step two m16n8k8 (mma_step):
+// the same chunks, a different but fixed sequence of roundings (still reproducible).
+template <class T, bool SM75 = false>
 __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_pre, float* __restrict__ part,
                               ConvGeom g) {
-#if AK_MMA_SM80
+  // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
+  // compute capability and the loaded code's PTX version); cp.async / m16n8k16 trap.
+  if constexpr (!SM75) {
+#if !AK_MMA_SM80
+    __trap();
+    return;
+#endif
+  }
+#if AK_MMA_SM75
   SHARED_ARRAY(uint4, smem, 4 * W_STAGE * 2 / 16);
   SHARED_ARRAY(int, tab, 4 * BN);  // per weight entry kk: (cl, i·dh − ph, jj·dw − pw, valid)
   T* const As = reinterpret_cast<T*>(smem);  // 2 stages of dc: As[o][r]
@@ -832,8 +858,11 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
     tab[4 * tid + 3] = k < g.kdim;
   }
 
-  const bool avec = (P & 7) == 0 && ak::aligned16(dc);
-  const bool bvec = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
+  // The Turing form never takes a cp.async path: `g.kdim < 0` is a run-time false (as
+  // in conv_fwd_tc_impl: a compile-time false lets ptxas hoist the staged loads).
+  const bool async_ok = SM75 ? g.kdim < 0 : true;
+  const bool avec = async_ok && (P & 7) == 0 && ak::aligned16(dc);
+  const bool bvec = async_ok && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
                     ak::aligned16(x_pre);
   T areg[16], breg[16];
   // Register staging: this lane's pixel r0 + lane, rows warp + 4j (j < 16).
@@ -915,10 +944,10 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
     else load_a(r_begin);
     if (bvec) issue_b(r_begin, 0);
     else load_b(r_begin);
-    ak::mma::cp_async_commit_group();
+    if constexpr (!SM75) ak::mma::cp_async_commit_group();
     if (!avec) store_a(0);
     if (!bvec) store_b(0);
-    ak::mma::cp_async_wait_group<0>();
+    if constexpr (!SM75) ak::mma::cp_async_wait_group<0>();
     __syncthreads();
 
     const int lr = lane & 7, lj = lane >> 3;  // ldmatrix: this lane's row of matrix lj
@@ -932,7 +961,7 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
         if (bvec) issue_b(rn, nxt);
         else load_b(rn);
       }
-      ak::mma::cp_async_commit_group();
+      if constexpr (!SM75) ak::mma::cp_async_commit_group();
       const T* as = As + cur * W_STAGE;
       const T* bs = Bs + cur * W_STAGE;
 #pragma unroll
@@ -958,13 +987,13 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-          for (int ni = 0; ni < 4; ++ni) mma16816(zero, acc[mi][ni], af[mi], bf[ni]);
+          for (int ni = 0; ni < 4; ++ni) mma_step<SM75>(zero, acc[mi][ni], af[mi], bf[ni]);
       }
       if (more) {
         if (!avec) store_a(nxt);
         if (!bvec) store_b(nxt);
       }
-      ak::mma::cp_async_wait_group<0>();
+      if constexpr (!SM75) ak::mma::cp_async_wait_group<0>();
       __syncthreads();
     }
   }
@@ -984,7 +1013,7 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
         if (o < g.og && k < g.kdim) dst[(long long)o * g.kdim + k] = acc[mi][ni][e];
       }
 #else
-  // Never launched below sm_80 (the launcher checks the compute capability).
+  // No tensor cores below sm_75 (no such arch is built).
   (void)dc, (void)x_pre, (void)part, (void)g;
   __trap();
 #endif
@@ -1445,6 +1474,16 @@ IIEU_CONV_TC_KERNELS(bf16, __nv_bfloat16)
 IIEU_CONV_TC_DGRAD_KERNELS(f16, __half)
 IIEU_CONV_TC_DGRAD_KERNELS(bf16, __nv_bfloat16)
 
+// The Turing form of the tensor-core data gradient (f16 only; launched where the forward
+// runs iieu_conv_fwd_tc75_f16; valid on every arch built). The sm_80 form's bound: no
+// spill; 143 registers on sm_75 (nvcc 13) — 3 blocks per SM, which its 64 KB of shared
+// memory allows anyway ((128, 4) gives 128 and no spill, the same 3) — 114–123 on sm_80+.
+AK_KERNEL_BOUND(ak_conv::tc::THREADS) void iieu_conv_dgrad_tc75_f16(const __half* dc, const __half* w,
+                                                                    const __half* add, __half* dx_pre, ConvGeom g) {
+  ak_conv::tc::dgrad_tc_impl<__half, true>(dc, w, add, dx_pre, g);
+}
+EMU_REGISTER_BOUND(iieu_conv_dgrad_tc75_f16, ak_conv::tc::THREADS)
+
 // The Turing form of the tensor-core forward (f16 only; launched on sm_75, where
 // iieu_conv_fwd_tc_* would trap; valid on every arch built).
 // (128, 4): ≤ 128 registers, no spill (143 without the minimum on sm_75); 4 blocks =
@@ -1470,3 +1509,12 @@ EMU_REGISTER_BOUND(iieu_conv_fwd_tc75_f16, ak_conv::tc::THREADS)
 
 IIEU_CONV_TC_WGRAD_KERNELS(f16, __half)
 IIEU_CONV_TC_WGRAD_KERNELS(bf16, __nv_bfloat16)
+
+// The Turing form of the tensor-core weight gradient (f16 only; launched where the
+// forward runs iieu_conv_fwd_tc75_f16; valid on every arch built). The sm_80 form's bound
+// (128 registers, no spill, sm_75..90).
+AK_KERNEL void __launch_bounds__(ak_conv::tc::THREADS, IIEU_CONV_TC_WGRAD_MIN_BLOCKS)
+    iieu_conv_wgrad_tc75_f16(const __half* dc, const __half* x_pre, float* part, ConvGeom g) {
+  ak_conv::tc::wgrad_tc_impl<__half, true>(dc, x_pre, part, g);
+}
+EMU_REGISTER_BOUND(iieu_conv_wgrad_tc75_f16, ak_conv::tc::THREADS)

@@ -68,9 +68,10 @@ print(f"\n{len(by)} kernels, {len(rows)} kernel/arch pairs, {len(spills)} with s
 # shared memory + 1 KiB reserved per block on sm_80+, the arch's warp and block limits).
 TC_THREADS = {"iieu_conv_fwd_tc_f16": 128, "iieu_conv_fwd_tc_bf16": 128, "iieu_conv_fwd_tc75_f16": 128,
               "iieu_conv_dgrad_tc_f16": 128, "iieu_conv_dgrad_tc_bf16": 128,
-              "iieu_conv_wgrad_tc_f16": 128, "iieu_conv_wgrad_tc_bf16": 128}
+              "iieu_conv_wgrad_tc_f16": 128, "iieu_conv_wgrad_tc_bf16": 128,
+              "iieu_conv_dgrad_tc75_f16": 128, "iieu_conv_wgrad_tc75_f16": 128}
 # Kernels that run on sm_75 too (the Turing forms); the others trap there, never launched.
-TC_SM75 = {"iieu_conv_fwd_tc75_f16"}
+TC_SM75 = {"iieu_conv_fwd_tc75_f16", "iieu_conv_dgrad_tc75_f16", "iieu_conv_wgrad_tc75_f16"}
 LIMITS = {  # max warps, max blocks, shared memory per SM (B), reserved per block (B)
     "sm_75": (32, 16, 65536, 0), "sm_80": (64, 32, 167936, 1024), "sm_86": (48, 16, 102400, 1024),
     "sm_89": (48, 24, 102400, 1024), "sm_90": (64, 32, 233472, 1024)}
@@ -161,14 +162,19 @@ else
       done
     done
   done
-  # The Turing form on sm_75 and sm_86: m16n8k8 (HMMA.1688) and ldmatrix (its cp.async
-  # branch is compiled on sm_80+ but never taken: a run-time false).
+  # The Turing forms on sm_75 and sm_86: m16n8k8 (HMMA.1688) and ldmatrix, as their
+  # sm_80 forms (their cp.async branches are compiled on sm_80+ but never taken: a
+  # run-time false).
   for arch in 75 86; do
     sass="$("$cuobjdump" -sass -arch "sm_$arch" "$fatbin" 2>/dev/null || true)"
-    k=iieu_conv_fwd_tc75_f16
-    body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
-    for pat in HMMA.1688.F32 LDSM.16.M88.4 LDSM.16.MT88.4; do
-      sass_has "$pat"
+    for k in iieu_conv_fwd_tc75_f16 iieu_conv_dgrad_tc75_f16 iieu_conv_wgrad_tc75_f16; do
+      body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
+      ldsm="LDSM.16.M88.4 LDSM.16.MT88.4"
+      [ "$k" = iieu_conv_dgrad_tc75_f16 ] && ldsm=LDSM.16.MT88.4
+      [ "$k" = iieu_conv_wgrad_tc75_f16 ] && ldsm=LDSM.16.M88.4
+      for pat in HMMA.1688.F32 $ldsm; do
+        sass_has "$pat"
+      done
     done
   done
   [ "$missing" = 0 ] || { echo "a tensor-core kernel lost its HMMA / LDSM / LDGSTS" >&2; exit 1; }

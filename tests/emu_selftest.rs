@@ -922,11 +922,18 @@ fn function_attributes_come_from_the_ptxas_table() {
     for line in table.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = line.split('\t').collect();
         // iieu_patch_sq_* and iieu_conv_fwd_* (__launch_bounds__(256); the tensor-core
-        // iieu_conv_fwd_tc_* and _tc75_*: 128) and iieu_bwd_sums_*
-        // (__launch_bounds__(256, minBlocks), 64–80 registers): the bound limits the
-        // block (every launched kernel declares one: the launch audit's `bound` target),
-        // and the register file would where it allowed less.
-        let bound = if f[0].starts_with("iieu_conv_fwd_tc") {
+        // iieu_conv_{fwd,dgrad,wgrad}_tc_* and their Turing forms _tc75_*: 128) and
+        // iieu_bwd_sums_* (__launch_bounds__(256, minBlocks), 64–80 registers): the
+        // bound limits the block (every launched kernel declares one: the launch audit's
+        // `bound` target), and the register file would where it allowed less.
+        let bound = if [
+            "iieu_conv_fwd_tc",
+            "iieu_conv_dgrad_tc",
+            "iieu_conv_wgrad_tc",
+        ]
+        .iter()
+        .any(|p| f[0].starts_with(p))
+        {
             128
         } else if f[0].starts_with("iieu_patch_sq_")
             || f[0].starts_with("iieu_conv_fwd_")

@@ -26,9 +26,10 @@
 //! docs/iieu-conv.md), and so do the data gradient (`iieu_conv_dgrad_tc_*`) and the
 //! weight gradient (`iieu_conv_wgrad_tc_*`: the same grid, reduction chunks and f32
 //! partials as the CUDA-core `iieu_conv_wgrad`, so the ordered chunk sum is unchanged);
-//! on compute capability 7.5 – 7.x the f16 forward runs the Turing form
-//! (`iieu_conv_fwd_tc75_f16`: two `mma.sync.m16n8k8` per k-step, no `cp.async`); f32,
-//! the rest below 8.0 and older GPUs use the CUDA-core kernels.
+//! on compute capability 7.5 – 7.x the f16 forward, data gradient and weight gradient
+//! run the Turing forms (`iieu_conv_{fwd,dgrad,wgrad}_tc75_f16`: the same kernels with
+//! two `mma.sync.m16n8k8` per k-step and every operand staged through registers, no
+//! `cp.async`); f32, bf16 below 8.0 and older GPUs use the CUDA-core kernels.
 //!
 //! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give
 //! `dx = ∂L/∂x`, the `r_x` path of `dx_pre`, the `r_w` path of `dW` and `dγ̇`, `dβ̇`,
@@ -37,9 +38,11 @@
 //! `B = −A·mean(dx·x̂)`, `C = −A·mean(dx)`); the **data-gradient implicit GEMM** adds
 //! the `r_x` path in its epilogue (f16 / bf16 on compute capability ≥ 8.0: on tensor
 //! cores, `iieu_conv_dgrad_tc_*`, the forward's tiles and pipeline; `W` by `cp.async`
-//! for 1×1 kernels, `dc` too for 1×1 stride-1 layers); the **weight-gradient implicit GEMM** writes f32
-//! partials per fixed chunk of the `N·H'·W'` reduction, summed in chunk order with the
-//! `r_w` path added (no float atomics anywhere: bitwise reproducible).
+//! for 1×1 kernels, `dc` too for 1×1 stride-1 layers; f16 on 7.5 – 7.x: the Turing form
+//! `iieu_conv_dgrad_tc75_f16`); the **weight-gradient implicit GEMM** writes f32
+//! partials per fixed chunk of the `N·H'·W'` reduction (on tensor cores where the data
+//! gradient is: `iieu_conv_wgrad_tc_*`, `iieu_conv_wgrad_tc75_f16`), summed in chunk
+//! order with the `r_w` path added (no float atomics anywhere: bitwise reproducible).
 //!
 //! # Bytes per pass (`E` = N·O·H'·W' output elements, `s` = sizeof(T))
 //! | pass | reads | writes |
@@ -115,10 +118,10 @@ pub enum GemmPath {
     /// can run (≥ 8.0, and a kernel image built for ≥ 8.0); CUDA cores elsewhere (never
     /// the Turing form), and for f32.
     TensorCores,
-    /// The Turing form of the tensor-core forward (`iieu_conv_fwd_tc75_f16`:
-    /// `mma.sync.m16n8k8`, no `cp.async`) for f16 on any device with tensor cores
-    /// (≥ 7.5), as [`GemmPath::Auto`] picks it on a 7.x device; everything else (the bf16
-    /// forward, every data and weight gradient, f32) on CUDA cores.
+    /// The Turing forms of the tensor-core forward, data gradient and weight gradient
+    /// (`iieu_conv_{fwd,dgrad,wgrad}_tc75_f16`: `mma.sync.m16n8k8`, no `cp.async`) for
+    /// f16 on any device with tensor cores (≥ 7.5), as [`GemmPath::Auto`] picks them on a
+    /// 7.x device; everything else (bf16, f32) on CUDA cores.
     TuringTensorCores,
 }
 
@@ -168,12 +171,14 @@ fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
     Ok(f.ptx_version()? >= 80)
 }
 
-/// Whether the forward of storage dtype `T` runs the Turing form of the tensor-core
-/// forward (`iieu_conv_fwd_tc75_f16`): f16 on compute capability 7.5 – 7.x (the
+/// Whether the forward convolution, the data gradient and the weight gradient of
+/// storage dtype `T` run the Turing forms of the tensor-core kernels
+/// (`iieu_conv_{fwd,dgrad,wgrad}_tc75_f16`; the three are built together, so the
+/// forward's PTX version stands for all): f16 on compute capability 7.5 – 7.x (the
 /// m16n8k8 shape; sm_75 has no bf16 `mma` and no `cp.async`), or forced by
 /// [`GemmPath::TuringTensorCores`] on any device ≥ 7.5 — and, on a device ≥ 8.0 whose
 /// loaded kernels were compiled for a virtual arch below 8.0 (see
-/// [`use_tensor_cores`]), as the tensor-core forward that can run there. Never under
+/// [`use_tensor_cores`]), as the tensor-core kernels that can run there. Never under
 /// [`GemmPath::CudaCores`] or [`GemmPath::TensorCores`].
 fn use_turing_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
     let path = GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst);
@@ -848,11 +853,13 @@ pub fn backward<T: DType>(
 
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
-    let tc = use_tensor_cores::<T>(stream)?;
-    let f = match (tc, T::NAME) {
-        (true, "f16") => kernel_fn!(stream, "iieu_conv_wgrad_tc_f16")?,
-        (true, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc_bf16")?,
-        (false, _) => kernel_fn!(stream, "iieu_conv_wgrad", T)?,
+    let tc75 = use_turing_tensor_cores::<T>(stream)?;
+    let tc = tc75 || use_tensor_cores::<T>(stream)?;
+    let f = match (tc75, tc, T::NAME) {
+        (true, _, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc75_f16")?,
+        (false, true, "f16") => kernel_fn!(stream, "iieu_conv_wgrad_tc_f16")?,
+        (false, true, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc_bf16")?,
+        (false, false, _) => kernel_fn!(stream, "iieu_conv_wgrad", T)?,
     };
     let mut b = launcher(stream, &f);
     b.arg(dc).arg(&xpv).arg(&mut part).arg(&g);
@@ -860,9 +867,10 @@ pub fn backward<T: DType>(
     // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
     // grp·C/g + cl < C; it writes part[s·O·K + (grp·O/g + o)·K + k] for o < O/g,
     // k < K — with all (s, grp, ot, kt) every element of the splits·O·K buffer once.
-    // The tensor-core kernel (f16 / bf16 only, chosen only on compute capability
-    // ≥ 8.0, the arch its body is compiled for) has the same grid, chunks, reads and
-    // writes, with TC_THREADS threads.
+    // The tensor-core kernels (f16 / bf16 only; iieu_conv_wgrad_tc_* chosen only on
+    // compute capability ≥ 8.0, the arch its body is compiled for,
+    // iieu_conv_wgrad_tc75_f16 only for f16 on ≥ 7.5, where m16n8k8 and ldmatrix exist)
+    // have the same grid, chunks, reads and writes, with TC_THREADS threads.
     let cfg_wgrad = if tc {
         LaunchConfig {
             block_dim: (TC_THREADS, 1, 1),
@@ -892,8 +900,8 @@ pub fn backward<T: DType>(
 }
 
 /// The data-gradient implicit GEMM `dx_pre = conv-transpose(dc, W) + add` (`add`: the
-/// `r_x` path, or none), on tensor cores where [`use_tensor_cores`] says so (the
-/// forward's switch), else on CUDA cores. Lengths validated by the caller: `dc` is
+/// `r_x` path, or none), on tensor cores where [`use_turing_tensor_cores`] (the Turing
+/// form) or [`use_tensor_cores`] says so (the forward's switches), else on CUDA cores. Lengths validated by the caller: `dc` is
 /// `N·O·H'·W'`, `w` `O·C/g·KH·KW`, `add` `N·C·H·W`.
 fn launch_dgrad<T: DType>(
     stream: &Arc<CudaStream>,
@@ -903,11 +911,13 @@ fn launch_dgrad<T: DType>(
     add: Option<&CudaView<'_, T>>,
 ) -> Result<CudaSlice<T>> {
     let mut dx_pre = scratch::<T>(stream, cd.d.x_pre_len)?;
-    let tc = use_tensor_cores::<T>(stream)?;
-    let f = match (tc, T::NAME) {
-        (true, "f16") => kernel_fn!(stream, "iieu_conv_dgrad_tc_f16")?,
-        (true, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc_bf16")?,
-        (false, _) => kernel_fn!(stream, "iieu_conv_dgrad", T)?,
+    let tc75 = use_turing_tensor_cores::<T>(stream)?;
+    let tc = tc75 || use_tensor_cores::<T>(stream)?;
+    let f = match (tc75, tc, T::NAME) {
+        (true, _, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc75_f16")?,
+        (false, true, "f16") => kernel_fn!(stream, "iieu_conv_dgrad_tc_f16")?,
+        (false, true, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc_bf16")?,
+        (false, false, _) => kernel_fn!(stream, "iieu_conv_dgrad", T)?,
     };
     let mut b = launcher(stream, &f);
     b.arg(dc).arg(w).arg_opt(add).arg(&mut dx_pre).arg(&cd.g);
@@ -915,9 +925,10 @@ fn launch_dgrad<T: DType>(
     // grp·O/g + ol < O and in-range (ho, wo) only (checked per tap), W at
     // ((grp·O/g + ol)·C/g + c')·KH·KW + t < O·C/g·KH·KW = w.len(), add (N·C·H·W) when
     // given; it writes dx_pre[(n·C + grp·C/g + c')·H·W + q] for c' < C/g, q < H·W —
-    // every element exactly once. The tensor-core kernel (f16 / bf16 only, chosen only
-    // on compute capability ≥ 8.0, the arch its body is compiled for) has the same grid,
-    // reads and writes, with TC_THREADS threads.
+    // every element exactly once. The tensor-core kernels (f16 / bf16 only;
+    // iieu_conv_dgrad_tc_* chosen only on compute capability ≥ 8.0, the arch its body is
+    // compiled for, iieu_conv_dgrad_tc75_f16 only for f16 on ≥ 7.5, where m16n8k8 and
+    // ldmatrix exist) have the same grid, reads and writes, with TC_THREADS threads.
     let cfg = if tc {
         LaunchConfig {
             block_dim: (TC_THREADS, 1, 1),

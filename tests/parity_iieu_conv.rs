@@ -1076,6 +1076,18 @@ fn tf32_forward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u
     }
 }
 
+/// The opt-in's setter returns the previous setting, and `allow_tf32` reads it back
+/// (the device lock serialises this with the other cases, which set it themselves).
+#[test]
+fn tf32_opt_in_setter() {
+    let Some(_dev) = open_gpu() else { return };
+    let _tf32 = Tf32Guard(set_allow_tf32(true));
+    assert!(gpu::allow_tf32());
+    assert!(set_allow_tf32(false), "previous: on");
+    assert!(!gpu::allow_tf32());
+    assert!(!set_allow_tf32(false), "previous: off");
+}
+
 /// TF32 forward, W by cp.async (K = 8·9 = 72, 3 k-tiles: 2 of 32 + a ragged 8) and
 /// x_pre staged (3×3, padded); O = 70 (2 filter tiles, the second 6 wide), H'·W' = 81
 /// (2 pixel tiles, the second 17 high); BatchNorm training.

@@ -237,13 +237,20 @@ __device__ void conv_fwd_impl(const T* __restrict__ x_pre, const T* __restrict__
 // to T into a shared 64 × 68 f32 tile, then coalesced stores of c and the per-tile
 // (mean, M2) by the same half-warp tree as conv_fwd_impl (each half-warp: one filter,
 // 4 pixels per lane) — for equal c, equal statistics bits.
+// The tf32 form (T = float, f32 storage, sm_80+, opt-in: src/cuda/iieu_conv.rs
+// set_allow_tf32): the same tiles, pipeline and epilogue with the stages in raw f32
+// (so sq, and r_x, are bitwise the CUDA-core path's, and cp.async moves 4-float chunks:
+// W when K % 4 == 0, x_pre for a 1×1, stride-1, unpadded layer with H·W % 4 == 0);
+// each operand is rounded to tf32 (cvt.rna) as its fragment is read from shared memory
+// by plain 32-bit loads (a_off32 / b_off32 below: conflict-free), and each 16-deep
+// k-step is two mma.sync.m16n8k8.tf32 (k 0..7, then 8..15) with f32 accumulation.
 namespace tc {
 constexpr int BM = 64, BN = 64, BK = 32;
 constexpr int THREADS = 128;  // 4 warps, 2 × 2 warp tiles of 32 × 32
 // __launch_bounds__(THREADS): 128 registers (nvcc 13, sm_80..90), 4 blocks = 16 warps
 // per SM. A minimum of 5 blocks per SM (96 registers) spills 8 bytes; 6 (80) more.
-constexpr int A_STAGE = BK * BM;  // halves
-constexpr int B_STAGE = BN * BK;  // halves
+constexpr int A_STAGE = BK * BM;  // elements (halves; floats in the tf32 forward)
+constexpr int B_STAGE = BN * BK;  // elements
 constexpr int PIPE_BYTES = 2 * (A_STAGE + B_STAGE) * 2;
 constexpr int CS_LD = BM + 4;  // epilogue tile row (floats): conflict-free fragment stores
 constexpr int EPI_BYTES = BN * CS_LD * 4;
@@ -251,9 +258,65 @@ constexpr int SMEM_BYTES = PIPE_BYTES > EPI_BYTES ? PIPE_BYTES : EPI_BYTES;
 static_assert(BM == ak_conv::BM && BN == ak_conv::BN, "the tile statistics assume 64-pixel tiles");
 static_assert(A_STAGE == 16 * THREADS && B_STAGE == 16 * THREADS, "16 elements per thread per operand");
 static_assert(SMEM_BYTES % 16 == 0, "uint4 storage");
+// The tf32 forward (f32 storage): the same stages of raw f32 (twice the bytes; 32 KB of
+// pipeline, 4 blocks per SM on sm_80 / sm_90, 3 on sm_86 / sm_89's 100 KB).
+constexpr int PIPE_BYTES_F32 = 2 * (A_STAGE + B_STAGE) * 4;
+constexpr int SMEM_BYTES_F32 = PIPE_BYTES_F32 > EPI_BYTES ? PIPE_BYTES_F32 : EPI_BYTES;
+static_assert(SMEM_BYTES_F32 % 16 == 0, "uint4 storage");
+template <class T>
+struct Smem {
+  static constexpr int bytes = SMEM_BYTES;
+};
+template <>
+struct Smem<float> {
+  static constexpr int bytes = SMEM_BYTES_F32;
+};
 
 __device__ __forceinline__ int a_off(int k, int p) { return k * BM + ((((p >> 3) ^ (k & 7))) << 3) + (p & 7); }
 __device__ __forceinline__ int b_off(int o, int k) { return o * BK + ((((k >> 3) ^ ((o >> 1) & 3))) << 3) + (k & 7); }
+
+// f32 stages (tf32 fragments are read by plain 32-bit shared loads: ldmatrix moves b16
+// elements and cannot give a lane one 32-bit element of a column). Bank of word i:
+// i % 32.
+//   A (k-major, As[k][p], a row of BM = 64 floats = 2 × 32 banks): word k·64 + (p ^ 8·(k%4)).
+//     A fragment load (m16n8k8 tf32: a[j] = A[m0 + g (+8)][k0 + t (+4)], k0 % 8 == 0,
+//     m0 % 8 == 0): lane (g, t) reads pixel m0 + g (+8) of k row k0 + t (+4), bank
+//     (m0 + g) ^ 8t (mod 32) = 8·((m0/8 ^ t) % 4) + g: 4 values of t × 8 of g, 32
+//     distinct banks — conflict-free. The swizzle XORs by multiples of 8 below 32, so
+//     a 4-pixel (16-byte, cp.async) chunk at p % 4 == 0 stays contiguous and aligned,
+//     and a warp's 32 consecutive pixels of one k row (the scalar stores, the ‖P‖²
+//     reads) stay 32 distinct banks.
+//   B (filter-major, Bs[o][k], a row of BK = 32 floats = 32 banks): word o·32 + (k ^ 4·(o%8)).
+//     B fragment load (b[j] = B[k0 + t (+4)][n0 + g], n0 % 8 == 0): lane (g, t) reads
+//     k k0 + t (+4) of filter row n0 + g, bank (k0 + t (+4)) ^ 4g = (k0 (+4) ^ 4g) + t:
+//     8 values of g give 8 distinct multiples of 4, × 4 of t — conflict-free. 4-float
+//     chunks at k % 4 == 0 stay contiguous; a warp's 32 k of one filter row, 32 banks.
+__device__ __forceinline__ int a_off32(int k, int p) { return k * BM + (p ^ ((k & 3) << 3)); }
+__device__ __forceinline__ int b_off32(int o, int k) { return o * BK + (k ^ ((o & 7) << 2)); }
+template <class T>
+__device__ __forceinline__ int a_off_t(int k, int p) {
+  return a_off(k, p);
+}
+template <>
+__device__ __forceinline__ int a_off_t<float>(int k, int p) {
+  return a_off32(k, p);
+}
+template <class T>
+__device__ __forceinline__ int b_off_t(int o, int k) {
+  return b_off(o, k);
+}
+template <>
+__device__ __forceinline__ int b_off_t<float>(int o, int k) {
+  return b_off32(o, k);
+}
+template <class T>
+struct IsF32 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsF32<float> {
+  static constexpr bool value = true;
+};
 
 __device__ __forceinline__ void mma16816(__half, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   ak::mma::mma_m16n8k16_f16(d, a, b, d);
@@ -298,8 +361,14 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
     return;
 #endif
   }
+  constexpr bool F32 = IsF32<T>::value;  // the tf32 form
+  static_assert(!(F32 && SM75), "tf32 mma needs sm_80");
+  constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte cp.async chunk
+  constexpr int A_SH = F32 ? 4 : 3;         // log2(BM / VEC): chunks per A row
+  constexpr int B_SH = F32 ? 3 : 2;         // log2(BK / VEC): chunks per B row
+  static_assert((BM / VEC) == (1 << A_SH) && (BK / VEC) == (1 << B_SH), "chunk counts");
 #if AK_MMA_SM75
-  SHARED_ARRAY(uint4, smem, SMEM_BYTES / 16);
+  SHARED_ARRAY(uint4, smem, Smem<T>::bytes / 16);
   T* const As = reinterpret_cast<T*>(smem);          // 2 stages of A_STAGE
   T* const Bs = As + 2 * A_STAGE;                    // 2 stages of B_STAGE
   float* const Cs = reinterpret_cast<float*>(smem);  // epilogue (after the last stage)
@@ -323,15 +392,16 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   // always). A compile-time false let ptxas hoist all of the next stage's staged loads
   // and take 204 registers (2 blocks per SM); with it, 128 under (128, 4), no spill.
   const bool async_ok = SM75 ? g.kdim < 0 : true;
-  const bool bvec = async_ok && (g.kdim & 7) == 0 && ak::aligned16(w);
+  const bool bvec = async_ok && (g.kdim & (VEC - 1)) == 0 && ak::aligned16(w);
   const T* wg = w + (long long)grp * g.og * g.kdim;
   const int KT = (g.kdim + BK - 1) / BK;
 
-  // A by cp.async: a 1×1, stride-1, unpadded layer with H·W % 8 == 0 (then a tap's
-  // pixels are the input plane itself, 8 of them one aligned 16-byte chunk, all in or
-  // all out of the plane). Chunk (k row id/8, pixels 8·(id%8) ..), id = tid + 128q.
-  const bool avec = async_ok && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
-                    ak::aligned16(x_pre);
+  // A by cp.async: a 1×1, stride-1, unpadded layer with H·W % VEC == 0 (then a tap's
+  // pixels are the input plane itself, VEC of them one aligned 16-byte chunk, all in or
+  // all out of the plane). Chunk (k row id/(BM/VEC), pixels VEC·(id%(BM/VEC)) ..),
+  // id = tid + 128q.
+  const bool avec = async_ok && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+                    (P & (VEC - 1)) == 0 && ak::aligned16(x_pre);
 
   T areg[16], breg[16];
   // This thread's taps k = k0 + ak0 + 2r: (cl, i, jj) decomposed once per stage and
@@ -363,17 +433,18 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   };
   auto issue_a = [&](int k0, int st) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int id = tid + THREADS * q, kk = id >> 3, pp = (id & 7) * 8;
+    for (int q = 0; q < A_STAGE / VEC / THREADS; ++q) {
+      // chunk id = tid + THREADS·q (THREADS is a multiple of the chunks per row)
+      const int kk = (tid >> A_SH) + (THREADS >> A_SH) * q, pp = (tid & ((1 << A_SH) - 1)) * VEC;
       const int k = k0 + kk, p = mt * BM + pp;
       const bool in = k < g.kdim && p < P;
       const T* src = in ? xg + (long long)k * P + p : x_pre;
-      ak::mma::cp_async_cg_zfill(&As[st * A_STAGE + a_off(kk, pp)], src, in ? 16 : 0);
+      ak::mma::cp_async_cg_zfill(&As[st * A_STAGE + a_off_t<T>(kk, pp)], src, in ? 16 : 0);
     }
   };
   auto store_a = [&](int st) {
 #pragma unroll
-    for (int r = 0; r < 16; ++r) As[st * A_STAGE + a_off(ak0 + 2 * r, am)] = areg[r];
+    for (int r = 0; r < 16; ++r) As[st * A_STAGE + a_off_t<T>(ak0 + 2 * r, am)] = areg[r];
   };
   auto load_b = [&](int k0) {
     const int kk = tid & 31, k = k0 + kk;
@@ -385,16 +456,16 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   };
   auto store_b = [&](int st) {
 #pragma unroll
-    for (int r = 0; r < 16; ++r) Bs[st * B_STAGE + b_off((tid >> 5) + 4 * r, tid & 31)] = breg[r];
+    for (int r = 0; r < 16; ++r) Bs[st * B_STAGE + b_off_t<T>((tid >> 5) + 4 * r, tid & 31)] = breg[r];
   };
   auto issue_b = [&](int k0, int st) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int oo = (tid >> 2) + 32 * q, kk = (tid & 3) * 8;
+    for (int q = 0; q < B_STAGE / VEC / THREADS; ++q) {
+      const int oo = (tid >> B_SH) + (THREADS >> B_SH) * q, kk = (tid & ((1 << B_SH) - 1)) * VEC;
       const int o = nt * BN + oo, k = k0 + kk;
-      const bool in = o < g.og && k < g.kdim;  // K % 8 == 0: a chunk is all in or all out
+      const bool in = o < g.og && k < g.kdim;  // K % VEC == 0: a chunk is all in or all out
       const T* src = in ? wg + (long long)o * g.kdim + k : w;
-      ak::mma::cp_async_cg_zfill(&Bs[st * B_STAGE + b_off(oo, kk)], src, in ? 16 : 0);
+      ak::mma::cp_async_cg_zfill(&Bs[st * B_STAGE + b_off_t<T>(oo, kk)], src, in ? 16 : 0);
     }
   };
 
@@ -437,10 +508,37 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
     if (do_sq && tid < BM) {
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
-        const float v = ak::to_f32(as[a_off(kk, tid)]);
+        const float v = ak::to_f32(as[a_off_t<T>(kk, tid)]);
         sqacc = fmaf(v, v, sqacc);
       }
     }
+    if constexpr (F32) {
+      // tf32: k-steps of 8 (two per 16), fragments by 32-bit shared loads of lane
+      // (gq, tq), each rounded by cvt.rna (a_off32 / b_off32: conflict-free).
+      const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+      for (int ks = 0; ks < BK; ks += 8) {
+        uint32_t af[2][4], bf[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int m0 = wm * 32 + mi * 16 + gq;
+          af[mi][0] = ak::mma::to_tf32(as[a_off32(ks + tq, m0)]);
+          af[mi][1] = ak::mma::to_tf32(as[a_off32(ks + tq, m0 + 8)]);
+          af[mi][2] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0)]);
+          af[mi][3] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0 + 8)]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int o = wn * 32 + ni * 8 + gq;
+          bf[ni][0] = ak::mma::to_tf32(bs[b_off32(o, ks + tq)]);
+          bf[ni][1] = ak::mma::to_tf32(bs[b_off32(o, ks + tq + 4)]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) ak::mma::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+      }
+    } else {
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
       uint32_t af[2][4], bf[4][2];
@@ -465,6 +563,7 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_step<SM75>(zero, acc[mi][ni], af[mi], bf[ni]);
+    }
     }
     if (more) {
       if (!avec) store_a(nxt);
@@ -565,6 +664,11 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
 template <class T, bool SM75 = false>
 __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w, const T* __restrict__ add,
                               T* __restrict__ dx_pre, ConvGeom g) {
+  constexpr bool F32 = IsF32<T>::value;  // the tf32 form
+  constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte cp.async chunk
+  constexpr int A_SH = F32 ? 4 : 3;         // log2(BM / VEC) = log2(BN / VEC): chunks per row
+  static_assert(BM == BN && (BM / VEC) == (1 << A_SH), "chunk counts");
+  static_assert(!(SM75 && F32), "tf32 mma needs sm_80");
   // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
   // compute capability and the loaded code's PTX version); cp.async / m16n8k16 trap.
   if constexpr (!SM75) {
@@ -574,7 +678,7 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
 #endif
   }
 #if AK_MMA_SM75
-  SHARED_ARRAY(uint4, smem, SMEM_BYTES / 16);
+  SHARED_ARRAY(uint4, smem, Smem<T>::bytes / 16);
   T* const As = reinterpret_cast<T*>(smem);          // 2 stages of A_STAGE
   T* const Bs = As + 2 * A_STAGE;                    // 2 stages of B_STAGE
   float* const Cs = reinterpret_cast<float*>(smem);  // epilogue (after the last stage)
@@ -597,11 +701,11 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
   // in conv_fwd_tc_impl: a compile-time false lets ptxas hoist the staged loads).
   const bool async_ok = SM75 ? g.kdim < 0 : true;
   // A by cp.async: 1×1, stride 1, unpadded (then P = H·W and A[q][k] = dc[n, grp·O/g +
-  // k, q]), H·W % 8 == 0 (8 pixels: one aligned 16-byte chunk, all in or all out).
-  const bool avec = async_ok && taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (HW & 7) == 0 &&
-                    ak::aligned16(dc);
-  // B by cp.async: W[grp·O/g + k][c'] contiguous in c' (KH·KW == 1), C/g % 8 == 0.
-  const bool bvec = async_ok && taps == 1 && (g.cg & 7) == 0 && ak::aligned16(w);
+  // k, q]), H·W % VEC == 0 (VEC pixels: one aligned 16-byte chunk, all in or all out).
+  const bool avec = async_ok && taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+                    (HW & (VEC - 1)) == 0 && ak::aligned16(dc);
+  // B by cp.async: W[grp·O/g + k][c'] contiguous in c' (KH·KW == 1), C/g % VEC == 0.
+  const bool bvec = async_ok && taps == 1 && (g.cg & (VEC - 1)) == 0 && ak::aligned16(w);
   const int KT = (K2 + BK - 1) / BK;
 
   T areg[16], breg[16];
@@ -636,17 +740,18 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
   };
   auto issue_a = [&](int k0, int st) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int id = tid + THREADS * q, kk = id >> 3, pp = (id & 7) * 8;
+    for (int q = 0; q < A_STAGE / VEC / THREADS; ++q) {
+      // chunk id = tid + THREADS·q (THREADS is a multiple of the chunks per row)
+      const int kk = (tid >> A_SH) + (THREADS >> A_SH) * q, pp = (tid & ((1 << A_SH) - 1)) * VEC;
       const int k = k0 + kk, p = it * BM + pp;
       const bool in = k < K2 && p < HW;
       const T* src = in ? dcs + (long long)k * P + p : dc;
-      ak::mma::cp_async_cg_zfill(&As[st * A_STAGE + a_off(kk, pp)], src, in ? 16 : 0);
+      ak::mma::cp_async_cg_zfill(&As[st * A_STAGE + a_off_t<T>(kk, pp)], src, in ? 16 : 0);
     }
   };
   auto store_a = [&](int st) {
 #pragma unroll
-    for (int r = 0; r < 16; ++r) As[st * A_STAGE + a_off(ak0 + 2 * r, am)] = areg[r];
+    for (int r = 0; r < 16; ++r) As[st * A_STAGE + a_off_t<T>(ak0 + 2 * r, am)] = areg[r];
   };
   // Scalar B: column c' = tid % 64 (fixed), k = ak0 + 2r.
   const int bc = ct * BN + am;
@@ -668,16 +773,16 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
   };
   auto store_b = [&](int st) {
 #pragma unroll
-    for (int r = 0; r < 16; ++r) Bs[st * B_STAGE + a_off(ak0 + 2 * r, am)] = breg[r];
+    for (int r = 0; r < 16; ++r) Bs[st * B_STAGE + a_off_t<T>(ak0 + 2 * r, am)] = breg[r];
   };
   auto issue_b = [&](int k0, int st) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int id = tid + THREADS * q, kk = id >> 3, cc = (id & 7) * 8;
+    for (int q = 0; q < B_STAGE / VEC / THREADS; ++q) {
+      const int kk = (tid >> A_SH) + (THREADS >> A_SH) * q, cc = (tid & ((1 << A_SH) - 1)) * VEC;
       const int k = k0 + kk, c = ct * BN + cc;
-      const bool in = k < K2 && c < g.cg;  // C/g % 8 == 0: a chunk is all in or all out
+      const bool in = k < K2 && c < g.cg;  // C/g % VEC == 0: a chunk is all in or all out
       const T* src = in ? wg + (long long)k * g.cg + c : w;
-      ak::mma::cp_async_cg_zfill(&Bs[st * B_STAGE + a_off(kk, cc)], src, in ? 16 : 0);
+      ak::mma::cp_async_cg_zfill(&Bs[st * B_STAGE + a_off_t<T>(kk, cc)], src, in ? 16 : 0);
     }
   };
 
@@ -713,6 +818,35 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
     if constexpr (!SM75) ak::mma::cp_async_commit_group();
     const T* as = As + cur * A_STAGE;
     const T* bs = Bs + cur * B_STAGE;
+    if constexpr (F32) {
+      // tf32: k-steps of 8, fragments by 32-bit shared loads of lane (gq, tq), each
+      // rounded by cvt.rna. Both stages k-major with a_off32 (conflict-free: the
+      // forward's A analysis; B[k][c'] is read as A[q][k] is, k row ks + tq (+4),
+      // column n0 + gq).
+      const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+      for (int ks = 0; ks < BK; ks += 8) {
+        uint32_t af[2][4], bf[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int m0 = wm * 32 + mi * 16 + gq;
+          af[mi][0] = ak::mma::to_tf32(as[a_off32(ks + tq, m0)]);
+          af[mi][1] = ak::mma::to_tf32(as[a_off32(ks + tq, m0 + 8)]);
+          af[mi][2] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0)]);
+          af[mi][3] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0 + 8)]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int c = wn * 32 + ni * 8 + gq;
+          bf[ni][0] = ak::mma::to_tf32(bs[a_off32(ks + tq, c)]);
+          bf[ni][1] = ak::mma::to_tf32(bs[a_off32(ks + tq + 4, c)]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) ak::mma::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+      }
+    } else {
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
       uint32_t af[2][4], bf[4][2];
@@ -738,6 +872,7 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_step<SM75>(zero, acc[mi][ni], af[mi], bf[ni]);
+    }
     }
     if (more) {
       if (!avec) store_a(nxt);
@@ -816,6 +951,11 @@ static_assert(ak_conv::BK * 2 == BK, "a stage is two 16-pixel slabs of the chunk
 template <class T, bool SM75 = false>
 __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_pre, float* __restrict__ part,
                               ConvGeom g) {
+  constexpr bool F32 = IsF32<T>::value;  // the tf32 form
+  constexpr int VEC = 16 / (int)sizeof(T);  // elements (pixels) per 16-byte cp.async chunk
+  constexpr int W_SH = F32 ? 3 : 2;         // log2(BK / VEC): chunks per 32-pixel row
+  static_assert((BK / VEC) == (1 << W_SH), "chunk counts");
+  static_assert(!(SM75 && F32), "tf32 mma needs sm_80");
   // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
   // compute capability and the loaded code's PTX version); cp.async / m16n8k16 trap.
   if constexpr (!SM75) {
@@ -825,7 +965,7 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
 #endif
   }
 #if AK_MMA_SM75
-  SHARED_ARRAY(uint4, smem, 4 * W_STAGE * 2 / 16);
+  SHARED_ARRAY(uint4, smem, 4 * W_STAGE * (int)sizeof(T) / 16);
   SHARED_ARRAY(int, tab, 4 * BN);  // per weight entry kk: (cl, i·dh − ph, jj·dw − pw, valid)
   T* const As = reinterpret_cast<T*>(smem);  // 2 stages of dc: As[o][r]
   T* const Bs = As + 2 * W_STAGE;            // 2 stages of im2col: Bs[kk][r]
@@ -861,9 +1001,9 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
   // The Turing form never takes a cp.async path: `g.kdim < 0` is a run-time false (as
   // in conv_fwd_tc_impl: a compile-time false lets ptxas hoist the staged loads).
   const bool async_ok = SM75 ? g.kdim < 0 : true;
-  const bool avec = async_ok && (P & 7) == 0 && ak::aligned16(dc);
-  const bool bvec = async_ok && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 && (P & 7) == 0 &&
-                    ak::aligned16(x_pre);
+  const bool avec = async_ok && (P & (VEC - 1)) == 0 && ak::aligned16(dc);
+  const bool bvec = async_ok && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+                    (P & (VEC - 1)) == 0 && ak::aligned16(x_pre);
   T areg[16], breg[16];
   // Register staging: this lane's pixel r0 + lane, rows warp + 4j (j < 16).
   auto load_a = [&](long long r0) {
@@ -880,7 +1020,7 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
   };
   auto store_a = [&](int st) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) As[st * W_STAGE + b_off(warp + 4 * j, lane)] = areg[j];
+    for (int j = 0; j < 16; ++j) As[st * W_STAGE + b_off_t<T>(warp + 4 * j, lane)] = areg[j];
   };
   auto load_b = [&](long long r0) {
     const long long r = r0 + lane;
@@ -900,32 +1040,33 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
   };
   auto store_b = [&](int st) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) Bs[st * W_STAGE + b_off(warp + 4 * j, lane)] = breg[j];
+    for (int j = 0; j < 16; ++j) Bs[st * W_STAGE + b_off_t<T>(warp + 4 * j, lane)] = breg[j];
   };
-  // cp.async: chunk (row id/4, pixels r0 + 8·(id%4) ..), id = tid + 128q, q < 2.
+  // cp.async: chunk (row id/(BK/VEC), pixels r0 + VEC·(id%(BK/VEC)) ..), id = tid + 128q
+  // (f16 / bf16: 4 chunks of 8 pixels per row, q < 2; tf32: 8 of 4, q < 4).
   auto issue_a = [&](long long r0, int st) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int id = tid + THREADS * q, row = id >> 2, c = (id & 3) * 8;
+    for (int q = 0; q < W_STAGE / VEC / THREADS; ++q) {
+      const int row = (tid >> W_SH) + (THREADS >> W_SH) * q, c = (tid & ((1 << W_SH) - 1)) * VEC;
       const long long r = r0 + c;
       const bool in = r < r_end && ot * BM + row < g.og;
       const int n = in ? (int)(r / P) : 0;
       const int p = in ? (int)(r - (long long)n * P) : 0;
       const T* src = in ? dcg + ((long long)n * g.o + row) * P + p : dc;
-      ak::mma::cp_async_cg_zfill(&As[st * W_STAGE + b_off(row, c)], src, in ? 16 : 0);
+      ak::mma::cp_async_cg_zfill(&As[st * W_STAGE + b_off_t<T>(row, c)], src, in ? 16 : 0);
     }
   };
   auto issue_b = [&](long long r0, int st) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int id = tid + THREADS * q, row = id >> 2, c = (id & 3) * 8;
+    for (int q = 0; q < W_STAGE / VEC / THREADS; ++q) {
+      const int row = (tid >> W_SH) + (THREADS >> W_SH) * q, c = (tid & ((1 << W_SH) - 1)) * VEC;
       const long long r = r0 + c;
       const int k = kt * BN + row;  // 1×1: the weight entry is the channel
       const bool in = r < r_end && k < g.kdim;
       const int n = in ? (int)(r / P) : 0;
       const int p = in ? (int)(r - (long long)n * P) : 0;
       const T* src = in ? xg + (long long)n * chw + (long long)k * P + p : x_pre;
-      ak::mma::cp_async_cg_zfill(&Bs[st * W_STAGE + b_off(row, c)], src, in ? 16 : 0);
+      ak::mma::cp_async_cg_zfill(&Bs[st * W_STAGE + b_off_t<T>(row, c)], src, in ? 16 : 0);
     }
   };
 
@@ -964,6 +1105,35 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
       if constexpr (!SM75) ak::mma::cp_async_commit_group();
       const T* as = As + cur * W_STAGE;
       const T* bs = Bs + cur * W_STAGE;
+      if constexpr (F32) {
+        // tf32: k-steps of 8 pixels, fragments by 32-bit shared loads of lane (gq, tq),
+        // each rounded by cvt.rna. Both stages row-major with b_off32 (conflict-free:
+        // the forward's B analysis; a[j] = As[m0 + gq (+8)][ks + tq (+4)],
+        // b[j] = Bs[n0 + gq][ks + tq (+4)]).
+        const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+        for (int ks = 0; ks < BK; ks += 8) {
+          uint32_t af[2][4], bf[4][2];
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            const int m0 = wm * 32 + mi * 16 + gq;
+            af[mi][0] = ak::mma::to_tf32(as[b_off32(m0, ks + tq)]);
+            af[mi][1] = ak::mma::to_tf32(as[b_off32(m0 + 8, ks + tq)]);
+            af[mi][2] = ak::mma::to_tf32(as[b_off32(m0, ks + tq + 4)]);
+            af[mi][3] = ak::mma::to_tf32(as[b_off32(m0 + 8, ks + tq + 4)]);
+          }
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) {
+            const int kk = wn * 32 + ni * 8 + gq;
+            bf[ni][0] = ak::mma::to_tf32(bs[b_off32(kk, ks + tq)]);
+            bf[ni][1] = ak::mma::to_tf32(bs[b_off32(kk, ks + tq + 4)]);
+          }
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) ak::mma::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+        }
+      } else {
 #pragma unroll
       for (int ks = 0; ks < BK; ks += 16) {
         uint32_t af[2][4], bf[4][2];
@@ -988,6 +1158,7 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni) mma_step<SM75>(zero, acc[mi][ni], af[mi], bf[ni]);
+      }
       }
       if (more) {
         if (!avec) store_a(nxt);
@@ -1461,6 +1632,30 @@ IIEU_CONV_KERNELS(bf16, __nv_bfloat16)
 
 IIEU_CONV_TC_KERNELS(f16, __half)
 IIEU_CONV_TC_KERNELS(bf16, __nv_bfloat16)
+// tf32 (f32 storage, sm_80+; chosen only under the opt-in, src/cuda/iieu_conv.rs
+// set_allow_tf32; the sm_75 build traps, never launched there).
+#define IIEU_CONV_TC_TF32_MIN_BLOCKS 4
+AK_KERNEL void __launch_bounds__(ak_conv::tc::THREADS, IIEU_CONV_TC_TF32_MIN_BLOCKS)
+    iieu_conv_fwd_tc_tf32(const float* x_pre, const float* w, float* out, float* sq, float* st_mean, float* st_m2,
+                          ConvGeom g) {
+  ak_conv::tc::conv_fwd_tc_impl<float>(x_pre, w, out, sq, st_mean, st_m2, g);
+}
+EMU_REGISTER_BOUND(iieu_conv_fwd_tc_tf32, ak_conv::tc::THREADS)
+AK_KERNEL void __launch_bounds__(ak_conv::tc::THREADS, IIEU_CONV_TC_TF32_MIN_BLOCKS)
+    iieu_conv_dgrad_tc_tf32(const float* dc, const float* w, const float* add, float* dx_pre, ConvGeom g) {
+  ak_conv::tc::dgrad_tc_impl<float>(dc, w, add, dx_pre, g);
+}
+EMU_REGISTER_BOUND(iieu_conv_dgrad_tc_tf32, ak_conv::tc::THREADS)
+// The weight gradient's f32 stages need twice the cp.async chunks (each with its 64-bit
+// pixel → (n, p) division): under (128, 4) it spills (8 B on sm_80 / 86, 56 B on sm_90,
+// nvcc 13), under (128, 3) more (84 / 136 B at 168 registers); (128, 2): ~200
+// registers, no spill, 2 blocks = 8 warps per SM.
+#define IIEU_CONV_TC_TF32_WGRAD_MB 2
+AK_KERNEL void __launch_bounds__(ak_conv::tc::THREADS, IIEU_CONV_TC_TF32_WGRAD_MB)
+    iieu_conv_wgrad_tc_tf32(const float* dc, const float* x_pre, float* part, ConvGeom g) {
+  ak_conv::tc::wgrad_tc_impl<float>(dc, x_pre, part, g);
+}
+EMU_REGISTER_BOUND(iieu_conv_wgrad_tc_tf32, ak_conv::tc::THREADS)
 
 // Tensor-core data gradient (f16 / bf16, sm_80+; the sm_75 build traps, never launched
 // there).

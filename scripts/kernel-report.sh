@@ -162,6 +162,19 @@ else
       done
     done
   done
+  # The TF32 kernels (f32 storage, opt-in) on sm_80, sm_86, sm_90: mma.sync m16n8k8
+  # .tf32 (HMMA.1688.F32.TF32), cp.async (LDGSTS; forward: W, and x_pre for 1×1 layers;
+  # data gradient: W and dc of 1×1 layers; weight gradient: dc and x_pre) with its
+  # commit / wait; no LDSM (their fragments are 32-bit LDS: ldmatrix moves b16 elements).
+  for arch in 80 86 90; do
+    sass="$("$cuobjdump" -sass -arch "sm_$arch" "$fatbin" 2>/dev/null || true)"
+    for k in iieu_conv_fwd_tc_tf32 iieu_conv_dgrad_tc_tf32 iieu_conv_wgrad_tc_tf32; do
+      body="$(printf '%s\n' "$sass" | awk -v k="$k" '$0 ~ "Function : "k"$" {p=1; next} /Function :/ {p=0} p')"
+      for pat in HMMA.1688.F32.TF32 LDGSTS.E.BYPASS.128 LDGDEPBAR DEPBAR.LE; do
+        sass_has "$pat"
+      done
+    done
+  done
   # The Turing forms on sm_75 and sm_86: m16n8k8 (HMMA.1688) and ldmatrix, as their
   # sm_80 forms (their cp.async branches are compiled on sm_80+ but never taken: a
   # run-time false).

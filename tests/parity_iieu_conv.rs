@@ -16,7 +16,10 @@
 //! The f16 / bf16 forward convolution, data gradient and weight gradient have two
 //! paths: the shapes above run on the CUDA-core GEMMs (forced with `set_gemm_path`), the
 //! `tensor_cores_*` cases on the tensor-core kernels (mma.sync; their own tolerance
-//! derivations for `c`, `dx_pre` and `dW` are stated there).
+//! derivations for `c`, `dx_pre` and `dW` are stated there). f32 runs exact f32 on CUDA
+//! cores (the TF32 opt-in held off); the `tf32_*` cases opt in (`set_allow_tf32`) and
+//! check the TF32 forward, data gradient and weight gradient at tolerances derived
+//! for TF32 operands.
 //!
 //! Every GPU computation runs under `Gpu::check_schedules` (bitwise identical under four
 //! thread orders, race / init / bounds detectors on, no leaked allocation), and backward
@@ -59,7 +62,7 @@ use std::sync::Arc;
 use activation_kernels::cpu::iieu::{self as cpu_iieu, IieuConfig, IieuParams, PatchNorm};
 use activation_kernels::cpu::iieu_conv::{self as cpu, IieuConvParams, Psi};
 use activation_kernels::cuda::iieu_conv::{
-    self as gpu, set_gemm_path, DevicePsi, GemmPath, IieuConvDeviceParams,
+    self as gpu, set_allow_tf32, set_gemm_path, DevicePsi, GemmPath, IieuConvDeviceParams,
 };
 use activation_kernels::cuda::{CudaSlice, CudaStream, DType};
 use activation_kernels::{Conv2dGeometry, Error};
@@ -316,6 +319,14 @@ impl Drop for PathGuard {
     }
 }
 
+/// Restores the TF32 opt-in when dropped (the device lock is held meanwhile).
+struct Tf32Guard(bool);
+impl Drop for Tf32Guard {
+    fn drop(&mut self) {
+        set_allow_tf32(self.0);
+    }
+}
+
 fn parity_case<T: Storage>(
     geo: Conv2dGeometry,
     mode: PatchNorm,
@@ -326,6 +337,9 @@ fn parity_case<T: Storage>(
 ) {
     let Some(dev) = open_gpu() else { return };
     let _path = PathGuard(set_gemm_path(path));
+    // f32 at the suite's tolerances is exact-f32 arithmetic: the TF32 opt-in off (even
+    // when AK_ALLOW_TF32=1 is set for the process); TF32 has its own checks below.
+    let _tf32 = Tf32Guard(set_allow_tf32(false));
     let c = Case::<T>::new(geo, mode, kind, seed);
     let stream = dev.ctx.default_stream();
     let vals = std::cell::RefCell::new(Vec::new());
@@ -1024,6 +1038,393 @@ fn tensor_cores_turing_wgrad_chunks() {
     tc75_case(geo, PatchNorm::AllChannels, Kind::BnTrain, 98);
     let geo = Conv2dGeometry::new(3, 8, 6, 4, 10, 1, 1);
     tc75_case(geo, PatchNorm::PerGroup, Kind::BnTrain, 101);
+}
+
+// ------------------------------------------------------------------------------------
+// The TF32 forward (`iieu_conv_fwd_tc_tf32`, f32 storage, opt-in via `set_allow_tf32`):
+// the f16 forward's tiles and pipeline with raw f32 stages, each operand rounded to tf32
+// (cvt.rna) at fragment load, two mma.sync.m16n8k8.tf32 per 16-deep k-step, f32
+// accumulation. W by 16-byte cp.async when K % 4 == 0, x_pre by 16-byte cp.async for
+// 1×1 stride-1 unpadded layers with H·W % 4 == 0, scalar staging otherwise; the cases
+// below take each combination (and K % 8 == 4, H·W % 8 == 4, where only the f32 chunk
+// of 4 fits).
+//
+// Tolerance of c, derived (per element, Q = Σ_k |a_k·b_k| over the f32 inputs the
+// device sees, S = 4·⌈K/32⌉ mma k-steps of 8 — every k-step of every 32-deep stage runs,
+// the zero-filled tail included):
+// * operand rounding: cvt.rna to 10 explicit mantissa bits, |ã − a| ≤ 2^-11·|a| (the
+//   tensor core then reads ã exactly: its 13 low bits are 0), so
+//   |ã·b̃ − a·b| ≤ (2·2^-11 + 2^-22)·|a·b| = 2^-10·(1 + 2^-12)·|a·b|; summed over k:
+//   ≤ 2^-10·(1 + 2^-12)·Q, and Σ|ã·b̃| ≤ (1 + 2^-9)·Q;
+// * products of tf32 values are exact (≤ 22 significant bits); each m16n8k8 on
+//   hardware aligns its 8 products and C to the largest exponent and truncates
+//   (kernels/mma.cuh): ≤ 8 ulp of f32 = 2^-20 relative to |C| + Σ|ã·b̃| ≤ (1 + 2^-9)·Q
+//   per step, S steps, plus one 2^-20 for the final value (the emulator's single
+//   rounding per step, ≤ S·2^-24·Q, is inside);
+// * c is stored as f32: no further rounding (the epilogue's round-trip to T is the
+//   identity).
+// |c − c_ref| ≤ [2^-10·(1 + 2^-12) + (S + 1)·2^-20·(1 + 2^-9)]·Q (+ 1e-12·max|c| for
+// the f64 reference's own rounding). Not loosened: a fragment-index error, a missing
+// ragged-edge zero or an unrounded-but-misplaced operand is O(|a·b|), far above 2^-10·Q.
+// ‖P‖² is summed from the raw f32 A stage in the CUDA-core order: r_x is bitwise the
+// CUDA-core path's. Everything after the convolution is the f32 path's own kernels
+// (checked by the f32 parity cases above).
+
+/// The forward with the TF32 opt-in off (the CUDA-core kernel, and not the TF32 one,
+/// in the launch log — even under `GemmPath::TensorCores`), then on (the TF32 kernel;
+/// c within the derived bound of the f64 reference; r_x bitwise equal to the opt-in-off
+/// run), then on under `GemmPath::CudaCores` (the test hook still forces CUDA cores).
+fn tf32_forward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let _path = PathGuard(set_gemm_path(GemmPath::Auto));
+    let _tf32 = Tf32Guard(set_allow_tf32(false));
+    let c = Case::<f32>::new(geo, mode, kind, seed);
+    let s = dev.ctx.default_stream();
+    let xp = s.clone_htod(&c.x_pre).unwrap();
+    let w = s.clone_htod(&c.w).unwrap();
+    const TF32: &str = "iieu_conv_fwd_tc_tf32";
+    const CC: &str = "iieu_conv_fwd_f32";
+    let fwd = |path: GemmPath, tf32: bool, kernel: &str| {
+        set_gemm_path(path);
+        set_allow_tf32(tf32);
+        let mut p = IieuConvDeviceParams::from_host(&s, &c.p32).unwrap();
+        #[cfg(feature = "emulate")]
+        activation_kernels::emu::set_launch_log(true);
+        let (_, saved) = gpu::forward(&s, &c.cfg, &xp, &w, &mut p).unwrap();
+        #[cfg(feature = "emulate")]
+        {
+            let log = activation_kernels::emu::take_launch_log();
+            activation_kernels::emu::set_launch_log(false);
+            let names: Vec<&str> = log.iter().map(|l| l.kernel.as_str()).collect();
+            assert!(
+                names.contains(&kernel),
+                "{path:?} tf32 {tf32}: {kernel} not launched ({names:?})"
+            );
+            let other = if kernel == TF32 { CC } else { TF32 };
+            assert!(
+                !names.contains(&other),
+                "{path:?} tf32 {tf32}: {other} launched ({names:?})"
+            );
+        }
+        #[cfg(not(feature = "emulate"))]
+        let _ = kernel;
+        let cv: Vec<f64> = s
+            .clone_dtoh(saved.conv_out())
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let rx: Vec<u32> = s
+            .clone_dtoh(saved.iieu().r_x())
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        (cv, rx)
+    };
+    let (_, rx_cc) = fwd(GemmPath::Auto, false, CC);
+    fwd(GemmPath::TensorCores, false, CC);
+    let (c_tf, rx_tf) = fwd(GemmPath::Auto, true, TF32);
+    fwd(GemmPath::CudaCores, true, CC);
+    assert_eq!(rx_tf, rx_cc, "r_x: TF32 and CUDA-core paths differ");
+
+    let (xp64, w64) = (to_f64(&c.x_pre), to_f64(&c.w));
+    let want = naive::conv(&geo, &xp64, &w64);
+    let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+    let q = naive::conv(&geo, &abs(&xp64), &abs(&w64));
+    let k = geo.cin_per_group() * geo.kh * geo.kw;
+    let steps = 4 * k.div_ceil(32);
+    let acc = 2f64.powi(-10) * (1.0 + 2f64.powi(-12))
+        + (steps + 1) as f64 * 2f64.powi(-20) * (1.0 + 2f64.powi(-9));
+    let cmax = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut worst = 0.0f64;
+    for (i, ((g, w), q)) in c_tf.iter().zip(&want).zip(&q).enumerate() {
+        let tol = acc * q + 1e-12 * cmax;
+        worst = worst.max((g - w).abs() / tol);
+        assert!(
+            (g - w).abs() <= tol,
+            "tf32 {geo:?} c[{i}]: TF32 {g} vs ref {w} (err {:.3e} > tol {tol:.3e})",
+            (g - w).abs()
+        );
+    }
+    if std::env::var_os("PARITY_MEASURE").is_some() {
+        eprintln!("MEASURE|iieu_conv|tf32|c|err/tol {worst:.3}");
+    }
+}
+
+/// The opt-in's setter returns the previous setting, and `allow_tf32` reads it back
+/// (the device lock serialises this with the other cases, which set it themselves).
+#[test]
+fn tf32_opt_in_setter() {
+    let Some(_dev) = open_gpu() else { return };
+    let _tf32 = Tf32Guard(set_allow_tf32(true));
+    assert!(gpu::allow_tf32());
+    assert!(set_allow_tf32(false), "previous: on");
+    assert!(!gpu::allow_tf32());
+    assert!(!set_allow_tf32(false), "previous: off");
+}
+
+/// TF32 forward, W by cp.async (K = 8·9 = 72, 3 k-tiles: 2 of 32 + a ragged 8) and
+/// x_pre staged (3×3, padded); O = 70 (2 filter tiles, the second 6 wide), H'·W' = 81
+/// (2 pixel tiles, the second 17 high); BatchNorm training.
+#[test]
+fn tf32_forward_cp_async_w_multi_tile() {
+    let geo = Conv2dGeometry::new(1, 8, 9, 9, 70, 3, 3).with_padding(1, 1);
+    tf32_forward_checks(geo, PatchNorm::PerGroup, Kind::BnTrain, 111);
+}
+
+/// TF32 forward, both operands staged: K = 5·9 = 45 (odd), M = 2·9·11 = 198, O = 7,
+/// AllChannels; then groups 2 (K = 8·9 = 72 per group: W by cp.async), stride 2,
+/// padding (2, 1), dilation 2 (r_x from the window sums).
+#[test]
+fn tf32_forward_staged_groups_stride_dilation() {
+    let geo = Conv2dGeometry::new(2, 5, 9, 11, 7, 3, 3).with_padding(1, 1);
+    tf32_forward_checks(geo, PatchNorm::AllChannels, Kind::Affine, 112);
+    let geo = Conv2dGeometry::new(2, 16, 11, 10, 12, 3, 3)
+        .with_padding(2, 1)
+        .with_stride(2, 2)
+        .with_dilation(2, 2)
+        .with_groups(2);
+    tf32_forward_checks(geo, PatchNorm::PerGroup, Kind::BnTrain, 113);
+}
+
+/// TF32 forward, x_pre by cp.async (1×1, stride 1, unpadded): H·W = 72 (2 pixel tiles,
+/// the second 8 wide), K = 40 (W by cp.async), O = 70; H·W = 20 ≡ 4 (mod 8) with groups
+/// 2 and K = 12 ≡ 4 (mod 8) per group (both by 4-float chunks only: the last chunk of a
+/// row is a half 8-chunk), AllChannels over the groups' ‖P‖²; K = 13 (W staged) with
+/// H·W = 20 (x_pre by cp.async).
+#[test]
+fn tf32_forward_pointwise_cp_async_x() {
+    let geo = Conv2dGeometry::new(2, 40, 8, 9, 70, 1, 1);
+    tf32_forward_checks(geo, PatchNorm::PerGroup, Kind::Bias, 114);
+    let geo = Conv2dGeometry::new(2, 24, 5, 4, 18, 1, 1).with_groups(2);
+    tf32_forward_checks(geo, PatchNorm::AllChannels, Kind::None, 115);
+    let geo = Conv2dGeometry::new(1, 13, 4, 5, 9, 1, 1);
+    tf32_forward_checks(geo, PatchNorm::PerGroup, Kind::BnEval, 116);
+}
+
+// ------------------------------------------------------------------------------------
+// The TF32 data gradient (`iieu_conv_dgrad_tc_tf32`: the f16 data gradient's tiles and
+// pipeline with raw f32 stages, operands rounded to tf32 at fragment load; W by 16-byte
+// cp.async when KH·KW == 1 and C/g % 4 == 0, dc when the layer is 1×1 stride-1
+// unpadded with H·W % 4 == 0, scalar staging otherwise).
+//
+// Tolerance of dx_pre = Σ_k dc·W + add (f32 output: no rounding to T), derived as for
+// c above (per element, Q = conv-transpose(|dc|, |W|) + |add|, S = 4·⌈K/32⌉ mma steps,
+// K = O/g·KH·KW): operand rounding ≤ 2^-10·(1 + 2^-12)·Q; S hardware steps of
+// ≤ 2^-20·(1 + 2^-9)·Q each, plus the epilogue's f32 add of `add` (≤ 2^-24·Q) and the
+// final value: |dx − dx_ref| ≤ [2^-10·(1 + 2^-12) + (S + 2)·2^-20·(1 + 2^-9)]·Q.
+
+/// The data-gradient GEMM alone (`dgrad_gemm`) with the opt-in on (the TF32 kernel in
+/// the launch log) against the f64 conv-transpose of the same f32 inputs at the bound
+/// above, with and without `add`; with the opt-in off the CUDA-core kernel runs.
+fn tf32_dgrad_checks(geo: Conv2dGeometry, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let _path = PathGuard(set_gemm_path(GemmPath::Auto));
+    let _tf32 = Tf32Guard(set_allow_tf32(true));
+    let (oh, ow) = geo.validate().unwrap();
+    let cfg = IieuConfig::new(geo);
+    let mut r = rng(seed);
+    let k = (geo.cin_per_group() * geo.kh * geo.kw) as f64;
+    let dc = f32s(&randn(&mut r, geo.n * geo.c_out * oh * ow));
+    let w: Vec<f32> = randn(&mut r, geo.weight_len())
+        .iter()
+        .map(|v| (v * 1.5 / k.sqrt()) as f32)
+        .collect();
+    let add = f32s(&randn(&mut r, geo.input_len()));
+    let s = dev.ctx.default_stream();
+    let (dcd, wd, addd) = (
+        s.clone_htod(&dc).unwrap(),
+        s.clone_htod(&w).unwrap(),
+        s.clone_htod(&add).unwrap(),
+    );
+    let logged = |kernel: &str, what: &str| {
+        #[cfg(feature = "emulate")]
+        {
+            let log = activation_kernels::emu::take_launch_log();
+            activation_kernels::emu::set_launch_log(false);
+            assert!(
+                log.iter().any(|l| l.kernel == kernel),
+                "{what}: {kernel} not launched ({:?})",
+                log.iter().map(|l| &l.kernel).collect::<Vec<_>>()
+            );
+        }
+        #[cfg(not(feature = "emulate"))]
+        let _ = (kernel, what);
+    };
+
+    let (dc64, w64, add64) = (to_f64(&dc), to_f64(&w), to_f64(&add));
+    let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+    let zeros = vec![0.0; geo.input_len()];
+    let (base, _) = cnaive::conv_bwd(&geo, &zeros, &w64, &dc64);
+    let (qbase, _) = cnaive::conv_bwd(&geo, &zeros, &abs(&w64), &abs(&dc64));
+    let kdim = geo.c_out / geo.groups * geo.kh * geo.kw;
+    let acc = 2f64.powi(-10) * (1.0 + 2f64.powi(-12))
+        + (4 * kdim.div_ceil(32) + 2) as f64 * 2f64.powi(-20) * (1.0 + 2f64.powi(-9));
+    for with_add in [false, true] {
+        #[cfg(feature = "emulate")]
+        activation_kernels::emu::set_launch_log(true);
+        let got = gpu::dgrad_gemm(&s, &cfg, &dcd, &wd, with_add.then_some(&addd)).unwrap();
+        logged("iieu_conv_dgrad_tc_tf32", "dgrad_gemm, TF32 on");
+        let got = to_f64(&s.clone_dtoh(&got).unwrap());
+        let (want, q): (Vec<f64>, Vec<f64>) = if with_add {
+            (
+                base.iter().zip(&add64).map(|(a, b)| a + b).collect(),
+                qbase.iter().zip(&add64).map(|(a, b)| a + b.abs()).collect(),
+            )
+        } else {
+            (base.clone(), qbase.clone())
+        };
+        let dmax = want.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        for (i, ((g, w), q)) in got.iter().zip(&want).zip(&q).enumerate() {
+            let tol = acc * q + 1e-12 * dmax;
+            assert!(
+                (g - w).abs() <= tol,
+                "tf32 {geo:?} add {with_add} dx_pre[{i}]: TF32 {g} vs ref {w} (err {:.3e} > tol \
+                 {tol:.3e})",
+                (g - w).abs()
+            );
+        }
+    }
+    set_allow_tf32(false);
+    #[cfg(feature = "emulate")]
+    activation_kernels::emu::set_launch_log(true);
+    gpu::dgrad_gemm(&s, &cfg, &dcd, &wd, Some(&addd)).unwrap();
+    logged("iieu_conv_dgrad_f32", "dgrad_gemm, TF32 off");
+}
+
+/// TF32 data gradient: C/g = 72 (2 channel tiles; W by cp.async), H·W = 20 (dc by
+/// 4-float cp.async: 20 ≡ 4 mod 8), K = 20; C/g = 67 with a 3×3 kernel (W staged),
+/// K = 81 (3 k-tiles), H·W = 81; stride (3, 2) (dc staged; holes with no tap:
+/// dx_pre = add there); 1×1 with H·W = 25 and C/g = 10 (both staged).
+#[test]
+fn tf32_dgrad_channel_tiles() {
+    tf32_dgrad_checks(Conv2dGeometry::new(2, 72, 4, 5, 20, 1, 1), 121);
+    tf32_dgrad_checks(
+        Conv2dGeometry::new(1, 67, 9, 9, 9, 3, 3).with_padding(1, 1),
+        122,
+    );
+    tf32_dgrad_checks(
+        Conv2dGeometry::new(2, 24, 10, 9, 16, 1, 1).with_stride(3, 2),
+        123,
+    );
+    tf32_dgrad_checks(Conv2dGeometry::new(1, 10, 5, 5, 9, 1, 1), 124);
+}
+
+// The TF32 weight gradient (`iieu_conv_wgrad_tc_tf32`: the f16 weight gradient's grid,
+// reduction chunks and f32 partials with raw f32 stages, operands rounded to tf32 at
+// fragment load; dc by 16-byte cp.async when H'·W' % 4 == 0, x_pre when the layer is
+// 1×1 stride-1 unpadded with H·W % 4 == 0, scalar staging otherwise). From ONE forward
+// (opt-in off: both backward paths see the same saved state, so the same dc bits):
+// * with the opt-in on the launch log names iieu_conv_dgrad_tc_tf32 and
+//   iieu_conv_wgrad_tc_tf32; off, the CUDA-core kernels; dW (and dx_pre) has the same
+//   bits on two TF32 runs;
+// * tolerance, derived. Per dW entry let Q = Σ_r |dc_r|·|im2col(x_pre)_r| (the
+//   launcher's split: `splits` chunks of `per` 16-pixel slabs). TF32 partial of a chunk:
+//   operand rounding ≤ 2^-10·(1 + 2^-12)·Q, S = 4·⌈per/2⌉ hardware mma steps (32-pixel
+//   stages) of ≤ 2^-20·(1 + 2^-9)·Q, plus the final value; the ordered f32 sum of the
+//   chunks adds ≤ splits·2^-24·Q: acc_tf = 2^-10·(1 + 2^-12) + (S + 1)·2^-20·(1 + 2^-9)
+//   + splits·2^-24. CUDA-core path: an f32 fmaf chain over 16·per terms, then the same
+//   chunk sum: acc_cc = (16·per + splits)·2^-24. The r_w term is the same f32 value on
+//   both paths, added with one f32 rounding each (≤ 2^-24·|dW|): |dW_tf − dW_cc| ≤
+//   2^-24·(|dW_tf| + |dW_cc|) + (acc_tf + acc_cc)·Q. Q from the f64 reference dc
+//   inflated by the suite's f32 max-relative term (|dc| + R32·max|dc|).
+fn tf32_backward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    let Some(dev) = open_gpu() else { return };
+    let _path = PathGuard(set_gemm_path(GemmPath::Auto));
+    let _tf32 = Tf32Guard(set_allow_tf32(false));
+    let c = Case::<f32>::new(geo, mode, kind, seed);
+    let s = dev.ctx.default_stream();
+    let xp = s.clone_htod(&c.x_pre).unwrap();
+    let w = s.clone_htod(&c.w).unwrap();
+    let dy = s.clone_htod(&c.dy).unwrap();
+    let mut p = IieuConvDeviceParams::from_host(&s, &c.p32).unwrap();
+    let (_, saved) = gpu::forward(&s, &c.cfg, &xp, &w, &mut p).unwrap();
+    let bwd = |tf32: bool, kernels: [&str; 2]| {
+        set_allow_tf32(tf32);
+        #[cfg(feature = "emulate")]
+        activation_kernels::emu::set_launch_log(true);
+        let g = gpu::backward(&s, &c.cfg, &dy, &xp, &w, &p, &saved).unwrap();
+        #[cfg(feature = "emulate")]
+        {
+            let log = activation_kernels::emu::take_launch_log();
+            activation_kernels::emu::set_launch_log(false);
+            for kernel in kernels {
+                assert!(
+                    log.iter().any(|l| l.kernel == kernel),
+                    "tf32 {tf32}: {kernel} not launched ({:?})",
+                    log.iter().map(|l| &l.kernel).collect::<Vec<_>>()
+                );
+            }
+        }
+        #[cfg(not(feature = "emulate"))]
+        let _ = kernels;
+        (
+            s.clone_dtoh(&g.dw).unwrap(),
+            s.clone_dtoh(&g.dx_pre).unwrap(),
+        )
+    };
+    let tf = ["iieu_conv_dgrad_tc_tf32", "iieu_conv_wgrad_tc_tf32"];
+    let (dw_tf, dx_tf) = bwd(true, tf);
+    let (dw_tf2, dx_tf2) = bwd(true, tf);
+    assert_eq!(bits(&dw_tf), bits(&dw_tf2), "TF32 dW: two runs differ");
+    assert_eq!(bits(&dx_tf), bits(&dx_tf2), "TF32 dx_pre: two runs differ");
+    let (dw_cc, _) = bwd(false, ["iieu_conv_dgrad_f32", "iieu_conv_wgrad_f32"]);
+    let (dw_tf, dw_cc) = (to_f64(&dw_tf), to_f64(&dw_cc));
+
+    // f64 reference dc (textbook ψ, then IIEU-B's backward) for Q.
+    let (xp64, w64, dy64) = (to_f64(&c.x_pre), to_f64(&c.w), to_f64(&c.dy));
+    let (oh, ow) = geo.validate().unwrap();
+    let plane = oh * ow;
+    let cv = naive::conv(&geo, &xp64, &w64);
+    let x = cnaive::psi_fwd(&c.p64.psi, &cv, geo.n, geo.c_out, plane);
+    let (_, isaved) = cpu_iieu::forward(&c.cfg, &x, &xp64, &w64, &c.p64.iieu).unwrap();
+    let ib = cpu_iieu::backward(&c.cfg, &dy64, &x, &xp64, &w64, &c.p64.iieu, &isaved).unwrap();
+    let (dc, _, _) = cnaive::psi_bwd(&c.p64.psi, &cv, &ib.dx, geo.n, geo.c_out, plane);
+    let dcmax = dc.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let dc_abs: Vec<f64> = dc
+        .iter()
+        .map(|v| v.abs() + <f32 as Storage>::R * dcmax)
+        .collect();
+    let xp_abs: Vec<f64> = xp64.iter().map(|v| v.abs()).collect();
+    let (_, q) = cnaive::conv_bwd(&geo, &xp_abs, &w64, &dc_abs);
+
+    // The launcher's split (as tc_backward_checks).
+    let (og, kdim) = (geo.cout_per_group(), geo.cin_per_group() * geo.kh * geo.kw);
+    let tiles = geo.groups * og.div_ceil(64) * kdim.div_ceil(64);
+    let slabs = (geo.n * plane).div_ceil(16);
+    let splits = 256usize.div_ceil(tiles).clamp(1, 64.min(slabs.max(1)));
+    let per = slabs.div_ceil(splits);
+    let steps = 4 * per.div_ceil(2); // mma k-steps of 8 per chunk (32-pixel stages)
+    let acc_tf = 2f64.powi(-10) * (1.0 + 2f64.powi(-12))
+        + (steps + 1) as f64 * 2f64.powi(-20) * (1.0 + 2f64.powi(-9))
+        + splits as f64 * 2f64.powi(-24);
+    let acc_cc = (16 * per + splits) as f64 * 2f64.powi(-24);
+    for (i, ((a, b), q)) in dw_tf.iter().zip(&dw_cc).zip(&q).enumerate() {
+        let tol = 2f64.powi(-24) * (a.abs() + b.abs()) + (acc_tf + acc_cc) * q;
+        assert!(
+            (a - b).abs() <= tol,
+            "tf32 {geo:?} dW[{i}]: TF32 {a} vs CUDA cores {b} (diff {:.3e} > tol {tol:.3e})",
+            (a - b).abs()
+        );
+    }
+}
+
+/// TF32 weight gradient: 1600 pixels = 100 slabs, 64 chunks of 2 (14 empty: zero
+/// partials), dc and x_pre by cp.async (1×1, H·W = 400); a 3×3 padded layer, H'·W' = 64
+/// (dc by cp.async, x_pre staged), 8 chunks of one slab (a half stage of zeros each),
+/// AllChannels; N·H'·W' = 3·24 = 72 ≡ 8 (mod 16) (the last chunk ends mid-slab);
+/// H'·W' = 99 (dc staged), K = 45.
+#[test]
+fn tf32_wgrad_chunks() {
+    let geo = Conv2dGeometry::new(4, 12, 20, 20, 10, 1, 1);
+    tf32_backward_checks(geo, PatchNorm::PerGroup, Kind::Affine, 131);
+    let geo = Conv2dGeometry::new(2, 6, 8, 8, 9, 3, 3).with_padding(1, 1);
+    tf32_backward_checks(geo, PatchNorm::AllChannels, Kind::BnTrain, 132);
+    let geo = Conv2dGeometry::new(3, 8, 6, 4, 10, 1, 1);
+    tf32_backward_checks(geo, PatchNorm::PerGroup, Kind::BnTrain, 133);
+    let geo = Conv2dGeometry::new(2, 5, 9, 11, 7, 3, 3).with_padding(1, 1);
+    tf32_backward_checks(geo, PatchNorm::PerGroup, Kind::Bias, 134);
 }
 
 // ------------------------------------------------------------------------------------

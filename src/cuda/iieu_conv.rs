@@ -29,7 +29,10 @@
 //! on compute capability 7.5 – 7.x the f16 forward, data gradient and weight gradient
 //! run the Turing forms (`iieu_conv_{fwd,dgrad,wgrad}_tc75_f16`: the same kernels with
 //! two `mma.sync.m16n8k8` per k-step and every operand staged through registers, no
-//! `cp.async`); f32, bf16 below 8.0 and older GPUs use the CUDA-core kernels.
+//! `cp.async`); f32, bf16 below 8.0 and older GPUs use the CUDA-core kernels. f32
+//! storage can opt in to TF32 tensor cores for the three GEMMs on ≥ 8.0
+//! (`iieu_conv_{fwd,dgrad,wgrad}_tc_tf32`; off by default, see [`set_allow_tf32`] for
+//! the precision).
 //!
 //! Backward: IIEU-B's five backward kernels (reading `ψ(c)` the same way) give
 //! `dx = ∂L/∂x`, the `r_x` path of `dx_pre`, the `r_w` path of `dW` and `dγ̇`, `dβ̇`,
@@ -110,13 +113,14 @@ const TC_TILE_K: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmPath {
     /// Tensor cores for f16 / bf16 on compute capability ≥ 8.0 and for f16 on 7.5 – 7.x
-    /// (the Turing form), else CUDA cores (the default).
+    /// (the Turing form), else CUDA cores (the default). f32: TF32 tensor cores only
+    /// under [`set_allow_tf32`].
     Auto,
     /// CUDA cores for every dtype and device.
     CudaCores,
     /// The sm_80 tensor-core kernels (`mma.sync.m16n8k16`) for f16 / bf16 wherever they
     /// can run (≥ 8.0, and a kernel image built for ≥ 8.0); CUDA cores elsewhere (never
-    /// the Turing form), and for f32.
+    /// the Turing form), and for f32 unless [`set_allow_tf32`] (then TF32, as `Auto`).
     TensorCores,
     /// The Turing forms of the tensor-core forward, data gradient and weight gradient
     /// (`iieu_conv_{fwd,dgrad,wgrad}_tc75_f16`: `mma.sync.m16n8k8`, no `cp.async`) for
@@ -150,17 +154,76 @@ pub fn set_gemm_path(p: GemmPath) -> GemmPath {
     }
 }
 
+/// TF32 opt-in: 0 not yet read from `AK_ALLOW_TF32`, 1 off, 2 on.
+static ALLOW_TF32: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether f32-storage IieuConv2d may run its convolution GEMMs on TF32 tensor cores
+/// (see [`set_allow_tf32`]). Initially `true` iff the environment variable
+/// `AK_ALLOW_TF32` is `1` when first consulted; [`set_allow_tf32`] overrides it.
+pub fn allow_tf32() -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    match ALLOW_TF32.load(SeqCst) {
+        1 => false,
+        2 => true,
+        _ => {
+            let env = env_allow_tf32();
+            // A concurrent set_allow_tf32 wins over the environment.
+            match ALLOW_TF32.compare_exchange(0, if env { 2 } else { 1 }, SeqCst, SeqCst) {
+                Ok(_) => env,
+                Err(v) => v == 2,
+            }
+        }
+    }
+}
+
+fn env_allow_tf32() -> bool {
+    std::env::var("AK_ALLOW_TF32").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Opts f32-storage IieuConv2d in to (or out of) TF32 tensor cores for its three
+/// convolution GEMMs (forward, data gradient, weight gradient); returns the
+/// previous setting. Process-wide, like PyTorch's `torch.backends.cuda.matmul.allow_tf32`
+/// or candle's `set_gemm_reduced_precision_f32`; the initial value is `true` iff the
+/// environment variable `AK_ALLOW_TF32` is `1`.
+///
+/// **Off by default**: f32 convolutions run on CUDA cores in exact f32 arithmetic (f32
+/// products, f32 accumulation). With the opt-in on a device of compute capability ≥ 8.0
+/// (and kernels compiled for ≥ 8.0) the GEMMs run on `mma.sync.m16n8k8.tf32`
+/// (`iieu_conv_{fwd,dgrad,wgrad}_tc_tf32`): each operand element (`x_pre` and `W` for
+/// `c = W ⋆ x_pre`; `dc` and `W` for `dx_pre`; `dc` and `x_pre` for `dW`) is rounded to
+/// TF32 — 10 explicit mantissa bits, round to nearest (`cvt.rna`), relative error
+/// ≤ 2⁻¹¹ per operand, so ≤ about 2⁻¹⁰ per product — and the products are accumulated
+/// in f32. Each GEMM output then differs from the exact f32 result by up to about
+/// 2⁻¹⁰·Σ|a·b| over its reduction (vs ~√K·2⁻²⁴ for CUDA cores), the usual precision of
+/// TF32 training. The patch norms `‖P‖` and `r_x`, the filter norms, ψ, IIEU-B and
+/// every other reduction stay exact f32 (`r_x` is bitwise the CUDA-core value), and the
+/// weight gradient stays bitwise reproducible (the same fixed chunks and ordered sum).
+/// f16 / bf16 storage is unaffected (always tensor cores on ≥ 8.0, see the module
+/// documentation).
+pub fn set_allow_tf32(on: bool) -> bool {
+    match ALLOW_TF32.swap(if on { 2 } else { 1 }, std::sync::atomic::Ordering::SeqCst) {
+        1 => false,
+        2 => true,
+        _ => env_allow_tf32(),
+    }
+}
+
 /// Whether the forward convolution, the data gradient and the weight gradient of
 /// storage dtype `T` run on
 /// tensor cores on `stream`'s device:
 /// f16 / bf16 on compute capability ≥ 8.0 (`mma.sync.m16n8k16`, `cp.async`), unless a
-/// test forced [`GemmPath::CudaCores`] or [`GemmPath::TuringTensorCores`]. f32 always
-/// takes the CUDA-core path. The loaded kernels must also have been compiled for ≥ 8.0:
+/// test forced [`GemmPath::CudaCores`] or [`GemmPath::TuringTensorCores`]. f32 takes
+/// the CUDA-core path unless [`allow_tf32`] (then, on ≥ 8.0, the TF32 kernels
+/// `iieu_conv_{fwd,dgrad,wgrad}_tc_tf32`). The loaded kernels must also have been
+/// compiled for ≥ 8.0:
 /// a build for sm_75 only (`AK_CUDA_ARCHS=75`) carries `compute_75` PTX, which a newer
 /// driver JIT-compiles for an 8.x device with `__CUDA_ARCH__` = 750, where these
 /// kernels' bodies are a trap — so the PTX version of the loaded function decides too.
 fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
-    if T::NAME == "f32" || matches!(GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst), 1 | 3) {
+    if matches!(GEMM_PATH.load(std::sync::atomic::Ordering::SeqCst), 1 | 3) {
+        return Ok(false);
+    }
+    if T::NAME == "f32" && !allow_tf32() {
         return Ok(false);
     }
     let (major, _) = compute_capability(stream)?;
@@ -624,6 +687,7 @@ pub fn forward<T: DType>(
     let f = match (tc75, tc, T::NAME) {
         (true, _, _) => kernel_fn!(stream, "iieu_conv_fwd_tc75_f16")?,
         (false, true, "f16") => kernel_fn!(stream, "iieu_conv_fwd_tc_f16")?,
+        (false, true, "f32") => kernel_fn!(stream, "iieu_conv_fwd_tc_tf32")?,
         (false, true, _) => kernel_fn!(stream, "iieu_conv_fwd_tc_bf16")?,
         (false, false, _) => kernel_fn!(stream, "iieu_conv_fwd", T)?,
     };
@@ -642,7 +706,8 @@ pub fn forward<T: DType>(
     // o < O/g, p < P (every c element is written by exactly one block), stats at
     // (n·O + grp·O/g + o)·mtiles + mt (all N·O·mtiles written), and sq[(n·g + grp)·P + p]
     // (all N·g·P written by the nt = 0 blocks) when sq is given. The tensor-core kernels
-    // (f16 / bf16 only; iieu_conv_fwd_tc_* chosen only on compute capability ≥ 8.0, the
+    // (f16 / bf16, and f32 under the TF32 opt-in as iieu_conv_fwd_tc_tf32;
+    // iieu_conv_fwd_tc_* chosen only on compute capability ≥ 8.0, the
     // arch its body is compiled for, iieu_conv_fwd_tc75_f16 only for f16 on ≥ 7.5, where
     // m16n8k8 and ldmatrix exist) have the same grid, reads and writes, with TC_THREADS
     // threads.
@@ -858,6 +923,7 @@ pub fn backward<T: DType>(
     let f = match (tc75, tc, T::NAME) {
         (true, _, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc75_f16")?,
         (false, true, "f16") => kernel_fn!(stream, "iieu_conv_wgrad_tc_f16")?,
+        (false, true, "f32") => kernel_fn!(stream, "iieu_conv_wgrad_tc_tf32")?,
         (false, true, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc_bf16")?,
         (false, false, _) => kernel_fn!(stream, "iieu_conv_wgrad", T)?,
     };
@@ -867,10 +933,11 @@ pub fn backward<T: DType>(
     // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
     // grp·C/g + cl < C; it writes part[s·O·K + (grp·O/g + o)·K + k] for o < O/g,
     // k < K — with all (s, grp, ot, kt) every element of the splits·O·K buffer once.
-    // The tensor-core kernels (f16 / bf16 only; iieu_conv_wgrad_tc_* chosen only on
-    // compute capability ≥ 8.0, the arch its body is compiled for,
-    // iieu_conv_wgrad_tc75_f16 only for f16 on ≥ 7.5, where m16n8k8 and ldmatrix exist)
-    // have the same grid, chunks, reads and writes, with TC_THREADS threads.
+    // The tensor-core kernels (f16 / bf16, or tf32 for f32 under the opt-in;
+    // iieu_conv_wgrad_tc_* chosen only on compute capability ≥ 8.0, the arch its body is
+    // compiled for, iieu_conv_wgrad_tc75_f16 only for f16 on ≥ 7.5, where m16n8k8 and
+    // ldmatrix exist) have the same grid, chunks, reads and writes, with TC_THREADS
+    // threads.
     let cfg_wgrad = if tc {
         LaunchConfig {
             block_dim: (TC_THREADS, 1, 1),
@@ -916,6 +983,7 @@ fn launch_dgrad<T: DType>(
     let f = match (tc75, tc, T::NAME) {
         (true, _, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc75_f16")?,
         (false, true, "f16") => kernel_fn!(stream, "iieu_conv_dgrad_tc_f16")?,
+        (false, true, "f32") => kernel_fn!(stream, "iieu_conv_dgrad_tc_tf32")?,
         (false, true, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc_bf16")?,
         (false, false, _) => kernel_fn!(stream, "iieu_conv_dgrad", T)?,
     };
@@ -925,10 +993,11 @@ fn launch_dgrad<T: DType>(
     // grp·O/g + ol < O and in-range (ho, wo) only (checked per tap), W at
     // ((grp·O/g + ol)·C/g + c')·KH·KW + t < O·C/g·KH·KW = w.len(), add (N·C·H·W) when
     // given; it writes dx_pre[(n·C + grp·C/g + c')·H·W + q] for c' < C/g, q < H·W —
-    // every element exactly once. The tensor-core kernels (f16 / bf16 only;
-    // iieu_conv_dgrad_tc_* chosen only on compute capability ≥ 8.0, the arch its body is
-    // compiled for, iieu_conv_dgrad_tc75_f16 only for f16 on ≥ 7.5, where m16n8k8 and
-    // ldmatrix exist) have the same grid, reads and writes, with TC_THREADS threads.
+    // every element exactly once. The tensor-core kernels (f16 / bf16, or tf32 for f32
+    // under the opt-in; iieu_conv_dgrad_tc_* chosen only on compute capability ≥ 8.0,
+    // the arch its body is compiled for, iieu_conv_dgrad_tc75_f16 only for f16 on ≥ 7.5,
+    // where m16n8k8 and ldmatrix exist) have the same grid, reads and writes, with
+    // TC_THREADS threads.
     let cfg = if tc {
         LaunchConfig {
             block_dim: (TC_THREADS, 1, 1),

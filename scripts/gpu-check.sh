@@ -212,6 +212,10 @@ PY
   export LD_LIBRARY_PATH="/usr/local/cuda/lib64${libs:+:$libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   { echo; echo "## ldd candle_cuda (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"; ldd "$work/bin/candle_cuda" 2>&1 || true; } >> "$out/env.txt"
 fi
+if [ -x "$work/bin/burn_cuda" ]; then
+  # From `gpu-pack.sh --with-burn`: burn's CUDA backend running this crate's ACON kernels.
+  suites+=(burn_cuda)
+fi
 rows=()
 t_pass=0; t_fail=0; rc_all=0; skipped=0
 if [ "$tests" = 1 ]; then

@@ -9,7 +9,7 @@
 # Fails if the pack is larger than --max-mib (default 56: the device tool carries at
 # most 64 MiB, working tree included).
 #
-#   scripts/gpu-pack.sh [--archs 90] [--out gpu-pack] [--max-mib 56] [--with-candle]
+#   scripts/gpu-pack.sh [--archs 90] [--out gpu-pack] [--max-mib 56] [--with-candle] [--with-burn]
 #
 #   --with-candle  also tests/candle_cuda.rs and benches/candle_cuda_conv.rs (the fused
 #                  IieuConv2d against candle's CUDA conv2d) with `--features candle-cuda` (builds
@@ -20,6 +20,11 @@
 #                  AK_CUDA_LINK_DIR to a folder with the real libraries to use those
 #                  instead. gpu-check.sh finds the real ones on the GPU machine (toolkit
 #                  lib64, python3's NVIDIA wheels).
+#   --with-burn    also tests/burn_cuda.rs with `--features burn-cuda` (burn's CUDA backend
+#                  running this crate's kernels). cubecl-cuda links a prebuilt LLVM that
+#                  tracel-llvm-bundler's build script downloads from github.com (cached
+#                  in ~/.local/share/tracel): needs that network access once. Never built
+#                  here yet (no such access): see docs/burn.md#cuda.
 #
 # NVCC: $NVCC, else .cuda-toolchain/ of this checkout or of the main worktree, else
 # scripts/install-cuda-toolchain.sh. CARGO_TARGET_DIR is honoured.
@@ -33,13 +38,15 @@ archs="${AK_CUDA_ARCHS:-90}"
 out="gpu-pack"
 max_mib=56
 candle=0
+burn=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --archs) archs="$2"; shift ;;
     --out) out="$2"; shift ;;
     --max-mib) max_mib="$2"; shift ;;
     --with-candle) candle=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --with-burn) burn=1 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -104,6 +111,10 @@ if [ "$candle" = 1 ]; then
     --message-format=json-render-diagnostics >> "$msgs"
   AK_CUDA_LINK_DIR="$link_root/lib64"
 fi
+if [ "$burn" = 1 ]; then
+  cargo test --release --features burn-cuda --no-run --test burn_cuda \
+    --message-format=json-render-diagnostics >> "$msgs"
+fi
 t1=$(date +%s)
 
 rm -rf "$out"
@@ -122,7 +133,7 @@ for line in open(sys.argv[1]):
 for name, exe in sorted(seen.items()):
     print(name, exe)
 PY
-want=$(( ${#tests[@]} / 2 + 1 + 2 * candle ))
+want=$(( ${#tests[@]} / 2 + 1 + 2 * candle + burn ))
 got=$(wc -l < "$out/.list")
 [ "$got" = "$want" ] || { echo "gpu-pack: expected $want executables, cargo reported $got:" >&2; cat "$out/.list" >&2; exit 1; }
 

@@ -1,7 +1,10 @@
 //! The burn backend extension: [`AkBackend`], implemented for burn's CPU backend
-//! (`Flex`) by moving tensors to host slices and running [`crate::cpu`], and for
-//! `Autodiff<B, C>` with a backward node that runs the crate's CPU backward.
+//! (`Flex`) by moving tensors to host slices and running [`crate::cpu`], for burn's
+//! CubeCL backend on a CUDA device (`Cube`, feature `burn-cuda`: module `burn::cuda`) with
+//! this crate's kernels on burn's device buffers, and for `Autodiff<B, C>` with a
+//! backward node that runs the inner backend's backward ([`AkAutodiffInner`]).
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
@@ -11,6 +14,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
+#[cfg(feature = "burn-cuda")]
+use burn::backend::Cube;
 use burn::backend::{
     backend_extension, try_read_sync, Backend, DType, Flex, TensorData, TensorMetadata,
 };
@@ -27,11 +32,14 @@ use crate::{Error, Result};
 /// An error of the CPU op does not panic: it is recorded in `op` (the public functions
 /// of [`super::ops`] return it as `Err`) and the result is zeros.
 ///
-/// Implemented for burn's `Flex` CPU backend (forward only) and for `Autodiff<B, C>`
-/// over any `B: AkBackend` (forward, plus a backward node calling the crate's CPU
-/// backward). A GPU backend implements the same method with the crate's kernels on
-/// the backend's device memory (see `docs/burn.md`).
-#[backend_extension(Flex, Autodiff)]
+/// Implemented for burn's `Flex` CPU backend (the crate's CPU ops on host slices), for
+/// burn's `Cube` backend on a CUDA device (feature `burn-cuda`: the crate's kernels on
+/// burn's device buffers, see module `burn::cuda` for the synchronization) and for
+/// `Autodiff<B, C>` over any `B: AkBackend + AkAutodiffInner` (the inner forward, plus
+/// a backward node that runs the inner backend's backward:
+/// [`AkAutodiffInner::ak_backward`]). A tensor on another backend panics in burn's
+/// dispatch (burn's rule for a backend an extension does not list).
+#[backend_extension(Flex, Cube: cfg(feature = "burn-cuda"), Autodiff)]
 pub trait AkBackend: burn::backend::Backend {
     /// Runs `op` on `x0..x5` (see the trait docs).
     #[allow(clippy::too_many_arguments)]
@@ -153,18 +161,146 @@ impl AkBackend for Flex {
     }
 }
 
-/// State of the backward node: the op, its host inputs and the CPU forward's state.
+/// What an op's backward needs from its forward, as the inner backend keeps it
+/// (host inputs and the CPU forward's state on `Flex`; the device input tensors on
+/// `Cube`). Opaque outside the backend that made it.
+pub type AkSaved = Arc<dyn Any + Send + Sync>;
+
+/// The forward and backward an `Autodiff<B, C>` node of [`AkBackend::ak_host_op`] runs
+/// on its inner backend `B`. Implemented for `Flex` (the crate's CPU forward and
+/// backward on host slices) and, with feature `burn-cuda`, for `Cube` (the crate's
+/// CUDA forward and backward on the device buffers). A new backend implements this
+/// trait and [`AkBackend`] the same way.
+pub trait AkAutodiffInner: Backend {
+    /// Runs `op` on `ins` (slots as in [`AkBackend::ak_host_op`]): the output and, if
+    /// the forward succeeded, what [`Self::ak_backward`] needs. An error is recorded
+    /// in `op` and the output is zeros (as in [`AkBackend::ak_host_op`]).
+    fn ak_forward_saved(
+        op: &HostOp,
+        ins: Vec<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, Option<AkSaved>);
+
+    /// The gradients of the op's first `op.arity()` inputs, shaped `in_dims`, for the
+    /// output gradient `dout`. Runs only after a successful forward on the same
+    /// inputs: it cannot fail on user input, and an internal inconsistency panics.
+    fn ak_backward(
+        op: &HostOp,
+        saved: &AkSaved,
+        dout: FloatTensor<Self>,
+        in_dims: &[Vec<usize>],
+    ) -> Vec<FloatTensor<Self>>;
+}
+
+/// The host state of a `Flex` forward: its inputs and the CPU forward's state.
+type HostSaved = (HostInputs, SavedAny);
+
+impl AkAutodiffInner for Flex {
+    fn ak_forward_saved(
+        op: &HostOp,
+        ins: Vec<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, Option<AkSaved>) {
+        let (out, saved) = host_forward::<Self>(op, ins);
+        (out, saved.map(|s| Arc::new(s) as AkSaved))
+    }
+
+    fn ak_backward(
+        op: &HostOp,
+        saved: &AkSaved,
+        dout: FloatTensor<Self>,
+        in_dims: &[Vec<usize>],
+    ) -> Vec<FloatTensor<Self>> {
+        host_backward::<Self>(op, saved, dout, in_dims)
+    }
+}
+
+/// The CPU backward on the host: reads `dout`, runs the crate's CPU backward on the
+/// saved host inputs, and builds one gradient tensor per input on `dout`'s device.
+fn host_backward<B: Backend>(
+    op: &HostOp,
+    saved: &AkSaved,
+    dout: FloatTensor<B>,
+    in_dims: &[Vec<usize>],
+) -> Vec<FloatTensor<B>> {
+    let device = dout.device();
+    let Some((inputs, saved)) = saved.downcast_ref::<HostSaved>() else {
+        panic!("activation-kernels burn backward: the forward state is not the host's");
+    };
+    // The forward succeeded on these inputs, so the CPU backward can fail only on
+    // an internal inconsistency: no user input reaches this point unvalidated.
+    let dout = read::<B>(dout).unwrap_or_else(|e| panic!("activation-kernels burn: {e}"));
+    let grads_host: Vec<TensorData> = match inputs {
+        HostInputs::F32(v) => {
+            let d = to_vec::<f32>(&dout)
+                .and_then(|d| kernel::backward::<f32>(op, &slices(v), saved, &d));
+            let g = d.unwrap_or_else(|e| panic!("activation-kernels burn backward: {e}"));
+            g.into_iter()
+                .zip(in_dims)
+                .map(|(g, dims)| TensorData::new(g, dims.clone()))
+                .collect()
+        }
+        HostInputs::F64(v) => {
+            let d = to_vec::<f64>(&dout)
+                .and_then(|d| kernel::backward::<f64>(op, &slices(v), saved, &d));
+            let g = d.unwrap_or_else(|e| panic!("activation-kernels burn backward: {e}"));
+            g.into_iter()
+                .zip(in_dims)
+                .map(|(g, dims)| TensorData::new(g, dims.clone()))
+                .collect()
+        }
+    };
+    grads_host
+        .into_iter()
+        .map(|g| B::float_from_data(g, &device))
+        .collect()
+}
+
+#[cfg(feature = "burn-cuda")]
+impl AkBackend for Cube {
+    fn ak_host_op(
+        op: HostOp,
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        super::cuda::forward(&op, vec![x0, x1, x2, x3, x4, x5]).0
+    }
+}
+
+#[cfg(feature = "burn-cuda")]
+impl AkAutodiffInner for Cube {
+    fn ak_forward_saved(
+        op: &HostOp,
+        ins: Vec<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, Option<AkSaved>) {
+        super::cuda::forward(op, ins)
+    }
+
+    fn ak_backward(
+        op: &HostOp,
+        saved: &AkSaved,
+        dout: FloatTensor<Self>,
+        in_dims: &[Vec<usize>],
+    ) -> Vec<FloatTensor<Self>> {
+        super::cuda::backward(op, saved, dout, in_dims)
+    }
+}
+
+/// State of the backward node: the op, the inner backend's forward state and the
+/// input dims.
 #[derive(Clone)]
-struct HostState {
+struct NodeState {
     op: HostOp,
-    /// Host inputs and the CPU forward's state; `None` if the forward failed.
-    host: Option<(Arc<HostInputs>, SavedAny)>,
+    /// The inner forward's state; `None` if the forward failed.
+    saved: Option<AkSaved>,
     in_dims: Arc<Vec<Vec<usize>>>,
 }
 
-impl fmt::Debug for HostState {
+impl fmt::Debug for NodeState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HostState")
+        f.debug_struct("NodeState")
             .field("op", &self.op)
             .field("in_dims", &self.in_dims)
             .finish_non_exhaustive()
@@ -173,10 +309,10 @@ impl fmt::Debug for HostState {
 
 /// Backward node of [`AkBackend::ak_host_op`] under `Autodiff`.
 #[derive(Debug)]
-struct HostBackward;
+struct AkBackwardNode;
 
-impl<B: Backend> Backward<B, MAX_INPUTS> for HostBackward {
-    type State = HostState;
+impl<B: AkAutodiffInner> Backward<B, MAX_INPUTS> for AkBackwardNode {
+    type State = NodeState;
 
     fn backward(
         self,
@@ -185,43 +321,20 @@ impl<B: Backend> Backward<B, MAX_INPUTS> for HostBackward {
         _checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let device = grad.device();
         let st = ops.state;
-        let Some((inputs, saved)) = &st.host else {
+        let Some(saved) = &st.saved else {
             return;
         };
-        // The forward succeeded on these inputs, so the CPU backward can fail only on
-        // an internal inconsistency: no user input reaches this point unvalidated.
-        let dout = read::<B>(grad).unwrap_or_else(|e| panic!("activation-kernels burn: {e}"));
-        let grads_host: Vec<TensorData> = match &**inputs {
-            HostInputs::F32(v) => {
-                let d = to_vec::<f32>(&dout)
-                    .and_then(|d| kernel::backward::<f32>(&st.op, &slices(v), saved, &d));
-                let g = d.unwrap_or_else(|e| panic!("activation-kernels burn backward: {e}"));
-                g.into_iter()
-                    .zip(st.in_dims.iter())
-                    .map(|(g, dims)| TensorData::new(g, dims.clone()))
-                    .collect()
-            }
-            HostInputs::F64(v) => {
-                let d = to_vec::<f64>(&dout)
-                    .and_then(|d| kernel::backward::<f64>(&st.op, &slices(v), saved, &d));
-                let g = d.unwrap_or_else(|e| panic!("activation-kernels burn backward: {e}"));
-                g.into_iter()
-                    .zip(st.in_dims.iter())
-                    .map(|(g, dims)| TensorData::new(g, dims.clone()))
-                    .collect()
-            }
-        };
-        for (parent, g) in ops.parents.iter().zip(grads_host) {
+        let in_grads = B::ak_backward(&st.op, saved, grad, &st.in_dims);
+        for (parent, g) in ops.parents.iter().zip(in_grads) {
             if let Some(node) = parent {
-                grads.register::<B>(node.id, B::float_from_data(g, &device));
+                grads.register::<B>(node.id, g);
             }
         }
     }
 }
 
-impl<B: AkBackend, C: CheckpointStrategy> AkBackend for Autodiff<B, C> {
+impl<B: AkBackend + AkAutodiffInner, C: CheckpointStrategy> AkBackend for Autodiff<B, C> {
     fn ak_host_op(
         op: HostOp,
         x0: FloatTensor<Self>,
@@ -232,7 +345,7 @@ impl<B: AkBackend, C: CheckpointStrategy> AkBackend for Autodiff<B, C> {
         x5: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let ins = [x0, x1, x2, x3, x4, x5];
-        let prep = HostBackward
+        let prep = AkBackwardNode
             .prepare::<C>(ins.each_ref().map(|t| t.node()))
             .compute_bound()
             .stateful();
@@ -244,12 +357,12 @@ impl<B: AkBackend, C: CheckpointStrategy> AkBackend for Autodiff<B, C> {
                     .take(op.arity())
                     .map(|p| p.shape().to_vec())
                     .collect();
-                let (out, state) = host_forward::<B>(&op, vec![p0, p1, p2, p3, p4, p5]);
+                let (out, saved) = B::ak_forward_saved(&op, vec![p0, p1, p2, p3, p4, p5]);
                 // On a failed forward (recorded in `op`, returned as `Err` by the
-                // caller) the node has no host state and its backward does nothing.
-                let state = HostState {
+                // caller) the node has no state and its backward does nothing.
+                let state = NodeState {
                     op,
-                    host: state.map(|(inputs, saved)| (Arc::new(inputs), saved)),
+                    saved,
                     in_dims: Arc::new(in_dims),
                 };
                 prep.finish(state, out)

@@ -19,15 +19,19 @@
 //!   [`nn::IieuB`], [`nn::IieuConv2d`], [`nn::IieuDc`], [`nn::Aiec`], [`nn::Tau`].
 //!
 //! Supported: `f32` and `f64` tensors on burn's `Flex` device, with or without
-//! autodiff (`Device::flex()`, `Device::flex().autodiff()`). A tensor on another
-//! backend panics in burn's dispatch (burn's rule for a backend an extension does not
-//! list). Gradients are first order. Design, and how a CUDA backend plugs in:
-//! `docs/burn.md`.
+//! autodiff (`Device::flex()`, `Device::flex().autodiff()`); with feature `burn-cuda`,
+//! ACON-A/B/C in `f32`, `f16` or `bf16` on burn's CUDA device (`Device::cuda(i)`, burn's
+//! CubeCL backend: module `cuda`, the crate's kernels on burn's device buffers; other
+//! families are an `Err` there). A tensor on another backend panics in burn's dispatch
+//! (burn's rule for a backend an extension does not list). Gradients are first order.
+//! Design: `docs/burn.md`.
 
 pub mod backend;
+#[cfg(feature = "burn-cuda")]
+pub mod cuda;
 pub mod kernel;
 pub mod nn;
 pub mod ops;
 
-pub use backend::AkBackend;
+pub use backend::{AkAutodiffInner, AkBackend, AkSaved};
 pub use kernel::HostOp;

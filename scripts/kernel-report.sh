@@ -142,6 +142,14 @@ else
       echo "SASS sm_$arch $k: $1 MISSING"; missing=1
     fi
   }
+  # An instruction (any form with this prefix) that must not be there.
+  sass_lacks() {
+    if [ "$(grep -cF "$1" <<<"$body")" -eq 0 ]; then
+      echo "SASS sm_$arch $k: no $1 (as it should be)"
+    else
+      echo "SASS sm_$arch $k: $1 PRESENT, must not be"; missing=1
+    fi
+  }
   # The tensor-core kernels (issue 17) on sm_80, sm_86, sm_90: mma.sync m16n8k16 (HMMA),
   # ldmatrix (LDSM: the forward plain for B and .trans for A, the data gradient .trans
   # for both, the weight gradient plain for both, its operands being pixel-contiguous),
@@ -188,9 +196,11 @@ else
       for pat in HMMA.1688.F32 $ldsm; do
         sass_has "$pat"
       done
+      # m16n8k16 there would mean mma_step fell back to the sm_80 instruction.
+      sass_lacks HMMA.16816
     done
   done
-  [ "$missing" = 0 ] || { echo "a tensor-core kernel lost its HMMA / LDSM / LDGSTS" >&2; exit 1; }
+  [ "$missing" = 0 ] || { echo "a tensor-core kernel lost its HMMA / LDSM / LDGSTS (or a Turing form has HMMA.16816)" >&2; exit 1; }
 fi
 # --docs: put the table into docs/kernels.md between the ptxas markers.
 if [ "$docs" = 1 ]; then

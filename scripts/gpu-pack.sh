@@ -112,7 +112,11 @@ if [ "$candle" = 1 ]; then
   AK_CUDA_LINK_DIR="$link_root/lib64"
 fi
 if [ "$burn" = 1 ]; then
-  cargo test --release --features burn-cuda --no-run --test burn_cuda \
+  # CUDARC_CUDA_VERSION=12020: cubecl-cuda's build script reads the CUDA version from its
+  # own build-dependency cudarc, which without it takes the newest version it knows and
+  # emits cfgs (cuda_12080) for driver APIs the crate's cudarc, pinned to 12.2, lacks
+  # (a compile error in cubecl-cuda); .ci/run sets the same (docs/burn.md).
+  CUDARC_CUDA_VERSION=12020 cargo test --release --features burn-cuda --no-run --test burn_cuda \
     --message-format=json-render-diagnostics >> "$msgs"
 fi
 t1=$(date +%s)

@@ -181,6 +181,8 @@ else
       for pat in HMMA.1688.F32.TF32 LDGSTS.E.BYPASS.128 LDGDEPBAR DEPBAR.LE; do
         sass_has "$pat"
       done
+      # LDSM would load 16-bit pairs: a TF32 fragment read by ldmatrix is wrong.
+      sass_lacks LDSM
     done
   done
   # The Turing forms on sm_75 and sm_86: m16n8k8 (HMMA.1688) and ldmatrix, as their

@@ -19,7 +19,8 @@
 //! derivations for `c`, `dx_pre` and `dW` are stated there). f32 runs exact f32 on CUDA
 //! cores (the TF32 opt-in held off); the `tf32_*` cases opt in (`set_allow_tf32`) and
 //! check the TF32 forward, data gradient and weight gradient at tolerances derived
-//! for TF32 operands.
+//! for TF32 operands, and `tf32_whole_op_parity` the whole op under the opt-in (its
+//! tolerance class derived there).
 //!
 //! Every GPU computation runs under `Gpu::check_schedules` (bitwise identical under four
 //! thread orders, race / init / bounds detectors on, no leaked allocation), and backward
@@ -195,6 +196,18 @@ struct Case<T> {
 
 impl<T: Storage> Case<T> {
     fn new(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) -> Self {
+        Self::new_with(geo, mode, kind, seed, T::MARGIN_U)
+    }
+
+    /// As [`Case::new`] with the η margin's unit roundoff `margin_u` (the TF32 case's
+    /// is its GEMMs' error bound, not the storage dtype's).
+    fn new_with(
+        geo: Conv2dGeometry,
+        mode: PatchNorm,
+        kind: Kind,
+        seed: u64,
+        margin_u: f64,
+    ) -> Self {
         let cfg = IieuConfig::new(geo).with_patch_norm(mode);
         let (oh, ow) = geo.validate().unwrap();
         let plane = oh * ow;
@@ -216,7 +229,7 @@ impl<T: Storage> Case<T> {
         let x = cnaive::psi_fwd(&psi, &c, geo.n, geo.c_out, plane);
         let rho = naive::rho(&cfg, &x, &xp64, &w64, &gamma, &beta);
         let rmax = rho.iter().fold(1.0f64, |a, v| a.max(v.abs()));
-        let margin = 8.0 * T::MARGIN_U * rmax;
+        let margin = 8.0 * margin_u * rmax;
         let eta = choose_eta(&rho, geo.n, geo.c_out, plane, margin, T::U == 0.0);
         let (lower, gap) = naive::branch_stats(&rho, &eta, plane);
         assert!(gap > margin, "an element is within {gap} (< {margin}) of η");
@@ -335,12 +348,40 @@ fn parity_case<T: Storage>(
     two: bool,
     path: GemmPath,
 ) {
+    parity_case_with::<T>(geo, mode, kind, seed, two, path, None);
+}
+
+/// Precision class of a parity run that is not its storage dtype's: TF32 (see
+/// `tf32_whole_op_*`).
+#[derive(Clone, Copy)]
+struct Prec {
+    /// Unit roundoff of the η margin.
+    margin_u: f64,
+    /// Relative term u of the tolerance (T::U otherwise).
+    u: f64,
+    /// Max-relative term r (T::R otherwise).
+    r: f64,
+}
+
+/// [`parity_case`]; with `tf32 = Some(prec)` the TF32 opt-in is on and `prec` replaces
+/// the dtype's margin and tolerance.
+fn parity_case_with<T: Storage>(
+    geo: Conv2dGeometry,
+    mode: PatchNorm,
+    kind: Kind,
+    seed: u64,
+    two: bool,
+    path: GemmPath,
+    tf32: Option<Prec>,
+) {
     let Some(dev) = open_gpu() else { return };
     let _path = PathGuard(set_gemm_path(path));
     // f32 at the suite's tolerances is exact-f32 arithmetic: the TF32 opt-in off (even
     // when AK_ALLOW_TF32=1 is set for the process); TF32 has its own checks below.
-    let _tf32 = Tf32Guard(set_allow_tf32(false));
-    let c = Case::<T>::new(geo, mode, kind, seed);
+    let _tf32 = Tf32Guard(set_allow_tf32(tf32.is_some()));
+    let margin_u = tf32.map_or(T::MARGIN_U, |p| p.margin_u);
+    let (tol_u, tol_r) = tf32.map_or((T::U, T::R), |p| (p.u, p.r));
+    let c = Case::<T>::new_with(geo, mode, kind, seed, margin_u);
     let stream = dev.ctx.default_stream();
     let vals = std::cell::RefCell::new(Vec::new());
     let run = || {
@@ -348,10 +389,28 @@ fn parity_case<T: Storage>(
         *vals.borrow_mut() = v;
         out
     };
+    #[cfg(feature = "emulate")]
+    activation_kernels::emu::set_launch_log(tf32.is_some());
     if two {
         paths::two_orders(&dev, run);
     } else {
         dev.check_schedules(run);
+    }
+    #[cfg(feature = "emulate")]
+    if tf32.is_some() {
+        let log = activation_kernels::emu::take_launch_log();
+        activation_kernels::emu::set_launch_log(false);
+        let names: Vec<&str> = log.iter().map(|l| l.kernel.as_str()).collect();
+        for k in [
+            "iieu_conv_fwd_tc_tf32",
+            "iieu_conv_dgrad_tc_tf32",
+            "iieu_conv_wgrad_tc_tf32",
+        ] {
+            assert!(
+                names.contains(&k),
+                "TF32 opt-in: {k} not launched ({names:?})"
+            );
+        }
     }
     let got = vals.into_inner();
 
@@ -385,7 +444,8 @@ fn parity_case<T: Storage>(
         want.iter().map(|v| v.0).collect::<Vec<_>>(),
         "device and reference return the same set of results"
     );
-    let tag = |s: &str| format!("{} {mode:?} {kind:?} {geo:?}: {s}", T::NAME);
+    let dt = if tf32.is_some() { "tf32" } else { T::NAME };
+    let tag = |s: &str| format!("{dt} {mode:?} {kind:?} {geo:?}: {s}");
     for ((name, gv), (_, wv)) in got.iter().zip(&want) {
         if wv.is_empty() {
             assert!(
@@ -399,8 +459,8 @@ fn parity_case<T: Storage>(
             *name,
             "r_x" | "running_mean" | "running_var" | "batch_mean" | "batch_var"
         ) || name.starts_with("d_");
-        let u = if f32_only { 0.0 } else { T::U };
-        assert_parity("iieu_conv", &tag(name), gv, wv, u, T::R);
+        let u = if f32_only { 0.0 } else { tol_u };
+        assert_parity("iieu_conv", &tag(name), gv, wv, u, tol_r);
     }
 }
 
@@ -1122,11 +1182,17 @@ fn tf32_forward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u
             .collect();
         (cv, rx)
     };
-    let (_, rx_cc) = fwd(GemmPath::Auto, false, CC);
+    let (c_cc, rx_cc) = fwd(GemmPath::Auto, false, CC);
     fwd(GemmPath::TensorCores, false, CC);
     let (c_tf, rx_tf) = fwd(GemmPath::Auto, true, TF32);
     fwd(GemmPath::CudaCores, true, CC);
     assert_eq!(rx_tf, rx_cc, "r_x: TF32 and CUDA-core paths differ");
+    // TF32 really ran (also where no launch log says so, on a GPU): its operand
+    // rounding changes some c from the exact-f32 path's.
+    assert!(
+        c_tf.iter().zip(&c_cc).any(|(a, b)| a != b),
+        "TF32 opt-in: c is bitwise the CUDA-core path's (TF32 did not run)"
+    );
 
     let (xp64, w64) = (to_f64(&c.x_pre), to_f64(&c.w));
     let want = naive::conv(&geo, &xp64, &w64);
@@ -1589,4 +1655,61 @@ fn bad_input() {
     shape_err(gpu::backward(&s, &cfg, &dy, &xp, &w, &none, &saved_bn));
 
     assert_eq!(live(), before, "a rejected call allocated device memory");
+}
+
+// ------------------------------------------------------------------------------------
+// The whole op under the TF32 opt-in: forward (BatchNorm's batch statistics from the
+// TF32 forward's tile statistics, ψ, IIEU-B), backward (the TF32 data and weight
+// gradients inside it), every output and gradient, against the f64 reference on the f32
+// inputs. The tf32_* cases above bound each TF32 GEMM tightly on its own (c, the
+// data-gradient GEMM, dW); this one checks everything that follows them with the TF32
+// kernels in the loop (the launch log must name all three).
+//
+// Tolerance, derived from the GEMM bound (tf32_forward_checks): a TF32 GEMM output is
+// within [2^-10·(1 + 2^-12) + (S + 1)·2^-20·(1 + 2^-9)]·Q_i of its exact value
+// (Q_i = Σ|a·b|), which is ≤ 2^-8·max|out| wherever Q_i ≤ κ·max|out| with κ ≤ 3.9 —
+// asserted for this case's forward GEMM (its data- and weight-gradient GEMMs sum the
+// same random-sign products). So every GEMM output is within one bf16 rounding of the
+// maximum of its exact values, and the outputs are stored in f32 (no storage rounding:
+// u = 0): the bf16 class's max-relative term r = 16·2^-8 (four such errors each
+// amplified ≤ 4× by cancellation, as the module docs derive for bf16) and its η margin
+// 8·2^-8·max|ρ̂| (a c error of 2^-8·max|c| moves ρ̂ by far less) apply. Not a loosened
+// f32 tolerance: the f32 cases keep R32 with the opt-in off.
+const TF32_PREC: Prec = Prec {
+    margin_u: 1.0 / 256.0,
+    u: 0.0,
+    r: 16.0 / 256.0,
+};
+
+/// κ = max_i Q_i / max|c| of a case's forward GEMM (the precondition above).
+fn tf32_kappa(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) -> f64 {
+    let c = Case::<f32>::new_with(geo, mode, kind, seed, TF32_PREC.margin_u);
+    let (xp, w) = (to_f64(&c.x_pre), to_f64(&c.w));
+    let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+    let q = naive::conv(&geo, &abs(&xp), &abs(&w));
+    let cv = naive::conv(&geo, &xp, &w);
+    let max = |v: &[f64]| v.iter().fold(0.0f64, |a, b| a.max(b.abs()));
+    max(&q) / max(&cv)
+}
+
+fn tf32_whole_op(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
+    let kappa = tf32_kappa(geo, mode, kind, seed);
+    assert!(
+        kappa <= 3.9,
+        "{geo:?}: κ = {kappa} > 3.9, the tolerance's precondition"
+    );
+    let p = Some(TF32_PREC);
+    parity_case_with::<f32>(geo, mode, kind, seed, false, GemmPath::Auto, p);
+}
+
+/// Ragged 3×3 (M = 2·9·11, O = 7, K = 45: W and x_pre staged) with BatchNorm in
+/// training mode (statistics from the TF32 tiles), and a 1×1 layer whose W, x_pre and
+/// dc all go by cp.async (K = C/g = 12, H·W = 36: multiples of 4, not of 8) over two
+/// groups with AllChannels.
+#[test]
+fn tf32_whole_op_parity() {
+    let geo = Conv2dGeometry::new(2, 5, 9, 11, 7, 3, 3).with_padding(1, 1);
+    tf32_whole_op(geo, PatchNorm::PerGroup, Kind::BnTrain, 11);
+    let geo = Conv2dGeometry::new(2, 24, 6, 6, 10, 1, 1).with_groups(2);
+    tf32_whole_op(geo, PatchNorm::AllChannels, Kind::Affine, 12);
 }

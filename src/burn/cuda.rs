@@ -132,6 +132,11 @@ impl<T, R> Borrowed<T, R> {
 impl<T, R> Drop for Borrowed<T, R> {
     fn drop(&mut self) {
         if let Some(s) = self.slice.take() {
+            // Work of ours still queued on the stream may use the buffer: wait for it
+            // before CubeCL may reuse the memory (`_res` dropped after this), also where
+            // an op returns early on an error after a launch. On the success paths the
+            // stream was synchronized already, and this is a no-op wait.
+            let _ = s.stream().synchronize();
             // CubeCL's memory: cudarc must not free it.
             let _ = s.leak();
         }
@@ -350,7 +355,13 @@ fn zeros(
 
 /// The backend's own zeros (a CubeCL fill kernel on `Cube`).
 fn backend_zeros<B: Backend>(device: &B::Device, dtype: DType, dims: &[usize]) -> FloatTensor<B> {
-    B::float_zeros(Shape::from(dims.to_vec()), device, dtype.into())
+    // f32 where `dtype` is not a float type (a quantized input: `into` would panic).
+    let fd = if dtype.is_float() {
+        dtype.into()
+    } else {
+        DType::F32.into()
+    };
+    B::float_zeros(Shape::from(dims.to_vec()), device, fd)
 }
 
 /// Every length of an ACON op checked on the host, before any launch (the cast of the

@@ -12,6 +12,18 @@
 #pragma once
 #include <ucontext.h>
 
+// Fibers switch through a few lines of assembly on x86-64 (sched.cpp: emu_switch);
+// elsewhere through ucontext. glibc's swapcontext saves and restores the signal mask
+// with two rt_sigprocmask system calls per switch, which took about 60 % of the
+// emulator's run time (perf, a tensor-core parity test, 2026-12-07).
+#ifndef EMU_FAST_SWITCH  // -DEMU_FAST_SWITCH=0 forces ucontext (a build check of that path)
+#if defined(__x86_64__)
+#define EMU_FAST_SWITCH 1
+#else
+#define EMU_FAST_SWITCH 0
+#endif
+#endif
+
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -75,7 +87,11 @@ struct AsyncCopy {
 };
 
 struct Fiber {
+#if EMU_FAST_SWITCH
+  void* sp = nullptr;  // saved stack pointer (sched.cpp's emu_switch)
+#else
   ucontext_t uc;
+#endif
   ThreadCtx tc;
   State state;
   unsigned mask;
@@ -116,7 +132,11 @@ struct Runner {
   std::vector<Fiber> fibers;
   std::vector<uint64_t> slots;  // 32 per warp
   std::vector<uint32_t> wscratch;  // kWarpScratchWords per lane (warp_scratch)
+#if EMU_FAST_SWITCH
+  void* sched_sp = nullptr;
+#else
   ucontext_t sched;
+#endif
   Launch* L = nullptr;
   int current = -1;
   bool faulted = false;

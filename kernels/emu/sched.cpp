@@ -1,7 +1,8 @@
 // sched.cpp — the scheduler of the emulated device (feature `emulate`).
 //
-// Every thread of a block is a ucontext fiber on one host thread; __syncthreads and
-// warp collectives yield to a scheduler that releases a barrier only when every live
+// Every thread of a block is a fiber on one host thread (a hand-written stack switch
+// on x86-64, ucontext elsewhere: internal.h, EMU_FAST_SWITCH); __syncthreads and warp
+// collectives yield to a scheduler that releases a barrier only when every live
 // participant has arrived. The order in which ready fibers run is a `Schedule`:
 //
 //   0 identity, 1 reversed, 2 shuffled (a seeded permutation per block): each round
@@ -37,6 +38,7 @@
 #define EMU_ASAN 1
 extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
 extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+extern "C" void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
 #else
 #define EMU_ASAN 0
 #endif
@@ -115,15 +117,93 @@ Runner::~Runner() {
 
 namespace {
 
+#if EMU_FAST_SWITCH
+// emu_switch(save, to): pushes the callee-saved registers (System V x86-64: rbx, rbp,
+// r12-r15), MXCSR and the x87 control word on the running stack, stores the stack
+// pointer in *save, then loads `to` as the stack pointer and pops the same set: the
+// other context resumes where it called emu_switch (or, the first time, at the entry
+// its stack was prepared with, fiber_init). The signal mask is per host thread and
+// never changed by a fiber, so, unlike swapcontext, nothing else needs saving.
+extern "C" void emu_switch(void** save, void* to);
+asm(R"(
+  .text
+  .p2align 4
+  .globl emu_switch
+  .hidden emu_switch
+  .type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  fldcw (%rsp)
+  ldmxcsr 8(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch, .-emu_switch
+)");
+#endif
+
+void fiber_main();
+
 // Switch from a fiber back to the scheduler.
 void to_sched(Fiber& f) {
 #if EMU_ASAN
   void* fs = nullptr;
   __sanitizer_start_switch_fiber(&fs, tl->sched_bottom, tl->sched_size);
-  swapcontext(&f.uc, &tl->sched);
-  __sanitizer_finish_switch_fiber(fs, nullptr, nullptr);
+#endif
+#if EMU_FAST_SWITCH
+  emu_switch(&f.sp, tl->sched_sp);
 #else
   swapcontext(&f.uc, &tl->sched);
+#endif
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(fs, nullptr, nullptr);
+#endif
+}
+
+// Prepares fiber `f` of runner `r` to start at fiber_main on its own stack.
+void fiber_init(Runner& r, Fiber& f) {
+#if EMU_FAST_SWITCH
+  (void)r;
+#if EMU_ASAN
+  // A stack reused from a block whose fibers never returned (a fault) keeps the
+  // poisoned redzones of their frames; ASan's swapcontext interceptor clears them.
+  __asan_unpoison_memory_region(f.stack, kStack);
+#endif
+  // The frame emu_switch pops: control words, six registers, then its `ret` lands on
+  // fiber_main with the stack as a call leaves it (rsp + 8 a multiple of 16) above
+  // a null return address (fiber_main never returns).
+  uint64_t* s = reinterpret_cast<uint64_t*>(((uintptr_t)f.stack + kStack) & ~(uintptr_t)15);
+  *--s = 0;
+  *--s = reinterpret_cast<uint64_t>(&fiber_main);
+  for (int i = 0; i < 6; ++i) *--s = 0;
+  uint32_t mxcsr = 0;
+  uint16_t fpcw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpcw));
+  *--s = mxcsr;  // 8(%rsp)
+  *--s = fpcw;   // (%rsp)
+  f.sp = s;
+#else
+  getcontext(&f.uc);
+  f.uc.uc_stack.ss_sp = f.stack;
+  f.uc.uc_stack.ss_size = kStack;
+  f.uc.uc_link = &r.sched;
+  makecontext(&f.uc, fiber_main, 0);
 #endif
 }
 
@@ -137,6 +217,11 @@ void fiber_main() {
 #if EMU_ASAN
   __sanitizer_start_switch_fiber(nullptr, r->sched_bottom, r->sched_size);
 #endif
+#if EMU_FAST_SWITCH
+  void* dead = nullptr;
+  emu_switch(&dead, r->sched_sp);  // never resumed
+  std::abort();
+#endif
   // uc_link returns to the scheduler.
 }
 
@@ -146,10 +231,14 @@ void run_fiber(Runner& r, int i) {
   r.progress.fetch_add(1, std::memory_order_relaxed);
 #if EMU_ASAN
   __sanitizer_start_switch_fiber(&r.fake_stack, r.fibers[i].stack, kStack);
-  swapcontext(&r.sched, &r.fibers[i].uc);
-  __sanitizer_finish_switch_fiber(r.fake_stack, nullptr, nullptr);
+#endif
+#if EMU_FAST_SWITCH
+  emu_switch(&r.sched_sp, r.fibers[i].sp);
 #else
   swapcontext(&r.sched, &r.fibers[i].uc);
+#endif
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(r.fake_stack, nullptr, nullptr);
 #endif
   r.current = -1;
 }
@@ -203,7 +292,7 @@ int release_warps(Runner& r, int n, int only_warp) {
         ready = false;
       } else if ((fl.site_file || f0.site_file) &&
                  (!fl.site_file || !f0.site_file || fl.site_line != f0.site_line ||
-                  std::strcmp(fl.site_file, f0.site_file) != 0)) {
+                  (fl.site_file != f0.site_file && std::strcmp(fl.site_file, f0.site_file) != 0))) {
         other_site = l;
       }
     }
@@ -274,11 +363,7 @@ bool run_block(Runner& r, uint3 bid, long long lin) {
     f.site_line = 0;
     f.async.clear();
     f.async_commits = 0;
-    getcontext(&f.uc);
-    f.uc.uc_stack.ss_sp = f.stack;
-    f.uc.uc_stack.ss_size = kStack;
-    f.uc.uc_link = &r.sched;
-    makecontext(&f.uc, fiber_main, 0);
+    fiber_init(r, f);
   }
   int mode = g_mode.load();
   std::vector<int> order(n);

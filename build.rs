@@ -194,6 +194,14 @@ mod emulate {
         if !asan {
             cmd.arg("-DEMU_INSTRUMENTED=1");
         }
+        if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+            // The fiber switch (sched.cpp, emu_switch) returns into another stack, which
+            // a CET shadow stack would fault on: build without shadow-stack support
+            // (GCC's default `-fcf-protection` on some distributions is `full`), so the
+            // library is not marked as shadow-stack compatible. Indirect-branch tracking
+            // stays as the compiler's default.
+            cmd.arg("-fcf-protection=branch");
+        }
         for part in ["sched.cpp", "shadow.cpp", "driver.cpp"] {
             cmd.arg(emu.join(part));
         }

@@ -768,17 +768,17 @@ fn tc_backward_checks<T: Storage>(
     let xp_abs: Vec<f64> = xp64.iter().map(|v| v.abs()).collect();
     let (_, q) = cnaive::conv_bwd(&geo, &xp_abs, &w64, &dc_abs);
 
-    // The launcher's split (src/cuda/iieu_conv.rs `wgrad_splits`: about 256 blocks, at
-    // most 64 chunks, at least one 16-pixel slab each; a function of the shape only).
-    let (og, kdim) = (geo.cout_per_group(), geo.cin_per_group() * geo.kh * geo.kw);
-    let tiles = geo.groups * og.div_ceil(64) * kdim.div_ceil(64);
+    // The launcher's splits of the N·H'·W' reduction (`wgrad_splits`: the tensor-core
+    // path may take more chunks than the CUDA-core one), as 16-pixel slabs per chunk.
     let slabs = (geo.n * plane).div_ceil(16);
-    let splits = 256usize.div_ceil(tiles).clamp(1, 64.min(slabs.max(1)));
-    let per = slabs.div_ceil(splits); // slabs per chunk
-                                      // mma k-steps per chunk (32-pixel stages: two m16n8k16, or four m16n8k8).
-    let steps = per.div_ceil(2) * if turing { 4 } else { 2 };
-    let acc_tc = (steps + 1) as f64 * 2f64.powi(-20) + splits as f64 * 2f64.powi(-24);
-    let acc_cc = (16 * per + splits) as f64 * 2f64.powi(-24);
+    let elem = std::mem::size_of::<T>();
+    let splits_tc = gpu::wgrad_splits(&c.cfg, true, elem).unwrap();
+    let splits_cc = gpu::wgrad_splits(&c.cfg, false, elem).unwrap();
+    let (per_tc, per_cc) = (slabs.div_ceil(splits_tc), slabs.div_ceil(splits_cc));
+    // mma k-steps per chunk (32-pixel stages: two m16n8k16, or four m16n8k8).
+    let steps = per_tc.div_ceil(2) * if turing { 4 } else { 2 };
+    let acc_tc = (steps + 1) as f64 * 2f64.powi(-20) + splits_tc as f64 * 2f64.powi(-24);
+    let acc_cc = (16 * per_cc + splits_cc) as f64 * 2f64.powi(-24);
     let u = T::U;
     let (qmax, wmax) = q
         .iter()
@@ -1048,8 +1048,10 @@ fn tensor_cores_dgrad_channel_tiles() {
 }
 
 /// The weight gradient's chunking on tensor cores: N·H'·W' = 4·400 = 1600 pixels = 100
-/// slabs of 16, one 64 × 64 tile, so 64 chunks of 2 slabs (one full 32-pixel stage
-/// each) — 50 carry pixels and 14 are empty (their partials must be written as zeros);
+/// slabs of 16, one 64 × 64 tile, so 73 chunks (the tensor-core split: its traffic cap,
+/// ⌊(dc + x_pre bytes) / (8·O·K)⌋ = 73, binds; the CUDA-core split takes 64) of 2 slabs
+/// (one full 32-pixel stage each) — 50 carry pixels and 23 are empty (their partials
+/// must be written as zeros);
 /// 1×1 stride 1 unpadded with H·W % 8 == 0: dc and x_pre both by cp.async; O = 10,
 /// K = 12. Then a 3×3 padded layer with H'·W' = 64 (dc by cp.async, x_pre staged) over
 /// 2 samples: 8 slabs, K = 6·9 = 54 (one ragged tile), O = 9, 8 chunks of one slab
@@ -1057,6 +1059,9 @@ fn tensor_cores_dgrad_channel_tiles() {
 #[test]
 fn tensor_cores_wgrad_chunks() {
     let geo = Conv2dGeometry::new(4, 12, 20, 20, 10, 1, 1);
+    let cfg = IieuConfig::new(geo);
+    assert_eq!(gpu::wgrad_splits(&cfg, true, 2).unwrap(), 73);
+    assert_eq!(gpu::wgrad_splits(&cfg, false, 2).unwrap(), 64);
     tc_case(geo, PatchNorm::PerGroup, Kind::Affine, 97);
     let geo = Conv2dGeometry::new(2, 6, 8, 8, 9, 3, 3).with_padding(1, 1);
     tc_case(geo, PatchNorm::AllChannels, Kind::BnTrain, 98);
@@ -1087,7 +1092,7 @@ fn tensor_cores_turing_dgrad_channel_tiles() {
 }
 
 /// The Turing weight gradient (`iieu_conv_wgrad_tc75_f16`) on the chunkings of
-/// `tensor_cores_wgrad_chunks` (64 chunks of one full stage with 14 empty, 8 chunks of a
+/// `tensor_cores_wgrad_chunks` (73 chunks of one full stage with 23 empty, 8 chunks of a
 /// half stage, a last chunk ending half-way through a slab), every operand staged
 /// through registers: the whole op on the Turing forms, then each GEMM's checks.
 #[test]
@@ -1455,17 +1460,16 @@ fn tf32_backward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: 
     let xp_abs: Vec<f64> = xp64.iter().map(|v| v.abs()).collect();
     let (_, q) = cnaive::conv_bwd(&geo, &xp_abs, &w64, &dc_abs);
 
-    // The launcher's split (as tc_backward_checks).
-    let (og, kdim) = (geo.cout_per_group(), geo.cin_per_group() * geo.kh * geo.kw);
-    let tiles = geo.groups * og.div_ceil(64) * kdim.div_ceil(64);
+    // The launcher's splits (as tc_backward_checks).
     let slabs = (geo.n * plane).div_ceil(16);
-    let splits = 256usize.div_ceil(tiles).clamp(1, 64.min(slabs.max(1)));
-    let per = slabs.div_ceil(splits);
-    let steps = 4 * per.div_ceil(2); // mma k-steps of 8 per chunk (32-pixel stages)
+    let splits_tf = gpu::wgrad_splits(&c.cfg, true, 4).unwrap();
+    let splits_cc = gpu::wgrad_splits(&c.cfg, false, 4).unwrap();
+    let (per_tf, per_cc) = (slabs.div_ceil(splits_tf), slabs.div_ceil(splits_cc));
+    let steps = 4 * per_tf.div_ceil(2); // mma k-steps of 8 per chunk (32-pixel stages)
     let acc_tf = 2f64.powi(-10) * (1.0 + 2f64.powi(-12))
         + (steps + 1) as f64 * 2f64.powi(-20) * (1.0 + 2f64.powi(-9))
-        + splits as f64 * 2f64.powi(-24);
-    let acc_cc = (16 * per + splits) as f64 * 2f64.powi(-24);
+        + splits_tf as f64 * 2f64.powi(-24);
+    let acc_cc = (16 * per_cc + splits_cc) as f64 * 2f64.powi(-24);
     for (i, ((a, b), q)) in dw_tf.iter().zip(&dw_cc).zip(&q).enumerate() {
         let tol = 2f64.powi(-24) * (a.abs() + b.abs()) + (acc_tf + acc_cc) * q;
         assert!(
@@ -1476,14 +1480,19 @@ fn tf32_backward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: 
     }
 }
 
-/// TF32 weight gradient: 1600 pixels = 100 slabs, 64 chunks of 2 (14 empty: zero
-/// partials), dc and x_pre by cp.async (1×1, H·W = 400); a 3×3 padded layer, H'·W' = 64
+/// TF32 weight gradient: 1600 pixels = 100 slabs, 73 chunks of 2 (C = 24, O = 20: the
+/// traffic cap of the tensor-core split, 73, binds; 23 empty: zero partials), dc and
+/// x_pre by cp.async (1×1, H·W = 400); a 3×3 padded layer, H'·W' = 64
 /// (dc by cp.async, x_pre staged), 8 chunks of one slab (a half stage of zeros each),
 /// AllChannels; N·H'·W' = 3·24 = 72 ≡ 8 (mod 16) (the last chunk ends mid-slab);
 /// H'·W' = 99 (dc staged), K = 45.
 #[test]
 fn tf32_wgrad_chunks() {
-    let geo = Conv2dGeometry::new(4, 12, 20, 20, 10, 1, 1);
+    let geo = Conv2dGeometry::new(4, 24, 20, 20, 20, 1, 1);
+    assert_eq!(
+        gpu::wgrad_splits(&IieuConfig::new(geo), true, 4).unwrap(),
+        73
+    );
     tf32_backward_checks(geo, PatchNorm::PerGroup, Kind::Affine, 131);
     let geo = Conv2dGeometry::new(2, 6, 8, 8, 9, 3, 3).with_padding(1, 1);
     tf32_backward_checks(geo, PatchNorm::AllChannels, Kind::BnTrain, 132);

@@ -13,11 +13,13 @@
 #include <ucontext.h>
 
 // Fibers switch through a few lines of assembly on x86-64 (sched.cpp: emu_switch);
-// elsewhere through ucontext. glibc's swapcontext saves and restores the signal mask
-// with two rt_sigprocmask system calls per switch, which took about 60 % of the
-// emulator's run time (perf, a tensor-core parity test, 2026-12-07).
+// elsewhere — and under x32, or when built with CET shadow stacks, which a switch of
+// stacks by `ret` would fault — through ucontext. glibc's swapcontext saves and
+// restores the signal mask with an rt_sigprocmask system call per switch (two per
+// fiber round trip), which took about 60 % of the emulator's run time (perf, a
+// tensor-core parity test, 2026-12-07).
 #ifndef EMU_FAST_SWITCH  // -DEMU_FAST_SWITCH=0 forces ucontext (a build check of that path)
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(__ILP32__) && !(defined(__CET__) && (__CET__ & 2))
 #define EMU_FAST_SWITCH 1
 #else
 #define EMU_FAST_SWITCH 0

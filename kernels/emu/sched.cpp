@@ -126,7 +126,7 @@ namespace {
 // never changed by a fiber, so, unlike swapcontext, nothing else needs saving.
 extern "C" void emu_switch(void** save, void* to);
 asm(R"(
-  .text
+  .pushsection .text
   .p2align 4
   .globl emu_switch
   .hidden emu_switch
@@ -154,6 +154,7 @@ emu_switch:
   popq %rbp
   ret
   .size emu_switch, .-emu_switch
+  .popsection
 )");
 #endif
 
@@ -180,8 +181,9 @@ void fiber_init(Runner& r, Fiber& f) {
 #if EMU_FAST_SWITCH
   (void)r;
 #if EMU_ASAN
-  // A stack reused from a block whose fibers never returned (a fault) keeps the
-  // poisoned redzones of their frames; ASan's swapcontext interceptor clears them.
+  // A reused stack keeps the poisoned redzones of the frames left on it (no fiber
+  // returns from fiber_main, and a faulting one leaves its whole call chain); ASan's
+  // swapcontext interceptor clears them the same way.
   __asan_unpoison_memory_region(f.stack, kStack);
 #endif
   // The frame emu_switch pops: control words, six registers, then its `ret` lands on
@@ -207,22 +209,31 @@ void fiber_init(Runner& r, Fiber& f) {
 #endif
 }
 
+// The last switch of a fiber (it finished, or faulted): to the scheduler, never
+// resumed. Under ASan, a null fake-stack slot tells it to free this fiber's fake stack.
+[[noreturn]] void leave_fiber(Runner* r, Fiber& f) {
+#if EMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, r->sched_bottom, r->sched_size);
+#endif
+#if EMU_FAST_SWITCH
+  (void)f;
+  void* dead = nullptr;
+  emu_switch(&dead, r->sched_sp);
+#else
+  swapcontext(&f.uc, &r->sched);
+#endif
+  std::abort();
+}
+
 void fiber_main() {
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &tl->sched_bottom, &tl->sched_size);
 #endif
   Runner* r = tl;
   r->L->k->tramp(r->L->k->fn, r->L->params);
-  r->fibers[r->current].state = DONE;
-#if EMU_ASAN
-  __sanitizer_start_switch_fiber(nullptr, r->sched_bottom, r->sched_size);
-#endif
-#if EMU_FAST_SWITCH
-  void* dead = nullptr;
-  emu_switch(&dead, r->sched_sp);  // never resumed
-  std::abort();
-#endif
-  // uc_link returns to the scheduler.
+  Fiber& f = r->fibers[r->current];
+  f.state = DONE;
+  leave_fiber(r, f);
 }
 
 void run_fiber(Runner& r, int i) {
@@ -553,8 +564,7 @@ void fault(const char* what) {
   r->faulted = true;
   Fiber& f = r->fibers[r->current];
   f.state = DONE;
-  to_sched(f);  // never resumed
-  std::abort();
+  leave_fiber(r, f);
 }
 
 // ---- watchdog ----

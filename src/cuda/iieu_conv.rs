@@ -24,8 +24,9 @@
 //! swizzled shared stages, `W` and (1×1 stride-1 layers) `x_pre` by `cp.async`; the same
 //! tiles, sums and statistics, see
 //! docs/iieu-conv.md), and so do the data gradient (`iieu_conv_dgrad_tc_*`) and the
-//! weight gradient (`iieu_conv_wgrad_tc_*`: the same grid, reduction chunks and f32
-//! partials as the CUDA-core `iieu_conv_wgrad`, so the ordered chunk sum is unchanged);
+//! weight gradient (`iieu_conv_wgrad_tc_*`: the CUDA-core `iieu_conv_wgrad`'s tiles, f32
+//! partials and ordered chunk sum, with the reduction split into more chunks where that
+//! fills the GPU at no more than the operands' traffic, see `wgrad_splits_tc`);
 //! on compute capability 7.5 – 7.x the f16 forward, data gradient and weight gradient
 //! run the Turing forms (`iieu_conv_{fwd,dgrad,wgrad}_tc75_f16`: the same kernels with
 //! two `mma.sync.m16n8k8` per k-step and every operand staged through registers, no
@@ -103,7 +104,8 @@ const GEMM_THREADS: u32 = 256;
 /// tiles, 4 warps of 32×32; its pixel and filter tiles are [`TILE`], as the CUDA-core
 /// forward's, so the per-tile statistics mean the same). The tensor-core weight
 /// gradient (`iieu_conv_wgrad_tc_*`) runs TC_THREADS threads on the CUDA-core weight
-/// gradient's grid and chunks (64 × 64 tiles, 32 pixels of the reduction per stage).
+/// gradient's 64 × 64 tiles (32 pixels of the reduction per stage), with its own
+/// chunk count (`ConvDims::wgrad_splits_tc`).
 const TC_THREADS: u32 = 128;
 const TC_TILE_K: usize = 32;
 
@@ -270,6 +272,14 @@ fn compute_capability(stream: &Arc<CudaStream>) -> Result<(i32, i32)> {
 const WGRAD_BLOCKS: usize = 256;
 /// At most this many weight-gradient chunks (bounds the f32 partial buffer).
 const WGRAD_MAX_SPLITS: usize = 64;
+/// The tensor-core weight gradient aims for this many blocks: two waves of an H100
+/// (132 SMs) at the kernels' 4 resident 128-thread blocks per SM — issue 15's `fill`
+/// target, which the CUDA-core split's 256 blocks miss at 4 warps per block. A fixed
+/// number, so the split (and the bits) depend on the shape and the path only.
+const WGRAD_TC_BLOCKS: usize = 1056;
+/// At most this many tensor-core weight-gradient chunks (with the traffic bound of
+/// `wgrad_splits_tc`, the partial buffer stays under half the operands' bytes).
+const WGRAD_TC_MAX_SPLITS: usize = 512;
 
 /// BatchNorm after the convolution, on the device (PyTorch `BatchNorm2d` semantics;
 /// see [`crate::cpu::iieu_conv::BatchNorm`]). Vectors are f32 of length `O`.
@@ -542,11 +552,40 @@ impl ConvDims {
     /// [`WGRAD_BLOCKS`] blocks run, at least one 16-pixel slab per chunk and at most
     /// [`WGRAD_MAX_SPLITS`]. A function of the shape only.
     fn wgrad_splits(&self) -> usize {
-        let tiles = (self.wgrad_grid.0 as usize) * (self.wgrad_grid.1 as usize);
         let slabs = self.m.div_ceil(TILE_K);
         WGRAD_BLOCKS
-            .div_ceil(tiles)
+            .div_ceil(self.wgrad_tiles())
             .clamp(1, WGRAD_MAX_SPLITS.min(slabs.max(1)))
+    }
+
+    /// 64 × 64 tiles of `dW` (the weight-gradient grid's x·y).
+    fn wgrad_tiles(&self) -> usize {
+        ((self.wgrad_grid.0 as usize) * (self.wgrad_grid.1 as usize)).max(1)
+    }
+
+    /// The tensor-core weight-gradient split for `elem`-byte storage: the CUDA-core
+    /// split's, raised toward [`WGRAD_TC_BLOCKS`] blocks as long as the f32 partials
+    /// (each chunk writes one per `dW` entry, the ordered sum reads it: 8 bytes) move no
+    /// more bytes than the GEMM's operands (`dc`, `x_pre`) — the split may at most
+    /// double the kernel's DRAM traffic, never more, to fill the GPU — with at most
+    /// [`WGRAD_TC_MAX_SPLITS`] chunks and at least one 16-pixel slab per chunk. So a
+    /// large-batch layer (a long reduction over `N·H'·W'`) splits into enough chunks for
+    /// two waves, while a layer whose `dW` is as large as its activations keeps the
+    /// CUDA-core split. A function of the shape and `elem` only.
+    fn wgrad_splits_tc(&self, elem: usize) -> usize {
+        let slabs = self.m.div_ceil(TILE_K).max(1);
+        let operand_bytes = self
+            .d
+            .x_len
+            .saturating_add(self.d.x_pre_len)
+            .saturating_mul(elem);
+        let traffic_cap = operand_bytes / self.d.w_len.max(1).saturating_mul(8);
+        let want = WGRAD_TC_BLOCKS
+            .div_ceil(self.wgrad_tiles())
+            .min(traffic_cap)
+            .min(WGRAD_TC_MAX_SPLITS)
+            .min(slabs);
+        self.wgrad_splits().max(want)
     }
 }
 
@@ -888,7 +927,13 @@ pub fn backward<T: DType>(
         });
     }
     iieu_dev::check_saved(&cd.d, cfg, &saved.iieu)?;
-    let splits = cd.wgrad_splits();
+    let tc75 = use_turing_tensor_cores::<T>(stream)?;
+    let tc = tc75 || use_tensor_cores::<T>(stream)?;
+    let splits = if tc {
+        cd.wgrad_splits_tc(std::mem::size_of::<T>())
+    } else {
+        cd.wgrad_splits()
+    };
     cd.g.splits = to_i32("weight-gradient splits", splits)?;
     let d = &cd.d;
     let g = cd.g;
@@ -918,8 +963,6 @@ pub fn backward<T: DType>(
 
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
-    let tc75 = use_turing_tensor_cores::<T>(stream)?;
-    let tc = tc75 || use_tensor_cores::<T>(stream)?;
     let f = match (tc75, tc, T::NAME) {
         (true, _, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc75_f16")?,
         (false, true, "f16") => kernel_fn!(stream, "iieu_conv_wgrad_tc_f16")?,
@@ -936,8 +979,8 @@ pub fn backward<T: DType>(
     // The tensor-core kernels (f16 / bf16, or tf32 for f32 under the opt-in;
     // iieu_conv_wgrad_tc_* chosen only on compute capability ≥ 8.0, the arch its body is
     // compiled for, iieu_conv_wgrad_tc75_f16 only for f16 on ≥ 7.5, where m16n8k8 and
-    // ldmatrix exist) have the same grid, chunks, reads and writes, with TC_THREADS
-    // threads.
+    // ldmatrix exist) have the same grid, reads and writes, with TC_THREADS threads and
+    // their own `splits` (the part buffer above is sized by it).
     let cfg_wgrad = if tc {
         LaunchConfig {
             block_dim: (TC_THREADS, 1, 1),
@@ -1008,6 +1051,20 @@ fn launch_dgrad<T: DType>(
     };
     unsafe { b.launch(cfg) }?;
     Ok(dx_pre)
+}
+
+/// Test hook: the number of chunks [`backward`] splits the weight gradient's `N·H'·W'`
+/// reduction into for `cfg`, on the tensor-core path (`tensor_cores`, storage of
+/// `elem_bytes` bytes) or the CUDA-core one (which ignores `elem_bytes`). Errors: the
+/// geometry's.
+#[doc(hidden)]
+pub fn wgrad_splits(cfg: &IieuConfig, tensor_cores: bool, elem_bytes: usize) -> Result<usize> {
+    let cd = ConvDims::new(cfg)?;
+    Ok(if tensor_cores {
+        cd.wgrad_splits_tc(elem_bytes)
+    } else {
+        cd.wgrad_splits()
+    })
 }
 
 /// Test hook: the data-gradient GEMM of [`backward`] alone, `dx_pre =
@@ -1117,6 +1174,31 @@ mod tests {
         assert_eq!(cd.dgrad_grid, (32, 8));
         assert_eq!(cd.wgrad_grid, (8, 72));
         assert_eq!(cd.wgrad_splits(), 1);
+        // Tensor cores: 576 tiles want 2 chunks, but the f32 partials of a 2.36 M-entry
+        // dW (18.9 MB a chunk) outweigh dc + x_pre (2 × 1.6 MB in f16): no more chunks.
+        assert_eq!(cd.wgrad_splits_tc(2), 1);
+        // At N = 256 the operands are 25.7 MB: still one chunk (cap 1).
+        let geo = Conv2dGeometry::new(256, 512, 7, 7, 512, 3, 3).with_padding(1, 1);
+        let cd = ConvDims::new(&IieuConfig::new(geo)).unwrap();
+        assert_eq!(cd.wgrad_splits_tc(2), 1);
+        // ResNet-50 stage-3 3x3 at N = 256: 144 tiles, ⌈1056 / 144⌉ = 8 chunks wanted,
+        // the traffic cap is ⌊51.4 MB / 4.72 MB⌋ = 10: 8 chunks (1152 blocks), where the
+        // CUDA-core split takes ⌈256 / 144⌉ = 2.
+        let geo = Conv2dGeometry::new(256, 256, 14, 14, 256, 3, 3).with_padding(1, 1);
+        let cd = ConvDims::new(&IieuConfig::new(geo)).unwrap();
+        assert_eq!(cd.wgrad_tiles(), 144);
+        assert_eq!(cd.wgrad_splits(), 2);
+        assert_eq!(cd.wgrad_splits_tc(2), 8);
+        // ... and at N = 32 the cap is 1: the CUDA-core split stands.
+        let geo = Conv2dGeometry::new(32, 256, 14, 14, 256, 3, 3).with_padding(1, 1);
+        let cd = ConvDims::new(&IieuConfig::new(geo)).unwrap();
+        assert_eq!(cd.wgrad_splits_tc(2), cd.wgrad_splits());
+        // A 1x1 56x56 256 -> 64 layer at N = 256: 4 tiles want 264 chunks, far under
+        // the traffic cap: 264 (1056 blocks; the CUDA-core split stops at 64).
+        let geo = Conv2dGeometry::new(256, 256, 56, 56, 64, 1, 1);
+        let cd = ConvDims::new(&IieuConfig::new(geo)).unwrap();
+        assert_eq!(cd.wgrad_splits(), 64);
+        assert_eq!(cd.wgrad_splits_tc(2), 264);
         // A small layer splits its reduction: 1 x 1 tiles -> 64 chunks (capped).
         let geo = Conv2dGeometry::new(8, 16, 32, 32, 16, 3, 3).with_padding(1, 1);
         let cd = ConvDims::new(&IieuConfig::new(geo)).unwrap();

@@ -216,7 +216,8 @@ macro_rules! kernel_fn {
         ]);
         SITE.get_for::<$t>($stream)
     }};
-    ($stream:expr, $name:literal) => {{
+    // `$name`: a literal or a constant expression (e.g. `concat!`).
+    ($stream:expr, $name:expr) => {{
         static SITE: $crate::cuda::handles::Site<1> = $crate::cuda::handles::Site::new([$name]);
         SITE.get($stream)
     }};

@@ -259,6 +259,30 @@ fn use_turing_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
     Ok(ptx >= 75 && (path == 3 || cc.0 < 8 || ptx < 80))
 }
 
+/// The kernel of one of the three implicit GEMMs (`$stem`: `"iieu_conv_fwd"`,
+/// `"iieu_conv_dgrad"` or `"iieu_conv_wgrad"`) for storage `$t` on this device and GEMM
+/// path, and whether it is a tensor-core form (launched with [`TC_THREADS`] threads):
+/// the Turing form where [`use_turing_tensor_cores`] says so, else the tensor-core form
+/// where [`use_tensor_cores`] does (TF32 for f32 storage), else the CUDA-core kernel.
+/// Evaluates to `Result<(CudaFunction, bool)>`.
+macro_rules! gemm_kernel {
+    ($stream:expr, $t:ty, $stem:literal) => {
+        (|| -> Result<_> {
+            let stream = $stream;
+            let tc75 = use_turing_tensor_cores::<$t>(stream)?;
+            let tc = tc75 || use_tensor_cores::<$t>(stream)?;
+            let f = match (tc75, tc, <$t as DType>::NAME) {
+                (true, _, _) => kernel_fn!(stream, concat!($stem, "_tc75_f16"))?,
+                (false, true, "f16") => kernel_fn!(stream, concat!($stem, "_tc_f16"))?,
+                (false, true, "f32") => kernel_fn!(stream, concat!($stem, "_tc_tf32"))?,
+                (false, true, _) => kernel_fn!(stream, concat!($stem, "_tc_bf16"))?,
+                (false, false, _) => kernel_fn!(stream, $stem, $t)?,
+            };
+            Ok((f, tc))
+        })()
+    };
+}
+
 fn compute_capability(stream: &Arc<CudaStream>) -> Result<(i32, i32)> {
     stream
         .context()
@@ -721,15 +745,7 @@ pub fn forward<T: DType>(
     };
     let mut st_mean = scratch::<f32>(stream, no * mt)?;
     let mut st_m2 = scratch::<f32>(stream, no * mt)?;
-    let tc75 = use_turing_tensor_cores::<T>(stream)?;
-    let tc = tc75 || use_tensor_cores::<T>(stream)?;
-    let f = match (tc75, tc, T::NAME) {
-        (true, _, _) => kernel_fn!(stream, "iieu_conv_fwd_tc75_f16")?,
-        (false, true, "f16") => kernel_fn!(stream, "iieu_conv_fwd_tc_f16")?,
-        (false, true, "f32") => kernel_fn!(stream, "iieu_conv_fwd_tc_tf32")?,
-        (false, true, _) => kernel_fn!(stream, "iieu_conv_fwd_tc_bf16")?,
-        (false, false, _) => kernel_fn!(stream, "iieu_conv_fwd", T)?,
-    };
+    let (f, tc) = gemm_kernel!(stream, T, "iieu_conv_fwd")?;
     let mut b = launcher(stream, &f);
     b.arg(&xpv)
         .arg(&wv)
@@ -927,8 +943,7 @@ pub fn backward<T: DType>(
         });
     }
     iieu_dev::check_saved(&cd.d, cfg, &saved.iieu)?;
-    let tc75 = use_turing_tensor_cores::<T>(stream)?;
-    let tc = tc75 || use_tensor_cores::<T>(stream)?;
+    let (wgrad_f, tc) = gemm_kernel!(stream, T, "iieu_conv_wgrad")?;
     let splits = if tc {
         cd.wgrad_splits_tc(std::mem::size_of::<T>())
     } else {
@@ -963,14 +978,7 @@ pub fn backward<T: DType>(
 
     // dW: per-chunk partials, then the ordered sum + the r_w path.
     let mut part = scratch::<f32>(stream, splits * d.w_len)?;
-    let f = match (tc75, tc, T::NAME) {
-        (true, _, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc75_f16")?,
-        (false, true, "f16") => kernel_fn!(stream, "iieu_conv_wgrad_tc_f16")?,
-        (false, true, "f32") => kernel_fn!(stream, "iieu_conv_wgrad_tc_tf32")?,
-        (false, true, _) => kernel_fn!(stream, "iieu_conv_wgrad_tc_bf16")?,
-        (false, false, _) => kernel_fn!(stream, "iieu_conv_wgrad", T)?,
-    };
-    let mut b = launcher(stream, &f);
+    let mut b = launcher(stream, &wgrad_f);
     b.arg(dc).arg(&xpv).arg(&mut part).arg(&g);
     // SAFETY: block (grp·otiles + ot, kt, s) reads dc at (n·O + grp·O/g + o)·P + p
     // (o < O/g, n·P + p < N·P) and x_pre at in-image taps of sample n < N, channel
@@ -1021,15 +1029,7 @@ fn launch_dgrad<T: DType>(
     add: Option<&CudaView<'_, T>>,
 ) -> Result<CudaSlice<T>> {
     let mut dx_pre = scratch::<T>(stream, cd.d.x_pre_len)?;
-    let tc75 = use_turing_tensor_cores::<T>(stream)?;
-    let tc = tc75 || use_tensor_cores::<T>(stream)?;
-    let f = match (tc75, tc, T::NAME) {
-        (true, _, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc75_f16")?,
-        (false, true, "f16") => kernel_fn!(stream, "iieu_conv_dgrad_tc_f16")?,
-        (false, true, "f32") => kernel_fn!(stream, "iieu_conv_dgrad_tc_tf32")?,
-        (false, true, _) => kernel_fn!(stream, "iieu_conv_dgrad_tc_bf16")?,
-        (false, false, _) => kernel_fn!(stream, "iieu_conv_dgrad", T)?,
-    };
+    let (f, tc) = gemm_kernel!(stream, T, "iieu_conv_dgrad")?;
     let mut b = launcher(stream, &f);
     b.arg(dc).arg(w).arg_opt(add).arg(&mut dx_pre).arg(&cd.g);
     // SAFETY: block (n·itiles + it, grp·ctiles + ct) reads dc of sample n at channels

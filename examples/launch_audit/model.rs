@@ -244,6 +244,18 @@ fn t(bytes: f64, min: f64) -> Traffic {
 /// The kernel family: the name without its `_f32|_f16|_bf16` storage suffix (kernels
 /// that exist in f32 only keep `_f32`).
 pub fn family(kernel: &str) -> &str {
+    // The Turing (`*_tc75_f16`) and TF32 (`*_tc_tf32`) forms of the tensor-core GEMMs
+    // belong to the `*_tc` family: the same tiles, reads and writes. (The audit's suite
+    // runs neither — sm_86 limits, TF32 off — but a run with AK_ALLOW_TF32=1 or a forced
+    // Turing path must still find their bytes model.)
+    if let Some(f) = kernel
+        .strip_suffix("75_f16")
+        .or_else(|| kernel.strip_suffix("_tf32"))
+    {
+        if f.ends_with("_tc") && FAMILIES_WITH_DTYPE.contains(&f) {
+            return f;
+        }
+    }
     for sfx in ["_f16", "_bf16", "_f32"] {
         if let Some(f) = kernel.strip_suffix(sfx) {
             if FAMILIES_WITH_DTYPE.contains(&f) {
@@ -688,10 +700,12 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
         "iieu_conv_dc" => t(3.0 * b * e, 3.0 * b * e),
         _ => return None,
     };
-    // The tensor-core kernels' GEMM FLOPs run on tensor cores.
+    // The tensor-core kernels' GEMM FLOPs run on tensor cores; TF32 at half the dense
+    // f16 rate on both GPUs (A6000 77.4, H100 494.7 TFLOP/s), charged as twice the FLOPs.
+    let tf32 = if kernel.ends_with("_tf32") { 2.0 } else { 1.0 };
     let out = if fam.ends_with("_tc") {
         Traffic {
-            tc_flops: out.tc_flops + out.flops,
+            tc_flops: (out.tc_flops + out.flops) * tf32,
             flops: 0.0,
             ..out
         }
@@ -710,5 +724,27 @@ fn gemm(d: &Dims, unique: f64) -> Traffic {
         dram: unique,
         flops: 2.0 * d.e() * d.cin * d.taps,
         tc_flops: 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::family;
+
+    #[test]
+    fn tensor_core_forms_share_their_family() {
+        for k in [
+            "iieu_conv_fwd_tc_f16",
+            "iieu_conv_fwd_tc_bf16",
+            "iieu_conv_fwd_tc_tf32",
+            "iieu_conv_fwd_tc75_f16",
+        ] {
+            assert_eq!(family(k), "iieu_conv_fwd_tc", "{k}");
+        }
+        assert_eq!(family("iieu_conv_wgrad_tc_tf32"), "iieu_conv_wgrad_tc");
+        assert_eq!(family("iieu_conv_dgrad_tc75_f16"), "iieu_conv_dgrad_tc");
+        assert_eq!(family("iieu_conv_fwd_f32"), "iieu_conv_fwd");
+        // Not a family with a dtype suffix: unchanged.
+        assert_eq!(family("iieu_conv_rx_f32"), "iieu_conv_rx_f32");
     }
 }

@@ -58,6 +58,25 @@ __device__ __forceinline__ void store_n(T* p, long long i, const float* v) {
   }
 }
 
+// W = Vec16<T>::N elements at p[i..i+W): one 128-bit access when `vec` (p + i 16-byte
+// aligned), else W scalar accesses of the same elements — so a walk that groups
+// elements by W (and a reduction over it) is the same whatever the alignment.
+template <class T, int W>
+__device__ __forceinline__ void load_nv(const T* p, long long i, float* v, bool vec) {
+  static_assert(W == ak::Vec16<T>::N, "a 128-bit group");
+  ak::load_group(p + i, v, vec);
+}
+template <class T, int W>
+__device__ __forceinline__ void store_nv(T* p, long long i, const float* v, bool vec) {
+  static_assert(W == ak::Vec16<T>::N, "a 128-bit group");
+  if (vec) {
+    store_n<T, W>(p, i, v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < W; ++j) p[i + j] = ak::from_f32<T>(v[j]);
+  }
+}
+
 // ---- ACON element math ----------------------------------------------------
 struct Prm {
   float a, b, bt;  // p1, p2, β (β unused for pixel-wise)
@@ -242,6 +261,9 @@ __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long 
   constexpr int NS = F::NS;
   constexpr int W = ak::Vec16<T>::N;
   SHARED_ARRAY(float, scratch, 32);
+  // 128-bit loads and stores when every tensor is 16-byte aligned; the walk below
+  // (groups of W elements at indices multiple of W, head and tail scalar) is the same
+  // either way, so the sums, and their bits, depend on the shape only.
   const bool vec = ak::aligned16(x) && (!F::HAS_DY || ak::aligned16(dy)) && (!F::HAS_OUT || ak::aligned16(dx));
   AK_EXPECT(n * c * tpp <= 0x7fffffffLL);
   const unsigned uc = (unsigned)c, utpp = (unsigned)tpp;
@@ -265,8 +287,8 @@ __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long 
 #pragma unroll
       for (int q = 0; q < NS; ++q) acc[q] += sv[q];
     };
-    if (vec) {
-      // [base, vs) head, [vs, ve) aligned vectors, [ve, end) tail.
+    {
+      // [base, vs) head, [vs, ve) groups of W, [ve, end) tail.
       long long vs = (base + W - 1) / W * W;
       if (vs > end) vs = end;
       long long ve = end / W * W;
@@ -277,8 +299,8 @@ __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long 
       for (long long v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
         const long long i = vs + v * W;
         float xv[W], g[W], o[W];
-        load_n<T, W>(x, i, xv);
-        if (F::HAS_DY) load_n<T, W>(dy, i, g);
+        load_nv<T, W>(x, i, xv, vec);
+        if (F::HAS_DY) load_nv<T, W>(dy, i, g, vec);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
           float sv[NS];
@@ -286,16 +308,12 @@ __device__ __forceinline__ void nchw_tiles(const T* dy, const T* x, T* dx, long 
 #pragma unroll
           for (int q = 0; q < NS; ++q) acc[q] += sv[q];
         }
-        if (F::HAS_OUT) store_n<T, W>(dx, i, o);
+        if (F::HAS_OUT) store_nv<T, W>(dx, i, o, vec);
       }
       if (k == 0) {
         if ((long long)threadIdx.x < vs - base) one(base + threadIdx.x);
         if ((long long)threadIdx.x < end - ve) one(ve + threadIdx.x);
       }
-    } else {
-      const long long e0 = base + k * tile_elems;
-      const long long e1 = e0 + tile_elems < end ? e0 + tile_elems : end;
-      for (long long i = e0 + threadIdx.x; i < e1; i += blockDim.x) one(i);
     }
 #pragma unroll
     for (int q = 0; q < NS; ++q) {

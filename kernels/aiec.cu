@@ -81,17 +81,17 @@ __device__ void feat_nchw_impl(const T* __restrict__ x, T* __restrict__ y, float
                                long long s, float tau, int apply_tau) {
   SHARED_ARRAY(float, scratch, 32);
   constexpr int V = ak::Vec16<T>::N;
+  // 128-bit loads and stores when x and y are 16-byte aligned; the walk (groups of V
+  // elements at indices multiple of V) is the same either way, so the plane sums and
+  // their bits depend on the shape only, not on where the tensors start.
   const bool vec = ak::aligned16(x) && (y == nullptr || ak::aligned16(y));
   const float inv_s = 1.0f / (float)s;
   for (long long j = blockIdx.x; j < planes; j += gridDim.x) {
     const long long p0 = j * s, p1 = p0 + s;
-    // [p0, v0) scalar head, [v0, v1) whole vectors, [v1, p1) scalar tail.
-    long long v0 = p1, v1 = p1;
-    if (vec) {
-      v0 = ((p0 + V - 1) / V) * V;
-      if (v0 > p1) v0 = p1;
-      v1 = v0 + ((p1 - v0) / V) * V;
-    }
+    // [p0, v0) scalar head, [v0, v1) groups of V, [v1, p1) scalar tail.
+    long long v0 = ((p0 + V - 1) / V) * V;
+    if (v0 > p1) v0 = p1;
+    const long long v1 = v0 + ((p1 - v0) / V) * V;
     float acc = 0.0f;
     for (long long i = p0 + threadIdx.x; i < v0; i += blockDim.x) {
       float v = ak::to_f32(x[i]);
@@ -101,13 +101,20 @@ __device__ void feat_nchw_impl(const T* __restrict__ x, T* __restrict__ y, float
     }
     for (long long i = v0 + (long long)threadIdx.x * V; i < v1; i += (long long)blockDim.x * V) {
       float v[V];
-      ak::Vec16<T>::load(x + i, v);
+      ak::load_group(x + i, v, vec);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         if (apply_tau) v[q] = tau1(v[q], tau);
         acc += v[q];
       }
-      if (y) ak::Vec16<T>::store(y + i, v);
+      if (y) {
+        if (vec) {
+          ak::Vec16<T>::store(y + i, v);
+        } else {
+#pragma unroll
+          for (int q = 0; q < V; ++q) y[i + q] = ak::from_f32<T>(v[q]);
+        }
+      }
     }
     for (long long i = v1 + threadIdx.x; i < p1; i += blockDim.x) {
       float v = ak::to_f32(x[i]);

@@ -238,6 +238,21 @@ struct Vec16<float> {  // 4 elements
   }
 };
 
+// Vec16<T>::N consecutive values from p as f32: one 128-bit load when `vec` (p 16-byte
+// aligned), else N scalar loads of the same values. A reduction that groups its
+// elements by N reads through this so that the grouping — and so its summation order
+// and its bits — depends on the shape only, never on where the tensor starts in memory
+// (a view at an odd offset gives the aligned tensor's bits).
+template <class T>
+__device__ __forceinline__ void load_group(const T* p, float* v, bool vec) {
+  if (vec) {
+    Vec16<T>::load(p, v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < Vec16<T>::N; ++k) v[k] = to_f32(p[k]);
+  }
+}
+
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
 // ---- reductions (all lanes of the warp must call) ----

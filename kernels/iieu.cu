@@ -298,14 +298,17 @@ __device__ void gap_impl(const T* __restrict__ x, float* __restrict__ m, IieuGeo
   constexpr int V = ak::Vec16<T>::N;
   const long long P = (long long)g.oh * g.ow;
   const long long planes = (long long)g.n * g.o;
-  const bool vec = (P % V == 0) && ak::aligned16(x);
+  // Groups of V pixels whenever the plane allows (the summation order: shape only),
+  // read by 128-bit loads when x is aligned (ak::load_group).
+  const bool grouped = P % V == 0;
+  const bool vec = grouped && ak::aligned16(x);
   for (long long pl = blockIdx.x; pl < planes; pl += gridDim.x) {
     const T* src = x + pl * P;
     float acc = 0.0f;
-    if (vec) {
+    if (grouped) {
       for (long long j = threadIdx.x; j < P / V; j += blockDim.x) {
         float v[V];
-        ak::Vec16<T>::load(src + j * V, v);
+        ak::load_group(src + j * V, v, vec);
 #pragma unroll
         for (int k = 0; k < V; ++k) acc += v[k];
       }
@@ -414,8 +417,11 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
   SHARED_ARRAY(float, scratch, 32 * 3 * SUMS_CH);
   constexpr int V = ak::Vec16<T>::N;
   const int P = g.oh * g.ow;
-  const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(dy);
-  const int pv = vec ? P / V : P;
+  // Groups of V pixels whenever the plane allows (the summation order: shape only),
+  // read by 128-bit loads when x and dy are aligned (ak::load_group).
+  const bool grouped = P % V == 0;
+  const bool vec = grouped && ak::aligned16(x) && ak::aligned16(dy);
+  const int pv = grouped ? P / V : P;
   const unsigned nch = (g.o_per + SUMS_CH - 1) / SUMS_CH;
   const unsigned gp = g.gp;
   const unsigned rows = (unsigned)(g.n * g.gp) * nch;
@@ -429,7 +435,7 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
 #pragma unroll
     for (int k = 0; k < 3 * SUMS_CH; ++k) acc[k] = 0.0f;
     for (int j = threadIdx.x; j < pv; j += blockDim.x) {
-      if (vec) {
+      if (grouped) {
         float rx[V];
         load_f32<V>(rxp + j * V, rx);
 #pragma unroll
@@ -439,11 +445,11 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
             const long long base = (no0 + k) * P + j * V;
             const float rw = r_w[o], nv = nu[no0 + k], et = eta[o];
             float xv[V], dv[V];
-            ak::Vec16<T>::load(x + base, xv);
+            ak::load_group(x + base, xv, vec);
             if (lin != nullptr)
 #pragma unroll
               for (int m = 0; m < V; ++m) xv[m] = psi_x<T>(xv[m], lin, o);
-            ak::Vec16<T>::load(dy + base, dv);
+            ak::load_group(dy + base, dv, vec);
 #pragma unroll
             for (int m = 0; m < V; ++m) {
               const Adj a = adj_bwd(dv[m], xv[m], rw, rx[m], nv, et);

@@ -51,14 +51,16 @@ __device__ __forceinline__ void plane_partial(const T* a, const T* b, const T* g
   constexpr int W = ak::Vec16<T>::N;
   sa = 0.0f;
   sb = 0.0f;
-  if (vec) {
+  // Groups of W elements whenever the plane allows (the summation order: shape only),
+  // 128-bit loads when `vec` (every pointer 16-byte aligned, ak::load_group).
+  if (s % W == 0) {
     long long nv = s / W;
     for (long long v = first; v < nv; v += step) {
       long long o = base + v * W;
       float fa[W], fb[W], fg[W];
-      ak::Vec16<T>::load(a + o, fa);
-      ak::Vec16<T>::load(b + o, fb);
-      if (MODE == 1) ak::Vec16<T>::load(g + o, fg);
+      ak::load_group(a + o, fa, vec);
+      ak::load_group(b + o, fb, vec);
+      if (MODE == 1) ak::load_group(g + o, fg, vec);
 #pragma unroll
       for (int l = 0; l < W; ++l) {
         if (MODE == 0) {

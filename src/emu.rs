@@ -270,6 +270,16 @@ pub fn transfers() -> Option<Transfers> {
     })
 }
 
+/// Number of `cp.async` copies the emulated kernels have issued since the emulator was
+/// loaded (every launch, every thread; `None` if not installed). Read around a call, it
+/// tells whether a kernel took its `cp.async` loads or its staged ones (a kernel picks
+/// them by shape and pointer alignment on the device, invisibly to the launcher).
+pub fn cp_async_issued() -> Option<u64> {
+    let f = sym::<unsafe extern "C" fn() -> u64>(b"emu_cp_async_issued\0")?;
+    // SAFETY: reads an atomic counter in the emulator.
+    Some(unsafe { f() })
+}
+
 /// Clears the calling thread's [`Transfers`] (no-op if not installed).
 pub fn reset_transfers() {
     if let Some(f) = sym::<unsafe extern "C" fn()>(b"emu_reset_traffic_counts\0") {

@@ -284,6 +284,43 @@ fn global_feature_and_backward_all_dtypes() {
     feature_all::<bf16>(&g);
 }
 
+/// The bits do not depend on where A starts in memory: a view one element into its
+/// buffer (no 128-bit loads) gives exactly the aligned run's features — the NCHW
+/// plane sums walk the same groups of V elements (by index) either way, the (N, L, C)
+/// sums each channel's tokens in order either way.
+#[test]
+fn global_feature_offset_views_same_bits() {
+    let Some(g) = gpu() else { return };
+    fn same<T: DType>(g: &Gpu, shape: ActShape) {
+        let s = g.ctx.default_stream();
+        let numel = shape.numel().unwrap();
+        let mut r = common::rng(numel as u64 + 11);
+        let (a, _) = round::<T>(&common::randn(&mut r, numel));
+        let run = |off: usize| {
+            let mut buf = vec![a[0]; off];
+            buf.extend_from_slice(&a);
+            let d = s.clone_htod(&buf).unwrap();
+            let f = dev::global_feature::<T>(&s, &shape, &d.slice(off..), Pool::Mean).unwrap();
+            dl(&s, &f)
+        };
+        assert!(
+            run(0) == run(1),
+            "{} {shape:?}: features differ at offset 1",
+            T::NAME
+        );
+    }
+    for shape in [
+        ActShape::nchw(3, 5, 4, 4),   // S = 16: whole vectors per plane
+        ActShape::nchw(2, 3, 7, 9),   // S = 63: head / vectors / tail
+        ActShape::nchw(1, 2, 40, 50), // S = 2000: many groups per thread
+        ActShape::nlc(2, 40, 72),
+    ] {
+        same::<f32>(&g, shape);
+        same::<f16>(&g, shape);
+        same::<bf16>(&g, shape);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // DMU
 

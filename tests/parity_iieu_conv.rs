@@ -1503,6 +1503,98 @@ fn tf32_wgrad_chunks() {
 }
 
 // ------------------------------------------------------------------------------------
+// Inputs that are not 16-byte aligned: a view one element into its buffer (a candle or
+// burn tensor with a storage offset). Every tensor-core GEMM checks the alignment of
+// the pointers it would `cp.async` from (`ak::aligned16`) and stages those loads
+// through registers instead; the values, and so the results, are the same.
+
+/// Forward and backward with `x_pre`, `W` and `dy` each a view `off` elements into
+/// its buffer: the bits of every output and gradient, and how many `cp.async` copies
+/// the emulated kernels issued (0 on a real GPU, where they are not counted).
+fn offset_run<T: Storage>(s: &Arc<CudaStream>, c: &Case<T>, off: usize) -> (Vec<Vec<u32>>, u64) {
+    let up = |v: &[T]| {
+        let mut p: Vec<T> = std::iter::repeat(v[0]).take(off).collect();
+        p.extend_from_slice(v);
+        s.clone_htod(&p).unwrap()
+    };
+    let (xp, w, dy) = (up(&c.x_pre), up(&c.w), up(&c.dy));
+    let (xpv, wv, dyv) = (xp.slice(off..), w.slice(off..), dy.slice(off..));
+    #[cfg(feature = "emulate")]
+    let issued = activation_kernels::emu::cp_async_issued;
+    #[cfg(not(feature = "emulate"))]
+    let issued = || Some(0u64);
+    let before = issued().unwrap_or(0);
+    let mut p = IieuConvDeviceParams::from_host(s, &c.p32).unwrap();
+    let (y, saved) = gpu::forward(s, &c.cfg, &xpv, &wv, &mut p).unwrap();
+    let g = gpu::backward(s, &c.cfg, &dyv, &xpv, &wv, &p, &saved).unwrap();
+    let copies = issued().unwrap_or(0) - before;
+    let h = |v: &CudaSlice<T>| bits(&s.clone_dtoh(v).unwrap());
+    let hf = |v: &CudaSlice<f32>| bits(&s.clone_dtoh(v).unwrap());
+    let out = vec![
+        h(&y),
+        h(saved.conv_out()),
+        hf(saved.iieu().r_x()),
+        h(&g.dx_pre),
+        h(&g.dw),
+        hf(&g.d_ln_weight),
+        hf(&g.d_ln_bias),
+        hf(&g.d_eta),
+    ];
+    (out, copies)
+}
+
+/// A 1×1 stride-1 unpadded layer where every tensor-core GEMM may `cp.async` both
+/// operands when aligned (H·W = 24 and H'·W' = 24 multiples of 8, K = C = 16 and
+/// O = 24 multiples of 8): with every input one element off (2 bytes in f16, 4 in
+/// f32) the emulated kernels issue fewer cp.async copies than aligned (only those of
+/// the op's own aligned scratch `dc` remain) — the emulator fails any misaligned
+/// cp.async — and every output and gradient has the aligned run's bits. f16 on the tensor-core path, then f32 under the TF32 opt-in.
+#[test]
+fn tensor_cores_unaligned_inputs() {
+    let Some(dev) = open_gpu() else { return };
+    let geo = Conv2dGeometry::new(2, 16, 4, 6, 24, 1, 1);
+    let s = dev.ctx.default_stream();
+    let check = |(aligned, n0): (Vec<Vec<u32>>, u64), (shifted, n1): (Vec<Vec<u32>>, u64)| {
+        if dev.emulated {
+            // Shifted, only the loads of the op's own scratch (dc, in both gradients)
+            // may still be copied: fewer copies, and none faulted.
+            assert!(
+                n1 < n0,
+                "inputs 1 element off: {n1} cp.async copies, aligned {n0}"
+            );
+        }
+        let names = [
+            "y",
+            "c",
+            "r_x",
+            "dx_pre",
+            "dw",
+            "d_ln_weight",
+            "d_ln_bias",
+            "d_eta",
+        ];
+        for ((name, a), b) in names.iter().zip(&aligned).zip(&shifted) {
+            let first = a.iter().zip(b).position(|(x, y)| x != y);
+            assert!(
+                first.is_none(),
+                "{name}: aligned and shifted inputs differ at {first:?}: {:?} vs {:?}",
+                first.map(|i| f32::from_bits(a[i])),
+                first.map(|i| f32::from_bits(b[i]))
+            );
+        }
+    };
+    {
+        let _path = PathGuard(set_gemm_path(GemmPath::TensorCores));
+        let c = Case::<half::f16>::new(geo, PatchNorm::PerGroup, Kind::BnTrain, 141);
+        check(offset_run(&s, &c, 0), offset_run(&s, &c, 1));
+    }
+    let _path = PathGuard(set_gemm_path(GemmPath::Auto));
+    let _tf32 = Tf32Guard(set_allow_tf32(true));
+    let c = Case::<f32>::new_with(geo, PatchNorm::PerGroup, Kind::BnTrain, 142, 2f64.powi(-10));
+    check(offset_run(&s, &c, 0), offset_run(&s, &c, 1));
+}
+
+// ------------------------------------------------------------------------------------
 // Bad input: an Err before any allocation or launch.
 
 fn len_err<R>(r: Result<R, Error>, what: &str) {

@@ -454,6 +454,10 @@ bool shadowed(uintptr_t a, size_t n) {
 }  // namespace
 
 // ---- cp.async (kernels/mma.cuh) ----
+// Copies issued since the library was loaded (every launch and thread): tests read it
+// around a call to tell a kernel's cp.async path from its staged loads.
+std::atomic<unsigned long long> g_cp_async_issued{0};
+
 // Issue: the source is read and checked now (bounds, init, races, as a read by this
 // thread); the destination is checked as a write now (bounds; WAR/WAW against the
 // accesses before it), filled with 0xFF (NaN in f32, f16, bf16: a read before the
@@ -470,6 +474,7 @@ void cp_async(void* dst, const void* src, int cp_size, int src_size) {
     fault(("cp.async: source and destination must be aligned to cp-size (" + std::to_string(cp_size) +
            " bytes): misaligned address")
               .c_str());
+  g_cp_async_issued.fetch_add(1, std::memory_order_relaxed);
   AsyncCopy c;
   c.dst = static_cast<unsigned char*>(dst);
   c.bytes = cp_size;
@@ -686,3 +691,5 @@ EXPORT int emu_checks(int set) {
   return emu::g_checks.load();
 }
 EXPORT long long emu_live_allocations() { return emu::live_allocations(); }
+// cp.async copies issued so far (see g_cp_async_issued).
+EXPORT unsigned long long emu_cp_async_issued() { return emu::g_cp_async_issued.load(); }

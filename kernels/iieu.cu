@@ -417,11 +417,13 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
   SHARED_ARRAY(float, scratch, 32 * 3 * SUMS_CH);
   constexpr int V = ak::Vec16<T>::N;
   const int P = g.oh * g.ow;
-  // Groups of V pixels whenever the plane allows (the summation order: shape only),
-  // read by 128-bit loads when x and dy are aligned (ak::load_group).
-  const bool grouped = P % V == 0;
-  const bool vec = grouped && ak::aligned16(x) && ak::aligned16(dy);
-  const int pv = grouped ? P / V : P;
+  // 128-bit groups when the plane allows and x, dy are 16-byte aligned. The launcher
+  // hands this kernel aligned x and dy whenever the plane allows groups (it copies a
+  // misaligned input first: src/cuda/iieu.rs), so the grouping — and the bits of the
+  // sums — depend on the shape only. (A scalar path over the same groups in this body
+  // spilled under the 64-register sm_90 bound.)
+  const bool vec = (P % V == 0) && ak::aligned16(x) && ak::aligned16(dy);
+  const int pv = vec ? P / V : P;
   const unsigned nch = (g.o_per + SUMS_CH - 1) / SUMS_CH;
   const unsigned gp = g.gp;
   const unsigned rows = (unsigned)(g.n * g.gp) * nch;
@@ -435,7 +437,7 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
 #pragma unroll
     for (int k = 0; k < 3 * SUMS_CH; ++k) acc[k] = 0.0f;
     for (int j = threadIdx.x; j < pv; j += blockDim.x) {
-      if (grouped) {
+      if (vec) {
         float rx[V];
         load_f32<V>(rxp + j * V, rx);
 #pragma unroll
@@ -445,11 +447,11 @@ __device__ void bwd_sums_impl(const T* __restrict__ dy, const T* __restrict__ x,
             const long long base = (no0 + k) * P + j * V;
             const float rw = r_w[o], nv = nu[no0 + k], et = eta[o];
             float xv[V], dv[V];
-            ak::load_group(x + base, xv, vec);
+            ak::Vec16<T>::load(x + base, xv);
             if (lin != nullptr)
 #pragma unroll
               for (int m = 0; m < V; ++m) xv[m] = psi_x<T>(xv[m], lin, o);
-            ak::load_group(dy + base, dv, vec);
+            ak::Vec16<T>::load(dy + base, dv);
 #pragma unroll
             for (int m = 0; m < V; ++m) {
               const Adj a = adj_bwd(dv[m], xv[m], rw, rx[m], nv, et);

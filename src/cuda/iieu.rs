@@ -29,7 +29,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 
 use crate::cpu::iieu::{IieuConfig, IieuParams, PatchNorm};
 use crate::cuda::abi::IieuGeom;
@@ -338,6 +340,28 @@ impl Dims {
 }
 
 /// Values per 128-bit access of `T` (the kernels' vector width).
+/// A copy of `v` in fresh (256-byte aligned) device memory when `wanted` and `v` does
+/// not start on a 16-byte boundary (a view at an odd offset), else `None` (use `v`).
+fn aligned_copy<T: DType>(
+    stream: &Arc<CudaStream>,
+    v: &CudaView<'_, T>,
+    wanted: bool,
+) -> Result<Option<CudaSlice<T>>> {
+    if !wanted || v.len() == 0 {
+        return Ok(None);
+    }
+    let misaligned = {
+        let (ptr, _record) = v.device_ptr(stream);
+        ptr % 16 != 0
+    };
+    if !misaligned {
+        return Ok(None);
+    }
+    let mut c = scratch::<T>(stream, v.len())?;
+    stream.memcpy_dtod(v, &mut c)?;
+    Ok(Some(c))
+}
+
 pub(crate) fn vec_width<T>() -> usize {
     16 / std::mem::size_of::<T>()
 }
@@ -761,12 +785,23 @@ pub(crate) fn backward_core<T: DType>(
     let no = d.n * d.o;
     let s = saved;
 
-    // Stage 1: per-(n,o) [Σg, Σ g·x·r_x, Σ dη-term].
+    // Stage 1: per-(n,o) [Σg, Σ g·x·r_x, Σ dη-term]. The kernel groups a plane's
+    // pixels by 128-bit vectors only from 16-byte aligned x and dy (its scalar path
+    // sums in another order, and one over the same groups does not fit its register
+    // bound): a misaligned view of a groupable plane is copied to aligned scratch
+    // first, so the sums' bits depend on the shape only.
+    let grouped = d.plane_out % vec_width::<T>() == 0;
+    let dy_own = aligned_copy(stream, &dyv, grouped)?;
+    let x_own = aligned_copy(stream, &xv, grouped)?;
+    let dy_k = dy_own
+        .as_ref()
+        .map_or_else(|| dyv.slice(..), |c| c.as_view());
+    let x_k = x_own.as_ref().map_or_else(|| xv.slice(..), |c| c.as_view());
     let mut part = scratch::<f32>(stream, 3 * no)?;
     let f = kernel_fn!(stream, "iieu_bwd_sums", T)?;
     let mut b = launcher(stream, &f);
-    b.arg(&dyv)
-        .arg(&xv)
+    b.arg(&dy_k)
+        .arg(&x_k)
         .arg_opt(lin)
         .arg(&s.r_w)
         .arg(&s.r_x)

@@ -1870,3 +1870,71 @@ pub fn train_backward<T: DType>(
     )?;
     Ok(DeviceGrads { df, dwd })
 }
+
+#[cfg(all(test, feature = "emulate"))]
+mod tests {
+    use super::*;
+    use crate::cuda::{real_driver_present, CudaContext};
+
+    /// [`train_backward_scaled`] (the loss scale read on the device, as the burn
+    /// backend's AIEC node has it) gives [`train_backward`]'s gradients.
+    #[test]
+    fn backward_with_a_device_scale_matches_train_backward() {
+        if !real_driver_present() {
+            crate::emu::install().expect("the emulated device");
+        }
+        let stream = CudaContext::new(0).unwrap().default_stream();
+        let cfg = AiecConfig {
+            tau: 0.1,
+            lambda_gate: 2.0,
+            ..AiecConfig::default()
+        };
+        let shape = ActShape::nchw(3, 5, 1, 3);
+        let f: Vec<f32> = (0..45).map(|i| ((i * 7 % 11) as f32 - 4.5) / 3.0).collect();
+        let wd: Vec<f32> = (0..20).map(|i| ((i * 5 % 9) as f32 - 4.0) / 5.0).collect();
+        let labels = [0usize, 3, 1];
+        let (fd, wdd) = (
+            stream.clone_htod(&f).unwrap(),
+            stream.clone_htod(&wd).unwrap(),
+        );
+        let mut counters = DeviceCounters::new(&stream, 4, 5).unwrap();
+        let step = train_forward(&stream, &cfg, &shape, &fd, &wdd, &labels, &mut counters).unwrap();
+        let d_out: Vec<f32> = (0..45).map(|i| ((i * 3 % 7) as f32 - 3.0) / 4.0).collect();
+        let d_out = stream.clone_htod(&d_out).unwrap();
+        let s = 0.7f32;
+        let want =
+            train_backward(&stream, &cfg, &shape, &d_out, s, &fd, &wdd, &step.saved).unwrap();
+        let scale = stream.clone_htod(&[s]).unwrap();
+        let got = train_backward_scaled(
+            &stream,
+            &cfg,
+            &shape,
+            &d_out,
+            &scale,
+            &fd,
+            &wdd,
+            &step.saved,
+        )
+        .unwrap();
+        let pairs = [
+            (
+                stream.clone_dtoh(&got.df).unwrap(),
+                stream.clone_dtoh(&want.df).unwrap(),
+            ),
+            (
+                stream.clone_dtoh(&got.dwd).unwrap(),
+                stream.clone_dtoh(&want.dwd).unwrap(),
+            ),
+        ];
+        for (g, w) in pairs {
+            assert!(
+                w.iter().any(|v| *v != 0.0),
+                "a zero reference verifies nothing"
+            );
+            for (a, b) in g.iter().zip(&w) {
+                // s·λ/N formed in f32 on the device vs in f64 on the host: a few ulp.
+                assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "{a} vs {b}");
+            }
+        }
+    }
+}

@@ -213,7 +213,7 @@ PY
   { echo; echo "## ldd candle_cuda (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"; ldd "$work/bin/candle_cuda" 2>&1 || true; } >> "$out/env.txt"
 fi
 if [ -x "$work/bin/burn_cuda" ]; then
-  # From `gpu-pack.sh --with-burn`: burn's CUDA backend running this crate's ACON kernels.
+  # From `gpu-pack.sh --with-burn`: burn's CUDA backend running this crate's kernels (every op family).
   suites+=(burn_cuda)
 fi
 rows=()

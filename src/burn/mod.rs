@@ -20,9 +20,8 @@
 //!
 //! Supported: `f32` and `f64` tensors on burn's `Flex` device, with or without
 //! autodiff (`Device::flex()`, `Device::flex().autodiff()`); with feature `burn-cuda`,
-//! ACON-A/B/C in `f32`, `f16` or `bf16` on burn's CUDA device (`Device::cuda(i)`, burn's
-//! CubeCL backend: module `cuda`, the crate's kernels on burn's device buffers; other
-//! families are an `Err` there). A tensor on another backend panics in burn's dispatch
+//! every op family in `f32`, `f16` or `bf16` on burn's CUDA device (`Device::cuda(i)`,
+//! burn's CubeCL backend: module `cuda`, the crate's kernels on burn's device buffers). A tensor on another backend panics in burn's dispatch
 //! (burn's rule for a backend an extension does not list). Gradients are first order.
 //! Design: `docs/burn.md`.
 

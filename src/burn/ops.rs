@@ -1,12 +1,15 @@
 //! burn functions for every op family, differentiable under burn's `Autodiff`.
 //!
-//! Each function moves its tensors to the host, runs the crate's CPU forward
-//! ([`crate::cpu`]) and, under `Autodiff`, registers a backward node that runs the
-//! crate's CPU backward ([`super::AkBackend`]). Formulas and gradients are those of
-//! the CPU op each function names. Tensors are `f32` or `f64` (all inputs of one call
-//! the same dtype); the ACON ops, the meta-ACON generators and AIEC take activations
-//! in either [`Layout`]: NCHW-like `(N, C, ...)` (`S` = product of the trailing dims,
-//! `1` for a rank-2 `(N, C)` input) or tokens `(N, L, C)` (channels last, e.g. a ViT's).
+//! On burn's CPU backend (`Flex`) each function moves its tensors to the host, runs the
+//! crate's CPU forward ([`crate::cpu`]) and, under `Autodiff`, registers a backward node
+//! that runs the crate's CPU backward ([`super::AkBackend`]); on burn's CUDA backend
+//! (feature `burn-cuda`) the crate's CUDA forward and backward run on burn's device
+//! buffers instead, with the same semantics (module `burn::cuda`). Formulas and
+//! gradients are those of the CPU op each function names. Tensors are `f32` or `f64` on
+//! `Flex`, `f32`, `f16` or `bf16` on CUDA (all inputs of one call the same dtype); the
+//! ACON ops, the meta-ACON generators and AIEC take activations in either [`Layout`]:
+//! NCHW-like `(N, C, ...)` (`S` = product of the trailing dims, `1` for a rank-2
+//! `(N, C)` input) or tokens `(N, L, C)` (channels last, e.g. a ViT's).
 //!
 //! Errors: every function returns [`crate::Error`] for bad input (wrong shapes or
 //! lengths, empty tensors, labels out of range, bad parameters, another dtype) — the

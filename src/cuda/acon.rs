@@ -389,6 +389,21 @@ fn check_totals(shape: &ActShape, ns: usize) -> Result<()> {
     Ok(())
 }
 
+/// The 32-bit index checks of the ACON backward ([`acon_c_backward`],
+/// [`acon_b_backward`], [`acon_a_backward`]) for `shape` and storage `T`, without a
+/// launch. The forward needs none of them (its kernel indexes with 64-bit integers);
+/// a caller whose backward must not fail on user input after a successful forward
+/// (the burn backend's autodiff node, `src/burn/cuda.rs`) runs them with the forward.
+#[cfg_attr(not(feature = "burn-cuda"), allow(dead_code))]
+pub(crate) fn check_backward_fits<T: DType>(shape: &ActShape) -> Result<()> {
+    check_totals(shape, 3)?;
+    if shape.layout == Layout::Nlc {
+        check_nlc_tiles(shape, &nlc_geometry(shape))
+    } else {
+        check_nchw_tiles(nchw_geometry::<T>(shape).3)
+    }
+}
+
 /// Sums the tile partials: returns `ns × N × C` totals (times `scale`; `ns·N·C`
 /// checked by [`check_totals`]).
 fn reduce_tiles(
@@ -1021,6 +1036,28 @@ impl ChannelGen {
             .saturating_mul(2)
             .saturating_add(self.c)
             .saturating_add(self.width);
+        super::to_i32("channel generator weights (2·C·width + C + width)", outputs)?;
+        Ok(())
+    }
+
+    /// Every check [`ChannelGen::forward`] makes on a generator of `width` for `shape`
+    /// (buffer lengths as given, `b*` `None` when absent), without the buffers: a
+    /// caller that widens the weights to f32 on the device first (the burn backend,
+    /// `src/burn/cuda.rs`) runs it before that launch.
+    #[cfg_attr(not(feature = "burn-cuda"), allow(dead_code))]
+    pub(crate) fn check_dims(
+        shape: &ActShape,
+        width: usize,
+        w_lens: [usize; 2],
+        b_lens: [Option<usize>; 2],
+    ) -> Result<()> {
+        crate::cpu::acon::check_gen_dims(shape.c, width, shape, w_lens, b_lens)?;
+        let outputs = shape
+            .c
+            .saturating_mul(width)
+            .saturating_mul(2)
+            .saturating_add(shape.c)
+            .saturating_add(width);
         super::to_i32("channel generator weights (2·C·width + C + width)", outputs)?;
         Ok(())
     }

@@ -1706,6 +1706,100 @@ pub(crate) fn train_step<'l, T: DType>(
     ))
 }
 
+/// The checks of [`train_backward`] (lengths `[d_out, f, wd]`); returns the saved dims.
+fn check_backward(
+    cfg: &AiecConfig,
+    shape: &ActShape,
+    [d_out_len, f_len, wd_len]: [usize; 3],
+    saved: &DeviceSaved,
+) -> Result<AiecDims> {
+    if *cfg != saved.cfg {
+        return Err(Error::InvalidParam {
+            what: "cfg",
+            msg: "differs from the config of the forward pass".into(),
+        });
+    }
+    cfg.validate()?;
+    check_shape(shape, "f", f_len)?;
+    check_pool(shape, cfg.pool)?;
+    let dims = saved.dims;
+    if shape.n != dims.n || shape.c != dims.c {
+        return Err(Error::Shape {
+            what: "shape",
+            msg: format!("{shape:?} does not match the forward's dims {dims:?}"),
+        });
+    }
+    check_len("d_out", f_len, d_out_len)?;
+    check_len("wd", dims.k * dims.c, wd_len)?;
+    Ok(dims)
+}
+
+/// Every check [`train_forward`] makes on host values (config, shape, pool, the
+/// kernels' 32-bit limits, `wd`'s length, the host labels against `K = classes`),
+/// without a launch: for a caller that launches something before [`train_forward`]
+/// (the burn backend widens `Wd` to f32 first). The counters' channels are the
+/// caller's to check.
+#[cfg_attr(not(feature = "burn-cuda"), allow(dead_code))]
+pub(crate) fn check_train(
+    cfg: &AiecConfig,
+    shape: &ActShape,
+    f_len: usize,
+    wd_len: usize,
+    labels: &[usize],
+    classes: usize,
+) -> Result<()> {
+    cfg.validate()?;
+    check_shape(shape, "f", f_len)?;
+    check_pool(shape, cfg.pool)?;
+    let dims = AiecDims::new(shape.n, shape.c, classes);
+    dims_i32(dims)?;
+    check_len("wd", classes * shape.c, wd_len)?;
+    check_labels(labels, shape.n, classes).map(|_| ())
+}
+
+/// [`train_backward`] with the loss scale `s` read on the device (`scale`: one f32,
+/// e.g. the upstream gradient of the loss output — no host copy): the DMU and gate
+/// terms of `∂L/∂a` and `∂L/∂Wd` by [`aux_gate_backward`] (per-sample weights
+/// `s·λ/N` formed on the device), then the same fused `∂L/∂F` pass. Used by the burn
+/// backend, whose upstream gradient of the step's total loss is a device value.
+///
+/// Errors: as [`train_backward`], plus `LengthMismatch` if `scale` is not one value.
+#[cfg_attr(not(feature = "burn-cuda"), allow(dead_code))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train_backward_scaled<T: DType>(
+    stream: &Arc<CudaStream>,
+    cfg: &AiecConfig,
+    shape: &ActShape,
+    d_out: &impl DeviceInput<T>,
+    scale: &impl DeviceInput<f32>,
+    f: &impl DeviceInput<T>,
+    wd: &impl DeviceInput<f32>,
+    saved: &DeviceSaved,
+) -> Result<DeviceGrads<T>> {
+    let (d_out, f, wd) = (d_out.view(), f.view(), wd.view());
+    let dims = check_backward(cfg, shape, [d_out.len(), f.len(), wd.len()], saved)?;
+    let gr = aux_gate_backward(
+        stream,
+        &saved.feature,
+        &wd,
+        &saved.probs,
+        &saved.masks,
+        &saved.labels_dev,
+        scale,
+        (cfg.lambda_aux, cfg.lambda_gate),
+        dims,
+    )?;
+    let df = backward_pass(
+        stream,
+        shape,
+        cfg.pool,
+        &gr.da.as_view(),
+        Some((&f, cfg.tau as f32)),
+        Some(&d_out),
+    )?;
+    Ok(DeviceGrads { df, dwd: gr.dwd })
+}
+
 /// Backward of one AIEC training step on the device. With `s = loss_scale` and
 /// `d_out = ∂L_task/∂A` (dtype `T`):
 ///
@@ -1735,25 +1829,8 @@ pub fn train_backward<T: DType>(
     wd: &impl DeviceInput<f32>,
     saved: &DeviceSaved,
 ) -> Result<DeviceGrads<T>> {
-    if *cfg != saved.cfg {
-        return Err(Error::InvalidParam {
-            what: "cfg",
-            msg: "differs from the config of the forward pass".into(),
-        });
-    }
-    cfg.validate()?;
     let (d_out, f, wd) = (d_out.view(), f.view(), wd.view());
-    check_shape(shape, "f", f.len())?;
-    check_pool(shape, cfg.pool)?;
-    let dims = saved.dims;
-    if shape.n != dims.n || shape.c != dims.c {
-        return Err(Error::Shape {
-            what: "shape",
-            msg: format!("{shape:?} does not match the forward's dims {dims:?}"),
-        });
-    }
-    check_len("d_out", f.len(), d_out.len())?;
-    check_len("wd", dims.k * dims.c, wd.len())?;
+    let dims = check_backward(cfg, shape, [d_out.len(), f.len(), wd.len()], saved)?;
 
     let s = loss_scale as f64;
     let nf = dims.n as f64;
@@ -1792,4 +1869,72 @@ pub fn train_backward<T: DType>(
         Some(&d_out),
     )?;
     Ok(DeviceGrads { df, dwd })
+}
+
+#[cfg(all(test, feature = "emulate"))]
+mod tests {
+    use super::*;
+    use crate::cuda::{real_driver_present, CudaContext};
+
+    /// [`train_backward_scaled`] (the loss scale read on the device, as the burn
+    /// backend's AIEC node has it) gives [`train_backward`]'s gradients.
+    #[test]
+    fn backward_with_a_device_scale_matches_train_backward() {
+        if !real_driver_present() {
+            crate::emu::install().expect("the emulated device");
+        }
+        let stream = CudaContext::new(0).unwrap().default_stream();
+        let cfg = AiecConfig {
+            tau: 0.1,
+            lambda_gate: 2.0,
+            ..AiecConfig::default()
+        };
+        let shape = ActShape::nchw(3, 5, 1, 3);
+        let f: Vec<f32> = (0..45).map(|i| ((i * 7 % 11) as f32 - 4.5) / 3.0).collect();
+        let wd: Vec<f32> = (0..20).map(|i| ((i * 5 % 9) as f32 - 4.0) / 5.0).collect();
+        let labels = [0usize, 3, 1];
+        let (fd, wdd) = (
+            stream.clone_htod(&f).unwrap(),
+            stream.clone_htod(&wd).unwrap(),
+        );
+        let mut counters = DeviceCounters::new(&stream, 4, 5).unwrap();
+        let step = train_forward(&stream, &cfg, &shape, &fd, &wdd, &labels, &mut counters).unwrap();
+        let d_out: Vec<f32> = (0..45).map(|i| ((i * 3 % 7) as f32 - 3.0) / 4.0).collect();
+        let d_out = stream.clone_htod(&d_out).unwrap();
+        let s = 0.7f32;
+        let want =
+            train_backward(&stream, &cfg, &shape, &d_out, s, &fd, &wdd, &step.saved).unwrap();
+        let scale = stream.clone_htod(&[s]).unwrap();
+        let got = train_backward_scaled(
+            &stream,
+            &cfg,
+            &shape,
+            &d_out,
+            &scale,
+            &fd,
+            &wdd,
+            &step.saved,
+        )
+        .unwrap();
+        let pairs = [
+            (
+                stream.clone_dtoh(&got.df).unwrap(),
+                stream.clone_dtoh(&want.df).unwrap(),
+            ),
+            (
+                stream.clone_dtoh(&got.dwd).unwrap(),
+                stream.clone_dtoh(&want.dwd).unwrap(),
+            ),
+        ];
+        for (g, w) in pairs {
+            assert!(
+                w.iter().any(|v| *v != 0.0),
+                "a zero reference verifies nothing"
+            );
+            for (a, b) in g.iter().zip(&w) {
+                // s·λ/N formed in f32 on the device vs in f64 on the host: a few ulp.
+                assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "{a} vs {b}");
+            }
+        }
+    }
 }

@@ -641,6 +641,14 @@ fn gemm_launch((x, y): (u32, u32), z: u32) -> LaunchConfig {
     }
 }
 
+/// Every geometry check [`forward`] and [`backward`] make on `cfg` (the 32-bit index
+/// and grid limits), without a launch: for a caller that launches something before
+/// [`forward`] (the burn backend widens the parameter pack first).
+#[cfg_attr(not(feature = "burn-cuda"), allow(dead_code))]
+pub(crate) fn check_config(cfg: &IieuConfig) -> Result<()> {
+    ConvDims::new(cfg).map(|_| ())
+}
+
 fn check_inputs(
     cd: &ConvDims,
     x_pre_len: usize,

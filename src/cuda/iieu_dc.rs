@@ -218,6 +218,14 @@ struct Plan {
     smem_ln: u32,
 }
 
+/// Every check [`forward`] and [`backward`] make on `cfg` (the CPU side's and the GPU
+/// plan's 32-bit limits), without a launch: for a caller that launches something
+/// before [`forward`] (the burn backend widens the parameter pack first).
+#[cfg_attr(not(feature = "burn-cuda"), allow(dead_code))]
+pub(crate) fn check_config(cfg: &DcConfig) -> Result<()> {
+    plan(cfg).map(|_| ())
+}
+
 /// Every check on `cfg` (as the CPU side's, plus the GPU plan's limits), before any
 /// allocation.
 fn plan(cfg: &DcConfig) -> Result<Plan> {

@@ -56,8 +56,12 @@
 //! bracketed by two host-blocking waits:
 //!
 //! 1. after the outputs are allocated and every pointer is taken, `Cube::sync(device)`
-//!    (CubeCL's device barrier: every launch burn queued before — the ones writing our
-//!    inputs, and any still reading memory CubeCL may hand out again — has finished);
+//!    (CubeCL's barrier of the calling thread's stream). That covers every launch burn
+//!    queued before on any stream because of the order: taking a buffer's pointer
+//!    (`Client::get_resource`) first makes the calling thread's CubeCL stream wait on
+//!    the streams that wrote it (cubecl-runtime's event tracking), so after the barrier
+//!    every producer of our inputs — and every earlier user of the outputs' memory —
+//!    has finished. Taking the pointers after the barrier would not be enough;
 //! 2. the crate's kernels (and the device-to-device copies into the outputs) run on the
 //!    crate's stream; then that stream is synchronized, so when the output tensors go
 //!    back to burn, their contents are written and our reads of the inputs are done
@@ -1168,17 +1172,23 @@ fn iieu_conv_forward<T: KDType>(
         let mut params = conv_params(st, psi, cfg.geometry.c_out, b.ins[2])?;
         let (y, saved) = kc::iieu_conv::forward(st, cfg, b.ins[0], b.ins[1], &mut params)?;
         fill(st, o[0], &[Part::Dev(&y)])?;
+        let mut stats = None;
         if let kc::iieu_conv::DevicePsi::BatchNorm(bn) = &params.psi {
             if bn.training {
                 let host = |v: &CudaSlice<f32>| -> Result<Vec<f64>> {
                     Ok(st.clone_dtoh(v)?.into_iter().map(f64::from).collect())
                 };
-                let stats = (host(&bn.running_mean)?, host(&bn.running_var)?);
-                *lock(running_out) = Some(stats);
+                stats = Some((host(&bn.running_mean)?, host(&bn.running_var)?));
             }
         }
-        Ok(ConvState { params, saved })
+        Ok((ConvState { params, saved }, stats))
     })?;
+    // Only after the whole op succeeded (the final stream barrier included), as the
+    // CPU path writes its slot.
+    let (s, stats) = s;
+    if let Some(stats) = stats {
+        *lock(running_out) = Some(stats);
+    }
     Ok((one(outs)?, keep(s)))
 }
 

@@ -347,7 +347,7 @@ fn aligned_copy<T: DType>(
     v: &CudaView<'_, T>,
     wanted: bool,
 ) -> Result<Option<CudaSlice<T>>> {
-    if !wanted || v.len() == 0 {
+    if !wanted || v.is_empty() {
         return Ok(None);
     }
     let misaligned = {

@@ -746,7 +746,8 @@ fn iieu_conv2d_every_psi_matches_flex() {
 
 /// The AIEC training step: `A`, the loss, `dF`, `dWd` (the loss weighted by 0.7 in the
 /// objective, so its upstream gradient is not 1), and the host side effects — the
-/// counters (integers: equal) and the step's statistics — as on burn's CPU backend.
+/// counters (integers: equal) and the step's statistics — as on burn's CPU backend;
+/// then a second step from the updated (non-zero) counters.
 #[test]
 fn aiec_train_matches_flex() {
     let (n, c, k) = (DIMS[0], DIMS[1], 4);
@@ -755,6 +756,7 @@ fn aiec_train_matches_flex() {
     let (fv, dav) = (randn(&mut r, len), randn(&mut r, len));
     let wdv = uniform(&mut r, k * c, -0.6, 0.6);
     let labels: Vec<usize> = (0..n).map(|i| (i * 3 + 1) % k).collect();
+    let labels2: Vec<usize> = (0..n).map(|i| (i + 2) % k).collect();
     let cfg = AiecConfig {
         tau: 0.1,
         lambda_gate: 2.0,
@@ -770,6 +772,11 @@ fn aiec_train_matches_flex() {
         let (av, lv) = (read(out.out.clone()), read(out.loss.clone()));
         let g = (run.wsum(out.out, &dav) + out.loss * lw).backward();
         let stats = out.stats;
+        // A second step on the counters the first one updated: the device path starts
+        // from non-zero counters copied from the host (its gate masks read them).
+        let out2 = ops::aiec_train(f.clone(), wd.clone(), &labels2, cfg, &cnt, Layout::Nchw)
+            .expect("aiec_train, second step");
+        let (av2, lv2) = (read(out2.out), read(out2.loss));
         counters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -789,9 +796,12 @@ fn aiec_train_matches_flex() {
             ),
             ("dF", Kind::Red, g_of(&f, &g)),
             ("dWd", Kind::Red, g_of(&wd, &g)),
+            ("A, second step", Kind::Elem, av2),
+            ("loss, second step", Kind::Red, lv2),
         ]
     });
-    // One CUDA run, then one Flex run, per dtype: each pair updated equal counters.
+    // One CUDA run, then one Flex run, per dtype: each pair updated equal counters
+    // (over both steps).
     let runs = counters.into_inner().unwrap_or_else(|e| e.into_inner());
     for pair in runs.chunks(2) {
         assert_eq!(pair[0], pair[1], "AIEC counters: CUDA vs Flex");

@@ -20,6 +20,11 @@
 //!   blocks / 132, the H100's SMs);
 //! * `ratio`: bytes ≤ 1.25 × the minimum for ACON, AIEC's TAU and feature passes and
 //!   IIEU-B's adjuster passes (value: bytes / minimum);
+//! * `split`: a tensor-core IieuConv2d GEMM that misses `fill` is the faster choice —
+//!   its split-K alternative (`model::split_alternative`: the reduction split into the
+//!   fewest chunks that give ≥ 2 waves on both GPUs, f32 partials summed in order) is
+//!   modelled slower on at least one GPU (value: the larger alternative / current time
+//!   ratio; > 1 passes);
 //! * `div64`: no 64-bit integer division or modulo by a run-time value in a kernel
 //!   (value: flagged source lines, `lint.rs`);
 //! * `bound`: every launched kernel declares its launch bound (`AK_KERNEL_BOUND`, so
@@ -408,6 +413,8 @@ struct Row {
     smem_static: [u64; 2],
     occ: [model::Occupancy; 2],
     time: [f64; 2],
+    /// The split-K alternative (tensor-core IieuConv2d GEMMs only).
+    split: Option<model::SplitAlt>,
 }
 
 /// A target check of one launch or kernel.
@@ -547,11 +554,19 @@ fn real_main() -> Result<bool> {
                 );
                 time[gi] = model::time_s(g, &tr, rec.blocks());
             }
+            let split = model::split_alternative(
+                &rec.kernel,
+                &c.dims,
+                rec.grid,
+                &tr,
+                [occ[0].blocks_per_sm, occ[1].blocks_per_sm],
+            );
             rows.push(Row {
                 case: ci,
                 key,
                 rec: rec.clone(),
                 tr,
+                split,
                 regs,
                 smem_static: st,
                 occ,
@@ -575,6 +590,22 @@ fn real_main() -> Result<bool> {
                 value: fill,
                 pass: fill >= 1.0,
             });
+            // A tensor-core GEMM that misses `fill` must be the faster choice: its
+            // split-K alternative (model::split_alternative, ≥ 2 waves on both GPUs) is
+            // modelled slower on at least one GPU, else the split is what to launch.
+            if fill < 1.0 {
+                if let Some(alt) = r.split {
+                    let value = (0..2)
+                        .map(|g| alt.time[g] / r.time[g])
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    checks.push(Check {
+                        key: key.clone(),
+                        target: "split",
+                        value,
+                        pass: value > 1.0,
+                    });
+                }
+            }
             let blocks = r.rec.blocks() as f64 / model::H100.sms as f64;
             checks.push(Check {
                 key: key.clone(),
@@ -729,6 +760,10 @@ fn real_main() -> Result<bool> {
             "ACON / AIEC TAU+feature / IIEU-B adjuster launches with bytes ≤ 1.25 × minimum",
         ),
         (
+            "split",
+            "tensor-core GEMMs missing fill whose split-K alternative is modelled slower on a GPU",
+        ),
+        (
             "div64",
             "kernels without 64-bit division by a run-time value (source lint)",
         ),
@@ -772,7 +807,7 @@ fn real_main() -> Result<bool> {
     }
     let _ = writeln!(
         sum,
-        "misses by kernel family and target (count, value range; fill/blocks: ≥ 1 passes, ratio: ≤ 1.25, div64: 0, bound: < 1024):"
+        "misses by kernel family and target (count, value range; fill/blocks: ≥ 1 passes, split: > 1, ratio: ≤ 1.25, div64: 0, bound: < 1024):"
     );
     for ((fam, t), (n, lo, hi)) in &groups {
         let _ = writeln!(sum, "  {fam:<28} {t:<6} {n:>4}  {lo:.3} .. {hi:.3}");
@@ -970,6 +1005,44 @@ fn tables(
     }
     for (f, v) in fams {
         let _ = writeln!(doc, "| `{f}` | {} |", v.join(", "));
+    }
+
+    // Tensor-core fill misses against their split-K alternative.
+    let _ = writeln!(
+        doc,
+        "\n### Tensor-core `fill` misses and their split-K alternative\n\n\
+         Each tensor-core GEMM launch that misses `fill`, against the same tiles with the reduction split \
+         into the fewest chunks that give ≥ 2 waves on both GPUs (`model::split_alternative`: f32 \
+         partials written by the GEMM and summed in order by a second pass, all at DRAM bandwidth). \
+         `split` = the larger of the two GPUs' alternative / current time; the `split` target \
+         requires > 1 (the launch as built is the faster choice on at least one GPU).\n\n\
+         | op call | phase | kernel | blocks | waves A6000/H100 | A6000 µs now → split | H100 µs now → split | chunks now → split | split |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        let c = &cases[r.case];
+        let key = format!("{}|{}|{}", c.label, c.phase, r.key);
+        let Some(ch) = checks.iter().find(|k| k.target == "split" && k.key == key) else {
+            continue;
+        };
+        let Some(alt) = r.split else { continue };
+        let _ = writeln!(
+            doc,
+            "| {} | {} | `{}` | {} | {:.2}/{:.2} | {:.1} → {:.1} | {:.1} → {:.1} | {} → {} | {:.2} |",
+            c.label,
+            c.phase,
+            r.rec.kernel,
+            r.rec.blocks(),
+            r.occ[0].waves,
+            r.occ[1].waves,
+            r.time[0] * 1e6,
+            alt.time[0] * 1e6,
+            r.time[1] * 1e6,
+            alt.time[1] * 1e6,
+            r.rec.grid[2],
+            alt.splits,
+            ch.value
+        );
     }
 
     // Tensor-core launches against the dense f16 peak.

@@ -715,6 +715,73 @@ pub fn traffic(kernel: &str, d: &Dims, grid: [u32; 3], carry: &mut Carry) -> Opt
     Some(out)
 }
 
+/// The split-K alternative of a tensor-core IieuConv2d GEMM launch (`*_tc`): the same
+/// 64 × 64 output tiles with the GEMM's reduction split into the fewest chunks that give
+/// ≥ 2 waves on both GPUs at the launch's resident blocks per SM (issue 15's `fill`
+/// through waves; the occupancy route is closed to a 128-register GEMM), each chunk
+/// writing f32 partials that a fixed-order pass sums — as `iieu_conv_wgrad_tc` already
+/// does, and as the forward (with its epilogue: stats, `‖P‖²`) and the data gradient
+/// (with its `add`) would in a second pass.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitAlt {
+    /// Chunks of the reduction.
+    pub splits: u64,
+    /// Modelled time per GPU ([`GPUS`] order): the GEMM launch with the partials' writes
+    /// (`time_s` at `tiles · splits` blocks) plus the extra bytes of the ordered sum at
+    /// full DRAM bandwidth.
+    pub time: [f64; 2],
+}
+
+/// [`SplitAlt`] of a launch of `kernel` with `grid`, traffic `tr` and `resident` blocks
+/// per SM on each GPU; `None` when `kernel` is no tensor-core IieuConv2d GEMM, or when
+/// the reduction has fewer 32-deep slabs (weight gradient: 16-pixel slabs, as
+/// `wgrad_splits_tc` counts them) than the chunks two waves would take.
+///
+/// Bytes: forward / data gradient (one chunk today) — the GEMM writes `4·S` bytes per
+/// output element instead of its `b`-byte result, and the second pass reads them and
+/// writes the result; weight gradient (`S₀ = grid.z` chunks today) — `4·(S − S₀)` more
+/// bytes per `dW` entry written, and read again by `iieu_conv_wgrad_reduce`. All at DRAM
+/// bandwidth: an H100 keeps up to ~40 MB of partials in its L2, which the model does
+/// not credit (nor any cache), so on an H100 the alternative's true cost is lower.
+pub fn split_alternative(
+    kernel: &str,
+    d: &Dims,
+    grid: [u32; 3],
+    tr: &Traffic,
+    resident: [u64; 2],
+) -> Option<SplitAlt> {
+    let (s0, slabs, elems, out_bytes) = match family(kernel) {
+        "iieu_conv_fwd_tc" => (1, (d.cin * d.taps / 32.0).ceil(), d.e(), d.b * d.e()),
+        "iieu_conv_dgrad_tc" => (1, (d.c * d.taps / 32.0).ceil(), d.epre(), d.b * d.epre()),
+        "iieu_conv_wgrad_tc" => (u64::from(grid[2]), (d.n * d.s / 16.0).ceil(), d.wlen(), 0.0),
+        _ => return None,
+    };
+    let tiles = (u64::from(grid[0]) * u64::from(grid[1])).max(1);
+    let want = GPUS
+        .iter()
+        .zip(resident)
+        .map(|(g, r)| (2 * g.sms * r).div_ceil(tiles))
+        .max()?;
+    let splits = want.max(s0 + 1);
+    if splits as f64 > slabs {
+        return None;
+    }
+    let sf = splits as f64;
+    let (gemm_extra, pass_extra) = if out_bytes > 0.0 {
+        (4.0 * sf * elems - out_bytes, 4.0 * sf * elems + out_bytes)
+    } else {
+        let more = 4.0 * (splits - s0) as f64 * elems;
+        (more, more)
+    };
+    let alt = Traffic {
+        bytes: tr.bytes + gemm_extra,
+        dram: tr.dram + gemm_extra,
+        ..*tr
+    };
+    let time = [0, 1].map(|i| time_s(GPUS[i], &alt, tiles * splits) + pass_extra / GPUS[i].bw);
+    Some(SplitAlt { splits, time })
+}
+
 /// An implicit-GEMM launch: `unique` bytes, 2·M·N·K FLOPs (M·N = the output elements
 /// N·O·H'·W', K = C·KH·KW).
 fn gemm(d: &Dims, unique: f64) -> Traffic {
@@ -729,7 +796,7 @@ fn gemm(d: &Dims, unique: f64) -> Traffic {
 
 #[cfg(test)]
 mod tests {
-    use super::family;
+    use super::{family, split_alternative, time_s, Dims, Traffic, GPUS};
 
     #[test]
     fn tensor_core_forms_share_their_family() {
@@ -746,5 +813,71 @@ mod tests {
         assert_eq!(family("iieu_conv_fwd_f32"), "iieu_conv_fwd");
         // Not a family with a dtype suffix: unchanged.
         assert_eq!(family("iieu_conv_rx_f32"), "iieu_conv_rx_f32");
+    }
+
+    /// ResNet-50's 3×3 512 → 512 layer at 7×7, N = 32, f16 (the audit suite's shape).
+    fn stage4() -> Dims {
+        Dims {
+            b: 2.0,
+            n: 32.0,
+            c: 512.0,
+            s: 49.0,
+            cin: 512.0,
+            hw_in: 49.0,
+            taps: 9.0,
+            gp: 1.0,
+            ..Dims::default()
+        }
+    }
+
+    #[test]
+    fn split_alternative_reaches_two_waves_and_pays_for_its_partials() {
+        let d = stage4();
+        let tr = Traffic {
+            bytes: 8e6,
+            min: 8e6,
+            dram: 8e6,
+            flops: 0.0,
+            tc_flops: 2.0 * d.e() * d.cin * d.taps,
+        };
+        // Forward: 32 × 8 tiles at 4 blocks/SM: the H100 needs ⌈1056 / 256⌉ = 5 chunks,
+        // the A6000 ⌈672 / 256⌉ = 3.
+        let alt = split_alternative("iieu_conv_fwd_tc_f16", &d, [32, 8, 1], &tr, [4, 4]).unwrap();
+        assert_eq!(alt.splits, 5);
+        let e = d.e();
+        for (i, g) in GPUS.iter().enumerate() {
+            // The GEMM writes 5 f32 partials per output instead of its f16 result; the
+            // second pass reads them and writes the result.
+            let gemm = Traffic {
+                bytes: 8e6 + 20.0 * e - 2.0 * e,
+                dram: 8e6 + 20.0 * e - 2.0 * e,
+                ..tr
+            };
+            let want = time_s(g, &gemm, 256 * 5) + (20.0 * e + 2.0 * e) / g.bw;
+            assert!((alt.time[i] - want).abs() <= 1e-12 * want, "{}", g.name);
+        }
+        // Weight gradient already in 50 chunks (of 98 16-pixel slabs): one more at least, and only the extra
+        // chunks' partials are charged.
+        let alt =
+            split_alternative("iieu_conv_wgrad_tc_f16", &d, [8, 72, 50], &tr, [4, 4]).unwrap();
+        assert_eq!(alt.splits, 51);
+        let more = 4.0 * d.wlen();
+        let gemm = Traffic {
+            bytes: 8e6 + more,
+            dram: 8e6 + more,
+            ..tr
+        };
+        let want = time_s(GPUS[1], &gemm, 576 * 51) + more / GPUS[1].bw;
+        assert!((alt.time[1] - want).abs() <= 1e-12 * want);
+        // Not a tensor-core GEMM, or too shallow a reduction for the chunks: none.
+        assert!(split_alternative("iieu_conv_fwd_f32", &d, [32, 8, 1], &tr, [4, 4]).is_none());
+        let shallow = Dims {
+            cin: 4.0,
+            taps: 1.0,
+            ..d
+        };
+        assert!(
+            split_alternative("iieu_conv_fwd_tc_f16", &shallow, [32, 8, 1], &tr, [4, 4]).is_none()
+        );
     }
 }

@@ -349,6 +349,38 @@ __device__ __forceinline__ void mma_step(__nv_bfloat16 zero, float (&d)[4], cons
   mma16816(zero, d, a, b);
 }
 
+// One BK-deep stage of tf32 mma for a warp's 32 × 32 tile (2 m16 × 4 n8 fragments of
+// m16n8k8), in k-steps of 8: each fragment element by a 32-bit shared load of lane
+// (gq, tq) = (lane / 4, lane % 4), rounded by cvt.rna. a_at(m, k) / b_at(n, k): the
+// offsets of A[m][k] and B[n][k] in the stages (each GEMM's swizzle: see its caller).
+template <int DEPTH, class AAt, class BAt>
+__device__ __forceinline__ void tf32_stage(const float* as, const float* bs, int wm, int wn, int lane, AAt a_at,
+                                           BAt b_at, float (&acc)[2][4][4]) {
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int ks = 0; ks < DEPTH; ks += 8) {
+    uint32_t af[2][4], bf[4][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const int m0 = wm * 32 + mi * 16 + gq;
+      af[mi][0] = ak::mma::to_tf32(as[a_at(m0, ks + tq)]);
+      af[mi][1] = ak::mma::to_tf32(as[a_at(m0 + 8, ks + tq)]);
+      af[mi][2] = ak::mma::to_tf32(as[a_at(m0, ks + tq + 4)]);
+      af[mi][3] = ak::mma::to_tf32(as[a_at(m0 + 8, ks + tq + 4)]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int n0 = wn * 32 + ni * 8 + gq;
+      bf[ni][0] = ak::mma::to_tf32(bs[b_at(n0, ks + tq)]);
+      bf[ni][1] = ak::mma::to_tf32(bs[b_at(n0, ks + tq + 4)]);
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) ak::mma::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+  }
+}
+
 template <class T, bool SM75 = false>
 __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restrict__ w, T* __restrict__ out,
                                  float* __restrict__ sq, float* __restrict__ st_mean, float* __restrict__ st_m2,
@@ -513,31 +545,11 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
       }
     }
     if constexpr (F32) {
-      // tf32: k-steps of 8 (two per 16), fragments by 32-bit shared loads of lane
-      // (gq, tq), each rounded by cvt.rna (a_off32 / b_off32: conflict-free).
-      const int gq = lane >> 2, tq = lane & 3;
-#pragma unroll
-      for (int ks = 0; ks < BK; ks += 8) {
-        uint32_t af[2][4], bf[4][2];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          const int m0 = wm * 32 + mi * 16 + gq;
-          af[mi][0] = ak::mma::to_tf32(as[a_off32(ks + tq, m0)]);
-          af[mi][1] = ak::mma::to_tf32(as[a_off32(ks + tq, m0 + 8)]);
-          af[mi][2] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0)]);
-          af[mi][3] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0 + 8)]);
-        }
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          const int o = wn * 32 + ni * 8 + gq;
-          bf[ni][0] = ak::mma::to_tf32(bs[b_off32(o, ks + tq)]);
-          bf[ni][1] = ak::mma::to_tf32(bs[b_off32(o, ks + tq + 4)]);
-        }
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) ak::mma::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
-      }
+      // tf32 (two k8 steps per 16): A k-major with a_off32, B row-major with b_off32
+      // (conflict-free).
+      tf32_stage<BK>(
+          as, bs, wm, wn, lane, [](int m, int k) { return a_off32(k, m); },
+          [](int o, int k) { return b_off32(o, k); }, acc);
     } else {
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
@@ -819,33 +831,11 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
     const T* as = As + cur * A_STAGE;
     const T* bs = Bs + cur * B_STAGE;
     if constexpr (F32) {
-      // tf32: k-steps of 8, fragments by 32-bit shared loads of lane (gq, tq), each
-      // rounded by cvt.rna. Both stages k-major with a_off32 (conflict-free: the
-      // forward's A analysis; B[k][c'] is read as A[q][k] is, k row ks + tq (+4),
-      // column n0 + gq).
-      const int gq = lane >> 2, tq = lane & 3;
-#pragma unroll
-      for (int ks = 0; ks < BK; ks += 8) {
-        uint32_t af[2][4], bf[4][2];
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          const int m0 = wm * 32 + mi * 16 + gq;
-          af[mi][0] = ak::mma::to_tf32(as[a_off32(ks + tq, m0)]);
-          af[mi][1] = ak::mma::to_tf32(as[a_off32(ks + tq, m0 + 8)]);
-          af[mi][2] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0)]);
-          af[mi][3] = ak::mma::to_tf32(as[a_off32(ks + tq + 4, m0 + 8)]);
-        }
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          const int c = wn * 32 + ni * 8 + gq;
-          bf[ni][0] = ak::mma::to_tf32(bs[a_off32(ks + tq, c)]);
-          bf[ni][1] = ak::mma::to_tf32(bs[a_off32(ks + tq + 4, c)]);
-        }
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) ak::mma::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
-      }
+      // tf32: both stages k-major with a_off32 (conflict-free: the forward's A
+      // analysis; B[k][c'] is read as A[q][k] is, k row ks + tq (+4), column n0 + gq).
+      tf32_stage<BK>(
+          as, bs, wm, wn, lane, [](int q, int k) { return a_off32(k, q); },
+          [](int c, int k) { return a_off32(k, c); }, acc);
     } else {
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
@@ -1106,33 +1096,12 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
       const T* as = As + cur * W_STAGE;
       const T* bs = Bs + cur * W_STAGE;
       if constexpr (F32) {
-        // tf32: k-steps of 8 pixels, fragments by 32-bit shared loads of lane (gq, tq),
-        // each rounded by cvt.rna. Both stages row-major with b_off32 (conflict-free:
+        // tf32, k-steps of 8 pixels: both stages row-major with b_off32 (conflict-free:
         // the forward's B analysis; a[j] = As[m0 + gq (+8)][ks + tq (+4)],
         // b[j] = Bs[n0 + gq][ks + tq (+4)]).
-        const int gq = lane >> 2, tq = lane & 3;
-#pragma unroll
-        for (int ks = 0; ks < BK; ks += 8) {
-          uint32_t af[2][4], bf[4][2];
-#pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-            const int m0 = wm * 32 + mi * 16 + gq;
-            af[mi][0] = ak::mma::to_tf32(as[b_off32(m0, ks + tq)]);
-            af[mi][1] = ak::mma::to_tf32(as[b_off32(m0 + 8, ks + tq)]);
-            af[mi][2] = ak::mma::to_tf32(as[b_off32(m0, ks + tq + 4)]);
-            af[mi][3] = ak::mma::to_tf32(as[b_off32(m0 + 8, ks + tq + 4)]);
-          }
-#pragma unroll
-          for (int ni = 0; ni < 4; ++ni) {
-            const int kk = wn * 32 + ni * 8 + gq;
-            bf[ni][0] = ak::mma::to_tf32(bs[b_off32(kk, ks + tq)]);
-            bf[ni][1] = ak::mma::to_tf32(bs[b_off32(kk, ks + tq + 4)]);
-          }
-#pragma unroll
-          for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < 4; ++ni) ak::mma::mma_m16n8k8_tf32(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
-        }
+        tf32_stage<BK>(
+            as, bs, wm, wn, lane, [](int o, int r) { return b_off32(o, r); },
+            [](int kk, int r) { return b_off32(kk, r); }, acc);
       } else {
 #pragma unroll
       for (int ks = 0; ks < BK; ks += 16) {

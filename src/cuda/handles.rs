@@ -11,7 +11,8 @@
 //!
 //! Cost per launch, steady state: one `OnceLock` read for the site, a short
 //! thread-local scan comparing context pointers, one `OnceLock` read for the handle and
-//! the handle's clone (one atomic increment).
+//! the handle's clone (one atomic increment). The handle's PTX version and the device's
+//! compute capability (which pick the IieuConv2d GEMM forms) are cached the same way.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,8 +58,8 @@ impl<const N: usize> Site<N> {
                 "kernel {name}: more than {SLOTS} kernel-handle slots in use"
             )));
         }
-        let func = with_table(stream.context(), |t| t.function(slot, name))?;
-        Ok(Kernel { func, name })
+        let (func, ptx) = with_table(stream.context(), |t| t.function(slot, name))?;
+        Ok(Kernel { func, name, ptx })
     }
 }
 
@@ -95,6 +96,7 @@ impl Site<3> {
 pub(crate) struct Kernel {
     func: CudaFunction,
     name: &'static str,
+    ptx: i32,
 }
 
 impl Kernel {
@@ -104,11 +106,10 @@ impl Kernel {
     }
 
     /// The virtual architecture the loaded code was compiled for (`__CUDA_ARCH__ / 10`;
-    /// below the device's when the driver JIT-compiled older PTX).
-    pub(crate) fn ptx_version(&self) -> Result<i32> {
-        self.func
-            .ptx_version()
-            .map_err(|e| Error::Driver(format!("kernel {}: PTX version: {e}", self.name)))
+    /// below the device's when the driver JIT-compiled older PTX), queried once per
+    /// context when the handle was resolved.
+    pub(crate) fn ptx_version(&self) -> i32 {
+        self.ptx
     }
 
     /// The function handle, for [`super::launcher`] only.
@@ -117,10 +118,12 @@ impl Kernel {
     }
 }
 
-/// The kernel handles of one context, each resolved on its first launch there.
+/// The kernel handles of one context, each resolved on its first launch there (with
+/// its PTX version), and the device's compute capability.
 struct Table {
     kernels: Kernels,
-    funcs: Box<[OnceLock<CudaFunction>]>,
+    funcs: Box<[OnceLock<(CudaFunction, i32)>]>,
+    cc: OnceLock<(i32, i32)>,
 }
 
 impl Table {
@@ -128,11 +131,13 @@ impl Table {
         Self {
             kernels,
             funcs: (0..SLOTS).map(|_| OnceLock::new()).collect(),
+            cc: OnceLock::new(),
         }
     }
 
-    /// The handle in `slot` (kernel `name`), resolved now if it is the first use.
-    fn function(&self, slot: usize, name: &'static str) -> Result<CudaFunction> {
+    /// The handle in `slot` (kernel `name`) and its PTX version, resolved now if it is
+    /// the first use.
+    fn function(&self, slot: usize, name: &'static str) -> Result<(CudaFunction, i32)> {
         let cell = self
             .funcs
             .get(slot)
@@ -142,8 +147,26 @@ impl Table {
         }
         // Two threads may both resolve it; either handle is the same kernel.
         let f = self.kernels.function(name)?;
-        Ok(cell.get_or_init(|| f).clone())
+        let ptx = f
+            .ptx_version()
+            .map_err(|e| Error::Driver(format!("kernel {name}: PTX version: {e}")))?;
+        Ok(cell.get_or_init(|| (f, ptx)).clone())
     }
+}
+
+/// The compute capability `(major, minor)` of `stream`'s device, queried once per
+/// context (the GEMM launchers pick their kernel form by it on every call).
+pub(crate) fn compute_capability(stream: &Arc<CudaStream>) -> Result<(i32, i32)> {
+    let ctx = stream.context();
+    with_table(ctx, |t| {
+        if let Some(cc) = t.cc.get() {
+            return Ok(*cc);
+        }
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| Error::Driver(format!("compute capability: {e}")))?;
+        Ok(*t.cc.get_or_init(|| cc))
+    })
 }
 
 type Entry = (Weak<CudaContext>, Arc<Table>);

@@ -88,7 +88,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelAr
 use crate::cpu::iieu::{IieuConfig, PatchNorm};
 use crate::cpu::iieu_conv::{IieuConvParams, Psi};
 use crate::cuda::abi::ConvGeom;
-use crate::cuda::handles::kernel_fn;
+use crate::cuda::handles::{compute_capability, kernel_fn};
 use crate::cuda::iieu::{
     self as iieu_dev, elementwise, per_block, scratch, Dims, IieuDeviceParams, IieuDeviceSaved,
     Norms,
@@ -233,7 +233,7 @@ fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
         return Ok(false);
     }
     let f = kernel_fn!(stream, "iieu_conv_fwd_tc_f16")?;
-    Ok(f.ptx_version()? >= 80)
+    Ok(f.ptx_version() >= 80)
 }
 
 /// Whether the forward convolution, the data gradient and the weight gradient of
@@ -255,7 +255,7 @@ fn use_turing_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
         return Ok(false);
     }
     let f = kernel_fn!(stream, "iieu_conv_fwd_tc75_f16")?;
-    let ptx = f.ptx_version()?;
+    let ptx = f.ptx_version();
     Ok(ptx >= 75 && (path == 3 || cc.0 < 8 || ptx < 80))
 }
 
@@ -281,13 +281,6 @@ macro_rules! gemm_kernel {
             Ok((f, tc))
         })()
     };
-}
-
-fn compute_capability(stream: &Arc<CudaStream>) -> Result<(i32, i32)> {
-    stream
-        .context()
-        .compute_capability()
-        .map_err(|e| Error::Driver(format!("compute capability: {e}")))
 }
 
 /// The weight-gradient reduction is split until about this many blocks run (a fixed

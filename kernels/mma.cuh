@@ -14,7 +14,9 @@
 //
 // On an arch below the one an instruction needs the function traps; kernels select
 // their path at compile time with AK_MMA_SM75 / AK_MMA_SM80 (1 where the arch has the
-// instructions, and always 1 on the emulated device).
+// instructions, and always 1 on the emulated device, where each emulated sm_80+
+// instruction instead fails the launch at run time when the emulated GPU is sm_75 —
+// AK_EMU_ARCH=75 — as the trap of a kernel built for sm_75 would).
 //
 // Under the emulated device (host C++, __CUDACC__ undefined) each calls an emulated
 // implementation that is exact to the PTX ISA's fragment layouts, so a fragment-index
@@ -126,6 +128,9 @@ inline double tf32_bits(uint32_t u) {
 // layouts above and computes its own four D elements.
 inline void mma(Op op, float* d, const uint32_t* a, int na, const uint32_t* b, int nb, const float* c,
                 const char* file, int line) {
+  if (op == M16N8K16_F16) emu::need_sm(80, "mma.sync.m16n8k16 (f16)");
+  if (op == M16N8K16_BF16) emu::need_sm(80, "mma.sync.m16n8k16 (bf16)");
+  if (op == M16N8K8_TF32) emu::need_sm(80, "mma.sync.m16n8k8 (tf32)");
   const int lane = emu::lane_id();
   uint32_t* s = emu::warp_scratch();
   uint32_t* mine = s + lane * emu::kWarpScratchWords;
@@ -283,6 +288,7 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (
 // otherwise read as ±Inf once an mma ignores those bits).
 __device__ __forceinline__ uint32_t to_tf32(float x) {
 #if AK_MMA_EMULATED
+  emu::need_sm(80, "cvt.rna.tf32.f32");
   uint32_t u;
   std::memcpy(&u, &x, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffffffu;  // NaN: canonical
@@ -374,6 +380,7 @@ template <int BYTES>
 __device__ __forceinline__ void cp_async_ca_zfill(void* smem, const void* gmem, int src_bytes) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
 #if AK_MMA_EMULATED
+  emu::need_sm(80, "cp.async");
   emu::cp_async(smem, gmem, BYTES, src_bytes);
 #elif AK_MMA_SM80
   unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
@@ -389,6 +396,7 @@ template <int BYTES>
 __device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem) {
   static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
 #if AK_MMA_EMULATED
+  emu::need_sm(80, "cp.async");
   emu::cp_async(smem, gmem, BYTES, BYTES);
 #elif AK_MMA_SM80
   unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
@@ -401,6 +409,7 @@ __device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem) {
 // cp.async.cg (L2 only, bypasses L1): 16 bytes.
 __device__ __forceinline__ void cp_async_cg(void* smem, const void* gmem) {
 #if AK_MMA_EMULATED
+  emu::need_sm(80, "cp.async");
   emu::cp_async(smem, gmem, 16, 16);
 #elif AK_MMA_SM80
   unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
@@ -412,6 +421,7 @@ __device__ __forceinline__ void cp_async_cg(void* smem, const void* gmem) {
 }
 __device__ __forceinline__ void cp_async_cg_zfill(void* smem, const void* gmem, int src_bytes) {
 #if AK_MMA_EMULATED
+  emu::need_sm(80, "cp.async");
   emu::cp_async(smem, gmem, 16, src_bytes);
 #elif AK_MMA_SM80
   unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
@@ -425,6 +435,7 @@ __device__ __forceinline__ void cp_async_cg_zfill(void* smem, const void* gmem, 
 // cp.async.commit_group: the thread's cp.async since its last commit form one group.
 __device__ __forceinline__ void cp_async_commit_group() {
 #if AK_MMA_EMULATED
+  emu::need_sm(80, "cp.async.commit_group");
   emu::cp_async_commit();
 #elif AK_MMA_SM80
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -439,6 +450,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
   static_assert(N >= 0 && N < 8, "cp.async.wait_group N: 0 <= N < 8");
 #if AK_MMA_EMULATED
+  emu::need_sm(80, "cp.async.wait_group");
   emu::cp_async_wait(N);
 #elif AK_MMA_SM80
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Registers and static shared memory per kernel for sm_86 and sm_90, from an nvcc
+"""Registers and static shared memory per kernel for sm_75, sm_86 and sm_90, from an nvcc
 build's `ptxas -v` output, as the emulated driver reads them
 (kernels/emu/ptxas-table.tsv: the launch check of registers x threads).
 
@@ -10,7 +10,7 @@ import os
 import re
 import sys
 
-ARCHS = ("sm_86", "sm_90")
+ARCHS = ("sm_75", "sm_86", "sm_90")
 
 
 def table(report):
@@ -42,7 +42,7 @@ def main():
     path = os.path.join(root, "kernels", "emu", "ptxas-table.tsv")
     new = table(report)
     if new.count("\n") <= 1:
-        sys.exit(f"{report}: no sm_86/sm_90 entries (build with those archs)")
+        sys.exit(f"{report}: no sm_75/sm_86/sm_90 entries (build with those archs)")
     if mode == "--write":
         open(path, "w").write(new)
         print(f"wrote {path} ({new.count(chr(10)) - 1} rows)")

@@ -681,12 +681,19 @@ fn launch_limit_dynamic_shared_memory() {
         ],
     );
     dyn_smem_launch(kib49, Some(kib49 as i32)).unwrap();
-    // sm_86's opt-in maximum is 99 KiB (101376 bytes).
+    // The opt-in maximum: 99 KiB (101376 bytes) on sm_86, 227 KiB on sm_90, 64 KiB on
+    // sm_75; one KiB more is refused.
+    let (max, arch) = match emulated_sm() {
+        "75" => (65536, "sm_75"),
+        "90" => (232448, "sm_90"),
+        _ => (101376, "sm_86"),
+    };
+    let over = max + 1024;
     assert_has(
-        &dyn_smem_launch(100 * 1024, Some(100 * 1024)).unwrap_err(),
+        &dyn_smem_launch(over as u32, Some(over)).unwrap_err(),
         &[
-            "MAX_DYNAMIC_SHARED_SIZE_BYTES, 102400",
-            "above the 101376-byte maximum of sm_86",
+            &format!("MAX_DYNAMIC_SHARED_SIZE_BYTES, {over}"),
+            &format!("above the {max}-byte maximum of {arch}"),
         ],
     );
 }
@@ -907,16 +914,12 @@ fn thread_orders_are_what_they_claim() {
 }
 
 /// The driver answers a real kernel's registers and static shared memory from the
-/// ptxas table of the emulated arch (sm_86 unless AK_EMU_ARCH says 90), and its
+/// ptxas table of the emulated arch (sm_86 unless AK_EMU_ARCH says 75 or 90), and its
 /// max threads per block follows from the register file (and the launch bound).
 #[test]
 fn function_attributes_come_from_the_ptxas_table() {
     let (_g, _ctx, m) = setup();
-    let sm = if std::env::var("AK_EMU_ARCH").is_ok_and(|a| a.ends_with("90")) {
-        "90"
-    } else {
-        "86"
-    };
+    let sm = emulated_sm();
     let table = include_str!("../kernels/emu/ptxas-table.tsv");
     let mut seen = 0;
     for line in table.lines().filter(|l| !l.starts_with('#')) {
@@ -960,6 +963,50 @@ fn function_attributes_come_from_the_ptxas_table() {
         seen >= 9,
         "the table lacks iieu_patch_sq / iieu_bwd_sums / iieu_conv_fwd kernels for sm_{sm}"
     );
+}
+
+/// The emulated GPU's arch as AK_EMU_ARCH picks it (the driver's rule: 75 or 90 when
+/// it says so, else 86).
+fn emulated_sm() -> &'static str {
+    match std::env::var("AK_EMU_ARCH").as_deref() {
+        Ok("90" | "sm_90") => "90",
+        Ok("75" | "sm_75") => "75",
+        _ => "86",
+    }
+}
+
+/// The device reports the emulated arch, and the sm_80 instructions (m16n8k16, tf32
+/// mma, cp.async) fail the launch on an emulated sm_75 — naming the instruction — as
+/// the trap of a kernel built for sm_75 would, while the Turing m16n8k8 runs there.
+#[test]
+fn sm80_instructions_fail_on_an_emulated_sm75() {
+    let sm = emulated_sm();
+    {
+        let (_g, ctx, _m) = setup();
+        let (major, minor) = ctx.compute_capability().unwrap();
+        assert_eq!(format!("{major}{minor}"), sm);
+    }
+    let (m, n, k) = (16, 8, 16);
+    for (op, what) in [
+        (0, "mma.sync.m16n8k16 (f16)"),
+        (1, "mma.sync.m16n8k16 (bf16)"),
+        (3, "mma.sync.m16n8k8 (tf32)"),
+    ] {
+        let r = mma_try(op, 0, (m, n, k), Schedule::Identity);
+        if sm == "75" {
+            assert_has(&r.unwrap_err(), &[what, "needs sm_80", "sm_75 (T4)"]);
+        } else {
+            assert!(r.expect("sm_80 mma runs on sm_86/90") <= 1.0, "op {op}");
+        }
+    }
+    // The Turing shape runs everywhere (the error is in units of its tolerance).
+    assert!(mma_error(2, 0, (16, 8, 8), Schedule::Identity) <= 1.0);
+    let r = cp_async_run(0, 128, ALL);
+    if sm == "75" {
+        assert_has(&r.unwrap_err(), &["cp.async", "needs sm_80", "sm_75 (T4)"]);
+    } else {
+        r.unwrap();
+    }
 }
 
 const ORDERS: [Schedule; 5] = [
@@ -1131,7 +1178,17 @@ fn mma_operand(op: i32, x: f32) -> (u32, f64) {
 /// against the naive f64 product of the same operands, in units of the element's
 /// tolerance: the emulated mma rounds to f32 once per k-step, so each element is
 /// within steps·2⁻²⁴·(|c| + Σ|a·b|) of the f64 product (bound doubled).
-fn mma_error(op: i32, load: i32, (m, n, k): (usize, usize, usize), schedule: Schedule) -> f64 {
+fn mma_error(op: i32, load: i32, dims: (usize, usize, usize), schedule: Schedule) -> f64 {
+    mma_try(op, load, dims, schedule).expect("launch")
+}
+
+/// [`mma_error`], or the emulator's fault report when the launch fails.
+fn mma_try(
+    op: i32,
+    load: i32,
+    (m, n, k): (usize, usize, usize),
+    schedule: Schedule,
+) -> Result<f64, String> {
     let (_g, ctx, module) = setup();
     emu::set_schedule(schedule);
     let f = module.load_function("emu_selftest_mma").unwrap();
@@ -1179,7 +1236,9 @@ fn mma_error(op: i32, load: i32, (m, n, k): (usize, usize, usize), schedule: Sch
     // elements: the u32 buffers hold ceil(m·k/2) / m·k words) and C, writes D[m·n].
     let r = unsafe { l.launch(cfg(grid, 32, 0)) };
     emu::set_schedule(Schedule::Identity);
-    r.unwrap();
+    if r.is_err() {
+        return Err(fault_of(r));
+    }
     let d = s.clone_dtoh(&dd).unwrap();
     let steps = k.div_ceil(MMA_OPS[op as usize].2) as f64;
     let mut worst = 0.0f64;
@@ -1194,7 +1253,7 @@ fn mma_error(op: i32, load: i32, (m, n, k): (usize, usize, usize), schedule: Sch
             worst = worst.max((f64::from(d[i * n + j]) - exact).abs() / tol);
         }
     }
-    worst
+    Ok(worst)
 }
 
 #[test]

@@ -332,6 +332,18 @@ impl Drop for PathGuard {
     }
 }
 
+/// Whether `dev` has the sm_80 tensor-core instructions (compute capability ≥ 8.0: the
+/// `_tc_f16` / `_tc_bf16` / `_tc_tf32` kernels, m16n8k16, cp.async); a case that forces
+/// them is skipped on a Turing GPU or the emulated sm_75 (AK_EMU_ARCH=75), with a note
+/// — `auto_path_follows_the_device` checks what runs there instead.
+fn has_sm80(dev: &common::device::Gpu, what: &str) -> bool {
+    let (major, minor) = dev.ctx.compute_capability().unwrap();
+    if major < 8 {
+        eprintln!("{what}: skipped on compute capability {major}.{minor} (needs 8.0)");
+    }
+    major >= 8
+}
+
 /// Restores the TF32 opt-in when dropped (the device lock is held meanwhile).
 struct Tf32Guard(bool);
 impl Drop for Tf32Guard {
@@ -375,6 +387,9 @@ fn parity_case_with<T: Storage>(
     tf32: Option<Prec>,
 ) {
     let Some(dev) = open_gpu() else { return };
+    if (path == GemmPath::TensorCores || tf32.is_some()) && !has_sm80(&dev, "parity case") {
+        return;
+    }
     let _path = PathGuard(set_gemm_path(path));
     // f32 at the suite's tolerances is exact-f32 arithmetic: the TF32 opt-in off (even
     // when AK_ALLOW_TF32=1 is set for the process); TF32 has its own checks below.
@@ -586,6 +601,9 @@ fn tc_forward_checks<T: Storage>(
     turing: bool,
 ) {
     let Some(dev) = open_gpu() else { return };
+    if !turing && !has_sm80(&dev, "tensor-core checks") {
+        return;
+    }
     let _path = PathGuard(set_gemm_path(GemmPath::Auto));
     let c = Case::<T>::new(geo, mode, kind, seed);
     let s = dev.ctx.default_stream();
@@ -701,6 +719,9 @@ fn tc_backward_checks<T: Storage>(
     turing: bool,
 ) {
     let Some(dev) = open_gpu() else { return };
+    if !turing && !has_sm80(&dev, "tensor-core checks") {
+        return;
+    }
     let _path = PathGuard(set_gemm_path(GemmPath::CudaCores));
     let c = Case::<T>::new(geo, mode, kind, seed);
     let s = dev.ctx.default_stream();
@@ -880,6 +901,9 @@ fn tensor_cores_turing_m16n8k8() {
 /// f16 only).
 fn tc_dgrad_checks<T: Storage>(geo: Conv2dGeometry, seed: u64, turing: bool) {
     let Some(dev) = open_gpu() else { return };
+    if !turing && !has_sm80(&dev, "tensor-core checks") {
+        return;
+    }
     let path = if turing {
         GemmPath::TuringTensorCores
     } else {
@@ -1141,6 +1165,9 @@ fn tensor_cores_turing_wgrad_chunks() {
 /// run), then on under `GemmPath::CudaCores` (the test hook still forces CUDA cores).
 fn tf32_forward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
     let Some(dev) = open_gpu() else { return };
+    if !has_sm80(&dev, "sm_80 tensor cores") {
+        return;
+    }
     let _path = PathGuard(set_gemm_path(GemmPath::Auto));
     let _tf32 = Tf32Guard(set_allow_tf32(false));
     let c = Case::<f32>::new(geo, mode, kind, seed);
@@ -1291,6 +1318,9 @@ fn tf32_forward_pointwise_cp_async_x() {
 /// above, with and without `add`; with the opt-in off the CUDA-core kernel runs.
 fn tf32_dgrad_checks(geo: Conv2dGeometry, seed: u64) {
     let Some(dev) = open_gpu() else { return };
+    if !has_sm80(&dev, "sm_80 tensor cores") {
+        return;
+    }
     let _path = PathGuard(set_gemm_path(GemmPath::Auto));
     let _tf32 = Tf32Guard(set_allow_tf32(true));
     let (oh, ow) = geo.validate().unwrap();
@@ -1402,6 +1432,9 @@ fn tf32_dgrad_channel_tiles() {
 //   inflated by the suite's f32 max-relative term (|dc| + R32·max|dc|).
 fn tf32_backward_checks(geo: Conv2dGeometry, mode: PatchNorm, kind: Kind, seed: u64) {
     let Some(dev) = open_gpu() else { return };
+    if !has_sm80(&dev, "sm_80 tensor cores") {
+        return;
+    }
     let _path = PathGuard(set_gemm_path(GemmPath::Auto));
     let _tf32 = Tf32Guard(set_allow_tf32(false));
     let c = Case::<f32>::new(geo, mode, kind, seed);
@@ -1552,6 +1585,9 @@ fn offset_run<T: Storage>(s: &Arc<CudaStream>, c: &Case<T>, off: usize) -> (Vec<
 #[test]
 fn tensor_cores_unaligned_inputs() {
     let Some(dev) = open_gpu() else { return };
+    if !has_sm80(&dev, "sm_80 tensor cores") {
+        return;
+    }
     let geo = Conv2dGeometry::new(2, 16, 4, 6, 24, 1, 1);
     let s = dev.ctx.default_stream();
     let check = |(aligned, n0): (Vec<Vec<u32>>, u64), (shifted, n1): (Vec<Vec<u32>>, u64)| {
@@ -1813,4 +1849,109 @@ fn tf32_whole_op_parity() {
     tf32_whole_op(geo, PatchNorm::PerGroup, Kind::BnTrain, 11);
     let geo = Conv2dGeometry::new(2, 24, 6, 6, 10, 1, 1).with_groups(2);
     tf32_whole_op(geo, PatchNorm::AllChannels, Kind::Affine, 12);
+}
+
+// ------------------------------------------------------------------------------------
+// `GemmPath::Auto` on the device it runs on: the form of each GEMM follows the compute
+// capability (and the loaded kernels' PTX version). CI runs this binary on three
+// emulated GPUs: sm_86 (the test step), sm_90 and sm_75 (a T4: AK_EMU_ARCH=75, where
+// every sm_80 instruction fails the launch, so an sm_80 kernel chosen there would fail
+// the run as its trap would on a Turing GPU).
+
+/// The IieuConv2d GEMM kernels one forward + backward on `GemmPath::Auto` launches
+/// (launch log, in order); `tf32`: the TF32 opt-in.
+#[cfg(feature = "emulate")]
+fn auto_gemms<T: Storage>(geo: Conv2dGeometry, tf32: bool) -> Vec<String> {
+    let Some(dev) = open_gpu() else {
+        return Vec::new();
+    };
+    let _path = PathGuard(set_gemm_path(GemmPath::Auto));
+    let _tf32 = Tf32Guard(set_allow_tf32(tf32));
+    let c = Case::<T>::new(geo, PatchNorm::PerGroup, Kind::BnTrain, 131);
+    let s = dev.ctx.default_stream();
+    let xp = s.clone_htod(&c.x_pre).unwrap();
+    let w = s.clone_htod(&c.w).unwrap();
+    let dy = s.clone_htod(&c.dy).unwrap();
+    let mut p = IieuConvDeviceParams::from_host(&s, &c.p32).unwrap();
+    activation_kernels::emu::set_launch_log(true);
+    let (_, saved) = gpu::forward(&s, &c.cfg, &xp, &w, &mut p).unwrap();
+    gpu::backward(&s, &c.cfg, &dy, &xp, &w, &p, &saved).unwrap();
+    let log = activation_kernels::emu::take_launch_log();
+    activation_kernels::emu::set_launch_log(false);
+    log.into_iter()
+        .map(|l| l.kernel)
+        .filter(|k| {
+            ["iieu_conv_fwd_", "iieu_conv_dgrad_", "iieu_conv_wgrad_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+                && !k.starts_with("iieu_conv_wgrad_reduce")
+        })
+        .collect()
+}
+
+/// `GemmPath::Auto` picks the GEMM form from the device: on compute capability ≥ 8.0
+/// the sm_80 tensor-core kernels for f16 / bf16 (`_tc_f16`, `_tc_bf16`) and, for f32,
+/// the CUDA-core kernels unless the TF32 opt-in is on (`_tc_tf32`); on 7.5 (sm_75) the
+/// Turing forms for f16 (`_tc75_f16`) and the CUDA-core kernels for bf16 and f32 —
+/// with or without the opt-in (no bf16 mma or TF32 on Turing). Then the whole op's
+/// parity on the Auto path for f16 and bf16 at the suite's tolerances.
+#[test]
+fn auto_path_follows_the_device() {
+    // 3×3, 8 → 12 channels, two 9×9 images: K = 72 (3 k-tiles of 32, the last ragged).
+    let geo = Conv2dGeometry::new(2, 8, 9, 9, 12, 3, 3).with_padding(1, 1);
+    #[cfg(feature = "emulate")]
+    {
+        let Some((major, minor)) = open_gpu().map(|dev| dev.ctx.compute_capability().unwrap())
+        else {
+            return;
+        };
+        let ampere = major >= 8;
+        let want = |form: &str| -> Vec<String> {
+            ["fwd", "dgrad", "wgrad"]
+                .iter()
+                .map(|g| format!("iieu_conv_{g}{form}"))
+                .collect()
+        };
+        let cases: [(&str, Vec<String>, &str); 4] = [
+            (
+                "f16",
+                auto_gemms::<half::f16>(geo, false),
+                if ampere { "_tc_f16" } else { "_tc75_f16" },
+            ),
+            (
+                "bf16",
+                auto_gemms::<half::bf16>(geo, false),
+                if ampere { "_tc_bf16" } else { "_bf16" },
+            ),
+            ("f32", auto_gemms::<f32>(geo, false), "_f32"),
+            (
+                "f32 + TF32 opt-in",
+                auto_gemms::<f32>(geo, true),
+                if ampere { "_tc_tf32" } else { "_f32" },
+            ),
+        ];
+        for (what, got, form) in cases {
+            assert_eq!(
+                got,
+                want(form),
+                "{what} on compute capability {major}.{minor}"
+            );
+        }
+    }
+    parity_case::<half::f16>(
+        geo,
+        PatchNorm::PerGroup,
+        Kind::BnTrain,
+        131,
+        false,
+        GemmPath::Auto,
+    );
+    parity_case::<half::bf16>(
+        geo,
+        PatchNorm::AllChannels,
+        Kind::Affine,
+        132,
+        false,
+        GemmPath::Auto,
+    );
 }

@@ -91,6 +91,9 @@ size_t dynamic_smem_bytes();
 void* static_smem(const void* key, const char* name, size_t bytes, size_t align);
 // Reports a kernel-side contract violation (launch then fails).
 [[noreturn]] void fault(const char* what);
+// Fails the launch (as fault) when the emulated GPU's arch is below sm_`sm`: an
+// instruction `what` that the GPU does not have (a kernel built for it would trap).
+void need_sm(int sm, const char* what);
 // Watchdog: set when a launch stopped making progress; polled by atomics.
 extern std::atomic<bool> g_abort_any;
 void watchdog_poll();

@@ -5,7 +5,7 @@
 // shadows a real driver.
 //
 // Launches are refused as a GPU of the emulated arch (AK_EMU_ARCH=86, the default,
-// or 90) would refuse them: block and grid dimensions, dynamic shared memory above
+// 75 or 90) would refuse them: block and grid dimensions, dynamic shared memory above
 // 48 KiB without CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (and above the
 // arch's opt-in maximum with it), and registers x threads above the register file,
 // with the registers ptxas reported for the kernel (kernels/emu/ptxas-table.tsv,
@@ -31,6 +31,9 @@
 
 namespace emu {
 namespace {
+// sm_75: a T4 (40 SMs; 64 KB of shared memory per SM, all of it per block with the
+// attribute, none reserved by the driver).
+const Arch kSm75{75, 40, 1024, 16, 65536, 65536, 65536, 65536, "sm_75 (T4)"};
 const Arch kSm86{86, 84, 1536, 16, 65536, 65536, 102400, 101376, "sm_86 (A6000)"};
 const Arch kSm90{90, 132, 2048, 32, 65536, 65536, 233472, 232448, "sm_90 (H100)"};
 }  // namespace
@@ -39,11 +42,20 @@ const Arch& arch() {
   static const Arch* a = [] {
     const char* e = getenv("AK_EMU_ARCH");
     if (e && (!strcmp(e, "90") || !strcmp(e, "sm_90"))) return &kSm90;
+    if (e && (!strcmp(e, "75") || !strcmp(e, "sm_75"))) return &kSm75;
     if (e && *e && strcmp(e, "86") && strcmp(e, "sm_86"))
-      fprintf(stderr, "[emulated device] AK_EMU_ARCH=%s: only 86 and 90 are modelled; using 86\n", e);
+      fprintf(stderr, "[emulated device] AK_EMU_ARCH=%s: only 75, 86 and 90 are modelled; using 86\n", e);
     return &kSm86;
   }();
   return *a;
+}
+
+void need_sm(int sm, const char* what) {
+  if (arch().sm >= sm) return;
+  char msg[192];
+  snprintf(msg, sizeof msg, "%s needs sm_%d; the emulated GPU is %s (a kernel built for it traps here)", what, sm,
+           arch().name);
+  fault(msg);
 }
 
 namespace {

@@ -55,7 +55,7 @@ std::vector<Kernel*> all_kernels();
 
 // ---- the emulated GPU (AK_EMU_ARCH=86 | 90) ----
 struct Arch {
-  int sm;                  // 86 or 90
+  int sm;                  // 75, 86 or 90
   int sms;                 // multiprocessors
   int threads_per_sm;
   int blocks_per_sm;

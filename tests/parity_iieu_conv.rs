@@ -1410,6 +1410,61 @@ fn tf32_dgrad_channel_tiles() {
         123,
     );
     tf32_dgrad_checks(Conv2dGeometry::new(1, 10, 5, 5, 9, 1, 1), 124);
+    // C/g = 12 ≡ 4 (mod 8) and H·W = H'·W' = 20 ≡ 4 (mod 8): W and dc by 16-byte
+    // cp.async in chunks of 4 f32 that an 8-wide (f16) chunking would misplace.
+    tf32_dgrad_checks(Conv2dGeometry::new(2, 12, 4, 5, 20, 1, 1), 125);
+}
+
+/// The TF32 GEMMs round each operand to tf32 by `cvt.rna` (nearest, ties away from
+/// zero) before the mma, whose tensor core would otherwise drop the 13 low mantissa
+/// bits (truncation — inside the derived error bounds, so only exact values can tell):
+/// the data-gradient GEMM of a 1×1 layer with O = 16 and every product 1·v sums to
+/// exactly 16·rna(v) — for v = 1 + 3·2⁻¹² (nearest: 1 + 2⁻¹⁰; truncated: 1), 1 + 2⁻¹²
+/// (nearest: 1) and the tie 1 + 2⁻¹¹ (away from zero: 1 + 2⁻¹⁰; to even: 1), with v in
+/// W or in dc.
+#[test]
+fn tf32_operands_round_to_nearest_ties_away() {
+    let Some(dev) = open_gpu() else { return };
+    if !has_sm80(&dev, "sm_80 tensor cores") {
+        return;
+    }
+    let _path = PathGuard(set_gemm_path(GemmPath::Auto));
+    let _tf32 = Tf32Guard(set_allow_tf32(true));
+    let geo = Conv2dGeometry::new(1, 8, 4, 4, 16, 1, 1);
+    let cfg = IieuConfig::new(geo);
+    let s = dev.ctx.default_stream();
+    let (n_dc, n_w) = (geo.c_out * 16, geo.weight_len());
+    for (v, rounded) in [
+        (1.0 + 3.0 * 2f32.powi(-12), 1.0 + 2f32.powi(-10)),
+        (1.0 + 2f32.powi(-12), 1.0),
+        (1.0 + 2f32.powi(-11), 1.0 + 2f32.powi(-10)),
+    ] {
+        for v_in_w in [true, false] {
+            let (dc, w) = if v_in_w {
+                (vec![1.0f32; n_dc], vec![v; n_w])
+            } else {
+                (vec![v; n_dc], vec![1.0f32; n_w])
+            };
+            let (dcd, wd) = (s.clone_htod(&dc).unwrap(), s.clone_htod(&w).unwrap());
+            #[cfg(feature = "emulate")]
+            activation_kernels::emu::set_launch_log(true);
+            let got = gpu::dgrad_gemm(&s, &cfg, &dcd, &wd, None).unwrap();
+            #[cfg(feature = "emulate")]
+            {
+                let log = activation_kernels::emu::take_launch_log();
+                activation_kernels::emu::set_launch_log(false);
+                assert!(log.iter().any(|l| l.kernel == "iieu_conv_dgrad_tc_tf32"));
+            }
+            let got = s.clone_dtoh(&got).unwrap();
+            let want = 16.0 * rounded;
+            assert!(
+                got.iter().all(|&g| g == want),
+                "v = {v:e} in {}: got {:?}, want {want} (16·rna(v))",
+                if v_in_w { "W" } else { "dc" },
+                &got[..4]
+            );
+        }
+    }
 }
 
 // The TF32 weight gradient (`iieu_conv_wgrad_tc_tf32`: the f16 weight gradient's grid,
@@ -1533,6 +1588,10 @@ fn tf32_wgrad_chunks() {
     tf32_backward_checks(geo, PatchNorm::PerGroup, Kind::BnTrain, 133);
     let geo = Conv2dGeometry::new(2, 5, 9, 11, 7, 3, 3).with_padding(1, 1);
     tf32_backward_checks(geo, PatchNorm::PerGroup, Kind::Bias, 134);
+    // H'·W' = H·W = 20 ≡ 4 (mod 8): dc and x_pre by 16-byte cp.async in chunks of 4 f32
+    // (an 8-wide, f16-style chunking would misplace them).
+    let geo = Conv2dGeometry::new(3, 8, 4, 5, 10, 1, 1);
+    tf32_backward_checks(geo, PatchNorm::PerGroup, Kind::BnTrain, 135);
 }
 
 // ------------------------------------------------------------------------------------

@@ -50,11 +50,30 @@ const Arch& arch() {
   return *a;
 }
 
+// The virtual arch the emulated kernels count as compiled for (their PTX version):
+// the GPU's, or AK_EMU_PTX=75 on a newer one — a build for sm_75 only
+// (AK_CUDA_ARCHS=75), whose compute_75 PTX the driver JIT-compiles for the GPU with
+// __CUDA_ARCH__ = 750, so the sm_80 kernel bodies are traps there too.
+int built_sm() {
+  static const int v = [] {
+    const char* e = getenv("AK_EMU_PTX");
+    if (e && (!strcmp(e, "75") || !strcmp(e, "compute_75")) && arch().sm > 75) return 75;
+    if (e && *e && strcmp(e, "75") && strcmp(e, "compute_75"))
+      fprintf(stderr, "[emulated device] AK_EMU_PTX=%s: only 75 is modelled; ignored\n", e);
+    return arch().sm;
+  }();
+  return v;
+}
+
 void need_sm(int sm, const char* what) {
-  if (arch().sm >= sm) return;
-  char msg[192];
-  snprintf(msg, sizeof msg, "%s needs sm_%d; the emulated GPU is %s (a kernel built for it traps here)", what, sm,
-           arch().name);
+  if (built_sm() >= sm) return;
+  char msg[224];
+  if (built_sm() < arch().sm)
+    snprintf(msg, sizeof msg, "%s needs sm_%d; the kernels were built for compute_%d (AK_EMU_PTX) and trap here",
+             what, sm, built_sm());
+  else
+    snprintf(msg, sizeof msg, "%s needs sm_%d; the emulated GPU is %s (a kernel built for it traps here)", what, sm,
+             arch().name);
   fault(msg);
 }
 
@@ -655,7 +674,8 @@ EXPORT CUresult cuFuncGetAttribute(int* v, int attrib, CUfunction f) {
     case 1: *v = st; break;                     // SHARED_SIZE_BYTES
     case 2: case 3: *v = 0; break;              // CONST_SIZE_BYTES, LOCAL_SIZE_BYTES
     case 4: *v = regs; break;                   // NUM_REGS
-    case 5: case 6: *v = emu::arch().sm; break; // PTX_VERSION, BINARY_VERSION
+    case 5: *v = emu::built_sm(); break;        // PTX_VERSION
+    case 6: *v = emu::arch().sm; break;         // BINARY_VERSION
     case 8: *v = k.max_dynamic_smem; break;     // MAX_DYNAMIC_SHARED_SIZE_BYTES
     default: *v = 0; break;
   }

@@ -66,6 +66,9 @@ struct Arch {
   const char* name;
 };
 const Arch& arch();
+// The virtual arch the kernels count as compiled for (AK_EMU_PTX=75 on a newer GPU: an
+// sm_75-only build JIT-compiled there); the GPU's arch otherwise.
+int built_sm();
 constexpr int kDefaultDynamicSmem = 48 * 1024;
 constexpr int kMaxStaticSmem = 48 * 1024;
 

@@ -388,7 +388,10 @@ __device__ void conv_fwd_tc_impl(const T* __restrict__ x_pre, const T* __restric
   // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
   // compute capability); its cp.async / m16n8k16 would trap.
   if constexpr (!SM75) {
-#if !AK_MMA_SM80
+#if AK_MMA_EMULATED
+    // The emulated sm_75 (or compute_75 build): the trap at entry, as on the GPU.
+    emu::need_sm(80, "an sm_80 tensor-core kernel body");
+#elif !AK_MMA_SM80
     __trap();
     return;
 #endif
@@ -684,7 +687,10 @@ __device__ void dgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ w,
   // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
   // compute capability and the loaded code's PTX version); cp.async / m16n8k16 trap.
   if constexpr (!SM75) {
-#if !AK_MMA_SM80
+#if AK_MMA_EMULATED
+    // The emulated sm_75 (or compute_75 build): the trap at entry, as on the GPU.
+    emu::need_sm(80, "an sm_80 tensor-core kernel body");
+#elif !AK_MMA_SM80
     __trap();
     return;
 #endif
@@ -949,7 +955,10 @@ __device__ void wgrad_tc_impl(const T* __restrict__ dc, const T* __restrict__ x_
   // The sm_80 form on an sm_75 build: never launched there (the launcher checks the
   // compute capability and the loaded code's PTX version); cp.async / m16n8k16 trap.
   if constexpr (!SM75) {
-#if !AK_MMA_SM80
+#if AK_MMA_EMULATED
+    // The emulated sm_75 (or compute_75 build): the trap at entry, as on the GPU.
+    emu::need_sm(80, "an sm_80 tensor-core kernel body");
+#elif !AK_MMA_SM80
     __trap();
     return;
 #endif

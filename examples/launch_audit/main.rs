@@ -593,18 +593,25 @@ fn real_main() -> Result<bool> {
             // A tensor-core GEMM that misses `fill` must be the faster choice: its
             // split-K alternative (model::split_alternative, ≥ 2 waves on both GPUs) is
             // modelled slower on at least one GPU, else the split is what to launch.
-            if fill < 1.0 {
-                if let Some(alt) = r.split {
-                    let value = (0..2)
+            // A tensor-core GEMM whose reduction is too shallow for such a split
+            // (`split_alternative` gives none) fails it too (value 0): a new one needs a
+            // look and a baseline entry, never a silent pass.
+            let tc_gemm = matches!(
+                model::family(&r.rec.kernel),
+                "iieu_conv_fwd_tc" | "iieu_conv_dgrad_tc" | "iieu_conv_wgrad_tc"
+            );
+            if fill < 1.0 && tc_gemm {
+                let value = r.split.map_or(0.0, |alt| {
+                    (0..2)
                         .map(|g| alt.time[g] / r.time[g])
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    checks.push(Check {
-                        key: key.clone(),
-                        target: "split",
-                        value,
-                        pass: value > 1.0,
-                    });
-                }
+                        .fold(f64::NEG_INFINITY, f64::max)
+                });
+                checks.push(Check {
+                    key: key.clone(),
+                    target: "split",
+                    value,
+                    pass: value > 1.0,
+                });
             }
             let blocks = r.rec.blocks() as f64 / model::H100.sms as f64;
             checks.push(Check {
@@ -1025,7 +1032,23 @@ fn tables(
         let Some(ch) = checks.iter().find(|k| k.target == "split" && k.key == key) else {
             continue;
         };
-        let Some(alt) = r.split else { continue };
+        let Some(alt) = r.split else {
+            let _ = writeln!(
+                doc,
+                "| {} | {} | `{}` | {} | {:.2}/{:.2} | {:.1} → — | {:.1} → — | {} → — (too shallow) | {:.2} |",
+                c.label,
+                c.phase,
+                r.rec.kernel,
+                r.rec.blocks(),
+                r.occ[0].waves,
+                r.occ[1].waves,
+                r.time[0] * 1e6,
+                r.time[1] * 1e6,
+                r.rec.grid[2],
+                ch.value
+            );
+            continue;
+        };
         let _ = writeln!(
             doc,
             "| {} | {} | `{}` | {} | {:.2}/{:.2} | {:.1} → {:.1} | {:.1} → {:.1} | {} → {} | {:.2} |",

@@ -869,6 +869,31 @@ mod tests {
         };
         let want = time_s(GPUS[1], &gemm, 576 * 51) + more / GPUS[1].bw;
         assert!((alt.time[1] - want).abs() <= 1e-12 * want);
+        // Pinned by hand on the H100 (132 SMs, 3.35 TB/s, 989.4 TFLOP/s): the GEMM at
+        // 1280 blocks (⌈1280 / 132⌉ = 10 per SM: share 1.03125) is math-bound,
+        // 7.398 GFLOP → 7.478 µs · 1.03125 = 7.711 µs, plus the second pass's
+        // 22 · 802 816 bytes at DRAM bandwidth (5.272 µs): 12.98 µs.
+        let alt = split_alternative("iieu_conv_fwd_tc_f16", &d, [32, 8, 1], &tr, [4, 4]).unwrap();
+        assert!(
+            (alt.time[1] - 12.984e-6).abs() < 0.001e-6,
+            "{:e}",
+            alt.time[1]
+        );
+        // The data gradient's partials are x_pre-sized (N·C·H·W), its depth O·KH·KW.
+        let dg = split_alternative("iieu_conv_dgrad_tc_bf16", &d, [32, 8, 1], &tr, [4, 4]).unwrap();
+        assert_eq!(dg.splits, 5);
+        let ep = d.epre();
+        let gemm = Traffic {
+            bytes: 8e6 + 18.0 * ep,
+            dram: 8e6 + 18.0 * ep,
+            ..tr
+        };
+        let want = time_s(GPUS[0], &gemm, 256 * 5) + 22.0 * ep / GPUS[0].bw;
+        assert!((dg.time[0] - want).abs() <= 1e-12 * want);
+        // Weight gradient: 98 16-pixel slabs cannot hold the 99 chunks past 98.
+        assert!(
+            split_alternative("iieu_conv_wgrad_tc_f16", &d, [8, 72, 98], &tr, [4, 4]).is_none()
+        );
         // Not a tensor-core GEMM, or too shallow a reduction for the chunks: none.
         assert!(split_alternative("iieu_conv_fwd_f32", &d, [32, 8, 1], &tr, [4, 4]).is_none());
         let shallow = Dims {

@@ -53,7 +53,7 @@ Kernel* find_kernel(const char* name);
 // Every registered kernel, by name.
 std::vector<Kernel*> all_kernels();
 
-// ---- the emulated GPU (AK_EMU_ARCH=86 | 90) ----
+// ---- the emulated GPU (AK_EMU_ARCH=86 | 90 | 75) ----
 struct Arch {
   int sm;                  // 75, 86 or 90
   int sms;                 // multiprocessors

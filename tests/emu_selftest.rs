@@ -688,6 +688,8 @@ fn launch_limit_dynamic_shared_memory() {
         "90" => (232448, "sm_90"),
         _ => (101376, "sm_86"),
     };
+    // Exactly the maximum is accepted (the self-test kernel has no static shared memory).
+    dyn_smem_launch(max as u32, Some(max)).unwrap();
     let over = max + 1024;
     assert_has(
         &dyn_smem_launch(over as u32, Some(over)).unwrap_err(),

@@ -332,16 +332,19 @@ impl Drop for PathGuard {
     }
 }
 
-/// Whether `dev` has the sm_80 tensor-core instructions (compute capability ≥ 8.0: the
-/// `_tc_f16` / `_tc_bf16` / `_tc_tf32` kernels, m16n8k16, cp.async); a case that forces
-/// them is skipped on a Turing GPU or the emulated sm_75 (AK_EMU_ARCH=75), with a note
-/// — `auto_path_follows_the_device` checks what runs there instead.
+/// Whether the sm_80 tensor-core kernels (`_tc_f16` / `_tc_bf16` / `_tc_tf32`:
+/// m16n8k16, cp.async) can run on `dev` (`gpu::sm80_tensor_cores`: compute capability
+/// ≥ 8.0 and kernels built for ≥ compute_80); a case that forces them is skipped on a
+/// Turing GPU, the emulated sm_75 (AK_EMU_ARCH=75) or an sm_75-only build
+/// (AK_EMU_PTX=75), with a note — `auto_path_follows_the_device` checks what runs there
+/// instead, and that this answer matches the device.
 fn has_sm80(dev: &common::device::Gpu, what: &str) -> bool {
-    let (major, minor) = dev.ctx.compute_capability().unwrap();
-    if major < 8 {
-        eprintln!("{what}: skipped on compute capability {major}.{minor} (needs 8.0)");
+    let ok = gpu::sm80_tensor_cores(&dev.ctx.default_stream()).unwrap();
+    if !ok {
+        let (major, minor) = dev.ctx.compute_capability().unwrap();
+        eprintln!("{what}: skipped (compute capability {major}.{minor}, or kernels built below compute_80)");
     }
-    major >= 8
+    ok
 }
 
 /// Restores the TF32 opt-in when dropped (the device lock is held meanwhile).
@@ -1969,6 +1972,12 @@ fn auto_path_follows_the_device() {
         // Kernels built for compute_75 only (AK_EMU_PTX=75 on the emulated device).
         let built75 = std::env::var("AK_EMU_PTX").is_ok_and(|v| v == "75" || v == "compute_75");
         let ampere = major >= 8 && !built75;
+        // The forced-sm_80 cases run exactly where the sm_80 forms exist (else they
+        // would skip silently on an Ampere GPU, or fail on a Turing one).
+        {
+            let dev = open_gpu().unwrap();
+            assert_eq!(has_sm80(&dev, "auto path"), ampere);
+        }
         let want = |form: &str| -> Vec<String> {
             ["fwd", "dgrad", "wgrad"]
                 .iter()

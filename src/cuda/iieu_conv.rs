@@ -228,6 +228,16 @@ fn use_tensor_cores<T: DType>(stream: &Arc<CudaStream>) -> Result<bool> {
     if T::NAME == "f32" && !allow_tf32() {
         return Ok(false);
     }
+    sm80_tensor_cores(stream)
+}
+
+/// Whether the sm_80 tensor-core forms (`iieu_conv_*_tc_f16|bf16|tf32`) can run on
+/// `stream`'s device: compute capability ≥ 8.0 and the loaded kernels compiled for a
+/// virtual arch ≥ 8.0 (see [`use_tensor_cores`]). Public as a test hook: the parity
+/// cases that force those forms skip themselves where this is false (a Turing GPU, or an
+/// sm_75-only build). Errors: the driver's.
+#[doc(hidden)]
+pub fn sm80_tensor_cores(stream: &Arc<CudaStream>) -> Result<bool> {
     let (major, _) = compute_capability(stream)?;
     if major < 8 {
         return Ok(false);
